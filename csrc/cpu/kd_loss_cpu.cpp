@@ -1,0 +1,507 @@
+// CPU kernel of fastdistill::kd_loss: ATen parallel_for over rows, SIMD (at::vec) inner loops, float32
+// accumulation (float64 for float64 inputs), per-element math from csrc/common/kd_math.h.
+//
+// Per row, with a per-thread scratch of (K + 4) rows of V floats (the CPU's "on chip": L2 for V = 32k, K = 4):
+//   pass 1  read the student and each teacher once from memory, scaled by 1/T into scratch; row maxima and
+//           log-sum-exps (ensemble "logit_mean" folds the teachers into one target row here);
+//   pass 2  one sweep over scratch: loss terms, the row aggregates the gradients need, and the student gradient
+//           itself when it has a closed form (KL) -- otherwise Q * dphi/dQ is parked in scratch;
+//   pass 3  only when needed: student gradient from the parked terms (no transcendentals), and teacher gradients
+//           (recomputed: co-distillation is the rare case).
+// Nothing of size [K, N, V] is allocated; per-row losses are reduced in row order, so results are bitwise
+// reproducible for a given thread count and identical across thread counts.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../common/kd_math.h"
+#include "../common/kd_params.h"
+
+namespace fastdistill {
+namespace {
+
+template <typename A>
+struct VecOps {
+  using V = at::vec::Vectorized<A>;
+  static V splat(A x) { return V(x); }
+  static V exp(V x) { return x.exp(); }
+  static V log(V x) { return x.log(); }
+  static V log1p(V x) { return x.log1p(); }
+  static V abs(V x) { return x.abs(); }
+  static V max(V a, V b) { return at::vec::maximum(a, b); }
+  static V where_pos(V x, V a, V b) { return V::blendv(b, a, x > V(A(0))); }
+  static V where_neginf(V x, V a, V b) { return V::blendv(b, a, x == V(-std::numeric_limits<A>::infinity())); }
+  static V sign(V x) { return x.gt(V(A(0))) - x.lt(V(A(0))); }
+};
+
+template <typename A>
+A hsum(const at::vec::Vectorized<A>& v) {  // fixed lane order: deterministic
+  A buf[at::vec::Vectorized<A>::size()];
+  v.store(buf);
+  A s = 0;
+  for (int l = 0; l < at::vec::Vectorized<A>::size(); ++l) s += buf[l];
+  return s;
+}
+
+template <typename A>
+A hmax(const at::vec::Vectorized<A>& v) {
+  A buf[at::vec::Vectorized<A>::size()];
+  v.store(buf);
+  A m = buf[0];
+  for (int l = 1; l < at::vec::Vectorized<A>::size(); ++l) m = std::max(m, buf[l]);
+  return m;
+}
+
+// log sum_j exp(scale * x_j) over a padded row (padding is -inf). -inf for an all -inf row.
+template <typename A>
+A row_logsumexp(const A* x, int64_t padded, A scale) {
+  using Vec = at::vec::Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  Vec vm(-std::numeric_limits<A>::infinity());
+  for (int64_t j = 0; j < padded; j += W) vm = at::vec::maximum(vm, Vec::loadu(x + j));
+  const A m = hmax(vm) * scale;
+  if (m == -std::numeric_limits<A>::infinity()) return m;
+  const Vec vscale(scale), vmax(m);
+  Vec vs(A(0));
+  for (int64_t j = 0; j < padded; j += W) vs += (Vec::loadu(x + j) * vscale - vmax).exp();
+  return m + std::log(hsum(vs));
+}
+
+// Convert one input row to the accumulation type, times 1/T, padded with -inf to a whole number of vectors.
+template <typename In, typename A>
+void load_scaled(const In* src, A* dst, int64_t n, int64_t padded, A inv_t) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<A>(src[j]) * inv_t;
+  for (int64_t j = n; j < padded; ++j) dst[j] = -std::numeric_limits<A>::infinity();
+}
+
+struct Tensors {
+  const void* student;
+  int64_t student_stride;
+  std::vector<const void*> teachers;
+  std::vector<int64_t> teacher_strides;
+  const void* teacher_weights;  // [K, N] of A, or null (uniform)
+  const int64_t* labels;        // [N] or null
+  const void* sample_weight;    // [N] of A, or null
+  double denominator;
+  void* row_loss;               // [N] of A
+  void* grad_student;           // [N, V] contiguous, or null
+  std::vector<void*> grad_teachers;
+};
+
+template <typename S, typename T, typename A>
+class KDRowKernel {
+  using Vec = at::vec::Vectorized<A>;
+  using Ops = VecOps<A>;
+  static constexpr int64_t W = Vec::size();
+  static constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+
+ public:
+  KDRowKernel(const KDProblem& p, const Tensors& t)
+      : p_(p), t_(t), K_(p.teachers), V_(p.vocab), Vp_((p.vocab + W - 1) / W * W),
+        inv_t_(A(1.0 / p.temperature)), kd_over_t_(A(p.kd_scale / p.temperature)), ce_(A(p.ce_weight)),
+        prm_(make_div_params<A>(p.divergence, p.beta, p.skew)),
+        // One target built from the teachers (a mixture or a log-linear pool) vs. one target per teacher.
+        per_teacher_(p.ensemble == Ensemble::LossMean && p.teachers > 1),
+        log_linear_(p.ensemble == Ensemble::LogitMean && p.teachers > 1),
+        // For "loss_mean" the combined sum_k w_k gq_k still sums to -1 under KL.
+        closed_form_(student_aggregate_is_minus_one(p.divergence)) {}
+
+  int64_t scratch_size() const { return (K_ + 4) * Vp_; }
+
+  void row(int64_t i, A* scratch) const {
+    A* x = scratch;                    // rows 0..K: student, teachers (scaled logits)
+    A* target = x + (K_ + 1) * Vp_;   // log-linear pool of the teachers ("logit_mean")
+    A* gbuf = target + Vp_;            // student gradient terms
+    A* qbuf = gbuf + Vp_;              // Q, parked for pass 3
+    A* row_loss = static_cast<A*>(t_.row_loss);
+    S* gs_out = t_.grad_student ? static_cast<S*>(t_.grad_student) + i * V_ : nullptr;
+
+    const int64_t label = t_.labels ? t_.labels[i] : p_.ignore_index - 1;
+    const bool ignored = t_.labels && label == p_.ignore_index;
+    const A sw = t_.sample_weight ? static_cast<const A*>(t_.sample_weight)[i] : A(1);
+    if (ignored || sw == A(0)) {  // skipped row: no loss, zero gradient (0 * inf would be nan)
+      row_loss[i] = A(0);
+      zero_grads(i);
+      return;
+    }
+    if (ce_ != A(0)) {
+      TORCH_CHECK_VALUE(label >= 0 && label < V_, "labels[", i, "] = ", label, " is out of range [0, ", V_,
+                        ") and is not ignore_index (", p_.ignore_index, ")");
+    }
+    // The gradient of this row's contribution to the returned loss is `f` times d(l_i)/d(logits).
+    const A f = static_cast<A>(sw / (p_.reduce ? t_.denominator : 1.0));
+
+    // ---- pass 1: load, normalisers ----------------------------------------------------------------------
+    const S* s_row = static_cast<const S*>(t_.student) + i * t_.student_stride;
+    load_scaled(s_row, x, V_, Vp_, inv_t_);
+    const A lse_q = row_logsumexp(x, Vp_, A(1));
+    TORCH_CHECK_VALUE(lse_q != kNegInf, "student_logits row ", i, " is entirely -inf");
+    // Cross-entropy is at T = 1: its normaliser differs from the student's unless T = 1.
+    const bool ce_at_t = p_.temperature == 1.0;
+    const A lse_ce = ce_ == A(0) ? A(0) : (ce_at_t ? lse_q : row_logsumexp(x, Vp_, A(p_.temperature)));
+
+    A w[kMaxStack], logw[kMaxStack], lse[kMaxStack];
+    std::vector<A> heap;
+    A* wk = w;
+    A* logwk = logw;
+    A* lsek = lse;
+    if (K_ > kMaxStack) {
+      heap.resize(3 * K_);
+      wk = heap.data(), logwk = wk + K_, lsek = logwk + K_;
+    }
+    for (int k = 0; k < K_; ++k) {
+      wk[k] = t_.teacher_weights ? static_cast<const A*>(t_.teacher_weights)[k * p_.rows + i] : A(1) / A(K_);
+      logwk[k] = std::log(wk[k]);
+      const T* t_row = static_cast<const T*>(t_.teachers[k]) + i * t_.teacher_strides[k];
+      load_scaled(t_row, x + (k + 1) * Vp_, V_, Vp_, inv_t_);
+      if (!log_linear_) {
+        lsek[k] = row_logsumexp(x + (k + 1) * Vp_, Vp_, A(1));
+        TORCH_CHECK_VALUE(lsek[k] != kNegInf, "teacher ", k, " row ", i, " is entirely -inf");
+      }
+    }
+    A lse_target = 0;
+    if (log_linear_) {
+      // target = sum_k w_k t_k / T; teachers with weight 0 are skipped (0 * -inf would be nan)
+      std::fill(target, target + Vp_, A(0));
+      for (int k = 0; k < K_; ++k) {
+        if (wk[k] == A(0)) continue;
+        const Vec vw(wk[k]);
+        const A* xk = x + (k + 1) * Vp_;
+        for (int64_t j = 0; j < Vp_; j += W) (Vec::loadu(target + j) + vw * Vec::loadu(xk + j)).store(target + j);
+      }
+      for (int64_t j = V_; j < Vp_; ++j) target[j] = kNegInf;
+      lse_target = row_logsumexp(target, Vp_, A(1));
+      TORCH_CHECK_VALUE(lse_target != kNegInf, "the weighted mean of the teachers' logits in row ", i,
+                        " is entirely -inf");
+    }
+    const Ctx c{x, target, lse_q, lse_target, wk, logwk, lsek};
+
+    // ---- pass 2: loss and aggregates --------------------------------------------------------------------
+    const bool want_gs = gs_out != nullptr;
+    const bool want_gt = !t_.grad_teachers.empty();
+    A* gdst = nullptr;  // where pass 2 writes the student gradient (closed form) or its terms
+    if (want_gs) gdst = (closed_form_ && std::is_same_v<S, A>) ? reinterpret_cast<A*>(gs_out) : gbuf;
+    std::vector<Vec> agg_t(want_gt ? K_ : 0, Vec(A(0)));  // per-teacher aggregates for their gradients
+    Vec v_phi(A(0)), v_gq(A(0));
+    const Vec v_lse_ce(lse_ce), v_ce(ce_), v_f(f), v_kd_over_t(kd_over_t_), v_t(A(p_.temperature));
+    for (int64_t j = 0; j < Vp_; j += W) {
+      const Vec xq = Vec::loadu(x + j);
+      const Vec logq = xq - Vec(lse_q);
+      const Vec q = logq.exp();
+      Vec phi, gq;
+      evaluate(c, j, q, logq, phi, gq, want_gt ? agg_t.data() : nullptr);
+      v_phi += phi;
+      if (!want_gs) continue;
+      if (closed_form_) {  // dD/da = Q - P, here -gq = P
+        Vec g = v_kd_over_t * (q + gq);
+        if (ce_ != A(0)) g += v_ce * (ce_at_t ? q : (xq * v_t - v_lse_ce).exp());
+        // the output row is not padded: store only its V - j remaining lanes
+        (v_f * g).store(gdst + j, static_cast<int>(std::min<int64_t>(W, V_ - j)));
+      } else {
+        v_gq += gq;
+        gq.store(gdst + j);
+        q.store(qbuf + j);
+      }
+    }
+    const A D = hsum(v_phi);
+    A ce_loss = 0;
+    if (ce_ != A(0)) ce_loss = lse_ce - static_cast<A>(s_row[label]);
+    row_loss[i] = sw * (A(p_.kd_scale) * D + ce_ * ce_loss);
+
+    // ---- pass 3: gradients not written yet ------------------------------------------------------------
+    if (want_gs) {
+      if (!closed_form_) {
+        const Vec v_agg(hsum(v_gq));
+        for (int64_t j = 0; j < Vp_; j += W) {
+          const Vec q = Vec::loadu(qbuf + j);
+          Vec g = v_kd_over_t * (Vec::loadu(gbuf + j) - q * v_agg);
+          if (ce_ != A(0)) g += v_ce * (ce_at_t ? q : (Vec::loadu(x + j) * v_t - v_lse_ce).exp());
+          (v_f * g).store(gbuf + j);
+        }
+      }
+      if (ce_ != A(0)) gdst[label] -= f * ce_;
+      if (gdst != reinterpret_cast<A*>(gs_out)) at::vec::convert(gdst, gs_out, V_);
+    }
+    if (want_gt) teacher_grads(i, c, agg_t, f, gbuf);
+  }
+
+ private:
+  static constexpr int kMaxStack = 16;
+
+  struct Ctx {
+    const A* x;
+    const A* target;
+    A lse_q, lse_target;
+    const A* w;
+    const A* logw;
+    const A* lse;
+  };
+
+  const A* xk(const Ctx& c, int k) const { return c.x + (k + 1) * Vp_; }
+
+  // The single target of this row at lanes j..j+W: log P and P.
+  void single_target(const Ctx& c, int64_t j, Vec& logp, Vec& p, Vec* pk) const {
+    if (log_linear_) {
+      logp = Vec::loadu(c.target + j) - Vec(c.lse_target);
+      p = logp.exp();
+      return;
+    }
+    if (K_ == 1) {
+      logp = Vec::loadu(xk(c, 0) + j) - Vec(c.lse[0]);
+      p = logp.exp();
+      if (pk) pk[0] = p;
+      return;
+    }
+    // Mixture: P = sum_k w_k P_k. log P = log(P) is exact unless P underflows; those lanes are recomputed
+    // as a log-sum-exp over the teachers (SPEC: never the log of an underflowed sum).
+    p = Vec(A(0));
+    for (int k = 0; k < K_; ++k) {
+      const Vec lpk = Vec::loadu(xk(c, k) + j) - Vec(c.lse[k] - c.logw[k]);
+      const Vec e = lpk.exp();
+      if (pk) pk[k] = e;
+      p += e;
+    }
+    logp = p.log();
+    const Vec tiny(std::numeric_limits<A>::min() * A(1024));
+    const Vec small = p < tiny;  // all-ones lanes where true
+    if (small.zero_mask() != (1 << W) - 1) {
+      Vec m(kNegInf);
+      for (int k = 0; k < K_; ++k) m = at::vec::maximum(m, Vec::loadu(xk(c, k) + j) - Vec(c.lse[k] - c.logw[k]));
+      Vec s(A(0));
+      for (int k = 0; k < K_; ++k) s += (Vec::loadu(xk(c, k) + j) - Vec(c.lse[k] - c.logw[k]) - m).exp();
+      const Vec exact = Ops::where_neginf(m, m, m + s.log());
+      logp = Vec::blendv(logp, exact, small);
+    }
+  }
+
+  // Loss terms at lanes j..j+W. phi and gq are the ensemble-combined values. When `agg` is given, adds the
+  // per-teacher aggregates the teacher gradients need (see teacher_grads).
+  void evaluate(const Ctx& c, int64_t j, const Vec& q, const Vec& logq, Vec& phi, Vec& gq, Vec* agg) const {
+    if (per_teacher_) {  // D = sum_k w_k D(P_k, Q)
+      phi = Vec(A(0));
+      gq = Vec(A(0));
+      for (int k = 0; k < K_; ++k) {
+        const Vec logp = Vec::loadu(xk(c, k) + j) - Vec(c.lse[k]);
+        const Vec p = logp.exp();
+        const auto tr = divergence_terms<Ops>(prm_, p, q, logp, logq);
+        const Vec wk(c.w[k]);
+        phi += wk * tr.phi;
+        gq += wk * tr.gq;
+        if (agg) agg[k] += tr.hp;
+      }
+      return;
+    }
+    Vec logp, p;
+    Vec pk_buf[kMaxStack];
+    std::vector<Vec> pk_heap;
+    Vec* pk = nullptr;
+    if (agg && !log_linear_) {
+      if (K_ > kMaxStack) pk_heap.resize(K_);
+      pk = K_ > kMaxStack ? pk_heap.data() : pk_buf;
+    }
+    single_target(c, j, logp, p, pk);
+    const auto tr = divergence_terms<Ops>(prm_, p, q, logp, logq);
+    phi = tr.phi;
+    gq = tr.gq;
+    if (!agg) return;
+    if (log_linear_) {
+      agg[0] += tr.hp;
+    } else {  // responsibilities r_k = w_k P_k / P
+      for (int k = 0; k < K_; ++k) agg[k] += Ops::where_pos(p, pk[k] / p, Vec(A(0))) * tr.hp;
+    }
+  }
+
+  // dD/d(teacher k logits / T):
+  //   single teacher or logit_mean:  w_k (hp_j - P_j sum_v hp_v)
+  //   prob_mean:                     r_kj hp_j - P_kj sum_v r_kv hp_v     (r_k = w_k P_k / P)
+  //   loss_mean:                     w_k (hp_kj - P_kj sum_v hp_kv)
+  void teacher_grads(int64_t i, const Ctx& c, const std::vector<Vec>& agg_v, A f, A* buf) const {
+    std::vector<A> agg(K_);
+    for (int k = 0; k < K_; ++k) agg[k] = hsum(agg_v[k]);
+    const Vec scale(f * kd_over_t_);
+    for (int k = 0; k < K_; ++k) {
+      const A* xkr = xk(c, k);
+      const Vec vagg(agg[k]);
+      const Vec wk(c.w[k]);
+      for (int64_t j = 0; j < Vp_; j += W) {
+        const Vec logq = Vec::loadu(c.x + j) - Vec(c.lse_q);
+        const Vec q = logq.exp();
+        Vec g;
+        if (per_teacher_) {
+          const Vec logp = Vec::loadu(xkr + j) - Vec(c.lse[k]);
+          const Vec p = logp.exp();
+          const auto tr = divergence_terms<Ops>(prm_, p, q, logp, logq);
+          g = wk * (tr.hp - p * vagg);
+        } else {
+          Vec logp, p;
+          single_target(c, j, logp, p, nullptr);
+          const auto tr = divergence_terms<Ops>(prm_, p, q, logp, logq);
+          if (log_linear_) {
+            g = wk * (tr.hp - p * Vec(agg[0]));
+          } else {
+            const Vec pk = (Vec::loadu(xkr + j) - Vec(c.lse[k])).exp();  // unweighted P_k
+            const Vec r = Ops::where_pos(p, wk * pk / p, Vec(A(0)));
+            g = r * tr.hp - pk * vagg;
+          }
+        }
+        (scale * g).store(buf + j);
+      }
+      at::vec::convert(buf, static_cast<T*>(t_.grad_teachers[k]) + i * V_, V_);
+    }
+  }
+
+  void zero_grads(int64_t i) const {
+    if (t_.grad_student) std::fill_n(static_cast<S*>(t_.grad_student) + i * V_, V_, S(0));
+    for (void* g : t_.grad_teachers) std::fill_n(static_cast<T*>(g) + i * V_, V_, T(0));
+  }
+
+  const KDProblem& p_;
+  const Tensors& t_;
+  const int K_;
+  const int64_t V_, Vp_;
+  const A inv_t_, kd_over_t_, ce_;
+  const DivParams<A> prm_;
+  const bool per_teacher_, log_linear_, closed_form_;
+};
+
+template <typename S, typename T, typename A>
+void run_rows(const KDProblem& p, const Tensors& t) {
+  const KDRowKernel<S, T, A> kernel(p, t);
+  at::parallel_for(0, p.rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> scratch(kernel.scratch_size());
+    for (int64_t i = begin; i < end; ++i) kernel.row(i, scratch.data());
+  });
+}
+
+template <typename S, typename A>
+void dispatch_teacher(at::ScalarType teacher_dtype, const KDProblem& p, const Tensors& t) {
+  if constexpr (std::is_same_v<A, double>) {
+    TORCH_CHECK_TYPE(teacher_dtype == at::kDouble, "fastdistill cpu: float64 student needs float64 teachers");
+    run_rows<S, double, double>(p, t);
+  } else {
+    switch (teacher_dtype) {
+      case at::kFloat: return run_rows<S, float, float>(p, t);
+      case at::kBFloat16: return run_rows<S, c10::BFloat16, float>(p, t);
+      case at::kHalf: return run_rows<S, c10::Half, float>(p, t);
+      default: TORCH_CHECK_TYPE(false, "fastdistill cpu: unsupported teacher dtype ", teacher_dtype);
+    }
+  }
+}
+
+at::Tensor row_major(const at::Tensor& x) {  // [N, V] with unit stride along V (a view when possible)
+  return x.stride(1) == 1 ? x : x.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> kd_loss_cpu(
+    const at::Tensor& student, at::TensorList teachers, const std::optional<at::Tensor>& teacher_weights,
+    const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& sample_weight,
+    const std::optional<at::Tensor>& denominator, c10::string_view divergence, c10::string_view ensemble,
+    double temperature, double kd_scale, double ce_weight, double beta, double skew, int64_t ignore_index,
+    bool reduce, bool grad_student, bool grad_teachers) {
+  TORCH_CHECK_VALUE(student.dim() == 2, "fastdistill::kd_loss: student must be [N, V], got ", student.sizes());
+  TORCH_CHECK_VALUE(!teachers.empty(), "fastdistill::kd_loss: need at least one teacher");
+  KDProblem p;
+  try {
+    p.divergence = parse_divergence(std::string(divergence));
+    p.ensemble = parse_ensemble(std::string(ensemble));
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature must be finite and > 0");
+  p.rows = student.size(0);
+  p.vocab = student.size(1);
+  p.teachers = static_cast<int32_t>(teachers.size());
+  p.temperature = temperature;
+  p.kd_scale = kd_scale;
+  p.ce_weight = ce_weight;
+  p.beta = beta;
+  p.skew = skew;
+  p.ignore_index = ignore_index;
+  p.reduce = reduce;
+  p.grad_student = grad_student;
+  p.grad_teachers = grad_teachers;
+
+  const at::Tensor s = row_major(student);
+  const auto teacher_dtype = teachers[0].scalar_type();
+  std::vector<at::Tensor> ts;
+  for (size_t k = 0; k < teachers.size(); ++k) {
+    TORCH_CHECK_VALUE(teachers[k].sizes() == student.sizes(), "teacher ", k, " has shape ", teachers[k].sizes(),
+                      ", expected ", student.sizes());
+    TORCH_CHECK_TYPE(teachers[k].scalar_type() == teacher_dtype, "all teachers must share one dtype");
+    ts.push_back(row_major(teachers[k]));
+  }
+  const bool f64 = s.scalar_type() == at::kDouble;
+  const auto acc = f64 ? at::kDouble : at::kFloat;
+  const auto opts = student.options().dtype(acc);
+
+  Tensors t;
+  t.student = s.data_ptr();
+  t.student_stride = s.stride(0);
+  for (const auto& x : ts) {
+    t.teachers.push_back(x.data_ptr());
+    t.teacher_strides.push_back(x.stride(0));
+  }
+  at::Tensor tw, lab, sw;
+  if (teacher_weights) {
+    tw = teacher_weights->to(acc).contiguous();
+    TORCH_CHECK_VALUE(tw.dim() == 2 && tw.size(0) == p.teachers && tw.size(1) == p.rows,
+                      "teacher_weights must be [K, N] = [", p.teachers, ", ", p.rows, "], got ", tw.sizes());
+  }
+  if (labels) {
+    lab = labels->contiguous();
+    TORCH_CHECK_TYPE(lab.scalar_type() == at::kLong, "labels must be int64");
+    TORCH_CHECK_VALUE(lab.numel() == p.rows, "labels must have N = ", p.rows, " elements");
+  }
+  TORCH_CHECK_VALUE(ce_weight == 0 || labels, "ce_weight > 0 needs labels");
+  if (sample_weight) {
+    sw = sample_weight->to(acc).contiguous();
+    TORCH_CHECK_VALUE(sw.numel() == p.rows, "sample_weight must have N = ", p.rows, " elements");
+  }
+  t.teacher_weights = teacher_weights ? tw.data_ptr() : nullptr;
+  t.labels = labels ? lab.data_ptr<int64_t>() : nullptr;
+  t.sample_weight = sample_weight ? sw.data_ptr() : nullptr;
+  t.denominator = denominator ? denominator->item<double>() : 1.0;
+
+  at::Tensor row_loss = at::empty({p.rows}, opts);
+  at::Tensor gs = grad_student ? at::empty({p.rows, p.vocab}, student.options()) : at::empty({0}, student.options());
+  std::vector<at::Tensor> gt;
+  for (const auto& x : teachers) {
+    gt.push_back(grad_teachers ? at::empty({p.rows, p.vocab}, x.options()) : at::empty({0}, x.options()));
+  }
+  t.row_loss = row_loss.data_ptr();
+  t.grad_student = grad_student ? gs.data_ptr() : nullptr;
+  if (grad_teachers) {
+    for (auto& g : gt) t.grad_teachers.push_back(g.data_ptr());
+  }
+
+  if (p.rows > 0 && p.vocab > 0) {
+    switch (s.scalar_type()) {
+      case at::kFloat: dispatch_teacher<float, float>(teacher_dtype, p, t); break;
+      case at::kBFloat16: dispatch_teacher<c10::BFloat16, float>(teacher_dtype, p, t); break;
+      case at::kHalf: dispatch_teacher<c10::Half, float>(teacher_dtype, p, t); break;
+      case at::kDouble: dispatch_teacher<double, double>(teacher_dtype, p, t); break;
+      default: TORCH_CHECK_TYPE(false, "fastdistill cpu: unsupported student dtype ", s.scalar_type());
+    }
+  }
+  if (!reduce) return {row_loss, gs, gt};
+  // Fixed-order reduction in double: bitwise reproducible whatever the thread count.
+  double total = 0;
+  AT_DISPATCH_FLOATING_TYPES(row_loss.scalar_type(), "kd_loss_reduce", [&] {
+    const scalar_t* r = row_loss.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < p.rows; ++i) total += static_cast<double>(r[i]);
+  });
+  return {at::scalar_tensor(total / t.denominator, opts), gs, gt};
+}
+
+}  // namespace
+}  // namespace fastdistill
+
+TORCH_LIBRARY_IMPL(fastdistill, CPU, m) { m.impl("kd_loss", &fastdistill::kd_loss_cpu); }

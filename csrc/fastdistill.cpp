@@ -1,0 +1,28 @@
+// Schemas of every fastdistill op, defined once. Backends register implementations with TORCH_LIBRARY_IMPL in
+// their own files (csrc/cpu, csrc/cuda); fake (meta) kernels and autograd are registered from Python
+// (fastdistill/ops/registration.py). The _C module is empty: importing it only runs these registrations.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fastdistill, m) {
+  // Fused distillation loss over rows of [N, V] logits (SPEC §1). Returns
+  //   loss:           0-dim (reduce) = sum_i w_i l_i / denominator, or [N] (not reduce) = w_i l_i;
+  //                   float32, or float64 for float64 inputs;
+  //   grad_student:   d(loss)/d(student) [N, V] in the student's dtype, or an empty tensor when not requested
+  //                   (for reduce=false, row i holds d(w_i l_i)/d(student row i));
+  //   grad_teachers:  K tensors like grad_student, for co-distillation.
+  // teacher_weights: [K, N] float, rows already normalised to sum 1 (None = uniform). sample_weight: [N] float.
+  // denominator: 0-dim (None = 1). The backward pass only scales these gradients by grad_output.
+  m.def(
+      "kd_loss(Tensor student, Tensor[] teachers, Tensor? teacher_weights, Tensor? labels, Tensor? sample_weight, "
+      "Tensor? denominator, str divergence, str ensemble, float temperature, float kd_scale, float ce_weight, "
+      "float beta, float skew, int ignore_index, bool reduce, bool grad_student, bool grad_teachers) "
+      "-> (Tensor, Tensor, Tensor[])");
+}

@@ -1,0 +1,18 @@
+"""fastdistill: fused, exact knowledge-distillation losses for PyTorch.
+
+Public API: :func:`kd_loss`, :class:`KDLoss`, :func:`ensemble_soft_targets`. Backends and their dispatch live in
+:mod:`fastdistill.ops`; the math of every op, in plain PyTorch, in :mod:`fastdistill.ops.reference`.
+"""
+
+from .ops import extension as _extension
+from .ops import registration as _registration  # noqa: F401  (fake kernels + autograd of the C++ ops)
+from .functional import ensemble_soft_targets, kd_loss
+from .modules import KDLoss
+
+__all__ = ["kd_loss", "KDLoss", "ensemble_soft_targets", "extension_available"]
+__version__ = "0.1.0"
+
+
+def extension_available() -> bool:
+    """True when the compiled kernels (``fastdistill._C``) loaded; else every op runs on the reference backend."""
+    return _extension.available()

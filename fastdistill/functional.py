@@ -1,0 +1,355 @@
+"""Stateless distillation losses, in the style of ``torch.nn.functional`` (prediction first, target second).
+
+Everything here validates and normalises arguments, then hands a :class:`~fastdistill.ops.dispatch.KDInputs`
+to the backend chosen by :mod:`fastdistill.ops.dispatch`. The math lives in :mod:`fastdistill.ops.reference`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .ops import dispatch, reference
+from .ops.dispatch import SUPPORTED_DTYPES, KDInputs
+
+REDUCTIONS = ("mean", "sum", "batchmean", "none")
+TeacherLogits = Tensor | Sequence[Tensor]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# argument checks: each names the argument and what was expected
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _check_choice(name: str, value, choices: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def _check_real(name: str, value, *, low: float, high: float, low_open: bool, high_open: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    ok = math.isfinite(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if not ok:
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        raise ValueError(f"{name} must be finite and in {lo}{low}, {high}{hi}; got {value!r}")
+    return v
+
+
+def check_hyperparameters(
+    *, divergence: str, temperature: float, ensemble: str, beta: float, skew: float, ce_weight: float,
+    reduction: str, backend: str, ignore_index: int, scale_by_temperature_sq: bool,
+) -> None:  # fmt: skip
+    """Validate the keyword hyper-parameters of :func:`kd_loss` (also used by :class:`fastdistill.KDLoss`)."""
+    _check_choice("divergence", divergence, reference.DIVERGENCES)
+    _check_choice("ensemble", ensemble, reference.ENSEMBLES)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    _check_choice("backend", backend, dispatch.BACKENDS_NAMES)
+    _check_real("temperature", temperature, low=0.0, high=math.inf, low_open=True, high_open=True)
+    _check_real("beta", beta, low=0.0, high=1.0, low_open=True, high_open=True)
+    _check_real("skew", skew, low=0.0, high=1.0, low_open=False, high_open=True)
+    _check_real("ce_weight", ce_weight, low=0.0, high=1.0, low_open=False, high_open=False)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not isinstance(scale_by_temperature_sq, bool):
+        raise TypeError(f"scale_by_temperature_sq must be a bool, got {type(scale_by_temperature_sq).__name__}")
+
+
+def _check_logits(name: str, x) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have shape [*, V] with at least one dimension, got a 0-dim tensor")
+
+
+def _vocab_hint(name: str, got: torch.Size, expected: torch.Size) -> str:
+    if got[:-1] == expected[:-1] and got[-1] != expected[-1]:
+        v_t, v_s = got[-1], expected[-1]
+        fix = (
+            f"slice the teacher to the shared vocabulary: {name}[..., :{v_s}]"
+            if v_t > v_s
+            else f"slice the student to the shared vocabulary: student_logits[..., :{v_t}], or pad the teacher "
+            f"with -inf"
+        )
+        return f"{name} has vocabulary size {v_t} but student_logits has {v_s}; {fix}"
+    return f"{name} has shape {tuple(got)}, expected {tuple(expected)} like student_logits"
+
+
+def split_teachers(teacher_logits: TeacherLogits, student_shape: torch.Size) -> list[Tensor]:
+    """Teachers as a list of K tensors shaped like the student: one tensor [*, V], a stacked [K, *, V] tensor,
+    or a sequence of K tensors [*, V]. Stacked tensors are unbound (views, no copy)."""
+    if isinstance(teacher_logits, Tensor):
+        _check_logits("teacher_logits", teacher_logits)
+        if teacher_logits.shape == student_shape:
+            return [teacher_logits]
+        if teacher_logits.dim() == len(student_shape) + 1 and teacher_logits.shape[1:] == student_shape:
+            if teacher_logits.shape[0] == 0:
+                raise ValueError("teacher_logits has K = 0 teachers; need at least one")
+            return list(teacher_logits.unbind(0))
+        if teacher_logits.dim() == len(student_shape) + 1 and teacher_logits.shape[1:-1] == student_shape[:-1]:
+            raise ValueError(_vocab_hint("teacher_logits", teacher_logits.shape[1:], student_shape))
+        if teacher_logits.dim() == len(student_shape):
+            raise ValueError(_vocab_hint("teacher_logits", teacher_logits.shape, student_shape))
+        raise ValueError(
+            f"teacher_logits must be [*, V] = {tuple(student_shape)} (one teacher) or [K, *, V] = "
+            f"[K, {', '.join(map(str, student_shape))}] (K teachers); got {tuple(teacher_logits.shape)}"
+        )
+    if isinstance(teacher_logits, Sequence) and not isinstance(teacher_logits, str):
+        teachers = list(teacher_logits)
+        if not teachers:
+            raise ValueError("teacher_logits is an empty sequence; need at least one teacher (K >= 1)")
+        for k, t in enumerate(teachers):
+            _check_logits(f"teacher_logits[{k}]", t)
+            if t.shape != student_shape:
+                raise ValueError(_vocab_hint(f"teacher_logits[{k}]", t.shape, student_shape))
+        return teachers
+    raise TypeError(f"teacher_logits must be a Tensor or a sequence of Tensors, got {type(teacher_logits).__name__}")
+
+
+def _check_device(name: str, x: Tensor, device: torch.device) -> None:
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but student_logits is on {device}; all inputs must share a device")
+
+
+def _check_values(name: str, x: Tensor, what: str, bad: Tensor) -> None:
+    """Data-dependent check (skipped under torch.compile, where it would break the graph)."""
+    if not _is_compiling() and bool(bad.any()):
+        raise ValueError(f"{name} must be {what}")
+
+
+def normalise_teacher_weights(
+    teacher_weights, k: int, lead: torch.Size, n: int, device: torch.device, dtype: torch.dtype
+) -> Tensor | None:
+    """[K] or [K, *] non-negative weights -> [K, N] with every column summing to 1 (None stays None)."""
+    if teacher_weights is None:
+        return None
+    if not isinstance(teacher_weights, Tensor):
+        if isinstance(teacher_weights, Sequence) and all(
+            isinstance(w, numbers.Real) and not isinstance(w, bool) for w in teacher_weights
+        ):
+            teacher_weights = torch.tensor([float(w) for w in teacher_weights], device=device)
+        else:
+            raise TypeError("teacher_weights must be None, a Tensor [K] or [K, *], or a sequence of K numbers")
+    w = teacher_weights
+    if not w.is_floating_point():
+        raise TypeError(f"teacher_weights must be a floating-point tensor, got {w.dtype}")
+    _check_device("teacher_weights", w, device)
+    if w.shape == (k,):
+        w = w[:, None].expand(k, n)
+    elif w.shape == (k, *lead):
+        w = w.reshape(k, n)
+    else:
+        raise ValueError(
+            f"teacher_weights must be [K] = [{k}] or [K, *] = [{k}, {', '.join(map(str, lead))}], "
+            f"got {tuple(w.shape)}"
+        )
+    w = w.detach().to(dtype)
+    _check_values("teacher_weights", w, "finite and >= 0", ~torch.isfinite(w) | (w < 0))
+    total = w.sum(0, keepdim=True)
+    _check_values("teacher_weights", total, "positive in every row (they are normalised to sum 1)", total <= 0)
+    return (w / total).contiguous()
+
+
+def _kd_inputs(
+    student_logits: Tensor,
+    teacher_logits: TeacherLogits,
+    *,
+    divergence: str,
+    temperature: float,
+    scale_by_temperature_sq: bool,
+    ensemble: str,
+    teacher_weights,
+    beta: float,
+    skew: float,
+    labels: Tensor | None,
+    ignore_index: int,
+    ce_weight: float,
+    sample_weight: Tensor | None,
+    reduction: str,
+    num_items,
+    backend: str,
+) -> KDInputs:
+    check_hyperparameters(
+        divergence=divergence, temperature=temperature, ensemble=ensemble, beta=beta, skew=skew,
+        ce_weight=ce_weight, reduction=reduction, backend=backend, ignore_index=ignore_index,
+        scale_by_temperature_sq=scale_by_temperature_sq,
+    )  # fmt: skip
+    _check_logits("student_logits", student_logits)
+    teachers = split_teachers(teacher_logits, student_logits.shape)
+    device = student_logits.device
+    for k, t in enumerate(teachers):
+        _check_device(f"teacher_logits[{k}]", t, device)
+    v = student_logits.shape[-1]
+    lead = student_logits.shape[:-1]
+    n = math.prod(lead)
+    acc = reference.compute_dtype(student_logits, *teachers)
+
+    if labels is not None:
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"labels must be an int64 Tensor, got {type(labels).__name__}")
+        if labels.dtype != torch.int64:
+            raise TypeError(f"labels must be int64 (torch.long), got {labels.dtype}")
+        if labels.shape != lead:
+            raise ValueError(f"labels must have shape {tuple(lead)} (student_logits without V), got {tuple(labels.shape)}")
+        _check_device("labels", labels, device)
+        labels = labels.reshape(n)
+        if ce_weight > 0:
+            _check_values(
+                "labels", labels, f"in [0, {v}) or ignore_index ({ignore_index}) when ce_weight > 0",
+                (labels != ignore_index) & ((labels < 0) | (labels >= v)),
+            )  # fmt: skip
+    elif ce_weight > 0:
+        raise ValueError("ce_weight > 0 needs labels (the hard-label cross-entropy term)")
+
+    if sample_weight is not None:
+        if not isinstance(sample_weight, Tensor) or not sample_weight.is_floating_point():
+            raise TypeError("sample_weight must be a floating-point Tensor")
+        if sample_weight.shape != lead:
+            raise ValueError(
+                f"sample_weight must have shape {tuple(lead)} (student_logits without V), got "
+                f"{tuple(sample_weight.shape)}"
+            )
+        _check_device("sample_weight", sample_weight, device)
+        sample_weight = sample_weight.detach().reshape(n).to(acc)
+        _check_values("sample_weight", sample_weight, "finite and >= 0",
+                      ~torch.isfinite(sample_weight) | (sample_weight < 0))  # fmt: skip
+
+    tw = normalise_teacher_weights(teacher_weights, len(teachers), lead, n, device, acc)
+
+    if num_items is not None and reduction != "mean":
+        raise ValueError(f"num_items overrides the 'mean' denominator; it has no meaning for reduction={reduction!r}")
+    denominator = None
+    if reduction == "mean":
+        if num_items is None:
+            count = (labels != ignore_index).sum() if labels is not None else torch.tensor(n, device=device)
+        elif isinstance(num_items, Tensor):
+            if num_items.numel() != 1:
+                raise ValueError(f"num_items must be an int or a 0-dim Tensor, got shape {tuple(num_items.shape)}")
+            count = num_items.detach().reshape(()).to(device)
+        elif isinstance(num_items, numbers.Integral) and not isinstance(num_items, bool):
+            if num_items < 0:
+                raise ValueError(f"num_items must be >= 0, got {num_items}")
+            count = torch.tensor(int(num_items), device=device)
+        else:
+            raise TypeError(f"num_items must be an int or a 0-dim Tensor, got {type(num_items).__name__}")
+        # No valid row: the sum is 0, and 0 / 1 keeps the loss 0 (never 0 / 0).
+        denominator = count.to(acc).clamp_min(1)
+    elif reduction == "batchmean":
+        denominator = torch.tensor(float(max(student_logits.shape[0] if student_logits.dim() > 1 else 1, 1)),
+                                   dtype=acc, device=device)  # fmt: skip
+
+    c = temperature**2 if scale_by_temperature_sq else 1.0
+    return KDInputs(
+        student=student_logits.reshape(n, v),
+        teachers=[t.reshape(n, v) for t in teachers],
+        teacher_weights=tw,
+        labels=labels,
+        sample_weight=sample_weight,
+        denominator=denominator,
+        divergence=divergence,
+        ensemble=ensemble if len(teachers) > 1 else "prob_mean",
+        temperature=float(temperature),
+        kd_scale=(1.0 - float(ce_weight)) * c,
+        ce_weight=float(ce_weight),
+        beta=float(beta),
+        skew=float(skew),
+        ignore_index=int(ignore_index),
+        reduce=reduction != "none",
+    )
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: TeacherLogits,
+    *,
+    divergence: str = "kl",
+    temperature: float = 1.0,
+    scale_by_temperature_sq: bool = True,
+    ensemble: str = "prob_mean",
+    teacher_weights: Tensor | Sequence[float] | None = None,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+    ce_weight: float = 0.0,
+    sample_weight: Tensor | None = None,
+    reduction: str = "mean",
+    num_items: int | Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Fused knowledge-distillation loss from raw logits (SPEC §1).
+
+    Args:
+        student_logits: [*, V] raw student logits (any leading shape; rows are flattened).
+        teacher_logits: one teacher [*, V], a stacked [K, *, V] tensor, or a sequence of K tensors [*, V].
+        divergence: "kl" (forward KL(P||Q), standard KD), "reverse_kl", "jsd" (weight ``beta`` on the teacher),
+            "tvd", "skew_kl" or "skew_reverse_kl" (mixing weight ``skew``).
+        temperature: T > 0, divides the student's and the teachers' logits.
+        scale_by_temperature_sq: multiply the divergence by T**2 (Hinton et al.), which keeps gradient magnitudes
+            comparable across temperatures. On by default; set False for the raw divergence.
+        ensemble: how K > 1 teachers form the target: "prob_mean" (mixture of their distributions), "logit_mean"
+            (softmax of the weighted mean logits) or "loss_mean" (mean of per-teacher divergences).
+        teacher_weights: None (uniform), [K] or [K, *]; non-negative, normalised to sum 1 per row. Constant.
+        labels: int64 [*]. Rows whose label is ``ignore_index`` are skipped (no loss, zero gradient).
+        ce_weight: in [0, 1]. Row loss = (1 - ce_weight) * c * D + ce_weight * CE(student at T = 1, labels).
+        sample_weight: [*] non-negative per-row weights (0 skips a row). Constant.
+        reduction: "mean" (over rows not ignored, or ``num_items``), "sum", "batchmean" (divide by
+            ``student_logits.shape[0]``, torch's meaning) or "none" (per-row losses, shape [*]).
+        num_items: int or 0-dim Tensor replacing the "mean" denominator (HF ``num_items_in_batch``).
+        backend: "auto", "cpu", "cuda", "triton" or "reference".
+
+    Returns:
+        The loss: 0-dim, or [*] for ``reduction="none"``; float32 (float64 for float64 inputs). Differentiable
+        with respect to ``student_logits`` and any teacher logits that require grad.
+    """
+    inp = _kd_inputs(
+        student_logits, teacher_logits, divergence=divergence, temperature=temperature,
+        scale_by_temperature_sq=scale_by_temperature_sq, ensemble=ensemble, teacher_weights=teacher_weights,
+        beta=beta, skew=skew, labels=labels, ignore_index=ignore_index, ce_weight=ce_weight,
+        sample_weight=sample_weight, reduction=reduction, num_items=num_items, backend=backend,
+    )  # fmt: skip
+    loss = dispatch.select(backend, inp)(inp)
+    return loss if inp.reduce else loss.reshape(student_logits.shape[:-1])
+
+
+def ensemble_soft_targets(
+    teacher_logits: TeacherLogits,
+    *,
+    temperature: float = 1.0,
+    ensemble: str = "prob_mean",
+    teacher_weights: Tensor | Sequence[float] | None = None,
+) -> Tensor:
+    """The ensembled soft target P of K teachers, [*, V] probabilities (float32, float64 for float64 inputs).
+
+    ``teacher_logits`` is one tensor [*, V] (one teacher) or a sequence of K tensors [*, V]; pass a stacked
+    [K, *, V] tensor as ``t.unbind(0)``. "loss_mean" has no single target and raises.
+    """
+    _check_choice("ensemble", ensemble, ("prob_mean", "logit_mean"))
+    _check_real("temperature", temperature, low=0.0, high=math.inf, low_open=True, high_open=True)
+    if isinstance(teacher_logits, Tensor):
+        _check_logits("teacher_logits", teacher_logits)
+        shape = teacher_logits.shape
+    elif isinstance(teacher_logits, Sequence) and teacher_logits and isinstance(teacher_logits[0], Tensor):
+        shape = teacher_logits[0].shape
+    else:
+        raise TypeError("teacher_logits must be a Tensor [*, V] or a non-empty sequence of Tensors [*, V]")
+    teachers = split_teachers(teacher_logits, shape)
+    for k, t in enumerate(teachers):
+        _check_device(f"teacher_logits[{k}]", t, teachers[0].device)
+    lead, v = shape[:-1], shape[-1]
+    n = math.prod(lead)
+    acc = reference.compute_dtype(*teachers)
+    tw = normalise_teacher_weights(teacher_weights, len(teachers), lead, n, teachers[0].device, acc)
+    flat = [t.reshape(n, v) for t in teachers]
+    log_p = reference.ensemble_log_target(flat, float(temperature), ensemble, tw, acc)
+    return log_p.exp().reshape(shape)

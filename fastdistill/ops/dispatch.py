@@ -1,0 +1,168 @@
+"""Backend selection for the fused KD loss: every backend says what it cannot run, and why.
+
+``backend="auto"`` picks the first backend in the device's priority list whose ``not_supported_reasons`` is
+empty; a backend named explicitly either runs or raises ``ValueError`` listing its reasons. Adding a backend
+means adding one class here (and its kernels elsewhere).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import extension, reference
+
+BACKENDS_NAMES = ("auto", "cpu", "cuda", "triton", "reference")
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class KDInputs:
+    """Validated, flattened arguments of :func:`fastdistill.kd_loss` (see :mod:`fastdistill.ops.reference`)."""
+
+    student: Tensor  # [N, V]
+    teachers: list[Tensor]  # K x [N, V]
+    teacher_weights: Tensor | None  # [K, N], columns sum to 1
+    labels: Tensor | None  # int64 [N]
+    sample_weight: Tensor | None  # [N]
+    denominator: Tensor | None  # 0-dim
+    divergence: str
+    ensemble: str
+    temperature: float
+    kd_scale: float
+    ce_weight: float
+    beta: float
+    skew: float
+    ignore_index: int
+    reduce: bool
+
+    def tensors(self) -> list[Tensor]:
+        optional = [self.teacher_weights, self.labels, self.sample_weight, self.denominator]
+        return [self.student, *self.teachers, *(t for t in optional if t is not None)]
+
+
+class Backend:
+    name: str = ""
+
+    def not_supported_reasons(self, inp: KDInputs) -> list[str]:
+        raise NotImplementedError
+
+    def __call__(self, inp: KDInputs) -> Tensor:
+        raise NotImplementedError
+
+
+class ReferenceBackend(Backend):
+    """Pure PyTorch, autograd for gradients; runs anything, slowly."""
+
+    name = "reference"
+
+    def not_supported_reasons(self, inp: KDInputs) -> list[str]:
+        return []
+
+    def __call__(self, inp: KDInputs) -> Tensor:
+        return reference.kd_loss(
+            inp.student, inp.teachers, teacher_weights=inp.teacher_weights, labels=inp.labels,
+            sample_weight=inp.sample_weight, denominator=inp.denominator, divergence_kind=inp.divergence,
+            ensemble=inp.ensemble, temperature=inp.temperature, kd_scale=inp.kd_scale, ce_weight=inp.ce_weight,
+            beta=inp.beta, skew=inp.skew, ignore_index=inp.ignore_index, reduce=inp.reduce,
+        )  # fmt: skip
+
+
+class _CustomOpBackend(Backend):
+    """A backend that runs ``torch.ops.fastdistill.kd_loss`` with a kernel for ``dispatch_key``."""
+
+    dispatch_key = ""
+    device_type = ""
+
+    def not_supported_reasons(self, inp: KDInputs) -> list[str]:
+        reasons = []
+        if not extension.available():
+            reasons.append(f"the fastdistill._C extension is not available ({extension.IMPORT_ERROR})")
+        elif not extension.has_kernel("kd_loss", self.dispatch_key):
+            reasons.append(f"fastdistill._C was built without {self.name} kernels")
+        devices = {t.device.type for t in inp.tensors()}
+        if devices != {self.device_type}:
+            reasons.append(f"needs all tensors on {self.device_type}, got {sorted(devices)}")
+        dtypes = {t.dtype for t in [inp.student, *inp.teachers]}
+        if not dtypes <= set(SUPPORTED_DTYPES):
+            reasons.append(f"logits must be float32/float64/bfloat16/float16, got {sorted(map(str, dtypes))}")
+        return reasons
+
+    def __call__(self, inp: KDInputs) -> Tensor:
+        student, teachers = inp.student, inp.teachers
+        # The kernels take one teacher dtype, and compute in float64 only when everything is float64.
+        if reference.compute_dtype(student, *teachers) == torch.float64:
+            student, teachers = student.double(), [t.double() for t in teachers]
+        elif len({t.dtype for t in teachers}) > 1:
+            common = teachers[0].dtype
+            for t in teachers[1:]:
+                common = torch.promote_types(common, t.dtype)
+            teachers = [t.to(common) for t in teachers]
+        grad_on = torch.is_grad_enabled()
+        loss, _, _ = torch.ops.fastdistill.kd_loss(
+            student, teachers, inp.teacher_weights, inp.labels, inp.sample_weight, inp.denominator,
+            inp.divergence, inp.ensemble, inp.temperature, inp.kd_scale, inp.ce_weight, inp.beta, inp.skew,
+            inp.ignore_index, inp.reduce, grad_on and student.requires_grad,
+            grad_on and any(t.requires_grad for t in teachers),
+        )  # fmt: skip
+        return loss
+
+
+class CpuBackend(_CustomOpBackend):
+    """C++ kernel (csrc/cpu): ATen parallel_for over rows, SIMD inner loops."""
+
+    name = "cpu"
+    dispatch_key = "CPU"
+    device_type = "cpu"
+
+
+class CudaBackend(_CustomOpBackend):
+    """CUDA C++ kernel (csrc/cuda). Registered only when the extension is built with CUDA."""
+
+    name = "cuda"
+    dispatch_key = "CUDA"
+    device_type = "cuda"
+
+
+class TritonBackend(Backend):
+    """Triton kernels (fastdistill/ops/triton): not written yet."""
+
+    name = "triton"
+
+    def not_supported_reasons(self, inp: KDInputs) -> list[str]:
+        return ["the triton backend of kd_loss is not implemented yet"]
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (CpuBackend(), CudaBackend(), TritonBackend(), ReferenceBackend())}
+# "auto": fastest first, per device type.
+PRIORITY = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
+_warned: set[str] = set()
+
+
+def select(name: str, inp: KDInputs) -> Backend:
+    """The backend that will run ``inp``: ``name`` itself, or for "auto" the first capable one."""
+    if name != "auto":
+        backend = BACKENDS[name]
+        reasons = backend.not_supported_reasons(inp)
+        if reasons:
+            raise ValueError(f"backend={name!r} cannot run these inputs: " + "; ".join(reasons))
+        return backend
+    device = inp.student.device.type
+    order = PRIORITY.get(device, ("reference",))
+    skipped: list[str] = []
+    for candidate in order:
+        reasons = BACKENDS[candidate].not_supported_reasons(inp)
+        if not reasons:
+            if candidate == "reference" and len(order) > 1 and device not in _warned:
+                _warned.add(device)
+                warnings.warn(
+                    f"fastdistill: no fused kd_loss backend for {device} tensors, using the slow reference "
+                    f"backend ({'; '.join(skipped)})",
+                    stacklevel=4,
+                )
+            return BACKENDS[candidate]
+        skipped.append(f"{candidate}: {', '.join(reasons)}")
+    raise AssertionError("the reference backend runs everything")  # pragma: no cover

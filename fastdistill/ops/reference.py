@@ -1,0 +1,144 @@
+"""The math of every fastdistill op in plain PyTorch: the specification in code (SPEC §1).
+
+Readable over fast: this module materialises whatever it likes ([K, N, V] probabilities included), works in
+float64 when given float64, and gets its gradients from autograd. Every other backend is tested against it.
+Inputs here are already validated and flattened by :mod:`fastdistill.functional`:
+
+* ``student``: [N, V] logits; ``teachers``: a list of K tensors [N, V];
+* ``teacher_weights``: [K, N], non-negative, each column summing to 1 (or None: uniform);
+* ``labels``: int64 [N] or None; ``sample_weight``: [N] or None; ``denominator``: 0-dim or None.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
+ENSEMBLES = ("prob_mean", "logit_mean", "loss_mean")
+
+
+def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """float64 when any input is float64, else float32: the dtype of the loss and of all accumulation."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _xlogr(x: Tensor, log_x: Tensor, log_y: Tensor) -> Tensor:
+    """x * (log x - log y) with 0 * log 0 = 0 (and a gradient that stays finite where x = 0)."""
+    pos = x > 0
+    safe_log_x = torch.where(pos, log_x, torch.zeros_like(log_x))
+    safe_log_y = torch.where(pos, log_y, torch.zeros_like(log_y))
+    return torch.where(pos, x * (safe_log_x - safe_log_y), torch.zeros_like(x))
+
+
+def _log_mix(log_a: Tensor, log_b: Tensor, wa: float) -> Tensor:
+    """log(wa * exp(log_a) + (1 - wa) * exp(log_b)), exact for wa in [0, 1] and -inf inputs."""
+    parts = []
+    if wa > 0:
+        parts.append(log_a + math.log(wa))
+    if wa < 1:
+        parts.append(log_b + math.log1p(-wa))
+    return torch.logsumexp(torch.stack(parts), dim=0) if len(parts) > 1 else parts[0]
+
+
+def divergence(log_p: Tensor, log_q: Tensor, kind: str, *, beta: float = 0.5, skew: float = 0.1) -> Tensor:
+    """D(P, Q) per row, from log-probabilities [N, V] -> [N] (SPEC §1 "Divergence")."""
+    p, q = log_p.exp(), log_q.exp()
+    if kind == "kl":  # sum P log(P / Q)
+        terms = _xlogr(p, log_p, log_q)
+    elif kind == "reverse_kl":  # sum Q log(Q / P)
+        terms = _xlogr(q, log_q, log_p)
+    elif kind == "jsd":  # beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q
+        log_m = _log_mix(log_p, log_q, beta)
+        terms = beta * _xlogr(p, log_p, log_m) + (1 - beta) * _xlogr(q, log_q, log_m)
+    elif kind == "tvd":  # 1/2 sum |P - Q|
+        terms = 0.5 * (p - q).abs()
+    elif kind == "skew_kl":  # KL(P || a P + (1 - a) Q)
+        terms = _xlogr(p, log_p, _log_mix(log_p, log_q, skew))
+    elif kind == "skew_reverse_kl":  # KL(Q || (1 - a) P + a Q)
+        terms = _xlogr(q, log_q, _log_mix(log_q, log_p, skew))
+    else:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {kind!r}")
+    return terms.sum(-1)
+
+
+def _weights(teacher_weights: Tensor | None, k: int, n: int, dtype: torch.dtype, device) -> Tensor:
+    if teacher_weights is None:
+        return torch.full((k, n), 1.0 / k, dtype=dtype, device=device)
+    return teacher_weights.to(dtype)
+
+
+def teacher_log_probs(teachers: list[Tensor], temperature: float, dtype: torch.dtype) -> Tensor:
+    """log P_k = log_softmax(t_k / T) for each teacher: [K, N, V]."""
+    return torch.stack([torch.log_softmax(t.to(dtype) / temperature, dim=-1) for t in teachers])
+
+
+def ensemble_log_target(
+    teachers: list[Tensor], temperature: float, ensemble: str, teacher_weights: Tensor | None, dtype: torch.dtype
+) -> Tensor:
+    """log P of the single ensembled target, [N, V] ("prob_mean" or "logit_mean")."""
+    k, n = len(teachers), teachers[0].shape[0]
+    w = _weights(teacher_weights, k, n, dtype, teachers[0].device)  # [K, N]
+    if ensemble == "prob_mean":  # P = sum_k w_k P_k, its log as a log-sum-exp (never log of a sum of probs)
+        return torch.logsumexp(torch.log(w)[..., None] + teacher_log_probs(teachers, temperature, dtype), dim=0)
+    if ensemble == "logit_mean":  # P = softmax(sum_k w_k t_k / T); w_k = 0 drops the teacher (even its -inf)
+        pooled = sum(torch.where(w[j, :, None] > 0, w[j, :, None] * t.to(dtype), 0.0) for j, t in enumerate(teachers))
+        return torch.log_softmax(pooled / temperature, dim=-1)
+    raise ValueError(f"ensemble {ensemble!r} has no single target (use 'prob_mean' or 'logit_mean')")
+
+
+def kd_loss(
+    student: Tensor,
+    teachers: list[Tensor],
+    *,
+    teacher_weights: Tensor | None,
+    labels: Tensor | None,
+    sample_weight: Tensor | None,
+    denominator: Tensor | None,
+    divergence_kind: str,
+    ensemble: str,
+    temperature: float,
+    kd_scale: float,
+    ce_weight: float,
+    beta: float,
+    skew: float,
+    ignore_index: int,
+    reduce: bool,
+) -> Tensor:
+    """The fused KD loss (SPEC §1) on flattened inputs. Returns a 0-dim loss (reduce) or per-row losses [N].
+
+    Row loss l_i = kd_scale * D_i + ce_weight * CE_i, with kd_scale = (1 - ce_weight) * (T^2 or 1); weighted
+    l'_i = w_i l_i; rows whose label is ignore_index, or whose weight is 0, give exactly 0.
+    """
+    dtype = compute_dtype(student, *teachers)
+    n = student.shape[0]
+    log_q = torch.log_softmax(student.to(dtype) / temperature, dim=-1)
+    if ensemble == "loss_mean" and len(teachers) > 1:  # each teacher its own target: D = sum_k w_k D(P_k, Q)
+        w = _weights(teacher_weights, len(teachers), n, dtype, student.device)
+        log_pk = teacher_log_probs(teachers, temperature, dtype)
+        d = sum(w[j] * divergence(log_pk[j], log_q, divergence_kind, beta=beta, skew=skew) for j in range(len(teachers)))
+    else:
+        log_p = ensemble_log_target(teachers, temperature, ensemble if len(teachers) > 1 else "prob_mean",
+                                    teacher_weights, dtype)
+        d = divergence(log_p, log_q, divergence_kind, beta=beta, skew=skew)
+    rows = kd_scale * d
+
+    keep = torch.ones(n, dtype=torch.bool, device=student.device)
+    if labels is not None:
+        keep = labels != ignore_index
+    if ce_weight > 0:  # hard-label cross-entropy at T = 1
+        safe = torch.where(keep, labels, 0)
+        s = student.to(dtype)
+        ce = torch.logsumexp(s, dim=-1) - s.gather(-1, safe[:, None]).squeeze(-1)
+        rows = rows + ce_weight * ce
+    if sample_weight is not None:
+        w_rows = sample_weight.to(dtype)
+        keep = keep & (w_rows > 0)
+        rows = rows * w_rows
+    rows = torch.where(keep, rows, torch.zeros_like(rows))
+    if not reduce:
+        return rows
+    total = rows.sum()
+    return total if denominator is None else total / denominator.to(dtype)

@@ -1,0 +1,53 @@
+"""Fake (meta) kernels and autograd for the C++ ops whose schemas live in csrc/fastdistill.cpp.
+
+The kernels compute the gradient in the forward pass (the loss is terminal), so backward only scales the saved
+gradients by grad_output: one elementwise pass, registered here with plain torch ops so torch.compile traces it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import extension
+
+
+def _kd_loss_fake(
+    student, teachers, teacher_weights, labels, sample_weight, denominator, divergence, ensemble, temperature,
+    kd_scale, ce_weight, beta, skew, ignore_index, reduce, grad_student, grad_teachers,
+):  # fmt: skip
+    torch._check(student.dim() == 2, lambda: "student must be [N, V]")
+    for t in teachers:
+        torch._check(t.shape == student.shape, lambda: "teachers must match the student's [N, V]")
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    loss = student.new_empty(() if reduce else (student.shape[0],), dtype=acc)
+    grad_s = student.new_empty(student.shape) if grad_student else student.new_empty((0,))
+    grad_t = [t.new_empty(t.shape) if grad_teachers else t.new_empty((0,)) for t in teachers]
+    return loss, grad_s, grad_t
+
+
+def _kd_loss_setup_context(ctx, inputs, output):
+    _, grad_s, grad_t = output
+    ctx.reduce = inputs[14]
+    ctx.save_for_backward(grad_s, *grad_t)
+
+
+def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, reduce: bool) -> torch.Tensor | None:
+    if grad.numel() == 0:  # not computed: the input did not require grad
+        return None
+    if reduce:  # a 0-dim factor keeps grad's dtype and rounds once
+        return grad * grad_loss
+    return grad * grad_loss.to(grad.dtype).unsqueeze(-1)
+
+
+def _kd_loss_backward(ctx, grad_loss, _grad_grad_s, _grad_grad_t):
+    grad_s, *grad_t = ctx.saved_tensors
+    d_student = _scale(grad_s, grad_loss, ctx.reduce) if ctx.needs_input_grad[0] else None
+    d_teachers = [_scale(g, grad_loss, ctx.reduce) for g in grad_t] if ctx.needs_input_grad[1] else None
+    return (d_student, d_teachers) + (None,) * 15
+
+
+if extension.available():
+    torch.library.register_fake("fastdistill::kd_loss")(_kd_loss_fake)
+    torch.library.register_autograd(
+        "fastdistill::kd_loss", _kd_loss_backward, setup_context=_kd_loss_setup_context
+    )
