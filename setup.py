@@ -33,7 +33,9 @@ def _extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = ["csrc/fastdistill.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fno-math-errno"]
+    # -fopenmp: at::parallel_for is a header template that runs serially unless compiled with OpenMP (the
+    # libgomp.so.1 that torch ships is the one loaded at run time).
+    cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"]
     arch = os.environ.get("FASTDISTILL_CPU_ARCH", "avx2" if _has_avx2() else "generic")
     if arch == "avx2":
         # at::vec picks its AVX2 Vectorized<> specialisations from these macros.
@@ -50,6 +52,7 @@ def _extensions():
         name="fastdistill._C",
         include_dirs=[os.path.join(ROOT, "csrc")],
         py_limited_api=True,
+        extra_link_args=["-fopenmp"],
         define_macros=[("Py_LIMITED_API", "0x03090000")],
     )
     if use_cuda:

@@ -32,7 +32,11 @@ template <typename A>
 struct VecOps {
   using V = at::vec::Vectorized<A>;
   static V splat(A x) { return V(x); }
-  static V exp(V x) { return x.exp(); }
+  // float: ATen's polynomial exp (<= 20 ulp, what its softmax uses), twice Sleef's throughput; float64: exact.
+  static V exp(V x) {
+    if constexpr (std::is_same_v<A, float>) return x.exp_u20();
+    else return x.exp();
+  }
   static V log(V x) { return x.log(); }
   static V log1p(V x) { return x.log1p(); }
   static V abs(V x) { return x.abs(); }
@@ -71,7 +75,7 @@ A row_logsumexp(const A* x, int64_t padded, A scale) {
   if (m == -std::numeric_limits<A>::infinity()) return m;
   const Vec vscale(scale), vmax(m);
   Vec vs(A(0));
-  for (int64_t j = 0; j < padded; j += W) vs += (Vec::loadu(x + j) * vscale - vmax).exp();
+  for (int64_t j = 0; j < padded; j += W) vs += VecOps<A>::exp(Vec::loadu(x + j) * vscale - vmax);
   return m + std::log(hsum(vs));
 }
 
@@ -101,26 +105,32 @@ class KDRowKernel {
   using Vec = at::vec::Vectorized<A>;
   using Ops = VecOps<A>;
   static constexpr int64_t W = Vec::size();
+  static constexpr int64_t kChunk = 1024;  // elements per chunk: a chunk of every row stays in L1
   static constexpr A kNegInf = -std::numeric_limits<A>::infinity();
 
  public:
   KDRowKernel(const KDProblem& p, const Tensors& t)
       : p_(p), t_(t), K_(p.teachers), V_(p.vocab), Vp_((p.vocab + W - 1) / W * W),
-        inv_t_(A(1.0 / p.temperature)), kd_over_t_(A(p.kd_scale / p.temperature)), ce_(A(p.ce_weight)),
+        chunks_((Vp_ + kChunk - 1) / kChunk), inv_t_(A(1.0 / p.temperature)),
+        kd_over_t_(A(p.kd_scale / p.temperature)), ce_(A(p.ce_weight)),
         prm_(make_div_params<A>(p.divergence, p.beta, p.skew)),
         // One target built from the teachers (a mixture or a log-linear pool) vs. one target per teacher.
         per_teacher_(p.ensemble == Ensemble::LossMean && p.teachers > 1),
         log_linear_(p.ensemble == Ensemble::LogitMean && p.teachers > 1),
-        // For "loss_mean" the combined sum_k w_k gq_k still sums to -1 under KL.
-        closed_form_(student_aggregate_is_minus_one(p.divergence)) {}
+        mixture_(!per_teacher_ && !log_linear_ && p.teachers > 1),
+        // For KL sum_v gq_v = -sum_v P_v = -1 (also for "loss_mean": sum_k w_k (-1)).
+        closed_form_(student_aggregate_is_minus_one(p.divergence)),
+        R_(log_linear_ ? 2 : p.teachers + 1) {}
 
-  int64_t scratch_size() const { return (K_ + 4) * Vp_; }
+  // x (scaled logits) and e (exp(x - chunk max)) for R distributions, a gradient row, the chunk maxima.
+  int64_t scratch_size() const { return (2 * R_ + 1) * Vp_ + R_ * chunks_; }
 
   void row(int64_t i, A* scratch) const {
-    A* x = scratch;                    // rows 0..K: student, teachers (scaled logits)
-    A* target = x + (K_ + 1) * Vp_;   // log-linear pool of the teachers ("logit_mean")
-    A* gbuf = target + Vp_;            // student gradient terms
-    A* qbuf = gbuf + Vp_;              // Q, parked for pass 3
+    Row r;
+    r.x = scratch;
+    r.e = r.x + R_ * Vp_;
+    A* gbuf = r.e + R_ * Vp_;
+    r.cmax = gbuf + Vp_;
     A* row_loss = static_cast<A*>(t_.row_loss);
     S* gs_out = t_.grad_student ? static_cast<S*>(t_.grad_student) + i * V_ : nullptr;
 
@@ -139,50 +149,43 @@ class KDRowKernel {
     // The gradient of this row's contribution to the returned loss is `f` times d(l_i)/d(logits).
     const A f = static_cast<A>(sw / (p_.reduce ? t_.denominator : 1.0));
 
-    // ---- pass 1: load, normalisers ----------------------------------------------------------------------
+    // ---- pass 1: read every input row once; normalisers ------------------------------------------------
     const S* s_row = static_cast<const S*>(t_.student) + i * t_.student_stride;
-    load_scaled(s_row, x, V_, Vp_, inv_t_);
-    const A lse_q = row_logsumexp(x, Vp_, A(1));
-    TORCH_CHECK_VALUE(lse_q != kNegInf, "student_logits row ", i, " is entirely -inf");
+    load_scaled(s_row, r.x, V_, Vp_, inv_t_);
+    normalise(r, 0);
+    TORCH_CHECK_VALUE(r.lse[0] != kNegInf, "student_logits row ", i, " is entirely -inf");
     // Cross-entropy is at T = 1: its normaliser differs from the student's unless T = 1.
     const bool ce_at_t = p_.temperature == 1.0;
-    const A lse_ce = ce_ == A(0) ? A(0) : (ce_at_t ? lse_q : row_logsumexp(x, Vp_, A(p_.temperature)));
+    const A lse_ce = ce_ == A(0) ? A(0) : (ce_at_t ? r.lse[0] : row_logsumexp(r.x, Vp_, A(p_.temperature)));
 
-    A w[kMaxStack], logw[kMaxStack], lse[kMaxStack];
-    std::vector<A> heap;
-    A* wk = w;
-    A* logwk = logw;
-    A* lsek = lse;
-    if (K_ > kMaxStack) {
-      heap.resize(3 * K_);
-      wk = heap.data(), logwk = wk + K_, lsek = logwk + K_;
-    }
+    std::vector<A> wbuf(2 * K_);
+    r.w = wbuf.data();
+    r.logw = r.w + K_;
     for (int k = 0; k < K_; ++k) {
-      wk[k] = t_.teacher_weights ? static_cast<const A*>(t_.teacher_weights)[k * p_.rows + i] : A(1) / A(K_);
-      logwk[k] = std::log(wk[k]);
-      const T* t_row = static_cast<const T*>(t_.teachers[k]) + i * t_.teacher_strides[k];
-      load_scaled(t_row, x + (k + 1) * Vp_, V_, Vp_, inv_t_);
-      if (!log_linear_) {
-        lsek[k] = row_logsumexp(x + (k + 1) * Vp_, Vp_, A(1));
-        TORCH_CHECK_VALUE(lsek[k] != kNegInf, "teacher ", k, " row ", i, " is entirely -inf");
-      }
+      r.w[k] = t_.teacher_weights ? static_cast<const A*>(t_.teacher_weights)[k * p_.rows + i] : A(1) / A(K_);
+      r.logw[k] = std::log(r.w[k]);
     }
-    A lse_target = 0;
     if (log_linear_) {
       // target = sum_k w_k t_k / T; teachers with weight 0 are skipped (0 * -inf would be nan)
+      A* target = r.x + Vp_;
       std::fill(target, target + Vp_, A(0));
       for (int k = 0; k < K_; ++k) {
-        if (wk[k] == A(0)) continue;
-        const Vec vw(wk[k]);
-        const A* xk = x + (k + 1) * Vp_;
-        for (int64_t j = 0; j < Vp_; j += W) (Vec::loadu(target + j) + vw * Vec::loadu(xk + j)).store(target + j);
+        if (r.w[k] == A(0)) continue;
+        load_scaled(teacher_row(k, i), gbuf, V_, Vp_, inv_t_);
+        const Vec vw(r.w[k]);
+        for (int64_t j = 0; j < Vp_; j += W) (Vec::loadu(target + j) + vw * Vec::loadu(gbuf + j)).store(target + j);
       }
       for (int64_t j = V_; j < Vp_; ++j) target[j] = kNegInf;
-      lse_target = row_logsumexp(target, Vp_, A(1));
-      TORCH_CHECK_VALUE(lse_target != kNegInf, "the weighted mean of the teachers' logits in row ", i,
+      normalise(r, 1);
+      TORCH_CHECK_VALUE(r.lse[1] != kNegInf, "the weighted mean of the teachers' logits in row ", i,
                         " is entirely -inf");
+    } else {
+      for (int k = 0; k < K_; ++k) {
+        load_scaled(teacher_row(k, i), r.x + (k + 1) * Vp_, V_, Vp_, inv_t_);
+        normalise(r, k + 1);
+        TORCH_CHECK_VALUE(r.lse[k + 1] != kNegInf, "teacher ", k, " row ", i, " is entirely -inf");
+      }
     }
-    const Ctx c{x, target, lse_q, lse_target, wk, logwk, lsek};
 
     // ---- pass 2: loss and aggregates --------------------------------------------------------------------
     const bool want_gs = gs_out != nullptr;
@@ -192,107 +195,169 @@ class KDRowKernel {
     std::vector<Vec> agg_t(want_gt ? K_ : 0, Vec(A(0)));  // per-teacher aggregates for their gradients
     Vec v_phi(A(0)), v_gq(A(0));
     const Vec v_lse_ce(lse_ce), v_ce(ce_), v_f(f), v_kd_over_t(kd_over_t_), v_t(A(p_.temperature));
-    for (int64_t j = 0; j < Vp_; j += W) {
-      const Vec xq = Vec::loadu(x + j);
-      const Vec logq = xq - Vec(lse_q);
-      const Vec q = logq.exp();
+    for_each_vector(r, [&](int64_t j, const A* fac) {
+      Elem el = element(r, j, fac);
       Vec phi, gq;
-      evaluate(c, j, q, logq, phi, gq, want_gt ? agg_t.data() : nullptr);
+      evaluate(r, el, phi, gq, want_gt ? agg_t.data() : nullptr);
       v_phi += phi;
-      if (!want_gs) continue;
+      if (!want_gs) return;
       if (closed_form_) {  // dD/da = Q - P, here -gq = P
-        Vec g = v_kd_over_t * (q + gq);
-        if (ce_ != A(0)) g += v_ce * (ce_at_t ? q : (xq * v_t - v_lse_ce).exp());
+        Vec g = v_kd_over_t * (el.q + gq);
+        if (ce_ != A(0)) g += v_ce * (ce_at_t ? el.q : Ops::exp(Vec::loadu(r.x + j) * v_t - v_lse_ce));
         // the output row is not padded: store only its V - j remaining lanes
         (v_f * g).store(gdst + j, static_cast<int>(std::min<int64_t>(W, V_ - j)));
       } else {
         v_gq += gq;
         gq.store(gdst + j);
-        q.store(qbuf + j);
       }
-    }
+    });
     const A D = hsum(v_phi);
     A ce_loss = 0;
     if (ce_ != A(0)) ce_loss = lse_ce - static_cast<A>(s_row[label]);
     row_loss[i] = sw * (A(p_.kd_scale) * D + ce_ * ce_loss);
 
-    // ---- pass 3: gradients not written yet ------------------------------------------------------------
+    // ---- pass 3: gradients not written yet (no transcendentals but for CE at T != 1) -------------------
     if (want_gs) {
       if (!closed_form_) {
         const Vec v_agg(hsum(v_gq));
-        for (int64_t j = 0; j < Vp_; j += W) {
-          const Vec q = Vec::loadu(qbuf + j);
+        for_each_vector(r, [&](int64_t j, const A* fac) {
+          const Vec q = Vec::loadu(r.e + j) * Vec(fac[0]);
           Vec g = v_kd_over_t * (Vec::loadu(gbuf + j) - q * v_agg);
-          if (ce_ != A(0)) g += v_ce * (ce_at_t ? q : (Vec::loadu(x + j) * v_t - v_lse_ce).exp());
+          if (ce_ != A(0)) g += v_ce * (ce_at_t ? q : Ops::exp(Vec::loadu(r.x + j) * v_t - v_lse_ce));
           (v_f * g).store(gbuf + j);
-        }
+        });
       }
       if (ce_ != A(0)) gdst[label] -= f * ce_;
       if (gdst != reinterpret_cast<A*>(gs_out)) at::vec::convert(gdst, gs_out, V_);
     }
-    if (want_gt) teacher_grads(i, c, agg_t, f, gbuf);
+    if (want_gt) teacher_grads(i, r, agg_t, f, gbuf);
   }
 
  private:
-  static constexpr int kMaxStack = 16;
+  static constexpr int kMaxRows = 17;  // student + up to 16 teachers (checked in kd_loss_cpu)
 
-  struct Ctx {
-    const A* x;
-    const A* target;
-    A lse_q, lse_target;
-    const A* w;
-    const A* logw;
-    const A* lse;
+  // Per-row state: R distributions (0: student; then the teachers, or the pooled target for logit_mean).
+  struct Row {
+    A* x;     // [R, Vp] logits / T, -inf padded
+    A* e;     // [R, Vp] exp(x - max of its chunk)
+    A* cmax;  // [R, chunks] chunk maxima
+    A lse[kMaxRows];
+    A* w;     // [K] teacher weights of this row
+    A* logw;
   };
 
-  const A* xk(const Ctx& c, int k) const { return c.x + (k + 1) * Vp_; }
+  // One element vector: the student's Q, log Q.
+  struct Elem {
+    int64_t j;
+    const A* fac;  // per distribution: exp(chunk max - lse), so P = e * fac
+    Vec q, logq;
+  };
 
-  // The single target of this row at lanes j..j+W: log P and P.
-  void single_target(const Ctx& c, int64_t j, Vec& logp, Vec& p, Vec* pk) const {
-    if (log_linear_) {
-      logp = Vec::loadu(c.target + j) - Vec(c.lse_target);
-      p = logp.exp();
-      return;
+  const T* teacher_row(int k, int64_t i) const {
+    return static_cast<const T*>(t_.teachers[k]) + i * t_.teacher_strides[k];
+  }
+
+  // Chunk maxima, exponentials and log-sum-exp of distribution d (x already loaded). One exp per element.
+  void normalise(Row& r, int d) const {
+    A* x = r.x + d * Vp_;
+    A* e = r.e + d * Vp_;
+    A m = kNegInf, s = 0;
+    for (int64_t c = 0; c < chunks_; ++c) {
+      const int64_t lo = c * kChunk, hi = std::min(Vp_, lo + kChunk);
+      Vec vm(kNegInf);
+      for (int64_t j = lo; j < hi; j += W) vm = at::vec::maximum(vm, Vec::loadu(x + j));
+      const A mc = hmax(vm);
+      r.cmax[d * chunks_ + c] = mc;
+      if (mc == kNegInf) {  // an all -inf chunk (padded vocabulary): no mass
+        std::fill(e + lo, e + hi, A(0));
+        continue;
+      }
+      Vec vs(A(0));
+      const Vec vmc(mc);
+      for (int64_t j = lo; j < hi; j += W) {
+        const Vec ej = Ops::exp(Vec::loadu(x + j) - vmc);
+        ej.store(e + j);
+        vs += ej;
+      }
+      const A sc = hsum(vs);
+      if (mc > m) {
+        s = s * std::exp(m - mc) + sc;
+        m = mc;
+      } else {
+        s += sc * std::exp(mc - m);
+      }
     }
-    if (K_ == 1) {
-      logp = Vec::loadu(xk(c, 0) + j) - Vec(c.lse[0]);
-      p = logp.exp();
-      if (pk) pk[0] = p;
+    r.lse[d] = m == kNegInf ? m : m + std::log(s);
+  }
+
+  // Visit every vector of the padded row, chunk by chunk, with the chunk's factors exp(cmax - lse).
+  template <class F>
+  void for_each_vector(const Row& r, F&& fn) const {
+    A fac[kMaxRows];
+    for (int64_t c = 0; c < chunks_; ++c) {
+      for (int d = 0; d < R_; ++d) {
+        const A mc = r.cmax[d * chunks_ + c];
+        fac[d] = mc == kNegInf ? A(0) : std::exp(mc - r.lse[d]);
+      }
+      const int64_t lo = c * kChunk, hi = std::min(Vp_, lo + kChunk);
+      for (int64_t j = lo; j < hi; j += W) fn(j, fac);
+    }
+  }
+
+  Elem element(const Row& r, int64_t j, const A* fac) const {
+    Elem el;
+    el.j = j;
+    el.fac = fac;
+    el.logq = Vec::loadu(r.x + j) - Vec(r.lse[0]);
+    el.q = Vec::loadu(r.e + j) * Vec(fac[0]);
+    return el;
+  }
+
+  // Distribution d (1-based among targets) at the element: P and log P.
+  void dist(const Row& r, const Elem& el, int d, Vec& p, Vec& logp) const {
+    p = Vec::loadu(r.e + d * Vp_ + el.j) * Vec(el.fac[d]);
+    logp = Vec::loadu(r.x + d * Vp_ + el.j) - Vec(r.lse[d]);
+  }
+
+  // The single target of this row at the element: log P and P.
+  void single_target(const Row& r, const Elem& el, Vec& logp, Vec& p) const {
+    if (!mixture_) {
+      dist(r, el, 1, p, logp);
       return;
     }
     // Mixture: P = sum_k w_k P_k. log P = log(P) is exact unless P underflows; those lanes are recomputed
     // as a log-sum-exp over the teachers (SPEC: never the log of an underflowed sum).
     p = Vec(A(0));
     for (int k = 0; k < K_; ++k) {
-      const Vec lpk = Vec::loadu(xk(c, k) + j) - Vec(c.lse[k] - c.logw[k]);
-      const Vec e = lpk.exp();
-      if (pk) pk[k] = e;
-      p += e;
+      p += Vec::loadu(r.e + (k + 1) * Vp_ + el.j) * Vec(el.fac[k + 1] * r.w[k]);
     }
     logp = p.log();
-    const Vec tiny(std::numeric_limits<A>::min() * A(1024));
-    const Vec small = p < tiny;  // all-ones lanes where true
+    const Vec small = p < Vec(std::numeric_limits<A>::min() * A(1024));  // all-ones lanes where true
     if (small.zero_mask() != (1 << W) - 1) {
       Vec m(kNegInf);
-      for (int k = 0; k < K_; ++k) m = at::vec::maximum(m, Vec::loadu(xk(c, k) + j) - Vec(c.lse[k] - c.logw[k]));
+      for (int k = 0; k < K_; ++k) m = at::vec::maximum(m, lpk(r, el, k));
       Vec s(A(0));
-      for (int k = 0; k < K_; ++k) s += (Vec::loadu(xk(c, k) + j) - Vec(c.lse[k] - c.logw[k]) - m).exp();
+      for (int k = 0; k < K_; ++k) s += Ops::exp(lpk(r, el, k) - m);
       const Vec exact = Ops::where_neginf(m, m, m + s.log());
       logp = Vec::blendv(logp, exact, small);
     }
   }
 
-  // Loss terms at lanes j..j+W. phi and gq are the ensemble-combined values. When `agg` is given, adds the
+  Vec lpk(const Row& r, const Elem& el, int k) const {  // log(w_k P_k)
+    return Vec::loadu(r.x + (k + 1) * Vp_ + el.j) - Vec(r.lse[k + 1] - r.logw[k]);
+  }
+
+  // Loss terms at the element. phi and gq are the ensemble-combined values. When `agg` is given, adds the
   // per-teacher aggregates the teacher gradients need (see teacher_grads).
-  void evaluate(const Ctx& c, int64_t j, const Vec& q, const Vec& logq, Vec& phi, Vec& gq, Vec* agg) const {
+  void evaluate(const Row& r, const Elem& el, Vec& phi, Vec& gq, Vec* agg) const {
     if (per_teacher_) {  // D = sum_k w_k D(P_k, Q)
       phi = Vec(A(0));
       gq = Vec(A(0));
       for (int k = 0; k < K_; ++k) {
-        const Vec logp = Vec::loadu(xk(c, k) + j) - Vec(c.lse[k]);
-        const Vec p = logp.exp();
-        const auto tr = divergence_terms<Ops>(prm_, p, q, logp, logq);
-        const Vec wk(c.w[k]);
+        Vec p, logp;
+        dist(r, el, k + 1, p, logp);
+        const auto tr = divergence_terms<Ops>(prm_, p, el.q, logp, el.logq);
+        const Vec wk(r.w[k]);
         phi += wk * tr.phi;
         gq += wk * tr.gq;
         if (agg) agg[k] += tr.hp;
@@ -300,22 +365,18 @@ class KDRowKernel {
       return;
     }
     Vec logp, p;
-    Vec pk_buf[kMaxStack];
-    std::vector<Vec> pk_heap;
-    Vec* pk = nullptr;
-    if (agg && !log_linear_) {
-      if (K_ > kMaxStack) pk_heap.resize(K_);
-      pk = K_ > kMaxStack ? pk_heap.data() : pk_buf;
-    }
-    single_target(c, j, logp, p, pk);
-    const auto tr = divergence_terms<Ops>(prm_, p, q, logp, logq);
+    single_target(r, el, logp, p);
+    const auto tr = divergence_terms<Ops>(prm_, p, el.q, logp, el.logq);
     phi = tr.phi;
     gq = tr.gq;
     if (!agg) return;
-    if (log_linear_) {
+    if (!mixture_) {
       agg[0] += tr.hp;
     } else {  // responsibilities r_k = w_k P_k / P
-      for (int k = 0; k < K_; ++k) agg[k] += Ops::where_pos(p, pk[k] / p, Vec(A(0))) * tr.hp;
+      for (int k = 0; k < K_; ++k) {
+        const Vec pk = Vec::loadu(r.e + (k + 1) * Vp_ + el.j) * Vec(el.fac[k + 1] * r.w[k]);
+        agg[k] += Ops::where_pos(p, pk / p, Vec(A(0))) * tr.hp;
+      }
     }
   }
 
@@ -323,37 +384,36 @@ class KDRowKernel {
   //   single teacher or logit_mean:  w_k (hp_j - P_j sum_v hp_v)
   //   prob_mean:                     r_kj hp_j - P_kj sum_v r_kv hp_v     (r_k = w_k P_k / P)
   //   loss_mean:                     w_k (hp_kj - P_kj sum_v hp_kv)
-  void teacher_grads(int64_t i, const Ctx& c, const std::vector<Vec>& agg_v, A f, A* buf) const {
+  void teacher_grads(int64_t i, const Row& r, const std::vector<Vec>& agg_v, A f, A* buf) const {
     std::vector<A> agg(K_);
     for (int k = 0; k < K_; ++k) agg[k] = hsum(agg_v[k]);
     const Vec scale(f * kd_over_t_);
     for (int k = 0; k < K_; ++k) {
-      const A* xkr = xk(c, k);
-      const Vec vagg(agg[k]);
-      const Vec wk(c.w[k]);
-      for (int64_t j = 0; j < Vp_; j += W) {
-        const Vec logq = Vec::loadu(c.x + j) - Vec(c.lse_q);
-        const Vec q = logq.exp();
+      const Vec vagg(agg[mixture_ || per_teacher_ ? k : 0]);
+      const Vec wk(r.w[k]);
+      for_each_vector(r, [&](int64_t j, const A* fac) {
+        const Elem el = element(r, j, fac);
         Vec g;
         if (per_teacher_) {
-          const Vec logp = Vec::loadu(xkr + j) - Vec(c.lse[k]);
-          const Vec p = logp.exp();
-          const auto tr = divergence_terms<Ops>(prm_, p, q, logp, logq);
+          Vec p, logp;
+          dist(r, el, k + 1, p, logp);
+          const auto tr = divergence_terms<Ops>(prm_, p, el.q, logp, el.logq);
           g = wk * (tr.hp - p * vagg);
         } else {
           Vec logp, p;
-          single_target(c, j, logp, p, nullptr);
-          const auto tr = divergence_terms<Ops>(prm_, p, q, logp, logq);
-          if (log_linear_) {
-            g = wk * (tr.hp - p * Vec(agg[0]));
+          single_target(r, el, logp, p);
+          const auto tr = divergence_terms<Ops>(prm_, p, el.q, logp, el.logq);
+          if (!mixture_) {
+            g = wk * (tr.hp - p * vagg);
           } else {
-            const Vec pk = (Vec::loadu(xkr + j) - Vec(c.lse[k])).exp();  // unweighted P_k
-            const Vec r = Ops::where_pos(p, wk * pk / p, Vec(A(0)));
-            g = r * tr.hp - pk * vagg;
+            Vec pk, logpk;  // unweighted P_k
+            dist(r, el, k + 1, pk, logpk);
+            const Vec resp = Ops::where_pos(p, wk * pk / p, Vec(A(0)));
+            g = resp * tr.hp - pk * vagg;
           }
         }
         (scale * g).store(buf + j);
-      }
+      });
       at::vec::convert(buf, static_cast<T*>(t_.grad_teachers[k]) + i * V_, V_);
     }
   }
@@ -366,10 +426,11 @@ class KDRowKernel {
   const KDProblem& p_;
   const Tensors& t_;
   const int K_;
-  const int64_t V_, Vp_;
+  const int64_t V_, Vp_, chunks_;
   const A inv_t_, kd_over_t_, ce_;
   const DivParams<A> prm_;
-  const bool per_teacher_, log_linear_, closed_form_;
+  const bool per_teacher_, log_linear_, mixture_, closed_form_;
+  const int R_;
 };
 
 template <typename S, typename T, typename A>
@@ -407,7 +468,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> kd_loss_cpu(
     double temperature, double kd_scale, double ce_weight, double beta, double skew, int64_t ignore_index,
     bool reduce, bool grad_student, bool grad_teachers) {
   TORCH_CHECK_VALUE(student.dim() == 2, "fastdistill::kd_loss: student must be [N, V], got ", student.sizes());
-  TORCH_CHECK_VALUE(!teachers.empty(), "fastdistill::kd_loss: need at least one teacher");
+  TORCH_CHECK_VALUE(!teachers.empty() && teachers.size() <= 16,
+                    "fastdistill::kd_loss: the cpu backend takes 1 to 16 teachers, got ", teachers.size());
   KDProblem p;
   try {
     p.divergence = parse_divergence(std::string(divergence));

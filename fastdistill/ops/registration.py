@@ -27,16 +27,23 @@ def _kd_loss_fake(
 
 def _kd_loss_setup_context(ctx, inputs, output):
     _, grad_s, grad_t = output
+    # The gradient outputs are buffers for backward, not values to differentiate: without this autograd would
+    # materialise a zero [N, V] "gradient of the gradient" on every backward.
+    ctx.mark_non_differentiable(grad_s, *grad_t)
+    ctx.set_materialize_grads(False)
     ctx.reduce = inputs[14]
     ctx.save_for_backward(grad_s, *grad_t)
 
 
 def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, reduce: bool) -> torch.Tensor | None:
+    # In place: the saved gradient is dead after this backward, and a second [N, V] buffer would double the
+    # peak memory. A second backward through the same graph (retain_graph=True) therefore raises autograd's
+    # "modified by an inplace operation" error instead of returning a wrong gradient.
     if grad.numel() == 0:  # not computed: the input did not require grad
         return None
     if reduce:  # a 0-dim factor keeps grad's dtype and rounds once
-        return grad * grad_loss
-    return grad * grad_loss.to(grad.dtype).unsqueeze(-1)
+        return grad.mul_(grad_loss)
+    return grad.mul_(grad_loss.to(grad.dtype).unsqueeze(-1))
 
 
 def _kd_loss_backward(ctx, grad_loss, _grad_grad_s, _grad_grad_t):
