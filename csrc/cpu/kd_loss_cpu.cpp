@@ -242,6 +242,7 @@ class KDRowKernel {
     A* e;     // [R, Vp] exp(x - max of its chunk)
     A* cmax;  // [R, chunks] chunk maxima
     A lse[kMaxRows];
+    A rowmax[kMaxRows], inv_sum[kMaxRows];  // softmax = exp(x - rowmax) * inv_sum
     A* w;     // [K] teacher weights of this row
     A* logw;
   };
@@ -249,7 +250,7 @@ class KDRowKernel {
   // One element vector: the student's Q, log Q.
   struct Elem {
     int64_t j;
-    const A* fac;  // per distribution: exp(chunk max - lse), so P = e * fac
+    const A* fac;  // per distribution: exp(chunk max - row max) / sum, so P = e * fac
     Vec q, logq;
   };
 
@@ -288,16 +289,19 @@ class KDRowKernel {
       }
     }
     r.lse[d] = m == kNegInf ? m : m + std::log(s);
+    r.rowmax[d] = m;
+    r.inv_sum[d] = A(1) / s;
   }
 
-  // Visit every vector of the padded row, chunk by chunk, with the chunk's factors exp(cmax - lse).
+  // Visit every vector of the padded row, chunk by chunk, with the chunk's softmax factors.
   template <class F>
   void for_each_vector(const Row& r, F&& fn) const {
     A fac[kMaxRows];
     for (int64_t c = 0; c < chunks_; ++c) {
       for (int d = 0; d < R_; ++d) {
         const A mc = r.cmax[d * chunks_ + c];
-        fac[d] = mc == kNegInf ? A(0) : std::exp(mc - r.lse[d]);
+        // dividing by the sum (not exp(-log sum)) keeps P and Q normalised to the last bit for tiny V
+        fac[d] = mc == kNegInf ? A(0) : std::exp(mc - r.rowmax[d]) * r.inv_sum[d];
       }
       const int64_t lo = c * kChunk, hi = std::min(Vp_, lo + kChunk);
       for (int64_t j = lo; j < hi; j += W) fn(j, fac);
@@ -372,12 +376,14 @@ class KDRowKernel {
     if (!agg) return;
     if (!mixture_) {
       agg[0] += tr.hp;
-    } else {  // responsibilities r_k = w_k P_k / P
-      for (int k = 0; k < K_; ++k) {
-        const Vec pk = Vec::loadu(r.e + (k + 1) * Vp_ + el.j) * Vec(el.fac[k + 1] * r.w[k]);
-        agg[k] += Ops::where_pos(p, pk / p, Vec(A(0))) * tr.hp;
-      }
+    } else {
+      for (int k = 0; k < K_; ++k) agg[k] += responsibility(r, el, k, logp) * tr.hp;
     }
+  }
+
+  // r_k = w_k P_k / P, in log space: both may underflow where the ratio is O(1) (logits of magnitude 1e4).
+  Vec responsibility(const Row& r, const Elem& el, int k, const Vec& logp) const {
+    return Ops::where_neginf(logp, Vec(A(0)), Ops::exp(lpk(r, el, k) - logp));
   }
 
   // dD/d(teacher k logits / T):
@@ -408,8 +414,7 @@ class KDRowKernel {
           } else {
             Vec pk, logpk;  // unweighted P_k
             dist(r, el, k + 1, pk, logpk);
-            const Vec resp = Ops::where_pos(p, wk * pk / p, Vec(A(0)));
-            g = resp * tr.hp - pk * vagg;
+            g = responsibility(r, el, k, logp) * tr.hp - pk * vagg;
           }
         }
         (scale * g).store(buf + j);

@@ -82,7 +82,11 @@ def ensemble_log_target(
     k, n = len(teachers), teachers[0].shape[0]
     w = _weights(teacher_weights, k, n, dtype, teachers[0].device)  # [K, N]
     if ensemble == "prob_mean":  # P = sum_k w_k P_k, its log as a log-sum-exp (never log of a sum of probs)
-        return torch.logsumexp(torch.log(w)[..., None] + teacher_log_probs(teachers, temperature, dtype), dim=0)
+        log_wp = torch.log(w)[..., None] + teacher_log_probs(teachers, temperature, dtype)
+        # where every teacher has probability 0 (padded vocabulary) keep the gradient finite: log P = -inf there
+        dead = torch.isneginf(log_wp).all(0)
+        mixed = torch.logsumexp(torch.where(dead, 0.0, log_wp), dim=0)
+        return torch.where(dead, -math.inf, mixed)
     if ensemble == "logit_mean":  # P = softmax(sum_k w_k t_k / T); w_k = 0 drops the teacher (even its -inf)
         pooled = sum(torch.where(w[j, :, None] > 0, w[j, :, None] * t.to(dtype), 0.0) for j, t in enumerate(teachers))
         return torch.log_softmax(pooled / temperature, dim=-1)

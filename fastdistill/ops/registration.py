@@ -36,14 +36,13 @@ def _kd_loss_setup_context(ctx, inputs, output):
 
 
 def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, reduce: bool) -> torch.Tensor | None:
-    # In place: the saved gradient is dead after this backward, and a second [N, V] buffer would double the
-    # peak memory. A second backward through the same graph (retain_graph=True) therefore raises autograd's
-    # "modified by an inplace operation" error instead of returning a wrong gradient.
+    # Out of place on purpose: scaling the saved gradient in place would save one [N, V] buffer but make a
+    # second backward through the graph (retain_graph=True, gradcheck) silently wrong or an error.
     if grad.numel() == 0:  # not computed: the input did not require grad
         return None
     if reduce:  # a 0-dim factor keeps grad's dtype and rounds once
-        return grad.mul_(grad_loss)
-    return grad.mul_(grad_loss.to(grad.dtype).unsqueeze(-1))
+        return grad * grad_loss
+    return grad * grad_loss.to(grad.dtype).unsqueeze(-1)
 
 
 def _kd_loss_backward(ctx, grad_loss, _grad_grad_s, _grad_grad_t):

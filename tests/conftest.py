@@ -1,0 +1,50 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import fastdistill  # noqa: E402
+
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
+ENSEMBLES = ("prob_mean", "logit_mean", "loss_mean")
+REDUCTIONS = ("mean", "sum", "batchmean", "none")
+
+requires_ext = pytest.mark.skipif(not fastdistill.extension_available(), reason="fastdistill._C is not built")
+# Backends compared with the float64 reference on the CPU. "reference" in float32 is itself checked this way.
+CPU_BACKENDS = [pytest.param("cpu", marks=requires_ext), "reference"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def make_inputs(lead=(7,), vocab=33, k=3, dtype=torch.float32, teacher_dtype=None, scale=3.0, seed=0):
+    """Random student [*lead, V] and K teachers (a list), on CPU, leaf tensors."""
+    g = torch.Generator().manual_seed(seed)
+    s = (scale * torch.randn(*lead, vocab, generator=g, dtype=torch.float64)).to(dtype)
+    ts = [
+        (scale * torch.randn(*lead, vocab, generator=g, dtype=torch.float64)).to(teacher_dtype or dtype)
+        for _ in range(k)
+    ]
+    return s, ts
+
+
+def loss_and_grads(student, teachers, grad_output=None, teacher_grad=False, **kw):
+    """kd_loss and its gradients w.r.t. student (and teachers), on fresh leaf copies of the inputs."""
+    s = student.detach().clone().requires_grad_(True)
+    ts = [t.detach().clone().requires_grad_(teacher_grad) for t in teachers]
+    loss = fastdistill.kd_loss(s, ts, **kw)
+    if grad_output is None:
+        grad_output = torch.ones_like(loss)
+    grads = torch.autograd.grad(loss, [s, *ts] if teacher_grad else [s], grad_output.to(loss.dtype))
+    return loss, grads
+
+
+def reference64(student, teachers, grad_output=None, teacher_grad=False, **kw):
+    """The float64 reference on the same (already rounded) inputs."""
+    kw = {**kw, "backend": "reference"}
+    return loss_and_grads(student.double(), [t.double() for t in teachers], grad_output, teacher_grad, **kw)

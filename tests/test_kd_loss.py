@@ -1,0 +1,339 @@
+"""kd_loss backends against the float64 reference: values and gradients, every option of SPEC §1."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import CPU_BACKENDS, DIVERGENCES, ENSEMBLES, REDUCTIONS, loss_and_grads, make_inputs, reference64
+from tolerances import assert_close
+
+import fastdistill
+
+
+def _compare(backend, student, teachers, dtype=torch.float32, grad_output=None, teacher_grad=False, grad_floor=None,
+             **kw):  # fmt: skip
+    loss, grads = loss_and_grads(student, teachers, grad_output, teacher_grad, backend=backend, **kw)
+    ref_loss, ref_grads = reference64(student, teachers, grad_output, teacher_grad, **kw)
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == expected_dtype
+    assert_close(loss, ref_loss, dtype, "loss", f"{backend} loss")
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert g.dtype == (student.dtype if i == 0 else teachers[i - 1].dtype)
+        assert_close(g, r, dtype, "grad", f"{backend} grad[{i}]", grad_floor)
+    return loss, grads
+
+
+def _full_options(lead, k, vocab):
+    """Labels with ignored rows, per-row teacher weights, sample weights: everything at once."""
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, vocab, lead, generator=g)
+    labels.view(-1)[::3] = -100
+    weights = torch.rand(k, *lead, generator=g) + 0.1
+    sample_weight = torch.rand(lead, generator=g)
+    return labels, weights, sample_weight
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("ensemble", ENSEMBLES)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("teacher_grad", [False, True], ids=["student", "co"])
+def test_matrix(backend, divergence, ensemble, reduction, teacher_grad):
+    lead, k, vocab = (2, 5), 3, 37
+    student, teachers = make_inputs(lead, vocab, k)
+    labels, weights, sample_weight = _full_options(lead, k, vocab)
+    go = torch.rand(lead) + 0.5 if reduction == "none" else torch.tensor(0.7)
+    _compare(
+        backend, student, teachers, grad_output=go, teacher_grad=teacher_grad, divergence=divergence,
+        ensemble=ensemble, reduction=reduction, temperature=2.0, labels=labels, ce_weight=0.25,
+        teacher_weights=weights, sample_weight=sample_weight, beta=0.3, skew=0.2,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_float64_plain(backend, divergence, k):
+    """No labels or weights, T = 1, float64 throughout: the cpu kernel is exact to rounding."""
+    student, teachers = make_inputs((9,), 41, k, dtype=torch.float64)
+    _compare(backend, student, teachers, torch.float64, teacher_grad=True, divergence=divergence)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("ensemble", ENSEMBLES)
+def test_teacher_forms_agree(backend, ensemble):
+    """One stacked [K, *, V] tensor, a list and a tuple are the same K teachers; one tensor [*, V] is K = 1."""
+    student, teachers = make_inputs((4, 3), 19, 3)
+    kw = dict(ensemble=ensemble, temperature=1.5, backend=backend)
+    a = fastdistill.kd_loss(student, torch.stack(teachers), **kw)
+    b = fastdistill.kd_loss(student, teachers, **kw)
+    c = fastdistill.kd_loss(student, tuple(teachers), **kw)
+    assert torch.equal(a, b) and torch.equal(b, c)
+    single = fastdistill.kd_loss(student, teachers[0], **kw)
+    assert torch.equal(single, fastdistill.kd_loss(student, teachers[:1], **kw))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_stacked_teacher_gradients(backend):
+    student, teachers = make_inputs((5,), 13, 2)
+    stacked = torch.stack(teachers).requires_grad_(True)
+    s = student.clone().requires_grad_(True)
+    fastdistill.kd_loss(s, stacked, divergence="jsd", backend=backend).backward()
+    _, ref = reference64(student, teachers, teacher_grad=True, divergence="jsd")
+    assert_close(stacked.grad, torch.stack(ref[1:]), torch.float32, "grad")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_teacher_weight_forms(backend):
+    """[K] weights, a list of K numbers and the same weights broadcast to [K, *] agree; weights are normalised."""
+    student, teachers = make_inputs((3, 4), 17, 3)
+    w = torch.tensor([1.0, 2.0, 5.0])
+    kw = dict(backend=backend, ensemble="logit_mean")
+    a = fastdistill.kd_loss(student, teachers, teacher_weights=w, **kw)
+    b = fastdistill.kd_loss(student, teachers, teacher_weights=[2.0, 4.0, 10.0], **kw)
+    c = fastdistill.kd_loss(student, teachers, teacher_weights=w[:, None, None].expand(3, 3, 4), **kw)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c)
+    # a weight of 0 removes the teacher entirely
+    d = fastdistill.kd_loss(student, teachers, teacher_weights=[1.0, 0.0, 0.0], **kw)
+    torch.testing.assert_close(d, fastdistill.kd_loss(student, teachers[0], **kw))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_all_rows_ignored(backend, reduction):
+    """No valid row: loss 0, zero gradients, never nan."""
+    student, teachers = make_inputs((2, 3), 11, 2)
+    labels = torch.full((2, 3), -100)
+    loss, grads = loss_and_grads(student, teachers, teacher_grad=True, labels=labels, ce_weight=0.5,
+                                 reduction=reduction, backend=backend)  # fmt: skip
+    assert not torch.isnan(loss).any() and torch.all(loss == 0)
+    for g in grads:
+        assert torch.all(g == 0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_ignored_rows_and_mean_denominator(backend):
+    """mean divides by the rows not ignored; num_items (int or 0-dim tensor) replaces that count."""
+    student, teachers = make_inputs((6,), 9, 1)
+    labels = torch.tensor([1, -100, 2, 3, -100, 4])
+    rows = fastdistill.kd_loss(student, teachers, labels=labels, reduction="none", backend=backend)
+    assert torch.all(rows[labels == -100] == 0)
+    total = rows.sum()
+    mean = fastdistill.kd_loss(student, teachers, labels=labels, backend=backend)
+    torch.testing.assert_close(mean, total / 4)
+    for n in (10, torch.tensor(10)):
+        torch.testing.assert_close(fastdistill.kd_loss(student, teachers, labels=labels, num_items=n,
+                                                       backend=backend), total / 10)  # fmt: skip
+    torch.testing.assert_close(fastdistill.kd_loss(student, teachers, labels=labels, reduction="sum",
+                                                   backend=backend), total)  # fmt: skip
+    # a different ignore_index
+    labels7 = torch.where(labels == -100, 7, labels)
+    torch.testing.assert_close(
+        fastdistill.kd_loss(student, teachers, labels=labels7, ignore_index=7, backend=backend), mean
+    )
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_batchmean_and_leading_shapes(backend):
+    """[B, T, V]: batchmean divides by B (torch's meaning), mean by B*T, none keeps [B, T]."""
+    student, teachers = make_inputs((3, 4), 10, 2)
+    rows = fastdistill.kd_loss(student, teachers, reduction="none", backend=backend)
+    assert rows.shape == (3, 4)
+    torch.testing.assert_close(fastdistill.kd_loss(student, teachers, reduction="batchmean", backend=backend),
+                               rows.sum() / 3)  # fmt: skip
+    torch.testing.assert_close(fastdistill.kd_loss(student, teachers, backend=backend), rows.sum() / 12)
+    flat = fastdistill.kd_loss(student.reshape(12, 10), [t.reshape(12, 10) for t in teachers], reduction="none",
+                               backend=backend)  # fmt: skip
+    torch.testing.assert_close(flat, rows.reshape(12))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_matches_torch_kl_div_and_cross_entropy(backend):
+    """Single teacher, KL at temperature T with T^2 = Hinton's loss; ce_weight = 1 is F.cross_entropy."""
+    student, (teacher,) = make_inputs((8,), 21, 1)
+    t = 3.0
+    hinton = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), reduction="batchmean",
+                      log_target=True) * t * t  # fmt: skip
+    torch.testing.assert_close(fastdistill.kd_loss(student, teacher, temperature=t, backend=backend), hinton)
+    raw = fastdistill.kd_loss(student, teacher, temperature=t, scale_by_temperature_sq=False, backend=backend)
+    torch.testing.assert_close(raw, hinton / (t * t))
+    labels = torch.randint(0, 21, (8,))
+    labels[2] = -100
+    ce = fastdistill.kd_loss(student, teacher, labels=labels, ce_weight=1.0, temperature=t, backend=backend)
+    torch.testing.assert_close(ce, F.cross_entropy(student, labels))
+    mix = fastdistill.kd_loss(student, teacher, labels=labels, ce_weight=0.3, temperature=t, backend=backend)
+    kd_valid = fastdistill.kd_loss(student, teacher, labels=labels, temperature=t, backend=backend)
+    torch.testing.assert_close(mix, 0.7 * kd_valid + 0.3 * F.cross_entropy(student, labels))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sample_weight(backend):
+    student, teachers = make_inputs((5,), 12, 2)
+    w = torch.tensor([0.0, 1.0, 2.0, 0.5, 3.0])
+    rows = fastdistill.kd_loss(student, teachers, reduction="none", backend=backend)
+    weighted = fastdistill.kd_loss(student, teachers, reduction="none", sample_weight=w, backend=backend)
+    torch.testing.assert_close(weighted, rows * w)
+    # mean still divides by the number of valid rows (weights are not renormalised)
+    torch.testing.assert_close(fastdistill.kd_loss(student, teachers, sample_weight=w, backend=backend),
+                               (rows * w).sum() / 5)  # fmt: skip
+    _compare(backend, student, teachers, sample_weight=w, teacher_grad=True, divergence="tvd")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("vocab", [1, 3, 8, 9, 1025, 50257])
+def test_odd_vocab(backend, vocab):
+    rows = 2 if vocab > 1000 else 5
+    student, teachers = make_inputs((rows,), vocab, 2)
+    for divergence in ("kl", "jsd") if vocab > 1000 else DIVERGENCES:
+        loss, _ = _compare(backend, student, teachers, divergence=divergence, temperature=1.3, teacher_grad=True)
+        if vocab == 1:  # one class: P = Q = 1
+            assert abs(loss.item()) < 1e-6
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("ensemble", ENSEMBLES)
+def test_padded_vocab(backend, divergence, ensemble):
+    """-inf columns in the teachers (padded vocabularies) get probability 0, and the loss stays finite."""
+    student, teachers = make_inputs((4,), 23, 2)
+    teachers[0][:, 18:] = -math.inf
+    teachers[1][:, 20:] = -math.inf
+    teachers[1][0, 3] = -math.inf
+    if divergence == "reverse_kl":  # Q log(Q / P) is +inf where only P is 0: pad the student alike
+        student[:, 18:] = -math.inf
+        student[0, 3] = -math.inf
+    loss, _ = _compare(backend, student, teachers, divergence=divergence, ensemble=ensemble, teacher_grad=True)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_student_neg_inf_where_target_has_mass(backend):
+    """KL is +inf (its true value) when the student gives 0 to a class the teacher doesn't: never nan."""
+    student, teachers = make_inputs((3,), 7, 1)
+    student[1, 2] = -math.inf
+    loss = fastdistill.kd_loss(student, teachers, backend=backend, reduction="none")
+    assert loss[1].item() == math.inf and torch.isfinite(loss[[0, 2]]).all()
+    # reverse KL puts Q first: Q = 0 there contributes nothing
+    rkl = fastdistill.kd_loss(student, teachers, backend=backend, reduction="none", divergence="reverse_kl")
+    assert torch.isfinite(rkl).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_huge_logits(backend, divergence):
+    """Logits of magnitude 1e4: probabilities underflow to exact zeros, the loss must not."""
+    student, teachers = make_inputs((4,), 16, 3, scale=1e4)
+    # Row losses reach ~1e4 nats; a teacher gradient is a difference of terms of that size (r hp - P sum r hp),
+    # so float32 resolves it to ~1e4 * eps: judge gradients on that scale.
+    rows = fastdistill.kd_loss(student.double(), teachers, divergence=divergence, reduction="none",
+                               backend="reference")  # fmt: skip
+    loss, _ = _compare(backend, student, teachers, divergence=divergence, teacher_grad=True,
+                       grad_floor=rows.abs().max().item() / 4)  # fmt: skip
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+def test_half_precision(backend, dtype, divergence):
+    """bf16/fp16 logits: float32 loss, gradients in the input dtype, accurate to that dtype's rounding."""
+    student, teachers = make_inputs((6, 3), 29, 2, dtype=dtype)
+    labels = torch.randint(0, 29, (6, 3))
+    _compare(backend, student, teachers, dtype, teacher_grad=True, divergence=divergence, temperature=2.0,
+             labels=labels, ce_weight=0.1)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_mixed_dtypes(backend):
+    """Student and teachers may differ in dtype; a float64 input makes the whole computation float64."""
+    student, teachers = make_inputs((5,), 14, 2)
+    mixed = [teachers[0].bfloat16(), teachers[1].half()]
+    _compare(backend, student, mixed, torch.bfloat16, teacher_grad=True, divergence="skew_kl")
+    loss = fastdistill.kd_loss(student, [teachers[0].double(), teachers[1]], backend=backend)
+    assert loss.dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_contiguous_inputs(backend):
+    student, teachers = make_inputs((6,), 40, 2)
+    s_nc = student[:, ::2]  # unit stride broken along V
+    t_nc = [t[:, ::2] for t in teachers]
+    rows_view = [t[::2] for t in teachers]  # row stride 2V, unit stride along V
+    _compare(backend, s_nc, t_nc, teacher_grad=True)
+    _compare(backend, student[::2], rows_view, teacher_grad=True)
+
+
+def test_loss_mean_equals_prob_mean_gradient_for_kl():
+    """SPEC §1: under forward KL, loss_mean and prob_mean differ by a constant; the student gradient is the same."""
+    student, teachers = make_inputs((5,), 12, 3, dtype=torch.float64)
+    _, g_loss = loss_and_grads(student, teachers, ensemble="loss_mean", backend="reference")
+    _, g_prob = loss_and_grads(student, teachers, ensemble="prob_mean", backend="reference")
+    torch.testing.assert_close(g_loss[0], g_prob[0])
+    _, g_rkl_loss = loss_and_grads(student, teachers, ensemble="loss_mean", divergence="reverse_kl",
+                                   backend="reference")  # fmt: skip
+    _, g_rkl_prob = loss_and_grads(student, teachers, ensemble="prob_mean", divergence="reverse_kl",
+                                   backend="reference")  # fmt: skip
+    assert not torch.allclose(g_rkl_loss[0], g_rkl_prob[0])
+
+
+def test_divergence_definitions():
+    """The reference formulas against direct evaluations of SPEC §1's definitions, in float64."""
+    student, (teacher,) = make_inputs((4,), 9, 1, dtype=torch.float64)
+    p, q = teacher.softmax(-1), student.softmax(-1)
+
+    def kl(a, b):
+        return (a * (a / b).log()).sum(-1)
+
+    beta, alpha = 0.3, 0.2
+    m = beta * p + (1 - beta) * q
+    expected = {
+        "kl": kl(p, q),
+        "reverse_kl": kl(q, p),
+        "jsd": beta * kl(p, m) + (1 - beta) * kl(q, m),
+        "tvd": 0.5 * (p - q).abs().sum(-1),
+        "skew_kl": kl(p, alpha * p + (1 - alpha) * q),
+        "skew_reverse_kl": kl(q, (1 - alpha) * p + alpha * q),
+    }
+    for name, value in expected.items():
+        got = fastdistill.kd_loss(student, teacher, divergence=name, beta=beta, skew=alpha, reduction="none",
+                                  backend="reference")  # fmt: skip
+        torch.testing.assert_close(got, value, msg=name)
+    # skew = 0 is plain KL; jsd is symmetric at beta = 1/2
+    torch.testing.assert_close(
+        fastdistill.kd_loss(student, teacher, divergence="skew_kl", skew=0.0, backend="reference"),
+        fastdistill.kd_loss(student, teacher, divergence="kl", backend="reference"),
+    )
+    torch.testing.assert_close(
+        fastdistill.kd_loss(student, teacher, divergence="jsd", backend="reference"),
+        fastdistill.kd_loss(teacher, student, divergence="jsd", backend="reference"),
+    )
+
+
+def test_ensembles_and_soft_targets():
+    _, teachers = make_inputs((3, 2), 8, 3, dtype=torch.float64)
+    w = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    t = 2.0
+    mix = sum(wk * (tk / t).softmax(-1) for wk, tk in zip(w, teachers))
+    torch.testing.assert_close(fastdistill.ensemble_soft_targets(teachers, temperature=t, teacher_weights=w), mix)
+    pooled = (sum(wk * tk for wk, tk in zip(w, teachers)) / t).softmax(-1)
+    got = fastdistill.ensemble_soft_targets(teachers, temperature=t, teacher_weights=w, ensemble="logit_mean")
+    torch.testing.assert_close(got, pooled)
+    one = fastdistill.ensemble_soft_targets(teachers[0], temperature=t)
+    torch.testing.assert_close(one, (teachers[0] / t).softmax(-1))
+    with pytest.raises(ValueError, match="ensemble"):
+        fastdistill.ensemble_soft_targets(teachers, ensemble="loss_mean")
+
+
+def test_module_matches_functional():
+    student, teachers = make_inputs((4, 2), 15, 2)
+    labels = torch.randint(0, 15, (4, 2))
+    kw = dict(divergence="jsd", temperature=2.0, ce_weight=0.2, beta=0.4)
+    module = fastdistill.KDLoss(**kw)
+    torch.testing.assert_close(module(student, teachers, labels), fastdistill.kd_loss(student, teachers,
+                                                                                      labels=labels, **kw))
+    w = torch.tensor([3.0, 1.0])
+    torch.testing.assert_close(module(student, teachers, labels, teacher_weights=w),
+                               fastdistill.kd_loss(student, teachers, labels=labels, teacher_weights=w, **kw))
+    assert "jsd" in repr(module)
