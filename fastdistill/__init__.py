@@ -4,10 +4,10 @@ Public API: :func:`kd_loss`, :class:`KDLoss`, :func:`ensemble_soft_targets`. Bac
 :mod:`fastdistill.ops`; the math of every op, in plain PyTorch, in :mod:`fastdistill.ops.reference`.
 """
 
-from .ops import extension as _extension
-from .ops import registration as _registration  # noqa: F401  (fake kernels + autograd of the C++ ops)
 from .functional import ensemble_soft_targets, kd_loss
 from .modules import KDLoss
+from .ops import extension as _extension
+from .ops import registration as _registration  # noqa: F401  (fake kernels + autograd of the C++ ops)
 
 __all__ = ["kd_loss", "KDLoss", "ensemble_soft_targets", "extension_available"]
 __version__ = "0.1.0"

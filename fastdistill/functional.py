@@ -37,7 +37,9 @@ def _check_real(name: str, value, *, low: float, high: float, low_open: bool, hi
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
-    ok = math.isfinite(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    # comparisons only (no math.isfinite): under torch.compile(dynamic=True) v may be a symbolic float
+    finite = -math.inf < v < math.inf  # false for nan too
+    ok = finite and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
     if not ok:
         lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
         raise ValueError(f"{name} must be finite and in {lo}{low}, {high}{hi}; got {value!r}")
@@ -200,7 +202,9 @@ def _kd_inputs(
         if labels.dtype != torch.int64:
             raise TypeError(f"labels must be int64 (torch.long), got {labels.dtype}")
         if labels.shape != lead:
-            raise ValueError(f"labels must have shape {tuple(lead)} (student_logits without V), got {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must have shape {tuple(lead)} (student_logits without V), got {tuple(labels.shape)}"
+            )
         _check_device("labels", labels, device)
         labels = labels.reshape(n)
         if ce_weight > 0:

@@ -1,9 +1,9 @@
 """Tolerances, one row per input dtype, for comparing a backend with the float64 reference.
 
 An error passes when |actual - expected| <= rtol * |expected| + atol * max|expected| (atol is relative to the
-tensor's scale, so the same row serves losses and gradients of any magnitude; see SCALE_FLOOR). Half-precision rows are set by
-the output rounding: gradients come back in the input's dtype (bf16 keeps 8 bits of mantissa, fp16 11), while the
-loss is float32 computed from the same rounded inputs.
+tensor's scale, so the same row serves losses and gradients of any magnitude; see SCALE_FLOOR). Half-precision
+rows are set by the output rounding: gradients come back in the input's dtype (bf16 keeps 8 bits of mantissa,
+fp16 11), while the loss is float32 computed from the same rounded inputs.
 """
 
 import torch

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import importlib
+import os
 
 IMPORT_ERROR: str | None = None
-try:
-    importlib.import_module("fastdistill._C")  # runs TORCH_LIBRARY / TORCH_LIBRARY_IMPL registrations
-except ImportError as e:  # not built (FASTDISTILL_SKIP_EXT=1), or built against another torch
-    IMPORT_ERROR = f"{type(e).__name__}: {e}"
+if os.environ.get("FASTDISTILL_DISABLE_EXT", "0") == "1":  # run as if unbuilt (tests of the fallback)
+    IMPORT_ERROR = "disabled by FASTDISTILL_DISABLE_EXT=1"
+else:
+    try:
+        importlib.import_module("fastdistill._C")  # runs TORCH_LIBRARY / TORCH_LIBRARY_IMPL registrations
+    except ImportError as e:  # not built (FASTDISTILL_SKIP_EXT=1), or built against another torch
+        IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
 
 def available() -> bool:
@@ -16,8 +20,22 @@ def available() -> bool:
     return IMPORT_ERROR is None
 
 
-def has_kernel(op: str, dispatch_key: str) -> bool:
-    """True when ``fastdistill::<op>`` has a kernel for ``dispatch_key`` ("CPU", "CUDA")."""
+def _kernels() -> dict[str, set[str]]:
+    """Which dispatch keys each op has kernels for; read once at import (registration happens at import), so
+    dispatch decisions are plain Python constants that torch.compile can trace through."""
+    if IMPORT_ERROR is not None:
+        return {}
     import torch
 
-    return available() and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdistill::{op}", dispatch_key)
+    ops = ("kd_loss",)
+    keys = ("CPU", "CUDA")
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return {op: {k for k in keys if has(f"fastdistill::{op}", k)} for op in ops}
+
+
+KERNELS = _kernels()
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """True when ``fastdistill::<op>`` has a kernel for ``dispatch_key`` ("CPU", "CUDA")."""
+    return dispatch_key in KERNELS.get(op, ())

@@ -122,7 +122,7 @@ def kd_loss(
     if ensemble == "loss_mean" and len(teachers) > 1:  # each teacher its own target: D = sum_k w_k D(P_k, Q)
         w = _weights(teacher_weights, len(teachers), n, dtype, student.device)
         log_pk = teacher_log_probs(teachers, temperature, dtype)
-        d = sum(w[j] * divergence(log_pk[j], log_q, divergence_kind, beta=beta, skew=skew) for j in range(len(teachers)))
+        d = sum(w[j] * divergence(lp, log_q, divergence_kind, beta=beta, skew=skew) for j, lp in enumerate(log_pk))
     else:
         log_p = ensemble_log_target(teachers, temperature, ensemble if len(teachers) > 1 else "prob_mean",
                                     teacher_weights, dtype)

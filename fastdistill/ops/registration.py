@@ -47,8 +47,12 @@ def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, reduce: bool) -> torch.T
 
 def _kd_loss_backward(ctx, grad_loss, _grad_grad_s, _grad_grad_t):
     grad_s, *grad_t = ctx.saved_tensors
+    # the gradient's structure must mirror the inputs': one entry per teacher for the Tensor[] argument
+    none_t = [None] * len(grad_t)
+    if grad_loss is None:  # grads are not materialised: nothing flowed into the loss
+        return (None, none_t) + (None,) * 15
     d_student = _scale(grad_s, grad_loss, ctx.reduce) if ctx.needs_input_grad[0] else None
-    d_teachers = [_scale(g, grad_loss, ctx.reduce) for g in grad_t] if ctx.needs_input_grad[1] else None
+    d_teachers = [_scale(g, grad_loss, ctx.reduce) for g in grad_t] if ctx.needs_input_grad[1] else none_t
     return (d_student, d_teachers) + (None,) * 15
 
 

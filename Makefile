@@ -1,0 +1,38 @@
+# fastdistill: `make test` and `make demo` work on a fresh CPU machine (they create .venv and install into it).
+PYTHON_SYSTEM ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+
+.PHONY: install build test lint bench bench-gpu clean
+
+# The venv, the pinned CPU torch (installed first, so no requirement can pull a CUDA build), the project's test
+# extras, and the extension, built against that torch (--no-build-isolation).
+$(VENV)/.installed: pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_PIN)
+	$(PY) -m pip install --upgrade "setuptools>=64" wheel ninja
+	$(PY) -m pip install --no-build-isolation -e ".[test]"
+	touch $@ $(VENV)/.built
+
+# Rebuild the extension when a C++/CUDA source changes.
+$(VENV)/.built: $(VENV)/.installed $(CSRC)
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+build: $(VENV)/.built
+
+test: build
+	$(PY) -c "import fastdistill; assert fastdistill.extension_available(), 'fastdistill._C did not build'"
+	$(PY) -m pytest -q tests
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: build
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf build *.egg-info fastdistill/_C*.so

@@ -1,0 +1,152 @@
+"""The custom op as torch sees it: opcheck, torch.compile(fullgraph=True), gradcheck, determinism, fallback."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import DIVERGENCES, ENSEMBLES, make_inputs, requires_ext
+
+import fastdistill
+
+
+def _op_args(student, teachers, *, reduce=True, grad_student=True, grad_teachers=False, labels=None,
+             sample_weight=None, teacher_weights=None, denominator=None, divergence="kl", ensemble="prob_mean",
+             temperature=2.0, ce_weight=0.0):  # fmt: skip
+    kd_scale = (1 - ce_weight) * temperature**2
+    return (student, teachers, teacher_weights, labels, sample_weight, denominator, divergence, ensemble,
+            temperature, kd_scale, ce_weight, 0.5, 0.1, -100, reduce, grad_student, grad_teachers)  # fmt: skip
+
+
+def sample_inputs():
+    """Argument tuples for torch.ops.fastdistill.kd_loss covering its optional inputs and output forms."""
+    s, ts = make_inputs((6,), 11, 2)
+    labels = torch.tensor([0, -100, 3, 4, 10, 2])
+    w = torch.rand(2, 6) + 0.1
+    w = w / w.sum(0)
+    yield _op_args(s.requires_grad_(), ts)
+    yield _op_args(s.detach().requires_grad_(), [t.requires_grad_() for t in make_inputs((6,), 11, 3)[1]],
+                   grad_teachers=True, reduce=False, divergence="jsd", ensemble="loss_mean")  # fmt: skip
+    yield _op_args(s.detach().requires_grad_(), ts, labels=labels, ce_weight=0.3, teacher_weights=w,
+                   sample_weight=torch.rand(6), denominator=torch.tensor(5.0), ensemble="logit_mean")  # fmt: skip
+    yield _op_args(s.detach().bfloat16().requires_grad_(), [t.bfloat16() for t in ts], divergence="tvd")
+    yield _op_args(s.detach(), ts, grad_student=False, divergence="reverse_kl")
+
+
+@requires_ext
+@pytest.mark.parametrize("i", range(5))
+def test_opcheck(i):
+    args = list(sample_inputs())[i]
+    torch.library.opcheck(torch.ops.fastdistill.kd_loss.default, args)
+
+
+@requires_ext
+@pytest.mark.parametrize("divergence", ["kl", "skew_reverse_kl"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compile_fullgraph(divergence, reduction):
+    s, ts = make_inputs((3, 4), 17, 2)
+    labels = torch.randint(0, 17, (3, 4))
+    labels[0, 0] = -100
+
+    def fn(student, teachers, labels):
+        return fastdistill.kd_loss(student, teachers, labels=labels, ce_weight=0.2, temperature=2.0,
+                                   divergence=divergence, reduction=reduction, backend="cpu")  # fmt: skip
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    a = s.clone().requires_grad_()
+    b = s.clone().requires_grad_()
+    out_c = compiled(a, torch.stack(ts), labels)
+    out_e = fn(b, torch.stack(ts), labels)
+    torch.testing.assert_close(out_c, out_e)
+    out_c.sum().backward()
+    out_e.sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+@requires_ext
+def test_compile_inductor():
+    """Inductor (the default backend) around the op and the Python reductions; dynamic shapes too."""
+    s, ts = make_inputs((8,), 23, 3)
+    module = fastdistill.KDLoss(temperature=1.5, divergence="jsd")
+    compiled = torch.compile(module, fullgraph=True, dynamic=True)
+    for rows in (8, 5):
+        a = s[:rows].clone().requires_grad_()
+        t = [x[:rows] for x in ts]
+        out = compiled(a, t)
+        out.backward()
+        b = s[:rows].clone().requires_grad_()
+        module(b, t).backward()
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+@requires_ext
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("ensemble", ENSEMBLES)
+def test_gradcheck(divergence, ensemble):
+    """Numerical vs analytical (fused, forward-computed) gradients, float64, student and teachers."""
+    s, ts = make_inputs((3,), 5, 2, dtype=torch.float64, scale=1.0)
+    s.requires_grad_()
+    for t in ts:
+        t.requires_grad_()
+    labels = torch.tensor([1, -100, 4])
+    w = torch.tensor([[0.2, 0.5, 0.9], [0.8, 0.5, 0.1]], dtype=torch.float64)
+
+    def fn(student, t0, t1):
+        return fastdistill.kd_loss(student, [t0, t1], divergence=divergence, ensemble=ensemble, temperature=1.7,
+                                   labels=labels, ce_weight=0.2, teacher_weights=w, reduction="none",
+                                   beta=0.3, skew=0.25, backend="cpu")  # fmt: skip
+
+    assert torch.autograd.gradcheck(fn, (s, *ts))
+
+
+@requires_ext
+@pytest.mark.parametrize("ensemble", ENSEMBLES)
+def test_bitwise_deterministic(ensemble):
+    s, ts = make_inputs((64,), 3000, 3)
+    runs = []
+    for threads in (2, 1, 2):
+        torch.set_num_threads(threads)
+        a = s.clone().requires_grad_()
+        loss = fastdistill.kd_loss(a, ts, ensemble=ensemble, divergence="jsd", backend="cpu")
+        loss.backward()
+        runs.append((loss.detach(), a.grad))
+    for loss, grad in runs[1:]:
+        assert torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][1])
+
+
+@requires_ext
+def test_no_grad_skips_gradient():
+    s, ts = make_inputs((4,), 9, 1)
+    with torch.no_grad():
+        loss, gs, gt = torch.ops.fastdistill.kd_loss(*_op_args(s.requires_grad_(), ts, grad_student=False))
+    assert gs.numel() == 0 and gt[0].numel() == 0
+
+
+def test_fallback_without_extension():
+    """Without fastdistill._C the package imports, auto runs the reference backend with one warning, and an
+    explicit backend="cpu" says why it cannot run."""
+    code = textwrap.dedent(
+        """
+        import warnings, torch, fastdistill
+        assert not fastdistill.extension_available()
+        s, t = torch.randn(3, 5), torch.randn(3, 5)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            a = fastdistill.kd_loss(s, t)
+            b = fastdistill.kd_loss(s, t)
+        assert len(w) == 1 and "reference" in str(w[0].message), [str(x.message) for x in w]
+        torch.testing.assert_close(a, fastdistill.kd_loss(s, t, backend="reference"))
+        try:
+            fastdistill.kd_loss(s, t, backend="cpu")
+        except ValueError as e:
+            assert "fastdistill._C extension is not available" in str(e), e
+        else:
+            raise AssertionError("backend='cpu' ran without the extension")
+        print("ok")
+        """
+    )
+    env = {**os.environ, "FASTDISTILL_DISABLE_EXT": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
