@@ -150,3 +150,20 @@ def test_fallback_without_extension():
     env = {**os.environ, "FASTDISTILL_DISABLE_EXT": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@requires_ext
+def test_retain_graph_and_accumulation():
+    """Backward hands out the gradient computed in forward; a retained graph must still give the same again, and
+    .grad accumulation must not write into the saved buffer."""
+    s, (t,) = make_inputs((4,), 7, 1)
+    s.requires_grad_()
+    loss = fastdistill.kd_loss(s, t, backend="cpu")
+    loss.backward(retain_graph=True)
+    first = s.grad.clone()
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(s.grad, 2 * first)
+    (g1,) = torch.autograd.grad(loss, s, retain_graph=True)
+    (g2,) = torch.autograd.grad(2 * loss, s)
+    torch.testing.assert_close(g1, first)
+    torch.testing.assert_close(g2, 2 * first)

@@ -7,6 +7,7 @@ gradients by grad_output: one elementwise pass, registered here with plain torch
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import extension
 
@@ -35,13 +36,31 @@ def _kd_loss_setup_context(ctx, inputs, output):
     ctx.save_for_backward(grad_s, *grad_t)
 
 
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
+def _can_hand_out(x: torch.Tensor) -> bool:
+    """True when backward may return the saved gradient itself: grad_output == 1 exactly (plain
+    ``loss.backward()``) and the graph is freed after this backward (no retain_graph), so nothing can read the
+    buffer again. Checked only where that costs no device sync and traces nothing: eager mode (no compile, no
+    tracing dispatch mode, a plain tensor), on the CPU."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or type(x) is not torch.Tensor:
+        return False
+    if _keep_graph is None or _keep_graph():
+        return False
+    return x.device.type == "cpu" and x.numel() == 1 and x.item() == 1.0
+
+
 def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, reduce: bool) -> torch.Tensor | None:
-    # Out of place on purpose: scaling the saved gradient in place would save one [N, V] buffer but make a
-    # second backward through the graph (retain_graph=True, gradcheck) silently wrong or an error.
     if grad.numel() == 0:  # not computed: the input did not require grad
         return None
-    if reduce:  # a 0-dim factor keeps grad's dtype and rounds once
-        return grad * grad_loss
+    # Never in place: a second backward through a retained graph (retain_graph=True, gradcheck) must see the
+    # saved gradient unchanged. When the graph dies with this backward and grad_output == 1, the saved tensor
+    # itself is the answer (autograd then adopts it as .grad without a copy).
+    if reduce:
+        if _can_hand_out(grad_loss):
+            return grad
+        return grad * grad_loss  # a 0-dim factor keeps grad's dtype and rounds once
     return grad * grad_loss.to(grad.dtype).unsqueeze(-1)
 
 
