@@ -337,3 +337,21 @@ def test_module_matches_functional():
     torch.testing.assert_close(module(student, teachers, labels, teacher_weights=w),
                                fastdistill.kd_loss(student, teachers, labels=labels, teacher_weights=w, **kw))
     assert "jsd" in repr(module)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("ensemble", ENSEMBLES)
+def test_sixteen_teachers(backend, ensemble):
+    student, teachers = make_inputs((3,), 21, 16)
+    _compare(backend, student, teachers, ensemble=ensemble, divergence="skew_reverse_kl", teacher_grad=True,
+             teacher_weights=torch.rand(16) + 0.05)  # fmt: skip
+
+
+def test_more_teachers_than_the_kernel_takes():
+    """K = 17: auto runs the reference backend (with the one warning), an explicit cpu backend says why not."""
+    student, teachers = make_inputs((3,), 9, 17)
+    if fastdistill.extension_available():
+        with pytest.raises(ValueError, match="at most 16 teachers, got K = 17"):
+            fastdistill.kd_loss(student, teachers, backend="cpu")
+    expected = fastdistill.kd_loss(student, teachers, backend="reference")
+    torch.testing.assert_close(fastdistill.kd_loss(student, teachers), expected)

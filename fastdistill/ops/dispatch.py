@@ -76,6 +76,7 @@ class _CustomOpBackend(Backend):
 
     dispatch_key = ""
     device_type = ""
+    max_teachers = 16  # per-row state lives in fixed-size arrays in the kernels
 
     def not_supported_reasons(self, inp: KDInputs) -> list[str]:
         reasons = []
@@ -86,6 +87,8 @@ class _CustomOpBackend(Backend):
         devices = {t.device.type for t in inp.tensors()}
         if devices != {self.device_type}:
             reasons.append(f"needs all tensors on {self.device_type}, got {sorted(devices)}")
+        if len(inp.teachers) > self.max_teachers:
+            reasons.append(f"takes at most {self.max_teachers} teachers, got K = {len(inp.teachers)}")
         dtypes = {t.dtype for t in [inp.student, *inp.teachers]}
         if not dtypes <= set(SUPPORTED_DTYPES):
             reasons.append(f"logits must be float32/float64/bfloat16/float16, got {sorted(map(str, dtypes))}")
