@@ -167,3 +167,12 @@ def test_retain_graph_and_accumulation():
     (g2,) = torch.autograd.grad(2 * loss, s)
     torch.testing.assert_close(g1, first)
     torch.testing.assert_close(g2, 2 * first)
+
+
+def test_import_alone_loads_extension():
+    """`import fastdistill` as the first import must find torch's libraries for _C (regression)."""
+    if not fastdistill.extension_available():
+        pytest.skip("fastdistill._C is not built")
+    code = "import fastdistill, sys; sys.exit(0 if fastdistill.extension_available() else 1)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr

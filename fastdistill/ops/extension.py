@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import os
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against without an rpath)
+
 IMPORT_ERROR: str | None = None
 if os.environ.get("FASTDISTILL_DISABLE_EXT", "0") == "1":  # run as if unbuilt (tests of the fallback)
     IMPORT_ERROR = "disabled by FASTDISTILL_DISABLE_EXT=1"
@@ -25,8 +27,6 @@ def _kernels() -> dict[str, set[str]]:
     dispatch decisions are plain Python constants that torch.compile can trace through."""
     if IMPORT_ERROR is not None:
         return {}
-    import torch
-
     ops = ("kd_loss",)
     keys = ("CPU", "CUDA")
     has = torch._C._dispatch_has_kernel_for_dispatch_key

@@ -1,0 +1,82 @@
+"""Benchmark providers: implementations of the same loss, forward KL to the prob_mean ensemble of K teachers.
+
+``make(K, temperature)`` returns ``fn(student [N, V], teachers [K, N, V]) -> 0-dim loss`` (T^2-scaled, mean over rows).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import fastdistill
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _kd(backend: str) -> Callable[[int, float], LossFn]:
+    def make(K: int, temperature: float) -> LossFn:
+        def fn(student: torch.Tensor, teachers: torch.Tensor) -> torch.Tensor:
+            return fastdistill.kd_loss(student, teachers, temperature=temperature, backend=backend)
+
+        return fn
+
+    return make
+
+
+def make_eager(K: int, temperature: float) -> LossFn:
+    """The loss as a user would write it in eager PyTorch."""
+
+    def fn(student: torch.Tensor, teachers: torch.Tensor) -> torch.Tensor:
+        T = temperature
+        log_q = F.log_softmax(student / T, dim=-1)
+        log_pk = F.log_softmax(teachers / T, dim=-1)
+        log_p = log_pk[0] if K == 1 else torch.logsumexp(log_pk, dim=0) - math.log(K)
+        return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * T**2
+
+    return fn
+
+
+def make_compile(K: int, temperature: float) -> LossFn:
+    """``torch.compile`` of the eager loss (default mode, static shapes)."""
+    return torch.compile(make_eager(K, temperature), dynamic=False)
+
+
+PROVIDERS: dict[str, Callable[[int, float], LossFn]] = {
+    "cpu": _kd("cpu"),
+    "auto": _kd("auto"),
+    "eager": make_eager,
+    "compile": make_compile,
+    "reference": _kd("reference"),
+}
+
+
+def unavailable_reason(name: str, device: str) -> str | None:
+    """Why provider ``name`` cannot run on ``device`` ("cpu" | "cuda"), or None when it can."""
+    if name not in PROVIDERS:
+        return f"unknown provider {name!r} (known: {', '.join(PROVIDERS)})"
+    if name == "cpu" and device != "cpu":
+        return "the cpu backend runs on CPU tensors only"
+    if name == "cpu" and not fastdistill.extension_available():
+        return "fastdistill C++ extension unavailable (fastdistill.extension_available() is False)"
+    if device == "cuda" and not torch.cuda.is_available():
+        return "CUDA not available"
+    return None
+
+
+def make_inputs(
+    N: int, V: int, K: int, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed-seed student logits [N, V] (requires grad) and teacher logits [K, N, V] (no grad)."""
+    g = torch.Generator().manual_seed(seed)
+    student = (2 * torch.randn(N, V, generator=g)).to(device=device, dtype=dtype).requires_grad_()
+    teachers = (2 * torch.randn(K, N, V, generator=g)).to(device=device, dtype=dtype)
+    return student, teachers
+
+
+def fwd_bwd(fn: LossFn, student: torch.Tensor, teachers: torch.Tensor) -> None:
+    """One training step of the loss: forward, backward, drop the gradient."""
+    fn(student, teachers).backward()
+    student.grad = None

@@ -1,0 +1,244 @@
+"""Time fastdistill.kd_loss against eager / compiled PyTorch, forward + backward; print a table, save JSON.
+
+Usage: ``python -m benchmarks.run [--device cpu|cuda] [--quick] ...`` (see ``--help``).
+
+Method, per (V, K, provider): fixed-seed inputs (student [N, V] requires grad, teachers [K, N, V]); one warm-up
+step (``torch.compile`` compiles here); ``--repeats`` timed steps (loss.backward(), student.grad = None), median.
+Floor: the bytes that must move, (K+1)*N*V*sizeof(in) + N*V*sizeof(grad), at the copy bandwidth measured in the
+same run (1 GiB float32 ``copy_``, bytes = read + write, median of 5); floor_fraction = floor_ms / ms.
+Peak memory: see ``MEMORY_NOTE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .providers import PROVIDERS, fwd_bwd, make_inputs, unavailable_reason
+
+TEMPERATURE = 2.0
+MEMORY_NOTE = {
+    "cpu": (
+        "peak_bytes = peak RSS during one extra fwd+bwd step minus the RSS before it (the inputs are resident): "
+        "the peak is reset with /proc/self/clear_refs ('5') and read from VmHWM. Includes the student gradient "
+        "(N*V*sizeof). Large buffers are mmapped by glibc and returned on free, so they count; small blocks "
+        "(< glibc's mmap threshold, <= 32 MiB) reused from the heap may not. null when /proc cannot be used."
+    ),
+    "cuda": (
+        "peak_bytes = torch.cuda.max_memory_allocated during one extra fwd+bwd step minus memory_allocated before "
+        "it (the inputs). Includes the student gradient (N*V*sizeof)."
+    ),
+}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median_ms(step: Callable[[], object], repeats: int, device: str) -> float:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_GBps(device: str, repeats: int = 5, nbytes: int = 1 << 30) -> float:
+    """Device copy bandwidth in GB/s (1e9): ``dst.copy_(src)`` of ``nbytes`` float32, counting read + write."""
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up: fault in the pages
+    ms = _median_ms(lambda: dst.copy_(src), repeats, device)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def _rss_stats() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, val = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(val.split()[0]) * 1024
+    return out
+
+
+def peak_extra_bytes(step: Callable[[], None], device: str) -> int | None:
+    """Peak memory of one ``step`` above what was allocated before it (see ``MEMORY_NOTE``); None if unmeasurable."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        before = _rss_stats()["VmRSS"]
+        step()
+        return max(0, _rss_stats()["VmHWM"] - before)
+    except OSError:
+        return None
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {len(os.sched_getaffinity(0))} cores"
+
+
+def bench_one(provider: str, N: int, V: int, K: int, dtype: torch.dtype, device: str, repeats: int) -> dict:
+    student, teachers = make_inputs(N, V, K, dtype, device)
+    fn = PROVIDERS[provider](K, TEMPERATURE)
+    step = lambda: fwd_bwd(fn, student, teachers)  # noqa: E731
+    step()  # warm-up (compiles for "compile")
+    ms = _median_ms(step, repeats, device)
+    peak = peak_extra_bytes(step, device)
+    size = student.element_size()
+    nbytes = (K + 1) * N * V * size + N * V * size  # inputs read + gradient written (grad dtype = student dtype)
+    return {
+        "provider": provider,
+        "V": V,
+        "K": K,
+        "N": N,
+        "dtype": str(dtype).removeprefix("torch."),
+        "ms": ms,
+        "peak_bytes": peak,
+        "bytes": nbytes,
+        "exps": (K + 1) * N * V,
+    }
+
+
+def _fmt_bytes(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    eager = {(r["V"], r["K"]): r["ms"] for r in rows if r["provider"] == "eager"}
+    lines = [
+        "| provider | V | K | ms (median) | speedup vs eager | GB/s | floor ms | floor_fraction | peak memory |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        base = eager.get((r["V"], r["K"]))
+        speedup = f"{base / r['ms']:.2f}x" if base else "-"
+        lines.append(
+            f"| {r['provider']} | {r['V']} | {r['K']} | {r['ms']:.2f} | {speedup} | {r['achieved_GBps']:.1f} "
+            f"| {r['floor_ms']:.2f} | {r['floor_fraction']:.3f} | {_fmt_bytes(r['peak_bytes'])} |"
+        )
+    return "\n".join(lines)
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--rows", type=int, default=2048, help="N")
+    p.add_argument("--vocab", type=_ints, default="8192,32000", help="comma-separated V values")
+    p.add_argument("--teachers", type=_ints, default="1,4", help="comma-separated K values")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--providers", default="cpu,eager,compile", help=f"comma-separated, of: {','.join(PROVIDERS)}")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default benchmarks/results/<device>-<date>.json; --quick writes none by default)",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny shapes (N=64, V=1000,4096, K=1,2, 3 repeats): smoke test")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rows, args.vocab, args.teachers, args.repeats = 64, [1000, 4096], [1, 2], 3
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device, dtype = args.device, getattr(torch, args.dtype)
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: CUDA is not available")
+    today = datetime.date.today().isoformat()
+    out = args.out or (None if args.quick else Path("benchmarks/results") / f"{device}-{today}.json")
+
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"warning: 1-min load average {load:.2f} before starting; timings may be contended", file=sys.stderr)
+    gbps = copy_bandwidth_GBps(device)
+    print(
+        f"device: {device_name(device)}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+        f"copy {gbps:.1f} GB/s; N={args.rows}, dtype={args.dtype}, T={TEMPERATURE}",
+        flush=True,
+    )
+
+    providers = [p for p in args.providers.split(",") if p]
+    rows, errors = [], []
+    for V in args.vocab:
+        for K in args.teachers:
+            for prov in providers:
+                reason = unavailable_reason(prov, device)
+                if reason:
+                    print(f"skip {prov} (V={V}, K={K}): {reason}", file=sys.stderr)
+                    continue
+                try:
+                    r = bench_one(prov, args.rows, V, K, dtype, device, args.repeats)
+                except Exception as e:  # keep the run going; report the failure
+                    print(f"FAILED {prov} (V={V}, K={K}): {type(e).__name__}: {e}", file=sys.stderr)
+                    errors.append({"provider": prov, "V": V, "K": K, "error": f"{type(e).__name__}: {e}"})
+                    continue
+                floor_ms = r["bytes"] / (gbps * 1e9) * 1e3
+                r |= {
+                    "floor_ms": floor_ms,
+                    "floor_fraction": floor_ms / r["ms"],
+                    "achieved_GBps": r["bytes"] / (r["ms"] * 1e-3) / 1e9,
+                }
+                rows.append(r)
+                print(f"  {prov:>9} V={V:<6} K={K}: {r['ms']:9.2f} ms", file=sys.stderr, flush=True)
+                gc.collect()
+
+    print(markdown_table(rows))
+    if out is not None:
+        result = {
+            "device": device_name(device),
+            "date": today,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "copy_GBps": gbps,
+            "loadavg_1min_at_start": load,
+            "temperature": TEMPERATURE,
+            "loss": "forward KL to the prob_mean ensemble, T^2-scaled, mean over rows; time = forward + backward",
+            "peak_bytes_note": MEMORY_NOTE[device],
+            "rows": rows,
+            "errors": errors,
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"saved {out}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
