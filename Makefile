@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: install build test lint bench bench-gpu clean
+.PHONY: install build test lint bench clean
 
 # The venv, the pinned CPU torch (installed first, so no requirement can pull a CUDA build), the project's test
 # extras, and the extension, built against that torch (--no-build-isolation).

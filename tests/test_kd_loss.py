@@ -355,3 +355,15 @@ def test_more_teachers_than_the_kernel_takes():
             fastdistill.kd_loss(student, teachers, backend="cpu")
     expected = fastdistill.kd_loss(student, teachers, backend="reference")
     torch.testing.assert_close(fastdistill.kd_loss(student, teachers), expected)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_batch(backend, reduction):
+    """N = 0 rows: loss 0 (or an empty [0]), an empty gradient, never nan."""
+    student = torch.randn(0, 7, requires_grad=True)
+    loss = fastdistill.kd_loss(student, torch.randn(2, 0, 7), reduction=reduction, backend=backend)
+    assert loss.shape == ((0,) if reduction == "none" else ())
+    loss.sum().backward()
+    assert student.grad is not None and student.grad.shape == (0, 7)
+    assert not torch.isnan(loss).any()

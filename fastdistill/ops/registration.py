@@ -52,7 +52,7 @@ def _can_hand_out(x: torch.Tensor) -> bool:
 
 
 def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, reduce: bool) -> torch.Tensor | None:
-    if grad.numel() == 0:  # not computed: the input did not require grad
+    if grad.dim() != 2:  # the [0] placeholder: not computed, the input did not require grad
         return None
     # Never in place: a second backward through a retained graph (retain_graph=True, gradcheck) must see the
     # saved gradient unchanged. When the graph dies with this backward and grad_output == 1, the saved tensor
