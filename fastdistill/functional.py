@@ -72,6 +72,8 @@ def _check_logits(name: str, x) -> None:
         raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError(f"{name} must have shape [*, V] with at least one dimension, got a 0-dim tensor")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} has V = 0 classes; a distribution needs V >= 1")
 
 
 def _vocab_hint(name: str, got: torch.Size, expected: torch.Size) -> str:
@@ -240,6 +242,7 @@ def _kd_inputs(
             if num_items.numel() != 1:
                 raise ValueError(f"num_items must be an int or a 0-dim Tensor, got shape {tuple(num_items.shape)}")
             count = num_items.detach().reshape(()).to(device)
+            _check_values("num_items", count, ">= 0", count < 0)
         elif isinstance(num_items, numbers.Integral) and not isinstance(num_items, bool):
             if num_items < 0:
                 raise ValueError(f"num_items must be >= 0, got {num_items}")
@@ -249,13 +252,17 @@ def _kd_inputs(
         # No valid row: the sum is 0, and 0 / 1 keeps the loss 0 (never 0 / 0).
         denominator = count.to(acc).clamp_min(1)
     elif reduction == "batchmean":
-        denominator = torch.tensor(float(max(student_logits.shape[0] if student_logits.dim() > 1 else 1, 1)),
-                                   dtype=acc, device=device)  # fmt: skip
+        # torch's meaning: input.size(0), the batch (B of [B, T, V]; V itself for a single [V] row)
+        denominator = torch.tensor(float(max(student_logits.shape[0], 1)), dtype=acc, device=device)
 
     c = temperature**2 if scale_by_temperature_sq else 1.0
+    stacked = None
+    if isinstance(teacher_logits, Tensor):  # one teacher [*, V] or a stacked [K, *, V]: keep a [K, N, V] view
+        stacked = teacher_logits.reshape(len(teachers), n, v)
     return KDInputs(
         student=student_logits.reshape(n, v),
         teachers=[t.reshape(n, v) for t in teachers],
+        teachers_stacked=stacked,
         teacher_weights=tw,
         labels=labels,
         sample_weight=sample_weight,

@@ -21,6 +21,7 @@ CASES = [
     ("student-not-tensor", TypeError, "student_logits must be a Tensor", dict(student=[[1.0]])),
     ("student-int", TypeError, "student_logits must be float32", dict(student=torch.ones(4, 3, 10, dtype=torch.long))),
     ("student-0dim", ValueError, "student_logits must have shape", dict(student=torch.tensor(1.0))),
+    ("student-v0", ValueError, "V = 0 classes", dict(student=torch.zeros(4, 3, 0), teachers=torch.zeros(4, 3, 0))),
     ("teachers-empty-list", ValueError, "K >= 1", dict(teachers=[])),
     ("teachers-k0", ValueError, "K = 0", dict(teachers=torch.empty(0, 4, 3, 10))),
     ("teachers-not-tensor", TypeError, "teacher_logits must be a Tensor", dict(teachers=3.0)),
@@ -71,6 +72,7 @@ CASES = [
     ("num-items-with-sum", ValueError, "num_items overrides the 'mean' denominator",
      dict(reduction="sum", num_items=3)),
     ("num-items-negative", ValueError, "num_items must be >= 0", dict(num_items=-1)),
+    ("num-items-negative-tensor", ValueError, "num_items must be >= 0", dict(num_items=torch.tensor(-3))),
     ("num-items-float", TypeError, "num_items must be an int", dict(num_items=2.5)),
     ("num-items-shape", ValueError, "num_items must be an int or a 0-dim Tensor", dict(num_items=torch.ones(2))),
     ("backend", ValueError, "backend must be one of", dict(backend_override="fast")),
@@ -98,9 +100,10 @@ def test_device_mismatch(backend):
         _call(backend, labels=torch.empty(4, 3, dtype=torch.long, device="meta"))
 
 
-def test_explicit_backend_that_cannot_run():
-    """A named backend that cannot run the inputs raises with its reasons; "auto" falls back silently."""
-    with pytest.raises(ValueError, match=r"backend='triton' cannot run these inputs: .*not implemented"):
+def test_explicit_backend_that_cannot_run(monkeypatch):
+    """A named backend that cannot run the inputs raises with its reasons."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run these inputs: .*needs all tensors on cuda"):
         _call("triton")
     with pytest.raises(ValueError, match=r"backend='cuda' cannot run these inputs: .*(without cuda|tensors on cuda)"):
         _call("cuda")

@@ -20,7 +20,7 @@ def _compare(backend, student, teachers, dtype=torch.float32, grad_output=None, 
     assert_close(loss, ref_loss, dtype, "loss", f"{backend} loss")
     for i, (g, r) in enumerate(zip(grads, ref_grads)):
         assert g.dtype == (student.dtype if i == 0 else teachers[i - 1].dtype)
-        assert_close(g, r, dtype, "grad", f"{backend} grad[{i}]", grad_floor)
+        assert_close(g, r, dtype, "grad", f"{backend} grad[{i}]", grad_floor if i > 0 else None)
     return loss, grads
 
 
@@ -195,12 +195,16 @@ def test_odd_vocab(backend, vocab):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("ensemble", ENSEMBLES)
-def test_padded_vocab(backend, divergence, ensemble):
-    """-inf columns in the teachers (padded vocabularies) get probability 0, and the loss stays finite."""
+@pytest.mark.parametrize("student_padded", [False, True], ids=["teachers", "both"])
+def test_padded_vocab(backend, divergence, ensemble, student_padded):
+    """-inf columns in the teachers (padded vocabularies) get probability 0, and the loss stays finite; so do
+    columns padded in the student and the teachers alike."""
     student, teachers = make_inputs((4,), 23, 2)
     teachers[0][:, 18:] = -math.inf
     teachers[1][:, 20:] = -math.inf
     teachers[1][0, 3] = -math.inf
+    if student_padded:
+        student[:, 20:] = -math.inf
     if divergence == "reverse_kl":  # Q log(Q / P) is +inf where only P is 0: pad the student alike
         student[:, 18:] = -math.inf
         student[0, 3] = -math.inf
@@ -367,3 +371,58 @@ def test_empty_batch(backend, reduction):
     loss.sum().backward()
     assert student.grad is not None and student.grad.shape == (0, 7)
     assert not torch.isnan(loss).any()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_skipped_rows_never_leak_nan(backend):
+    """An ignored row (label = ignore_index) or a zero-weight row gives 0 and a zero gradient whatever its logits."""
+    student, teachers = make_inputs((4,), 9, 2)
+    student[1] = -math.inf  # ignored by label
+    student[2, 3] = -math.inf  # zero sample weight; the teachers have mass at 3
+    labels = torch.tensor([1, -100, 2, 3])
+    weight = torch.tensor([1.0, 1.0, 0.0, 2.0])
+    for divergence in DIVERGENCES:
+        kw = dict(labels=labels, sample_weight=weight, ce_weight=0.2, divergence=divergence, reduction="none")
+        loss, grads = loss_and_grads(student, teachers, teacher_grad=True, backend=backend, **kw)
+        assert torch.isfinite(loss).all() and torch.all(loss[1:3] == 0)
+        for g in grads:
+            assert torch.isfinite(g).all() and torch.all(g[1:3] == 0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("ensemble", ENSEMBLES)
+def test_zero_weight_teacher_is_dropped(backend, ensemble):
+    """A teacher with weight 0 contributes nothing, even where it alone has mass and the student has none, and even
+    where its whole row is -inf (per-row weights [K, *] exclude it there)."""
+    student, teachers = make_inputs((3,), 8, 2)
+    teachers[0][:, 5] = -math.inf
+    teachers[1][:, 5] = 10.0  # only teacher 1 has mass in class 5 ...
+    student[:, 5] = -math.inf  # ... which the student rules out: KL to teacher 1 would be inf
+    teachers[1][2] = -math.inf  # and teacher 1 has no distribution at all in row 2
+    w = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    loss, grads = _compare(backend, student, teachers, teacher_grad=True, ensemble=ensemble, teacher_weights=w,
+                           reduction="none")  # fmt: skip
+    torch.testing.assert_close(loss, fastdistill.kd_loss(student, teachers[0], reduction="none", backend=backend))
+    assert torch.all(grads[2] == 0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_pure_cross_entropy_ignores_infinite_divergence(backend):
+    """ce_weight = 1 is cross-entropy alone: an infinite divergence (student -inf where the teacher has mass) must not
+    turn 0 * inf into nan."""
+    student, (teacher,) = make_inputs((3,), 6, 1)
+    student[1, 4] = -math.inf
+    labels = torch.tensor([0, 1, 2])
+    loss, grads = loss_and_grads(student, [teacher], teacher_grad=True, labels=labels, ce_weight=1.0,
+                                 reduction="none", backend=backend)  # fmt: skip
+    torch.testing.assert_close(loss, F.cross_entropy(student, labels, reduction="none"))
+    assert torch.isfinite(grads[0]).all() and torch.all(grads[1] == 0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_batchmean_of_one_row_follows_torch(backend):
+    """batchmean divides by student_logits.shape[0], which for a single [V] row is V (torch's kl_div does too)."""
+    student, (teacher,) = make_inputs((), 7, 1)
+    total = fastdistill.kd_loss(student, teacher, reduction="sum", backend=backend)
+    torch.testing.assert_close(fastdistill.kd_loss(student, teacher, reduction="batchmean", backend=backend),
+                               total / 7)  # fmt: skip

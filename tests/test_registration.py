@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import DIVERGENCES, ENSEMBLES, make_inputs, requires_ext
+from conftest import DIVERGENCES, ENSEMBLES, make_inputs, requires_ext, requires_triton
 
 import fastdistill
 
@@ -106,12 +106,16 @@ def test_gradcheck(divergence, ensemble):
 def test_bitwise_deterministic(ensemble):
     s, ts = make_inputs((64,), 3000, 3)
     runs = []
-    for threads in (2, 1, 2):
-        torch.set_num_threads(threads)
-        a = s.clone().requires_grad_()
-        loss = fastdistill.kd_loss(a, ts, ensemble=ensemble, divergence="jsd", backend="cpu")
-        loss.backward()
-        runs.append((loss.detach(), a.grad))
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 1, 2):
+            torch.set_num_threads(threads)
+            a = s.clone().requires_grad_()
+            loss = fastdistill.kd_loss(a, ts, ensemble=ensemble, divergence="jsd", backend="cpu")
+            loss.backward()
+            runs.append((loss.detach(), a.grad))
+    finally:
+        torch.set_num_threads(before)
     for loss, grad in runs[1:]:
         assert torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][1])
 
@@ -176,3 +180,58 @@ def test_import_alone_loads_extension():
     code = "import fastdistill, sys; sys.exit(0 if fastdistill.extension_available() else 1)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+
+
+# ---- the Triton op (TRITON_INTERPRET=1 on CPU tensors when there is no GPU) -----------------------------------
+
+
+def _triton_samples():
+    s, ts = make_inputs((5,), 19, 2)
+    stacked = torch.stack(ts)
+    labels = torch.tensor([0, -100, 3, 4, 18])
+    w = torch.rand(2, 5) + 0.1
+    w = w / w.sum(0)
+    yield _op_args(s.clone().requires_grad_(), stacked)
+    yield _op_args(s.clone().requires_grad_(), stacked.clone().requires_grad_(), grad_teachers=True, reduce=False,
+                   divergence="jsd", ensemble="loss_mean")  # fmt: skip
+    yield _op_args(s.clone().requires_grad_(), stacked, labels=labels, ce_weight=0.3, teacher_weights=w,
+                   sample_weight=torch.rand(5), denominator=torch.tensor(4.0), ensemble="logit_mean")  # fmt: skip
+
+
+@requires_triton
+@pytest.mark.parametrize("i", range(3))
+def test_triton_opcheck(i):
+    import fastdistill.ops.triton.kd_loss  # noqa: F401  (defines fastdistill::kd_loss_triton)
+
+    args = list(_triton_samples())[i]
+    torch.library.opcheck(torch.ops.fastdistill.kd_loss_triton.default, args)
+
+
+@requires_triton
+def test_triton_compile_fullgraph():
+    s, ts = make_inputs((3, 2), 13, 2)
+    stacked = torch.stack(ts)
+
+    def fn(student, teachers):
+        return fastdistill.kd_loss(student, teachers, temperature=2.0, divergence="tvd", backend="triton")
+
+    backend = "inductor" if torch.cuda.is_available() else "aot_eager"  # no CPU codegen for Triton kernels
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+    out_c, out_e = compiled(a, stacked), fn(b, stacked)
+    torch.testing.assert_close(out_c, out_e)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+@requires_triton
+def test_triton_deterministic():
+    s, ts = make_inputs((6,), 50, 3)
+    runs = []
+    for _ in range(2):
+        a = s.clone().requires_grad_()
+        loss = fastdistill.kd_loss(a, ts, divergence="skew_kl", backend="triton")
+        loss.backward()
+        runs.append((loss.detach(), a.grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])

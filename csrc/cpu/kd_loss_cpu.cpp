@@ -1,7 +1,7 @@
 // CPU kernel of fastdistill::kd_loss: ATen parallel_for over rows, SIMD (at::vec) inner loops, float32
 // accumulation (float64 for float64 inputs), per-element math from csrc/common/kd_math.h.
 //
-// Per row, with a per-thread scratch of (K + 4) rows of V floats (the CPU's "on chip": L2 for V = 32k, K = 4):
+// Per row, with a per-thread scratch of 2K + 3 rows of V floats (the CPU's "on chip": L2/L3 at V = 32k, K = 4):
 //   pass 1  read the student and each teacher once from memory, scaled by 1/T into scratch; row maxima and
 //           log-sum-exps (ensemble "logit_mean" folds the teachers into one target row here);
 //   pass 2  one sweep over scratch: loss terms, the row aggregates the gradients need, and the student gradient
@@ -123,7 +123,7 @@ class KDRowKernel {
         log_linear_(p.ensemble == Ensemble::LogitMean && p.teachers > 1),
         mixture_(!per_teacher_ && !log_linear_ && p.teachers > 1),
         // For KL sum_v gq_v = -sum_v P_v = -1 (also for "loss_mean": sum_k w_k (-1)).
-        closed_form_(student_aggregate_is_minus_one(p.divergence)),
+        closed_form_(student_aggregate_is_minus_one(p.divergence)), kd_on_(p.kd_scale != 0),
         R_(log_linear_ ? 2 : p.teachers + 1) {}
 
   // x (scaled logits) and e (exp(x - chunk max)) for R distributions, a gradient row, the chunk maxima.
@@ -187,13 +187,18 @@ class KDRowKernel {
       for (int k = 0; k < K_; ++k) {
         load_scaled(teacher_row(k, i), r.x + (k + 1) * Vp_, V_, Vp_, inv_t_);
         normalise(r, k + 1);
-        TORCH_CHECK_VALUE(r.lse[k + 1] != kNegInf, "teacher ", k, " row ", i, " is entirely -inf");
+        if (r.lse[k + 1] == kNegInf) {
+          // no distribution: an error unless the row's weights exclude this teacher (then P_k = 0 everywhere)
+          TORCH_CHECK_VALUE(r.w[k] == A(0), "teacher ", k, " row ", i, " is entirely -inf");
+          r.lse[k + 1] = A(0);
+          r.inv_sum[k + 1] = A(0);
+        }
       }
     }
 
     // ---- pass 2: loss and aggregates --------------------------------------------------------------------
     const bool want_gs = gs_out != nullptr;
-    const bool want_gt = !t_.grad_teachers.empty();
+    const bool want_gt = !t_.grad_teachers.empty() && kd_on_;
     A* gdst = nullptr;  // where pass 2 writes the student gradient (closed form) or its terms
     if (want_gs) gdst = (closed_form_ && std::is_same_v<S, A>) ? reinterpret_cast<A*>(gs_out) : gbuf;
     std::vector<Vec> agg_t(want_gt ? K_ : 0, Vec(A(0)));  // per-teacher aggregates for their gradients
@@ -206,7 +211,7 @@ class KDRowKernel {
       v_phi += phi;
       if (!want_gs) return;
       if (closed_form_) {  // dD/da = Q - P, here -gq = P
-        Vec g = v_kd_over_t * (el.q + gq);
+        Vec g = kd_on_ ? v_kd_over_t * (el.q + gq) : Vec(A(0));
         if (ce_ != A(0)) g += v_ce * (ce_at_t ? el.q : Ops::exp(Vec::loadu(r.x + j) * v_t - v_lse_ce));
         // the output row is not padded: store only its V - j remaining lanes
         (v_f * g).store(gdst + j, static_cast<int>(std::min<int64_t>(W, V_ - j)));
@@ -218,7 +223,8 @@ class KDRowKernel {
     const A D = hsum(v_phi);
     A ce_loss = 0;
     if (ce_ != A(0)) ce_loss = lse_ce - static_cast<A>(s_row[label]);
-    row_loss[i] = sw * (A(p_.kd_scale) * D + ce_ * ce_loss);
+    // kd_scale = 0 (ce_weight = 1) is pure cross-entropy, even where D = inf
+    row_loss[i] = sw * ((kd_on_ ? A(p_.kd_scale) * D : A(0)) + ce_ * ce_loss);
 
     // ---- pass 3: gradients not written yet (no transcendentals but for CE at T != 1) -------------------
     if (want_gs) {
@@ -226,7 +232,7 @@ class KDRowKernel {
         const Vec v_agg(hsum(v_gq));
         for_each_vector(r, [&](int64_t j, const A* fac) {
           const Vec q = Vec::loadu(r.e + j) * Vec(fac[0]);
-          Vec g = v_kd_over_t * (Vec::loadu(gbuf + j) - q * v_agg);
+          Vec g = kd_on_ ? v_kd_over_t * (Vec::loadu(gbuf + j) - q * v_agg) : Vec(A(0));
           if (ce_ != A(0)) g += v_ce * (ce_at_t ? q : Ops::exp(Vec::loadu(r.x + j) * v_t - v_lse_ce));
           (v_f * g).store(gbuf + j);
         });
@@ -234,7 +240,11 @@ class KDRowKernel {
       if (ce_ != A(0)) gdst[label] -= f * ce_;
       if (gdst != reinterpret_cast<A*>(gs_out)) at::vec::convert(gdst, gs_out, V_);
     }
-    if (want_gt) teacher_grads(i, r, agg_t, f, gbuf);
+    if (want_gt) {
+      teacher_grads(i, r, agg_t, f, gbuf);
+    } else if (!t_.grad_teachers.empty()) {  // kd_scale = 0: the teachers do not enter the loss
+      for (void* g : t_.grad_teachers) std::fill_n(static_cast<T*>(g) + i * V_, V_, T(0));
+    }
   }
 
  private:
@@ -362,6 +372,7 @@ class KDRowKernel {
       phi = Vec(A(0));
       gq = Vec(A(0));
       for (int k = 0; k < K_; ++k) {
+        if (r.w[k] == A(0)) continue;  // a dropped teacher (0 * inf would be nan)
         Vec p, logp;
         dist(r, el, k + 1, p, logp);
         const auto tr = divergence_terms<Ops>(prm_, p, el.q, logp, el.logq);
@@ -399,6 +410,11 @@ class KDRowKernel {
     for (int k = 0; k < K_; ++k) agg[k] = hsum(agg_v[k]);
     const Vec scale(f * kd_over_t_);
     for (int k = 0; k < K_; ++k) {
+      T* out = static_cast<T*>(t_.grad_teachers[k]) + i * V_;
+      if (r.w[k] == A(0)) {  // a teacher with weight 0 does not enter this row's loss
+        std::fill_n(out, V_, T(0));
+        continue;
+      }
       const Vec vagg(agg[mixture_ || per_teacher_ ? k : 0]);
       const Vec wk(r.w[k]);
       for_each_vector(r, [&](int64_t j, const A* fac) {
@@ -423,7 +439,7 @@ class KDRowKernel {
         }
         (scale * g).store(buf + j);
       });
-      at::vec::convert(buf, static_cast<T*>(t_.grad_teachers[k]) + i * V_, V_);
+      at::vec::convert(buf, out, V_);
     }
   }
 
@@ -438,7 +454,7 @@ class KDRowKernel {
   const int64_t V_, Vp_, chunks_;
   const A inv_t_, kd_over_t_, ce_;
   const DivParams<A> prm_;
-  const bool per_teacher_, log_linear_, mixture_, closed_form_;
+  const bool per_teacher_, log_linear_, mixture_, closed_form_, kd_on_;
   const int R_;
 };
 

@@ -7,6 +7,7 @@ means adding one class here (and its kernels elsewhere).
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ class KDInputs:
 
     student: Tensor  # [N, V]
     teachers: list[Tensor]  # K x [N, V]
+    teachers_stacked: Tensor | None  # [K, N, V] view of the caller's tensor when it came stacked (or K = 1)
     teacher_weights: Tensor | None  # [K, N], columns sum to 1
     labels: Tensor | None  # int64 [N]
     sample_weight: Tensor | None  # [N]
@@ -130,13 +132,59 @@ class CudaBackend(_CustomOpBackend):
     device_type = "cuda"
 
 
+def _triton_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not importable ({e})"
+    return None
+
+
 class TritonBackend(Backend):
-    """Triton kernels (fastdistill/ops/triton): not written yet."""
+    """Triton kernels (fastdistill/ops/triton). CUDA tensors; CPU tensors too under TRITON_INTERPRET=1 (tests)."""
 
     name = "triton"
 
     def not_supported_reasons(self, inp: KDInputs) -> list[str]:
-        return ["the triton backend of kd_loss is not implemented yet"]
+        reasons = []
+        error = _triton_error()
+        if error:
+            reasons.append(error)
+        devices = {t.device.type for t in inp.tensors()}
+        interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        if devices != {"cuda"} and not (interpret and devices == {"cpu"}):
+            reasons.append(f"needs all tensors on cuda (or on cpu with TRITON_INTERPRET=1), got {sorted(devices)}")
+        dtypes = {t.dtype for t in [inp.student, *inp.teachers]}
+        if not dtypes <= set(SUPPORTED_DTYPES):
+            reasons.append(f"logits must be float32/float64/bfloat16/float16, got {sorted(map(str, dtypes))}")
+        return reasons
+
+    def __call__(self, inp: KDInputs) -> Tensor:
+        from .triton.kd_loss import kd_loss_triton
+
+        student, stacked = inp.student, inp.teachers_stacked
+        # One [K, N, V] tensor with unit stride along V: the caller's own when it came stacked; a list is stacked
+        # (one copy in the input dtype: pass a stacked tensor to avoid it). float64 anywhere: all float64.
+        f64 = reference.compute_dtype(student, *inp.teachers) == torch.float64
+        if stacked is None or len({t.dtype for t in inp.teachers}) > 1 or (f64 and stacked.dtype != torch.float64):
+            teachers = [t.double() for t in inp.teachers] if f64 else inp.teachers
+            common = teachers[0].dtype
+            for t in teachers[1:]:
+                common = torch.promote_types(common, t.dtype)
+            stacked = torch.stack([t.to(common) for t in teachers])
+        if f64:
+            student = student.double()
+        if stacked.stride(-1) != 1:
+            stacked = stacked.contiguous()
+        if student.stride(-1) != 1:
+            student = student.contiguous()
+        grad_on = torch.is_grad_enabled()
+        loss, _, _ = kd_loss_triton(
+            student, stacked, inp.teacher_weights, inp.labels, inp.sample_weight, inp.denominator,
+            inp.divergence, inp.ensemble, inp.temperature, inp.kd_scale, inp.ce_weight, inp.beta, inp.skew,
+            inp.ignore_index, inp.reduce, grad_on and student.requires_grad, grad_on and stacked.requires_grad,
+        )  # fmt: skip
+        return loss
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (CpuBackend(), CudaBackend(), TritonBackend(), ReferenceBackend())}

@@ -40,7 +40,11 @@ def _log_mix(log_a: Tensor, log_b: Tensor, wa: float) -> Tensor:
         parts.append(log_a + math.log(wa))
     if wa < 1:
         parts.append(log_b + math.log1p(-wa))
-    return torch.logsumexp(torch.stack(parts), dim=0) if len(parts) > 1 else parts[0]
+    if len(parts) == 1:
+        return parts[0]
+    stacked = torch.stack(parts)
+    dead = torch.isneginf(stacked).all(0)  # both -inf: keep the gradient finite, the value -inf
+    return torch.where(dead, -math.inf, torch.logsumexp(torch.where(dead, 0.0, stacked), dim=0))
 
 
 def divergence(log_p: Tensor, log_q: Tensor, kind: str, *, beta: float = 0.5, skew: float = 0.1) -> Tensor:
@@ -70,9 +74,15 @@ def _weights(teacher_weights: Tensor | None, k: int, n: int, dtype: torch.dtype,
     return teacher_weights.to(dtype)
 
 
-def teacher_log_probs(teachers: list[Tensor], temperature: float, dtype: torch.dtype) -> Tensor:
-    """log P_k = log_softmax(t_k / T) for each teacher: [K, N, V]."""
-    return torch.stack([torch.log_softmax(t.to(dtype) / temperature, dim=-1) for t in teachers])
+def teacher_log_probs(teachers: list[Tensor], temperature: float, dtype: torch.dtype, w: Tensor) -> Tensor:
+    """log P_k = log_softmax(t_k / T) for each teacher: [K, N, V]. Where a teacher's weight is 0 it is dropped:
+    log P_k = -inf, whatever its logits (an all -inf row included), with a zero gradient."""
+    out = []
+    for t, wk in zip(teachers, w):
+        on = wk[:, None] > 0
+        log_p = torch.log_softmax(torch.where(on, t.to(dtype), 0.0) / temperature, dim=-1)
+        out.append(torch.where(on, log_p, -math.inf))
+    return torch.stack(out)
 
 
 def ensemble_log_target(
@@ -82,7 +92,7 @@ def ensemble_log_target(
     k, n = len(teachers), teachers[0].shape[0]
     w = _weights(teacher_weights, k, n, dtype, teachers[0].device)  # [K, N]
     if ensemble == "prob_mean":  # P = sum_k w_k P_k, its log as a log-sum-exp (never log of a sum of probs)
-        log_wp = torch.log(w)[..., None] + teacher_log_probs(teachers, temperature, dtype)
+        log_wp = torch.log(w)[..., None] + teacher_log_probs(teachers, temperature, dtype, w)
         # where every teacher has probability 0 (padded vocabulary) keep the gradient finite: log P = -inf there
         dead = torch.isneginf(log_wp).all(0)
         mixed = torch.logsumexp(torch.where(dead, 0.0, log_wp), dim=0)
@@ -118,29 +128,35 @@ def kd_loss(
     """
     dtype = compute_dtype(student, *teachers)
     n = student.shape[0]
+    keep = torch.ones(n, dtype=torch.bool, device=student.device)
+    if labels is not None:
+        keep = labels != ignore_index
+    if sample_weight is not None:
+        keep = keep & (sample_weight > 0)
+    # Skipped rows give exactly 0 and a zero gradient: neutralise their logits first, so nothing in them (-inf,
+    # nan) can reach the gradient through 0 * inf.
+    student = torch.where(keep[:, None], student, 0.0)
+    teachers = [torch.where(keep[:, None], t, 0.0) for t in teachers]
     log_q = torch.log_softmax(student.to(dtype) / temperature, dim=-1)
     if ensemble == "loss_mean" and len(teachers) > 1:  # each teacher its own target: D = sum_k w_k D(P_k, Q)
         w = _weights(teacher_weights, len(teachers), n, dtype, student.device)
-        log_pk = teacher_log_probs(teachers, temperature, dtype)
-        d = sum(w[j] * divergence(lp, log_q, divergence_kind, beta=beta, skew=skew) for j, lp in enumerate(log_pk))
+        log_pk = teacher_log_probs(teachers, temperature, dtype, w)
+        # a teacher with weight 0 is dropped (0 * inf would be nan)
+        d = sum(torch.where(w[j] > 0, w[j] * divergence(lp, log_q, divergence_kind, beta=beta, skew=skew), 0.0)
+                for j, lp in enumerate(log_pk))  # fmt: skip
     else:
         log_p = ensemble_log_target(teachers, temperature, ensemble if len(teachers) > 1 else "prob_mean",
                                     teacher_weights, dtype)
         d = divergence(log_p, log_q, divergence_kind, beta=beta, skew=skew)
-    rows = kd_scale * d
+    rows = kd_scale * d if kd_scale != 0 else torch.zeros_like(d)  # ce_weight = 1: pure CE, even where D = inf
 
-    keep = torch.ones(n, dtype=torch.bool, device=student.device)
-    if labels is not None:
-        keep = labels != ignore_index
     if ce_weight > 0:  # hard-label cross-entropy at T = 1
         safe = torch.where(keep, labels, 0)
         s = student.to(dtype)
         ce = torch.logsumexp(s, dim=-1) - s.gather(-1, safe[:, None]).squeeze(-1)
         rows = rows + ce_weight * ce
     if sample_weight is not None:
-        w_rows = sample_weight.to(dtype)
-        keep = keep & (w_rows > 0)
-        rows = rows * w_rows
+        rows = rows * sample_weight.to(dtype)
     rows = torch.where(keep, rows, torch.zeros_like(rows))
     if not reduce:
         return rows

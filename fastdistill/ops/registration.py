@@ -52,7 +52,7 @@ def _can_hand_out(x: torch.Tensor) -> bool:
 
 
 def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, reduce: bool) -> torch.Tensor | None:
-    if grad.dim() != 2:  # the [0] placeholder: not computed, the input did not require grad
+    if grad.dim() == 1:  # the [0] placeholder: not computed, the input did not require grad
         return None
     # Never in place: a second backward through a retained graph (retain_graph=True, gradcheck) must see the
     # saved gradient unchanged. When the graph dies with this backward and grad_output == 1, the saved tensor
@@ -61,7 +61,7 @@ def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, reduce: bool) -> torch.T
         if _can_hand_out(grad_loss):
             return grad
         return grad * grad_loss  # a 0-dim factor keeps grad's dtype and rounds once
-    return grad * grad_loss.to(grad.dtype).unsqueeze(-1)
+    return grad * grad_loss.to(grad.dtype).unsqueeze(-1)  # [N, 1] broadcasts over [N, V] and [K, N, V]
 
 
 def _kd_loss_backward(ctx, grad_loss, _grad_grad_s, _grad_grad_t):
@@ -73,6 +73,29 @@ def _kd_loss_backward(ctx, grad_loss, _grad_grad_s, _grad_grad_t):
     d_student = _scale(grad_s, grad_loss, ctx.reduce) if ctx.needs_input_grad[0] else None
     d_teachers = [_scale(g, grad_loss, ctx.reduce) for g in grad_t] if ctx.needs_input_grad[1] else none_t
     return (d_student, d_teachers) + (None,) * 15
+
+
+def _kd_loss_triton_setup_context(ctx, inputs, output):
+    _, grad_s, grad_t = output
+    ctx.mark_non_differentiable(grad_s, grad_t)
+    ctx.set_materialize_grads(False)
+    ctx.reduce = inputs[14]
+    ctx.save_for_backward(grad_s, grad_t)
+
+
+def _kd_loss_triton_backward(ctx, grad_loss, _grad_grad_s, _grad_grad_t):
+    """Backward of fastdistill::kd_loss_triton: as for kd_loss, with the teachers' gradient one [K, N, V] tensor."""
+    if grad_loss is None:
+        return (None,) * 17
+    grad_s, grad_t = ctx.saved_tensors
+    d_student = _scale(grad_s, grad_loss, ctx.reduce) if ctx.needs_input_grad[0] else None
+    d_teachers = _scale(grad_t, grad_loss, ctx.reduce) if ctx.needs_input_grad[1] else None
+    return (d_student, d_teachers) + (None,) * 15
+
+
+def register_triton(op) -> None:
+    """Autograd of the Triton op (its fake kernel comes from triton_op itself)."""
+    op.register_autograd(_kd_loss_triton_backward, setup_context=_kd_loss_triton_setup_context)
 
 
 if extension.available():
