@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable
 
@@ -39,6 +40,19 @@ def make_eager(K: int, temperature: float) -> LossFn:
     return fn
 
 
+def make_liger(K: int, temperature: float) -> LossFn:
+    """Liger-Kernel's fused JSD with beta = 0 (forward KL) on log-softmaxed inputs; one teacher only."""
+    from liger_kernel.transformers import LigerJSD
+
+    jsd = LigerJSD(jsd_beta=0.0)
+
+    def fn(student: torch.Tensor, teachers: torch.Tensor) -> torch.Tensor:
+        T = temperature
+        return jsd(F.log_softmax(student / T, dim=-1), F.log_softmax(teachers[0] / T, dim=-1)) * T**2
+
+    return fn
+
+
 def make_compile(K: int, temperature: float) -> LossFn:
     """``torch.compile`` of the eager loss (default mode, static shapes)."""
     return torch.compile(make_eager(K, temperature), dynamic=False)
@@ -46,6 +60,8 @@ def make_compile(K: int, temperature: float) -> LossFn:
 
 PROVIDERS: dict[str, Callable[[int, float], LossFn]] = {
     "cpu": _kd("cpu"),
+    "triton": _kd("triton"),
+    "liger": make_liger,
     "auto": _kd("auto"),
     "eager": make_eager,
     "compile": make_compile,
@@ -59,6 +75,10 @@ def unavailable_reason(name: str, device: str) -> str | None:
         return f"unknown provider {name!r} (known: {', '.join(PROVIDERS)})"
     if name == "cpu" and device != "cpu":
         return "the cpu backend runs on CPU tensors only"
+    if name in ("triton", "liger") and device != "cuda":
+        return f"{name} is benchmarked on CUDA only (on the CPU it would run in Triton's interpreter)"
+    if name == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        return "liger_kernel is not importable"
     if name == "cpu" and not fastdistill.extension_available():
         return "fastdistill C++ extension unavailable (fastdistill.extension_available() is False)"
     if device == "cuda" and not torch.cuda.is_available():

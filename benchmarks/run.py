@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         for K in args.teachers:
             for prov in providers:
                 reason = unavailable_reason(prov, device)
+                if reason is None and prov == "liger" and K != 1:
+                    reason = "Liger's JSD takes one teacher"
                 if reason:
                     print(f"skip {prov} (V={V}, K={K}): {reason}", file=sys.stderr)
                     continue

@@ -18,9 +18,12 @@ ENSEMBLES = ("prob_mean", "logit_mean", "loss_mean")
 REDUCTIONS = ("mean", "sum", "batchmean", "none")
 
 requires_ext = pytest.mark.skipif(not fastdistill.extension_available(), reason="fastdistill._C is not built")
-requires_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-# Backends compared with the float64 reference on CPU tensors ("triton" in the interpreter). "reference" in float32
-# is itself checked this way.
+requires_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="triton is not installed, or runs compiled (GPU): see test_triton_gpu.py",
+)
+# Backends compared with the float64 reference on CPU tensors ("triton" in its interpreter when there is no GPU;
+# on a GPU machine tests/test_triton_gpu.py runs it on CUDA tensors). "reference" in float32 is checked this way too.
 CPU_BACKENDS = [pytest.param("cpu", marks=requires_ext), "reference", pytest.param("triton", marks=requires_triton)]
 
 
