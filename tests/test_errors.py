@@ -100,11 +100,14 @@ def test_device_mismatch(backend):
         _call(backend, labels=torch.empty(4, 3, dtype=torch.long, device="meta"))
 
 
-def test_explicit_backend_that_cannot_run(monkeypatch):
-    """A named backend that cannot run the inputs raises with its reasons."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_explicit_backend_that_cannot_run():
+    """A named backend that cannot run the inputs raises with its reasons (meta tensors: no backend runs them; the
+    environment is left alone, since Triton reads TRITON_INTERPRET once)."""
+    meta_s, meta_t = torch.empty(4, 3, 10, device="meta"), torch.empty(4, 3, 10, device="meta")
     with pytest.raises(ValueError, match=r"backend='triton' cannot run these inputs: .*needs all tensors on cuda"):
-        _call("triton")
+        fastdistill.kd_loss(meta_s, meta_t, backend="triton")
+    with pytest.raises(ValueError, match=r"backend='cpu' cannot run these inputs: .*needs all tensors on cpu"):
+        fastdistill.kd_loss(meta_s, meta_t, backend="cpu")
     with pytest.raises(ValueError, match=r"backend='cuda' cannot run these inputs: .*(without cuda|tensors on cuda)"):
         _call("cuda")
 
