@@ -46,6 +46,26 @@ class KDInputs:
         return [self.student, *self.teachers, *(t for t in optional if t is not None)]
 
 
+def _dtype_reasons(inp: KDInputs) -> list[str]:
+    dtypes = {t.dtype for t in [inp.student, *inp.teachers]}
+    if not dtypes <= set(SUPPORTED_DTYPES):
+        return [f"logits must be float32/float64/bfloat16/float16, got {sorted(map(str, dtypes))}"]
+    return []
+
+
+def _kernel_dtypes(student: Tensor, teachers: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """The dtypes the fused kernels take: float64 everywhere when any input is float64 (computed in float64), and
+    one dtype for all teachers (their promotion: a copy only when they differ)."""
+    if reference.compute_dtype(student, *teachers) == torch.float64:
+        return student.double(), [t.double() for t in teachers]
+    if len({t.dtype for t in teachers}) > 1:
+        common = teachers[0].dtype
+        for t in teachers[1:]:
+            common = torch.promote_types(common, t.dtype)
+        teachers = [t.to(common) for t in teachers]
+    return student, teachers
+
+
 class Backend:
     name: str = ""
 
@@ -91,21 +111,10 @@ class _CustomOpBackend(Backend):
             reasons.append(f"needs all tensors on {self.device_type}, got {sorted(devices)}")
         if len(inp.teachers) > self.max_teachers:
             reasons.append(f"takes at most {self.max_teachers} teachers, got K = {len(inp.teachers)}")
-        dtypes = {t.dtype for t in [inp.student, *inp.teachers]}
-        if not dtypes <= set(SUPPORTED_DTYPES):
-            reasons.append(f"logits must be float32/float64/bfloat16/float16, got {sorted(map(str, dtypes))}")
-        return reasons
+        return reasons + _dtype_reasons(inp)
 
     def __call__(self, inp: KDInputs) -> Tensor:
-        student, teachers = inp.student, inp.teachers
-        # The kernels take one teacher dtype, and compute in float64 only when everything is float64.
-        if reference.compute_dtype(student, *teachers) == torch.float64:
-            student, teachers = student.double(), [t.double() for t in teachers]
-        elif len({t.dtype for t in teachers}) > 1:
-            common = teachers[0].dtype
-            for t in teachers[1:]:
-                common = torch.promote_types(common, t.dtype)
-            teachers = [t.to(common) for t in teachers]
+        student, teachers = _kernel_dtypes(inp.student, inp.teachers)
         grad_on = torch.is_grad_enabled()
         loss, _, _ = torch.ops.fastdistill.kd_loss(
             student, teachers, inp.teacher_weights, inp.labels, inp.sample_weight, inp.denominator,
@@ -154,26 +163,17 @@ class TritonBackend(Backend):
         interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
         if devices != {"cuda"} and not (interpret and devices == {"cpu"}):
             reasons.append(f"needs all tensors on cuda (or on cpu with TRITON_INTERPRET=1), got {sorted(devices)}")
-        dtypes = {t.dtype for t in [inp.student, *inp.teachers]}
-        if not dtypes <= set(SUPPORTED_DTYPES):
-            reasons.append(f"logits must be float32/float64/bfloat16/float16, got {sorted(map(str, dtypes))}")
-        return reasons
+        return reasons + _dtype_reasons(inp)
 
     def __call__(self, inp: KDInputs) -> Tensor:
         from .triton.kd_loss import kd_loss_triton
 
-        student, stacked = inp.student, inp.teachers_stacked
-        # One [K, N, V] tensor with unit stride along V: the caller's own when it came stacked; a list is stacked
-        # (one copy in the input dtype: pass a stacked tensor to avoid it). float64 anywhere: all float64.
-        f64 = reference.compute_dtype(student, *inp.teachers) == torch.float64
-        if stacked is None or len({t.dtype for t in inp.teachers}) > 1 or (f64 and stacked.dtype != torch.float64):
-            teachers = [t.double() for t in inp.teachers] if f64 else inp.teachers
-            common = teachers[0].dtype
-            for t in teachers[1:]:
-                common = torch.promote_types(common, t.dtype)
-            stacked = torch.stack([t.to(common) for t in teachers])
-        if f64:
-            student = student.double()
+        # One [K, N, V] tensor with unit stride along V: the caller's own when it came stacked (and needs no
+        # cast); a list is stacked (one copy in the input dtype: pass a stacked tensor to avoid it).
+        student, teachers = _kernel_dtypes(inp.student, inp.teachers)
+        stacked = inp.teachers_stacked
+        if stacked is None or teachers[0].dtype != stacked.dtype:
+            stacked = torch.stack(teachers)
         if stacked.stride(-1) != 1:
             stacked = stacked.contiguous()
         if student.stride(-1) != 1:

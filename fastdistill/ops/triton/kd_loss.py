@@ -169,14 +169,10 @@ def _kd_row_kernel(
     gq_sum = tl.zeros((), ACC)
     agg = tl.zeros((KP,), ACC)  # per-teacher aggregates for the teacher gradients
     for b in range(0, tl.cdiv(V, BLOCK)):
-        cols = b * BLOCK + tl.arange(0, BLOCK)
-        cmask = cols < V
-        s = tl.load(s_row + cols, mask=cmask, other=NEG_INF).to(ACC)
-        logq = s * inv_t - lse_q
-        q = tl.exp(logq)
-        x = tl.load(t_row + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=NEG_INF).to(ACC) * inv_t
-        phi, gq, hp, p, logp, lwp, pk = _element(x, q, logq, w, logw, lse_t, lse_c, ks, kmask, cmask, K, ENS, DIV,
-                                                 beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew)
+        cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
+            b, s_row, t_row, V, inv_t, lse_q, w, logw, lse_t, lse_c, ks, kmask, K, ENS, DIV, BLOCK, ACC,
+            beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew,
+        )  # fmt: skip
         phi_sum += tl.sum(tl.where(cmask, phi, 0.0), 0)
         gq_sum += tl.sum(tl.where(cmask, gq, 0.0), 0)
         if GRAD_T:
@@ -203,14 +199,10 @@ def _kd_row_kernel(
     # ---- sweep 3: gradients that needed the aggregates ----------------------------------------------------------
     if (GRAD_S and DIV != 0) or GRAD_T:
         for b in range(0, tl.cdiv(V, BLOCK)):
-            cols = b * BLOCK + tl.arange(0, BLOCK)
-            cmask = cols < V
-            s = tl.load(s_row + cols, mask=cmask, other=NEG_INF).to(ACC)
-            logq = s * inv_t - lse_q
-            q = tl.exp(logq)
-            x = tl.load(t_row + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=NEG_INF).to(ACC) * inv_t
-            phi, gq, hp, p, logp, lwp, pk = _element(x, q, logq, w, logw, lse_t, lse_c, ks, kmask, cmask, K, ENS, DIV,
-                                                     beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew)
+            cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
+                b, s_row, t_row, V, inv_t, lse_q, w, logw, lse_t, lse_c, ks, kmask, K, ENS, DIV, BLOCK, ACC,
+                beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew,
+            )  # fmt: skip
             if GRAD_S and DIV != 0:
                 g = tl.where(kd_over_t != 0, kd_over_t * (gq - q * gq_sum), 0.0)
                 if CE:
@@ -230,6 +222,22 @@ def _kd_row_kernel(
                 gt = tl.where(w[:, None] > 0, gt, 0.0)  # dropped teachers get exactly 0
                 tl.store(gt_ptr + gt_off, tl.where(valid, gt, 0.0),
                          mask=kmask[:, None] & cmask[None, :])  # fmt: skip
+
+
+@triton.jit
+def _tile(b, s_row, t_row, V, inv_t, lse_q, w, logw, lse_t, lse_c, ks, kmask, K: tl.constexpr, ENS: tl.constexpr,
+          DIV: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, beta, log_beta, log_1m_beta, skew, log_skew,
+          log_1m_skew):  # fmt: skip
+    """Block b of the row, read again after sweep 1: the student's Q and the targets' terms (see _element)."""
+    cols = b * BLOCK + tl.arange(0, BLOCK)
+    cmask = cols < V
+    s = tl.load(s_row + cols, mask=cmask, other=NEG_INF).to(ACC)
+    logq = s * inv_t - lse_q
+    q = tl.exp(logq)
+    x = tl.load(t_row + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=NEG_INF).to(ACC) * inv_t
+    phi, gq, hp, p, logp, lwp, pk = _element(x, q, logq, w, logw, lse_t, lse_c, ks, kmask, cmask, K, ENS, DIV, beta,
+                                             log_beta, log_1m_beta, skew, log_skew, log_1m_skew)  # fmt: skip
+    return cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk
 
 
 @triton.jit
