@@ -120,9 +120,9 @@ def split_teachers(teacher_logits: TeacherLogits, student_shape: torch.Size) -> 
     raise TypeError(f"teacher_logits must be a Tensor or a sequence of Tensors, got {type(teacher_logits).__name__}")
 
 
-def _check_device(name: str, x: Tensor, device: torch.device) -> None:
+def _check_device(name: str, x: Tensor, device: torch.device, ref: str = "student_logits") -> None:
     if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but student_logits is on {device}; all inputs must share a device")
+        raise ValueError(f"{name} is on {x.device} but {ref} is on {device}; all inputs must share a device")
 
 
 def _check_values(name: str, x: Tensor, what: str, bad: Tensor) -> None:
@@ -364,3 +364,75 @@ def ensemble_soft_targets(
     flat = [t.reshape(n, v) for t in teachers]
     log_p = reference.ensemble_log_target(flat, float(temperature), ensemble, tw, acc)
     return log_p.exp().reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MI-alpha (SPEC §2, §6)
+
+
+def mi_alpha(
+    student_feats: Tensor,
+    teacher_feats: Tensor,
+    *,
+    alpha: float = 0.01,
+    log_baseline: float | Tensor = 1.0,
+    critic: str = "dot",
+    temperature: float = 1.0,
+    backend: str = "auto",
+) -> Tensor:
+    """The MI-alpha estimate of I(student; teacher) on a batch (Distiller; Poole et al.'s interpolated bound).
+
+    Args:
+        student_feats: [N, D] student representations, already projected by the critic (g_s(x)).
+        teacher_feats: [N, D] teacher representations g_t(y); row i of both is the same example (the positive pair),
+            every other pairing an in-batch negative. N >= 2.
+        alpha: in [0, 1]. 0 is NWJ/TUBA (low bias, high variance); 1 is InfoNCE-like and never exceeds log(N - 1).
+        log_baseline: the log-baseline a(y_i): a float, or a Tensor [N] (learned, one per teacher row; it receives
+            a gradient). 1.0 makes alpha = 0 exactly NWJ.
+        critic: "dot" (<u, v> / temperature) or "cosine" (<u/|u|, v/|v|> / temperature).
+        temperature: > 0, divides the scores.
+        backend: "auto", "cpu", "cuda", "triton" or "reference" (materialises the N x N matrix).
+
+    Returns:
+        The estimate in nats: 0-dim float32 (float64 for float64 inputs), differentiable with respect to both
+        feature tensors and a Tensor ``log_baseline``. Maximise it (or minimise ``-mi_alpha(...)``).
+    """
+    _check_choice("critic", critic, reference.CRITICS)
+    _check_choice("backend", backend, dispatch.BACKENDS_NAMES)
+    alpha = _check_real("alpha", alpha, low=0.0, high=1.0, low_open=False, high_open=False)
+    temperature = _check_real("temperature", temperature, low=0.0, high=math.inf, low_open=True, high_open=True)
+    for name, x in (("student_feats", student_feats), ("teacher_feats", teacher_feats)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a Tensor [N, D], got {type(x).__name__}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {x.dtype}")
+        if x.dim() != 2:
+            raise ValueError(f"{name} must have shape [N, D], got {tuple(x.shape)}")
+    if teacher_feats.shape != student_feats.shape:
+        raise ValueError(
+            f"teacher_feats has shape {tuple(teacher_feats.shape)}, expected {tuple(student_feats.shape)} like "
+            f"student_feats (project both to one width with the critic: see fastdistill.MIAlphaLoss)"
+        )
+    n, d = student_feats.shape
+    if n < 2:
+        raise ValueError(f"mi_alpha needs N >= 2 rows (one positive and at least one negative pair), got N = {n}")
+    if d < 1:
+        raise ValueError("student_feats has D = 0 features; the critic needs D >= 1")
+    _check_device("teacher_feats", teacher_feats, student_feats.device, "student_feats")
+    if isinstance(log_baseline, Tensor):
+        if not log_baseline.is_floating_point():
+            raise TypeError(f"log_baseline must be a floating Tensor [N], got {log_baseline.dtype}")
+        if tuple(log_baseline.shape) != (n,):
+            raise ValueError(f"log_baseline must be a float or a Tensor of shape [N] = [{n}], got "
+                             f"{tuple(log_baseline.shape)}")  # fmt: skip
+        _check_device("log_baseline", log_baseline, student_feats.device, "student_feats")
+    else:
+        log_baseline = _check_real("log_baseline", log_baseline, low=-math.inf, high=math.inf, low_open=True,
+                                   high_open=True)  # fmt: skip
+    # one dtype for both feature tensors (float64 wins; otherwise their promotion)
+    common = torch.promote_types(student_feats.dtype, teacher_feats.dtype)
+    inp = dispatch.MIInputs(
+        student=student_feats.to(common), teacher=teacher_feats.to(common), log_baseline=log_baseline,
+        alpha=alpha, critic=critic, temperature=temperature,
+    )  # fmt: skip
+    return dispatch.select(backend, inp, dispatch.MI_BACKENDS, op="mi_alpha")(inp)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from .ops import reference
 
 
 class KDLoss(nn.Module):
@@ -77,3 +80,123 @@ class KDLoss(nn.Module):
             f"divergence={self.divergence!r}, temperature={self.temperature}, ensemble={self.ensemble!r}, "
             f"ce_weight={self.ce_weight}, reduction={self.reduction!r}, backend={self.backend!r}"
         )
+
+
+POOLINGS = ("cls", "mean", "none")
+BASELINES = ("learned", "constant")
+
+
+def _projection(d_in: int, d_out: int, hidden: int | None) -> nn.Module:
+    if hidden is None:
+        return nn.Linear(d_in, d_out)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+
+
+def _check_dim(name: str, value, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+
+
+class MIAlphaLoss(nn.Module):
+    """Distiller's MI-alpha feature term: minus the MI-alpha estimate between projected student and teacher
+    representations (SPEC §2, §6), with a learned separable critic f(x, y) = <g_s(x), g_t(y)> and log-baseline a(y).
+
+    g_s, g_t are linear maps to ``proj_dim`` (2-layer MLPs with ``hidden_dim`` hidden units when it is set);
+    with ``baseline="learned"`` a(y) is a small MLP on the teacher's (pooled) features, initialised to the constant
+    1 (so alpha = 0 starts exactly at NWJ); ``baseline="constant"`` fixes a = 1. Train these parameters together
+    with the student: they tighten the bound, the student raises it.
+
+    ``forward(student_hidden, teacher_hidden, attention_mask=None)`` takes [N, D_s] and [N, D_t] rows, or
+    [B, L, D_s] and [B, L, D_t] hidden states pooled per ``pooling``: "cls" (position 0), "mean" (over unmasked
+    positions) or "none" (every unmasked token is a row: the same [B, L] layout and mask for both). It returns
+    the loss ``-estimate`` (0-dim); :meth:`estimate` returns the estimate itself.
+
+    Example::
+
+        mi = MIAlphaLoss(student_dim=384, teacher_dim=768, pooling="mean")
+        loss = task_loss + 0.1 * mi(student_out.hidden_states[-1], teacher_out.hidden_states[-1], mask)
+    """
+
+    def __init__(
+        self,
+        student_dim: int,
+        teacher_dim: int,
+        *,
+        proj_dim: int = 128,
+        hidden_dim: int | None = None,
+        alpha: float = 0.01,
+        critic: str = "dot",
+        temperature: float = 1.0,
+        baseline: str = "learned",
+        pooling: str = "cls",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        _check_dim("student_dim", student_dim)
+        _check_dim("teacher_dim", teacher_dim)
+        _check_dim("proj_dim", proj_dim)
+        _check_dim("hidden_dim", hidden_dim, allow_none=True)
+        F._check_choice("critic", critic, reference.CRITICS)
+        F._check_choice("baseline", baseline, BASELINES)
+        F._check_choice("pooling", pooling, POOLINGS)
+        F._check_choice("backend", backend, F.dispatch.BACKENDS_NAMES)
+        self.alpha = F._check_real("alpha", alpha, low=0.0, high=1.0, low_open=False, high_open=False)
+        self.temperature = F._check_real("temperature", temperature, low=0.0, high=math.inf, low_open=True,
+                                         high_open=True)  # fmt: skip
+        self.critic, self.pooling, self.backend = critic, pooling, backend
+        self.student_proj = _projection(student_dim, proj_dim, hidden_dim)
+        self.teacher_proj = _projection(teacher_dim, proj_dim, hidden_dim)
+        self.baseline: nn.Module | None = None
+        if baseline == "learned":
+            width = hidden_dim or proj_dim
+            self.baseline = nn.Sequential(nn.Linear(teacher_dim, width), nn.ReLU(), nn.Linear(width, 1))
+            nn.init.zeros_(self.baseline[2].weight)
+            nn.init.constant_(self.baseline[2].bias, 1.0)
+
+    def pool(self, hidden: Tensor, attention_mask: Tensor | None, name: str) -> Tensor:
+        """[N, D] rows from [N, D] (as is) or [B, L, D] hidden states per ``self.pooling``."""
+        if not isinstance(hidden, Tensor):
+            raise TypeError(f"{name} must be a Tensor [N, D] or [B, L, D], got {type(hidden).__name__}")
+        if hidden.dim() == 2:
+            if attention_mask is not None:
+                raise ValueError(f"attention_mask is for [B, L, D] hidden states; {name} is [N, D]")
+            return hidden
+        if hidden.dim() != 3:
+            raise ValueError(f"{name} must be [N, D] or [B, L, D], got shape {tuple(hidden.shape)}")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(hidden.shape[:2]):
+            raise ValueError(f"attention_mask must be [B, L] = {list(hidden.shape[:2])}, got "
+                             f"{list(attention_mask.shape)}")  # fmt: skip
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pooling == "mean":
+            if attention_mask is None:
+                return hidden.mean(1)
+            m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+            return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        if attention_mask is None:
+            return hidden.reshape(-1, hidden.shape[-1])
+        return hidden[attention_mask.bool()]
+
+    def estimate(self, student_hidden: Tensor, teacher_hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The MI-alpha estimate in nats (0-dim float32) for a batch; see the class docstring for shapes."""
+        xs = self.pool(student_hidden, attention_mask, "student_hidden")
+        ys = self.pool(teacher_hidden, attention_mask, "teacher_hidden")
+        if xs.shape[0] != ys.shape[0]:
+            raise ValueError(f"student_hidden gives {xs.shape[0]} rows but teacher_hidden gives {ys.shape[0]}; "
+                             "row i of both must be the same example")  # fmt: skip
+        u, v = self.student_proj(xs), self.teacher_proj(ys)
+        a = self.baseline(ys).squeeze(-1) if self.baseline is not None else 1.0
+        if isinstance(a, Tensor) and a.dtype != torch.float64:
+            a = a.float()
+        return F.mi_alpha(u, v, alpha=self.alpha, log_baseline=a, critic=self.critic, temperature=self.temperature,
+                          backend=self.backend)  # fmt: skip
+
+    def forward(self, student_hidden: Tensor, teacher_hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The loss to minimise: ``-estimate`` (0-dim)."""
+        return -self.estimate(student_hidden, teacher_hidden, attention_mask)
+
+    def extra_repr(self) -> str:
+        return (f"alpha={self.alpha}, critic={self.critic!r}, temperature={self.temperature}, "
+                f"pooling={self.pooling!r}, backend={self.backend!r}")  # fmt: skip

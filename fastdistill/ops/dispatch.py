@@ -141,12 +141,17 @@ class CudaBackend(_CustomOpBackend):
     device_type = "cuda"
 
 
-def _triton_error() -> str | None:
+def _triton_reasons(tensors: list[Tensor]) -> list[str]:
+    reasons = []
     try:
         import triton  # noqa: F401
     except ImportError as e:
-        return f"triton is not importable ({e})"
-    return None
+        reasons.append(f"triton is not importable ({e})")
+    devices = {t.device.type for t in tensors}
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if devices != {"cuda"} and not (interpret and devices == {"cpu"}):
+        reasons.append(f"needs all tensors on cuda (or on cpu with TRITON_INTERPRET=1), got {sorted(devices)}")
+    return reasons
 
 
 class TritonBackend(Backend):
@@ -155,15 +160,7 @@ class TritonBackend(Backend):
     name = "triton"
 
     def not_supported_reasons(self, inp: KDInputs) -> list[str]:
-        reasons = []
-        error = _triton_error()
-        if error:
-            reasons.append(error)
-        devices = {t.device.type for t in inp.tensors()}
-        interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-        if devices != {"cuda"} and not (interpret and devices == {"cpu"}):
-            reasons.append(f"needs all tensors on cuda (or on cpu with TRITON_INTERPRET=1), got {sorted(devices)}")
-        return reasons + _dtype_reasons(inp)
+        return _triton_reasons(inp.tensors()) + _dtype_reasons(inp)
 
     def __call__(self, inp: KDInputs) -> Tensor:
         from .triton.kd_loss import kd_loss_triton
@@ -190,13 +187,115 @@ class TritonBackend(Backend):
 BACKENDS: dict[str, Backend] = {b.name: b for b in (CpuBackend(), CudaBackend(), TritonBackend(), ReferenceBackend())}
 # "auto": fastest first, per device type.
 PRIORITY = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
-_warned: set[str] = set()
 
 
-def select(name: str, inp: KDInputs) -> Backend:
-    """The backend that will run ``inp``: ``name`` itself, or for "auto" the first capable one."""
+# ---------------------------------------------------------------------------------------------------------------------
+# MI-alpha (SPEC §2): the same scheme, one table of backends.
+
+
+@dataclass
+class MIInputs:
+    """Validated arguments of :func:`fastdistill.mi_alpha` (see :func:`fastdistill.ops.reference.mi_alpha`)."""
+
+    student: Tensor  # [N, D], one dtype with teacher
+    teacher: Tensor  # [N, D]
+    log_baseline: float | Tensor  # float, or [N]
+    alpha: float
+    critic: str
+    temperature: float
+
+    def tensors(self) -> list[Tensor]:
+        extra = [self.log_baseline] if isinstance(self.log_baseline, Tensor) else []
+        return [self.student, self.teacher, *extra]
+
+    def kernel_args(self) -> tuple[Tensor, Tensor, Tensor, float, float]:
+        """The arguments of the fused ops: the critic applied (unit-norm rows for "cosine", so its gradient comes
+        from autograd through the normalisation) and the log-baseline as an [N] tensor in the accumulation dtype."""
+        u, v = self.student, self.teacher
+        if self.critic == "cosine":
+            u, v = torch.nn.functional.normalize(u, dim=-1), torch.nn.functional.normalize(v, dim=-1)
+        acc = reference.compute_dtype(u)
+        a = self.log_baseline
+        a = a.to(acc) if isinstance(a, Tensor) else torch.full((u.shape[0],), float(a), dtype=acc, device=u.device)
+        return u.contiguous(), v.contiguous(), a.contiguous(), self.alpha, self.temperature
+
+
+class MIReferenceBackend(Backend):
+    """The materialised N x N matrix, autograd for gradients: the spec in code."""
+
+    name = "reference"
+
+    def not_supported_reasons(self, inp: MIInputs) -> list[str]:
+        return []
+
+    def __call__(self, inp: MIInputs) -> Tensor:
+        return reference.mi_alpha(inp.student, inp.teacher, alpha=inp.alpha, log_baseline=inp.log_baseline,
+                                  critic=inp.critic, temperature=inp.temperature)  # fmt: skip
+
+
+class MIExtensionBackend(Backend):
+    """``torch.ops.fastdistill.mi_alpha`` with a kernel for ``dispatch_key`` (csrc/cpu, csrc/cuda)."""
+
+    dispatch_key = ""
+    device_type = ""
+
+    def not_supported_reasons(self, inp: MIInputs) -> list[str]:
+        reasons = []
+        if not extension.available():
+            reasons.append(f"the fastdistill._C extension is not available ({extension.IMPORT_ERROR})")
+        elif not extension.has_kernel("mi_alpha", self.dispatch_key):
+            reasons.append(f"fastdistill._C has no {self.name} kernel for mi_alpha")
+        devices = {t.device.type for t in inp.tensors()}
+        if devices != {self.device_type}:
+            reasons.append(f"needs all tensors on {self.device_type}, got {sorted(devices)}")
+        return reasons
+
+    def __call__(self, inp: MIInputs) -> Tensor:
+        return torch.ops.fastdistill.mi_alpha(*inp.kernel_args())[0]
+
+
+class MICpuBackend(MIExtensionBackend):
+    """C++ kernel (csrc/cpu/mi_alpha_cpu.cpp): [64, N] score strips from BLAS, SIMD statistics."""
+
+    name = "cpu"
+    dispatch_key = "CPU"
+    device_type = "cpu"
+
+
+class MICudaBackend(MIExtensionBackend):
+    """CUDA C++: not written (the Triton kernels are the GPU backend); listed so ``backend="cuda"`` says so."""
+
+    name = "cuda"
+    dispatch_key = "CUDA"
+    device_type = "cuda"
+
+
+class MITritonBackend(Backend):
+    """Triton kernels (fastdistill/ops/triton/mi_alpha.py): tiled tl.dot score tiles, flash-attention style."""
+
+    name = "triton"
+
+    def not_supported_reasons(self, inp: MIInputs) -> list[str]:
+        return _triton_reasons(inp.tensors())
+
+    def __call__(self, inp: MIInputs) -> Tensor:
+        from .triton.mi_alpha import mi_alpha_triton
+
+        return mi_alpha_triton(*inp.kernel_args())[0]
+
+
+MI_BACKENDS: dict[str, Backend] = {
+    b.name: b for b in (MICpuBackend(), MICudaBackend(), MITritonBackend(), MIReferenceBackend())
+}
+_warned: set[tuple[str, str]] = set()
+
+
+def select(name: str, inp, backends: dict[str, Backend] | None = None, op: str = "kd_loss") -> Backend:
+    """The backend of ``backends`` (default: kd_loss's) that will run ``inp``: ``name`` itself, or for "auto" the
+    first capable one in the device's priority order."""
+    backends = BACKENDS if backends is None else backends
     if name != "auto":
-        backend = BACKENDS[name]
+        backend = backends[name]
         reasons = backend.not_supported_reasons(inp)
         if reasons:
             raise ValueError(f"backend={name!r} cannot run these inputs: " + "; ".join(reasons))
@@ -205,15 +304,15 @@ def select(name: str, inp: KDInputs) -> Backend:
     order = PRIORITY.get(device, ("reference",))
     skipped: list[str] = []
     for candidate in order:
-        reasons = BACKENDS[candidate].not_supported_reasons(inp)
+        reasons = backends[candidate].not_supported_reasons(inp)
         if not reasons:
-            if candidate == "reference" and len(order) > 1 and device not in _warned:
-                _warned.add(device)
+            if candidate == "reference" and len(order) > 1 and (op, device) not in _warned:
+                _warned.add((op, device))
                 warnings.warn(
-                    f"fastdistill: no fused kd_loss backend for {device} tensors, using the slow reference "
+                    f"fastdistill: no fused {op} backend for {device} tensors, using the slow reference "
                     f"backend ({'; '.join(skipped)})",
                     stacklevel=4,
                 )
-            return BACKENDS[candidate]
+            return backends[candidate]
         skipped.append(f"{candidate}: {', '.join(reasons)}")
     raise AssertionError("the reference backend runs everything")  # pragma: no cover

@@ -162,3 +162,64 @@ def kd_loss(
         return rows
     total = rows.sum()
     return total if denominator is None else total / denominator.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MI-alpha (SPEC §2, §6). Inputs are validated by fastdistill.functional.mi_alpha: student, teacher [N, D] (N >= 2),
+# log_baseline a float or a Tensor [N].
+# ---------------------------------------------------------------------------------------------------------------------
+
+CRITICS = ("dot", "cosine")
+
+
+def mi_scores(student: Tensor, teacher: Tensor, critic: str, temperature: float) -> Tensor:
+    """The critic matrix S [N, N], S_ij = <v_i, u_j> / T (row i: teacher example i; the diagonal: positive pairs),
+    with u = student, v = teacher, both L2-normalised first for ``critic="cosine"``; float32 or float64."""
+    dtype = compute_dtype(student, teacher)
+    u, v = student.to(dtype), teacher.to(dtype)
+    if critic == "cosine":
+        u, v = torch.nn.functional.normalize(u, dim=-1), torch.nn.functional.normalize(v, dim=-1)
+    return (v @ u.T) / temperature
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate on both sides of -log 2 (Maechler's recipe)."""
+    near = x > -math.log(2.0)
+    return torch.where(near, torch.log(-torch.expm1(torch.where(near, x, -1.0))),
+                       torch.log1p(-torch.exp(torch.where(near, -1.0, x))))  # fmt: skip
+
+
+def mi_alpha(
+    student: Tensor,
+    teacher: Tensor,
+    *,
+    alpha: float,
+    log_baseline: float | Tensor,
+    critic: str,
+    temperature: float,
+) -> Tensor:
+    """The interpolated bound I_alpha of Poole et al. (2019) on a batch, as Distiller uses it (SPEC §6).
+
+    student, teacher: [N, D]; log_baseline: float or [N] (a_i, one per teacher row). Returns the 0-dim estimate in
+    nats (float64 for float64 inputs, else float32), differentiable by autograd in all three.
+    """
+    s = mi_scores(student, teacher, critic, temperature)
+    n = s.shape[0]
+    a = torch.as_tensor(log_baseline, dtype=s.dtype, device=s.device).expand(n)
+    off = ~torch.eye(n, dtype=torch.bool, device=s.device)
+    # Leave-one-out InfoNCE baseline L_ij = log(1/(N-1) sum_{k != j} exp(S_ik)). Off the row's largest score and
+    # the diagonal it is l_i + log(1 - exp(S_ij - l_i)) - log(N-1) (l_i = logsumexp_k S_ik; well conditioned, as
+    # p_ij <= 1/2 there); at those two columns the sum without them is taken directly: 1 - p would cancel.
+    lse = torch.logsumexp(s, dim=1, keepdim=True)
+    star = s.argmax(dim=1, keepdim=True)
+    cols = torch.arange(n, device=s.device)
+    direct = ~off | (cols[None, :] == star)
+    loo = lse + _log1mexp(torch.where(direct, -1.0, (s - lse).clamp(max=0.0)))
+    loo_diag = torch.logsumexp(s.masked_fill(~off, -math.inf), dim=1)
+    loo_star = torch.logsumexp(s.masked_fill(cols[None, :] == star, -math.inf), dim=1)
+    loo = torch.where(~off, loo_diag[:, None], torch.where(direct, loo_star[:, None], loo)) - math.log(n - 1)
+    # Interpolated baseline B_ij = log(alpha exp(L_ij) + (1 - alpha) exp(a_i)).
+    b = _log_mix(loo, a[:, None].expand(n, n), alpha)
+    joint = (s.diagonal()[:, None] - b)[off].mean()
+    marginal = torch.exp(s - b.diagonal()[:, None])[off].mean()
+    return 1.0 + joint - marginal

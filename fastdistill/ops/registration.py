@@ -98,8 +98,63 @@ def register_triton(op) -> None:
     op.register_autograd(_kd_loss_triton_backward, setup_context=_kd_loss_triton_setup_context)
 
 
+# --- MI-alpha: fastdistill::mi_alpha -> (estimate, stats [6, N]); backward recomputes score tiles from stats. ---
+MI_STATS_ROWS = 6
+MI_STATS_DA = 4  # stats[4] = dI/d(log_baseline)
+
+
+def _mi_alpha_fake(student, teacher, log_baseline, alpha, temperature):
+    torch._check(student.dim() == 2 and teacher.shape == student.shape, lambda: "student, teacher must be [N, D]")
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    return student.new_empty((), dtype=acc), student.new_empty((MI_STATS_ROWS, student.shape[0]), dtype=acc)
+
+
+def _mi_alpha_backward_fake(grad, student, teacher, log_baseline, stats, alpha, temperature):
+    return torch.empty_like(student), torch.empty_like(teacher)
+
+
+def _mi_alpha_setup_context(ctx, inputs, output):
+    student, teacher, log_baseline, alpha, temperature = inputs
+    _, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)
+    ctx.alpha, ctx.temperature = alpha, temperature
+    ctx.save_for_backward(student, teacher, log_baseline, stats)
+
+
+def _mi_alpha_autograd(backward_op):
+    """The autograd formula of an MI-alpha forward op whose gradients come from ``backward_op`` (same signature as
+    fastdistill::mi_alpha_backward): d/d(log_baseline) is in stats, the rest is recomputed tile by tile."""
+
+    def backward(ctx, grad, _grad_stats):
+        if grad is None:
+            return None, None, None, None, None
+        student, teacher, log_baseline, stats = ctx.saved_tensors
+        d_student = d_teacher = d_baseline = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            d_student, d_teacher = backward_op(grad, student, teacher, log_baseline, stats, ctx.alpha,
+                                               ctx.temperature)  # fmt: skip
+        if ctx.needs_input_grad[2]:
+            d_baseline = (grad * stats[MI_STATS_DA]).to(log_baseline.dtype)
+        return d_student, d_teacher, d_baseline, None, None
+
+    return backward
+
+
+def register_mi_triton(forward_op, backward_op) -> None:
+    """Autograd of the Triton MI-alpha ops (their fake kernels come from triton_op / register_fake)."""
+    forward_op.register_autograd(_mi_alpha_autograd(backward_op), setup_context=_mi_alpha_setup_context)
+
+
 if extension.available():
     torch.library.register_fake("fastdistill::kd_loss")(_kd_loss_fake)
     torch.library.register_autograd(
         "fastdistill::kd_loss", _kd_loss_backward, setup_context=_kd_loss_setup_context
+    )
+    torch.library.register_fake("fastdistill::mi_alpha")(_mi_alpha_fake)
+    torch.library.register_fake("fastdistill::mi_alpha_backward")(_mi_alpha_backward_fake)
+    torch.library.register_autograd(
+        "fastdistill::mi_alpha",
+        _mi_alpha_autograd(lambda *args: torch.ops.fastdistill.mi_alpha_backward(*args)),
+        setup_context=_mi_alpha_setup_context,
     )

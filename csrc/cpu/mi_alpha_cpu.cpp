@@ -1,0 +1,376 @@
+// CPU kernels of fastdistill::mi_alpha and fastdistill::mi_alpha_backward (SPEC §2, §6; the algebra is
+// csrc/common/mi_math.h). The N x N critic matrix is never materialised: work goes in blocks of B rows, each a
+// [B, N] score strip computed by one BLAS matmul (at::mm on the strip) into a per-thread buffer, so extra memory is
+// O(threads * B * N + N * D), not O(N^2).
+//
+//   forward   per teacher-row strip: pass 1 the row's largest score and log-sum-exps l_i (all columns), w_i (the
+//             diagonal left out), z_i (the largest left out), pass 2 the joint-term sum and the backward aggregates C_i, dI/da_i (one exp, one log, one division
+//             per score); the diagonal terms come from (l_i, w_i) in closed form.       1 matmul  (2 N^2 D flops)
+//   backward  phase A: per teacher-row strip, recompute S, overwrite it with grad * dI/dS, d(teacher) = G U / T;
+//             phase B: per student-row strip, the same on S^T, d(student) = G^T V / T.  4 matmuls (8 N^2 D flops)
+// Phase B recomputes what phase A had, instead of accumulating d(student) across row strips with atomics or
+// per-thread copies: every output row is written by one thread, in a fixed order (bitwise reproducible).
+// Per-row results are reduced in row order in double.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../common/mi_math.h"
+
+namespace fastdistill {
+namespace {
+
+using at::vec::Vectorized;
+
+// Rows per strip: large enough for an efficient matmul, small enough that a [B, N] strip stays in L2/L3 for the
+// two sweeps over it (B * N * 4 bytes = 4 MiB at N = 16k).
+constexpr int64_t kStrip = 64;
+
+template <typename A>
+Vectorized<A> vexp(Vectorized<A> x) {
+  // float: ATen's polynomial exp (<= 20 ulp, what its softmax uses), about twice Sleef's throughput.
+  if constexpr (std::is_same_v<A, float>) return x.exp_u20();
+  else return x.exp();
+}
+
+template <typename A>
+A hsum(const Vectorized<A>& v) {  // fixed lane order: deterministic
+  A buf[Vectorized<A>::size()];
+  v.store(buf);
+  A s = 0;
+  for (int l = 0; l < Vectorized<A>::size(); ++l) s += buf[l];
+  return s;
+}
+
+// Calls f(vector of x[j], lanes) over j in [b, e) in SIMD-width steps; the last step is partial (lanes < width),
+// its missing lanes filled with `pad`. f must ignore (or be neutral on) the padded lanes.
+template <typename A, typename F>
+inline void sweep(const A* x, int64_t b, int64_t e, A pad, F&& f) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  int64_t j = b;
+  for (; j + W <= e; j += W) f(V::loadu(x + j), W);
+  if (j < e) f(V::set(V(pad), V::loadu(x + j, e - j), e - j), e - j);
+}
+
+template <typename A>
+struct Launch {
+  int64_t n, d;
+  A inv_t;         // 1 / temperature
+  A lam;           // log(N - 1)
+  A log_alpha;     // -inf for alpha = 0
+  A log_1m_alpha;  // -inf for alpha = 1
+  A inv_n, inv_d;  // 1 / N, 1 / (N (N - 1))
+  Launch(int64_t n_, int64_t d_, double alpha, double temperature)
+      : n(n_), d(d_), inv_t(A(1.0 / temperature)), lam(A(std::log(double(n_ - 1)))),
+        log_alpha(alpha > 0 ? A(std::log(alpha)) : -std::numeric_limits<A>::infinity()),
+        log_1m_alpha(alpha < 1 ? A(std::log1p(-alpha)) : -std::numeric_limits<A>::infinity()),
+        inv_n(A(1.0 / double(n_))), inv_d(A(1.0 / (double(n_) * double(n_ - 1)))) {}
+};
+
+// Rows of the [6, N] stats tensor (the schema in csrc/fastdistill.cpp lists them).
+constexpr int64_t kL = 0, kCrest = 1, kCstar = 2, kM = 3, kDa = 4, kStar = 5;
+
+// Per-row forward results, reduced in row order at the end.
+template <typename A>
+struct RowOut {
+  A sdiag, joint_b, r;
+};
+
+// Calls sweep(x, range, pad, f) over [0, n) without the (at most two) indices e1, e2.
+template <typename A, typename F>
+inline void sweep_excluding(const A* x, int64_t n, int64_t e1, int64_t e2, A pad, F&& f) {
+  const int64_t lo = std::min(e1, e2), hi = std::max(e1, e2);
+  sweep<A>(x, 0, lo, pad, f);
+  if (hi != lo) sweep<A>(x, lo + 1, hi, pad, f);
+  sweep<A>(x, hi + 1, n, pad, f);
+}
+
+// Forward on one score row s[0..n) (already scaled by 1/T) of teacher row i. Writes the row's stats column.
+template <typename A>
+void forward_row(const Launch<A>& P, const A* s, int64_t i, A a, A* stats, RowOut<A>& out) {
+  using V = Vectorized<A>;
+  const A neg_inf = -std::numeric_limits<A>::infinity();
+  const int64_t n = P.n;
+  // pass 1: the row's largest score (first index on ties), then the exp-sum over the other columns, the diagonal
+  // and the largest apart: l (all), w (without the diagonal), z (without the largest) each without cancellation.
+  V vmax(neg_inf);
+  sweep<A>(s, 0, n, neg_inf, [&](V x, int64_t) { vmax = at::vec::maximum(vmax, x); });
+  A buf[V::size()];
+  vmax.store(buf);
+  A mx = neg_inf;
+  for (int l = 0; l < V::size(); ++l) mx = std::max(mx, buf[l]);
+  int64_t star = 0;
+  while (star < n - 1 && !(s[star] == mx)) ++star;
+  V vsum(A(0));
+  const V vmx(mx);
+  sweep_excluding<A>(s, n, i, star, neg_inf, [&](V x, int64_t) { vsum = vsum + vexp(x - vmx); });
+  const A rest = hsum(vsum);
+  A l, w, z;
+  if (star == i) {
+    z = w = mx + std::log(rest);
+    l = mx + std::log1p(rest);
+  } else {
+    const A e_diag = std::exp(s[i] - mx);
+    z = mx + std::log(rest + e_diag);
+    w = mx + std::log1p(rest);
+    l = mx + std::log1p(rest + e_diag);
+  }
+  const auto c = mi::row_consts<A>(l, a, P.lam, P.log_alpha, P.log_1m_alpha);
+
+  // pass 2 over j not in {i, k*}: sum log t_ij and sum 1 / t_ij (C_i and dI/da_i are multiples of the latter).
+  V vlog(A(0)), vinv(A(0));
+  const V vl(l), va(c.alpha_), vb(c.beta_), zero(A(0));
+  sweep_excluding<A>(s, n, i, star, A(0), [&](V x, int64_t lanes) {
+    const V t = mi::t_of<V>(va, vb, vexp(x - vl));
+    V lt = t.log(), it = V(A(1)) / t;
+    if (lanes < V::size()) {  // padded lanes contribute nothing
+      lt = V::set(zero, lt, lanes);
+      it = V::set(zero, it, lanes);
+    }
+    vlog = vlog + lt;
+    vinv = vinv + it;
+  });
+  const A sum_inv = hsum(vinv);
+  A log_t = hsum(vlog), c_star = 0, beta_over_t = c.beta_ * sum_inv;
+  if (star != i) {
+    const auto st = mi::star_terms<A>(c, l, z, P.inv_d);
+    log_t += st.log_t;
+    c_star = st.c;
+    beta_over_t += st.beta_over_t;
+  }
+  const auto dt = mi::diag_terms<A>(c, l, w, A(n));
+
+  stats[kL * n + i] = l;
+  stats[kCrest * n + i] = c.alpha_ * sum_inv * P.inv_d;
+  stats[kCstar * n + i] = c_star;
+  stats[kM * n + i] = dt.m;
+  stats[kDa * n + i] = -beta_over_t * P.inv_d + dt.da_marg;
+  stats[kStar * n + i] = A(star);
+  out.sdiag = s[i];
+  out.joint_b = A(n - 1) * c.K + log_t;
+  out.r = dt.r;
+}
+
+// Per-row quantities the backward pass needs, as arrays (phase B reads them along a strip row), and for each
+// column k the rows whose largest score sits at k (k*_i = k != i), as CSR lists.
+template <typename A>
+struct RowArrays {
+  std::vector<A> l, alpha_, beta_, C_plus_m, Crest, c_star, m;
+  std::vector<int64_t> star, by_star_start, by_star;
+};
+
+template <typename A>
+RowArrays<A> row_arrays(const Launch<A>& P, const A* stats, const A* a) {
+  RowArrays<A> R;
+  const int64_t n = P.n;
+  for (auto* v : {&R.l, &R.alpha_, &R.beta_, &R.C_plus_m, &R.Crest, &R.c_star, &R.m}) v->resize(n);
+  R.star.resize(n);
+  R.by_star_start.assign(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const auto c = mi::row_consts<A>(stats[kL * n + i], a[i], P.lam, P.log_alpha, P.log_1m_alpha);
+    R.l[i] = stats[kL * n + i];
+    R.alpha_[i] = c.alpha_;
+    R.beta_[i] = c.beta_;
+    R.Crest[i] = stats[kCrest * n + i];
+    R.c_star[i] = stats[kCstar * n + i];
+    R.m[i] = stats[kM * n + i];
+    R.C_plus_m[i] = R.Crest[i] + R.c_star[i] + R.m[i];
+    const int64_t k = static_cast<int64_t>(stats[kStar * n + i]);
+    TORCH_CHECK_VALUE(k >= 0 && k < n, "fastdistill::mi_alpha_backward: stats row ", kStar, " holds column ", k,
+                      ", not in [0, ", n, "): pass the stats mi_alpha returned");
+    R.star[i] = k;
+    if (k != i) ++R.by_star_start[k + 1];
+  }
+  for (int64_t k = 0; k < n; ++k) R.by_star_start[k + 1] += R.by_star_start[k];
+  R.by_star.resize(R.by_star_start[n]);
+  std::vector<int64_t> fill(R.by_star_start.begin(), R.by_star_start.end() - 1);
+  for (int64_t i = 0; i < n; ++i) {
+    if (R.star[i] != i) R.by_star[fill[R.star[i]]++] = i;
+  }
+  return R;
+}
+
+// strip[r, :] = x[r0 + r, :] . y^T for r < rows, into the caller's buffer.
+template <typename A>
+void score_strip(const at::Tensor& x, const at::Tensor& y, int64_t r0, int64_t rows, at::Tensor& buf) {
+  at::Tensor out = buf.narrow(0, 0, rows);
+  at::mm_out(out, x.narrow(0, r0, rows), y.t());
+}
+
+template <typename A>
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& u, const at::Tensor& v, const at::Tensor& a,
+                                                double alpha, double temperature) {
+  const int64_t n = u.size(0), d = u.size(1);
+  const Launch<A> P(n, d, alpha, temperature);
+  at::Tensor stats = at::empty({6, n}, u.options());
+  std::vector<RowOut<A>> rows(n);
+  A* st = stats.data_ptr<A>();
+  const A* ap = a.data_ptr<A>();
+  const int64_t blocks = (n + kStrip - 1) / kStrip;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::Tensor buf = at::empty({kStrip, n}, u.options());
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * kStrip, nr = std::min(kStrip, n - r0);
+      score_strip<A>(v, u, r0, nr, buf);
+      A* sp = buf.data_ptr<A>();
+      for (int64_t r = 0; r < nr; ++r) {
+        A* s = sp + r * n;
+        const Vectorized<A> vt(P.inv_t);
+        for (int64_t j = 0; j < n; j += Vectorized<A>::size()) {
+          const int64_t lanes = std::min<int64_t>(Vectorized<A>::size(), n - j);
+          (Vectorized<A>::loadu(s + j, lanes) * vt).store(s + j, lanes);
+        }
+        forward_row<A>(P, s, r0 + r, ap[r0 + r], st, rows[r0 + r]);
+      }
+    }
+  });
+  double sdiag = 0, joint_b = 0, r = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    sdiag += rows[i].sdiag;
+    joint_b += rows[i].joint_b;
+    r += rows[i].r;
+  }
+  const double dn = double(n);
+  const double estimate = 1.0 + sdiag / dn - joint_b / (dn * (dn - 1.0)) - r / dn;
+  return {at::scalar_tensor(estimate, u.options()), stats};
+}
+
+// Overwrites one strip row of scores x (unscaled) with scale * dI/dS, the generic formula for every element
+// (the diagonal and the row's largest score are the caller's to correct). Phase A: the strip row is teacher row i
+// (per-row quantities broadcast, columns k vary); phase B: the strip row is student row k (S_ik for all teacher
+// rows i, per-row quantities loaded along the row).
+template <typename A, bool kAlongRows>
+void grad_row(const Launch<A>& P, const RowArrays<A>& R, A* x, int64_t self, A scale) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  const int64_t n = P.n;
+  const V vt(P.inv_t), vs(scale), vinv_d(P.inv_d);
+  V l(R.l[self]), al(R.alpha_[self]), be(R.beta_[self]), cm(R.C_plus_m[self]);
+  for (int64_t j = 0; j < n; j += W) {
+    const int64_t lanes = std::min<int64_t>(W, n - j);
+    if constexpr (kAlongRows) {
+      l = V::loadu(R.l.data() + j, lanes);
+      al = V::loadu(R.alpha_.data() + j, lanes);
+      be = V::loadu(R.beta_.data() + j, lanes);
+      cm = V::loadu(R.C_plus_m.data() + j, lanes);
+    }
+    const V p = vexp(V::loadu(x + j, lanes) * vt - l);
+    (mi::grad_offdiag<V>(al, be, p, cm, vinv_d) * vs).store(x + j, lanes);
+  }
+}
+
+template <typename A>
+std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& u, const at::Tensor& v,
+                                                 const at::Tensor& a, const at::Tensor& stats, double alpha,
+                                                 double temperature) {
+  const int64_t n = u.size(0), d = u.size(1);
+  const Launch<A> P(n, d, alpha, temperature);
+  const RowArrays<A> R = row_arrays<A>(P, stats.data_ptr<A>(), a.data_ptr<A>());
+  const A scale = A(grad.item<double>()) * P.inv_t;
+  at::Tensor du = at::empty({n, d}, u.options()), dv = at::empty({n, d}, u.options());
+  const int64_t blocks = (n + kStrip - 1) / kStrip;
+  auto p_of = [&](A raw, int64_t row) { return std::exp(raw * P.inv_t - R.l[row]); };
+  auto diag = [&](A raw, int64_t i) {
+    return mi::grad_diag<A>(p_of(raw, i), R.Crest[i] + R.c_star[i], P.inv_n) * scale;
+  };
+  auto star = [&](A raw, int64_t i) { return mi::grad_star<A>(p_of(raw, i), R.Crest[i], R.m[i]) * scale; };
+  // Phase A (teacher rows -> d(teacher)) and phase B (student rows -> d(student)) differ in which feature matrix
+  // gives the strip's rows, whether per-row quantities vary along the strip, and where the special elements are.
+  auto phase = [&](const at::Tensor& rows_of, const at::Tensor& cols_of, at::Tensor& out, bool along_rows) {
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      at::Tensor buf = at::empty({kStrip, n}, u.options());
+      std::vector<A> saved;
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = b * kStrip, nr = std::min(kStrip, n - r0);
+        score_strip<A>(rows_of, cols_of, r0, nr, buf);
+        A* sp = buf.data_ptr<A>();
+        for (int64_t r = 0; r < nr; ++r) {
+          A* x = sp + r * n;
+          const int64_t self = r0 + r;
+          const A raw_diag = x[self];
+          if (!along_rows) {  // teacher row i = self: its largest score is at column k*_i
+            const int64_t k = R.star[self];
+            const A raw_star = x[k];
+            grad_row<A, false>(P, R, x, self, scale);
+            if (k != self) x[k] = star(raw_star, self);
+          } else {  // student row k = self: the teacher rows whose largest score is at column k
+            const int64_t lo = R.by_star_start[self], hi = R.by_star_start[self + 1];
+            saved.resize(hi - lo);
+            for (int64_t q = lo; q < hi; ++q) saved[q - lo] = x[R.by_star[q]];
+            grad_row<A, true>(P, R, x, self, scale);
+            for (int64_t q = lo; q < hi; ++q) x[R.by_star[q]] = star(saved[q - lo], R.by_star[q]);
+          }
+          x[self] = diag(raw_diag, self);
+        }
+        at::Tensor o = out.narrow(0, r0, nr);
+        at::mm_out(o, buf.narrow(0, 0, nr), cols_of);
+      }
+    });
+  };
+  phase(v, u, dv, false);
+  phase(u, v, du, true);
+  return {du, dv};
+}
+
+void check_features(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& log_baseline,
+                    double alpha, double temperature) {
+  TORCH_CHECK_VALUE(student.dim() == 2, "fastdistill::mi_alpha: student must be [N, D], got ", student.sizes());
+  TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "fastdistill::mi_alpha: teacher must match the student's ",
+                    student.sizes(), ", got ", teacher.sizes());
+  TORCH_CHECK_VALUE(student.size(0) >= 2, "fastdistill::mi_alpha: needs N >= 2 rows, got ", student.size(0));
+  TORCH_CHECK_VALUE(student.size(1) >= 1, "fastdistill::mi_alpha: needs D >= 1 features");
+  TORCH_CHECK_TYPE(teacher.scalar_type() == student.scalar_type(), "fastdistill::mi_alpha: student and teacher "
+                   "must share one dtype, got ", student.scalar_type(), " and ", teacher.scalar_type());
+  TORCH_CHECK_VALUE(log_baseline.numel() == student.size(0), "fastdistill::mi_alpha: log_baseline must be [N]");
+  TORCH_CHECK_VALUE(alpha >= 0 && alpha <= 1, "fastdistill::mi_alpha: alpha must be in [0, 1], got ", alpha);
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
+                    "fastdistill::mi_alpha: temperature must be finite and > 0, got ", temperature);
+}
+
+at::ScalarType acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor> mi_alpha_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                const at::Tensor& log_baseline, double alpha, double temperature) {
+  check_features(student, teacher, log_baseline, alpha, temperature);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls below (casts, matmuls) are not recorded
+  const auto acc = acc_type(student);
+  // bf16/fp16 features are widened once (O(N D)); float32/float64 are used in place.
+  // detached: parallel_for workers do not inherit the guard above, and out= matmuls refuse grad-requiring inputs
+  const at::Tensor u = student.detach().to(acc).contiguous(), v = teacher.detach().to(acc).contiguous();
+  const at::Tensor a = log_baseline.to(acc).contiguous();
+  if (acc == at::kDouble) return forward_impl<double>(u, v, a, alpha, temperature);
+  return forward_impl<float>(u, v, a, alpha, temperature);
+}
+
+std::tuple<at::Tensor, at::Tensor> mi_alpha_backward_cpu(const at::Tensor& grad, const at::Tensor& student,
+                                                         const at::Tensor& teacher, const at::Tensor& log_baseline,
+                                                         const at::Tensor& stats, double alpha, double temperature) {
+  check_features(student, teacher, log_baseline, alpha, temperature);
+  TORCH_CHECK_VALUE(grad.numel() == 1, "fastdistill::mi_alpha_backward: grad must be 0-dim");
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == 6 && stats.size(1) == student.size(0),
+                    "fastdistill::mi_alpha_backward: stats must be [6, N], got ", stats.sizes());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto acc = acc_type(student);
+  // detached: parallel_for workers do not inherit the guard above, and out= matmuls refuse grad-requiring inputs
+  const at::Tensor u = student.detach().to(acc).contiguous(), v = teacher.detach().to(acc).contiguous();
+  const at::Tensor a = log_baseline.to(acc).contiguous(), st = stats.to(acc).contiguous();
+  at::Tensor du, dv;
+  if (acc == at::kDouble) std::tie(du, dv) = backward_impl<double>(grad, u, v, a, st, alpha, temperature);
+  else std::tie(du, dv) = backward_impl<float>(grad, u, v, a, st, alpha, temperature);
+  return {du.to(student.scalar_type()), dv.to(teacher.scalar_type())};
+}
+
+}  // namespace
+}  // namespace fastdistill
+
+TORCH_LIBRARY_IMPL(fastdistill, CPU, m) {
+  m.impl("mi_alpha", &fastdistill::mi_alpha_cpu);
+  m.impl("mi_alpha_backward", &fastdistill::mi_alpha_backward_cpu);
+}

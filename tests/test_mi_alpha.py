@@ -1,0 +1,398 @@
+"""fastdistill.mi_alpha and MIAlphaLoss: every backend against the float64 reference (SPEC §2, §6), the estimator's
+properties, registration (opcheck, compile, gradcheck), errors, and that the fused kernels stay O(N D) in memory.
+
+The Triton kernels have their own file (tests/test_mi_triton.py: interpreter shapes are kept small there)."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import requires_ext
+from tolerances import assert_close
+
+import fastdistill
+from fastdistill.ops import reference
+
+ALPHAS = (0.0, 0.01, 0.5, 1.0)
+FUSED = [pytest.param("cpu", marks=requires_ext)]
+BACKENDS = FUSED + ["reference"]
+
+
+def make_feats(n, d, dtype=torch.float64, corr=0.8, scale=1.0, seed=0):
+    """Student u and teacher v = corr * u + noise: positive pairs (row i of both) are correlated."""
+    g = torch.Generator().manual_seed(seed)
+    u = scale * torch.randn(n, d, generator=g, dtype=torch.float64)
+    v = corr * u + scale * math.sqrt(max(1 - corr**2, 0.0)) * torch.randn(n, d, generator=g, dtype=torch.float64)
+    a = 1.0 + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
+    return u.to(dtype), v.to(dtype), a
+
+
+def estimate_and_grads(u, v, a, grad_output=1.0, **kw):
+    """mi_alpha and its gradients w.r.t. u, v (and a when it is a Tensor) on fresh leaf copies."""
+    u = u.detach().clone().requires_grad_()
+    v = v.detach().clone().requires_grad_()
+    leaves = [u, v]
+    if isinstance(a, torch.Tensor):
+        a = a.detach().clone().requires_grad_()
+        leaves.append(a)
+    est = fastdistill.mi_alpha(u, v, log_baseline=a, **kw)
+    grads = torch.autograd.grad(est, leaves, torch.tensor(grad_output, dtype=est.dtype), materialize_grads=True)
+    return est, grads
+
+
+def check_against_reference(backend, u, v, a, dtype, grad_output=1.0, **kw):
+    est, grads = estimate_and_grads(u, v, a if not isinstance(a, torch.Tensor) else a.to(dtype), grad_output,
+                                    backend=backend, **kw)  # fmt: skip
+    ref_a = a.double() if isinstance(a, torch.Tensor) else a
+    ref, ref_grads = estimate_and_grads(u.double(), v.double(), ref_a, grad_output, backend="reference", **kw)
+    assert est.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert est.shape == ()
+    # the estimate is 1 + J - M with J and M of order |S|: judge it on that scale
+    assert_close(est, ref, dtype, "loss", f"{backend} estimate", scale_floor=1.0 + ref.abs().item())
+    for name, g, r in zip(("student", "teacher", "log_baseline"), grads, ref_grads):
+        assert g.dtype == (dtype if name != "log_baseline" else g.dtype)
+        assert_close(g, r, dtype, "mi_grad", f"{backend} d/d{name}", scale_floor=1.0 / u.shape[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("n,d", [(2, 1), (3, 7), (65, 5), (130, 33)])
+def test_matches_reference(backend, dtype, alpha, n, d):
+    if backend == "reference" and dtype == torch.float64:
+        pytest.skip("the reference against itself")
+    u, v, a = make_feats(n, d, dtype, scale=0.7, seed=n + d)
+    check_against_reference(backend, u, v, a, dtype, grad_output=-1.7, alpha=alpha, temperature=0.8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("critic", ["dot", "cosine"])
+@pytest.mark.parametrize("temperature", [0.1, 1.0, 3.0])
+@pytest.mark.parametrize("baseline", ["float", "tensor"])
+def test_critics_temperatures_baselines(backend, critic, temperature, baseline):
+    u, v, a = make_feats(37, 6, torch.float64, seed=3)
+    a = 0.5 if baseline == "float" else a
+    check_against_reference(backend, u, v, a, torch.float64, grad_output=0.6, alpha=0.01, critic=critic,
+                            temperature=temperature)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("n,d", [(1031, 64), (300, 1024)])
+def test_larger_shapes_float32(backend, n, d):
+    """N not a multiple of the 64-row strips; D up to 1024 (scores of order 10 with cosine / T = 0.1)."""
+    u, v, a = make_feats(n, d, torch.float32, seed=1)
+    check_against_reference(backend, u, v, a, torch.float32, alpha=0.01, critic="cosine", temperature=0.1)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(backend, dtype):
+    """Half inputs are computed in float32 from the rounded values; gradients come back in the input dtype."""
+    u, v, a = make_feats(40, 16, dtype, scale=0.5, seed=2)
+    est, grads = estimate_and_grads(u, v, a, backend=backend, alpha=0.5)
+    ref, ref_grads = estimate_and_grads(u.double(), v.double(), a.double(), backend="reference", alpha=0.5)
+    assert est.dtype == torch.float32 and grads[0].dtype == dtype and grads[1].dtype == dtype
+    assert_close(est, ref, torch.float32, "loss", "estimate", scale_floor=1.0 + ref.abs().item())
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r, dtype, "mi_grad", "gradient", scale_floor=1.0 / 40)
+
+
+def test_mixed_dtypes_promote():
+    u, v, a = make_feats(9, 3, torch.float64)
+    est = fastdistill.mi_alpha(u.float(), v, log_baseline=a)
+    assert est.dtype == torch.float64
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# properties of the estimator (SPEC §6)
+
+
+def scores(u, v, temperature=1.0):
+    return v @ u.T / temperature
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_alpha0_baseline1_is_nwj(backend):
+    u, v, _ = make_feats(20, 4, seed=5)
+    s = scores(u, v)
+    off = ~torch.eye(20, dtype=torch.bool)
+    nwj = 1 + (s.diagonal() - 1).mean() - torch.exp(s - 1)[off].mean()
+    est = fastdistill.mi_alpha(u, v, alpha=0.0, log_baseline=1.0, backend=backend)
+    assert_close(est, nwj, torch.float64, "loss", "NWJ")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_alpha0_is_tuba(backend):
+    """alpha = 0 with any a: TUBA, 1 + mean_i(S_ii - a_i) - mean_{i != j} exp(S_ij - a_i)."""
+    u, v, a = make_feats(20, 4, seed=6)
+    s = scores(u, v)
+    off = ~torch.eye(20, dtype=torch.bool)
+    tuba = 1 + (s.diagonal() - a).mean() - torch.exp(s - a[:, None])[off].mean()
+    est = fastdistill.mi_alpha(u, v, alpha=0.0, log_baseline=a, backend=backend)
+    assert_close(est, tuba, torch.float64, "loss", "TUBA")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_alpha1_is_loo_infonce_and_bounded(backend):
+    """alpha = 1: the marginal term is exactly 1, so I_1 = mean_{i, j != i}(S_ii - L_ij) <= log(N - 1), whatever
+    the critic (here a strongly correlated pair, so the bound is nearly reached)."""
+    n = 33
+    u, v, a = make_feats(n, 8, corr=0.999, seed=7)
+    u, v = torch.nn.functional.normalize(u, dim=1), torch.nn.functional.normalize(v, dim=1)  # a near-optimal critic
+    s = scores(u, v, 0.05)
+    off = ~torch.eye(n, dtype=torch.bool)
+    loo = torch.stack([torch.logsumexp(s[:, torch.arange(n) != j], dim=1) for j in range(n)], dim=1)
+    loo = loo - math.log(n - 1)
+    expected = (s.diagonal()[:, None] - loo)[off].mean()
+    est = fastdistill.mi_alpha(u, v, alpha=1.0, log_baseline=a, temperature=0.05, backend=backend)
+    assert_close(est, expected, torch.float64, "loss", "InfoNCE")
+    assert est.item() <= math.log(n - 1) + 1e-12
+    assert est.item() > math.log(n - 1) - 0.5  # the bound is nearly reached: the test can tell a wrong baseline
+    # and the marginal term alone: M = mean_{i != j} exp(S_ij - L_ii) = 1
+    marginal = torch.exp(s - loo.diagonal()[:, None])[off].mean()
+    assert abs(marginal.item() - 1.0) < 1e-12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("alpha", [0.01, 0.5])
+def test_permutation_invariance(backend, alpha):
+    u, v, a = make_feats(50, 5, seed=8)
+    perm = torch.randperm(50, generator=torch.Generator().manual_seed(1))
+    e1 = fastdistill.mi_alpha(u, v, alpha=alpha, log_baseline=a, backend=backend)
+    e2 = fastdistill.mi_alpha(u[perm], v[perm], alpha=alpha, log_baseline=a[perm], backend=backend)
+    assert_close(e2, e1, torch.float64, "loss", "permuted")
+    # and swapping only the student's rows breaks the pairing: the estimate drops
+    e3 = fastdistill.mi_alpha(u[perm], v, alpha=alpha, log_baseline=a, backend=backend)
+    assert e3.item() < e1.item() - 0.1
+
+
+def test_gradients_match_finite_differences():
+    """gradcheck of the fused op through the public API (u, v and a Tensor log_baseline), float64."""
+    if not fastdistill.extension_available():
+        pytest.skip("fastdistill._C is not built")
+    u, v, a = make_feats(11, 3, seed=9)
+    for alpha in ALPHAS:
+        for critic in ("dot", "cosine"):
+            def f(u, v, a):
+                return fastdistill.mi_alpha(u, v, alpha=alpha, log_baseline=a, critic=critic, temperature=0.7,
+                                            backend="cpu")  # fmt: skip
+
+            args = [x.clone().requires_grad_() for x in (u, v, a)]
+            assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-8)
+
+
+@requires_ext
+def test_deterministic():
+    u, v, a = make_feats(300, 40, torch.float32, seed=10)
+    runs = [estimate_and_grads(u, v, a, backend="cpu", alpha=0.01) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    for g0, g1 in zip(runs[0][1], runs[1][1]):
+        assert torch.equal(g0, g1)
+
+
+@requires_ext
+def test_only_needed_gradients():
+    """A frozen teacher (features without grad) and a float baseline: only the student gets a gradient."""
+    u, v, _ = make_feats(10, 3)
+    u = u.requires_grad_()
+    est = fastdistill.mi_alpha(u, v, backend="cpu")
+    (g,) = torch.autograd.grad(est, [u])
+    assert g.shape == u.shape and torch.isfinite(g).all()
+    with torch.no_grad():
+        assert fastdistill.mi_alpha(u, v, backend="cpu").requires_grad is False
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# registration
+
+
+@requires_ext
+def test_opcheck():
+    u, v, a = make_feats(70, 5, torch.float32)
+    args = (u.requires_grad_(), v.requires_grad_(), a.float().requires_grad_(), 0.3, 0.9)
+    torch.library.opcheck(torch.ops.fastdistill.mi_alpha.default, args)
+    est, stats = torch.ops.fastdistill.mi_alpha(*[x.detach() if isinstance(x, torch.Tensor) else x for x in args])
+    bargs = (torch.tensor(0.7), u.detach(), v.detach(), a.float(), stats, 0.3, 0.9)
+    torch.library.opcheck(torch.ops.fastdistill.mi_alpha_backward.default, bargs)
+
+
+@requires_ext
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph(compile_backend):
+    torch._dynamo.reset()
+    u, v, a = make_feats(30, 4, torch.float32)
+
+    def f(u, v, a):
+        return -fastdistill.mi_alpha(u, v, alpha=0.01, log_baseline=a, critic="cosine", temperature=0.5,
+                                     backend="cpu")  # fmt: skip
+
+    compiled = torch.compile(f, fullgraph=True, backend=compile_backend)
+    eager = estimate_and_grads(u, v, a.float(), backend="cpu", alpha=0.01, critic="cosine", temperature=0.5)
+    args = [x.clone().requires_grad_() for x in (u, v, a.float())]
+    loss = compiled(*args)
+    grads = torch.autograd.grad(loss, args)
+    assert_close(-loss, eager[0], torch.float32, "loss", "compiled estimate")
+    for g, r in zip(grads, eager[1]):
+        assert_close(-g, r, torch.float32, "mi_grad", "compiled gradient", scale_floor=1 / 30)
+
+
+@requires_ext
+def test_module_compiles():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    mi = fastdistill.MIAlphaLoss(6, 10, proj_dim=8, hidden_dim=16, pooling="mean")
+    hs, ht, mask = torch.randn(4, 5, 6), torch.randn(4, 5, 10), torch.ones(4, 5)
+    mask[1, 3:] = 0
+    expected = mi(hs, ht, mask)
+    got = torch.compile(mi, fullgraph=True, backend="aot_eager")(hs, ht, mask)
+    assert_close(got, expected, torch.float32, "loss", "compiled module")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# memory: the fused kernels never hold the N x N matrix
+
+MEMORY_PROBE = r"""
+import resource, sys, torch, fastdistill
+torch.set_num_threads(2)
+n, d = int(sys.argv[1]), 8
+u = torch.randn(n, d, requires_grad=True); v = (u.detach() + torch.randn(n, d)).requires_grad_()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+est = fastdistill.mi_alpha(u, v, alpha=0.01, backend="cpu")
+est.backward()
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert torch.isfinite(est) and torch.isfinite(u.grad).all()
+print((after - before) * 1024)
+"""
+
+
+@requires_ext
+def test_memory_is_linear_in_n():
+    """N = 16384: the N x N float32 matrix alone is 1 GiB; the kernels use [64, N] strips per thread."""
+    n = 16384
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(n)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    grew = int(out.stdout.strip().splitlines()[-1])
+    assert grew < 64 * 2**20, f"peak RSS grew by {grew / 2**20:.0f} MiB; n x n would be {n * n * 4 / 2**20:.0f} MiB"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# errors
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"alpha": 1.5}, "alpha must be finite and in \\[0.0, 1.0\\]"),
+        ({"alpha": -0.1}, "alpha"),
+        ({"alpha": float("nan")}, "alpha"),
+        ({"temperature": 0.0}, "temperature must be finite and in \\(0.0"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"critic": "bilinear"}, "critic must be one of 'dot', 'cosine'"),
+        ({"backend": "gpu"}, "backend must be one of"),
+        ({"log_baseline": float("nan")}, "log_baseline must be finite"),
+        ({"log_baseline": torch.zeros(4)}, "log_baseline must be a float or a Tensor of shape \\[N\\] = \\[5\\]"),
+        ({"log_baseline": torch.zeros(5, 1)}, "log_baseline must be a float or a Tensor of shape"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    u, v, _ = make_feats(5, 3)
+    with pytest.raises(ValueError, match=match):
+        fastdistill.mi_alpha(u, v, **kwargs)
+
+
+def test_bad_shapes_and_types():
+    u, v, _ = make_feats(5, 3)
+    with pytest.raises(ValueError, match="N >= 2"):
+        fastdistill.mi_alpha(u[:1], v[:1])
+    with pytest.raises(ValueError, match="teacher_feats has shape \\(5, 4\\), expected \\(5, 3\\)"):
+        fastdistill.mi_alpha(u, torch.randn(5, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="student_feats must have shape \\[N, D\\], got \\(5,\\)"):
+        fastdistill.mi_alpha(u[:, 0], v[:, 0])
+    with pytest.raises(TypeError, match="student_feats must be float32"):
+        fastdistill.mi_alpha(u.long(), v)
+    with pytest.raises(TypeError, match="teacher_feats must be a Tensor"):
+        fastdistill.mi_alpha(u, v.tolist())
+    with pytest.raises(TypeError, match="log_baseline must be a floating Tensor"):
+        fastdistill.mi_alpha(u, v, log_baseline=torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="D = 0"):
+        fastdistill.mi_alpha(u[:, :0], v[:, :0])
+
+
+def test_named_backend_that_cannot_run_says_why():
+    u, v, _ = make_feats(5, 3)
+    with pytest.raises(ValueError, match="backend='cuda' cannot run these inputs: .*needs all tensors on cuda"):
+        fastdistill.mi_alpha(u, v, backend="cuda")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# MIAlphaLoss
+
+
+def test_module_pooling_and_rows():
+    torch.manual_seed(0)
+    mi = fastdistill.MIAlphaLoss(6, 10, proj_dim=8, baseline="constant", pooling="none", backend="reference")
+    hs, ht = torch.randn(3, 4, 6), torch.randn(3, 4, 10)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    rows_s, rows_t = hs[mask.bool()], ht[mask.bool()]  # 7 token rows
+    expected = -fastdistill.mi_alpha(mi.student_proj(rows_s), mi.teacher_proj(rows_t), alpha=0.01, log_baseline=1.0,
+                                     backend="reference")  # fmt: skip
+    assert_close(mi(hs, ht, mask), expected, torch.float32, "loss", "pooling=none")
+    mi.pooling = "mean"
+    m = mask.float().unsqueeze(-1)
+    ps, pt = (hs * m).sum(1) / m.sum(1), (ht * m).sum(1) / m.sum(1)
+    expected = -fastdistill.mi_alpha(mi.student_proj(ps), mi.teacher_proj(pt), alpha=0.01, backend="reference")
+    assert_close(mi(hs, ht, mask), expected, torch.float32, "loss", "pooling=mean")
+    mi.pooling = "cls"
+    expected = -fastdistill.mi_alpha(mi.student_proj(hs[:, 0]), mi.teacher_proj(ht[:, 0]), backend="reference")
+    assert_close(mi(hs, ht), expected, torch.float32, "loss", "pooling=cls")
+
+
+def test_module_learned_baseline_starts_at_one_and_trains():
+    torch.manual_seed(0)
+    mi = fastdistill.MIAlphaLoss(4, 4, proj_dim=8, hidden_dim=16, alpha=0.0)
+    x = torch.randn(32, 4)
+    y = x + 0.1 * torch.randn(32, 4)
+    a = mi.baseline(y).squeeze(-1)
+    assert torch.equal(a, torch.ones(32))
+    expected = -fastdistill.mi_alpha(mi.student_proj(x), mi.teacher_proj(y), alpha=0.0, log_baseline=1.0)
+    loss = mi(x, y)
+    assert_close(loss, expected, torch.float32, "loss", "learned baseline at init")
+    loss.backward()
+    for name, p in mi.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert mi.baseline[2].weight.grad.abs().sum() > 0  # the baseline network receives a gradient
+
+
+def test_module_errors():
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        fastdistill.MIAlphaLoss(4, 4, pooling="max")
+    with pytest.raises(ValueError, match="baseline must be one of"):
+        fastdistill.MIAlphaLoss(4, 4, baseline="zero")
+    with pytest.raises(ValueError, match="proj_dim must be a positive int"):
+        fastdistill.MIAlphaLoss(4, 4, proj_dim=0)
+    mi = fastdistill.MIAlphaLoss(4, 6)
+    with pytest.raises(ValueError, match="attention_mask must be \\[B, L\\] = \\[2, 3\\]"):
+        mi(torch.randn(2, 3, 4), torch.randn(2, 3, 6), torch.ones(2, 4))
+    with pytest.raises(ValueError, match="student_hidden gives 2 rows but teacher_hidden gives 3"):
+        mi(torch.randn(2, 4), torch.randn(3, 6))
+    with pytest.raises(ValueError, match="student_hidden must be \\[N, D\\] or \\[B, L, D\\]"):
+        mi(torch.randn(4), torch.randn(4, 6))
+
+
+def test_reference_is_the_spec_formula():
+    """The reference itself against a literal transcription of SPEC §6 (leave-one-out sums by brute force)."""
+    n = 9
+    u, v, a = make_feats(n, 4, seed=11)
+    for alpha in ALPHAS:
+        s = scores(u, v, 0.6)
+        loo = torch.stack([torch.logsumexp(s[:, torch.arange(n) != j], 1) for j in range(n)], 1) - math.log(n - 1)
+        b = torch.log(alpha * loo.exp() + (1 - alpha) * a.exp()[:, None])
+        off = ~torch.eye(n, dtype=torch.bool)
+        joint = (s.diagonal()[:, None] - b)[off].mean()
+        marginal = torch.exp(s - b.diagonal()[:, None])[off].mean()
+        got = reference.mi_alpha(u, v, alpha=alpha, log_baseline=a, critic="dot", temperature=0.6)
+        assert_close(got, 1 + joint - marginal, torch.float64, "loss", f"alpha={alpha}")
