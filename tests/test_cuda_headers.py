@@ -13,6 +13,7 @@ NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/u
 PROBE = r"""
 #include "common/kd_math.h"
 #include "common/kd_params.h"
+#include "common/mi_math.h"
 using namespace fastdistill;
 __global__ void probe(DivParams<float> prm, const float* p, const float* q, float* out, int n) {
   int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -20,13 +21,23 @@ __global__ void probe(DivParams<float> prm, const float* p, const float* q, floa
   auto t = divergence_terms<ScalarOps<float>>(prm, p[i], q[i], logf(p[i]), logf(q[i]));
   out[i] = t.phi + t.gq + t.hp;
 }
+__global__ void probe_mi(const float* s, const float* l, float* out, int n) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  auto c = mi::row_consts<float>(l[i], 1.0f, logf(n - 1.0f), logf(0.01f), log1pf(-0.01f));
+  float p = expf(s[i] - l[i]);
+  auto d = mi::diag_terms<float>(c, l[i], l[i] - 1.0f, float(n));
+  auto st = mi::star_terms<float>(c, l[i], l[i] - 2.0f, 1.0f / n);
+  out[i] = mi::grad_offdiag<float>(c.alpha_, c.beta_, p, 1.0f, 0.1f) + mi::grad_star<float>(p, 1.0f, d.m) +
+           mi::grad_diag<float>(p, 1.0f, 0.5f) + st.log_t + d.r;
+}
 int main() { return 0; }
 """
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
-def test_kd_math_compiles_for_cuda(tmp_path, arch):
+def test_math_headers_compile_for_cuda(tmp_path, arch):
     src = tmp_path / "probe.cu"
     src.write_text(PROBE)
     cmd = [NVCC, f"-arch={arch}", "-std=c++17", "-c", str(src), "-o", str(tmp_path / "probe.o"),
