@@ -29,9 +29,9 @@ TORCH_LIBRARY(fastdistill, m) {
   // MI-alpha estimate (SPEC §2, §6) over the N x N critic matrix S_ij = <teacher_i, student_j> / temperature, never
   // materialised (math: csrc/common/mi_math.h). student, teacher: [N, D], one floating dtype, N >= 2 (features
   // already L2-normalised for the cosine critic); log_baseline: [N] float32 (float64 for float64 inputs).
-  // Returns the 0-dim estimate (float32, or float64) and stats [6, N] in that dtype for the backward pass:
-  //   stats[0] = l_i (row log-sum-exp), [1] = Crest_i, [2] = c*_i, [3] = m_i, [4] = dI/da_i,
-  //   [5] = k*_i (the column of row i's largest score, as a float).
+  // Returns the 0-dim estimate (float32, or float64) and stats [8, N] in that dtype for the backward pass (names as
+  // in csrc/common/mi_math.h): [0] l_i (row log-sum-exp), [1] Crest_i, [2] Phi_i, [3] m_i (at k*), [4] dI/da_i,
+  // [5] k*_i (the column of row i's largest score, as a float), [6] dI/dS_ii, [7] z_i.
   m.def("mi_alpha(Tensor student, Tensor teacher, Tensor log_baseline, float alpha, float temperature) -> (Tensor, Tensor)");
   // Gradients of grad * I w.r.t. student and teacher ([N, D], in their dtype), recomputing score tiles; grad is 0-dim.
   m.def(

@@ -29,7 +29,8 @@ __global__ void probe_mi(const float* s, const float* l, float* out, int n) {
   auto d = mi::diag_terms<float>(c, l[i], l[i] - 1.0f, float(n));
   auto st = mi::star_terms<float>(c, l[i], l[i] - 2.0f, 1.0f / n);
   out[i] = mi::grad_offdiag<float>(c.alpha_, c.beta_, p, 1.0f, 0.1f) + mi::grad_star<float>(p, 1.0f, d.m) +
-           mi::grad_diag<float>(p, 1.0f, 0.5f) + st.log_t + d.r;
+           mi::grad_diag<float>(i == 0, d.q, p, 1.0f, 0.3f, 0.5f, 0.1f) + mi::g_of<float>(c.alpha_, c.beta_, p, 2.0f) +
+           st.log_t + d.r;
 }
 int main() { return 0; }
 """

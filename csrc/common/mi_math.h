@@ -17,27 +17,39 @@
 // Then
 //   joint term      J = (1/N) sum_i S_ii - (1/D) sum_i [(N - 1) K_i + sum_{j != i} log t_ij]
 //   marginal term   M = (1/N) sum_i r_i,   r_i = exp(L_ii - B_ii) = gamma q_ii / t_ii
-//   estimate        I = 1 + J - M
+//   estimate        I = 1 + J - M = 1 + (1/N) sum_i part_i,  part_i = S_ii - K_i - sum_{j != i} log t_ij / (N-1) - r_i
 //   dI/da_i         = -(1/D) sum_{j != i} beta'/t_ij + r_i beta' / (N t_ii)
 //   dI/dS_ik        = -p_ik (C_i + m_i - c_ik)  (k != i),    dI/dS_ii = 1/N - p_ii C_i,
 //     c_ij = alpha' / (t_ij D) (j != i),  C_i = sum_{j != i} c_ij,  m_i = beta' gamma / (N t_ii^2).
-// C_i is kept as C_i = Crest_i + c*_i, c*_i = c_ik* (0 when k*_i = i), so that at k = k*_i the gradient is
-// -p (Crest_i + m_i) with no cancellation against the (possibly huge) c*_i.
+// Written so, the gradient cancels or overflows in three places, and the kernels use equivalent forms instead:
+// * At k = k*_i != i, C_i - c_ik* cancels (c*_i = c_ik* may be huge): with C_i = Crest_i + c*_i it is
+//   -p (Crest_i + m_i).
+// * c*_i (up to 1/(q_ik* D)) and m_i (up to 1/(N q_ii^2)) may overflow, though they only ever multiply p_ik <= Q_i,
+//   Q_i = exp(z_i - l_i) (= q_ii when k*_i = i, else q_ik*). So with u_ik = exp(S_ik - z_i) <= 1, p_ik = u_ik Q_i:
+//     dI/dS_ik = -(p_ik (Crest_i - c_ik) + u_ik Phi_i),   Phi_i = Q_i (c*_i + m_i)   (bounded, taken from logs).
+// * dI/dS_ii = 1/N - p_ii C_i cancels when the positive pair dominates its row (k*_i = i, p_ii -> 1: the trained
+//   case). Then c*_i = 0 and 1/N - C_i = (1/D) sum_{j != i} (beta' - alpha' p_ij) / t_ij, so the forward pass takes
+//     dI/dS_ii = q_ii Crest_i + (1/D) sum_{j != i} g_ij,   g_ij = (beta' - alpha' p_ij) / t_ij   (all p_ij <= 1/2),
+//   from one more running sum; otherwise (p_ii <= 1/2) 1/N - p_ii Crest_i - p_ii c*_i, the last from logs.
+// The row-level terms are evaluated in log space: q_ii, q_ik* may lie below the floating-point range while the
+// quantities above do not. The forward pass hands Crest, Phi, m (at k*), dI/dS_ii and z to the backward pass.
 #pragma once
 
-#include "kd_math.h"  // FD_HOST_DEVICE, ScalarOps (the Ops policy: SIMD vectors on the CPU, scalars on the GPU)
+#include "kd_math.h"  // FD_HOST_DEVICE, logaddexp, ScalarOps
 
 namespace fastdistill {
 namespace mi {
 
-// Per-row constants of the interpolated baseline (scalars, computed once per row).
+// Per-row constants of the interpolated baseline, computed once per row.
 // log_alpha = -inf for alpha = 0, log_1m_alpha = -inf for alpha = 1.
 template <typename T>
 struct RowConsts {
-  T K;       // B_ij = K + log t_ij
-  T alpha_;  // alpha'
-  T beta_;   // beta'
-  T gamma;   // exp(l_i - lam - K)
+  T K;           // B_ij = K + log t_ij
+  T alpha_;      // alpha'
+  T beta_;       // beta'
+  T log_alpha_;  // log alpha' (-inf for alpha = 0)
+  T log_beta_;   // log beta' (-inf for alpha = 1)
+  T log_gamma;   // log gamma = l_i - lam - K
 };
 
 template <typename T>
@@ -46,68 +58,94 @@ FD_HOST_DEVICE RowConsts<T> row_consts(T l, T a, T lam, T log_alpha, T log_1m_al
   const T y = log_1m_alpha + a;
   RowConsts<T> c;
   c.K = x > y ? x : y;
-  c.alpha_ = ::exp(x - c.K);
-  c.beta_ = ::exp(y - c.K);
-  c.gamma = ::exp(l - lam - c.K);
+  c.log_alpha_ = x - c.K;
+  c.log_beta_ = y - c.K;
+  c.log_gamma = l - lam - c.K;
+  c.alpha_ = ::exp(c.log_alpha_);
+  c.beta_ = ::exp(c.log_beta_);
   return c;
 }
 
-// t_ij = alpha' (1 - p) + beta' for a score other than the row's largest and the diagonal (p = exp(S_ij - l_i) <= 1/2,
-// so 1 - p is exact enough). V: a scalar or a SIMD vector.
+// log t = log(alpha' q + beta') for a row-level term, from log q.
+template <typename T>
+FD_HOST_DEVICE T log_t_of(const RowConsts<T>& c, T log_q) {
+  return logaddexp<ScalarOps<T>>(c.log_alpha_ + log_q, c.log_beta_);
+}
+
+// t_ij = alpha' (1 - p) + beta' for a score other than the row's largest and the diagonal (p <= 1/2, so 1 - p is
+// exact enough). V: a scalar or a SIMD vector (these element functions use arithmetic only).
 template <typename V>
 FD_HOST_DEVICE V t_of(V alpha_, V beta_, V p) {
   return alpha_ * (V(1) - p) + beta_;
 }
 
-// dI/dS_ik for an off-diagonal score with k != k*_i: -p (C_i + m_i - alpha' / (t D)); inv_d = 1 / (N (N - 1)).
-// C_plus_m = Crest_i + c*_i + m_i.
+// g_ij = (beta' - alpha' p) / t_ij, given 1 / t_ij: the terms of 1/N - C_i.
 template <typename V>
-FD_HOST_DEVICE V grad_offdiag(V alpha_, V beta_, V p, V C_plus_m, V inv_d) {
-  return V(0) - p * (C_plus_m - alpha_ * inv_d / t_of(alpha_, beta_, p));
+FD_HOST_DEVICE V g_of(V alpha_, V beta_, V p, V inv_t) {
+  return (beta_ - alpha_ * p) * inv_t;
 }
 
-// dI/dS_ik at the row's largest score k = k*_i != i: -p (Crest_i + m_i).
+// dI/dS_ik for k not in {i, k*_i}, from u = exp(S_ik - z_i): p = u Q, -(p (Crest - alpha' / (t D)) + u Phi).
+template <typename V>
+FD_HOST_DEVICE V grad_offdiag(V alpha_, V beta_, V u, V Q, V Crest, V Phi, V inv_d) {
+  const V p = u * Q;
+  return V(0) - (p * (Crest - alpha_ * inv_d / t_of(alpha_, beta_, p)) + u * Phi);
+}
+
+// dI/dS_ik at the row's largest score k = k*_i != i (p = exp(S_ik* - l_i)): -p (Crest_i + m_i).
 template <typename T>
 FD_HOST_DEVICE T grad_star(T p, T Crest, T m) {
   return -p * (Crest + m);
 }
 
-// dI/dS_ii for the diagonal score: 1/N - p C_i, C_i = Crest_i + c*_i.
+// Sums of pass 2 over j not in {i, k*_i}.
 template <typename T>
-FD_HOST_DEVICE T grad_diag(T p, T C, T inv_n) {
-  return inv_n - p * C;
-}
+struct Pass2 {
+  T log_t;  // sum log t_ij
+  T inv_t;  // sum 1 / t_ij
+  T g;      // sum g_ij
+};
 
-// Row-level terms from pass-1 statistics (l, w): r_i (this row's marginal term, times N), m_i (backward), and the
-// marginal term's part of dI/da_i.
+// Everything a row contributes, from pass 1 (l, w, z, S_ii, whether k*_i = i) and pass 2.
 template <typename T>
-struct DiagTerms {
-  T r;
-  T m;
-  T da_marg;
+struct RowResult {
+  T part;   // part_i: I = 1 + (1/N) sum_i part_i
+  T Crest;  // sum over j not in {i, k*} of c_ij
+  T Phi;    // Q_i (c*_i + m_i)
+  T m;      // m_i where k*_i != i (used at k*), else 0
+  T da;     // dI/da_i
+  T gdiag;  // dI/dS_ii
 };
 
 template <typename T>
-FD_HOST_DEVICE DiagTerms<T> diag_terms(const RowConsts<T>& c, T l, T w, T n) {
-  const T q = ::exp(w - l);  // q_ii
-  const T t = c.alpha_ * q + c.beta_;
-  DiagTerms<T> d;
-  d.r = c.gamma * q / t;
-  d.m = c.beta_ * c.gamma / (n * t * t);
-  d.da_marg = d.r * c.beta_ / (n * t);
-  return d;
-}
-
-// The row's largest off-diagonal score k*_i != i, from z_i: log t and c* = alpha' / (t D), beta' / t.
-template <typename T>
-struct StarTerms {
-  T log_t, c, beta_over_t;
-};
-
-template <typename T>
-FD_HOST_DEVICE StarTerms<T> star_terms(const RowConsts<T>& c, T l, T z, T inv_d) {
-  const T t = c.alpha_ * ::exp(z - l) + c.beta_;
-  return {::log(t), c.alpha_ * inv_d / t, c.beta_ / t};
+FD_HOST_DEVICE RowResult<T> row_result(const RowConsts<T>& c, T l, T w, T z, T s_ii, bool diag_is_largest,
+                                       const Pass2<T>& p2, T n, T inv_n, T inv_d) {
+  const T log_n = ::log(n), log_d = -::log(inv_d);
+  const T log_qd = w - l;  // log q_ii
+  const T log_td = log_t_of(c, log_qd);
+  const T r = ::exp(c.log_gamma + log_qd - log_td);
+  const T log_m = c.log_beta_ + c.log_gamma - T(2) * log_td - log_n;
+  RowResult<T> out;
+  out.Crest = c.alpha_ * p2.inv_t * inv_d;
+  T log_t = p2.log_t, beta_over_t = c.beta_ * p2.inv_t;
+  if (diag_is_largest) {  // Q = q_ii, c* = 0
+    out.Phi = ::exp(log_qd + log_m);
+    out.m = T(0);
+    out.gdiag = ::exp(log_qd) * out.Crest + p2.g * inv_d;
+  } else {  // Q = q_ik*
+    const T log_qs = z - l;
+    const T log_ts = log_t_of(c, log_qs);
+    const T log_cs = c.log_alpha_ - log_ts - log_d;  // log c*
+    log_t += log_ts;
+    beta_over_t += ::exp(c.log_beta_ - log_ts);
+    out.Phi = ::exp(log_qs + log_cs) + ::exp(log_qs + log_m);
+    out.m = ::exp(log_m);
+    const T p_ii = ::exp(s_ii - l);
+    out.gdiag = inv_n - p_ii * out.Crest - ::exp(s_ii - l + log_cs);
+  }
+  out.da = -beta_over_t * inv_d + r * ::exp(c.log_beta_ - log_td) * inv_n;
+  out.part = s_ii - c.K - log_t / (n - T(1)) - r;
+  return out;
 }
 
 }  // namespace mi

@@ -4,8 +4,9 @@
 // O(threads * B * N + N * D), not O(N^2).
 //
 //   forward   per teacher-row strip: pass 1 the row's largest score and log-sum-exps l_i (all columns), w_i (the
-//             diagonal left out), z_i (the largest left out), pass 2 the joint-term sum and the backward aggregates C_i, dI/da_i (one exp, one log, one division
-//             per score); the diagonal terms come from (l_i, w_i) in closed form.       1 matmul  (2 N^2 D flops)
+//             diagonal left out), z_i (the largest left out), pass 2 the joint-term sum and the backward aggregates
+//             C_i, dI/da_i, dI/dS_ii (one exp, one log, one division per score); the diagonal and the largest
+//             score's terms come from (l_i, w_i, z_i) in closed form.                          1 matmul  (2 N^2 D flops)
 //   backward  phase A: per teacher-row strip, recompute S, overwrite it with grad * dI/dS, d(teacher) = G U / T;
 //             phase B: per student-row strip, the same on S^T, d(student) = G^T V / T.  4 matmuls (8 N^2 D flops)
 // Phase B recomputes what phase A had, instead of accumulating d(student) across row strips with atomics or
@@ -75,13 +76,11 @@ struct Launch {
 };
 
 // Rows of the [6, N] stats tensor (the schema in csrc/fastdistill.cpp lists them).
-constexpr int64_t kL = 0, kCrest = 1, kCstar = 2, kM = 3, kDa = 4, kStar = 5;
+constexpr int64_t kL = 0, kCrest = 1, kPhi = 2, kM = 3, kDa = 4, kStar = 5, kGdiag = 6, kZ = 7, kStatsRows = 8;
 
-// Per-row forward results, reduced in row order at the end.
-template <typename A>
-struct RowOut {
-  A sdiag, joint_b, r;
-};
+// Per-row forward result: N (I_i - 1), this row's share of the estimate, I = 1 + (1/N) sum_i part_i with
+// part_i = S_ii - K_i - (sum_{j != i} log t_ij) / (N - 1) - r_i. Combining a row's O(l_i)-sized terms before the sum
+// over rows keeps their cancellation out of the total.
 
 // Calls sweep(x, range, pad, f) over [0, n) without the (at most two) indices e1, e2.
 template <typename A, typename F>
@@ -94,12 +93,13 @@ inline void sweep_excluding(const A* x, int64_t n, int64_t e1, int64_t e2, A pad
 
 // Forward on one score row s[0..n) (already scaled by 1/T) of teacher row i. Writes the row's stats column.
 template <typename A>
-void forward_row(const Launch<A>& P, const A* s, int64_t i, A a, A* stats, RowOut<A>& out) {
+void forward_row(const Launch<A>& P, const A* s, int64_t i, A a, A* stats, A& part) {
   using V = Vectorized<A>;
   const A neg_inf = -std::numeric_limits<A>::infinity();
   const int64_t n = P.n;
-  // pass 1: the row's largest score (first index on ties), then the exp-sum over the other columns, the diagonal
-  // and the largest apart: l (all), w (without the diagonal), z (without the largest) each without cancellation.
+  // pass 1: the row's largest score (first index on ties), then the log-sum-exp over the other columns, the
+  // diagonal and the largest apart: l (all), w (without the diagonal), z (without the largest), each without
+  // cancellation or underflow.
   V vmax(neg_inf);
   sweep<A>(s, 0, n, neg_inf, [&](V x, int64_t) { vmax = at::vec::maximum(vmax, x); });
   A buf[V::size()];
@@ -108,61 +108,65 @@ void forward_row(const Launch<A>& P, const A* s, int64_t i, A a, A* stats, RowOu
   for (int l = 0; l < V::size(); ++l) mx = std::max(mx, buf[l]);
   int64_t star = 0;
   while (star < n - 1 && !(s[star] == mx)) ++star;
-  V vsum(A(0));
-  const V vmx(mx);
-  sweep_excluding<A>(s, n, i, star, neg_inf, [&](V x, int64_t) { vsum = vsum + vexp(x - vmx); });
-  const A rest = hsum(vsum);
+  // The other columns' log-sum-exp with their own maximum: relative to mx their exps may all underflow.
+  V vmax2(neg_inf);
+  sweep_excluding<A>(s, n, i, star, neg_inf, [&](V x, int64_t) { vmax2 = at::vec::maximum(vmax2, x); });
+  vmax2.store(buf);
+  A mx2 = neg_inf;
+  for (int l2 = 0; l2 < V::size(); ++l2) mx2 = std::max(mx2, buf[l2]);
+  A lse_rest = neg_inf;  // N = 2 with the largest score off the diagonal: no other column
+  if (mx2 != neg_inf) {
+    V vsum(A(0));
+    const V vmx2(mx2);
+    sweep_excluding<A>(s, n, i, star, neg_inf, [&](V x, int64_t) { vsum = vsum + vexp(x - vmx2); });
+    lse_rest = mx2 + std::log(hsum(vsum));
+  }
+  using Ops = ScalarOps<A>;
   A l, w, z;
   if (star == i) {
-    z = w = mx + std::log(rest);
-    l = mx + std::log1p(rest);
+    z = w = lse_rest;
+    l = logaddexp<Ops>(mx, lse_rest);
   } else {
-    const A e_diag = std::exp(s[i] - mx);
-    z = mx + std::log(rest + e_diag);
-    w = mx + std::log1p(rest);
-    l = mx + std::log1p(rest + e_diag);
+    z = logaddexp<Ops>(lse_rest, s[i]);
+    w = logaddexp<Ops>(lse_rest, mx);
+    l = logaddexp<Ops>(z, mx);
   }
   const auto c = mi::row_consts<A>(l, a, P.lam, P.log_alpha, P.log_1m_alpha);
 
-  // pass 2 over j not in {i, k*}: sum log t_ij and sum 1 / t_ij (C_i and dI/da_i are multiples of the latter).
-  V vlog(A(0)), vinv(A(0));
+  // pass 2 over j not in {i, k*}: sum log t_ij, sum 1 / t_ij (C_i and dI/da_i are multiples of it) and sum g_ij.
+  V vlog(A(0)), vinv(A(0)), vg(A(0));
   const V vl(l), va(c.alpha_), vb(c.beta_), zero(A(0));
   sweep_excluding<A>(s, n, i, star, A(0), [&](V x, int64_t lanes) {
-    const V t = mi::t_of<V>(va, vb, vexp(x - vl));
-    V lt = t.log(), it = V(A(1)) / t;
+    const V p = vexp(x - vl);
+    const V t = mi::t_of<V>(va, vb, p);
+    V lt = t.log(), it = V(A(1)) / t, g = mi::g_of<V>(va, vb, p, it);
     if (lanes < V::size()) {  // padded lanes contribute nothing
       lt = V::set(zero, lt, lanes);
       it = V::set(zero, it, lanes);
+      g = V::set(zero, g, lanes);
     }
     vlog = vlog + lt;
     vinv = vinv + it;
+    vg = vg + g;
   });
-  const A sum_inv = hsum(vinv);
-  A log_t = hsum(vlog), c_star = 0, beta_over_t = c.beta_ * sum_inv;
-  if (star != i) {
-    const auto st = mi::star_terms<A>(c, l, z, P.inv_d);
-    log_t += st.log_t;
-    c_star = st.c;
-    beta_over_t += st.beta_over_t;
-  }
-  const auto dt = mi::diag_terms<A>(c, l, w, A(n));
-
+  const mi::Pass2<A> p2{hsum(vlog), hsum(vinv), hsum(vg)};
+  const auto res = mi::row_result<A>(c, l, w, z, s[i], star == i, p2, A(n), P.inv_n, P.inv_d);
   stats[kL * n + i] = l;
-  stats[kCrest * n + i] = c.alpha_ * sum_inv * P.inv_d;
-  stats[kCstar * n + i] = c_star;
-  stats[kM * n + i] = dt.m;
-  stats[kDa * n + i] = -beta_over_t * P.inv_d + dt.da_marg;
+  stats[kCrest * n + i] = res.Crest;
+  stats[kPhi * n + i] = res.Phi;
+  stats[kM * n + i] = res.m;
+  stats[kDa * n + i] = res.da;
   stats[kStar * n + i] = A(star);
-  out.sdiag = s[i];
-  out.joint_b = A(n - 1) * c.K + log_t;
-  out.r = dt.r;
+  stats[kGdiag * n + i] = res.gdiag;
+  stats[kZ * n + i] = z;
+  part = res.part;
 }
 
 // Per-row quantities the backward pass needs, as arrays (phase B reads them along a strip row), and for each
 // column k the rows whose largest score sits at k (k*_i = k != i), as CSR lists.
 template <typename A>
 struct RowArrays {
-  std::vector<A> l, alpha_, beta_, C_plus_m, Crest, c_star, m;
+  std::vector<A> l, z, Q, alpha_, beta_, Crest, Phi, m, gdiag;
   std::vector<int64_t> star, by_star_start, by_star;
 };
 
@@ -170,18 +174,20 @@ template <typename A>
 RowArrays<A> row_arrays(const Launch<A>& P, const A* stats, const A* a) {
   RowArrays<A> R;
   const int64_t n = P.n;
-  for (auto* v : {&R.l, &R.alpha_, &R.beta_, &R.C_plus_m, &R.Crest, &R.c_star, &R.m}) v->resize(n);
+  for (auto* v : {&R.l, &R.z, &R.Q, &R.alpha_, &R.beta_, &R.Crest, &R.Phi, &R.m, &R.gdiag}) v->resize(n);
   R.star.resize(n);
   R.by_star_start.assign(n + 1, 0);
   for (int64_t i = 0; i < n; ++i) {
     const auto c = mi::row_consts<A>(stats[kL * n + i], a[i], P.lam, P.log_alpha, P.log_1m_alpha);
     R.l[i] = stats[kL * n + i];
+    R.z[i] = stats[kZ * n + i];
+    R.Q[i] = std::exp(R.z[i] - R.l[i]);
     R.alpha_[i] = c.alpha_;
     R.beta_[i] = c.beta_;
     R.Crest[i] = stats[kCrest * n + i];
-    R.c_star[i] = stats[kCstar * n + i];
+    R.Phi[i] = stats[kPhi * n + i];
     R.m[i] = stats[kM * n + i];
-    R.C_plus_m[i] = R.Crest[i] + R.c_star[i] + R.m[i];
+    R.gdiag[i] = stats[kGdiag * n + i];
     const int64_t k = static_cast<int64_t>(stats[kStar * n + i]);
     TORCH_CHECK_VALUE(k >= 0 && k < n, "fastdistill::mi_alpha_backward: stats row ", kStar, " holds column ", k,
                       ", not in [0, ", n, "): pass the stats mi_alpha returned");
@@ -209,8 +215,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& u, const at::T
                                                 double alpha, double temperature) {
   const int64_t n = u.size(0), d = u.size(1);
   const Launch<A> P(n, d, alpha, temperature);
-  at::Tensor stats = at::empty({6, n}, u.options());
-  std::vector<RowOut<A>> rows(n);
+  at::Tensor stats = at::empty({kStatsRows, n}, u.options());
+  std::vector<A> parts(n);
   A* st = stats.data_ptr<A>();
   const A* ap = a.data_ptr<A>();
   const int64_t blocks = (n + kStrip - 1) / kStrip;
@@ -227,18 +233,13 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& u, const at::T
           const int64_t lanes = std::min<int64_t>(Vectorized<A>::size(), n - j);
           (Vectorized<A>::loadu(s + j, lanes) * vt).store(s + j, lanes);
         }
-        forward_row<A>(P, s, r0 + r, ap[r0 + r], st, rows[r0 + r]);
+        forward_row<A>(P, s, r0 + r, ap[r0 + r], st, parts[r0 + r]);
       }
     }
   });
-  double sdiag = 0, joint_b = 0, r = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    sdiag += rows[i].sdiag;
-    joint_b += rows[i].joint_b;
-    r += rows[i].r;
-  }
-  const double dn = double(n);
-  const double estimate = 1.0 + sdiag / dn - joint_b / (dn * (dn - 1.0)) - r / dn;
+  double total = 0;  // row order, in double: bitwise reproducible whatever the thread count
+  for (int64_t i = 0; i < n; ++i) total += parts[i];
+  const double estimate = 1.0 + total / double(n);
   return {at::scalar_tensor(estimate, u.options()), stats};
 }
 
@@ -252,17 +253,19 @@ void grad_row(const Launch<A>& P, const RowArrays<A>& R, A* x, int64_t self, A s
   constexpr int64_t W = V::size();
   const int64_t n = P.n;
   const V vt(P.inv_t), vs(scale), vinv_d(P.inv_d);
-  V l(R.l[self]), al(R.alpha_[self]), be(R.beta_[self]), cm(R.C_plus_m[self]);
+  V z(R.z[self]), Q(R.Q[self]), al(R.alpha_[self]), be(R.beta_[self]), cr(R.Crest[self]), phi(R.Phi[self]);
   for (int64_t j = 0; j < n; j += W) {
     const int64_t lanes = std::min<int64_t>(W, n - j);
     if constexpr (kAlongRows) {
-      l = V::loadu(R.l.data() + j, lanes);
+      z = V::loadu(R.z.data() + j, lanes);
+      Q = V::loadu(R.Q.data() + j, lanes);
       al = V::loadu(R.alpha_.data() + j, lanes);
       be = V::loadu(R.beta_.data() + j, lanes);
-      cm = V::loadu(R.C_plus_m.data() + j, lanes);
+      cr = V::loadu(R.Crest.data() + j, lanes);
+      phi = V::loadu(R.Phi.data() + j, lanes);
     }
-    const V p = vexp(V::loadu(x + j, lanes) * vt - l);
-    (mi::grad_offdiag<V>(al, be, p, cm, vinv_d) * vs).store(x + j, lanes);
+    const V u = vexp(V::loadu(x + j, lanes) * vt - z);
+    (mi::grad_offdiag<V>(al, be, u, Q, cr, phi, vinv_d) * vs).store(x + j, lanes);
   }
 }
 
@@ -277,9 +280,6 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const a
   at::Tensor du = at::empty({n, d}, u.options()), dv = at::empty({n, d}, u.options());
   const int64_t blocks = (n + kStrip - 1) / kStrip;
   auto p_of = [&](A raw, int64_t row) { return std::exp(raw * P.inv_t - R.l[row]); };
-  auto diag = [&](A raw, int64_t i) {
-    return mi::grad_diag<A>(p_of(raw, i), R.Crest[i] + R.c_star[i], P.inv_n) * scale;
-  };
   auto star = [&](A raw, int64_t i) { return mi::grad_star<A>(p_of(raw, i), R.Crest[i], R.m[i]) * scale; };
   // Phase A (teacher rows -> d(teacher)) and phase B (student rows -> d(student)) differ in which feature matrix
   // gives the strip's rows, whether per-row quantities vary along the strip, and where the special elements are.
@@ -294,7 +294,6 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const a
         for (int64_t r = 0; r < nr; ++r) {
           A* x = sp + r * n;
           const int64_t self = r0 + r;
-          const A raw_diag = x[self];
           if (!along_rows) {  // teacher row i = self: its largest score is at column k*_i
             const int64_t k = R.star[self];
             const A raw_star = x[k];
@@ -307,7 +306,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const a
             grad_row<A, true>(P, R, x, self, scale);
             for (int64_t q = lo; q < hi; ++q) x[R.by_star[q]] = star(saved[q - lo], R.by_star[q]);
           }
-          x[self] = diag(raw_diag, self);
+          x[self] = R.gdiag[self] * scale;  // computed in the forward pass, without cancellation
         }
         at::Tensor o = out.narrow(0, r0, nr);
         at::mm_out(o, buf.narrow(0, 0, nr), cols_of);
@@ -354,8 +353,8 @@ std::tuple<at::Tensor, at::Tensor> mi_alpha_backward_cpu(const at::Tensor& grad,
                                                          const at::Tensor& stats, double alpha, double temperature) {
   check_features(student, teacher, log_baseline, alpha, temperature);
   TORCH_CHECK_VALUE(grad.numel() == 1, "fastdistill::mi_alpha_backward: grad must be 0-dim");
-  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == 6 && stats.size(1) == student.size(0),
-                    "fastdistill::mi_alpha_backward: stats must be [6, N], got ", stats.sizes());
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == kStatsRows && stats.size(1) == student.size(0),
+                    "fastdistill::mi_alpha_backward: stats must be [", kStatsRows, ", N], got ", stats.sizes());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto acc = acc_type(student);
   // detached: parallel_for workers do not inherit the guard above, and out= matmuls refuse grad-requiring inputs

@@ -221,5 +221,6 @@ def mi_alpha(
     # Interpolated baseline B_ij = log(alpha exp(L_ij) + (1 - alpha) exp(a_i)).
     b = _log_mix(loo, a[:, None].expand(n, n), alpha)
     joint = (s.diagonal()[:, None] - b)[off].mean()
-    marginal = torch.exp(s - b.diagonal()[:, None])[off].mean()
+    # (the diagonal is masked before exp: exp(S_ii - B_ii) may overflow, and inf * 0 would be a nan gradient)
+    marginal = torch.exp((s - b.diagonal()[:, None]).masked_fill(~off, -math.inf))[off].mean()
     return 1.0 + joint - marginal

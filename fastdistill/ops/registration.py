@@ -98,8 +98,8 @@ def register_triton(op) -> None:
     op.register_autograd(_kd_loss_triton_backward, setup_context=_kd_loss_triton_setup_context)
 
 
-# --- MI-alpha: fastdistill::mi_alpha -> (estimate, stats [6, N]); backward recomputes score tiles from stats. ---
-MI_STATS_ROWS = 6
+# --- MI-alpha: fastdistill::mi_alpha -> (estimate, stats [8, N]); backward recomputes score tiles from stats. ---
+MI_STATS_ROWS = 8
 MI_STATS_DA = 4  # stats[4] = dI/d(log_baseline)
 
 

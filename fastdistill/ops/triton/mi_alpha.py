@@ -1,0 +1,443 @@
+"""Triton backend of MI-alpha (SPEC §2, §6): the algebra of ``csrc/common/mi_math.h``, mirrored function for
+function (``_row_consts`` = mi::row_consts, ...), with the passes of ``csrc/cpu/mi_alpha_cpu.cpp``.
+
+Row i is teacher example i, S_ij = <v_i, u_j> / T (v = teacher, u = student); the N x N matrix is never stored.
+Every kernel computes [BM, BN] score tiles ``tl.dot(V_tile, U_tile^T)`` on the fly, summing over the feature dim in
+BK-wide chunks (D = 1..1024, zero-padded to tl.dot's minimum of 16), with float32 accumulation (float64 for
+float64 inputs; half-precision features go to tl.dot in their own dtype, i.e. to the tensor cores).
+
+  forward   ``_mi_fwd_kernel``, one program per block of BM teacher rows, two sweeps over the column tiles:
+            pass 1, online: the row's largest score and its column k*_i (first on ties), S_ii, and the exp-sum of
+            the other columns, giving l_i (all j), w_i (j != i) and z_i (j != k*_i) without cancellation;
+            pass 2 (S recomputed): sum log t_ij, sum 1 / t_ij and sum g_ij over j not in {i, k*_i}; the diagonal
+            and the largest score are closed form in (l_i, w_i, z_i). Writes stats [8, N] = (l, Crest, Phi, m,
+            dI/da, k*, dI/dS_ii, z) (the layout of fastdistill::mi_alpha, csrc/fastdistill.cpp) and one estimate term
+            per row.
+                                                                                         2 x 2 N^2 D flops
+  backward  dI/dS_ik needs S_ik and per-row stats only, so both kernels recompute S tiles and form G = dI/dS tile
+            by tile, as flash attention's backward does, but without atomics:
+            ``_mi_bwd_rows_kernel`` owns a block of teacher rows and sweeps the columns: d(teacher) = G U / T;
+            ``_mi_bwd_cols_kernel`` owns a block of student rows and sweeps the teacher rows: d(student) = G^T V / T.
+            Each program also owns a BDO-wide chunk of the output features (its [B, BDO] accumulator stays in
+            registers); when D > BDO the S tiles are recomputed once per chunk.  (2 + 2 ceil(D / BDO)) x 2 N^2 D flops
+Every output element is written by exactly one program, and the per-row estimate terms ([N]) are summed by
+``torch.sum`` in float64: no float atomics, two runs are bitwise equal. Extra memory: stats [8, N] and one [N]
+buffer, O(N); no N x N tile ever leaves the chip and the [N, D] features are not copied. G goes to the second
+matmul in the features' dtype, scaled by N first so that fp16 does not flush its O(1 / N^2) off-diagonal
+entries; the factor is taken out after the sum.
+
+The float parameters (1 / T, log(N - 1), log alpha, ...) reach the kernels in a tensor of the accumulation dtype:
+scalar kernel arguments would be rounded to float32.
+"""
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..registration import MI_STATS_ROWS, register_mi_triton
+
+NEG_INF: tl.constexpr = float("-inf")
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---- csrc/common/mi_math.h ------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_consts(lse, a, lam, log_alpha, log_1m_alpha):
+    """mi::row_consts: K, alpha', beta', log alpha', log beta', log gamma of the interpolated baseline."""
+    x = log_alpha + lse - lam
+    y = log_1m_alpha + a
+    k = tl.maximum(x, y)
+    return k, tl.exp(x - k), tl.exp(y - k), x - k, y - k, lse - lam - k
+
+
+@triton.jit
+def _log_t_of(log_alpha_, log_beta_, log_q):
+    """mi::log_t_of: log(alpha' q + beta') from log q."""
+    return _logaddexp(log_alpha_ + log_q, log_beta_)
+
+
+@triton.jit
+def _t_of(alpha_, beta_, p):
+    """mi::t_of: t_ij = alpha' (1 - p) + beta' (j neither i nor k*_i, so p <= 1/2)."""
+    return alpha_ * (1.0 - p) + beta_
+
+
+@triton.jit
+def _g_of(alpha_, beta_, p, inv_t):
+    """mi::g_of: g_ij = (beta' - alpha' p) / t_ij, the terms of 1/N - C_i."""
+    return (beta_ - alpha_ * p) * inv_t
+
+
+@triton.jit
+def _grad_offdiag(alpha_, beta_, u, q, crest, phi, inv_d):
+    """mi::grad_offdiag: dI/dS_ik (k not in {i, k*_i}) from u = exp(S_ik - z_i): p = u Q,
+    -(p (Crest - alpha' / (t D)) + u Phi)."""
+    p = u * q
+    return 0.0 - (p * (crest - alpha_ * inv_d / _t_of(alpha_, beta_, p)) + u * phi)
+
+
+@triton.jit
+def _grad_star(p, crest, m):
+    """mi::grad_star: dI/dS_ik at the row's largest score k = k*_i != i: -p (Crest_i + m_i)."""
+    return -p * (crest + m)
+
+
+@triton.jit
+def _row_result(k, alpha_, log_alpha_, beta_, log_beta_, log_gamma, lse, w, z, sdiag, diag_is_largest, sum_log,
+                sum_inv, sum_g, nf, inv_n, inv_d):  # fmt: skip
+    """mi::row_result: (part_i, Crest, Phi, m, dI/da, dI/dS_ii) from pass 1 and the pass-2 sums."""
+    log_n = tl.log(nf)
+    log_d = -tl.log(inv_d)
+    log_qd = w - lse
+    log_td = _log_t_of(log_alpha_, log_beta_, log_qd)
+    r = tl.exp(log_gamma + log_qd - log_td)
+    log_m = log_beta_ + log_gamma - 2.0 * log_td - log_n
+    crest = alpha_ * sum_inv * inv_d
+    # the row's largest score off the diagonal (evaluated for every row, used where k*_i != i)
+    log_qs = z - lse
+    log_ts = _log_t_of(log_alpha_, log_beta_, log_qs)
+    log_cs = log_alpha_ - log_ts - log_d
+    log_t = sum_log + tl.where(diag_is_largest, 0.0, log_ts)
+    beta_over_t = beta_ * sum_inv + tl.where(diag_is_largest, 0.0, tl.exp(log_beta_ - log_ts))
+    phi = tl.where(diag_is_largest, tl.exp(log_qd + log_m), tl.exp(log_qs + log_cs) + tl.exp(log_qs + log_m))
+    m = tl.where(diag_is_largest, 0.0, tl.exp(log_m))
+    gdiag = tl.where(diag_is_largest, tl.exp(log_qd) * crest + sum_g * inv_d,
+                     inv_n - tl.exp(sdiag - lse) * crest - tl.exp(sdiag - lse + log_cs))  # fmt: skip
+    da = -beta_over_t * inv_d + r * tl.exp(log_beta_ - log_td) * inv_n
+    part = sdiag - k - log_t / (nf - 1.0) - r
+    return part, crest, phi, m, da, gdiag
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x), x >= 0, to a few ulp (Goldberg's trick; core Triton has no log1p, libdevice is GPU-only)."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
+def _logaddexp(x, y):
+    """log(exp(x) + exp(y)), exact when either is -inf (kd_math.h's logaddexp)."""
+    m = tl.maximum(x, y)
+    r = m + _log1p(tl.exp(-tl.abs(x - y)))
+    return tl.where(m == NEG_INF, m, r)
+
+
+# ---- tiles ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _operand(x, WIDEN: tl.constexpr):
+    # Triton's interpreter keeps bf16 as uint16 and its tl.dot multiplies the bit patterns: there (only) bf16
+    # operands are widened to float32 first, which is exact, as the tensor cores' bf16 products are.
+    if WIDEN:
+        return x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+            ACC: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr):  # fmt: skip
+    """S tile [BM, BN] = V[rows] U[cols]^T / T (rows, cols int64), summed over the features in BK chunks. Rows and
+    columns past N, and features past D, load as 0."""
+    rmask = rows < N
+    cmask = cols < N
+    s = tl.zeros((BM, BN), ACC)
+    for k0 in range(0, D, BK):
+        ks = k0 + tl.arange(0, BK)
+        kmask = ks < D
+        v = tl.load(v_ptr + rows[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        u = tl.load(u_ptr + cols[:, None] * D + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+        s = tl.dot(_operand(v, WIDEN), tl.trans(_operand(u, WIDEN)), s, input_precision=PREC, out_dtype=ACC)
+    return s * inv_t
+
+
+@triton.jit
+def _load_params(prm_ptr):
+    # 1/T, log(N-1), log alpha, log(1-alpha), 1/N, 1/(N(N-1)), 1/(N-1), N
+    return (tl.load(prm_ptr + 0), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2), tl.load(prm_ptr + 3),
+            tl.load(prm_ptr + 4), tl.load(prm_ptr + 5), tl.load(prm_ptr + 6), tl.load(prm_ptr + 7))  # fmt: skip
+
+
+@triton.jit
+def _row_stats(stats_ptr, a_ptr, rows, N, lam, log_alpha, log_1m_alpha, ACC: tl.constexpr):
+    """What the backward needs of these rows (mi_alpha_cpu.cpp: row_arrays): z, Q = exp(z - l), Crest, Phi, m, k*,
+    dI/dS_ii from the forward's stats; alpha', beta' recomputed from l and a."""
+    rmask = rows < N
+    lse = tl.load(stats_ptr + 0 * N + rows, mask=rmask, other=0.0)
+    crest = tl.load(stats_ptr + 1 * N + rows, mask=rmask, other=0.0)
+    phi = tl.load(stats_ptr + 2 * N + rows, mask=rmask, other=0.0)
+    m = tl.load(stats_ptr + 3 * N + rows, mask=rmask, other=0.0)
+    star = tl.load(stats_ptr + 5 * N + rows, mask=rmask, other=0.0).to(tl.int64)
+    gdiag = tl.load(stats_ptr + 6 * N + rows, mask=rmask, other=0.0)
+    z = tl.load(stats_ptr + 7 * N + rows, mask=rmask, other=0.0)
+    a = tl.load(a_ptr + rows, mask=rmask, other=0.0).to(ACC)
+    _, alpha_, beta_, _, _, _ = _row_consts(lse, a, lam, log_alpha, log_1m_alpha)
+    return lse, z, tl.exp(z - lse), crest, phi, m, star, gdiag, alpha_, beta_
+
+
+@triton.jit
+def _grad_tile(s, rows, cols, N, lse, z, q, crest, phi, m, star, gdiag, alpha_, beta_, inv_d, nf):
+    """N * dI/dS on a tile (per-row quantities [BM] along axis 0); 0 outside the N x N matrix. The generic formula,
+    then the row's largest score, then the diagonal (from the forward pass; it wins when k*_i = i), as
+    backward_impl does."""
+    u = tl.exp(s - z[:, None])
+    g = _grad_offdiag(alpha_[:, None], beta_[:, None], u, q[:, None], crest[:, None], phi[:, None], inv_d)
+    p = tl.exp(s - lse[:, None])
+    g = tl.where(cols[None, :] == star[:, None], _grad_star(p, crest[:, None], m[:, None]), g)
+    g = tl.where(cols[None, :] == rows[:, None], gdiag[:, None], g)
+    return tl.where((rows < N)[:, None] & (cols < N)[None, :], g * nf, 0.0)
+
+
+# ---- kernels --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mi_fwd_kernel(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, part_ptr, N, D, BM: tl.constexpr, BN: tl.constexpr,
+                   BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr):  # fmt: skip
+    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    rmask = rows < N
+    inv_t, lam, log_alpha, log_1m_alpha, inv_n, inv_d, inv_nm1, nf = _load_params(prm_ptr)
+
+    # pass 1 (mi_alpha_cpu.cpp: forward_row), online over the column tiles: the running max mx and its column k*
+    # (the first on ties: a later tile takes over only with a strictly larger score), S_ii, and the log-sum-exp of
+    # the columns not in {i, k*} with its own running max m2 (relative to mx their exps may all underflow). When k*
+    # moves, the old largest joins that rest, unless it was the diagonal.
+    mx = tl.full((BM,), NEG_INF, ACC)
+    star = tl.full((BM,), -1, tl.int64)
+    m2 = tl.full((BM,), NEG_INF, ACC)
+    r2 = tl.zeros((BM,), ACC)
+    sdiag = tl.zeros((BM,), ACC)
+    for j0 in range(0, N, BN):
+        cols = j0 + tl.arange(0, BN).to(tl.int64)
+        s = _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM, BN, BK, ACC, PREC, WIDEN)
+        s = tl.where((cols < N)[None, :], s, NEG_INF)
+        diag = rows[:, None] == cols[None, :]
+        tmax = tl.max(s, 1)
+        tstar = tl.min(tl.where(s == tmax[:, None], cols[None, :], N), 1)
+        moved = tmax > mx
+        displaced = tl.where(moved & (star >= 0) & (star != rows), mx, NEG_INF)
+        star = tl.where(moved, tstar, star)
+        x = tl.where(diag | (cols[None, :] == star[:, None]), NEG_INF, s)
+        new2 = tl.maximum(tl.maximum(m2, tl.max(x, 1)), displaced)
+        safe = tl.where(new2 == NEG_INF, 0.0, new2)
+        r2 = r2 * tl.exp(m2 - safe) + tl.sum(tl.exp(x - safe[:, None]), 1) + tl.exp(displaced - safe)
+        m2 = new2
+        mx = tl.maximum(mx, tmax)
+        sdiag += tl.sum(tl.where(diag, s, 0.0), 1)
+    # l = lse (all columns), w (without the diagonal), z (without the largest), each without cancellation
+    star_is_diag = star == rows
+    lse_rest = tl.where(m2 == NEG_INF, NEG_INF, m2 + tl.log(r2))
+    z = tl.where(star_is_diag, lse_rest, _logaddexp(lse_rest, sdiag))
+    w = tl.where(star_is_diag, lse_rest, _logaddexp(lse_rest, mx))
+    lse = _logaddexp(z, mx)
+    a = tl.load(a_ptr + rows, mask=rmask, other=0.0).to(ACC)
+    k, alpha_, beta_, log_alpha_, log_beta_, log_gamma = _row_consts(lse, a, lam, log_alpha, log_1m_alpha)
+
+    # pass 2 over j not in {i, k*} (S recomputed): sum log t_ij, sum 1 / t_ij (C_i and dI/da_i are multiples of it)
+    # and sum g_ij (dI/dS_ii)
+    sum_log = tl.zeros((BM,), ACC)
+    sum_inv = tl.zeros((BM,), ACC)
+    sum_g = tl.zeros((BM,), ACC)
+    for j0 in range(0, N, BN):
+        cols = j0 + tl.arange(0, BN).to(tl.int64)
+        s = _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM, BN, BK, ACC, PREC, WIDEN)
+        keep = (cols < N)[None, :] & (cols[None, :] != rows[:, None]) & (cols[None, :] != star[:, None])
+        p = tl.exp(s - lse[:, None])
+        t = _t_of(alpha_[:, None], beta_[:, None], p)
+        inv = 1.0 / t
+        sum_log += tl.sum(tl.where(keep, tl.log(t), 0.0), 1)
+        sum_inv += tl.sum(tl.where(keep, inv, 0.0), 1)
+        sum_g += tl.sum(tl.where(keep, _g_of(alpha_[:, None], beta_[:, None], p, inv), 0.0), 1)
+    part, crest, phi, m, da, gdiag = _row_result(k, alpha_, log_alpha_, beta_, log_beta_, log_gamma, lse, w, z, sdiag,
+                                                 star_is_diag, sum_log, sum_inv, sum_g, nf, inv_n, inv_d)  # fmt: skip
+    # stats: the layout of fastdistill::mi_alpha (csrc/fastdistill.cpp)
+    tl.store(stats_ptr + 0 * N + rows, lse, mask=rmask)
+    tl.store(stats_ptr + 1 * N + rows, crest, mask=rmask)
+    tl.store(stats_ptr + 2 * N + rows, phi, mask=rmask)
+    tl.store(stats_ptr + 3 * N + rows, m, mask=rmask)
+    tl.store(stats_ptr + 4 * N + rows, da, mask=rmask)
+    tl.store(stats_ptr + 5 * N + rows, star.to(ACC), mask=rmask)
+    tl.store(stats_ptr + 6 * N + rows, gdiag, mask=rmask)
+    tl.store(stats_ptr + 7 * N + rows, z, mask=rmask)
+    # N * (this row's part of I - 1), one [N] entry per row: combining the row's O(l_i)-sized terms before the sum
+    # over rows keeps their cancellation out of the total.
+    tl.store(part_ptr + rows, part, mask=rmask)
+
+
+@triton.jit
+def _mi_bwd_rows_kernel(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, grad_ptr, out_ptr, N, D, BM: tl.constexpr,
+                        BN: tl.constexpr, BK: tl.constexpr, BDO: tl.constexpr, ACC: tl.constexpr,
+                        PREC: tl.constexpr, WIDEN: tl.constexpr):  # fmt: skip
+    """d(teacher)[rows, chunk] = grad / T * sum over column tiles of G[rows, cols] U[cols, chunk]."""
+    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    dcols = tl.program_id(1) * BDO + tl.arange(0, BDO)
+    dmask = dcols < D
+    inv_t, lam, log_alpha, log_1m_alpha, inv_n, inv_d, inv_nm1, nf = _load_params(prm_ptr)
+    lse, z, q, crest, phi, m, star, gdiag, alpha_, beta_ = _row_stats(stats_ptr, a_ptr, rows, N, lam, log_alpha,
+                                                                    log_1m_alpha, ACC)  # fmt: skip
+    acc = tl.zeros((BM, BDO), ACC)
+    for j0 in range(0, N, BN):
+        cols = j0 + tl.arange(0, BN).to(tl.int64)
+        s = _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM, BN, BK, ACC, PREC, WIDEN)
+        g = _grad_tile(s, rows, cols, N, lse, z, q, crest, phi, m, star, gdiag, alpha_, beta_, inv_d, nf)
+        u = tl.load(u_ptr + cols[:, None] * D + dcols[None, :], mask=(cols < N)[:, None] & dmask[None, :], other=0.0)
+        acc = tl.dot(_operand(g.to(u.dtype), WIDEN), _operand(u, WIDEN), acc, input_precision=PREC, out_dtype=ACC)
+    f = tl.load(grad_ptr).to(ACC) * inv_t * inv_n  # inv_n: _grad_tile's factor N
+    tl.store(out_ptr + rows[:, None] * D + dcols[None, :], (acc * f).to(out_ptr.dtype.element_ty),
+             mask=(rows < N)[:, None] & dmask[None, :])  # fmt: skip
+
+
+@triton.jit
+def _mi_bwd_cols_kernel(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, grad_ptr, out_ptr, N, D, BM: tl.constexpr,
+                        BN: tl.constexpr, BK: tl.constexpr, BDO: tl.constexpr, ACC: tl.constexpr,
+                        PREC: tl.constexpr, WIDEN: tl.constexpr):  # fmt: skip
+    """d(student)[cols, chunk] = grad / T * sum over row tiles of G[rows, cols]^T V[rows, chunk]. The per-row
+    quantities vary along the row tiles, so they are loaded (and alpha', beta' recomputed) per tile; k*_i is
+    compared with the tile's columns, so no list of the rows whose largest score is in this column is needed."""
+    cols = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)
+    dcols = tl.program_id(1) * BDO + tl.arange(0, BDO)
+    dmask = dcols < D
+    inv_t, lam, log_alpha, log_1m_alpha, inv_n, inv_d, inv_nm1, nf = _load_params(prm_ptr)
+    acc = tl.zeros((BN, BDO), ACC)
+    for i0 in range(0, N, BM):
+        rows = i0 + tl.arange(0, BM).to(tl.int64)
+        lse, z, q, crest, phi, m, star, gdiag, alpha_, beta_ = _row_stats(stats_ptr, a_ptr, rows, N, lam,
+                                                                        log_alpha, log_1m_alpha, ACC)  # fmt: skip
+        s = _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM, BN, BK, ACC, PREC, WIDEN)
+        g = _grad_tile(s, rows, cols, N, lse, z, q, crest, phi, m, star, gdiag, alpha_, beta_, inv_d, nf)
+        v = tl.load(v_ptr + rows[:, None] * D + dcols[None, :], mask=(rows < N)[:, None] & dmask[None, :], other=0.0)
+        acc = tl.dot(tl.trans(_operand(g.to(v.dtype), WIDEN)), _operand(v, WIDEN), acc, input_precision=PREC,
+                     out_dtype=ACC)  # fmt: skip
+    f = tl.load(grad_ptr).to(ACC) * inv_t * inv_n
+    tl.store(out_ptr + cols[:, None] * D + dcols[None, :], (acc * f).to(out_ptr.dtype.element_ty),
+             mask=(cols < N)[:, None] & dmask[None, :])  # fmt: skip
+
+
+# ---- host side ------------------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tiles(d: int, dtype: torch.dtype) -> dict:
+    """Block sizes and launch options: {"fwd": {...}, "bwd": {...}}. The GPU rows are UNTUNED first guesses (no GPU
+    was available to measure them): flash-attention-like 64 x 64 score tiles, feature chunks sized so that two
+    pipeline stages should stay within ~100 KB of shared memory (estimated, not measured), narrower for 4- and 8-byte
+    types. The interpreter gets the smallest tiles tl.dot accepts (16), which also makes the tests cross several
+    row, column and feature tiles."""
+    pow2_d = max(16, triton.next_power_of_2(d))
+    if _INTERPRET:
+        t = {"BM": 16, "BN": 16, "BK": 16}
+        return {"fwd": t, "bwd": {**t, "BDO": 16}}
+    if dtype == torch.float64:
+        fwd = {"BM": 32, "BN": 32, "BK": min(pow2_d, 32), "num_warps": 4, "num_stages": 2}
+        bwd = {"BM": 32, "BN": 32, "BK": min(pow2_d, 32), "BDO": min(pow2_d, 64), "num_warps": 4, "num_stages": 1}
+    elif dtype == torch.float32:  # ieee fp32 dot (FMA): no tensor cores, so smaller feature chunks
+        fwd = {"BM": 64, "BN": 64, "BK": min(pow2_d, 32), "num_warps": 4, "num_stages": 2}
+        bdo = min(pow2_d, 128)
+        bwd = {"BM": 64, "BN": 64, "BK": min(pow2_d, 32), "BDO": bdo, "num_warps": 4 if bdo <= 64 else 8,
+               "num_stages": 2}  # fmt: skip
+    else:  # bf16 / fp16: tensor cores
+        fwd = {"BM": 64, "BN": 64, "BK": min(pow2_d, 128), "num_warps": 4, "num_stages": 3}
+        bdo = min(pow2_d, 256)
+        bwd = {"BM": 64, "BN": 64, "BK": min(pow2_d, 64), "BDO": bdo, "num_warps": 4 if bdo <= 128 else 8,
+               "num_stages": 2}  # fmt: skip
+    return {"fwd": fwd, "bwd": bwd}
+
+
+def _launch_args(dtype: torch.dtype) -> dict:
+    # fp32 features: "ieee", since tf32 (10-bit mantissa) would put ~1e-3 relative errors into S; half types: the
+    # tensor-core default (the precision argument only concerns fp32 operands).
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    return {"ACC": acc, "PREC": prec, "WIDEN": _INTERPRET and dtype == torch.bfloat16}
+
+
+def _params(n: int, alpha: float, temperature: float, acc: torch.dtype, device) -> Tensor:
+    values = [1.0 / temperature, math.log(n - 1), math.log(alpha) if alpha > 0 else -math.inf,
+              math.log1p(-alpha) if alpha < 1 else -math.inf, 1.0 / n, 1.0 / (n * (n - 1)), 1.0 / (n - 1),
+              float(n)]  # fmt: skip
+    # built from 0-dim fills: torch.tensor(list) cannot run under the fake tensors of tracing
+    return torch.stack([torch.full((), x, dtype=acc, device=device) for x in values])
+
+
+def _mi_alpha_triton(
+    student: Tensor, teacher: Tensor, log_baseline: Tensor, alpha: float, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """The Triton twin of ``fastdistill::mi_alpha``: student, teacher [N, D] (one dtype, N >= 2), log_baseline [N].
+    Returns (estimate 0-dim, stats [8, N] = (l, Crest, Phi, m, dI/da, k*, dI/dS_ii, z)), float32 (float64 for float64
+    inputs)."""
+    n, d = student.shape
+    acc = _acc_dtype(student.dtype)
+    u, v = student.contiguous(), teacher.contiguous()
+    a = log_baseline.to(acc).contiguous()
+    prm = _params(n, alpha, temperature, acc, student.device)
+    stats = torch.empty((MI_STATS_ROWS, n), dtype=acc, device=student.device)
+    part = torch.empty((n,), dtype=acc, device=student.device)
+    cfg = _tiles(d, student.dtype)["fwd"]
+    torch.library.wrap_triton(_mi_fwd_kernel)[(triton.cdiv(n, cfg["BM"]),)](
+        u, v, a, prm, stats, part, n, d, **cfg, **_launch_args(student.dtype)
+    )
+    estimate = (1.0 + part.to(torch.float64).sum() / n).to(acc)  # fixed-order reduction: deterministic
+    return estimate, stats
+
+
+def _mi_alpha_backward_triton(
+    grad: Tensor, student: Tensor, teacher: Tensor, log_baseline: Tensor, stats: Tensor, alpha: float,
+    temperature: float,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The Triton twin of ``fastdistill::mi_alpha_backward``: (grad * dI/d student, grad * dI/d teacher), each in
+    its input's dtype, from the forward's stats (S recomputed tile by tile)."""
+    n, d = student.shape
+    acc = _acc_dtype(student.dtype)
+    u, v = student.contiguous(), teacher.contiguous()
+    a = log_baseline.to(acc).contiguous()
+    st = stats.to(acc).contiguous()
+    g = grad.to(acc).reshape(1)
+    prm = _params(n, alpha, temperature, acc, student.device)
+    d_student = torch.empty((n, d), dtype=student.dtype, device=student.device)
+    d_teacher = torch.empty((n, d), dtype=teacher.dtype, device=teacher.device)
+    cfg = _tiles(d, student.dtype)["bwd"]
+    kw = {**cfg, **_launch_args(student.dtype)}
+    chunks = triton.cdiv(d, cfg["BDO"])
+    torch.library.wrap_triton(_mi_bwd_rows_kernel)[(triton.cdiv(n, cfg["BM"]), chunks)](
+        u, v, a, prm, st, g, d_teacher, n, d, **kw
+    )
+    torch.library.wrap_triton(_mi_bwd_cols_kernel)[(triton.cdiv(n, cfg["BN"]), chunks)](
+        u, v, a, prm, st, g, d_student, n, d, **kw
+    )
+    return d_student, d_teacher
+
+
+def _mi_alpha_triton_fake(student, teacher, log_baseline, alpha, temperature):
+    acc = _acc_dtype(student.dtype)
+    return student.new_empty((), dtype=acc), student.new_empty((MI_STATS_ROWS, student.shape[0]), dtype=acc)
+
+
+def _mi_alpha_backward_triton_fake(grad, student, teacher, log_baseline, stats, alpha, temperature):
+    return student.new_empty(student.shape), teacher.new_empty(teacher.shape)
+
+
+if _INTERPRET:
+    # Triton's interpreter cannot be traced (wrap_triton needs a compiled JITFunction), so here the ops are opaque to
+    # torch.compile, with fake kernels; on a GPU they are triton_ops and torch.compile traces into the kernels.
+    mi_alpha_triton = torch.library.custom_op("fastdistill::mi_alpha_triton", mutates_args=())(_mi_alpha_triton)
+    mi_alpha_triton.register_fake(_mi_alpha_triton_fake)
+    mi_alpha_backward_triton = torch.library.custom_op("fastdistill::mi_alpha_backward_triton", mutates_args=())(
+        _mi_alpha_backward_triton
+    )
+    mi_alpha_backward_triton.register_fake(_mi_alpha_backward_triton_fake)
+else:
+    mi_alpha_triton = torch.library.triton_op("fastdistill::mi_alpha_triton", mutates_args=())(_mi_alpha_triton)
+    mi_alpha_backward_triton = torch.library.triton_op("fastdistill::mi_alpha_backward_triton", mutates_args=())(
+        _mi_alpha_backward_triton
+    )
+register_mi_triton(mi_alpha_triton, mi_alpha_backward_triton)
