@@ -17,7 +17,9 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -29,9 +31,17 @@ namespace {
 
 using at::vec::Vectorized;
 
-// Rows per strip: large enough for an efficient matmul, small enough that a [B, N] strip stays in L2/L3 for the
-// two sweeps over it (B * N * 4 bytes = 4 MiB at N = 16k).
-constexpr int64_t kStrip = 64;
+// Rows per strip: tall enough for an efficient BLAS product (thin [B, D] x [D, N] products run far below the
+// machine's matmul rate), short enough that a [B, N] strip stays in L2/L3 for the sweeps over it: ~4 MiB, B in
+// [16, 256]; FASTDISTILL_MI_STRIP overrides it (benchmarks).
+int64_t strip_rows(int64_t n, int64_t elem) {
+  static const int64_t forced = [] {
+    const char* e = std::getenv("FASTDISTILL_MI_STRIP");
+    return e ? std::atoll(e) : int64_t(0);
+  }();
+  if (forced > 0) return forced;
+  return std::clamp<int64_t>((int64_t(4) << 20) / std::max<int64_t>(n * elem, 1), 16, 256);
+}
 
 template <typename A>
 Vectorized<A> vexp(Vectorized<A> x) {
@@ -219,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& u, const at::T
   std::vector<A> parts(n);
   A* st = stats.data_ptr<A>();
   const A* ap = a.data_ptr<A>();
-  const int64_t blocks = (n + kStrip - 1) / kStrip;
+  const int64_t kStrip = strip_rows(n, sizeof(A)), blocks = (n + kStrip - 1) / kStrip;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     at::Tensor buf = at::empty({kStrip, n}, u.options());
     for (int64_t b = b0; b < b1; ++b) {
@@ -278,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const a
   const RowArrays<A> R = row_arrays<A>(P, stats.data_ptr<A>(), a.data_ptr<A>());
   const A scale = A(grad.item<double>()) * P.inv_t;
   at::Tensor du = at::empty({n, d}, u.options()), dv = at::empty({n, d}, u.options());
-  const int64_t blocks = (n + kStrip - 1) / kStrip;
+  const int64_t kStrip = strip_rows(n, sizeof(A)), blocks = (n + kStrip - 1) / kStrip;
   auto p_of = [&](A raw, int64_t row) { return std::exp(raw * P.inv_t - R.l[row]); };
   auto star = [&](A raw, int64_t i) { return mi::grad_star<A>(p_of(raw, i), R.Crest[i], R.m[i]) * scale; };
   // Phase A (teacher rows -> d(teacher)) and phase B (student rows -> d(student)) differ in which feature matrix
