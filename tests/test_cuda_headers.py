@@ -25,12 +25,12 @@ __global__ void probe_mi(const float* s, const float* l, float* out, int n) {
   int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   auto c = mi::row_consts<float>(l[i], 1.0f, logf(n - 1.0f), logf(0.01f), log1pf(-0.01f));
-  float p = expf(s[i] - l[i]);
-  auto d = mi::diag_terms<float>(c, l[i], l[i] - 1.0f, float(n));
-  auto st = mi::star_terms<float>(c, l[i], l[i] - 2.0f, 1.0f / n);
-  out[i] = mi::grad_offdiag<float>(c.alpha_, c.beta_, p, 1.0f, 0.1f) + mi::grad_star<float>(p, 1.0f, d.m) +
-           mi::grad_diag<float>(i == 0, d.q, p, 1.0f, 0.3f, 0.5f, 0.1f) + mi::g_of<float>(c.alpha_, c.beta_, p, 2.0f) +
-           st.log_t + d.r;
+  float u = expf(s[i] - l[i]);
+  mi::Pass2<float> p2{1.0f, 2.0f, 0.5f};
+  auto r = mi::row_result<float>(c, l[i], l[i] - 1.0f, l[i] - 2.0f, s[i], i == 0, p2, float(n), 1.0f / n,
+                                 1.0f / (n * (n - 1.0f)));
+  out[i] = mi::grad_offdiag<float>(c.alpha_, c.beta_, u, 0.5f, r.Crest, r.Phi, 0.1f) + mi::grad_star<float>(u, 1.0f, r.m) +
+           mi::g_of<float>(c.alpha_, c.beta_, u, 2.0f) + r.part + r.gdiag + r.da;
 }
 int main() { return 0; }
 """

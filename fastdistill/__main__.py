@@ -1,0 +1,7 @@
+"""``python -m fastdistill demo|train|bench``: see :mod:`fastdistill.cli`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,83 @@
+"""The ``fastdistill`` command (also ``python -m fastdistill``).
+
+    fastdistill demo [--smoke] [--seeds N] [--out DIR]   ensemble distillation on the digits, table + PNG
+    fastdistill train --config FILE.yaml                 the reference loop from a YAML config (torchrun works)
+    fastdistill train --print-config                     every config option, documented, at its default
+    fastdistill bench [benchmarks.run options]           the kd_loss kernel benchmark table (from a checkout)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+COMMANDS = {
+    "demo": "ensemble distillation on scikit-learn's digits: a table of test accuracies and a PNG (make demo)",
+    "train": "train with the reference loop from a YAML config (--config FILE; --print-config lists every option)",
+    "bench": "the kd_loss benchmark table (runs the checkout's benchmarks/run.py; its options pass through)",
+}
+
+
+def _error(command: str, message: str) -> int:
+    print(f"fastdistill {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def train_main(argv: Sequence[str]) -> int:
+    """``fastdistill train``: a bad config is one line on stderr and exit status 2, never a traceback."""
+    from .training import config
+
+    p = argparse.ArgumentParser(prog="fastdistill train", description=COMMANDS["train"])
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--config", help="YAML file (see --print-config)")
+    g.add_argument("--print-config", action="store_true", help="print every option with its default and doc")
+    args = p.parse_args(argv)
+    if args.print_config:
+        print(config.default_yaml(), end="")
+        return 0
+    try:
+        cfg = config.load_config(args.config)
+        summary = config.run(cfg)
+    except config.ConfigError as e:
+        return _error("train", str(e))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
+        print("done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                   for k, v in summary.items()))  # fmt: skip
+    return 0
+
+
+def bench_main(argv: Sequence[str]) -> int:
+    """``fastdistill bench``: ``benchmarks.run`` of the fastdistill checkout in the current directory."""
+    try:
+        run = importlib.import_module("benchmarks.run")
+    except ImportError:
+        if not os.path.exists(os.path.join("benchmarks", "run.py")):
+            return _error("bench", "the benchmarks live in the fastdistill repository, not in the installed package: "
+                                   "run `fastdistill bench` (or `make bench`) from the root of a checkout")  # fmt: skip
+        sys.path.insert(0, os.getcwd())  # the console script's sys.path does not hold the current directory
+        run = importlib.import_module("benchmarks.run")
+    return int(run.main(list(argv)) or 0)
+
+
+def demo_main(argv: Sequence[str]) -> int:
+    from .training import demo
+
+    return demo.main(list(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fastdistill`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(
+        prog="fastdistill", description="fastdistill: fused knowledge-distillation losses for PyTorch",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(f"  {k:<6} {v}" for k, v in COMMANDS.items())
+        + "\n\n`fastdistill COMMAND --help` for a command's options.",
+    )  # fmt: skip
+    p.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help=", ".join(COMMANDS))
+    # the command's own options are parsed by the command (bench passes them on to benchmarks.run)
+    args = p.parse_args(argv[:1] if argv and not argv[0].startswith("-") else argv)
+    return {"demo": demo_main, "train": train_main, "bench": bench_main}[args.command](argv[1:])

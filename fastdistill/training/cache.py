@@ -1,0 +1,247 @@
+"""Teacher-logit caching: run the teachers over a dataset once, reuse their logits for many student runs.
+
+One cache is one safetensors file (readable by ``safetensors.torch.load_file``), written batch by batch (never
+held whole in memory) and read back memory-mapped, so a student run only pages in the rows it uses:
+
+- ``kind="full"``: ``logits`` ``[N, K, *, V]``, the K teachers' raw logits for each of the N dataset items
+  (``*`` is the per-item shape, e.g. ``[T]`` for a sequence of T tokens; every item must have the same shape).
+- ``kind="topk"``: per row, the k largest logits ``values`` ``[N, K, *, k]``, their vocabulary ``indices``
+  ``[N, K, *, k]`` (int32) and ``tail_mass`` ``[N, K, *]``: the probability (at temperature 1) of the V - k
+  entries not stored. About V / (2k) times smaller than ``full``.
+
+``kd_loss`` consumes ``full`` caches exactly. A top-k cache is read back either as its parts
+(:meth:`TeacherLogitCache.topk`) or as dense logits (:meth:`TeacherLogitCache.get`) that keep the k stored
+probabilities exactly and spread the tail mass uniformly over the other V - k entries; at temperature 1 that
+target differs from the teacher's only inside the tail (a loss over top-k targets without densifying is a
+follow-up).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from .data import collate, default_forward, split_batch, to_device
+
+FORMAT = "fastdistill.teacher_cache"
+VERSION = "1"
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32"}
+_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class TeacherLogitCache:
+    """A teacher-logit cache file, memory-mapped (copy-on-write: nothing is ever written back to the file).
+
+    Attributes: ``kind`` ("full" or "topk"), ``num_teachers`` (K), ``vocab_size`` (V), ``k`` (top-k, or None),
+    ``item_shape`` (``*``), ``metadata`` (the file's string metadata), and the mapped tensors ``logits``
+    (``[N, K, *, V]``, full) or ``values``, ``indices``, ``tail_mass`` (top-k).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+            # ACCESS_COPY: a private mapping is writable (torch.frombuffer wants that) and never touches the file
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self.metadata: dict[str, str] = header.pop("__metadata__", {})
+        if self.metadata.get("format") != FORMAT:
+            raise ValueError(f"{self.path} is not a fastdistill teacher-logit cache (no format={FORMAT!r} metadata)")
+        base = 8 + header_len
+        self._tensors: dict[str, Tensor] = {}
+        for name, info in header.items():
+            begin, end = info["data_offsets"]
+            dtype = _TORCH_DTYPES[info["dtype"]]
+            flat = torch.frombuffer(self._mm, dtype=torch.uint8, count=end - begin, offset=base + begin)
+            self._tensors[name] = flat.view(dtype).reshape(info["shape"])
+        self.kind = self.metadata["kind"]
+        self.num_teachers = int(self.metadata["num_teachers"])
+        self.vocab_size = int(self.metadata["vocab_size"])
+        self.k = int(self.metadata["topk"]) if self.kind == "topk" else None
+        first = self._tensors["logits" if self.kind == "full" else "values"]
+        self.item_shape = tuple(first.shape[2:-1])
+
+    def __len__(self) -> int:
+        return next(iter(self._tensors.values())).shape[0]
+
+    @property
+    def logits(self) -> Tensor:
+        """``[N, K, *, V]`` raw logits (full caches only), memory-mapped."""
+        if self.kind != "full":
+            raise AttributeError("a top-k cache has no full logits: use get() (dense) or topk()")
+        return self._tensors["logits"]
+
+    @property
+    def values(self) -> Tensor:
+        return self._tensors["values"]
+
+    @property
+    def indices(self) -> Tensor:
+        return self._tensors["indices"]
+
+    @property
+    def tail_mass(self) -> Tensor:
+        return self._tensors["tail_mass"]
+
+    def topk(self, index: Tensor | Sequence[int], device: torch.device | str | None = None):
+        """Top-k parts of rows ``index`` (B of them): values ``[K, B, *, k]``, indices int64 ``[K, B, *, k]``,
+        tail_mass float32 ``[K, B, *]``."""
+        if self.kind != "topk":
+            raise ValueError("topk() needs a top-k cache; this one stores full logits")
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return (
+            self.values[idx].transpose(0, 1).to(device).contiguous(),
+            self.indices[idx].transpose(0, 1).to(device, torch.long).contiguous(),
+            self.tail_mass[idx].transpose(0, 1).to(device, torch.float32).contiguous(),
+        )
+
+    def get(
+        self, index: Tensor | Sequence[int], device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Tensor:
+        """Teacher logits of dataset rows ``index`` (B of them), stacked as ``[K, B, *, V]``: what ``kd_loss``
+        takes as ``teacher_logits``. For a top-k cache, dense logits (see the module docstring)."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        if self.kind == "full":
+            return self.logits[idx].transpose(0, 1).to(device, dtype).contiguous()
+        values, indices, tail = self.topk(idx, device)
+        return topk_to_logits(values, indices, tail, self.vocab_size).to(dtype or values.dtype)
+
+
+def topk_to_logits(values: Tensor, indices: Tensor, tail_mass: Tensor, vocab_size: int) -> Tensor:
+    """Dense logits ``[*, V]`` from top-k ``values``/``indices`` ``[*, k]`` and ``tail_mass`` ``[*]``: softmax of
+    the result gives each stored entry its exact probability and each of the V - k others ``tail_mass / (V - k)``
+    (``-inf``, probability 0, when the tail mass is 0)."""
+    v = values.float()
+    k = v.shape[-1]
+    tail = tail_mass.float().clamp(0.0, 1.0)
+    # log of the full partition function, from the stored part: logsumexp(values) = log Z + log(1 - tail)
+    log_z = torch.logsumexp(v, dim=-1) - torch.log1p(-tail.clamp(max=1 - 1e-7))
+    out = torch.empty(*v.shape[:-1], vocab_size, dtype=torch.float32, device=v.device)
+    if vocab_size > k:
+        tail_logit = torch.log(tail / (vocab_size - k)) + log_z  # -inf where tail == 0
+        out.copy_(tail_logit[..., None].expand_as(out))
+    return out.scatter_(-1, indices.long(), v)
+
+
+@torch.no_grad()
+def write_teacher_cache(
+    path: str | os.PathLike,
+    teachers: Sequence[nn.Module],
+    dataset: Dataset,
+    *,
+    batch_size: int = 256,
+    topk: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    forward: Callable[[nn.Module, Any], Tensor] | None = None,
+    collate_fn: Callable[[list], Any] | None = None,
+    device: torch.device | str | None = None,
+) -> TeacherLogitCache:
+    """Run K ``teachers`` (in eval mode, under ``no_grad``) over ``dataset`` in order and write their logits to
+    ``path``; returns the cache, memory-mapped. Row i of the cache is ``dataset[i]``.
+
+    ``topk``: store the k largest logits + indices + tail mass instead of all V. ``dtype``: float32, float16 or
+    bfloat16 for the stored logits. ``forward(model, inputs) -> logits [B, *, V]`` defaults to
+    ``model(**inputs)`` / ``model(inputs)`` and reading ``.logits``. The file is written to ``path + ".tmp"`` and
+    renamed at the end, so a crash never leaves a half-written cache under ``path``.
+    """
+    if not teachers:
+        raise ValueError("write_teacher_cache needs at least one teacher")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("write_teacher_cache: the dataset is empty")
+    forward = forward or default_forward
+    device = torch.device(device) if device is not None else next(teachers[0].parameters()).device
+    modes = [t.training for t in teachers]
+    for t in teachers:
+        t.eval()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    writer = None
+    try:
+        for start in range(0, n, batch_size):
+            batch = split_batch(to_device(collate(dataset, range(start, min(n, start + batch_size)), collate_fn),
+                                          device))  # fmt: skip
+            logits = torch.stack([forward(t, batch.inputs) for t in teachers], dim=1).float()  # [B, K, *, V]
+            if writer is None:
+                writer = _Writer(tmp, n, logits.shape[1:], topk, dtype)
+            writer.write(start, logits)
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+        for t, mode in zip(teachers, modes):
+            t.train(mode)
+    return TeacherLogitCache(path)
+
+
+class _Writer:
+    """Streams rows into a safetensors file whose header (shapes, offsets) is known from N and the row shape."""
+
+    def __init__(self, path: Path, n: int, row_shape: torch.Size, topk: int | None, dtype: torch.dtype) -> None:
+        k_teachers, *item, vocab = row_shape
+        if topk is not None and not 1 <= topk <= vocab:
+            raise ValueError(f"topk must be in [1, V = {vocab}], got {topk}")
+        self.topk = topk
+        self.dtype = dtype
+        self.row_shape = tuple(row_shape)
+        if topk is None:
+            specs = [("logits", dtype, [n, k_teachers, *item, vocab])]
+        else:
+            # 4-byte dtypes first: every tensor then starts 4-byte aligned (safetensors allows no gaps)
+            specs = [("tail_mass", torch.float32, [n, k_teachers, *item]),
+                     ("indices", torch.int32, [n, k_teachers, *item, topk]),
+                     ("values", dtype, [n, k_teachers, *item, topk])]  # fmt: skip
+        header: dict[str, Any] = {"__metadata__": {
+            "format": FORMAT, "version": VERSION, "kind": "full" if topk is None else "topk",
+            "num_teachers": str(k_teachers), "vocab_size": str(vocab), "topk": str(topk or 0),
+            "tail_mass_temperature": "1.0",
+        }}  # fmt: skip
+        self.offsets: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for name, dt, shape in specs:
+            nbytes = math.prod(shape) * dt.itemsize
+            header[name] = {"dtype": _ST_DTYPES[dt], "shape": shape, "data_offsets": [offset, offset + nbytes]}
+            self.offsets[name] = (offset, nbytes // n)  # start, bytes per dataset row
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
+        self.base = 8 + len(raw)
+        self.f = open(path, "wb")
+        self.f.write(len(raw).to_bytes(8, "little") + raw)
+        self.f.truncate(self.base + offset)
+
+    def _put(self, name: str, start: int, t: Tensor) -> None:
+        begin, row_bytes = self.offsets[name]
+        self.f.seek(self.base + begin + start * row_bytes)
+        self.f.write(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+    def write(self, start: int, logits: Tensor) -> None:
+        """Rows ``start .. start + B`` from float32 logits ``[B, K, *, V]``."""
+        if tuple(logits.shape[1:]) != self.row_shape:
+            raise ValueError(f"every cached item must have the same teacher-logit shape [K, *, V] = "
+                             f"{list(self.row_shape)}; rows from {start} have {list(logits.shape[1:])} (pad them)")
+        if self.topk is None:
+            self._put("logits", start, logits.to(self.dtype))
+            return
+        values, indices = logits.topk(self.topk, dim=-1)
+        probs_kept = torch.softmax(logits, dim=-1).gather(-1, indices).sum(-1)
+        self._put("tail_mass", start, (1.0 - probs_kept).clamp_min(0.0))
+        self._put("indices", start, indices.to(torch.int32))
+        self._put("values", start, values.to(self.dtype))
+
+    def close(self) -> None:
+        if not self.f.closed:
+            self.f.close()

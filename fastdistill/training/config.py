@@ -1,0 +1,444 @@
+"""``fastdistill train --config file.yaml``: every option, with its documentation, and strict loading.
+
+A config is YAML (read with ``yaml.safe_load``) mirroring :class:`TrainConfig`: top-level options plus the sections
+``data``, ``student``, ``teachers`` (a list), ``kd``, ``optim`` and ``train``. Every option has a default and a
+``doc`` (``fastdistill train --print-config`` prints them all as a commented YAML file). Loading is strict: an
+unknown key, a value of the wrong type or out of range raises :class:`ConfigError` with one line naming the option
+(``kd.temperature must be ...``), which the CLI prints without a traceback.
+
+Models and data come from factories named ``"package.module:callable"`` and called with ``kwargs``; a config can
+import any code on the Python path, like a Python script, so only run configs you trust.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import math
+import numbers
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import yaml
+
+from .. import functional
+
+
+class ConfigError(ValueError):
+    """A bad config: the message is one line and names the option."""
+
+
+def opt(default: Any, doc: str, *, low: float | None = None, high: float | None = None) -> Any:
+    """A dataclass field with its documentation and an optional [low, high] range."""
+    kw: dict[str, Any] = {"metadata": {"doc": doc, "low": low, "high": high}}
+    if dataclasses.is_dataclass(default) and isinstance(default, type):  # a section: a fresh default each time
+        kw["default_factory"] = default
+    elif isinstance(default, (list, dict)):
+        kw["default_factory"] = (lambda d=default: type(d)(d))  # fmt: skip
+    else:
+        kw["default"] = default
+    return field(**kw)
+
+
+@dataclass
+class ModelConfig:
+    """A model built by a factory (the student, or one teacher)."""
+
+    factory: str = opt("", "Import path 'package.module:callable' of a function or class returning the nn.Module.")
+    kwargs: dict = opt({}, "Keyword arguments passed to the factory.")
+    checkpoint: str | None = opt(None, "Optional safetensors file of the model's weights, loaded after building it "
+                                       "(strict: every key must match).")  # fmt: skip
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from."""
+
+    factory: str = opt("", "Import path 'package.module:callable' returning {'train': Dataset, 'eval': Dataset or "
+                           "None}: map-style datasets whose items are dicts ('input' or model kwargs, optional "
+                           "'labels', 'sample_weight'), (input, labels) tuples or tensors.")  # fmt: skip
+    kwargs: dict = opt({}, "Keyword arguments passed to the data factory.")
+
+
+@dataclass
+class KDConfig:
+    """The options of fastdistill.kd_loss (SPEC §1); the loop always uses reduction='mean' with num_items."""
+
+    divergence: Literal["kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl"] = opt(
+        "kl", "Divergence D(P, Q) between the teachers' target P and the student Q.")
+    temperature: float = opt(1.0, "T > 0: divides the student's and the teachers' logits.")
+    scale_by_temperature_sq: bool = opt(True, "Multiply the divergence by T^2 (Hinton et al.).")
+    ensemble: Literal["prob_mean", "logit_mean", "loss_mean"] = opt(
+        "prob_mean", "How K > 1 teachers form the target: mixture of distributions, softmax of mean logits, or the "
+                     "mean of per-teacher divergences.")  # fmt: skip
+    teacher_weights: list[float] | None = opt(None, "K non-negative weights of the teachers (null: uniform).")
+    beta: float = opt(0.5, "jsd: weight of the teacher in the mixture, in (0, 1).")
+    skew: float = opt(0.1, "skew_kl / skew_reverse_kl: mixing weight, in [0, 1).")
+    ce_weight: float = opt(0.0, "Weight in [0, 1] of the hard-label cross-entropy (needs labels).")
+    ignore_index: int = opt(-100, "Label value of items that carry no loss (padding).")
+    backend: Literal["auto", "cpu", "cuda", "triton", "reference"] = opt("auto", "kd_loss backend.")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    optimizer: Literal["adamw", "adam", "sgd"] = opt("adamw", "torch.optim.AdamW, Adam or SGD.")
+    lr: float = opt(1e-3, "Peak learning rate.", low=0.0)
+    weight_decay: float = opt(0.0, "Weight decay.", low=0.0)
+    momentum: float = opt(0.0, "SGD momentum.", low=0.0, high=1.0)
+    betas: list[float] = opt([0.9, 0.999], "Adam/AdamW betas.")
+    scheduler: Literal["constant", "linear", "cosine"] = opt(
+        "constant", "Learning rate after warm-up: constant, linear decay to 0, or cosine decay to 0.")
+    warmup_steps: int = opt(0, "Linear warm-up from 0 over this many optimizer steps.", low=0)
+    max_grad_norm: float | None = opt(None, "Clip the gradients' global norm to this (null: no clipping).", low=0.0)
+
+
+@dataclass
+class LoopConfig:
+    """The reference loop (fastdistill.training.DistillationLoop)."""
+
+    batch_size: int = opt(32, "Items per micro-batch per process.", low=1)
+    grad_accum_steps: int = opt(1, "Micro-batches per optimizer step.", low=1)
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps (give this or epochs).", low=1)
+    epochs: float | None = opt(None, "Stop after this many passes over the training data.", low=0.0)
+    shift_labels: bool = opt(False, "Causal LM: logits at position t predict the label at t+1.")
+    train_teachers: bool = opt(False, "Co-distillation: the teachers train too (gradients from kd_loss).")
+    shuffle: bool = opt(True, "Shuffle the data each epoch (from seed and epoch).")
+    drop_last: bool = opt(False, "Drop an epoch's last, smaller, micro-batch.")
+    amp: Literal["auto", "bf16", "off"] = opt("auto", "bf16 autocast: auto (on CUDA when supported), bf16, off.")
+    device: str | None = opt(None, "cpu, cuda, cuda:1, ... (null: this process's GPU if any, else cpu).")
+    log_every: int = opt(10, "Log the mean training loss every this many steps.", low=1)
+    eval_every: int | None = opt(None, "Evaluate on the eval dataset every this many steps (and at the end).", low=1)
+    checkpoint_every: int | None = opt(None, "Checkpoint every this many steps (and at the end).", low=1)
+    keep_checkpoints: int | None = opt(None, "Keep only the newest this many checkpoints.", low=1)
+    resume: str | None = opt(None, "A checkpoint directory, or 'latest' (the newest under output_dir; start fresh "
+                                   "if none) to continue a run exactly.")  # fmt: skip
+    tensorboard: bool = opt(False, "Also write TensorBoard events (needs the tensorboard package).")
+    progress: bool = opt(True, "Show a tqdm progress bar.")
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``fastdistill train`` reads."""
+
+    seed: int = opt(0, "Seeds the data order and the global RNGs (seed + rank).")
+    output_dir: str = opt("runs/fastdistill", "Metrics (metrics.jsonl, metrics.csv), TensorBoard and checkpoints.")
+    data: DataConfig = opt(DataConfig, "The datasets.")
+    student: ModelConfig = opt(ModelConfig, "The student model.")
+    teachers: list[ModelConfig] = opt([], "The K teachers (empty with teacher_cache, or for plain cross-entropy).")
+    teacher_cache: str | None = opt(None, "A teacher-logit cache file (fastdistill.training.write_teacher_cache) "
+                                          "to read instead of running teachers; row i = dataset item i.")  # fmt: skip
+    kd: KDConfig = opt(KDConfig, "The distillation loss.")
+    optim: OptimConfig = opt(OptimConfig, "Optimizer and schedule.")
+    train: LoopConfig = opt(LoopConfig, "The training loop.")
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return {float: "a list of numbers", int: "a list of integers"}.get(args[0], "a list") if args else "a list"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", dict: "a mapping"}.get(
+        tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, name: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (int -> float, mappings -> dataclasses)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, name)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{name} must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name} must be {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be {_type_name(tp)}, got {value!r}")
+        return [_convert(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, name)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp} for {name}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix or "the config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping of options, got {raw!r}")
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; options: {', '.join(fields)}"
+            raise ConfigError(f"unknown option {name!r} in {where}{hint}")
+        v = _convert(value, hints[key], name)
+        meta = fields[key].metadata
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if meta.get("low") is not None and v < meta["low"]:
+                raise ConfigError(f"{name} must be >= {meta['low']}, got {value!r}")
+            if meta.get("high") is not None and v > meta["high"]:
+                raise ConfigError(f"{name} must be <= {meta['high']}, got {value!r}")
+        values[key] = v
+    return cls(**values)
+
+
+def parse_config(raw: Any) -> TrainConfig:
+    """Build and check a :class:`TrainConfig` from a parsed YAML mapping; raises :class:`ConfigError`."""
+    cfg = _build(TrainConfig, raw, "")
+    try:
+        functional.check_hyperparameters(reduction="mean", **{
+            k: getattr(cfg.kd, k) for k in ("divergence", "temperature", "ensemble", "beta", "skew", "ce_weight",
+                                            "backend", "ignore_index", "scale_by_temperature_sq")})  # fmt: skip
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"kd.{e}") from None
+    if cfg.train.max_steps is None and cfg.train.epochs is None:
+        raise ConfigError("train.max_steps or train.epochs must be set (how long to train)")
+    if not cfg.data.factory:
+        raise ConfigError("data.factory must be set ('package.module:callable' returning the datasets)")
+    if not cfg.student.factory:
+        raise ConfigError("student.factory must be set ('package.module:callable' returning the student)")
+    if cfg.teacher_cache is not None and cfg.teachers:
+        raise ConfigError("teachers and teacher_cache exclude each other: give one")
+    for i, t in enumerate(cfg.teachers):
+        if not t.factory:
+            raise ConfigError(f"teachers[{i}].factory must be set")
+    if cfg.kd.teacher_weights is not None:
+        k = len(cfg.teachers) if cfg.teachers else None
+        if k is not None and len(cfg.kd.teacher_weights) != k:
+            raise ConfigError(f"kd.teacher_weights has {len(cfg.kd.teacher_weights)} weights for {k} teachers")
+        if any(w < 0 for w in cfg.kd.teacher_weights) or sum(cfg.kd.teacher_weights) <= 0:
+            raise ConfigError("kd.teacher_weights must be >= 0 with a positive sum")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas!r}")
+    return cfg
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    """Read and check a YAML config file; every problem is a one-line :class:`ConfigError`."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {str(path)!r}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config {str(path)!r} is not valid YAML{at}: {problem}") from None
+    return parse_config(raw)
+
+
+def resolve(spec: str, name: str) -> Any:
+    """The object named by ``'package.module:attr'``; a :class:`ConfigError` naming the option otherwise."""
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise ConfigError(f"{name} must look like 'package.module:callable', got {spec!r}")
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(f"{name}: cannot import module {module!r} ({e})") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{name}: module {module!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{name}: {spec!r} is not callable")
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# documentation
+
+
+def option_docs(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, doc) of every option, sections flattened with dots (``kd.temperature``)."""
+    out = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.append((name, "section", None, f.metadata["doc"]))
+            out += option_docs(tp, name + ".")
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            out.append((name, "list of sections", [], f.metadata["doc"]))
+            out += option_docs(typing.get_args(tp)[0], name + "[].")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append((name, _type_name(tp), default, f.metadata["doc"]))
+    return out
+
+
+def default_yaml() -> str:
+    """A YAML file with every option at its default, each preceded by its documentation."""
+    lines = ["# fastdistill train --config: every option with its default (generated by --print-config)."]
+    for name, tp, default, doc in option_docs():
+        depth = name.count(".")
+        key = name.rsplit(".", 1)[-1]
+        pad = "  " * depth
+        if key.endswith("[]"):
+            continue
+        if "[]." in name:  # options of list items (teachers): documented as comments only
+            lines.append(f"{pad}#   {key}: {doc}")
+            continue
+        lines.append(f"{pad}# {doc} ({tp})")
+        if tp == "section":
+            lines.append(f"{pad}{key}:")
+        elif tp == "list of sections":
+            lines.append(f"{pad}{key}: []  # each item:")
+        else:
+            value = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+            lines.append(f"{pad}{key}: {value}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# running
+
+
+def _scheduler(cfg: OptimConfig):
+    """(optimizer, total_steps) -> LambdaLR: linear warm-up, then constant / linear / cosine decay to 0."""
+
+    def factory(optimizer, total_steps: int):
+        warm, kind = cfg.warmup_steps, cfg.scheduler
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            if kind == "constant":
+                return 1.0
+            progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+            return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    return factory
+
+
+def _optimizer(cfg: OptimConfig):
+    def factory(params):
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+        return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+    return factory
+
+
+def _model(cfg: ModelConfig, name: str):
+    model = resolve(cfg.factory, f"{name}.factory")(**cfg.kwargs)
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"{name}.factory returned {type(model).__name__}, not a torch.nn.Module")
+    if cfg.checkpoint is not None:
+        import safetensors.torch
+
+        if not os.path.exists(cfg.checkpoint):
+            raise ConfigError(f"{name}.checkpoint: no file {cfg.checkpoint!r}")
+        safetensors.torch.load_model(model, cfg.checkpoint)
+    return model
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Build the data, models and :class:`~fastdistill.training.DistillationLoop` of ``cfg`` and train; returns
+    :meth:`~fastdistill.training.DistillationLoop.fit`'s summary. Under torchrun, initialises the process group."""
+    import torch.distributed as dist
+
+    from .loop import init_distributed
+
+    started_here = not (dist.is_available() and dist.is_initialized())
+    try:
+        init_distributed()
+        return _run(cfg)
+    finally:
+        if started_here and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cfg: TrainConfig) -> dict[str, Any]:
+    from ..modules import KDLoss
+    from .cache import TeacherLogitCache
+    from .loop import DistillationLoop, seed_everything
+
+    seed_everything(cfg.seed)  # model initialisation is reproducible too
+    datasets = resolve(cfg.data.factory, "data.factory")(**cfg.data.kwargs)
+    if not isinstance(datasets, dict) or "train" not in datasets:
+        raise ConfigError("data.factory must return a dict with 'train' (and optionally 'eval') datasets")
+    student = _model(cfg.student, "student")
+    teachers = [_model(t, f"teachers[{i}]") for i, t in enumerate(cfg.teachers)]
+    cache = None
+    if cfg.teacher_cache is not None:
+        if not os.path.exists(cfg.teacher_cache):
+            raise ConfigError(f"teacher_cache: no file {cfg.teacher_cache!r}")
+        cache = TeacherLogitCache(cfg.teacher_cache)
+    kd = {f.name: getattr(cfg.kd, f.name) for f in dataclasses.fields(cfg.kd)}
+    t = cfg.train
+    loop = DistillationLoop(
+        student, teachers, loss=KDLoss(**kd), optimizer=_optimizer(cfg.optim), scheduler=_scheduler(cfg.optim),
+        teacher_cache=cache, train_teachers=t.train_teachers, batch_size=t.batch_size,
+        grad_accum_steps=t.grad_accum_steps, max_grad_norm=cfg.optim.max_grad_norm, shift_labels=t.shift_labels,
+        shuffle=t.shuffle, drop_last=t.drop_last, amp=t.amp, seed=cfg.seed, device=t.device,
+        output_dir=cfg.output_dir, log_every=t.log_every, tensorboard=t.tensorboard, progress=t.progress,
+    )  # fmt: skip
+    return loop.fit(
+        datasets["train"], max_steps=t.max_steps, epochs=t.epochs, eval_data=datasets.get("eval"),
+        eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
+        resume_from=t.resume,
+    )  # fmt: skip

@@ -1,0 +1,663 @@
+"""The reference distillation loop: one student, K teachers (or a teacher-logit cache), ``kd_loss``.
+
+Readable first: one optimizer step is :meth:`DistillationLoop._train_step`, and everything a step does is there.
+What it guarantees:
+
+- **Normalisation.** With labels, every micro-batch's loss is ``sum over its items / num_items``, where
+  ``num_items`` counts the items whose label is not ``ignore_index`` across all the micro-batches accumulated into
+  one optimizer step and across all processes (as Hugging Face's ``num_items_in_batch``), so gradient accumulation
+  and data parallelism give the gradient of one big batch. Without labels every micro-batch's mean counts equally.
+- **Exact resume.** The data order is a function of (seed, epoch); a checkpoint stores the student (and trainable
+  teachers, feature-term modules), optimizer, scheduler, every RNG state and the position in the data, so a run
+  resumed from step N continues bit for bit like the run that never stopped.
+- **Data parallel.** Under ``torchrun`` (a process group initialised, see :func:`init_distributed`) the student is
+  wrapped in ``DistributedDataParallel``; each global batch of ``batch_size * world_size`` items is split across
+  the processes, so N processes and one process with the same global batch take the same steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from ..modules import KDLoss
+from . import checkpoint as ckpt
+from .cache import TeacherLogitCache
+from .data import Batch, ForwardFn, collate, default_forward, epoch_permutation, shift_for_causal_lm, split_batch
+from .data import to_device as _to_device
+
+LossFn = Callable[..., Tensor]
+OptimizerArg = torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None
+SchedulerArg = Any  # an LRScheduler, or a callable (optimizer, total_steps) -> LRScheduler, or None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's (CPU and every CUDA device) global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def init_distributed(backend: str | None = None) -> tuple[int, int]:
+    """Initialise the default process group from torchrun's environment (``WORLD_SIZE`` > 1) if not done yet;
+    backend ``nccl`` on GPU, ``gloo`` on CPU. Returns (rank, world_size); (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@dataclass
+class FeatureTerm:
+    """A loss between intermediate features of the student and of one teacher (e.g. MI-α), captured with forward
+    hooks. ``loss(student_feature, teacher_feature) -> scalar`` should be a mean over the micro-batch (it is
+    averaged over the micro-batches of a step); an ``nn.Module`` loss with parameters (a projection head) is
+    trained with the student and checkpointed.
+
+    Attributes:
+        student_module: dotted path of a submodule of the student, as in ``student.named_modules()``.
+        teacher_module: dotted path of a submodule of teacher ``teacher``.
+        loss: callable ``(student_feature, teacher_feature) -> Tensor`` (0-dim).
+        weight: multiplies the term in the total loss.
+        teacher: index of the teacher (0..K-1).
+        select: picks the tensor from a module's output; default: the output if a tensor, else ``[0]`` of a tuple,
+            else ``.last_hidden_state``.
+        name: the name in the logs (default ``feature/<student_module>``).
+        mask_key: the name of a dict input (e.g. ``"attention_mask"``) passed on to the loss as
+            ``attention_mask=`` (as ``fastdistill.MIAlphaLoss`` takes it for ``[B, L, D]`` hidden states).
+    """
+
+    student_module: str
+    teacher_module: str
+    loss: Callable[..., Tensor]
+    weight: float = 1.0
+    teacher: int = 0
+    select: Callable[[Any], Tensor] | None = None
+    name: str | None = None
+    mask_key: str | None = None
+
+
+def _default_select(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    if hasattr(output, "last_hidden_state"):
+        return output.last_hidden_state
+    raise TypeError(f"cannot pick a feature tensor from {type(output).__name__}; give FeatureTerm(select=...)")
+
+
+class DistillationLoop:
+    """Train ``student`` against K ``teachers`` (or a :class:`~fastdistill.training.cache.TeacherLogitCache`).
+
+    Args:
+        student: any ``nn.Module``; its forward (see ``forward``) returns logits ``[B, *, V]``.
+        teachers: K modules with the same output shape. Frozen (eval mode, ``no_grad``) unless ``train_teachers``.
+        loss: the distillation loss, ``loss(student_logits [*, V], teacher_logits, labels [*] | None, *,
+            num_items=None[, sample_weight=])``, where teacher_logits is a list of K ``[*, V]`` tensors (live
+            teachers) or a ``[K, *, V]`` tensor (cache): a :class:`fastdistill.KDLoss` (default ``KDLoss()``: KL,
+            T = 1; its ``reduction`` must be "mean") or any callable with that signature. With no teachers and no
+            cache the loss is the hard-label cross-entropy.
+        optimizer: an optimizer over :meth:`parameters`, or a callable ``params -> optimizer``; default AdamW(lr
+            1e-3).
+        scheduler: an LR scheduler, or a callable ``(optimizer, total_steps) -> scheduler`` (built in :meth:`fit`);
+            stepped once per optimizer step.
+        teacher_cache: cached teacher logits instead of teacher forwards; row i is dataset item i.
+        train_teachers: co-distillation: teachers train too (their forward keeps gradients, ``kd_loss`` sends
+            gradients to their logits, their parameters join the optimizer).
+        feature_terms: :class:`FeatureTerm` s (need live teachers).
+        batch_size: items per micro-batch per process (the global micro-batch is ``batch_size * world_size``).
+        grad_accum_steps: micro-batches per optimizer step.
+        max_grad_norm: clip the gradients' global norm to this (None: no clipping).
+        shift_labels: causal LM: position t of the logits predicts label t+1 (logits ``[B, T, V]``, labels
+            ``[B, T]``); student and teacher logits and labels are shifted alike.
+        ignore_index: label value of items that carry no loss (default: ``loss.ignore_index``, else -100).
+        forward: ``forward(model, inputs) -> logits``; default ``model(**inputs)`` for dict inputs, else
+            ``model(inputs)``, taking ``.logits`` of a ModelOutput.
+        collate_fn: turns a list of dataset items into a batch (default ``torch.utils.data.default_collate``).
+        shuffle: a fresh permutation of the data each epoch (from ``seed`` and the epoch); else in order.
+        drop_last: drop the last global micro-batch of an epoch when it is smaller than the others.
+        amp: "auto" (bf16 autocast on CUDA when supported, else off), "bf16" (CUDA only) or "off".
+        seed: seeds the data order and, when :meth:`fit` starts from scratch, the global RNGs (``seed + rank``).
+        device: default: the CUDA device of this process's local rank when CUDA is available, else CPU.
+        output_dir: where ``metrics.jsonl``, ``metrics.csv``, TensorBoard events and ``checkpoints/`` go (None: no
+            files, except checkpoints still need it).
+        log_every: log (and show in the progress bar) the mean training loss every this many optimizer steps.
+        tensorboard: also write TensorBoard events (needs the ``tensorboard`` package; skipped with a warning).
+        progress: a tqdm progress bar on rank 0.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teachers: Sequence[nn.Module] = (),
+        *,
+        loss: LossFn | None = None,
+        optimizer: OptimizerArg = None,
+        scheduler: SchedulerArg = None,
+        teacher_cache: TeacherLogitCache | None = None,
+        train_teachers: bool = False,
+        feature_terms: Sequence[FeatureTerm] = (),
+        batch_size: int = 32,
+        grad_accum_steps: int = 1,
+        max_grad_norm: float | None = None,
+        shift_labels: bool = False,
+        ignore_index: int | None = None,
+        forward: ForwardFn | None = None,
+        collate_fn: Callable[[list], Any] | None = None,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        amp: str = "auto",
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        output_dir: str | os.PathLike | None = None,
+        log_every: int = 10,
+        tensorboard: bool = False,
+        progress: bool = True,
+    ) -> None:
+        if batch_size < 1 or grad_accum_steps < 1 or log_every < 1:
+            raise ValueError("batch_size, grad_accum_steps and log_every must be >= 1")
+        if teacher_cache is not None and teachers:
+            raise ValueError("give teachers or teacher_cache, not both")
+        if teacher_cache is not None and (feature_terms or train_teachers):
+            raise ValueError("feature_terms and train_teachers need live teachers, not a teacher_cache")
+        if amp not in ("auto", "bf16", "off"):
+            raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {amp!r}")
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if _dist_on() else (0, 1)
+        self.device = torch.device(device) if device is not None else _default_device()
+        if amp == "bf16" and self.device.type != "cuda":
+            raise ValueError("amp='bf16' autocasts on CUDA only; use amp='off' (or 'auto') on CPU")
+        use_bf16 = self.device.type == "cuda" and amp != "off" and torch.cuda.is_bf16_supported()
+        self.amp_dtype = torch.bfloat16 if use_bf16 else None
+
+        self.student = student.to(self.device)
+        self.teachers = [t.to(self.device) for t in teachers]
+        self.train_teachers = train_teachers
+        for t in self.teachers:
+            t.train(train_teachers)
+            t.requires_grad_(train_teachers)
+        self.teacher_cache = teacher_cache
+        if loss is None:
+            loss = KDLoss()
+        if isinstance(loss, KDLoss) and loss.reduction != "mean":
+            raise ValueError(f"the loop normalises by num_items: KDLoss needs reduction='mean', got {loss.reduction!r}")
+        self.loss_fn = loss
+        self.ignore_index = ignore_index if ignore_index is not None else getattr(loss, "ignore_index", -100)
+        self.batch_size = batch_size
+        self.grad_accum_steps = grad_accum_steps
+        self.max_grad_norm = max_grad_norm
+        self.shift_labels = shift_labels
+        self.forward = forward or default_forward
+        self.collate_fn = collate_fn
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = seed
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.log_every = log_every
+        self.progress = progress
+
+        # feature terms: hooks write each micro-batch's features here
+        self.feature_terms = list(feature_terms)
+        self._features: dict[tuple[str, int], Tensor] = {}
+        self._hooks = []
+        for i, term in enumerate(self.feature_terms):
+            if not 0 <= term.teacher < len(self.teachers):
+                raise ValueError(f"feature_terms[{i}].teacher = {term.teacher}, but there are {len(self.teachers)}")
+            select = term.select or _default_select
+            for side, model, path in (("s", self.student, term.student_module),
+                                      ("t", self.teachers[term.teacher], term.teacher_module)):  # fmt: skip
+                try:
+                    module = model.get_submodule(path)
+                except AttributeError as e:
+                    who = "student" if side == "s" else f"teacher {term.teacher}"
+                    raise ValueError(f"feature_terms[{i}]: no submodule {path!r} in the {who}") from e
+                self._hooks.append(module.register_forward_hook(self._capture_hook((side, i), select)))
+            if isinstance(term.loss, nn.Module):
+                term.loss.to(self.device)
+        self._extra_modules: list[nn.Module] = [t.loss for t in self.feature_terms if isinstance(t.loss, nn.Module)]
+        if train_teachers:
+            self._extra_modules += self.teachers
+
+        self._ddp = None
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self._ddp = DistributedDataParallel(self.student, device_ids=ids)
+
+        if optimizer is None:
+            optimizer = torch.optim.AdamW(self.parameters(), lr=1e-3)
+        elif not isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = optimizer(self.parameters())
+        self.optimizer = optimizer
+        self._scheduler_arg = scheduler
+        self.scheduler = scheduler if _is_scheduler(scheduler) else None
+
+        # position: optimizer steps done; epoch and micro-batches consumed in it
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self._tb = None
+        if tensorboard and self.rank == 0 and self.output_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.output_dir / "tensorboard"))
+            except ImportError:
+                warnings.warn("tensorboard=True but tensorboard is not installed; skipping its logs", stacklevel=2)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # pieces
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Everything the optimizer trains: the student, feature-term modules, and the teachers if trainable."""
+        params = list(self.student.parameters())
+        for m in self._extra_modules:
+            params += list(m.parameters())
+        return [p for p in params if p.requires_grad]
+
+    def _capture_hook(self, key: tuple[str, int], select: Callable[[Any], Tensor]):
+        def hook(module, args, output):
+            self._features[key] = select(output)
+
+        return hook
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def batches_per_epoch(self, n: int) -> int:
+        """Global micro-batches per epoch over a dataset of n items."""
+        gbs = self.batch_size * self.world_size
+        full, rest = divmod(n, gbs)
+        # a last batch smaller than the process count would leave a process without data (DDP needs all of them)
+        return full + (1 if rest and not self.drop_last and rest >= self.world_size else 0)
+
+    def _next_indices(self, n: int) -> Tensor:
+        """This process's dataset indices for the next micro-batch; advances the position."""
+        if self.batch_in_epoch >= self.batches_per_epoch(n):
+            self.epoch += 1
+            self.batch_in_epoch = 0
+        gbs = self.batch_size * self.world_size
+        perm = self._perm if self._perm_epoch == self.epoch else None
+        if perm is None:
+            perm = self._perm = epoch_permutation(n, self.seed, self.epoch, self.shuffle)
+            self._perm_epoch = self.epoch
+        global_idx = perm[self.batch_in_epoch * gbs : (self.batch_in_epoch + 1) * gbs]
+        self.batch_in_epoch += 1
+        return global_idx.tensor_split(self.world_size)[self.rank]
+
+    def _teacher_logits(self, index: Tensor, batch: Batch):
+        if self.teacher_cache is not None:
+            return self.teacher_cache.get(index, device=self.device)
+        grad = torch.enable_grad() if self.train_teachers else torch.no_grad()
+        with grad, self._autocast():
+            return [self.forward(t, batch.inputs) for t in self.teachers]
+
+    def _micro_loss(self, index: Tensor, batch: Batch, num_items: Tensor | None, n_micro: int):
+        """The loss of one micro-batch, scaled so that summing over micro-batches and averaging over processes
+        (DDP) gives the step's loss; and its parts for the logs."""
+        self._features.clear()
+        with self._autocast():
+            student_logits = self.forward(self._ddp or self.student, batch.inputs)
+        teacher_logits = self._teacher_logits(index, batch) if (self.teachers or self.teacher_cache) else None
+        labels, sample_weight = batch.labels, batch.sample_weight
+        if self.shift_labels:
+            student_logits, labels = shift_for_causal_lm(student_logits, labels)
+            if teacher_logits is not None:
+                teacher_logits = (teacher_logits[..., :-1, :] if isinstance(teacher_logits, Tensor)
+                                  else [t[..., :-1, :] for t in teacher_logits])  # fmt: skip
+            if sample_weight is not None:
+                sample_weight = sample_weight[..., 1:]
+
+        # sum / num_items (global) * world: DDP's gradient average then gives sum over everything / num_items
+        scale = float(self.world_size) if num_items is not None else 1.0 / n_micro
+        if teacher_logits is None:
+            if labels is None:
+                raise ValueError("without teachers (or a cache) the loop trains on labels; the batch has none")
+            flat = student_logits.reshape(-1, student_logits.shape[-1]).float()
+            ce = F.cross_entropy(flat, labels.reshape(-1), ignore_index=self.ignore_index,
+                                 reduction="sum" if num_items is not None else "mean")  # fmt: skip
+            kd = ce / num_items.clamp_min(1) if num_items is not None else ce
+        else:
+            kw = {"num_items": num_items}
+            if sample_weight is not None:
+                kw["sample_weight"] = sample_weight
+            kd = self.loss_fn(student_logits, teacher_logits, labels, **kw)
+        total = kd * scale
+        parts = {"kd": kd.detach() * scale}
+        for i, term in enumerate(self.feature_terms):
+            kw = {"attention_mask": batch.inputs[term.mask_key]} if term.mask_key else {}
+            value = term.loss(self._features[("s", i)], self._features[("t", i)], **kw)
+            total = total + (term.weight / n_micro) * value
+            parts[term.name or f"feature/{term.student_module}"] = value.detach() / n_micro
+        return total, parts
+
+    def _train_step(self, micro: list[tuple[Tensor, Batch]]) -> dict[str, Tensor]:
+        """One optimizer step over the given micro-batches (this process's share of each)."""
+        counted = []
+        for _, b in micro:
+            labels = b.labels[..., 1:] if (self.shift_labels and b.labels is not None) else b.labels
+            counted.append(None if labels is None else (labels != self.ignore_index).sum())
+        num_items = None
+        if all(c is not None for c in counted):
+            num_items = torch.stack(counted).sum().to(self.device)
+            if self.world_size > 1:
+                dist.all_reduce(num_items)
+        sums: dict[str, Tensor] = {}
+        for i, (index, batch) in enumerate(micro):
+            last = i == len(micro) - 1
+            # gradients are all-reduced once per step, on the last micro-batch
+            sync = self._ddp.no_sync() if (self._ddp is not None and not last) else contextlib.nullcontext()
+            with sync:
+                loss, parts = self._micro_loss(index, batch, num_items, len(micro))
+                loss.backward()
+            sums["loss"] = sums.get("loss", 0) + loss.detach()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0) + v
+        self._all_reduce_extra_grads()
+        if self.max_grad_norm is not None:
+            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.parameters(), self.max_grad_norm).detach()
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if num_items is not None:
+            sums["items"] = num_items.detach().float()
+        return sums
+
+    def _all_reduce_extra_grads(self) -> None:
+        """Average the gradients DDP does not see (feature-term modules, trainable teachers) over processes."""
+        if self.world_size == 1:
+            return
+        for m in self._extra_modules:
+            for p in m.parameters():
+                if p.requires_grad:
+                    if p.grad is None:  # every process must join every all_reduce
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(self.world_size)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # training
+
+    def fit(
+        self,
+        train_data: Dataset,
+        *,
+        max_steps: int | None = None,
+        epochs: float | None = None,
+        eval_data: Dataset | None = None,
+        eval_fn: Callable[[DistillationLoop], dict[str, float]] | None = None,
+        eval_every: int | None = None,
+        checkpoint_every: int | None = None,
+        keep_checkpoints: int | None = None,
+        resume_from: str | os.PathLike | None = None,
+    ) -> dict[str, Any]:
+        """Train until ``max_steps`` optimizer steps or ``epochs`` passes over ``train_data`` (whichever is first).
+
+        Args:
+            train_data: a map-style dataset (``len`` and ``[i]``); items as in :mod:`fastdistill.training.data`.
+            eval_data / eval_fn: evaluated every ``eval_every`` steps and at the end: ``eval_fn(loop) -> {name:
+                value}``, or by default :meth:`evaluate` on ``eval_data`` (loss and accuracy).
+            checkpoint_every: save a checkpoint every this many steps, and at the end, under
+                ``output_dir/checkpoints/step-XXXXXXXX``; ``keep_checkpoints`` keeps the newest few.
+            resume_from: a checkpoint directory, or "latest" (the newest under ``output_dir/checkpoints``; start
+                fresh when there is none). The same ``max_steps``/``epochs`` and data continue the run exactly.
+
+        Returns:
+            ``{"step", "epoch", "train_loss", **last evaluation}``.
+        """
+        n = len(train_data)
+        per_epoch = self.batches_per_epoch(n)
+        if per_epoch == 0:
+            raise ValueError(f"the dataset ({n} items) holds no full micro-batch of {self.batch_size} x "
+                             f"{self.world_size} processes with drop_last={self.drop_last}")  # fmt: skip
+        if max_steps is None and epochs is None:
+            raise ValueError("give max_steps or epochs")
+        budget = math.inf if epochs is None else int(round(epochs * per_epoch))  # micro-batches
+        by_epochs = math.ceil(budget / self.grad_accum_steps) if epochs is not None else math.inf
+        total_steps = int(min(max_steps if max_steps is not None else math.inf, by_epochs))
+        if self.scheduler is None and self._scheduler_arg is not None:
+            self.scheduler = self._scheduler_arg(self.optimizer, total_steps)
+        self._perm, self._perm_epoch = None, -1
+
+        resume_dir = self._find_checkpoint(resume_from) if resume_from is not None else None
+        if resume_dir is not None:
+            self.load_checkpoint(resume_dir)
+        elif self.step == 0:  # a fresh run; a second fit() on this loop just continues
+            seed_everything(self.seed + self.rank)
+        for m in (self.student, *self._extra_modules):
+            m.train()
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=self.step, disable=not self.progress or self.rank != 0,
+                   desc="distill", dynamic_ncols=True)  # fmt: skip
+        window: dict[str, Tensor] = {}
+        window_steps = 0
+        last_eval: dict[str, float] = {}
+        train_loss = math.nan
+        t0 = time.perf_counter()
+        while self.step < total_steps:
+            consumed = self.epoch * per_epoch + self.batch_in_epoch
+            n_micro = int(min(self.grad_accum_steps, budget - consumed))
+            micro = []
+            for _ in range(n_micro):
+                index = self._next_indices(n)
+                raw = collate(train_data, index.tolist(), self.collate_fn)
+                micro.append((index, split_batch(_to_device(raw, self.device))))
+            sums = self._train_step(micro)
+            self.step += 1
+            bar.update(1)
+            for k, v in sums.items():
+                window[k] = window.get(k, 0) + v
+            window_steps += 1
+            done = self.step == total_steps
+            if self.step % self.log_every == 0 or done:
+                record = self._reduce_window(window, window_steps)
+                record["lr"] = self.optimizer.param_groups[0]["lr"]
+                record["steps_per_s"] = window_steps / max(time.perf_counter() - t0, 1e-9)
+                train_loss = record["loss"]
+                self.log("train", record)
+                bar.set_postfix(loss=f"{train_loss:.4f}")
+                window, window_steps, t0 = {}, 0, time.perf_counter()
+            if (eval_every and self.step % eval_every == 0) or done:
+                if eval_fn is not None or eval_data is not None:
+                    last_eval = eval_fn(self) if eval_fn is not None else self.evaluate(eval_data)
+                    self.log("eval", dict(last_eval))
+            if self.output_dir is not None and checkpoint_every and (self.step % checkpoint_every == 0 or done):
+                self.save_checkpoint(keep=keep_checkpoints)
+        bar.close()
+        return {"step": self.step, "epoch": self.epoch_float(n), "train_loss": train_loss, **last_eval}
+
+    def epoch_float(self, n: int) -> float:
+        """Epochs done, fractional."""
+        return self.epoch + self.batch_in_epoch / max(self.batches_per_epoch(n), 1)
+
+    def _reduce_window(self, window: dict[str, Tensor], steps: int) -> dict[str, float]:
+        keys = sorted(window)
+        vec = torch.stack([torch.as_tensor(window[k], dtype=torch.float64, device=self.device) for k in keys])
+        if self.world_size > 1:
+            dist.all_reduce(vec)
+            # the loss carried a factor world_size (see _micro_loss); items are summed already; the rest averaged
+            vec = vec / self.world_size
+        # (items: every process holds the global count, so the average is that count)
+        return {k: float(v) / steps for k, v in zip(keys, vec.tolist())}
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Dataset, batch_size: int | None = None) -> dict[str, float]:
+        """Student cross-entropy (``loss``) and top-1 ``accuracy`` over the labelled items of ``dataset`` (after
+        the causal shift when ``shift_labels``), in eval mode; the training mode is restored after."""
+        was_training = self.student.training
+        self.student.eval()
+        total_ce, correct, count = 0.0, 0, 0
+        bs = batch_size or self.batch_size
+        for start in range(0, len(dataset), bs):
+            b = split_batch(_to_device(collate(dataset, range(start, min(len(dataset), start + bs)), self.collate_fn),
+                                       self.device))  # fmt: skip
+            if b.labels is None:
+                raise ValueError("evaluate() needs labelled items")
+            with self._autocast():
+                logits = self.forward(self.student, b.inputs)
+            labels = b.labels
+            if self.shift_labels:
+                logits, labels = shift_for_causal_lm(logits, labels)
+            flat, lab = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
+            keep = lab != self.ignore_index
+            total_ce += float(F.cross_entropy(flat[keep], lab[keep], reduction="sum")) if keep.any() else 0.0
+            correct += int((flat[keep].argmax(-1) == lab[keep]).sum())
+            count += int(keep.sum())
+        self.student.train(was_training)
+        return {"loss": total_ce / max(count, 1), "accuracy": correct / max(count, 1)}
+
+    # ---------------------------------------------------------------------------------------------------------
+    # logs
+
+    def log(self, split: str, metrics: dict[str, float]) -> None:
+        """Record metrics at the current step: in :attr:`history`, and on rank 0 in ``metrics.jsonl``,
+        ``metrics.csv`` (long format: step, epoch, split, name, value) and TensorBoard."""
+        record = {"step": self.step, "epoch": self.epoch, "split": split, **metrics}
+        self.history.append(record)
+        if self.rank != 0 or self.output_dir is None:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        csv_path = self.output_dir / "metrics.csv"
+        new = not csv_path.exists()
+        with open(csv_path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["step", "epoch", "split", "name", "value"])
+            for k, v in metrics.items():
+                w.writerow([self.step, self.epoch, split, k, v])
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(f"{split}/{k}", v, self.step)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def _find_checkpoint(self, resume_from: str | os.PathLike) -> Path | None:
+        if str(resume_from) != "latest":
+            path = Path(resume_from)
+            if not (path / "state.json").exists():
+                raise FileNotFoundError(f"resume_from={str(path)!r} is not a checkpoint (no state.json)")
+            return path
+        if self.output_dir is None:
+            raise ValueError("resume_from='latest' looks under output_dir/checkpoints; output_dir is None")
+        found = sorted((self.output_dir / "checkpoints").glob("step-*[0-9]"))
+        return found[-1] if found else None
+
+    def _modules_to_save(self) -> dict[str, nn.Module]:
+        mods = {"student": self.student}
+        if self.train_teachers:
+            mods.update({f"teacher{k}": t for k, t in enumerate(self.teachers)})
+        for i, term in enumerate(self.feature_terms):
+            if isinstance(term.loss, nn.Module) and list(term.loss.state_dict()):
+                mods[f"feature_term{i}"] = term.loss
+        return mods
+
+    def save_checkpoint(self, directory: str | os.PathLike | None = None, keep: int | None = None) -> Path:
+        """Save everything needed to continue exactly; default directory ``output_dir/checkpoints/step-XXXXXXXX``.
+        Models: ``<name>.safetensors``; optimizer, scheduler, RNG (one file per process): safetensors + JSON;
+        ``state.json``: step, position in the data and the settings that fix the data order."""
+        if directory is None:
+            if self.output_dir is None:
+                raise ValueError("save_checkpoint() without a directory needs output_dir")
+            directory = self.output_dir / "checkpoints" / f"step-{self.step:08d}"
+        final = Path(directory)
+        tmp = final.with_name(final.name + ".tmp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        ckpt.save_state(ckpt.rng_state(), tmp, f"rng-rank{self.rank}")
+        if self.rank == 0:
+            for name, module in self._modules_to_save().items():
+                safetensors.torch.save_model(module, str(tmp / f"{name}.safetensors"))
+            ckpt.save_state(self.optimizer.state_dict(), tmp, "optimizer")
+            if self.scheduler is not None:
+                ckpt.save_state(self.scheduler.state_dict(), tmp, "scheduler")
+            state = {
+                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "world_size": self.world_size, "batch_size": self.batch_size, "seed": self.seed,
+                "shuffle": self.shuffle, "drop_last": self.drop_last, "grad_accum_steps": self.grad_accum_steps,
+            }  # fmt: skip
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        _barrier()
+        if self.rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            if keep is not None and keep > 0:
+                for old in sorted(final.parent.glob("step-*[0-9]"))[:-keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        return final
+
+    def load_checkpoint(self, directory: str | os.PathLike) -> None:
+        """Restore what :meth:`save_checkpoint` wrote (into this loop's existing modules/optimizer/scheduler)."""
+        directory = Path(directory)
+        state = json.loads((directory / "state.json").read_text())
+        for key in ("world_size", "batch_size", "seed", "shuffle", "drop_last"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"checkpoint {directory} was written with {key}={state[key]!r}, this loop has "
+                                 f"{getattr(self, key)!r}: the data order would differ")  # fmt: skip
+        for name, module in self._modules_to_save().items():
+            safetensors.torch.load_model(module, str(directory / f"{name}.safetensors"), device=str(self.device))
+        self.optimizer.load_state_dict(ckpt.load_state(directory, "optimizer"))
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(ckpt.load_state(directory, "scheduler"))
+        ckpt.set_rng_state(ckpt.load_state(directory, f"rng-rank{self.rank}"))
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+
+    def close(self) -> None:
+        """Remove the feature hooks and close the TensorBoard writer."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _dist_on() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _is_scheduler(x: Any) -> bool:
+    return x is not None and hasattr(x, "step") and hasattr(x, "state_dict")

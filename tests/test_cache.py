@@ -1,0 +1,129 @@
+"""Teacher-logit caches: what is written is what the teachers produced; top-k parts and their dense form; a student
+trained from a cache takes the steps it takes with live teachers."""
+
+import copy
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+import fastdistill
+from fastdistill.training import ArrayDataset, DistillationLoop, TeacherLogitCache, topk_to_logits, write_teacher_cache
+
+
+class SeqModel(nn.Module):
+    """[B, T] token ids -> [B, T, V] logits."""
+
+    def __init__(self, vocab=17, d=8, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb, self.out = nn.Embedding(vocab, d), nn.Linear(d, vocab)
+
+    def forward(self, input_ids):
+        return self.out(torch.tanh(self.emb(input_ids)))
+
+
+def _teachers(k=2):
+    return [SeqModel(seed=s) for s in range(1, k + 1)]
+
+
+def _ids(n=13, t=5):
+    return torch.randint(0, 17, (n, t), generator=torch.Generator().manual_seed(0))
+
+
+def test_full_cache_holds_the_teachers_logits(tmp_path):
+    ids, teachers = _ids(), _teachers()
+    cache = write_teacher_cache(tmp_path / "c.safetensors", teachers, ArrayDataset(input_ids=ids), batch_size=4)
+    with torch.no_grad():
+        expected = torch.stack([t(ids) for t in teachers], dim=1)  # [N, K, T, V]
+    assert cache.kind == "full" and len(cache) == 13 and cache.num_teachers == 2 and cache.vocab_size == 17
+    assert cache.item_shape == (5,)
+    torch.testing.assert_close(cache.logits, expected, rtol=0, atol=1e-6)
+    rows = [3, 0, 12]
+    torch.testing.assert_close(cache.get(rows), expected[rows].transpose(0, 1), rtol=0, atol=1e-6)  # [K, B, T, V]
+    # a standard safetensors file
+    plain = safetensors.torch.load_file(str(tmp_path / "c.safetensors"))
+    assert torch.equal(plain["logits"], cache.logits)
+    assert not (tmp_path / "c.safetensors.tmp").exists()
+
+
+def test_cache_is_a_private_memory_map(tmp_path):
+    path = tmp_path / "c.safetensors"
+    cache = write_teacher_cache(path, _teachers(1), ArrayDataset(input_ids=_ids()), dtype=torch.bfloat16)
+    assert cache.logits.dtype == torch.bfloat16
+    before = path.read_bytes()
+    cache.logits[0].zero_()  # copy-on-write: the process's pages change, the file never does
+    assert path.read_bytes() == before
+    assert TeacherLogitCache(path).logits[0].abs().sum() > 0
+    # the bytes are the tensor itself, nothing more: header + N*K*T*V*2
+    header = int.from_bytes(before[:8], "little")
+    assert len(before) == 8 + header + 13 * 1 * 5 * 17 * 2
+
+
+def test_topk_cache_parts_and_dense_logits(tmp_path):
+    ids, teachers = _ids(), _teachers()
+    k = 4
+    cache = write_teacher_cache(tmp_path / "k.safetensors", teachers, ArrayDataset(input_ids=ids), topk=k,
+                                batch_size=5)  # fmt: skip
+    with torch.no_grad():
+        full = torch.stack([t(ids) for t in teachers], dim=0)  # [K, N, T, V]
+    values, indices, tail = cache.topk(range(13))
+    ref_v, ref_i = full.topk(k, dim=-1)
+    torch.testing.assert_close(values, ref_v, rtol=0, atol=1e-6)
+    assert torch.equal(indices, ref_i)
+    probs = full.softmax(-1)
+    torch.testing.assert_close(tail, 1 - probs.gather(-1, ref_i).sum(-1), rtol=0, atol=1e-6)
+    # dense: the stored entries keep their probabilities, the V - k others share the tail mass equally
+    dense = cache.get(range(13)).softmax(-1)
+    torch.testing.assert_close(dense.gather(-1, ref_i), probs.gather(-1, ref_i), rtol=1e-5, atol=1e-6)
+    others = dense.scatter(-1, ref_i, 0.0)
+    torch.testing.assert_close(others.sum(-1), tail, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(others.amax(-1), tail / (17 - k), rtol=1e-5, atol=1e-6)
+    with safetensors.safe_open(str(tmp_path / "k.safetensors"), "pt") as f:  # safetensors' own reader agrees
+        assert f.metadata()["kind"] == "topk" and torch.equal(f.get_tensor("indices").long(), cache.indices.long())
+
+
+def test_topk_with_k_equal_v_is_exact():
+    logits = torch.randn(3, 6, dtype=torch.float64).float()
+    v, i = logits.topk(6)
+    dense = topk_to_logits(v, i, torch.zeros(3), 6)
+    torch.testing.assert_close(dense.softmax(-1), logits.softmax(-1), rtol=1e-6, atol=1e-7)
+
+
+def test_student_from_cache_equals_student_from_live_teachers(tmp_path):
+    x = torch.randn(20, 6, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 5, (20,), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    teachers = [nn.Linear(6, 5), nn.Linear(6, 5)]
+    student = nn.Linear(6, 5)
+    ds = ArrayDataset(input=x, labels=y)
+    cache = write_teacher_cache(tmp_path / "c.safetensors", teachers, ds)
+    kd = fastdistill.KDLoss(temperature=2.0, ce_weight=0.2, ensemble="logit_mean", divergence="reverse_kl")
+    runs = []
+    for kw in ({"teachers": teachers}, {"teacher_cache": cache}):
+        loop = DistillationLoop(copy.deepcopy(student), loss=kd, batch_size=8, progress=False, **kw)
+        loop.fit(ds, max_steps=5)
+        runs.append(loop.student)
+    for p, q in zip(runs[0].parameters(), runs[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_cache_errors(tmp_path):
+    safetensors.torch.save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a fastdistill teacher-logit cache"):
+        TeacherLogitCache(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="topk"):
+        write_teacher_cache(tmp_path / "c.safetensors", _teachers(1), ArrayDataset(input_ids=_ids()), topk=18)
+
+    class Ragged(torch.utils.data.Dataset):  # sequences of two lengths: cannot share one cache tensor
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"input_ids": torch.zeros(3 if i < 2 else 4, dtype=torch.long)}
+
+    with pytest.raises(ValueError, match="same teacher-logit shape"):
+        write_teacher_cache(tmp_path / "r.safetensors", _teachers(1), Ragged(), batch_size=2)
+    assert not (tmp_path / "r.safetensors").exists() and not (tmp_path / "r.safetensors.tmp").exists()

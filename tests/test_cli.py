@@ -1,0 +1,141 @@
+"""The fastdistill command: config errors are one line naming the option, exit 2, no traceback; train runs."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fastdistill import cli
+from fastdistill.training import config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# a small but complete config: 2 teachers trained briefly on the digits, a student, 20 steps
+GOOD = """
+seed: 0
+output_dir: {out}
+data: {{factory: "fastdistill.training.demo:digits_datasets"}}
+student: {{factory: "fastdistill.training.demo:make_student"}}
+teachers:
+  - {{factory: "fastdistill.training.demo:trained_teacher", kwargs: {{name: "MLP 256 (pixels)", epochs: 2}}}}
+  - {{factory: "fastdistill.training.demo:trained_teacher", kwargs: {{name: "CNN 16-32 (image)", epochs: 2}}}}
+kd: {{temperature: 2.0, divergence: jsd}}
+optim: {{lr: 1e-2, scheduler: cosine, warmup_steps: 2}}
+train: {{batch_size: 32, max_steps: 20, eval_every: 10, checkpoint_every: 10, progress: false}}
+"""
+
+
+def _write(tmp_path, text, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def _good(tmp_path):
+    return yaml.safe_load(GOOD.format(out=tmp_path / "run"))
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda c: c["kd"].update(temprature=2.0), "unknown option 'kd.temprature' in kd (did you mean 'temperature'"),
+        (lambda c: c["kd"].update(temperature=0), "kd.temperature must be finite and in (0.0, inf); got 0"),
+        (lambda c: c["kd"].update(divergence="kll"), "kd.divergence must be one of"),
+        (lambda c: c["kd"].update(ce_weight=1.5), "kd.ce_weight must be finite and in [0.0, 1.0]"),
+        (lambda c: c["train"].update(batch_size=0), "train.batch_size must be >= 1, got 0"),
+        (lambda c: c["train"].update(max_steps="ten"), "train.max_steps must be an integer or null, got 'ten'"),
+        (lambda c: c["train"].update(progress="yes"), "train.progress must be true or false"),
+        (lambda c: c["train"].pop("max_steps"), "train.max_steps or train.epochs must be set"),
+        (lambda c: c.update(lr=1.0), "unknown option 'lr' in the config; options: seed,"),
+        (lambda c: c["teachers"][1].update(factori="x"), "unknown option 'teachers[1].factori'"),
+        (lambda c: c["optim"].update(betas=[0.9]), "optim.betas must be two numbers"),
+        (lambda c: c["kd"].update(teacher_weights=[1.0, 2.0, 3.0]), "kd.teacher_weights has 3 weights for 2"),
+    ],
+)
+def test_bad_key_or_value_names_it(tmp_path, change, needle):
+    raw = _good(tmp_path)
+    change(raw)
+    with pytest.raises(config.ConfigError) as e:
+        config.parse_config(raw)
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_bad_factory_and_file_errors(tmp_path, capsys):
+    raw = _good(tmp_path)
+    raw["student"]["factory"] = "fastdistill.training.demo:no_such_thing"
+    assert cli.main(["train", "--config", _write(tmp_path, yaml.safe_dump(raw))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("fastdistill train: error: student.factory: module 'fastdistill.training.demo' has no attribute "
+                   "'no_such_thing'")  # fmt: skip
+    assert cli.main(["train", "--config", _write(tmp_path, "kd: [1, 2\n", "broken.yaml")]) == 2
+    assert "is not valid YAML at line" in capsys.readouterr().err
+    assert cli.main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "No such file" in capsys.readouterr().err
+
+
+def test_bad_config_from_the_shell_exits_2_without_traceback(tmp_path):
+    """End to end, as a user runs it: one line on stderr, exit status 2."""
+    raw = _good(tmp_path)
+    raw["kd"]["temperature"] = -1.0
+    proc = subprocess.run([sys.executable, "-m", "fastdistill", "train", "--config",
+                           _write(tmp_path, yaml.safe_dump(raw))], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "fastdistill train: error: kd.temperature must be finite and in (0.0, inf); got -1.0"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_train_from_config_runs_and_resumes(tmp_path, capsys):
+    path = _write(tmp_path, GOOD.format(out=tmp_path / "run"))
+    assert cli.main(["train", "--config", path]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("done: step=20,") and "accuracy=" in out
+    assert (tmp_path / "run" / "checkpoints" / "step-00000020" / "student.safetensors").exists()
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 4  # train + eval at steps 10 and 20 (log_every defaults to 10)
+    # the same config with resume: latest and more steps continues from step 20
+    raw = yaml.safe_load(Path(path).read_text())
+    raw["train"].update(max_steps=30, resume="latest")
+    assert cli.main(["train", "--config", _write(tmp_path, yaml.safe_dump(raw), "more.yaml")]) == 0
+    assert capsys.readouterr().out.startswith("done: step=30,")
+
+
+def test_print_config_documents_every_option(capsys):
+    assert cli.main(["train", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert yaml.safe_load(text)["kd"]["temperature"] == 1.0
+    docs = config.option_docs()
+    assert len(docs) > 40 and all(doc for _, _, _, doc in docs)
+    for name, *_ in docs:
+        assert name.rsplit(".", 1)[-1].removesuffix("[]") + ":" in text
+
+
+def test_bench_passes_its_options_on(monkeypatch):
+    import benchmarks.run
+
+    seen = []
+    monkeypatch.setattr(benchmarks.run, "main", lambda argv: seen.append(argv) or 0)
+    assert cli.main(["bench", "--quick", "--providers", "cpu"]) == 0
+    assert seen == [["--quick", "--providers", "cpu"]]
+
+
+def test_bench_outside_a_checkout_says_so(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ""}
+    proc = subprocess.run([sys.executable, "-m", "fastdistill", "bench"], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "from the root of a checkout" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_console_script_and_usage(capsys):
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"fastdistill": "fastdistill.cli:main"}
+    with pytest.raises(SystemExit) as e:
+        cli.main(["nope"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err

@@ -1,0 +1,145 @@
+"""DistillationTrainer against hand-computed kd_loss, on tiny models built from configs (nothing downloaded)."""
+
+import copy
+
+import pytest
+import torch
+
+import fastdistill
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    TrainingArguments,
+)
+
+from fastdistill.integrations.hf import DistillationTrainer, is_causal_lm  # noqa: E402
+
+VOCAB = 40
+KD = dict(temperature=2.0, ce_weight=0.3, divergence="jsd", ensemble="logit_mean")
+
+
+def _gpt2(layers, width, seed):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=layers, n_embd=width, n_head=2, vocab_size=VOCAB, n_positions=32, bos_token_id=0,
+                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    return GPT2LMHeadModel(cfg)
+
+
+def _bert(width, seed):
+    torch.manual_seed(seed)
+    cfg = BertConfig(num_hidden_layers=2, hidden_size=width, num_attention_heads=2, intermediate_size=2 * width,
+                     vocab_size=VOCAB, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg)
+
+
+def _lm_batch(b=3, t=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[0, 6:] = 0  # right padding
+    mask[2, 4:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no", max_grad_norm=0.0,
+                lr_scheduler_type="constant", disable_tqdm=True, logging_steps=1)  # fmt: skip
+    return TrainingArguments(**{**base, **kw})
+
+
+def _hand_lm(student, teachers, batch, **extra):
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    s = student(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    with torch.no_grad():
+        ts = [t(input_ids=ids, attention_mask=mask).logits[:, :-1] for t in teachers]
+    return fastdistill.kd_loss(s, ts, labels=labels[:, 1:], **KD, **extra)
+
+
+def test_causal_lm_compute_loss_shifts_and_ignores_padding(tmp_path):
+    student, teachers = _gpt2(1, 16, 0), [_gpt2(2, 32, 1), _gpt2(2, 32, 2)]
+    assert is_causal_lm(student)
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path), teachers=teachers, **KD)
+    batch = _lm_batch()
+    student.eval()  # the same numbers in train and eval mode (no dropout); eval ignores num_items_in_batch
+    got = trainer.compute_loss(student, dict(batch))
+    torch.testing.assert_close(got, _hand_lm(student, teachers, batch), rtol=1e-5, atol=1e-6)
+    # num_items_in_batch: the sum over this batch's items divided by the count of the whole accumulated step
+    student.train()
+    got = trainer.compute_loss(student, dict(batch), num_items_in_batch=torch.tensor(50))
+    expected = _hand_lm(student, teachers, batch, reduction="sum") / 50
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # and the count that Trainer hands in is over the shifted labels, all micro-batches of the step
+    b2 = _lm_batch(seed=1)
+    _, n = trainer.get_batch_samples(iter([batch, b2]), 2, torch.device("cpu"))
+    assert int(n) == int((batch["labels"][:, 1:] != -100).sum() + (b2["labels"][:, 1:] != -100).sum())
+
+
+def test_sequence_classification_no_shift(tmp_path):
+    student, teachers = _bert(16, 0), [_bert(32, 1), _bert(32, 2), _bert(32, 3)]
+    assert not is_causal_lm(student)
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path), teachers=teachers, **KD)
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(1, VOCAB, (4, 7), generator=g), "labels": torch.tensor([0, 2, -100, 1])}
+    student.eval()
+    got = trainer.compute_loss(student, dict(batch))
+    s = student(input_ids=batch["input_ids"]).logits
+    with torch.no_grad():
+        ts = [t(input_ids=batch["input_ids"]).logits for t in teachers]
+    torch.testing.assert_close(got, fastdistill.kd_loss(s, ts, labels=batch["labels"], **KD), rtol=1e-5, atol=1e-6)
+
+
+class PlainLM(torch.nn.Module):
+    """A student that is not a transformers model and whose forward takes no **kwargs (Trainer then assumes that
+    the loss is not normalised by num_items_in_batch unless told otherwise)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "plain"])
+def test_train_steps_with_accumulation_equal_one_big_batch(tmp_path, kind):
+    """One Trainer step over 2 accumulated micro-batches of 2 sequences with SGD(lr=1) moves the student by minus the
+    gradient of kd_loss over all 4 sequences, normalised by all their labelled (shifted) tokens."""
+    student, teachers = _gpt2(1, 16, 0), [_gpt2(2, 32, 1), _gpt2(2, 32, 2)]
+    if kind == "plain":
+        student = PlainLM(student)
+    ref = copy.deepcopy(student)
+    rows = [{k: v[i] for k, v in _lm_batch(b=4, seed=3).items()} for i in range(4)]
+    rows[1]["labels"][:7] = -100  # an uneven count between micro-batches
+    args = _args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1)
+    trainer = DistillationTrainer(model=student, args=args, teachers=teachers, train_dataset=rows, shift_labels=True,
+                                  optimizers=(torch.optim.SGD(student.parameters(), lr=1.0), None), **KD)  # fmt: skip
+    trainer.train()
+    full = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    _hand_lm(ref, teachers, full).backward()
+    for (name, p), q in zip(student.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach() - q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_few_trainer_steps_lower_the_loss(tmp_path):
+    student, teachers = _gpt2(1, 16, 0), [_gpt2(2, 32, 1)]
+    rows = [{k: v[i] for k, v in _lm_batch(b=8, seed=4).items()} for i in range(8)]
+    args = _args(tmp_path, per_device_train_batch_size=4, max_steps=8, learning_rate=3e-3)
+    trainer = DistillationTrainer(model=student, args=args, teachers=teachers, train_dataset=rows,
+                                  temperature=2.0)  # fmt: skip
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+
+
+def test_bad_options_fail_before_training(tmp_path):
+    with pytest.raises(ValueError, match="temperature"):
+        DistillationTrainer(model=_gpt2(1, 16, 0), args=_args(tmp_path), teachers=[_gpt2(1, 16, 1)], temperature=0)
+    with pytest.raises(ValueError, match="teacher"):
+        DistillationTrainer(model=_gpt2(1, 16, 0), args=_args(tmp_path), teachers=[])

@@ -1,0 +1,271 @@
+"""The reference loop against hand-computed steps: normalisation, resume, DDP, feature terms, co-distillation."""
+
+import copy
+import json
+import os
+import random
+
+import pytest
+import safetensors.torch
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fastdistill
+from fastdistill.training import ArrayDataset, DistillationLoop, FeatureTerm
+
+
+def _data(n=24, d=6, v=5, seed=0, ignore_every=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = torch.randint(0, v, (n,), generator=g)
+    if ignore_every:
+        y[::ignore_every] = -100
+    return ArrayDataset(input=x, labels=y)
+
+
+def _mlp(d=6, h=16, v=5, seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Dropout(dropout), nn.Linear(h, v))
+
+
+def _sgd(lr=1.0):
+    return lambda params: torch.optim.SGD(params, lr=lr)
+
+
+def test_loss_decreases():
+    ds = _data(n=64)
+    teacher = _mlp(h=32, seed=1)
+    loop = DistillationLoop(_mlp(seed=2), [teacher], loss=fastdistill.KDLoss(temperature=2.0), batch_size=16,
+                            optimizer=lambda p: torch.optim.Adam(p, lr=1e-2), progress=False, log_every=5)
+    loop.fit(ds, max_steps=60)
+    train = [h["loss"] for h in loop.history if h["split"] == "train"]
+    assert train[-1] < 0.3 * train[0]
+
+
+def test_grad_accumulation_normalises_by_all_items():
+    """Two micro-batches of 4 rows with 1 and 4 labelled rows: one step must equal one step on all 8 rows with the
+    mean over the 5 labelled ones (not the mean of the two micro-batch means)."""
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, -100, -100, -100, 1, 2, 3, 4])
+    teacher, student = _mlp(seed=1), _mlp(seed=2)
+    kd = dict(temperature=2.0, ce_weight=0.3)
+    loop = DistillationLoop(copy.deepcopy(student), [teacher], loss=fastdistill.KDLoss(**kd), optimizer=_sgd(),
+                            batch_size=4, grad_accum_steps=2, shuffle=False, progress=False, log_every=1)
+    loop.fit(ArrayDataset(input=x, labels=y), max_steps=1)
+
+    def one_step(losses):
+        ref = copy.deepcopy(student)
+        sum(f(ref) for f in losses).backward()
+        return [p.detach() - p.grad for p in ref.parameters()]
+
+    expected = one_step([lambda m: fastdistill.kd_loss(m(x), teacher(x).detach(), labels=y, **kd)])
+    for p, e in zip(loop.student.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-6)
+    assert loop.history[0]["items"] == 5.0
+    # the classic accumulation bug (mean per micro-batch, averaged) gives another step: the test can tell them apart
+    wrong = one_step([lambda m, s=s: 0.5 * fastdistill.kd_loss(m(x[s]), teacher(x[s]).detach(), labels=y[s], **kd)
+                      for s in (slice(0, 4), slice(4, 8))])  # fmt: skip
+    assert not all(torch.allclose(p, w, atol=1e-4) for p, w in zip(loop.student.parameters(), wrong))
+
+
+def test_causal_shift_and_ignore_index():
+    """Token-level: logits [B, T, V] of position t are scored against label t+1; -100 labels carry no loss."""
+    vocab, d = 11, 8
+
+    class TinyLM(nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.emb, self.out = nn.Embedding(vocab, d), nn.Linear(d, vocab)
+
+        def forward(self, input_ids):
+            return self.out(torch.tanh(self.emb(input_ids)))
+
+    ids = torch.randint(0, vocab, (4, 7), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, 5:] = -100  # padding
+    student, teacher = TinyLM(0), TinyLM(1)
+    kd = dict(temperature=1.5, ce_weight=0.5, divergence="jsd")
+    loop = DistillationLoop(copy.deepcopy(student), [teacher], loss=fastdistill.KDLoss(**kd), optimizer=_sgd(0.1),
+                            batch_size=4, shift_labels=True, shuffle=False, progress=False, log_every=1)
+    loop.fit(ArrayDataset(input_ids=ids, labels=labels), max_steps=1)
+    with torch.no_grad():
+        expected = fastdistill.kd_loss(student(ids)[:, :-1], teacher(ids)[:, :-1], labels=labels[:, 1:], **kd)
+    assert loop.history[0]["loss"] == pytest.approx(float(expected), rel=1e-6)
+    assert loop.history[0]["items"] == float((labels[:, 1:] != -100).sum())
+
+
+def _resumable_loop(out_dir, model_seed):
+    torch.manual_seed(1234)
+    teacher = _mlp(h=32, seed=11)
+    return DistillationLoop(
+        _mlp(seed=model_seed, dropout=0.3), [teacher],
+        loss=fastdistill.KDLoss(temperature=2.0, ce_weight=0.2),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.01),
+        scheduler=lambda opt, total: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.9**s),
+        batch_size=5, grad_accum_steps=2, seed=7, output_dir=out_dir, progress=False, log_every=1,
+    )  # fmt: skip
+
+
+def test_resume_is_bitwise_identical(tmp_path):
+    """2N steps in one go == N steps, checkpoint, new objects (other init, scrambled RNG), N more steps. With dropout,
+    shuffling across epoch boundaries, accumulation, AdamW and an LR schedule, any state not restored shows."""
+    ds, n = _data(n=37, ignore_every=4), 6  # 8 micro-batches per epoch: 2N steps = 3 epochs
+    a = _resumable_loop(tmp_path / "a", model_seed=0)
+    a.fit(ds, max_steps=2 * n)
+
+    b = _resumable_loop(tmp_path / "b", model_seed=0)
+    b.fit(ds, max_steps=n, checkpoint_every=n)
+    assert (tmp_path / "b" / "checkpoints" / f"step-{n:08d}" / "student.safetensors").exists()
+    torch.manual_seed(99), random.seed(99)
+    c = _resumable_loop(tmp_path / "b", model_seed=5)
+    assert not torch.equal(c.student[0].weight, a.student[0].weight)
+    c.fit(ds, max_steps=2 * n, resume_from="latest")
+
+    for (name, pa), pc in zip(a.student.named_parameters(), c.student.parameters()):
+        assert torch.equal(pa, pc), name
+    sa, sc = a.optimizer.state_dict()["state"], c.optimizer.state_dict()["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sc[i]["exp_avg_sq"]) for i in sa)
+    assert [h["loss"] for h in a.history[n:]] == [h["loss"] for h in c.history]
+    assert c.scheduler.get_last_lr() == a.scheduler.get_last_lr()
+    # the logs of the resumed run were appended: 2N train records
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in lines] == list(range(1, 2 * n + 1))
+
+
+def test_resume_refuses_another_data_order(tmp_path):
+    ds = _data(n=20)
+    a = _resumable_loop(tmp_path, model_seed=0)
+    a.fit(ds, max_steps=2, checkpoint_every=2)
+    b = _resumable_loop(tmp_path, model_seed=0)
+    b.batch_size = 4
+    with pytest.raises(ValueError, match="batch_size"):
+        b.fit(ds, max_steps=4, resume_from="latest")
+
+
+def test_feature_term_hooks_and_trainable_projection(tmp_path):
+    """A feature term between student layer 0 (8 wide) and teacher layer 0 (12 wide) through a trainable projection:
+    the first step's loss is kd + weight * mse(proj(h_s), h_t), and the projection trains and is checkpointed."""
+    ds = _data(n=8)
+    x = ds.tensors["input"]
+    student, teacher = _mlp(h=8, seed=2), _mlp(h=12, seed=1)
+    torch.manual_seed(5)
+    proj = nn.Linear(8, 12)
+
+    class ProjectedMSE(nn.Module):
+        def __init__(self, p):
+            super().__init__()
+            self.p = p
+
+        def forward(self, s, t):
+            return nn.functional.mse_loss(self.p(s), t)
+
+    term = FeatureTerm("0", "0", ProjectedMSE(copy.deepcopy(proj)), weight=0.5)
+    loop = DistillationLoop(copy.deepcopy(student), [teacher], feature_terms=[term], optimizer=_sgd(0.1),
+                            batch_size=8, shuffle=False, progress=False, log_every=1, output_dir=tmp_path)
+    loop.fit(ds, max_steps=1, checkpoint_every=1)
+    with torch.no_grad():
+        kd = fastdistill.kd_loss(student(x), teacher(x), labels=ds.tensors["labels"])
+        mse = nn.functional.mse_loss(proj(student[0](x)), teacher[0](x))
+    rec = loop.history[0]
+    assert rec["kd"] == pytest.approx(float(kd), rel=1e-6)
+    assert rec["feature/0"] == pytest.approx(float(mse), rel=1e-6)
+    assert rec["loss"] == pytest.approx(float(kd + 0.5 * mse), rel=1e-6)
+    assert not torch.equal(term.loss.p.weight, proj.weight)  # trained
+    saved = safetensors.torch.load_file(str(tmp_path / "checkpoints" / "step-00000001" / "feature_term0.safetensors"))
+    assert torch.equal(saved["p.weight"], term.loss.p.weight)
+
+
+@pytest.mark.skipif(not hasattr(fastdistill, "MIAlphaLoss"), reason="MI-alpha not in this tree")
+def test_mi_alpha_as_a_feature_term():
+    """fastdistill.MIAlphaLoss plugs in as a feature term: the logged value is its value on the hooked features,
+    and its critic (projections, baseline) trains with the student."""
+    ds = _data(n=16)
+    x = ds.tensors["input"]
+    student, teacher = _mlp(h=8, seed=2), _mlp(h=12, seed=1)
+    torch.manual_seed(5)
+    mi = fastdistill.MIAlphaLoss(8, 12, proj_dim=4)
+    ref = copy.deepcopy(mi)
+    loop = DistillationLoop(copy.deepcopy(student), [teacher], feature_terms=[FeatureTerm("1", "1", mi, 0.1)],
+                            optimizer=_sgd(0.1), batch_size=16, shuffle=False, progress=False, log_every=1)
+    loop.fit(ds, max_steps=1)
+    with torch.no_grad():
+        expected = ref(student[1](student[0](x)), teacher[1](teacher[0](x)))
+    assert loop.history[0]["feature/1"] == pytest.approx(float(expected), rel=1e-5, abs=1e-6)
+    assert not torch.equal(next(mi.student_proj.parameters()), next(ref.student_proj.parameters()))
+
+
+def test_teachers_frozen_by_default_trainable_for_co_distillation():
+    ds = _data(n=16)
+    for train_teachers in (False, True):
+        teacher = _mlp(seed=1)
+        before = teacher[0].weight.detach().clone()
+        loop = DistillationLoop(_mlp(seed=2), [teacher], train_teachers=train_teachers, optimizer=_sgd(0.5),
+                                batch_size=8, progress=False)  # fmt: skip
+        loop.fit(ds, max_steps=2)
+        assert torch.equal(teacher[0].weight, before) != train_teachers
+
+
+def test_no_teachers_trains_on_labels():
+    ds = _data(n=8)
+    x, y = ds.tensors["input"], ds.tensors["labels"]
+    student = _mlp(seed=2)
+    loop = DistillationLoop(copy.deepcopy(student), [], optimizer=_sgd(), batch_size=8, progress=False, log_every=1)
+    loop.fit(ds, max_steps=1)
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(student(x), y)
+    assert loop.history[0]["loss"] == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_metrics_files_and_eval(tmp_path):
+    loop = DistillationLoop(_mlp(seed=2), [_mlp(seed=1)], batch_size=8, progress=False, log_every=2,
+                            output_dir=tmp_path)  # fmt: skip
+    out = loop.fit(_data(n=16), epochs=2, eval_data=_data(n=10, seed=1), eval_every=2)
+    assert out["step"] == 4 and 0.0 <= out["accuracy"] <= 1.0
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in rows] == [(2, "train"), (2, "eval"), (4, "train"), (4, "eval")]
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
+    assert header == "step,epoch,split,name,value"
+
+
+# --- DDP: 2 CPU processes on gloo vs one process with the same global batch ---------------------------------------
+
+
+def _ddp_loop(batch_size, out_dir=None):
+    return DistillationLoop(
+        _mlp(seed=2), [_mlp(h=32, seed=1)], loss=fastdistill.KDLoss(temperature=2.0, ce_weight=0.4),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), batch_size=batch_size, grad_accum_steps=2, seed=3,
+        progress=False, log_every=1, output_dir=out_dir,
+    )  # fmt: skip
+
+
+def _ddp_worker(rank, world, tmp):
+    os.environ.update(MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    try:
+        loop = _ddp_loop(batch_size=3, out_dir=tmp)
+        loop.fit(_data(n=22, ignore_every=3), max_steps=4, checkpoint_every=4)
+        if rank == 0:
+            safetensors.torch.save_model(loop.student, f"{tmp}/ddp.safetensors")
+            with open(f"{tmp}/ddp_losses.json", "w") as f:
+                json.dump([h["loss"] for h in loop.history], f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    single = _ddp_loop(batch_size=6)  # the same global batch: 6 = 3 x 2 processes
+    single.fit(_data(n=22, ignore_every=3), max_steps=4)
+    ddp = _mlp(seed=0)
+    safetensors.torch.load_model(ddp, str(tmp_path / "ddp.safetensors"))
+    for p, q in zip(single.student.parameters(), ddp.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    ddp_losses = json.loads((tmp_path / "ddp_losses.json").read_text())
+    assert ddp_losses == pytest.approx([h["loss"] for h in single.history], rel=1e-5)
+    # one RNG file per process in the checkpoint
+    assert {p.name for p in (tmp_path / "checkpoints" / "step-00000004").glob("rng-rank*.json")} == {
+        "rng-rank0.json", "rng-rank1.json"}
