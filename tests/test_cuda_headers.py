@@ -29,8 +29,8 @@ __global__ void probe_mi(const float* s, const float* l, float* out, int n) {
   mi::Pass2<float> p2{1.0f, 2.0f, 0.5f};
   auto r = mi::row_result<float>(c, l[i], l[i] - 1.0f, l[i] - 2.0f, s[i], i == 0, p2, float(n), 1.0f / n,
                                  1.0f / (n * (n - 1.0f)));
-  out[i] = mi::grad_offdiag<float>(c.alpha_, c.beta_, u, 0.5f, r.Crest, r.Phi, 0.1f) + mi::grad_star<float>(u, 1.0f, r.m) +
-           mi::g_of<float>(c.alpha_, c.beta_, u, 2.0f) + r.part + r.gdiag + r.da;
+  out[i] = mi::grad_offdiag<float>(c.alpha_, c.beta_, u, 0.5f, r.Crest, r.Phi, 0.1f) +
+           mi::grad_star<float>(u, 1.0f, r.m) + mi::g_of<float>(c.alpha_, c.beta_, u, 2.0f) + r.part + r.gdiag + r.da;
 }
 int main() { return 0; }
 """

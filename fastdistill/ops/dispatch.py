@@ -46,6 +46,19 @@ class KDInputs:
         return [self.student, *self.teachers, *(t for t in optional if t is not None)]
 
 
+def _extension_reasons(op: str, name: str, dispatch_key: str, device_type: str, tensors: list[Tensor]) -> list[str]:
+    """Why ``fastdistill::<op>``'s ``dispatch_key`` kernel in the C++ extension cannot take ``tensors``."""
+    reasons = []
+    if not extension.available():
+        reasons.append(f"the fastdistill._C extension is not available ({extension.IMPORT_ERROR})")
+    elif not extension.has_kernel(op, dispatch_key):
+        reasons.append(f"fastdistill._C has no {name} kernel for {op}")
+    devices = {t.device.type for t in tensors}
+    if devices != {device_type}:
+        reasons.append(f"needs all tensors on {device_type}, got {sorted(devices)}")
+    return reasons
+
+
 def _dtype_reasons(inp: KDInputs) -> list[str]:
     dtypes = {t.dtype for t in [inp.student, *inp.teachers]}
     if not dtypes <= set(SUPPORTED_DTYPES):
@@ -101,14 +114,7 @@ class _CustomOpBackend(Backend):
     max_teachers = 16  # per-row state lives in fixed-size arrays in the kernels
 
     def not_supported_reasons(self, inp: KDInputs) -> list[str]:
-        reasons = []
-        if not extension.available():
-            reasons.append(f"the fastdistill._C extension is not available ({extension.IMPORT_ERROR})")
-        elif not extension.has_kernel("kd_loss", self.dispatch_key):
-            reasons.append(f"fastdistill._C was built without {self.name} kernels")
-        devices = {t.device.type for t in inp.tensors()}
-        if devices != {self.device_type}:
-            reasons.append(f"needs all tensors on {self.device_type}, got {sorted(devices)}")
+        reasons = _extension_reasons("kd_loss", self.name, self.dispatch_key, self.device_type, inp.tensors())
         if len(inp.teachers) > self.max_teachers:
             reasons.append(f"takes at most {self.max_teachers} teachers, got K = {len(inp.teachers)}")
         return reasons + _dtype_reasons(inp)
@@ -240,22 +246,14 @@ class MIExtensionBackend(Backend):
     device_type = ""
 
     def not_supported_reasons(self, inp: MIInputs) -> list[str]:
-        reasons = []
-        if not extension.available():
-            reasons.append(f"the fastdistill._C extension is not available ({extension.IMPORT_ERROR})")
-        elif not extension.has_kernel("mi_alpha", self.dispatch_key):
-            reasons.append(f"fastdistill._C has no {self.name} kernel for mi_alpha")
-        devices = {t.device.type for t in inp.tensors()}
-        if devices != {self.device_type}:
-            reasons.append(f"needs all tensors on {self.device_type}, got {sorted(devices)}")
-        return reasons
+        return _extension_reasons("mi_alpha", self.name, self.dispatch_key, self.device_type, inp.tensors())
 
     def __call__(self, inp: MIInputs) -> Tensor:
         return torch.ops.fastdistill.mi_alpha(*inp.kernel_args())[0]
 
 
 class MICpuBackend(MIExtensionBackend):
-    """C++ kernel (csrc/cpu/mi_alpha_cpu.cpp): [64, N] score strips from BLAS, SIMD statistics."""
+    """C++ kernel (csrc/cpu/mi_alpha_cpu.cpp): [B, N] score strips from BLAS, SIMD statistics."""
 
     name = "cpu"
     dispatch_key = "CPU"
