@@ -21,3 +21,30 @@ __all__ = [
     "topk_to_logits",
     "write_teacher_cache",
 ]
+from .noisy_teacher import (  # noqa: E402  (issue 7: distillation under a noisy teacher)
+    IsotonicCalibrator,
+    RobustActiveSampler,
+    SLaMLoss,
+    TeacherReliability,
+    WeightedKDLoss,
+    active_distillation,
+    distillation_weights,
+    robust_sampling_distribution,
+    slam_loss,
+    slam_mix,
+    topk_mask,
+)
+
+__all__ += [
+    "IsotonicCalibrator",
+    "RobustActiveSampler",
+    "SLaMLoss",
+    "TeacherReliability",
+    "WeightedKDLoss",
+    "active_distillation",
+    "distillation_weights",
+    "robust_sampling_distribution",
+    "slam_loss",
+    "slam_mix",
+    "topk_mask",
+]

@@ -1,0 +1,235 @@
+"""Issue 7: weighted distillation, SLaM, robust active distillation (fastdistill.training.noisy_teacher), pinned on
+hand-computed small cases, and the example's small mode end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdistill
+from fastdistill.training import (
+    IsotonicCalibrator,
+    RobustActiveSampler,
+    SLaMLoss,
+    TeacherReliability,
+    WeightedKDLoss,
+    active_distillation,
+    distillation_weights,
+    robust_sampling_distribution,
+    slam_loss,
+    slam_mix,
+    topk_mask,
+)
+from fastdistill.training.noisy_teacher import margin, systematic_sample
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _logits_with_top_prob(top: list[float], v: int = 3) -> torch.Tensor:
+    """Rows whose softmax is [p, (1-p)/(v-1), ...]: confidence p, teacher predicts class 0."""
+    rows = [[p] + [(1 - p) / (v - 1)] * (v - 1) for p in top]
+    return torch.tensor(rows, dtype=torch.float64).log()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# calibration and the weights
+
+
+def test_isotonic_pools_adjacent_violators():
+    # targets 1, 0, 1, 1 at increasing scores: the first two violate monotonicity and pool to 0.5
+    c = IsotonicCalibrator().fit(torch.tensor([0.2, 0.4, 0.6, 0.8]), torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    assert c.value.tolist() == [0.5, 1.0, 1.0]
+    # step function: below the range -> first block, between blocks -> the lower one, above -> last
+    got = c(torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9]))
+    assert got.tolist() == [0.5, 0.5, 0.5, 1.0, 1.0]
+
+
+def test_isotonic_ties_share_one_value_and_order_is_irrelevant():
+    c = IsotonicCalibrator().fit(torch.tensor([0.9, 0.5, 0.5]), torch.tensor([1.0, 1.0, 0.0]))
+    assert c(torch.tensor([0.5, 0.9])).tolist() == [0.5, 1.0]
+    # a fully decreasing sequence pools into one block: the mean
+    c = IsotonicCalibrator().fit(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 1.0, 0.0]))
+    assert c(torch.tensor([0.0, 5.0])).tolist() == pytest.approx([2 / 3, 2 / 3])
+
+
+def test_reliability_accuracy_topk_and_smallest_k():
+    # validation: teacher confidences 0.4 < 0.5 < 0.7 < 0.9, always predicting class 0;
+    # labels: 1 (wrong, but 2nd), 0 (right), 0 (right), 0 (right)
+    t_val = _logits_with_top_prob([0.4, 0.5, 0.7, 0.9])
+    t_val[0, 1] += 0.01  # class 1 second, class 2 third in row 0
+    y_val = torch.tensor([1, 0, 0, 0])
+    rel = TeacherReliability.fit(t_val, y_val)
+    assert rel.max_k == 3
+    q = _logits_with_top_prob([0.45, 0.6, 0.95])
+    # top-1 correctness by confidence: 0, 1, 1, 1 (already monotone)
+    assert rel.accuracy(q).tolist() == [0.0, 1.0, 1.0]
+    assert torch.equal(distillation_weights(rel, q), rel.accuracy(q))
+    assert rel.topk_accuracy(q, 2).tolist() == [1.0, 1.0, 1.0]
+    assert rel.smallest_k(q, target=0.9).tolist() == [2, 1, 1]
+
+
+def test_weighted_kd_loss_is_kd_loss_with_the_weights():
+    torch.manual_seed(0)
+    rel = TeacherReliability.fit(_logits_with_top_prob([0.4, 0.5, 0.7, 0.9]), torch.tensor([1, 0, 1, 0]))
+    s, t = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64) * 3
+    w = distillation_weights(rel, t).double()
+    assert (w >= 0).all() and (w <= 1).all() and w.unique().numel() > 1
+    # hard: mean over rows of w_i * CE(student, teacher's label)
+    hard = (F.cross_entropy(s, t.argmax(-1), reduction="none") * w).mean()
+    torch.testing.assert_close(WeightedKDLoss(rel, hard=True)(s, t), hard)
+    # soft at T = 2: mean of w_i * T^2 * KL(p_t || q_s)
+    p, logq = torch.softmax(t / 2, -1), torch.log_softmax(s / 2, -1)
+    soft = (4 * (p * (p.log() - logq)).sum(-1) * w).mean()
+    torch.testing.assert_close(WeightedKDLoss(rel, temperature=2.0)(s, [t]), soft)
+    torch.testing.assert_close(fastdistill.kd_loss(s, t, temperature=2.0, sample_weight=w), soft)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SLaM
+
+
+def test_topk_mask():
+    t = torch.tensor([[0.1, 3.0, 2.0, -1.0], [5.0, 0.0, 1.0, 2.0]])
+    m = topk_mask(t, torch.tensor([2, 1]))
+    assert m.tolist() == [[False, True, True, False], [True, False, False, False]]
+    with pytest.raises(ValueError):
+        topk_mask(t, 0)
+
+
+def test_slam_mix_by_hand():
+    f = torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64)
+    top2 = torch.tensor([[True, True, False]])
+    all3 = torch.ones(1, 3, dtype=torch.bool)
+    # alpha f + (1 - alpha)(1 - f) * top with alpha = 0.8
+    assert slam_mix(f, torch.tensor([0.8]), top2).tolist()[0] == pytest.approx([0.5, 0.38, 0.16])
+    assert slam_mix(f, torch.tensor([0.8]), all3).tolist()[0] == pytest.approx([0.5, 0.38, 0.32])
+    # normalised: the second term over k - 1 = 2; a full mask then gives a distribution
+    got = slam_mix(f, torch.tensor([0.8]), all3, normalize=True)
+    assert got.tolist()[0] == pytest.approx([0.45, 0.31, 0.24])
+    assert float(got.sum()) == pytest.approx(1.0)
+    # k = 2 normalised divides by 1: same as unnormalised; alpha = 1 is the identity
+    torch.testing.assert_close(slam_mix(f, 0.8, top2, normalize=True), slam_mix(f, 0.8, top2))
+    torch.testing.assert_close(slam_mix(f, 1.0, top2), f)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_slam_loss_matches_probability_space(normalize):
+    torch.manual_seed(1)
+    s, t = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    alpha, k = torch.tensor([0.9, 0.5, 0.2, 0.7, 0.99], dtype=torch.float64), torch.tensor([1, 2, 3, 4, 2])
+    mix = slam_mix(torch.softmax(s, -1), alpha, topk_mask(t, k), normalize=normalize)
+    want = -(torch.softmax(t, -1) * mix.log()).sum(-1)
+    torch.testing.assert_close(slam_loss(s, t, alpha, k, normalize=normalize, reduction="none"), want.float())
+    torch.testing.assert_close(slam_loss(s, t, alpha, k, normalize=normalize), want.mean().float())
+
+
+def test_slam_loss_alpha_one_is_soft_cross_entropy_and_gradients_stay_finite():
+    torch.manual_seed(2)
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    ce = -(torch.softmax(t, -1) * torch.log_softmax(s, -1)).sum(-1).mean()
+    torch.testing.assert_close(slam_loss(s, t, torch.ones(4), 2), ce)
+    # extremes: alpha 0 and 1, a student sure of one class (f = 1, 1 - f = 0), k = 1
+    s = torch.tensor([[80.0, -80.0, 0.0], [0.0, 0.0, 0.0], [-50.0, 50.0, 0.0]], requires_grad=True)
+    t = torch.tensor([[5.0, 0.0, -5.0], [0.0, 1.0, 2.0], [9.0, -9.0, 0.0]])
+    loss = slam_loss(s, t, torch.tensor([0.0, 1.0, 0.5]), torch.tensor([1, 3, 1]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+
+
+def test_slam_loss_module_uses_the_reliability():
+    rel = TeacherReliability.fit(_logits_with_top_prob([0.4, 0.5, 0.7, 0.9]), torch.tensor([1, 0, 0, 0]))
+    s, t = torch.randn(3, 3), _logits_with_top_prob([0.45, 0.6, 0.95]).float()
+    want = slam_loss(s, t, rel.accuracy(t), rel.smallest_k(t), normalize=True)
+    torch.testing.assert_close(SLaMLoss(rel, normalize=True)(s, t), want)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# robust active distillation
+
+
+def test_sampling_distribution_by_hand():
+    # lambda = 2 / 8: p = g / 4
+    assert robust_sampling_distribution(torch.tensor([4.0, 1, 1, 2]), 2).tolist() == [1.0, 0.25, 0.25, 0.5]
+    # 10 / 14 * 2 > 1: the top gain saturates at 1, the other budget unit spreads over the four 1s
+    assert robust_sampling_distribution(torch.tensor([10.0, 1, 1, 1, 1]), 2).tolist() == [1.0, 0.25, 0.25, 0.25, 0.25]
+    # fewer positive gains than the budget: those get 1, the rest is uniform over the zeros
+    assert robust_sampling_distribution(torch.tensor([0.0, 0, 3]), 2).tolist() == [0.5, 0.5, 1.0]
+    p = robust_sampling_distribution(torch.rand(50), 7)
+    assert float(p.sum()) == pytest.approx(7) and (p <= 1).all() and (p >= 0).all()
+    with pytest.raises(ValueError):
+        robust_sampling_distribution(torch.ones(3), 4)
+
+
+def test_systematic_sample_draws_budget_points_with_the_inclusion_probabilities():
+    p = torch.tensor([1.0, 0.25, 0.25, 0.5, 0.0, 0.0])
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(6)
+    for _ in range(4000):
+        idx = systematic_sample(p, g)
+        assert idx.numel() == 2 and idx.unique().numel() == 2
+        counts[idx] += 1
+    assert (counts / 4000 - p).abs().max() < 0.03
+
+
+def test_gains_trade_margin_against_teacher_risk():
+    def two_class(ps):
+        return torch.tensor([[q, 1 - q] for q in ps]).log()
+
+    # validation margins 0.1, 0.3, 0.7, 0.9; the teacher is wrong only on the least certain one
+    val, correct = two_class([0.55, 0.65, 0.85, 0.95]), torch.tensor([0.0, 1, 1, 1])
+    pool = two_class([0.6, 0.9, 0.5])  # margins 0.2, 0.8, 0.0
+    assert margin(pool).tolist() == pytest.approx([0.2, 0.8, 0.0], abs=1e-6)
+    # gain = (1 - m) * P(teacher right | m): the most uncertain points are the riskiest -> gain 0
+    g = RobustActiveSampler().gains(pool, val, correct)
+    assert g.tolist() == pytest.approx([0.0, 0.2, 0.0], abs=1e-6)
+    # budget 1 then goes to the only point with positive gain, with certainty
+    assert RobustActiveSampler().select(pool, val, correct, 1).tolist() == [1]
+
+
+def test_active_distillation_rounds():
+    pool = torch.arange(10.0)[:, None]
+    seen, trained = [], []
+
+    def query(x):
+        seen.append(x.squeeze(1).tolist())
+        return torch.zeros(len(x), 2)
+
+    def train(model, x, t):
+        trained.append(len(x))
+
+    picked = active_distillation(torch.nn.Identity(), pool, query, train, budgets=[3, 2],
+                                 select=lambda m, cand, b: torch.arange(b))  # fmt: skip
+    # round 1 takes the first 3 candidates, round 2 the first 2 of the rest; training sees all queried so far
+    assert picked.tolist() == [0, 1, 2, 3, 4]
+    assert seen == [[0.0, 1.0, 2.0], [3.0, 4.0]]
+    assert trained == [3, 5]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the example, small mode
+
+
+def test_example_small_mode_end_to_end(tmp_path):
+    spec = importlib.util.spec_from_file_location("noisy_teacher_example", ROOT / "examples" / "noisy_teacher.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.modules.pop(spec.name, None)
+    threads = torch.get_num_threads()
+    r = mod.run(mod.Settings.small(), tmp_path, log=lambda *_: None)
+    assert torch.get_num_threads() == threads  # restored
+    assert (tmp_path / "noisy_teacher.png").stat().st_size > 1000
+    for name in ("digits", "breast_cancer"):
+        rows = r.acc[name]
+        for row in ("teacher", "student: labelled only", "student: KD soft (T = 1)", "student: weighted hard",
+                    "student: SLaM (unnormalised)", "active random, 20 queries", "active robust, 20 queries"):
+            assert len(rows[row]) == 1 and 0.0 <= rows[row][0] <= 1.0 and not math.isnan(rows[row][0])
+    assert "| teacher " in r.table and "wall time" in r.table
