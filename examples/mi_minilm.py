@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import importlib.util
 import math
 import os
@@ -49,7 +48,7 @@ from torch import Tensor, nn
 from torch.utils.data import default_collate
 
 import fastdistill
-from fastdistill.training import ArrayDataset, DistillationLoop, FeatureTerm
+from fastdistill.training import ArrayDataset, DistillationLoop, FeatureTerm, torch_threads
 
 TRAIN_MODULES = [
     "argparse", "logging", "email.message", "http.client", "urllib.request", "pathlib", "typing", "inspect",
@@ -395,15 +394,6 @@ def run(settings: Settings, log=print) -> dict[str, dict[str, float]]:
     return mean
 
 
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Run torch on ``n`` threads inside."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,11 +16,10 @@ Prints one table (test accuracy %, mean ± std over seeds) and saves ``noisy_tea
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from fastdistill.training import (
     active_distillation,
     distillation_weights,
     slam_loss,
+    torch_threads,
 )
 from fastdistill.training.demo import paired_ci
 
@@ -110,14 +110,6 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
         return float((model(x).argmax(-1) == y).float().mean())
 
 
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -290,7 +282,7 @@ def run(settings: Settings, out_dir: str | Path, log: Callable[[str], None] = pr
     out_dir.mkdir(parents=True, exist_ok=True)
     r = Result(settings)
     t0 = time.perf_counter()
-    with single_thread():
+    with torch_threads(1):
         for name in settings.datasets:
             for seed in settings.seeds:
                 for row, a in run_one(name, seed, settings).items():

@@ -12,7 +12,7 @@ methods for distilling from a noisy teacher.
 
 from .cache import TeacherLogitCache, topk_to_logits, write_teacher_cache
 from .data import ArrayDataset
-from .loop import DistillationLoop, FeatureTerm, init_distributed, seed_everything
+from .loop import DistillationLoop, FeatureTerm, init_distributed, seed_everything, torch_threads
 from .noisy_teacher import (
     IsotonicCalibrator,
     RobustActiveSampler,
@@ -34,6 +34,7 @@ __all__ = [
     "TeacherLogitCache",
     "init_distributed",
     "seed_everything",
+    "torch_threads",
     "topk_to_logits",
     "write_teacher_cache",
     "IsotonicCalibrator",

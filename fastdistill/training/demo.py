@@ -30,11 +30,10 @@ PNG. Seeds are fixed: the split uses seed 0; seed s sets the teachers' and stude
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +44,7 @@ import fastdistill
 
 from .cache import write_teacher_cache
 from .data import ArrayDataset
-from .loop import DistillationLoop
+from .loop import DistillationLoop, torch_threads
 
 TEMPERATURE = 2.0
 
@@ -159,16 +158,9 @@ def trained_teacher(name: str, seed: int = 0, epochs: int = 100, n_labelled: int
                               seed)  # fmt: skip
 
 
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch on one thread inside: for models this small a second thread only adds synchronisation (8x slower
-    per step on a busy 2-core VM)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def single_thread():
+    """Run torch on one thread inside (see :func:`fastdistill.training.loop.torch_threads`)."""
+    return torch_threads(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
