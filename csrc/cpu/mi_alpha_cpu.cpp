@@ -72,14 +72,14 @@ inline void sweep(const A* x, int64_t b, int64_t e, A pad, F&& f) {
 
 template <typename A>
 struct Launch {
-  int64_t n, d;
+  int64_t n;
   A inv_t;         // 1 / temperature
   A lam;           // log(N - 1)
   A log_alpha;     // -inf for alpha = 0
   A log_1m_alpha;  // -inf for alpha = 1
   A inv_n, inv_d;  // 1 / N, 1 / (N (N - 1))
-  Launch(int64_t n_, int64_t d_, double alpha, double temperature)
-      : n(n_), d(d_), inv_t(A(1.0 / temperature)), lam(A(std::log(double(n_ - 1)))),
+  Launch(int64_t n_, double alpha, double temperature)
+      : n(n_), inv_t(A(1.0 / temperature)), lam(A(std::log(double(n_ - 1)))),
         log_alpha(alpha > 0 ? A(std::log(alpha)) : -std::numeric_limits<A>::infinity()),
         log_1m_alpha(alpha < 1 ? A(std::log1p(-alpha)) : -std::numeric_limits<A>::infinity()),
         inv_n(A(1.0 / double(n_))), inv_d(A(1.0 / (double(n_) * double(n_ - 1)))) {}
@@ -103,15 +103,22 @@ inline void sweep_excluding(const A* x, int64_t n, int64_t e1, int64_t e2, A pad
 
 // Forward on one score row s[0..n) (already scaled by 1/T) of teacher row i. Writes the row's stats column.
 template <typename A>
-void forward_row(const Launch<A>& P, const A* s, int64_t i, A a, A* stats, A& part) {
+void forward_row(const Launch<A>& P, A* s, int64_t i, A a, A* stats, A& part) {
   using V = Vectorized<A>;
   const A neg_inf = -std::numeric_limits<A>::infinity();
   const int64_t n = P.n;
   // pass 1: the row's largest score (first index on ties), then the log-sum-exp over the other columns, the
   // diagonal and the largest apart: l (all), w (without the diagonal), z (without the largest), each without
   // cancellation or underflow.
+  // The first sweep also scales the raw products by 1/T in place (the strip holds <v_i, u_j> from BLAS).
   V vmax(neg_inf);
-  sweep<A>(s, 0, n, neg_inf, [&](V x, int64_t) { vmax = at::vec::maximum(vmax, x); });
+  const V vt(P.inv_t);
+  for (int64_t j = 0; j < n; j += V::size()) {
+    const int64_t lanes = std::min<int64_t>(V::size(), n - j);
+    const V x = V::loadu(s + j, lanes) * vt;
+    x.store(s + j, lanes);
+    vmax = at::vec::maximum(vmax, lanes < V::size() ? V::set(V(neg_inf), x, lanes) : x);
+  }
   A buf[V::size()];
   vmax.store(buf);
   A mx = neg_inf;
@@ -224,7 +231,7 @@ template <typename A>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& u, const at::Tensor& v, const at::Tensor& a,
                                                 double alpha, double temperature) {
   const int64_t n = u.size(0), d = u.size(1);
-  const Launch<A> P(n, d, alpha, temperature);
+  const Launch<A> P(n, alpha, temperature);
   at::Tensor stats = at::empty({kStatsRows, n}, u.options());
   std::vector<A> parts(n);
   A* st = stats.data_ptr<A>();
@@ -238,11 +245,6 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& u, const at::T
       A* sp = buf.data_ptr<A>();
       for (int64_t r = 0; r < nr; ++r) {
         A* s = sp + r * n;
-        const Vectorized<A> vt(P.inv_t);
-        for (int64_t j = 0; j < n; j += Vectorized<A>::size()) {
-          const int64_t lanes = std::min<int64_t>(Vectorized<A>::size(), n - j);
-          (Vectorized<A>::loadu(s + j, lanes) * vt).store(s + j, lanes);
-        }
         forward_row<A>(P, s, r0 + r, ap[r0 + r], st, parts[r0 + r]);
       }
     }
@@ -284,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const a
                                                  const at::Tensor& a, const at::Tensor& stats, double alpha,
                                                  double temperature) {
   const int64_t n = u.size(0), d = u.size(1);
-  const Launch<A> P(n, d, alpha, temperature);
+  const Launch<A> P(n, alpha, temperature);
   const RowArrays<A> R = row_arrays<A>(P, stats.data_ptr<A>(), a.data_ptr<A>());
   const A scale = A(grad.item<double>()) * P.inv_t;
   at::Tensor du = at::empty({n, d}, u.options()), dv = at::empty({n, d}, u.options());
