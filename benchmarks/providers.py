@@ -41,10 +41,11 @@ def make_eager(K: int, temperature: float) -> LossFn:
 
 
 def make_liger(K: int, temperature: float) -> LossFn:
-    """Liger-Kernel's fused JSD with beta = 0 (forward KL) on log-softmaxed inputs; one teacher only."""
+    """Liger-Kernel's fused JSD with beta = 0 (forward KL) on log-softmaxed inputs; one teacher only. The keyword is
+    ``beta`` (liger-kernel 0.8.5; older releases called it ``jsd_beta``)."""
     from liger_kernel.transformers import LigerJSD
 
-    jsd = LigerJSD(jsd_beta=0.0)
+    jsd = LigerJSD(beta=0.0)
 
     def fn(student: torch.Tensor, teachers: torch.Tensor) -> torch.Tensor:
         T = temperature
@@ -89,10 +90,12 @@ def unavailable_reason(name: str, device: str) -> str | None:
 def make_inputs(
     N: int, V: int, K: int, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed-seed student logits [N, V] (requires grad) and teacher logits [K, N, V] (no grad)."""
-    g = torch.Generator().manual_seed(seed)
-    student = (2 * torch.randn(N, V, generator=g)).to(device=device, dtype=dtype).requires_grad_()
-    teachers = (2 * torch.randn(K, N, V, generator=g)).to(device=device, dtype=dtype)
+    """Fixed-seed student logits [N, V] (requires grad) and teacher logits [K, N, V] (no grad), drawn on ``device``
+    (a CPU draw copied to a GPU took longer than the measurement). On the CPU the values are the same as ever; a
+    GPU's generator draws other (equally fixed) values."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    student = torch.randn(N, V, generator=g, device=device).mul_(2).to(dtype).requires_grad_()
+    teachers = torch.randn(K, N, V, generator=g, device=device).mul_(2).to(dtype)
     return student, teachers
 
 

@@ -6,7 +6,9 @@ Method, per (V, K, provider): fixed-seed inputs (student [N, V] requires grad, t
 step (``torch.compile`` compiles here); ``--repeats`` timed steps (loss.backward(), student.grad = None), median.
 Floor: the bytes that must move, (K+1)*N*V*sizeof(in) + N*V*sizeof(grad), at the copy bandwidth measured in the
 same run (1 GiB float32 ``copy_``, bytes = read + write, median of 5); floor_fraction = floor_ms / ms.
-Peak memory: see ``MEMORY_NOTE``.
+Peak memory: see ``MEMORY_NOTE``. Each (provider, V, K) runs in its own child process (``benchmarks/isolate.py``):
+a crash or a CUDA error becomes a failed row and the other providers still run; ``--budget-s`` / ``--deadline``
+bound the run (cells not started in time are recorded as skipped) and the JSON is saved after every row.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib.metadata
 import json
 import os
+import platform
 import statistics
 import sys
 import time
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from . import isolate
 from .providers import PROVIDERS, fwd_bwd, make_inputs, unavailable_reason
 
 TEMPERATURE = 2.0
@@ -108,6 +113,35 @@ def device_name(device: str) -> str:
     return f"{model}, {len(os.sched_getaffinity(0))} cores"
 
 
+def dist_version(*names: str) -> str | None:
+    """The installed version of the first distribution of ``names`` found (no import), or None."""
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return None
+
+
+def environment(device: str) -> dict:
+    """What ran: device, date and the versions that matter for these numbers (for every result JSON)."""
+    return {
+        "device": device_name(device),
+        "date": datetime.date.today().isoformat(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": dist_version("triton", "pytorch-triton"),
+        "liger_kernel": dist_version("liger-kernel"),
+    }
+
+
+def versions_line(env: dict) -> str:
+    liger = env["liger_kernel"] or "not installed"
+    return f"torch {env['torch']} (CUDA {env['cuda']}); triton {env['triton']}; liger-kernel {liger}; " \
+           f"Python {env['python']}"  # fmt: skip
+
+
 def bench_one(provider: str, N: int, V: int, K: int, dtype: torch.dtype, device: str, repeats: int) -> dict:
     student, teachers = make_inputs(N, V, K, dtype, device)
     fn = PROVIDERS[provider](K, TEMPERATURE)
@@ -127,7 +161,12 @@ def bench_one(provider: str, N: int, V: int, K: int, dtype: torch.dtype, device:
         "peak_bytes": peak,
         "bytes": nbytes,
         "exps": (K + 1) * N * V,
-    }
+    } | ({"liger_kernel": dist_version("liger-kernel")} if provider == "liger" else {})
+
+
+def cell(provider: str, V: int, K: int, N: int, dtype: str, device: str, repeats: int) -> dict:
+    """One row, measured in a child process (``benchmarks/isolate.py`` calls this)."""
+    return bench_one(provider, N, V, K, getattr(torch, dtype), device, repeats)
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -135,12 +174,15 @@ def _fmt_bytes(n: int | None) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    eager = {(r["V"], r["K"]): r["ms"] for r in rows if r["provider"] == "eager"}
+    eager = {(r["V"], r["K"]): r["ms"] for r in rows if r["provider"] == "eager" and r.get("status", "ok") == "ok"}
     lines = [
         "| provider | V | K | ms (median) | speedup vs eager | GB/s | floor ms | floor_fraction | peak memory |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        if r.get("status", "ok") != "ok":
+            lines.append(f"| {r['provider']} | {r['V']} | {r['K']} | {isolate.describe(r)} | | | | | |")
+            continue
         base = eager.get((r["V"], r["K"]))
         speedup = f"{base / r['ms']:.2f}x" if base else "-"
         lines.append(
@@ -162,7 +204,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teachers", type=_ints, default="1,4", help="comma-separated K values")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--providers", default="cpu,eager,compile", help=f"comma-separated, of: {','.join(PROVIDERS)}")
+    p.add_argument("--providers", default="cpu,eager,compile",
+                   help=f"comma-separated, of: {','.join(PROVIDERS)}; run in this order (all shapes of the first "
+                        "provider first), so that a budget cuts the last ones")  # fmt: skip
     p.add_argument(
         "--out",
         type=Path,
@@ -170,6 +214,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="JSON path (default benchmarks/results/<device>-<date>.json; --quick writes none by default)",
     )
     p.add_argument("--quick", action="store_true", help="tiny shapes (N=64, V=1000,4096, K=1,2, 3 repeats): smoke test")
+    isolate.add_arguments(p)
     args = p.parse_args(argv)
     if args.quick:
         args.rows, args.vocab, args.teachers, args.repeats = 64, [1000, 4096], [1, 2], 3
@@ -191,65 +236,97 @@ def start(args: argparse.Namespace, prefix: str = "") -> tuple[str, torch.dtype,
     return device, dtype, today, out, load
 
 
-def save(out: Path | None, result: dict) -> None:
+def run_info(args: argparse.Namespace) -> dict:
+    """How the rows were run, for the JSON: isolation, budget, the children's environment defaults."""
+    return {
+        "isolation": "in-process" if args.in_process else "one child process per row (benchmarks/isolate.py)",
+        "child_env_defaults": {} if args.in_process else isolate.CHILD_ENV_DEFAULTS,
+        "budget_s": args.budget_s,
+        "deadline_unix": args.deadline,
+        "child_timeout_s": args.child_timeout_s,
+        "repeats": args.repeats,
+    }
+
+
+def save(out: Path | None, result: dict, quiet: bool = False) -> None:
+    """Write ``result`` as JSON to ``out`` (nothing when None), atomically: a run killed while saving keeps the last
+    complete file."""
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"saved {out}")
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, out)
+        if not quiet:
+            print(f"saved {out}")
+
+
+def report(row: dict, label: str, ms_width: int = 9) -> None:
+    """One progress line on stderr per row: its time, or why it failed or was skipped."""
+    if row["status"] == "ok":
+        print(f"  {label}: {row['ms']:{ms_width}.2f} ms   (child {row.get('wall_s', 0):.1f} s)", file=sys.stderr,
+              flush=True)  # fmt: skip
+    elif row["status"] == "failed":
+        print(f"FAILED {label}: {row['error']}", file=sys.stderr, flush=True)
+    else:
+        print(f"skip {label}: {row['reason']}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    budget = isolate.Budget(args.budget_s, args.deadline)
     device, dtype, today, out, load = start(args)
+    env = environment(device)
     gbps = copy_bandwidth_GBps(device)
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the children need the memory, not this process
     print(
-        f"device: {device_name(device)}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+        f"device: {env['device']}; {versions_line(env)}; threads {torch.get_num_threads()}; "
         f"copy {gbps:.1f} GB/s; N={args.rows}, dtype={args.dtype}, T={TEMPERATURE}",
         flush=True,
     )
 
     providers = [p for p in args.providers.split(",") if p]
-    rows, errors = [], []
-    for V in args.vocab:
-        for K in args.teachers:
-            for prov in providers:
+    cells = []
+    for prov in providers:  # provider-major: a budget that runs out cuts the last providers, not the last shapes
+        for V in args.vocab:
+            for K in args.teachers:
                 reason = unavailable_reason(prov, device)
                 if reason is None and prov == "liger" and K != 1:
                     reason = "Liger's JSD takes one teacher"
-                if reason:
-                    print(f"skip {prov} (V={V}, K={K}): {reason}", file=sys.stderr)
-                    continue
-                try:
-                    r = bench_one(prov, args.rows, V, K, dtype, device, args.repeats)
-                except Exception as e:  # keep the run going; report the failure
-                    print(f"FAILED {prov} (V={V}, K={K}): {type(e).__name__}: {e}", file=sys.stderr)
-                    errors.append({"provider": prov, "V": V, "K": K, "error": f"{type(e).__name__}: {e}"})
-                    continue
-                floor_ms = r["bytes"] / (gbps * 1e9) * 1e3
-                r |= {
-                    "floor_ms": floor_ms,
-                    "floor_fraction": floor_ms / r["ms"],
-                    "achieved_GBps": r["bytes"] / (r["ms"] * 1e-3) / 1e9,
-                }
-                rows.append(r)
-                print(f"  {prov:>9} V={V:<6} K={K}: {r['ms']:9.2f} ms", file=sys.stderr, flush=True)
-                gc.collect()
+                key = {"provider": prov, "V": V, "K": K, "N": args.rows}
+                args_ = {"dtype": args.dtype, "device": device, "repeats": args.repeats}
+                cells.append(isolate.Cell(key, args_, reason))
 
-    print(markdown_table(rows))
-    save(out, {
-        "device": device_name(device),
-        "date": today,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "copy_GBps": gbps,
-        "loadavg_1min_at_start": load,
-        "temperature": TEMPERATURE,
-        "loss": "forward KL to the prob_mean ensemble, T^2-scaled, mean over rows; time = forward + backward",
-        "peak_bytes_note": MEMORY_NOTE[device],
-        "rows": rows,
-        "errors": errors,
-    })  # fmt: skip
-    return 1 if errors else 0
+    def result(rows: list[dict], complete: bool) -> dict:
+        return {
+            **env, "threads": torch.get_num_threads(), "copy_GBps": gbps, "loadavg_1min_at_start": load,
+            "temperature": TEMPERATURE,
+            "loss": "forward KL to the prob_mean ensemble, T^2-scaled, mean over rows; time = forward + backward",
+            "peak_bytes_note": MEMORY_NOTE[device], **run_info(args), "complete": complete,
+            "counts": isolate.counts(rows), "rows": rows,
+        }  # fmt: skip
+
+    def on_row(r: dict, rows: list[dict]) -> None:
+        if r["status"] == "ok":
+            floor_ms = r["bytes"] / (gbps * 1e9) * 1e3
+            r |= {
+                "floor_ms": floor_ms,
+                "floor_fraction": floor_ms / r["ms"],
+                "achieved_GBps": r["bytes"] / (r["ms"] * 1e-3) / 1e9,
+            }
+        report(r, f"{r['provider']:>9} V={r['V']:<6} K={r['K']}")
+        save(out, result(rows, False), quiet=True)
+
+    try:
+        rows = isolate.run_cells(cells, "benchmarks.run", "cell", budget, on_row, args.child_timeout_s,
+                                 not args.in_process)  # fmt: skip
+    except isolate.Interrupted as e:
+        print(f"interrupted ({e}); the rows so far are saved", file=sys.stderr)
+        return 130
+    order = {p: i for i, p in enumerate(providers)}
+    print(markdown_table(sorted(rows, key=lambda r: (r["V"], r["K"], order[r["provider"]]))))
+    save(out, result(rows, True))
+    return 1 if isolate.counts(rows)["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -10,13 +10,14 @@ gradients written, sizeof(in) each):
     fused codistill_loss:  2 N V read + 2 N V written  (each row of a and b read once)
     two kd_loss calls:     4 N V read + 2 N V written  (each call reads both models' rows)
 so the fused op reads half as much and moves 2/3 of the bytes; ``floor_ms`` is its 4 N V at the copy bandwidth
-measured in the same run, for every provider (the least any of them must move).
+measured in the same run, for every provider (the least any of them must move). Each (provider, V, T) runs in its
+own child process, under ``--budget-s``, and so does the fused-vs-two-calls agreement check: see
+:mod:`benchmarks.isolate`.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import sys
 from collections.abc import Callable
@@ -27,7 +28,19 @@ import torch.nn.functional as F
 
 import fastdistill
 
-from .run import MEMORY_NOTE, _median_ms, copy_bandwidth_GBps, device_name, peak_extra_bytes, save, start
+from . import isolate
+from .run import (
+    MEMORY_NOTE,
+    _median_ms,
+    copy_bandwidth_GBps,
+    environment,
+    peak_extra_bytes,
+    report,
+    run_info,
+    save,
+    start,
+    versions_line,
+)
 
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -88,10 +101,12 @@ def unavailable_reason(name: str, device: str) -> str | None:
 
 
 def make_inputs(N: int, V: int, dtype: torch.dtype, device: str, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    a = (2 * torch.randn(N, V, generator=g)).to(device=device, dtype=dtype).requires_grad_()
-    b = (2 * torch.randn(N, V, generator=g)).to(device=device, dtype=dtype).requires_grad_()
-    labels = torch.randint(0, V, (N,), generator=g).to(device)
+    """Fixed-seed logits a, b [N, V] (both require grad) and labels [N], drawn on ``device`` (on the CPU the values
+    are the same as ever)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    a = torch.randn(N, V, generator=g, device=device).mul_(2).to(dtype).requires_grad_()
+    b = torch.randn(N, V, generator=g, device=device).mul_(2).to(dtype).requires_grad_()
+    labels = torch.randint(0, V, (N,), generator=g, device=device)
     return a, b, labels
 
 
@@ -121,6 +136,11 @@ def bench_one(provider: str, N: int, V: int, T: float, dtype: torch.dtype, devic
     }
 
 
+def cell(provider: str, V: int, T: float, N: int, dtype: str, device: str, repeats: int) -> dict:
+    """One row, measured in a child process (``benchmarks/isolate.py`` calls this)."""
+    return bench_one(provider, N, V, T, getattr(torch, dtype), device, repeats)
+
+
 def check_agreement(N: int, V: int, device: str) -> float:
     """Max |fused - two calls| over the loss and both gradients (float32): the providers compute the same thing."""
     a, b, labels = make_inputs(N, V, torch.float32, device)
@@ -132,13 +152,22 @@ def check_agreement(N: int, V: int, device: str) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(*outs))
 
 
+def agreement(N: int, V: int, device: str) -> dict:
+    """``check_agreement`` as a child's result (it runs the device's kernels, so it is isolated too)."""
+    return {"max_abs_diff": check_agreement(N, V, device)}
+
+
 def markdown_table(rows: list[dict]) -> str:
-    base = {(r["V"], r["T"]): r["ms"] for r in rows if r["provider"].startswith("two-kd")}
+    ok = [r for r in rows if r.get("status", "ok") == "ok"]
+    base = {(r["V"], r["T"]): r["ms"] for r in ok if r["provider"].startswith("two-kd")}
     lines = [
         "| provider | V | T | ms (median) | vs two kd_loss calls | floor ms | floor_fraction | peak memory |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        if r.get("status", "ok") != "ok":
+            lines.append(f"| {r['provider']} | {r['V']} | {r['T']:g} | {isolate.describe(r)} | | | | |")
+            continue
         ref = base.get((r["V"], r["T"]))
         rel = f"{ref / r['ms']:.2f}x" if ref else "-"
         peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f} MiB"
@@ -152,15 +181,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--rows", type=int, default=2048, help="N")
     p.add_argument("--vocab", type=lambda s: [int(x) for x in s.split(",") if x], default="8192,32000")
-    p.add_argument("--temperatures", type=lambda s: [float(x) for x in s.split(",") if x], default="1,2",
-                   help="comma-separated T values (at T = 1 the cross-entropy shares the softmax: fewer exps)")
+    p.add_argument(
+        "--temperatures",
+        type=lambda s: [float(x) for x in s.split(",") if x],
+        default="1,2",
+        help="comma-separated T values (at T = 1 the cross-entropy shares the softmax: fewer exps)",
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--providers", default=None, help=f"comma-separated, of: {','.join(PROVIDERS)} "
                    "(default: the device's fused and two-call backends, eager, compile)")  # fmt: skip
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON path (default benchmarks/results/codistill-<device>-<date>.json; none for --quick)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default benchmarks/results/codistill-<device>-<date>.json; none for --quick)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny shapes (N=64, V=1000,4096, 3 repeats): smoke test")
+    isolate.add_arguments(p)
     args = p.parse_args(argv)
     if args.quick:
         args.rows, args.vocab, args.repeats = 64, [1000, 4096], 3
@@ -172,41 +210,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    budget = isolate.Budget(args.budget_s, args.deadline)
     device, dtype, today, out, load = start(args, "codistill-")
+    env = environment(device)
     gbps = copy_bandwidth_GBps(device)
-    agree = check_agreement(64, 1000, device)
-    print(f"device: {device_name(device)}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-          f"copy {gbps:.1f} GB/s; N={args.rows}, dtype={args.dtype}; "
-          f"fused vs two calls max |diff| {agree:.2e}", flush=True)  # fmt: skip
-    rows, errors = [], []
-    for V in args.vocab:
-        for T in args.temperatures:
-            for prov in (p for p in args.providers.split(",") if p):
-                reason = unavailable_reason(prov, device)
-                if reason:
-                    print(f"skip {prov} (V={V}): {reason}", file=sys.stderr)
-                    continue
-                try:
-                    r = bench_one(prov, args.rows, V, T, dtype, device, args.repeats)
-                except Exception as e:  # keep the run going; report the failure
-                    print(f"FAILED {prov} (V={V}, T={T}): {type(e).__name__}: {e}", file=sys.stderr)
-                    errors.append({"provider": prov, "V": V, "T": T, "error": f"{type(e).__name__}: {e}"})
-                    continue
-                floor_ms = r["bytes_min"] / (gbps * 1e9) * 1e3
-                r |= {"floor_ms": floor_ms, "floor_fraction": floor_ms / r["ms"]}
-                rows.append(r)
-                print(f"  {prov:>13} V={V:<6} T={T:g}: {r['ms']:9.2f} ms", file=sys.stderr, flush=True)
-                gc.collect()
-    print(markdown_table(rows))
-    save(out, {
-        "device": device_name(device), "date": today, "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "copy_GBps": gbps, "loadavg_1min_at_start": load,
-        "fused_vs_two_calls_max_abs_diff": agree,
-        "loss": "per model: (CE + T^2 KL(P_other || Q_self) at T (column T)) / 2, other detached; mean over "
-                "rows; forward + backward to both models",
-        "peak_bytes_note": MEMORY_NOTE[device], "rows": rows, "errors": errors,
-    })  # fmt: skip
-    return 1 if errors or not math.isfinite(agree) or agree > 1e-4 else 0
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the children need the memory, not this process
+    print(f"device: {env['device']}; {versions_line(env)}; threads {torch.get_num_threads()}; "
+          f"copy {gbps:.1f} GB/s; N={args.rows}, dtype={args.dtype}", flush=True)  # fmt: skip
+    check = {"N": 64, "V": 1000, "device": device}
+    if args.in_process:
+        agree = isolate._run_here("benchmarks.run_codistill", "agreement", check)
+    elif budget.left() < isolate.MIN_START_S:
+        agree = {"status": "skipped", "reason": "budget"}
+    else:
+        try:
+            agree = isolate.run_child("benchmarks.run_codistill", "agreement", check,
+                                      min(budget.left(), args.child_timeout_s or math.inf),
+                                      echo=lambda s: print(s.rstrip(), file=sys.stderr))  # fmt: skip
+        except isolate.Interrupted as e:
+            print(f"interrupted ({e}) before the first row", file=sys.stderr)
+            return 130
+    diff = agree.get("max_abs_diff")
+    print("fused vs two calls max |diff| (float32, N=64, V=1000): "
+          + (f"{diff:.2e}" if diff is not None else isolate.describe(agree)), flush=True)  # fmt: skip
+    providers = [p for p in args.providers.split(",") if p]
+    cells = [isolate.Cell({"provider": prov, "V": V, "T": T, "N": args.rows},
+                          {"dtype": args.dtype, "device": device, "repeats": args.repeats},
+                          unavailable_reason(prov, device))
+             for prov in providers for V in args.vocab for T in args.temperatures]  # fmt: skip
+
+    def result(rows: list[dict], complete: bool) -> dict:
+        return {
+            **env, "threads": torch.get_num_threads(), "copy_GBps": gbps, "loadavg_1min_at_start": load,
+            "fused_vs_two_calls_max_abs_diff": diff, "fused_vs_two_calls_check": agree,
+            "loss": "per model: (CE + T^2 KL(P_other || Q_self) at T (column T)) / 2, other detached; mean over "
+                    "rows; forward + backward to both models",
+            "peak_bytes_note": MEMORY_NOTE[device], **run_info(args), "complete": complete,
+            "counts": isolate.counts(rows), "rows": rows,
+        }  # fmt: skip
+
+    def on_row(r: dict, rows: list[dict]) -> None:
+        if r["status"] == "ok":
+            floor_ms = r["bytes_min"] / (gbps * 1e9) * 1e3
+            r |= {"floor_ms": floor_ms, "floor_fraction": floor_ms / r["ms"]}
+        report(r, f"{r['provider']:>13} V={r['V']:<6} T={r['T']:g}")
+        save(out, result(rows, False), quiet=True)
+
+    try:
+        rows = isolate.run_cells(cells, "benchmarks.run_codistill", "cell", budget, on_row, args.child_timeout_s,
+                                 not args.in_process)  # fmt: skip
+    except isolate.Interrupted as e:
+        print(f"interrupted ({e}); the rows so far are saved", file=sys.stderr)
+        return 130
+    order = {p: i for i, p in enumerate(providers)}
+    print(markdown_table(sorted(rows, key=lambda r: (r["V"], r["T"], order[r["provider"]]))))
+    save(out, result(rows, True))
+    bad_check = agree["status"] == "failed" or (diff is not None and not (math.isfinite(diff) and diff <= 1e-4))
+    return 1 if isolate.counts(rows)["failed"] or bad_check else 0
 
 
 if __name__ == "__main__":

@@ -8,13 +8,13 @@ projections) and a Tensor log-baseline [N]; alpha = 0.01, dot critic, T = 1; one
 fwd + bwd (one score matmul forward, two gradient matmuls backward -- what an implementation that stores S would
 do; the fused kernels recompute S and do more), against the dense matmul rate of the same dtype measured in the
 same run (``--dtype`` [N, D] x [D, N] products at the largest N). Peak memory: as in :mod:`benchmarks.run`. A
-provider that runs out of memory is recorded as such (error row), not as a failure of the run.
+provider that runs out of memory is recorded as such (a failed row marked ``oom``), not as a failure of the run.
+Each (provider, N, D) runs in its own child process, under ``--budget-s``: see :mod:`benchmarks.isolate`.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +24,19 @@ import torch
 import fastdistill
 from fastdistill.ops import reference
 
-from .run import MEMORY_NOTE, _ints, _median_ms, _sync, device_name, peak_extra_bytes, save, start
+from . import isolate
+from .run import (
+    MEMORY_NOTE,
+    _ints,
+    _median_ms,
+    environment,
+    peak_extra_bytes,
+    report,
+    run_info,
+    save,
+    start,
+    versions_line,
+)
 
 ALPHA = 0.01
 
@@ -60,11 +72,13 @@ def unavailable_reason(name: str, device: str) -> str | None:
     return None
 
 
-def make_inputs(N: int, D: int, dtype: torch.dtype, device: str, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    u = torch.randn(N, D, generator=g) / D**0.5
-    v = 0.8 * u + 0.6 * torch.randn(N, D, generator=g) / D**0.5
-    a = torch.ones(N)
+def make_inputs(N: int, D: int, dtype: torch.dtype, device: str, seed: int = 0) -> list[torch.Tensor]:
+    """Fixed-seed u, v [N, D] (correlated, as paired views are) and log-baseline a [N], all requiring grad, drawn on
+    ``device`` (on the CPU the values are the same as ever)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    u = torch.randn(N, D, generator=g, device=device) / D**0.5
+    v = 0.8 * u + 0.6 * torch.randn(N, D, generator=g, device=device) / D**0.5
+    a = torch.ones(N, device=device)
     return [x.to(device=device, dtype=dtype if x.dim() == 2 else torch.float32).requires_grad_() for x in (u, v, a)]
 
 
@@ -92,12 +106,22 @@ def bench_one(provider: str, N: int, D: int, dtype: torch.dtype, device: str, re
             "peak_bytes": peak_extra_bytes(step, device), "useful_flops": 3 * 2 * N * N * D}  # fmt: skip
 
 
+def cell(provider: str, N: int, D: int, dtype: str, device: str, repeats: int) -> dict:
+    """One row, measured in a child process (``benchmarks/isolate.py`` calls this)."""
+    return bench_one(provider, N, D, getattr(torch, dtype), device, repeats)
+
+
+def _is_oom(error: str) -> bool:
+    return "out of memory" in error.lower() or "OutOfMemoryError" in error
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| provider | N | D | ms (median) | useful TFLOP/s | % of matmul peak | peak memory |",
              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['provider']} | {r['N']} | {r['D']} | {r['error']} | | | |")
+        if r.get("status", "ok") != "ok":
+            what = "out of memory" if r.get("oom") else isolate.describe(r)
+            lines.append(f"| {r['provider']} | {r['N']} | {r['D']} | {what} | | | |")
             continue
         peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f} MiB"
         lines.append(f"| {r['provider']} | {r['N']} | {r['D']} | {r['ms']:.2f} | {r['useful_TFLOPs']:.3f} "
@@ -105,59 +129,87 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _shapes(s: str) -> list[tuple[int, int]]:
+    return [(int(n), int(d)) for n, _, d in (x.partition("x") for x in s.split(",") if x)]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run_mi", description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--rows", type=_ints, default="1024,4096", help="comma-separated N values")
     p.add_argument("--dims", type=_ints, default="128,768", help="comma-separated D values")
+    p.add_argument(
+        "--shapes",
+        type=_shapes,
+        default=None,
+        help="comma-separated NxD pairs (e.g. 16384x768,16384x128), instead of --rows x --dims",
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--providers", default="cpu,eager,compile", help=f"comma-separated, of: {','.join(PROVIDERS)}")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/mi-<device>-<date>"
-                   ".json; --quick writes none by default)")  # fmt: skip
+    p.add_argument(
+        "--providers",
+        default="cpu,eager,compile",
+        help=f"comma-separated, of: {','.join(PROVIDERS)}; run in this order (all shapes of the first provider first)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default benchmarks/results/mi-<device>-<date>.json; --quick writes none by default)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny shapes (N=256, D=32, 2 repeats): smoke test")
+    isolate.add_arguments(p)
     args = p.parse_args(argv)
     if args.quick:
-        args.rows, args.dims, args.repeats = [256], [32], 2
+        args.rows, args.dims, args.repeats, args.shapes = [256], [32], 2, None
+    if args.shapes is None:
+        args.shapes = [(N, D) for N in args.rows for D in args.dims]
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device, dtype, today, out, _ = start(args, "mi-")
-    peak = {D: matmul_tflops(max(args.rows), D, dtype, device) for D in args.dims}
-    print(f"device: {device_name(device)}; torch {torch.__version__}; dtype={args.dtype}; matmul peak TFLOP/s "
+    budget = isolate.Budget(args.budget_s, args.deadline)
+    device, dtype, today, out, load = start(args, "mi-")
+    env = environment(device)
+    dims = sorted({D for _, D in args.shapes})
+    peak = {D: matmul_tflops(max(N for N, d in args.shapes if d == D), D, dtype, device) for D in dims}
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the children need the memory, not this process
+    print(f"device: {env['device']}; {versions_line(env)}; dtype={args.dtype}; matmul peak TFLOP/s "
           + ", ".join(f"D={D}: {t:.2f}" for D, t in peak.items()), flush=True)  # fmt: skip
-    rows = []
-    for N in args.rows:
-        for D in args.dims:
-            for prov in [p for p in args.providers.split(",") if p]:
-                reason = unavailable_reason(prov, device)
-                if reason:
-                    print(f"skip {prov}: {reason}", file=sys.stderr)
-                    continue
-                try:
-                    r = bench_one(prov, N, D, dtype, device, args.repeats)
-                except (torch.OutOfMemoryError, RuntimeError) as e:  # the materialised providers at large N
-                    msg = "out of memory" if "out of memory" in str(e).lower() else f"{type(e).__name__}: {e}"
-                    print(f"FAILED {prov} (N={N}, D={D}): {msg}", file=sys.stderr)
-                    rows.append({"provider": prov, "N": N, "D": D, "error": msg})
-                    continue
-                finally:
-                    gc.collect()
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-                r["useful_TFLOPs"] = r["useful_flops"] / (r["ms"] * 1e-3) / 1e12
-                r["fraction_of_peak"] = r["useful_TFLOPs"] / peak[D]
-                rows.append(r)
-                _sync(device)
-                print(f"  {prov:>8} N={N:<6} D={D:<4}: {r['ms']:9.2f} ms", file=sys.stderr, flush=True)
-    print(markdown_table(rows))
-    save(out, {"device": device_name(device), "date": today, "torch": torch.__version__, "dtype": args.dtype,
-               "alpha": ALPHA, "matmul_peak_TFLOPs": peak, "peak_bytes_note": MEMORY_NOTE[device],
-               "work": "fwd+bwd of mi_alpha (dot critic, Tensor log_baseline); useful flops = 3 * 2 * N^2 * D",
-               "rows": rows})  # fmt: skip
-    return 0
+    providers = [p for p in args.providers.split(",") if p]
+    cells = [isolate.Cell({"provider": prov, "N": N, "D": D},
+                          {"dtype": args.dtype, "device": device, "repeats": args.repeats},
+                          unavailable_reason(prov, device))
+             for prov in providers for N, D in args.shapes]  # fmt: skip
+
+    def result(rows: list[dict], complete: bool) -> dict:
+        return {**env, "dtype": args.dtype, "alpha": ALPHA, "matmul_peak_TFLOPs": peak,
+                "loadavg_1min_at_start": load, "peak_bytes_note": MEMORY_NOTE[device],
+                "work": "fwd+bwd of mi_alpha (dot critic, Tensor log_baseline); useful flops = 3 * 2 * N^2 * D",
+                **run_info(args), "complete": complete, "counts": isolate.counts(rows), "rows": rows}  # fmt: skip
+
+    def on_row(r: dict, rows: list[dict]) -> None:
+        if r["status"] == "ok":
+            r["useful_TFLOPs"] = r["useful_flops"] / (r["ms"] * 1e-3) / 1e12
+            r["fraction_of_peak"] = r["useful_TFLOPs"] / peak[r["D"]]
+        elif r["status"] == "failed" and _is_oom(r["error"]):
+            r["oom"] = True  # the materialised providers at large N: expected, not a failure of the run
+        report(r, f"{r['provider']:>8} N={r['N']:<6} D={r['D']:<4}")
+        save(out, result(rows, False), quiet=True)
+
+    try:
+        rows = isolate.run_cells(
+            cells, "benchmarks.run_mi", "cell", budget, on_row, args.child_timeout_s, not args.in_process
+        )
+    except isolate.Interrupted as e:
+        print(f"interrupted ({e}); the rows so far are saved", file=sys.stderr)
+        return 130
+    order = {p: i for i, p in enumerate(providers)}
+    print(markdown_table(sorted(rows, key=lambda r: (r["N"], r["D"], order[r["provider"]]))))
+    save(out, result(rows, True))
+    return 1 if any(r["status"] == "failed" and not r.get("oom") for r in rows) else 0  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,0 +1,311 @@
+"""Run each benchmark cell (one provider at one shape) in its own child process, under a time budget.
+
+Why a child per cell: a CUDA error such as an illegal memory access poisons the CUDA context for the rest of the
+process (every later call fails), and a crash (abort, segfault) or a hang would otherwise take the whole run with
+it. Here such a cell becomes a ``failed`` row with its error, and the next cell starts in a fresh process.
+
+Why a budget: the GPU runs this project gets are short. ``Budget`` is the time left to a script (``--budget-s``,
+and ``--deadline``, an absolute end shared by the stages of ``make bench-gpu``); a cell that cannot start in time is
+recorded as ``skipped`` (reason ``budget``) and a child still running when the budget ends is killed (``failed``,
+"timeout"). The scripts save their JSON after every row, so a run killed from outside still leaves its results.
+
+A child is ``python -m benchmarks.isolate MODULE FUNC ARGS_JSON RESULT_PATH``: it calls ``MODULE.FUNC(**ARGS)`` and
+writes ``{"result": ...}`` or ``{"error": ...}`` to RESULT_PATH. For tests, ``FASTDISTILL_BENCH_FAULT`` (e.g.
+``"eager:abort,compile:hang"``) makes the child of a given provider abort, hang, raise or exit before it starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FAULT_ENV = "FASTDISTILL_BENCH_FAULT"
+# Do not start a child with less time than this left: importing torch alone takes ~2 s.
+MIN_START_S = 3.0
+# What a failed row keeps of its child's output (the whole output goes to the log).
+TAIL_CHARS = 2000
+# How often the parent looks at its child (and at a SIGTERM / SIGINT it received).
+POLL_S = 0.05
+_ROOT = Path(__file__).resolve().parents[1]
+# Inductor's pool of compile workers costs seconds to start in every fresh process and buys nothing for the few
+# small kernels of one loss; the setting does not change the code that is timed.
+CHILD_ENV_DEFAULTS = {"TORCHINDUCTOR_COMPILE_THREADS": "1"}
+
+
+class Budget:
+    """The time a script has left: the earlier of ``seconds`` from now and ``deadline`` (Unix time); both optional."""
+
+    def __init__(self, seconds: float | None = None, deadline: float | None = None) -> None:
+        ends = [t for t in (None if seconds is None else time.time() + seconds, deadline) if t is not None]
+        self.end = min(ends) if ends else math.inf
+
+    def left(self) -> float:
+        return self.end - time.time()
+
+
+@dataclass
+class Cell:
+    """One row to measure: ``key`` names it (provider and shape, copied into the row); the child is called with
+    ``FUNC(**key, **args)``. A cell with ``skip`` set is recorded as skipped with that reason and not run."""
+
+    key: dict
+    args: dict = field(default_factory=dict)
+    skip: str | None = None
+
+
+class Interrupted(Exception):
+    """SIGTERM / SIGINT reached the parent: the current child is killed, the rest recorded as skipped."""
+
+
+def _kill_group(pid: int) -> None:
+    # The child leads its own process group: this also ends its children (e.g. Inductor's compile workers).
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _error_text(e: BaseException, limit: int = 2000) -> str:
+    text = f"{type(e).__name__}: {e}".strip()
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _last_lines(text: str, n: int = 3) -> str:
+    return " | ".join(ln.strip() for ln in text.strip().splitlines()[-n:])
+
+
+_stop_signal: int | None = None
+
+
+def _note_signal(signum: int, frame: object) -> None:
+    # Only note it: raising here could interrupt Popen between fork and return (the child would then be lost) or
+    # a JSON save half-way; run_child and run_cells act on it where that is safe.
+    global _stop_signal
+    _stop_signal = signum
+
+
+def _check_stop() -> None:
+    if _stop_signal is not None:
+        raise Interrupted(signal.Signals(_stop_signal).name)
+
+
+@contextlib.contextmanager
+def _noting_signals() -> Iterator[None]:
+    """SIGTERM / SIGINT only noted (``_check_stop`` raises ``Interrupted``) inside; nested uses share the outer."""
+    global _stop_signal
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is _note_signal:
+        yield
+        return
+    _stop_signal = None
+    old = {s: signal.signal(s, _note_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def run_child(module: str, func: str, args: dict, timeout_s: float | None = None, budget_limited: bool = False,
+              echo: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+    """Call ``module.func(**args)`` in a fresh Python process, killed after ``timeout_s``. Returns ``{"status": "ok",
+    **result}`` or ``{"status": "failed", "error": ..., "output_tail": ...}``, each with ``wall_s`` (the child's
+    whole life: start-up, compilation, measurement). ``echo`` receives the child's output (stdout and stderr)."""
+    env = {**CHILD_ENV_DEFAULTS, **os.environ}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), os.environ.get("PYTHONPATH")) if p)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="fastdistill-bench-") as tmp:
+        result_path, log_path = Path(tmp) / "result.json", Path(tmp) / "output.txt"
+        cmd = [sys.executable, "-m", "benchmarks.isolate", module, func, json.dumps(args), str(result_path)]
+        end = None if timeout_s is None or math.isinf(timeout_s) else t0 + timeout_s
+        timed_out = False
+        with _noting_signals(), open(log_path, "w") as log:
+            # Output to a file, not a pipe: a grandchild that outlives the child would hold a pipe open.
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True)  # fmt: skip
+            try:
+                # Poll rather than wait: a SIGTERM / SIGINT is acted on here, where the child is known.
+                while proc.poll() is None:
+                    _check_stop()
+                    if end is not None and time.time() > end:
+                        timed_out = True
+                        break
+                    time.sleep(POLL_S)
+            except Interrupted:  # end the child, keep what it printed, pass the signal on
+                _kill_group(proc.pid)
+                proc.wait()
+                if echo is not None:
+                    echo(log_path.read_text(errors="replace"))
+                raise
+            finally:
+                _kill_group(proc.pid)
+                proc.wait()
+        wall = time.time() - t0
+        output = log_path.read_text(errors="replace")
+        payload = None
+        if result_path.exists():
+            try:
+                payload = json.loads(result_path.read_text())
+            except ValueError:
+                payload = None
+    if echo is not None and output.strip():
+        echo(output)
+    row: dict = {"wall_s": round(wall, 2)}
+    if timed_out:
+        why = " (the budget ran out)" if budget_limited else ""
+        row |= {"status": "failed", "error": f"timeout: killed after {timeout_s:.0f} s{why}"}
+    elif payload is not None and "result" in payload and proc.returncode == 0:
+        return {"status": "ok", **payload["result"], **row}
+    elif payload is not None and "error" in payload:
+        row |= {"status": "failed", "error": payload["error"]}
+    elif proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name
+        row |= {"status": "failed", "error": f"child died of {name}; last output: {_last_lines(output)}"}
+    else:
+        row |= {"status": "failed", "error": f"child exited with status {proc.returncode} and no result; "
+                                             f"last output: {_last_lines(output)}"}  # fmt: skip
+    row["output_tail"] = output[-TAIL_CHARS:]
+    return row
+
+
+def _run_here(module: str, func: str, args: dict) -> dict:
+    """The ``--in-process`` path (debugging, profilers): no isolation, exceptions still become failed rows."""
+    t0 = time.time()
+    try:
+        result = getattr(importlib.import_module(module), func)(**args)
+        return {"status": "ok", **result, "wall_s": round(time.time() - t0, 2)}
+    except Exception as e:
+        traceback.print_exc()
+        return {"status": "failed", "error": _error_text(e), "wall_s": round(time.time() - t0, 2)}
+
+
+def run_cells(cells: list[Cell], module: str, func: str, budget: Budget, on_row: Callable[[dict, list[dict]], None],
+              child_timeout_s: float | None = None, isolate: bool = True) -> list[dict]:  # fmt: skip
+    """Measure ``cells`` in order, each in its own child (see the module docstring); ``on_row(row, rows)`` is called
+    after every row (the scripts print it and save their JSON there). Every cell gets a row: ``status`` ``ok`` (with
+    the child's result), ``failed`` (``error``) or ``skipped`` (``reason``). SIGTERM / SIGINT kill the running child,
+    record it as failed and the cells after it as skipped ("interrupted"), then raise ``Interrupted``."""
+    rows: list[dict] = []
+    running = False
+    # In-process cells get no handler: the default action (exit, KeyboardInterrupt) is what stops them.
+    with _noting_signals() if isolate else contextlib.nullcontext():
+        try:
+            for cell in cells:
+                _check_stop()
+                left = budget.left()
+                if cell.skip is not None:
+                    row = {**cell.key, "status": "skipped", "reason": cell.skip}
+                elif left < MIN_START_S:
+                    row = {**cell.key, "status": "skipped", "reason": "budget"}
+                else:
+                    running = True
+                    if isolate:
+                        timeout = left if child_timeout_s is None else min(left, child_timeout_s)
+                        res = run_child(module, func, {**cell.key, **cell.args}, timeout_s=timeout,
+                                        budget_limited=timeout < (child_timeout_s or math.inf),
+                                        echo=lambda s: print(s.rstrip(), file=sys.stderr, flush=True))  # fmt: skip
+                    else:
+                        res = _run_here(module, func, {**cell.key, **cell.args})
+                    running = False
+                    row = {**cell.key, **res}
+                rows.append(row)
+                on_row(row, rows)
+        except Interrupted as e:
+            for j, cell in enumerate(cells[len(rows) :]):
+                if j == 0 and running:
+                    row = {**cell.key, "status": "failed", "error": f"interrupted ({e}) while running"}
+                else:
+                    row = {**cell.key, "status": "skipped", "reason": "interrupted"}
+                rows.append(row)
+                on_row(row, rows)
+            raise
+    return rows
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The isolation and budget options every benchmark script takes."""
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="stop after this many seconds: cells not started by then are recorded as skipped (budget)",
+    )
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="Unix time by which to stop (make bench-gpu's end for the stage); with --budget-s, the earlier of the two",
+    )
+    p.add_argument(
+        "--child-timeout-s",
+        type=float,
+        default=None,
+        help="kill a cell's child after this many seconds (recorded as failed: timeout)",
+    )
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every cell in this process (debugging, profilers): a crash then ends the run",
+    )
+
+
+def describe(row: dict) -> str:
+    """A row's outcome in a few words for the tables: 'skipped: budget', 'FAILED: ...', '' when ok."""
+    if row.get("status") == "skipped":
+        return f"skipped: {row.get('reason', '')}"
+    if row.get("status") == "failed":
+        return f"FAILED: {row.get('error', '').splitlines()[0][:80]}" if row.get("error") else "FAILED"
+    return ""
+
+
+def counts(rows: list[dict]) -> dict[str, int]:
+    return {s: sum(r.get("status") == s for r in rows) for s in ("ok", "failed", "skipped")}
+
+
+def _inject_fault(provider: str | None) -> None:
+    """Test hook (``FASTDISTILL_BENCH_FAULT="provider:kind,..."``): make this child fail the way a GPU run can."""
+    for item in os.environ.get(FAULT_ENV, "").split(","):
+        name, _, kind = item.partition(":")
+        if not item or name != provider:
+            continue
+        print(f"injected fault: {kind} ({FAULT_ENV})", file=sys.stderr, flush=True)
+        if kind == "abort":
+            os.abort()  # like a crash in a native library
+        if kind == "hang":
+            time.sleep(3600)
+        if kind == "exit":
+            os._exit(3)
+        raise RuntimeError(f"injected fault for provider {provider!r}")
+
+
+def _child_main(argv: list[str]) -> None:
+    module, func, args_json, result_path = argv
+    args = json.loads(args_json)
+    try:
+        _inject_fault(args.get("provider"))  # before the imports: the tests need not wait for torch
+        payload, code = {"result": getattr(importlib.import_module(module), func)(**args)}, 0
+    except Exception as e:  # e.g. torch.AcceleratorError after an illegal memory access
+        traceback.print_exc()
+        payload, code = {"error": _error_text(e)}, 1
+    Path(result_path).write_text(json.dumps(payload))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: after a CUDA error it can hang, and it costs time for nothing.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1:])

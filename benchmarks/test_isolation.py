@@ -1,0 +1,118 @@
+"""The benchmarks' isolation and budget machinery (benchmarks/isolate.py) on the CPU, at tiny shapes: a crashing
+child and a raising one become failed rows while the other providers still run; a budget that runs out kills the
+running (hanging) child and records the rest as skipped; SIGTERM to a script leaves its JSON and no child behind.
+A child that measures is a fresh Python importing torch (~2 s); the whole file takes ~15 s on an idle 2-core VM.
+tests/test_bench_isolation.py runs these same tests under ``make test``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from benchmarks import run, run_codistill, run_mi
+from benchmarks.isolate import FAULT_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+KD_TINY = ["--device", "cpu", "--rows", "16", "--vocab", "64", "--teachers", "1", "--repeats", "1"]
+
+
+def _no_bandwidth_run(monkeypatch) -> None:
+    # the parent's 1 GiB copy measurement takes ~2 s on the CPU and is not what these tests check
+    monkeypatch.setattr(run, "copy_bandwidth_GBps", lambda device: 10.0)
+    monkeypatch.setattr(run_codistill, "copy_bandwidth_GBps", lambda device: 10.0)
+
+
+def _load(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    assert {"device", "date", "torch", "triton", "liger_kernel", "rows", "counts", "complete"} <= data.keys()
+    return data
+
+
+def _by_provider(rows: list[dict]) -> dict[str, dict]:
+    return {r["provider"]: r for r in rows}
+
+
+def test_crash_becomes_a_failed_row_and_the_rest_still_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "reference:abort")
+    _no_bandwidth_run(monkeypatch)
+    out = tmp_path / "kd.json"
+    rc = run.main([*KD_TINY, "--providers", "reference,triton,auto", "--out", str(out)])
+    data = _load(out)
+    rows = _by_provider(data["rows"])
+    assert rc == 1 and data["complete"] and data["counts"] == {"ok": 1, "failed": 1, "skipped": 1}
+    assert rows["reference"]["status"] == "failed" and "SIGABRT" in rows["reference"]["error"]
+    assert rows["triton"]["status"] == "skipped" and "CUDA only" in rows["triton"]["reason"]
+    # after the crash the next provider runs in a fresh process and measures
+    assert rows["auto"]["status"] == "ok" and rows["auto"]["ms"] > 0 and rows["auto"]["floor_ms"] > 0
+
+
+def test_budget_kills_the_running_child_and_skips_the_rest(tmp_path, monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "eager:hang")
+    out = tmp_path / "mi.json"
+    t0 = time.time()
+    rc = run_mi.main(["--device", "cpu", "--shapes", "32x8,64x8", "--providers", "eager,auto", "--repeats", "1",
+                      "--budget-s", "5", "--out", str(out)])  # fmt: skip
+    assert time.time() - t0 < 15
+    data = _load(out)
+    statuses = [(r["provider"], r["N"], r["status"], r.get("reason")) for r in data["rows"]]
+    assert statuses == [("eager", 32, "failed", None), ("eager", 64, "skipped", "budget"),
+                        ("auto", 32, "skipped", "budget"), ("auto", 64, "skipped", "budget")]  # fmt: skip
+    assert "the budget ran out" in data["rows"][0]["error"]
+    assert rc == 1 and data["complete"] and data["budget_s"] == 5
+
+
+def test_raising_child_is_a_failed_row_with_its_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "eager:raise")
+    _no_bandwidth_run(monkeypatch)
+    out = tmp_path / "codistill.json"
+    rc = run_codistill.main(["--device", "cpu", "--rows", "16", "--vocab", "64", "--temperatures", "2",
+                             "--providers", "eager,fused-triton", "--repeats", "1", "--out", str(out)])  # fmt: skip
+    data = _load(out)
+    rows = _by_provider(data["rows"])
+    assert rows["eager"]["status"] == "failed"
+    assert rows["eager"]["error"] == "RuntimeError: injected fault for provider 'eager'"
+    assert "Traceback" in rows["eager"]["output_tail"]
+    assert rows["fused-triton"]["status"] == "skipped"
+    # the agreement check ran in its own child, untouched by the fault
+    assert data["fused_vs_two_calls_check"]["status"] == "ok" and data["fused_vs_two_calls_max_abs_diff"] < 1e-4
+    assert rc == 1
+
+
+def _processes_with(marker: str) -> list[int]:
+    pids = []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in env.read_bytes():
+                pids.append(int(env.parent.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_sigterm_leaves_the_json_and_no_child_behind(tmp_path):
+    marker = f"marker-{uuid.uuid4().hex}"
+    out = tmp_path / "kd.json"
+    env = {**os.environ, FAULT_ENV: f"eager:hang,{marker}:none", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "benchmarks.run", *KD_TINY, "--providers", "triton,eager,auto", "--out", str(out)]
+    parent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 20
+    while not out.exists() and time.time() < deadline:  # saved after the first row (triton: skipped on a CPU)
+        time.sleep(0.1)
+    while len(_processes_with(marker)) < 2 and time.time() < deadline:  # the parent and eager's hanging child
+        time.sleep(0.1)
+    parent.send_signal(signal.SIGTERM)
+    output, _ = parent.communicate(timeout=20)
+    assert parent.returncode == 130, output
+    data = _load(out)
+    statuses = [(r["provider"], r["status"]) for r in data["rows"]]
+    assert statuses == [("triton", "skipped"), ("eager", "failed"), ("auto", "skipped")], output
+    assert "interrupted (SIGTERM)" in data["rows"][1]["error"] and data["rows"][2]["reason"] == "interrupted"
+    assert not data["complete"]
+    time.sleep(0.2)
+    assert _processes_with(marker) == [], "a child outlived its parent"

@@ -1,0 +1,14 @@
+"""``make test`` runs pytest on tests/ only: this collects benchmarks/test_isolation.py's checks of the benchmarks'
+child-process isolation and time budget (CPU, tiny shapes, ~15 s) so that CI runs them too."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's benchmarks/ package
+
+from benchmarks.test_isolation import (  # noqa: E402, F401
+    test_budget_kills_the_running_child_and_skips_the_rest,
+    test_crash_becomes_a_failed_row_and_the_rest_still_runs,
+    test_raising_child_is_a_failed_row_with_its_error,
+    test_sigterm_leaves_the_json_and_no_child_behind,
+)
