@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: install build test lint bench bench-gpu clean demo
+.PHONY: install build test lint bench bench-gpu kernels-report clean demo
 
 # The venv, the pinned CPU torch (installed first, so no requirement can pull a CUDA build), the project's test
 # extras, and the extension, built against that torch (--no-build-isolation).
@@ -41,19 +41,80 @@ bench: build
 	$(PY) -m benchmarks.run_mi
 	$(PY) -m benchmarks.run_codistill
 
-# On a GPU machine with torch, triton, pytest preinstalled and no network (the lent H100): build in place offline,
-# run every test (the Triton ones compiled on CUDA), and benchmark kd_loss (issue 4's shapes), mi_alpha (issue 5's)
-# and codistill_loss (issue 8's).
+# One GPU run in under 6 minutes, on a machine with torch, triton, pytest, transformers and liger-kernel preinstalled
+# and no network: `make bench-gpu GPU_OUT=/some/dir` (default gpu-run-<date>). Stages, each with a time slot:
+#   install    pip install -e . offline (--no-index); on failure the source tree is used (PYTHONPATH). It builds the
+#              C++ CPU kernels, which no GPU stage uses: FASTDISTILL_SKIP_EXT=1 make bench-gpu saves that time
+#   tests      the GPU test files, one pytest per file at once (they took > 3 min one after another on the H200),
+#              stopped by SIGINT at the end of the slot (pytest still prints its summary)
+#   kd mi codistill   benchmarks.run / run_mi / run_codistill at the shapes of shared/gpu-runs/2026-11-28-h200, each
+#              row in its own child process (benchmarks/isolate.py): a crash or CUDA error is a failed row, a row
+#              that cannot start in time is "skipped: budget", the JSON is saved after every row. Providers run in
+#              order of importance (all shapes of each), so a short slot drops the last ones
+# Slots count from the start and what a stage leaves unused goes to the next, so the run ends by the slots' sum (355
+# s) plus a few seconds. Child processes cost ~3-5 s of start-up each (import torch, CUDA) plus ~10 s of compilation
+# for torch.compile: kd has 14 rows, mi 9, codistill 8 and the agreement check. No stage stops the others. Output:
+# $(GPU_OUT)/{kd,mi,codistill}-cuda.json and one log, $(GPU_OUT)/bench-gpu.log. GPU_STAGES="kd mi" runs some
+# stages; GPU_DEVICE=cpu with small shapes (GPU_KD_SHAPES="--rows 64 --vocab 128 ...") rehearses it all on a CPU.
 GPU_PY ?= python
+ifndef GPU_OUT
+GPU_OUT := gpu-run-$(shell date +%F)
+endif
+GPU_STAGES ?= install tests kd mi codistill
+GPU_DEVICE ?= cuda
+GPU_INSTALL_S ?= 45
+GPU_TESTS_S ?= 100
+GPU_KD_S ?= 100
+GPU_MI_S ?= 65
+GPU_CODISTILL_S ?= 45
+# the most one benchmark row (child process: start-up, compilation, timing) may take
+GPU_CHILD_S ?= 45
+GPU_KD_SHAPES ?= --dtype bfloat16 --rows 8192 --vocab 32768,128256 --teachers 1,4 \
+	--providers triton,compile,eager,liger --repeats 20
+GPU_MI_SHAPES ?= --dtype bfloat16 --shapes 16384x768,16384x128,65536x768 --providers triton,compile,eager --repeats 5
+GPU_CODISTILL_SHAPES ?= --dtype bfloat16 --rows 8192 --vocab 32768,128256 --temperatures 2 \
+	--providers fused-triton,two-kd-triton,compile,eager --repeats 10
+GPU_LOG = $(GPU_OUT)/bench-gpu.log
+GPU_ENV = PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}
+gpu_slot = $(if $(filter $(1),$(GPU_STAGES)),$(2),0)
+gpu_now = $$(( $$(date +%s) - $(GPU_T0) ))
+# $(call gpu_left,END): seconds from now to END, at least 1 (timeout reads 0 as "no limit")
+gpu_left = $$(( ($(1) - $$(date +%s)) > 1 ? ($(1) - $$(date +%s)) : 1 ))
+# $(call gpu_stage,NAME,COMMAND): COMMAND if NAME is in GPU_STAGES, its output and exit status appended to the log
+gpu_stage = { echo "=== $(1) at +$(gpu_now) s"; $(if $(filter $(1),$(GPU_STAGES)),$(2); echo "=== $(1): exit \
+	status $$? at +$(gpu_now) s",echo "(not in GPU_STAGES)"); } 2>&1 | tee -a $(GPU_LOG)
+# $(call gpu_bench,MODULE,END,ARGS,NAME): a benchmark script that stops by END (Unix time), killed 30 s after it
+gpu_bench = $(GPU_ENV) timeout -k 5 $(call gpu_left,$(2) + 30) $(GPU_PY) -m benchmarks.$(1) --device \
+	$(GPU_DEVICE) $(3) --deadline $(2) --child-timeout-s $(GPU_CHILD_S) --out $(GPU_OUT)/$(4)-$(GPU_DEVICE).json
+GPU_INSTALL_CMD = timeout -k 5 $(call gpu_left,$(GPU_END_INSTALL)) $(GPU_PY) -m pip install \
+	--no-build-isolation --no-deps --no-index --disable-pip-version-check -e .; rc=$$?; [ $$rc -eq 0 ] \
+	|| echo "install failed: the stages below import the source tree (PYTHONPATH=$(CURDIR))"; (exit $$rc)
+GPU_TESTS_CMD = logs=$$(mktemp -d); for f in tests/test_*gpu*.py; do ( $(GPU_ENV) timeout -s INT -k 10 \
+	$(call gpu_left,$(GPU_END_TESTS)) $(GPU_PY) -m pytest -o addopts= -q -rfE -p no:cacheprovider \
+	--durations=10 $$f; echo "exit status $$?" ) > $$logs/$$(basename $$f).log 2>&1 & done; wait; \
+	for f in $$logs/*.log; do echo "--- $$(basename $$f .log)"; cat $$f; done; rm -rf $$logs
 bench-gpu:
-	$(GPU_PY) -m pip install --no-build-isolation --no-deps -e .
-	$(GPU_PY) -m pytest -q tests
-	$(GPU_PY) -m benchmarks.run --device cuda --dtype bfloat16 --rows 8192 --vocab 32768,128256 --teachers 1,4 \
-		--providers triton,eager,compile,liger --out benchmarks/results/cuda-$$(date +%F).json
-	$(GPU_PY) -m benchmarks.run_mi --device cuda --dtype bfloat16 --rows 4096,16384,65536 --dims 128,768 \
-		--providers triton,eager,compile --out benchmarks/results/mi-cuda-$$(date +%F).json
-	$(GPU_PY) -m benchmarks.run_codistill --device cuda --dtype bfloat16 --rows 8192 --vocab 32768,128256 \
-		--out benchmarks/results/codistill-cuda-$$(date +%F).json
+	$(eval GPU_T0 := $(shell date +%s))
+	$(eval GPU_END_INSTALL := $(shell expr $(GPU_T0) + $(call gpu_slot,install,$(GPU_INSTALL_S))))
+	$(eval GPU_END_TESTS := $(shell expr $(GPU_END_INSTALL) + $(call gpu_slot,tests,$(GPU_TESTS_S))))
+	$(eval GPU_END_KD := $(shell expr $(GPU_END_TESTS) + $(call gpu_slot,kd,$(GPU_KD_S))))
+	$(eval GPU_END_MI := $(shell expr $(GPU_END_KD) + $(call gpu_slot,mi,$(GPU_MI_S))))
+	$(eval GPU_END_CODISTILL := $(shell expr $(GPU_END_MI) + $(call gpu_slot,codistill,$(GPU_CODISTILL_S))))
+	mkdir -p $(GPU_OUT)
+	-{ echo "=== make bench-gpu $$(date -Is): stages $(GPU_STAGES), to end by +$$(( $(GPU_END_CODISTILL) \
+		- $(GPU_T0) )) s"; nvidia-smi -L; } 2>&1 | tee -a $(GPU_LOG)
+	-$(call gpu_stage,install,$(GPU_INSTALL_CMD))
+	-$(call gpu_stage,tests,$(GPU_TESTS_CMD))
+	-$(call gpu_stage,kd,$(call gpu_bench,run,$(GPU_END_KD),$(GPU_KD_SHAPES),kd))
+	-$(call gpu_stage,mi,$(call gpu_bench,run_mi,$(GPU_END_MI),$(GPU_MI_SHAPES),mi))
+	-$(call gpu_stage,codistill,$(call gpu_bench,run_codistill,$(GPU_END_CODISTILL),$(GPU_CODISTILL_SHAPES),codistill))
+	-echo "=== done at +$(gpu_now) s; results in $(GPU_OUT)" | tee -a $(GPU_LOG)
+
+# What a GPU would compile, read on this machine (no GPU): the Triton kernel configurations the launchers pick at the
+# GPU benchmark shapes, compiled for sm_90 with the triton wheel's ptxas; registers, spills, shared memory and the
+# occupancy they allow, from the cubins (fastdistill/ops/triton/aot.py; make test compiles every configuration).
+kernels-report: install
+	$(PY) -m fastdistill.ops.triton.aot --report bench --arch 90
 
 clean:
 	rm -rf build *.egg-info fastdistill/_C*.so

@@ -165,13 +165,28 @@ def _triton_reasons(tensors: list[Tensor]) -> list[str]:
     return reasons
 
 
+def _triton_row_dtype_reasons(logits: list[Tensor]) -> list[str]:
+    """The row kernels (kd_loss, codistill_loss) are compiled for float32 / bfloat16 / float16 logits only
+    (triton/launch.py: ROW_KERNEL_GPU_DTYPES); float64 runs in the interpreter (tests), on a GPU on the reference."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1" and any(t.dtype == torch.float64 for t in logits):
+        return ["float64 logits: the Triton kernels are compiled for float32/bfloat16/float16 (the reference "
+                "backend computes float64 exactly)"]  # fmt: skip
+    return []
+
+
 class TritonBackend(Backend):
     """Triton kernels (fastdistill/ops/triton). CUDA tensors; CPU tensors too under TRITON_INTERPRET=1 (tests)."""
 
     name = "triton"
 
+    max_teachers = 16  # kd_loss.MAX_TEACHERS: each power-of-two bucket of K is one more set of compiled kernels
+
     def not_supported_reasons(self, inp: KDInputs) -> list[str]:
-        return _triton_reasons(inp.tensors()) + _dtype_reasons(inp)
+        reasons = _triton_reasons(inp.tensors()) + _dtype_reasons(inp)
+        reasons += _triton_row_dtype_reasons([inp.student, *inp.teachers])
+        if len(inp.teachers) > self.max_teachers:
+            reasons.append(f"takes at most {self.max_teachers} teachers, got K = {len(inp.teachers)}")
+        return reasons
 
     def __call__(self, inp: KDInputs) -> Tensor:
         from .triton.kd_loss import kd_loss_triton
@@ -179,6 +194,12 @@ class TritonBackend(Backend):
         # One [K, N, V] tensor with unit stride along V: the caller's own when it came stacked (and needs no
         # cast); a list is stacked (one copy in the input dtype: pass a stacked tensor to avoid it).
         student, teachers = _kernel_dtypes(inp.student, inp.teachers)
+        if teachers[0].dtype != student.dtype:
+            # The kernels take one dtype for all logits (each mix would be more kernels to compile): both go to
+            # the promoted one, a copy; the student's cast is differentiable, so its gradient comes back in its
+            # own dtype.
+            common = torch.promote_types(student.dtype, teachers[0].dtype)
+            student, teachers = student.to(common), [t.to(common) for t in teachers]
         stacked = inp.teachers_stacked
         if stacked is None or teachers[0].dtype != stacked.dtype:
             stacked = torch.stack(teachers)
@@ -289,7 +310,7 @@ class CoTritonBackend(Backend):
     name = "triton"
 
     def not_supported_reasons(self, inp: CodistillInputs) -> list[str]:
-        return _triton_reasons(inp.tensors())
+        return _triton_reasons(inp.tensors()) + _triton_row_dtype_reasons(inp.tensors()[:2])
 
     def __call__(self, inp: CodistillInputs) -> tuple[Tensor, Tensor]:
         from .triton.codistill_loss import codistill_loss_triton

@@ -18,6 +18,9 @@ Rows that are skipped (label == ignore_index, or sample weight 0) are not read: 
 written as 0. Per-row losses go to two [N] buffers reduced with ``torch.sum`` (no float atomics: bitwise
 reproducible). float32 accumulation (float64 for float64 inputs, parameters included); no [N, V] temporaries;
 gradients are written in the forward launch and backward only scales them (``registration._codistill_backward``).
+
+Compiled variants (``launch.py``'s rules; ``CODISTILL_DOMAINS``): the divergence, ALIGNED and the dtype. Which
+directions and cross-entropies are on, the optional inputs and the wanted gradients are run-time flags.
 """
 
 import math
@@ -29,46 +32,68 @@ import triton.language as tl
 from torch import Tensor
 
 from ..registration import _codistill_fake, register_codistill_triton
-from .kd_loss import (
-    DIV_CODES,
-    NEG_INF,
-    _block,
-    _ce_grad,
-    _log_probs,
-    _online,
-    _row_weight,
-    _terms,
-    div_params,
+from .kd_loss import DIV_CODES, _ce_grad, _log_probs, _online, _row_weight, _terms, div_params
+from .launch import (
+    ROW_KERNEL_GPU_DTYPES,
+    Launch,
+    acc_dtype,
+    check_row_dtype,
+    int_tensor,
+    is_aligned,
+    jit_pair,
     param_tensor,
+    tl_acc,
 )
 
+BLOCK = 4096  # two [BLOCK] rows per tile: the 8192 elements per program of kd_loss's tiles
+# (num_warps 8, as kd_loss.NUM_WARPS: at 4 the bf16 KL configuration spilled 128 bytes at 255 registers; at 8, 226
+# registers and no spills)
 
 @triton.jit
-def _side_grad(x, q, gq, gq_sum, m_ce, log_l_ce, cols, label, kd_over_t, hard, DIV: tl.constexpr, KD: tl.constexpr,
-               CE: tl.constexpr, CE_AT_T: tl.constexpr):  # fmt: skip
+def _side_grad(x, q, gq, gq_sum, m_ce, log_l_ce, cols, label, kd_over_t, hard, DIV: tl.constexpr, kd, ce, ce_at_t):
     """d(row loss) / dx of one model for one tile, before the factor w_i / denominator. m_ce, log_l_ce: the
-    normaliser of the cross-entropy's softmax at T = 1 (used when T != 1), split as in _log_softmax (kd_loss.py)."""
+    normaliser of the cross-entropy's softmax at T = 1 (used when T != 1), split as in _log_softmax (kd_loss.py).
+    kd, ce, ce_at_t: run-time flags."""
     g = tl.zeros_like(q)
-    if KD:
+    if kd != 0:
         if DIV == 0:  # KL: dD/d(x / T) = Q - P = Q + gq, no aggregate needed
             g = kd_over_t * (q + gq)
         else:
             g = kd_over_t * (gq - q * gq_sum)
-    if CE:
-        g += hard * _ce_grad(x, q, m_ce, log_l_ce, cols, label, CE_AT_T)
+    if ce != 0:
+        g += hard * _ce_grad(x, q, m_ce, log_l_ce, cols, label, ce_at_t)
     return g
 
 
-@triton.jit
-def _codistill_row_kernel(
-    a_ptr, a_stride, b_ptr, b_stride, lab_ptr, sw_ptr, den_ptr, loss_a_ptr, loss_b_ptr, ga_ptr, gb_ptr, prm_ptr,
-    V, ignore_index,
-    BLOCK: tl.constexpr, DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_SW: tl.constexpr, HAS_DEN: tl.constexpr,
-    KD_A: tl.constexpr, KD_B: tl.constexpr, CE_A: tl.constexpr, CE_B: tl.constexpr, CE_AT_T: tl.constexpr,
-    GRAD_A: tl.constexpr, GRAD_B: tl.constexpr, ACC: tl.constexpr,
+def _codistill_row(
+    a_ptr, b_ptr, lab_ptr, sw_ptr, den_ptr, loss_a_ptr, loss_b_ptr, ga_ptr, gb_ptr, prm_ptr, int_ptr,
+    BLOCK: tl.constexpr, DIV: tl.constexpr, ALIGNED: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    # KD_A / KD_B: the direction is on (weight != 0); off, its D is never evaluated (no 0 * inf); CE_*: hard != 0
+    """One program per row; the kernel pair ``_codistill_row_kernel`` (launch.py)."""
     row = tl.program_id(0).to(tl.int64)
+    # integer arguments, int64 (the order of codistill_launch's int_tensor): offsets are 64-bit from the start
+    V = tl.load(int_ptr + 0)
+    a_stride = tl.load(int_ptr + 1)
+    b_stride = tl.load(int_ptr + 2)
+    ignore_index = tl.load(int_ptr + 3)
+    has_labels = tl.load(int_ptr + 4)
+    has_sw = tl.load(int_ptr + 5)
+    has_den = tl.load(int_ptr + 6)
+    # a direction is on when its weight != 0; off, its D is never evaluated (no 0 * inf); ce_*: hard weight != 0
+    kd_a_on = tl.load(int_ptr + 7)
+    kd_b_on = tl.load(int_ptr + 8)
+    ce_a = tl.load(int_ptr + 9)
+    ce_b = tl.load(int_ptr + 10)
+    ce_at_t = tl.load(int_ptr + 11)
+    grad_a = tl.load(int_ptr + 12)
+    grad_b = tl.load(int_ptr + 13)
+    if ALIGNED:  # the launcher checked these are multiples of 16: said so, the loads become 16-byte vectors
+        V = V // 16 * 16
+        a_stride = a_stride // 16 * 16
+        b_stride = b_stride // 16 * 16
+    V32 = V.to(tl.int32)  # column indices within a row stay 32-bit; row offsets are 64-bit
+    if ALIGNED:
+        V32 = V32 // 16 * 16
     # float parameters come in a tensor of the accumulation dtype: scalar kernel arguments would be float32
     inv_t = tl.load(prm_ptr + 0)
     kd_a = tl.load(prm_ptr + 1)  # kd_scale * weight_ba: b teaches a
@@ -83,38 +108,52 @@ def _codistill_row_kernel(
     skew = tl.load(prm_ptr + 10)
     log_skew = tl.load(prm_ptr + 11)
     log_1m_skew = tl.load(prm_ptr + 12)
-    sw, f, label, valid = _row_weight(row, sw_ptr, lab_ptr, den_ptr, ignore_index, HAS_SW, HAS_LABELS, HAS_DEN, ACC)
+    sw, f, label, valid = _row_weight(row, sw_ptr, lab_ptr, den_ptr, ignore_index, has_sw, has_labels, has_den, ACC)
     a_row = a_ptr + row * a_stride
     b_row = b_ptr + row * b_stride
-    n_blocks = tl.cdiv(V, BLOCK)
+    ga_row = ga_ptr + row * V
+    gb_row = gb_ptr + row * V
+    n_blocks = tl.cdiv(V32, BLOCK)
     n_live = tl.where(valid, n_blocks, 0)  # a skipped row is never read (its logits may be anything, -inf rows too)
+    own_ca = (ce_a != 0) & (ce_at_t == 0)  # the cross-entropy is at T = 1: its own normaliser unless T = 1
+    own_cb = (ce_b != 0) & (ce_at_t == 0)
+    # a gradient with a closed form (KL, or no distillation term) is written in sweep 2, the others in sweep 3
+    late_a = (grad_a != 0) & (kd_a_on != 0)  # (read only when DIV != 0)
+    late_b = (grad_b != 0) & (kd_b_on != 0)
+    early_a = grad_a != 0
+    early_b = grad_b != 0
+    if DIV != 0:
+        early_a = early_a & (kd_a_on == 0)
+        early_b = early_b & (kd_b_on == 0)
 
     # ---- sweep 1: both rows read once; normalisers ------------------------------------------------------------
-    m_a = tl.full((), NEG_INF, ACC)
+    m_a = tl.full((), float("-inf"), ACC)
     l_a = tl.zeros((), ACC)
-    m_b = tl.full((), NEG_INF, ACC)
+    m_b = tl.full((), float("-inf"), ACC)
     l_b = tl.zeros((), ACC)
-    m_ca = tl.full((), NEG_INF, ACC)
+    m_ca = tl.full((), float("-inf"), ACC)
     l_ca = tl.zeros((), ACC)
-    m_cb = tl.full((), NEG_INF, ACC)
+    m_cb = tl.full((), float("-inf"), ACC)
     l_cb = tl.zeros((), ACC)
     for blk in range(0, n_live):
         cols = blk * BLOCK + tl.arange(0, BLOCK)
-        cmask = cols < V
-        a = tl.load(a_row + cols, mask=cmask, other=NEG_INF).to(ACC)
-        b = tl.load(b_row + cols, mask=cmask, other=NEG_INF).to(ACC)
+        cmask = cols < V32
+        a = tl.load(a_row + cols, mask=cmask, other=float("-inf")).to(ACC)
+        b = tl.load(b_row + cols, mask=cmask, other=float("-inf")).to(ACC)
         m_a, l_a = _online(m_a, l_a, a * inv_t, 0)
         m_b, l_b = _online(m_b, l_b, b * inv_t, 0)
-        # cross-entropy is at T = 1: its normaliser differs unless T = 1
-        if CE_A and not CE_AT_T:
+        if own_ca:
             m_ca, l_ca = _online(m_ca, l_ca, a, 0)
-        if CE_B and not CE_AT_T:
+        if own_cb:
             m_cb, l_cb = _online(m_cb, l_cb, b, 0)
     # normalisers kept split, as (max, log of the exp-sum below it): see _log_softmax (kd_loss.py)
     ll_a = tl.log(l_a)
     ll_b = tl.log(l_b)
-    if CE_AT_T:  # x * (1 / T) is x itself
-        m_ca, l_ca, m_cb, l_cb = m_a, l_a, m_b, l_b
+    if ce_at_t != 0:  # x * (1 / T) is x itself
+        m_ca = m_a
+        l_ca = l_a
+        m_cb = m_b
+        l_cb = l_b
     ll_ca = tl.log(l_ca)
     ll_cb = tl.log(l_cb)
 
@@ -125,75 +164,84 @@ def _codistill_row_kernel(
     gq_sum_b = tl.zeros((), ACC)
     for blk in range(0, n_live):
         cols = blk * BLOCK + tl.arange(0, BLOCK)
-        cmask = cols < V
+        cmask = cols < V32
         a, logq_a, q_a = _log_probs(a_row, cols, cmask, inv_t, m_a, ll_a, ACC)
         b, logq_b, q_b = _log_probs(b_row, cols, cmask, inv_t, m_b, ll_b, ACC)
-        gq_a = q_a  # (unused unless KD_A)
+        gq_a = q_a  # (unused unless kd_a_on)
         gq_b = q_b
-        if KD_A:  # a learns from b: P = P_b, Q = Q_a
+        if kd_a_on != 0:  # a learns from b: P = P_b, Q = Q_a
             t_phi, gq_a, _ = _terms(q_b, q_a, logq_b, logq_a, DIV, beta, log_beta, log_1m_beta, skew, log_skew,
                                     log_1m_skew)  # fmt: skip
             phi_a += tl.sum(tl.where(cmask, t_phi, 0.0), 0)
             gq_sum_a += tl.sum(tl.where(cmask, gq_a, 0.0), 0)
-        if KD_B:  # b learns from a: P = P_a, Q = Q_b
+        if kd_b_on != 0:  # b learns from a: P = P_a, Q = Q_b
             t_phi, gq_b, _ = _terms(q_a, q_b, logq_a, logq_b, DIV, beta, log_beta, log_1m_beta, skew, log_skew,
                                     log_1m_skew)  # fmt: skip
             phi_b += tl.sum(tl.where(cmask, t_phi, 0.0), 0)
             gq_sum_b += tl.sum(tl.where(cmask, gq_b, 0.0), 0)
-        if GRAD_A and (DIV == 0 or not KD_A):
-            g = _side_grad(a, q_a, gq_a, gq_sum_a, m_ca, ll_ca, cols, label, kd_a_over_t, hard_a, DIV, KD_A, CE_A,
-                           CE_AT_T)  # fmt: skip
-            tl.store(ga_ptr + row * V + cols, f * g, mask=cmask)
-        if GRAD_B and (DIV == 0 or not KD_B):
-            g = _side_grad(b, q_b, gq_b, gq_sum_b, m_cb, ll_cb, cols, label, kd_b_over_t, hard_b, DIV, KD_B, CE_B,
-                           CE_AT_T)  # fmt: skip
-            tl.store(gb_ptr + row * V + cols, f * g, mask=cmask)
+        if early_a:
+            g = _side_grad(a, q_a, gq_a, gq_sum_a, m_ca, ll_ca, cols, label, kd_a_over_t, hard_a, DIV, kd_a_on, ce_a,
+                           ce_at_t)  # fmt: skip
+            tl.store(ga_row + cols, f * g, mask=cmask)
+        if early_b:
+            g = _side_grad(b, q_b, gq_b, gq_sum_b, m_cb, ll_cb, cols, label, kd_b_over_t, hard_b, DIV, kd_b_on, ce_b,
+                           ce_at_t)  # fmt: skip
+            tl.store(gb_row + cols, f * g, mask=cmask)
 
     # a direction with weight 0 adds exactly 0, even where its D would be inf
     loss_a = tl.zeros((), ACC)
     loss_b = tl.zeros((), ACC)
-    if KD_A:
+    if kd_a_on != 0:
         loss_a = kd_a * phi_a
-    if KD_B:
+    if kd_b_on != 0:
         loss_b = kd_b * phi_b
     lab_ok = valid & (label >= 0) & (label < V)  # (never read outside the row, whatever the labels)
-    if CE_A:
+    if ce_a != 0:
         loss_a += hard_a * ((m_ca - tl.load(a_row + label, mask=lab_ok, other=0.0).to(ACC)) + ll_ca)
-    if CE_B:
+    if ce_b != 0:
         loss_b += hard_b * ((m_cb - tl.load(b_row + label, mask=lab_ok, other=0.0).to(ACC)) + ll_cb)
     tl.store(loss_a_ptr + row, tl.where(valid, sw * loss_a, 0.0))
     tl.store(loss_b_ptr + row, tl.where(valid, sw * loss_b, 0.0))
 
     # ---- sweep 3: gradients that needed the aggregates (divergences other than KL) ------------------------------
-    if (GRAD_A and DIV != 0 and KD_A) or (GRAD_B and DIV != 0 and KD_B):
-        for blk in range(0, n_live):
-            cols = blk * BLOCK + tl.arange(0, BLOCK)
-            cmask = cols < V
-            a, logq_a, q_a = _log_probs(a_row, cols, cmask, inv_t, m_a, ll_a, ACC)
-            b, logq_b, q_b = _log_probs(b_row, cols, cmask, inv_t, m_b, ll_b, ACC)
-            if GRAD_A and DIV != 0 and KD_A:
-                _, gq_a, _ = _terms(q_b, q_a, logq_b, logq_a, DIV, beta, log_beta, log_1m_beta, skew, log_skew,
-                                    log_1m_skew)  # fmt: skip
-                g = _side_grad(a, q_a, gq_a, gq_sum_a, m_ca, ll_ca, cols, label, kd_a_over_t, hard_a, DIV, KD_A,
-                               CE_A, CE_AT_T)  # fmt: skip
-                tl.store(ga_ptr + row * V + cols, f * g, mask=cmask)
-            if GRAD_B and DIV != 0 and KD_B:
-                _, gq_b, _ = _terms(q_a, q_b, logq_a, logq_b, DIV, beta, log_beta, log_1m_beta, skew, log_skew,
-                                    log_1m_skew)  # fmt: skip
-                g = _side_grad(b, q_b, gq_b, gq_sum_b, m_cb, ll_cb, cols, label, kd_b_over_t, hard_b, DIV, KD_B,
-                               CE_B, CE_AT_T)  # fmt: skip
-                tl.store(gb_ptr + row * V + cols, f * g, mask=cmask)
+    if DIV != 0:
+        if late_a | late_b:
+            for blk in range(0, n_live):
+                cols = blk * BLOCK + tl.arange(0, BLOCK)
+                cmask = cols < V32
+                a, logq_a, q_a = _log_probs(a_row, cols, cmask, inv_t, m_a, ll_a, ACC)
+                b, logq_b, q_b = _log_probs(b_row, cols, cmask, inv_t, m_b, ll_b, ACC)
+                if late_a:
+                    _, gq_a, _ = _terms(q_b, q_a, logq_b, logq_a, DIV, beta, log_beta, log_1m_beta, skew, log_skew,
+                                        log_1m_skew)  # fmt: skip
+                    g = _side_grad(a, q_a, gq_a, gq_sum_a, m_ca, ll_ca, cols, label, kd_a_over_t, hard_a, DIV, kd_a_on,
+                                   ce_a, ce_at_t)  # fmt: skip
+                    tl.store(ga_row + cols, f * g, mask=cmask)
+                if late_b:
+                    _, gq_b, _ = _terms(q_a, q_b, logq_a, logq_b, DIV, beta, log_beta, log_1m_beta, skew, log_skew,
+                                        log_1m_skew)  # fmt: skip
+                    g = _side_grad(b, q_b, gq_b, gq_sum_b, m_cb, ll_cb, cols, label, kd_b_over_t, hard_b, DIV, kd_b_on,
+                                   ce_b, ce_at_t)  # fmt: skip
+                    tl.store(gb_row + cols, f * g, mask=cmask)
 
     # ---- skipped rows: zero gradients (the sweeps above did not run) ----------------------------------------------
-    if GRAD_A or GRAD_B:
+    if (grad_a != 0) | (grad_b != 0):
         for blk in range(0, n_blocks - n_live):
             cols = blk * BLOCK + tl.arange(0, BLOCK)
-            cmask = cols < V
+            cmask = cols < V32
             zero = tl.zeros((BLOCK,), ACC)
-            if GRAD_A:
-                tl.store(ga_ptr + row * V + cols, zero, mask=cmask)
-            if GRAD_B:
-                tl.store(gb_ptr + row * V + cols, zero, mask=cmask)
+            if grad_a != 0:
+                tl.store(ga_row + cols, zero, mask=cmask)
+            if grad_b != 0:
+                tl.store(gb_row + cols, zero, mask=cmask)
+
+
+_codistill_row_kernel = jit_pair(
+    _codistill_row, small=("lab_ptr", "sw_ptr", "den_ptr", "loss_a_ptr", "loss_b_ptr", "prm_ptr", "int_ptr")
+)
+# the compiled variants: every value each constexpr can take (aot.py checks the launcher reaches exactly these)
+CODISTILL_DOMAINS = {"BLOCK": (BLOCK,), "DIV": tuple(DIV_CODES.values()), "ALIGNED": (False, True),
+                     "ACC": ("fp32",)}  # fmt: skip
 
 
 def _codistill_loss_triton(
@@ -232,14 +280,33 @@ def _codistill_loss_triton(
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     if (hard_a != 0 or hard_b != 0) and labels is None:
         raise ValueError("a hard-label weight > 0 needs labels")
-    n, v = a.shape
-    dev = a.device
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     # rows of unit stride along V (the row stride is a kernel argument)
     a = a if a.stride(-1) == 1 else a.contiguous()
     b = b if b.stride(-1) == 1 else b.contiguous()
-    launch = n > 0 and v > 0
-    alloc = torch.empty if launch else torch.zeros
+    launch, rows_a, rows_b, ga, gb = codistill_launch(a, b, labels, sample_weight, denominator, divergence,
+                                                      temperature, kd_scale, weight_ab, weight_ba, hard_a, hard_b,
+                                                      beta, skew, ignore_index, reduce, grad_a, grad_b)  # fmt: skip
+    launch.run()
+    if not reduce:
+        return rows_a, rows_b, ga, gb
+    # ordered reductions of the [N] buffers: deterministic
+    total_a, total_b = rows_a.sum(), rows_b.sum()
+    if denominator is not None:
+        total_a, total_b = total_a / denominator.to(total_a.dtype), total_b / denominator.to(total_a.dtype)
+    return total_a, total_b, ga, gb
+
+
+def codistill_launch(a, b, labels, sample_weight, denominator, divergence, temperature, kd_scale, weight_ab,
+                     weight_ba, hard_a, hard_b, beta, skew, ignore_index, reduce, grad_a,
+                     grad_b) -> tuple[Launch, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The launch of ``_codistill_row_kernel`` for these inputs (``_codistill_loss_triton``'s arguments, rows of
+    unit stride) and its outputs (per-row losses [N] x 2, the two gradients). Works on meta tensors (aot.py)."""
+    check_row_dtype("codistill_loss", a.dtype)
+    n, v = a.shape
+    dev = a.device
+    acc = acc_dtype(a.dtype)
+    empty = n == 0 or v == 0
+    alloc = torch.zeros if empty else torch.empty
     rows_a = alloc(n, device=dev, dtype=acc)
     rows_b = alloc(n, device=dev, dtype=acc)
     ga = torch.empty((n, v) if grad_a else (0,), device=dev, dtype=a.dtype)
@@ -247,26 +314,36 @@ def _codistill_loss_triton(
     dummy = rows_a
     sw = sample_weight.to(acc).contiguous() if sample_weight is not None else dummy
     den = denominator.to(acc).reshape(1) if (reduce and denominator is not None) else dummy
-    lab = labels.contiguous() if labels is not None else dummy
+    lab = labels.to(torch.int64).contiguous() if labels is not None else torch.empty(1, device=dev, dtype=torch.int64)
     kd_a, kd_b = kd_scale * weight_ba, kd_scale * weight_ab  # b teaches a (in loss_a); a teaches b (in loss_b)
     values = [1.0 / temperature, kd_a, kd_b, kd_a / temperature, kd_b / temperature, hard_a, hard_b,
               *div_params(beta, skew)]  # fmt: skip
     prm = param_tensor(values, acc, dev)
-    if launch:
-        torch.library.wrap_triton(_codistill_row_kernel)[(n,)](
-            a, a.stride(0), b, b.stride(0), lab, sw, den, rows_a, rows_b, ga, gb, prm, v, ignore_index,
-            BLOCK=_block(v, 2), DIV=DIV_CODES[divergence], HAS_LABELS=labels is not None,
-            HAS_SW=sample_weight is not None, HAS_DEN=reduce and denominator is not None, KD_A=kd_a != 0,
-            KD_B=kd_b != 0, CE_A=hard_a != 0, CE_B=hard_b != 0, CE_AT_T=temperature == 1.0, GRAD_A=grad_a,
-            GRAD_B=grad_b, ACC=tl.float64 if acc == torch.float64 else tl.float32,
-        )  # fmt: skip
-    if not reduce:
-        return rows_a, rows_b, ga, gb
-    # ordered reductions of the [N] buffers: deterministic
-    total_a, total_b = rows_a.sum(), rows_b.sum()
-    if denominator is not None:
-        total_a, total_b = total_a / denominator.to(acc), total_b / denominator.to(acc)
-    return total_a, total_b, ga, gb
+    ints = int_tensor([v, a.stride(0), b.stride(0), ignore_index, labels is not None, sample_weight is not None,
+                       reduce and denominator is not None, kd_a != 0, kd_b != 0, hard_a != 0, hard_b != 0,
+                       temperature == 1.0, grad_a, grad_b], dev)  # fmt: skip
+    aligned = is_aligned([a, b, ga, gb], [v, a.stride(0), b.stride(0)])
+    launch = Launch(
+        _codistill_row_kernel.pick(aligned), (0 if empty else n,),
+        (a, b, lab, sw, den, rows_a, rows_b, ga, gb, prm, ints),
+        dict(BLOCK=BLOCK, DIV=DIV_CODES[divergence], ALIGNED=aligned, ACC=tl_acc(a.dtype)), {"num_warps": 8},
+    )  # fmt: skip
+    return launch, rows_a, rows_b, ga, gb
+
+
+def codistill_space():
+    """The launches of the whole problem space on meta tensors (aot.py compiles each distinct one): every dtype
+    and divergence, aligned and not, the run-time flags both ways (they must not fork the compile)."""
+    for dtype in ROW_KERNEL_GPU_DTYPES:
+        for div in DIV_CODES:
+            for v in (4096, 4097):
+                for on in (False, True):
+                    x = torch.empty(8, v, device="meta", dtype=dtype)
+                    opt = (lambda t: t if on else None)  # noqa: E731
+                    yield codistill_launch(x, x, opt(torch.empty(8, device="meta", dtype=torch.int64)),
+                                           opt(torch.empty(8, device="meta")), opt(torch.empty((), device="meta")),
+                                           div, 1.0 if on else 2.0, 4.0, 1.0, 0.0 if on else 1.0, 0.5 if on else 0.0,
+                                           0.0, 0.5, 0.1, -100, on, True, on)[0]  # fmt: skip
 
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":

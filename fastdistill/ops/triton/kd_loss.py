@@ -6,6 +6,11 @@ online-softmax statistics; sweep 2 evaluates the divergence terms (the math of `
 closed form (KL); sweep 3, only when needed, writes the remaining gradients. Per-row losses go to an [N] buffer
 reduced with ``torch.sum`` (no float atomics: bitwise reproducible). float32 accumulation (float64 for float64
 inputs); no [K, N, V] temporaries; gradients are written in the forward launch and backward only scales them.
+
+Compiled variants (``launch.py``'s rules; ``KD_DOMAINS`` lists them, ``aot.py`` compiles every one): the divergence
+(DIV), the ensemble mode (ENS: one teacher, mixture, log-linear pool, one target per teacher), the teacher bucket KP
+(K rounded up to a power of two, 2..16; K itself is a runtime value), BLOCK = 8192 / KP, ALIGNED and the dtype. The
+optional inputs, the cross-entropy and which gradients are wanted are runtime flags: uniform branches per program.
 """
 
 import math
@@ -17,10 +22,27 @@ import triton.language as tl
 from torch import Tensor
 
 from ..registration import register_triton
+from .launch import (
+    ROW_KERNEL_GPU_DTYPES,
+    Launch,
+    acc_dtype,
+    check_row_dtype,
+    int_tensor,
+    is_aligned,
+    jit_pair,
+    param_tensor,
+    tl_acc,
+)
 
 DIV_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3, "skew_kl": 4, "skew_reverse_kl": 5}
-ENS_CODES = {"prob_mean": 0, "logit_mean": 1, "loss_mean": 2}
-NEG_INF: tl.constexpr = float("-inf")
+# ENS: 0 one teacher (K = 1, any ensemble), 1 mixture (prob_mean), 2 log-linear pool (logit_mean), 3 one target per
+# teacher (loss_mean)
+ENS_CODES = {"prob_mean": 1, "logit_mean": 2, "loss_mean": 3}
+MAX_TEACHERS = 16  # KP buckets 2..16: each bucket is one more set of compiled kernels
+# 8 warps: half the tile elements per thread of 4 warps. At 4, ptxas spilled the benchmark configurations (bf16 KL,
+# K = 1 and 4: 168 registers, 16 bytes of stack); at 8 they take 99-113 registers, no spills, and 2 programs (16
+# warps) per SM instead of 3 (12): make kernels-report, benchmarks/NOTES.md.
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -33,7 +55,7 @@ def _xlogr(x, log_x, log_y):
 def _logaddexp(x, y):
     m = tl.maximum(x, y)
     r = m + tl.log(1.0 + tl.exp(-tl.abs(x - y)))
-    return tl.where(m == NEG_INF, m, r)
+    return tl.where(m == float("-inf"), m, r)
 
 
 @triton.jit
@@ -77,7 +99,7 @@ def _terms(p, q, logp, logq, DIV: tl.constexpr, beta, log_beta, log_1m_beta, ske
 def _online(m, total, x, AXIS: tl.constexpr):
     """Online softmax statistics along AXIS: running max m and sum of exp(x - m); -inf safe."""
     nm = tl.maximum(m, tl.max(x, AXIS))
-    safe = tl.where(nm == NEG_INF, 0.0, nm)
+    safe = tl.where(nm == float("-inf"), 0.0, nm)
     if AXIS == 0:
         total = total * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), 0)
     else:
@@ -86,20 +108,19 @@ def _online(m, total, x, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _row_weight(row, sw_ptr, lab_ptr, den_ptr, ignore_index, HAS_SW: tl.constexpr, HAS_LABELS: tl.constexpr,
-                HAS_DEN: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+def _row_weight(row, sw_ptr, lab_ptr, den_ptr, ignore_index, has_sw, has_labels, has_den, ACC: tl.constexpr):
     """Row ``row``'s sample weight sw, the factor f = sw / denominator its gradient carries, its label (-1 without
-    labels) and whether it counts (valid: weight != 0 and label != ignore_index)."""
+    labels; int64) and whether it counts (valid: weight != 0 and label != ignore_index). has_*: runtime flags."""
     sw = tl.full((), 1.0, ACC)
-    if HAS_SW:
+    if has_sw != 0:
         sw = tl.load(sw_ptr + row).to(ACC)
     valid = sw != 0.0
     label = row * 0 - 1
-    if HAS_LABELS:
+    if has_labels != 0:
         label = tl.load(lab_ptr + row)
         valid = valid & (label != ignore_index)
     f = sw
-    if HAS_DEN:
+    if has_den != 0:
         f = sw / tl.load(den_ptr).to(ACC)
     return sw, f, label, valid
 
@@ -113,24 +134,56 @@ def _log_softmax(z, m, log_l):
 
 
 @triton.jit
-def _log_probs(row_ptr, cols, mask, inv_t, m, log_l, ACC: tl.constexpr):
+def _reload(ptrs, mask, RELOAD: tl.constexpr):
+    """Load a tile, -inf where masked. RELOAD: the tile was read moments ago (it is in L1/L2); the optional work
+    behind a run-time flag (cross-entropy, teacher gradients) reads it again rather than keeping the first read's
+    tiles alive through the common path, whose registers (and so occupancy) it would otherwise raise. volatile so
+    the compiler cannot merge it with the first read."""
+    return tl.load(ptrs, mask=mask, other=float("-inf"), volatile=RELOAD)
+
+
+@triton.jit
+def _log_probs(row_ptr, cols, mask, inv_t, m, log_l, ACC: tl.constexpr, RELOAD: tl.constexpr = False):
     """One tile of a row (or of K rows: cols [1, BLOCK], m and log_l [KP, 1]): its logits x (ACC, -inf where
-    masked), log softmax(x / T) and softmax(x / T), from the split normaliser (m, log_l) of x / T (_log_softmax)."""
-    x = tl.load(row_ptr + cols, mask=mask, other=NEG_INF).to(ACC)
+    masked), log softmax(x / T) and softmax(x / T), from the split normaliser (m, log_l) of x / T (_log_softmax).
+    RELOAD: a second read of a tile just read (see _reload)."""
+    x = _reload(row_ptr + cols, mask, RELOAD).to(ACC)
     logq = _log_softmax(x * inv_t, m, log_l)
     return x, logq, tl.exp(logq)
 
 
-@triton.jit
-def _kd_row_kernel(
-    s_ptr, s_stride, t_ptr, t_stride_k, t_stride_n, tw_ptr, lab_ptr, sw_ptr, den_ptr, loss_ptr, gs_ptr, gt_ptr,
-    prm_ptr, N, V, ignore_index,
-    K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, DIV: tl.constexpr, ENS: tl.constexpr,
-    HAS_TW: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_SW: tl.constexpr, HAS_DEN: tl.constexpr,
-    CE: tl.constexpr, CE_AT_T: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, ACC: tl.constexpr,
+def _kd_row(
+    s_ptr, t_ptr, tw_ptr, lab_ptr, sw_ptr, den_ptr, loss_ptr, gs_ptr, gt_ptr, prm_ptr, int_ptr,
+    KP: tl.constexpr, BLOCK: tl.constexpr, DIV: tl.constexpr, ENS: tl.constexpr, ALIGNED: tl.constexpr,
+    ACC: tl.constexpr,
 ):  # fmt: skip
-    # ENS: 0 mixture (prob_mean, or K = 1), 1 log-linear pool (logit_mean), 2 one target per teacher (loss_mean)
+    """One program per row; the kernel pair ``_kd_row_kernel`` (launch.py). ENS: see ENS_CODES."""
     row = tl.program_id(0).to(tl.int64)
+    # integer arguments, int64 (the order of _kd_ints): every offset below is 64-bit from the start
+    N = tl.load(int_ptr + 0)
+    V = tl.load(int_ptr + 1)
+    s_stride = tl.load(int_ptr + 2)
+    t_stride_k = tl.load(int_ptr + 3)
+    t_stride_n = tl.load(int_ptr + 4)
+    ignore_index = tl.load(int_ptr + 5)
+    K = tl.load(int_ptr + 6)
+    has_tw = tl.load(int_ptr + 7)
+    has_labels = tl.load(int_ptr + 8)
+    has_sw = tl.load(int_ptr + 9)
+    has_den = tl.load(int_ptr + 10)
+    ce = tl.load(int_ptr + 11)  # cross-entropy term on (ce_weight > 0)
+    ce_at_t = tl.load(int_ptr + 12)  # T == 1: the cross-entropy's softmax is Q itself
+    grad_s = tl.load(int_ptr + 13)
+    grad_t = tl.load(int_ptr + 14)
+    if ALIGNED:  # the launcher checked these are multiples of 16: said so, the loads become 16-byte vectors
+        V = V // 16 * 16
+        s_stride = s_stride // 16 * 16
+        t_stride_k = t_stride_k // 16 * 16
+        t_stride_n = t_stride_n // 16 * 16
+    V32 = V.to(tl.int32)  # column indices within a row stay 32-bit (V < 2**31); row offsets are 64-bit
+    if ALIGNED:
+        V32 = V32 // 16 * 16
+    n_blocks = tl.cdiv(V32, BLOCK)
     # float parameters come in a tensor of the accumulation dtype: scalar kernel arguments would be float32
     inv_t = tl.load(prm_ptr + 0)
     kd_scale = tl.load(prm_ptr + 1)
@@ -144,45 +197,48 @@ def _kd_row_kernel(
     log_1m_skew = tl.load(prm_ptr + 9)
     uniform = tl.load(prm_ptr + 10)  # 1 / K
     ks = tl.arange(0, KP)
+    ks64 = ks.to(tl.int64)
     kmask = ks < K
-    if HAS_TW:
-        w = tl.load(tw_ptr + ks * N + row, mask=kmask, other=0.0).to(ACC)
-    else:
-        w = tl.where(kmask, uniform, 0.0)
+    w = tl.where(kmask, uniform, 0.0)
+    if has_tw != 0:
+        w = tl.load(tw_ptr + ks64 * N + row, mask=kmask, other=0.0).to(ACC)
     logw = tl.log(w)
-    sw, f, label, valid = _row_weight(row, sw_ptr, lab_ptr, den_ptr, ignore_index, HAS_SW, HAS_LABELS, HAS_DEN, ACC)
+    sw, f, label, valid = _row_weight(row, sw_ptr, lab_ptr, den_ptr, ignore_index, has_sw, has_labels, has_den, ACC)
+    ce_own = (ce != 0) & (ce_at_t == 0)  # the cross-entropy needs its own normaliser (at T = 1)
     s_row = s_ptr + row * s_stride
-    t_row = t_ptr + row * t_stride_n + ks[:, None] * t_stride_k
+    t_row = t_ptr + row * t_stride_n + ks64[:, None] * t_stride_k
+    gs_row = gs_ptr + row * V
 
     # ---- sweep 1: normalisers --------------------------------------------------------------------------------
-    m_q = tl.full((), NEG_INF, ACC)
+    m_q = tl.full((), float("-inf"), ACC)
     l_q = tl.zeros((), ACC)
-    m_ce = tl.full((), NEG_INF, ACC)
+    m_ce = tl.full((), float("-inf"), ACC)
     l_ce = tl.zeros((), ACC)
-    m_t = tl.full((KP,), NEG_INF, ACC)
+    m_t = tl.full((KP,), float("-inf"), ACC)
     l_t = tl.zeros((KP,), ACC)
-    m_c = tl.full((), NEG_INF, ACC)
+    m_c = tl.full((), float("-inf"), ACC)
     l_c = tl.zeros((), ACC)
-    for b in range(0, tl.cdiv(V, BLOCK)):
+    for b in range(0, n_blocks):
         cols = b * BLOCK + tl.arange(0, BLOCK)
-        cmask = cols < V
-        s = tl.load(s_row + cols, mask=cmask, other=NEG_INF).to(ACC)
+        cmask = cols < V32
+        s = tl.load(s_row + cols, mask=cmask, other=float("-inf")).to(ACC)
         m_q, l_q = _online(m_q, l_q, s * inv_t, 0)
-        if CE and not CE_AT_T:
+        if ce_own:
             m_ce, l_ce = _online(m_ce, l_ce, s, 0)
-        x = tl.load(t_row + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=NEG_INF).to(ACC) * inv_t
-        if ENS == 1:  # pooled logits sum_k w_k t_k / T (a zero weight drops the teacher, -inf included)
+        x = tl.load(t_row + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=float("-inf")).to(ACC) * inv_t
+        if ENS == 2:  # pooled logits sum_k w_k t_k / T (a zero weight drops the teacher, -inf included)
             c = tl.sum(tl.where(w[:, None] > 0, w[:, None] * x, 0.0), 0)
-            c = tl.where(cmask, c, NEG_INF)
+            c = tl.where(cmask, c, float("-inf"))
             m_c, l_c = _online(m_c, l_c, c, 0)
         else:
             m_t, l_t = _online(m_t, l_t, x, 1)
     # normalisers kept split, as (max, log of the exp-sum below it): see _log_softmax
     ll_q = tl.log(l_q)
-    if CE_AT_T:  # s * (1 / T) is s itself
-        m_ce, l_ce = m_q, l_q
+    if ce_at_t != 0:  # s * (1 / T) is s itself
+        m_ce = m_q
+        l_ce = l_q
     ll_ce = tl.log(l_ce)
-    dead = m_t == NEG_INF  # padded (or weight-0, all -inf) teachers: (0, 0), so that (x - 0) - 0 stays -inf
+    dead = m_t == float("-inf")  # padded (or weight-0, all -inf) teachers: (0, 0), so that (x - 0) - 0 stays -inf
     m_t = tl.where(dead, 0.0, m_t)
     ll_t = tl.where(dead, 0.0, tl.log(l_t))
     ll_c = tl.log(l_c)
@@ -191,96 +247,112 @@ def _kd_row_kernel(
     phi_sum = tl.zeros((), ACC)
     gq_sum = tl.zeros((), ACC)
     agg = tl.zeros((KP,), ACC)  # per-teacher aggregates for the teacher gradients
-    for b in range(0, tl.cdiv(V, BLOCK)):
+    for b in range(0, n_blocks):
         cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
-            b, s_row, t_row, V, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kmask, K, ENS, DIV, BLOCK, ACC,
+            b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kmask, ENS, DIV, BLOCK, ACC,
             beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew,
         )  # fmt: skip
         phi_sum += tl.sum(tl.where(cmask, phi, 0.0), 0)
         gq_sum += tl.sum(tl.where(cmask, gq, 0.0), 0)
-        if GRAD_T:
-            if ENS == 2 and K > 1:  # sum_v hp_kv
+        if DIV == 0:  # KL: dD/da = Q - P (= q + gq) needs no aggregate
+            if grad_s != 0:
+                g = tl.where(kd_over_t != 0, kd_over_t * (q + gq), 0.0)
+                if ce != 0:
+                    g += ce_w * _ce_grad(_reload(s_row + cols, cmask, True).to(ACC), q, m_ce, ll_ce, cols, label,
+                                         ce_at_t)  # fmt: skip
+                tl.store(gs_row + cols, tl.where(valid, f * g, 0.0), mask=cmask)
+        if grad_t != 0:  # the tile again, from the cache (_reload)
+            cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
+                b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kmask, ENS, DIV, BLOCK,
+                ACC, beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew, True,
+            )  # fmt: skip
+            if ENS == 3:  # sum_v hp_kv
                 agg += tl.sum(tl.where(cmask[None, :], hp, 0.0), 1)
-            elif ENS == 1 or K == 1:  # sum_v hp_v, in lane 0
+            elif ENS == 2 or ENS == 0:  # sum_v hp_v, in lane 0
                 agg += tl.where(ks == 0, tl.sum(tl.where(cmask, hp, 0.0), 0), 0.0)
             else:  # sum_v r_kv hp_v, responsibilities r_k = w_k P_k / P in log space
-                resp = tl.where(logp[None, :] == NEG_INF, 0.0, tl.exp(lwp - logp[None, :]))
+                resp = tl.where(logp[None, :] == float("-inf"), 0.0, tl.exp(lwp - logp[None, :]))
                 agg += tl.sum(tl.where(cmask[None, :], resp * hp[None, :], 0.0), 1)
-        if GRAD_S and DIV == 0:  # KL: dD/da = Q - P (= q + gq) needs no aggregate
-            g = tl.where(kd_over_t != 0, kd_over_t * (q + gq), 0.0)
-            if CE:
-                g += ce_w * _ce_grad(s, q, m_ce, ll_ce, cols, label, CE_AT_T)
-            tl.store(gs_ptr + row * V + cols, tl.where(valid, f * g, 0.0), mask=cmask)
 
     ce_loss = tl.zeros((), ACC)
-    if CE:
-        s_lab = tl.load(s_row + label, mask=valid).to(ACC)
+    if ce != 0:
+        lab_ok = valid & (label >= 0) & (label < V)  # never read outside the row, whatever the labels
+        s_lab = tl.load(s_row + label, mask=lab_ok, other=0.0).to(ACC)
         ce_loss = (m_ce - s_lab) + ll_ce
     loss = sw * (tl.where(kd_scale != 0, kd_scale * phi_sum, 0.0) + ce_w * ce_loss)  # kd_scale 0: pure CE
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
 
     # ---- sweep 3: gradients that needed the aggregates ----------------------------------------------------------
-    if (GRAD_S and DIV != 0) or GRAD_T:
-        for b in range(0, tl.cdiv(V, BLOCK)):
+    need_agg = grad_t != 0
+    if DIV != 0:
+        need_agg = need_agg | (grad_s != 0)
+    if need_agg:
+        gt_row = gt_ptr + ks64[:, None] * (N * V) + row * V
+        for b in range(0, n_blocks):
             cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
-                b, s_row, t_row, V, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kmask, K, ENS, DIV, BLOCK, ACC,
-                beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew,
+                b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kmask, ENS, DIV, BLOCK,
+                ACC, beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew,
             )  # fmt: skip
-            if GRAD_S and DIV != 0:
-                g = tl.where(kd_over_t != 0, kd_over_t * (gq - q * gq_sum), 0.0)
-                if CE:
-                    g += ce_w * _ce_grad(s, q, m_ce, ll_ce, cols, label, CE_AT_T)
-                tl.store(gs_ptr + row * V + cols, tl.where(valid, f * g, 0.0), mask=cmask)
-            if GRAD_T:
-                if ENS == 2 and K > 1:
+            if DIV != 0:
+                if grad_s != 0:
+                    g = tl.where(kd_over_t != 0, kd_over_t * (gq - q * gq_sum), 0.0)
+                    if ce != 0:
+                        g += ce_w * _ce_grad(_reload(s_row + cols, cmask, True).to(ACC), q, m_ce, ll_ce, cols,
+                                             label, ce_at_t)  # fmt: skip
+                    tl.store(gs_row + cols, tl.where(valid, f * g, 0.0), mask=cmask)
+                if grad_t != 0:  # the tile again (_reload): teacher gradients are the rare case
+                    cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
+                        b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kmask, ENS, DIV,
+                        BLOCK, ACC, beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew, True,
+                    )  # fmt: skip
+            if grad_t != 0:
+                if ENS == 3:
                     gt = w[:, None] * (hp - pk * agg[:, None])
-                elif ENS == 1 or K == 1:
+                elif ENS == 2 or ENS == 0:
                     agg0 = tl.sum(tl.where(ks == 0, agg, 0.0), 0)
                     gt = w[:, None] * (hp - p * agg0)[None, :]
                 else:
-                    resp = tl.where(logp[None, :] == NEG_INF, 0.0, tl.exp(lwp - logp[None, :]))
+                    resp = tl.where(logp[None, :] == float("-inf"), 0.0, tl.exp(lwp - logp[None, :]))
                     gt = resp * hp[None, :] - pk * agg[:, None]
-                gt_off = ks[:, None] * N * V + row * V + cols[None, :]
                 gt = tl.where(kd_over_t != 0, f * kd_over_t * gt, 0.0)
                 gt = tl.where(w[:, None] > 0, gt, 0.0)  # dropped teachers get exactly 0
-                tl.store(gt_ptr + gt_off, tl.where(valid, gt, 0.0),
+                tl.store(gt_row + cols[None, :], tl.where(valid, gt, 0.0),
                          mask=kmask[:, None] & cmask[None, :])  # fmt: skip
 
 
 @triton.jit
-def _tile(b, s_row, t_row, V, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kmask, K: tl.constexpr,
-          ENS: tl.constexpr, DIV: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, beta, log_beta, log_1m_beta,
-          skew, log_skew, log_1m_skew):  # fmt: skip
+def _tile(b, s_row, t_row, V, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kmask, ENS: tl.constexpr,
+          DIV: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, beta, log_beta, log_1m_beta, skew, log_skew,
+          log_1m_skew, RELOAD: tl.constexpr = False):  # fmt: skip
     """Block b of the row, read again after sweep 1: the student's Q and the targets' terms (see _element)."""
     cols = b * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < V
-    s, logq, q = _log_probs(s_row, cols, cmask, inv_t, m_q, ll_q, ACC)
+    s, logq, q = _log_probs(s_row, cols, cmask, inv_t, m_q, ll_q, ACC, RELOAD)
     t, logpk, pk = _log_probs(t_row, cols[None, :], kmask[:, None] & cmask[None, :], inv_t, m_t[:, None],
-                              ll_t[:, None], ACC)  # fmt: skip
-    phi, gq, hp, p, logp, lwp = _element(t, logpk, pk, q, logq, inv_t, w, logw, m_c, ll_c, ks, kmask, cmask, K, ENS,
-                                         DIV, beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew)  # fmt: skip
+                              ll_t[:, None], ACC, RELOAD)  # fmt: skip
+    phi, gq, hp, p, logp, lwp = _element(t, logpk, pk, q, logq, inv_t, w, logw, m_c, ll_c, ks, kmask, cmask, ENS, DIV,
+                                         beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew)  # fmt: skip
     return cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk
 
 
 @triton.jit
-def _ce_grad(s, q, m_ce, log_l_ce, cols, label, CE_AT_T: tl.constexpr):
-    """d CE / d s: softmax(s) at T = 1 (q itself when T = 1; else from s's split normaliser (m_ce, log_l_ce), see
-    _log_softmax) minus the one-hot label."""
+def _ce_grad(s, q, m_ce, log_l_ce, cols, label, ce_at_t):
+    """d CE / d s: softmax(s) at T = 1 (q itself when T = 1, the runtime flag ce_at_t; else from s's split
+    normaliser (m_ce, log_l_ce), see _log_softmax) minus the one-hot label."""
     sm = q
-    if not CE_AT_T:
+    if ce_at_t == 0:
         sm = tl.exp(_log_softmax(s, m_ce, log_l_ce))
     return sm - tl.where(cols == label, 1.0, 0.0)
 
 
 @triton.jit
-def _element(t, logpk, pk, q, logq, inv_t, w, logw, m_c, ll_c, ks, kmask, cmask, K: tl.constexpr,
-             ENS: tl.constexpr, DIV: tl.constexpr, beta, log_beta, log_1m_beta, skew, log_skew,
-             log_1m_skew):  # fmt: skip
+def _element(t, logpk, pk, q, logq, inv_t, w, logw, m_c, ll_c, ks, kmask, cmask, ENS: tl.constexpr,
+             DIV: tl.constexpr, beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew):  # fmt: skip
     """Targets and divergence terms of one tile, from the teachers' logits t, log P_k and P_k ([KP, BLOCK]; padded
     teachers -inf and 0). Returns phi, gq (ensemble-combined, [BLOCK]); hp ([K, BLOCK] for loss_mean, else
     [BLOCK]); the single target p, log p; log(w_k P_k) ([KP, BLOCK])."""
     lwp = logpk + logw[:, None]
-    if ENS == 2 and K > 1:
+    if ENS == 3:
         phi_k, gq_k, hp = _terms(pk, q[None, :], logpk, logq[None, :], DIV, beta, log_beta, log_1m_beta, skew,
                                  log_skew, log_1m_skew)  # fmt: skip
         wk = w[:, None]
@@ -290,24 +362,36 @@ def _element(t, logpk, pk, q, logq, inv_t, w, logw, m_c, ll_c, ks, kmask, cmask,
         p = q  # unused
         logp = logq
     else:
-        if ENS == 1:
+        if ENS == 2:
             c = tl.sum(tl.where(w[:, None] > 0, w[:, None] * (t * inv_t), 0.0), 0)
             logp = _log_softmax(c, m_c, ll_c)
-        elif K == 1:
+        elif ENS == 0:
             logp = tl.sum(tl.where((ks == 0)[:, None], logpk, 0.0), 0)
         else:  # log of the mixture, as a log-sum-exp over the teachers
             mx = tl.max(lwp, 0)
-            safe = tl.where(mx == NEG_INF, 0.0, mx)
-            logp = tl.where(mx == NEG_INF, NEG_INF, safe + tl.log(tl.sum(tl.exp(lwp - safe[None, :]), 0)))
-        logp = tl.where(cmask, logp, NEG_INF)
+            safe = tl.where(mx == float("-inf"), 0.0, mx)
+            logp = tl.where(mx == float("-inf"), float("-inf"), safe + tl.log(tl.sum(tl.exp(lwp - safe[None, :]), 0)))
+        logp = tl.where(cmask, logp, float("-inf"))
         p = tl.exp(logp)
         phi, gq, hp = _terms(p, q, logp, logq, DIV, beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew)
     return phi, gq, hp, p, logp, lwp
 
 
-def _block(vocab: int, kp: int) -> int:
-    # [KP, BLOCK] fp32 tiles: keep KP * BLOCK <= 8192 elements per program (unmeasured on a GPU: see NOTES.md)
-    return max(16, min(triton.next_power_of_2(max(vocab, 1)), 8192 // kp))
+_kd_row_kernel = jit_pair(_kd_row, small=("tw_ptr", "lab_ptr", "sw_ptr", "den_ptr", "loss_ptr", "prm_ptr", "int_ptr"))
+# the compiled variants: every value each constexpr can take (aot.py checks the launcher reaches exactly these)
+KD_DOMAINS = {"KP": (2, 4, 8, 16), "BLOCK": (512, 1024, 2048, 4096), "DIV": tuple(DIV_CODES.values()),
+              "ENS": (0, *ENS_CODES.values()), "ALIGNED": (False, True), "ACC": ("fp32",)}  # fmt: skip
+
+
+def _teacher_bucket(k: int) -> int:
+    """KP: K rounded up to a power of two, at least 2 (a [KP, BLOCK] tile of teachers)."""
+    return max(2, triton.next_power_of_2(k))
+
+
+def _block(kp: int) -> int:
+    # [KP, BLOCK] fp32 tiles of 8192 elements per program: the tile the benchmarks were measured with (NOTES.md).
+    # Independent of V, so that V never forks the compile; a small V runs masked lanes.
+    return 8192 // kp
 
 
 def div_params(beta: float, skew: float) -> list[float]:
@@ -319,12 +403,6 @@ def div_params(beta: float, skew: float) -> list[float]:
 
     return [beta, log(beta), log(1.0 - beta) if beta < 1 else -math.inf,
             skew, log(skew), log(1.0 - skew) if skew < 1 else -math.inf]  # fmt: skip
-
-
-def param_tensor(values: list[float], acc: torch.dtype, device: torch.device) -> Tensor:
-    """Float kernel parameters in one tensor of the accumulation dtype (scalar arguments would be float32). Built
-    from 0-dim fills: torch.tensor(list) cannot run under the fake tensors of tracing."""
-    return torch.stack([torch.full((), x, dtype=acc, device=device) for x in values])
 
 
 def _kd_loss_triton(
@@ -348,34 +426,76 @@ def _kd_loss_triton(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The Triton twin of ``fastdistill::kd_loss`` (see csrc/fastdistill.cpp) with the teachers stacked:
     student [N, V], teachers [K, N, V] (unit stride along V). Returns (loss, grad_student, grad_teachers)."""
+    launch, rows, gs, gt = kd_launch(student, teachers, teacher_weights, labels, sample_weight, denominator,
+                                     divergence, ensemble, temperature, kd_scale, ce_weight, beta, skew, ignore_index,
+                                     reduce, grad_student, grad_teachers)  # fmt: skip
+    launch.run()
+    if not reduce:
+        return rows, gs, gt
+    total = rows.sum()
+    return (total / denominator.to(rows.dtype) if denominator is not None else total), gs, gt
+
+
+def kd_launch(student, teachers, teacher_weights, labels, sample_weight, denominator, divergence, ensemble,
+              temperature, kd_scale, ce_weight, beta, skew, ignore_index, reduce, grad_student,
+              grad_teachers) -> tuple[Launch, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The launch of ``_kd_row_kernel`` for these inputs (arguments of ``_kd_loss_triton``) and its outputs
+    (per-row losses [N], student gradient, teachers' gradient). Works on meta tensors: aot.py compiles what it
+    returns."""
     n, v = student.shape
     k = teachers.shape[0]
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    kp = max(2, triton.next_power_of_2(k))
-    rows = torch.empty(n, device=student.device, dtype=acc)
-    gs = torch.empty((n, v) if grad_student else (0,), device=student.device, dtype=student.dtype)
-    gt = torch.empty((k, n, v) if grad_teachers else (0,), device=student.device, dtype=teachers.dtype)
+    if not 1 <= k <= MAX_TEACHERS:
+        raise ValueError(f"teachers: the Triton kd_loss takes 1..{MAX_TEACHERS} teachers, got K = {k}")
+    if teachers.dtype != student.dtype:
+        raise TypeError(f"teachers: the Triton kd_loss takes one dtype for all logits, got student {student.dtype} "
+                        f"and teachers {teachers.dtype}")  # fmt: skip
+    check_row_dtype("kd_loss", student.dtype)
+    dev = student.device
+    acc = acc_dtype(student.dtype)
+    kp = _teacher_bucket(k)
+    rows = torch.empty(n, device=dev, dtype=acc)
+    gs = torch.empty((n, v) if grad_student else (0,), device=dev, dtype=student.dtype)
+    gt = torch.empty((k, n, v) if grad_teachers else (0,), device=dev, dtype=teachers.dtype)
     dummy = rows
     tw = teacher_weights.to(acc).contiguous() if teacher_weights is not None else dummy
     sw = sample_weight.to(acc).contiguous() if sample_weight is not None else dummy
     den = denominator.to(acc).reshape(1) if (reduce and denominator is not None) else dummy
-    lab = labels.contiguous() if labels is not None else dummy
+    lab = labels.to(torch.int64).contiguous() if labels is not None else torch.empty(1, device=dev, dtype=torch.int64)
     ens = ENS_CODES[ensemble] if k > 1 else 0
     values = [1.0 / temperature, kd_scale, kd_scale / temperature, ce_weight, *div_params(beta, skew), 1.0 / k]
-    prm = param_tensor(values, acc, student.device)
-    if n > 0 and v > 0:
-        torch.library.wrap_triton(_kd_row_kernel)[(n,)](
-            student, student.stride(0), teachers, teachers.stride(0), teachers.stride(1), tw, lab, sw, den, rows,
-            gs, gt, prm, n, v, ignore_index,
-            K=k, KP=kp, BLOCK=_block(v, kp), DIV=DIV_CODES[divergence], ENS=ens,
-            HAS_TW=teacher_weights is not None, HAS_LABELS=labels is not None, HAS_SW=sample_weight is not None,
-            HAS_DEN=reduce and denominator is not None, CE=ce_weight > 0, CE_AT_T=temperature == 1.0,
-            GRAD_S=grad_student, GRAD_T=grad_teachers, ACC=tl.float64 if acc == torch.float64 else tl.float32,
-        )  # fmt: skip
-    if not reduce:
-        return rows, gs, gt
-    total = rows.sum()
-    return (total / denominator.to(acc) if denominator is not None else total), gs, gt
+    prm = param_tensor(values, acc, dev)
+    strides = [student.stride(0), teachers.stride(0), teachers.stride(1)]
+    ints = int_tensor([n, v, *strides, ignore_index, k, teacher_weights is not None, labels is not None,
+                       sample_weight is not None, reduce and denominator is not None, ce_weight > 0,
+                       temperature == 1.0, grad_student, grad_teachers], dev)  # fmt: skip
+    aligned = is_aligned([student, teachers, gs, gt], [v, *strides])
+    launch = Launch(
+        _kd_row_kernel.pick(aligned), (n if v > 0 else 0,),
+        (student, teachers, tw, lab, sw, den, rows, gs, gt, prm, ints),
+        dict(KP=kp, BLOCK=_block(kp), DIV=DIV_CODES[divergence], ENS=ens, ALIGNED=aligned, ACC=tl_acc(student.dtype)),
+        {"num_warps": NUM_WARPS},
+    )  # fmt: skip
+    return launch, rows, gs, gt
+
+
+def kd_space():
+    """The launches of the whole problem space on meta tensors (aot.py compiles each distinct one): every dtype,
+    divergence, ensemble and teacher bucket, aligned and not; the run-time flags both ways (they must not fork the
+    compile)."""
+    for dtype in ROW_KERNEL_GPU_DTYPES:
+        for div in DIV_CODES:
+            for k in (1, 2, 3, 4, 5, 8, 9, 16):
+                for ens in ENS_CODES if k > 1 else ("prob_mean",):
+                    for v in (4096, 4097):  # aligned; odd V (unaligned rows)
+                        for on in (False, True):
+                            s = torch.empty(8, v, device="meta", dtype=dtype)
+                            t = torch.empty(k, 8, v, device="meta", dtype=dtype)
+                            opt = (lambda x: x if on else None)  # noqa: E731
+                            yield kd_launch(s, t, opt(torch.empty(k, 8, device="meta")),
+                                            opt(torch.empty(8, device="meta", dtype=torch.int64)),
+                                            opt(torch.empty(8, device="meta")), opt(torch.empty((), device="meta")),
+                                            div, ens, 1.0 if on else 2.0, 4.0, 0.5 if on else 0.0, 0.5, 0.1, -100,
+                                            on, True, on)[0]  # fmt: skip
 
 
 def _kd_loss_triton_fake(student, teachers, teacher_weights, labels, sample_weight, denominator, divergence, ensemble,

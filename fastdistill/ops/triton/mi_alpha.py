@@ -39,8 +39,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..registration import MI_STATS_ROWS, register_mi_triton
+from .launch import Launch, acc_dtype, int_tensor, is_aligned, jit_pair
 
-NEG_INF: tl.constexpr = float("-inf")
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -126,7 +126,7 @@ def _logaddexp(x, y):
     """log(exp(x) + exp(y)), exact when either is -inf (kd_math.h's logaddexp)."""
     m = tl.maximum(x, y)
     r = m + _log1p(tl.exp(-tl.abs(x - y)))
-    return tl.where(m == NEG_INF, m, r)
+    return tl.where(m == float("-inf"), m, r)
 
 
 # ---- tiles ----------------------------------------------------------------------------------------------------------
@@ -199,8 +199,19 @@ def _grad_tile(s, rows, cols, N, lse, z, q, crest, phi, m, star, gdiag, alpha_, 
 
 
 @triton.jit
-def _mi_fwd_kernel(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, part_ptr, N, D, BM: tl.constexpr, BN: tl.constexpr,
-                   BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr):  # fmt: skip
+def _sizes(int_ptr, ALIGNED: tl.constexpr):
+    """N and D, int64 (launch.py: no scalar integer arguments); D restated as a multiple of 16 when ALIGNED."""
+    N = tl.load(int_ptr + 0)
+    D = tl.load(int_ptr + 1)
+    if ALIGNED:  # the launcher checked D % 16 == 0: said so, the feature loads become 16-byte vectors
+        D = D // 16 * 16
+    return N, D
+
+
+def _mi_fwd(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, part_ptr, int_ptr, BM: tl.constexpr, BN: tl.constexpr,
+            BK: tl.constexpr, ALIGNED: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+            WIDEN: tl.constexpr):  # fmt: skip
+    N, D = _sizes(int_ptr, ALIGNED)
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     rmask = rows < N
     inv_t, lam, log_alpha, log_1m_alpha, inv_n, inv_d, inv_nm1, nf = _load_params(prm_ptr)
@@ -209,31 +220,31 @@ def _mi_fwd_kernel(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, part_ptr, N, D, BM: 
     # (the first on ties: a later tile takes over only with a strictly larger score), S_ii, and the log-sum-exp of
     # the columns not in {i, k*} with its own running max m2 (relative to mx their exps may all underflow). When k*
     # moves, the old largest joins that rest, unless it was the diagonal.
-    mx = tl.full((BM,), NEG_INF, ACC)
+    mx = tl.full((BM,), float("-inf"), ACC)
     star = tl.full((BM,), -1, tl.int64)
-    m2 = tl.full((BM,), NEG_INF, ACC)
+    m2 = tl.full((BM,), float("-inf"), ACC)
     r2 = tl.zeros((BM,), ACC)
     sdiag = tl.zeros((BM,), ACC)
     for j0 in range(0, N, BN):
         cols = j0 + tl.arange(0, BN).to(tl.int64)
         s = _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM, BN, BK, ACC, PREC, WIDEN)
-        s = tl.where((cols < N)[None, :], s, NEG_INF)
+        s = tl.where((cols < N)[None, :], s, float("-inf"))
         diag = rows[:, None] == cols[None, :]
         tmax = tl.max(s, 1)
         tstar = tl.min(tl.where(s == tmax[:, None], cols[None, :], N), 1)
         moved = tmax > mx
-        displaced = tl.where(moved & (star >= 0) & (star != rows), mx, NEG_INF)
+        displaced = tl.where(moved & (star >= 0) & (star != rows), mx, float("-inf"))
         star = tl.where(moved, tstar, star)
-        x = tl.where(diag | (cols[None, :] == star[:, None]), NEG_INF, s)
+        x = tl.where(diag | (cols[None, :] == star[:, None]), float("-inf"), s)
         new2 = tl.maximum(tl.maximum(m2, tl.max(x, 1)), displaced)
-        safe = tl.where(new2 == NEG_INF, 0.0, new2)
+        safe = tl.where(new2 == float("-inf"), 0.0, new2)
         r2 = r2 * tl.exp(m2 - safe) + tl.sum(tl.exp(x - safe[:, None]), 1) + tl.exp(displaced - safe)
         m2 = new2
         mx = tl.maximum(mx, tmax)
         sdiag += tl.sum(tl.where(diag, s, 0.0), 1)
     # l = lse (all columns), w (without the diagonal), z (without the largest), each without cancellation
     star_is_diag = star == rows
-    lse_rest = tl.where(m2 == NEG_INF, NEG_INF, m2 + tl.log(r2))
+    lse_rest = tl.where(m2 == float("-inf"), float("-inf"), m2 + tl.log(r2))
     z = tl.where(star_is_diag, lse_rest, _logaddexp(lse_rest, sdiag))
     w = tl.where(star_is_diag, lse_rest, _logaddexp(lse_rest, mx))
     lse = _logaddexp(z, mx)
@@ -271,11 +282,11 @@ def _mi_fwd_kernel(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, part_ptr, N, D, BM: 
     tl.store(part_ptr + rows, part, mask=rmask)
 
 
-@triton.jit
-def _mi_bwd_rows_kernel(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, grad_ptr, out_ptr, N, D, BM: tl.constexpr,
-                        BN: tl.constexpr, BK: tl.constexpr, BDO: tl.constexpr, ACC: tl.constexpr,
-                        PREC: tl.constexpr, WIDEN: tl.constexpr):  # fmt: skip
+def _mi_bwd_rows(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, grad_ptr, out_ptr, int_ptr, BM: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, BDO: tl.constexpr, ALIGNED: tl.constexpr, ACC: tl.constexpr,
+                 PREC: tl.constexpr, WIDEN: tl.constexpr):  # fmt: skip
     """d(teacher)[rows, chunk] = grad / T * sum over column tiles of G[rows, cols] U[cols, chunk]."""
+    N, D = _sizes(int_ptr, ALIGNED)
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     dcols = tl.program_id(1) * BDO + tl.arange(0, BDO)
     dmask = dcols < D
@@ -294,13 +305,13 @@ def _mi_bwd_rows_kernel(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, grad_ptr, out_p
              mask=(rows < N)[:, None] & dmask[None, :])  # fmt: skip
 
 
-@triton.jit
-def _mi_bwd_cols_kernel(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, grad_ptr, out_ptr, N, D, BM: tl.constexpr,
-                        BN: tl.constexpr, BK: tl.constexpr, BDO: tl.constexpr, ACC: tl.constexpr,
-                        PREC: tl.constexpr, WIDEN: tl.constexpr):  # fmt: skip
+def _mi_bwd_cols(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, grad_ptr, out_ptr, int_ptr, BM: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, BDO: tl.constexpr, ALIGNED: tl.constexpr, ACC: tl.constexpr,
+                 PREC: tl.constexpr, WIDEN: tl.constexpr):  # fmt: skip
     """d(student)[cols, chunk] = grad / T * sum over row tiles of G[rows, cols]^T V[rows, chunk]. The per-row
     quantities vary along the row tiles, so they are loaded (and alpha', beta' recomputed) per tile; k*_i is
     compared with the tile's columns, so no list of the rows whose largest score is in this column is needed."""
+    N, D = _sizes(int_ptr, ALIGNED)
     cols = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)
     dcols = tl.program_id(1) * BDO + tl.arange(0, BDO)
     dmask = dcols < D
@@ -323,10 +334,6 @@ def _mi_bwd_cols_kernel(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, grad_ptr, out_p
 # ---- host side ------------------------------------------------------------------------------------------------------
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _tiles(d: int, dtype: torch.dtype) -> dict:
     """Block sizes and launch options: {"fwd": {...}, "bwd": {...}}. The GPU rows are UNTUNED first guesses (no GPU
     was available to measure them): flash-attention-like 64 x 64 score tiles, feature chunks sized so that two
@@ -345,8 +352,9 @@ def _tiles(d: int, dtype: torch.dtype) -> dict:
         bdo = min(pow2_d, 128)
         bwd = {"BM": 64, "BN": 64, "BK": min(pow2_d, 32), "BDO": bdo, "num_warps": 4 if bdo <= 64 else 8,
                "num_stages": 2}  # fmt: skip
-    else:  # bf16 / fp16: tensor cores
-        fwd = {"BM": 64, "BN": 64, "BK": min(pow2_d, 128), "num_warps": 4, "num_stages": 3}
+    else:  # bf16 / fp16: tensor cores. 8 warps forward: at 4, ptxas spilled 72 bytes at 255 registers (the
+        # benchmark's bf16 configurations, make kernels-report); at 8, 213 registers and no spills
+        fwd = {"BM": 64, "BN": 64, "BK": min(pow2_d, 128), "num_warps": 8, "num_stages": 3}
         bdo = min(pow2_d, 256)
         bwd = {"BM": 64, "BN": 64, "BK": min(pow2_d, 64), "BDO": bdo, "num_warps": 4 if bdo <= 128 else 8,
                "num_stages": 2}  # fmt: skip
@@ -369,24 +377,87 @@ def _params(n: int, alpha: float, temperature: float, acc: torch.dtype, device) 
     return torch.stack([torch.full((), x, dtype=acc, device=device) for x in values])
 
 
+_SMALL = ("a_ptr", "prm_ptr", "stats_ptr", "part_ptr", "grad_ptr", "int_ptr")
+_mi_fwd_kernel = jit_pair(_mi_fwd, small=_SMALL)
+_mi_bwd_rows_kernel = jit_pair(_mi_bwd_rows, small=_SMALL)
+_mi_bwd_cols_kernel = jit_pair(_mi_bwd_cols, small=_SMALL)
+# the compiled variants: every value each constexpr can take (aot.py checks the launchers reach exactly these)
+MI_DOMAINS = {"BM": (32, 64), "BN": (32, 64), "BK": (16, 32, 64, 128), "BDO": (16, 32, 64, 128, 256),
+              "ALIGNED": (False, True), "ACC": ("fp32", "fp64"), "PREC": ("ieee", "tf32"),
+              "WIDEN": (False,)}  # fmt: skip
+
+
+def _common(student: Tensor, teacher: Tensor, log_baseline: Tensor, alpha: float, temperature: float):
+    n, d = student.shape
+    acc = acc_dtype(student.dtype)
+    u, v = student.contiguous(), teacher.contiguous()
+    a = log_baseline.to(acc).contiguous()
+    prm = _params(n, alpha, temperature, acc, student.device)
+    ints = int_tensor([n, d], student.device)
+    return n, d, acc, u, v, a, prm, ints
+
+
+def mi_fwd_launch(student, teacher, log_baseline, alpha, temperature) -> tuple[Launch, Tensor, Tensor]:
+    """The forward's launch and its outputs (stats [8, N], the per-row estimate terms [N]). Meta tensors work."""
+    n, d, acc, u, v, a, prm, ints = _common(student, teacher, log_baseline, alpha, temperature)
+    stats = torch.empty((MI_STATS_ROWS, n), dtype=acc, device=student.device)
+    part = torch.empty((n,), dtype=acc, device=student.device)
+    cfg = dict(_tiles(d, student.dtype)["fwd"])
+    options = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
+    aligned = is_aligned([u, v], [d])
+    launch = Launch(_mi_fwd_kernel.pick(aligned), (triton.cdiv(n, cfg["BM"]),), (u, v, a, prm, stats, part, ints),
+                    {**cfg, "ALIGNED": aligned, **_launch_args(student.dtype)},
+                    options or {"num_warps": 4})  # fmt: skip
+    return launch, stats, part
+
+
+def mi_bwd_launches(grad, student, teacher, log_baseline, stats, alpha, temperature):
+    """The backward's two launches (d teacher by row blocks, d student by column blocks) and their outputs."""
+    n, d, acc, u, v, a, prm, ints = _common(student, teacher, log_baseline, alpha, temperature)
+    st = stats.to(acc).contiguous()
+    g = grad.to(acc).reshape(1)
+    d_student = torch.empty((n, d), dtype=student.dtype, device=student.device)
+    d_teacher = torch.empty((n, d), dtype=teacher.dtype, device=teacher.device)
+    cfg = dict(_tiles(d, student.dtype)["bwd"])
+    options = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
+    aligned = is_aligned([u, v, d_student, d_teacher], [d])
+    cx = {**cfg, "ALIGNED": aligned, **_launch_args(student.dtype)}
+    chunks = triton.cdiv(d, cfg["BDO"])
+    rows = Launch(_mi_bwd_rows_kernel.pick(aligned), (triton.cdiv(n, cfg["BM"]), chunks),
+                  (u, v, a, prm, st, g, d_teacher, ints), cx, options or {"num_warps": 4})  # fmt: skip
+    cols = Launch(_mi_bwd_cols_kernel.pick(aligned), (triton.cdiv(n, cfg["BN"]), chunks),
+                  (u, v, a, prm, st, g, d_student, ints), cx, options or {"num_warps": 4})  # fmt: skip
+    return rows, cols, d_student, d_teacher
+
+
+def mi_launches(student: Tensor, teacher: Tensor, log_baseline: Tensor) -> list[tuple[str, Launch]]:
+    """The three launches of one forward + backward (for aot.py's reports)."""
+    fwd, stats, _ = mi_fwd_launch(student, teacher, log_baseline, 0.01, 1.0)
+    grad = torch.empty((), device=student.device, dtype=acc_dtype(student.dtype))
+    rows, cols, _, _ = mi_bwd_launches(grad, student, teacher, log_baseline, stats, 0.01, 1.0)
+    return [("fwd", fwd), ("bwd_rows", rows), ("bwd_cols", cols)]
+
+
+def mi_space():
+    """Every launch over the problem space on meta tensors (aot.py compiles each distinct one): each dtype, D in
+    every tile bucket, aligned (D % 16 == 0) and not."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for d in (1, 16, 17, 32, 64, 128, 256, 768, 2048):
+            x = torch.empty(64, d, device="meta", dtype=dtype)
+            for _, launch in mi_launches(x, x, torch.empty(64, device="meta")):
+                yield launch
+
+
 def _mi_alpha_triton(
     student: Tensor, teacher: Tensor, log_baseline: Tensor, alpha: float, temperature: float
 ) -> tuple[Tensor, Tensor]:
     """The Triton twin of ``fastdistill::mi_alpha``: student, teacher [N, D] (one dtype, N >= 2), log_baseline [N].
     Returns (estimate 0-dim, stats [8, N] = (l, Crest, Phi, m, dI/da, k*, dI/dS_ii, z)), float32 (float64 for float64
     inputs)."""
-    n, d = student.shape
-    acc = _acc_dtype(student.dtype)
-    u, v = student.contiguous(), teacher.contiguous()
-    a = log_baseline.to(acc).contiguous()
-    prm = _params(n, alpha, temperature, acc, student.device)
-    stats = torch.empty((MI_STATS_ROWS, n), dtype=acc, device=student.device)
-    part = torch.empty((n,), dtype=acc, device=student.device)
-    cfg = _tiles(d, student.dtype)["fwd"]
-    torch.library.wrap_triton(_mi_fwd_kernel)[(triton.cdiv(n, cfg["BM"]),)](
-        u, v, a, prm, stats, part, n, d, **cfg, **_launch_args(student.dtype)
-    )
-    estimate = (1.0 + part.to(torch.float64).sum() / n).to(acc)  # fixed-order reduction: deterministic
+    launch, stats, part = mi_fwd_launch(student, teacher, log_baseline, alpha, temperature)
+    launch.run()
+    n = student.shape[0]
+    estimate = (1.0 + part.to(torch.float64).sum() / n).to(part.dtype)  # fixed-order reduction: deterministic
     return estimate, stats
 
 
@@ -396,29 +467,15 @@ def _mi_alpha_backward_triton(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """The Triton twin of ``fastdistill::mi_alpha_backward``: (grad * dI/d student, grad * dI/d teacher), each in
     its input's dtype, from the forward's stats (S recomputed tile by tile)."""
-    n, d = student.shape
-    acc = _acc_dtype(student.dtype)
-    u, v = student.contiguous(), teacher.contiguous()
-    a = log_baseline.to(acc).contiguous()
-    st = stats.to(acc).contiguous()
-    g = grad.to(acc).reshape(1)
-    prm = _params(n, alpha, temperature, acc, student.device)
-    d_student = torch.empty((n, d), dtype=student.dtype, device=student.device)
-    d_teacher = torch.empty((n, d), dtype=teacher.dtype, device=teacher.device)
-    cfg = _tiles(d, student.dtype)["bwd"]
-    kw = {**cfg, **_launch_args(student.dtype)}
-    chunks = triton.cdiv(d, cfg["BDO"])
-    torch.library.wrap_triton(_mi_bwd_rows_kernel)[(triton.cdiv(n, cfg["BM"]), chunks)](
-        u, v, a, prm, st, g, d_teacher, n, d, **kw
-    )
-    torch.library.wrap_triton(_mi_bwd_cols_kernel)[(triton.cdiv(n, cfg["BN"]), chunks)](
-        u, v, a, prm, st, g, d_student, n, d, **kw
-    )
+    rows, cols, d_student, d_teacher = mi_bwd_launches(grad, student, teacher, log_baseline, stats, alpha,
+                                                       temperature)  # fmt: skip
+    rows.run()
+    cols.run()
     return d_student, d_teacher
 
 
 def _mi_alpha_triton_fake(student, teacher, log_baseline, alpha, temperature):
-    acc = _acc_dtype(student.dtype)
+    acc = acc_dtype(student.dtype)
     return student.new_empty((), dtype=acc), student.new_empty((MI_STATS_ROWS, student.shape[0]), dtype=acc)
 
 

@@ -1,0 +1,118 @@
+"""Every Triton launch of the project goes through here: a launcher builds a :class:`Launch` (which kernel object,
+grid, runtime arguments, constexprs, options) from its inputs, ``run`` launches it, and ``fastdistill.ops.triton.aot``
+compiles the very same ``Launch`` ahead of time for sm_90 / sm_80 without a GPU. A launcher that can choose a
+configuration the ahead-of-time test does not compile cannot exist: the test enumerates each launcher's problem
+space (``SPACES``) and calls the launcher itself.
+
+Rules that keep the compiled signature a function of the constexprs alone (so the space is small and exact):
+  - no scalar integer arguments: sizes, strides, flags and ``ignore_index`` reach the kernels in one int64 tensor
+    (``int_tensor``), so every offset is computed in 64 bits from the start and Triton's value specialisation
+    (an int equal to 1, divisible by 16, or past 2**31) never forks the compile;
+  - float parameters in one tensor of the accumulation dtype (``param_tensor``): scalar float arguments would be
+    rounded to float32;
+  - each kernel exists twice (``jit_pair``): ``aligned``, used only when the launcher has checked that the large
+    tensors' pointers are 16-byte aligned and their sizes / strides multiples of 16 (the kernel then restates that
+    with ``x // 16 * 16`` under the ``ALIGNED`` constexpr, which gives 16-byte vector loads), and ``unaligned``,
+    which never specialises on alignment;
+  - kernels see no module globals but other ``@triton.jit`` functions and ``tl``: Inductor re-emits a user kernel's
+    globals as source, and e.g. ``tl.constexpr(float("-inf"))`` comes back as the undefined name ``inf``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+TRITON_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
+                torch.int64: "i64", torch.int32: "i32"}  # fmt: skip
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The logits dtypes the row kernels (kd_loss, codistill_loss) are compiled for. float64 runs in Triton's interpreter
+# (the tests' exact checks) but is not compiled for a GPU: each dtype is one more copy of every configuration, and
+# on a GPU float64 logits go to the exact reference backend instead (dispatch says so).
+ROW_KERNEL_GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ALIGN_BYTES = 16
+ALIGN_ELEMS = 16  # sizes and strides: multiples of 16 elements (the divisibility Triton itself specialises on)
+
+
+@dataclass(frozen=True)
+class KernelPair:
+    """One ``@triton.jit`` function compiled two ways (see the module docstring). ``small``: the pointer arguments
+    never specialised on alignment even in ``aligned`` (per-row buffers, parameters: nothing to vectorise; names
+    the function does not have are ignored)."""
+
+    aligned: Any
+    unaligned: Any
+    small: tuple[str, ...]
+
+    def pick(self, aligned: bool) -> Any:
+        return self.aligned if aligned else self.unaligned
+
+
+def jit_pair(fn, small: tuple[str, ...] = ()) -> KernelPair:
+    """Wrap the plain Python function ``fn`` as the two kernel objects of a :class:`KernelPair`."""
+    import triton
+
+    params = list(fn.__code__.co_varnames[: fn.__code__.co_argcount])
+    annotations = getattr(fn, "__annotations__", {})
+    pointers = [p for p in params if p.endswith("_ptr")]
+    small = tuple(p for p in small if p in params)  # (one list may serve several kernels)
+    scalars = [p for p in params if p not in pointers and p not in annotations]
+    assert not scalars, f"{fn.__name__}: scalar arguments {scalars} must go through the int / param tensors"
+    aligned = triton.jit(do_not_specialize_on_alignment=list(small))(fn)
+    unaligned = triton.jit(do_not_specialize_on_alignment=pointers)(fn)
+    return KernelPair(aligned, unaligned, tuple(small))
+
+
+def is_aligned(tensors: list[Tensor], sizes: list[int]) -> bool:
+    """True when every tensor's data pointer is 16-byte aligned and every size / stride is a multiple of 16."""
+    return all(t.data_ptr() % ALIGN_BYTES == 0 for t in tensors if t.device.type != "meta") and all(
+        s % ALIGN_ELEMS == 0 for s in sizes
+    )
+
+
+def int_tensor(values: list[int], device: torch.device) -> Tensor:
+    """Integer kernel arguments in one int64 tensor (see the module docstring). Built from 0-dim fills:
+    torch.tensor(list) cannot run under the fake tensors of tracing."""
+    return torch.stack([torch.full((), int(x), dtype=torch.int64, device=device) for x in values])
+
+
+def param_tensor(values: list[float], acc: torch.dtype, device: torch.device) -> Tensor:
+    """Float kernel parameters in one tensor of the accumulation dtype (scalar arguments would be float32)."""
+    return torch.stack([torch.full((), float(x), dtype=acc, device=device) for x in values])
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: ``kernel[grid](*args, **constexprs, **options)``. ``args`` are tensors only."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple[Tensor, ...]
+    constexprs: dict[str, Any]
+    options: dict[str, int] = field(default_factory=lambda: {"num_warps": 4})
+
+    def run(self) -> None:
+        if all(g > 0 for g in self.grid):
+            torch.library.wrap_triton(self.kernel)[self.grid](*self.args, **self.constexprs, **self.options)
+
+
+def check_row_dtype(op: str, dtype: torch.dtype) -> None:
+    """Raise unless the row kernels of ``op`` are compiled for ``dtype`` (see ROW_KERNEL_GPU_DTYPES)."""
+    if not INTERPRET and dtype not in ROW_KERNEL_GPU_DTYPES:
+        raise TypeError(f"{op}: the Triton kernels take float32/bfloat16/float16 logits on a GPU, got {dtype} "
+                        "(backend='reference' computes float64 exactly)")  # fmt: skip
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of the kernels: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_acc(dtype: torch.dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
