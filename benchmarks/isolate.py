@@ -235,6 +235,17 @@ def run_cells(cells: list[Cell], module: str, func: str, budget: Budget, on_row:
     return rows
 
 
+def run_script(cells: list[Cell], module: str, budget: Budget, on_row: Callable[[dict, list[dict]], None],
+               args: argparse.Namespace) -> list[dict] | None:
+    """``run_cells`` for a benchmark script's ``cell`` function with the options of ``add_arguments``; None when
+    the run was interrupted (the rows so far are saved by ``on_row``: the script then exits 130)."""
+    try:
+        return run_cells(cells, module, "cell", budget, on_row, args.child_timeout_s, not args.in_process)
+    except Interrupted as e:
+        print(f"interrupted ({e}); the rows so far are saved", file=sys.stderr)
+        return None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The isolation and budget options every benchmark script takes."""
     p.add_argument(

@@ -317,11 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         report(r, f"{r['provider']:>9} V={r['V']:<6} K={r['K']}")
         save(out, result(rows, False), quiet=True)
 
-    try:
-        rows = isolate.run_cells(cells, "benchmarks.run", "cell", budget, on_row, args.child_timeout_s,
-                                 not args.in_process)  # fmt: skip
-    except isolate.Interrupted as e:
-        print(f"interrupted ({e}); the rows so far are saved", file=sys.stderr)
+    rows = isolate.run_script(cells, "benchmarks.run", budget, on_row, args)
+    if rows is None:
         return 130
     order = {p: i for i, p in enumerate(providers)}
     print(markdown_table(sorted(rows, key=lambda r: (r["V"], r["K"], order[r["provider"]]))))
