@@ -116,3 +116,24 @@ def test_launcher_alignment_decision():
     assert not launch(offset_view, torch.zeros(2, 4, 64)).constexprs["ALIGNED"]
     strided = torch.zeros(4, 72)[:, :64]  # row stride 72, not a multiple of 16
     assert not launch(strided, torch.zeros(2, 4, 64)).constexprs["ALIGNED"]
+
+
+@pytest.mark.filterwarnings("error:Accessing the data pointer")
+def test_launchers_build_under_fake_tensors():
+    """torch.compile traces a triton_op's body with fake tensors, which have no data pointer: the launchers must
+    still decide (from storage offsets) and build their launch records."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastdistill.ops.triton import codistill_loss, kd_loss, mi_alpha
+
+    with FakeTensorMode():
+        s, t = torch.empty(4, 64), torch.empty(2, 4, 64)
+        launch = kd_loss.kd_launch(s, t, None, None, None, None, "kl", "prob_mean", 2.0, 4.0, 0.0, 0.5, 0.1, -100,
+                                   False, True, False)[0]  # fmt: skip
+        assert launch.constexprs["ALIGNED"]
+        shifted = torch.empty(4 * 64 + 1)[1:].view(4, 64)
+        launch = codistill_loss.codistill_launch(shifted, shifted, None, None, None, "kl", 2.0, 4.0, 1.0, 1.0, 0.0,
+                                                 0.0, 0.5, 0.1, -100, False, True, True)[0]  # fmt: skip
+        assert not launch.constexprs["ALIGNED"]
+        u = torch.empty(8, 32)
+        assert [w for w, _ in mi_alpha.mi_launches(u, u, torch.empty(8))] == ["fwd", "bwd_rows", "bwd_cols"]

@@ -67,11 +67,20 @@ def jit_pair(fn, small: tuple[str, ...] = ()) -> KernelPair:
     return KernelPair(aligned, unaligned, tuple(small))
 
 
+def _pointer_aligned(t: Tensor) -> bool:
+    if t.device.type == "meta":
+        return True
+    if type(t) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return t.data_ptr() % ALIGN_BYTES == 0
+    # fake / functional tensors while torch.compile traces the op: no pointer yet. Storages come from the caching
+    # allocator, aligned far past 16 bytes (and Inductor copies misaligned graph inputs), so the storage offset
+    # decides.
+    return (t.storage_offset() * t.element_size()) % ALIGN_BYTES == 0
+
+
 def is_aligned(tensors: list[Tensor], sizes: list[int]) -> bool:
     """True when every tensor's data pointer is 16-byte aligned and every size / stride is a multiple of 16."""
-    return all(t.data_ptr() % ALIGN_BYTES == 0 for t in tensors if t.device.type != "meta") and all(
-        s % ALIGN_ELEMS == 0 for s in sizes
-    )
+    return all(_pointer_aligned(t) for t in tensors) and all(s % ALIGN_ELEMS == 0 for s in sizes)
 
 
 def int_tensor(values: list[int], device: torch.device) -> Tensor:
