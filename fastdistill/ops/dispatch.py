@@ -194,12 +194,6 @@ class TritonBackend(Backend):
         # One [K, N, V] tensor with unit stride along V: the caller's own when it came stacked (and needs no
         # cast); a list is stacked (one copy in the input dtype: pass a stacked tensor to avoid it).
         student, teachers = _kernel_dtypes(inp.student, inp.teachers)
-        if teachers[0].dtype != student.dtype:
-            # The kernels take one dtype for all logits (each mix would be more kernels to compile): both go to
-            # the promoted one, a copy; the student's cast is differentiable, so its gradient comes back in its
-            # own dtype.
-            common = torch.promote_types(student.dtype, teachers[0].dtype)
-            student, teachers = student.to(common), [t.to(common) for t in teachers]
         stacked = inp.teachers_stacked
         if stacked is None or teachers[0].dtype != stacked.dtype:
             stacked = torch.stack(teachers)

@@ -110,11 +110,8 @@ def spaces() -> dict[str, tuple[Iterator[Launch], dict, object]]:
 
 
 def _kernel_object(cfg: Config):
-    from . import codistill_loss, kd_loss, mi_alpha
-
-    pairs = {"_kd_row": kd_loss._kd_row_kernel, "_codistill_row": codistill_loss._codistill_row_kernel,
-             "_mi_fwd": mi_alpha._mi_fwd_kernel, "_mi_bwd_rows": mi_alpha._mi_bwd_rows_kernel,
-             "_mi_bwd_cols": mi_alpha._mi_bwd_cols_kernel}  # fmt: skip
+    """The kernel object (of its aligned / unaligned pair) a configuration was collected from."""
+    pairs = {pair.aligned.fn.__name__: pair for _, _, family_pairs in spaces().values() for pair in family_pairs}
     return pairs[cfg.kernel_name].pick(cfg.aligned_kernel)
 
 

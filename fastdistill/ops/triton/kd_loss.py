@@ -446,10 +446,8 @@ def kd_launch(student, teachers, teacher_weights, labels, sample_weight, denomin
     k = teachers.shape[0]
     if not 1 <= k <= MAX_TEACHERS:
         raise ValueError(f"teachers: the Triton kd_loss takes 1..{MAX_TEACHERS} teachers, got K = {k}")
-    if teachers.dtype != student.dtype:
-        raise TypeError(f"teachers: the Triton kd_loss takes one dtype for all logits, got student {student.dtype} "
-                        f"and teachers {teachers.dtype}")  # fmt: skip
     check_row_dtype("kd_loss", student.dtype)
+    check_row_dtype("kd_loss", teachers.dtype)
     dev = student.device
     acc = acc_dtype(student.dtype)
     kp = _teacher_bucket(k)
@@ -479,17 +477,17 @@ def kd_launch(student, teachers, teacher_weights, labels, sample_weight, denomin
 
 
 def kd_space():
-    """The launches of the whole problem space on meta tensors (aot.py compiles each distinct one): every dtype,
-    divergence, ensemble and teacher bucket, aligned and not; the run-time flags both ways (they must not fork the
-    compile)."""
-    for dtype in ROW_KERNEL_GPU_DTYPES:
+    """The launches of the whole problem space on meta tensors (aot.py compiles each distinct one): every pair of
+    student and teacher dtypes, divergence, ensemble and teacher bucket, aligned and not; the run-time flags both
+    ways (they must not fork the compile)."""
+    for dtype, t_dtype in ((a, b) for a in ROW_KERNEL_GPU_DTYPES for b in ROW_KERNEL_GPU_DTYPES):
         for div in DIV_CODES:
             for k in (1, 2, 3, 4, 5, 8, 9, 16):
                 for ens in ENS_CODES if k > 1 else ("prob_mean",):
                     for v in (4096, 4097):  # aligned; odd V (unaligned rows)
                         for on in (False, True):
                             s = torch.empty(8, v, device="meta", dtype=dtype)
-                            t = torch.empty(k, 8, v, device="meta", dtype=dtype)
+                            t = torch.empty(k, 8, v, device="meta", dtype=t_dtype)
                             opt = (lambda x: x if on else None)  # noqa: E731
                             yield kd_launch(s, t, opt(torch.empty(k, 8, device="meta")),
                                             opt(torch.empty(8, device="meta", dtype=torch.int64)),

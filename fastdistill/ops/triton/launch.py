@@ -30,9 +30,10 @@ from torch import Tensor
 TRITON_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
                 torch.int64: "i64", torch.int32: "i32"}  # fmt: skip
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# The logits dtypes the row kernels (kd_loss, codistill_loss) are compiled for. float64 runs in Triton's interpreter
-# (the tests' exact checks) but is not compiled for a GPU: each dtype is one more copy of every configuration, and
-# on a GPU float64 logits go to the exact reference backend instead (dispatch says so).
+# The logits dtypes the row kernels (kd_loss, codistill_loss) are compiled for, student and teachers in any pair of
+# them. float64 runs in Triton's interpreter (the tests' exact checks) but is not compiled for a GPU: each dtype is
+# one more copy of every configuration, and on a GPU float64 logits go to the exact reference backend instead
+# (dispatch says so).
 ROW_KERNEL_GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ALIGN_BYTES = 16
 ALIGN_ELEMS = 16  # sizes and strides: multiples of 16 elements (the divisibility Triton itself specialises on)
@@ -86,7 +87,9 @@ def is_aligned(tensors: list[Tensor], sizes: list[int]) -> bool:
 def int_tensor(values: list[int], device: torch.device) -> Tensor:
     """Integer kernel arguments in one int64 tensor (see the module docstring). Built from 0-dim fills:
     torch.tensor(list) cannot run under the fake tensors of tracing."""
-    return torch.stack([torch.full((), int(x), dtype=torch.int64, device=device) for x in values])
+    # a symbolic size (torch.compile with dynamic shapes) stays symbolic: int() would guard on its traced value
+    return torch.stack([torch.full((), x if isinstance(x, torch.SymInt) else int(x), dtype=torch.int64, device=device)
+                        for x in values])  # fmt: skip
 
 
 def param_tensor(values: list[float], acc: torch.dtype, device: torch.device) -> Tensor:
