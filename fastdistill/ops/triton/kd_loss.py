@@ -159,7 +159,7 @@ def _kd_row(
 ):  # fmt: skip
     """One program per row; the kernel pair ``_kd_row_kernel`` (launch.py). ENS: see ENS_CODES."""
     row = tl.program_id(0).to(tl.int64)
-    # integer arguments, int64 (the order of _kd_ints): every offset below is 64-bit from the start
+    # integer arguments, int64 (the order of kd_launch's int_tensor): every offset below is 64-bit from the start
     N = tl.load(int_ptr + 0)
     V = tl.load(int_ptr + 1)
     s_stride = tl.load(int_ptr + 2)
@@ -300,7 +300,9 @@ def _kd_row(
                         g += ce_w * _ce_grad(_reload(s_row + cols, cmask, True).to(ACC), q, m_ce, ll_ce, cols,
                                              label, ce_at_t)  # fmt: skip
                     tl.store(gs_row + cols, tl.where(valid, f * g, 0.0), mask=cmask)
-                if grad_t != 0:  # the tile again (_reload): teacher gradients are the rare case
+                if grad_t != 0:  # the tile again (_reload) rather than the first read's values kept alive across the
+                    # student's store: 110 instead of 144 registers (K = 4 JSD, bf16), for every call, not only the
+                    # rare ones that want teacher gradients
                     cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
                         b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kmask, ENS, DIV,
                         BLOCK, ACC, beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew, True,

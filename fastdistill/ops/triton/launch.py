@@ -2,7 +2,7 @@
 grid, runtime arguments, constexprs, options) from its inputs, ``run`` launches it, and ``fastdistill.ops.triton.aot``
 compiles the very same ``Launch`` ahead of time for sm_90 / sm_80 without a GPU. A launcher that can choose a
 configuration the ahead-of-time test does not compile cannot exist: the test enumerates each launcher's problem
-space (``SPACES``) and calls the launcher itself.
+space (``kd_space``, ``codistill_space``, ``mi_space``, next to the launchers) and calls the launcher itself.
 
 Rules that keep the compiled signature a function of the constexprs alone (so the space is small and exact):
   - no scalar integer arguments: sizes, strides, flags and ``ignore_index`` reach the kernels in one int64 tensor
@@ -41,31 +41,30 @@ ALIGN_ELEMS = 16  # sizes and strides: multiples of 16 elements (the divisibilit
 
 @dataclass(frozen=True)
 class KernelPair:
-    """One ``@triton.jit`` function compiled two ways (see the module docstring). ``small``: the pointer arguments
-    never specialised on alignment even in ``aligned`` (per-row buffers, parameters: nothing to vectorise; names
-    the function does not have are ignored)."""
+    """One ``@triton.jit`` function compiled two ways (see the module docstring and ``jit_pair``)."""
 
     aligned: Any
     unaligned: Any
-    small: tuple[str, ...]
 
     def pick(self, aligned: bool) -> Any:
         return self.aligned if aligned else self.unaligned
 
 
 def jit_pair(fn, small: tuple[str, ...] = ()) -> KernelPair:
-    """Wrap the plain Python function ``fn`` as the two kernel objects of a :class:`KernelPair`."""
+    """Wrap the plain Python function ``fn`` as the two kernel objects of a :class:`KernelPair`. ``small``: pointer
+    arguments never specialised on alignment even in ``aligned`` (per-row buffers, parameters: nothing to vectorise;
+    names ``fn`` does not have are ignored, so one list may serve several kernels)."""
     import triton
 
     params = list(fn.__code__.co_varnames[: fn.__code__.co_argcount])
     annotations = getattr(fn, "__annotations__", {})
     pointers = [p for p in params if p.endswith("_ptr")]
-    small = tuple(p for p in small if p in params)  # (one list may serve several kernels)
+    small = tuple(p for p in small if p in params)
     scalars = [p for p in params if p not in pointers and p not in annotations]
     assert not scalars, f"{fn.__name__}: scalar arguments {scalars} must go through the int / param tensors"
     aligned = triton.jit(do_not_specialize_on_alignment=list(small))(fn)
     unaligned = triton.jit(do_not_specialize_on_alignment=pointers)(fn)
-    return KernelPair(aligned, unaligned, tuple(small))
+    return KernelPair(aligned, unaligned)
 
 
 def _pointer_aligned(t: Tensor) -> bool:

@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..registration import MI_STATS_ROWS, register_mi_triton
-from .launch import Launch, acc_dtype, int_tensor, is_aligned, jit_pair
+from .launch import Launch, acc_dtype, int_tensor, is_aligned, jit_pair, param_tensor
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -373,8 +373,7 @@ def _params(n: int, alpha: float, temperature: float, acc: torch.dtype, device) 
     values = [1.0 / temperature, math.log(n - 1), math.log(alpha) if alpha > 0 else -math.inf,
               math.log1p(-alpha) if alpha < 1 else -math.inf, 1.0 / n, 1.0 / (n * (n - 1)), 1.0 / (n - 1),
               float(n)]  # fmt: skip
-    # built from 0-dim fills: torch.tensor(list) cannot run under the fake tensors of tracing
-    return torch.stack([torch.full((), x, dtype=acc, device=device) for x in values])
+    return param_tensor(values, acc, device)
 
 
 _SMALL = ("a_ptr", "prm_ptr", "stats_ptr", "part_ptr", "grad_ptr", "int_ptr")
