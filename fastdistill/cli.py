@@ -12,6 +12,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 COMMANDS = {
@@ -26,8 +27,13 @@ def _error(command: str, message: str) -> int:
     return 2
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"fastdistill train: warning: {category.__name__}: {message}", file=sys.stderr)
+
+
 def train_main(argv: Sequence[str]) -> int:
-    """``fastdistill train``: a bad config is one line on stderr and exit status 2, never a traceback."""
+    """``fastdistill train``: a bad config is one line on stderr and exit status 2, never a traceback (a bug in
+    training still shows its traceback); a warning (e.g. a damaged checkpoint skipped) is one line too."""
     from .training import config
 
     p = argparse.ArgumentParser(prog="fastdistill train", description=COMMANDS["train"])
@@ -39,8 +45,9 @@ def train_main(argv: Sequence[str]) -> int:
         print(config.default_yaml(), end="")
         return 0
     try:
-        cfg = config.load_config(args.config)
-        summary = config.run(cfg)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line
+            summary = config.run(config.load_config(args.config))
     except config.ConfigError as e:
         return _error("train", str(e))
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary

@@ -127,3 +127,63 @@ def test_cache_errors(tmp_path):
     with pytest.raises(ValueError, match="same teacher-logit shape"):
         write_teacher_cache(tmp_path / "r.safetensors", _teachers(1), Ragged(), batch_size=2)
     assert not (tmp_path / "r.safetensors").exists() and not (tmp_path / "r.safetensors.tmp").exists()
+
+
+def _damaged_cache(tmp_path, how):
+    """A valid cache file, then damaged: ``how(bytes, header_len) -> bytes``."""
+    path = tmp_path / "c.safetensors"
+    write_teacher_cache(path, _teachers(1), ArrayDataset(input_ids=_ids()))
+    raw = path.read_bytes()
+    path.write_bytes(how(raw, int.from_bytes(raw[:8], "little")))
+    return path
+
+
+def _header_edit(old, new):
+    """Replace text inside the JSON header, keeping its length (so only that field changes)."""
+    assert len(old) == len(new)
+    return lambda raw, n: raw[:8] + raw[8 : 8 + n].replace(old, new) + raw[8 + n :]
+
+
+@pytest.mark.parametrize("how, problem", [
+    (lambda raw, n: b"these are my notes, not a cache\n", "its header length 8241904413164529780 exceeds the file"),
+    (lambda raw, n: raw[:5], "5 bytes, too short"),
+    (lambda raw, n: raw[:8] + b"\xff" * n + raw[8 + n :], "its header is not JSON"),
+    (lambda raw, n: raw[:8] + b"[" + b" " * (n - 2) + b"]" + raw[8 + n :], "its header is not a JSON object"),
+    (_header_edit(b'"F32"', b'"F64"'), "tensor 'logits' has dtype 'F64', expected one of F32, F16, BF16, I32"),
+    (_header_edit(b'"kind":"full"', b'"kind":"fuzz"'), "metadata kind='fuzz'"),
+    (_header_edit(b'"shape":[13,', b'"shape":[99,'), "tensor 'logits' ([99, 1, 5, 17] F32) does not fit"),
+    (lambda raw, n: raw[:-4], "tensor 'logits' ([13, 1, 5, 17] F32) does not fit bytes 0 to 4420"),
+])  # fmt: skip
+def test_a_damaged_cache_is_a_value_error_naming_the_file(tmp_path, how, problem):
+    """Not a MemoryError (8 bytes of text read as a header length), a KeyError('F64') or rows read from the
+    wrong bytes."""
+    path = _damaged_cache(tmp_path, how)
+    with pytest.raises(ValueError) as e:
+        TeacherLogitCache(path)
+    assert str(path) in str(e.value) and problem in str(e.value)
+
+
+def test_cache_rows_are_integers_in_range(tmp_path):
+    cache = write_teacher_cache(tmp_path / "c.safetensors", _teachers(1), ArrayDataset(input_ids=_ids()), topk=3)
+    for get in (cache.get, cache.topk):
+        with pytest.raises(ValueError, match="cache rows must be integer indices, got torch.float32"):
+            get([0.5])  # was row 0
+        with pytest.raises(ValueError, match="integer indices, got torch.bool"):
+            get(torch.ones(13, dtype=torch.bool))
+        for bad in (-1, 13):  # -1 was the last row
+            with pytest.raises(IndexError, match=f"cache row {bad} out of range: .*c.safetensors has rows 0 to 12"):
+                get([0, bad])
+    assert cache.get(torch.tensor([12, 0], dtype=torch.int32)).shape == (1, 2, 5, 17)
+    assert cache.get([]).shape[1] == 0
+
+
+@pytest.mark.parametrize("n", [10, 20])
+def test_cache_must_have_one_row_per_dataset_item(tmp_path, n):
+    """Shorter: an IndexError mid-run; longer: almost certainly another dataset's logits. Both stop before step 1."""
+    x = torch.randn(13, 6, generator=torch.Generator().manual_seed(1))
+    cache = write_teacher_cache(tmp_path / "c.safetensors", [nn.Linear(6, 5)], ArrayDataset(input=x))
+    ds = ArrayDataset(input=torch.randn(n, 6), labels=torch.randint(0, 5, (n,)))
+    loop = DistillationLoop(nn.Linear(6, 5), teacher_cache=cache, batch_size=4, progress=False)
+    with pytest.raises(ValueError, match=f"c.safetensors has 13 rows but the dataset has {n} items"):
+        loop.fit(ds, max_steps=5)
+    assert loop.step == 0

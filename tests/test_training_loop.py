@@ -135,14 +135,94 @@ def test_resume_is_bitwise_identical(tmp_path):
     assert [json.loads(r)["step"] for r in lines] == list(range(1, 2 * n + 1))
 
 
-def test_resume_refuses_another_data_order(tmp_path):
+@pytest.mark.parametrize("key, value", [("batch_size", 4), ("grad_accum_steps", 1), ("seed", 8), ("drop_last", True)])
+def test_resume_refuses_another_data_order(tmp_path, key, value):
+    """Each setting that fixes the data order or what a step is must match the checkpoint's."""
     ds = _data(n=20)
     a = _resumable_loop(tmp_path, model_seed=0)
     a.fit(ds, max_steps=2, checkpoint_every=2)
     b = _resumable_loop(tmp_path, model_seed=0)
-    b.batch_size = 4
-    with pytest.raises(ValueError, match="batch_size"):
+    setattr(b, key, value)
+    with pytest.raises(ValueError, match=f"{key}=.*this run has {value}"):
         b.fit(ds, max_steps=4, resume_from="latest")
+    assert b.step == 0
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_at(step):
+    def eval_fn(loop):
+        if loop.step == step:
+            raise _Crash
+        return {"score": 1.0}
+
+    return eval_fn
+
+
+def test_resume_after_a_crash_logs_each_step_once(tmp_path):
+    """A run checkpoints at step 4, logs steps 5 and 6 and dies (a line cut short at the end); resumed, its metrics
+    files hold what a run that never stopped writes: each step once, in order."""
+    ds, kw = _data(n=37), dict(max_steps=8, eval_every=2, checkpoint_every=4)
+    whole = _resumable_loop(tmp_path / "whole", model_seed=0)
+    whole.fit(ds, eval_fn=_crash_at(None), **kw)
+    with pytest.raises(_Crash):
+        _resumable_loop(tmp_path / "crash", model_seed=0).fit(ds, eval_fn=_crash_at(6), **kw)
+    with open(tmp_path / "crash" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "spl')
+    _resumable_loop(tmp_path / "crash", model_seed=0).fit(ds, eval_fn=_crash_at(None), resume_from="latest", **kw)
+
+    def jsonl(run):
+        return [json.loads(r) for r in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    def csv_rows(run):
+        return [r.split(",") for r in (tmp_path / run / "metrics.csv").read_text().splitlines()]
+
+    resumed, expected = jsonl("crash"), jsonl("whole")
+    assert [r["step"] for r in resumed if r["split"] == "train"] == list(range(1, 9))
+    assert [(r["step"], r["split"], r["loss"] if r["split"] == "train" else r["score"]) for r in resumed] == [
+        (r["step"], r["split"], r["loss"] if r["split"] == "train" else r["score"]) for r in expected]
+    resumed, expected = csv_rows("crash"), csv_rows("whole")
+    assert resumed[0] == expected[0] == ["step", "epoch", "split", "name", "value"]
+    assert [r[:4] for r in resumed] == [r[:4] for r in expected]
+    steps = [int(r[0]) for r in resumed[1:]]
+    assert steps == sorted(steps) and len({tuple(r[:4]) for r in resumed}) == len(resumed)
+
+
+def _damage(path):
+    if path.suffix == ".json":
+        path.write_text('{"state": [1, 2')
+    else:  # a safetensors file cut short
+        path.write_bytes(path.read_bytes()[:-16])
+
+
+@pytest.mark.parametrize("damaged", ["optimizer.json", "student.safetensors", "rng-rank0.safetensors", "state.json"])
+def test_a_damaged_checkpoint_names_its_file_and_latest_skips_it(tmp_path, damaged):
+    ds = _data(n=37)
+    whole = _resumable_loop(tmp_path / "whole", model_seed=0)
+    whole.fit(ds, max_steps=6)
+    _resumable_loop(tmp_path / "run", model_seed=0).fit(ds, max_steps=4, checkpoint_every=2)
+    newest = tmp_path / "run" / "checkpoints" / "step-00000004"
+    _damage(newest / damaged)
+    with pytest.raises(ValueError, match=f"step-00000004/{damaged} is not a readable"):
+        _resumable_loop(tmp_path / "run", model_seed=0).fit(ds, max_steps=6, resume_from=newest)
+    loop = _resumable_loop(tmp_path / "run", model_seed=0)
+    with pytest.warns(UserWarning, match=f"skipping damaged checkpoint .*step-00000004: .*{damaged}"):
+        loop.fit(ds, max_steps=6, resume_from="latest")
+    assert [h["step"] for h in loop.history] == [3, 4, 5, 6]  # from step 2, the newest intact checkpoint
+    for p, q in zip(whole.student.parameters(), loop.student.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_resume_latest_with_every_checkpoint_damaged_refuses_to_start_over(tmp_path):
+    ds = _data(n=37)
+    _resumable_loop(tmp_path, model_seed=0).fit(ds, max_steps=4, checkpoint_every=2)
+    for step in (2, 4):
+        _damage(tmp_path / "checkpoints" / f"step-{step:08d}" / "student.safetensors")
+    loop = _resumable_loop(tmp_path, model_seed=0)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="no intact checkpoint under"):
+        loop.fit(ds, max_steps=6, resume_from="latest")
 
 
 def test_feature_term_hooks_and_trainable_projection(tmp_path):

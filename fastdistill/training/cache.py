@@ -48,21 +48,16 @@ class TeacherLogitCache:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        header, base = _read_header(self.path)
+        self.metadata: dict[str, str] = header.pop("__metadata__")
         with open(self.path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len))
             # ACCESS_COPY: a private mapping is writable (torch.frombuffer wants that) and never touches the file
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        self.metadata: dict[str, str] = header.pop("__metadata__", {})
-        if self.metadata.get("format") != FORMAT:
-            raise ValueError(f"{self.path} is not a fastdistill teacher-logit cache (no format={FORMAT!r} metadata)")
-        base = 8 + header_len
         self._tensors: dict[str, Tensor] = {}
         for name, info in header.items():
             begin, end = info["data_offsets"]
-            dtype = _TORCH_DTYPES[info["dtype"]]
             flat = torch.frombuffer(self._mm, dtype=torch.uint8, count=end - begin, offset=base + begin)
-            self._tensors[name] = flat.view(dtype).reshape(info["shape"])
+            self._tensors[name] = flat.view(_TORCH_DTYPES[info["dtype"]]).reshape(info["shape"])
         self.kind = self.metadata["kind"]
         self.num_teachers = int(self.metadata["num_teachers"])
         self.vocab_size = int(self.metadata["vocab_size"])
@@ -92,12 +87,31 @@ class TeacherLogitCache:
     def tail_mass(self) -> Tensor:
         return self._tensors["tail_mass"]
 
+    def check_length(self, n: int) -> None:
+        """A :class:`ValueError` unless the cache has one row per item of a dataset of ``n`` items: a shorter cache
+        would fail mid-run, a longer one almost certainly belongs to another dataset."""
+        if len(self) != n:
+            raise ValueError(f"teacher cache {self.path} has {len(self)} rows but the dataset has {n} items (row i "
+                             f"must be item i: was the cache written for another dataset?)")  # fmt: skip
+
+    def _rows(self, index: Tensor | Sequence[int]) -> Tensor:
+        """``index`` as int64 row numbers, each in [0, len): never a float truncated, a mask or a wrapped negative."""
+        idx = torch.as_tensor(index)
+        if idx.numel() == 0:
+            return idx.long()
+        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+            raise ValueError(f"cache rows must be integer indices, got {idx.dtype} values")
+        lo, hi, n = int(idx.min()), int(idx.max()), len(self)
+        if lo < 0 or hi >= n:
+            raise IndexError(f"cache row {lo if lo < 0 else hi} out of range: {self.path} has rows 0 to {n - 1}")
+        return idx.long()
+
     def topk(self, index: Tensor | Sequence[int], device: torch.device | str | None = None):
         """Top-k parts of rows ``index`` (B of them): values ``[K, B, *, k]``, indices int64 ``[K, B, *, k]``,
         tail_mass float32 ``[K, B, *]``."""
         if self.kind != "topk":
             raise ValueError("topk() needs a top-k cache; this one stores full logits")
-        idx = torch.as_tensor(index, dtype=torch.long)
+        idx = self._rows(index)
         return (
             self.values[idx].transpose(0, 1).to(device).contiguous(),
             self.indices[idx].transpose(0, 1).to(device, torch.long).contiguous(),
@@ -109,11 +123,76 @@ class TeacherLogitCache:
     ) -> Tensor:
         """Teacher logits of dataset rows ``index`` (B of them), stacked as ``[K, B, *, V]``: what ``kd_loss``
         takes as ``teacher_logits``. For a top-k cache, dense logits (see the module docstring)."""
-        idx = torch.as_tensor(index, dtype=torch.long)
+        idx = self._rows(index)
         if self.kind == "full":
             return self.logits[idx].transpose(0, 1).to(device, dtype).contiguous()
         values, indices, tail = self.topk(idx, device)
         return topk_to_logits(values, indices, tail, self.vocab_size).to(dtype or values.dtype)
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The checked safetensors header of a cache file and where its data starts. Every field that decides what is
+    read from where is checked against the file (its size, the dtypes, shapes and offsets, the metadata), so a file
+    that is not a cache, or a damaged one, is a ValueError naming it, not a MemoryError, a KeyError or wrong rows."""
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{path} is not a valid fastdistill teacher-logit cache: {what}")
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size < 8:
+            raise bad(f"{size} bytes, too short for a safetensors header")
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len > size - 8:
+            raise bad(f"its header length {header_len} exceeds the file's {size} bytes")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise bad(f"its header is not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a fastdistill teacher-logit cache (no format={FORMAT!r} metadata)")
+    kind = meta.get("kind")
+    if kind not in ("full", "topk"):
+        raise bad(f"metadata kind={kind!r}, expected 'full' or 'topk'")
+    for key in ("num_teachers", "vocab_size") + (("topk",) if kind == "topk" else ()):
+        if not str(meta.get(key, "")).isdigit() or int(meta[key]) < 1:
+            raise bad(f"metadata {key}={meta.get(key)!r}, expected a positive integer")
+    names = ("logits",) if kind == "full" else ("tail_mass", "indices", "values")
+    if set(header) - {"__metadata__"} != set(names):
+        raise bad(f"tensors {sorted(set(header) - {'__metadata__'})}, expected {sorted(names)} for kind={kind!r}")
+    base = 8 + header_len
+    rows = set()
+    for name in names:
+        info = header[name]
+        dtype = _TORCH_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+        if dtype is None:
+            raise bad(f"tensor {name!r} has dtype {info.get('dtype') if isinstance(info, dict) else info!r}, "
+                      f"expected one of {', '.join(_TORCH_DTYPES)}")  # fmt: skip
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and len(shape) >= 2 and all(_is_size(d) for d in shape)):
+            raise bad(f"tensor {name!r} has shape {shape!r}, expected [N, K, ...]")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_size(o) for o in offsets)):
+            raise bad(f"tensor {name!r} has data_offsets {offsets!r}, expected [begin, end]")
+        begin, end = offsets
+        if end - begin != math.prod(shape) * dtype.itemsize or base + end > size:
+            raise bad(f"tensor {name!r} ({shape} {info['dtype']}) does not fit bytes {begin} to {end} of the data "
+                      f"({size - base} bytes)")  # fmt: skip
+        if (base + begin) % dtype.itemsize:
+            raise bad(f"tensor {name!r} starts at byte {base + begin}, not aligned to its {dtype.itemsize}-byte dtype")
+        last = {"logits": meta["vocab_size"], "values": meta.get("topk"), "indices": meta.get("topk")}.get(name)
+        if shape[1] != int(meta["num_teachers"]) or (last is not None and shape[-1] != int(last)):
+            raise bad(f"tensor {name!r} has shape {shape}, which does not match the metadata {meta}")
+        rows.add(shape[0])
+    if len(rows) != 1 or 0 in rows:
+        raise bad(f"its tensors have row counts {sorted(rows)}, expected one positive count")
+    return header, base
+
+
+def _is_size(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def topk_to_logits(values: Tensor, indices: Tensor, tail_mass: Tensor, vocab_size: int) -> Tensor:

@@ -3,19 +3,31 @@
 A nested state (an optimizer's or scheduler's ``state_dict()``, RNG states) is split by :func:`encode` into a
 JSON-able tree and a flat ``{key: Tensor}`` dict; :func:`decode` puts it back together exactly, including tuples
 and the non-string (int) keys of ``optimizer.state_dict()["state"]``, which plain JSON would turn into strings.
+
+Every read names its file when it fails (a :class:`ValueError`, never a bare ``JSONDecodeError`` or
+``SafetensorError``); :func:`find_problem` checks a checkpoint directory without loading its tensors, and
+:func:`find_latest` picks the newest intact one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import safetensors.torch
 import torch
-from torch import Tensor
+from safetensors import SafetensorError
+from torch import Tensor, nn
+
+# state.json: the position in the data, and the settings that define a step and the data order (a resumed run must
+# use the same ones, or it would take other steps than the run that never stopped)
+POSITION_KEYS = ("step", "epoch", "batch_in_epoch")
+RUN_KEYS = ("world_size", "batch_size", "grad_accum_steps", "seed", "shuffle", "drop_last")
 
 _TENSOR, _TUPLE, _ITEMS, _NDARRAY = "__tensor__", "__tuple__", "__items__", "__ndarray__"
 
@@ -79,10 +91,114 @@ def save_state(state: Any, directory: str | os.PathLike, name: str) -> None:
 
 
 def load_state(directory: str | os.PathLike, name: str) -> Any:
-    """Read what :func:`save_state` wrote."""
+    """Read what :func:`save_state` wrote; a :class:`ValueError` naming the file if it is missing or corrupted."""
     directory = Path(directory)
-    tensors = safetensors.torch.load_file(str(directory / f"{name}.safetensors"))
-    return decode(json.loads((directory / f"{name}.json").read_text()), tensors)
+    tensors = _read(directory / f"{name}.safetensors", safetensors.torch.load_file)
+    return decode(read_json(directory / f"{name}.json"), tensors)
+
+
+def _read(path: Path, reader: Callable[[str], Any]) -> Any:
+    """``reader(str(path))``, its failures turned into a one-line ValueError that names the file."""
+    kind = "JSON" if path.suffix == ".json" else "safetensors"
+    try:
+        return reader(str(path))
+    except FileNotFoundError:
+        raise ValueError(f"file {path} is missing") from None
+    except (OSError, UnicodeDecodeError, ValueError, SafetensorError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not a readable {kind} file ({type(e).__name__}: {e})") from e
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON in ``path``; a :class:`ValueError` naming the file if it is missing or not JSON."""
+    return _read(Path(path), lambda p: json.loads(Path(p).read_text()))
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """Check that ``path`` is a complete safetensors file (its header parses and covers the file) without reading
+    the tensors; a :class:`ValueError` naming the file otherwise."""
+
+    def header(p: str) -> None:
+        with safetensors.safe_open(p, "pt"):
+            pass
+
+    _read(Path(path), header)
+
+
+def load_model(module: nn.Module, path: str | os.PathLike, device: str = "cpu") -> None:
+    """``safetensors.torch.load_model`` (strict), every failure a one-line :class:`ValueError` naming the file:
+    missing, not safetensors, or keys / shapes that do not match the module."""
+    path = Path(path)
+    try:
+        missing, unexpected = _read(path, lambda p: safetensors.torch.load_model(module, p, strict=False,
+                                                                                 device=device))  # fmt: skip
+    except RuntimeError as e:  # load_state_dict: shapes that differ, one line per tensor
+        detail = "; ".join(line.strip().rstrip(".") for line in str(e).splitlines()[1:]) or str(e)
+        raise ValueError(f"{path} does not fit the {type(module).__name__}: {detail}") from e
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit the {type(module).__name__}: missing keys {_few(missing)}, "
+                         f"unexpected keys {_few(unexpected)}")  # fmt: skip
+
+
+def _few(keys: Iterable[str], n: int = 5) -> str:
+    keys = sorted(keys)
+    return "[" + ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "") + "]"
+
+
+def read_run_state(directory: str | os.PathLike) -> dict[str, Any]:
+    """``state.json`` of a checkpoint, checked to hold the position and the run settings."""
+    path = Path(directory) / "state.json"
+    state = read_json(path)
+    absent = [k for k in (*POSITION_KEYS, *RUN_KEYS) if not isinstance(state, dict) or k not in state]
+    if absent:
+        raise ValueError(f"{path} is incomplete: no {', '.join(absent)}")
+    return state
+
+
+def check_compatible(state: Mapping[str, Any], settings: Mapping[str, Any], directory: str | os.PathLike) -> None:
+    """A :class:`ValueError` unless every one of :data:`RUN_KEYS` in ``settings`` equals the checkpoint's."""
+    for key in RUN_KEYS:
+        if key in settings and state[key] != settings[key]:
+            raise ValueError(f"checkpoint {directory} was written with {key}={state[key]!r}, this run has "
+                             f"{settings[key]!r}: a step and the data order would differ")  # fmt: skip
+
+
+def find_problem(directory: str | os.PathLike, files: Iterable[str] | None = None) -> str | None:
+    """Why ``directory`` is not an intact checkpoint (None if it is): ``state.json`` and each of ``files`` (default:
+    every ``*.json`` and ``*.safetensors`` in it) must be present and parse. Tensors are not read; a truncated
+    safetensors file shows in its header."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return f"{directory} is not a directory"
+    if files is None:
+        files = sorted(p.name for p in directory.iterdir() if p.suffix in (".json", ".safetensors"))
+    try:
+        read_run_state(directory)
+        for name in files:
+            if name.endswith(".safetensors"):
+                check_safetensors(directory / name)
+            else:
+                read_json(directory / name)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def find_latest(checkpoints: str | os.PathLike, files: Iterable[str] | None = None) -> Path | None:
+    """The newest intact ``step-*`` checkpoint under ``checkpoints`` (None if there is none); damaged ones are
+    skipped with a warning naming them. Raises :class:`ValueError` if there are checkpoints but none is intact:
+    starting over from scratch would silently drop the run's progress."""
+    files = None if files is None else list(files)
+    found = sorted(Path(checkpoints).glob("step-*[0-9]"))
+    problems = []
+    for directory in reversed(found):
+        problem = find_problem(directory, files)
+        if problem is None:
+            return directory
+        warnings.warn(f"skipping damaged checkpoint {directory}: {problem}", stacklevel=2)
+        problems.append(problem)
+    if found:
+        raise ValueError(f"no intact checkpoint under {checkpoints}: {'; '.join(problems)}")
+    return None
 
 
 def rng_state() -> dict[str, Any]:

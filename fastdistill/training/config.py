@@ -7,30 +7,44 @@ unknown key, a value of the wrong type or out of range raises :class:`ConfigErro
 (``kd.temperature must be ...``), which the CLI prints without a traceback.
 
 Models and data come from factories named ``"package.module:callable"`` and called with ``kwargs``; a config can
-import any code on the Python path, like a Python script, so only run configs you trust.
+import any code on the Python path, like a Python script, so only run configs you trust. :func:`run` checks
+everything it can before it calls any factory (:func:`check_run`: devices, files, the checkpoint to resume, the
+factories' keyword arguments against their signatures), so a config that is wrong anywhere runs no code.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib
+import inspect
 import math
 import numbers
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import yaml
 
 from .. import functional
+from . import checkpoint as ckpt
+
+if TYPE_CHECKING:
+    from .cache import TeacherLogitCache
 
 
 class ConfigError(ValueError):
     """A bad config: the message is one line and names the option."""
+
+
+# the data order seeds a torch.Generator (which takes up to 2**64 - 1) with seed * 1_000_003 + epoch (data.py)
+SEED_MAX = 2**44 - 1
 
 
 def opt(default: Any, doc: str, *, low: float | None = None, high: float | None = None) -> Any:
@@ -71,7 +85,8 @@ class KDConfig:
 
     divergence: Literal["kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl"] = opt(
         "kl", "Divergence D(P, Q) between the teachers' target P and the student Q.")
-    temperature: float = opt(1.0, "T > 0: divides the student's and the teachers' logits.")
+    temperature: float = opt(1.0, "T in [1e-19, 1e19] (T^2 and 1/T finite in float32): divides the student's and "
+                                  "the teachers' logits.")
     scale_by_temperature_sq: bool = opt(True, "Multiply the divergence by T^2 (Hinton et al.).")
     ensemble: Literal["prob_mean", "logit_mean", "loss_mean"] = opt(
         "prob_mean", "How K > 1 teachers form the target: mixture of distributions, softmax of mean logits, or the "
@@ -127,7 +142,8 @@ class LoopConfig:
 class TrainConfig:
     """Everything ``fastdistill train`` reads."""
 
-    seed: int = opt(0, "Seeds the data order and the global RNGs (seed + rank).")
+    seed: int = opt(0, "Seeds the data order and the global RNGs (seed + rank); in [0, 2^44 - 1].", low=0,
+                    high=SEED_MAX)
     output_dir: str = opt("runs/fastdistill", "Metrics (metrics.jsonl, metrics.csv), TensorBoard and checkpoints.")
     data: DataConfig = opt(DataConfig, "The datasets.")
     student: ModelConfig = opt(ModelConfig, "The student model.")
@@ -231,11 +247,11 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             raise ConfigError(f"unknown option {name!r} in {where}{hint}")
         v = _convert(value, hints[key], name)
         meta = fields[key].metadata
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            if meta.get("low") is not None and v < meta["low"]:
-                raise ConfigError(f"{name} must be >= {meta['low']}, got {value!r}")
-            if meta.get("high") is not None and v > meta["high"]:
-                raise ConfigError(f"{name} must be <= {meta['high']}, got {value!r}")
+        low, high = meta.get("low"), meta.get("high")
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not (
+                (low is None or v >= low) and (high is None or v <= high)):  # fmt: skip
+            bound = f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
+            raise ConfigError(f"{name} must be {bound}, got {value!r}")
         values[key] = v
     return cls(**values)
 
@@ -249,6 +265,12 @@ def parse_config(raw: Any) -> TrainConfig:
                                             "backend", "ignore_index", "scale_by_temperature_sq")})  # fmt: skip
     except (ValueError, TypeError) as e:
         raise ConfigError(f"kd.{e}") from None
+    if cfg.train.device is not None:
+        try:
+            torch.device(cfg.train.device)
+        except RuntimeError:
+            raise ConfigError(f"train.device must be a torch device (cpu, cuda, cuda:1, ...), got "
+                              f"{cfg.train.device!r}") from None  # fmt: skip
     if cfg.train.max_steps is None and cfg.train.epochs is None:
         raise ConfigError("train.max_steps or train.epochs must be set (how long to train)")
     if not cfg.data.factory:
@@ -383,22 +405,173 @@ def _optimizer(cfg: OptimConfig):
     return factory
 
 
-def _model(cfg: ModelConfig, name: str):
-    model = resolve(cfg.factory, f"{name}.factory")(**cfg.kwargs)
+@dataclass
+class RunPlan:
+    """What :func:`check_run` resolved: factories with their kwargs bound (not called yet), the device, the open
+    teacher cache and what to resume from (a checkpoint directory, "latest" when there is none yet, or None)."""
+
+    data: Callable[[], Any]
+    student: Callable[[], Any]
+    teachers: list[Callable[[], Any]]
+    device: torch.device
+    cache: TeacherLogitCache | None
+    resume: str | None
+
+
+def check_run(cfg: TrainConfig) -> RunPlan:
+    """Check everything about ``cfg`` that can be checked before a factory runs, raising :class:`ConfigError`:
+    output_dir, the device, AMP and kd backend there, the teacher cache, the model checkpoint files, the checkpoint
+    to resume from, and every factory's kwargs against its signature. A config runs code; a config wrong anywhere
+    must run none of it."""
+    _check_output_dir(cfg.output_dir)
+    device = _device(cfg.train)
+    _check_backend(cfg.kd, device, _amp_dtype(cfg.train.amp, device))
+    cache = _open_cache(cfg)
+    for name, m in (("student", cfg.student), *((f"teachers[{i}]", t) for i, t in enumerate(cfg.teachers))):
+        if m.checkpoint is not None:
+            _as_config_error(f"{name}.checkpoint", ckpt.check_safetensors, m.checkpoint)
+    return RunPlan(
+        data=_factory(cfg.data, "data"), student=_factory(cfg.student, "student"),
+        teachers=[_factory(t, f"teachers[{i}]") for i, t in enumerate(cfg.teachers)],
+        device=device, cache=cache, resume=_resume(cfg),
+    )  # fmt: skip
+
+
+def _as_config_error(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``; its ValueError or OSError (a file that is missing, unreadable, damaged or does not fit; a
+    setting this machine cannot run) as a one-line ConfigError naming the option."""
+    try:
+        return fn(*args)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{name}: {e}") from e
+
+
+def _factory(section: DataConfig | ModelConfig, name: str) -> Callable[[], Any]:
+    """``section.factory`` with ``section.kwargs`` bound, checked against its signature without calling it."""
+    fn = resolve(section.factory, f"{name}.factory")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have none: the call will tell
+        signature = None
+    try:
+        if signature is not None:
+            signature.bind(**section.kwargs)
+        return functools.partial(fn, **section.kwargs)
+    except TypeError as e:  # an unknown or missing keyword, or a key that is not a string
+        raise ConfigError(f"{name}.kwargs do not fit {section.factory}{signature or ''}: {e}") from e
+
+
+def _device(t: LoopConfig) -> torch.device:
+    """train.device (parse_config checked its spelling), or the default one, checked to exist on this machine."""
+    from .loop import default_device
+
+    if t.device is None:
+        return default_device()
+    device = torch.device(t.device)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count < (device.index or 0) + 1:
+            raise ConfigError(f"train.device is {t.device!r} but this machine has {count} CUDA device(s)")
+    elif device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as e:
+            raise ConfigError(f"train.device {t.device!r} is not available here ({str(e).splitlines()[0][:200]})"
+                              ) from e  # fmt: skip
+    return device
+
+
+def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    from .loop import amp_dtype
+
+    return _as_config_error("train.amp", amp_dtype, amp, device)
+
+
+def _check_backend(kd: KDConfig, device: torch.device, dtype: torch.dtype | None) -> None:
+    """An explicit kd.backend must run on ``device``: asked of the dispatcher on a one-row probe (nothing runs)."""
+    if kd.backend == "auto":
+        return
+    from ..ops import dispatch
+
+    probe = torch.zeros(1, 2, device=device, dtype=dtype or torch.float32)
+    options = {f.name: getattr(kd, f.name) for f in dataclasses.fields(kd)}
+    options.update(teacher_weights=None, ce_weight=0.0)  # the probe has one teacher and no labels
+    inp = functional._kd_inputs(probe, probe, labels=None, sample_weight=None, reduction="mean", num_items=None,
+                                **options)  # fmt: skip
+    reasons = dispatch.BACKENDS[kd.backend].not_supported_reasons(inp)
+    if reasons:
+        raise ConfigError(f"kd.backend {kd.backend!r} cannot run on {device}: {'; '.join(reasons)} (use 'auto')")
+
+
+def _check_output_dir(path: str) -> None:
+    """output_dir must be a directory, or creatable as one, and writable."""
+    p = Path(path).absolute()
+    existing = next(q for q in (p, *p.parents) if q.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == p else f"cannot be created: {existing} is a file"
+        raise ConfigError(f"output_dir {path!r} {where}; expected a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {path!r}: {existing} is not writable")
+
+
+def _open_cache(cfg: TrainConfig) -> TeacherLogitCache | None:
+    """The teacher cache, opened (a memory map: its header is checked, no rows read)."""
+    from .cache import TeacherLogitCache
+
+    if cfg.teacher_cache is None:
+        return None
+    if not os.path.isfile(cfg.teacher_cache):
+        raise ConfigError(f"teacher_cache: no file {cfg.teacher_cache!r}")
+    cache = _as_config_error("teacher_cache", TeacherLogitCache, cfg.teacher_cache)
+    weights = cfg.kd.teacher_weights
+    if weights is not None and len(weights) != cache.num_teachers:
+        raise ConfigError(f"kd.teacher_weights has {len(weights)} weights for the {cache.num_teachers} teachers of "
+                          f"teacher_cache {cfg.teacher_cache!r}")  # fmt: skip
+    return cache
+
+
+def _resume(cfg: TrainConfig) -> str | None:
+    """The checkpoint directory train.resume names, checked (intact, and written with this config's batch size,
+    accumulation, seed, ... and process count); "latest" when output_dir has no checkpoint yet; None."""
+    import torch.distributed as dist
+
+    t = cfg.train
+    if t.resume is None:
+        return None
+    if t.resume == "latest":
+        directory = _as_config_error("train.resume", ckpt.find_latest, Path(cfg.output_dir) / "checkpoints")
+        if directory is None:
+            return "latest"
+    else:
+        directory = Path(t.resume)
+        if not (directory / "state.json").is_file():
+            raise ConfigError(f"train.resume: {t.resume!r} is not a checkpoint directory (no state.json); give one "
+                              "written by checkpoint_every, or 'latest'")  # fmt: skip
+        problem = ckpt.find_problem(directory)
+        if problem is not None:
+            raise ConfigError(f"train.resume: {problem}")
+    state = _as_config_error("train.resume", ckpt.read_run_state, directory)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    settings = {"world_size": world, "batch_size": t.batch_size, "grad_accum_steps": t.grad_accum_steps,
+                "seed": cfg.seed, "shuffle": t.shuffle, "drop_last": t.drop_last}  # fmt: skip
+    _as_config_error("train.resume", ckpt.check_compatible, state, settings, directory)
+    return str(directory)
+
+
+def _model(make: Callable[[], Any], cfg: ModelConfig, name: str) -> torch.nn.Module:
+    """Call the model's factory; load its checkpoint, whose keys and shapes must fit the model."""
+    model = make()
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"{name}.factory returned {type(model).__name__}, not a torch.nn.Module")
     if cfg.checkpoint is not None:
-        import safetensors.torch
-
-        if not os.path.exists(cfg.checkpoint):
-            raise ConfigError(f"{name}.checkpoint: no file {cfg.checkpoint!r}")
-        safetensors.torch.load_model(model, cfg.checkpoint)
+        _as_config_error(f"{name}.checkpoint", ckpt.load_model, model, cfg.checkpoint)
     return model
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Build the data, models and :class:`~fastdistill.training.DistillationLoop` of ``cfg`` and train; returns
-    :meth:`~fastdistill.training.DistillationLoop.fit`'s summary. Under torchrun, initialises the process group."""
+    """Check ``cfg`` (:func:`check_run`), build its data, models and :class:`~fastdistill.training.DistillationLoop`
+    and train; returns :meth:`~fastdistill.training.DistillationLoop.fit`'s summary. Under torchrun, initialises
+    the process group."""
     import torch.distributed as dist
 
     from .loop import init_distributed
@@ -414,31 +587,28 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
 def _run(cfg: TrainConfig) -> dict[str, Any]:
     from ..modules import KDLoss
-    from .cache import TeacherLogitCache
     from .loop import DistillationLoop, seed_everything
 
+    plan = check_run(cfg)  # before any factory runs
     seed_everything(cfg.seed)  # model initialisation is reproducible too
-    datasets = resolve(cfg.data.factory, "data.factory")(**cfg.data.kwargs)
+    datasets = plan.data()
     if not isinstance(datasets, dict) or "train" not in datasets:
         raise ConfigError("data.factory must return a dict with 'train' (and optionally 'eval') datasets")
-    student = _model(cfg.student, "student")
-    teachers = [_model(t, f"teachers[{i}]") for i, t in enumerate(cfg.teachers)]
-    cache = None
-    if cfg.teacher_cache is not None:
-        if not os.path.exists(cfg.teacher_cache):
-            raise ConfigError(f"teacher_cache: no file {cfg.teacher_cache!r}")
-        cache = TeacherLogitCache(cfg.teacher_cache)
+    if plan.cache is not None:
+        _as_config_error("teacher_cache", plan.cache.check_length, len(datasets["train"]))
+    student = _model(plan.student, cfg.student, "student")
+    teachers = [_model(make, t, f"teachers[{i}]") for i, (make, t) in enumerate(zip(plan.teachers, cfg.teachers))]
     kd = {f.name: getattr(cfg.kd, f.name) for f in dataclasses.fields(cfg.kd)}
     t = cfg.train
     loop = DistillationLoop(
         student, teachers, loss=KDLoss(**kd), optimizer=_optimizer(cfg.optim), scheduler=_scheduler(cfg.optim),
-        teacher_cache=cache, train_teachers=t.train_teachers, batch_size=t.batch_size,
+        teacher_cache=plan.cache, train_teachers=t.train_teachers, batch_size=t.batch_size,
         grad_accum_steps=t.grad_accum_steps, max_grad_norm=cfg.optim.max_grad_norm, shift_labels=t.shift_labels,
-        shuffle=t.shuffle, drop_last=t.drop_last, amp=t.amp, seed=cfg.seed, device=t.device,
+        shuffle=t.shuffle, drop_last=t.drop_last, amp=t.amp, seed=cfg.seed, device=plan.device,
         output_dir=cfg.output_dir, log_every=t.log_every, tensorboard=t.tensorboard, progress=t.progress,
     )  # fmt: skip
     return loop.fit(
         datasets["train"], max_steps=t.max_steps, epochs=t.epochs, eval_data=datasets.get("eval"),
         eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
-        resume_from=t.resume,
+        resume_from=plan.resume,
     )  # fmt: skip

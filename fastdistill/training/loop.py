@@ -198,14 +198,9 @@ class DistillationLoop:
             raise ValueError("give teachers or teacher_cache, not both")
         if teacher_cache is not None and (feature_terms or train_teachers):
             raise ValueError("feature_terms and train_teachers need live teachers, not a teacher_cache")
-        if amp not in ("auto", "bf16", "off"):
-            raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {amp!r}")
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if _dist_on() else (0, 1)
-        self.device = torch.device(device) if device is not None else _default_device()
-        if amp == "bf16" and self.device.type != "cuda":
-            raise ValueError("amp='bf16' autocasts on CUDA only; use amp='off' (or 'auto') on CPU")
-        use_bf16 = self.device.type == "cuda" and amp != "off" and torch.cuda.is_bf16_supported()
-        self.amp_dtype = torch.bfloat16 if use_bf16 else None
+        self.device = torch.device(device) if device is not None else default_device()
+        self.amp_dtype = amp_dtype(amp, self.device)
 
         self.student = student.to(self.device)
         self.teachers = [t.to(self.device) for t in teachers]
@@ -446,13 +441,17 @@ class DistillationLoop:
                 value}``, or by default :meth:`evaluate` on ``eval_data`` (loss and accuracy).
             checkpoint_every: save a checkpoint every this many steps, and at the end, under
                 ``output_dir/checkpoints/step-XXXXXXXX``; ``keep_checkpoints`` keeps the newest few.
-            resume_from: a checkpoint directory, or "latest" (the newest under ``output_dir/checkpoints``; start
-                fresh when there is none). The same ``max_steps``/``epochs`` and data continue the run exactly.
+            resume_from: a checkpoint directory, or "latest" (the newest intact one under
+                ``output_dir/checkpoints``, damaged ones skipped with a warning; start fresh when there is none).
+                The same ``max_steps``/``epochs`` and data continue the run exactly, and the metrics files are cut
+                back to the checkpoint's step (the steps after it run again).
 
         Returns:
             ``{"step", "epoch", "train_loss", **last evaluation}``.
         """
         n = len(train_data)
+        if self.teacher_cache is not None:  # before the first step, not an IndexError (or wrong rows) mid-run
+            self.teacher_cache.check_length(n)
         per_epoch = self.batches_per_epoch(n)
         if per_epoch == 0:
             raise ValueError(f"the dataset ({n} items) holds no full micro-batch of {self.batch_size} x "
@@ -471,6 +470,8 @@ class DistillationLoop:
             self.load_checkpoint(resume_dir)
         elif self.step == 0:  # a fresh run; a second fit() on this loop just continues
             seed_everything(self.seed + self.rank)
+        if resume_from is not None:  # the steps after the checkpoint run again: drop what a crash left of them
+            self._truncate_metrics(self.step)
         for m in (self.student, *self._extra_modules):
             m.train()
 
@@ -595,10 +596,40 @@ class DistillationLoop:
             for k, v in metrics.items():
                 self._tb.add_scalar(f"{split}/{k}", v, self.step)
 
+    def _truncate_metrics(self, step: int) -> None:
+        """Keep only the rows of ``metrics.jsonl`` / ``metrics.csv`` up to ``step`` (and the CSV header), so that a
+        resumed run's logs are those of a run that never stopped; a line cut short by a crash goes too. Each file
+        is rewritten atomically (a temporary file, then a rename)."""
+        if self.rank != 0 or self.output_dir is None:
+            return
+
+        def keep_jsonl(line: str) -> bool:
+            try:
+                return json.loads(line)["step"] <= step
+            except (ValueError, TypeError, KeyError):
+                return False
+
+        def keep_csv(line: str) -> bool:
+            row = next(csv.reader([line]), [])
+            return len(row) == 5 and row[0].isdigit() and int(row[0]) <= step
+
+        for name, keep, header in (("metrics.jsonl", keep_jsonl, 0), ("metrics.csv", keep_csv, 1)):
+            path = self.output_dir / name
+            if not path.exists():
+                continue
+            lines = path.read_text().splitlines(keepends=True)
+            kept = lines[:header] + [ln for ln in lines[header:] if ln.endswith("\n") and keep(ln)]
+            if kept != lines:
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text("".join(kept))
+                os.replace(tmp, path)
+
     # ---------------------------------------------------------------------------------------------------------
     # checkpoints
 
     def _find_checkpoint(self, resume_from: str | os.PathLike) -> Path | None:
+        """The checkpoint directory ``resume_from`` names; for "latest" the newest intact one (damaged ones are
+        skipped with a warning), None if there is none."""
         if str(resume_from) != "latest":
             path = Path(resume_from)
             if not (path / "state.json").exists():
@@ -606,8 +637,13 @@ class DistillationLoop:
             return path
         if self.output_dir is None:
             raise ValueError("resume_from='latest' looks under output_dir/checkpoints; output_dir is None")
-        found = sorted((self.output_dir / "checkpoints").glob("step-*[0-9]"))
-        return found[-1] if found else None
+        return ckpt.find_latest(self.output_dir / "checkpoints", self._checkpoint_files())
+
+    def _checkpoint_files(self) -> list[str]:
+        """The files of a checkpoint this loop reads (besides state.json)."""
+        states = ["optimizer", f"rng-rank{self.rank}"] + (["scheduler"] if self.scheduler is not None else [])
+        return [f"{name}.safetensors" for name in self._modules_to_save()] + [
+            f"{name}.{ext}" for name in states for ext in ("json", "safetensors")]
 
     def _modules_to_save(self) -> dict[str, nn.Module]:
         mods = {"student": self.student}
@@ -646,9 +682,13 @@ class DistillationLoop:
             }  # fmt: skip
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
         _barrier()
-        if self.rank == 0:
-            shutil.rmtree(final, ignore_errors=True)
+        if self.rank == 0:  # renames only: a kill at any point leaves the old or the new checkpoint, whole
+            previous = final.with_name(final.name + ".old")
+            if final.exists():
+                shutil.rmtree(previous, ignore_errors=True)
+                final.rename(previous)
             tmp.rename(final)
+            shutil.rmtree(previous, ignore_errors=True)
             if keep is not None and keep > 0:
                 for old in sorted(final.parent.glob("step-*[0-9]"))[:-keep]:
                     shutil.rmtree(old, ignore_errors=True)
@@ -658,13 +698,14 @@ class DistillationLoop:
     def load_checkpoint(self, directory: str | os.PathLike) -> None:
         """Restore what :meth:`save_checkpoint` wrote (into this loop's existing modules/optimizer/scheduler)."""
         directory = Path(directory)
-        state = json.loads((directory / "state.json").read_text())
-        for key in ("world_size", "batch_size", "seed", "shuffle", "drop_last"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"checkpoint {directory} was written with {key}={state[key]!r}, this loop has "
-                                 f"{getattr(self, key)!r}: the data order would differ")  # fmt: skip
+        state = ckpt.read_run_state(directory)
+        ckpt.check_compatible(state, {k: getattr(self, k) for k in ckpt.RUN_KEYS}, directory)
+        # every file is checked before any is loaded: a damaged one fails without half-restoring this loop
+        problem = ckpt.find_problem(directory, self._checkpoint_files())
+        if problem is not None:
+            raise ValueError(problem)
         for name, module in self._modules_to_save().items():
-            safetensors.torch.load_model(module, str(directory / f"{name}.safetensors"), device=str(self.device))
+            ckpt.load_model(module, directory / f"{name}.safetensors", device=str(self.device))
         self.optimizer.load_state_dict(ckpt.load_state(directory, "optimizer"))
         if self.scheduler is not None:
             self.scheduler.load_state_dict(ckpt.load_state(directory, "scheduler"))
@@ -689,10 +730,24 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _default_device() -> torch.device:
+def default_device() -> torch.device:
+    """The CUDA device of this process's local rank when CUDA is available, else the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``amp`` ("auto", "bf16", "off") on ``device``: bf16 or None. An explicit "bf16" that
+    cannot run there is a ValueError, not a silent float32 run."""
+    if amp not in ("auto", "bf16", "off"):
+        raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {amp!r}")
+    supported = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if amp == "bf16" and not supported:
+        where = "this CUDA device does not support bf16" if device.type == "cuda" else f"the device is {device}"
+        raise ValueError(f"amp='bf16' autocasts on a CUDA device with bf16 support only ({where}); use 'auto' or "
+                         "'off'")  # fmt: skip
+    return torch.bfloat16 if supported and amp != "off" else None
 
 
 def _is_scheduler(x: Any) -> bool:
