@@ -47,6 +47,24 @@ def _check_real(name: str, value, *, low: float, high: float, low_open: bool, hi
     return v
 
 
+# float32 is the dtype the kernels take T**2 and 1 / T in: beyond these bounds one of them is inf or 0
+_T_MIN, _T_MAX = 1e-19, 1e19
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def check_temperature(temperature) -> float:
+    """T > 0 such that T**2 and 1 / T are finite and non-zero in float32: [1e-19, 1e19]."""
+    return _check_real("temperature", temperature, low=_T_MIN, high=_T_MAX, low_open=False, high_open=False)
+
+
+def _check_int64(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not _INT64[0] <= value <= _INT64[1]:
+        raise ValueError(f"{name} must fit in int64 [-2**63, 2**63 - 1], got {value}")
+    return int(value)
+
+
 def check_hyperparameters(
     *, divergence: str, temperature: float, ensemble: str, beta: float, skew: float, ce_weight: float,
     reduction: str, backend: str, ignore_index: int, scale_by_temperature_sq: bool,
@@ -56,12 +74,11 @@ def check_hyperparameters(
     _check_choice("ensemble", ensemble, reference.ENSEMBLES)
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_choice("backend", backend, dispatch.BACKENDS_NAMES)
-    _check_real("temperature", temperature, low=0.0, high=math.inf, low_open=True, high_open=True)
+    check_temperature(temperature)
     _check_real("beta", beta, low=0.0, high=1.0, low_open=True, high_open=True)
     _check_real("skew", skew, low=0.0, high=1.0, low_open=False, high_open=True)
     _check_real("ce_weight", ce_weight, low=0.0, high=1.0, low_open=False, high_open=False)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _check_int64("ignore_index", ignore_index)
     if not isinstance(scale_by_temperature_sq, bool):
         raise TypeError(f"scale_by_temperature_sq must be a bool, got {type(scale_by_temperature_sq).__name__}")
 
@@ -160,6 +177,9 @@ def normalise_teacher_weights(
         )
     w = w.detach().to(dtype)
     _check_values("teacher_weights", w, "finite and >= 0", ~torch.isfinite(w) | (w < 0))
+    # scaled by the column's largest weight first: the sum of K weights near the dtype's max would overflow to inf
+    # and every weight would become 0
+    w = w / w.amax(0, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
     total = w.sum(0, keepdim=True)
     _check_values("teacher_weights", total, "positive in every row (they are normalised to sum 1)", total <= 0)
     return (w / total).contiguous()
@@ -220,7 +240,8 @@ def _row_arguments(
             if num_items.numel() != 1:
                 raise ValueError(f"num_items must be an int or a 0-dim Tensor, got shape {tuple(num_items.shape)}")
             count = num_items.detach().reshape(()).to(device)
-            _check_values("num_items", count, ">= 0", count < 0)
+            _check_values("num_items", count, "finite and >= 0",
+                          (count < 0) | ~torch.isfinite(count) if count.is_floating_point() else count < 0)
         elif isinstance(num_items, numbers.Integral) and not isinstance(num_items, bool):
             if num_items < 0:
                 raise ValueError(f"num_items must be >= 0, got {num_items}")
@@ -470,7 +491,7 @@ def ensemble_soft_targets(
     [K, *, V] tensor as ``t.unbind(0)``. "loss_mean" has no single target and raises.
     """
     _check_choice("ensemble", ensemble, ("prob_mean", "logit_mean"))
-    _check_real("temperature", temperature, low=0.0, high=math.inf, low_open=True, high_open=True)
+    check_temperature(temperature)
     if isinstance(teacher_logits, Tensor):
         _check_logits("teacher_logits", teacher_logits)
         shape = teacher_logits.shape
@@ -524,7 +545,7 @@ def mi_alpha(
     _check_choice("critic", critic, reference.CRITICS)
     _check_choice("backend", backend, dispatch.BACKENDS_NAMES)
     alpha = _check_real("alpha", alpha, low=0.0, high=1.0, low_open=False, high_open=False)
-    temperature = _check_real("temperature", temperature, low=0.0, high=math.inf, low_open=True, high_open=True)
+    temperature = check_temperature(temperature)
     for name, x in (("student_feats", student_feats), ("teacher_feats", teacher_feats)):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a Tensor [N, D], got {type(x).__name__}")
@@ -550,6 +571,8 @@ def mi_alpha(
             raise ValueError(f"log_baseline must be a float or a Tensor of shape [N] = [{n}], got "
                              f"{tuple(log_baseline.shape)}")  # fmt: skip
         _check_device("log_baseline", log_baseline, student_feats.device, "student_feats")
+        # as for a float baseline: +inf would make the estimate nan (inf - inf), not its limit
+        _check_values("log_baseline", log_baseline.detach(), "finite", ~torch.isfinite(log_baseline.detach()))
     else:
         log_baseline = _check_real("log_baseline", log_baseline, low=-math.inf, high=math.inf, low_open=True,
                                    high_open=True)  # fmt: skip

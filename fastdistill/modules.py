@@ -224,6 +224,7 @@ class MIAlphaLoss(nn.Module):
         self.temperature = F._check_real("temperature", temperature, low=0.0, high=math.inf, low_open=True,
                                          high_open=True)  # fmt: skip
         self.critic, self.pooling, self.backend = critic, pooling, backend
+        self.student_dim, self.teacher_dim = student_dim, teacher_dim
         self.student_proj = _projection(student_dim, proj_dim, hidden_dim)
         self.teacher_proj = _projection(teacher_dim, proj_dim, hidden_dim)
         self.baseline: nn.Module | None = None
@@ -233,10 +234,13 @@ class MIAlphaLoss(nn.Module):
             nn.init.zeros_(self.baseline[2].weight)
             nn.init.constant_(self.baseline[2].bias, 1.0)
 
-    def pool(self, hidden: Tensor, attention_mask: Tensor | None, name: str) -> Tensor:
-        """[N, D] rows from [N, D] (as is) or [B, L, D] hidden states per ``self.pooling``."""
+    def pool(self, hidden: Tensor, attention_mask: Tensor | None, name: str, width: int) -> Tensor:
+        """[N, D] rows from [N, D] (as is) or [B, L, D] hidden states per ``self.pooling``; D must be ``width``."""
         if not isinstance(hidden, Tensor):
             raise TypeError(f"{name} must be a Tensor [N, D] or [B, L, D], got {type(hidden).__name__}")
+        if hidden.dim() in (2, 3) and hidden.shape[-1] != width:
+            raise ValueError(f"{name} has width D = {hidden.shape[-1]}, but this MIAlphaLoss was built for "
+                             f"{name.split('_')[0]}_dim = {width}")  # fmt: skip
         if hidden.dim() == 2:
             if attention_mask is not None:
                 raise ValueError(f"attention_mask is for [B, L, D] hidden states; {name} is [N, D]")
@@ -259,8 +263,8 @@ class MIAlphaLoss(nn.Module):
 
     def estimate(self, student_hidden: Tensor, teacher_hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """The MI-alpha estimate in nats (0-dim float32) for a batch; see the class docstring for shapes."""
-        xs = self.pool(student_hidden, attention_mask, "student_hidden")
-        ys = self.pool(teacher_hidden, attention_mask, "teacher_hidden")
+        xs = self.pool(student_hidden, attention_mask, "student_hidden", self.student_dim)
+        ys = self.pool(teacher_hidden, attention_mask, "teacher_hidden", self.teacher_dim)
         if xs.shape[0] != ys.shape[0]:
             raise ValueError(f"student_hidden gives {xs.shape[0]} rows but teacher_hidden gives {ys.shape[0]}; "
                              "row i of both must be the same example")  # fmt: skip

@@ -71,8 +71,8 @@ CASES = [
     ("teacher-weights-type", TypeError, "teacher_weights must be", dict(teacher_weights="uniform")),
     ("num-items-with-sum", ValueError, "num_items overrides the 'mean' denominator",
      dict(reduction="sum", num_items=3)),
-    ("num-items-negative", ValueError, "num_items must be >= 0", dict(num_items=-1)),
-    ("num-items-negative-tensor", ValueError, "num_items must be >= 0", dict(num_items=torch.tensor(-3))),
+    ("num-items-negative", ValueError, "num_items must be (finite and )?>= 0", dict(num_items=-1)),
+    ("num-items-negative-tensor", ValueError, "num_items must be (finite and )?>= 0", dict(num_items=torch.tensor(-3))),
     ("num-items-float", TypeError, "num_items must be an int", dict(num_items=2.5)),
     ("num-items-shape", ValueError, "num_items must be an int or a 0-dim Tensor", dict(num_items=torch.ones(2))),
     ("backend", ValueError, "backend must be one of", dict(backend_override="fast")),
@@ -120,9 +120,11 @@ def test_module_validates_at_construction():
 
 
 def test_entirely_neg_inf_row():
-    """A distribution row with no finite logit is not a distribution: clear error, not nan."""
+    """A row with no finite logit is not a distribution: NaN in that row on every backend (a GPU kernel cannot
+    raise; log_softmax gives NaN too), the other rows untouched. tests/test_nonfinite.py has the full matrix."""
     s, ts = make_inputs((3,), 5, 1)
     ts[0][1] = -math.inf
-    if fastdistill.extension_available():
-        with pytest.raises(ValueError, match="teacher 0 row 1 is entirely -inf"):
-            fastdistill.kd_loss(s, ts, backend="cpu")
+    backends = ["reference"] + (["cpu"] if fastdistill.extension_available() else [])
+    for backend in backends:
+        loss = fastdistill.kd_loss(s, ts, backend=backend, reduction="none")
+        assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all(), backend

@@ -68,12 +68,13 @@ struct ScalarOps {
   static FD_HOST_DEVICE V log1p(V x) { return ::log1p(x); }
   static FD_HOST_DEVICE V abs(V x) { return ::fabs(x); }
   static FD_HOST_DEVICE V max(V a, V b) { return a > b ? a : b; }
-  // where(x > 0, a, b)
-  static FD_HOST_DEVICE V where_pos(V x, V a, V b) { return x > T(0) ? a : b; }
+  // where(x == 0, a, b): a NaN x selects b, so NaN inputs stay NaN (x > 0 would turn them into 0)
+  static FD_HOST_DEVICE V where_zero(V x, V a, V b) { return x == T(0) ? a : b; }
   // where(x == -inf, a, b)
   static FD_HOST_DEVICE V where_neginf(V x, V a, V b) { return x == -INFINITY ? a : b; }
-  // sign(x) in {-1, 0, 1}, with sign(0) = 0 like torch.sign (the subgradient torch.abs uses)
-  static FD_HOST_DEVICE V sign(V x) { return T((x > T(0)) - (x < T(0))); }
+  // sign(x) in {-1, 0, 1}, with sign(0) = 0 like torch.sign (the subgradient torch.abs uses); NaN for NaN
+  // (x - x is 0 for finite x), so a NaN row's gradient is NaN, not 0
+  static FD_HOST_DEVICE V sign(V x) { return T((x > T(0)) - (x < T(0))) + (x - x); }
 };
 
 // log(exp(x) + exp(y)), exact when either argument is -inf.
@@ -86,10 +87,11 @@ FD_HOST_DEVICE typename Ops::V logaddexp(typename Ops::V x, typename Ops::V y) {
   return Ops::where_neginf(m, m, r);
 }
 
-// x * (log_x - log_y), with 0 * log 0 = 0: the building block of every KL-type term.
+// x * (log_x - log_y), with 0 * log 0 = 0: the building block of every KL-type term. Only x == 0 is special: a
+// NaN x (a NaN or +inf logit in the row) gives NaN, never a silent 0.
 template <class Ops>
 FD_HOST_DEVICE typename Ops::V xlogr(typename Ops::V x, typename Ops::V log_x, typename Ops::V log_y) {
-  return Ops::where_pos(x, x * (log_x - log_y), Ops::splat(0));
+  return Ops::where_zero(x, Ops::splat(0), x * (log_x - log_y));
 }
 
 // The divergence terms for one element. p = exp(logp), q = exp(logq) are passed in because the kernels have them.
@@ -131,7 +133,7 @@ FD_HOST_DEVICE Terms<typename Ops::V> divergence_terms(const DivParams<T>& prm, 
     case Divergence::SkewKL: {  // KL(P || a P + (1-a) Q)
       V logm = logaddexp<Ops>(logp + Ops::splat(prm.log_skew), logq + Ops::splat(prm.log_1m_skew));
       t.phi = xlogr<Ops>(p, logp, logm);
-      V r = Ops::where_pos(p, Ops::exp(logp - logm), zero);  // P / M <= 1 / a
+      V r = Ops::where_zero(p, zero, Ops::exp(logp - logm));  // P / M <= 1 / a
       t.gq = zero - Ops::splat(T(1) - prm.skew) * q * r;
       t.hp = t.phi + p - Ops::splat(prm.skew) * p * r;
       break;
@@ -139,7 +141,7 @@ FD_HOST_DEVICE Terms<typename Ops::V> divergence_terms(const DivParams<T>& prm, 
     case Divergence::SkewReverseKL: {  // KL(Q || (1-a) P + a Q)
       V logm = logaddexp<Ops>(logp + Ops::splat(prm.log_1m_skew), logq + Ops::splat(prm.log_skew));
       t.phi = xlogr<Ops>(q, logq, logm);
-      V r = Ops::where_pos(q, Ops::exp(logq - logm), zero);  // Q / M <= 1 / a
+      V r = Ops::where_zero(q, zero, Ops::exp(logq - logm));  // Q / M <= 1 / a
       t.gq = t.phi + q - Ops::splat(prm.skew) * q * r;
       t.hp = zero - Ops::splat(T(1) - prm.skew) * p * r;
       break;

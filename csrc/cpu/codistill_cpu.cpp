@@ -69,15 +69,16 @@ class CoRowKernel {
     hard_[1] = A(p.hard_b);
   }
 
-  // x (scaled logits), e (exp(x - max)) and a gradient row, per model.
-  int64_t scratch_size() const { return 6 * Vp_; }
+  // x (scaled logits), e (exp(x - max)), a gradient row and the raw logits (cross-entropy at T = 1), per model.
+  int64_t scratch_size() const { return 8 * Vp_; }
 
   void row(int64_t i, A* scratch) const {
     Side s[2];
     for (int m = 0; m < 2; ++m) {
-      s[m].x = scratch + (3 * m) * Vp_;
+      s[m].x = scratch + (4 * m) * Vp_;
       s[m].e = s[m].x + Vp_;
       s[m].g = s[m].e + Vp_;
+      s[m].raw = s[m].g + Vp_;
     }
     const int64_t label = t_.labels ? t_.labels[i] : p_.ignore_index - 1;
     const bool ignored = t_.labels && label == p_.ignore_index;
@@ -101,12 +102,16 @@ class CoRowKernel {
       const S* src = static_cast<const S*>(t_.x[m]) + i * t_.stride[m];
       cpu::load_scaled(src, s[m].x, V_, Vp_, inv_t_);
       normalise(s[m]);
-      TORCH_CHECK_VALUE(s[m].lse != kNegInf, m == 0 ? "logits_a" : "logits_b", " row ", i, " is entirely -inf");
-      // cross-entropy is at T = 1: its normaliser differs unless T = 1
-      s[m].lse_ce = hard_[m] == A(0) ? A(0)
-                    : ce_at_t        ? s[m].lse
-                                     : cpu::row_logsumexp(s[m].x, Vp_, A(p_.temperature));
-      s[m].ce = hard_[m] == A(0) ? A(0) : s[m].lse_ce - static_cast<A>(src[label]);
+      // cross-entropy is at T = 1: its normaliser differs unless T = 1, and comes from the raw logits then (x * T
+      // would carry the rounding of x = s / T)
+      s[m].ce_x = s[m].x;
+      s[m].ce_norm = s[m].norm;
+      if (hard_[m] != A(0) && !ce_at_t) {
+        cpu::load_scaled(src, s[m].raw, V_, Vp_, A(1));
+        s[m].ce_x = s[m].raw;
+        s[m].ce_norm = cpu::row_log_norm(s[m].raw, Vp_);
+      }
+      s[m].ce = hard_[m] == A(0) ? A(0) : (s[m].ce_norm.max - static_cast<A>(src[label])) + s[m].ce_norm.log_sum;
       s[m].out = t_.grad[m] ? static_cast<S*>(t_.grad[m]) + i * V_ : nullptr;
       // KL's gradient is final after pass 2: write it straight to the output when no conversion is needed
       s[m].gdst = s[m].out && closed_form_ && std::is_same_v<S, A> ? reinterpret_cast<A*>(s[m].out) : s[m].g;
@@ -114,12 +119,12 @@ class CoRowKernel {
 
     // ---- pass 2: both divergences, their aggregates; KL gradients ---------------------------------------
     Vec v_phi[2] = {Vec(A(0)), Vec(A(0))}, v_agg[2] = {Vec(A(0)), Vec(A(0))};
-    const Vec v_f(f), v_t(A(p_.temperature));
+    const Vec v_f(f);
     for (int64_t j = 0; j < Vp_; j += W) {
       Vec pr[2], logpr[2];
       for (int m = 0; m < 2; ++m) {
         pr[m] = Vec::loadu(s[m].e + j) * Vec(s[m].inv_sum);
-        logpr[m] = Vec::loadu(s[m].x + j) - Vec(s[m].lse);
+        logpr[m] = (Vec::loadu(s[m].x + j) - Vec(s[m].norm.max)) - Vec(s[m].norm.log_sum);
       }
       for (int m = 0; m < 2; ++m) {  // model m learns from model o
         const int o = 1 - m;
@@ -137,7 +142,7 @@ class CoRowKernel {
         }
         // dD/d(logits / T) = Q - P = Q + gq for KL
         Vec g = kd_[m] != A(0) ? Vec(kd_[m] * inv_t_) * (pr[m] + gq) : Vec(A(0));
-        if (hard_[m] != A(0)) g += Vec(hard_[m]) * ce_softmax(s[m], j, pr[m], ce_at_t, v_t);
+        if (hard_[m] != A(0)) g += Vec(hard_[m]) * ce_softmax(s[m], j, pr[m], ce_at_t);
         (v_f * g).store(s[m].gdst + j, static_cast<int>(std::min<int64_t>(W, V_ - j)));
       }
     }
@@ -152,7 +157,7 @@ class CoRowKernel {
         for (int64_t j = 0; j < Vp_; j += W) {
           const Vec q = Vec::loadu(s[m].e + j) * Vec(s[m].inv_sum);
           Vec g = kd_[m] != A(0) ? scale * (Vec::loadu(s[m].g + j) - q * agg) : Vec(A(0));
-          if (hard_[m] != A(0)) g += Vec(hard_[m]) * ce_softmax(s[m], j, q, ce_at_t, v_t);
+          if (hard_[m] != A(0)) g += Vec(hard_[m]) * ce_softmax(s[m], j, q, ce_at_t);
           (v_f * g).store(s[m].g + j);
         }
       }
@@ -166,16 +171,24 @@ class CoRowKernel {
     A* x;  // [Vp] logits / T, -inf padded
     A* e;  // [Vp] exp(x - max)
     A* g;  // [Vp] gradient (or parked terms)
-    A lse, inv_sum, lse_ce, ce;
+    A* raw;  // [Vp] raw logits, -inf padded (only for the cross-entropy when T != 1)
+    cpu::LogNorm<A> norm;  // of x: log softmax = (x - max) - log_sum
+    A inv_sum;
+    const A* ce_x;  // the logits of the cross-entropy (x itself when T = 1, else raw) and their normaliser
+    cpu::LogNorm<A> ce_norm;
+    A ce;
     S* out;   // this row of the gradient output, or null
     A* gdst;  // where the gradient is assembled: out itself, or g
   };
 
-  // exp(x - max) and the log-sum-exp of a loaded row. One exp per element.
+  // exp(x - max) and the split log-sum-exp of a loaded row. One exp per element. NaN for a row with a NaN (or
+  // +inf) logit, or with no finite logit (no distribution; never an error: a GPU kernel could not raise one).
   void normalise(Side& s) const {
     const A mx = cpu::row_max(s.x, Vp_);
     if (mx == kNegInf) {
-      s.lse = kNegInf;
+      const A nan = std::numeric_limits<A>::quiet_NaN();
+      s.norm = {nan, nan};
+      s.inv_sum = nan;
       return;
     }
     const Vec vmx(mx);
@@ -186,13 +199,13 @@ class CoRowKernel {
       vs += ej;
     }
     const A sum = cpu::hsum(vs);
-    s.lse = mx + std::log(sum);
+    s.norm = {mx, std::log(sum)};
     s.inv_sum = A(1) / sum;  // dividing by the sum keeps the distribution normalised to the last bit
   }
 
   // softmax of the logits at T = 1: the temperature-T distribution itself when T = 1.
-  Vec ce_softmax(const Side& s, int64_t j, const Vec& q_t, bool ce_at_t, const Vec& v_t) const {
-    return ce_at_t ? q_t : Ops::exp(Vec::loadu(s.x + j) * v_t - Vec(s.lse_ce));
+  Vec ce_softmax(const Side& s, int64_t j, const Vec& q_t, bool ce_at_t) const {
+    return ce_at_t ? q_t : Ops::exp((Vec::loadu(s.ce_x + j) - Vec(s.ce_norm.max)) - Vec(s.ce_norm.log_sum));
   }
 
   // A direction with weight 0 does not enter the loss, even where its divergence is inf.

@@ -34,7 +34,8 @@ using cpu::empty_for_writing;
 using cpu::hmax;
 using cpu::hsum;
 using cpu::load_scaled;
-using cpu::row_logsumexp;
+using cpu::LogNorm;
+using cpu::row_log_norm;
 using cpu::row_major;
 using cpu::VecOps;
 
@@ -75,15 +76,17 @@ class KDRowKernel {
         closed_form_(student_aggregate_is_minus_one(p.divergence)), kd_on_(p.kd_scale != 0),
         R_(log_linear_ ? 2 : p.teachers + 1) {}
 
-  // x (scaled logits) and e (exp(x - chunk max)) for R distributions, a gradient row, the chunk maxima.
-  int64_t scratch_size() const { return (2 * R_ + 1) * Vp_ + R_ * chunks_; }
+  // x (scaled logits) and e (exp(x - chunk max)) for R distributions, a gradient row, the raw student row (for
+  // the cross-entropy at T = 1 when T != 1), the chunk maxima.
+  int64_t scratch_size() const { return (2 * R_ + 2) * Vp_ + R_ * chunks_; }
 
   void row(int64_t i, A* scratch) const {
     Row r;
     r.x = scratch;
     r.e = r.x + R_ * Vp_;
     A* gbuf = r.e + R_ * Vp_;
-    r.cmax = gbuf + Vp_;
+    A* raw = gbuf + Vp_;
+    r.cmax = raw + Vp_;
     A* row_loss = static_cast<A*>(t_.row_loss);
     S* gs_out = t_.grad_student ? static_cast<S*>(t_.grad_student) + i * V_ : nullptr;
 
@@ -106,10 +109,15 @@ class KDRowKernel {
     const S* s_row = static_cast<const S*>(t_.student) + i * t_.student_stride;
     load_scaled(s_row, r.x, V_, Vp_, inv_t_);
     normalise(r, 0);
-    TORCH_CHECK_VALUE(r.lse[0] != kNegInf, "student_logits row ", i, " is entirely -inf");
-    // Cross-entropy is at T = 1: its normaliser differs from the student's unless T = 1.
+    // Cross-entropy is at T = 1: its normaliser differs from the student's unless T = 1, and it is taken from the
+    // raw logits (x * T would carry the rounding of x = s / T).
     const bool ce_at_t = p_.temperature == 1.0;
-    const A lse_ce = ce_ == A(0) ? A(0) : (ce_at_t ? r.lse[0] : row_logsumexp(r.x, Vp_, A(p_.temperature)));
+    LogNorm<A> ce_norm{r.rowmax[0], r.logsum[0]};
+    if (ce_ != A(0) && !ce_at_t) {
+      load_scaled(s_row, raw, V_, Vp_, A(1));
+      ce_norm = row_log_norm(raw, Vp_);
+    }
+    const A* ce_x = ce_at_t ? r.x : raw;
 
     std::vector<A> wbuf(2 * K_);
     r.w = wbuf.data();
@@ -123,25 +131,21 @@ class KDRowKernel {
       A* target = r.x + Vp_;
       std::fill(target, target + Vp_, A(0));
       for (int k = 0; k < K_; ++k) {
-        if (r.w[k] == A(0)) continue;
+        if (r.w[k] == A(0)) continue;  // dropped, whatever its logits (NaN included)
         load_scaled(teacher_row(k, i), gbuf, V_, Vp_, inv_t_);
         const Vec vw(r.w[k]);
         for (int64_t j = 0; j < Vp_; j += W) (Vec::loadu(target + j) + vw * Vec::loadu(gbuf + j)).store(target + j);
       }
       for (int64_t j = V_; j < Vp_; ++j) target[j] = kNegInf;
       normalise(r, 1);
-      TORCH_CHECK_VALUE(r.lse[1] != kNegInf, "the weighted mean of the teachers' logits in row ", i,
-                        " is entirely -inf");
     } else {
       for (int k = 0; k < K_; ++k) {
+        if (r.w[k] == A(0)) {  // the row's weights exclude this teacher: P_k = 0 everywhere, whatever its logits
+          drop(r, k + 1);
+          continue;
+        }
         load_scaled(teacher_row(k, i), r.x + (k + 1) * Vp_, V_, Vp_, inv_t_);
         normalise(r, k + 1);
-        if (r.lse[k + 1] == kNegInf) {
-          // no distribution: an error unless the row's weights exclude this teacher (then P_k = 0 everywhere)
-          TORCH_CHECK_VALUE(r.w[k] == A(0), "teacher ", k, " row ", i, " is entirely -inf");
-          r.lse[k + 1] = A(0);
-          r.inv_sum[k + 1] = A(0);
-        }
       }
     }
 
@@ -152,7 +156,7 @@ class KDRowKernel {
     if (want_gs) gdst = (closed_form_ && std::is_same_v<S, A>) ? reinterpret_cast<A*>(gs_out) : gbuf;
     std::vector<Vec> agg_t(want_gt ? K_ : 0, Vec(A(0)));  // per-teacher aggregates for their gradients
     Vec v_phi(A(0)), v_gq(A(0));
-    const Vec v_lse_ce(lse_ce), v_ce(ce_), v_f(f), v_kd_over_t(kd_over_t_), v_t(A(p_.temperature));
+    const Vec v_ce_max(ce_norm.max), v_ce_log_sum(ce_norm.log_sum), v_ce(ce_), v_f(f), v_kd_over_t(kd_over_t_);
     for_each_vector(r, [&](int64_t j, const A* fac) {
       Elem el = element(r, j, fac);
       Vec phi, gq;
@@ -161,7 +165,7 @@ class KDRowKernel {
       if (!want_gs) return;
       if (closed_form_) {  // dD/da = Q - P, here -gq = P
         Vec g = kd_on_ ? v_kd_over_t * (el.q + gq) : Vec(A(0));
-        if (ce_ != A(0)) g += v_ce * (ce_at_t ? el.q : Ops::exp(Vec::loadu(r.x + j) * v_t - v_lse_ce));
+        if (ce_ != A(0)) g += v_ce * (ce_at_t ? el.q : ce_softmax(ce_x, j, v_ce_max, v_ce_log_sum));
         // the output row is not padded: store only its V - j remaining lanes
         (v_f * g).store(gdst + j, static_cast<int>(std::min<int64_t>(W, V_ - j)));
       } else {
@@ -171,7 +175,7 @@ class KDRowKernel {
     });
     const A D = hsum(v_phi);
     A ce_loss = 0;
-    if (ce_ != A(0)) ce_loss = lse_ce - static_cast<A>(s_row[label]);
+    if (ce_ != A(0)) ce_loss = (ce_norm.max - static_cast<A>(s_row[label])) + ce_norm.log_sum;
     // kd_scale = 0 (ce_weight = 1) is pure cross-entropy, even where D = inf
     row_loss[i] = sw * ((kd_on_ ? A(p_.kd_scale) * D : A(0)) + ce_ * ce_loss);
 
@@ -182,7 +186,7 @@ class KDRowKernel {
         for_each_vector(r, [&](int64_t j, const A* fac) {
           const Vec q = Vec::loadu(r.e + j) * Vec(fac[0]);
           Vec g = kd_on_ ? v_kd_over_t * (Vec::loadu(gbuf + j) - q * v_agg) : Vec(A(0));
-          if (ce_ != A(0)) g += v_ce * (ce_at_t ? q : Ops::exp(Vec::loadu(r.x + j) * v_t - v_lse_ce));
+          if (ce_ != A(0)) g += v_ce * (ce_at_t ? q : ce_softmax(ce_x, j, v_ce_max, v_ce_log_sum));
           (v_f * g).store(gbuf + j);
         });
       }
@@ -204,8 +208,8 @@ class KDRowKernel {
     A* x;     // [R, Vp] logits / T, -inf padded
     A* e;     // [R, Vp] exp(x - max of its chunk)
     A* cmax;  // [R, chunks] chunk maxima
-    A lse[kMaxRows];
-    A rowmax[kMaxRows], inv_sum[kMaxRows];  // softmax = exp(x - rowmax) * inv_sum
+    // softmax = exp(x - rowmax) * inv_sum, log softmax = (x - rowmax) - logsum (split: see cpu::LogNorm)
+    A rowmax[kMaxRows], logsum[kMaxRows], inv_sum[kMaxRows];
     A* w;     // [K] teacher weights of this row
     A* logw;
   };
@@ -221,7 +225,9 @@ class KDRowKernel {
     return static_cast<const T*>(t_.teachers[k]) + i * t_.teacher_strides[k];
   }
 
-  // Chunk maxima, exponentials and log-sum-exp of distribution d (x already loaded). One exp per element.
+  // Chunk maxima, exponentials and log-sum-exp of distribution d (x already loaded). One exp per element. A NaN
+  // anywhere in the row (a NaN or +inf logit) makes its normaliser NaN, and so every P, log P of the row; a row
+  // with no finite logit has no distribution: NaN too (never an error: a GPU kernel could not raise one).
   void normalise(Row& r, int d) const {
     A* x = r.x + d * Vp_;
     A* e = r.e + d * Vp_;
@@ -244,16 +250,31 @@ class KDRowKernel {
         vs += ej;
       }
       const A sc = hsum(vs);
-      if (mc > m) {
+      if (mc > m || mc != mc) {  // a NaN chunk maximum becomes the row's (then every later merge is NaN)
         s = s * std::exp(m - mc) + sc;
         m = mc;
       } else {
         s += sc * std::exp(mc - m);
       }
     }
-    r.lse[d] = m == kNegInf ? m : m + std::log(s);
-    r.rowmax[d] = m;
-    r.inv_sum[d] = A(1) / s;
+    const A nan = std::numeric_limits<A>::quiet_NaN();
+    r.rowmax[d] = m == kNegInf ? nan : m;
+    r.logsum[d] = m == kNegInf ? nan : std::log(s);
+    r.inv_sum[d] = m == kNegInf ? nan : A(1) / s;
+  }
+
+  // Distribution d excluded from this row (a teacher of weight 0): P = 0 and log P = -inf everywhere, without
+  // reading its logits. The scratch is overwritten: it may hold the previous row's values.
+  void drop(Row& r, int d) const {
+    std::fill_n(r.x + d * Vp_, Vp_, kNegInf);
+    std::fill_n(r.e + d * Vp_, Vp_, A(0));
+    std::fill_n(r.cmax + d * chunks_, chunks_, kNegInf);
+    r.rowmax[d] = r.logsum[d] = r.inv_sum[d] = A(0);
+  }
+
+  // softmax at T = 1 of the raw logits x (the student's cross-entropy term), from their split normaliser
+  static Vec ce_softmax(const A* x, int64_t j, const Vec& max, const Vec& log_sum) {
+    return Ops::exp((Vec::loadu(x + j) - max) - log_sum);
   }
 
   // Visit every vector of the padded row, chunk by chunk, with the chunk's softmax factors.
@@ -263,8 +284,9 @@ class KDRowKernel {
     for (int64_t c = 0; c < chunks_; ++c) {
       for (int d = 0; d < R_; ++d) {
         const A mc = r.cmax[d * chunks_ + c];
-        // dividing by the sum (not exp(-log sum)) keeps P and Q normalised to the last bit for tiny V
-        fac[d] = mc == kNegInf ? A(0) : std::exp(mc - r.rowmax[d]) * r.inv_sum[d];
+        // dividing by the sum (not exp(-log sum)) keeps P and Q normalised to the last bit for tiny V; an all -inf
+        // chunk has no mass (0 * inv_sum: still NaN when the row has no distribution)
+        fac[d] = mc == kNegInf ? A(0) * r.inv_sum[d] : std::exp(mc - r.rowmax[d]) * r.inv_sum[d];
       }
       const int64_t lo = c * kChunk, hi = std::min(Vp_, lo + kChunk);
       for (int64_t j = lo; j < hi; j += W) fn(j, fac);
@@ -275,7 +297,7 @@ class KDRowKernel {
     Elem el;
     el.j = j;
     el.fac = fac;
-    el.logq = Vec::loadu(r.x + j) - Vec(r.lse[0]);
+    el.logq = (Vec::loadu(r.x + j) - Vec(r.rowmax[0])) - Vec(r.logsum[0]);
     el.q = Vec::loadu(r.e + j) * Vec(fac[0]);
     return el;
   }
@@ -283,7 +305,7 @@ class KDRowKernel {
   // Distribution d (1-based among targets) at the element: P and log P.
   void dist(const Row& r, const Elem& el, int d, Vec& p, Vec& logp) const {
     p = Vec::loadu(r.e + d * Vp_ + el.j) * Vec(el.fac[d]);
-    logp = Vec::loadu(r.x + d * Vp_ + el.j) - Vec(r.lse[d]);
+    logp = (Vec::loadu(r.x + d * Vp_ + el.j) - Vec(r.rowmax[d])) - Vec(r.logsum[d]);
   }
 
   // The single target of this row at the element: log P and P.
@@ -311,7 +333,7 @@ class KDRowKernel {
   }
 
   Vec lpk(const Row& r, const Elem& el, int k) const {  // log(w_k P_k)
-    return Vec::loadu(r.x + (k + 1) * Vp_ + el.j) - Vec(r.lse[k + 1] - r.logw[k]);
+    return (Vec::loadu(r.x + (k + 1) * Vp_ + el.j) - Vec(r.rowmax[k + 1])) - Vec(r.logsum[k + 1] - r.logw[k]);
   }
 
   // Loss terms at the element. phi and gq are the ensemble-combined values. When `agg` is given, adds the

@@ -26,11 +26,19 @@ def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
 
 
 def _xlogr(x: Tensor, log_x: Tensor, log_y: Tensor) -> Tensor:
-    """x * (log x - log y) with 0 * log 0 = 0 (and a gradient that stays finite where x = 0)."""
-    pos = x > 0
-    safe_log_x = torch.where(pos, log_x, torch.zeros_like(log_x))
-    safe_log_y = torch.where(pos, log_y, torch.zeros_like(log_y))
-    return torch.where(pos, x * (safe_log_x - safe_log_y), torch.zeros_like(x))
+    """x * (log x - log y) with 0 * log 0 = 0 (and a gradient that stays finite where x = 0). Only x == 0 is
+    special: a NaN x (from a NaN or +inf logit) gives NaN, never a silent 0."""
+    zero = x == 0
+    safe_log_x = torch.where(zero, torch.zeros_like(log_x), log_x)
+    safe_log_y = torch.where(zero, torch.zeros_like(log_y), log_y)
+    return torch.where(zero, torch.zeros_like(x), x * (safe_log_x - safe_log_y))
+
+
+def _abs(d: Tensor) -> Tensor:
+    """|d| with torch.abs's subgradient sign(d) (0 at 0), except that a NaN d has a NaN gradient (torch.abs gives
+    it 0): a row with a NaN input has a NaN gradient on every backend."""
+    sign = torch.sign(d) + (d - d)  # d - d: 0 for finite d, NaN for NaN
+    return d * sign.detach()
 
 
 def _log_mix(log_a: Tensor, log_b: Tensor, wa: float) -> Tensor:
@@ -58,7 +66,7 @@ def divergence(log_p: Tensor, log_q: Tensor, kind: str, *, beta: float = 0.5, sk
         log_m = _log_mix(log_p, log_q, beta)
         terms = beta * _xlogr(p, log_p, log_m) + (1 - beta) * _xlogr(q, log_q, log_m)
     elif kind == "tvd":  # 1/2 sum |P - Q|
-        terms = 0.5 * (p - q).abs()
+        terms = 0.5 * _abs(p - q)
     elif kind == "skew_kl":  # KL(P || a P + (1 - a) Q)
         terms = _xlogr(p, log_p, _log_mix(log_p, log_q, skew))
     elif kind == "skew_reverse_kl":  # KL(Q || (1 - a) P + a Q)
@@ -141,8 +149,10 @@ def kd_loss(
     if ensemble == "loss_mean" and len(teachers) > 1:  # each teacher its own target: D = sum_k w_k D(P_k, Q)
         w = _weights(teacher_weights, len(teachers), n, dtype, student.device)
         log_pk = teacher_log_probs(teachers, temperature, dtype, w)
-        # a teacher with weight 0 is dropped (0 * inf would be nan)
-        d = sum(torch.where(w[j] > 0, w[j] * divergence(lp, log_q, divergence_kind, beta=beta, skew=skew), 0.0)
+        # A teacher with weight 0 is dropped: its rows' target is replaced by Q itself (D = 0, a finite gradient),
+        # since D(-inf, Q) is inf for reverse KL and 0 * inf would be a nan gradient even through the where.
+        d = sum(torch.where(w[j] > 0, w[j] * divergence(torch.where(w[j, :, None] > 0, lp, log_q.detach()), log_q,
+                                                         divergence_kind, beta=beta, skew=skew), 0.0)
                 for j, lp in enumerate(log_pk))  # fmt: skip
     else:
         log_p = ensemble_log_target(teachers, temperature, ensemble if len(teachers) > 1 else "prob_mean",
@@ -150,10 +160,9 @@ def kd_loss(
         d = divergence(log_p, log_q, divergence_kind, beta=beta, skew=skew)
     rows = kd_scale * d if kd_scale != 0 else torch.zeros_like(d)  # ce_weight = 1: pure CE, even where D = inf
 
-    if ce_weight > 0:  # hard-label cross-entropy at T = 1
+    if ce_weight > 0:  # hard-label cross-entropy at T = 1, from log_softmax: (s - max) - log sum, never lse - s
         safe = torch.where(keep, labels, 0)
-        s = student.to(dtype)
-        ce = torch.logsumexp(s, dim=-1) - s.gather(-1, safe[:, None]).squeeze(-1)
+        ce = -torch.log_softmax(student.to(dtype), dim=-1).gather(-1, safe[:, None]).squeeze(-1)
         rows = rows + ce_weight * ce
     if sample_weight is not None:
         rows = rows * sample_weight.to(dtype)

@@ -78,6 +78,22 @@ def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, reduce: bool) -> torch.T
     return grad.mul_(factor)
 
 
+def _first_order(op: str, grad: torch.Tensor | None) -> torch.Tensor | None:
+    """The gradient, unless it is being recorded for a second derivative (create_graph=True): then an error. The
+    saved gradient is a constant to autograd, so a recorded one would have no path back to the inputs and every
+    second-order term through this op (a gradient penalty, MAML, a Hessian-vector product) would silently be 0.
+    The error is raised here, at the first backward, not when the gradient is differentiated (as torch's
+    once_differentiable does): a second derivative taken towards upstream parameters would skip a delayed error
+    and drop this op's term without a word. Eager mode only (torch.compile has no double backward either)."""
+    if grad is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"fastdistill.{op}: create_graph=True (double backward) is not supported by the fused backends: their "
+            "gradient is computed in the forward pass and its own derivative is not, so a second-order term "
+            "would be 0; use backend='reference' for second derivatives, or backward without create_graph"
+        )
+    return grad
+
+
 def _exactly_one(grad_loss: torch.Tensor) -> bool:
     """grad_output == 1 everywhere, where checking costs no device sync: CPU tensors (see _scale)."""
     return grad_loss.device.type == "cpu" and bool((grad_loss == 1).all())
@@ -91,7 +107,7 @@ def _kd_loss_backward(ctx, grad_loss, _grad_grad_s, _grad_grad_t):
         return (None, none_t) + (None,) * 15
     d_student = _scale(grad_s, grad_loss, ctx.reduce) if ctx.needs_input_grad[0] else None
     d_teachers = [_scale(g, grad_loss, ctx.reduce) for g in grad_t] if ctx.needs_input_grad[1] else none_t
-    return (d_student, d_teachers) + (None,) * 15
+    return (_first_order("kd_loss", d_student), [_first_order("kd_loss", g) for g in d_teachers]) + (None,) * 15
 
 
 def _kd_loss_triton_setup_context(ctx, inputs, output):
@@ -109,7 +125,7 @@ def _kd_loss_triton_backward(ctx, grad_loss, _grad_grad_s, _grad_grad_t):
     grad_s, grad_t = ctx.saved_tensors
     d_student = _scale(grad_s, grad_loss, ctx.reduce) if ctx.needs_input_grad[0] else None
     d_teachers = _scale(grad_t, grad_loss, ctx.reduce) if ctx.needs_input_grad[1] else None
-    return (d_student, d_teachers) + (None,) * 15
+    return (_first_order("kd_loss", d_student), _first_order("kd_loss", d_teachers)) + (None,) * 15
 
 
 def register_triton(op) -> None:
@@ -149,7 +165,7 @@ def _codistill_backward(ctx, grad_loss_a, grad_loss_b, _gga, _ggb):
         d_a = _scale(grad_a, grad_loss_a, ctx.reduce)
     if ctx.needs_input_grad[1] and grad_loss_b is not None:
         d_b = _scale(grad_b, grad_loss_b, ctx.reduce)
-    return (d_a, d_b) + (None,) * 16
+    return (_first_order("codistill_loss", d_a), _first_order("codistill_loss", d_b)) + (None,) * 16
 
 
 def register_codistill_triton(op) -> None:
@@ -195,6 +211,7 @@ def _mi_alpha_autograd(backward_op):
                                                ctx.temperature)  # fmt: skip
         if ctx.needs_input_grad[2]:
             d_baseline = (grad * stats[MI_STATS_DA]).to(log_baseline.dtype)
+        d_student, d_teacher, d_baseline = (_first_order("mi_alpha", g) for g in (d_student, d_teacher, d_baseline))
         return d_student, d_teacher, d_baseline, None, None
 
     return backward

@@ -108,7 +108,8 @@ def _codistill_row(
     skew = tl.load(prm_ptr + 10)
     log_skew = tl.load(prm_ptr + 11)
     log_1m_skew = tl.load(prm_ptr + 12)
-    sw, f, label, valid = _row_weight(row, sw_ptr, lab_ptr, den_ptr, ignore_index, has_sw, has_labels, has_den, ACC)
+    sw, f, label, valid = _row_weight(row, sw_ptr, lab_ptr, den_ptr, ignore_index, has_sw, has_labels, has_den,
+                                      ce_a | ce_b, V, ACC)  # fmt: skip
     a_row = a_ptr + row * a_stride
     b_row = b_ptr + row * b_stride
     ga_row = ga_ptr + row * V

@@ -47,8 +47,8 @@ NUM_WARPS = 8
 
 @triton.jit
 def _xlogr(x, log_x, log_y):
-    """x * (log x - log y) with 0 * log 0 = 0."""
-    return tl.where(x > 0, x * (log_x - log_y), 0.0)
+    """x * (log x - log y) with 0 * log 0 = 0; a NaN x gives NaN (never a silent 0)."""
+    return tl.where(x == 0, 0.0, x * (log_x - log_y))
 
 
 @triton.jit
@@ -77,19 +77,19 @@ def _terms(p, q, logp, logq, DIV: tl.constexpr, beta, log_beta, log_1m_beta, ske
     elif DIV == 3:  # tvd
         d = q - p
         phi = 0.5 * tl.abs(d)
-        sg = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+        sg = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)) + (d - d)  # NaN stays NaN (kd_math.h's sign)
         gq = 0.5 * q * sg
         hp = -0.5 * p * sg
     elif DIV == 4:  # skew_kl
         logm = _logaddexp(logp + log_skew, logq + log_1m_skew)
         phi = _xlogr(p, logp, logm)
-        r = tl.where(p > 0, tl.exp(logp - logm), 0.0)
+        r = tl.where(p == 0, 0.0, tl.exp(logp - logm))
         gq = -(1.0 - skew) * q * r
         hp = phi + p - skew * p * r
     else:  # skew_reverse_kl
         logm = _logaddexp(logp + log_1m_skew, logq + log_skew)
         phi = _xlogr(q, logq, logm)
-        r = tl.where(q > 0, tl.exp(logq - logm), 0.0)
+        r = tl.where(q == 0, 0.0, tl.exp(logq - logm))
         gq = phi + q - skew * q * r
         hp = -(1.0 - skew) * p * r
     return phi, gq, hp
@@ -108,9 +108,13 @@ def _online(m, total, x, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _row_weight(row, sw_ptr, lab_ptr, den_ptr, ignore_index, has_sw, has_labels, has_den, ACC: tl.constexpr):
+def _row_weight(row, sw_ptr, lab_ptr, den_ptr, ignore_index, has_sw, has_labels, has_den, uses_label, V,
+                ACC: tl.constexpr):  # fmt: skip
     """Row ``row``'s sample weight sw, the factor f = sw / denominator its gradient carries, its label (-1 without
-    labels; int64) and whether it counts (valid: weight != 0 and label != ignore_index). has_*: runtime flags."""
+    labels; int64) and whether it counts (valid: weight != 0 and label != ignore_index). has_*, uses_label (a
+    cross-entropy term reads the label): runtime flags. A label out of [0, V) that is read makes sw and f NaN, so
+    the row's loss and gradient are NaN: the Python range check does not run under torch.compile, and a kernel
+    cannot raise (the label's logit itself is never loaded outside the row)."""
     sw = tl.full((), 1.0, ACC)
     if has_sw != 0:
         sw = tl.load(sw_ptr + row).to(ACC)
@@ -119,6 +123,8 @@ def _row_weight(row, sw_ptr, lab_ptr, den_ptr, ignore_index, has_sw, has_labels,
     if has_labels != 0:
         label = tl.load(lab_ptr + row)
         valid = valid & (label != ignore_index)
+        if uses_label != 0:
+            sw = tl.where((label < 0) | (label >= V), float("nan"), sw)
     f = sw
     if has_den != 0:
         f = sw / tl.load(den_ptr).to(ACC)
@@ -203,7 +209,9 @@ def _kd_row(
     if has_tw != 0:
         w = tl.load(tw_ptr + ks64 * N + row, mask=kmask, other=0.0).to(ACC)
     logw = tl.log(w)
-    sw, f, label, valid = _row_weight(row, sw_ptr, lab_ptr, den_ptr, ignore_index, has_sw, has_labels, has_den, ACC)
+    kuse = w > 0  # the teachers this row reads: one of weight 0 is dropped, whatever its logits (NaN included)
+    sw, f, label, valid = _row_weight(row, sw_ptr, lab_ptr, den_ptr, ignore_index, has_sw, has_labels, has_den, ce, V,
+                                      ACC)  # fmt: skip
     ce_own = (ce != 0) & (ce_at_t == 0)  # the cross-entropy needs its own normaliser (at T = 1)
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride_n + ks64[:, None] * t_stride_k
@@ -225,7 +233,7 @@ def _kd_row(
         m_q, l_q = _online(m_q, l_q, s * inv_t, 0)
         if ce_own:
             m_ce, l_ce = _online(m_ce, l_ce, s, 0)
-        x = tl.load(t_row + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=float("-inf")).to(ACC) * inv_t
+        x = tl.load(t_row + cols[None, :], mask=kuse[:, None] & cmask[None, :], other=float("-inf")).to(ACC) * inv_t
         if ENS == 2:  # pooled logits sum_k w_k t_k / T (a zero weight drops the teacher, -inf included)
             c = tl.sum(tl.where(w[:, None] > 0, w[:, None] * x, 0.0), 0)
             c = tl.where(cmask, c, float("-inf"))
@@ -238,8 +246,10 @@ def _kd_row(
         m_ce = m_q
         l_ce = l_q
     ll_ce = tl.log(l_ce)
-    dead = m_t == float("-inf")  # padded (or weight-0, all -inf) teachers: (0, 0), so that (x - 0) - 0 stays -inf
-    m_t = tl.where(dead, 0.0, m_t)
+    # Dropped teachers (padded, weight 0): (0, 0), so that (x - 0) - 0 stays -inf. A teacher that counts but has no
+    # finite logit in the row has no distribution: NaN (as log_softmax gives); a NaN logit makes l_t NaN by itself.
+    dead = m_t == float("-inf")
+    m_t = tl.where(dead, tl.where(kuse, float("nan"), 0.0), m_t)
     ll_t = tl.where(dead, 0.0, tl.log(l_t))
     ll_c = tl.log(l_c)
 
@@ -249,7 +259,7 @@ def _kd_row(
     agg = tl.zeros((KP,), ACC)  # per-teacher aggregates for the teacher gradients
     for b in range(0, n_blocks):
         cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
-            b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kmask, ENS, DIV, BLOCK, ACC,
+            b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS, DIV, BLOCK, ACC,
             beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew,
         )  # fmt: skip
         phi_sum += tl.sum(tl.where(cmask, phi, 0.0), 0)
@@ -263,7 +273,7 @@ def _kd_row(
                 tl.store(gs_row + cols, tl.where(valid, f * g, 0.0), mask=cmask)
         if grad_t != 0:  # the tile again, from the cache (_reload)
             cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
-                b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kmask, ENS, DIV, BLOCK,
+                b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS, DIV, BLOCK,
                 ACC, beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew, True,
             )  # fmt: skip
             if ENS == 3:  # sum_v hp_kv
@@ -290,7 +300,7 @@ def _kd_row(
         gt_row = gt_ptr + ks64[:, None] * (N * V) + row * V
         for b in range(0, n_blocks):
             cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
-                b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kmask, ENS, DIV, BLOCK,
+                b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS, DIV, BLOCK,
                 ACC, beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew,
             )  # fmt: skip
             if DIV != 0:
@@ -304,7 +314,7 @@ def _kd_row(
                     # student's store: 110 instead of 144 registers (K = 4 JSD, bf16), for every call, not only the
                     # rare ones that want teacher gradients
                     cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
-                        b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kmask, ENS, DIV,
+                        b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS, DIV,
                         BLOCK, ACC, beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew, True,
                     )  # fmt: skip
             if grad_t != 0:
@@ -323,16 +333,16 @@ def _kd_row(
 
 
 @triton.jit
-def _tile(b, s_row, t_row, V, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kmask, ENS: tl.constexpr,
+def _tile(b, s_row, t_row, V, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS: tl.constexpr,
           DIV: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, beta, log_beta, log_1m_beta, skew, log_skew,
           log_1m_skew, RELOAD: tl.constexpr = False):  # fmt: skip
     """Block b of the row, read again after sweep 1: the student's Q and the targets' terms (see _element)."""
     cols = b * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < V
     s, logq, q = _log_probs(s_row, cols, cmask, inv_t, m_q, ll_q, ACC, RELOAD)
-    t, logpk, pk = _log_probs(t_row, cols[None, :], kmask[:, None] & cmask[None, :], inv_t, m_t[:, None],
+    t, logpk, pk = _log_probs(t_row, cols[None, :], kuse[:, None] & cmask[None, :], inv_t, m_t[:, None],
                               ll_t[:, None], ACC, RELOAD)  # fmt: skip
-    phi, gq, hp, p, logp, lwp = _element(t, logpk, pk, q, logq, inv_t, w, logw, m_c, ll_c, ks, kmask, cmask, ENS, DIV,
+    phi, gq, hp, p, logp, lwp = _element(t, logpk, pk, q, logq, inv_t, w, logw, m_c, ll_c, ks, kuse, cmask, ENS, DIV,
                                          beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew)  # fmt: skip
     return cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk
 
@@ -348,7 +358,7 @@ def _ce_grad(s, q, m_ce, log_l_ce, cols, label, ce_at_t):
 
 
 @triton.jit
-def _element(t, logpk, pk, q, logq, inv_t, w, logw, m_c, ll_c, ks, kmask, cmask, ENS: tl.constexpr,
+def _element(t, logpk, pk, q, logq, inv_t, w, logw, m_c, ll_c, ks, kuse, cmask, ENS: tl.constexpr,
              DIV: tl.constexpr, beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew):  # fmt: skip
     """Targets and divergence terms of one tile, from the teachers' logits t, log P_k and P_k ([KP, BLOCK]; padded
     teachers -inf and 0). Returns phi, gq (ensemble-combined, [BLOCK]); hp ([K, BLOCK] for loss_mean, else
@@ -358,7 +368,7 @@ def _element(t, logpk, pk, q, logq, inv_t, w, logw, m_c, ll_c, ks, kmask, cmask,
         phi_k, gq_k, hp = _terms(pk, q[None, :], logpk, logq[None, :], DIV, beta, log_beta, log_1m_beta, skew,
                                  log_skew, log_1m_skew)  # fmt: skip
         wk = w[:, None]
-        use = kmask[:, None] & (wk > 0)  # a teacher with weight 0 is dropped (0 * inf would be nan)
+        use = kuse[:, None]  # a teacher with weight 0 is dropped (0 * inf would be nan)
         phi = tl.sum(tl.where(use, wk * phi_k, 0.0), 0)
         gq = tl.sum(tl.where(use, wk * gq_k, 0.0), 0)
         p = q  # unused

@@ -1,0 +1,288 @@
+"""Never a silent wrong number: non-finite inputs, double backward, large logits, extreme weights (issue 14).
+
+The contract (README "Non-finite inputs"): a row that counts and holds a NaN, or a +inf logit (an fp16 overflow),
+or has no finite logit at all, gives a NaN loss and an all-NaN gradient row on every backend, as F.kl_div and
+log_softmax do; the other rows are untouched. A skipped row (ignored label, sample weight 0) and a teacher of
+weight 0 in a row are dropped whatever they hold.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import CPU_BACKENDS, DIVERGENCES, ENSEMBLES, make_inputs, reference64, requires_ext, requires_triton
+
+import fastdistill
+
+POISONS = {
+    "teacher-nan": ("teacher", math.nan),
+    "teacher-inf": ("teacher", math.inf),  # fp16 teacher logits that overflowed
+    "teacher-all-neginf": ("teacher", "row"),  # a teacher that counts, with no distribution in the row
+    "student-nan": ("student", math.nan),
+    "student-inf": ("student", math.inf),
+    "student-all-neginf": ("student", "row"),
+}
+BAD_ROW = 2
+
+
+def _poison(s, ts, where):
+    who, value = POISONS[where]
+    x = s if who == "student" else ts[0]
+    if value == "row":
+        x[BAD_ROW] = -math.inf
+    else:
+        x[BAD_ROW, 5] = value
+
+
+def _grads(s, ts, teacher_grad=True, **kw):
+    s = s.detach().clone().requires_grad_()
+    ts = [t.detach().clone().requires_grad_(teacher_grad) for t in ts]
+    loss = fastdistill.kd_loss(s, ts, reduction="none", **kw)
+    grads = torch.autograd.grad(loss.sum(), [s, *ts] if teacher_grad else [s])
+    return loss, grads
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("where", list(POISONS))
+@pytest.mark.parametrize("k,ensemble", [(1, "prob_mean")] + [(2, e) for e in ENSEMBLES])
+def test_poisoned_row_is_nan_everywhere(backend, divergence, where, k, ensemble):
+    """The poisoned row: NaN loss, all-NaN student gradient (and poisoned teacher's); other rows as if clean."""
+    s, ts = make_inputs((5,), 19, k)
+    clean_loss, clean_grads = _grads(s, ts, divergence=divergence, ensemble=ensemble, backend="reference")
+    _poison(s, ts, where)
+    loss, grads = _grads(s, ts, divergence=divergence, ensemble=ensemble, backend=backend)
+    assert torch.isnan(loss[BAD_ROW]), f"{backend}: the poisoned row's loss is {loss[BAD_ROW].item()}, not NaN"
+    assert torch.isnan(grads[0][BAD_ROW]).all(), f"{backend}: the student gradient row is not all NaN"
+    if POISONS[where][0] == "teacher":
+        assert torch.isnan(grads[1][BAD_ROW]).all(), f"{backend}: the poisoned teacher's gradient is not all NaN"
+    ok = torch.arange(5) != BAD_ROW
+    torch.testing.assert_close(loss[ok], clean_loss[ok], rtol=1e-4, atol=1e-5)
+    for g, c in zip(grads, clean_grads):
+        torch.testing.assert_close(g[ok], c[ok], rtol=1e-4, atol=1e-5)
+    mean = fastdistill.kd_loss(s, ts, divergence=divergence, ensemble=ensemble, backend=backend)
+    assert torch.isnan(mean)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("where", list(POISONS))
+@pytest.mark.parametrize("skip", ["ignored-label", "zero-sample-weight", "zero-teacher-weight"])
+def test_dropped_rows_and_teachers_stay_exact(backend, where, skip):
+    """A skipped row, or a teacher of weight 0 in a row, contributes exactly what it would clean: nothing."""
+    if skip == "zero-teacher-weight" and POISONS[where][0] == "student":
+        pytest.skip("the student is never dropped")
+    s, ts = make_inputs((5,), 19, 2)
+    kw = dict(divergence="reverse_kl", ensemble="loss_mean", backend=backend)
+    labels = torch.randint(0, 19, (5,))
+    weights = torch.ones(2, 5)
+    sw = torch.ones(5)
+    if skip == "ignored-label":
+        labels[BAD_ROW] = -100
+    elif skip == "zero-sample-weight":
+        sw[BAD_ROW] = 0
+    else:
+        weights[0, BAD_ROW] = 0
+    kw.update(labels=labels, ce_weight=0.25, sample_weight=sw, teacher_weights=weights)
+    clean_loss, clean_grads = _grads(s, ts, **{**kw, "backend": "reference"})
+    _poison(s, ts, where)
+    loss, grads = _grads(s, ts, **kw)
+    assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads)
+    torch.testing.assert_close(loss, clean_loss, rtol=1e-4, atol=1e-5)
+    for g, c in zip(grads, clean_grads):
+        torch.testing.assert_close(g, c, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("side", ["a", "b"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_codistill_poisoned_row(backend, side, value):
+    """A NaN (or +inf) in one model's row: both losses NaN there (each model is the other's target)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 19, generator=g), torch.randn(5, 19, generator=g)
+    (a if side == "a" else b)[BAD_ROW, 3] = value
+    a.requires_grad_()
+    b.requires_grad_()
+    la, lb = fastdistill.codistill_loss(a, b, reduction="none", divergence="jsd", backend=backend)
+    assert torch.isnan(la[BAD_ROW]) and torch.isnan(lb[BAD_ROW])
+    ok = torch.arange(5) != BAD_ROW
+    assert torch.isfinite(la[ok]).all() and torch.isfinite(lb[ok]).all()
+    ga, gb = torch.autograd.grad((la + lb).sum(), [a, b])
+    assert torch.isnan(ga[BAD_ROW]).all() and torch.isnan(gb[BAD_ROW]).all()
+    assert torch.isfinite(ga[ok]).all() and torch.isfinite(gb[ok]).all()
+
+
+def test_reference_loss_mean_reverse_kl_with_a_dropped_teacher_has_a_finite_gradient():
+    """0 * inf in backward: a teacher of weight 0 under reverse KL used to make the reference's gradient NaN."""
+    s, ts = make_inputs((4,), 11, 2, dtype=torch.float64)
+    w = torch.tensor([[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    loss, (g,) = reference64(s, ts, divergence="reverse_kl", ensemble="loss_mean", teacher_weights=w)
+    assert torch.isfinite(g).all()
+    # row 1 has teacher 1 alone: its gradient is the single-teacher one
+    _, (g1,) = reference64(s[1:2], [ts[1][1:2]], divergence="reverse_kl", reduction="sum")
+    torch.testing.assert_close(g[1] * 4, g1[0])
+
+
+# ---- double backward -------------------------------------------------------------------------------------------
+
+
+def _second_order_calls():
+    x = torch.randn(4, 10, dtype=torch.float64)
+    t = torch.randn(4, 10, dtype=torch.float64)
+    f = torch.randn(6, 5, dtype=torch.float64)
+    calls = {
+        "kd_loss": lambda b, x=x: fastdistill.kd_loss(x, t, divergence="jsd", backend=b),
+        "codistill_loss": lambda b, x=x: sum(fastdistill.codistill_loss(x, t, backend=b)),
+        "mi_alpha": lambda b, x=f: fastdistill.mi_alpha(x, f.flip(0), backend=b),
+    }
+    return calls, {"kd_loss": x, "codistill_loss": x, "mi_alpha": f}
+
+
+@pytest.mark.parametrize("op", ["kd_loss", "codistill_loss", "mi_alpha"])
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=requires_ext),
+                                     pytest.param("triton", marks=requires_triton)])  # fmt: skip
+def test_double_backward_raises_not_zero(op, backend):
+    """create_graph=True through a fused backend: a clear error, never a second-order term of 0."""
+    if op == "mi_alpha" and backend == "triton":
+        pytest.skip("the Triton mi_alpha runs float32 only; covered by the cpu case and test_mi_triton")
+    calls, inputs = _second_order_calls()
+    x = inputs[op].clone().requires_grad_()
+    loss = calls[op](backend, x)
+    with pytest.raises(RuntimeError, match=r"create_graph=True \(double backward\) is not supported.*reference"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    # first order is unaffected, and the reference gives the second order
+    (g,) = torch.autograd.grad(calls[op](backend, x), x)
+    (g_ref,) = torch.autograd.grad(calls[op]("reference", x), x, create_graph=True)
+    torch.testing.assert_close(g, g_ref.detach())
+    (h,) = torch.autograd.grad(g_ref.pow(2).sum(), x)
+    assert h.abs().sum() > 0
+
+
+# ---- out-of-range labels where the Python check does not run (torch.compile) -----------------------------------
+
+
+@requires_triton
+def test_triton_out_of_range_label_gives_nan_row():
+    """The op itself (what torch.compile calls, the range check skipped): NaN in that row, never a read outside."""
+    from fastdistill.ops.triton.kd_loss import kd_loss_triton
+
+    s, ts = make_inputs((4,), 13, 1)
+    labels = torch.tensor([1, 13, -7, 2])
+    loss, gs, _ = kd_loss_triton(s, torch.stack(ts), None, labels, None, None, "kl", "prob_mean", 2.0, 2.0, 0.5,
+                                 0.5, 0.1, -100, False, True, False)  # fmt: skip
+    assert torch.isnan(loss[1:3]).all() and torch.isfinite(loss[[0, 3]]).all()
+    assert torch.isnan(gs[1:3]).all() and torch.isfinite(gs[[0, 3]]).all()
+
+
+@requires_triton
+def test_triton_codistill_out_of_range_label_gives_nan_row():
+    from fastdistill.ops.triton.codistill_loss import codistill_loss_triton
+
+    a, b = torch.randn(3, 13), torch.randn(3, 13)
+    labels = torch.tensor([1, 99, 2])
+    la, lb, ga, gb = codistill_loss_triton(a, b, labels, None, None, "kl", 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.5, 0.1,
+                                           -100, False, True, True)  # fmt: skip
+    assert torch.isnan(la[1]) and torch.isfinite(la[[0, 2]]).all()
+    assert torch.isnan(ga[1]).all() and torch.isfinite(ga[[0, 2]]).all()
+
+
+@requires_ext
+def test_cpu_out_of_range_label_raises_in_the_kernel():
+    s, ts = make_inputs((4,), 13, 1)
+    with pytest.raises(ValueError, match=r"labels\[1\] = 13 is out of range \[0, 13\)"):
+        torch.ops.fastdistill.kd_loss(s, ts, None, torch.tensor([1, 13, 0, 2]), None, None, "kl", "prob_mean", 1.0,
+                                      0.5, 0.5, 0.5, 0.1, -100, True, True, False)  # fmt: skip
+
+
+# ---- precision at large logits ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_large_logits_keep_float32_accuracy(backend, divergence, temperature):
+    """Logits around 1e4 (a common offset): within float32's accuracy of the float64 result on the same inputs.
+    Forming log Q as x - lse loses ulp(1e4) ~ 1e-3 to the rounding of lse; (x - max) - log sum does not."""
+    g = torch.Generator().manual_seed(1)
+    s = (1e4 + 2 * torch.randn(8, 301, generator=g, dtype=torch.float64)).float()
+    t = (1e4 + 2 * torch.randn(8, 301, generator=g, dtype=torch.float64)).float()
+    labels = torch.randint(0, 301, (8,), generator=g)
+    kw = dict(divergence=divergence, temperature=temperature, labels=labels, reduction="none")
+    for ce in (0.0, 0.5, 1.0):
+        got = fastdistill.kd_loss(s, t, ce_weight=ce, backend=backend, **kw).double()
+        want = fastdistill.kd_loss(s.double(), t.double(), ce_weight=ce, backend="reference", **kw)
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6, msg=f"ce_weight={ce}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_large_logits_codistill_cross_entropy(backend):
+    g = torch.Generator().manual_seed(2)
+    a = (1e4 + torch.randn(6, 101, generator=g, dtype=torch.float64)).float()
+    b = (-1e4 + torch.randn(6, 101, generator=g, dtype=torch.float64)).float()
+    labels = torch.randint(0, 101, (6,), generator=g)
+    for temperature in (1.0, 3.0):
+        kw = dict(temperature=temperature, reduction="none", divergence="kl")
+        got = fastdistill.codistill_loss(a, b, labels, backend=backend, **kw)
+        want = fastdistill.codistill_loss(a.double(), b.double(), labels, backend="reference", **kw)
+        for x, y in zip(got, want):
+            # T = 3: s / T itself carries the rounding of float32 at 3e3 (as F.log_softmax(s / 3) does)
+            torch.testing.assert_close(x.double(), y, rtol=2e-5 if temperature == 1 else 1e-3, atol=1e-6)
+
+
+# ---- extreme weights and arguments ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_huge_teacher_weights_normalise_without_overflow(backend):
+    s, ts = make_inputs((5,), 9, 2)
+    want = fastdistill.kd_loss(s, ts, teacher_weights=[1.0, 1.0], backend=backend)
+    got = fastdistill.kd_loss(s, ts, teacher_weights=[3e38, 3e38], backend=backend)
+    torch.testing.assert_close(got, want)
+    p = fastdistill.ensemble_soft_targets(ts, teacher_weights=torch.tensor([3e38, 1e38]))
+    torch.testing.assert_close(p.sum(-1), torch.ones(5))
+    torch.testing.assert_close(p, fastdistill.ensemble_soft_targets(ts, teacher_weights=[3.0, 1.0]))
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(temperature=1e300), "temperature must be finite and in"),
+        (dict(temperature=1e-300), "temperature must be finite and in"),
+        (dict(ignore_index=2**70), "ignore_index must fit in int64"),
+        (dict(num_items=torch.tensor(math.nan)), "num_items must be finite"),
+        (dict(num_items=torch.tensor(math.inf)), "num_items must be finite"),
+    ],
+)
+def test_argument_errors_name_the_argument(kw, match):
+    s, ts = make_inputs((3,), 5, 1)
+    with pytest.raises(ValueError, match=match):
+        fastdistill.kd_loss(s, ts, **kw)
+    with pytest.raises(ValueError, match=match):
+        fastdistill.codistill_loss(s, ts[0], **kw)
+
+
+def test_mi_alpha_tensor_baseline_must_be_finite():
+    u, v = torch.randn(6, 4), torch.randn(6, 4)
+    for bad in (math.inf, -math.inf, math.nan):
+        a = torch.zeros(6)
+        a[2] = bad
+        with pytest.raises(ValueError, match="log_baseline must be finite"):
+            fastdistill.mi_alpha(u, v, log_baseline=a)
+
+
+def test_mi_alpha_loss_checks_feature_widths():
+    mi = fastdistill.MIAlphaLoss(3, 5, proj_dim=4)
+    with pytest.raises(ValueError, match="student_hidden has width D = 4, but this MIAlphaLoss was built for "
+                                         "student_dim = 3"):  # fmt: skip
+        mi(torch.randn(6, 4), torch.randn(6, 5))
+    with pytest.raises(ValueError, match="teacher_hidden has width D = 3, .* teacher_dim = 5"):
+        mi(torch.randn(2, 6, 3), torch.randn(2, 6, 3))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_mi_alpha_nan_feature_gives_nan(backend):
+    u, v = torch.randn(8, 4), torch.randn(8, 4)
+    u[3, 1] = math.nan
+    u.requires_grad_()
+    est = fastdistill.mi_alpha(u, v, backend=backend)
+    (g,) = torch.autograd.grad(est, u)
+    assert torch.isnan(est) and torch.isnan(g).any()
