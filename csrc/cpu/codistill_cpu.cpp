@@ -100,17 +100,18 @@ class CoRowKernel {
     const bool ce_at_t = p_.temperature == 1.0;
     for (int m = 0; m < 2; ++m) {
       const S* src = static_cast<const S*>(t_.x[m]) + i * t_.stride[m];
-      cpu::load_scaled(src, s[m].x, V_, Vp_, inv_t_);
-      normalise(s[m]);
-      // cross-entropy is at T = 1: its normaliser differs unless T = 1, and comes from the raw logits then (x * T
-      // would carry the rounding of x = s / T)
-      s[m].ce_x = s[m].x;
-      s[m].ce_norm = s[m].norm;
-      if (hard_[m] != A(0) && !ce_at_t) {
-        cpu::load_scaled(src, s[m].raw, V_, Vp_, A(1));
-        s[m].ce_x = s[m].raw;
-        s[m].ce_norm = cpu::row_log_norm(s[m].raw, Vp_);
+      // cross-entropy is at T = 1: its normaliser differs unless T = 1; that of x * T, the raw logits exactly when T
+      // is a power of two, else of the raw logits kept in `raw` (x * T would carry the rounding of x = s / T)
+      const bool ce_raw = hard_[m] != A(0) && !ce_at_t && !cpu::is_power_of_two(p_.temperature);
+      if (ce_raw) {
+        cpu::load_scaled_and_raw(src, s[m].x, s[m].raw, V_, Vp_, inv_t_);
+      } else {
+        cpu::load_scaled(src, s[m].x, V_, Vp_, inv_t_);
       }
+      normalise(s[m]);
+      s[m].ce_x = ce_raw ? s[m].raw : s[m].x;
+      s[m].ce_scale = ce_raw ? A(1) : A(p_.temperature);
+      s[m].ce_norm = hard_[m] == A(0) || ce_at_t ? s[m].norm : cpu::row_log_norm(s[m].ce_x, Vp_, s[m].ce_scale);
       s[m].ce = hard_[m] == A(0) ? A(0) : (s[m].ce_norm.max - static_cast<A>(src[label])) + s[m].ce_norm.log_sum;
       s[m].out = t_.grad[m] ? static_cast<S*>(t_.grad[m]) + i * V_ : nullptr;
       // KL's gradient is final after pass 2: write it straight to the output when no conversion is needed
@@ -174,7 +175,8 @@ class CoRowKernel {
     A* raw;  // [Vp] raw logits, -inf padded (only for the cross-entropy when T != 1)
     cpu::LogNorm<A> norm;  // of x: log softmax = (x - max) - log_sum
     A inv_sum;
-    const A* ce_x;  // the logits of the cross-entropy (x itself when T = 1, else raw) and their normaliser
+    const A* ce_x;  // the cross-entropy's logits are ce_x * ce_scale (x * T, or raw), with their normaliser
+    A ce_scale;
     cpu::LogNorm<A> ce_norm;
     A ce;
     S* out;   // this row of the gradient output, or null
@@ -205,7 +207,8 @@ class CoRowKernel {
 
   // softmax of the logits at T = 1: the temperature-T distribution itself when T = 1.
   Vec ce_softmax(const Side& s, int64_t j, const Vec& q_t, bool ce_at_t) const {
-    return ce_at_t ? q_t : Ops::exp((Vec::loadu(s.ce_x + j) - Vec(s.ce_norm.max)) - Vec(s.ce_norm.log_sum));
+    return ce_at_t ? q_t
+                   : Ops::exp((Vec::loadu(s.ce_x + j) * Vec(s.ce_scale) - Vec(s.ce_norm.max)) - Vec(s.ce_norm.log_sum));
   }
 
   // A direction with weight 0 does not enter the loss, even where its divergence is inf.

@@ -107,17 +107,21 @@ class KDRowKernel {
 
     // ---- pass 1: read every input row once; normalisers ------------------------------------------------
     const S* s_row = static_cast<const S*>(t_.student) + i * t_.student_stride;
-    load_scaled(s_row, r.x, V_, Vp_, inv_t_);
-    normalise(r, 0);
-    // Cross-entropy is at T = 1: its normaliser differs from the student's unless T = 1, and it is taken from the
-    // raw logits (x * T would carry the rounding of x = s / T).
+    // Cross-entropy is at T = 1: its normaliser differs from the student's unless T = 1. It is that of x * T, the
+    // raw logits exactly when T is a power of two; for other T, of the raw logits kept in `raw` (x * T would carry
+    // the rounding of x = s / T: 1e-3 of the loss for logits around 1e4).
     const bool ce_at_t = p_.temperature == 1.0;
-    LogNorm<A> ce_norm{r.rowmax[0], r.logsum[0]};
-    if (ce_ != A(0) && !ce_at_t) {
-      load_scaled(s_row, raw, V_, Vp_, A(1));
-      ce_norm = row_log_norm(raw, Vp_);
+    const bool ce_raw = ce_ != A(0) && !ce_at_t && !cpu::is_power_of_two(p_.temperature);
+    if (ce_raw) {
+      cpu::load_scaled_and_raw(s_row, r.x, raw, V_, Vp_, inv_t_);
+    } else {
+      load_scaled(s_row, r.x, V_, Vp_, inv_t_);
     }
-    const A* ce_x = ce_at_t ? r.x : raw;
+    normalise(r, 0);
+    const A* ce_x = ce_raw ? raw : r.x;
+    const A ce_scale = ce_raw ? A(1) : A(p_.temperature);
+    const LogNorm<A> ce_norm = ce_ == A(0) || ce_at_t ? LogNorm<A>{r.rowmax[0], r.logsum[0]}
+                                                      : row_log_norm(ce_x, Vp_, ce_scale);
 
     std::vector<A> wbuf(2 * K_);
     r.w = wbuf.data();
@@ -156,7 +160,8 @@ class KDRowKernel {
     if (want_gs) gdst = (closed_form_ && std::is_same_v<S, A>) ? reinterpret_cast<A*>(gs_out) : gbuf;
     std::vector<Vec> agg_t(want_gt ? K_ : 0, Vec(A(0)));  // per-teacher aggregates for their gradients
     Vec v_phi(A(0)), v_gq(A(0));
-    const Vec v_ce_max(ce_norm.max), v_ce_log_sum(ce_norm.log_sum), v_ce(ce_), v_f(f), v_kd_over_t(kd_over_t_);
+    const Vec v_ce_max(ce_norm.max), v_ce_log_sum(ce_norm.log_sum), v_ce_scale(ce_scale), v_ce(ce_), v_f(f),
+        v_kd_over_t(kd_over_t_);
     for_each_vector(r, [&](int64_t j, const A* fac) {
       Elem el = element(r, j, fac);
       Vec phi, gq;
@@ -165,7 +170,7 @@ class KDRowKernel {
       if (!want_gs) return;
       if (closed_form_) {  // dD/da = Q - P, here -gq = P
         Vec g = kd_on_ ? v_kd_over_t * (el.q + gq) : Vec(A(0));
-        if (ce_ != A(0)) g += v_ce * (ce_at_t ? el.q : ce_softmax(ce_x, j, v_ce_max, v_ce_log_sum));
+        if (ce_ != A(0)) g += v_ce * (ce_at_t ? el.q : ce_softmax(ce_x, j, v_ce_scale, v_ce_max, v_ce_log_sum));
         // the output row is not padded: store only its V - j remaining lanes
         (v_f * g).store(gdst + j, static_cast<int>(std::min<int64_t>(W, V_ - j)));
       } else {
@@ -186,7 +191,7 @@ class KDRowKernel {
         for_each_vector(r, [&](int64_t j, const A* fac) {
           const Vec q = Vec::loadu(r.e + j) * Vec(fac[0]);
           Vec g = kd_on_ ? v_kd_over_t * (Vec::loadu(gbuf + j) - q * v_agg) : Vec(A(0));
-          if (ce_ != A(0)) g += v_ce * (ce_at_t ? q : ce_softmax(ce_x, j, v_ce_max, v_ce_log_sum));
+          if (ce_ != A(0)) g += v_ce * (ce_at_t ? q : ce_softmax(ce_x, j, v_ce_scale, v_ce_max, v_ce_log_sum));
           (v_f * g).store(gbuf + j);
         });
       }
@@ -272,9 +277,9 @@ class KDRowKernel {
     r.rowmax[d] = r.logsum[d] = r.inv_sum[d] = A(0);
   }
 
-  // softmax at T = 1 of the raw logits x (the student's cross-entropy term), from their split normaliser
-  static Vec ce_softmax(const A* x, int64_t j, const Vec& max, const Vec& log_sum) {
-    return Ops::exp((Vec::loadu(x + j) - max) - log_sum);
+  // softmax at T = 1 of the logits x * scale (the student's cross-entropy term), from their split normaliser
+  static Vec ce_softmax(const A* x, int64_t j, const Vec& scale, const Vec& max, const Vec& log_sum) {
+    return Ops::exp((Vec::loadu(x + j) * scale - max) - log_sum);
   }
 
   // Visit every vector of the padded row, chunk by chunk, with the chunk's softmax factors.

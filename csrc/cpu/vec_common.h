@@ -75,17 +75,17 @@ struct LogNorm {
   A max, log_sum;
 };
 
-// The split log-sum-exp of a padded row (padding is -inf). NaN parts for a row with no finite logit: no
+// The split log-sum-exp of a padded row times scale > 0 (padding is -inf). NaN parts for a row with no finite logit: no
 // distribution, so every log probability of it is NaN (a NaN in the row gives NaN by itself).
 template <typename A>
-LogNorm<A> row_log_norm(const A* x, int64_t padded) {
+LogNorm<A> row_log_norm(const A* x, int64_t padded, A scale) {
   using Vec = at::vec::Vectorized<A>;
   constexpr A kNaN = std::numeric_limits<A>::quiet_NaN();
-  const A m = row_max(x, padded);
+  const A m = row_max(x, padded) * scale;
   if (m == -std::numeric_limits<A>::infinity()) return {kNaN, kNaN};
-  const Vec vmax(m);
+  const Vec vscale(scale), vmax(m);
   Vec vs(A(0));
-  for (int64_t j = 0; j < padded; j += Vec::size()) vs += vexp<A>(Vec::loadu(x + j) - vmax);
+  for (int64_t j = 0; j < padded; j += Vec::size()) vs += vexp<A>(Vec::loadu(x + j) * vscale - vmax);
   return {m, std::log(hsum(vs))};
 }
 
@@ -95,6 +95,22 @@ void load_scaled(const In* src, A* dst, int64_t n, int64_t padded, A inv_t) {
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<A>(src[j]) * inv_t;
   for (int64_t j = n; j < padded; ++j) dst[j] = -std::numeric_limits<A>::infinity();
 }
+
+// load_scaled, and the row unscaled into raw too, from one read of the input: the cross-entropy at T = 1 needs the
+// raw logits when x * T is not them exactly (T not a power of two: x = s / T is rounded).
+template <typename In, typename A>
+void load_scaled_and_raw(const In* src, A* dst, A* raw, int64_t n, int64_t padded, A inv_t) {
+  for (int64_t j = 0; j < n; ++j) {
+    const A v = static_cast<A>(src[j]);
+    raw[j] = v;
+    dst[j] = v * inv_t;
+  }
+  for (int64_t j = n; j < padded; ++j) dst[j] = raw[j] = -std::numeric_limits<A>::infinity();
+}
+
+// x * t == x exactly for every float x (barring overflow to inf or underflow below the normal range) when t is a
+// power of two: an exponent shift.
+inline bool is_power_of_two(double t) { return t > 0 && std::ldexp(1.0, std::ilogb(t)) == t; }
 
 // A fresh [N, V] gradient is written exactly once, and faulting it in 4 KiB pages costs as much as the kernel
 // at LLM vocabularies (~0.4 ms per MiB here). Ask for transparent huge pages on its interior, as PyTorch's own
