@@ -1,39 +1,57 @@
-# fastdistill: `make test` works on a fresh CPU machine (it creates .venv and installs into it).
+# fastdistill: `make test` and `make demo` work on a fresh CPU machine (they create .venv and install into it).
 PYTHON_SYSTEM ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
+# Added to the test install on a CPU torch only: the Triton whose 3.6 interpreter runs the Triton kernels' tests on the
+# CPU, and the numpy it works with (< 2.4). A CUDA torch depends on the Triton it was built with, which these pins
+# would replace or conflict with; no environment marker in pyproject.toml can tell the two torches apart.
+CPU_TEST_PINS ?= triton==3.6.0 numpy<2.4
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
 .PHONY: install build test lint bench bench-gpu kernels-report clean demo
 
-# The venv, the pinned CPU torch (installed first, so no requirement can pull a CUDA build), the project's test
-# extras, and the extension, built against that torch (--no-build-isolation).
-$(VENV)/.installed: pyproject.toml setup.py
+# Each step leaves a stamp in the venv and runs again only when its inputs change:
+#   .torch      the venv, the pinned CPU torch (first, so no requirement can pull a CUDA build; an importable torch
+#               is kept) and the build tools
+#   .deps-demo  the package's dependencies and the [demo] extra (what `make demo` needs)
+#   .deps-test  the same with the [test] extra (and CPU_TEST_PINS on a CPU torch)
+#               (both: FASTDISTILL_SKIP_EXT=1, an editable install that compiles nothing)
+#   .built      the extension, compiled once, against that torch (--no-build-isolation; -v shows the compiler's
+#               progress), and again when a C++/CUDA source, setup.py or pyproject.toml changes
+$(VENV)/.torch:
 	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_PIN)
-	$(PY) -m pip install --upgrade "setuptools>=64" wheel ninja
-	$(PY) -m pip install --no-build-isolation -e ".[test]"
-	touch $@ $(VENV)/.built
-
-# Rebuild the extension when a C++/CUDA source changes.
-$(VENV)/.built: $(VENV)/.installed $(CSRC)
-	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	$(PY) -m pip install --upgrade "setuptools>=77" ninja
 	touch $@
 
-install: $(VENV)/.installed
-build: $(VENV)/.built
+$(VENV)/.deps-demo: $(VENV)/.torch pyproject.toml
+	FASTDISTILL_SKIP_EXT=1 $(PY) -m pip install --no-build-isolation -e ".[demo]"
+	touch $@
 
-test: build
+$(VENV)/.deps-test: $(VENV)/.torch pyproject.toml
+	pins=$$($(PY) -c "import torch; print('' if torch.version.cuda else '$(CPU_TEST_PINS)')"); \
+	FASTDISTILL_SKIP_EXT=1 $(PY) -m pip install --no-build-isolation -e ".[test]" $$pins
+	touch $@
+
+$(VENV)/.built: $(VENV)/.torch setup.py pyproject.toml $(CSRC)
+	$(PY) -m pip install --no-build-isolation --no-deps -v -e .
+	touch $@
+
+install: $(VENV)/.deps-test $(VENV)/.built
+build: install
+
+test: $(VENV)/.deps-test $(VENV)/.built
 	$(PY) -c "import fastdistill; assert fastdistill.extension_available(), 'fastdistill._C did not build'"
 	$(PY) -m pytest -q tests
 
 # The embedded demo (fastdistill demo): K = 4 teachers and 7 student variants on scikit-learn's bundled digits, 5
-# seeds, about a minute on 2 cores; the table on stdout, learning curves in demo_out/learning_curves.png.
-demo: build
+# seeds, about a minute on 2 cores; the table on stdout, learning curves in demo_out/learning_curves.png. Installs
+# only the [demo] extra: a fresh clone takes about 3 minutes on 2 cores once torch is installed (README).
+demo: $(VENV)/.deps-demo $(VENV)/.built
 	$(PY) -m fastdistill demo --out demo_out
 
-lint: install
+lint: $(VENV)/.deps-test
 	$(VENV)/bin/ruff check .
 
 bench: build
@@ -47,7 +65,7 @@ bench: build
 #              C++ CPU kernels, which no GPU stage uses: FASTDISTILL_SKIP_EXT=1 make bench-gpu saves that time
 #   tests      the GPU test files, one pytest per file at once (they took > 3 min one after another on the H200),
 #              stopped by SIGINT at the end of the slot (pytest still prints its summary)
-#   kd mi codistill   benchmarks.run / run_mi / run_codistill at the shapes of shared/gpu-runs/2026-11-28-h200, each
+#   kd mi codistill   benchmarks.run / run_mi / run_codistill at the shapes of benchmarks/results/h200-2026-11-28, each
 #              row in its own child process (benchmarks/isolate.py): a crash or CUDA error is a failed row, a row
 #              that cannot start in time is "skipped: budget", the JSON is saved after every row. Providers run in
 #              order of importance (all shapes of each), so a short slot drops the last ones
@@ -117,4 +135,4 @@ kernels-report: install
 	$(PY) -m fastdistill.ops.triton.aot --report bench --arch 90
 
 clean:
-	rm -rf build *.egg-info fastdistill/_C*.so
+	rm -rf build *.egg-info fastdistill/_C*.so fastdistill/_build_info.py $(VENV)/.built

@@ -4,6 +4,12 @@ Environment switches (SPEC §5):
   FASTDISTILL_SKIP_EXT=1    build no extension (the package then runs on the reference backend, with a warning)
   FASTDISTILL_FORCE_CUDA=1  build the CUDA kernels even when no GPU is visible (needs a CUDA build of torch + nvcc)
   FASTDISTILL_CPU_ARCH=avx2|generic   SIMD level of the CPU kernels (default: avx2 when this machine has AVX2+FMA)
+
+The extension is compiled against the torch importable here (the build environment's: with `pip install
+--no-build-isolation` the one already installed, else the newest allowed by build-system.requires) and loads only
+with that torch's major.minor: build_ext writes fastdistill/_build_info.py (the torch and CUDA versions it built
+against; generated, not in git, not in the sdist) and fastdistill/ops/extension.py compares it with the running torch
+at import.
 """
 
 import glob
@@ -26,16 +32,28 @@ def _has_avx2() -> bool:
     return " avx2" in flags and " fma" in flags
 
 
+def _limited_api_tag(cpp_extension) -> tuple[str, str]:
+    """The Py_LIMITED_API value _C is compiled with and the wheel's matching abi3 tag: torch's BuildExtension defines
+    -DPy_LIMITED_API=<its min_supported_cpython> for py_limited_api extensions (0x030A0000, Python 3.10, in torch
+    2.11-2.14), so the tag follows it and never claims a Python older than requires-python (3.10)."""
+    hexcode = max(int(getattr(cpp_extension, "min_supported_cpython", "0x030A0000"), 16), 0x030A0000)
+    return f"0x{hexcode:08X}", f"cp{hexcode >> 24}{(hexcode >> 16) & 0xFF}"
+
+
 def _extensions():
     if os.environ.get("FASTDISTILL_SKIP_EXT", "0") == "1":
-        return [], {}
+        return [], {}, {}
     import torch
+    from torch.utils import cpp_extension
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = ["csrc/fastdistill.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # No -std= here: BuildExtension adds the C++ standard the build torch's headers need, to g++'s and nvcc's flags
+    # alike, when none is given (torch 2.11: c++17; 2.12 on: c++20; torch 2.14's ATen/ATen.h #errors below C++20).
+    # The kernels compile as either (checked against the 2.11 and 2.14 headers).
     # -fopenmp: at::parallel_for is a header template that runs serially unless compiled with OpenMP (the
     # libgomp.so.1 that torch ships is the one loaded at run time).
-    cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"]
+    cxx = ["-O3", "-fno-math-errno", "-fopenmp"]
     arch = os.environ.get("FASTDISTILL_CPU_ARCH", "avx2" if _has_avx2() else "generic")
     if arch == "avx2":
         # at::vec picks its AVX2 Vectorized<> specialisations from these macros.
@@ -48,27 +66,45 @@ def _extensions():
     force_cuda = os.environ.get("FASTDISTILL_FORCE_CUDA", "0") == "1"
     use_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
     use_cuda = use_cuda and (force_cuda or torch.cuda.is_available())
-    kwargs = dict(
-        name="fastdistill._C",
-        include_dirs=[os.path.join(ROOT, "csrc")],
-        py_limited_api=True,
-        extra_link_args=["-fopenmp"],
-        define_macros=[("Py_LIMITED_API", "0x03090000")],
-    )
+    # _C uses only CPython's limited API (PyModule_Create; the ops register through torch's C++ dispatcher), so one
+    # binary serves every CPython >= the tag: abi3. Wheel tags cannot say which torch a binary needs (its C++ ABI
+    # changes with every torch minor release); that is checked at import (fastdistill/ops/extension.py).
+    limited_api, abi3_tag = _limited_api_tag(cpp_extension)
+    kwargs = dict(name="fastdistill._C", include_dirs=[os.path.join(ROOT, "csrc")], py_limited_api=True,
+                  extra_link_args=["-fopenmp"])  # fmt: skip
+    if not hasattr(cpp_extension, "min_supported_cpython"):  # a torch whose BuildExtension does not define it
+        kwargs["define_macros"] = [("Py_LIMITED_API", limited_api)]
     if use_cuda:
         ext = CUDAExtension(
             sources=sources + cuda_sources,
-            extra_compile_args={"cxx": cxx + ["-DFASTDISTILL_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx + ["-DFASTDISTILL_WITH_CUDA"], "nvcc": ["-O3"]},
             **kwargs,
         )
     else:
         ext = CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
-    return [ext], {"build_ext": BuildExtension}
+
+    build_info = (
+        '"""What fastdistill._C was built against (written by setup.py\'s build_ext; not in git)."""\n\n'
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"CUDA_VERSION = {torch.version.cuda!r}  # torch.version.cuda of the build torch\n"
+        f"WITH_CUDA = {use_cuda!r}  # CUDA kernels compiled into _C\n"
+        f"CPU_ARCH = {arch!r}\n"
+    )
+
+    class BuildExtensionWithInfo(BuildExtension):
+        def run(self):
+            super().run()
+            # next to _C: in the build folder (what the wheel holds) and, in place / editable, in the source tree
+            dirs = {os.path.dirname(os.path.join(self.build_lib, self.get_ext_filename(ext.name)))}
+            if self.inplace:
+                dirs.add(os.path.dirname(self.get_ext_fullpath(ext.name)))
+            for d in dirs:
+                os.makedirs(d, exist_ok=True)
+                with open(os.path.join(d, "_build_info.py"), "w") as f:
+                    f.write(build_info)
+
+    return [ext], {"build_ext": BuildExtensionWithInfo}, {"bdist_wheel": {"py_limited_api": abi3_tag}}
 
 
-ext_modules, cmdclass = _extensions()
-setup(
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
-)
+ext_modules, cmdclass, options = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass, options=options)

@@ -30,8 +30,10 @@ PNG. Seeds are fixed: the split uses seed 0; seed s sets the teachers' and stude
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -398,6 +400,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5; 1 with --smoke)")
     p.add_argument("--smoke", action="store_true", help="a few seconds: 1 seed, a few steps (for tests)")
     args = p.parse_args(argv)
+    extra = {"sklearn": "scikit-learn", "matplotlib": "matplotlib"}  # module: distribution
+    missing = [dist for module, dist in extra.items() if importlib.util.find_spec(module) is None]
+    if missing:  # the [demo] extra: one line, not an ImportError's traceback halfway through the run
+        print(f'fastdistill demo: error: {" and ".join(missing)} not installed: pip install "fastdistill[demo]"',
+              file=sys.stderr)  # fmt: skip
+        return 2
     settings = DemoSettings.smoke() if args.smoke else DemoSettings()
     if args.seeds is not None:
         if args.seeds < 1:

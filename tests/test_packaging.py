@@ -1,0 +1,198 @@
+"""Packaging (issue 15): the sdist builds a working wheel, the wheel's tags and metadata are honest, a _C built
+against another torch says so (and how to rebuild), and `fastdistill demo` without its extra says which to install.
+
+The sdist test compiles the extension once more (about 2 minutes on 2 cores); `-m "not packaging"` skips it.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import textwrap
+import zipfile
+
+import pytest
+import torch
+
+import fastdistill
+from fastdistill.ops import extension
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(cmd, cwd=None, env=None, timeout=900):
+    out = subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                         timeout=timeout)  # fmt: skip
+    assert out.returncode == 0, f"{cmd} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    return out
+
+
+def _python(code: str, cwd=None, env=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FASTDISTILL_DISABLE_EXT": "0", **(env or {})}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+@pytest.mark.packaging
+def test_sdist_builds_a_wheel_with_the_extension(tmp_path):
+    """sdist from the checkout -> unpacked in a clean folder -> `pip wheel --no-build-isolation` against the installed
+    torch: the wheel holds _C, every package module and the license, is tagged abi3 from cp310, records the torch it
+    was built against, and its _C loads."""
+    pytest.importorskip("build", reason="the [test] extra's `build` (python -m build --sdist)")
+    sdist_dir, src, wheel_dir, unpacked = (tmp_path / d for d in ("sdist", "src", "wheel", "unpacked"))
+    # FASTDISTILL_SKIP_EXT: an sdist needs no compiler; build's dependency check would ask for build-system.requires'
+    # torch range, which is the wheel build's business
+    _run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--skip-dependency-check", "-o", str(sdist_dir),
+          ROOT], env={"FASTDISTILL_SKIP_EXT": "1"})  # fmt: skip
+    (sdist,) = glob.glob(str(sdist_dir / "fastdistill-*.tar.gz"))
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+        kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(src, **kwargs)
+    for header in glob.glob(os.path.join(ROOT, "csrc", "**", "*.h"), recursive=True):
+        assert os.path.relpath(header, ROOT) in names, f"{header} is missing from the sdist"
+    assert {"LICENSE", "README.md", "setup.py", "pyproject.toml"} <= names
+    assert not [n for n in names if n.endswith(".so") or n.endswith("_build_info.py")], names
+
+    (project,) = glob.glob(str(src / "fastdistill-*"))
+    _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-cache-dir", "-w",
+          str(wheel_dir), project], env={"FASTDISTILL_SKIP_EXT": "0"})  # fmt: skip
+    (wheel,) = glob.glob(str(wheel_dir / "*.whl"))
+    # abi3 from the Python that requires-python names (_C uses only the limited API); the torch it needs is checked
+    # at import, since no wheel tag can say it
+    assert re.search(r"-cp310-abi3-linux_\w+\.whl$", os.path.basename(wheel)), wheel
+    with zipfile.ZipFile(wheel) as z:
+        files = set(z.namelist())
+        metadata = z.read(next(f for f in files if f.endswith(".dist-info/METADATA"))).decode()
+        z.extractall(unpacked)
+    assert [f for f in files if re.fullmatch(r"fastdistill/_C\.[\w.-]*so", f)], sorted(files)
+    package = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "fastdistill", "**", "*.py"),
+                                                            recursive=True)}  # fmt: skip
+    package.discard(os.path.join("fastdistill", "_build_info.py"))
+    assert package <= files, sorted(package - files)
+    assert "fastdistill/_build_info.py" in files
+    assert any(f.endswith(".dist-info/licenses/LICENSE") for f in files), sorted(files)
+    assert "License-Expression: Apache-2.0" in metadata
+
+    # the wheel's own _C, imported from the unpacked wheel (not from the checkout: run outside it)
+    out = _python(
+        """
+        import fastdistill, fastdistill._build_info as b, torch
+        print(fastdistill.__file__, fastdistill.extension_available(), b.TORCH_VERSION == torch.__version__)
+        """,
+        cwd=str(tmp_path), env={"PYTHONPATH": str(unpacked)},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    path, available, same_torch = out.stdout.split()
+    assert path.startswith(str(unpacked)), path
+    assert (available, same_torch) == ("True", "True"), out.stdout + out.stderr
+
+
+def test_mismatch_compares_major_minor_and_cuda():
+    class Build:
+        TORCH_VERSION, CUDA_VERSION, WITH_CUDA = "2.12.1+cpu", None, False
+
+    assert extension.mismatch(Build, "2.12.0", None) is None  # patch releases keep the ABI
+    assert extension.mismatch(Build, "2.12.1+cu130", "13.0") is None  # CPU kernels run under a CUDA torch
+    reason = extension.mismatch(Build, "2.13.0+cpu", None)
+    assert reason and "built against torch 2.12.1+cpu" in reason and "torch 2.13.0+cpu is running" in reason
+    Build.TORCH_VERSION, Build.CUDA_VERSION, Build.WITH_CUDA = "2.11.0+cu130", "13.0", True
+    assert extension.mismatch(Build, "2.11.0+cu130", "13.0") is None
+    assert "CUDA 13.0" in extension.mismatch(Build, "2.11.0+cu126", "12.6")
+    assert "CUDA 13.0" in extension.mismatch(Build, "2.11.0+cpu", None)
+
+
+def test_a_mismatched_build_is_not_loaded_and_says_how_to_rebuild():
+    """_build_info naming another torch: _C is not even imported, one warning at import names both torch versions and
+    the rebuild command, and the fallback warning of the first op carries the same reason."""
+    out = _python(
+        """
+        import sys, types, warnings
+        build = types.ModuleType("fastdistill._build_info")
+        build.TORCH_VERSION, build.CUDA_VERSION, build.WITH_CUDA = "2.5.1", None, False
+        sys.modules["fastdistill._build_info"] = build
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            import torch, fastdistill
+            from fastdistill.ops import extension
+            n = len(w)
+            fastdistill.kd_loss(torch.randn(3, 5), torch.randn(3, 5))
+        ours = [str(x.message) for x in w]  # only fastdistill's (torch or triton may warn at import too)
+        at_import = [m for m in ours[:n] if m.startswith("fastdistill")]
+        at_call = [m for m in ours[n:] if m.startswith("fastdistill")]
+        assert "fastdistill._C" not in sys.modules
+        assert not fastdistill.extension_available()
+        print(repr(extension.IMPORT_ERROR)); print(repr(at_import)); print(repr(at_call))
+        """,
+        cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    error, at_import, at_call = (eval(line) for line in out.stdout.splitlines())
+    assert f"built against torch 2.5.1, but torch {torch.__version__} is running" in error, error
+    assert "-m pip install --no-build-isolation --no-deps" in error, error
+    assert len(at_import) == 1 and error in at_import[0], at_import
+    assert len(at_call) == 1 and "slow reference backend" in at_call[0] and error in at_call[0], at_call
+
+
+def test_an_unbuilt_extension_says_how_to_build_it():
+    out = _python(
+        """
+        import sys, warnings
+        sys.modules["fastdistill._C"] = None  # what an install with FASTDISTILL_SKIP_EXT=1 finds
+        sys.modules["fastdistill._build_info"] = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing at import: an unbuilt _C is a choice; the first op warns
+            import fastdistill
+        from fastdistill.ops import extension
+        print(extension.IMPORT_ERROR)
+        """,
+        cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("fastdistill._C is not built"), out.stdout
+    assert f"torch {torch.__version__}" in out.stdout and "--no-build-isolation" in out.stdout, out.stdout
+
+
+def test_rebuild_command_from_a_checkout():
+    if os.path.dirname(os.path.dirname(os.path.abspath(fastdistill.__file__))) != ROOT:
+        pytest.skip("fastdistill is not imported from this checkout")
+    cmd = extension.rebuild_command()
+    assert cmd.endswith(f"-m pip install --no-build-isolation --no-deps -e {ROOT}"), cmd
+
+
+def test_demo_without_its_extra_is_one_line(tmp_path):
+    code = f"""
+        import sys
+        sys.modules["sklearn"] = None  # as if the [demo] extra were not installed
+        from fastdistill.cli import main
+        sys.exit(main(["demo", "--smoke", "--out", {str(tmp_path)!r}]))
+        """
+    out = _python(code, cwd=ROOT)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.strip().splitlines() == [
+        'fastdistill demo: error: scikit-learn not installed: pip install "fastdistill[demo]"'
+    ], out.stderr
+
+
+def test_declared_versions():
+    """One torch range for the build and for the runtime, containing the torch under test; no CPU-only pins in the
+    test extra (a CUDA torch brings its own Triton); the SPDX license and its file."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        meta = tomllib.load(f)
+    build_torch = [Requirement(r) for r in meta["build-system"]["requires"] if r.startswith("torch")]
+    run_torch = [Requirement(r) for r in meta["project"]["dependencies"] if r.startswith("torch")]
+    assert len(build_torch) == len(run_torch) == 1 and build_torch[0].specifier == run_torch[0].specifier
+    assert run_torch[0].specifier.contains(torch.__version__.split("+")[0]), (run_torch, torch.__version__)
+    test_extra = [Requirement(r) for r in meta["project"]["optional-dependencies"]["test"]]
+    assert not [r for r in test_extra if r.name in ("triton", "numpy") and r.specifier], test_extra
+    assert meta["project"]["license"] == "Apache-2.0" and meta["project"]["license-files"] == ["LICENSE"]
+    with open(os.path.join(ROOT, "LICENSE")) as f:
+        text = f.read()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
