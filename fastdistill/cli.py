@@ -1,15 +1,18 @@
 """The ``fastdistill`` command (also ``python -m fastdistill``).
 
     fastdistill demo [--smoke] [--seeds N] [--out DIR]   ensemble distillation on the digits, table + PNG
-    fastdistill train --config FILE.yaml                 the reference loop from a YAML config (torchrun works)
+    fastdistill train --config FILE.yaml [KEY=VALUE ...] the reference loop from a YAML config (torchrun works),
+                                                         options overridden (kd.temperature=4 train.max_steps=10)
     fastdistill train --print-config                     every config option, documented, at its default
     fastdistill bench [benchmarks.run options]           the kd_loss kernel benchmark table (from a checkout)
+    fastdistill --version                                the installed version
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import os
 import sys
 import warnings
@@ -22,6 +25,14 @@ COMMANDS = {
 }
 
 
+def version() -> str:
+    """The installed distribution's version; else (a source tree on the path) the package's ``__version__``."""
+    try:
+        return importlib.metadata.version("fastdistill")
+    except importlib.metadata.PackageNotFoundError:
+        return getattr(importlib.import_module("fastdistill"), "__version__", "unknown")
+
+
 def _error(command: str, message: str) -> int:
     print(f"fastdistill {command}: error: {message}", file=sys.stderr)
     return 2
@@ -32,22 +43,28 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def train_main(argv: Sequence[str]) -> int:
-    """``fastdistill train``: a bad config is one line on stderr and exit status 2, never a traceback (a bug in
-    training still shows its traceback); a warning (e.g. a damaged checkpoint skipped) is one line too."""
+    """``fastdistill train``: a bad config (or override) is one line on stderr and exit status 2, never a traceback
+    (a bug in training still shows its traceback); a warning (e.g. a damaged checkpoint skipped) is one line too.
+    The run saves its resolved config as ``output_dir/config.yaml``."""
     from .training import config
 
     p = argparse.ArgumentParser(prog="fastdistill train", description=COMMANDS["train"])
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--config", help="YAML file (see --print-config)")
     g.add_argument("--print-config", action="store_true", help="print every option with its default and doc")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="set an option of the config, the value read as YAML: kd.temperature=4 train.max_steps=10 "
+                        "student.kwargs.hidden=64 teachers.0.checkpoint=t.safetensors")  # fmt: skip
     args = p.parse_args(argv)
     if args.print_config:
+        if args.overrides:
+            p.error("KEY=VALUE overrides apply to a --config")
         print(config.default_yaml(), end="")
         return 0
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_line
-            summary = config.run(config.load_config(args.config))
+            summary = config.run(config.load_config(args.config, args.overrides))
     except config.ConfigError as e:
         return _error("train", str(e))
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
@@ -84,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog="commands:\n" + "\n".join(f"  {k:<6} {v}" for k, v in COMMANDS.items())
         + "\n\n`fastdistill COMMAND --help` for a command's options.",
     )  # fmt: skip
+    p.add_argument("--version", action="version", version=f"fastdistill {version()}")
     p.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help=", ".join(COMMANDS))
     # the command's own options are parsed by the command (bench passes them on to benchmarks.run)
     args = p.parse_args(argv[:1] if argv and not argv[0].startswith("-") else argv)

@@ -1,5 +1,7 @@
 """The fastdistill command: config errors are one line naming the option, exit 2, no traceback; train runs."""
 
+import dataclasses
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -7,10 +9,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from torch import nn
 
+import fastdistill
 from fastdistill import cli
-from fastdistill.training import config
+from fastdistill.training import ArrayDataset, config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,3 +144,96 @@ def test_console_script_and_usage(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["nope"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_version(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fastdistill {importlib.metadata.version('fastdistill')}"
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)  # a source tree on the path
+    assert cli.version() == fastdistill.__version__
+
+
+# --- overrides and the saved config: a seconds-long config (factories below, "test_cli:...") -----------------------
+
+
+def tiny_data(n=16, marker=None):
+    if marker is not None:
+        Path(marker).write_text("the data factory ran")
+    g = torch.Generator().manual_seed(0)
+    return {"train": ArrayDataset(input=torch.randn(n, 4, generator=g), labels=torch.randint(0, 3, (n,), generator=g))}
+
+
+def tiny_model(hidden=8, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 3))
+
+
+def _tiny(tmp_path):
+    return _write(tmp_path, yaml.safe_dump({
+        "output_dir": str(tmp_path / "run"),
+        "data": {"factory": "test_cli:tiny_data", "kwargs": {"marker": str(tmp_path / "factory_ran")}},
+        "student": {"factory": "test_cli:tiny_model"},
+        "teachers": [{"factory": "test_cli:tiny_model", "kwargs": {"seed": 1}}],
+        "train": {"batch_size": 4, "max_steps": 2, "progress": False},
+    }), "tiny.yaml")  # fmt: skip
+
+
+def test_key_value_overrides_after_the_config(tmp_path, capsys):
+    """As torchtune's `tune run` and Hydra take them: dotted keys, values read as YAML, into lists and kwargs."""
+    overrides = ["kd.temperature=4", "train.max_steps=3", "student.kwargs.hidden=5", "teachers.0.kwargs.seed=2",
+                 "optim.betas=[0.8, 0.9]", "train.shift_labels=false", "kd.teacher_weights=null"]  # fmt: skip
+    assert cli.main(["train", "--config", _tiny(tmp_path), *overrides]) == 0
+    assert capsys.readouterr().out.startswith("done: step=3,")
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["kd"]["temperature"] == 4.0 and saved["train"]["max_steps"] == 3
+    assert saved["student"]["kwargs"] == {"hidden": 5} and saved["teachers"][0]["kwargs"] == {"seed": 2}
+    assert saved["optim"]["betas"] == [0.8, 0.9] and saved["train"]["shift_labels"] is False
+
+
+@pytest.mark.parametrize("override, message", [
+    ("kd.temprature=4", "unknown option 'kd.temprature' in kd (did you mean 'temperature'?)"),
+    ("train.max_steps=ten", "train.max_steps must be an integer or null, got 'ten'"),
+    ("student.kwargs.widht=3", "student.kwargs do not fit test_cli:tiny_model(hidden=8, seed=0): got an unexpected "
+                               "keyword argument 'widht'"),
+    ("kd.temperature", "override 'kd.temperature' must look like section.option=value (e.g. kd.temperature=4)"),
+    ("train.max_steps.x=1", "override 'train.max_steps.x=1': train.max_steps is 2, which has no 'x'"),
+    ("teachers.3.factory=m:f", "override 'teachers.3.factory=m:f': teachers is a list of 1, which has no '3'"),
+    ("kd.temperature=[1", "override 'kd.temperature=[1': the value is not valid YAML"),
+])  # fmt: skip
+def test_a_bad_override_is_one_line_and_runs_nothing(tmp_path, capsys, override, message):
+    assert cli.main(["train", "--config", _tiny(tmp_path), override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fastdistill train: error: {message}"), err
+    assert not (tmp_path / "factory_ran").exists() and not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_overrides_need_a_config(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--print-config", "kd.temperature=4"])
+    assert e.value.code == 2 and "overrides apply to a --config" in capsys.readouterr().err
+
+
+def test_the_resolved_config_is_saved_and_runs_again(tmp_path, capsys):
+    """output_dir/config.yaml holds every option with its value after the overrides; --config reads it back."""
+    path = _tiny(tmp_path)
+    assert cli.main(["train", "--config", path, "kd.temperature=3", "train.checkpoint_every=2"]) == 0
+    saved = tmp_path / "run" / "config.yaml"
+    cfg = config.load_config(saved)
+    assert cfg == config.load_config(path, ["kd.temperature=3", "train.checkpoint_every=2"])
+    raw = yaml.safe_load(saved.read_text())
+    for f in dataclasses.fields(config.TrainConfig):  # every option, not only those the file gave
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            assert set(raw[f.name]) == {g.name for g in dataclasses.fields(value)}, f.name
+        else:
+            assert f.name in raw
+    capsys.readouterr()
+    assert cli.main(["train", "--config", str(saved), "train.max_steps=4", "train.resume=latest"]) == 0
+    assert capsys.readouterr().out.startswith("done: step=4,")
+    assert yaml.safe_load(saved.read_text())["train"]["resume"] == "latest"

@@ -136,6 +136,19 @@ def test_resume_with_another_accumulation_is_a_config_error(tmp_path, capsys):
     assert rc == 2 and "train.resume: checkpoint" in err[0] and "grad_accum_steps=1, this run has 2" in err[0]
 
 
+def test_resume_with_another_model_is_one_line(tmp_path, capsys):
+    """The same output_dir and resume: latest after the student changed: one line naming the file, the module and
+    the first shape that differs (not kilobytes of state_dict keys in a traceback)."""
+    assert _train(tmp_path, _raw(tmp_path, checkpoint_every=2), capsys)[0] == 0
+    raw = _raw(tmp_path, max_steps=4, resume="latest")
+    raw["student"]["kwargs"] = {"hidden": 5}
+    rc, err = _train(tmp_path, raw, capsys)
+    path = tmp_path / "run" / "checkpoints" / "step-00000002" / "student.safetensors"
+    assert rc == 2 and err == [f"fastdistill train: error: train.resume: {path} does not fit the student "
+                               "(Sequential): size mismatch for 0.weight: [8, 4] in the file, [5, 4] in the model "
+                               "(and 2 more keys)"]  # fmt: skip
+
+
 def test_resume_latest_skips_a_damaged_checkpoint_with_a_one_line_warning(tmp_path, capsys):
     assert _train(tmp_path, _raw(tmp_path, max_steps=4, checkpoint_every=2, log_every=1), capsys)[0] == 0
     newest = tmp_path / "run" / "checkpoints" / "step-00000004"

@@ -124,24 +124,48 @@ def check_safetensors(path: str | os.PathLike) -> None:
     _read(Path(path), header)
 
 
-def load_model(module: nn.Module, path: str | os.PathLike, device: str = "cpu") -> None:
-    """``safetensors.torch.load_model`` (strict), every failure a one-line :class:`ValueError` naming the file:
-    missing, not safetensors, or keys / shapes that do not match the module."""
+def check_model(module: nn.Module, path: str | os.PathLike, name: str | None = None) -> None:
+    """A one-line :class:`ValueError` naming the file and the module (``name``, e.g. "student", and its class) unless
+    the safetensors file at ``path`` fits ``module``: the same keys (counts and the first few missing / unexpected)
+    and the same shapes (the first key that differs, with both shapes). Only the file's header is read."""
     path = Path(path)
-    try:
-        missing, unexpected = _read(path, lambda p: safetensors.torch.load_model(module, p, strict=False,
-                                                                                 device=device))  # fmt: skip
-    except RuntimeError as e:  # load_state_dict: shapes that differ, one line per tensor
-        detail = "; ".join(line.strip().rstrip(".") for line in str(e).splitlines()[1:]) or str(e)
-        raise ValueError(f"{path} does not fit the {type(module).__name__}: {detail}") from e
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit the {type(module).__name__}: missing keys {_few(missing)}, "
-                         f"unexpected keys {_few(unexpected)}")  # fmt: skip
+
+    def shapes(p: str) -> dict[str, list[int]]:
+        with safetensors.safe_open(p, "pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+
+    saved = _read(path, shapes)
+    state = module.state_dict()
+    # save_model writes one name of each group of tensors that share memory (tied weights): it stands for all
+    stored = {_memory(state[k]) for k in saved if k in state}
+    missing = [k for k, t in state.items() if k not in saved and _memory(t) not in stored]
+    unexpected = [k for k in saved if k not in state]
+    resized = [k for k in state if k in saved and saved[k] != list(state[k].shape)]  # in the module's order
+    problems = [f"{len(missing)} missing keys {_few(missing)}"] if missing else []
+    problems += [f"{len(unexpected)} unexpected keys {_few(unexpected)}"] if unexpected else []
+    if resized:
+        k = resized[0]
+        more = f" (and {len(resized) - 1} more keys)" if len(resized) > 1 else ""
+        problems.append(f"size mismatch for {k}: {saved[k]} in the file, {list(state[k].shape)} in the model{more}")
+    if problems:
+        what = f"{name} ({type(module).__name__})" if name else type(module).__name__
+        raise ValueError(f"{path} does not fit the {what}: {'; '.join(problems)}")
 
 
-def _few(keys: Iterable[str], n: int = 5) -> str:
-    keys = sorted(keys)
-    return "[" + ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "") + "]"
+def _memory(t: Tensor) -> tuple[int, int, tuple[int, ...]]:
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)
+
+
+def load_model(module: nn.Module, path: str | os.PathLike, device: str = "cpu", name: str | None = None) -> None:
+    """``safetensors.torch.load_model`` after :func:`check_model`: every failure (a file missing, not safetensors,
+    or of keys / shapes that do not fit the module) is a one-line :class:`ValueError` naming the file, and a file
+    that does not fit changes nothing in ``module``."""
+    check_model(module, path, name)
+    _read(Path(path), lambda p: safetensors.torch.load_model(module, p, device=device))
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    return "[" + ", ".join(keys[:n]) + (", ..." if len(keys) > n else "") + "]"
 
 
 def read_run_state(directory: str | os.PathLike) -> dict[str, Any]:

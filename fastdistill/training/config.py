@@ -4,7 +4,9 @@ A config is YAML (read with ``yaml.safe_load``) mirroring :class:`TrainConfig`: 
 ``data``, ``student``, ``teachers`` (a list), ``kd``, ``optim`` and ``train``. Every option has a default and a
 ``doc`` (``fastdistill train --print-config`` prints them all as a commented YAML file). Loading is strict: an
 unknown key, a value of the wrong type or out of range raises :class:`ConfigError` with one line naming the option
-(``kd.temperature must be ...``), which the CLI prints without a traceback.
+(``kd.temperature must be ...``), which the CLI prints without a traceback. ``key=value`` overrides on the command
+line (:func:`apply_overrides`) are loaded the same way, and :func:`run` saves the resolved config, every option with
+its value, as ``output_dir/config.yaml`` (a config ``--config`` reads again).
 
 Models and data come from factories named ``"package.module:callable"`` and called with ``kwargs``; a config can
 import any code on the Python path, like a Python script, so only run configs you trust. :func:`run` checks
@@ -24,7 +26,7 @@ import numbers
 import os
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -122,7 +124,9 @@ class LoopConfig:
     grad_accum_steps: int = opt(1, "Micro-batches per optimizer step.", low=1)
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (give this or epochs).", low=1)
     epochs: float | None = opt(None, "Stop after this many passes over the training data.", low=0.0)
-    shift_labels: bool = opt(False, "Causal LM: logits at position t predict the label at t+1.")
+    shift_labels: bool | None = opt(None, "Causal LM: logits at position t predict the label at t+1 (null: on for "
+                                          "transformers causal LMs, off for its other models; a student of another "
+                                          "class with per-position labels must say).")  # fmt: skip
     train_teachers: bool = opt(False, "Co-distillation: the teachers train too (gradients from kd_loss).")
     shuffle: bool = opt(True, "Shuffle the data each epoch (from seed and epoch).")
     drop_last: bool = opt(False, "Drop an epoch's last, smaller, micro-batch.")
@@ -293,8 +297,39 @@ def parse_config(raw: Any) -> TrainConfig:
     return cfg
 
 
-def load_config(path: str | os.PathLike) -> TrainConfig:
-    """Read and check a YAML config file; every problem is a one-line :class:`ConfigError`."""
+def apply_overrides(raw: Any, overrides: Sequence[str]) -> Any:
+    """``raw`` (a parsed config) with each ``key=value`` of ``overrides`` set, as ``tune run`` and Hydra take them:
+    the key is a dotted path (``kd.temperature``, ``student.kwargs.n_layer``, ``teachers.0.factory``), the value is
+    read as YAML (``4``, ``null``, ``[1, 2]``, ``cosine``). Missing sections are created; an unknown key is reported
+    by :func:`parse_config` as in a file. A malformed override is a :class:`ConfigError`."""
+    raw = {} if raw is None else raw
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"override {item!r} must look like section.option=value (e.g. kd.temperature=4)")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
+        node = raw
+        for depth, part in enumerate(parts):
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                part = int(part)
+            elif not isinstance(node, dict):
+                what = f"a list of {len(node)}" if isinstance(node, list) else repr(node)
+                where = ".".join(parts[:depth]) or "the config"
+                raise ConfigError(f"override {item!r}: {where} is {what}, which has no {part!r}")
+            if depth == len(parts) - 1:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {}) if isinstance(node, dict) else node[part]
+    return raw
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read and check a YAML config file, with ``key=value`` ``overrides`` (:func:`apply_overrides`) applied; every
+    problem is a one-line :class:`ConfigError`."""
     try:
         with open(path) as f:
             raw = yaml.safe_load(f)
@@ -305,7 +340,13 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"config {str(path)!r} is not valid YAML{at}: {problem}") from None
-    return parse_config(raw)
+    return parse_config(apply_overrides(raw, overrides))
+
+
+def config_yaml(cfg: TrainConfig) -> str:
+    """``cfg`` as YAML, every option with its value (what :func:`load_config` reads back to the same config)."""
+    header = "# the resolved config of a fastdistill train run (fastdistill train --config this-file reruns it)\n"
+    return header + yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
 
 
 def resolve(spec: str, name: str) -> Any:
@@ -586,10 +627,16 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _run(cfg: TrainConfig) -> dict[str, Any]:
+    import torch.distributed as dist
+
     from ..modules import KDLoss
     from .loop import DistillationLoop, seed_everything
 
     plan = check_run(cfg)  # before any factory runs
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_yaml(cfg))
     seed_everything(cfg.seed)  # model initialisation is reproducible too
     datasets = plan.data()
     if not isinstance(datasets, dict) or "train" not in datasets:
@@ -607,6 +654,8 @@ def _run(cfg: TrainConfig) -> dict[str, Any]:
         shuffle=t.shuffle, drop_last=t.drop_last, amp=t.amp, seed=cfg.seed, device=plan.device,
         output_dir=cfg.output_dir, log_every=t.log_every, tensorboard=t.tensorboard, progress=t.progress,
     )  # fmt: skip
+    if plan.resume not in (None, "latest"):  # its models must fit the ones the factories built (keys, shapes)
+        _as_config_error("train.resume", loop.check_checkpoint, plan.resume)
     return loop.fit(
         datasets["train"], max_steps=t.max_steps, epochs=t.epochs, eval_data=datasets.get("eval"),
         eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,

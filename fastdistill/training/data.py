@@ -7,17 +7,23 @@ A dataset item (and, after collation, a batch) is one of:
   arguments (``model(**batch)``, the Hugging Face style);
 - a tuple/list ``(input, labels)`` or ``(input,)``;
 - a tensor (the input, no labels).
+
+What :meth:`~fastdistill.training.DistillationLoop.fit` trains on is a map-style dataset of such items (the loop
+batches them in a seeded order), a ``torch.utils.data.DataLoader`` or any other iterable of such batches
+(:func:`batch_iterable`, :func:`epoch_batches`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import itertools
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 ForwardFn = Callable[[nn.Module, Any], Tensor]
 
@@ -72,10 +78,41 @@ def logits_of(output: Any) -> Tensor:
     raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}; pass forward=")
 
 
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(**inputs)`` for a dict of inputs, else ``model(inputs)``; the output as the model returns it."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
 def default_forward(model: nn.Module, inputs: Any) -> Tensor:
-    """``model(**inputs)`` for a dict of inputs, else ``model(inputs)``; returns the logits ``[*, V]``."""
-    out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
-    return logits_of(out)
+    """:func:`call_model`, then the logits ``[*, V]`` of its output (:func:`logits_of`)."""
+    return logits_of(call_model(model, inputs))
+
+
+def detect_causal_lm(model: nn.Module) -> bool | None:
+    """Whether ``model``'s logits at position t predict token t+1, as far as its class tells.
+
+    True for decoder-only LMs: the class is one of ``transformers``' causal-LM classes, or its name ends in
+    ``ForCausalLM``, and its config is not encoder-decoder. False for any other ``transformers`` model (a
+    classifier, a masked LM, a seq2seq model: labels line up with the logits). None for anything else (a plain
+    ``nn.Module``): the class does not say. DDP / accelerate wrappers (``.module``) are looked through.
+    ``transformers`` is never imported here: a model of its classes means it is imported already.
+    """
+    model = getattr(model, "module", model)
+    name = type(model).__name__
+    is_encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    if name.endswith("ForCausalLM"):
+        return not is_encoder_decoder
+    transformers = sys.modules.get("transformers")
+    if transformers is None or not isinstance(model, transformers.PreTrainedModel):
+        return None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() and not is_encoder_decoder
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """:func:`detect_causal_lm` as a yes/no: True only for a causal LM recognised by its class."""
+    return detect_causal_lm(model) is True
 
 
 def shift_for_causal_lm(logits: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -120,10 +157,54 @@ class ArrayDataset(Dataset):
         return [{k: v[j] for k, v in rows.items()} for j in range(len(idx))]
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of ``epoch``'s data order (< 2**64 for the seeds a config accepts, see ``config.SEED_MAX``)."""
+    return int(seed) * 1_000_003 + int(epoch)
+
+
 def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool) -> Tensor:
     """The order of the dataset's N items in ``epoch``: a function of (seed, epoch) only, so a resumed run
     (or another process) recomputes it without saving it."""
     if not shuffle:
         return torch.arange(n)
-    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
-    return torch.randperm(n, generator=g)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
+
+
+def batch_iterable(data: Any) -> Iterable | None:
+    """None if ``data`` is a map-style dataset of items (``len`` and ``[i]``, batched by the loop), else ``data``
+    itself as an iterable of batches: a ``torch.utils.data.DataLoader`` (its own sampler, batch size and
+    collate_fn) or any other iterable (a list of batches, a generator). An ``IterableDataset`` outside a
+    DataLoader yields items, not batches, and anything else is not data: both a :class:`TypeError`."""
+    if isinstance(data, DataLoader):
+        return data
+    if isinstance(data, IterableDataset):
+        raise TypeError(f"{type(data).__name__} is an IterableDataset: it yields items, not batches; wrap it in a "
+                        "torch.utils.data.DataLoader(dataset, batch_size=...)")  # fmt: skip
+    if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+        return None
+    if isinstance(data, Iterable):
+        return data
+    raise TypeError(f"expected a map-style dataset (len and [i]), a DataLoader or an iterable of batches, got "
+                    f"{type(data).__name__}")  # fmt: skip
+
+
+def epoch_batches(batches: Iterable, seed: int, epoch: int, skip: int = 0) -> Iterator:
+    """The batches of ``batches`` (a DataLoader or another iterable of batches) in ``epoch``, after the first
+    ``skip`` (those a resumed run has trained on already).
+
+    ``set_epoch(epoch)`` is called first on the iterable, its ``sampler``, ``batch_sampler`` and ``dataset`` where
+    they have one (the convention of ``DistributedSampler`` and of streaming datasets). The iterator is started and
+    the skipped batches are drawn with torch's CPU RNG seeded from (seed, epoch) and restored after: a
+    ``DataLoader(shuffle=True)`` draws its order (and its workers' seeds) there, so an epoch's order is a function of
+    (seed, epoch) and a resumed run draws it again, while the training RNG is left as the checkpoint restored it.
+    """
+    parts = (batches, *(getattr(batches, a, None) for a in ("sampler", "batch_sampler", "dataset")))
+    for part in {id(p): p for p in parts if hasattr(p, "set_epoch")}.values():
+        part.set_epoch(epoch)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(epoch_seed(seed, epoch))  # not torch.manual_seed: it seeds CUDA too
+        it = iter(batches)
+        # the first batch too: a DataLoader without workers draws its order when it is first asked for a batch
+        head = list(itertools.islice(it, skip + 1))
+    yield from head[skip:]
+    yield from it

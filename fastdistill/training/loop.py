@@ -9,7 +9,8 @@ What it guarantees:
   and data parallelism give the gradient of one big batch. Without labels every micro-batch's mean counts equally.
 - **Exact resume.** The data order is a function of (seed, epoch); a checkpoint stores the student (and trainable
   teachers, feature-term modules), optimizer, scheduler, every RNG state and the position in the data, so a run
-  resumed from step N continues bit for bit like the run that never stopped.
+  resumed from step N continues bit for bit like the run that never stopped. (With a ``DataLoader`` of the
+  user's, as far as its order is a function of the epoch: see :meth:`DistillationLoop.fit`.)
 - **Data parallel.** Under ``torchrun`` (a process group initialised, see :func:`init_distributed`) the student is
   wrapped in ``DistributedDataParallel``; each global batch of ``batch_size * world_size`` items is split across
   the processes, so N processes and one process with the same global batch take the same steps.
@@ -26,10 +27,10 @@ import random
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import safetensors.torch
@@ -37,17 +38,31 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..modules import CodistillLoss, KDLoss
 from . import checkpoint as ckpt
 from .cache import TeacherLogitCache
-from .data import Batch, ForwardFn, collate, default_forward, epoch_permutation, shift_for_causal_lm, split_batch
+from .data import (
+    Batch,
+    ForwardFn,
+    batch_iterable,
+    call_model,
+    collate,
+    default_forward,
+    detect_causal_lm,
+    epoch_batches,
+    epoch_permutation,
+    shift_for_causal_lm,
+    split_batch,
+)
 from .data import to_device as _to_device
 
 LossFn = Callable[..., Tensor]
+Data = Dataset | DataLoader | Iterable  # see DistillationLoop.fit
 OptimizerArg = torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None
 SchedulerArg = Any  # an LRScheduler, or a callable (optimizer, total_steps) -> LRScheduler, or None
+_END = object()  # an iterable of batches has run out
 
 
 @contextlib.contextmanager
@@ -128,11 +143,13 @@ class DistillationLoop:
         teachers: K modules with the same output shape. Frozen (eval mode, ``no_grad``) unless ``train_teachers``.
         loss: the distillation loss, ``loss(student_logits [*, V], teacher_logits, labels [*] | None, *,
             num_items=None[, sample_weight=])``, where teacher_logits is a list of K ``[*, V]`` tensors (live
-            teachers) or a ``[K, *, V]`` tensor (cache): a :class:`fastdistill.KDLoss` (default ``KDLoss()``: KL,
-            T = 1; its ``reduction`` must be "mean") or any callable with that signature. With no teachers and no
-            cache the loss is the hard-label cross-entropy. A loss may return a NamedTuple of 0-dim parts (their
-            sum trains; each is logged under its name), and may have ``set_progress(step, total_steps)``, called
-            before every optimizer step (scheduled weights, e.g. ``WeakTeacherKDLoss``).
+            teachers) or a ``[K, *, V]`` tensor (cache): a :class:`fastdistill.KDLoss` (its ``reduction`` must be
+            "mean") or any callable with that signature; "kd" (the default) is ``KDLoss()``: KL, T = 1. With no
+            teachers and no cache the loss is the hard-label cross-entropy. None: no loss on the logits, the
+            ``feature_terms`` are the whole loss (the models' outputs need no logits then). A loss may return a
+            NamedTuple of 0-dim parts (their sum trains; each is logged under its name), and may have
+            ``set_progress(step, total_steps)``, called before every optimizer step (scheduled weights, e.g.
+            ``WeakTeacherKDLoss``).
         optimizer: an optimizer over :meth:`parameters`, or a callable ``params -> optimizer``; default AdamW(lr
             1e-3).
         scheduler: an LR scheduler, or a callable ``(optimizer, total_steps) -> scheduler`` (built in :meth:`fit`);
@@ -143,11 +160,17 @@ class DistillationLoop:
             evaluation). Co-training two models: one teacher, ``loss=CodistillLoss(...)`` (each model its own
             hard loss plus a KL toward the other's output, stop-gradient on the target, in one fused op).
         feature_terms: :class:`FeatureTerm` s (need live teachers).
-        batch_size: items per micro-batch per process (the global micro-batch is ``batch_size * world_size``).
+        batch_size: items per micro-batch per process (the global micro-batch is ``batch_size * world_size``);
+            like ``collate_fn``, ``shuffle`` and ``drop_last``, for map-style datasets only (a DataLoader brings its
+            own).
         grad_accum_steps: micro-batches per optimizer step.
         max_grad_norm: clip the gradients' global norm to this (None: no clipping).
         shift_labels: causal LM: position t of the logits predicts label t+1 (logits ``[B, T, V]``, labels
-            ``[B, T]``); student and teacher logits and labels are shifted alike.
+            ``[B, T]``); student and teacher logits and labels are shifted alike. None (the default): on for a
+            causal LM of ``transformers`` (:func:`~fastdistill.training.data.detect_causal_lm`, as
+            ``DistillationTrainer`` decides it), off for its other models; for a model whose class does not tell,
+            off with per-item labels ``[B]`` and a :class:`ValueError` with per-position labels ``[B, T]``, rather
+            than a guess (next-token targets or token labels: give True or False).
         ignore_index: label value of items that carry no loss (default: ``loss.ignore_index``, else -100).
         forward: ``forward(model, inputs) -> logits``; default ``model(**inputs)`` for dict inputs, else
             ``model(inputs)``, taking ``.logits`` of a ModelOutput.
@@ -169,7 +192,7 @@ class DistillationLoop:
         student: nn.Module,
         teachers: Sequence[nn.Module] = (),
         *,
-        loss: LossFn | None = None,
+        loss: LossFn | Literal["kd"] | None = "kd",
         optimizer: OptimizerArg = None,
         scheduler: SchedulerArg = None,
         teacher_cache: TeacherLogitCache | None = None,
@@ -178,7 +201,7 @@ class DistillationLoop:
         batch_size: int = 32,
         grad_accum_steps: int = 1,
         max_grad_norm: float | None = None,
-        shift_labels: bool = False,
+        shift_labels: bool | None = None,
         ignore_index: int | None = None,
         forward: ForwardFn | None = None,
         collate_fn: Callable[[list], Any] | None = None,
@@ -198,6 +221,9 @@ class DistillationLoop:
             raise ValueError("give teachers or teacher_cache, not both")
         if teacher_cache is not None and (feature_terms or train_teachers):
             raise ValueError("feature_terms and train_teachers need live teachers, not a teacher_cache")
+        if loss is None and not feature_terms:
+            raise ValueError("nothing to train: loss=None leaves no loss on the logits and there are no "
+                             "feature_terms; give a loss (default 'kd': KDLoss()) or feature_terms")  # fmt: skip
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if _dist_on() else (0, 1)
         self.device = torch.device(device) if device is not None else default_device()
         self.amp_dtype = amp_dtype(amp, self.device)
@@ -209,7 +235,10 @@ class DistillationLoop:
             t.train(train_teachers)
             t.requires_grad_(train_teachers)
         self.teacher_cache = teacher_cache
-        if loss is None:
+        if isinstance(loss, str):
+            if loss != "kd":
+                raise ValueError(f"loss must be a callable, 'kd' (KDLoss()) or None (feature terms only), got "
+                                 f"{loss!r}")  # fmt: skip
             loss = KDLoss()
         if isinstance(loss, KDLoss | CodistillLoss) and loss.reduction != "mean":
             raise ValueError(f"the loop normalises by num_items: {type(loss).__name__} needs reduction='mean', got "
@@ -219,8 +248,11 @@ class DistillationLoop:
         self.batch_size = batch_size
         self.grad_accum_steps = grad_accum_steps
         self.max_grad_norm = max_grad_norm
-        self.shift_labels = shift_labels
+        # None left here: the student's class does not tell, and each batch's labels decide (_shifts)
+        self.shift_labels = detect_causal_lm(student) if shift_labels is None else shift_labels
         self.forward = forward or default_forward
+        # without a loss on the logits (feature terms only) the outputs are not searched for logits
+        self._train_forward = forward or (call_model if loss is None else default_forward)
         self.collate_fn = collate_fn
         self.shuffle = shuffle
         self.drop_last = drop_last
@@ -271,6 +303,7 @@ class DistillationLoop:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.history: list[dict[str, Any]] = []
+        self.last_train_loss: float | None = None  # the last logged one (checkpointed: a resumed run reports it)
         self._tb = None
         if tensorboard and self.rank == 0 and self.output_dir is not None:
             try:
@@ -322,22 +355,47 @@ class DistillationLoop:
         self.batch_in_epoch += 1
         return global_idx.tensor_split(self.world_size)[self.rank]
 
-    def _teacher_logits(self, index: Tensor, batch: Batch):
+    def _shifts(self, labels: Tensor | None) -> bool:
+        """Whether this batch's logits and labels are aligned for a causal LM (see ``shift_labels``)."""
+        if self.shift_labels is not None:
+            return self.shift_labels
+        if labels is None or labels.dim() < 2:
+            return False  # no labels, or one per item: no positions to align
+        raise ValueError(f"shift_labels=None: the student's class ({type(self.student).__name__}) does not tell "
+                         f"whether labels {list(labels.shape)} at position t are the next token (a causal LM: "
+                         "shift_labels=True) or the label of position t (token classification: shift_labels=False); "
+                         "give DistillationLoop(shift_labels=...)")  # fmt: skip
+
+    def _teacher_outputs(self, index: Tensor | None, batch: Batch):
+        """The teachers' logits (from the cache, or their forwards: the feature hooks capture there too)."""
         if self.teacher_cache is not None:
             return self.teacher_cache.get(index, device=self.device)
         grad = torch.enable_grad() if self.train_teachers else torch.no_grad()
         with grad, self._autocast():
-            return [self.forward(t, batch.inputs) for t in self.teachers]
+            return [self._train_forward(t, batch.inputs) for t in self.teachers]
 
-    def _micro_loss(self, index: Tensor, batch: Batch, num_items: Tensor | None, n_micro: int):
+    def _micro_loss(self, index: Tensor | None, batch: Batch, num_items: Tensor | None, n_micro: int):
         """The loss of one micro-batch, scaled so that summing over micro-batches and averaging over processes
         (DDP) gives the step's loss; and its parts for the logs."""
         self._features.clear()
         with self._autocast():
-            student_logits = self.forward(self._ddp or self.student, batch.inputs)
-        teacher_logits = self._teacher_logits(index, batch) if (self.teachers or self.teacher_cache) else None
+            student_out = self._train_forward(self._ddp or self.student, batch.inputs)
+        teacher_out = self._teacher_outputs(index, batch) if (self.teachers or self.teacher_cache) else None
+        total, parts = self._logit_loss(student_out, teacher_out, batch, num_items, n_micro)
+        for i, term in enumerate(self.feature_terms):
+            kw = {"attention_mask": batch.inputs[term.mask_key]} if term.mask_key else {}
+            value = term.loss(self._features[("s", i)], self._features[("t", i)], **kw)
+            total = total + (term.weight / n_micro) * value
+            parts[term.name or f"feature/{term.student_module}"] = value.detach() / n_micro
+        return total, parts
+
+    def _logit_loss(self, student_logits, teacher_logits, batch: Batch, num_items: Tensor | None, n_micro: int):
+        """The loss on the logits (``loss``, or the cross-entropy without teachers; 0 for ``loss=None``), scaled as
+        in :meth:`_micro_loss`, and its parts."""
+        if self.loss_fn is None:
+            return 0.0, {}
         labels, sample_weight = batch.labels, batch.sample_weight
-        if self.shift_labels:
+        if self._shifts(labels):
             student_logits, labels = shift_for_causal_lm(student_logits, labels)
             if teacher_logits is not None:
                 teacher_logits = (teacher_logits[..., :-1, :] if isinstance(teacher_logits, Tensor)
@@ -363,23 +421,17 @@ class DistillationLoop:
         if isinstance(kd, tuple) and hasattr(kd, "_fields"):  # named parts, e.g. CodistillLosses: their sum trains
             parts = {name: v.detach() * scale for name, v in zip(kd._fields, kd)}
             kd = sum(kd)
-        total = kd * scale
         parts["kd"] = kd.detach() * scale
-        for i, term in enumerate(self.feature_terms):
-            kw = {"attention_mask": batch.inputs[term.mask_key]} if term.mask_key else {}
-            value = term.loss(self._features[("s", i)], self._features[("t", i)], **kw)
-            total = total + (term.weight / n_micro) * value
-            parts[term.name or f"feature/{term.student_module}"] = value.detach() / n_micro
-        return total, parts
+        return kd * scale, parts
 
-    def _train_step(self, micro: list[tuple[Tensor, Batch]]) -> dict[str, Tensor]:
+    def _train_step(self, micro: list[tuple[Tensor | None, Batch]]) -> dict[str, Tensor]:
         """One optimizer step over the given micro-batches (this process's share of each)."""
         counted = []
         for _, b in micro:
-            labels = b.labels[..., 1:] if (self.shift_labels and b.labels is not None) else b.labels
+            labels = b.labels[..., 1:] if (self.loss_fn is not None and self._shifts(b.labels)) else b.labels
             counted.append(None if labels is None else (labels != self.ignore_index).sum())
         num_items = None
-        if all(c is not None for c in counted):
+        if self.loss_fn is not None and all(c is not None for c in counted):
             num_items = torch.stack(counted).sum().to(self.device)
             if self.world_size > 1:
                 dist.all_reduce(num_items)
@@ -422,11 +474,11 @@ class DistillationLoop:
 
     def fit(
         self,
-        train_data: Dataset,
+        train_data: Data,
         *,
         max_steps: int | None = None,
         epochs: float | None = None,
-        eval_data: Dataset | None = None,
+        eval_data: Data | None = None,
         eval_fn: Callable[[DistillationLoop], dict[str, float]] | None = None,
         eval_every: int | None = None,
         checkpoint_every: int | None = None,
@@ -436,7 +488,24 @@ class DistillationLoop:
         """Train until ``max_steps`` optimizer steps or ``epochs`` passes over ``train_data`` (whichever is first).
 
         Args:
-            train_data: a map-style dataset (``len`` and ``[i]``); items as in :mod:`fastdistill.training.data`.
+            train_data: one of (items and batches as in :mod:`fastdistill.training.data`)
+
+                - a map-style dataset (``len`` and ``[i]``): the loop batches it (``batch_size``, ``collate_fn``)
+                  in an order that is a function of (seed, epoch), split across processes; resume is exact;
+                - a ``torch.utils.data.DataLoader``: iterated as built, its sampler, batch size, collate_fn and
+                  workers; one batch per micro-batch, on each process (give it a ``DistributedSampler`` under
+                  torchrun). ``set_epoch(epoch)`` is called on its sampler (and dataset) when they have one, and
+                  its shuffling order is drawn from (seed, epoch) (see
+                  :func:`~fastdistill.training.data.epoch_batches`); a resumed run draws the epoch again and skips
+                  the batches trained on, so resume is exact when the loader's order is a function of the epoch:
+                  no shuffle, ``shuffle=True`` without a ``generator`` of its own, a ``DistributedSampler``.
+                  ``batch_size``, ``shuffle``, ``drop_last`` and ``collate_fn`` of the loop do not apply;
+                - any other iterable of batches (a generator, an object with ``__iter__``): as a DataLoader. One
+                  without ``len`` needs ``max_steps``; when one yields nothing more (a generator's second pass),
+                  training stops there, with a warning. (A list or tuple has ``len`` and ``[i]``: a dataset of
+                  items, as for a DataLoader.)
+
+                A ``teacher_cache`` (row i = item i) needs the map-style dataset.
             eval_data / eval_fn: evaluated every ``eval_every`` steps and at the end: ``eval_fn(loop) -> {name:
                 value}``, or by default :meth:`evaluate` on ``eval_data`` (loss and accuracy).
             checkpoint_every: save a checkpoint every this many steps, and at the end, under
@@ -444,26 +513,28 @@ class DistillationLoop:
             resume_from: a checkpoint directory, or "latest" (the newest intact one under
                 ``output_dir/checkpoints``, damaged ones skipped with a warning; start fresh when there is none).
                 The same ``max_steps``/``epochs`` and data continue the run exactly, and the metrics files are cut
-                back to the checkpoint's step (the steps after it run again).
+                back to the checkpoint's step (the steps after it run again). A checkpoint written with other run
+                settings, or whose model files do not fit this loop's modules, is a one-line ValueError naming the
+                file (:meth:`check_checkpoint`).
 
         Returns:
-            ``{"step", "epoch", "train_loss", **last evaluation}``.
+            ``{"step", "epoch", "train_loss", **last evaluation}``; ``train_loss`` is the last logged training loss
+            (from the checkpoint when a resumed run had no step left to take), None if none was logged.
         """
-        n = len(train_data)
-        if self.teacher_cache is not None:  # before the first step, not an IndexError (or wrong rows) mid-run
-            self.teacher_cache.check_length(n)
-        per_epoch = self.batches_per_epoch(n)
-        if per_epoch == 0:
-            raise ValueError(f"the dataset ({n} items) holds no full micro-batch of {self.batch_size} x "
-                             f"{self.world_size} processes with drop_last={self.drop_last}")  # fmt: skip
+        batches = batch_iterable(train_data)  # None: a map-style dataset, batched here
+        per_epoch = self._epoch_length(train_data, batches)
         if max_steps is None and epochs is None:
             raise ValueError("give max_steps or epochs")
+        if epochs is not None and per_epoch is None:
+            raise ValueError(f"epochs needs the number of batches in an epoch, and train_data "
+                             f"({type(train_data).__name__}) has no len(): give max_steps")  # fmt: skip
         budget = math.inf if epochs is None else int(round(epochs * per_epoch))  # micro-batches
         by_epochs = math.ceil(budget / self.grad_accum_steps) if epochs is not None else math.inf
         total_steps = int(min(max_steps if max_steps is not None else math.inf, by_epochs))
         if self.scheduler is None and self._scheduler_arg is not None:
             self.scheduler = self._scheduler_arg(self.optimizer, total_steps)
         self._perm, self._perm_epoch = None, -1
+        self._batches, self._batches_epoch = iter(()), -1
 
         resume_dir = self._find_checkpoint(resume_from) if resume_from is not None else None
         if resume_dir is not None:
@@ -479,19 +550,44 @@ class DistillationLoop:
 
         bar = tqdm(total=total_steps, initial=self.step, disable=not self.progress or self.rank != 0,
                    desc="distill", dynamic_ncols=True)  # fmt: skip
+        first_step = self.step
         window: dict[str, Tensor] = {}
         window_steps = 0
         last_eval: dict[str, float] = {}
-        train_loss = math.nan
+        evaluated_at = saved_at = None
         t0 = time.perf_counter()
+
+        def end_of_step(final: bool) -> None:
+            """Log, evaluate and checkpoint where due at this step; each of them at the last step."""
+            nonlocal window, window_steps, t0, last_eval, evaluated_at, saved_at
+            if window_steps and (self.step % self.log_every == 0 or final):
+                record = self._reduce_window(window, window_steps)
+                record["lr"] = self.optimizer.param_groups[0]["lr"]
+                record["steps_per_s"] = window_steps / max(time.perf_counter() - t0, 1e-9)
+                self.last_train_loss = record["loss"]
+                self.log("train", record)
+                bar.set_postfix(loss=f"{self.last_train_loss:.4f}")
+                window, window_steps, t0 = {}, 0, time.perf_counter()
+            evaluate = eval_fn is not None or eval_data is not None
+            if evaluate and ((eval_every and self.step % eval_every == 0) or final) and evaluated_at != self.step:
+                last_eval = eval_fn(self) if eval_fn is not None else self._default_eval(eval_data)
+                self.log("eval", dict(last_eval))
+                evaluated_at = self.step
+            save = self.output_dir is not None and checkpoint_every
+            if save and (self.step % checkpoint_every == 0 or final) and saved_at != self.step:
+                self.save_checkpoint(keep=keep_checkpoints)
+                saved_at = self.step
+
         while self.step < total_steps:
-            consumed = self.epoch * per_epoch + self.batch_in_epoch
-            n_micro = int(min(self.grad_accum_steps, budget - consumed))
-            micro = []
-            for _ in range(n_micro):
-                index = self._next_indices(n)
-                raw = collate(train_data, index.tolist(), self.collate_fn)
-                micro.append((index, split_batch(_to_device(raw, self.device))))
+            micro = self._micro_batches(train_data, batches, per_epoch, budget)
+            if not micro:  # an iterable of batches without len has run out
+                if self.step == first_step:
+                    raise ValueError(f"train_data yields no batch (epoch {self.epoch}, after {self.batch_in_epoch} "
+                                     "batches)")  # fmt: skip
+                warnings.warn(f"train_data ran out at step {self.step} of {total_steps} (an iterable that yields "
+                              f"no more batches): training stops here", stacklevel=2)  # fmt: skip
+                end_of_step(final=True)
+                break
             set_progress = getattr(self.loss_fn, "set_progress", None)
             if set_progress is not None:  # scheduled losses (e.g. a decaying soft-label weight)
                 set_progress(self.step, total_steps)
@@ -501,35 +597,91 @@ class DistillationLoop:
             for k, v in sums.items():
                 window[k] = window.get(k, 0) + v
             window_steps += 1
-            done = self.step == total_steps
-            if self.step % self.log_every == 0 or done:
-                record = self._reduce_window(window, window_steps)
-                record["lr"] = self.optimizer.param_groups[0]["lr"]
-                record["steps_per_s"] = window_steps / max(time.perf_counter() - t0, 1e-9)
-                train_loss = record["loss"]
-                self.log("train", record)
-                bar.set_postfix(loss=f"{train_loss:.4f}")
-                window, window_steps, t0 = {}, 0, time.perf_counter()
-            if (eval_every and self.step % eval_every == 0) or done:
-                if eval_fn is not None or eval_data is not None:
-                    last_eval = eval_fn(self) if eval_fn is not None else self._default_eval(eval_data)
-                    self.log("eval", dict(last_eval))
-            if self.output_dir is not None and checkpoint_every and (self.step % checkpoint_every == 0 or done):
-                self.save_checkpoint(keep=keep_checkpoints)
+            end_of_step(final=self.step == total_steps)
         bar.close()
-        return {"step": self.step, "epoch": self.epoch_float(n), "train_loss": train_loss, **last_eval}
+        return {"step": self.step, "epoch": self._epochs_done(per_epoch), "train_loss": self.last_train_loss,
+                **last_eval}  # fmt: skip
 
-    def _default_eval(self, dataset: Dataset) -> dict[str, float]:
+    def _epoch_length(self, train_data: Data, batches: Iterable | None) -> int | None:
+        """Micro-batches in an epoch of ``train_data`` (None: an iterable without len), checked to be > 0 and to
+        fit the loop's settings."""
+        if batches is None:
+            n = len(train_data)
+            if self.teacher_cache is not None:  # before the first step, not an IndexError (or wrong rows) mid-run
+                self.teacher_cache.check_length(n)
+            per_epoch = self.batches_per_epoch(n)
+            if per_epoch == 0:
+                raise ValueError(f"the dataset ({n} items) holds no full micro-batch of {self.batch_size} x "
+                                 f"{self.world_size} processes with drop_last={self.drop_last}")  # fmt: skip
+            return per_epoch
+        if self.teacher_cache is not None:
+            raise ValueError(f"a teacher_cache is read by dataset index (row i = item i): give fit() the map-style "
+                             f"dataset, not a {type(train_data).__name__} of batches")  # fmt: skip
+        unsharded = isinstance(batches, DataLoader) and not isinstance(batches.sampler, DistributedSampler)
+        if self.world_size > 1 and unsharded:
+            warnings.warn("every process iterates its own DataLoader: without a DistributedSampler, each trains on "
+                          "the same batches", stacklevel=3)  # fmt: skip
+        try:
+            per_epoch = len(batches)
+        except TypeError:  # a generator, or a DataLoader over an IterableDataset without len
+            return None
+        if per_epoch == 0:
+            raise ValueError(f"train_data ({type(train_data).__name__}) holds no batch")
+        return per_epoch
+
+    def _micro_batches(
+        self, train_data: Data, batches: Iterable | None, per_epoch: int | None, budget: float
+    ) -> list[tuple[Tensor | None, Batch]]:
+        """The next optimizer step's micro-batches on this device, each with its dataset indices (None for
+        ``batches``); fewer at the end of an ``epochs`` budget or when ``batches`` runs out. Advances the
+        position."""
+        n_micro = self.grad_accum_steps
+        if budget != math.inf:
+            n_micro = int(min(n_micro, budget - (self.epoch * per_epoch + self.batch_in_epoch)))
+        micro = []
+        for _ in range(n_micro):
+            if batches is None:
+                index = self._next_indices(len(train_data))
+                raw = collate(train_data, index.tolist(), self.collate_fn)
+            else:
+                index, raw = None, self._next_batch(batches, per_epoch)
+                if raw is _END:
+                    break
+            micro.append((index, split_batch(_to_device(raw, self.device))))
+        return micro
+
+    def _next_batch(self, batches: Iterable, per_epoch: int | None) -> Any:
+        """The next batch of ``batches`` (``_END`` once it has run out: a new epoch without a batch); advances the
+        position, into the next epoch when one ends (after ``per_epoch`` batches, or when the iterator stops)."""
+        for _ in range(2):  # at most one epoch boundary per batch
+            if per_epoch is not None and self.batch_in_epoch >= per_epoch:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            if self._batches_epoch != self.epoch:  # a resumed run skips what its epoch has trained on
+                self._batches = epoch_batches(batches, self.seed, self.epoch, skip=self.batch_in_epoch)
+                self._batches_epoch = self.epoch
+            batch = next(self._batches, _END)
+            if batch is not _END:
+                self.batch_in_epoch += 1
+                return batch
+            if self.batch_in_epoch == 0:
+                break
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        return _END
+
+    def _default_eval(self, data: Data) -> dict[str, float]:
         """The student's metrics; with trained teachers (co-training) also each teacher's, as ``teacher{k}/...``."""
-        out = self.evaluate(dataset)
+        out = self.evaluate(data)
         if self.train_teachers:
             for k, t in enumerate(self.teachers):
-                out.update({f"teacher{k}/{name}": v for name, v in self.evaluate(dataset, model=t).items()})
+                out.update({f"teacher{k}/{name}": v for name, v in self.evaluate(data, model=t).items()})
         return out
 
     def epoch_float(self, n: int) -> float:
-        """Epochs done, fractional."""
-        return self.epoch + self.batch_in_epoch / max(self.batches_per_epoch(n), 1)
+        """Epochs done, fractional, over a dataset of ``n`` items."""
+        return self._epochs_done(self.batches_per_epoch(n))
+
+    def _epochs_done(self, per_epoch: int | None) -> float:
+        return self.epoch + (self.batch_in_epoch / max(per_epoch, 1) if per_epoch is not None else 0.0)
 
     def _reduce_window(self, window: dict[str, Tensor], steps: int) -> dict[str, float]:
         keys = sorted(window)
@@ -542,26 +694,23 @@ class DistillationLoop:
         return {k: float(v) / steps for k, v in zip(keys, vec.tolist())}
 
     @torch.no_grad()
-    def evaluate(
-        self, dataset: Dataset, batch_size: int | None = None, model: nn.Module | None = None
-    ) -> dict[str, float]:
+    def evaluate(self, data: Data, batch_size: int | None = None, model: nn.Module | None = None) -> dict[str, float]:
         """Cross-entropy (``loss``) and top-1 ``accuracy`` of ``model`` (default: the student) over the labelled
-        items of ``dataset`` (after the causal shift when ``shift_labels``), in eval mode; the training mode is
-        restored after."""
+        items of ``data`` (a map-style dataset, batched by ``batch_size`` (default the loop's), or a DataLoader /
+        iterable of batches, as in :meth:`fit`) after the causal shift when there is one, in eval mode; the training
+        mode is restored after."""
         model = self.student if model is None else model
         was_training = model.training
         model.eval()
         total_ce, correct, count = 0.0, 0, 0
-        bs = batch_size or self.batch_size
-        for start in range(0, len(dataset), bs):
-            b = split_batch(_to_device(collate(dataset, range(start, min(len(dataset), start + bs)), self.collate_fn),
-                                       self.device))  # fmt: skip
+        for raw in self._eval_batches(data, batch_size or self.batch_size):
+            b = split_batch(_to_device(raw, self.device))
             if b.labels is None:
                 raise ValueError("evaluate() needs labelled items")
             with self._autocast():
                 logits = self.forward(model, b.inputs)
             labels = b.labels
-            if self.shift_labels:
+            if self._shifts(labels):
                 logits, labels = shift_for_causal_lm(logits, labels)
             flat, lab = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
             keep = lab != self.ignore_index
@@ -570,6 +719,14 @@ class DistillationLoop:
             count += int(keep.sum())
         model.train(was_training)
         return {"loss": total_ce / max(count, 1), "accuracy": correct / max(count, 1)}
+
+    def _eval_batches(self, data: Data, batch_size: int) -> Iterable:
+        """The batches of ``data``: a DataLoader / iterable of batches as it is, a map-style dataset in order."""
+        batches = batch_iterable(data)
+        if batches is not None:
+            return batches
+        return (collate(data, range(start, min(len(data), start + batch_size)), self.collate_fn)
+                for start in range(0, len(data), batch_size))  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------------------
     # logs
@@ -679,6 +836,7 @@ class DistillationLoop:
                 "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "world_size": self.world_size, "batch_size": self.batch_size, "seed": self.seed,
                 "shuffle": self.shuffle, "drop_last": self.drop_last, "grad_accum_steps": self.grad_accum_steps,
+                "train_loss": self.last_train_loss,
             }  # fmt: skip
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
         _barrier()
@@ -695,22 +853,35 @@ class DistillationLoop:
         _barrier()
         return final
 
-    def load_checkpoint(self, directory: str | os.PathLike) -> None:
-        """Restore what :meth:`save_checkpoint` wrote (into this loop's existing modules/optimizer/scheduler)."""
+    def check_checkpoint(self, directory: str | os.PathLike) -> dict[str, Any]:
+        """A one-line :class:`ValueError` naming the file unless ``directory`` is a checkpoint this loop can continue
+        from: written with the same run settings (batch size, accumulation, seed, data order, process count), every
+        file intact, and each model file fitting this loop's module (keys and shapes, from the headers: a
+        checkpoint of another model names the module, the keys that differ or the first shape that does). Reads no
+        tensor; returns ``state.json``."""
         directory = Path(directory)
         state = ckpt.read_run_state(directory)
         ckpt.check_compatible(state, {k: getattr(self, k) for k in ckpt.RUN_KEYS}, directory)
-        # every file is checked before any is loaded: a damaged one fails without half-restoring this loop
         problem = ckpt.find_problem(directory, self._checkpoint_files())
         if problem is not None:
             raise ValueError(problem)
         for name, module in self._modules_to_save().items():
-            ckpt.load_model(module, directory / f"{name}.safetensors", device=str(self.device))
+            ckpt.check_model(module, directory / f"{name}.safetensors", name)
+        return state
+
+    def load_checkpoint(self, directory: str | os.PathLike) -> None:
+        """Restore what :meth:`save_checkpoint` wrote (into this loop's existing modules/optimizer/scheduler),
+        after :meth:`check_checkpoint`: a checkpoint that does not fit fails without half-restoring this loop."""
+        directory = Path(directory)
+        state = self.check_checkpoint(directory)
+        for name, module in self._modules_to_save().items():
+            ckpt.load_model(module, directory / f"{name}.safetensors", device=str(self.device), name=name)
         self.optimizer.load_state_dict(ckpt.load_state(directory, "optimizer"))
         if self.scheduler is not None:
             self.scheduler.load_state_dict(ckpt.load_state(directory, "scheduler"))
         ckpt.set_rng_state(ckpt.load_state(directory, f"rng-rank{self.rank}"))
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.last_train_loss = state.get("train_loss")  # absent from checkpoints of older versions
 
     def close(self) -> None:
         """Remove the feature hooks and close the TensorBoard writer."""

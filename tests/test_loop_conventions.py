@@ -1,0 +1,334 @@
+"""DistillationLoop fits the habits of TRL, torchtune and Hugging Face users (issue 15): causal LMs are shifted
+without being told, a DataLoader is data, feature terms train alone, a checkpoint of another model is one line, a
+finished run reports its loss."""
+
+import copy
+import importlib.util
+import json
+import math
+import random
+
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+import fastdistill
+from fastdistill.training import ArrayDataset, DistillationLoop, FeatureTerm, write_teacher_cache
+from fastdistill.training import checkpoint as ckpt
+from fastdistill.training.data import detect_causal_lm, epoch_batches, is_causal_lm
+
+requires_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                           reason="transformers is not installed (the hf extra)")  # fmt: skip
+
+
+def _gpt2(seed=0, n_embd=16, n_layer=1, head="lm"):
+    """A tiny GPT-2 of ``transformers`` (no download): a causal LM, or a token classifier with ``head="token"``."""
+    from transformers import GPT2Config, GPT2ForTokenClassification, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=n_layer, n_head=2, n_embd=n_embd, vocab_size=50, bos_token_id=0, eos_token_id=0,
+                     num_labels=50, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    return (GPT2LMHeadModel if head == "lm" else GPT2ForTokenClassification)(cfg)
+
+
+def _tokens(n=8, t=6, seed=0):
+    ids = torch.randint(0, 50, (n, t), generator=torch.Generator().manual_seed(seed))
+    labels = ids.clone()
+    labels[:, -1] = -100
+    return ArrayDataset(input_ids=ids, labels=labels)
+
+
+def _data(n=24, d=6, v=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return ArrayDataset(input=torch.randn(n, d, generator=g), labels=torch.randint(0, v, (n,), generator=g))
+
+
+def _mlp(d=6, h=16, v=5, seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Dropout(dropout), nn.Linear(h, v))
+
+
+def _sgd(lr=0.1):
+    return lambda params: torch.optim.SGD(params, lr=lr)
+
+
+class TinyLM(nn.Module):
+    """A language model that is not a transformers model: its class does not say it is causal."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb, self.out = nn.Embedding(50, 8), nn.Linear(8, 50)
+
+    def forward(self, input_ids):
+        return self.out(torch.tanh(self.emb(input_ids)))
+
+
+# --- 1. causal LMs are shifted by default ------------------------------------------------------------------------
+
+
+@requires_transformers
+def test_detect_causal_lm_as_the_trainer_does():
+    lm, token = _gpt2(), _gpt2(head="token")
+
+    class Wrapped(nn.Module):  # DDP / accelerate keep the model in .module
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+    class MyForCausalLM(nn.Module):
+        pass
+
+    assert detect_causal_lm(lm) is True and detect_causal_lm(Wrapped(lm)) is True
+    assert detect_causal_lm(MyForCausalLM()) is True
+    assert detect_causal_lm(token) is False  # a transformers model: its class tells, and says no
+    assert detect_causal_lm(TinyLM()) is None and detect_causal_lm(nn.Linear(2, 2)) is None  # it cannot tell
+    assert [is_causal_lm(m) for m in (lm, token, TinyLM())] == [True, False, False]
+
+
+@requires_transformers
+def test_gpt2_loop_shifts_labels_without_being_told():
+    """A GPT-2 loop with no shift_labels trains next-token prediction: position t against token t+1, as
+    DistillationTrainer does; before, it silently trained on the current token."""
+    ds, kd = _tokens(), dict(temperature=2.0, ce_weight=0.5)
+    student, teacher = _gpt2(seed=0), _gpt2(seed=1)
+    loop = DistillationLoop(copy.deepcopy(student), [teacher], loss=fastdistill.KDLoss(**kd), optimizer=_sgd(),
+                            batch_size=8, shuffle=False, progress=False, log_every=1)  # fmt: skip
+    assert loop.shift_labels is True
+    loop.fit(ds, max_steps=1)
+    ids, labels = ds.tensors["input_ids"], ds.tensors["labels"]
+    with torch.no_grad():
+        s, t = student(input_ids=ids).logits, teacher(input_ids=ids).logits
+        expected = fastdistill.kd_loss(s[:, :-1], t[:, :-1], labels=labels[:, 1:], **kd)
+        unshifted = fastdistill.kd_loss(s, t, labels=labels, **kd)
+    assert loop.history[0]["loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert float(expected) != pytest.approx(float(unshifted), rel=1e-3)  # the test tells the two apart
+    assert loop.history[0]["items"] == float((labels[:, 1:] != -100).sum())
+    # evaluation scores the same next-token targets
+    with torch.no_grad():
+        logits = loop.student(input_ids=ids).logits[:, :-1]
+        keep = labels[:, 1:] != -100
+        ce = nn.functional.cross_entropy(logits[keep], labels[:, 1:][keep])
+    assert loop.evaluate(ds)["loss"] == pytest.approx(float(ce), rel=1e-5)
+
+
+@requires_transformers
+def test_other_transformers_models_and_explicit_settings_are_not_shifted():
+    token = DistillationLoop(_gpt2(head="token"), [_gpt2(seed=1, head="token")], progress=False)
+    assert token.shift_labels is False
+    token.fit(_tokens(), max_steps=1)  # per-position labels of a token classifier: no guess needed
+    assert DistillationLoop(_gpt2(), shift_labels=False, progress=False).shift_labels is False
+    assert DistillationLoop(TinyLM(), shift_labels=True, progress=False).shift_labels is True
+
+
+def test_a_model_that_does_not_tell_refuses_to_guess_with_sequence_labels():
+    """A plain nn.Module with labels [B, T]: next-token targets or token labels? A ValueError naming shift_labels."""
+    loop = DistillationLoop(TinyLM(0), [TinyLM(1)], batch_size=4, progress=False)
+    assert loop.shift_labels is None
+    with pytest.raises(ValueError, match=r"labels \[4, 6\] .*shift_labels=True.*shift_labels=False"):
+        loop.fit(_tokens(), max_steps=1)
+    assert loop.step == 0
+    for shift in (True, False):  # an explicit setting trains
+        DistillationLoop(TinyLM(0), [TinyLM(1)], batch_size=4, shift_labels=shift, progress=False).fit(
+            _tokens(), max_steps=1)
+    # per-item labels [B] (a classifier) and no labels at all need no shift: no error
+    DistillationLoop(_mlp(seed=2), [_mlp(seed=1)], batch_size=8, progress=False).fit(_data(), max_steps=1)
+    unlabelled = ArrayDataset(input_ids=_tokens().tensors["input_ids"])
+    DistillationLoop(TinyLM(0), [TinyLM(1)], batch_size=4, progress=False).fit(unlabelled, max_steps=1)
+
+
+# --- 2. a DataLoader, or any iterable of batches, is data ---------------------------------------------------------
+
+
+def _loop(out_dir=None, model_seed=2, **kw):
+    torch.manual_seed(1234)
+    kw = dict(optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), batch_size=4, seed=7, progress=False,
+              log_every=1, output_dir=out_dir, **kw)  # fmt: skip
+    return DistillationLoop(_mlp(seed=model_seed, dropout=0.3), [_mlp(h=32, seed=1)],
+                            loss=fastdistill.KDLoss(temperature=2.0, ce_weight=0.2), **kw)  # fmt: skip
+
+
+def test_fit_iterates_a_dataloader_as_built():
+    """fit(DataLoader(...)) trains on the loader's batches: in order, batch size 4, the same steps as the loop's own
+    batching of the dataset in order."""
+    ds = _data(n=16)
+    own = _loop(shuffle=False)
+    own.fit(ds, max_steps=6)
+    loader = _loop()
+    out = loader.fit(DataLoader(ds, batch_size=4), max_steps=6)  # was: 'DataLoader' object is not subscriptable
+    assert out["step"] == 6 and out["epoch"] == pytest.approx(1.5)
+    for p, q in zip(own.student.parameters(), loader.student.parameters()):
+        assert torch.equal(p, q)
+    assert loader.evaluate(DataLoader(ds, batch_size=5)) == pytest.approx(loader.evaluate(ds))
+    # epochs count the loader's batches
+    assert _loop().fit(DataLoader(ds, batch_size=4), epochs=2)["step"] == 8
+
+
+class Batches:
+    """An iterable of batches without len that restarts (as a streaming source does)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def test_fit_takes_an_iterable_or_a_generator_of_batches():
+    ds = _data(n=16)
+    batches = [torch.utils.data.default_collate(ds.__getitems__(list(range(i, i + 4)))) for i in range(0, 16, 4)]
+    ref = _loop(shuffle=False)
+    ref.fit(ds, max_steps=4)
+    stream = _loop()
+    stream.fit(Batches(batches), max_steps=4)
+    for p, q in zip(ref.student.parameters(), stream.student.parameters()):
+        assert torch.equal(p, q)
+    assert _loop().fit(Batches(batches), max_steps=6)["step"] == 6  # a second epoch when the first ends
+    # a generator has one pass: training stops where it runs out, logged and reported, with a warning
+    gen = _loop()
+    with pytest.warns(UserWarning, match="train_data ran out at step 4 of 10"):
+        out = gen.fit((b for b in batches), max_steps=10)
+    assert out["step"] == 4 and out["train_loss"] == gen.history[-1]["loss"]
+    for p, q in zip(ref.student.parameters(), gen.student.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="epochs needs the number of batches .* has no len"):
+        _loop().fit((b for b in batches), epochs=1)
+
+
+def test_dataloader_resume_is_exact(tmp_path):
+    """A shuffling DataLoader (no generator of its own) and dropout: 2N steps in one go == N steps, a checkpoint,
+    fresh objects with scrambled RNGs, N more. The loader's order is drawn from (seed, epoch), so the resumed run
+    draws the same epoch and skips what it trained on."""
+    ds, n = _data(n=22), 5  # 6 batches per epoch: the checkpoint falls inside epoch 0, the run ends in epoch 1
+
+    def loader():
+        return DataLoader(ds, batch_size=4, shuffle=True)
+
+    whole = _loop(tmp_path / "whole")
+    whole.fit(loader(), max_steps=2 * n)
+    _loop(tmp_path / "run").fit(loader(), max_steps=n, checkpoint_every=n)
+    torch.manual_seed(99), random.seed(99)
+    resumed = _loop(tmp_path / "run", model_seed=5)
+    resumed.fit(loader(), max_steps=2 * n, resume_from="latest")
+    for p, q in zip(whole.student.parameters(), resumed.student.parameters()):
+        assert torch.equal(p, q)
+    assert [h["loss"] for h in whole.history[n:]] == [h["loss"] for h in resumed.history]
+    # and the loader still shuffles: another order in each epoch
+    orders = []
+    probe = DataLoader(ArrayDataset(input=torch.arange(8.0)), batch_size=8, shuffle=True)
+    for epoch in (0, 1):
+        orders.append(next(epoch_batches(probe, seed=7, epoch=epoch))["input"].tolist())
+    assert orders[0] != orders[1] and sorted(orders[0]) == sorted(orders[1])
+
+
+def test_data_that_is_not_data_is_a_clear_error(tmp_path):
+    class Items(IterableDataset):
+        def __iter__(self):
+            return iter(_data(n=4))
+
+    with pytest.raises(TypeError, match="expected a map-style dataset .*DataLoader or an iterable of batches, got int"):
+        _loop().fit(42, max_steps=1)
+    with pytest.raises(TypeError, match="Items is an IterableDataset: it yields items, not batches; wrap it"):
+        _loop().fit(Items(), max_steps=1)
+    assert _loop().fit(DataLoader(Items(), batch_size=2), max_steps=2)["step"] == 2
+    with pytest.raises(ValueError, match="train_data yields no batch"):
+        _loop().fit(iter([]), max_steps=1)
+    # a teacher cache is read by item index, which a DataLoader's batches do not carry
+    ds = _data(n=8)
+    cache = write_teacher_cache(tmp_path / "c.safetensors", [_mlp(seed=1)], ds)
+    loop = DistillationLoop(_mlp(seed=2), teacher_cache=cache, progress=False)
+    with pytest.raises(ValueError, match="teacher_cache is read by dataset index"):
+        loop.fit(DataLoader(ds, batch_size=4), max_steps=1)
+
+
+# --- 3. feature terms alone ---------------------------------------------------------------------------------------
+
+
+class Encoder(nn.Module):
+    """A model whose output holds no logits (a dict of hidden states)."""
+
+    def __init__(self, width, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Linear(6, width)
+
+    def forward(self, input):
+        return {"hidden": torch.tanh(self.body(input))}
+
+
+def test_feature_terms_train_alone_with_loss_none():
+    """loss=None: the feature term is the whole loss (no KDLoss added, no logits looked for in the outputs)."""
+    ds = _data(n=8)
+    x = ds.tensors["input"]
+    student, teacher = Encoder(8, seed=2), Encoder(8, seed=1)
+    term = FeatureTerm("body", "body", nn.MSELoss(), weight=0.5)
+    loop = DistillationLoop(copy.deepcopy(student), [teacher], loss=None, feature_terms=[term], optimizer=_sgd(),
+                            batch_size=8, progress=False, log_every=1)  # fmt: skip
+    loop.fit(ds, max_steps=1)
+    with torch.no_grad():
+        mse = nn.functional.mse_loss(student.body(x), teacher.body(x))
+    rec = loop.history[0]
+    assert "kd" not in rec and rec["feature/body"] == pytest.approx(float(mse), rel=1e-6)
+    assert rec["loss"] == pytest.approx(0.5 * float(mse), rel=1e-6)
+    assert not torch.equal(loop.student.body.weight, student.body.weight)  # trained
+
+
+def test_nothing_to_train_is_a_clear_error():
+    with pytest.raises(ValueError, match="nothing to train: loss=None .* no feature_terms"):
+        DistillationLoop(_mlp(), [_mlp(seed=1)], loss=None)
+    with pytest.raises(ValueError, match="loss must be a callable, 'kd'"):
+        DistillationLoop(_mlp(), [_mlp(seed=1)], loss="kl")
+
+
+# --- 4. a checkpoint of another model: one line ---------------------------------------------------------------------
+
+
+@requires_transformers
+@pytest.mark.parametrize("change, needle", [
+    (dict(n_embd=32), "size mismatch for transformer.wpe.weight: [1024, 16] in the file, [1024, 32] in the model "
+                      "(and 15 more keys)"),
+    (dict(n_layer=2), "12 missing keys [transformer.h.1.ln_1.weight, transformer.h.1.ln_1.bias, "
+                      "transformer.h.1.attn.c_attn.weight, ...]"),
+])  # fmt: skip
+def test_resume_with_another_model_names_the_mismatch_in_one_line(tmp_path, change, needle):
+    """The snippet re-run with the same output_dir after the model changed: one line naming the module, the file and
+    what differs, and nothing of this loop restored (before: kilobytes of state_dict keys)."""
+    ds = _tokens()
+    DistillationLoop(_gpt2(), [_gpt2(seed=1)], batch_size=4, output_dir=tmp_path, progress=False).fit(
+        ds, max_steps=2, checkpoint_every=2)
+    loop = DistillationLoop(_gpt2(**change), [_gpt2(seed=1)], batch_size=4, output_dir=tmp_path, progress=False)
+    before = copy.deepcopy(loop.student.state_dict())
+    with pytest.raises(ValueError) as e:
+        loop.fit(ds, max_steps=4, resume_from="latest")
+    msg = str(e.value)
+    path = tmp_path / "checkpoints" / "step-00000002" / "student.safetensors"
+    assert msg.startswith(f"{path} does not fit the student (GPT2LMHeadModel): ") and needle in msg, msg
+    assert "\n" not in msg and len(msg) < 400
+    assert loop.step == 0 and all(torch.equal(v, loop.student.state_dict()[k]) for k, v in before.items())
+
+
+def test_unexpected_keys_are_counted(tmp_path):
+    small, big = _mlp(), nn.Sequential(*_mlp(), nn.Linear(5, 5), nn.Linear(5, 5))
+    safetensors.torch.save_model(big, str(tmp_path / "m.safetensors"))
+    with pytest.raises(ValueError, match=r"does not fit the student \(Sequential\): 4 unexpected keys "
+                                         r"\[4.bias, 4.weight, 5.bias, \.\.\.\]$"):  # fmt: skip
+        ckpt.load_model(small, tmp_path / "m.safetensors", name="student")
+
+
+# --- 5. a finished run reports its loss ----------------------------------------------------------------------------
+
+
+def test_resuming_a_finished_run_reports_its_last_loss(tmp_path):
+    ds = _data(n=16)
+    first = _loop(tmp_path).fit(ds, max_steps=4, checkpoint_every=2)
+    again = _loop(tmp_path).fit(ds, max_steps=4, resume_from="latest")  # nothing left to do
+    assert again["step"] == 4 and again["train_loss"] == first["train_loss"]
+    assert not math.isnan(again["train_loss"])
+    # a checkpoint of an older version has no train_loss: None, not NaN
+    state = tmp_path / "checkpoints" / "step-00000004" / "state.json"
+    raw = json.loads(state.read_text())
+    del raw["train_loss"]
+    state.write_text(json.dumps(raw))
+    assert _loop(tmp_path).fit(ds, max_steps=4, resume_from="latest")["train_loss"] is None
