@@ -1,6 +1,8 @@
 """DistillationTrainer against hand-computed kd_loss, on tiny models built from configs (nothing downloaded)."""
 
 import copy
+import inspect
+import json
 
 import pytest
 import torch
@@ -15,10 +17,16 @@ from transformers import (  # noqa: E402
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
+    HfArgumentParser,
     TrainingArguments,
 )
 
-from fastdistill.integrations.hf import DistillationTrainer, is_causal_lm  # noqa: E402
+from fastdistill.integrations.hf import (  # noqa: E402
+    KD_DEFAULTS,
+    DistillationArguments,
+    DistillationTrainer,
+    is_causal_lm,
+)
 
 VOCAB = 40
 KD = dict(temperature=2.0, ce_weight=0.3, divergence="jsd", ensemble="logit_mean")
@@ -48,10 +56,12 @@ def _lm_batch(b=3, t=9, seed=0):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no", max_grad_norm=0.0,
-                lr_scheduler_type="constant", disable_tqdm=True, logging_steps=1)  # fmt: skip
-    return TrainingArguments(**{**base, **kw})
+BASE_ARGS = dict(use_cpu=True, report_to=[], save_strategy="no", max_grad_norm=0.0, lr_scheduler_type="constant",
+                 disable_tqdm=True, logging_steps=1)  # fmt: skip
+
+
+def _args(tmp_path, cls=TrainingArguments, **kw):
+    return cls(**{"output_dir": str(tmp_path), **BASE_ARGS, **kw})
 
 
 def _hand_lm(student, teachers, batch, **extra):
@@ -143,3 +153,115 @@ def test_bad_options_fail_before_training(tmp_path):
         DistillationTrainer(model=_gpt2(1, 16, 0), args=_args(tmp_path), teachers=[_gpt2(1, 16, 1)], temperature=0)
     with pytest.raises(ValueError, match="teacher"):
         DistillationTrainer(model=_gpt2(1, 16, 0), args=_args(tmp_path), teachers=[])
+
+
+# --- TRL's keyword, and mistakes named ------------------------------------------------------------------------------
+
+
+def test_teacher_model_is_one_teacher(tmp_path):
+    student, teacher = _gpt2(1, 16, 0), _gpt2(2, 32, 1)
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=teacher, **KD)
+    assert trainer.teachers == [teacher]
+    batch = _lm_batch()
+    student.eval()
+    torch.testing.assert_close(trainer.compute_loss(student, dict(batch)), _hand_lm(student, [teacher], batch))
+
+
+def test_teacher_keyword_mistakes_are_named(tmp_path):
+    student, teacher = _gpt2(1, 16, 0), _gpt2(1, 16, 1)
+    make = lambda **kw: DistillationTrainer(model=student, args=_args(tmp_path), **kw)  # noqa: E731
+    with pytest.raises(ValueError, match="not both"):
+        make(teachers=[teacher], teacher_model=teacher)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) teacher: .*teachers=\[\.\.\.\]"):
+        make(teacher=teacher)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) temprature: .*temperature"):
+        make(teachers=[teacher], temprature=2.0)
+    with pytest.raises(TypeError, match=r"teachers=\[model\]"):
+        make(teachers=teacher)
+    with pytest.raises(TypeError, match="loaded models"):
+        make(teacher_model="gpt2")
+
+
+# --- DistillationArguments ------------------------------------------------------------------------------------------
+
+
+def test_distillation_arguments_defaults_are_kd_loss_defaults():
+    kd_loss_defaults = {k: p.default for k, p in inspect.signature(fastdistill.kd_loss).parameters.items()}
+    assert KD_DEFAULTS == {**{k: kd_loss_defaults[k] for k in KD_DEFAULTS if k != "shift_labels"}, "shift_labels": None}
+
+
+def test_distillation_arguments_from_the_command_line_drive_and_are_saved_by_the_trainer(tmp_path):
+    (args,) = HfArgumentParser(DistillationArguments).parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path), "--use_cpu", "--report_to", "none", "--temperature", "4",
+        "--divergence", "jsd", "--beta", "0.3", "--ensemble", "logit_mean", "--teacher_weights", "0.7", "0.3",
+        "--ce_weight", "0.2", "--no_scale_by_temperature_sq", "--shift_labels", "true",
+    ])  # fmt: skip
+    settings = dict(temperature=4.0, divergence="jsd", beta=0.3, ensemble="logit_mean", teacher_weights=[0.7, 0.3],
+                    ce_weight=0.2, scale_by_temperature_sq=False)  # fmt: skip
+    assert {k: getattr(args, k) for k in settings} == settings and args.shift_labels is True
+    student, teachers = _gpt2(1, 16, 0), [_gpt2(2, 32, 1), _gpt2(2, 32, 2)]
+    trainer = DistillationTrainer(model=student, args=args, teachers=teachers)
+    batch = _lm_batch()
+    student.eval()
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    expected = fastdistill.kd_loss(
+        student(input_ids=ids, attention_mask=mask).logits[:, :-1],
+        [t(input_ids=ids, attention_mask=mask).logits[:, :-1].detach() for t in teachers],
+        labels=labels[:, 1:], **settings,
+    )  # fmt: skip
+    torch.testing.assert_close(trainer.compute_loss(student, dict(batch)), expected)
+    # saved with the run: training_args.bin (save_model, checkpoints) and the JSON/dict of the arguments
+    trainer.save_model(str(tmp_path / "saved"))
+    saved = torch.load(tmp_path / "saved" / "training_args.bin", weights_only=False)
+    assert isinstance(saved, DistillationArguments) and saved.kd_settings() == args.kd_settings()
+    assert json.loads(args.to_json_string())["teacher_weights"] == [0.7, 0.3] and args.to_dict()["temperature"] == 4
+
+
+def test_distillation_arguments_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="temperature"):
+        _args(tmp_path, DistillationArguments, temperature=0)
+    with pytest.raises(ValueError, match="divergence"):
+        HfArgumentParser(DistillationArguments).parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--divergence", "kld"]
+        )
+    with pytest.raises(ValueError, match="one number per teacher"):
+        _args(tmp_path, DistillationArguments, teacher_weights=[[0.5, 0.5]])
+    with pytest.raises(ValueError, match="2 numbers for 1 teachers"):
+        DistillationTrainer(model=_gpt2(1, 16, 0), args=_args(tmp_path, DistillationArguments, teacher_weights=[1, 2]),
+                            teachers=[_gpt2(1, 16, 1)])  # fmt: skip
+
+
+def test_keywords_alongside_distillation_arguments_must_agree(tmp_path):
+    args = _args(tmp_path, DistillationArguments, temperature=2.0, teacher_weights=[1.0])
+    student, teacher = _gpt2(1, 16, 0), _gpt2(1, 16, 1)
+    # repeating args' value is fine (a tensor of weights equals the same list)
+    trainer = DistillationTrainer(model=student, args=args, teachers=[teacher], temperature=2,
+                                  teacher_weights=torch.tensor([1.0]))  # fmt: skip
+    assert trainer.kd_options["temperature"] == 2.0 and trainer.kd_options["teacher_weights"] == [1.0]
+    with pytest.raises(ValueError, match=r"temperature=3.0 but args.temperature=2.0"):
+        DistillationTrainer(model=student, args=args, teachers=[teacher], temperature=3.0)
+    with pytest.raises(ValueError, match="ce_weight=0.5 but args.ce_weight=0.0"):  # args' default counts too
+        DistillationTrainer(model=student, args=args, teachers=[teacher], ce_weight=0.5)
+    # with plain TrainingArguments the keywords are the settings, the rest kd_loss's defaults
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path), teachers=[teacher], ce_weight=0.5)
+    defaults = {k: v for k, v in KD_DEFAULTS.items() if k != "shift_labels"}
+    assert trainer.kd_options == {**defaults, "ce_weight": 0.5} and trainer.shift_labels is True  # GPT-2: causal
+
+
+# --- teacher placement ----------------------------------------------------------------------------------------------
+
+
+def test_single_process_teachers_are_on_the_device_in_eval_mode_frozen_and_used(tmp_path):
+    student, teachers = _gpt2(1, 16, 0), [_gpt2(2, 32, 1).train(), _gpt2(2, 32, 2).train()]
+    calls = []
+    for i, t in enumerate(teachers):
+        t.register_forward_hook(lambda *_, i=i: calls.append(i))
+    rows = [{k: v[i] for k, v in _lm_batch(b=4, seed=5).items()} for i in range(4)]
+    args = _args(tmp_path, per_device_train_batch_size=2, max_steps=2)
+    trainer = DistillationTrainer(model=student, args=args, teachers=teachers, train_dataset=rows, **KD)
+    assert trainer.accelerator.distributed_type == "NO"
+    trainer.train()
+    assert calls == [0, 1, 0, 1]  # each teacher once per micro-batch
+    for t in trainer.teachers:
+        assert not t.training and not any(p.requires_grad for p in t.parameters())
+        assert {p.device for p in t.parameters()} == {trainer.args.device}

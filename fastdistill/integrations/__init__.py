@@ -1,2 +1,3 @@
 """Integrations with training frameworks. Each is a submodule importing its framework, so importing
-``fastdistill`` never requires them: ``from fastdistill.integrations.hf import DistillationTrainer``."""
+``fastdistill`` never requires them:
+``from fastdistill.integrations.hf import DistillationArguments, DistillationTrainer``."""

@@ -1,6 +1,7 @@
-"""Hugging Face ``transformers``: :class:`DistillationTrainer`, a ``Trainer`` whose loss is ``fastdistill.kd_loss``.
+"""Hugging Face ``transformers``: :class:`DistillationTrainer`, a ``Trainer`` whose loss is ``fastdistill.kd_loss``,
+and :class:`DistillationArguments`, ``TrainingArguments`` with the KD settings.
 
-It subclasses :class:`transformers.Trainer` and overrides two public methods, nothing else (no monkey-patching):
+The trainer subclasses :class:`transformers.Trainer` and overrides two public methods (no monkey-patching):
 
 - ``compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None)``: student forward, K teacher
   forwards under ``no_grad``, the causal shift for causal LMs, then ``kd_loss`` (``labels`` give the hard-label
@@ -11,48 +12,213 @@ It subclasses :class:`transformers.Trainer` and overrides two public methods, no
 
 Example::
 
-    trainer = DistillationTrainer(
-        model=student, args=TrainingArguments(...), train_dataset=ds, data_collator=collator,
-        teachers=[teacher_a, teacher_b], temperature=2.0, ce_weight=0.1, ensemble="prob_mean",
-    )
+    args = DistillationArguments(output_dir="out", temperature=2.0, ce_weight=0.1, ensemble="prob_mean")
+    trainer = DistillationTrainer(model=student, args=args, teachers=[teacher_a, teacher_b], train_dataset=ds)
     trainer.train()
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import Trainer
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers import Trainer, TrainingArguments
+from transformers.utils import logging
 
 from .. import functional as F
-from ..training.data import logits_of
+from ..training.data import is_causal_lm, logits_of
+
+logger = logging.get_logger(__name__)
+
+# The KD settings, in DistillationArguments and as DistillationTrainer keywords (same names, same defaults).
+KD_SETTINGS = ("divergence", "temperature", "scale_by_temperature_sq", "ensemble", "teacher_weights", "beta", "skew",
+               "ce_weight", "ignore_index", "backend", "shift_labels")  # fmt: skip
 
 
-def is_causal_lm(model: nn.Module) -> bool:
-    """True for decoder-only LMs (their logits at position t predict token t+1): the class is one of transformers'
-    causal-LM classes (or its name ends in ``ForCausalLM``) and the config is not encoder-decoder."""
-    model = getattr(model, "module", model)  # DDP / accelerate wrappers
-    name = type(model).__name__
-    causal = name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() or name.endswith("ForCausalLM")
-    return causal and not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+@dataclass
+class DistillationArguments(TrainingArguments):
+    """``TrainingArguments`` plus the KD settings of :class:`DistillationTrainer` (as TRL's ``GKDConfig`` extends
+    ``SFTConfig``), so that ``HfArgumentParser(DistillationArguments)`` reads them from the command line
+    (``--temperature 4 --teacher_weights 0.7 0.3 --shift_labels true``) and the trainer saves them with the other
+    arguments (``training_args.bin``, ``args.to_dict()``, the loggers' hyper-parameters). They are validated when
+    the object is built, by :func:`fastdistill.functional.check_hyperparameters` as in :func:`fastdistill.kd_loss`.
+
+    Fields (defaults as ``kd_loss``): ``divergence``, ``temperature``, ``scale_by_temperature_sq``, ``ensemble``,
+    ``teacher_weights`` (one number per teacher, or None for uniform), ``beta``, ``skew``, ``ce_weight``,
+    ``ignore_index``, ``backend``, and ``shift_labels`` (None: on for causal LMs).
+
+    Coming from TRL's ``GKDConfig`` (``trl.experimental.gkd``; read in its source, not run here):
+
+    - ``beta``: the same generalized JSD for ``0 < beta < 1``: mixture ``M = beta * teacher + (1 - beta) * student``,
+      loss ``beta * KL(teacher || M) + (1 - beta) * KL(student || M)``; use ``divergence="jsd"``. TRL's ``beta=0``
+      and ``beta=1`` mean forward and reverse KL: here ``divergence="kl"`` and ``divergence="reverse_kl"``.
+    - ``temperature``: GKDConfig's (default 0.9) is the sampling temperature of on-policy generation; its loss
+      divides the logits by nothing (T = 1). Here ``temperature`` divides both logits in the loss, and the
+      divergence is multiplied by T**2 unless ``scale_by_temperature_sq=False``; TRL does not scale by T**2.
+    - ``lmbda``, ``max_new_tokens``, ``seq_kd`` (on-policy / sequence-level KD) have no counterpart: this trainer
+      distills on the dataset's sequences. ``teacher_model_name_or_path``: pass the loaded model as ``teachers=[m]``
+      or ``teacher_model=m``. GKD's loss has no hard-label term: ``ce_weight=0`` (the default).
+    """
+
+    divergence: str = field(default="kl", metadata={"help": "kl, reverse_kl, jsd, tvd, skew_kl or skew_reverse_kl"})
+    temperature: float = field(default=1.0, metadata={"help": "T > 0, divides student and teacher logits"})
+    scale_by_temperature_sq: bool = field(default=True, metadata={"help": "multiply the divergence by T**2"})
+    ensemble: str = field(default="prob_mean", metadata={"help": "prob_mean, logit_mean or loss_mean (K > 1)"})
+    teacher_weights: list[float] | None = field(default=None, metadata={"help": "one weight per teacher"})
+    beta: float = field(default=0.5, metadata={"help": "jsd: weight of the teacher in the mixture, in (0, 1)"})
+    skew: float = field(default=0.1, metadata={"help": "skew_kl / skew_reverse_kl mixing weight, in [0, 1)"})
+    ce_weight: float = field(default=0.0, metadata={"help": "weight of the hard-label cross-entropy, in [0, 1]"})
+    ignore_index: int = field(default=-100, metadata={"help": "label of positions without loss"})
+    backend: str = field(default="auto", metadata={"help": "auto, cpu, cuda, triton or reference"})
+    shift_labels: bool | None = field(default=None, metadata={"help": "t vs label t+1; default: on for causal LMs"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.teacher_weights is not None:
+            self.teacher_weights = _weight_list(self.teacher_weights)  # JSON-serialisable, whatever was given
+        _check_settings(self.kd_settings())
+
+    def kd_settings(self) -> dict[str, Any]:
+        """The KD fields, by name (:data:`KD_SETTINGS`)."""
+        return {name: getattr(self, name) for name in KD_SETTINGS}
+
+
+KD_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(DistillationArguments) if f.name in KD_SETTINGS}
+
+
+def _weight_list(weights: Tensor | Sequence[float]) -> list[float]:
+    """Teacher weights as a list of floats (the trainer's are per teacher, constant over rows: 1-D)."""
+    weights = torch.as_tensor(weights, dtype=torch.float64)
+    if weights.dim() != 1:
+        raise ValueError(f"teacher_weights must hold one number per teacher, got shape {tuple(weights.shape)}")
+    return weights.tolist()
+
+
+def _check_settings(settings: dict[str, Any]) -> None:
+    """Validate KD settings as ``kd_loss`` does, before any training step."""
+    F.check_hyperparameters(
+        reduction="mean", **{k: v for k, v in settings.items() if k not in ("teacher_weights", "shift_labels")}
+    )
+    if settings["shift_labels"] is not None and not isinstance(settings["shift_labels"], bool):
+        raise TypeError(f"shift_labels must be None or a bool, got {type(settings['shift_labels']).__name__}")
+
+
+def _kd_settings(args: TrainingArguments, given: dict[str, Any], num_teachers: int) -> dict[str, Any]:
+    """The trainer's KD settings: ``args``' fields when it is a :class:`DistillationArguments` (else the defaults),
+    then the keywords ``given`` (None = not given). With DistillationArguments a keyword may only repeat args'
+    value: one that differs raises, so that a setting never has two sources that disagree."""
+    from_args = isinstance(args, DistillationArguments)
+    settings = args.kd_settings() if from_args else dict(KD_DEFAULTS)
+    for name, value in given.items():
+        if value is None:
+            continue
+        if name == "teacher_weights":
+            value = _weight_list(value)
+        if from_args and value != settings[name]:
+            raise ValueError(
+                f"DistillationTrainer got {name}={value!r} but args.{name}={settings[name]!r}: with "
+                f"DistillationArguments, set the KD settings there (a keyword may only repeat them)"
+            )
+        settings[name] = value
+    _check_settings(settings)
+    weights = settings["teacher_weights"]
+    if weights is not None and len(weights) != num_teachers:
+        raise ValueError(f"teacher_weights has {len(weights)} numbers for {num_teachers} teachers")
+    return settings
+
+
+def _teacher_list(teachers: Sequence[nn.Module] | None, teacher_model: nn.Module | None) -> list[nn.Module]:
+    """``teachers``, or ``[teacher_model]`` (TRL's keyword for one teacher): a non-empty list of modules."""
+    if teachers is not None and teacher_model is not None:
+        raise ValueError("pass teachers=[...] or teacher_model=..., not both")
+    if teacher_model is not None:
+        teachers = [teacher_model]
+    if isinstance(teachers, nn.Module) and not isinstance(teachers, nn.ModuleList):
+        raise TypeError("teachers takes a list of models: teachers=[model] (or teacher_model=model)")
+    if not teachers:
+        raise ValueError("DistillationTrainer needs at least one teacher (teachers=[...] or teacher_model=...)")
+    for t in teachers:
+        if not isinstance(t, nn.Module):
+            raise TypeError(f"teachers must be loaded models (torch.nn.Module), got {type(t).__name__}")
+    return list(teachers)
+
+
+# Trainer.__init__'s keywords: anything else given to DistillationTrainer is a mistake to name (Trainer's own
+# TypeError would not say where teachers and KD settings go).
+_TRAINER_KEYWORDS = frozenset(inspect.signature(Trainer.__init__).parameters) - {"self"}
+
+
+def _fsdp2_shard(teacher: nn.Module, accelerator: Any) -> nn.Module:
+    """Shard a frozen ``teacher`` with FSDP2 over the student's mesh, with the student's mixed-precision, offload
+    and resharding policies: one unit per teacher layer (the classes in its ``_no_split_modules``), the rest in the
+    root. Not accelerate's ``fsdp2_prepare_model``: that sets the shared plugin's wrap policy from the model it is
+    given, and the student would then be wrapped by the teacher's layer classes."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    plugin = accelerator.state.fsdp_plugin
+    mesh = getattr(accelerator, "torch_device_mesh", None)
+    kwargs = dict(
+        reshard_after_forward=plugin.reshard_after_forward, offload_policy=plugin.cpu_offload,
+        mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+        mesh=mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)] if mesh is not None else None,
+    )  # fmt: skip
+    layers = set(getattr(teacher, "_no_split_modules", None) or ())
+    for module in list(teacher.modules())[1:]:
+        if type(module).__name__ in layers:
+            fully_shard(module, **kwargs)
+    fully_shard(teacher, **kwargs)
+    return teacher
+
+
+def _zero3_engine(teacher: nn.Module, ds_config: dict[str, Any]) -> nn.Module:
+    """``teacher`` in a DeepSpeed ZeRO-3 inference engine, its parameters partitioned over the processes like the
+    student's. The config is the training one without optimizer and scheduler (the "ZeRO Inference" setup of HF's
+    DeepSpeed guide; an optimizer would allocate fp32 copies of frozen weights), its hidden-size "auto" values
+    filled from the teacher's config as accelerate fills the student's. Untested here (DeepSpeed is not installed
+    in CI); TRL's ``prepare_deepspeed`` takes the same route."""
+    import deepspeed
+
+    config = {k: v for k, v in copy.deepcopy(ds_config).items() if k not in ("optimizer", "scheduler")}
+    zero = config["zero_optimization"]
+    h = getattr(getattr(teacher, "config", None), "hidden_size", None)
+    sizes = {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
+             "stage3_param_persistence_threshold": 10 * h} if h else {}  # fmt: skip
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+        if zero.get(key) == "auto":
+            if key in sizes:
+                zero[key] = sizes[key]
+            else:
+                del zero[key]  # DeepSpeed's default
+    engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    return engine
 
 
 class DistillationTrainer(Trainer):
-    """A ``transformers.Trainer`` that distills K ``teachers`` into ``model`` with :func:`fastdistill.kd_loss`.
+    """A ``transformers.Trainer`` that distills K teachers into ``model`` with :func:`fastdistill.kd_loss`.
 
     Args:
-        *args, **kwargs: everything ``transformers.Trainer`` takes (``model`` is the student).
-        teachers: K models whose logits match the student's ``[B, (T,) V]`` (same vocabulary / label set). They are
-            moved to the training device, put in eval mode and frozen.
+        *args, **kwargs: everything ``transformers.Trainer`` takes (``model`` is the student); any other keyword
+            raises a TypeError that says where teachers and KD settings go.
+        teachers: K models whose logits match the student's ``[B, (T,) V]`` (same vocabulary / label set), put in
+            eval mode, frozen and placed by :meth:`prepare_teacher`.
+        teacher_model: one teacher, TRL's keyword (``GKDTrainer``): the same as ``teachers=[teacher_model]``; giving
+            both is an error.
         divergence, temperature, scale_by_temperature_sq, ensemble, teacher_weights, beta, skew, ce_weight,
-            ignore_index, backend: as in :func:`fastdistill.kd_loss` (``ce_weight`` > 0 needs ``labels``).
-        shift_labels: align position t with label t+1 (student, teachers and labels alike); default: on for causal
+            ignore_index, backend: as in :func:`fastdistill.kd_loss` (``ce_weight`` > 0 needs ``labels``;
+            ``teacher_weights``: one number per teacher). None means: from ``args`` when it is a
+            :class:`DistillationArguments`, else ``kd_loss``'s default.
+        shift_labels: align position t with label t+1 (student, teachers and labels alike); None: on for causal
             LMs (:func:`is_causal_lm`), off otherwise. A batch that carries ``shift_labels`` (HF's padding-free
             collators) is used as given, unshifted.
+
+    KD settings come from one place: ``args=DistillationArguments(...)`` (saved with the run), or these keywords
+    with plain ``TrainingArguments``. A keyword given alongside DistillationArguments must equal args' value
+    (else ValueError). Every setting is validated here, before any training step.
 
     The teachers receive the same inputs as the student (minus labels); override :meth:`teacher_logits` when they
     need other inputs (another tokenizer, say).
@@ -61,42 +227,65 @@ class DistillationTrainer(Trainer):
     def __init__(
         self,
         *args: Any,
-        teachers: Sequence[nn.Module],
-        divergence: str = "kl",
-        temperature: float = 1.0,
-        scale_by_temperature_sq: bool = True,
-        ensemble: str = "prob_mean",
+        teachers: Sequence[nn.Module] | None = None,
+        teacher_model: nn.Module | None = None,
+        divergence: str | None = None,
+        temperature: float | None = None,
+        scale_by_temperature_sq: bool | None = None,
+        ensemble: str | None = None,
         teacher_weights: Tensor | Sequence[float] | None = None,
-        beta: float = 0.5,
-        skew: float = 0.1,
-        ce_weight: float = 0.0,
-        ignore_index: int = -100,
+        beta: float | None = None,
+        skew: float | None = None,
+        ce_weight: float | None = None,
+        ignore_index: int | None = None,
         shift_labels: bool | None = None,
-        backend: str = "auto",
+        backend: str | None = None,
         **kwargs: Any,
     ) -> None:
-        F.check_hyperparameters(
-            divergence=divergence, temperature=temperature, ensemble=ensemble, beta=beta, skew=skew,
-            ce_weight=ce_weight, reduction="mean", backend=backend, ignore_index=ignore_index,
-            scale_by_temperature_sq=scale_by_temperature_sq,
-        )  # fmt: skip
-        if not teachers:
-            raise ValueError("DistillationTrainer needs at least one teacher (teachers=[...])")
+        given = {name: value for name, value in locals().items() if name in KD_SETTINGS}  # None: not given
+        unknown = sorted(set(kwargs) - _TRAINER_KEYWORDS)
+        if unknown:
+            raise TypeError(
+                f"DistillationTrainer got unexpected keyword argument(s) {', '.join(unknown)}: teachers go in "
+                f"teachers=[...] (or teacher_model= for one), KD settings are {', '.join(KD_SETTINGS)} (or "
+                f"DistillationArguments), the rest is transformers.Trainer's"
+            )
+        teachers = _teacher_list(teachers, teacher_model)
         super().__init__(*args, **kwargs)
-        self.teachers = [t.to(self.args.device).eval().requires_grad_(False) for t in teachers]
-        self.kd_options = dict(
-            divergence=divergence, temperature=temperature, scale_by_temperature_sq=scale_by_temperature_sq,
-            ensemble=ensemble, teacher_weights=teacher_weights, beta=beta, skew=skew, ce_weight=ce_weight,
-            ignore_index=ignore_index, backend=backend,
-        )  # fmt: skip
-        self.ignore_index = ignore_index
+        settings = _kd_settings(self.args, given, len(teachers))
+        shift_labels = settings.pop("shift_labels")
         self.shift_labels = is_causal_lm(self.model) if shift_labels is None else shift_labels
+        self.kd_options = settings  # kd_loss's keywords
+        self.ignore_index: int = settings["ignore_index"]
+        self.teachers = [self.prepare_teacher(t) for t in teachers]
         # compute_loss divides by num_items_in_batch itself, so training_step must not divide by the number of
         # accumulation steps again; this is the flag Trainer reads for that (set when a model takes loss kwargs).
         self.model_accepts_loss_kwargs = True
         # the loss reads "labels" even when the student's forward does not take them: keep that column
         if "labels" not in self.label_names:
             self.label_names = [*self.label_names, "labels"]
+
+    def prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        """``teacher`` in eval mode, frozen, and placed for this run's parallelism:
+
+        - FSDP2: sharded over the student's mesh (:func:`_fsdp2_shard`);
+        - DeepSpeed ZeRO-3: partitioned in a DeepSpeed inference engine (:func:`_zero3_engine`, untested here);
+        - otherwise (one process, DDP, FSDP1, ZeRO-1/2) a full replica on this process's device: a frozen teacher
+          has no gradients to synchronise.
+
+        Not ``accelerator.prepare_model(teacher, evaluation_mode=True)`` (read in accelerate 1.15 and transformers
+        5.24): it neither shards (FSDP, ZeRO-3) nor, under FSDP, moves the model, and it registers the teacher
+        among the accelerator's models, after which ``Trainer.evaluate`` before ``train`` skips preparing the
+        student. Override this method to place teachers otherwise (``device_map``, quantised teachers...).
+        """
+        teacher = teacher.eval().requires_grad_(False)
+        if self.is_fsdp_enabled and self.accelerator.is_fsdp2:
+            return _fsdp2_shard(teacher, self.accelerator).eval()
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            return _zero3_engine(teacher, self.accelerator.state.deepspeed_plugin.deepspeed_config).eval()
+        if self.is_fsdp_enabled:
+            logger.warning_once("FSDP1: each process holds a full copy of the teachers (FSDP2 shards them)")
+        return teacher.to(self.args.device)
 
     def _loss_labels(self, batch: dict[str, Any]) -> Tensor | None:
         """The labels as the loss sees them: ``shift_labels`` if given, else ``labels`` (shifted for causal LMs)."""
