@@ -75,6 +75,12 @@ def check_hyperparameters(
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_choice("backend", backend, dispatch.BACKENDS_NAMES)
     check_temperature(temperature)
+    if isinstance(beta, numbers.Real) and not isinstance(beta, bool) and beta in (0, 1):
+        # TRL's generalized_jsd_loss and Liger's JSD switch to a one-sided KL at beta = 0 and 1; the generalized JSD
+        # itself tends to 0 at both ends (it is ~beta * KL(P || Q) near 0), so here the one-sided KLs have names.
+        kl = "divergence='kl' (KL(P || Q), forward)" if beta == 0 else "divergence='reverse_kl' (KL(Q || P))"
+        raise ValueError(f"beta must be in (0, 1); got {beta}. TRL's and Liger's JSD mean a one-sided KL at "
+                         f"beta = {beta:g}: here that is {kl}")  # fmt: skip
     _check_real("beta", beta, low=0.0, high=1.0, low_open=True, high_open=True)
     _check_real("skew", skew, low=0.0, high=1.0, low_open=False, high_open=True)
     _check_real("ce_weight", ce_weight, low=0.0, high=1.0, low_open=False, high_open=False)
@@ -327,6 +333,7 @@ def _kd_inputs(
 def kd_loss(
     student_logits: Tensor,
     teacher_logits: TeacherLogits,
+    labels: Tensor | None = None,
     *,
     divergence: str = "kl",
     temperature: float = 1.0,
@@ -335,7 +342,6 @@ def kd_loss(
     teacher_weights: Tensor | Sequence[float] | None = None,
     beta: float = 0.5,
     skew: float = 0.1,
-    labels: Tensor | None = None,
     ignore_index: int = -100,
     ce_weight: float = 0.0,
     sample_weight: Tensor | None = None,
@@ -348,6 +354,8 @@ def kd_loss(
     Args:
         student_logits: [*, V] raw student logits (any leading shape; rows are flattened).
         teacher_logits: one teacher [*, V], a stacked [K, *, V] tensor, or a sequence of K tensors [*, V].
+        labels: int64 [*] or None (positional, as in ``F.cross_entropy``): the hard labels of the cross-entropy
+            term (``ce_weight``) and the rows to skip (``ignore_index``).
         divergence: "kl" (forward KL(P||Q), standard KD), "reverse_kl", "jsd" (weight ``beta`` on the teacher),
             "tvd", "skew_kl" or "skew_reverse_kl" (mixing weight ``skew``).
         temperature: T > 0, divides the student's and the teachers' logits.
@@ -356,7 +364,7 @@ def kd_loss(
         ensemble: how K > 1 teachers form the target: "prob_mean" (mixture of their distributions), "logit_mean"
             (softmax of the weighted mean logits) or "loss_mean" (mean of per-teacher divergences).
         teacher_weights: None (uniform), [K] or [K, *]; non-negative, normalised to sum 1 per row. Constant.
-        labels: int64 [*]. Rows whose label is ``ignore_index`` are skipped (no loss, zero gradient).
+        ignore_index: rows whose label is this are skipped (no loss, zero gradient).
         ce_weight: in [0, 1]. Row loss = (1 - ce_weight) * c * D + ce_weight * CE(student at T = 1, labels).
         sample_weight: [*] non-negative per-row weights (0 skips a row). Constant.
         reduction: "mean" (over rows not ignored, or ``num_items``), "sum", "batchmean" (divide by
@@ -487,18 +495,22 @@ def ensemble_soft_targets(
 ) -> Tensor:
     """The ensembled soft target P of K teachers, [*, V] probabilities (float32, float64 for float64 inputs).
 
-    ``teacher_logits`` is one tensor [*, V] (one teacher) or a sequence of K tensors [*, V]; pass a stacked
-    [K, *, V] tensor as ``t.unbind(0)``. "loss_mean" has no single target and raises.
+    ``teacher_logits`` is a stacked [K, *, V] tensor or a sequence of K tensors [*, V], the two K-teacher forms
+    of :func:`kd_loss` (one teacher: ``[t]`` or ``t.unsqueeze(0)``). "loss_mean" has no single target and raises.
     """
     _check_choice("ensemble", ensemble, ("prob_mean", "logit_mean"))
     check_temperature(temperature)
     if isinstance(teacher_logits, Tensor):
         _check_logits("teacher_logits", teacher_logits)
-        shape = teacher_logits.shape
+        if teacher_logits.dim() < 2:
+            raise ValueError(f"teacher_logits as one Tensor is the stacked [K, *, V] of K teachers (as in kd_loss); "
+                             f"got shape {tuple(teacher_logits.shape)}. One teacher: pass [t] or t.unsqueeze(0)")
+        shape = teacher_logits.shape[1:]
     elif isinstance(teacher_logits, Sequence) and teacher_logits and isinstance(teacher_logits[0], Tensor):
         shape = teacher_logits[0].shape
     else:
-        raise TypeError("teacher_logits must be a Tensor [*, V] or a non-empty sequence of Tensors [*, V]")
+        raise TypeError("teacher_logits must be a stacked Tensor [K, *, V] or a non-empty sequence of K Tensors "
+                        "[*, V]")  # fmt: skip
     teachers = split_teachers(teacher_logits, shape)
     for k, t in enumerate(teachers):
         _check_device(f"teacher_logits[{k}]", t, teachers[0].device)

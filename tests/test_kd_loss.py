@@ -340,10 +340,35 @@ def test_ensembles_and_soft_targets():
     pooled = (sum(wk * tk for wk, tk in zip(w, teachers)) / t).softmax(-1)
     got = fastdistill.ensemble_soft_targets(teachers, temperature=t, teacher_weights=w, ensemble="logit_mean")
     torch.testing.assert_close(got, pooled)
-    one = fastdistill.ensemble_soft_targets(teachers[0], temperature=t)
+    one = fastdistill.ensemble_soft_targets([teachers[0]], temperature=t)
     torch.testing.assert_close(one, (teachers[0] / t).softmax(-1))
     with pytest.raises(ValueError, match="ensemble"):
         fastdistill.ensemble_soft_targets(teachers, ensemble="loss_mean")
+
+
+def test_stacked_teachers_mean_k_teachers_everywhere():
+    """A stacked [K, *, V] tensor is K teachers for kd_loss and ensemble_soft_targets alike; labels are
+    positional in kd_loss, as in F.cross_entropy, KDLoss and codistill_loss."""
+    s, teachers = make_inputs((3, 2), 8, 3, dtype=torch.float64)
+    stacked = torch.stack(teachers)
+    torch.testing.assert_close(fastdistill.ensemble_soft_targets(stacked, temperature=2.0),
+                               fastdistill.ensemble_soft_targets(teachers, temperature=2.0))  # fmt: skip
+    torch.testing.assert_close(fastdistill.kd_loss(s, stacked, backend="reference"),
+                               fastdistill.kd_loss(s, teachers, backend="reference"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"stacked \[K, \*, V\].*\[t\] or t.unsqueeze\(0\)"):
+        fastdistill.ensemble_soft_targets(teachers[0][0, 0])
+    labels = torch.randint(0, 8, (3, 2))
+    torch.testing.assert_close(fastdistill.kd_loss(s, teachers, labels, ce_weight=0.5, backend="reference"),
+                               fastdistill.kd_loss(s, teachers, labels=labels, ce_weight=0.5, backend="reference"))
+
+
+@pytest.mark.parametrize("beta, other", [(0, "kl"), (1, "reverse_kl"), (0.0, "kl"), (1.0, "reverse_kl")])
+def test_jsd_endpoints_name_the_one_sided_kl(beta, other):
+    """TRL and Liger switch to a one-sided KL at beta = 0 / 1; the generalized JSD tends to 0 there: the error
+    names the divergence that computes what they mean."""
+    s, teachers = make_inputs((3,), 8, 1)
+    with pytest.raises(ValueError, match=f"beta must be in \\(0, 1\\).*divergence='{other}'"):
+        fastdistill.kd_loss(s, teachers, divergence="jsd", beta=beta)
 
 
 def test_module_matches_functional():
@@ -442,3 +467,43 @@ def test_batchmean_of_one_row_follows_torch(backend):
     total = fastdistill.kd_loss(student, teacher, reduction="sum", backend=backend)
     torch.testing.assert_close(fastdistill.kd_loss(student, teacher, reduction="batchmean", backend=backend),
                                total / 7)  # fmt: skip
+
+
+def _trl_generalized_jsd(s, t, labels, beta, temperature):
+    """TRL's GKDTrainer.generalized_jsd_loss (reduction "batchmean", labels given), as its source defines it."""
+    ls, lt = (s / temperature).log_softmax(-1), (t / temperature).log_softmax(-1)
+    if beta == 0:
+        jsd = torch.nn.functional.kl_div(ls, lt, reduction="none", log_target=True)
+    elif beta == 1:
+        jsd = torch.nn.functional.kl_div(lt, ls, reduction="none", log_target=True)
+    else:
+        m = torch.logsumexp(torch.stack([ls + math.log1p(-beta), lt + math.log(beta)]), 0)
+        jsd = beta * torch.nn.functional.kl_div(m, lt, reduction="none", log_target=True) + (1 - beta) * (
+            torch.nn.functional.kl_div(m, ls, reduction="none", log_target=True))
+    mask = labels != -100
+    return jsd[mask].sum() / mask.sum()
+
+
+def _torchtune_forward_kl(s, t, labels):
+    """torchtune's ForwardKLLoss: the soft cross-entropy -sum P log Q, mean over tokens not ignored."""
+    x = (t.softmax(-1) * s.log_softmax(-1)).sum(-1)
+    mask = labels != -100
+    return -(x * mask).sum() / mask.sum()
+
+
+def test_the_readme_table_of_other_libraries():
+    """README "The same loss elsewhere": TRL's generalized JSD (every beta, its endpoints the one-sided KLs) and
+    torchtune's ForwardKLLoss (same gradient as KL, value larger by the teacher's entropy), as stated there."""
+    s, (t,) = make_inputs((2, 5), 11, 1, dtype=torch.float64)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[0, 1] = -100
+    s = s.requires_grad_()
+    for beta, kw in ((0.3, dict(divergence="jsd", beta=0.3)), (0, dict(divergence="kl")),
+                     (1, dict(divergence="reverse_kl"))):  # fmt: skip
+        ours = fastdistill.kd_loss(s, t, labels, temperature=2.0, scale_by_temperature_sq=False, **kw)
+        torch.testing.assert_close(ours, _trl_generalized_jsd(s, t, labels, beta, 2.0))
+    tune = _torchtune_forward_kl(s, t, labels)
+    ours = fastdistill.kd_loss(s, t, labels)
+    entropy = -(t.softmax(-1) * t.log_softmax(-1)).sum(-1)[labels != -100].mean()
+    torch.testing.assert_close(tune, ours + entropy)
+    torch.testing.assert_close(torch.autograd.grad(tune, s)[0], torch.autograd.grad(ours, s)[0])
