@@ -9,13 +9,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from torch import nn
 
 import fastdistill
 from fastdistill import cli
-from fastdistill.training import ArrayDataset, config
+from fastdistill.training import config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,16 +160,8 @@ def test_version(capsys, monkeypatch):
 # --- overrides and the saved config: a seconds-long config (factories below, "test_cli:...") -----------------------
 
 
-def tiny_data(n=16, marker=None):
-    if marker is not None:
-        Path(marker).write_text("the data factory ran")
-    g = torch.Generator().manual_seed(0)
-    return {"train": ArrayDataset(input=torch.randn(n, 4, generator=g), labels=torch.randint(0, 3, (n,), generator=g))}
-
-
-def tiny_model(hidden=8, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 3))
+# the factories "test_cli:tiny_data" / "test_cli:tiny_model" are test_faults' (one definition, two names)
+from test_faults import tiny_data, tiny_model  # noqa: E402, F401
 
 
 def _tiny(tmp_path):
