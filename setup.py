@@ -61,7 +61,7 @@ def _extensions():
     elif arch != "generic":
         raise ValueError(f"FASTDISTILL_CPU_ARCH must be 'avx2' or 'generic', got {arch!r}")
 
-    # CUDA: kernels (csrc/cuda/*.cu) are torch-free; the bindings (csrc/cuda/*.cpp) register them.
+    # CUDA (none yet: csrc/cuda does not exist): kernels csrc/cuda/*.cu, torch-free; bindings csrc/cuda/*.cpp.
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     force_cuda = os.environ.get("FASTDISTILL_FORCE_CUDA", "0") == "1"
     use_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None

@@ -286,3 +286,18 @@ def test_mi_alpha_nan_feature_gives_nan(backend):
     est = fastdistill.mi_alpha(u, v, backend=backend)
     (g,) = torch.autograd.grad(est, u)
     assert torch.isnan(est) and torch.isnan(g).any()
+
+
+@requires_triton
+def test_triton_op_with_no_classes_sums_zeros_not_garbage():
+    """V = 0 through torch.ops (the functional API rejects it): no program runs, so the rows must be zeros, not
+    uninitialised memory summed into the loss."""
+    from fastdistill.ops.triton.kd_loss import kd_loss_triton
+
+    s = torch.empty(3, 0)
+    t = torch.empty(1, 3, 0)
+    for _ in range(3):  # reuse of freed memory is what would expose garbage
+        torch.full((64,), 7.0).sum()
+        loss, _, _ = kd_loss_triton(s, t, None, None, None, None, "kl", "prob_mean", 1.0, 1.0, 0.0, 0.5, 0.1, -100,
+                                    False, False, False)  # fmt: skip
+        assert torch.equal(loss, torch.zeros(3))

@@ -22,9 +22,7 @@ struct KDProblem {
   double beta = 0.5;
   double skew = 0.1;
   int64_t ignore_index = -100;
-  bool reduce = true;        // true: one 0-dim loss, sum(w_i l_i) / denominator; false: per-row w_i l_i
-  bool grad_student = false;  // write d(loss)/d(student) in the forward pass
-  bool grad_teachers = false;
+  bool reduce = true;  // true: one 0-dim loss, sum(w_i l_i) / denominator; false: per-row w_i l_i
 };
 
 inline Divergence parse_divergence(const std::string& s) {

@@ -485,8 +485,6 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> kd_loss_cpu(
   p.skew = skew;
   p.ignore_index = ignore_index;
   p.reduce = reduce;
-  p.grad_student = grad_student;
-  p.grad_teachers = grad_teachers;
 
   const at::Tensor s = row_major(student);
   const auto teacher_dtype = teachers[0].scalar_type();

@@ -31,7 +31,6 @@ struct VecOps {
   using V = at::vec::Vectorized<A>;
   static V splat(A x) { return V(x); }
   static V exp(V x) { return vexp<A>(x); }
-  static V log(V x) { return x.log(); }
   static V log1p(V x) { return x.log1p(); }
   static V abs(V x) { return x.abs(); }
   static V max(V a, V b) { return at::vec::maximum(a, b); }

@@ -78,7 +78,7 @@ class Backend:
 
 class ExtensionBackend(Backend):
     """``torch.ops.fastdistill.<op>`` with a kernel in the C++ extension for ``device_type`` ("cpu": csrc/cpu,
-    "cuda": csrc/cuda); the backend's name is the device type."""
+    "cuda": csrc/cuda, not written yet); the backend's name is the device type."""
 
     op = ""
     device_type = ""
@@ -147,7 +147,7 @@ class CpuBackend(_CustomOpBackend):
 
 
 class CudaBackend(_CustomOpBackend):
-    """CUDA C++ kernel (csrc/cuda). Registered only when the extension is built with CUDA."""
+    """CUDA C++ kernel (csrc/cuda: not written yet, so never registered; its reason says so)."""
 
     device_type = "cuda"
 

@@ -463,7 +463,8 @@ def kd_launch(student, teachers, teacher_weights, labels, sample_weight, denomin
     dev = student.device
     acc = acc_dtype(student.dtype)
     kp = _teacher_bucket(k)
-    rows = torch.empty(n, device=dev, dtype=acc)
+    # V = 0 launches no program (only torch.ops reaches it: the functional API rejects V = 0): the rows are 0
+    rows = (torch.zeros if v == 0 else torch.empty)(n, device=dev, dtype=acc)
     gs = torch.empty((n, v) if grad_student else (0,), device=dev, dtype=student.dtype)
     gt = torch.empty((k, n, v) if grad_teachers else (0,), device=dev, dtype=teachers.dtype)
     dummy = rows
