@@ -49,7 +49,9 @@ def _grads(s, ts, teacher_grad=True, **kw):
 def test_poisoned_row_is_nan_everywhere(backend, divergence, where, k, ensemble):
     """The poisoned row: NaN loss, all-NaN student gradient (and poisoned teacher's); other rows as if clean."""
     s, ts = make_inputs((5,), 19, k)
-    clean_loss, clean_grads = _grads(s, ts, divergence=divergence, ensemble=ensemble, backend="reference")
+    # the float64 reference on the same (clean) inputs
+    clean_loss, clean_grads = _grads(s.double(), [t.double() for t in ts], divergence=divergence, ensemble=ensemble,
+                                     backend="reference")  # fmt: skip
     _poison(s, ts, where)
     loss, grads = _grads(s, ts, divergence=divergence, ensemble=ensemble, backend=backend)
     assert torch.isnan(loss[BAD_ROW]), f"{backend}: the poisoned row's loss is {loss[BAD_ROW].item()}, not NaN"
@@ -57,9 +59,9 @@ def test_poisoned_row_is_nan_everywhere(backend, divergence, where, k, ensemble)
     if POISONS[where][0] == "teacher":
         assert torch.isnan(grads[1][BAD_ROW]).all(), f"{backend}: the poisoned teacher's gradient is not all NaN"
     ok = torch.arange(5) != BAD_ROW
-    torch.testing.assert_close(loss[ok], clean_loss[ok], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss[ok].double(), clean_loss[ok], rtol=1e-4, atol=1e-5)
     for g, c in zip(grads, clean_grads):
-        torch.testing.assert_close(g[ok], c[ok], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(g[ok].double(), c[ok], rtol=1e-4, atol=1e-5)
     mean = fastdistill.kd_loss(s, ts, divergence=divergence, ensemble=ensemble, backend=backend)
     assert torch.isnan(mean)
 
@@ -83,13 +85,13 @@ def test_dropped_rows_and_teachers_stay_exact(backend, where, skip):
     else:
         weights[0, BAD_ROW] = 0
     kw.update(labels=labels, ce_weight=0.25, sample_weight=sw, teacher_weights=weights)
-    clean_loss, clean_grads = _grads(s, ts, **{**kw, "backend": "reference"})
+    clean_loss, clean_grads = _grads(s.double(), [t.double() for t in ts], **{**kw, "backend": "reference"})
     _poison(s, ts, where)
     loss, grads = _grads(s, ts, **kw)
     assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads)
-    torch.testing.assert_close(loss, clean_loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss.double(), clean_loss, rtol=1e-4, atol=1e-5)
     for g, c in zip(grads, clean_grads):
-        torch.testing.assert_close(g, c, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(g.double(), c, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
