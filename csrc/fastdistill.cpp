@@ -23,7 +23,7 @@ TORCH_LIBRARY(fastdistill, m) {
   m.def(
       "kd_loss(Tensor student, Tensor[] teachers, Tensor? teacher_weights, Tensor? labels, Tensor? sample_weight, "
       "Tensor? denominator, str divergence, str ensemble, float temperature, float kd_scale, float ce_weight, "
-      "float beta, float skew, int ignore_index, bool reduce, bool grad_student, bool grad_teachers) "
+      "float[] div_params, int ignore_index, bool reduce, bool grad_student, bool grad_teachers) "
       "-> (Tensor, Tensor, Tensor[])");
 
   // Co-distillation of two models (a, b) from their [N, V] logits, read once (math: fastdistill/ops/reference.py,
@@ -35,8 +35,15 @@ TORCH_LIBRARY(fastdistill, m) {
   m.def(
       "codistill_loss(Tensor a, Tensor b, Tensor? labels, Tensor? sample_weight, Tensor? denominator, "
       "str divergence, float temperature, float kd_scale, float weight_ab, float weight_ba, float hard_a, "
-      "float hard_b, float beta, float skew, int ignore_index, bool reduce, bool grad_a, bool grad_b) "
+      "float hard_b, float[] div_params, int ignore_index, bool reduce, bool grad_a, bool grad_b) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+
+  // The per-element terms of csrc/common/kd_math.h (phi, gq = Q dphi/dQ, hp = P dphi/dP) for one divergence, in
+  // float64 with the scalar policy: what tests hold the reference and the Triton terms to, element for element.
+  // p, q, logp, logq: float64 tensors of one shape; div_params: the divergence's parameters (the table's order).
+  m.def(
+      "_divergence_terms(Tensor p, Tensor q, Tensor logp, Tensor logq, str divergence, float[] div_params) "
+      "-> (Tensor, Tensor, Tensor)");
 
   // MI-alpha estimate (SPEC §2, §6) over the N x N critic matrix S_ij = <teacher_i, student_j> / temperature, never
   // materialised (math: csrc/common/mi_math.h). student, teacher: [N, D], one floating dtype, N >= 2 (features

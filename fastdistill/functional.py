@@ -1,7 +1,7 @@
 """Stateless distillation losses, in the style of ``torch.nn.functional`` (prediction first, target second).
 
-Everything here validates and normalises arguments, then hands a :class:`~fastdistill.ops.dispatch.KDInputs`
-to the backend chosen by :mod:`fastdistill.ops.dispatch`. The math lives in :mod:`fastdistill.ops.reference`.
+Everything here validates and normalises arguments into an op record (:mod:`fastdistill.ops.inputs`), then hands
+it to the backend chosen by :mod:`fastdistill.ops.dispatch`. The math lives in :mod:`fastdistill.ops.reference`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .ops import dispatch, reference
-from .ops.dispatch import SUPPORTED_DTYPES, KDInputs
+from .ops import dispatch, divergences, reference
+from .ops.inputs import SUPPORTED_DTYPES, CodistillInputs, KDInputs, MIInputs
 
 REDUCTIONS = ("mean", "sum", "batchmean", "none")
 TeacherLogits = Tensor | Sequence[Tensor]
@@ -29,12 +29,14 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _check_choice(name: str, value, choices: Sequence[str]) -> None:
+def check_choice(name: str, value, choices: Sequence[str]) -> None:
+    """``value`` is one of ``choices``, or a ValueError naming the argument and the choices."""
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-def _check_real(name: str, value, *, low: float, high: float, low_open: bool, high_open: bool) -> float:
+def check_real(name: str, value, *, low: float, high: float, low_open: bool, high_open: bool) -> float:
+    """``value`` as a float, finite and in the interval (open or closed at each end), or an error naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
@@ -54,7 +56,7 @@ _INT64 = (-(2**63), 2**63 - 1)
 
 def check_temperature(temperature) -> float:
     """T > 0 such that T**2 and 1 / T are finite and non-zero in float32: [1e-19, 1e19]."""
-    return _check_real("temperature", temperature, low=_T_MIN, high=_T_MAX, low_open=False, high_open=False)
+    return check_real("temperature", temperature, low=_T_MIN, high=_T_MAX, low_open=False, high_open=False)
 
 
 def _check_int64(name: str, value) -> int:
@@ -70,10 +72,10 @@ def check_hyperparameters(
     reduction: str, backend: str, ignore_index: int, scale_by_temperature_sq: bool,
 ) -> None:  # fmt: skip
     """Validate the keyword hyper-parameters of :func:`kd_loss` (also used by :class:`fastdistill.KDLoss`)."""
-    _check_choice("divergence", divergence, reference.DIVERGENCES)
-    _check_choice("ensemble", ensemble, reference.ENSEMBLES)
-    _check_choice("reduction", reduction, REDUCTIONS)
-    _check_choice("backend", backend, dispatch.BACKENDS_NAMES)
+    check_choice("divergence", divergence, divergences.NAMES)
+    check_choice("ensemble", ensemble, reference.ENSEMBLES)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("backend", backend, dispatch.BACKENDS_NAMES)
     check_temperature(temperature)
     if isinstance(beta, numbers.Real) and not isinstance(beta, bool) and beta in (0, 1):
         # TRL's generalized_jsd_loss and Liger's JSD switch to a one-sided KL at beta = 0 and 1; the generalized JSD
@@ -81,9 +83,10 @@ def check_hyperparameters(
         kl = "divergence='kl' (KL(P || Q), forward)" if beta == 0 else "divergence='reverse_kl' (KL(Q || P))"
         raise ValueError(f"beta must be in (0, 1); got {beta}. TRL's and Liger's JSD mean a one-sided KL at "
                          f"beta = {beta:g}: here that is {kl}")  # fmt: skip
-    _check_real("beta", beta, low=0.0, high=1.0, low_open=True, high_open=True)
-    _check_real("skew", skew, low=0.0, high=1.0, low_open=False, high_open=True)
-    _check_real("ce_weight", ce_weight, low=0.0, high=1.0, low_open=False, high_open=False)
+    values = {"beta": beta, "skew": skew}  # every divergence parameter (ops/divergences.py), checked whatever the
+    for p in divergences.PARAMS.values():  # divergence, as always: a bad beta is an error with "kl" too
+        check_real(p.name, values[p.name], low=p.low, high=p.high, low_open=p.low_open, high_open=p.high_open)
+    check_real("ce_weight", ce_weight, low=0.0, high=1.0, low_open=False, high_open=False)
     _check_int64("ignore_index", ignore_index)
     if not isinstance(scale_by_temperature_sq, bool):
         raise TypeError(f"scale_by_temperature_sq must be a bool, got {type(scale_by_temperature_sq).__name__}")
@@ -263,7 +266,7 @@ def _row_arguments(
     return labels, sample_weight, denominator
 
 
-def _kd_inputs(
+def kd_inputs(
     student_logits: Tensor,
     teacher_logits: TeacherLogits,
     *,
@@ -282,6 +285,9 @@ def _kd_inputs(
     num_items,
     backend: str,
 ) -> KDInputs:
+    """The op record of a :func:`kd_loss` call (every argument as in :func:`kd_loss`, all by keyword): arguments
+    checked, ``[*, V]`` flattened to ``[N, V]``, teacher weights normalised, the reduction's denominator computed.
+    Raises the errors :func:`kd_loss` raises."""
     check_hyperparameters(
         divergence=divergence, temperature=temperature, ensemble=ensemble, beta=beta, skew=skew,
         ce_weight=ce_weight, reduction=reduction, backend=backend, ignore_index=ignore_index,
@@ -323,8 +329,7 @@ def _kd_inputs(
         temperature=float(temperature),
         kd_scale=(1.0 - float(ce_weight)) * c,
         ce_weight=float(ce_weight),
-        beta=float(beta),
-        skew=float(skew),
+        div_params=divergences.param_vector(divergence, {"beta": beta, "skew": skew}),
         ignore_index=int(ignore_index),
         reduce=reduction != "none",
     )
@@ -376,7 +381,7 @@ def kd_loss(
         The loss: 0-dim, or [*] for ``reduction="none"``; float32 (float64 for float64 inputs). Differentiable
         with respect to ``student_logits`` and any teacher logits that require grad.
     """
-    inp = _kd_inputs(
+    inp = kd_inputs(
         student_logits, teacher_logits, divergence=divergence, temperature=temperature,
         scale_by_temperature_sq=scale_by_temperature_sq, ensemble=ensemble, teacher_weights=teacher_weights,
         beta=beta, skew=skew, labels=labels, ignore_index=ignore_index, ce_weight=ce_weight,
@@ -446,17 +451,17 @@ def codistill_loss(
         reduction=reduction, backend=backend, ignore_index=ignore_index,
         scale_by_temperature_sq=scale_by_temperature_sq,
     )  # fmt: skip
-    w_ab = _check_real("weight_ab", weight_ab, low=0.0, high=math.inf, low_open=False, high_open=True)
-    w_ba = _check_real("weight_ba", weight_ba, low=0.0, high=math.inf, low_open=False, high_open=True)
+    w_ab = check_real("weight_ab", weight_ab, low=0.0, high=math.inf, low_open=False, high_open=True)
+    w_ba = check_real("weight_ba", weight_ba, low=0.0, high=math.inf, low_open=False, high_open=True)
     if hard_weight is None:
         hard = (1.0, 1.0) if labels is not None else (0.0, 0.0)
     elif isinstance(hard_weight, tuple | list):
         if len(hard_weight) != 2:
             raise ValueError(f"hard_weight must be a float or a pair (hard_a, hard_b), got {hard_weight!r}")
-        hard = tuple(_check_real(f"hard_weight[{k}]", w, low=0.0, high=math.inf, low_open=False, high_open=True)
+        hard = tuple(check_real(f"hard_weight[{k}]", w, low=0.0, high=math.inf, low_open=False, high_open=True)
                      for k, w in enumerate(hard_weight))  # fmt: skip
     else:
-        h = _check_real("hard_weight", hard_weight, low=0.0, high=math.inf, low_open=False, high_open=True)
+        h = check_real("hard_weight", hard_weight, low=0.0, high=math.inf, low_open=False, high_open=True)
         hard = (h, h)
     if labels is None and max(hard) > 0:
         raise ValueError("hard_weight > 0 needs labels (each model's cross-entropy term); pass labels or 0")
@@ -473,14 +478,14 @@ def codistill_loss(
     )  # fmt: skip
     v, lead = logits_a.shape[-1], logits_a.shape[:-1]
     n = math.prod(lead)
-    inp = dispatch.CodistillInputs(
-        student=logits_a.reshape(n, v), b=logits_b.reshape(n, v), labels=labels, sample_weight=sample_weight,
+    inp = CodistillInputs(
+        a=logits_a.reshape(n, v), b=logits_b.reshape(n, v), labels=labels, sample_weight=sample_weight,
         denominator=denominator, divergence=divergence, temperature=float(temperature),
         kd_scale=float(temperature) ** 2 if scale_by_temperature_sq else 1.0, weight_ab=w_ab, weight_ba=w_ba,
-        hard_a=hard[0], hard_b=hard[1], beta=float(beta), skew=float(skew), ignore_index=int(ignore_index),
-        reduce=reduction != "none",
+        hard_a=hard[0], hard_b=hard[1], div_params=divergences.param_vector(divergence, {"beta": beta, "skew": skew}),
+        ignore_index=int(ignore_index), reduce=reduction != "none",
     )  # fmt: skip
-    loss_a, loss_b = dispatch.select(backend, inp, dispatch.CODISTILL_BACKENDS, op="codistill_loss")(inp)
+    loss_a, loss_b = dispatch.select(backend, inp)(inp)
     if not inp.reduce:
         loss_a, loss_b = loss_a.reshape(lead), loss_b.reshape(lead)
     return CodistillLosses(loss_a, loss_b)
@@ -498,7 +503,7 @@ def ensemble_soft_targets(
     ``teacher_logits`` is a stacked [K, *, V] tensor or a sequence of K tensors [*, V], the two K-teacher forms
     of :func:`kd_loss` (one teacher: ``[t]`` or ``t.unsqueeze(0)``). "loss_mean" has no single target and raises.
     """
-    _check_choice("ensemble", ensemble, ("prob_mean", "logit_mean"))
+    check_choice("ensemble", ensemble, ("prob_mean", "logit_mean"))
     check_temperature(temperature)
     if isinstance(teacher_logits, Tensor):
         _check_logits("teacher_logits", teacher_logits)
@@ -554,9 +559,9 @@ def mi_alpha(
         The estimate in nats: 0-dim float32 (float64 for float64 inputs), differentiable with respect to both
         feature tensors and a Tensor ``log_baseline``. Maximise it (or minimise ``-mi_alpha(...)``).
     """
-    _check_choice("critic", critic, reference.CRITICS)
-    _check_choice("backend", backend, dispatch.BACKENDS_NAMES)
-    alpha = _check_real("alpha", alpha, low=0.0, high=1.0, low_open=False, high_open=False)
+    check_choice("critic", critic, reference.CRITICS)
+    check_choice("backend", backend, dispatch.BACKENDS_NAMES)
+    alpha = check_real("alpha", alpha, low=0.0, high=1.0, low_open=False, high_open=False)
     temperature = check_temperature(temperature)
     for name, x in (("student_feats", student_feats), ("teacher_feats", teacher_feats)):
         if not isinstance(x, Tensor):
@@ -586,12 +591,12 @@ def mi_alpha(
         # as for a float baseline: +inf would make the estimate nan (inf - inf), not its limit
         _check_values("log_baseline", log_baseline.detach(), "finite", ~torch.isfinite(log_baseline.detach()))
     else:
-        log_baseline = _check_real("log_baseline", log_baseline, low=-math.inf, high=math.inf, low_open=True,
+        log_baseline = check_real("log_baseline", log_baseline, low=-math.inf, high=math.inf, low_open=True,
                                    high_open=True)  # fmt: skip
     # one dtype for both feature tensors (float64 wins; otherwise their promotion)
     common = torch.promote_types(student_feats.dtype, teacher_feats.dtype)
-    inp = dispatch.MIInputs(
+    inp = MIInputs(
         student=student_feats.to(common), teacher=teacher_feats.to(common), log_baseline=log_baseline,
         alpha=alpha, critic=critic, temperature=temperature,
     )  # fmt: skip
-    return dispatch.select(backend, inp, dispatch.MI_BACKENDS, op="mi_alpha")(inp)
+    return dispatch.select(backend, inp)(inp)

@@ -8,8 +8,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from . import functional as F
+from . import functional
 from .ops import reference
+from .ops.dispatch import BACKENDS_NAMES
 
 
 class KDLoss(nn.Module):
@@ -37,7 +38,7 @@ class KDLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        F.check_hyperparameters(
+        functional.check_hyperparameters(
             divergence=divergence, temperature=temperature, ensemble=ensemble, beta=beta, skew=skew,
             ce_weight=ce_weight, reduction=reduction, backend=backend, ignore_index=ignore_index,
             scale_by_temperature_sq=scale_by_temperature_sq,
@@ -57,7 +58,7 @@ class KDLoss(nn.Module):
     def forward(
         self,
         student_logits: Tensor,
-        teacher_logits: F.TeacherLogits,
+        teacher_logits: functional.TeacherLogits,
         labels: Tensor | None = None,
         *,
         sample_weight: Tensor | None = None,
@@ -66,7 +67,7 @@ class KDLoss(nn.Module):
     ) -> Tensor:
         """student_logits [*, V]; teacher_logits [*, V], [K, *, V] or K x [*, V]; labels int64 [*].
         ``teacher_weights`` here overrides the one given at construction."""
-        return F.kd_loss(
+        return functional.kd_loss(
             student_logits, teacher_logits, divergence=self.divergence, temperature=self.temperature,
             scale_by_temperature_sq=self.scale_by_temperature_sq, ensemble=self.ensemble,
             teacher_weights=self.teacher_weights if teacher_weights is None else teacher_weights,
@@ -129,7 +130,7 @@ class CodistillLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        F.check_hyperparameters(
+        functional.check_hyperparameters(
             divergence=divergence, temperature=temperature, ensemble="prob_mean", beta=beta, skew=skew,
             ce_weight=0.0, reduction=reduction, backend=backend, ignore_index=ignore_index,
             scale_by_temperature_sq=scale_by_temperature_sq,
@@ -154,7 +155,7 @@ class CodistillLoss(nn.Module):
         *,
         sample_weight: Tensor | None = None,
         num_items: int | Tensor | None = None,
-    ) -> F.CodistillLosses:
+    ) -> functional.CodistillLosses:
         """logits_a, logits_b [*, V] (logits_b may also be a one-element list or a [1, *, V] tensor: the loop's
         teacher list); labels int64 [*]."""
         if isinstance(logits_b, Sequence) or (isinstance(logits_b, Tensor) and logits_b.dim() == logits_a.dim() + 1):
@@ -162,7 +163,7 @@ class CodistillLoss(nn.Module):
                 raise ValueError(f"CodistillLoss trains two models: logits_b must be one model's logits, got "
                                  f"{len(logits_b)} (use one teacher)")  # fmt: skip
             logits_b = logits_b[0]
-        return F.codistill_loss(
+        return functional.codistill_loss(
             logits_a, logits_b, labels, temperature=self.temperature, weight_ab=self.weight_ab,
             weight_ba=self.weight_ba, hard_weight=self.hard_weight, divergence=self.divergence,
             scale_by_temperature_sq=self.scale_by_temperature_sq, beta=self.beta, skew=self.skew,
@@ -216,12 +217,12 @@ class MIAlphaLoss(nn.Module):
         _check_dim("teacher_dim", teacher_dim)
         _check_dim("proj_dim", proj_dim)
         _check_dim("hidden_dim", hidden_dim, allow_none=True)
-        F._check_choice("critic", critic, reference.CRITICS)
-        F._check_choice("baseline", baseline, BASELINES)
-        F._check_choice("pooling", pooling, POOLINGS)
-        F._check_choice("backend", backend, F.dispatch.BACKENDS_NAMES)
-        self.alpha = F._check_real("alpha", alpha, low=0.0, high=1.0, low_open=False, high_open=False)
-        self.temperature = F._check_real("temperature", temperature, low=0.0, high=math.inf, low_open=True,
+        functional.check_choice("critic", critic, reference.CRITICS)
+        functional.check_choice("baseline", baseline, BASELINES)
+        functional.check_choice("pooling", pooling, POOLINGS)
+        functional.check_choice("backend", backend, BACKENDS_NAMES)
+        self.alpha = functional.check_real("alpha", alpha, low=0.0, high=1.0, low_open=False, high_open=False)
+        self.temperature = functional.check_real("temperature", temperature, low=0.0, high=math.inf, low_open=True,
                                          high_open=True)  # fmt: skip
         self.critic, self.pooling, self.backend = critic, pooling, backend
         self.student_dim, self.teacher_dim = student_dim, teacher_dim
@@ -272,8 +273,8 @@ class MIAlphaLoss(nn.Module):
         a = self.baseline(ys).squeeze(-1) if self.baseline is not None else 1.0
         if isinstance(a, Tensor) and a.dtype != torch.float64:
             a = a.float()
-        return F.mi_alpha(u, v, alpha=self.alpha, log_baseline=a, critic=self.critic, temperature=self.temperature,
-                          backend=self.backend)  # fmt: skip
+        return functional.mi_alpha(u, v, alpha=self.alpha, log_baseline=a, critic=self.critic,
+                                   temperature=self.temperature, backend=self.backend)  # fmt: skip
 
     def forward(self, student_hidden: Tensor, teacher_hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """The loss to minimise: ``-estimate`` (0-dim)."""

@@ -12,8 +12,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastdistill  # noqa: E402
+from fastdistill.ops import divergences  # noqa: E402
 
-DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
+DIVERGENCES = divergences.NAMES
 ENSEMBLES = ("prob_mean", "logit_mean", "loss_mean")
 REDUCTIONS = ("mean", "sum", "batchmean", "none")
 

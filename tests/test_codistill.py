@@ -10,6 +10,8 @@ from conftest import CPU_BACKENDS, DIVERGENCES, REDUCTIONS, requires_ext, requir
 from tolerances import assert_close
 
 import fastdistill
+from fastdistill.ops import divergences
+from fastdistill.ops.inputs import CodistillInputs
 from fastdistill.training import ArrayDataset, DistillationLoop
 
 
@@ -281,8 +283,12 @@ def test_module_matches_functional():
 
 def _op_args(a, b, *, labels=None, sample_weight=None, denominator=None, divergence="kl", temperature=2.0,
              reduce=True, grad_a=True, grad_b=True, hard=(0.0, 0.0)):  # fmt: skip
-    return (a, b, labels, sample_weight, denominator, divergence, temperature, temperature**2, 0.7, 1.3, hard[0],
-            hard[1], 0.5, 0.1, -100, reduce, grad_a, grad_b)  # fmt: skip
+    return CodistillInputs.bind(
+        a=a, b=b, labels=labels, sample_weight=sample_weight, denominator=denominator, divergence=divergence,
+        temperature=temperature, kd_scale=temperature**2, weight_ab=0.7, weight_ba=1.3, hard_a=hard[0],
+        hard_b=hard[1], div_params=divergences.param_vector(divergence, {"beta": 0.5, "skew": 0.1}),
+        ignore_index=-100, reduce=reduce, grad_a=grad_a, grad_b=grad_b,
+    )  # fmt: skip
 
 
 def _sample_args():

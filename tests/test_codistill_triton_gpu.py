@@ -12,6 +12,7 @@ from tolerances import assert_close
 
 import fastdistill
 from fastdistill.ops import dispatch
+from fastdistill.ops.inputs import CodistillInputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -209,12 +210,12 @@ def test_deterministic_cuda():
 
 def test_auto_picks_triton_on_cuda():
     a, b = make_pair(4, 64, torch.float32)
-    inp = dispatch.CodistillInputs(
-        student=a, b=b, labels=None, sample_weight=None, denominator=None, divergence="kl", temperature=1.0,
-        kd_scale=1.0, weight_ab=1.0, weight_ba=1.0, hard_a=0.0, hard_b=0.0, beta=0.5, skew=0.1, ignore_index=-100,
+    inp = CodistillInputs(
+        a=a, b=b, labels=None, sample_weight=None, denominator=None, divergence="kl", temperature=1.0,
+        kd_scale=1.0, weight_ab=1.0, weight_ba=1.0, hard_a=0.0, hard_b=0.0, div_params=[], ignore_index=-100,
         reduce=True,
     )  # fmt: skip
-    assert dispatch.select("auto", inp, dispatch.CODISTILL_BACKENDS, op="codistill_loss").name == "triton"
+    assert dispatch.select("auto", inp).name == "triton"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -170,7 +170,7 @@ def test_triton_out_of_range_label_gives_nan_row():
     s, ts = make_inputs((4,), 13, 1)
     labels = torch.tensor([1, 13, -7, 2])
     loss, gs, _ = kd_loss_triton(s, torch.stack(ts), None, labels, None, None, "kl", "prob_mean", 2.0, 2.0, 0.5,
-                                 0.5, 0.1, -100, False, True, False)  # fmt: skip
+                                 [], -100, False, True, False)  # fmt: skip
     assert torch.isnan(loss[1:3]).all() and torch.isfinite(loss[[0, 3]]).all()
     assert torch.isnan(gs[1:3]).all() and torch.isfinite(gs[[0, 3]]).all()
 
@@ -181,8 +181,8 @@ def test_triton_codistill_out_of_range_label_gives_nan_row():
 
     a, b = torch.randn(3, 13), torch.randn(3, 13)
     labels = torch.tensor([1, 99, 2])
-    la, lb, ga, gb = codistill_loss_triton(a, b, labels, None, None, "kl", 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.5, 0.1,
-                                           -100, False, True, True)  # fmt: skip
+    la, lb, ga, gb = codistill_loss_triton(a, b, labels, None, None, "kl", 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, [], -100,
+                                           False, True, True)  # fmt: skip
     assert torch.isnan(la[1]) and torch.isfinite(la[[0, 2]]).all()
     assert torch.isnan(ga[1]).all() and torch.isfinite(ga[[0, 2]]).all()
 
@@ -192,7 +192,7 @@ def test_cpu_out_of_range_label_raises_in_the_kernel():
     s, ts = make_inputs((4,), 13, 1)
     with pytest.raises(ValueError, match=r"labels\[1\] = 13 is out of range \[0, 13\)"):
         torch.ops.fastdistill.kd_loss(s, ts, None, torch.tensor([1, 13, 0, 2]), None, None, "kl", "prob_mean", 1.0,
-                                      0.5, 0.5, 0.5, 0.1, -100, True, True, False)  # fmt: skip
+                                      0.5, 0.5, [], -100, True, True, False)  # fmt: skip
 
 
 # ---- precision at large logits ----------------------------------------------------------------------------------
@@ -300,6 +300,6 @@ def test_triton_op_with_no_classes_sums_zeros_not_garbage():
     t = torch.empty(1, 3, 0)
     for _ in range(3):  # reuse of freed memory is what would expose garbage
         torch.full((64,), 7.0).sum()
-        loss, _, _ = kd_loss_triton(s, t, None, None, None, None, "kl", "prob_mean", 1.0, 1.0, 0.0, 0.5, 0.1, -100,
-                                    False, False, False)  # fmt: skip
+        loss, _, _ = kd_loss_triton(s, t, None, None, None, None, "kl", "prob_mean", 1.0, 1.0, 0.0, [], -100, False,
+                                    False, False)  # fmt: skip
         assert torch.equal(loss, torch.zeros(3))

@@ -10,14 +10,21 @@ import torch
 from conftest import DIVERGENCES, ENSEMBLES, make_inputs, requires_ext, requires_triton
 
 import fastdistill
+from fastdistill.ops import divergences
+from fastdistill.ops.inputs import KDInputs
 
 
 def _op_args(student, teachers, *, reduce=True, grad_student=True, grad_teachers=False, labels=None,
              sample_weight=None, teacher_weights=None, denominator=None, divergence="kl", ensemble="prob_mean",
              temperature=2.0, ce_weight=0.0):  # fmt: skip
     kd_scale = (1 - ce_weight) * temperature**2
-    return (student, teachers, teacher_weights, labels, sample_weight, denominator, divergence, ensemble,
-            temperature, kd_scale, ce_weight, 0.5, 0.1, -100, reduce, grad_student, grad_teachers)  # fmt: skip
+    return KDInputs.bind(
+        student=student, teachers=teachers, teacher_weights=teacher_weights, labels=labels,
+        sample_weight=sample_weight, denominator=denominator, divergence=divergence, ensemble=ensemble,
+        temperature=temperature, kd_scale=kd_scale, ce_weight=ce_weight,
+        div_params=divergences.param_vector(divergence, {"beta": 0.5, "skew": 0.1}), ignore_index=-100,
+        reduce=reduce, grad_student=grad_student, grad_teachers=grad_teachers,
+    )  # fmt: skip
 
 
 def sample_inputs():

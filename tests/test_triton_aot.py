@@ -104,8 +104,7 @@ def test_launcher_alignment_decision():
     from fastdistill.ops.triton import kd_loss
 
     def launch(student, teachers):
-        return kd_loss.kd_launch(student, teachers, None, None, None, None, "kl", "prob_mean", 2.0, 4.0, 0.0, 0.5,
-                                 0.1, -100, False, True, False)[0]  # fmt: skip
+        return kd_loss.kd_launch(kd_loss.kl_call(student, teachers))[0]
 
     aligned = launch(torch.zeros(4, 64), torch.zeros(2, 4, 64))
     assert aligned.constexprs["ALIGNED"] and aligned.kernel is kd_loss._kd_row_kernel.aligned
@@ -128,12 +127,10 @@ def test_launchers_build_under_fake_tensors():
 
     with FakeTensorMode():
         s, t = torch.empty(4, 64), torch.empty(2, 4, 64)
-        launch = kd_loss.kd_launch(s, t, None, None, None, None, "kl", "prob_mean", 2.0, 4.0, 0.0, 0.5, 0.1, -100,
-                                   False, True, False)[0]  # fmt: skip
+        launch = kd_loss.kd_launch(kd_loss.kl_call(s, t))[0]
         assert launch.constexprs["ALIGNED"]
         shifted = torch.empty(4 * 64 + 1)[1:].view(4, 64)
-        launch = codistill_loss.codistill_launch(shifted, shifted, None, None, None, "kl", 2.0, 4.0, 1.0, 1.0, 0.0,
-                                                 0.0, 0.5, 0.1, -100, False, True, True)[0]  # fmt: skip
+        launch = codistill_loss.codistill_launch(codistill_loss.kl_call(shifted, shifted))[0]
         assert not launch.constexprs["ALIGNED"]
         u = torch.empty(8, 32)
         assert [w for w, _ in mi_alpha.mi_launches(u, u, torch.empty(8))] == ["fwd", "bwd_rows", "bwd_cols"]

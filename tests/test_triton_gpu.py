@@ -62,7 +62,7 @@ def test_llm_shapes_bf16_within_2x_of_torch(k):
 
 def test_auto_picks_triton_on_cuda():
     student, teachers = _cuda(*make_inputs((4,), 64, 2))
-    inp = fastdistill.functional._kd_inputs(
+    inp = fastdistill.functional.kd_inputs(
         student, teachers, divergence="kl", temperature=1.0, scale_by_temperature_sq=True, ensemble="prob_mean",
         teacher_weights=None, beta=0.5, skew=0.1, labels=None, ignore_index=-100, ce_weight=0.0, sample_weight=None,
         reduction="mean", num_items=None, backend="auto",

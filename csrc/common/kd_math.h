@@ -24,33 +24,63 @@
 
 namespace fastdistill {
 
-enum class Divergence : int32_t { KL = 0, ReverseKL = 1, JSD = 2, TVD = 3, SkewKL = 4, SkewReverseKL = 5 };
+// The divergence table, the one C++ list of divergences: X(enumerator, name, number of parameters, closed form).
+// The enum (codes in this order), the name parser, the parameter count and the closed-form flag are generated from
+// it. "closed form": the student aggregate sum_v gq_v is -sum_v P_v = -1 (KL), so dD/da = Q - P is written in the
+// pass that computes the loss, with no second sweep. A divergence's parameters arrive as one vector in this order;
+// the one parameter every parameterised divergence has today is a mixture weight w (jsd: beta, M = w P + (1 - w) Q;
+// skew_*: skew). The Python twin is fastdistill/ops/divergences.py; tests/test_divergence_table.py holds the two
+// tables and the Triton terms to this file.
+#define FD_DIVERGENCES(X)                  \
+  X(KL, "kl", 0, true)                     \
+  X(ReverseKL, "reverse_kl", 0, false)     \
+  X(JSD, "jsd", 1, false)                  \
+  X(TVD, "tvd", 0, false)                  \
+  X(SkewKL, "skew_kl", 1, false)           \
+  X(SkewReverseKL, "skew_reverse_kl", 1, false)
+
+#define FD_DIV_ENUMERATOR(e, name, n_params, closed) e,
+enum class Divergence : int32_t { FD_DIVERGENCES(FD_DIV_ENUMERATOR) };
+#undef FD_DIV_ENUMERATOR
 enum class Ensemble : int32_t { ProbMean = 0, LogitMean = 1, LossMean = 2 };
+
+// The most parameters a divergence of the table has (DivParams holds one mixture weight).
+constexpr int kMaxDivParams = 1;
+
+FD_HOST_DEVICE int divergence_param_count(Divergence d) {
+#define FD_DIV_COUNT(e, name, n_params, closed) \
+  if (d == Divergence::e) return n_params;
+  FD_DIVERGENCES(FD_DIV_COUNT)
+#undef FD_DIV_COUNT
+  return 0;
+}
+
+FD_HOST_DEVICE bool student_aggregate_is_minus_one(Divergence d) {
+#define FD_DIV_CLOSED(e, name, n_params, closed) \
+  if (d == Divergence::e) return closed;
+  FD_DIVERGENCES(FD_DIV_CLOSED)
+#undef FD_DIV_CLOSED
+  return false;
+}
 
 // Hyper-parameters of a divergence, with the logs precomputed once per launch (log 0 = -inf is intended).
 template <typename T>
 struct DivParams {
   Divergence kind;
-  T beta, log_beta, log_1m_beta;  // "jsd": M = beta P + (1 - beta) Q
-  T skew, log_skew, log_1m_skew;  // "skew_*": alpha
+  T w, log_w, log_1m_w;  // the divergence's mixture weight (parameter 0; unused by those without one)
 };
 
+// params: the divergence's parameter vector (divergence_param_count(kind) values, checked by the caller).
 template <typename T>
-inline DivParams<T> make_div_params(Divergence kind, double beta, double skew) {
+inline DivParams<T> make_div_params(Divergence kind, const double* params, int count) {
   DivParams<T> p;
   p.kind = kind;
-  p.beta = T(beta);
-  p.log_beta = T(std::log(beta));
-  p.log_1m_beta = T(std::log1p(-beta));
-  p.skew = T(skew);
-  p.log_skew = skew > 0 ? T(std::log(skew)) : -std::numeric_limits<T>::infinity();
-  p.log_1m_skew = T(std::log1p(-skew));
+  const double w = count > 0 ? params[0] : 0.0;
+  p.w = T(w);
+  p.log_w = w > 0 ? T(std::log(w)) : -std::numeric_limits<T>::infinity();
+  p.log_1m_w = T(std::log1p(-w));
   return p;
 }
-
-// For KL the student aggregate is known in closed form: sum_v gq_v = -sum_v P_v = -1, so dD/da = Q - P can be
-// written in the same pass that computes the loss. The same holds for the target of reverse KL.
-FD_HOST_DEVICE bool student_aggregate_is_minus_one(Divergence d) { return d == Divergence::KL; }
 
 template <typename V>
 struct Terms {
@@ -114,10 +144,10 @@ FD_HOST_DEVICE Terms<typename Ops::V> divergence_terms(const DivParams<T>& prm, 
       t.hp = zero - q;
       break;
     }
-    case Divergence::JSD: {  // beta KL(P||M) + (1-beta) KL(Q||M), M = beta P + (1-beta) Q
-      V logm = logaddexp<Ops>(logp + Ops::splat(prm.log_beta), logq + Ops::splat(prm.log_1m_beta));
-      t.hp = Ops::splat(prm.beta) * xlogr<Ops>(p, logp, logm);
-      t.gq = Ops::splat(T(1) - prm.beta) * xlogr<Ops>(q, logq, logm);
+    case Divergence::JSD: {  // beta KL(P||M) + (1-beta) KL(Q||M), M = beta P + (1-beta) Q; beta = w
+      V logm = logaddexp<Ops>(logp + Ops::splat(prm.log_w), logq + Ops::splat(prm.log_1m_w));
+      t.hp = Ops::splat(prm.w) * xlogr<Ops>(p, logp, logm);
+      t.gq = Ops::splat(T(1) - prm.w) * xlogr<Ops>(q, logq, logm);
       t.phi = t.hp + t.gq;  // dM/dQ terms cancel: d/dQ [(1-b) Q log Q - M log M] = (1-b) log(Q/M)
       break;
     }
@@ -130,20 +160,20 @@ FD_HOST_DEVICE Terms<typename Ops::V> divergence_terms(const DivParams<T>& prm, 
       t.hp = zero - half * p * sg;
       break;
     }
-    case Divergence::SkewKL: {  // KL(P || a P + (1-a) Q)
-      V logm = logaddexp<Ops>(logp + Ops::splat(prm.log_skew), logq + Ops::splat(prm.log_1m_skew));
+    case Divergence::SkewKL: {  // KL(P || a P + (1-a) Q), a = skew = w
+      V logm = logaddexp<Ops>(logp + Ops::splat(prm.log_w), logq + Ops::splat(prm.log_1m_w));
       t.phi = xlogr<Ops>(p, logp, logm);
       V r = Ops::where_zero(p, zero, Ops::exp(logp - logm));  // P / M <= 1 / a
-      t.gq = zero - Ops::splat(T(1) - prm.skew) * q * r;
-      t.hp = t.phi + p - Ops::splat(prm.skew) * p * r;
+      t.gq = zero - Ops::splat(T(1) - prm.w) * q * r;
+      t.hp = t.phi + p - Ops::splat(prm.w) * p * r;
       break;
     }
-    case Divergence::SkewReverseKL: {  // KL(Q || (1-a) P + a Q)
-      V logm = logaddexp<Ops>(logp + Ops::splat(prm.log_1m_skew), logq + Ops::splat(prm.log_skew));
+    case Divergence::SkewReverseKL: {  // KL(Q || (1-a) P + a Q), a = skew = w
+      V logm = logaddexp<Ops>(logp + Ops::splat(prm.log_1m_w), logq + Ops::splat(prm.log_w));
       t.phi = xlogr<Ops>(q, logq, logm);
       V r = Ops::where_zero(q, zero, Ops::exp(logq - logm));  // Q / M <= 1 / a
-      t.gq = t.phi + q - Ops::splat(prm.skew) * q * r;
-      t.hp = zero - Ops::splat(T(1) - prm.skew) * p * r;
+      t.gq = t.phi + q - Ops::splat(prm.w) * q * r;
+      t.hp = zero - Ops::splat(T(1) - prm.w) * p * r;
       break;
     }
   }

@@ -19,21 +19,33 @@ struct KDProblem {
   double temperature = 1.0;
   double kd_scale = 1.0;   // (1 - ce_weight) * (T^2 or 1): multiplies D in the row loss
   double ce_weight = 0.0;  // weight of the hard-label cross-entropy at T = 1
-  double beta = 0.5;
-  double skew = 0.1;
+  double div_params[kMaxDivParams] = {};  // the divergence's parameters, in the table's order (kd_math.h)
   int64_t ignore_index = -100;
   bool reduce = true;  // true: one 0-dim loss, sum(w_i l_i) / denominator; false: per-row w_i l_i
 };
 
+// The divergence named s (a name of FD_DIVERGENCES), or std::invalid_argument listing the names.
 inline Divergence parse_divergence(const std::string& s) {
-  if (s == "kl") return Divergence::KL;
-  if (s == "reverse_kl") return Divergence::ReverseKL;
-  if (s == "jsd") return Divergence::JSD;
-  if (s == "tvd") return Divergence::TVD;
-  if (s == "skew_kl") return Divergence::SkewKL;
-  if (s == "skew_reverse_kl") return Divergence::SkewReverseKL;
-  throw std::invalid_argument("divergence must be one of kl, reverse_kl, jsd, tvd, skew_kl, skew_reverse_kl; got '" +
-                              s + "'");
+#define FD_DIV_PARSE(e, name, n_params, closed) \
+  if (s == name) return Divergence::e;
+  FD_DIVERGENCES(FD_DIV_PARSE)
+#undef FD_DIV_PARSE
+  std::string names;
+#define FD_DIV_NAME(e, name, n_params, closed) names += std::string(names.empty() ? "" : ", ") + name;
+  FD_DIVERGENCES(FD_DIV_NAME)
+#undef FD_DIV_NAME
+  throw std::invalid_argument("divergence must be one of " + names + "; got '" + s + "'");
+}
+
+// Copies the parameter vector of divergence d into out[kMaxDivParams] after checking its length against the table.
+template <class Vec>
+inline void parse_div_params(Divergence d, const Vec& params, double* out) {
+  const int expected = divergence_param_count(d);
+  if (static_cast<int>(params.size()) != expected) {
+    throw std::invalid_argument("div_params: this divergence takes " + std::to_string(expected) +
+                                " parameter(s), got " + std::to_string(params.size()));
+  }
+  for (int j = 0; j < expected; ++j) out[j] = params[j];
 }
 
 inline Ensemble parse_ensemble(const std::string& s) {

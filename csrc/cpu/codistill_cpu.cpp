@@ -35,7 +35,7 @@ struct CoProblem {
   double temperature = 1.0;
   double kd_ab = 0, kd_ba = 0;  // kd_scale * weight: a -> b (in loss_b), b -> a (in loss_a)
   double hard_a = 0, hard_b = 0;
-  double beta = 0.5, skew = 0.1;
+  double div_params[kMaxDivParams] = {};  // the divergence's parameters (kd_math.h's table)
   int64_t ignore_index = -100;
   bool reduce = true;
   double denominator = 1.0;
@@ -60,7 +60,7 @@ class CoRowKernel {
  public:
   CoRowKernel(const CoProblem& p, const CoTensors& t)
       : p_(p), t_(t), V_(p.vocab), Vp_((p.vocab + W - 1) / W * W), inv_t_(A(1.0 / p.temperature)),
-        prm_(make_div_params<A>(p.divergence, p.beta, p.skew)),
+        prm_(make_div_params<A>(p.divergence, p.div_params, divergence_param_count(p.divergence))),
         closed_form_(student_aggregate_is_minus_one(p.divergence)) {
     // side m learns from the other side with kd_[m]: loss_a has kd_ba, loss_b has kd_ab
     kd_[0] = A(p.kd_ba);
@@ -236,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> codistill_loss_cpu(
     const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& labels,
     const std::optional<at::Tensor>& sample_weight, const std::optional<at::Tensor>& denominator,
     c10::string_view divergence, double temperature, double kd_scale, double weight_ab, double weight_ba,
-    double hard_a, double hard_b, double beta, double skew, int64_t ignore_index, bool reduce, bool grad_a,
+    double hard_a, double hard_b, at::ArrayRef<double> div_params, int64_t ignore_index, bool reduce, bool grad_a,
     bool grad_b) {
   TORCH_CHECK_VALUE(a.dim() == 2, "fastdistill::codistill_loss: a must be [N, V], got ", a.sizes());
   TORCH_CHECK_VALUE(b.sizes() == a.sizes(), "fastdistill::codistill_loss: b has shape ", b.sizes(),
@@ -246,6 +246,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> codistill_loss_cpu(
   CoProblem p;
   try {
     p.divergence = parse_divergence(std::string(divergence));
+    parse_div_params(p.divergence, div_params, p.div_params);
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK_VALUE(false, e.what());
   }
@@ -256,8 +257,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> codistill_loss_cpu(
   p.kd_ba = kd_scale * weight_ba;
   p.hard_a = hard_a;
   p.hard_b = hard_b;
-  p.beta = beta;
-  p.skew = skew;
   p.ignore_index = ignore_index;
   p.reduce = reduce;
   p.denominator = denominator ? denominator->item<double>() : 1.0;

@@ -67,7 +67,7 @@ class KDRowKernel {
       : p_(p), t_(t), K_(p.teachers), V_(p.vocab), Vp_((p.vocab + W - 1) / W * W),
         chunks_((Vp_ + kChunk - 1) / kChunk), inv_t_(A(1.0 / p.temperature)),
         kd_over_t_(A(p.kd_scale / p.temperature)), ce_(A(p.ce_weight)),
-        prm_(make_div_params<A>(p.divergence, p.beta, p.skew)),
+        prm_(make_div_params<A>(p.divergence, p.div_params, divergence_param_count(p.divergence))),
         // One target built from the teachers (a mixture or a log-linear pool) vs. one target per teacher.
         per_teacher_(p.ensemble == Ensemble::LossMean && p.teachers > 1),
         log_linear_(p.ensemble == Ensemble::LogitMean && p.teachers > 1),
@@ -462,7 +462,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> kd_loss_cpu(
     const at::Tensor& student, at::TensorList teachers, const std::optional<at::Tensor>& teacher_weights,
     const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& sample_weight,
     const std::optional<at::Tensor>& denominator, c10::string_view divergence, c10::string_view ensemble,
-    double temperature, double kd_scale, double ce_weight, double beta, double skew, int64_t ignore_index,
+    double temperature, double kd_scale, double ce_weight, at::ArrayRef<double> div_params, int64_t ignore_index,
     bool reduce, bool grad_student, bool grad_teachers) {
   TORCH_CHECK_VALUE(student.dim() == 2, "fastdistill::kd_loss: student must be [N, V], got ", student.sizes());
   TORCH_CHECK_VALUE(!teachers.empty() && teachers.size() <= 16,
@@ -471,6 +471,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> kd_loss_cpu(
   try {
     p.divergence = parse_divergence(std::string(divergence));
     p.ensemble = parse_ensemble(std::string(ensemble));
+    parse_div_params(p.divergence, div_params, p.div_params);
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK_VALUE(false, e.what());
   }
@@ -481,8 +482,6 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> kd_loss_cpu(
   p.temperature = temperature;
   p.kd_scale = kd_scale;
   p.ce_weight = ce_weight;
-  p.beta = beta;
-  p.skew = skew;
   p.ignore_index = ignore_index;
   p.reduce = reduce;
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
-from .. import functional as F
+from .. import functional
 from ..training.data import is_causal_lm, logits_of
 
 logger = logging.get_logger(__name__)
@@ -101,7 +101,7 @@ def _weight_list(weights: Tensor | Sequence[float]) -> list[float]:
 
 def _check_settings(settings: dict[str, Any]) -> None:
     """Validate KD settings as ``kd_loss`` does, before any training step."""
-    F.check_hyperparameters(
+    functional.check_hyperparameters(
         reduction="mean", **{k: v for k, v in settings.items() if k not in ("teacher_weights", "shift_labels")}
     )
     if settings["shift_labels"] is not None and not isinstance(settings["shift_labels"], bool):
@@ -340,7 +340,7 @@ class DistillationTrainer(Trainer):
             teachers = [t[..., :-1, :] for t in teachers]
         if not model.training:
             num_items_in_batch = None  # evaluation: each batch's own mean (Trainer averages the batches)
-        loss = F.kd_loss(student, teachers, labels=labels, num_items=num_items_in_batch, **self.kd_options)
+        loss = functional.kd_loss(student, teachers, labels=labels, num_items=num_items_in_batch, **self.kd_options)
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # num_items is the global count, and DDP averages the gradients over processes: undo that average
             loss = loss * self.accelerator.num_processes

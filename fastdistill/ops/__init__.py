@@ -1,2 +1,3 @@
-"""Kernels and their plumbing: ``reference`` (the math), ``dispatch`` (which backend runs), ``registration``
-(fake kernels and autograd for the C++ ops), ``extension`` (loading ``fastdistill._C``)."""
+"""The ops and their plumbing: ``inputs`` (one record per op: its arguments by name), ``divergences`` (the
+divergence table), ``reference`` (the math), ``dispatch`` (which backend runs), ``registration`` (fake kernels and
+autograd), ``extension`` (loading ``fastdistill._C``), ``triton`` (the Triton kernels and their ops)."""

@@ -12,11 +12,14 @@ Inputs here are already validated and flattened by :mod:`fastdistill.functional`
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
+from . import divergences
+
+DIVERGENCES = divergences.NAMES  # the table: fastdistill/ops/divergences.py
 ENSEMBLES = ("prob_mean", "logit_mean", "loss_mean")
 
 
@@ -55,24 +58,31 @@ def _log_mix(log_a: Tensor, log_b: Tensor, wa: float) -> Tensor:
     return torch.where(dead, -math.inf, torch.logsumexp(torch.where(dead, 0.0, stacked), dim=0))
 
 
-def divergence(log_p: Tensor, log_q: Tensor, kind: str, *, beta: float = 0.5, skew: float = 0.1) -> Tensor:
-    """D(P, Q) per row, from log-probabilities [N, V] -> [N] (SPEC §1 "Divergence")."""
+def divergence(log_p: Tensor, log_q: Tensor, kind: str, params: Sequence[float] = ()) -> Tensor:
+    """D(P, Q) per row, from log-probabilities [N, V] -> [N] (SPEC §1 "Divergence"). ``params``: the divergence's
+    parameter vector, in the order of its entry in :mod:`fastdistill.ops.divergences` (jsd: beta; skew_*: skew)."""
+    spec = divergences.get(kind)
+    if len(params) != len(spec.params):
+        raise ValueError(f"divergence {kind!r} takes parameters {[p.name for p in spec.params]}, got {list(params)}")
     p, q = log_p.exp(), log_q.exp()
     if kind == "kl":  # sum P log(P / Q)
         terms = _xlogr(p, log_p, log_q)
     elif kind == "reverse_kl":  # sum Q log(Q / P)
         terms = _xlogr(q, log_q, log_p)
     elif kind == "jsd":  # beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q
+        (beta,) = params
         log_m = _log_mix(log_p, log_q, beta)
         terms = beta * _xlogr(p, log_p, log_m) + (1 - beta) * _xlogr(q, log_q, log_m)
     elif kind == "tvd":  # 1/2 sum |P - Q|
         terms = 0.5 * _abs(p - q)
     elif kind == "skew_kl":  # KL(P || a P + (1 - a) Q)
+        (skew,) = params
         terms = _xlogr(p, log_p, _log_mix(log_p, log_q, skew))
     elif kind == "skew_reverse_kl":  # KL(Q || (1 - a) P + a Q)
+        (skew,) = params
         terms = _xlogr(q, log_q, _log_mix(log_q, log_p, skew))
-    else:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {kind!r}")
+    else:  # pragma: no cover (a name of the table without a branch here: tests/test_divergence_table.py)
+        raise NotImplementedError(f"the reference has no branch for divergence {kind!r}")
     return terms.sum(-1)
 
 
@@ -124,8 +134,7 @@ def kd_loss(
     temperature: float,
     kd_scale: float,
     ce_weight: float,
-    beta: float,
-    skew: float,
+    div_params: Sequence[float],
     ignore_index: int,
     reduce: bool,
 ) -> Tensor:
@@ -152,12 +161,12 @@ def kd_loss(
         # A teacher with weight 0 is dropped: its rows' target is replaced by Q itself (D = 0, a finite gradient),
         # since D(-inf, Q) is inf for reverse KL and 0 * inf would be a nan gradient even through the where.
         d = sum(torch.where(w[j] > 0, w[j] * divergence(torch.where(w[j, :, None] > 0, lp, log_q.detach()), log_q,
-                                                         divergence_kind, beta=beta, skew=skew), 0.0)
+                                                         divergence_kind, div_params), 0.0)
                 for j, lp in enumerate(log_pk))  # fmt: skip
     else:
         log_p = ensemble_log_target(teachers, temperature, ensemble if len(teachers) > 1 else "prob_mean",
                                     teacher_weights, dtype)
-        d = divergence(log_p, log_q, divergence_kind, beta=beta, skew=skew)
+        d = divergence(log_p, log_q, divergence_kind, div_params)
     rows = kd_scale * d if kd_scale != 0 else torch.zeros_like(d)  # ce_weight = 1: pure CE, even where D = inf
 
     if ce_weight > 0:  # hard-label cross-entropy at T = 1, from log_softmax: (s - max) - log sum, never lse - s
@@ -187,8 +196,7 @@ def codistill_loss(
     weight_ba: float,
     hard_a: float,
     hard_b: float,
-    beta: float,
-    skew: float,
+    div_params: Sequence[float],
     ignore_index: int,
     reduce: bool,
 ) -> tuple[Tensor, Tensor]:
@@ -202,7 +210,7 @@ def codistill_loss(
     """
     common = dict(
         teacher_weights=None, labels=labels, sample_weight=sample_weight, denominator=denominator,
-        divergence_kind=divergence_kind, ensemble="prob_mean", temperature=temperature, beta=beta, skew=skew,
+        divergence_kind=divergence_kind, ensemble="prob_mean", temperature=temperature, div_params=div_params,
         ignore_index=ignore_index, reduce=reduce,
     )  # fmt: skip
     loss_a = kd_loss(a, [b.detach()], kd_scale=kd_scale * weight_ba, ce_weight=hard_a, **common)

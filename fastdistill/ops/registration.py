@@ -10,19 +10,38 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import extension
+from .inputs import CodistillInputs, KDInputs, MIBackwardArgs, MIInputs, OpInputs
+
+_KD_S, _KD_T = KDInputs.index("student"), KDInputs.index("teachers")
 
 
-def _kd_loss_fake(
-    student, teachers, teacher_weights, labels, sample_weight, denominator, divergence, ensemble, temperature,
-    kd_scale, ce_weight, beta, skew, ignore_index, reduce, grad_student, grad_teachers,
-):  # fmt: skip
+def _remember_lists(ctx, record: type[OpInputs], inputs: tuple) -> None:
+    """Keep the structure autograd wants back for a call's list arguments. An op with a Tensor[] input (its
+    argument a non-empty list of tensors) gets torch's list-aware autograd: a list of as many gradients for each
+    list of tensors, where an empty list (a float[] without values included) counts as one, and one None for a list
+    of numbers. Without one, every argument gets one None."""
+    lists = [(n, v) for n, v in zip(record.names(), inputs) if isinstance(v, (list, tuple))]
+    tensor_lists = [(n, v) for n, v in lists if all(isinstance(x, torch.Tensor) for x in v)]
+    ctx.list_lens = {n: len(v) for n, v in tensor_lists} if any(v for _, v in tensor_lists) else {}
+
+
+def _grads(record: type[OpInputs], ctx, **grads):
+    """Autograd's answer for an op: one entry per argument of ``record.ARGS``, ``grads`` by name, None elsewhere
+    (a list of Nones for a list argument)."""
+    lens = getattr(ctx, "list_lens", {})
+    return tuple(grads[n] if n in grads else ([None] * lens[n] if n in lens else None) for n in record.names())
+
+
+def _kd_loss_fake(*args):
+    a = KDInputs.named(args)
+    student = a.student
     torch._check(student.dim() == 2, lambda: "student must be [N, V]")
-    for t in teachers:
+    for t in a.teachers:
         torch._check(t.shape == student.shape, lambda: "teachers must match the student's [N, V]")
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    loss = student.new_empty(() if reduce else (student.shape[0],), dtype=acc)
-    grad_s = student.new_empty(student.shape) if grad_student else student.new_empty((0,))
-    grad_t = [t.new_empty(t.shape) if grad_teachers else t.new_empty((0,)) for t in teachers]
+    loss = student.new_empty(() if a.reduce else (student.shape[0],), dtype=acc)
+    grad_s = student.new_empty(student.shape) if a.grad_student else student.new_empty((0,))
+    grad_t = [t.new_empty(t.shape) if a.grad_teachers else t.new_empty((0,)) for t in a.teachers]
     return loss, grad_s, grad_t
 
 
@@ -32,7 +51,8 @@ def _kd_loss_setup_context(ctx, inputs, output):
     # materialise a zero [N, V] "gradient of the gradient" on every backward.
     ctx.mark_non_differentiable(grad_s, *grad_t)
     ctx.set_materialize_grads(False)
-    ctx.reduce = inputs[14]
+    ctx.reduce = KDInputs.arg(inputs, "reduce")
+    _remember_lists(ctx, KDInputs, inputs)
     ctx.save_for_backward(grad_s, *grad_t)
 
 
@@ -104,28 +124,31 @@ def _kd_loss_backward(ctx, grad_loss, _grad_grad_s, _grad_grad_t):
     # the gradient's structure must mirror the inputs': one entry per teacher for the Tensor[] argument
     none_t = [None] * len(grad_t)
     if grad_loss is None:  # grads are not materialised: nothing flowed into the loss
-        return (None, none_t) + (None,) * 15
-    d_student = _scale(grad_s, grad_loss, ctx.reduce) if ctx.needs_input_grad[0] else None
-    d_teachers = [_scale(g, grad_loss, ctx.reduce) for g in grad_t] if ctx.needs_input_grad[1] else none_t
-    return (_first_order("kd_loss", d_student), [_first_order("kd_loss", g) for g in d_teachers]) + (None,) * 15
+        return _grads(KDInputs, ctx, student=None, teachers=none_t)
+    d_student = _scale(grad_s, grad_loss, ctx.reduce) if ctx.needs_input_grad[_KD_S] else None
+    d_teachers = [_scale(g, grad_loss, ctx.reduce) for g in grad_t] if ctx.needs_input_grad[_KD_T] else none_t
+    return _grads(KDInputs, ctx, student=_first_order("kd_loss", d_student),
+                  teachers=[_first_order("kd_loss", g) for g in d_teachers])  # fmt: skip
 
 
 def _kd_loss_triton_setup_context(ctx, inputs, output):
     _, grad_s, grad_t = output
     ctx.mark_non_differentiable(grad_s, grad_t)
     ctx.set_materialize_grads(False)
-    ctx.reduce = inputs[14]
+    ctx.reduce = KDInputs.arg(inputs, "reduce")
+    _remember_lists(ctx, KDInputs, inputs)
     ctx.save_for_backward(grad_s, grad_t)
 
 
 def _kd_loss_triton_backward(ctx, grad_loss, _grad_grad_s, _grad_grad_t):
     """Backward of fastdistill::kd_loss_triton: as for kd_loss, with the teachers' gradient one [K, N, V] tensor."""
     if grad_loss is None:
-        return (None,) * 17
+        return _grads(KDInputs, ctx)
     grad_s, grad_t = ctx.saved_tensors
-    d_student = _scale(grad_s, grad_loss, ctx.reduce) if ctx.needs_input_grad[0] else None
-    d_teachers = _scale(grad_t, grad_loss, ctx.reduce) if ctx.needs_input_grad[1] else None
-    return (_first_order("kd_loss", d_student), _first_order("kd_loss", d_teachers)) + (None,) * 15
+    d_student = _scale(grad_s, grad_loss, ctx.reduce) if ctx.needs_input_grad[_KD_S] else None
+    d_teachers = _scale(grad_t, grad_loss, ctx.reduce) if ctx.needs_input_grad[_KD_T] else None
+    return _grads(KDInputs, ctx, student=_first_order("kd_loss", d_student),
+                  teachers=_first_order("kd_loss", d_teachers))  # fmt: skip
 
 
 def register_triton(op) -> None:
@@ -134,26 +157,24 @@ def register_triton(op) -> None:
 
 
 # --- codistill_loss: (loss_a, loss_b, grad_a, grad_b); each loss depends on its own model only (stop-gradient). ---
-CODISTILL_REDUCE = 15  # index of `reduce` in the schema
-
-
-def _codistill_fake(
-    a, b, labels, sample_weight, denominator, divergence, temperature, kd_scale, weight_ab, weight_ba, hard_a,
-    hard_b, beta, skew, ignore_index, reduce, grad_a, grad_b,
-):  # fmt: skip
+def codistill_fake(*args):
+    """The fake kernel of fastdistill::codistill_loss and of its Triton twin."""
+    x = CodistillInputs.named(args)
+    a, b = x.a, x.b
     torch._check(a.dim() == 2 and b.shape == a.shape, lambda: "a and b must be [N, V] of one shape")
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-    shape = () if reduce else (a.shape[0],)
+    shape = () if x.reduce else (a.shape[0],)
     return (a.new_empty(shape, dtype=acc), a.new_empty(shape, dtype=acc),
-            a.new_empty(a.shape) if grad_a else a.new_empty((0,)),
-            b.new_empty(b.shape) if grad_b else b.new_empty((0,)))  # fmt: skip
+            a.new_empty(a.shape) if x.grad_a else a.new_empty((0,)),
+            b.new_empty(b.shape) if x.grad_b else b.new_empty((0,)))  # fmt: skip
 
 
 def _codistill_setup_context(ctx, inputs, output):
     _, _, grad_a, grad_b = output
     ctx.mark_non_differentiable(grad_a, grad_b)
     ctx.set_materialize_grads(False)
-    ctx.reduce = inputs[CODISTILL_REDUCE]
+    ctx.reduce = CodistillInputs.arg(inputs, "reduce")
+    _remember_lists(ctx, CodistillInputs, inputs)
     ctx.save_for_backward(grad_a, grad_b)
 
 
@@ -161,11 +182,11 @@ def _codistill_backward(ctx, grad_loss_a, grad_loss_b, _gga, _ggb):
     """d/da comes from loss_a alone and d/db from loss_b alone: the other model's distribution is a constant."""
     grad_a, grad_b = ctx.saved_tensors
     d_a = d_b = None
-    if ctx.needs_input_grad[0] and grad_loss_a is not None:
+    if ctx.needs_input_grad[CodistillInputs.index("a")] and grad_loss_a is not None:
         d_a = _scale(grad_a, grad_loss_a, ctx.reduce)
-    if ctx.needs_input_grad[1] and grad_loss_b is not None:
+    if ctx.needs_input_grad[CodistillInputs.index("b")] and grad_loss_b is not None:
         d_b = _scale(grad_b, grad_loss_b, ctx.reduce)
-    return (_first_order("codistill_loss", d_a), _first_order("codistill_loss", d_b)) + (None,) * 16
+    return _grads(CodistillInputs, ctx, a=_first_order("codistill_loss", d_a), b=_first_order("codistill_loss", d_b))
 
 
 def register_codistill_triton(op) -> None:
@@ -178,23 +199,28 @@ MI_STATS_ROWS = 8
 MI_STATS_DA = 4  # stats[4] = dI/d(log_baseline)
 
 
-def _mi_alpha_fake(student, teacher, log_baseline, alpha, temperature):
+def mi_alpha_fake(*args):
+    """The fake kernel of fastdistill::mi_alpha and of its Triton twin."""
+    x = MIInputs.named(args)
+    student, teacher = x.student, x.teacher
     torch._check(student.dim() == 2 and teacher.shape == student.shape, lambda: "student, teacher must be [N, D]")
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
     return student.new_empty((), dtype=acc), student.new_empty((MI_STATS_ROWS, student.shape[0]), dtype=acc)
 
 
-def _mi_alpha_backward_fake(grad, student, teacher, log_baseline, stats, alpha, temperature):
-    return torch.empty_like(student), torch.empty_like(teacher)
+def mi_alpha_backward_fake(*args):
+    """The fake kernel of fastdistill::mi_alpha_backward and of its Triton twin."""
+    x = MIBackwardArgs.named(args)
+    return torch.empty_like(x.student), torch.empty_like(x.teacher)
 
 
 def _mi_alpha_setup_context(ctx, inputs, output):
-    student, teacher, log_baseline, alpha, temperature = inputs
+    x = MIInputs.named(inputs)
     _, stats = output
     ctx.mark_non_differentiable(stats)
     ctx.set_materialize_grads(False)
-    ctx.alpha, ctx.temperature = alpha, temperature
-    ctx.save_for_backward(student, teacher, log_baseline, stats)
+    ctx.alpha, ctx.temperature = x.alpha, x.temperature
+    ctx.save_for_backward(x.student, x.teacher, x.log_baseline, stats)
 
 
 def _mi_alpha_autograd(backward_op):
@@ -203,16 +229,18 @@ def _mi_alpha_autograd(backward_op):
 
     def backward(ctx, grad, _grad_stats):
         if grad is None:
-            return None, None, None, None, None
+            return _grads(MIInputs, ctx)
         student, teacher, log_baseline, stats = ctx.saved_tensors
+        needs = dict(zip(MIInputs.names(), ctx.needs_input_grad))
         d_student = d_teacher = d_baseline = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            d_student, d_teacher = backward_op(grad, student, teacher, log_baseline, stats, ctx.alpha,
-                                               ctx.temperature)  # fmt: skip
-        if ctx.needs_input_grad[2]:
+        if needs["student"] or needs["teacher"]:
+            d_student, d_teacher = backward_op(*MIBackwardArgs.bind(
+                grad=grad, student=student, teacher=teacher, log_baseline=log_baseline, stats=stats, alpha=ctx.alpha,
+                temperature=ctx.temperature))  # fmt: skip
+        if needs["log_baseline"]:
             d_baseline = (grad * stats[MI_STATS_DA]).to(log_baseline.dtype)
-        d_student, d_teacher, d_baseline = (_first_order("mi_alpha", g) for g in (d_student, d_teacher, d_baseline))
-        return d_student, d_teacher, d_baseline, None, None
+        return _grads(MIInputs, ctx, student=_first_order("mi_alpha", d_student),
+                      teacher=_first_order("mi_alpha", d_teacher), log_baseline=_first_order("mi_alpha", d_baseline))
 
     return backward
 
@@ -227,12 +255,12 @@ if extension.available():
     torch.library.register_autograd(
         "fastdistill::kd_loss", _kd_loss_backward, setup_context=_kd_loss_setup_context
     )
-    torch.library.register_fake("fastdistill::codistill_loss")(_codistill_fake)
+    torch.library.register_fake("fastdistill::codistill_loss")(codistill_fake)
     torch.library.register_autograd(
         "fastdistill::codistill_loss", _codistill_backward, setup_context=_codistill_setup_context
     )
-    torch.library.register_fake("fastdistill::mi_alpha")(_mi_alpha_fake)
-    torch.library.register_fake("fastdistill::mi_alpha_backward")(_mi_alpha_backward_fake)
+    torch.library.register_fake("fastdistill::mi_alpha")(mi_alpha_fake)
+    torch.library.register_fake("fastdistill::mi_alpha_backward")(mi_alpha_backward_fake)
     torch.library.register_autograd(
         "fastdistill::mi_alpha",
         _mi_alpha_autograd(lambda *args: torch.ops.fastdistill.mi_alpha_backward(*args)),

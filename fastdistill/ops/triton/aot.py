@@ -101,11 +101,10 @@ def spaces() -> dict[str, tuple[Iterator[Launch], dict, object]]:
     from . import codistill_loss, kd_loss, mi_alpha
 
     return {
-        "kd_loss": (kd_loss.kd_space(), kd_loss.KD_DOMAINS, [kd_loss._kd_row_kernel]),
+        "kd_loss": (kd_loss.kd_space(), kd_loss.KD_DOMAINS, kd_loss.KERNELS),
         "codistill_loss": (codistill_loss.codistill_space(), codistill_loss.CODISTILL_DOMAINS,
-                           [codistill_loss._codistill_row_kernel]),
-        "mi_alpha": (mi_alpha.mi_space(), mi_alpha.MI_DOMAINS, [mi_alpha._mi_fwd_kernel, mi_alpha._mi_bwd_rows_kernel,
-                                                                mi_alpha._mi_bwd_cols_kernel]),
+                           codistill_loss.KERNELS),
+        "mi_alpha": (mi_alpha.mi_space(), mi_alpha.MI_DOMAINS, mi_alpha.KERNELS),
     }  # fmt: skip
 
 
@@ -270,12 +269,12 @@ def bench_configs() -> list[tuple[str, Config]]:
     for v in (32768, 128256):
         for k in (1, 4):
             s, t = torch.empty(8192, v, **meta), torch.empty(k, 8192, v, **meta)
-            launch = kd_loss.kd_launch(s, t, None, None, None, torch.empty((), device="meta"), "kl", "prob_mean",
-                                       2.0, 4.0, 0.0, 0.5, 0.1, -100, True, True, False)[0]  # fmt: skip
+            launch = kd_loss.kd_launch(kd_loss.kl_call(s, t, denominator=torch.empty((), device="meta"),
+                                                       reduce=True))[0]  # fmt: skip
             out.append((f"kd_loss kl V={v} K={k}", config_of("kd_loss", launch)))
         a = torch.empty(8192, v, **meta)
-        launch = codistill_loss.codistill_launch(a, a, None, None, torch.empty((), device="meta"), "kl", 2.0, 4.0,
-                                                 1.0, 1.0, 0.0, 0.0, 0.5, 0.1, -100, True, True, True)[0]  # fmt: skip
+        den = torch.empty((), device="meta")
+        launch = codistill_loss.codistill_launch(codistill_loss.kl_call(a, a, denominator=den, reduce=True))[0]
         out.append((f"codistill kl V={v}", config_of("codistill_loss", launch)))
     for n, d in ((16384, 768), (65536, 768), (16384, 128)):
         u = torch.empty(n, d, **meta)

@@ -2,8 +2,8 @@
 
 Sweep 1 reads the student and the K teachers once ([K, BLOCK] tiles of the stacked [K, N, V] teachers) and keeps
 online-softmax statistics; sweep 2 evaluates the divergence terms (the math of ``csrc/common/kd_math.h``, in
-``_terms`` below) and the row aggregates the gradients need, writing the student gradient directly when it has a
-closed form (KL); sweep 3, only when needed, writes the remaining gradients. Per-row losses go to an [N] buffer
+``row_math.divergence_terms``) and the row aggregates the gradients need, writing the student gradient directly when
+it has a closed form (KL); sweep 3, only when needed, writes the remaining gradients. Per-row losses go to an [N] buffer
 reduced with ``torch.sum`` (no float atomics: bitwise reproducible). float32 accumulation (float64 for float64
 inputs); no [K, N, V] temporaries; gradients are written in the forward launch and backward only scales them.
 
@@ -13,14 +13,16 @@ Compiled variants (``launch.py``'s rules; ``KD_DOMAINS`` lists them, ``aot.py`` 
 optional inputs, the cross-entropy and which gradients are wanted are runtime flags: uniform branches per program.
 """
 
-import math
 import os
+from types import SimpleNamespace
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import divergences
+from ..inputs import KDInputs
 from ..registration import register_triton
 from .launch import (
     ROW_KERNEL_GPU_DTYPES,
@@ -33,137 +35,26 @@ from .launch import (
     param_tensor,
     tl_acc,
 )
+from .row_math import ce_grad, divergence_terms, log_probs, log_softmax, online, reload, row_weight
 
-DIV_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3, "skew_kl": 4, "skew_reverse_kl": 5}
+DIV_CODES = {name: d.code for name, d in divergences.DIVERGENCES.items()}  # the codes divergence_terms branches on
 # ENS: 0 one teacher (K = 1, any ensemble), 1 mixture (prob_mean), 2 log-linear pool (logit_mean), 3 one target per
 # teacher (loss_mean)
 ENS_CODES = {"prob_mean": 1, "logit_mean": 2, "loss_mean": 3}
-MAX_TEACHERS = 16  # KP buckets 2..16: each bucket is one more set of compiled kernels
+MAX_TEACHERS = KDInputs.MAX_TEACHERS  # KP buckets 2..16: each bucket is one more set of compiled kernels
 # 8 warps: half the tile elements per thread of 4 warps. At 4, ptxas spilled the benchmark configurations (bf16 KL,
 # K = 1 and 4: 168 registers, 16 bytes of stack); at 8 they take 99-113 registers, no spills, and 2 programs (16
 # warps) per SM instead of 3 (12): make kernels-report, benchmarks/NOTES.md.
 NUM_WARPS = 8
 
 
-@triton.jit
-def _xlogr(x, log_x, log_y):
-    """x * (log x - log y) with 0 * log 0 = 0; a NaN x gives NaN (never a silent 0)."""
-    return tl.where(x == 0, 0.0, x * (log_x - log_y))
-
-
-@triton.jit
-def _logaddexp(x, y):
-    m = tl.maximum(x, y)
-    r = m + tl.log(1.0 + tl.exp(-tl.abs(x - y)))
-    return tl.where(m == float("-inf"), m, r)
-
-
-@triton.jit
-def _terms(p, q, logp, logq, DIV: tl.constexpr, beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew):
-    """phi (loss term), gq = Q dphi/dQ, hp = P dphi/dP: csrc/common/kd_math.h, element for element."""
-    if DIV == 0:  # kl
-        phi = _xlogr(p, logp, logq)
-        gq = -p
-        hp = phi + p
-    elif DIV == 1:  # reverse_kl
-        phi = _xlogr(q, logq, logp)
-        gq = phi + q
-        hp = -q
-    elif DIV == 2:  # jsd
-        logm = _logaddexp(logp + log_beta, logq + log_1m_beta)
-        hp = beta * _xlogr(p, logp, logm)
-        gq = (1.0 - beta) * _xlogr(q, logq, logm)
-        phi = hp + gq
-    elif DIV == 3:  # tvd
-        d = q - p
-        phi = 0.5 * tl.abs(d)
-        sg = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)) + (d - d)  # NaN stays NaN (kd_math.h's sign)
-        gq = 0.5 * q * sg
-        hp = -0.5 * p * sg
-    elif DIV == 4:  # skew_kl
-        logm = _logaddexp(logp + log_skew, logq + log_1m_skew)
-        phi = _xlogr(p, logp, logm)
-        r = tl.where(p == 0, 0.0, tl.exp(logp - logm))
-        gq = -(1.0 - skew) * q * r
-        hp = phi + p - skew * p * r
-    else:  # skew_reverse_kl
-        logm = _logaddexp(logp + log_1m_skew, logq + log_skew)
-        phi = _xlogr(q, logq, logm)
-        r = tl.where(q == 0, 0.0, tl.exp(logq - logm))
-        gq = phi + q - skew * q * r
-        hp = -(1.0 - skew) * p * r
-    return phi, gq, hp
-
-
-@triton.jit
-def _online(m, total, x, AXIS: tl.constexpr):
-    """Online softmax statistics along AXIS: running max m and sum of exp(x - m); -inf safe."""
-    nm = tl.maximum(m, tl.max(x, AXIS))
-    safe = tl.where(nm == float("-inf"), 0.0, nm)
-    if AXIS == 0:
-        total = total * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), 0)
-    else:
-        total = total * tl.exp(m - safe) + tl.sum(tl.exp(x - safe[:, None]), 1)
-    return nm, total
-
-
-@triton.jit
-def _row_weight(row, sw_ptr, lab_ptr, den_ptr, ignore_index, has_sw, has_labels, has_den, uses_label, V,
-                ACC: tl.constexpr):  # fmt: skip
-    """Row ``row``'s sample weight sw, the factor f = sw / denominator its gradient carries, its label (-1 without
-    labels; int64) and whether it counts (valid: weight != 0 and label != ignore_index). has_*, uses_label (a
-    cross-entropy term reads the label): runtime flags. A label out of [0, V) that is read makes sw and f NaN, so
-    the row's loss and gradient are NaN: the Python range check does not run under torch.compile, and a kernel
-    cannot raise (the label's logit itself is never loaded outside the row)."""
-    sw = tl.full((), 1.0, ACC)
-    if has_sw != 0:
-        sw = tl.load(sw_ptr + row).to(ACC)
-    valid = sw != 0.0
-    label = row * 0 - 1
-    if has_labels != 0:
-        label = tl.load(lab_ptr + row)
-        valid = valid & (label != ignore_index)
-        if uses_label != 0:
-            sw = tl.where((label < 0) | (label >= V), float("nan"), sw)
-    f = sw
-    if has_den != 0:
-        f = sw / tl.load(den_ptr).to(ACC)
-    return sw, f, label, valid
-
-
-@triton.jit
-def _log_softmax(z, m, log_l):
-    """log softmax at z from its row's max m of z and log_l = log sum exp(z - m): (z - m) - log_l, never
-    z - (m + log_l). Near the row's top class both parts are small and exact, so a probability near 1 keeps its
-    last bits (as e / sum does in the CPU kernel), where z - lse would lose ulp(lse) to the rounding of lse."""
-    return (z - m) - log_l
-
-
-@triton.jit
-def _reload(ptrs, mask, RELOAD: tl.constexpr):
-    """Load a tile, -inf where masked. RELOAD: the tile was read moments ago (it is in L1/L2); the optional work
-    behind a run-time flag (cross-entropy, teacher gradients) reads it again rather than keeping the first read's
-    tiles alive through the common path, whose registers (and so occupancy) it would otherwise raise. volatile so
-    the compiler cannot merge it with the first read."""
-    return tl.load(ptrs, mask=mask, other=float("-inf"), volatile=RELOAD)
-
-
-@triton.jit
-def _log_probs(row_ptr, cols, mask, inv_t, m, log_l, ACC: tl.constexpr, RELOAD: tl.constexpr = False):
-    """One tile of a row (or of K rows: cols [1, BLOCK], m and log_l [KP, 1]): its logits x (ACC, -inf where
-    masked), log softmax(x / T) and softmax(x / T), from the split normaliser (m, log_l) of x / T (_log_softmax).
-    RELOAD: a second read of a tile just read (see _reload)."""
-    x = _reload(row_ptr + cols, mask, RELOAD).to(ACC)
-    logq = _log_softmax(x * inv_t, m, log_l)
-    return x, logq, tl.exp(logq)
-
-
 def _kd_row(
     s_ptr, t_ptr, tw_ptr, lab_ptr, sw_ptr, den_ptr, loss_ptr, gs_ptr, gt_ptr, prm_ptr, int_ptr,
-    KP: tl.constexpr, BLOCK: tl.constexpr, DIV: tl.constexpr, ENS: tl.constexpr, ALIGNED: tl.constexpr,
-    ACC: tl.constexpr,
+    KP: tl.constexpr, BLOCK: tl.constexpr, DIV: tl.constexpr, CLOSED: tl.constexpr, ENS: tl.constexpr,
+    ALIGNED: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    """One program per row; the kernel pair ``_kd_row_kernel`` (launch.py). ENS: see ENS_CODES."""
+    """One program per row; the kernel pair ``_kd_row_kernel`` (launch.py). DIV: the divergence's code; CLOSED: its
+    student gradient has a closed form (both from ops/divergences.py); ENS: see ENS_CODES."""
     row = tl.program_id(0).to(tl.int64)
     # integer arguments, int64 (the order of kd_launch's int_tensor): every offset below is 64-bit from the start
     N = tl.load(int_ptr + 0)
@@ -190,18 +81,16 @@ def _kd_row(
     if ALIGNED:
         V32 = V32 // 16 * 16
     n_blocks = tl.cdiv(V32, BLOCK)
-    # float parameters come in a tensor of the accumulation dtype: scalar kernel arguments would be float32
+    # float parameters come in a tensor of the accumulation dtype (scalar kernel arguments would be float32), in the
+    # order of KD_PARAMS
     inv_t = tl.load(prm_ptr + 0)
     kd_scale = tl.load(prm_ptr + 1)
     kd_over_t = tl.load(prm_ptr + 2)
     ce_w = tl.load(prm_ptr + 3)
-    beta = tl.load(prm_ptr + 4)
-    log_beta = tl.load(prm_ptr + 5)
-    log_1m_beta = tl.load(prm_ptr + 6)
-    skew = tl.load(prm_ptr + 7)
-    log_skew = tl.load(prm_ptr + 8)
-    log_1m_skew = tl.load(prm_ptr + 9)
-    uniform = tl.load(prm_ptr + 10)  # 1 / K
+    uniform = tl.load(prm_ptr + 4)  # 1 / K
+    dw = tl.load(prm_ptr + 5)  # the divergence's parameter vector (ops/divergences.py: kernel_params)
+    log_dw = tl.load(prm_ptr + 6)
+    log_1m_dw = tl.load(prm_ptr + 7)
     ks = tl.arange(0, KP)
     ks64 = ks.to(tl.int64)
     kmask = ks < K
@@ -210,7 +99,7 @@ def _kd_row(
         w = tl.load(tw_ptr + ks64 * N + row, mask=kmask, other=0.0).to(ACC)
     logw = tl.log(w)
     kuse = w > 0  # the teachers this row reads: one of weight 0 is dropped, whatever its logits (NaN included)
-    sw, f, label, valid = _row_weight(row, sw_ptr, lab_ptr, den_ptr, ignore_index, has_sw, has_labels, has_den, ce, V,
+    sw, f, label, valid = row_weight(row, sw_ptr, lab_ptr, den_ptr, ignore_index, has_sw, has_labels, has_den, ce, V,
                                       ACC)  # fmt: skip
     ce_own = (ce != 0) & (ce_at_t == 0)  # the cross-entropy needs its own normaliser (at T = 1)
     s_row = s_ptr + row * s_stride
@@ -230,17 +119,17 @@ def _kd_row(
         cols = b * BLOCK + tl.arange(0, BLOCK)
         cmask = cols < V32
         s = tl.load(s_row + cols, mask=cmask, other=float("-inf")).to(ACC)
-        m_q, l_q = _online(m_q, l_q, s * inv_t, 0)
+        m_q, l_q = online(m_q, l_q, s * inv_t, 0)
         if ce_own:
-            m_ce, l_ce = _online(m_ce, l_ce, s, 0)
+            m_ce, l_ce = online(m_ce, l_ce, s, 0)
         x = tl.load(t_row + cols[None, :], mask=kuse[:, None] & cmask[None, :], other=float("-inf")).to(ACC) * inv_t
         if ENS == 2:  # pooled logits sum_k w_k t_k / T (a zero weight drops the teacher, -inf included)
             c = tl.sum(tl.where(w[:, None] > 0, w[:, None] * x, 0.0), 0)
             c = tl.where(cmask, c, float("-inf"))
-            m_c, l_c = _online(m_c, l_c, c, 0)
+            m_c, l_c = online(m_c, l_c, c, 0)
         else:
-            m_t, l_t = _online(m_t, l_t, x, 1)
-    # normalisers kept split, as (max, log of the exp-sum below it): see _log_softmax
+            m_t, l_t = online(m_t, l_t, x, 1)
+    # normalisers kept split, as (max, log of the exp-sum below it): see log_softmax
     ll_q = tl.log(l_q)
     if ce_at_t != 0:  # s * (1 / T) is s itself
         m_ce = m_q
@@ -260,21 +149,21 @@ def _kd_row(
     for b in range(0, n_blocks):
         cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
             b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS, DIV, BLOCK, ACC,
-            beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew,
+            dw, log_dw, log_1m_dw,
         )  # fmt: skip
         phi_sum += tl.sum(tl.where(cmask, phi, 0.0), 0)
         gq_sum += tl.sum(tl.where(cmask, gq, 0.0), 0)
-        if DIV == 0:  # KL: dD/da = Q - P (= q + gq) needs no aggregate
+        if CLOSED:  # KL: dD/da = Q - P (= q + gq) needs no aggregate
             if grad_s != 0:
                 g = tl.where(kd_over_t != 0, kd_over_t * (q + gq), 0.0)
                 if ce != 0:
-                    g += ce_w * _ce_grad(_reload(s_row + cols, cmask, True).to(ACC), q, m_ce, ll_ce, cols, label,
+                    g += ce_w * ce_grad(reload(s_row + cols, cmask, True).to(ACC), q, m_ce, ll_ce, cols, label,
                                          ce_at_t)  # fmt: skip
                 tl.store(gs_row + cols, tl.where(valid, f * g, 0.0), mask=cmask)
-        if grad_t != 0:  # the tile again, from the cache (_reload)
+        if grad_t != 0:  # the tile again, from the cache (reload)
             cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
                 b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS, DIV, BLOCK,
-                ACC, beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew, True,
+                ACC, dw, log_dw, log_1m_dw, True,
             )  # fmt: skip
             if ENS == 3:  # sum_v hp_kv
                 agg += tl.sum(tl.where(cmask[None, :], hp, 0.0), 1)
@@ -294,28 +183,28 @@ def _kd_row(
 
     # ---- sweep 3: gradients that needed the aggregates ----------------------------------------------------------
     need_agg = grad_t != 0
-    if DIV != 0:
+    if not CLOSED:
         need_agg = need_agg | (grad_s != 0)
     if need_agg:
         gt_row = gt_ptr + ks64[:, None] * (N * V) + row * V
         for b in range(0, n_blocks):
             cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
                 b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS, DIV, BLOCK,
-                ACC, beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew,
+                ACC, dw, log_dw, log_1m_dw,
             )  # fmt: skip
-            if DIV != 0:
+            if not CLOSED:
                 if grad_s != 0:
                     g = tl.where(kd_over_t != 0, kd_over_t * (gq - q * gq_sum), 0.0)
                     if ce != 0:
-                        g += ce_w * _ce_grad(_reload(s_row + cols, cmask, True).to(ACC), q, m_ce, ll_ce, cols,
+                        g += ce_w * ce_grad(reload(s_row + cols, cmask, True).to(ACC), q, m_ce, ll_ce, cols,
                                              label, ce_at_t)  # fmt: skip
                     tl.store(gs_row + cols, tl.where(valid, f * g, 0.0), mask=cmask)
-                if grad_t != 0:  # the tile again (_reload) rather than the first read's values kept alive across the
+                if grad_t != 0:  # the tile again (reload) rather than the first read's values kept alive across the
                     # student's store: 110 instead of 144 registers (K = 4 JSD, bf16), for every call, not only the
                     # rare ones that want teacher gradients
                     cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
                         b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS, DIV,
-                        BLOCK, ACC, beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew, True,
+                        BLOCK, ACC, dw, log_dw, log_1m_dw, True,
                     )  # fmt: skip
             if grad_t != 0:
                 if ENS == 3:
@@ -334,39 +223,29 @@ def _kd_row(
 
 @triton.jit
 def _tile(b, s_row, t_row, V, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS: tl.constexpr,
-          DIV: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, beta, log_beta, log_1m_beta, skew, log_skew,
-          log_1m_skew, RELOAD: tl.constexpr = False):  # fmt: skip
+          DIV: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, dw, log_dw, log_1m_dw,
+          RELOAD: tl.constexpr = False):  # fmt: skip
     """Block b of the row, read again after sweep 1: the student's Q and the targets' terms (see _element)."""
     cols = b * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < V
-    s, logq, q = _log_probs(s_row, cols, cmask, inv_t, m_q, ll_q, ACC, RELOAD)
-    t, logpk, pk = _log_probs(t_row, cols[None, :], kuse[:, None] & cmask[None, :], inv_t, m_t[:, None],
+    s, logq, q = log_probs(s_row, cols, cmask, inv_t, m_q, ll_q, ACC, RELOAD)
+    t, logpk, pk = log_probs(t_row, cols[None, :], kuse[:, None] & cmask[None, :], inv_t, m_t[:, None],
                               ll_t[:, None], ACC, RELOAD)  # fmt: skip
     phi, gq, hp, p, logp, lwp = _element(t, logpk, pk, q, logq, inv_t, w, logw, m_c, ll_c, ks, kuse, cmask, ENS, DIV,
-                                         beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew)  # fmt: skip
+                                         dw, log_dw, log_1m_dw)  # fmt: skip
     return cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk
 
 
 @triton.jit
-def _ce_grad(s, q, m_ce, log_l_ce, cols, label, ce_at_t):
-    """d CE / d s: softmax(s) at T = 1 (q itself when T = 1, the runtime flag ce_at_t; else from s's split
-    normaliser (m_ce, log_l_ce), see _log_softmax) minus the one-hot label."""
-    sm = q
-    if ce_at_t == 0:
-        sm = tl.exp(_log_softmax(s, m_ce, log_l_ce))
-    return sm - tl.where(cols == label, 1.0, 0.0)
-
-
-@triton.jit
 def _element(t, logpk, pk, q, logq, inv_t, w, logw, m_c, ll_c, ks, kuse, cmask, ENS: tl.constexpr,
-             DIV: tl.constexpr, beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew):  # fmt: skip
+             DIV: tl.constexpr, dw, log_dw, log_1m_dw):  # fmt: skip
     """Targets and divergence terms of one tile, from the teachers' logits t, log P_k and P_k ([KP, BLOCK]; padded
     teachers -inf and 0). Returns phi, gq (ensemble-combined, [BLOCK]); hp ([K, BLOCK] for loss_mean, else
     [BLOCK]); the single target p, log p; log(w_k P_k) ([KP, BLOCK])."""
     lwp = logpk + logw[:, None]
     if ENS == 3:
-        phi_k, gq_k, hp = _terms(pk, q[None, :], logpk, logq[None, :], DIV, beta, log_beta, log_1m_beta, skew,
-                                 log_skew, log_1m_skew)  # fmt: skip
+        phi_k, gq_k, hp = divergence_terms(pk, q[None, :], logpk, logq[None, :], DIV, dw, log_dw,
+                                           log_1m_dw)  # fmt: skip
         wk = w[:, None]
         use = kuse[:, None]  # a teacher with weight 0 is dropped (0 * inf would be nan)
         phi = tl.sum(tl.where(use, wk * phi_k, 0.0), 0)
@@ -376,7 +255,7 @@ def _element(t, logpk, pk, q, logq, inv_t, w, logw, m_c, ll_c, ks, kuse, cmask, 
     else:
         if ENS == 2:
             c = tl.sum(tl.where(w[:, None] > 0, w[:, None] * (t * inv_t), 0.0), 0)
-            logp = _log_softmax(c, m_c, ll_c)
+            logp = log_softmax(c, m_c, ll_c)
         elif ENS == 0:
             logp = tl.sum(tl.where((ks == 0)[:, None], logpk, 0.0), 0)
         else:  # log of the mixture, as a log-sum-exp over the teachers
@@ -385,14 +264,19 @@ def _element(t, logpk, pk, q, logq, inv_t, w, logw, m_c, ll_c, ks, kuse, cmask, 
             logp = tl.where(mx == float("-inf"), float("-inf"), safe + tl.log(tl.sum(tl.exp(lwp - safe[None, :]), 0)))
         logp = tl.where(cmask, logp, float("-inf"))
         p = tl.exp(logp)
-        phi, gq, hp = _terms(p, q, logp, logq, DIV, beta, log_beta, log_1m_beta, skew, log_skew, log_1m_skew)
+        phi, gq, hp = divergence_terms(p, q, logp, logq, DIV, dw, log_dw, log_1m_dw)
     return phi, gq, hp, p, logp, lwp
 
 
 _kd_row_kernel = jit_pair(_kd_row, small=("tw_ptr", "lab_ptr", "sw_ptr", "den_ptr", "loss_ptr", "prm_ptr", "int_ptr"))
 # the compiled variants: every value each constexpr can take (aot.py checks the launcher reaches exactly these)
 KD_DOMAINS = {"KP": (2, 4, 8, 16), "BLOCK": (512, 1024, 2048, 4096), "DIV": tuple(DIV_CODES.values()),
-              "ENS": (0, *ENS_CODES.values()), "ALIGNED": (False, True), "ACC": ("fp32",)}  # fmt: skip
+              "CLOSED": (False, True), "ENS": (0, *ENS_CODES.values()), "ALIGNED": (False, True),
+              "ACC": ("fp32",)}  # fmt: skip
+KERNELS = [_kd_row_kernel]
+# The float parameters, in the order the kernel loads them from prm_ptr ("div": the divergence's parameter vector,
+# divergences.kernel_params).
+KD_PARAMS = ("inv_t", "kd_scale", "kd_over_t", "ce_weight", "uniform", "div")
 
 
 def _teacher_bucket(k: int) -> int:
@@ -406,87 +290,79 @@ def _block(kp: int) -> int:
     return 8192 // kp
 
 
-def div_params(beta: float, skew: float) -> list[float]:
-    """The divergences' parameters as the kernels read them, logs precomputed (log 0 = -inf is intended, as in
-    kd_math.h's make_div_params): beta, log beta, log(1 - beta), skew, log skew, log(1 - skew)."""
-
-    def log(x: float) -> float:
-        return math.log(x) if x > 0 else -math.inf
-
-    return [beta, log(beta), log(1.0 - beta) if beta < 1 else -math.inf,
-            skew, log(skew), log(1.0 - skew) if skew < 1 else -math.inf]  # fmt: skip
+def pack_params(layout: tuple[str, ...], **values) -> list[float]:
+    """The float parameters of a row kernel in ``layout`` order; "div" is the divergence's parameter vector."""
+    out: list[float] = []
+    for name in layout:
+        out += divergences.kernel_params(values[name]) if name == "div" else [float(values[name])]
+    return out
 
 
-def _kd_loss_triton(
-    student: Tensor,
-    teachers: Tensor,
-    teacher_weights: Tensor | None,
-    labels: Tensor | None,
-    sample_weight: Tensor | None,
-    denominator: Tensor | None,
-    divergence: str,
-    ensemble: str,
-    temperature: float,
-    kd_scale: float,
-    ce_weight: float,
-    beta: float,
-    skew: float,
-    ignore_index: int,
-    reduce: bool,
-    grad_student: bool,
-    grad_teachers: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The Triton twin of ``fastdistill::kd_loss`` (see csrc/fastdistill.cpp) with the teachers stacked:
+def _kd_loss_triton(*args) -> tuple[Tensor, Tensor, Tensor]:
+    """The Triton twin of ``fastdistill::kd_loss`` (arguments: ``KDInputs.ARGS``) with the teachers stacked:
     student [N, V], teachers [K, N, V] (unit stride along V). Returns (loss, grad_student, grad_teachers)."""
-    launch, rows, gs, gt = kd_launch(student, teachers, teacher_weights, labels, sample_weight, denominator,
-                                     divergence, ensemble, temperature, kd_scale, ce_weight, beta, skew, ignore_index,
-                                     reduce, grad_student, grad_teachers)  # fmt: skip
+    a = KDInputs.named(args)
+    launch, rows, gs, gt = kd_launch(a)
     launch.run()
-    if not reduce:
+    if not a.reduce:
         return rows, gs, gt
     total = rows.sum()
-    return (total / denominator.to(rows.dtype) if denominator is not None else total), gs, gt
+    return (total / a.denominator.to(rows.dtype) if a.denominator is not None else total), gs, gt
 
 
-def kd_launch(student, teachers, teacher_weights, labels, sample_weight, denominator, divergence, ensemble,
-              temperature, kd_scale, ce_weight, beta, skew, ignore_index, reduce, grad_student,
-              grad_teachers) -> tuple[Launch, Tensor, Tensor, Tensor]:  # fmt: skip
-    """The launch of ``_kd_row_kernel`` for these inputs (arguments of ``_kd_loss_triton``) and its outputs
-    (per-row losses [N], student gradient, teachers' gradient). Works on meta tensors: aot.py compiles what it
-    returns."""
+def kd_launch(a: SimpleNamespace) -> tuple[Launch, Tensor, Tensor, Tensor]:
+    """The launch of ``_kd_row_kernel`` for a call's arguments by name (``KDInputs.named``) and its outputs (per-row
+    losses [N], student gradient, teachers' gradient). Works on meta tensors: aot.py compiles what it returns."""
+    student, teachers = a.student, a.teachers
     n, v = student.shape
     k = teachers.shape[0]
     if not 1 <= k <= MAX_TEACHERS:
         raise ValueError(f"teachers: the Triton kd_loss takes 1..{MAX_TEACHERS} teachers, got K = {k}")
     check_row_dtype("kd_loss", student.dtype)
     check_row_dtype("kd_loss", teachers.dtype)
+    div = divergences.get(a.divergence)
+    if len(a.div_params) != len(div.params):
+        raise ValueError(f"div_params: {div.name} takes {len(div.params)} parameter(s), got {len(a.div_params)}")
     dev = student.device
     acc = acc_dtype(student.dtype)
     kp = _teacher_bucket(k)
     # V = 0 launches no program (only torch.ops reaches it: the functional API rejects V = 0): the rows are 0
     rows = (torch.zeros if v == 0 else torch.empty)(n, device=dev, dtype=acc)
-    gs = torch.empty((n, v) if grad_student else (0,), device=dev, dtype=student.dtype)
-    gt = torch.empty((k, n, v) if grad_teachers else (0,), device=dev, dtype=teachers.dtype)
+    gs = torch.empty((n, v) if a.grad_student else (0,), device=dev, dtype=student.dtype)
+    gt = torch.empty((k, n, v) if a.grad_teachers else (0,), device=dev, dtype=teachers.dtype)
     dummy = rows
-    tw = teacher_weights.to(acc).contiguous() if teacher_weights is not None else dummy
-    sw = sample_weight.to(acc).contiguous() if sample_weight is not None else dummy
-    den = denominator.to(acc).reshape(1) if (reduce and denominator is not None) else dummy
-    lab = labels.to(torch.int64).contiguous() if labels is not None else torch.empty(1, device=dev, dtype=torch.int64)
-    ens = ENS_CODES[ensemble] if k > 1 else 0
-    values = [1.0 / temperature, kd_scale, kd_scale / temperature, ce_weight, *div_params(beta, skew), 1.0 / k]
-    prm = param_tensor(values, acc, dev)
+    tw = a.teacher_weights.to(acc).contiguous() if a.teacher_weights is not None else dummy
+    sw = a.sample_weight.to(acc).contiguous() if a.sample_weight is not None else dummy
+    has_den = a.reduce and a.denominator is not None
+    den = a.denominator.to(acc).reshape(1) if has_den else dummy
+    lab = a.labels.to(torch.int64).contiguous() if a.labels is not None else torch.empty(1, device=dev,
+                                                                                        dtype=torch.int64)  # fmt: skip
+    ens = ENS_CODES[a.ensemble] if k > 1 else 0
+    prm = param_tensor(pack_params(KD_PARAMS, inv_t=1.0 / a.temperature, kd_scale=a.kd_scale,
+                                   kd_over_t=a.kd_scale / a.temperature, ce_weight=a.ce_weight, uniform=1.0 / k,
+                                   div=a.div_params), acc, dev)  # fmt: skip
     strides = [student.stride(0), teachers.stride(0), teachers.stride(1)]
-    ints = int_tensor([n, v, *strides, ignore_index, k, teacher_weights is not None, labels is not None,
-                       sample_weight is not None, reduce and denominator is not None, ce_weight > 0,
-                       temperature == 1.0, grad_student, grad_teachers], dev)  # fmt: skip
+    ints = int_tensor([n, v, *strides, a.ignore_index, k, a.teacher_weights is not None, a.labels is not None,
+                       a.sample_weight is not None, has_den, a.ce_weight > 0, a.temperature == 1.0, a.grad_student,
+                       a.grad_teachers], dev)  # fmt: skip
     aligned = is_aligned([student, teachers, gs, gt], [v, *strides])
     launch = Launch(
         _kd_row_kernel.pick(aligned), (n if v > 0 else 0,),
         (student, teachers, tw, lab, sw, den, rows, gs, gt, prm, ints),
-        dict(KP=kp, BLOCK=_block(kp), DIV=DIV_CODES[divergence], ENS=ens, ALIGNED=aligned, ACC=tl_acc(student.dtype)),
+        dict(KP=kp, BLOCK=_block(kp), DIV=div.code, CLOSED=div.closed_form, ENS=ens, ALIGNED=aligned,
+             ACC=tl_acc(student.dtype)),
         {"num_warps": NUM_WARPS},
     )  # fmt: skip
     return launch, rows, gs, gt
+
+
+def kl_call(student: Tensor, teachers: Tensor, **changes) -> SimpleNamespace:
+    """The arguments by name of a plain KL call (T = 2, T^2 scaling, no optional inputs, the student's gradient
+    only, per-row losses), ``changes`` replacing any of them: for launchers built outside a call (aot.py, tests)."""
+    args = dict(student=student, teachers=teachers, teacher_weights=None, labels=None, sample_weight=None,
+                denominator=None, divergence="kl", ensemble="prob_mean", temperature=2.0, kd_scale=4.0, ce_weight=0.0,
+                div_params=[], ignore_index=-100, reduce=False, grad_student=True, grad_teachers=False)  # fmt: skip
+    return KDInputs.named(KDInputs.bind(**{**args, **changes}))
 
 
 def kd_space():
@@ -494,32 +370,36 @@ def kd_space():
     student and teacher dtypes, divergence, ensemble and teacher bucket, aligned and not; the run-time flags both
     ways (they must not fork the compile)."""
     for dtype, t_dtype in ((a, b) for a in ROW_KERNEL_GPU_DTYPES for b in ROW_KERNEL_GPU_DTYPES):
-        for div in DIV_CODES:
+        for name, div in divergences.DIVERGENCES.items():
             for k in (1, 2, 3, 4, 5, 8, 9, 16):
                 for ens in ENS_CODES if k > 1 else ("prob_mean",):
                     for v in (4096, 4097):  # aligned; odd V (unaligned rows)
                         for on in (False, True):
-                            s = torch.empty(8, v, device="meta", dtype=dtype)
-                            t = torch.empty(k, 8, v, device="meta", dtype=t_dtype)
                             opt = (lambda x: x if on else None)  # noqa: E731
-                            yield kd_launch(s, t, opt(torch.empty(k, 8, device="meta")),
-                                            opt(torch.empty(8, device="meta", dtype=torch.int64)),
-                                            opt(torch.empty(8, device="meta")), opt(torch.empty((), device="meta")),
-                                            div, ens, 1.0 if on else 2.0, 4.0, 0.5 if on else 0.0, 0.5, 0.1, -100,
-                                            on, True, on)[0]  # fmt: skip
+                            yield kd_launch(KDInputs.named(KDInputs.bind(
+                                student=torch.empty(8, v, device="meta", dtype=dtype),
+                                teachers=torch.empty(k, 8, v, device="meta", dtype=t_dtype),
+                                teacher_weights=opt(torch.empty(k, 8, device="meta")),
+                                labels=opt(torch.empty(8, device="meta", dtype=torch.int64)),
+                                sample_weight=opt(torch.empty(8, device="meta")),
+                                denominator=opt(torch.empty((), device="meta")), divergence=name, ensemble=ens,
+                                temperature=1.0 if on else 2.0, kd_scale=4.0, ce_weight=0.5 if on else 0.0,
+                                div_params=[p.default for p in div.params], ignore_index=-100, reduce=on,
+                                grad_student=True, grad_teachers=on)))[0]  # fmt: skip
 
 
-def _kd_loss_triton_fake(student, teachers, teacher_weights, labels, sample_weight, denominator, divergence, ensemble,
-                         temperature, kd_scale, ce_weight, beta, skew, ignore_index, reduce, grad_student,
-                         grad_teachers):  # fmt: skip
-    n, v = student.shape
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    loss = student.new_empty(() if reduce else (n,), dtype=acc)
-    gs = student.new_empty((n, v) if grad_student else (0,))
-    gt = teachers.new_empty(tuple(teachers.shape) if grad_teachers else (0,))
+def _kd_loss_triton_fake(*args) -> tuple[Tensor, Tensor, Tensor]:
+    a = KDInputs.named(args)
+    n, v = a.student.shape
+    acc = torch.float64 if a.student.dtype == torch.float64 else torch.float32
+    loss = a.student.new_empty(() if a.reduce else (n,), dtype=acc)
+    gs = a.student.new_empty((n, v) if a.grad_student else (0,))
+    gt = a.teachers.new_empty(tuple(a.teachers.shape) if a.grad_teachers else (0,))
     return loss, gs, gt
 
 
+# fastdistill::kd_loss's arguments with the teachers as one [K, N, V] tensor
+KDInputs.typed(_kd_loss_triton, teachers="Tensor", returns="(Tensor, Tensor, Tensor)")
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     # Triton's interpreter cannot be traced (wrap_triton needs a compiled JITFunction), so here the op is opaque to
     # torch.compile, with a fake kernel; on a GPU it is a triton_op and torch.compile traces into the kernel.

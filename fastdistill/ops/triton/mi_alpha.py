@@ -38,7 +38,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..registration import MI_STATS_ROWS, register_mi_triton
+from ..inputs import MIBackwardArgs, MIInputs
+from ..registration import MI_STATS_ROWS, mi_alpha_backward_fake, mi_alpha_fake, register_mi_triton
 from .launch import Launch, acc_dtype, int_tensor, is_aligned, jit_pair, param_tensor
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -381,6 +382,7 @@ _mi_fwd_kernel = jit_pair(_mi_fwd, small=_SMALL)
 _mi_bwd_rows_kernel = jit_pair(_mi_bwd_rows, small=_SMALL)
 _mi_bwd_cols_kernel = jit_pair(_mi_bwd_cols, small=_SMALL)
 # the compiled variants: every value each constexpr can take (aot.py checks the launchers reach exactly these)
+KERNELS = [_mi_fwd_kernel, _mi_bwd_rows_kernel, _mi_bwd_cols_kernel]
 MI_DOMAINS = {"BM": (32, 64), "BN": (32, 64), "BK": (16, 32, 64, 128), "BDO": (16, 32, 64, 128, 256),
               "ALIGNED": (False, True), "ACC": ("fp32", "fp64"), "PREC": ("ieee", "tf32"),
               "WIDEN": (False,)}  # fmt: skip
@@ -447,50 +449,39 @@ def mi_space():
                 yield launch
 
 
-def _mi_alpha_triton(
-    student: Tensor, teacher: Tensor, log_baseline: Tensor, alpha: float, temperature: float
-) -> tuple[Tensor, Tensor]:
-    """The Triton twin of ``fastdistill::mi_alpha``: student, teacher [N, D] (one dtype, N >= 2), log_baseline [N].
-    Returns (estimate 0-dim, stats [8, N] = (l, Crest, Phi, m, dI/da, k*, dI/dS_ii, z)), float32 (float64 for float64
-    inputs)."""
-    launch, stats, part = mi_fwd_launch(student, teacher, log_baseline, alpha, temperature)
+def _mi_alpha_triton(*args) -> tuple[Tensor, Tensor]:
+    """The Triton twin of ``fastdistill::mi_alpha`` (arguments: ``MIInputs.ARGS``): student, teacher [N, D] (one
+    dtype, N >= 2), log_baseline [N]. Returns (estimate 0-dim, stats [8, N] = (l, Crest, Phi, m, dI/da, k*,
+    dI/dS_ii, z)), float32 (float64 for float64 inputs)."""
+    x = MIInputs.named(args)
+    launch, stats, part = mi_fwd_launch(**vars(x))
     launch.run()
-    n = student.shape[0]
+    n = x.student.shape[0]
     estimate = (1.0 + part.to(torch.float64).sum() / n).to(part.dtype)  # fixed-order reduction: deterministic
     return estimate, stats
 
 
-def _mi_alpha_backward_triton(
-    grad: Tensor, student: Tensor, teacher: Tensor, log_baseline: Tensor, stats: Tensor, alpha: float,
-    temperature: float,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """The Triton twin of ``fastdistill::mi_alpha_backward``: (grad * dI/d student, grad * dI/d teacher), each in
-    its input's dtype, from the forward's stats (S recomputed tile by tile)."""
-    rows, cols, d_student, d_teacher = mi_bwd_launches(grad, student, teacher, log_baseline, stats, alpha,
-                                                       temperature)  # fmt: skip
+def _mi_alpha_backward_triton(*args) -> tuple[Tensor, Tensor]:
+    """The Triton twin of ``fastdistill::mi_alpha_backward`` (arguments: ``MIBackwardArgs.ARGS``): (grad * dI/d
+    student, grad * dI/d teacher), each in its input's dtype, from the forward's stats (S recomputed tile by
+    tile)."""
+    rows, cols, d_student, d_teacher = mi_bwd_launches(**vars(MIBackwardArgs.named(args)))
     rows.run()
     cols.run()
     return d_student, d_teacher
 
 
-def _mi_alpha_triton_fake(student, teacher, log_baseline, alpha, temperature):
-    acc = acc_dtype(student.dtype)
-    return student.new_empty((), dtype=acc), student.new_empty((MI_STATS_ROWS, student.shape[0]), dtype=acc)
-
-
-def _mi_alpha_backward_triton_fake(grad, student, teacher, log_baseline, stats, alpha, temperature):
-    return student.new_empty(student.shape), teacher.new_empty(teacher.shape)
-
-
+MIInputs.typed(_mi_alpha_triton)
+MIBackwardArgs.typed(_mi_alpha_backward_triton)
 if _INTERPRET:
     # Triton's interpreter cannot be traced (wrap_triton needs a compiled JITFunction), so here the ops are opaque to
     # torch.compile, with fake kernels; on a GPU they are triton_ops and torch.compile traces into the kernels.
     mi_alpha_triton = torch.library.custom_op("fastdistill::mi_alpha_triton", mutates_args=())(_mi_alpha_triton)
-    mi_alpha_triton.register_fake(_mi_alpha_triton_fake)
+    mi_alpha_triton.register_fake(mi_alpha_fake)
     mi_alpha_backward_triton = torch.library.custom_op("fastdistill::mi_alpha_backward_triton", mutates_args=())(
         _mi_alpha_backward_triton
     )
-    mi_alpha_backward_triton.register_fake(_mi_alpha_backward_triton_fake)
+    mi_alpha_backward_triton.register_fake(mi_alpha_backward_fake)
 else:
     mi_alpha_triton = torch.library.triton_op("fastdistill::mi_alpha_triton", mutates_args=())(_mi_alpha_triton)
     mi_alpha_backward_triton = torch.library.triton_op("fastdistill::mi_alpha_backward_triton", mutates_args=())(

@@ -1,0 +1,90 @@
+"""The divergence table, the one Python list of divergences (its C++ twin: ``FD_DIVERGENCES`` in
+``csrc/common/kd_math.h``; ``tests/test_divergence_table.py`` holds the two to each other).
+
+Everything that names, numbers or checks a divergence reads it: the functional API's argument checks, the config's
+choices, the Triton kernels' codes and closed-form switch, the parameter vector the kernels take, and the tests.
+Adding a divergence: one entry here and in ``FD_DIVERGENCES``, one case in ``kd_math.h``'s ``divergence_terms``,
+one branch in :func:`fastdistill.ops.reference.divergence` and in the Triton ``_terms``, and tests (CONTRIBUTING.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Param:
+    """A divergence's hyper-parameter: its keyword in the API, default, and admissible interval."""
+
+    name: str
+    default: float
+    low: float
+    high: float
+    low_open: bool
+    high_open: bool
+    doc: str
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """One row of the table. ``code``: the kernels' number for it (its position, as in the C++ enum);
+    ``closed_form``: the student aggregate sum_v Q dphi/dQ is -1, so the student gradient Q - P needs no second
+    sweep (kd_math.h's ``student_aggregate_is_minus_one``); ``params``: its hyper-parameters, in the order of the
+    parameter vector the kernels take."""
+
+    name: str
+    code: int
+    formula: str
+    params: tuple[Param, ...] = ()
+    closed_form: bool = False
+
+
+BETA = Param("beta", 0.5, 0.0, 1.0, True, True, "jsd: the teacher's weight in the mixture M = beta P + (1 - beta) Q")
+SKEW = Param("skew", 0.1, 0.0, 1.0, False, True, "skew_*: the mixing weight of the skewed target")
+
+_TABLE = (
+    ("kl", "sum P log(P / Q)", (), True),
+    ("reverse_kl", "sum Q log(Q / P)", (), False),
+    ("jsd", "beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q", (BETA,), False),
+    ("tvd", "1/2 sum |P - Q|", (), False),
+    ("skew_kl", "KL(P || skew P + (1 - skew) Q)", (SKEW,), False),
+    ("skew_reverse_kl", "KL(Q || (1 - skew) P + skew Q)", (SKEW,), False),
+)
+DIVERGENCES: dict[str, Divergence] = {
+    name: Divergence(name, code, formula, params, closed)
+    for code, (name, formula, params, closed) in enumerate(_TABLE)
+}
+NAMES: tuple[str, ...] = tuple(DIVERGENCES)
+# The keyword hyper-parameters of every divergence (the API takes each as a keyword with its default).
+PARAMS: dict[str, Param] = {p.name: p for d in DIVERGENCES.values() for p in d.params}
+# The most parameters one divergence takes (kd_math.h's kMaxDivParams; the kernels hold that many).
+MAX_PARAMS = 1
+assert max(len(d.params) for d in DIVERGENCES.values()) <= MAX_PARAMS
+
+
+def get(name: str) -> Divergence:
+    """The table's row for ``name``, or a ValueError naming the argument and the choices."""
+    if not isinstance(name, str) or name not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {', '.join(map(repr, NAMES))}; got {name!r}")
+    return DIVERGENCES[name]
+
+
+def param_vector(name: str, values: dict[str, float]) -> list[float]:
+    """The parameter vector of divergence ``name`` as the kernels take it: its parameters' values in table order
+    (``values`` maps every keyword of :data:`PARAMS`; the others are ignored)."""
+    return [float(values[p.name]) for p in get(name).params]
+
+
+def kernel_params(div_params: Sequence[float]) -> list[float]:
+    """The parameter vector as the Triton kernels read it: per parameter w, (w, log w, log(1 - w)) (log 0 = -inf is
+    intended, as in kd_math.h's make_div_params), zero-padded to MAX_PARAMS triples."""
+
+    def log(x: float) -> float:
+        return math.log(x) if x > 0 else -math.inf
+
+    out: list[float] = []
+    for w in div_params:
+        out += [float(w), log(w), log(1.0 - w)]
+    return out + [0.0] * (3 * MAX_PARAMS - len(out))

@@ -1,0 +1,380 @@
+"""One record per op: the validated, flattened arguments of an op call, and the one Python statement of the op's
+argument list.
+
+Each record class names its op (``OP``) and lists the op's arguments in schema order (``ARGS``: name and schema
+type, the order of ``TORCH_LIBRARY`` in ``csrc/fastdistill.cpp``; ``tests/test_registration.py`` holds the two to
+each other). Everything else reads arguments by name: ``kernel_args`` builds the argument tuple of a call, the fake
+kernels, autograd and the Triton wrappers read a call's arguments with ``arg`` / ``named``, and the Triton ops take
+their schema from ``schema``. The generic backends of :mod:`fastdistill.ops.dispatch` run any record through three
+methods: ``extension`` (``torch.ops.fastdistill.<OP>``), ``triton`` and ``reference``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# schema type -> Python annotation (torch.library infers the schema back from these)
+_PY_TYPES = {"Tensor": Tensor, "Tensor?": Optional[Tensor], "Tensor[]": list[Tensor], "str": str, "float": float,
+             "float[]": list[float], "int": int, "bool": bool}  # fmt: skip
+
+
+class OpInputs:
+    """What the op records share: the argument list and name-based access to a call's arguments."""
+
+    OP: ClassVar[str]
+    ARGS: ClassVar[tuple[tuple[str, str], ...]]  # (name, schema type), schema order
+    RETURNS: ClassVar[str]
+    _NAMES: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._NAMES = tuple(name for name, _ in cls.ARGS)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The op's argument names, in schema order."""
+        return cls._NAMES
+
+    @classmethod
+    def index(cls, name: str) -> int:
+        """The position of argument ``name`` in a call of the op."""
+        return cls.names().index(name)
+
+    @classmethod
+    def arg(cls, args: tuple, name: str) -> Any:
+        """Argument ``name`` of a call's positional arguments ``args``."""
+        return args[cls.index(name)]
+
+    @classmethod
+    def named(cls, args: tuple) -> SimpleNamespace:
+        """A call's positional arguments by name."""
+        if len(args) != len(cls.ARGS):
+            raise TypeError(f"fastdistill::{cls.OP} takes {len(cls.ARGS)} arguments, got {len(args)}")
+        return SimpleNamespace(**dict(zip(cls.names(), args)))
+
+    @classmethod
+    def bind(cls, **values: Any) -> tuple:
+        """The positional arguments of a call from its arguments by name (all of them)."""
+        if values.keys() != set(cls._NAMES):
+            missing, extra = set(cls._NAMES) - values.keys(), values.keys() - set(cls._NAMES)
+            raise TypeError(f"fastdistill::{cls.OP}: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        return tuple(values[name] for name in cls._NAMES)
+
+    def _args(self, **computed: Any) -> tuple:
+        """This record's op arguments: the ``computed`` ones, the rest the record's fields of the same name."""
+        return tuple(computed[n] if n in computed else getattr(self, n) for n in self._NAMES)
+
+    @classmethod
+    def schema(cls, **types: str) -> str:
+        """The schema ``(args) -> returns``, with the types of some arguments replaced (the Triton twins take the
+        teachers stacked: ``teachers="Tensor"``) and ``returns=`` to replace the outputs."""
+        returns = types.pop("returns", cls.RETURNS)
+        return "(" + ", ".join(f"{types.get(n, t)} {n}" for n, t in cls.ARGS) + ") -> " + returns
+
+    @classmethod
+    def typed(cls, fn, **types: str):
+        """``fn(*args)`` with the op's signature (``schema``'s types, annotations included), so that
+        ``torch.library`` infers the op's schema from it: the Triton twins are defined from the record."""
+        returns = types.pop("returns", cls.RETURNS)
+        params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_PY_TYPES[types.get(n, t)])
+                  for n, t in cls.ARGS]  # fmt: skip
+        outs = tuple(_PY_TYPES[t.strip()] for t in returns.strip("()").split(","))
+        fn.__signature__ = inspect.Signature(params, return_annotation=tuple[outs])  # type: ignore[valid-type]
+        return fn
+
+    def tensors(self) -> list[Tensor]:
+        raise NotImplementedError
+
+    def reasons(self, kind: str) -> list[str]:
+        """What this op cannot do with these inputs on a backend of ``kind`` ("extension", "triton")."""
+        return []
+
+    def extension(self) -> Any:
+        """Run ``torch.ops.fastdistill.<OP>`` and return the op's user-facing result."""
+        raise NotImplementedError
+
+    def triton(self) -> Any:
+        raise NotImplementedError
+
+    def reference(self) -> Any:
+        raise NotImplementedError
+
+
+def _grad_on(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _dtype_reasons(logits: list[Tensor]) -> list[str]:
+    dtypes = {t.dtype for t in logits}
+    if not dtypes <= set(SUPPORTED_DTYPES):
+        return [f"logits must be float32/float64/bfloat16/float16, got {sorted(map(str, dtypes))}"]
+    return []
+
+
+def _triton_row_dtype_reasons(logits: list[Tensor]) -> list[str]:
+    """The row kernels (kd_loss, codistill_loss) are compiled for float32 / bfloat16 / float16 logits only
+    (triton/launch.py: ROW_KERNEL_GPU_DTYPES); float64 runs in the interpreter (tests), on a GPU on the reference."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1" and any(t.dtype == torch.float64 for t in logits):
+        return ["float64 logits: the Triton kernels are compiled for float32/bfloat16/float16 (the reference "
+                "backend computes float64 exactly)"]  # fmt: skip
+    return []
+
+
+def _kernel_dtypes(student: Tensor, teachers: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """The dtypes the fused kernels take: float64 everywhere when any input is float64 (computed in float64), and
+    one dtype for all teachers (their promotion: a copy only when they differ)."""
+    if reference.compute_dtype(student, *teachers) == torch.float64:
+        return student.double(), [t.double() for t in teachers]
+    if len({t.dtype for t in teachers}) > 1:
+        common = teachers[0].dtype
+        for t in teachers[1:]:
+            common = torch.promote_types(common, t.dtype)
+        teachers = [t.to(common) for t in teachers]
+    return student, teachers
+
+
+def _unit_stride(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@dataclass
+class KDInputs(OpInputs):
+    """Arguments of :func:`fastdistill.kd_loss`, validated and flattened (math: :func:`reference.kd_loss`)."""
+
+    OP: ClassVar[str] = "kd_loss"
+    ARGS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("student", "Tensor"),  # [N, V]
+        ("teachers", "Tensor[]"),  # K x [N, V] (the Triton twin: one [K, N, V] tensor)
+        ("teacher_weights", "Tensor?"),  # [K, N], columns sum to 1
+        ("labels", "Tensor?"),  # int64 [N]
+        ("sample_weight", "Tensor?"),  # [N]
+        ("denominator", "Tensor?"),  # 0-dim
+        ("divergence", "str"),
+        ("ensemble", "str"),
+        ("temperature", "float"),
+        ("kd_scale", "float"),  # (1 - ce_weight) * (T^2 or 1)
+        ("ce_weight", "float"),
+        ("div_params", "float[]"),  # the divergence's parameters (ops/divergences.py)
+        ("ignore_index", "int"),
+        ("reduce", "bool"),
+        ("grad_student", "bool"),
+        ("grad_teachers", "bool"),
+    )
+    RETURNS: ClassVar[str] = "(Tensor, Tensor, Tensor[])"
+    MAX_TEACHERS: ClassVar[int] = 16  # per-row state lives in fixed-size arrays in the kernels (cpu, Triton)
+
+    student: Tensor
+    teachers: list[Tensor]
+    teachers_stacked: Tensor | None  # [K, N, V] view of the caller's tensor when it came stacked (or K = 1)
+    teacher_weights: Tensor | None
+    labels: Tensor | None
+    sample_weight: Tensor | None
+    denominator: Tensor | None
+    divergence: str
+    ensemble: str
+    temperature: float
+    kd_scale: float
+    ce_weight: float
+    div_params: list[float]
+    ignore_index: int
+    reduce: bool
+
+    def tensors(self) -> list[Tensor]:
+        optional = [self.teacher_weights, self.labels, self.sample_weight, self.denominator]
+        return [self.student, *self.teachers, *(t for t in optional if t is not None)]
+
+    def reasons(self, kind: str) -> list[str]:
+        logits = [self.student, *self.teachers]
+        reasons = []
+        if len(self.teachers) > self.MAX_TEACHERS:
+            reasons.append(f"takes at most {self.MAX_TEACHERS} teachers, got K = {len(self.teachers)}")
+        reasons += _dtype_reasons(logits)
+        if kind == "triton":
+            reasons += _triton_row_dtype_reasons(logits)
+        return reasons
+
+    def kernel_args(self, stacked: bool = False) -> tuple:
+        """The op's arguments for this call: kernel dtypes, the gradient flags of this call, and the teachers as a
+        list (``fastdistill::kd_loss``) or one [K, N, V] tensor of unit stride along V (``stacked``: the Triton
+        twin; the caller's own tensor when it came stacked and needs no cast, else one copy)."""
+        student, teachers = _kernel_dtypes(self.student, self.teachers)
+        if stacked:
+            t = self.teachers_stacked
+            if t is None or teachers[0].dtype != t.dtype:
+                t = torch.stack(teachers)
+            teachers, student = _unit_stride(t), _unit_stride(student)
+            grad_teachers = _grad_on(teachers)
+        else:
+            grad_teachers = _grad_on(*teachers)
+        return self._args(student=student, teachers=teachers, grad_student=_grad_on(student),
+                          grad_teachers=grad_teachers)  # fmt: skip
+
+    def extension(self) -> Tensor:
+        return torch.ops.fastdistill.kd_loss(*self.kernel_args())[0]
+
+    def triton(self) -> Tensor:
+        from .triton.kd_loss import kd_loss_triton
+
+        return kd_loss_triton(*self.kernel_args(stacked=True))[0]
+
+    def reference(self) -> Tensor:
+        return reference.kd_loss(
+            self.student, self.teachers, teacher_weights=self.teacher_weights, labels=self.labels,
+            sample_weight=self.sample_weight, denominator=self.denominator, divergence_kind=self.divergence,
+            ensemble=self.ensemble, temperature=self.temperature, kd_scale=self.kd_scale, ce_weight=self.ce_weight,
+            div_params=self.div_params, ignore_index=self.ignore_index, reduce=self.reduce,
+        )  # fmt: skip
+
+
+@dataclass
+class CodistillInputs(OpInputs):
+    """Arguments of :func:`fastdistill.codistill_loss`, validated and flattened (math:
+    :func:`reference.codistill_loss`)."""
+
+    OP: ClassVar[str] = "codistill_loss"
+    ARGS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("a", "Tensor"),  # [N, V]
+        ("b", "Tensor"),  # [N, V]
+        ("labels", "Tensor?"),
+        ("sample_weight", "Tensor?"),
+        ("denominator", "Tensor?"),
+        ("divergence", "str"),
+        ("temperature", "float"),
+        ("kd_scale", "float"),  # T^2 or 1
+        ("weight_ab", "float"),  # a -> b: in loss_b
+        ("weight_ba", "float"),  # b -> a: in loss_a
+        ("hard_a", "float"),
+        ("hard_b", "float"),
+        ("div_params", "float[]"),
+        ("ignore_index", "int"),
+        ("reduce", "bool"),
+        ("grad_a", "bool"),
+        ("grad_b", "bool"),
+    )
+    RETURNS: ClassVar[str] = "(Tensor, Tensor, Tensor, Tensor)"
+
+    a: Tensor
+    b: Tensor
+    labels: Tensor | None
+    sample_weight: Tensor | None
+    denominator: Tensor | None
+    divergence: str
+    temperature: float
+    kd_scale: float
+    weight_ab: float
+    weight_ba: float
+    hard_a: float
+    hard_b: float
+    div_params: list[float]
+    ignore_index: int
+    reduce: bool
+
+    def tensors(self) -> list[Tensor]:
+        optional = [self.labels, self.sample_weight, self.denominator]
+        return [self.a, self.b, *(t for t in optional if t is not None)]
+
+    def reasons(self, kind: str) -> list[str]:
+        return _triton_row_dtype_reasons([self.a, self.b]) if kind == "triton" else []
+
+    def kernel_args(self, unit_stride: bool = False) -> tuple:
+        """The op's arguments with the gradient flags of this call (a and b in one dtype: their promotion, a copy
+        only when they differ; rows of unit stride along V for the Triton twin)."""
+        a, b = self.a, self.b
+        if a.dtype != b.dtype:
+            common = torch.promote_types(a.dtype, b.dtype)
+            a, b = a.to(common), b.to(common)
+        if unit_stride:
+            a, b = _unit_stride(a), _unit_stride(b)
+        return self._args(a=a, b=b, grad_a=_grad_on(a), grad_b=_grad_on(b))
+
+    def extension(self) -> tuple[Tensor, Tensor]:
+        loss_a, loss_b, _, _ = torch.ops.fastdistill.codistill_loss(*self.kernel_args())
+        return loss_a, loss_b
+
+    def triton(self) -> tuple[Tensor, Tensor]:
+        from .triton.codistill_loss import codistill_loss_triton
+
+        loss_a, loss_b, _, _ = codistill_loss_triton(*self.kernel_args(unit_stride=True))
+        return loss_a, loss_b
+
+    def reference(self) -> tuple[Tensor, Tensor]:
+        return reference.codistill_loss(
+            self.a, self.b, labels=self.labels, sample_weight=self.sample_weight, denominator=self.denominator,
+            divergence_kind=self.divergence, temperature=self.temperature, kd_scale=self.kd_scale,
+            weight_ab=self.weight_ab, weight_ba=self.weight_ba, hard_a=self.hard_a, hard_b=self.hard_b,
+            div_params=self.div_params, ignore_index=self.ignore_index, reduce=self.reduce,
+        )  # fmt: skip
+
+
+@dataclass
+class MIInputs(OpInputs):
+    """Arguments of :func:`fastdistill.mi_alpha`, validated (math: :func:`reference.mi_alpha`). The fused ops take
+    the critic applied: unit-norm rows for "cosine" (its gradient from autograd through the normalisation)."""
+
+    OP: ClassVar[str] = "mi_alpha"
+    ARGS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("student", "Tensor"),  # [N, D], critic applied
+        ("teacher", "Tensor"),  # [N, D]
+        ("log_baseline", "Tensor"),  # [N], accumulation dtype
+        ("alpha", "float"),
+        ("temperature", "float"),
+    )
+    RETURNS: ClassVar[str] = "(Tensor, Tensor)"  # estimate (0-dim), stats [8, N]
+
+    student: Tensor
+    teacher: Tensor
+    log_baseline: float | Tensor  # float, or [N]
+    alpha: float
+    critic: str
+    temperature: float
+
+    def tensors(self) -> list[Tensor]:
+        extra = [self.log_baseline] if isinstance(self.log_baseline, Tensor) else []
+        return [self.student, self.teacher, *extra]
+
+    def kernel_args(self) -> tuple:
+        u, v = self.student, self.teacher
+        if self.critic == "cosine":
+            u, v = torch.nn.functional.normalize(u, dim=-1), torch.nn.functional.normalize(v, dim=-1)
+        acc = reference.compute_dtype(u)
+        a = self.log_baseline
+        a = a.to(acc) if isinstance(a, Tensor) else torch.full((u.shape[0],), float(a), dtype=acc, device=u.device)
+        return self._args(student=u.contiguous(), teacher=v.contiguous(), log_baseline=a.contiguous())
+
+    def extension(self) -> Tensor:
+        return torch.ops.fastdistill.mi_alpha(*self.kernel_args())[0]
+
+    def triton(self) -> Tensor:
+        from .triton.mi_alpha import mi_alpha_triton
+
+        return mi_alpha_triton(*self.kernel_args())[0]
+
+    def reference(self) -> Tensor:
+        return reference.mi_alpha(self.student, self.teacher, alpha=self.alpha, log_baseline=self.log_baseline,
+                                  critic=self.critic, temperature=self.temperature)  # fmt: skip
+
+
+class MIBackwardArgs(OpInputs):
+    """The argument list of ``fastdistill::mi_alpha_backward`` (autograd's call: registration.py)."""
+
+    OP: ClassVar[str] = "mi_alpha_backward"
+    ARGS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("grad", "Tensor"),  # 0-dim
+        ("student", "Tensor"),
+        ("teacher", "Tensor"),
+        ("log_baseline", "Tensor"),
+        ("stats", "Tensor"),  # [8, N] from the forward
+        ("alpha", "float"),
+        ("temperature", "float"),
+    )
+    RETURNS: ClassVar[str] = "(Tensor, Tensor)"

@@ -1,0 +1,131 @@
+"""The per-element and per-row math the Triton row kernels (kd_loss.py, codistill_loss.py) share: the divergence
+terms (csrc/common/kd_math.h's, element for element), online softmax statistics, split log-softmax normalisers, the
+row's weight and label, the cross-entropy gradient."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def xlogr(x, log_x, log_y):
+    """x * (log x - log y) with 0 * log 0 = 0; a NaN x gives NaN (never a silent 0)."""
+    return tl.where(x == 0, 0.0, x * (log_x - log_y))
+
+
+@triton.jit
+def logaddexp(x, y):
+    m = tl.maximum(x, y)
+    r = m + tl.log(1.0 + tl.exp(-tl.abs(x - y)))
+    return tl.where(m == float("-inf"), m, r)
+
+
+@triton.jit
+def divergence_terms(p, q, logp, logq, DIV: tl.constexpr, dw, log_dw, log_1m_dw):
+    """phi (loss term), gq = Q dphi/dQ, hp = P dphi/dP: csrc/common/kd_math.h's divergence_terms, element for
+    element (tests/test_divergence_table.py). DIV: the divergence's code in ops/divergences.py; dw, log dw,
+    log(1 - dw): its mixture weight (jsd: beta; skew_*: skew), unused by the others."""
+    if DIV == 0:  # kl
+        phi = xlogr(p, logp, logq)
+        gq = -p
+        hp = phi + p
+    elif DIV == 1:  # reverse_kl
+        phi = xlogr(q, logq, logp)
+        gq = phi + q
+        hp = -q
+    elif DIV == 2:  # jsd
+        logm = logaddexp(logp + log_dw, logq + log_1m_dw)
+        hp = dw * xlogr(p, logp, logm)
+        gq = (1.0 - dw) * xlogr(q, logq, logm)
+        phi = hp + gq
+    elif DIV == 3:  # tvd
+        d = q - p
+        phi = 0.5 * tl.abs(d)
+        sg = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)) + (d - d)  # NaN stays NaN (kd_math.h's sign)
+        gq = 0.5 * q * sg
+        hp = -0.5 * p * sg
+    elif DIV == 4:  # skew_kl
+        logm = logaddexp(logp + log_dw, logq + log_1m_dw)
+        phi = xlogr(p, logp, logm)
+        r = tl.where(p == 0, 0.0, tl.exp(logp - logm))
+        gq = -(1.0 - dw) * q * r
+        hp = phi + p - dw * p * r
+    else:  # skew_reverse_kl
+        logm = logaddexp(logp + log_1m_dw, logq + log_dw)
+        phi = xlogr(q, logq, logm)
+        r = tl.where(q == 0, 0.0, tl.exp(logq - logm))
+        gq = phi + q - dw * q * r
+        hp = -(1.0 - dw) * p * r
+    return phi, gq, hp
+
+
+@triton.jit
+def online(m, total, x, AXIS: tl.constexpr):
+    """Online softmax statistics along AXIS: running max m and sum of exp(x - m); -inf safe."""
+    nm = tl.maximum(m, tl.max(x, AXIS))
+    safe = tl.where(nm == float("-inf"), 0.0, nm)
+    if AXIS == 0:
+        total = total * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), 0)
+    else:
+        total = total * tl.exp(m - safe) + tl.sum(tl.exp(x - safe[:, None]), 1)
+    return nm, total
+
+
+@triton.jit
+def row_weight(row, sw_ptr, lab_ptr, den_ptr, ignore_index, has_sw, has_labels, has_den, uses_label, V,
+                ACC: tl.constexpr):  # fmt: skip
+    """Row ``row``'s sample weight sw, the factor f = sw / denominator its gradient carries, its label (-1 without
+    labels; int64) and whether it counts (valid: weight != 0 and label != ignore_index). has_*, uses_label (a
+    cross-entropy term reads the label): runtime flags. A label out of [0, V) that is read makes sw and f NaN, so
+    the row's loss and gradient are NaN: the Python range check does not run under torch.compile, and a kernel
+    cannot raise (the label's logit itself is never loaded outside the row)."""
+    sw = tl.full((), 1.0, ACC)
+    if has_sw != 0:
+        sw = tl.load(sw_ptr + row).to(ACC)
+    valid = sw != 0.0
+    label = row * 0 - 1
+    if has_labels != 0:
+        label = tl.load(lab_ptr + row)
+        valid = valid & (label != ignore_index)
+        if uses_label != 0:
+            sw = tl.where((label < 0) | (label >= V), float("nan"), sw)
+    f = sw
+    if has_den != 0:
+        f = sw / tl.load(den_ptr).to(ACC)
+    return sw, f, label, valid
+
+
+@triton.jit
+def log_softmax(z, m, log_l):
+    """log softmax at z from its row's max m of z and log_l = log sum exp(z - m): (z - m) - log_l, never
+    z - (m + log_l). Near the row's top class both parts are small and exact, so a probability near 1 keeps its
+    last bits (as e / sum does in the CPU kernel), where z - lse would lose ulp(lse) to the rounding of lse."""
+    return (z - m) - log_l
+
+
+@triton.jit
+def reload(ptrs, mask, RELOAD: tl.constexpr):
+    """Load a tile, -inf where masked. RELOAD: the tile was read moments ago (it is in L1/L2); the optional work
+    behind a run-time flag (cross-entropy, teacher gradients) reads it again rather than keeping the first read's
+    tiles alive through the common path, whose registers (and so occupancy) it would otherwise raise. volatile so
+    the compiler cannot merge it with the first read."""
+    return tl.load(ptrs, mask=mask, other=float("-inf"), volatile=RELOAD)
+
+
+@triton.jit
+def log_probs(row_ptr, cols, mask, inv_t, m, log_l, ACC: tl.constexpr, RELOAD: tl.constexpr = False):
+    """One tile of a row (or of K rows: cols [1, BLOCK], m and log_l [KP, 1]): its logits x (ACC, -inf where
+    masked), log softmax(x / T) and softmax(x / T), from the split normaliser (m, log_l) of x / T (log_softmax).
+    RELOAD: a second read of a tile just read (see reload)."""
+    x = reload(row_ptr + cols, mask, RELOAD).to(ACC)
+    logq = log_softmax(x * inv_t, m, log_l)
+    return x, logq, tl.exp(logq)
+
+
+@triton.jit
+def ce_grad(s, q, m_ce, log_l_ce, cols, label, ce_at_t):
+    """d CE / d s: softmax(s) at T = 1 (q itself when T = 1, the runtime flag ce_at_t; else from s's split
+    normaliser (m_ce, log_l_ce), see log_softmax) minus the one-hot label."""
+    sm = q
+    if ce_at_t == 0:
+        sm = tl.exp(log_softmax(s, m_ce, log_l_ce))
+    return sm - tl.where(cols == label, 1.0, 0.0)
