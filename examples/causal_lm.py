@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 import fastdistill
+from fastdistill.apps import single_thread
 from fastdistill.training import ArrayDataset, DistillationLoop
-from fastdistill.training.demo import single_thread
 
 TRAIN_MODULES = ["textwrap", "string", "shlex", "fnmatch", "glob", "heapq", "bisect", "copy", "csv", "difflib",
                  "argparse", "dataclasses", "functools", "enum"]  # fmt: skip

@@ -12,13 +12,13 @@ size's learning rate (``LR``); the metric is held-out perplexity, mean ± std ov
 1. **Weak teacher** (Lee et al., Findings of ACL 2023): the trained ``small`` model teaches ``large``.
    ``no KD`` | ``KD, constant soft weight 1`` | ``KD, soft weight 4 -> 1 (linear)`` | the same, with the student
    initialised by parameter remapping from the teacher (the paper's ablation: expected to hurt).
-   Loss: hard CE + soft weight x KL at T = 1 (:class:`~fastdistill.training.WeakTeacherKDLoss`).
+   Loss: hard CE + soft weight x KL at T = 1 (:class:`~fastdistill.methods.WeakTeacherKDLoss`).
 2. **Co-training and co-distillation** (Lee et al., Findings of EMNLP 2023): ``large`` and ``small`` from scratch.
    ``independent`` (each on CE) | ``one-way KD`` (small learns from the independently trained large, as a
    second stage) | ``co-distillation`` (both together, each CE + KL to the other, one fused
    :func:`fastdistill.codistill_loss` per step, through the loop's co-training mode).
 3. **GUIDE** (Trinh, Menghani, Vee, 2025): ``small`` initialised from the trained ``large`` by
-   :func:`~fastdistill.training.init_student_from_teacher` (method="guide") vs random, each with and without KD.
+   :func:`~fastdistill.methods.init_student_from_teacher` (method="guide") vs random, each with and without KD.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from pathlib import Path
 import torch
 
 import fastdistill
-from fastdistill.training import DistillationLoop, SoftWeightSchedule, WeakTeacherKDLoss, init_student_from_teacher
-from fastdistill.training.demo import single_thread
+from fastdistill.apps import single_thread
+from fastdistill.methods import SoftWeightSchedule, WeakTeacherKDLoss, init_student_from_teacher
+from fastdistill.training import DistillationLoop
 
 
 def _causal_lm():

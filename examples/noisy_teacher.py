@@ -5,7 +5,7 @@ Per seed s, each data set is split (stratified, ``random_state=s``) into a tiny 
 only data, so it makes real mistakes), a small labelled **validation** set (the methods fit their teacher-accuracy
 curves on it; nobody trains on it except the labelled-only student), a large unlabelled **pool** and a held-out
 **test** set. Students (one small MLP) learn on the pool from the teacher's outputs; every KD loss is
-:func:`fastdistill.kd_loss`, SLaM is :func:`fastdistill.training.slam_loss`.
+:func:`fastdistill.kd_loss`, SLaM is :func:`fastdistill.methods.slam_loss`.
 
     python examples/noisy_teacher.py --out noisy_out          # full: 5 seeds, both data sets, ~1 min on 2 cores
     python examples/noisy_teacher.py --small --out /tmp/nt    # seconds (the tests)
@@ -27,15 +27,15 @@ import torch
 from torch import Tensor, nn
 
 import fastdistill
-from fastdistill.training import (
+from fastdistill.apps import paired_ci
+from fastdistill.methods import (
     RobustActiveSampler,
     TeacherReliability,
     active_distillation,
     distillation_weights,
     slam_loss,
-    torch_threads,
 )
-from fastdistill.training.demo import paired_ci
+from fastdistill.training import torch_threads
 
 
 @dataclass

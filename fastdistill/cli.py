@@ -14,6 +14,7 @@ import argparse
 import importlib
 import importlib.metadata
 import os
+import subprocess
 import sys
 import warnings
 from collections.abc import Sequence
@@ -46,7 +47,7 @@ def train_main(argv: Sequence[str]) -> int:
     """``fastdistill train``: a bad config (or override) is one line on stderr and exit status 2, never a traceback
     (a bug in training still shows its traceback); a warning (e.g. a damaged checkpoint skipped) is one line too.
     The run saves its resolved config as ``output_dir/config.yaml``."""
-    from .training import config
+    from .training import config, launcher
 
     p = argparse.ArgumentParser(prog="fastdistill train", description=COMMANDS["train"])
     g = p.add_mutually_exclusive_group(required=True)
@@ -64,7 +65,7 @@ def train_main(argv: Sequence[str]) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_line
-            summary = config.run(config.load_config(args.config, args.overrides))
+            summary = launcher.run(config.load_config(args.config, args.overrides))
     except config.ConfigError as e:
         return _error("train", str(e))
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
@@ -74,20 +75,18 @@ def train_main(argv: Sequence[str]) -> int:
 
 
 def bench_main(argv: Sequence[str]) -> int:
-    """``fastdistill bench``: ``benchmarks.run`` of the fastdistill checkout in the current directory."""
-    try:
-        run = importlib.import_module("benchmarks.run")
-    except ImportError:
-        if not os.path.exists(os.path.join("benchmarks", "run.py")):
-            return _error("bench", "the benchmarks live in the fastdistill repository, not in the installed package: "
-                                   "run `fastdistill bench` (or `make bench`) from the root of a checkout")  # fmt: skip
-        sys.path.insert(0, os.getcwd())  # the console script's sys.path does not hold the current directory
-        run = importlib.import_module("benchmarks.run")
-    return int(run.main(list(argv)) or 0)
+    """``fastdistill bench``: ``python -m benchmarks.run`` of the fastdistill checkout in the current directory, its
+    options passed on; returns its exit status."""
+    if not os.path.isfile(os.path.join("benchmarks", "run.py")):
+        return _error("bench", "the benchmarks live in the fastdistill repository, not in the installed package: "
+                               "run `fastdistill bench` (or `make bench`) from the root of a checkout")  # fmt: skip
+    # a child process, not an import: `python -m` puts the checkout (cwd) on the child's own sys.path, where an
+    # installed package must not put it on its importer's
+    return subprocess.run([sys.executable, "-m", "benchmarks.run", *argv], cwd=os.getcwd()).returncode
 
 
 def demo_main(argv: Sequence[str]) -> int:
-    from .training import demo
+    from .apps import demo
 
     return demo.main(list(argv))
 

@@ -21,11 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 GOOD = """
 seed: 0
 output_dir: {out}
-data: {{factory: "fastdistill.training.demo:digits_datasets"}}
-student: {{factory: "fastdistill.training.demo:make_student"}}
+data: {{factory: "fastdistill.apps.demo:digits_datasets"}}
+student: {{factory: "fastdistill.apps.demo:make_student"}}
 teachers:
-  - {{factory: "fastdistill.training.demo:trained_teacher", kwargs: {{name: "MLP 256 (pixels)", epochs: 2}}}}
-  - {{factory: "fastdistill.training.demo:trained_teacher", kwargs: {{name: "CNN 16-32 (image)", epochs: 2}}}}
+  - {{factory: "fastdistill.apps.demo:trained_teacher", kwargs: {{name: "MLP 256 (pixels)", epochs: 2}}}}
+  - {{factory: "fastdistill.apps.demo:trained_teacher", kwargs: {{name: "CNN 16-32 (image)", epochs: 2}}}}
 kd: {{temperature: 2.0, divergence: jsd}}
 optim: {{lr: 1e-2, scheduler: cosine, warmup_steps: 2}}
 train: {{batch_size: 32, max_steps: 20, eval_every: 10, checkpoint_every: 10, progress: false}}
@@ -70,10 +70,10 @@ def test_bad_key_or_value_names_it(tmp_path, change, needle):
 
 def test_bad_factory_and_file_errors(tmp_path, capsys):
     raw = _good(tmp_path)
-    raw["student"]["factory"] = "fastdistill.training.demo:no_such_thing"
+    raw["student"]["factory"] = "fastdistill.apps.demo:no_such_thing"
     assert cli.main(["train", "--config", _write(tmp_path, yaml.safe_dump(raw))]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("fastdistill train: error: student.factory: module 'fastdistill.training.demo' has no attribute "
+    assert err == ("fastdistill train: error: student.factory: module 'fastdistill.apps.demo' has no attribute "
                    "'no_such_thing'")  # fmt: skip
     assert cli.main(["train", "--config", _write(tmp_path, "kd: [1, 2\n", "broken.yaml")]) == 2
     assert "is not valid YAML at line" in capsys.readouterr().err
@@ -120,12 +120,28 @@ def test_print_config_documents_every_option(capsys):
 
 
 def test_bench_passes_its_options_on(monkeypatch):
-    import benchmarks.run
-
+    """bench runs `python -m benchmarks.run` in the checkout as a child, options passed on, its status returned
+    (nothing put on the importing process's sys.path)."""
     seen = []
-    monkeypatch.setattr(benchmarks.run, "main", lambda argv: seen.append(argv) or 0)
-    assert cli.main(["bench", "--quick", "--providers", "cpu"]) == 0
-    assert seen == [["--quick", "--providers", "cpu"]]
+
+    def fake_run(cmd, cwd):
+        seen.append((cmd, cwd))
+        return subprocess.CompletedProcess(cmd, 3)
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    path_before = list(sys.path)
+    assert cli.main(["bench", "--quick", "--providers", "cpu"]) == 3
+    assert seen == [([sys.executable, "-m", "benchmarks.run", "--quick", "--providers", "cpu"], str(ROOT))]
+    assert sys.path == path_before
+
+
+def test_bench_child_finds_the_checkout(monkeypatch, capfd):
+    """The child imports benchmarks.run from the current directory alone (no PYTHONPATH)."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    assert cli.main(["bench", "--help"]) == 0
+    assert "usage: python -m benchmarks.run" in capfd.readouterr().out
 
 
 def test_bench_outside_a_checkout_says_so(tmp_path):

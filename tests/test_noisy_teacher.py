@@ -1,4 +1,4 @@
-"""Issue 7: weighted distillation, SLaM, robust active distillation (fastdistill.training.noisy_teacher), pinned on
+"""Issue 7: weighted distillation, SLaM, robust active distillation (fastdistill.methods.noisy_teacher), pinned on
 hand-computed small cases, and the example's small mode end to end."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import fastdistill
-from fastdistill.training import (
+from fastdistill.methods import (
     IsotonicCalibrator,
     RobustActiveSampler,
     SLaMLoss,
@@ -26,7 +26,7 @@ from fastdistill.training import (
     slam_mix,
     topk_mask,
 )
-from fastdistill.training.noisy_teacher import margin, systematic_sample
+from fastdistill.methods.noisy_teacher import margin, systematic_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -297,6 +297,8 @@ def test_no_teachers_trains_on_labels():
     with torch.no_grad():
         expected = nn.functional.cross_entropy(student(x), y)
     assert loop.history[0]["loss"] == pytest.approx(float(expected), rel=1e-6)
+    # no teachers: the logit loss is plain cross-entropy, and its log key says so
+    assert loop.history[0]["ce"] == loop.history[0]["loss"] and "kd" not in loop.history[0]
 
 
 def test_metrics_files_and_eval(tmp_path):

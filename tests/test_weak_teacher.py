@@ -1,4 +1,4 @@
-"""Distillation from a weak teacher (fastdistill.training.weak_teacher): the soft-weight schedules against
+"""Distillation from a weak teacher (fastdistill.methods.weak_teacher): the soft-weight schedules against
 hand-computed values, the loss and its gradient against the formula written out in plain torch (float64), and the
 loss inside DistillationLoop."""
 
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastdistill.methods.weak_teacher import SoftWeightSchedule, WeakTeacherKDLoss, weak_teacher_kd_loss
 from fastdistill.training import ArrayDataset, DistillationLoop
-from fastdistill.training.weak_teacher import SoftWeightSchedule, WeakTeacherKDLoss, weak_teacher_kd_loss
 
 # ---------------------------------------------------------------------------------------------------------------
 # the schedule: hand-computed values

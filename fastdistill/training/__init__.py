@@ -1,37 +1,26 @@
-"""Training with fastdistill: a reference distillation loop, teacher-logit caching, YAML configs, the demo, and
-methods for distilling from a noisy teacher.
+"""Training with fastdistill: the reference distillation loop's machinery.
 
 - :class:`DistillationLoop` (``loop.py``): student + K teachers (or a cache), ``kd_loss``, feature terms,
-  gradient accumulation with ``num_items`` normalisation, AMP, logs, checkpoint/resume, DDP.
+  gradient accumulation with ``num_items`` normalisation, AMP, logs, checkpoint/resume, DDP. Co-training with
+  co-distillation: ``DistillationLoop(a, [b], train_teachers=True, loss=CodistillLoss(...))``.
+- :class:`ArrayDataset` and the batch conventions (``data.py``); checkpoints without pickle (``checkpoint.py``).
 - :func:`write_teacher_cache` / :class:`TeacherLogitCache` (``cache.py``): teacher logits on disk (full or top-k).
 - :class:`TrainConfig` (``config.py``): every option of ``fastdistill train --config file.yaml``.
-- ``demo.py``: ``fastdistill demo`` (``make demo``), ensemble distillation on scikit-learn's digits.
-- ``noisy_teacher.py``: weighted distillation, SLaM, robust active distillation (teacher reliability fitted on a
-  validation set).
-- ``weak_teacher.py``: distillation from a weaker teacher, with a decaying soft-label weight.
-- ``init.py``: :func:`init_student_from_teacher`: GUIDE (PCA embeddings, evenly spaced heads/neurons) or parameter
-  remapping from a smaller teacher.
-- Co-training with co-distillation: ``DistillationLoop(a, [b], train_teachers=True, loss=CodistillLoss(...))``.
+
+The published methods live in :mod:`fastdistill.methods` (noisy teacher, weak teacher, GUIDE / remapping
+initialisation) and the demo in :mod:`fastdistill.apps`. Their names are re-exported here as before, and the old
+module paths (``fastdistill.training.noisy_teacher``, ``.weak_teacher``, ``.init``, ``.demo``) are aliases of the
+new modules, so existing imports and configs keep working.
 """
 
+from .. import methods
+from ..methods import *  # noqa: F403  (the methods' names, re-exported as before)
+
+# the old module paths: aliases of fastdistill.methods' modules, attributes of this package as they were
+from . import init, noisy_teacher, weak_teacher  # noqa: F401
 from .cache import TeacherLogitCache, topk_to_logits, write_teacher_cache
 from .data import ArrayDataset
-from .init import init_student_from_teacher
 from .loop import DistillationLoop, FeatureTerm, init_distributed, seed_everything, torch_threads
-from .noisy_teacher import (
-    IsotonicCalibrator,
-    RobustActiveSampler,
-    SLaMLoss,
-    TeacherReliability,
-    WeightedKDLoss,
-    active_distillation,
-    distillation_weights,
-    robust_sampling_distribution,
-    slam_loss,
-    slam_mix,
-    topk_mask,
-)
-from .weak_teacher import SoftWeightSchedule, WeakTeacherKDLoss, weak_teacher_kd_loss
 
 __all__ = [
     "ArrayDataset",
@@ -43,19 +32,5 @@ __all__ = [
     "torch_threads",
     "topk_to_logits",
     "write_teacher_cache",
-    "IsotonicCalibrator",
-    "RobustActiveSampler",
-    "SLaMLoss",
-    "TeacherReliability",
-    "WeightedKDLoss",
-    "active_distillation",
-    "distillation_weights",
-    "robust_sampling_distribution",
-    "slam_loss",
-    "slam_mix",
-    "topk_mask",
-    "SoftWeightSchedule",
-    "WeakTeacherKDLoss",
-    "weak_teacher_kd_loss",
-    "init_student_from_teacher",
+    *methods.__all__,
 ]

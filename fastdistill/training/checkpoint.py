@@ -6,13 +6,15 @@ and the non-string (int) keys of ``optimizer.state_dict()["state"]``, which plai
 
 Every read names its file when it fails (a :class:`ValueError`, never a bare ``JSONDecodeError`` or
 ``SafetensorError``); :func:`find_problem` checks a checkpoint directory without loading its tensors, and
-:func:`find_latest` picks the newest intact one.
+:func:`find_latest` picks the newest intact one. :class:`Checkpointer` saves, checks and restores a whole training
+run's checkpoint from these pieces (the loop's ``save_checkpoint`` / ``load_checkpoint``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -248,3 +250,135 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _barrier() -> None:
+    """Wait for every process of the default process group (nothing to wait for outside torchrun)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+class Checkpointer:
+    """Save, check and restore a training run's checkpoints (what :class:`~fastdistill.training.DistillationLoop`
+    delegates to). A checkpoint directory holds ``<name>.safetensors`` for each of ``modules``; the optimizer's and
+    scheduler's state (:func:`save_state`: safetensors + JSON); one RNG state per process (``rng-rank<r>``); and
+    ``state.json``, what ``run_state()`` returns: the position in the data (:data:`POSITION_KEYS`), the settings that
+    fix a step and the data order (:data:`RUN_KEYS`) and whatever else the run restores (its last training loss).
+
+    Args:
+        output_dir: the run's folder; checkpoints go to ``output_dir/checkpoints/step-XXXXXXXX`` by default (None:
+            only explicit directories).
+        modules: the modules to save, by file name (``{"student": ..., "teacher0": ..., "feature_term0": ...}``).
+        states: returns the objects with ``state_dict`` / ``load_state_dict`` to save by name (the optimizer; the
+            scheduler, which a loop may build only when training starts); a None value is left out.
+        run_state: returns what ``state.json`` holds now.
+        restore: is given ``state.json`` after the rest of a checkpoint is loaded, to set the position.
+        rank: this process's rank: every process writes its RNG state, rank 0 everything else.
+        device: where the models' tensors are loaded.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike | None,
+        modules: Mapping[str, nn.Module],
+        states: Callable[[], Mapping[str, Any]],
+        run_state: Callable[[], dict[str, Any]],
+        restore: Callable[[dict[str, Any]], None],
+        *,
+        rank: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.modules = dict(modules)
+        self._states = states
+        self._run_state = run_state
+        self._restore = restore
+        self.rank = rank
+        self.device = device
+
+    def states(self) -> dict[str, Any]:
+        """The optimizer, scheduler, ... to save now, by name."""
+        return {name: s for name, s in self._states().items() if s is not None}
+
+    def files(self) -> list[str]:
+        """The files of a checkpoint this process reads (besides ``state.json``)."""
+        states = [*self.states(), f"rng-rank{self.rank}"]
+        return [f"{name}.safetensors" for name in self.modules] + [
+            f"{name}.{ext}" for name in states for ext in ("json", "safetensors")]  # fmt: skip
+
+    def find(self, resume_from: str | os.PathLike) -> Path | None:
+        """The checkpoint directory ``resume_from`` names; for "latest" the newest intact one under
+        ``output_dir/checkpoints`` (damaged ones are skipped with a warning), None if there is none."""
+        if str(resume_from) != "latest":
+            path = Path(resume_from)
+            if not (path / "state.json").exists():
+                raise FileNotFoundError(f"resume_from={str(path)!r} is not a checkpoint (no state.json)")
+            return path
+        if self.output_dir is None:
+            raise ValueError("resume_from='latest' looks under output_dir/checkpoints; output_dir is None")
+        return find_latest(self.output_dir / "checkpoints", self.files())
+
+    def save(self, directory: str | os.PathLike | None = None, keep: int | None = None) -> Path:
+        """Write a checkpoint to ``directory`` (default ``output_dir/checkpoints/step-XXXXXXXX``) and return it;
+        ``keep`` > 0 then deletes all but the newest ``keep`` ``step-*`` checkpoints beside it. Every process must
+        call it (they meet at barriers). It is written to ``<directory>.tmp`` and renamed: a kill at any point
+        leaves the old or the new checkpoint, whole, under the final name."""
+        state = self._run_state()
+        if directory is None:
+            if self.output_dir is None:
+                raise ValueError("save_checkpoint() without a directory needs output_dir")
+            directory = self.output_dir / "checkpoints" / f"step-{state['step']:08d}"
+        final = Path(directory)
+        tmp = final.with_name(final.name + ".tmp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        save_state(rng_state(), tmp, f"rng-rank{self.rank}")
+        if self.rank == 0:
+            for name, module in self.modules.items():
+                safetensors.torch.save_model(module, str(tmp / f"{name}.safetensors"))
+            for name, stateful in self.states().items():
+                save_state(stateful.state_dict(), tmp, name)
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        _barrier()
+        if self.rank == 0:  # renames only
+            previous = final.with_name(final.name + ".old")
+            if final.exists():
+                shutil.rmtree(previous, ignore_errors=True)
+                final.rename(previous)
+            tmp.rename(final)
+            shutil.rmtree(previous, ignore_errors=True)
+            if keep is not None and keep > 0:
+                for old in sorted(final.parent.glob("step-*[0-9]"))[:-keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        return final
+
+    def check(self, directory: str | os.PathLike) -> dict[str, Any]:
+        """A one-line :class:`ValueError` naming the file unless ``directory`` is a checkpoint this run can continue
+        from: its :data:`RUN_KEYS` equal ``run_state()``'s, every file is intact, and each model file fits its
+        module (keys and shapes, from the headers). Reads no tensor; returns ``state.json``."""
+        directory = Path(directory)
+        state = read_run_state(directory)
+        check_compatible(state, self._run_state(), directory)
+        problem = find_problem(directory, self.files())
+        if problem is not None:
+            raise ValueError(problem)
+        for name, module in self.modules.items():
+            check_model(module, directory / f"{name}.safetensors", name)
+        return state
+
+    def load(self, directory: str | os.PathLike) -> None:
+        """Restore a checkpoint into the existing modules, optimizer, scheduler, RNGs and (``restore``) position,
+        after :meth:`check`: a checkpoint that does not fit fails without half-restoring anything."""
+        directory = Path(directory)
+        state = self.check(directory)
+        for name, module in self.modules.items():
+            load_model(module, directory / f"{name}.safetensors", device=str(self.device), name=name)
+        for name, stateful in self.states().items():
+            stateful.load_state_dict(load_state(directory, name))
+        set_rng_state(load_state(directory, f"rng-rank{self.rank}"))
+        self._restore(state)

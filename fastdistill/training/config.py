@@ -5,13 +5,14 @@ A config is YAML (read with ``yaml.safe_load``) mirroring :class:`TrainConfig`: 
 ``doc`` (``fastdistill train --print-config`` prints them all as a commented YAML file). Loading is strict: an
 unknown key, a value of the wrong type or out of range raises :class:`ConfigError` with one line naming the option
 (``kd.temperature must be ...``), which the CLI prints without a traceback. ``key=value`` overrides on the command
-line (:func:`apply_overrides`) are loaded the same way, and :func:`run` saves the resolved config, every option with
-its value, as ``output_dir/config.yaml`` (a config ``--config`` reads again).
+line (:func:`apply_overrides`) are loaded the same way; :func:`config_yaml` writes the resolved config, every option
+with its value (a config ``--config`` reads again).
 
 Models and data come from factories named ``"package.module:callable"`` and called with ``kwargs``; a config can
-import any code on the Python path, like a Python script, so only run configs you trust. :func:`run` checks
-everything it can before it calls any factory (:func:`check_run`: devices, files, the checkpoint to resume, the
-factories' keyword arguments against their signatures), so a config that is wrong anywhere runs no code.
+import any code on the Python path, like a Python script, so only run configs you trust. :func:`check_run` checks
+everything it can before any factory is called (devices, files, the checkpoint to resume, the factories' keyword
+arguments against their signatures), so a config that is wrong anywhere runs no code. This module only parses and
+checks: :func:`fastdistill.training.launcher.run` trains from a config (``config.run`` still names it).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import torch
 import yaml
 
 from .. import functional
+from ..ops import divergences, reference
+from ..ops.dispatch import BACKENDS_NAMES
 from . import checkpoint as ckpt
 
 if TYPE_CHECKING:
@@ -85,12 +88,12 @@ class DataConfig:
 class KDConfig:
     """The options of fastdistill.kd_loss (SPEC §1); the loop always uses reduction='mean' with num_items."""
 
-    divergence: Literal["kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl"] = opt(
+    divergence: Literal[divergences.NAMES] = opt(  # type: ignore[valid-type]
         "kl", "Divergence D(P, Q) between the teachers' target P and the student Q.")
     temperature: float = opt(1.0, "T in [1e-19, 1e19] (T^2 and 1/T finite in float32): divides the student's and "
                                   "the teachers' logits.")
     scale_by_temperature_sq: bool = opt(True, "Multiply the divergence by T^2 (Hinton et al.).")
-    ensemble: Literal["prob_mean", "logit_mean", "loss_mean"] = opt(
+    ensemble: Literal[reference.ENSEMBLES] = opt(  # type: ignore[valid-type]
         "prob_mean", "How K > 1 teachers form the target: mixture of distributions, softmax of mean logits, or the "
                      "mean of per-teacher divergences.")  # fmt: skip
     teacher_weights: list[float] | None = opt(None, "K non-negative weights of the teachers (null: uniform).")
@@ -98,7 +101,7 @@ class KDConfig:
     skew: float = opt(0.1, "skew_kl / skew_reverse_kl: mixing weight, in [0, 1).")
     ce_weight: float = opt(0.0, "Weight in [0, 1] of the hard-label cross-entropy (needs labels).")
     ignore_index: int = opt(-100, "Label value of items that carry no loss (padding).")
-    backend: Literal["auto", "cpu", "cuda", "triton", "reference"] = opt("auto", "kd_loss backend.")
+    backend: Literal[BACKENDS_NAMES] = opt("auto", "kd_loss backend.")  # type: ignore[valid-type]
 
 
 @dataclass
@@ -414,36 +417,7 @@ def default_yaml() -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# running
-
-
-def _scheduler(cfg: OptimConfig):
-    """(optimizer, total_steps) -> LambdaLR: linear warm-up, then constant / linear / cosine decay to 0."""
-
-    def factory(optimizer, total_steps: int):
-        warm, kind = cfg.warmup_steps, cfg.scheduler
-
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            if kind == "constant":
-                return 1.0
-            progress = min(1.0, (step - warm) / max(1, total_steps - warm))
-            return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-    return factory
-
-
-def _optimizer(cfg: OptimConfig):
-    def factory(params):
-        if cfg.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-        return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-
-    return factory
+# checking a run (before any factory runs; launcher.run runs it)
 
 
 @dataclass
@@ -470,7 +444,7 @@ def check_run(cfg: TrainConfig) -> RunPlan:
     cache = _open_cache(cfg)
     for name, m in (("student", cfg.student), *((f"teachers[{i}]", t) for i, t in enumerate(cfg.teachers))):
         if m.checkpoint is not None:
-            _as_config_error(f"{name}.checkpoint", ckpt.check_safetensors, m.checkpoint)
+            as_config_error(f"{name}.checkpoint", ckpt.check_safetensors, m.checkpoint)
     return RunPlan(
         data=_factory(cfg.data, "data"), student=_factory(cfg.student, "student"),
         teachers=[_factory(t, f"teachers[{i}]") for i, t in enumerate(cfg.teachers)],
@@ -478,7 +452,7 @@ def check_run(cfg: TrainConfig) -> RunPlan:
     )  # fmt: skip
 
 
-def _as_config_error(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+def as_config_error(name: str, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)``; its ValueError or OSError (a file that is missing, unreadable, damaged or does not fit; a
     setting this machine cannot run) as a one-line ConfigError naming the option."""
     try:
@@ -525,7 +499,7 @@ def _device(t: LoopConfig) -> torch.device:
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     from .loop import amp_dtype
 
-    return _as_config_error("train.amp", amp_dtype, amp, device)
+    return as_config_error("train.amp", amp_dtype, amp, device)
 
 
 def _check_backend(kd: KDConfig, device: torch.device, dtype: torch.dtype | None) -> None:
@@ -537,7 +511,7 @@ def _check_backend(kd: KDConfig, device: torch.device, dtype: torch.dtype | None
     probe = torch.zeros(1, 2, device=device, dtype=dtype or torch.float32)
     options = {f.name: getattr(kd, f.name) for f in dataclasses.fields(kd)}
     options.update(teacher_weights=None, ce_weight=0.0)  # the probe has one teacher and no labels
-    inp = functional._kd_inputs(probe, probe, labels=None, sample_weight=None, reduction="mean", num_items=None,
+    inp = functional.kd_inputs(probe, probe, labels=None, sample_weight=None, reduction="mean", num_items=None,
                                 **options)  # fmt: skip
     reasons = dispatch.BACKENDS[kd.backend].not_supported_reasons(inp)
     if reasons:
@@ -563,7 +537,7 @@ def _open_cache(cfg: TrainConfig) -> TeacherLogitCache | None:
         return None
     if not os.path.isfile(cfg.teacher_cache):
         raise ConfigError(f"teacher_cache: no file {cfg.teacher_cache!r}")
-    cache = _as_config_error("teacher_cache", TeacherLogitCache, cfg.teacher_cache)
+    cache = as_config_error("teacher_cache", TeacherLogitCache, cfg.teacher_cache)
     weights = cfg.kd.teacher_weights
     if weights is not None and len(weights) != cache.num_teachers:
         raise ConfigError(f"kd.teacher_weights has {len(weights)} weights for the {cache.num_teachers} teachers of "
@@ -580,7 +554,7 @@ def _resume(cfg: TrainConfig) -> str | None:
     if t.resume is None:
         return None
     if t.resume == "latest":
-        directory = _as_config_error("train.resume", ckpt.find_latest, Path(cfg.output_dir) / "checkpoints")
+        directory = as_config_error("train.resume", ckpt.find_latest, Path(cfg.output_dir) / "checkpoints")
         if directory is None:
             return "latest"
     else:
@@ -591,73 +565,19 @@ def _resume(cfg: TrainConfig) -> str | None:
         problem = ckpt.find_problem(directory)
         if problem is not None:
             raise ConfigError(f"train.resume: {problem}")
-    state = _as_config_error("train.resume", ckpt.read_run_state, directory)
+    state = as_config_error("train.resume", ckpt.read_run_state, directory)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     settings = {"world_size": world, "batch_size": t.batch_size, "grad_accum_steps": t.grad_accum_steps,
                 "seed": cfg.seed, "shuffle": t.shuffle, "drop_last": t.drop_last}  # fmt: skip
-    _as_config_error("train.resume", ckpt.check_compatible, state, settings, directory)
+    as_config_error("train.resume", ckpt.check_compatible, state, settings, directory)
     return str(directory)
 
 
-def _model(make: Callable[[], Any], cfg: ModelConfig, name: str) -> torch.nn.Module:
-    """Call the model's factory; load its checkpoint, whose keys and shapes must fit the model."""
-    model = make()
-    if not isinstance(model, torch.nn.Module):
-        raise ConfigError(f"{name}.factory returned {type(model).__name__}, not a torch.nn.Module")
-    if cfg.checkpoint is not None:
-        _as_config_error(f"{name}.checkpoint", ckpt.load_model, model, cfg.checkpoint)
-    return model
+def __getattr__(name: str) -> Any:
+    """``config.run``: kept for callers of earlier versions; running lives in :mod:`.launcher`, imported on use
+    (it imports this module)."""
+    if name == "run":
+        from .launcher import run
 
-
-def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Check ``cfg`` (:func:`check_run`), build its data, models and :class:`~fastdistill.training.DistillationLoop`
-    and train; returns :meth:`~fastdistill.training.DistillationLoop.fit`'s summary. Under torchrun, initialises
-    the process group."""
-    import torch.distributed as dist
-
-    from .loop import init_distributed
-
-    started_here = not (dist.is_available() and dist.is_initialized())
-    try:
-        init_distributed()
-        return _run(cfg)
-    finally:
-        if started_here and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _run(cfg: TrainConfig) -> dict[str, Any]:
-    import torch.distributed as dist
-
-    from ..modules import KDLoss
-    from .loop import DistillationLoop, seed_everything
-
-    plan = check_run(cfg)  # before any factory runs
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_yaml(cfg))
-    seed_everything(cfg.seed)  # model initialisation is reproducible too
-    datasets = plan.data()
-    if not isinstance(datasets, dict) or "train" not in datasets:
-        raise ConfigError("data.factory must return a dict with 'train' (and optionally 'eval') datasets")
-    if plan.cache is not None:
-        _as_config_error("teacher_cache", plan.cache.check_length, len(datasets["train"]))
-    student = _model(plan.student, cfg.student, "student")
-    teachers = [_model(make, t, f"teachers[{i}]") for i, (make, t) in enumerate(zip(plan.teachers, cfg.teachers))]
-    kd = {f.name: getattr(cfg.kd, f.name) for f in dataclasses.fields(cfg.kd)}
-    t = cfg.train
-    loop = DistillationLoop(
-        student, teachers, loss=KDLoss(**kd), optimizer=_optimizer(cfg.optim), scheduler=_scheduler(cfg.optim),
-        teacher_cache=plan.cache, train_teachers=t.train_teachers, batch_size=t.batch_size,
-        grad_accum_steps=t.grad_accum_steps, max_grad_norm=cfg.optim.max_grad_norm, shift_labels=t.shift_labels,
-        shuffle=t.shuffle, drop_last=t.drop_last, amp=t.amp, seed=cfg.seed, device=plan.device,
-        output_dir=cfg.output_dir, log_every=t.log_every, tensorboard=t.tensorboard, progress=t.progress,
-    )  # fmt: skip
-    if plan.resume not in (None, "latest"):  # its models must fit the ones the factories built (keys, shapes)
-        _as_config_error("train.resume", loop.check_checkpoint, plan.resume)
-    return loop.fit(
-        datasets["train"], max_steps=t.max_steps, epochs=t.epochs, eval_data=datasets.get("eval"),
-        eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
-        resume_from=plan.resume,
-    )  # fmt: skip
+        return run
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

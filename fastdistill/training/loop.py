@@ -19,12 +19,9 @@ What it guarantees:
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import math
 import os
 import random
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -33,7 +30,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -57,6 +53,7 @@ from .data import (
     split_batch,
 )
 from .data import to_device as _to_device
+from .metrics import MetricsLogger
 
 LossFn = Callable[..., Tensor]
 Data = Dataset | DataLoader | Iterable  # see DistillationLoop.fit
@@ -144,12 +141,12 @@ class DistillationLoop:
         loss: the distillation loss, ``loss(student_logits [*, V], teacher_logits, labels [*] | None, *,
             num_items=None[, sample_weight=])``, where teacher_logits is a list of K ``[*, V]`` tensors (live
             teachers) or a ``[K, *, V]`` tensor (cache): a :class:`fastdistill.KDLoss` (its ``reduction`` must be
-            "mean") or any callable with that signature; "kd" (the default) is ``KDLoss()``: KL, T = 1. With no
-            teachers and no cache the loss is the hard-label cross-entropy. None: no loss on the logits, the
-            ``feature_terms`` are the whole loss (the models' outputs need no logits then). A loss may return a
-            NamedTuple of 0-dim parts (their sum trains; each is logged under its name), and may have
-            ``set_progress(step, total_steps)``, called before every optimizer step (scheduled weights, e.g.
-            ``WeakTeacherKDLoss``).
+            "mean") or any callable with that signature; "kd" (the default) is ``KDLoss()``: KL, T = 1; logged as
+            ``kd``. With no teachers and no cache the loss is the hard-label cross-entropy, logged as ``ce``. None:
+            no loss on the logits, the ``feature_terms`` are the whole loss (the models' outputs need no logits
+            then). A loss may return a NamedTuple of 0-dim parts (their sum trains; each is logged under its name),
+            and may have ``set_progress(step, total_steps)``, called before every optimizer step (scheduled weights,
+            e.g. ``WeakTeacherKDLoss``).
         optimizer: an optimizer over :meth:`parameters`, or a callable ``params -> optimizer``; default AdamW(lr
             1e-3).
         scheduler: an LR scheduler, or a callable ``(optimizer, total_steps) -> scheduler`` (built in :meth:`fit`);
@@ -302,16 +299,25 @@ class DistillationLoop:
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
-        self.history: list[dict[str, Any]] = []
         self.last_train_loss: float | None = None  # the last logged one (checkpointed: a resumed run reports it)
-        self._tb = None
-        if tensorboard and self.rank == 0 and self.output_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        # stacklevel 3: a missing-tensorboard warning points at the code that built this loop
+        self._metrics = MetricsLogger(self.output_dir, rank=self.rank, tensorboard=tensorboard, warn_stacklevel=3)
+        # what a checkpoint saves: the trained modules; feature-term modules only when they hold state
+        modules = {"student": self.student}
+        if train_teachers:
+            modules.update({f"teacher{k}": t for k, t in enumerate(self.teachers)})
+        for i, term in enumerate(self.feature_terms):
+            if isinstance(term.loss, nn.Module) and list(term.loss.state_dict()):
+                modules[f"feature_term{i}"] = term.loss
+        self._checkpointer = ckpt.Checkpointer(
+            self.output_dir, modules, lambda: {"optimizer": self.optimizer, "scheduler": self.scheduler},
+            self._run_state, self._restore_position, rank=self.rank, device=self.device,
+        )  # fmt: skip
 
-                self._tb = SummaryWriter(str(self.output_dir / "tensorboard"))
-            except ImportError:
-                warnings.warn("tensorboard=True but tensorboard is not installed; skipping its logs", stacklevel=2)
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Every record :meth:`log` took, in order (``{"step", "epoch", "split", **metrics}``), on every process."""
+        return self._metrics.history
 
     # ---------------------------------------------------------------------------------------------------------
     # pieces
@@ -421,7 +427,8 @@ class DistillationLoop:
         if isinstance(kd, tuple) and hasattr(kd, "_fields"):  # named parts, e.g. CodistillLosses: their sum trains
             parts = {name: v.detach() * scale for name, v in zip(kd._fields, kd)}
             kd = sum(kd)
-        parts["kd"] = kd.detach() * scale
+        # without teachers the value is the plain cross-entropy: logged as such
+        parts["ce" if teacher_logits is None else "kd"] = kd.detach() * scale
         return kd * scale, parts
 
     def _train_step(self, micro: list[tuple[Tensor | None, Batch]]) -> dict[str, Tensor]:
@@ -536,13 +543,13 @@ class DistillationLoop:
         self._perm, self._perm_epoch = None, -1
         self._batches, self._batches_epoch = iter(()), -1
 
-        resume_dir = self._find_checkpoint(resume_from) if resume_from is not None else None
+        resume_dir = self._checkpointer.find(resume_from) if resume_from is not None else None
         if resume_dir is not None:
             self.load_checkpoint(resume_dir)
         elif self.step == 0:  # a fresh run; a second fit() on this loop just continues
             seed_everything(self.seed + self.rank)
         if resume_from is not None:  # the steps after the checkpoint run again: drop what a crash left of them
-            self._truncate_metrics(self.step)
+            self._metrics.truncate(self.step)
         for m in (self.student, *self._extra_modules):
             m.train()
 
@@ -729,129 +736,33 @@ class DistillationLoop:
                 for start in range(0, len(data), batch_size))  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------------------
-    # logs
+    # logs and checkpoints: a MetricsLogger (metrics.py) and a Checkpointer (checkpoint.py) do the work
 
     def log(self, split: str, metrics: dict[str, float]) -> None:
         """Record metrics at the current step: in :attr:`history`, and on rank 0 in ``metrics.jsonl``,
         ``metrics.csv`` (long format: step, epoch, split, name, value) and TensorBoard."""
-        record = {"step": self.step, "epoch": self.epoch, "split": split, **metrics}
-        self.history.append(record)
-        if self.rank != 0 or self.output_dir is None:
-            return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.output_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        csv_path = self.output_dir / "metrics.csv"
-        new = not csv_path.exists()
-        with open(csv_path, "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["step", "epoch", "split", "name", "value"])
-            for k, v in metrics.items():
-                w.writerow([self.step, self.epoch, split, k, v])
-        if self._tb is not None:
-            for k, v in metrics.items():
-                self._tb.add_scalar(f"{split}/{k}", v, self.step)
+        self._metrics.log(split, metrics, step=self.step, epoch=self.epoch)
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Keep only the rows of ``metrics.jsonl`` / ``metrics.csv`` up to ``step`` (and the CSV header), so that a
-        resumed run's logs are those of a run that never stopped; a line cut short by a crash goes too. Each file
-        is rewritten atomically (a temporary file, then a rename)."""
-        if self.rank != 0 or self.output_dir is None:
-            return
+    def _run_state(self) -> dict[str, Any]:
+        """A checkpoint's ``state.json``: the position in the data, the settings that fix a step and the data order
+        (:data:`~fastdistill.training.checkpoint.RUN_KEYS`), and the last logged training loss."""
+        return {
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "world_size": self.world_size, "batch_size": self.batch_size, "seed": self.seed,
+            "shuffle": self.shuffle, "drop_last": self.drop_last, "grad_accum_steps": self.grad_accum_steps,
+            "train_loss": self.last_train_loss,
+        }  # fmt: skip
 
-        def keep_jsonl(line: str) -> bool:
-            try:
-                return json.loads(line)["step"] <= step
-            except (ValueError, TypeError, KeyError):
-                return False
-
-        def keep_csv(line: str) -> bool:
-            row = next(csv.reader([line]), [])
-            return len(row) == 5 and row[0].isdigit() and int(row[0]) <= step
-
-        for name, keep, header in (("metrics.jsonl", keep_jsonl, 0), ("metrics.csv", keep_csv, 1)):
-            path = self.output_dir / name
-            if not path.exists():
-                continue
-            lines = path.read_text().splitlines(keepends=True)
-            kept = lines[:header] + [ln for ln in lines[header:] if ln.endswith("\n") and keep(ln)]
-            if kept != lines:
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_text("".join(kept))
-                os.replace(tmp, path)
-
-    # ---------------------------------------------------------------------------------------------------------
-    # checkpoints
-
-    def _find_checkpoint(self, resume_from: str | os.PathLike) -> Path | None:
-        """The checkpoint directory ``resume_from`` names; for "latest" the newest intact one (damaged ones are
-        skipped with a warning), None if there is none."""
-        if str(resume_from) != "latest":
-            path = Path(resume_from)
-            if not (path / "state.json").exists():
-                raise FileNotFoundError(f"resume_from={str(path)!r} is not a checkpoint (no state.json)")
-            return path
-        if self.output_dir is None:
-            raise ValueError("resume_from='latest' looks under output_dir/checkpoints; output_dir is None")
-        return ckpt.find_latest(self.output_dir / "checkpoints", self._checkpoint_files())
-
-    def _checkpoint_files(self) -> list[str]:
-        """The files of a checkpoint this loop reads (besides state.json)."""
-        states = ["optimizer", f"rng-rank{self.rank}"] + (["scheduler"] if self.scheduler is not None else [])
-        return [f"{name}.safetensors" for name in self._modules_to_save()] + [
-            f"{name}.{ext}" for name in states for ext in ("json", "safetensors")]
-
-    def _modules_to_save(self) -> dict[str, nn.Module]:
-        mods = {"student": self.student}
-        if self.train_teachers:
-            mods.update({f"teacher{k}": t for k, t in enumerate(self.teachers)})
-        for i, term in enumerate(self.feature_terms):
-            if isinstance(term.loss, nn.Module) and list(term.loss.state_dict()):
-                mods[f"feature_term{i}"] = term.loss
-        return mods
+    def _restore_position(self, state: dict[str, Any]) -> None:
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.last_train_loss = state.get("train_loss")  # absent from checkpoints of older versions
 
     def save_checkpoint(self, directory: str | os.PathLike | None = None, keep: int | None = None) -> Path:
         """Save everything needed to continue exactly; default directory ``output_dir/checkpoints/step-XXXXXXXX``.
         Models: ``<name>.safetensors``; optimizer, scheduler, RNG (one file per process): safetensors + JSON;
-        ``state.json``: step, position in the data and the settings that fix the data order."""
-        if directory is None:
-            if self.output_dir is None:
-                raise ValueError("save_checkpoint() without a directory needs output_dir")
-            directory = self.output_dir / "checkpoints" / f"step-{self.step:08d}"
-        final = Path(directory)
-        tmp = final.with_name(final.name + ".tmp")
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        _barrier()
-        ckpt.save_state(ckpt.rng_state(), tmp, f"rng-rank{self.rank}")
-        if self.rank == 0:
-            for name, module in self._modules_to_save().items():
-                safetensors.torch.save_model(module, str(tmp / f"{name}.safetensors"))
-            ckpt.save_state(self.optimizer.state_dict(), tmp, "optimizer")
-            if self.scheduler is not None:
-                ckpt.save_state(self.scheduler.state_dict(), tmp, "scheduler")
-            state = {
-                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "world_size": self.world_size, "batch_size": self.batch_size, "seed": self.seed,
-                "shuffle": self.shuffle, "drop_last": self.drop_last, "grad_accum_steps": self.grad_accum_steps,
-                "train_loss": self.last_train_loss,
-            }  # fmt: skip
-            (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        _barrier()
-        if self.rank == 0:  # renames only: a kill at any point leaves the old or the new checkpoint, whole
-            previous = final.with_name(final.name + ".old")
-            if final.exists():
-                shutil.rmtree(previous, ignore_errors=True)
-                final.rename(previous)
-            tmp.rename(final)
-            shutil.rmtree(previous, ignore_errors=True)
-            if keep is not None and keep > 0:
-                for old in sorted(final.parent.glob("step-*[0-9]"))[:-keep]:
-                    shutil.rmtree(old, ignore_errors=True)
-        _barrier()
-        return final
+        ``state.json``: step, position in the data and the settings that fix the data order. ``keep``: delete all
+        but the newest ``keep`` checkpoints beside it."""
+        return self._checkpointer.save(directory, keep)
 
     def check_checkpoint(self, directory: str | os.PathLike) -> dict[str, Any]:
         """A one-line :class:`ValueError` naming the file unless ``directory`` is a checkpoint this loop can continue
@@ -859,46 +770,23 @@ class DistillationLoop:
         file intact, and each model file fitting this loop's module (keys and shapes, from the headers: a
         checkpoint of another model names the module, the keys that differ or the first shape that does). Reads no
         tensor; returns ``state.json``."""
-        directory = Path(directory)
-        state = ckpt.read_run_state(directory)
-        ckpt.check_compatible(state, {k: getattr(self, k) for k in ckpt.RUN_KEYS}, directory)
-        problem = ckpt.find_problem(directory, self._checkpoint_files())
-        if problem is not None:
-            raise ValueError(problem)
-        for name, module in self._modules_to_save().items():
-            ckpt.check_model(module, directory / f"{name}.safetensors", name)
-        return state
+        return self._checkpointer.check(directory)
 
     def load_checkpoint(self, directory: str | os.PathLike) -> None:
         """Restore what :meth:`save_checkpoint` wrote (into this loop's existing modules/optimizer/scheduler),
         after :meth:`check_checkpoint`: a checkpoint that does not fit fails without half-restoring this loop."""
-        directory = Path(directory)
-        state = self.check_checkpoint(directory)
-        for name, module in self._modules_to_save().items():
-            ckpt.load_model(module, directory / f"{name}.safetensors", device=str(self.device), name=name)
-        self.optimizer.load_state_dict(ckpt.load_state(directory, "optimizer"))
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(ckpt.load_state(directory, "scheduler"))
-        ckpt.set_rng_state(ckpt.load_state(directory, f"rng-rank{self.rank}"))
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        self.last_train_loss = state.get("train_loss")  # absent from checkpoints of older versions
+        self._checkpointer.load(directory)
 
     def close(self) -> None:
         """Remove the feature hooks and close the TensorBoard writer."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        if self._tb is not None:
-            self._tb.close()
+        self._metrics.close()
 
 
 def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def _barrier() -> None:
-    if _dist_on() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def default_device() -> torch.device:

@@ -1,0 +1,117 @@
+"""Run training from a config: ``fastdistill train --config file.yaml`` after :mod:`~fastdistill.training.config`
+has parsed and checked it.
+
+:func:`run` checks the config (:func:`~fastdistill.training.config.check_run`: nothing runs before that), saves the
+resolved config as ``output_dir/config.yaml``, calls the factories, builds the optimizer and LR schedule, a
+:class:`~fastdistill.training.DistillationLoop`, and trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import ConfigError, ModelConfig, OptimConfig, TrainConfig, as_config_error, check_run, config_yaml
+
+
+def make_scheduler(cfg: OptimConfig) -> Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LambdaLR]:
+    """(optimizer, total_steps) -> LambdaLR: linear warm-up, then constant / linear / cosine decay to 0."""
+
+    def factory(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+        warm, kind = cfg.warmup_steps, cfg.scheduler
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            if kind == "constant":
+                return 1.0
+            progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+            return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    return factory
+
+
+def make_optimizer(cfg: OptimConfig) -> Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]:
+    """params -> the optimizer ``cfg`` names (SGD, Adam or AdamW) with its settings."""
+
+    def factory(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+        return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+    return factory
+
+
+def _model(make: Callable[[], Any], cfg: ModelConfig, name: str) -> torch.nn.Module:
+    """Call the model's factory; load its checkpoint, whose keys and shapes must fit the model."""
+    model = make()
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"{name}.factory returned {type(model).__name__}, not a torch.nn.Module")
+    if cfg.checkpoint is not None:
+        as_config_error(f"{name}.checkpoint", ckpt.load_model, model, cfg.checkpoint)
+    return model
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Check ``cfg`` (:func:`~fastdistill.training.config.check_run`), build its data, models and
+    :class:`~fastdistill.training.DistillationLoop` and train; returns
+    :meth:`~fastdistill.training.DistillationLoop.fit`'s summary. Under torchrun, initialises the process group (and
+    destroys it after, when it started it)."""
+    import torch.distributed as dist
+
+    from .loop import init_distributed
+
+    started_here = not (dist.is_available() and dist.is_initialized())
+    try:
+        init_distributed()
+        return _run(cfg)
+    finally:
+        if started_here and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cfg: TrainConfig) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    from ..modules import KDLoss
+    from .loop import DistillationLoop, seed_everything
+
+    plan = check_run(cfg)  # before any factory runs
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_yaml(cfg))
+    seed_everything(cfg.seed)  # model initialisation is reproducible too
+    datasets = plan.data()
+    if not isinstance(datasets, dict) or "train" not in datasets:
+        raise ConfigError("data.factory must return a dict with 'train' (and optionally 'eval') datasets")
+    if plan.cache is not None:
+        as_config_error("teacher_cache", plan.cache.check_length, len(datasets["train"]))
+    student = _model(plan.student, cfg.student, "student")
+    teachers = [_model(make, t, f"teachers[{i}]") for i, (make, t) in enumerate(zip(plan.teachers, cfg.teachers))]
+    kd = {f.name: getattr(cfg.kd, f.name) for f in dataclasses.fields(cfg.kd)}
+    t = cfg.train
+    loop = DistillationLoop(
+        student, teachers, loss=KDLoss(**kd), optimizer=make_optimizer(cfg.optim),
+        scheduler=make_scheduler(cfg.optim), teacher_cache=plan.cache, train_teachers=t.train_teachers,
+        batch_size=t.batch_size, grad_accum_steps=t.grad_accum_steps, max_grad_norm=cfg.optim.max_grad_norm,
+        shift_labels=t.shift_labels, shuffle=t.shuffle, drop_last=t.drop_last, amp=t.amp, seed=cfg.seed,
+        device=plan.device, output_dir=cfg.output_dir, log_every=t.log_every, tensorboard=t.tensorboard,
+        progress=t.progress,
+    )  # fmt: skip
+    if plan.resume not in (None, "latest"):  # its models must fit the ones the factories built (keys, shapes)
+        as_config_error("train.resume", loop.check_checkpoint, plan.resume)
+    return loop.fit(
+        datasets["train"], max_steps=t.max_steps, epochs=t.epochs, eval_data=datasets.get("eval"),
+        eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
+        resume_from=plan.resume,
+    )  # fmt: skip
