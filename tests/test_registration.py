@@ -256,3 +256,17 @@ def test_triton_deterministic():
         loss.backward()
         runs.append((loss.detach(), a.grad))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@requires_ext
+def test_records_are_the_schemas():
+    """The op records (fastdistill/ops/inputs.py) list each C++ op's arguments, names and types, in schema order:
+    the one Python statement of the argument lists, everything else reads arguments by name."""
+    from fastdistill.ops.inputs import CodistillInputs, MIBackwardArgs, MIInputs
+
+    for record in (KDInputs, CodistillInputs, MIInputs, MIBackwardArgs):
+        schema = getattr(torch.ops.fastdistill, record.OP).default._schema
+        assert str(schema) == f"fastdistill::{record.OP}{record.schema()}"
+        assert record.names() == tuple(a.name for a in schema.arguments)
+    with pytest.raises(TypeError, match="missing \\['reduce'\\]"):
+        KDInputs.bind(**{n: None for n in KDInputs.names() if n != "reduce"})
