@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -222,8 +221,7 @@ class MIAlphaLoss(nn.Module):
         functional.check_choice("pooling", pooling, POOLINGS)
         functional.check_choice("backend", backend, BACKENDS_NAMES)
         self.alpha = functional.check_real("alpha", alpha, low=0.0, high=1.0, low_open=False, high_open=False)
-        self.temperature = functional.check_real("temperature", temperature, low=0.0, high=math.inf, low_open=True,
-                                         high_open=True)  # fmt: skip
+        self.temperature = functional.check_temperature(temperature)  # mi_alpha's range, checked at construction
         self.critic, self.pooling, self.backend = critic, pooling, backend
         self.student_dim, self.teacher_dim = student_dim, teacher_dim
         self.student_proj = _projection(student_dim, proj_dim, hidden_dim)

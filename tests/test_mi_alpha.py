@@ -435,3 +435,10 @@ def test_reference_is_the_spec_formula():
         marginal = torch.exp(s - b.diagonal()[:, None])[off].mean()
         got = reference.mi_alpha(u, v, alpha=alpha, log_baseline=a, critic="dot", temperature=0.6)
         assert_close(got, 1 + joint - marginal, torch.float64, "loss", f"alpha={alpha}")
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-30, 1e30, float("inf")])
+def test_mialphaloss_checks_temperature_at_construction(temperature):
+    """MIAlphaLoss takes mi_alpha's temperature range, checked when the module is built (not at the first call)."""
+    with pytest.raises(ValueError, match=r"temperature must be finite and in \[1e-19, 1e\+19\]"):
+        fastdistill.MIAlphaLoss(6, 10, proj_dim=8, temperature=temperature)
