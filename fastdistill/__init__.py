@@ -7,6 +7,7 @@ Public API: :func:`kd_loss`, :class:`KDLoss`, :func:`ensemble_soft_targets` (log
 """
 
 from .functional import CodistillLosses, codistill_loss, ensemble_soft_targets, kd_loss, mi_alpha
+from .fused_linear import FusedLinearKDLoss, TeacherHead, fused_linear_kd_loss
 from .modules import CodistillLoss, KDLoss, MIAlphaLoss
 from .ops import extension as _extension
 from .ops import registration as _registration  # noqa: F401  (fake kernels + autograd of the C++ ops)
@@ -18,7 +19,8 @@ __all__ = [
     "codistill_loss",
     "CodistillLoss",
     "CodistillLosses",
-    "mi_alpha", "MIAlphaLoss", "extension_available"]
+    "mi_alpha", "MIAlphaLoss", "extension_available",
+    "fused_linear_kd_loss", "FusedLinearKDLoss", "TeacherHead"]
 __version__ = "0.1.0"
 
 

@@ -1,0 +1,321 @@
+"""Fused linear distillation: the loss of :func:`fastdistill.kd_loss` from the student's last hidden states and its
+output head, chunk by chunk, so that the [N, V] logits (and their gradient) never exist whole.
+
+For LLM distillation the largest tensors of a step are the logits: at N = 16384 tokens and V = 128256 one bf16
+[N, V] tensor is 4.2 GB and its gradient another. Here rows are processed in chunks sized by a memory budget; each
+chunk's logits come from a torch matmul, its loss and logit gradient from the fused row op of the backend in use
+(:func:`fastdistill.kd_loss`, not a copy of its math), and the gradients to the hidden states, head weight and bias
+from two more matmuls. Teachers are given as logits, or as hidden states with their own (frozen) head
+(:class:`TeacherHead`), whose logits are then computed chunk by chunk too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from . import functional
+
+DEFAULT_BUDGET_BYTES = 256 * 2**20  # per chunk: its logits, the teachers', the logit gradient and fp32 temporaries
+
+
+class TeacherHead(NamedTuple):
+    """A frozen teacher given by its last hidden states ``[*, H_t]`` and output head ``weight [V, H_t]`` (and
+    ``bias [V]``): its logits are computed one chunk of rows at a time, never whole, and get no gradient."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None = None
+
+
+Teacher = Tensor | TeacherHead
+
+
+def _check_head(name: str, weight: Tensor, bias: Tensor | None, width: int, device: torch.device) -> None:
+    if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.dim() != 2:
+        raise TypeError(f"{name} weight must be a floating-point Tensor [V, H]")
+    if weight.shape[1] != width:
+        raise ValueError(f"{name} weight has shape {tuple(weight.shape)}: expected [V, {width}] (H of its hidden)")
+    if weight.device != device:
+        raise ValueError(f"{name} weight is on {weight.device}, the hidden states on {device}")
+    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (weight.shape[0],)):
+        raise ValueError(f"{name} bias must be a Tensor [V] = [{weight.shape[0]}], got "
+                         f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")  # fmt: skip
+
+
+def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: int, device) -> list[Teacher]:
+    """K teachers, each logits [N, V] or a TeacherHead with hidden [N, H_t]; shapes checked against the student."""
+    if isinstance(teachers, TeacherHead):
+        teachers = [teachers]
+    if isinstance(teachers, Tensor) or (isinstance(teachers, Sequence) and
+                                        all(isinstance(t, Tensor) for t in teachers)):  # fmt: skip
+        if isinstance(teachers, Sequence) and not teachers:
+            raise ValueError("teachers is empty; need at least one teacher (K >= 1)")
+        return [t.reshape(-1, v) for t in functional.split_teachers(teachers, torch.Size((*lead, v)))]
+    if not isinstance(teachers, Sequence) or isinstance(teachers, str) or not teachers:
+        raise TypeError("teachers must be logits (a Tensor [*, V], [K, *, V] or a sequence of them), TeacherHead "
+                        "(hidden, weight[, bias]) entries, or a sequence mixing both")  # fmt: skip
+    out: list[Teacher] = []
+    for k, t in enumerate(teachers):
+        if isinstance(t, TeacherHead):
+            if not isinstance(t.hidden, Tensor) or t.hidden.shape[:-1] != lead:
+                raise ValueError(f"teachers[{k}].hidden must have shape [{', '.join(map(str, lead))}, H_t] (the "
+                                 f"student's rows), got {tuple(getattr(t.hidden, 'shape', ()))}")  # fmt: skip
+            _check_head(f"teachers[{k}]", t.weight, t.bias, t.hidden.shape[-1], device)
+            if t.weight.shape[0] != v:
+                raise ValueError(f"teachers[{k}].weight has V = {t.weight.shape[0]}, the student's head {v}")
+            out.append(TeacherHead(t.hidden.detach().reshape(-1, t.hidden.shape[-1]), t.weight.detach(),
+                                   None if t.bias is None else t.bias.detach()))  # fmt: skip
+        elif isinstance(t, Tensor):
+            (logits,) = functional.split_teachers([t], torch.Size((*lead, v)))
+            out.append(logits.reshape(-1, v))
+        else:
+            raise TypeError(f"teachers[{k}] must be a Tensor of logits or a TeacherHead, got {type(t).__name__}")
+    return out
+
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
+
+
+def chunk_rows(n: int, v: int, k: int, itemsize: int, chunk_size: int | None, budget_bytes: int | None) -> int:
+    """Rows per chunk: ``chunk_size`` if given, else as many as the budget holds. A row costs its logits, its
+    K teachers' logits and its logit gradient in the input dtype, and ~3 float32 temporaries of the fused op."""
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+        return min(chunk_size, max(n, 1))
+    budget = DEFAULT_BUDGET_BYTES if budget_bytes is None else budget_bytes
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"memory_budget_bytes must be an int >= 1, got {budget!r}")
+    per_row = v * ((k + 2) * itemsize + 12)
+    return max(1, min(max(n, 1), budget // per_row))
+
+
+class _Plan(NamedTuple):
+    """Everything a chunk needs besides the student's hidden states, head weight and bias."""
+
+    teachers: list[Teacher]
+    labels: Tensor | None  # [N]
+    sample_weight: Tensor | None  # [N]
+    teacher_weights: Any  # None, [K] as given, or [K, N]
+    options: dict[str, Any]  # kd_loss keywords (divergence, temperature, ..., backend)
+    chunk_reduction: str  # "mean" (with the global count as num_items), "sum" or "none"
+    num_items: Any  # the global count for "mean"
+    denominator: float  # "batchmean": the sum is divided by it at the end; else 1
+    chunk: int
+    lead: torch.Size
+
+
+def _chunk_loss(plan: _Plan, z: Tensor, rows: slice) -> Tensor:
+    teachers = [t[rows] if isinstance(t, Tensor) else _logits(t.hidden[rows], t.weight, t.bias)
+                for t in plan.teachers]  # fmt: skip
+    tw = plan.teacher_weights
+    if isinstance(tw, Tensor) and tw.dim() == 2:
+        tw = tw[:, rows]
+    return functional.kd_loss(
+        z, teachers, None if plan.labels is None else plan.labels[rows], teacher_weights=tw,
+        sample_weight=None if plan.sample_weight is None else plan.sample_weight[rows],
+        reduction=plan.chunk_reduction, num_items=plan.num_items if plan.chunk_reduction == "mean" else None,
+        **plan.options,
+    )  # fmt: skip
+
+
+def _sweep(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, grads: bool, grad_out: Tensor | None):
+    """One pass over the chunks: the loss (0-dim sum of the chunks', or [N] rows) and, when ``grads``, the
+    gradients of (grad_out x) the loss to h [N, H], w, b (w and b accumulated in the accumulation dtype)."""
+    n = h.shape[0]
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    total = torch.zeros((), dtype=acc, device=h.device)
+    rows_out = [] if plan.chunk_reduction == "none" else None
+    gh = torch.empty_like(h) if grads else None
+    gw = torch.zeros(w.shape, dtype=acc, device=w.device) if grads else None
+    gb = torch.zeros(w.shape[0], dtype=acc, device=w.device) if grads and b is not None else None
+    for start in range(0, n, plan.chunk):
+        rows = slice(start, min(n, start + plan.chunk))
+        hc = h[rows]
+        with torch.enable_grad():
+            z = _logits(hc, w, b).detach().requires_grad_(grads)
+            loss = _chunk_loss(plan, z, rows)
+            if grads:
+                go = None if grad_out is None else (grad_out[rows] if grad_out.dim() else grad_out)
+                (g,) = torch.autograd.grad(loss, z, grad_outputs=go)
+        if grads:
+            gh[rows] = (g @ w).to(h.dtype)
+            g_acc = g.to(acc)
+            gw.addmm_(g_acc.T, hc.to(acc))
+            if gb is not None:
+                gb.add_(g_acc.sum(0))
+        loss = loss.detach()
+        if rows_out is not None:
+            rows_out.append(loss)
+        else:
+            total = total + loss.to(acc)
+    out = torch.cat(rows_out) if rows_out is not None else total
+    return out, gh, gw, gb
+
+
+class _FusedLinearKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor, b: Tensor | None, plan: _Plan) -> Tensor:
+        # Reductions to a scalar: the gradients are computed with the loss (one pass) and backward scales them.
+        # "none": backward needs each row's grad_output, so it recomputes the chunks then.
+        want = any(ctx.needs_input_grad[:3])
+        early = want and plan.chunk_reduction != "none"
+        out, gh, gw, gb = _sweep(plan, h, w, b, early, None)
+        ctx.plan, ctx.early, ctx.has_bias, ctx.w_dtype = plan, early, b is not None, w.dtype
+        if early:
+            ctx.save_for_backward(gh, gw, gb if gb is not None else gw.new_empty(0))
+        else:
+            ctx.save_for_backward(h, w, b if b is not None else w.new_empty(0))
+        if plan.chunk_reduction == "none":
+            return out.reshape(plan.lead)
+        return out / plan.denominator
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        plan = ctx.plan
+        if ctx.early:
+            gh, gw, gb = ctx.saved_tensors
+            scale = grad_out / plan.denominator
+            d_h = gh * scale.to(gh.dtype)
+            d_w, d_b = gw * scale, (gb * scale if ctx.has_bias else None)
+        else:
+            h, w, b = ctx.saved_tensors
+            b = b if ctx.has_bias else None
+            _, d_h, d_w, d_b = _sweep(plan, h, w, b, True, grad_out.reshape(-1))
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        return (d_h if need_h else None, d_w.to(ctx.w_dtype) if need_w else None,
+                d_b.to(ctx.w_dtype) if need_b and d_b is not None else None, None)  # fmt: skip
+
+
+def fused_linear_kd_loss(
+    student_hidden: Tensor,
+    student_head_weight: Tensor,
+    teachers: Teacher | Sequence[Teacher],
+    labels: Tensor | None = None,
+    *,
+    student_head_bias: Tensor | None = None,
+    chunk_size: int | None = None,
+    memory_budget_bytes: int | None = None,
+    divergence: str = "kl",
+    temperature: float = 1.0,
+    scale_by_temperature_sq: bool = True,
+    ensemble: str = "prob_mean",
+    teacher_weights: Tensor | Sequence[float] | None = None,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    ignore_index: int = -100,
+    ce_weight: float = 0.0,
+    sample_weight: Tensor | None = None,
+    reduction: str = "mean",
+    num_items: int | Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """:func:`fastdistill.kd_loss` of the logits ``student_hidden @ student_head_weight.T + student_head_bias``,
+    computed ``chunk_size`` rows at a time (default: as many as ``memory_budget_bytes``, 256 MiB, holds), so that
+    neither the [N, V] logits nor their gradient is ever materialised.
+
+    Args:
+        student_hidden: [*, H] the student's last hidden states (the ``lm_head``'s input).
+        student_head_weight: [V, H] the student's output head (``lm_head.weight``); student_head_bias: [V] or None.
+        teachers: logits ([*, V], a stacked [K, *, V], or a sequence of K [*, V]), :class:`TeacherHead` entries
+            (hidden [*, H_t] and a frozen head [V, H_t]: their logits are computed per chunk too), or a sequence
+            mixing both. Teachers get no gradient.
+        labels, and every keyword from ``divergence`` on: as in :func:`fastdistill.kd_loss` (``teacher_weights``
+            [K] or [K, *]; ``sample_weight`` [*]; ``reduction`` "mean" divides by the labelled rows of the whole
+            input, or ``num_items``).
+
+    Returns the loss: 0-dim, or [*] for ``reduction="none"``; float32 (float64 for float64 inputs). Gradients flow
+    to ``student_hidden``, ``student_head_weight`` and ``student_head_bias``. Extra memory: one chunk's logits,
+    teachers' logits and logit gradient, plus the gradients of the inputs (the weight's in float32 while it
+    accumulates).
+    """
+    if not isinstance(student_hidden, Tensor) or not student_hidden.is_floating_point() or student_hidden.dim() < 1:
+        raise TypeError("student_hidden must be a floating-point Tensor [*, H]")
+    lead, width = student_hidden.shape[:-1], student_hidden.shape[-1]
+    _check_head("student_head", student_head_weight, student_head_bias, width, student_hidden.device)
+    if student_head_weight.dtype != student_hidden.dtype:
+        raise TypeError(f"student_head_weight is {student_head_weight.dtype} but student_hidden is "
+                        f"{student_hidden.dtype}; they must share a dtype (the head's matmul)")  # fmt: skip
+    functional.check_hyperparameters(
+        divergence=divergence, temperature=temperature, ensemble=ensemble, beta=beta, skew=skew, ce_weight=ce_weight,
+        reduction=reduction, backend=backend, ignore_index=ignore_index,
+        scale_by_temperature_sq=scale_by_temperature_sq,
+    )  # fmt: skip
+    v = student_head_weight.shape[0]
+    n = math.prod(lead)
+    teacher_list = _teacher_list(teachers, lead, v, student_hidden.device)
+    flat_labels = flat_sw = None
+    if labels is not None:
+        if not isinstance(labels, Tensor) or labels.shape != lead:
+            raise ValueError(f"labels must be a Tensor of shape {tuple(lead)} (student_hidden without H), got "
+                             f"{tuple(getattr(labels, 'shape', ()))}")  # fmt: skip
+        flat_labels = labels.reshape(n)
+    if sample_weight is not None:
+        if not isinstance(sample_weight, Tensor) or sample_weight.shape != lead:
+            raise ValueError(f"sample_weight must be a Tensor of shape {tuple(lead)} (student_hidden without H), got "
+                             f"{tuple(getattr(sample_weight, 'shape', ()))}")  # fmt: skip
+        flat_sw = sample_weight.reshape(n)
+    tw = teacher_weights
+    if isinstance(tw, Tensor) and tw.dim() >= 2:
+        if tw.shape[1:] != lead:
+            raise ValueError(f"teacher_weights must be [K] or [K, *] = [{len(teacher_list)}, "
+                             f"{', '.join(map(str, lead))}], got {tuple(tw.shape)}")  # fmt: skip
+        tw = tw.reshape(tw.shape[0], n)
+
+    chunk_reduction, count, denominator = reduction, None, 1.0
+    if reduction == "mean":
+        if num_items is not None:
+            count = num_items
+        elif flat_labels is not None:
+            count = (flat_labels != ignore_index).sum()
+        else:
+            count = n
+    elif num_items is not None:
+        raise ValueError(f"num_items overrides the 'mean' denominator; it has no meaning for reduction={reduction!r}")
+    if reduction == "batchmean":  # torch's meaning, as kd_loss: the logits' first dimension
+        chunk_reduction, denominator = "sum", float(max(lead[0] if lead else v, 1))
+    itemsize = student_hidden.element_size()
+    chunk = chunk_rows(n, v, len(teacher_list), itemsize, chunk_size, memory_budget_bytes)
+    options = dict(divergence=divergence, temperature=temperature, scale_by_temperature_sq=scale_by_temperature_sq,
+                   ensemble=ensemble, beta=beta, skew=skew, ignore_index=ignore_index, ce_weight=ce_weight,
+                   backend=backend)  # fmt: skip
+    plan = _Plan(teacher_list, flat_labels, flat_sw, tw, options, chunk_reduction, count, denominator, chunk, lead)
+    h = student_hidden.reshape(n, width)
+    return _FusedLinearKD.apply(h, student_head_weight, student_head_bias, plan)
+
+
+class FusedLinearKDLoss(nn.Module):
+    """:func:`fused_linear_kd_loss` with its hyper-parameters fixed in ``__init__`` (every keyword from
+    ``chunk_size`` on); ``forward(student_hidden, student_head_weight, teachers, labels=None, *,
+    student_head_bias=None, sample_weight=None, teacher_weights=None, num_items=None)``."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        allowed = {"chunk_size", "memory_budget_bytes", "divergence", "temperature", "scale_by_temperature_sq",
+                   "ensemble", "teacher_weights", "beta", "skew", "ignore_index", "ce_weight", "reduction",
+                   "backend"}  # fmt: skip
+        unknown = set(options) - allowed
+        if unknown:
+            raise TypeError(f"FusedLinearKDLoss got unknown options {sorted(unknown)}; allowed: {sorted(allowed)}")
+        self.options = options
+        probe = {k: v for k, v in options.items() if k not in ("chunk_size", "memory_budget_bytes", "teacher_weights")}
+        defaults = dict(divergence="kl", temperature=1.0, scale_by_temperature_sq=True, ensemble="prob_mean",
+                        beta=0.5, skew=0.1, ignore_index=-100, ce_weight=0.0, reduction="mean", backend="auto")
+        functional.check_hyperparameters(**{**defaults, **probe})
+
+    def forward(self, student_hidden: Tensor, student_head_weight: Tensor, teachers: Teacher | Sequence[Teacher],
+                labels: Tensor | None = None, *, student_head_bias: Tensor | None = None,
+                sample_weight: Tensor | None = None, teacher_weights: Tensor | Sequence[float] | None = None,
+                num_items: int | Tensor | None = None) -> Tensor:  # fmt: skip
+        options = dict(self.options)
+        if teacher_weights is not None:
+            options["teacher_weights"] = teacher_weights
+        return fused_linear_kd_loss(student_hidden, student_head_weight, teachers, labels,
+                                    student_head_bias=student_head_bias, sample_weight=sample_weight,
+                                    num_items=num_items, **options)  # fmt: skip

@@ -1,0 +1,162 @@
+"""fused_linear_kd_loss (issue 19): kd_loss of head(hidden) chunk by chunk, held to kd_loss on the materialised
+logits in float64: every option, ragged last chunk, chunk size 1 and >= N, grad_output != 1, gradient
+accumulation, teachers as logits or as hidden states with their own head."""
+
+import pytest
+import torch
+from conftest import CPU_BACKENDS, DIVERGENCES
+
+import fastdistill
+from fastdistill import TeacherHead, fused_linear_kd_loss
+
+H, V = 7, 11
+
+
+def _inputs(lead=(2, 5), k=2, seed=0, dtype=torch.float64, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*lead, H, generator=g, dtype=dtype, requires_grad=True)
+    w = (torch.randn(V, H, generator=g, dtype=dtype) * 0.7).requires_grad_()
+    b = (torch.randn(V, generator=g, dtype=dtype) * 0.3).requires_grad_() if bias else None
+    t_hidden = [torch.randn(*lead, 5, generator=g, dtype=dtype) for _ in range(k)]
+    t_heads = [torch.randn(V, 5, generator=g, dtype=dtype) for _ in range(k)]
+    labels = torch.randint(0, V, lead, generator=g)
+    if labels.numel() > 1:
+        labels.view(-1)[1] = -100
+    return h, w, b, t_hidden, t_heads, labels
+
+
+def _materialised(h, w, b, teacher_logits, labels, **kw):
+    logits = h @ w.T + (b if b is not None else 0)
+    return fastdistill.kd_loss(logits, teacher_logits, labels, **kw)
+
+
+def _grads(loss, inputs, go=None):
+    return torch.autograd.grad(loss, [x for x in inputs if x is not None], grad_outputs=go)
+
+
+def _check(kw, chunk_size, lead=(2, 5), k=2, as_heads=True, bias=True, backend="reference", go_scale=None):
+    h, w, b, t_hidden, t_heads, labels = _inputs(lead, k, bias=bias)
+    t_logits = [th @ tw.T for th, tw in zip(t_hidden, t_heads)]
+    teachers = [TeacherHead(th, tw) for th, tw in zip(t_hidden, t_heads)] if as_heads else t_logits
+    want = _materialised(h, w, b, t_logits, labels, backend="reference", **kw)
+    got = fused_linear_kd_loss(h, w, teachers, labels, student_head_bias=b, chunk_size=chunk_size,
+                               backend=backend, **kw)  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    go = None
+    if go_scale is not None:
+        go = torch.full_like(want, go_scale) if want.dim() == 0 else torch.linspace(-1, 2, want.numel(),
+                                                                                   dtype=want.dtype).view_as(want)
+    elif want.dim():
+        go = torch.ones_like(want)
+    for gw_, gg in zip(_grads(want, (h, w, b), go), _grads(got, (h, w, b), go)):
+        torch.testing.assert_close(gg, gw_, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 10, 64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batchmean", "none"])
+def test_chunks_and_reductions(chunk_size, reduction):
+    _check(dict(temperature=2.0, ce_weight=0.3, reduction=reduction), chunk_size, go_scale=0.7)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("ensemble", ["prob_mean", "logit_mean", "loss_mean"])
+def test_divergences_and_ensembles(divergence, ensemble):
+    _check(dict(divergence=divergence, ensemble=ensemble, temperature=1.5, beta=0.3, skew=0.2), 3, k=3)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backends(backend):
+    """Each chunk's loss and logit gradient come from the backend's fused row op."""
+    _check(dict(divergence="jsd", temperature=2.0, ce_weight=0.2), 4, backend=backend)
+
+
+def test_options_weights_and_num_items():
+    g = torch.Generator().manual_seed(3)
+    sw = torch.rand(2, 5, generator=g, dtype=torch.float64)
+    tw_rows = torch.rand(2, 2, 5, generator=g, dtype=torch.float64) + 0.1
+    for kw in (dict(sample_weight=sw), dict(teacher_weights=[0.2, 0.8]), dict(teacher_weights=tw_rows),
+               dict(num_items=7), dict(num_items=torch.tensor(3.0, dtype=torch.float64)),
+               dict(scale_by_temperature_sq=False, temperature=3.0), dict(ignore_index=4)):  # fmt: skip
+        _check(kw, 3, go_scale=1.3)
+
+
+def test_teachers_as_logits_stacked_and_mixed():
+    h, w, b, t_hidden, t_heads, labels = _inputs()
+    t_logits = [th @ tw.T for th, tw in zip(t_hidden, t_heads)]
+    want = _materialised(h, w, b, t_logits, labels, backend="reference")
+    for teachers in (torch.stack(t_logits), t_logits, [t_logits[0], TeacherHead(t_hidden[1], t_heads[1])]):
+        got = fused_linear_kd_loss(h, w, teachers, labels, student_head_bias=b, chunk_size=3, backend="reference")
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    one = fused_linear_kd_loss(h, w, t_logits[0], labels, student_head_bias=b, backend="reference")
+    torch.testing.assert_close(one, _materialised(h, w, b, t_logits[0], labels, backend="reference"))
+
+
+def test_no_bias_one_row_and_gradient_accumulation():
+    _check(dict(), 2, bias=False)
+    _check(dict(reduction="none"), 1, lead=(), k=1)
+    h, w, b, t_hidden, t_heads, labels = _inputs()
+    teachers = [TeacherHead(th, tw) for th, tw in zip(t_hidden, t_heads)]
+    for _ in range(2):  # .grad accumulates over two calls as for any loss
+        fused_linear_kd_loss(h, w, teachers, labels, student_head_bias=b, chunk_size=4, backend="reference").backward()
+    grads = [x.grad.clone() for x in (h, w, b)]
+    for x in (h, w, b):
+        x.grad = None
+    t_logits = [th @ tw.T for th, tw in zip(t_hidden, t_heads)]
+    (2 * _materialised(h, w, b, t_logits, labels, backend="reference")).backward()
+    for got, x in zip(grads, (h, w, b)):
+        torch.testing.assert_close(got, x.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_module_and_chunk_from_budget():
+    h, w, b, t_hidden, t_heads, labels = _inputs()
+    teachers = [TeacherHead(th, tw) for th, tw in zip(t_hidden, t_heads)]
+    mod = fastdistill.FusedLinearKDLoss(temperature=2.0, memory_budget_bytes=4096, backend="reference")
+    got = mod(h, w, teachers, labels, student_head_bias=b)
+    want = fused_linear_kd_loss(h, w, teachers, labels, student_head_bias=b, temperature=2.0, chunk_size=1,
+                                backend="reference")  # fmt: skip
+    torch.testing.assert_close(got, want)
+    assert fastdistill.fused_linear.chunk_rows(10, V, 2, 8, None, 4096) < 10  # the budget splits the rows
+    with pytest.raises(TypeError, match="unknown options"):
+        fastdistill.FusedLinearKDLoss(temprature=2.0)
+
+
+def test_errors_name_the_argument():
+    h, w, b, t_hidden, t_heads, labels = _inputs()
+    t = t_hidden[0] @ t_heads[0].T
+    with pytest.raises(ValueError, match=r"student_head weight has shape \(11, 6\): expected \[V, 7\]"):
+        fused_linear_kd_loss(h, w[:, :6], t)
+    with pytest.raises(ValueError, match="teachers\\[0\\].hidden must have shape"):
+        fused_linear_kd_loss(h, w, [TeacherHead(t_hidden[0][:1], t_heads[0])])
+    with pytest.raises(ValueError, match="labels must be a Tensor of shape"):
+        fused_linear_kd_loss(h, w, t, labels[:1])
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
+        fused_linear_kd_loss(h, w, t, chunk_size=0)
+    with pytest.raises(ValueError, match="teacher_logits has vocabulary size 10"):
+        fused_linear_kd_loss(h, w, t[..., :10])
+    with pytest.raises(TypeError, match="share a dtype"):
+        fused_linear_kd_loss(h, w.float(), t)
+
+
+def test_extra_memory_is_one_chunk_whatever_n():
+    """The step's peak beyond the inputs and their gradients is one chunk's worth, the same at N = 64 and N = 512
+    (the profiler's CPU allocation events, as tests/test_peak_memory.py reads them), and far below one [N, V]."""
+    from test_peak_memory import extra_peak
+
+    vocab, width, chunk = 2048, 32, 16
+
+    def step(n):
+        g = torch.Generator().manual_seed(0)
+        h = torch.randn(n, width, generator=g, requires_grad=True)
+        w = torch.randn(vocab, width, generator=g, requires_grad=True)
+        t = TeacherHead(torch.randn(n, width, generator=g), torch.randn(vocab, width, generator=g))
+        labels = torch.randint(0, vocab, (n,), generator=g)
+
+        def run():
+            fused_linear_kd_loss(h, w, t, labels, chunk_size=chunk, ce_weight=0.1, backend="cpu").backward()
+
+        return extra_peak(run) - (h.numel() + 2 * w.numel()) * 4  # minus grad_h, grad_w and its float32 accumulator
+
+    small, large = step(64), step(512)
+    one_chunk = chunk * vocab * 4
+    assert large - small < one_chunk, (small, large)  # 8x the rows, not one more chunk of memory
+    assert large < 512 * vocab * 4 / 4, large  # a quarter of the [N, V] float32 logits, which never exist
