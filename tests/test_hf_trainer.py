@@ -187,7 +187,8 @@ def test_teacher_keyword_mistakes_are_named(tmp_path):
 
 def test_distillation_arguments_defaults_are_kd_loss_defaults():
     kd_loss_defaults = {k: p.default for k, p in inspect.signature(fastdistill.kd_loss).parameters.items()}
-    assert KD_DEFAULTS == {**{k: kd_loss_defaults[k] for k in KD_DEFAULTS if k != "shift_labels"}, "shift_labels": None}
+    own = {"shift_labels": None, "fused_linear": False}  # the trainer's own settings
+    assert KD_DEFAULTS == {**{k: kd_loss_defaults[k] for k in KD_DEFAULTS if k not in own}, **own}
 
 
 def test_distillation_arguments_from_the_command_line_drive_and_are_saved_by_the_trainer(tmp_path):
@@ -244,7 +245,7 @@ def test_keywords_alongside_distillation_arguments_must_agree(tmp_path):
         DistillationTrainer(model=student, args=args, teachers=[teacher], ce_weight=0.5)
     # with plain TrainingArguments the keywords are the settings, the rest kd_loss's defaults
     trainer = DistillationTrainer(model=student, args=_args(tmp_path), teachers=[teacher], ce_weight=0.5)
-    defaults = {k: v for k, v in KD_DEFAULTS.items() if k != "shift_labels"}
+    defaults = {k: v for k, v in KD_DEFAULTS.items() if k not in ("shift_labels", "fused_linear")}
     assert trainer.kd_options == {**defaults, "ce_weight": 0.5} and trainer.shift_labels is True  # GPT-2: causal
 
 
@@ -265,3 +266,29 @@ def test_single_process_teachers_are_on_the_device_in_eval_mode_frozen_and_used(
     for t in trainer.teachers:
         assert not t.training and not any(p.requires_grad for p in t.parameters())
         assert {p.device for p in t.parameters()} == {trainer.args.device}
+
+
+def test_fused_linear_equals_the_logits_path(tmp_path):
+    """fused_linear=True: the loss from hidden states and heads (logits_to_keep=1: the models never form the full
+    logits) equals the logits path, in value and in the student's gradients, eval and train (num_items)."""
+    student, teachers = _gpt2(1, 16, 0), [_gpt2(2, 32, 1), _gpt2(2, 32, 2)]
+    plain = DistillationTrainer(model=student, args=_args(tmp_path), teachers=teachers, **KD)
+    fused = DistillationTrainer(model=student, args=_args(tmp_path / "f"), teachers=teachers, fused_linear=True, **KD)
+    batch = _lm_batch()
+    for training, num_items in ((False, None), (True, torch.tensor(50))):
+        student.train(training)
+        losses, grads = [], []
+        for trainer in (plain, fused):
+            student.zero_grad()
+            loss = trainer.compute_loss(student, dict(batch), num_items_in_batch=num_items)
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append([p.grad.clone() for p in student.parameters()])
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+        for g_fused, g_plain in zip(grads[1], grads[0]):
+            torch.testing.assert_close(g_fused, g_plain, rtol=1e-4, atol=1e-6)
+    args = _args(tmp_path / "a", DistillationArguments, fused_linear=True, temperature=2.0)
+    assert DistillationTrainer(model=student, args=args, teachers=teachers).fused_linear
+    with pytest.raises(ValueError, match="fused_linear: model has no linear output head"):
+        DistillationTrainer(model=_bert(16, 0), args=_args(tmp_path / "b"), teachers=[_bert(16, 1)],
+                            fused_linear=True)  # fmt: skip

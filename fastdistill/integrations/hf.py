@@ -31,13 +31,14 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .. import functional
+from ..fused_linear import TeacherHead, fused_linear_kd_loss
 from ..training.data import is_causal_lm, logits_of
 
 logger = logging.get_logger(__name__)
 
 # The KD settings, in DistillationArguments and as DistillationTrainer keywords (same names, same defaults).
 KD_SETTINGS = ("divergence", "temperature", "scale_by_temperature_sq", "ensemble", "teacher_weights", "beta", "skew",
-               "ce_weight", "ignore_index", "backend", "shift_labels")  # fmt: skip
+               "ce_weight", "ignore_index", "backend", "shift_labels", "fused_linear")  # fmt: skip
 
 
 @dataclass
@@ -50,7 +51,8 @@ class DistillationArguments(TrainingArguments):
 
     Fields (defaults as ``kd_loss``): ``divergence``, ``temperature``, ``scale_by_temperature_sq``, ``ensemble``,
     ``teacher_weights`` (one number per teacher, or None for uniform), ``beta``, ``skew``, ``ce_weight``,
-    ``ignore_index``, ``backend``, and ``shift_labels`` (None: on for causal LMs).
+    ``ignore_index``, ``backend``, ``shift_labels`` (None: on for causal LMs), and ``fused_linear`` (False: see
+    :class:`DistillationTrainer`).
 
     Coming from TRL's ``GKDConfig`` (``trl.experimental.gkd``; read in its source, not run here):
 
@@ -76,6 +78,9 @@ class DistillationArguments(TrainingArguments):
     ignore_index: int = field(default=-100, metadata={"help": "label of positions without loss"})
     backend: str = field(default="auto", metadata={"help": "auto, cpu, cuda, triton or reference"})
     shift_labels: bool | None = field(default=None, metadata={"help": "t vs label t+1; default: on for causal LMs"})
+    fused_linear: bool = field(default=False, metadata={
+        "help": "the loss from the models' last hidden states and output heads, chunk by chunk "
+                "(fastdistill.fused_linear_kd_loss): the [B, T, V] logits are never materialised"})  # fmt: skip
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -101,11 +106,12 @@ def _weight_list(weights: Tensor | Sequence[float]) -> list[float]:
 
 def _check_settings(settings: dict[str, Any]) -> None:
     """Validate KD settings as ``kd_loss`` does, before any training step."""
-    functional.check_hyperparameters(
-        reduction="mean", **{k: v for k, v in settings.items() if k not in ("teacher_weights", "shift_labels")}
-    )
+    functional.check_hyperparameters(reduction="mean", **{
+        k: v for k, v in settings.items() if k not in ("teacher_weights", "shift_labels", "fused_linear")})
     if settings["shift_labels"] is not None and not isinstance(settings["shift_labels"], bool):
         raise TypeError(f"shift_labels must be None or a bool, got {type(settings['shift_labels']).__name__}")
+    if not isinstance(settings["fused_linear"], bool):
+        raise TypeError(f"fused_linear must be a bool, got {type(settings['fused_linear']).__name__}")
 
 
 def _kd_settings(args: TrainingArguments, given: dict[str, Any], num_teachers: int) -> dict[str, Any]:
@@ -198,6 +204,23 @@ def _zero3_engine(teacher: nn.Module, ds_config: dict[str, Any]) -> nn.Module:
     return engine
 
 
+def _check_fusable(name: str, model: nn.Module) -> None:
+    """``fused_linear`` needs logits = ``get_output_embeddings()(hidden_states[-1])``: a linear head, a forward
+    that takes ``logits_to_keep`` (else the full logits would be computed anyway), no logit scaling."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"fused_linear: {name} has no linear output head (get_output_embeddings()); use "
+                         "fused_linear=False")  # fmt: skip
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        raise ValueError(f"fused_linear: {name}.forward does not take logits_to_keep, so it would compute the full "
+                         "logits anyway; use fused_linear=False")  # fmt: skip
+    config = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            raise ValueError(f"fused_linear: {name} transforms its logits ({attr}={getattr(config, attr)}); the "
+                             "fused loss takes lm_head(hidden) as is: use fused_linear=False")  # fmt: skip
+
+
 class DistillationTrainer(Trainer):
     """A ``transformers.Trainer`` that distills K teachers into ``model`` with :func:`fastdistill.kd_loss`.
 
@@ -215,6 +238,11 @@ class DistillationTrainer(Trainer):
         shift_labels: align position t with label t+1 (student, teachers and labels alike); None: on for causal
             LMs (:func:`is_causal_lm`), off otherwise. A batch that carries ``shift_labels`` (HF's padding-free
             collators) is used as given, unshifted.
+        fused_linear: compute the loss from the last hidden states (``output_hidden_states=True``) and the output
+            heads (``get_output_embeddings()``) with :func:`fastdistill.fused_linear_kd_loss`, the models asked for
+            the logits of the last position only (``logits_to_keep=1``): neither the student's nor the teachers'
+            [B, T, V] logits are materialised. For models whose logits are ``lm_head(hidden_states[-1])`` as is
+            (no logit scaling or soft-capping: those raise); heads sharded by FSDP / ZeRO-3 are not supported.
 
     KD settings come from one place: ``args=DistillationArguments(...)`` (saved with the run), or these keywords
     with plain ``TrainingArguments``. A keyword given alongside DistillationArguments must equal args' value
@@ -240,6 +268,7 @@ class DistillationTrainer(Trainer):
         ignore_index: int | None = None,
         shift_labels: bool | None = None,
         backend: str | None = None,
+        fused_linear: bool | None = None,
         **kwargs: Any,
     ) -> None:
         given = {name: value for name, value in locals().items() if name in KD_SETTINGS}  # None: not given
@@ -255,6 +284,10 @@ class DistillationTrainer(Trainer):
         settings = _kd_settings(self.args, given, len(teachers))
         shift_labels = settings.pop("shift_labels")
         self.shift_labels = is_causal_lm(self.model) if shift_labels is None else shift_labels
+        self.fused_linear: bool = settings.pop("fused_linear")
+        if self.fused_linear:
+            for name, m in [("model", self.model), *((f"teachers[{k}]", t) for k, t in enumerate(teachers))]:
+                _check_fusable(name, m)
         self.kd_options = settings  # kd_loss's keywords
         self.ignore_index: int = settings["ignore_index"]
         self.teachers = [self.prepare_teacher(t) for t in teachers]
@@ -331,6 +364,9 @@ class DistillationTrainer(Trainer):
         labels = self._loss_labels(inputs)
         given_shifted = inputs.pop("shift_labels", None) is not None
         inputs.pop("labels", None)  # the student must not compute its own loss
+        if self.fused_linear:
+            loss, outputs = self._fused_linear_loss(model, inputs, labels, given_shifted, num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
         outputs = model(**inputs)
         student = logits_of(outputs)
         with torch.no_grad():
@@ -345,3 +381,26 @@ class DistillationTrainer(Trainer):
             # num_items is the global count, and DDP averages the gradients over processes: undo that average
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def _fused_linear_loss(self, model: nn.Module, inputs: dict[str, Any], labels: Tensor | None,
+                           given_shifted: bool, num_items_in_batch: Tensor | int | None):  # fmt: skip
+        """compute_loss with ``fused_linear``: hidden states and heads into fused_linear_kd_loss."""
+        fused = dict(output_hidden_states=True, logits_to_keep=1)
+        outputs = model(**inputs, **fused)
+        hidden = outputs.hidden_states[-1]
+        head = model.get_output_embeddings()
+        with torch.no_grad():
+            teachers = []
+            for t in self.teachers:
+                t_head = t.get_output_embeddings()
+                teachers.append(TeacherHead(t(**inputs, **fused).hidden_states[-1], t_head.weight, t_head.bias))
+        if self.shift_labels and not given_shifted:
+            hidden = hidden[..., :-1, :]
+            teachers = [TeacherHead(t.hidden[..., :-1, :], t.weight, t.bias) for t in teachers]
+        if not model.training:
+            num_items_in_batch = None
+        loss = fused_linear_kd_loss(hidden, head.weight, teachers, labels, student_head_bias=head.bias,
+                                    num_items=num_items_in_batch, **self.kd_options)  # fmt: skip
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes
+        return loss, outputs
