@@ -11,6 +11,7 @@ from two more matmuls. Teachers are given as logits, or as hidden states with th
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -30,6 +31,38 @@ class TeacherHead(NamedTuple):
     hidden: Tensor
     weight: Tensor
     bias: Tensor | None = None
+
+    def shifted(self) -> TeacherHead:
+        """The causal-LM alignment of :func:`fastdistill.training.data.shift_for_causal_lm`: positions 0..T-2 of
+        hidden ``[B, T, H]`` (they predict tokens 1..T-1)."""
+        return TeacherHead(self.hidden[..., :-1, :], self.weight, self.bias)
+
+
+def check_fusable(name: str, model: nn.Module) -> None:
+    """That ``model``'s logits are ``get_output_embeddings()(hidden_states[-1])`` as :func:`hidden_and_head` reads
+    them: a linear output head, a forward that takes ``logits_to_keep`` (else it computes the full logits anyway),
+    no logit scaling or soft-capping in its config. ValueError naming ``name`` otherwise."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"fused_linear: {name} has no linear output head (get_output_embeddings()); use "
+                         "fused_linear=False")  # fmt: skip
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        raise ValueError(f"fused_linear: {name}.forward does not take logits_to_keep, so it would compute the full "
+                         "logits anyway; use fused_linear=False")  # fmt: skip
+    config = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            raise ValueError(f"fused_linear: {name} transforms its logits ({attr}={getattr(config, attr)}); the "
+                             "fused loss takes lm_head(hidden) as is: use fused_linear=False")  # fmt: skip
+
+
+def hidden_and_head(model: nn.Module, inputs: Any) -> tuple[TeacherHead, Any]:
+    """A Hugging Face model's last hidden states and output head (as a :class:`TeacherHead`, whatever the role),
+    from one forward that forms the logits of the last position only (``logits_to_keep=1``); and the output."""
+    kw = dict(output_hidden_states=True, logits_to_keep=1)
+    out = model(**inputs, **kw) if isinstance(inputs, dict) else model(inputs, **kw)
+    head = model.module.get_output_embeddings() if hasattr(model, "module") else model.get_output_embeddings()
+    return TeacherHead(out.hidden_states[-1], head.weight, head.bias), out
 
 
 Teacher = Tensor | TeacherHead

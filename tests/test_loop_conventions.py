@@ -6,7 +6,9 @@ import copy
 import importlib.util
 import json
 import math
+import os
 import random
+import tempfile
 
 import pytest
 import safetensors.torch
@@ -332,3 +334,32 @@ def test_resuming_a_finished_run_reports_its_last_loss(tmp_path):
     del raw["train_loss"]
     state.write_text(json.dumps(raw))
     assert _loop(tmp_path).fit(ds, max_steps=4, resume_from="latest")["train_loss"] is None
+
+
+@requires_transformers
+def test_fused_linear_loop_takes_the_steps_of_the_logits_loop():
+    """fused_linear=True trains on hidden states and heads (the logits never whole): the same losses and the same
+    student after two SGD steps as the plain loop, from live teachers and from a teacher cache."""
+    ds, kd = _tokens(), dict(temperature=2.0, ce_weight=0.3, divergence="jsd")
+    student, teacher = _gpt2(seed=0), _gpt2(seed=1, n_embd=24)
+    runs = {}
+    for fused in (False, True):
+        loop = DistillationLoop(copy.deepcopy(student), [teacher], loss=fastdistill.KDLoss(**kd), optimizer=_sgd(),
+                                batch_size=4, shuffle=False, progress=False, log_every=1, fused_linear=fused)
+        loop.fit(ds, max_steps=2)
+        runs[fused] = ([h["loss"] for h in loop.history if h["split"] == "train"],
+                       [p.detach().clone() for p in loop.student.parameters()])  # fmt: skip
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    for a, b in zip(runs[True][1], runs[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with tempfile.TemporaryDirectory() as d:
+        cache = write_teacher_cache(os.path.join(d, "t.safetensors"), [teacher],
+                                    ArrayDataset(input_ids=ds.tensors["input_ids"]))  # fmt: skip
+        loop = DistillationLoop(copy.deepcopy(student), loss=fastdistill.KDLoss(**kd), optimizer=_sgd(), batch_size=4,
+                                shuffle=False, progress=False, log_every=1, teacher_cache=cache, fused_linear=True)
+        loop.fit(ds, max_steps=2)
+        assert [h["loss"] for h in loop.history if h["split"] == "train"] == pytest.approx(runs[False][0], rel=1e-4)
+    with pytest.raises(ValueError, match="fused_linear: student has no linear output head"):
+        DistillationLoop(_mlp(), [_mlp(seed=1)], fused_linear=True)
+    with pytest.raises(ValueError, match="not with train_teachers"):
+        DistillationLoop(_gpt2(), [_gpt2(seed=1)], fused_linear=True, train_teachers=True)

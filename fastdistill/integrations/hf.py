@@ -31,7 +31,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .. import functional
-from ..fused_linear import TeacherHead, fused_linear_kd_loss
+from ..fused_linear import check_fusable, fused_linear_kd_loss, hidden_and_head
 from ..training.data import is_causal_lm, logits_of
 
 logger = logging.get_logger(__name__)
@@ -204,23 +204,6 @@ def _zero3_engine(teacher: nn.Module, ds_config: dict[str, Any]) -> nn.Module:
     return engine
 
 
-def _check_fusable(name: str, model: nn.Module) -> None:
-    """``fused_linear`` needs logits = ``get_output_embeddings()(hidden_states[-1])``: a linear head, a forward
-    that takes ``logits_to_keep`` (else the full logits would be computed anyway), no logit scaling."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, nn.Linear):
-        raise ValueError(f"fused_linear: {name} has no linear output head (get_output_embeddings()); use "
-                         "fused_linear=False")  # fmt: skip
-    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
-        raise ValueError(f"fused_linear: {name}.forward does not take logits_to_keep, so it would compute the full "
-                         "logits anyway; use fused_linear=False")  # fmt: skip
-    config = getattr(model, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        if getattr(config, attr, None) not in (None, 1, 1.0):
-            raise ValueError(f"fused_linear: {name} transforms its logits ({attr}={getattr(config, attr)}); the "
-                             "fused loss takes lm_head(hidden) as is: use fused_linear=False")  # fmt: skip
-
-
 class DistillationTrainer(Trainer):
     """A ``transformers.Trainer`` that distills K teachers into ``model`` with :func:`fastdistill.kd_loss`.
 
@@ -287,7 +270,7 @@ class DistillationTrainer(Trainer):
         self.fused_linear: bool = settings.pop("fused_linear")
         if self.fused_linear:
             for name, m in [("model", self.model), *((f"teachers[{k}]", t) for k, t in enumerate(teachers))]:
-                _check_fusable(name, m)
+                check_fusable(name, m)
         self.kd_options = settings  # kd_loss's keywords
         self.ignore_index: int = settings["ignore_index"]
         self.teachers = [self.prepare_teacher(t) for t in teachers]
@@ -385,21 +368,14 @@ class DistillationTrainer(Trainer):
     def _fused_linear_loss(self, model: nn.Module, inputs: dict[str, Any], labels: Tensor | None,
                            given_shifted: bool, num_items_in_batch: Tensor | int | None):  # fmt: skip
         """compute_loss with ``fused_linear``: hidden states and heads into fused_linear_kd_loss."""
-        fused = dict(output_hidden_states=True, logits_to_keep=1)
-        outputs = model(**inputs, **fused)
-        hidden = outputs.hidden_states[-1]
-        head = model.get_output_embeddings()
+        student, outputs = hidden_and_head(model, inputs)
         with torch.no_grad():
-            teachers = []
-            for t in self.teachers:
-                t_head = t.get_output_embeddings()
-                teachers.append(TeacherHead(t(**inputs, **fused).hidden_states[-1], t_head.weight, t_head.bias))
+            teachers = [hidden_and_head(t, inputs)[0] for t in self.teachers]
         if self.shift_labels and not given_shifted:
-            hidden = hidden[..., :-1, :]
-            teachers = [TeacherHead(t.hidden[..., :-1, :], t.weight, t.bias) for t in teachers]
+            student, *teachers = (h.shifted() for h in (student, *teachers))
         if not model.training:
             num_items_in_batch = None
-        loss = fused_linear_kd_loss(hidden, head.weight, teachers, labels, student_head_bias=head.bias,
+        loss = fused_linear_kd_loss(student.hidden, student.weight, teachers, labels, student_head_bias=student.bias,
                                     num_items=num_items_in_batch, **self.kd_options)  # fmt: skip
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes

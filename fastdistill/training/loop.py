@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..fused_linear import TeacherHead, check_fusable, fused_linear_kd_loss, hidden_and_head
 from ..modules import CodistillLoss, KDLoss
 from . import checkpoint as ckpt
 from .cache import TeacherLogitCache
@@ -182,6 +183,11 @@ class DistillationLoop:
         log_every: log (and show in the progress bar) the mean training loss every this many optimizer steps.
         tensorboard: also write TensorBoard events (needs the ``tensorboard`` package; skipped with a warning).
         progress: a tqdm progress bar on rank 0.
+        fused_linear: train with :func:`fastdistill.fused_linear_kd_loss`: the student's and the teachers'
+            last hidden states and output heads (Hugging Face models: ``output_hidden_states=True,
+            logits_to_keep=1``) instead of their [B, T, V] logits, which are then never formed; the loss is
+            ``loss``'s (a KDLoss), the teachers frozen, a ``teacher_cache``'s logits used as they are. Evaluation
+            still runs the models' plain forward.
     """
 
     def __init__(
@@ -211,6 +217,7 @@ class DistillationLoop:
         log_every: int = 10,
         tensorboard: bool = False,
         progress: bool = True,
+        fused_linear: bool = False,
     ) -> None:
         if batch_size < 1 or grad_accum_steps < 1 or log_every < 1:
             raise ValueError("batch_size, grad_accum_steps and log_every must be >= 1")
@@ -241,6 +248,9 @@ class DistillationLoop:
             raise ValueError(f"the loop normalises by num_items: {type(loss).__name__} needs reduction='mean', got "
                              f"{loss.reduction!r}")  # fmt: skip
         self.loss_fn = loss
+        self.fused_linear = fused_linear
+        if fused_linear:
+            _check_fused_linear(student, teachers, loss, train_teachers, forward)
         self.ignore_index = ignore_index if ignore_index is not None else getattr(loss, "ignore_index", -100)
         self.batch_size = batch_size
         self.grad_accum_steps = grad_accum_steps
@@ -250,6 +260,8 @@ class DistillationLoop:
         self.forward = forward or default_forward
         # without a loss on the logits (feature terms only) the outputs are not searched for logits
         self._train_forward = forward or (call_model if loss is None else default_forward)
+        if fused_linear:  # the models' hidden states and heads, the logits of the last position only
+            self._train_forward = lambda model, inputs: hidden_and_head(model, inputs)[0]
         self.collate_fn = collate_fn
         self.shuffle = shuffle
         self.drop_last = drop_last
@@ -400,6 +412,8 @@ class DistillationLoop:
         in :meth:`_micro_loss`, and its parts."""
         if self.loss_fn is None:
             return 0.0, {}
+        if self.fused_linear:
+            return self._fused_linear_loss(student_logits, teacher_logits, batch, num_items, n_micro)
         labels, sample_weight = batch.labels, batch.sample_weight
         if self._shifts(labels):
             student_logits, labels = shift_for_causal_lm(student_logits, labels)
@@ -430,6 +444,25 @@ class DistillationLoop:
         # without teachers the value is the plain cross-entropy: logged as such
         parts["ce" if teacher_logits is None else "kd"] = kd.detach() * scale
         return kd * scale, parts
+
+    def _fused_linear_loss(self, student: TeacherHead, teachers, batch: Batch, num_items: Tensor | None,
+                           n_micro: int):  # fmt: skip
+        """``fused_linear=True``: the KDLoss of the logits, from the student's hidden states and head and the
+        teachers' (or the cache's logits), chunk by chunk (:func:`fastdistill.fused_linear_kd_loss`)."""
+        if teachers is None:
+            raise ValueError("fused_linear=True distils from teachers or a teacher_cache; this loop has neither")
+        labels, sample_weight = batch.labels, batch.sample_weight
+        if self._shifts(labels):
+            student = student.shifted()
+            teachers = teachers[..., :-1, :] if isinstance(teachers, Tensor) else [t.shifted() for t in teachers]
+            labels = None if labels is None else labels[..., 1:]
+            if sample_weight is not None:
+                sample_weight = sample_weight[..., 1:]
+        scale = float(self.world_size) if num_items is not None else 1.0 / n_micro
+        kd = fused_linear_kd_loss(student.hidden, student.weight, teachers, labels, student_head_bias=student.bias,
+                                  sample_weight=sample_weight, num_items=num_items,
+                                  **_kd_options(self.loss_fn))  # fmt: skip
+        return kd * scale, {"kd": kd.detach() * scale}
 
     def _train_step(self, micro: list[tuple[Tensor | None, Batch]]) -> dict[str, Tensor]:
         """One optimizer step over the given micro-batches (this process's share of each)."""
@@ -811,3 +844,26 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 def _is_scheduler(x: Any) -> bool:
     return x is not None and hasattr(x, "step") and hasattr(x, "state_dict")
+
+
+def _kd_options(loss: KDLoss) -> dict[str, Any]:
+    """A KDLoss's hyper-parameters, as kd_loss keywords (reduction is the loop's: 'mean' with num_items)."""
+    names = ("divergence", "temperature", "scale_by_temperature_sq", "ensemble", "teacher_weights", "beta", "skew",
+             "ignore_index", "ce_weight", "backend")  # fmt: skip
+    return {name: getattr(loss, name) for name in names}
+
+
+def _check_fused_linear(student: nn.Module, teachers: Sequence[nn.Module], loss: Any, train_teachers: bool,
+                        forward: Any) -> None:  # fmt: skip
+    """What ``fused_linear=True`` needs, checked before training: a KDLoss, frozen teachers, no forward= (the
+    loop reads the hidden states itself), and models whose logits are their head applied to the last hidden
+    states (:func:`fastdistill.fused_linear.check_fusable`)."""
+    if not isinstance(loss, KDLoss):
+        raise ValueError(f"fused_linear=True computes a KDLoss from hidden states and heads; loss must be 'kd' or a "
+                         f"KDLoss, got {type(loss).__name__}")  # fmt: skip
+    if train_teachers:
+        raise ValueError("fused_linear=True gives the teachers no gradient: not with train_teachers=True")
+    if forward is not None:
+        raise ValueError("fused_linear=True reads the models' hidden states itself: not with forward=")
+    for name, model in [("student", student), *((f"teachers[{k}]", t) for k, t in enumerate(teachers))]:
+        check_fusable(name, model)
