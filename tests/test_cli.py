@@ -243,3 +243,15 @@ def test_the_resolved_config_is_saved_and_runs_again(tmp_path, capsys):
     assert cli.main(["train", "--config", str(saved), "train.max_steps=4", "train.resume=latest"]) == 0
     assert capsys.readouterr().out.startswith("done: step=4,")
     assert yaml.safe_load(saved.read_text())["train"]["resume"] == "latest"
+
+
+def test_fused_linear_of_a_model_without_a_head_is_one_line(tmp_path, capsys):
+    """train.fused_linear with the digits MLPs (no output head to fuse): a one-line error naming the option."""
+    raw = _good(tmp_path)
+    raw["train"]["fused_linear"] = True
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert cli.main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastdistill train: error: train.fused_linear: fused_linear: student has no linear output "
+                          "head") and "\n" not in err, err

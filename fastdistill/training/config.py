@@ -143,6 +143,8 @@ class LoopConfig:
                                    "if none) to continue a run exactly.")  # fmt: skip
     tensorboard: bool = opt(False, "Also write TensorBoard events (needs the tensorboard package).")
     progress: bool = opt(True, "Show a tqdm progress bar.")
+    fused_linear: bool = opt(False, "Hugging Face causal LMs: the loss from hidden states and output heads, chunk by "
+                                    "chunk (fastdistill.fused_linear_kd_loss): the [B, T, V] logits never whole.")
 
 
 @dataclass

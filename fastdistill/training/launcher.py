@@ -100,13 +100,20 @@ def _run(cfg: TrainConfig) -> dict[str, Any]:
     teachers = [_model(make, t, f"teachers[{i}]") for i, (make, t) in enumerate(zip(plan.teachers, cfg.teachers))]
     kd = {f.name: getattr(cfg.kd, f.name) for f in dataclasses.fields(cfg.kd)}
     t = cfg.train
+    if t.fused_linear:  # the models the factories built must be fusable: a one-line error naming the option
+        from ..fused_linear import check_fusable
+
+        if t.train_teachers:
+            raise ConfigError("train.fused_linear: the teachers get no gradient; not with train.train_teachers")
+        for name, model in [("student", student), *((f"teachers[{i}]", m) for i, m in enumerate(teachers))]:
+            as_config_error("train.fused_linear", check_fusable, name, model)
     loop = DistillationLoop(
         student, teachers, loss=KDLoss(**kd), optimizer=make_optimizer(cfg.optim),
         scheduler=make_scheduler(cfg.optim), teacher_cache=plan.cache, train_teachers=t.train_teachers,
         batch_size=t.batch_size, grad_accum_steps=t.grad_accum_steps, max_grad_norm=cfg.optim.max_grad_norm,
         shift_labels=t.shift_labels, shuffle=t.shuffle, drop_last=t.drop_last, amp=t.amp, seed=cfg.seed,
         device=plan.device, output_dir=cfg.output_dir, log_every=t.log_every, tensorboard=t.tensorboard,
-        progress=t.progress,
+        progress=t.progress, fused_linear=t.fused_linear,
     )  # fmt: skip
     if plan.resume not in (None, "latest"):  # its models must fit the ones the factories built (keys, shapes)
         as_config_error("train.resume", loop.check_checkpoint, plan.resume)
