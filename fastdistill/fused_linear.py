@@ -21,7 +21,10 @@ from torch import Tensor, nn
 
 from . import functional
 
-DEFAULT_BUDGET_BYTES = 256 * 2**20  # per chunk: its logits, the teachers', the logit gradient and fp32 temporaries
+# Per chunk (its logits, the teachers', the logit gradient and float32 temporaries), per device type. On CUDA the
+# larger chunk matters for speed: every chunk reads and writes the float32 head-weight gradient once (2 x 4 V H
+# bytes), so fewer chunks means less of that traffic (benchmarks/NOTES.md, issue 19).
+DEFAULT_BUDGET_BYTES = {"cpu": 256 * 2**20, "cuda": 2**30}
 
 
 class TeacherHead(NamedTuple):
@@ -115,14 +118,16 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
 
 
-def chunk_rows(n: int, v: int, k: int, itemsize: int, chunk_size: int | None, budget_bytes: int | None) -> int:
-    """Rows per chunk: ``chunk_size`` if given, else as many as the budget holds. A row costs its logits, its
-    K teachers' logits and its logit gradient in the input dtype, and ~3 float32 temporaries of the fused op."""
+def chunk_rows(n: int, v: int, k: int, itemsize: int, chunk_size: int | None, budget_bytes: int | None,
+               device_type: str = "cpu") -> int:  # fmt: skip
+    """Rows per chunk: ``chunk_size`` if given, else as many as the budget (default: ``DEFAULT_BUDGET_BYTES`` of
+    the device type) holds. A row costs its logits, its K teachers' logits and its logit gradient in the input
+    dtype, and ~3 float32 temporaries of the fused op."""
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
         return min(chunk_size, max(n, 1))
-    budget = DEFAULT_BUDGET_BYTES if budget_bytes is None else budget_bytes
+    budget = budget_bytes if budget_bytes is not None else DEFAULT_BUDGET_BYTES.get(device_type, 256 * 2**20)
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"memory_budget_bytes must be an int >= 1, got {budget!r}")
     per_row = v * ((k + 2) * itemsize + 12)
@@ -250,8 +255,8 @@ def fused_linear_kd_loss(
     backend: str = "auto",
 ) -> Tensor:
     """:func:`fastdistill.kd_loss` of the logits ``student_hidden @ student_head_weight.T + student_head_bias``,
-    computed ``chunk_size`` rows at a time (default: as many as ``memory_budget_bytes``, 256 MiB, holds), so that
-    neither the [N, V] logits nor their gradient is ever materialised.
+    computed ``chunk_size`` rows at a time (default: as many as ``memory_budget_bytes`` holds: 256 MiB on the CPU,
+    1 GiB on CUDA), so that neither the [N, V] logits nor their gradient is ever materialised.
 
     Args:
         student_hidden: [*, H] the student's last hidden states (the ``lm_head``'s input).
@@ -314,7 +319,7 @@ def fused_linear_kd_loss(
     if reduction == "batchmean":  # torch's meaning, as kd_loss: the logits' first dimension
         chunk_reduction, denominator = "sum", float(max(lead[0] if lead else v, 1))
     itemsize = student_hidden.element_size()
-    chunk = chunk_rows(n, v, len(teacher_list), itemsize, chunk_size, memory_budget_bytes)
+    chunk = chunk_rows(n, v, len(teacher_list), itemsize, chunk_size, memory_budget_bytes, student_hidden.device.type)
     options = dict(divergence=divergence, temperature=temperature, scale_by_temperature_sq=scale_by_temperature_sq,
                    ensemble=ensemble, beta=beta, skew=skew, ignore_index=ignore_index, ce_weight=ce_weight,
                    backend=backend)  # fmt: skip

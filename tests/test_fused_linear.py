@@ -160,3 +160,20 @@ def test_extra_memory_is_one_chunk_whatever_n():
     one_chunk = chunk * vocab * 4
     assert large - small < one_chunk, (small, large)  # 8x the rows, not one more chunk of memory
     assert large < 512 * vocab * 4 / 4, large  # a quarter of the [N, V] float32 logits, which never exist
+
+
+def test_the_benchmark_runs_on_the_cpu(tmp_path):
+    """benchmarks/run_fused_linear.py (make bench-gpu's stage "fused") at tiny shapes: every CPU row measured."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's benchmarks/ package
+    from benchmarks import run_fused_linear
+
+    out = tmp_path / "fused.json"
+    assert run_fused_linear.main(["--quick", "--in-process", "--providers", "fused-cpu,unfused-cpu,eager",
+                                  "--out", str(out)]) == 0  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["provider"], r["K"]) for r in rows if r["status"] == "ok"} == {
+        (p, k) for p in ("fused-cpu", "unfused-cpu", "eager") for k in (1, 2)}
