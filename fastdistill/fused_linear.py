@@ -342,10 +342,10 @@ class FusedLinearKDLoss(nn.Module):
         if unknown:
             raise TypeError(f"FusedLinearKDLoss got unknown options {sorted(unknown)}; allowed: {sorted(allowed)}")
         self.options = options
-        probe = {k: v for k, v in options.items() if k not in ("chunk_size", "memory_budget_bytes", "teacher_weights")}
-        defaults = dict(divergence="kl", temperature=1.0, scale_by_temperature_sq=True, ensemble="prob_mean",
-                        beta=0.5, skew=0.1, ignore_index=-100, ce_weight=0.0, reduction="mean", backend="auto")
-        functional.check_hyperparameters(**{**defaults, **probe})
+        # checked now, as KDLoss does: the options given, kd_loss's defaults for the others
+        checked = inspect.signature(functional.check_hyperparameters).parameters
+        defaults = {k: p.default for k, p in inspect.signature(functional.kd_loss).parameters.items() if k in checked}
+        functional.check_hyperparameters(**{**defaults, **{k: v for k, v in options.items() if k in checked}})
 
     def forward(self, student_hidden: Tensor, student_head_weight: Tensor, teachers: Teacher | Sequence[Teacher],
                 labels: Tensor | None = None, *, student_head_bias: Tensor | None = None,
