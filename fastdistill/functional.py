@@ -6,9 +6,11 @@ it to the backend chosen by :mod:`fastdistill.ops.dispatch`. The math lives in :
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -152,9 +154,24 @@ def _check_device(name: str, x: Tensor, device: torch.device, ref: str = "studen
         raise ValueError(f"{name} is on {x.device} but {ref} is on {device}; all inputs must share a device")
 
 
+_VALUES_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar("fastdistill_values_checked", default=False)
+
+
+@contextlib.contextmanager
+def values_checked() -> Iterator[None]:
+    """Within it the data-dependent checks are skipped: for a caller that checked the whole input once and calls
+    the losses on its parts (each check is a device sync on CUDA)."""
+    token = _VALUES_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _VALUES_CHECKED.reset(token)
+
+
 def _check_values(name: str, x: Tensor, what: str, bad: Tensor) -> None:
-    """Data-dependent check (skipped under torch.compile, where it would break the graph)."""
-    if not _is_compiling() and bool(bad.any()):
+    """Data-dependent check (skipped under torch.compile, where it would break the graph, and within
+    :func:`values_checked`)."""
+    if not _is_compiling() and not _VALUES_CHECKED.get() and bool(bad.any()):
         raise ValueError(f"{name} must be {what}")
 
 
@@ -194,7 +211,7 @@ def normalise_teacher_weights(
     return (w / total).contiguous()
 
 
-def _row_arguments(
+def row_arguments(
     logits: Tensor,
     *,
     labels: Tensor | None,
@@ -206,8 +223,10 @@ def _row_arguments(
     num_items,
     acc: torch.dtype,
     name: str = "student_logits",
+    last_dim: str = "V",
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Validate the per-row arguments against ``logits`` [*, V]: labels int64 [N] (in range when
+    """Validate the per-row arguments against ``logits`` [*, V] (``name`` and its ``last_dim`` in the messages; only
+    the shape and device of ``logits`` are read): labels int64 [N] (in range when
     ``check_label_range``), sample_weight [N] in ``acc``, and the reduction's denominator (0-dim, or None)."""
     v, lead, device = logits.shape[-1], logits.shape[:-1], logits.device
     n = math.prod(lead)
@@ -217,7 +236,8 @@ def _row_arguments(
         if labels.dtype != torch.int64:
             raise TypeError(f"labels must be int64 (torch.long), got {labels.dtype}")
         if labels.shape != lead:
-            raise ValueError(f"labels must have shape {tuple(lead)} ({name} without V), got {tuple(labels.shape)}")
+            raise ValueError(f"labels must have shape {tuple(lead)} ({name} without {last_dim}), got "
+                             f"{tuple(labels.shape)}")  # fmt: skip
         _check_device("labels", labels, device, ref=name)
         labels = labels.reshape(n)
         if check_label_range:
@@ -231,7 +251,7 @@ def _row_arguments(
             raise TypeError("sample_weight must be a floating-point Tensor")
         if sample_weight.shape != lead:
             raise ValueError(
-                f"sample_weight must have shape {tuple(lead)} ({name} without V), got "
+                f"sample_weight must have shape {tuple(lead)} ({name} without {last_dim}), got "
                 f"{tuple(sample_weight.shape)}"
             )
         _check_device("sample_weight", sample_weight, device, ref=name)
@@ -303,7 +323,7 @@ def kd_inputs(
     n = math.prod(lead)
     acc = reference.compute_dtype(student_logits, *teachers)
 
-    labels, sample_weight, denominator = _row_arguments(
+    labels, sample_weight, denominator = row_arguments(
         student_logits, labels=labels, ignore_index=ignore_index, check_label_range=ce_weight > 0,
         label_use="when ce_weight > 0", sample_weight=sample_weight, reduction=reduction, num_items=num_items,
         acc=acc,
@@ -471,7 +491,7 @@ def codistill_loss(
         raise ValueError(f"logits_b has shape {tuple(logits_b.shape)}, expected {tuple(logits_a.shape)} like logits_a")
     _check_device("logits_b", logits_b, logits_a.device, ref="logits_a")
     acc = reference.compute_dtype(logits_a, logits_b)
-    labels, sample_weight, denominator = _row_arguments(
+    labels, sample_weight, denominator = row_arguments(
         logits_a, labels=labels, ignore_index=ignore_index, check_label_range=max(hard) > 0,
         label_use="when hard_weight > 0", sample_weight=sample_weight, reduction=reduction, num_items=num_items,
         acc=acc, name="logits_a",

@@ -140,10 +140,10 @@ class _Plan(NamedTuple):
     teachers: list[Teacher]
     labels: Tensor | None  # [N]
     sample_weight: Tensor | None  # [N]
-    teacher_weights: Any  # None, [K] as given, or [K, N]
+    teacher_weights: Tensor | None  # [K, N], normalised
     options: dict[str, Any]  # kd_loss keywords (divergence, temperature, ..., backend)
     chunk_reduction: str  # "mean" (with the global count as num_items), "sum" or "none"
-    num_items: Any  # the global count for "mean"
+    num_items: Tensor | None  # the global denominator of "mean" (0-dim)
     denominator: float  # "batchmean": the sum is divided by it at the end; else 1
     chunk: int
     lead: torch.Size
@@ -152,9 +152,7 @@ class _Plan(NamedTuple):
 def _chunk_loss(plan: _Plan, z: Tensor, rows: slice) -> Tensor:
     teachers = [t[rows] if isinstance(t, Tensor) else _logits(t.hidden[rows], t.weight, t.bias)
                 for t in plan.teachers]  # fmt: skip
-    tw = plan.teacher_weights
-    if isinstance(tw, Tensor) and tw.dim() == 2:
-        tw = tw[:, rows]
+    tw = None if plan.teacher_weights is None else plan.teacher_weights[:, rows]
     return functional.kd_loss(
         z, teachers, None if plan.labels is None else plan.labels[rows], teacher_weights=tw,
         sample_weight=None if plan.sample_weight is None else plan.sample_weight[rows],
@@ -163,29 +161,34 @@ def _chunk_loss(plan: _Plan, z: Tensor, rows: slice) -> Tensor:
     )  # fmt: skip
 
 
-def _sweep(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, grads: bool, grad_out: Tensor | None):
-    """One pass over the chunks: the loss (0-dim sum of the chunks', or [N] rows) and, when ``grads``, the
-    gradients of (grad_out x) the loss to h [N, H], w, b (w and b accumulated in the accumulation dtype)."""
+def _sweep(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, need: tuple[bool, bool, bool],
+           grad_out: Tensor | None):  # fmt: skip
+    """One pass over the chunks: the loss (0-dim sum of the chunks', or [N] rows) and the gradients of (grad_out x)
+    the loss to those of h [N, H], w, b that ``need`` asks for (None for the others; w's and b's accumulated in the
+    accumulation dtype). A frozen head (LoRA, a tied frozen embedding) costs no [V, H] buffer and no matmul."""
     n = h.shape[0]
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    grads = any(need)
     total = torch.zeros((), dtype=acc, device=h.device)
     rows_out = [] if plan.chunk_reduction == "none" else None
-    gh = torch.empty_like(h) if grads else None
-    gw = torch.zeros(w.shape, dtype=acc, device=w.device) if grads else None
-    gb = torch.zeros(w.shape[0], dtype=acc, device=w.device) if grads and b is not None else None
+    gh = torch.empty_like(h) if need[0] else None
+    gw = torch.zeros(w.shape, dtype=acc, device=w.device) if need[1] else None
+    gb = torch.zeros(w.shape[0], dtype=acc, device=w.device) if need[2] and b is not None else None
     for start in range(0, n, plan.chunk):
         rows = slice(start, min(n, start + plan.chunk))
         hc = h[rows]
-        with torch.enable_grad():
+        with torch.enable_grad(), functional.values_checked():
             z = _logits(hc, w, b).detach().requires_grad_(grads)
             loss = _chunk_loss(plan, z, rows)
             if grads:
                 go = None if grad_out is None else (grad_out[rows] if grad_out.dim() else grad_out)
                 (g,) = torch.autograd.grad(loss, z, grad_outputs=go)
-        if grads:
+        if gh is not None:
             gh[rows] = (g @ w).to(h.dtype)
+        if gw is not None or gb is not None:
             g_acc = g.to(acc)
-            gw.addmm_(g_acc.T, hc.to(acc))
+            if gw is not None:
+                gw.addmm_(g_acc.T, hc.to(acc))
             if gb is not None:
                 gb.add_(g_acc.sum(0))
         loss = loss.detach()
@@ -197,38 +200,35 @@ def _sweep(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, grads: bool, gra
     return out, gh, gw, gb
 
 
+def _scaled(grad: Tensor | None, scale: Tensor, dtype: torch.dtype) -> Tensor | None:
+    return None if grad is None else (grad * scale).to(dtype)
+
+
 class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, w: Tensor, b: Tensor | None, plan: _Plan) -> Tensor:
         # Reductions to a scalar: the gradients are computed with the loss (one pass) and backward scales them.
         # "none": backward needs each row's grad_output, so it recomputes the chunks then.
-        want = any(ctx.needs_input_grad[:3])
-        early = want and plan.chunk_reduction != "none"
-        out, gh, gw, gb = _sweep(plan, h, w, b, early, None)
-        ctx.plan, ctx.early, ctx.has_bias, ctx.w_dtype = plan, early, b is not None, w.dtype
-        if early:
-            ctx.save_for_backward(gh, gw, gb if gb is not None else gw.new_empty(0))
-        else:
-            ctx.save_for_backward(h, w, b if b is not None else w.new_empty(0))
+        need = tuple(ctx.needs_input_grad[:3])
+        early = any(need) and plan.chunk_reduction != "none"
+        out, gh, gw, gb = _sweep(plan, h, w, b, need if early else (False, False, False), None)
+        ctx.plan, ctx.early, ctx.dtypes = plan, early, (h.dtype, w.dtype)
+        ctx.grads = (gh, gw, gb) if early else None  # not inputs or outputs: plain references, freed with ctx
+        if not early:
+            ctx.save_for_backward(h, w, b)
         if plan.chunk_reduction == "none":
             return out.reshape(plan.lead)
         return out / plan.denominator
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        plan = ctx.plan
-        if ctx.early:
-            gh, gw, gb = ctx.saved_tensors
-            scale = grad_out / plan.denominator
-            d_h = gh * scale.to(gh.dtype)
-            d_w, d_b = gw * scale, (gb * scale if ctx.has_bias else None)
-        else:
-            h, w, b = ctx.saved_tensors
-            b = b if ctx.has_bias else None
-            _, d_h, d_w, d_b = _sweep(plan, h, w, b, True, grad_out.reshape(-1))
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        return (d_h if need_h else None, d_w.to(ctx.w_dtype) if need_w else None,
-                d_b.to(ctx.w_dtype) if need_b and d_b is not None else None, None)  # fmt: skip
+        plan, (h_dtype, w_dtype) = ctx.plan, ctx.dtypes
+        if ctx.early:  # the gradients of the loss itself: scaled by grad_output here
+            (gh, gw, gb), scale = ctx.grads, grad_out / plan.denominator
+            return _scaled(gh, scale, h_dtype), _scaled(gw, scale, w_dtype), _scaled(gb, scale, w_dtype), None
+        h, w, b = ctx.saved_tensors  # "none": the chunks again, each row's grad_output applied in them
+        _, gh, gw, gb = _sweep(plan, h, w, b, tuple(ctx.needs_input_grad[:3]), grad_out.reshape(-1))
+        return gh, *(None if g is None else g.to(w_dtype) for g in (gw, gb)), None
 
 
 def fused_linear_kd_loss(
@@ -288,34 +288,21 @@ def fused_linear_kd_loss(
     v = student_head_weight.shape[0]
     n = math.prod(lead)
     teacher_list = _teacher_list(teachers, lead, v, student_hidden.device)
-    flat_labels = flat_sw = None
-    if labels is not None:
-        if not isinstance(labels, Tensor) or labels.shape != lead:
-            raise ValueError(f"labels must be a Tensor of shape {tuple(lead)} (student_hidden without H), got "
-                             f"{tuple(getattr(labels, 'shape', ()))}")  # fmt: skip
-        flat_labels = labels.reshape(n)
-    if sample_weight is not None:
-        if not isinstance(sample_weight, Tensor) or sample_weight.shape != lead:
-            raise ValueError(f"sample_weight must be a Tensor of shape {tuple(lead)} (student_hidden without H), got "
-                             f"{tuple(getattr(sample_weight, 'shape', ()))}")  # fmt: skip
-        flat_sw = sample_weight.reshape(n)
-    tw = teacher_weights
-    if isinstance(tw, Tensor) and tw.dim() >= 2:
-        if tw.shape[1:] != lead:
-            raise ValueError(f"teacher_weights must be [K] or [K, *] = [{len(teacher_list)}, "
-                             f"{', '.join(map(str, lead))}], got {tuple(tw.shape)}")  # fmt: skip
-        tw = tw.reshape(tw.shape[0], n)
-
-    chunk_reduction, count, denominator = reduction, None, 1.0
-    if reduction == "mean":
-        if num_items is not None:
-            count = num_items
-        elif flat_labels is not None:
-            count = (flat_labels != ignore_index).sum()
-        else:
-            count = n
-    elif num_items is not None:
-        raise ValueError(f"num_items overrides the 'mean' denominator; it has no meaning for reduction={reduction!r}")
+    # The per-row arguments checked once here, on the whole input (values included: a device sync each on CUDA), as
+    # kd_loss checks them; the chunks then skip their data-dependent checks (functional.values_checked). The shape
+    # probe is an expanded scalar: the logits' shape and device, no memory.
+    probe = student_hidden.new_empty(()).expand(*lead, v)
+    acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    flat_labels, flat_sw, count = functional.row_arguments(
+        probe, labels=labels, ignore_index=ignore_index, check_label_range=ce_weight > 0,
+        label_use="when ce_weight > 0", sample_weight=sample_weight, reduction=reduction, num_items=num_items,
+        acc=acc, name="student_hidden", last_dim="H",
+    )  # fmt: skip
+    if labels is None and ce_weight > 0:
+        raise ValueError("ce_weight > 0 needs labels (the hard-label cross-entropy term)")
+    tw = functional.normalise_teacher_weights(teacher_weights, len(teacher_list), lead, n, student_hidden.device,
+                                              acc)  # fmt: skip  ([K, N], or None)
+    chunk_reduction, denominator = reduction, 1.0
     if reduction == "batchmean":  # torch's meaning, as kd_loss: the logits' first dimension
         chunk_reduction, denominator = "sum", float(max(lead[0] if lead else v, 1))
     itemsize = student_hidden.element_size()

@@ -127,7 +127,7 @@ def test_errors_name_the_argument():
         fused_linear_kd_loss(h, w[:, :6], t)
     with pytest.raises(ValueError, match="teachers\\[0\\].hidden must have shape"):
         fused_linear_kd_loss(h, w, [TeacherHead(t_hidden[0][:1], t_heads[0])])
-    with pytest.raises(ValueError, match="labels must be a Tensor of shape"):
+    with pytest.raises(ValueError, match=r"labels must have shape \(2, 5\) \(student_hidden without H\)"):
         fused_linear_kd_loss(h, w, t, labels[:1])
     with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
         fused_linear_kd_loss(h, w, t, chunk_size=0)
@@ -202,3 +202,53 @@ def test_compile(backend):
     torch.testing.assert_close(got, want)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("trainable", ["hidden", "head", "bias"])
+def test_only_the_gradients_asked_for(trainable):
+    """A frozen head (LoRA, a tied frozen embedding) or frozen hidden states: the other gradients still equal the
+    materialised path's, and the frozen ones are not formed."""
+    h, w, b, t_hidden, t_heads, labels = _inputs()
+    for name, x in (("hidden", h), ("head", w), ("bias", b)):
+        x.requires_grad_(name == trainable)
+    x = {"hidden": h, "head": w, "bias": b}[trainable]
+    t_logits = [th @ tw.T for th, tw in zip(t_hidden, t_heads)]
+    for reduction in ("mean", "none"):
+        kw = dict(temperature=2.0, reduction=reduction, backend="reference")
+        got = fused_linear_kd_loss(h, w, [TeacherHead(th, tw) for th, tw in zip(t_hidden, t_heads)], labels,
+                                   student_head_bias=b, chunk_size=3, **kw)  # fmt: skip
+        want = _materialised(h, w, b, t_logits, labels, **kw)
+        go = torch.ones_like(want) if want.dim() else None
+        torch.testing.assert_close(torch.autograd.grad(got, x, go)[0], torch.autograd.grad(want, x, go)[0],
+                                   rtol=1e-9, atol=1e-11)  # fmt: skip
+
+
+def test_values_are_checked_once_not_per_chunk(monkeypatch):
+    """The data-dependent checks (a device sync each on CUDA) run on the whole input, not again in every chunk; a
+    bad value is still an error naming its argument."""
+    from fastdistill import functional
+
+    original, calls = functional._check_values, []
+
+    def counting(name, x, what, bad):
+        if not functional._VALUES_CHECKED.get():
+            calls.append(name)
+        return original(name, x, what, bad)
+
+    monkeypatch.setattr(functional, "_check_values", counting)
+    h, w, b, t_hidden, t_heads, labels = _inputs()
+    teachers = [TeacherHead(th, tw) for th, tw in zip(t_hidden, t_heads)]
+    kw = dict(ce_weight=0.2, sample_weight=torch.rand(2, 5, dtype=torch.float64), teacher_weights=[0.3, 0.7],
+              backend="reference")  # fmt: skip
+    counts = []
+    for chunk in (1, 64):
+        calls.clear()
+        fused_linear_kd_loss(h, w, teachers, labels, chunk_size=chunk, **kw).backward()
+        counts.append(len(calls))
+    assert counts[0] == counts[1] > 0, counts  # 10 chunks or 1: the same checks, once
+    bad = labels.clone()
+    bad[0, 0] = V
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 11\)"):
+        fused_linear_kd_loss(h, w, teachers, bad, chunk_size=1, **kw)
+    with pytest.raises(ValueError, match="sample_weight must be finite and >= 0"):
+        fused_linear_kd_loss(h, w, teachers, labels, chunk_size=1, **{**kw, "sample_weight": -torch.ones(2, 5)})

@@ -32,7 +32,7 @@ from transformers.utils import logging
 
 from .. import functional
 from ..fused_linear import check_fusable, fused_linear_kd_loss, hidden_and_head
-from ..training.data import is_causal_lm, logits_of
+from ..training.data import is_causal_lm, logits_of, shift_positions
 
 logger = logging.get_logger(__name__)
 
@@ -347,36 +347,27 @@ class DistillationTrainer(Trainer):
         labels = self._loss_labels(inputs)
         given_shifted = inputs.pop("shift_labels", None) is not None
         inputs.pop("labels", None)  # the student must not compute its own loss
-        if self.fused_linear:
-            loss, outputs = self._fused_linear_loss(model, inputs, labels, given_shifted, num_items_in_batch)
-            return (loss, outputs) if return_outputs else loss
-        outputs = model(**inputs)
-        student = logits_of(outputs)
-        with torch.no_grad():
-            teachers = [self.teacher_logits(t, inputs) for t in self.teachers]
+        if self.fused_linear:  # hidden states and heads (TeacherHead records), the logits never whole
+            student, outputs = hidden_and_head(model, inputs)
+            with torch.no_grad():
+                teachers = [hidden_and_head(t, inputs)[0] for t in self.teachers]
+        else:
+            outputs = model(**inputs)
+            student = logits_of(outputs)
+            with torch.no_grad():
+                teachers = [self.teacher_logits(t, inputs) for t in self.teachers]
         if self.shift_labels and not given_shifted:
-            student = student[..., :-1, :]
-            teachers = [t[..., :-1, :] for t in teachers]
+            student, *teachers = (shift_positions(x) for x in (student, *teachers))
         if not model.training:
             num_items_in_batch = None  # evaluation: each batch's own mean (Trainer averages the batches)
-        loss = functional.kd_loss(student, teachers, labels=labels, num_items=num_items_in_batch, **self.kd_options)
+        if self.fused_linear:
+            loss = fused_linear_kd_loss(student.hidden, student.weight, teachers, labels,
+                                        student_head_bias=student.bias, num_items=num_items_in_batch,
+                                        **self.kd_options)  # fmt: skip
+        else:
+            loss = functional.kd_loss(student, teachers, labels=labels, num_items=num_items_in_batch,
+                                      **self.kd_options)  # fmt: skip
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # num_items is the global count, and DDP averages the gradients over processes: undo that average
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
-
-    def _fused_linear_loss(self, model: nn.Module, inputs: dict[str, Any], labels: Tensor | None,
-                           given_shifted: bool, num_items_in_batch: Tensor | int | None):  # fmt: skip
-        """compute_loss with ``fused_linear``: hidden states and heads into fused_linear_kd_loss."""
-        student, outputs = hidden_and_head(model, inputs)
-        with torch.no_grad():
-            teachers = [hidden_and_head(t, inputs)[0] for t in self.teachers]
-        if self.shift_labels and not given_shifted:
-            student, *teachers = (h.shifted() for h in (student, *teachers))
-        if not model.training:
-            num_items_in_batch = None
-        loss = fused_linear_kd_loss(student.hidden, student.weight, teachers, labels, student_head_bias=student.bias,
-                                    num_items=num_items_in_batch, **self.kd_options)  # fmt: skip
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            loss = loss * self.accelerator.num_processes
-        return loss, outputs

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
+from ..fused_linear import TeacherHead
+
 ForwardFn = Callable[[nn.Module, Any], Tensor]
 
 
@@ -119,6 +121,12 @@ def shift_for_causal_lm(logits: Tensor, labels: Tensor | None) -> tuple[Tensor, 
     """Next-token alignment: logits ``[B, T, V]`` -> ``[B, T-1, V]`` (positions 0..T-2), labels ``[B, T]`` ->
     ``[B, T-1]`` (tokens 1..T-1): position t predicts token t+1."""
     return logits[..., :-1, :], (None if labels is None else labels[..., 1:])
+
+
+def shift_positions(x: Tensor | TeacherHead) -> Tensor | TeacherHead:
+    """The causal-LM alignment of a model output: positions 0..T-2 of logits ``[..., T, V]`` (as
+    :func:`shift_for_causal_lm`) or of a :class:`~fastdistill.TeacherHead`'s hidden states (``fused_linear``)."""
+    return x.shifted() if isinstance(x, TeacherHead) else shift_for_causal_lm(x, None)[0]
 
 
 def collate(dataset: Dataset, indices: Sequence[int], collate_fn: Callable[[list], Any] | None) -> Any:

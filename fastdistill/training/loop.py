@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..fused_linear import TeacherHead, check_fusable, fused_linear_kd_loss, hidden_and_head
+from ..fused_linear import check_fusable, fused_linear_kd_loss, hidden_and_head
 from ..modules import CodistillLoss, KDLoss
 from . import checkpoint as ckpt
 from .cache import TeacherLogitCache
@@ -51,6 +51,7 @@ from .data import (
     epoch_batches,
     epoch_permutation,
     shift_for_causal_lm,
+    shift_positions,
     split_batch,
 )
 from .data import to_device as _to_device
@@ -409,23 +410,30 @@ class DistillationLoop:
 
     def _logit_loss(self, student_logits, teacher_logits, batch: Batch, num_items: Tensor | None, n_micro: int):
         """The loss on the logits (``loss``, or the cross-entropy without teachers; 0 for ``loss=None``), scaled as
-        in :meth:`_micro_loss`, and its parts."""
+        in :meth:`_micro_loss`, and its parts. With ``fused_linear`` the "logits" are TeacherHead records (hidden
+        states and head) and the loss is ``loss``'s KDLoss through :func:`fastdistill.fused_linear_kd_loss`."""
         if self.loss_fn is None:
             return 0.0, {}
-        if self.fused_linear:
-            return self._fused_linear_loss(student_logits, teacher_logits, batch, num_items, n_micro)
+        if self.fused_linear and teacher_logits is None:
+            raise ValueError("fused_linear=True distils from teachers or a teacher_cache; this loop has neither")
         labels, sample_weight = batch.labels, batch.sample_weight
-        if self._shifts(labels):
-            student_logits, labels = shift_for_causal_lm(student_logits, labels)
+        if self._shifts(labels):  # position t against token t + 1 (shift_for_causal_lm), for every model
+            student_logits = shift_positions(student_logits)
             if teacher_logits is not None:
-                teacher_logits = (teacher_logits[..., :-1, :] if isinstance(teacher_logits, Tensor)
-                                  else [t[..., :-1, :] for t in teacher_logits])  # fmt: skip
+                teacher_logits = (shift_positions(teacher_logits) if isinstance(teacher_logits, Tensor)
+                                  else [shift_positions(t) for t in teacher_logits])  # fmt: skip
+            labels = None if labels is None else labels[..., 1:]
             if sample_weight is not None:
                 sample_weight = sample_weight[..., 1:]
 
         # sum / num_items (global) * world: DDP's gradient average then gives sum over everything / num_items
         scale = float(self.world_size) if num_items is not None else 1.0 / n_micro
-        if teacher_logits is None:
+        if self.fused_linear:
+            s = student_logits
+            kd = fused_linear_kd_loss(s.hidden, s.weight, teacher_logits, labels, student_head_bias=s.bias,
+                                      sample_weight=sample_weight, num_items=num_items,
+                                      **_kd_options(self.loss_fn))  # fmt: skip
+        elif teacher_logits is None:
             if labels is None:
                 raise ValueError("without teachers (or a cache) the loop trains on labels; the batch has none")
             flat = student_logits.reshape(-1, student_logits.shape[-1]).float()
@@ -444,25 +452,6 @@ class DistillationLoop:
         # without teachers the value is the plain cross-entropy: logged as such
         parts["ce" if teacher_logits is None else "kd"] = kd.detach() * scale
         return kd * scale, parts
-
-    def _fused_linear_loss(self, student: TeacherHead, teachers, batch: Batch, num_items: Tensor | None,
-                           n_micro: int):  # fmt: skip
-        """``fused_linear=True``: the KDLoss of the logits, from the student's hidden states and head and the
-        teachers' (or the cache's logits), chunk by chunk (:func:`fastdistill.fused_linear_kd_loss`)."""
-        if teachers is None:
-            raise ValueError("fused_linear=True distils from teachers or a teacher_cache; this loop has neither")
-        labels, sample_weight = batch.labels, batch.sample_weight
-        if self._shifts(labels):
-            student = student.shifted()
-            teachers = teachers[..., :-1, :] if isinstance(teachers, Tensor) else [t.shifted() for t in teachers]
-            labels = None if labels is None else labels[..., 1:]
-            if sample_weight is not None:
-                sample_weight = sample_weight[..., 1:]
-        scale = float(self.world_size) if num_items is not None else 1.0 / n_micro
-        kd = fused_linear_kd_loss(student.hidden, student.weight, teachers, labels, student_head_bias=student.bias,
-                                  sample_weight=sample_weight, num_items=num_items,
-                                  **_kd_options(self.loss_fn))  # fmt: skip
-        return kd * scale, {"kd": kd.detach() * scale}
 
     def _train_step(self, micro: list[tuple[Tensor | None, Batch]]) -> dict[str, Tensor]:
         """One optimizer step over the given micro-batches (this process's share of each)."""
