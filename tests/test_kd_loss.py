@@ -255,6 +255,24 @@ def test_dominant_class_far_from_zero(backend, divergence):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_mixture_that_underflows_under_the_student(backend, divergence):
+    """prob_mean of 2 teachers that both put ~e^-150 on some columns where the student does not: the mixture P
+    underflows float32 there while Q does not. Reverse KL and skew reverse KL weigh log P by Q, so their kernels form
+    log P in log space (divergences.py: log_target); the others may take the log of the float32 sum (Triton), whose
+    underflow their terms do not see. Every divergence must match the float64 reference, finite."""
+    vocab = 40
+    g = torch.Generator().manual_seed(3)
+    student = torch.randn(6, vocab, generator=g)
+    teachers = [torch.randn(6, vocab, generator=g) * 0.5 for _ in range(2)]
+    for t in teachers:
+        t[:, :5] -= 150.0  # P ~ e^-150 < float32's smallest normal (e^-87) in columns 0-4
+    loss, _ = _compare(backend, student, teachers, teacher_grad=True, divergence=divergence, ensemble="prob_mean",
+                       temperature=1.0)  # fmt: skip
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
 def test_half_precision(backend, dtype, divergence):

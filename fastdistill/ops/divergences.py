@@ -32,29 +32,33 @@ class Divergence:
     """One row of the table. ``code``: the kernels' number for it (its position, as in the C++ enum);
     ``closed_form``: the student aggregate sum_v Q dphi/dQ is -1, so the student gradient Q - P needs no second
     sweep (kd_math.h's ``student_aggregate_is_minus_one``); ``params``: its hyper-parameters, in the order of the
-    parameter vector the kernels take."""
+    parameter vector the kernels take; ``log_target``: its terms weigh log P by Q (reverse KL), so they depend on
+    log P where P underflows in float32 and Q does not, and a kernel must form log P in log space (the Triton
+    mixture: a log-sum-exp over the teachers; without this flag the log of the float32 sum, whose underflow the
+    terms do not see, as every term of the others carries a factor P or is bounded as P -> 0)."""
 
     name: str
     code: int
     formula: str
     params: tuple[Param, ...] = ()
     closed_form: bool = False
+    log_target: bool = False
 
 
 BETA = Param("beta", 0.5, 0.0, 1.0, True, True, "jsd: the teacher's weight in the mixture M = beta P + (1 - beta) Q")
 SKEW = Param("skew", 0.1, 0.0, 1.0, False, True, "skew_*: the mixing weight of the skewed target")
 
-_TABLE = (
-    ("kl", "sum P log(P / Q)", (), True),
-    ("reverse_kl", "sum Q log(Q / P)", (), False),
-    ("jsd", "beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q", (BETA,), False),
-    ("tvd", "1/2 sum |P - Q|", (), False),
-    ("skew_kl", "KL(P || skew P + (1 - skew) Q)", (SKEW,), False),
-    ("skew_reverse_kl", "KL(Q || (1 - skew) P + skew Q)", (SKEW,), False),
+_TABLE = (  # name, formula, params, closed_form, log_target
+    ("kl", "sum P log(P / Q)", (), True, False),
+    ("reverse_kl", "sum Q log(Q / P)", (), False, True),
+    ("jsd", "beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q", (BETA,), False, False),
+    ("tvd", "1/2 sum |P - Q|", (), False, False),
+    ("skew_kl", "KL(P || skew P + (1 - skew) Q)", (SKEW,), False, False),
+    ("skew_reverse_kl", "KL(Q || (1 - skew) P + skew Q)", (SKEW,), False, True),  # skew = 0 is reverse KL
 )
 DIVERGENCES: dict[str, Divergence] = {
-    name: Divergence(name, code, formula, params, closed)
-    for code, (name, formula, params, closed) in enumerate(_TABLE)
+    name: Divergence(name, code, formula, params, closed, log_target)
+    for code, (name, formula, params, closed, log_target) in enumerate(_TABLE)
 }
 NAMES: tuple[str, ...] = tuple(DIVERGENCES)
 # The keyword hyper-parameters of every divergence (the API takes each as a keyword with its default).

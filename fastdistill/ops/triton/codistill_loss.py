@@ -8,7 +8,8 @@ Per row i, with P_a = softmax(a_i / T), P_b = softmax(b_i / T), the other model'
 
 One program per row, three sweeps over it in BLOCK-wide tiles, the passes of ``csrc/cpu/codistill_cpu.cpp``:
 
-  sweep 1  reads a and b once: online max / log-sum-exp of both at T (and at T = 1 for the cross-entropy, T != 1);
+  sweep 1  reads a and b once: online max / log-sum-exp of both at T (and at T = 1 for the cross-entropy, T != 1),
+           per group of 8 columns in each thread's registers (``row_math.group_stats``);
   sweep 2  both divergences' terms (``row_math.divergence_terms``: the math of ``csrc/common/kd_math.h``) and their
            aggregates sum_v Q dphi/dQ; a gradient with a closed form (KL: Q - P; or cross-entropy alone) is written
            here;
@@ -35,7 +36,7 @@ from torch import Tensor
 from .. import divergences
 from ..inputs import CodistillInputs
 from ..registration import codistill_fake, register_codistill_triton
-from .kd_loss import DIV_CODES, pack_params
+from .kd_loss import DIV_CODES, NUM_WARPS, pack_params
 from .launch import (
     ROW_KERNEL_GPU_DTYPES,
     Launch,
@@ -47,11 +48,10 @@ from .launch import (
     param_tensor,
     tl_acc,
 )
-from .row_math import ce_grad, divergence_terms, log_probs, online, row_weight
+from .row_math import ce_grad, ce_loss, divergence_terms, finish_stats, group_stats, log_probs, row_weight
 
-BLOCK = 4096  # two [BLOCK] rows per tile: the 8192 elements per program of kd_loss's tiles
-# (num_warps 8, as kd_loss.NUM_WARPS: at 4 the bf16 KL configuration spilled 128 bytes at 255 registers; at 8, 226
-# registers and no spills)
+BLOCK = 1024  # two [BLOCK] rows per tile, 8 columns (one 16-byte bf16 vector) per thread of 4 warps: kd_loss's
+# tile (kd_loss.NUM_WARPS)
 
 @triton.jit
 def _side_grad(x, q, gq, gq_sum, m_ce, log_l_ce, cols, label, kd_over_t, hard, CLOSED: tl.constexpr, kd, ce,
@@ -131,42 +131,44 @@ def _codistill_row(
         early_a = early_a & (kd_a_on == 0)
         early_b = early_b & (kd_b_on == 0)
 
-    # ---- sweep 1: both rows read once; normalisers ------------------------------------------------------------
-    m_a = tl.full((), float("-inf"), ACC)
-    l_a = tl.zeros((), ACC)
-    m_b = tl.full((), float("-inf"), ACC)
-    l_b = tl.zeros((), ACC)
-    m_ca = tl.full((), float("-inf"), ACC)
-    l_ca = tl.zeros((), ACC)
-    m_cb = tl.full((), float("-inf"), ACC)
-    l_cb = tl.zeros((), ACC)
+    # ---- sweep 1: both rows read once; normalisers per group of 8 columns (row_math.group_stats) ----------------
+    m_a = tl.full((BLOCK // 8,), float("-inf"), ACC)
+    l_a = tl.zeros((BLOCK // 8,), ACC)
+    m_b = tl.full((BLOCK // 8,), float("-inf"), ACC)
+    l_b = tl.zeros((BLOCK // 8,), ACC)
+    m_ca = tl.full((BLOCK // 8,), float("-inf"), ACC)
+    l_ca = tl.zeros((BLOCK // 8,), ACC)
+    m_cb = tl.full((BLOCK // 8,), float("-inf"), ACC)
+    l_cb = tl.zeros((BLOCK // 8,), ACC)
     for blk in range(0, n_live):
         cols = blk * BLOCK + tl.arange(0, BLOCK)
         cmask = cols < V32
         a = tl.load(a_row + cols, mask=cmask, other=float("-inf")).to(ACC)
         b = tl.load(b_row + cols, mask=cmask, other=float("-inf")).to(ACC)
-        m_a, l_a = online(m_a, l_a, a * inv_t, 0)
-        m_b, l_b = online(m_b, l_b, b * inv_t, 0)
+        m_a, l_a = group_stats(m_a, l_a, a * inv_t)
+        m_b, l_b = group_stats(m_b, l_b, b * inv_t)
         if own_ca:
-            m_ca, l_ca = online(m_ca, l_ca, a, 0)
+            m_ca, l_ca = group_stats(m_ca, l_ca, a)
         if own_cb:
-            m_cb, l_cb = online(m_cb, l_cb, b, 0)
-    # normalisers kept split, as (max, log of the exp-sum below it): see log_softmax (kd_loss.py)
-    ll_a = tl.log(l_a)
-    ll_b = tl.log(l_b)
+            m_cb, l_cb = group_stats(m_cb, l_cb, b)
+    # normalisers kept split, as (max, log of the exp-sum below it): see row_math.log_softmax
+    m_a, ll_a = finish_stats(m_a, l_a)
+    m_b, ll_b = finish_stats(m_b, l_b)
+    m_ca, ll_ca = finish_stats(m_ca, l_ca)
+    m_cb, ll_cb = finish_stats(m_cb, l_cb)
     if ce_at_t != 0:  # x * (1 / T) is x itself
         m_ca = m_a
-        l_ca = l_a
+        ll_ca = ll_a
         m_cb = m_b
-        l_cb = l_b
-    ll_ca = tl.log(l_ca)
-    ll_cb = tl.log(l_cb)
+        ll_cb = ll_b
 
     # ---- sweep 2: both divergences and their aggregates; gradients with a closed form ---------------------------
-    phi_a = tl.zeros((), ACC)
-    phi_b = tl.zeros((), ACC)
-    gq_sum_a = tl.zeros((), ACC)
-    gq_sum_b = tl.zeros((), ACC)
+    # summed per column across the tiles, reduced once after the loop (no tile-wide reduction inside it); the
+    # closed-form gradient (KL) needs no aggregate, so gq_sum_* are read only in sweep 3
+    phi_a = tl.zeros((BLOCK,), ACC)
+    phi_b = tl.zeros((BLOCK,), ACC)
+    gq_sum_a = tl.zeros((BLOCK,), ACC)
+    gq_sum_b = tl.zeros((BLOCK,), ACC)
     for blk in range(0, n_live):
         cols = blk * BLOCK + tl.arange(0, BLOCK)
         cmask = cols < V32
@@ -176,21 +178,27 @@ def _codistill_row(
         gq_b = q_b
         if kd_a_on != 0:  # a learns from b: P = P_b, Q = Q_a
             t_phi, gq_a, _ = divergence_terms(q_b, q_a, logq_b, logq_a, DIV, dw, log_dw, log_1m_dw)  # fmt: skip
-            phi_a += tl.sum(tl.where(cmask, t_phi, 0.0), 0)
-            gq_sum_a += tl.sum(tl.where(cmask, gq_a, 0.0), 0)
+            phi_a += tl.where(cmask, t_phi, 0.0)
+            if not CLOSED:
+                gq_sum_a += tl.where(cmask, gq_a, 0.0)
         if kd_b_on != 0:  # b learns from a: P = P_a, Q = Q_b
             t_phi, gq_b, _ = divergence_terms(q_a, q_b, logq_a, logq_b, DIV, dw, log_dw, log_1m_dw)  # fmt: skip
-            phi_b += tl.sum(tl.where(cmask, t_phi, 0.0), 0)
-            gq_sum_b += tl.sum(tl.where(cmask, gq_b, 0.0), 0)
-        if early_a:
-            g = _side_grad(a, q_a, gq_a, gq_sum_a, m_ca, ll_ca, cols, label, kd_a_over_t, hard_a, CLOSED, kd_a_on, ce_a,
+            phi_b += tl.where(cmask, t_phi, 0.0)
+            if not CLOSED:
+                gq_sum_b += tl.where(cmask, gq_b, 0.0)
+        if early_a:  # (no aggregate: early means closed form or no distillation term)
+            g = _side_grad(a, q_a, gq_a, 0.0, m_ca, ll_ca, cols, label, kd_a_over_t, hard_a, CLOSED, kd_a_on, ce_a,
                            ce_at_t)  # fmt: skip
             tl.store(ga_row + cols, f * g, mask=cmask)
         if early_b:
-            g = _side_grad(b, q_b, gq_b, gq_sum_b, m_cb, ll_cb, cols, label, kd_b_over_t, hard_b, CLOSED, kd_b_on, ce_b,
+            g = _side_grad(b, q_b, gq_b, 0.0, m_cb, ll_cb, cols, label, kd_b_over_t, hard_b, CLOSED, kd_b_on, ce_b,
                            ce_at_t)  # fmt: skip
             tl.store(gb_row + cols, f * g, mask=cmask)
 
+    phi_a = tl.sum(phi_a, 0)
+    phi_b = tl.sum(phi_b, 0)
+    gq_sum_a = tl.sum(gq_sum_a, 0)
+    gq_sum_b = tl.sum(gq_sum_b, 0)
     # a direction with weight 0 adds exactly 0, even where its D would be inf
     loss_a = tl.zeros((), ACC)
     loss_b = tl.zeros((), ACC)
@@ -200,9 +208,9 @@ def _codistill_row(
         loss_b = kd_b * phi_b
     lab_ok = valid & (label >= 0) & (label < V)  # (never read outside the row, whatever the labels)
     if ce_a != 0:
-        loss_a += hard_a * ((m_ca - tl.load(a_row + label, mask=lab_ok, other=0.0).to(ACC)) + ll_ca)
+        loss_a += hard_a * ce_loss(tl.load(a_row + label, mask=lab_ok, other=0.0).to(ACC), m_ca, ll_ca)
     if ce_b != 0:
-        loss_b += hard_b * ((m_cb - tl.load(b_row + label, mask=lab_ok, other=0.0).to(ACC)) + ll_cb)
+        loss_b += hard_b * ce_loss(tl.load(b_row + label, mask=lab_ok, other=0.0).to(ACC), m_cb, ll_cb)
     tl.store(loss_a_ptr + row, tl.where(valid, sw * loss_a, 0.0))
     tl.store(loss_b_ptr + row, tl.where(valid, sw * loss_b, 0.0))
 
@@ -315,7 +323,7 @@ def codistill_launch(x: SimpleNamespace) -> tuple[Launch, Tensor, Tensor, Tensor
         _codistill_row_kernel.pick(aligned), (0 if empty else n,),
         (a, b, lab, sw, den, rows_a, rows_b, ga, gb, prm, ints),
         dict(BLOCK=BLOCK, DIV=div.code, CLOSED=div.closed_form, ALIGNED=aligned, ACC=tl_acc(a.dtype)),
-        {"num_warps": 8},
+        {"num_warps": NUM_WARPS},
     )  # fmt: skip
     return launch, rows_a, rows_b, ga, gb
 

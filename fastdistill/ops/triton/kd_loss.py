@@ -1,15 +1,19 @@
 """Triton backend of the fused KD loss: one program per row, three sweeps over the row in BLOCK-wide tiles.
 
-Sweep 1 reads the student and the K teachers once ([K, BLOCK] tiles of the stacked [K, N, V] teachers) and keeps
-online-softmax statistics; sweep 2 evaluates the divergence terms (the math of ``csrc/common/kd_math.h``, in
+Sweep 1 reads the student and the K teachers once ([KP, BLOCK] tiles of the stacked [K, N, V] teachers) and keeps
+online-softmax statistics per group of 8 columns, in each thread's registers (``row_math.group_stats``: no block-wide
+reduction inside the loop); sweep 2 evaluates the divergence terms (the math of ``csrc/common/kd_math.h``, in
 ``row_math.divergence_terms``) and the row aggregates the gradients need, writing the student gradient directly when
 it has a closed form (KL); sweep 3, only when needed, writes the remaining gradients. Per-row losses go to an [N] buffer
 reduced with ``torch.sum`` (no float atomics: bitwise reproducible). float32 accumulation (float64 for float64
-inputs); no [K, N, V] temporaries; gradients are written in the forward launch and backward only scales them.
+inputs); no [K, N, V] temporaries; gradients are written in the forward launch and backward only scales them (on the
+GPU in place, skipped where grad_output is 1: ``scale.py``). Design, SASS counts and the prediction of this version
+(v2): benchmarks/NOTES.md, issue 17.
 
 Compiled variants (``launch.py``'s rules; ``KD_DOMAINS`` lists them, ``aot.py`` compiles every one): the divergence
 (DIV), the ensemble mode (ENS: one teacher, mixture, log-linear pool, one target per teacher), the teacher bucket KP
-(K rounded up to a power of two, 2..16; K itself is a runtime value), BLOCK = 8192 / KP, ALIGNED and the dtype. The
+(K rounded up to a power of two, 1..16; K itself is a runtime value), BLOCK = min(1024, 4096 / KP), ALIGNED and the
+dtype; CLOSED and LOG_TARGET follow from the divergence (``ops/divergences.py``). The
 optional inputs, the cross-entropy and which gradients are wanted are runtime flags: uniform branches per program.
 """
 
@@ -35,22 +39,34 @@ from .launch import (
     param_tensor,
     tl_acc,
 )
-from .row_math import ce_grad, divergence_terms, log_probs, log_softmax, online, reload, row_weight
+from .row_math import (
+    ce_grad,
+    divergence_terms,
+    fexp,
+    finish_stats,
+    group_stats,
+    log_probs,
+    log_softmax,
+    reload,
+    row_weight,
+)
+from .row_math import ce_loss as ce_nats
 
 DIV_CODES = {name: d.code for name, d in divergences.DIVERGENCES.items()}  # the codes divergence_terms branches on
 # ENS: 0 one teacher (K = 1, any ensemble), 1 mixture (prob_mean), 2 log-linear pool (logit_mean), 3 one target per
 # teacher (loss_mean)
 ENS_CODES = {"prob_mean": 1, "logit_mean": 2, "loss_mean": 3}
-MAX_TEACHERS = KDInputs.MAX_TEACHERS  # KP buckets 2..16: each bucket is one more set of compiled kernels
-# 8 warps: half the tile elements per thread of 4 warps. At 4, ptxas spilled the benchmark configurations (bf16 KL,
-# K = 1 and 4: 168 registers, 16 bytes of stack); at 8 they take 99-113 registers, no spills, and 2 programs (16
-# warps) per SM instead of 3 (12): make kernels-report, benchmarks/NOTES.md.
-NUM_WARPS = 8
+MAX_TEACHERS = KDInputs.MAX_TEACHERS  # KP buckets 1..16: each bucket is one more set of compiled kernels
+# 4 warps of 32 threads x 8 columns = BLOCK: one 16-byte bf16 vector per thread and input row, the group of
+# group_stats. v2's benchmark configurations take 79 (K = 1) / 109 (K = 4) registers without spills: 6 / 4 programs
+# per SM (v1: 8 warps, [KP, 8192 / KP] tiles, 2 programs): make kernels-report, benchmarks/NOTES.md.
+NUM_WARPS = 4
 
 
 def _kd_row(
     s_ptr, t_ptr, tw_ptr, lab_ptr, sw_ptr, den_ptr, loss_ptr, gs_ptr, gt_ptr, prm_ptr, int_ptr,
-    KP: tl.constexpr, BLOCK: tl.constexpr, DIV: tl.constexpr, CLOSED: tl.constexpr, ENS: tl.constexpr,
+    KP: tl.constexpr, BLOCK: tl.constexpr, DIV: tl.constexpr, CLOSED: tl.constexpr, LOG_TARGET: tl.constexpr,
+    ENS: tl.constexpr,
     ALIGNED: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """One program per row; the kernel pair ``_kd_row_kernel`` (launch.py). DIV: the divergence's code; CLOSED: its
@@ -106,53 +122,54 @@ def _kd_row(
     t_row = t_ptr + row * t_stride_n + ks64[:, None] * t_stride_k
     gs_row = gs_ptr + row * V
 
-    # ---- sweep 1: normalisers --------------------------------------------------------------------------------
-    m_q = tl.full((), float("-inf"), ACC)
-    l_q = tl.zeros((), ACC)
-    m_ce = tl.full((), float("-inf"), ACC)
-    l_ce = tl.zeros((), ACC)
-    m_t = tl.full((KP,), float("-inf"), ACC)
-    l_t = tl.zeros((KP,), ACC)
-    m_c = tl.full((), float("-inf"), ACC)
-    l_c = tl.zeros((), ACC)
+    # ---- sweep 1: normalisers, per group of 8 columns (group_stats), combined once after the loop ---------------
+    m_q = tl.full((BLOCK // 8,), float("-inf"), ACC)
+    l_q = tl.zeros((BLOCK // 8,), ACC)
+    m_ce = tl.full((BLOCK // 8,), float("-inf"), ACC)
+    l_ce = tl.zeros((BLOCK // 8,), ACC)
+    m_t = tl.full((KP, BLOCK // 8), float("-inf"), ACC)
+    l_t = tl.zeros((KP, BLOCK // 8), ACC)
+    m_c = tl.full((BLOCK // 8,), float("-inf"), ACC)
+    l_c = tl.zeros((BLOCK // 8,), ACC)
     for b in range(0, n_blocks):
         cols = b * BLOCK + tl.arange(0, BLOCK)
         cmask = cols < V32
         s = tl.load(s_row + cols, mask=cmask, other=float("-inf")).to(ACC)
-        m_q, l_q = online(m_q, l_q, s * inv_t, 0)
+        m_q, l_q = group_stats(m_q, l_q, s * inv_t)
         if ce_own:
-            m_ce, l_ce = online(m_ce, l_ce, s, 0)
+            m_ce, l_ce = group_stats(m_ce, l_ce, s)
         x = tl.load(t_row + cols[None, :], mask=kuse[:, None] & cmask[None, :], other=float("-inf")).to(ACC) * inv_t
         if ENS == 2:  # pooled logits sum_k w_k t_k / T (a zero weight drops the teacher, -inf included)
             c = tl.sum(tl.where(w[:, None] > 0, w[:, None] * x, 0.0), 0)
             c = tl.where(cmask, c, float("-inf"))
-            m_c, l_c = online(m_c, l_c, c, 0)
+            m_c, l_c = group_stats(m_c, l_c, c)
         else:
-            m_t, l_t = online(m_t, l_t, x, 1)
+            m_t, l_t = group_stats(m_t, l_t, x)
     # normalisers kept split, as (max, log of the exp-sum below it): see log_softmax
-    ll_q = tl.log(l_q)
+    m_q, ll_q = finish_stats(m_q, l_q)
+    m_ce, ll_ce = finish_stats(m_ce, l_ce)
     if ce_at_t != 0:  # s * (1 / T) is s itself
         m_ce = m_q
-        l_ce = l_q
-    ll_ce = tl.log(l_ce)
+        ll_ce = ll_q
     # Dropped teachers (padded, weight 0): (0, 0), so that (x - 0) - 0 stays -inf. A teacher that counts but has no
     # finite logit in the row has no distribution: NaN (as log_softmax gives); a NaN logit makes l_t NaN by itself.
+    m_t, ll_t = finish_stats(m_t, l_t)
     dead = m_t == float("-inf")
     m_t = tl.where(dead, tl.where(kuse, float("nan"), 0.0), m_t)
-    ll_t = tl.where(dead, 0.0, tl.log(l_t))
-    ll_c = tl.log(l_c)
+    ll_t = tl.where(dead, 0.0, ll_t)
+    m_c, ll_c = finish_stats(m_c, l_c)
 
     # ---- sweep 2: loss terms and aggregates ---------------------------------------------------------------------
-    phi_sum = tl.zeros((), ACC)
-    gq_sum = tl.zeros((), ACC)
-    agg = tl.zeros((KP,), ACC)  # per-teacher aggregates for the teacher gradients
+    # summed per column across the tiles and reduced once after the loop (no tile-wide reduction inside it)
+    phi_acc = tl.zeros((BLOCK,), ACC)
+    gq_acc = tl.zeros((BLOCK,), ACC)
+    agg = tl.zeros((KP,), ACC)  # per-teacher aggregates for the teacher gradients (rare: reduced per tile)
     for b in range(0, n_blocks):
         cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
-            b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS, DIV, BLOCK, ACC,
-            dw, log_dw, log_1m_dw,
+            b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS, DIV, LOG_TARGET,
+            BLOCK, ACC, dw, log_dw, log_1m_dw,
         )  # fmt: skip
-        phi_sum += tl.sum(tl.where(cmask, phi, 0.0), 0)
-        gq_sum += tl.sum(tl.where(cmask, gq, 0.0), 0)
+        phi_acc += phi  # 0 where masked: p = q = 0 there, and every divergence's terms vanish (xlogr(0, .) = 0)
         if CLOSED:  # KL: dD/da = Q - P (= q + gq) needs no aggregate
             if grad_s != 0:
                 g = tl.where(kd_over_t != 0, kd_over_t * (q + gq), 0.0)
@@ -160,24 +177,28 @@ def _kd_row(
                     g += ce_w * ce_grad(reload(s_row + cols, cmask, True).to(ACC), q, m_ce, ll_ce, cols, label,
                                          ce_at_t)  # fmt: skip
                 tl.store(gs_row + cols, tl.where(valid, f * g, 0.0), mask=cmask)
+        else:
+            gq_acc += gq
         if grad_t != 0:  # the tile again, from the cache (reload)
             cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
-                b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS, DIV, BLOCK,
-                ACC, dw, log_dw, log_1m_dw, True,
+                b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS, DIV,
+                LOG_TARGET, BLOCK, ACC, dw, log_dw, log_1m_dw, True,
             )  # fmt: skip
             if ENS == 3:  # sum_v hp_kv
                 agg += tl.sum(tl.where(cmask[None, :], hp, 0.0), 1)
             elif ENS == 2 or ENS == 0:  # sum_v hp_v, in lane 0
                 agg += tl.where(ks == 0, tl.sum(tl.where(cmask, hp, 0.0), 0), 0.0)
             else:  # sum_v r_kv hp_v, responsibilities r_k = w_k P_k / P in log space
-                resp = tl.where(logp[None, :] == float("-inf"), 0.0, tl.exp(lwp - logp[None, :]))
+                resp = tl.where(logp[None, :] == float("-inf"), 0.0, fexp(lwp - logp[None, :]))
                 agg += tl.sum(tl.where(cmask[None, :], resp * hp[None, :], 0.0), 1)
+    phi_sum = tl.sum(phi_acc, 0)
+    gq_sum = tl.sum(gq_acc, 0)
 
     ce_loss = tl.zeros((), ACC)
     if ce != 0:
         lab_ok = valid & (label >= 0) & (label < V)  # never read outside the row, whatever the labels
         s_lab = tl.load(s_row + label, mask=lab_ok, other=0.0).to(ACC)
-        ce_loss = (m_ce - s_lab) + ll_ce
+        ce_loss = ce_nats(s_lab, m_ce, ll_ce)
     loss = sw * (tl.where(kd_scale != 0, kd_scale * phi_sum, 0.0) + ce_w * ce_loss)  # kd_scale 0: pure CE
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
 
@@ -189,8 +210,8 @@ def _kd_row(
         gt_row = gt_ptr + ks64[:, None] * (N * V) + row * V
         for b in range(0, n_blocks):
             cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
-                b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS, DIV, BLOCK,
-                ACC, dw, log_dw, log_1m_dw,
+                b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS, DIV,
+                LOG_TARGET, BLOCK, ACC, dw, log_dw, log_1m_dw,
             )  # fmt: skip
             if not CLOSED:
                 if grad_s != 0:
@@ -204,7 +225,7 @@ def _kd_row(
                     # rare ones that want teacher gradients
                     cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
                         b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS, DIV,
-                        BLOCK, ACC, dw, log_dw, log_1m_dw, True,
+                        LOG_TARGET, BLOCK, ACC, dw, log_dw, log_1m_dw, True,
                     )  # fmt: skip
             if grad_t != 0:
                 if ENS == 3:
@@ -213,7 +234,7 @@ def _kd_row(
                     agg0 = tl.sum(tl.where(ks == 0, agg, 0.0), 0)
                     gt = w[:, None] * (hp - p * agg0)[None, :]
                 else:
-                    resp = tl.where(logp[None, :] == float("-inf"), 0.0, tl.exp(lwp - logp[None, :]))
+                    resp = tl.where(logp[None, :] == float("-inf"), 0.0, fexp(lwp - logp[None, :]))
                     gt = resp * hp[None, :] - pk * agg[:, None]
                 gt = tl.where(kd_over_t != 0, f * kd_over_t * gt, 0.0)
                 gt = tl.where(w[:, None] > 0, gt, 0.0)  # dropped teachers get exactly 0
@@ -223,7 +244,7 @@ def _kd_row(
 
 @triton.jit
 def _tile(b, s_row, t_row, V, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS: tl.constexpr,
-          DIV: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, dw, log_dw, log_1m_dw,
+          DIV: tl.constexpr, LOG_TARGET: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, dw, log_dw, log_1m_dw,
           RELOAD: tl.constexpr = False):  # fmt: skip
     """Block b of the row, read again after sweep 1: the student's Q and the targets' terms (see _element)."""
     cols = b * BLOCK + tl.arange(0, BLOCK)
@@ -232,13 +253,13 @@ def _tile(b, s_row, t_row, V, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, k
     t, logpk, pk = log_probs(t_row, cols[None, :], kuse[:, None] & cmask[None, :], inv_t, m_t[:, None],
                               ll_t[:, None], ACC, RELOAD)  # fmt: skip
     phi, gq, hp, p, logp, lwp = _element(t, logpk, pk, q, logq, inv_t, w, logw, m_c, ll_c, ks, kuse, cmask, ENS, DIV,
-                                         dw, log_dw, log_1m_dw)  # fmt: skip
+                                         LOG_TARGET, dw, log_dw, log_1m_dw)  # fmt: skip
     return cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk
 
 
 @triton.jit
 def _element(t, logpk, pk, q, logq, inv_t, w, logw, m_c, ll_c, ks, kuse, cmask, ENS: tl.constexpr,
-             DIV: tl.constexpr, dw, log_dw, log_1m_dw):  # fmt: skip
+             DIV: tl.constexpr, LOG_TARGET: tl.constexpr, dw, log_dw, log_1m_dw):  # fmt: skip
     """Targets and divergence terms of one tile, from the teachers' logits t, log P_k and P_k ([KP, BLOCK]; padded
     teachers -inf and 0). Returns phi, gq (ensemble-combined, [BLOCK]); hp ([K, BLOCK] for loss_mean, else
     [BLOCK]); the single target p, log p; log(w_k P_k) ([KP, BLOCK])."""
@@ -256,23 +277,29 @@ def _element(t, logpk, pk, q, logq, inv_t, w, logw, m_c, ll_c, ks, kuse, cmask, 
         if ENS == 2:
             c = tl.sum(tl.where(w[:, None] > 0, w[:, None] * (t * inv_t), 0.0), 0)
             logp = log_softmax(c, m_c, ll_c)
-        elif ENS == 0:
+        elif ENS == 0:  # the one teacher's own log P and P (KP = 1: no padded row, no second exp)
             logp = tl.sum(tl.where((ks == 0)[:, None], logpk, 0.0), 0)
-        else:  # log of the mixture, as a log-sum-exp over the teachers
+            p = tl.sum(tl.where((ks == 0)[:, None], pk, 0.0), 0)
+        elif LOG_TARGET:  # log of the mixture, as a log-sum-exp over the teachers (exact where P underflows)
             mx = tl.max(lwp, 0)
             safe = tl.where(mx == float("-inf"), 0.0, mx)
-            logp = tl.where(mx == float("-inf"), float("-inf"), safe + tl.log(tl.sum(tl.exp(lwp - safe[None, :]), 0)))
-        logp = tl.where(cmask, logp, float("-inf"))
-        p = tl.exp(logp)
+            logp = tl.where(mx == float("-inf"), float("-inf"), safe + tl.log(tl.sum(fexp(lwp - safe[None, :]), 0)))
+        else:  # the mixture sum_k w_k P_k and the log of it: one lg2 instead of K exps and a log (divergences.py)
+            p = tl.sum(w[:, None] * pk, 0)
+            logp = tl.log(p)
+        if ENS == 2:  # (the pool of masked columns is -inf already unless every weight is 0)
+            logp = tl.where(cmask, logp, float("-inf"))
+        if ENS == 2 or (ENS == 1 and LOG_TARGET):
+            p = fexp(logp)
         phi, gq, hp = divergence_terms(p, q, logp, logq, DIV, dw, log_dw, log_1m_dw)
     return phi, gq, hp, p, logp, lwp
 
 
 _kd_row_kernel = jit_pair(_kd_row, small=("tw_ptr", "lab_ptr", "sw_ptr", "den_ptr", "loss_ptr", "prm_ptr", "int_ptr"))
 # the compiled variants: every value each constexpr can take (aot.py checks the launcher reaches exactly these)
-KD_DOMAINS = {"KP": (2, 4, 8, 16), "BLOCK": (512, 1024, 2048, 4096), "DIV": tuple(DIV_CODES.values()),
-              "CLOSED": (False, True), "ENS": (0, *ENS_CODES.values()), "ALIGNED": (False, True),
-              "ACC": ("fp32",)}  # fmt: skip
+KD_DOMAINS = {"KP": (1, 2, 4, 8, 16), "BLOCK": (256, 512, 1024), "DIV": tuple(DIV_CODES.values()),
+              "CLOSED": (False, True), "LOG_TARGET": (False, True), "ENS": (0, *ENS_CODES.values()),
+              "ALIGNED": (False, True), "ACC": ("fp32",)}  # fmt: skip
 KERNELS = [_kd_row_kernel]
 # The float parameters, in the order the kernel loads them from prm_ptr ("div": the divergence's parameter vector,
 # divergences.kernel_params).
@@ -280,14 +307,15 @@ KD_PARAMS = ("inv_t", "kd_scale", "kd_over_t", "ce_weight", "uniform", "div")
 
 
 def _teacher_bucket(k: int) -> int:
-    """KP: K rounded up to a power of two, at least 2 (a [KP, BLOCK] tile of teachers)."""
-    return max(2, triton.next_power_of_2(k))
+    """KP: K rounded up to a power of two (a [KP, BLOCK] tile of teachers; K = 1 has no padded row)."""
+    return triton.next_power_of_2(k)
 
 
 def _block(kp: int) -> int:
-    # [KP, BLOCK] fp32 tiles of 8192 elements per program: the tile the benchmarks were measured with (NOTES.md).
-    # Independent of V, so that V never forks the compile; a small V runs masked lanes.
-    return 8192 // kp
+    # 1024 columns: 4 warps x 32 threads x 8 (one 16-byte vector of bf16 per thread and row, the group of
+    # group_stats); teacher tiles kept at <= 4096 elements (32 per thread) for KP >= 8. Independent of V, so that V
+    # never forks the compile; a small V runs masked lanes.
+    return min(1024, 4096 // kp)
 
 
 def pack_params(layout: tuple[str, ...], **values) -> list[float]:
@@ -349,8 +377,8 @@ def kd_launch(a: SimpleNamespace) -> tuple[Launch, Tensor, Tensor, Tensor]:
     launch = Launch(
         _kd_row_kernel.pick(aligned), (n if v > 0 else 0,),
         (student, teachers, tw, lab, sw, den, rows, gs, gt, prm, ints),
-        dict(KP=kp, BLOCK=_block(kp), DIV=div.code, CLOSED=div.closed_form, ENS=ens, ALIGNED=aligned,
-             ACC=tl_acc(student.dtype)),
+        dict(KP=kp, BLOCK=_block(kp), DIV=div.code, CLOSED=div.closed_form, LOG_TARGET=div.log_target, ENS=ens,
+             ALIGNED=aligned, ACC=tl_acc(student.dtype)),
         {"num_warps": NUM_WARPS},
     )  # fmt: skip
     return launch, rows, gs, gt

@@ -1,9 +1,18 @@
 """The per-element and per-row math the Triton row kernels (kd_loss.py, codistill_loss.py) share: the divergence
-terms (csrc/common/kd_math.h's, element for element), online softmax statistics, split log-softmax normalisers, the
-row's weight and label, the cross-entropy gradient."""
+terms (csrc/common/kd_math.h's, element for element), online softmax statistics per group of columns, split log-softmax
+normalisers, the row's weight and label, the cross-entropy's loss and gradient."""
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def fexp(x):
+    """exp(x) as one ex2 of x log2(e). tl.exp lowers to a non-flushing ex2.approx.f32, which ptxas wraps in a
+    denormal fix-up (a compare and two multiplies per call: 97 FMUL beside 27 MUFU in kd_loss's first sweep at
+    K = 1); tl.exp2 flushes results below 2^-126 to 0 and issues the MUFU alone. (Those results only ever enter sums
+    and products with probabilities: a term under 1e-38 of a loss or gradient.)"""
+    return tl.exp2(x * 1.4426950408889634)
 
 
 @triton.jit
@@ -15,7 +24,7 @@ def xlogr(x, log_x, log_y):
 @triton.jit
 def logaddexp(x, y):
     m = tl.maximum(x, y)
-    r = m + tl.log(1.0 + tl.exp(-tl.abs(x - y)))
+    r = m + tl.log(1.0 + fexp(-tl.abs(x - y)))
     return tl.where(m == float("-inf"), m, r)
 
 
@@ -46,28 +55,53 @@ def divergence_terms(p, q, logp, logq, DIV: tl.constexpr, dw, log_dw, log_1m_dw)
     elif DIV == 4:  # skew_kl
         logm = logaddexp(logp + log_dw, logq + log_1m_dw)
         phi = xlogr(p, logp, logm)
-        r = tl.where(p == 0, 0.0, tl.exp(logp - logm))
+        r = tl.where(p == 0, 0.0, fexp(logp - logm))
         gq = -(1.0 - dw) * q * r
         hp = phi + p - dw * p * r
     else:  # skew_reverse_kl
         logm = logaddexp(logp + log_1m_dw, logq + log_dw)
         phi = xlogr(q, logq, logm)
-        r = tl.where(q == 0, 0.0, tl.exp(logq - logm))
+        r = tl.where(q == 0, 0.0, fexp(logq - logm))
         gq = phi + q - dw * q * r
         hp = -(1.0 - dw) * p * r
     return phi, gq, hp
 
 
 @triton.jit
-def online(m, total, x, AXIS: tl.constexpr):
-    """Online softmax statistics along AXIS: running max m and sum of exp(x - m); -inf safe."""
-    nm = tl.maximum(m, tl.max(x, AXIS))
-    safe = tl.where(nm == float("-inf"), 0.0, nm)
-    if AXIS == 0:
-        total = total * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), 0)
+def group_stats(m, sums, z):
+    """Online softmax statistics of one tile, kept per group of 8 adjacent columns: z [BLOCK] or [KP, BLOCK]
+    (logits / T, -inf where masked) is viewed as [..., BLOCK // 8, 8]; m, sums [..., BLOCK // 8] are each group's
+    running max and sum of exp(z - m). A group is what one thread loads in one 16-byte
+    vector (8 bf16 / fp16), so the max and the sum stay in its registers: no shuffle, no barrier in the sweep's loop
+    (one tile-wide reduction per tile cost ~10 of v1's ~56 instructions per column: benchmarks/NOTES.md). -inf
+    safe; a NaN logit makes its group's sum NaN. ``finish_stats`` combines the groups once, after the sweep."""
+    if len(z.shape) == 1:
+        zg = tl.reshape(z, (z.shape[0] // 8, 8))
+        nm = tl.maximum(m, tl.max(zg, 1))
+        safe = tl.where(nm == float("-inf"), 0.0, nm)
+        total = sums * fexp(m - safe) + tl.sum(fexp(zg - safe[:, None]), 1)
     else:
-        total = total * tl.exp(m - safe) + tl.sum(tl.exp(x - safe[:, None]), 1)
+        zg = tl.reshape(z, (z.shape[0], z.shape[1] // 8, 8))
+        nm = tl.maximum(m, tl.max(zg, 2))
+        safe = tl.where(nm == float("-inf"), 0.0, nm)
+        total = sums * fexp(m - safe) + tl.sum(fexp(zg - safe[:, :, None]), 2)
     return nm, total
+
+
+@triton.jit
+def finish_stats(m, sums):
+    """The row's normaliser from ``group_stats``' groups (m, sums [..., G], reduced along the last axis): its max M and
+    the log of the sum of exp(z - M) (the split form log_softmax reads). A row with no finite logit gives (-inf,
+    log 0 = -inf)."""
+    if len(m.shape) == 1:
+        mx = tl.max(m, 0)
+        safe = tl.where(mx == float("-inf"), 0.0, mx)
+        total = tl.sum(sums * fexp(m - safe), 0)
+    else:
+        mx = tl.max(m, 1)
+        safe = tl.where(mx == float("-inf"), 0.0, mx)
+        total = tl.sum(sums * fexp(m - safe[:, None]), 1)
+    return mx, tl.log(total)
 
 
 @triton.jit
@@ -97,8 +131,10 @@ def row_weight(row, sw_ptr, lab_ptr, den_ptr, ignore_index, has_sw, has_labels, 
 @triton.jit
 def log_softmax(z, m, log_l):
     """log softmax at z from its row's max m of z and log_l = log sum exp(z - m): (z - m) - log_l, never
-    z - (m + log_l). Near the row's top class both parts are small and exact, so a probability near 1 keeps its
-    last bits (as e / sum does in the CPU kernel), where z - lse would lose ulp(lse) to the rounding of lse."""
+    z - (m + log_l). Near the row's top class both parts are small and exact, so a probability near 1 keeps its last
+    bits (as e / sum does in the CPU kernel), where z - lse would lose ulp(lse) to the rounding of lse. (Hence natural
+    units throughout, not base 2 with log2(e) folded into 1 / T: x log2(e) / T rounds at the logits' magnitude, an
+    error of the size of ulp(lse) again: tests/test_kd_loss.py::test_dominant_class_far_from_zero.)"""
     return (z - m) - log_l
 
 
@@ -114,11 +150,11 @@ def reload(ptrs, mask, RELOAD: tl.constexpr):
 @triton.jit
 def log_probs(row_ptr, cols, mask, inv_t, m, log_l, ACC: tl.constexpr, RELOAD: tl.constexpr = False):
     """One tile of a row (or of K rows: cols [1, BLOCK], m and log_l [KP, 1]): its logits x (ACC, -inf where
-    masked), log softmax(x / T) and softmax(x / T), from the split normaliser (m, log_l) of x / T (log_softmax).
-    RELOAD: a second read of a tile just read (see reload)."""
+    masked), log softmax(x / T) and softmax(x / T), from the split normaliser (m, log_l) of x / T (group_stats,
+    finish_stats; see log_softmax). RELOAD: a second read of a tile just read (see reload)."""
     x = reload(row_ptr + cols, mask, RELOAD).to(ACC)
     logq = log_softmax(x * inv_t, m, log_l)
-    return x, logq, tl.exp(logq)
+    return x, logq, fexp(logq)
 
 
 @triton.jit
@@ -127,5 +163,11 @@ def ce_grad(s, q, m_ce, log_l_ce, cols, label, ce_at_t):
     normaliser (m_ce, log_l_ce), see log_softmax) minus the one-hot label."""
     sm = q
     if ce_at_t == 0:
-        sm = tl.exp(log_softmax(s, m_ce, log_l_ce))
+        sm = fexp(log_softmax(s, m_ce, log_l_ce))
     return sm - tl.where(cols == label, 1.0, 0.0)
+
+
+@triton.jit
+def ce_loss(s_label, m_ce, log_l_ce):
+    """-log softmax(s)[label] from the label's logit and s's split normaliser (see log_softmax)."""
+    return (m_ce - s_label) + log_l_ce
