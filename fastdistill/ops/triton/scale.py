@@ -1,0 +1,77 @@
+"""Backward's scaling of a saved gradient by grad_output, in place, skipped on the device where grad_output is 1.
+
+The row ops compute their gradients in the forward launch; backward multiplies them by grad_output
+(``registration._scale``). On CUDA, asking whether grad_output is exactly 1 from the host is a device sync, so
+``mul_`` always read and wrote the whole gradient: 2 of the K + 4 passes of bf16 [N, V] traffic at K = 1 for a plain
+``loss.backward()`` (benchmarks/NOTES.md, issue 17). Here every program reads its factor itself and returns at once
+when it is 1: ``grad * 1`` is ``grad`` bit for bit, so skipping it is exact, and nothing waits on the host.
+
+Factors as ``registration._scale`` forms them: a 0-dim factor, or per row (``reduce=False``) an [N] factor, row r of
+the [R, V] view using factor r mod N (R = K N for the teachers' [K, N, V] gradient). The bits are those of torch's
+``grad * factor`` on the CPU (tests/test_scale.py): the product in float32, rounded once to the gradient's dtype.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .launch import ROW_KERNEL_GPU_DTYPES, Launch, int_tensor, is_aligned, jit_pair
+
+BLOCK = 4096  # columns per program: 16 per thread of 8 warps, two 16-byte vectors of bf16
+
+
+def _scale_rows(g_ptr, f_ptr, int_ptr, PER_ROW: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """Program (r, c): columns [c BLOCK, (c + 1) BLOCK) of row r of the [R, V] gradient, times its factor."""
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    V = tl.load(int_ptr + 0)
+    N = tl.load(int_ptr + 1)
+    if ALIGNED:  # the launcher checked V is a multiple of 16
+        V = V // 16 * 16
+    if PER_ROW:
+        f = tl.load(f_ptr + r % N)
+    else:
+        f = tl.load(f_ptr)
+    if f != 1:
+        cols = c * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < V.to(tl.int32)
+        ptrs = g_ptr + r * V + cols
+        x = tl.load(ptrs, mask=mask)
+        if f.dtype == tl.float64:  # (float64 gradients: the interpreter only)
+            y = x.to(tl.float64) * f
+        else:  # the product in float32 (a per-row factor is in grad's dtype already), rounded once
+            y = x.to(tl.float32) * f.to(tl.float32)
+        tl.store(ptrs, y.to(x.dtype), mask=mask)
+
+
+_scale_rows_kernel = jit_pair(_scale_rows, small=("f_ptr", "int_ptr"))
+SCALE_DOMAINS = {"PER_ROW": (False, True), "BLOCK": (BLOCK,), "ALIGNED": (False, True)}
+KERNELS = [_scale_rows_kernel]
+
+
+def scale_launch(grad: Tensor, factor: Tensor, n: int) -> Launch:
+    """The launch that scales the contiguous gradient ``grad`` ([N, V] or [K, N, V]) in place by ``factor``: 0-dim,
+    or [N] (one factor per row, in grad's dtype). Works on meta tensors (aot.py)."""
+    v = grad.shape[-1]
+    rows = grad.numel() // v if v else 0
+    per_row = factor.dim() == 1
+    ints = int_tensor([v, n], grad.device)
+    aligned = is_aligned([grad], [v])
+    return Launch(_scale_rows_kernel.pick(aligned), (rows, triton.cdiv(v, BLOCK)), (grad, factor.contiguous(), ints),
+                  dict(PER_ROW=per_row, BLOCK=BLOCK, ALIGNED=aligned), {"num_warps": 8})  # fmt: skip
+
+
+def scale_(grad: Tensor, factor: Tensor, n: int) -> Tensor:
+    """grad *= factor in place (see the module docstring); returns grad."""
+    scale_launch(grad, factor, n).run()
+    return grad
+
+
+def scale_space():
+    """Every configuration: each gradient dtype with its factor's, per row or not, aligned or not."""
+    for dtype in ROW_KERNEL_GPU_DTYPES:
+        for v in (4096, 4097):
+            g = torch.empty(2, 8, v, device="meta", dtype=dtype)
+            yield scale_launch(g, torch.empty((), device="meta", dtype=torch.float32), 8)
+            yield scale_launch(g, torch.empty(8, device="meta", dtype=dtype), 8)
