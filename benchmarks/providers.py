@@ -1,6 +1,8 @@
 """Benchmark providers: implementations of the same loss, forward KL to the prob_mean ensemble of K teachers.
 
 ``make(K, temperature)`` returns ``fn(student [N, V], teachers [K, N, V]) -> 0-dim loss`` (T^2-scaled, mean over rows).
+fastdistill's own providers (``DIVERGENCE_PROVIDERS``) also take ``divergence=`` (any of the library's, with its
+default parameters); the others are the five-line forward KL only.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import fastdistill
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _kd(backend: str) -> Callable[[int, float], LossFn]:
-    def make(K: int, temperature: float) -> LossFn:
+def _kd(backend: str) -> Callable[..., LossFn]:
+    def make(K: int, temperature: float, divergence: str = "kl") -> LossFn:
         def fn(student: torch.Tensor, teachers: torch.Tensor) -> torch.Tensor:
-            return fastdistill.kd_loss(student, teachers, temperature=temperature, backend=backend)
+            return fastdistill.kd_loss(student, teachers, temperature=temperature, divergence=divergence,
+                                       backend=backend)  # fmt: skip
 
         return fn
 
@@ -59,7 +62,7 @@ def make_compile(K: int, temperature: float) -> LossFn:
     return torch.compile(make_eager(K, temperature), dynamic=False)
 
 
-PROVIDERS: dict[str, Callable[[int, float], LossFn]] = {
+PROVIDERS: dict[str, Callable[..., LossFn]] = {
     "cpu": _kd("cpu"),
     "triton": _kd("triton"),
     "liger": make_liger,
@@ -68,6 +71,7 @@ PROVIDERS: dict[str, Callable[[int, float], LossFn]] = {
     "compile": make_compile,
     "reference": _kd("reference"),
 }
+DIVERGENCE_PROVIDERS = ("cpu", "triton", "auto", "reference")  # the ones that take divergence=
 
 
 def unavailable_reason(name: str, device: str) -> str | None:

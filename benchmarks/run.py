@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from . import isolate
-from .providers import PROVIDERS, fwd_bwd, make_inputs, unavailable_reason
+from .providers import DIVERGENCE_PROVIDERS, PROVIDERS, fwd_bwd, make_inputs, unavailable_reason
 
 TEMPERATURE = 2.0
 MEMORY_NOTE = {
@@ -142,9 +142,10 @@ def versions_line(env: dict) -> str:
            f"Python {env['python']}"  # fmt: skip
 
 
-def bench_one(provider: str, N: int, V: int, K: int, dtype: torch.dtype, device: str, repeats: int) -> dict:
+def bench_one(provider: str, N: int, V: int, K: int, dtype: torch.dtype, device: str, repeats: int,
+              divergence: str = "kl") -> dict:  # fmt: skip
     student, teachers = make_inputs(N, V, K, dtype, device)
-    fn = PROVIDERS[provider](K, TEMPERATURE)
+    fn = PROVIDERS[provider](K, TEMPERATURE, **({"divergence": divergence} if divergence != "kl" else {}))
     step = lambda: fwd_bwd(fn, student, teachers)  # noqa: E731
     step()  # warm-up (compiles for "compile")
     ms = _median_ms(step, repeats, device)
@@ -156,6 +157,7 @@ def bench_one(provider: str, N: int, V: int, K: int, dtype: torch.dtype, device:
         "V": V,
         "K": K,
         "N": N,
+        "divergence": divergence,
         "dtype": str(dtype).removeprefix("torch."),
         "ms": ms,
         "peak_bytes": peak,
@@ -164,9 +166,9 @@ def bench_one(provider: str, N: int, V: int, K: int, dtype: torch.dtype, device:
     } | ({"liger_kernel": dist_version("liger-kernel")} if provider == "liger" else {})
 
 
-def cell(provider: str, V: int, K: int, N: int, dtype: str, device: str, repeats: int) -> dict:
+def cell(provider: str, V: int, K: int, N: int, dtype: str, device: str, repeats: int, divergence: str = "kl") -> dict:
     """One row, measured in a child process (``benchmarks/isolate.py`` calls this)."""
-    return bench_one(provider, N, V, K, getattr(torch, dtype), device, repeats)
+    return bench_one(provider, N, V, K, getattr(torch, dtype), device, repeats, divergence)
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -180,13 +182,15 @@ def markdown_table(rows: list[dict]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        div = r.get("divergence", "kl")
+        name = r["provider"] if div == "kl" else f"{r['provider']} ({div})"
         if r.get("status", "ok") != "ok":
-            lines.append(f"| {r['provider']} | {r['V']} | {r['K']} | {isolate.describe(r)} | | | | | |")
+            lines.append(f"| {name} | {r['V']} | {r['K']} | {isolate.describe(r)} | | | | | |")
             continue
-        base = eager.get((r["V"], r["K"]))
+        base = eager.get((r["V"], r["K"])) if div == "kl" else None
         speedup = f"{base / r['ms']:.2f}x" if base else "-"
         lines.append(
-            f"| {r['provider']} | {r['V']} | {r['K']} | {r['ms']:.2f} | {speedup} | {r['achieved_GBps']:.1f} "
+            f"| {name} | {r['V']} | {r['K']} | {r['ms']:.2f} | {speedup} | {r['achieved_GBps']:.1f} "
             f"| {r['floor_ms']:.2f} | {r['floor_fraction']:.3f} | {_fmt_bytes(r['peak_bytes'])} |"
         )
     return "\n".join(lines)
@@ -213,6 +217,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="JSON path (default benchmarks/results/<device>-<date>.json; --quick writes none by default)",
     )
+    p.add_argument("--divergences", default="kl",
+                   help="comma-separated divergences; other than kl only fastdistill's providers "
+                        f"({','.join(DIVERGENCE_PROVIDERS)}) run them")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny shapes (N=64, V=1000,4096, K=1,2, 3 repeats): smoke test")
     isolate.add_arguments(p)
     args = p.parse_args(argv)
@@ -287,21 +294,27 @@ def main(argv: list[str] | None = None) -> int:
 
     providers = [p for p in args.providers.split(",") if p]
     cells = []
+    divs = [d for d in args.divergences.split(",") if d]
     for prov in providers:  # provider-major: a budget that runs out cuts the last providers, not the last shapes
         for V in args.vocab:
             for K in args.teachers:
-                reason = unavailable_reason(prov, device)
-                if reason is None and prov == "liger" and K != 1:
-                    reason = "Liger's JSD takes one teacher"
-                key = {"provider": prov, "V": V, "K": K, "N": args.rows}
-                args_ = {"dtype": args.dtype, "device": device, "repeats": args.repeats}
-                cells.append(isolate.Cell(key, args_, reason))
+                for div in divs:
+                    reason = unavailable_reason(prov, device)
+                    if reason is None and prov == "liger" and K != 1:
+                        reason = "Liger's JSD takes one teacher"
+                    if reason is None and div != "kl" and prov not in DIVERGENCE_PROVIDERS:
+                        reason = f"{prov} is the five-line forward KL only"
+                    key = {"provider": prov, "V": V, "K": K, "N": args.rows} | ({"divergence": div} if div != "kl"
+                                                                                else {})  # fmt: skip
+                    args_ = {"dtype": args.dtype, "device": device, "repeats": args.repeats}
+                    cells.append(isolate.Cell(key, args_, reason))
 
     def result(rows: list[dict], complete: bool) -> dict:
         return {
             **env, "threads": torch.get_num_threads(), "copy_GBps": gbps, "loadavg_1min_at_start": load,
             "temperature": TEMPERATURE,
-            "loss": "forward KL to the prob_mean ensemble, T^2-scaled, mean over rows; time = forward + backward",
+            "loss": "forward KL (or the row's divergence) to the prob_mean ensemble, T^2-scaled, mean over rows; "
+                    "time = forward + backward",
             "peak_bytes_note": MEMORY_NOTE[device], **run_info(args), "complete": complete,
             "counts": isolate.counts(rows), "rows": rows,
         }  # fmt: skip
@@ -314,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                 "floor_fraction": floor_ms / r["ms"],
                 "achieved_GBps": r["bytes"] / (r["ms"] * 1e-3) / 1e9,
             }
-        report(r, f"{r['provider']:>9} V={r['V']:<6} K={r['K']}")
+        report(r, f"{r['provider']:>9} V={r['V']:<6} K={r['K']}" + (f" {r['divergence']}" if "divergence" in r
+                                                                    and r["divergence"] != "kl" else ""))  # fmt: skip
         save(out, result(rows, False), quiet=True)
 
     rows = isolate.run_script(cells, "benchmarks.run", budget, on_row, args)

@@ -98,13 +98,14 @@ def config_of(family: str, launch: Launch) -> Config:
 
 def spaces() -> dict[str, tuple[Iterator[Launch], dict, object]]:
     """family -> (its launches over the problem space, its constexpr domains, its kernel objects)."""
-    from . import codistill_loss, kd_loss, mi_alpha
+    from . import codistill_loss, kd_loss, mi_alpha, scale
 
     return {
         "kd_loss": (kd_loss.kd_space(), kd_loss.KD_DOMAINS, kd_loss.KERNELS),
         "codistill_loss": (codistill_loss.codistill_space(), codistill_loss.CODISTILL_DOMAINS,
                            codistill_loss.KERNELS),
         "mi_alpha": (mi_alpha.mi_space(), mi_alpha.MI_DOMAINS, mi_alpha.KERNELS),
+        "scale": (scale.scale_space(), scale.SCALE_DOMAINS, scale.KERNELS),
     }  # fmt: skip
 
 
@@ -182,7 +183,38 @@ def resources(cubin: bytes, sass: bool = False) -> dict[str, int]:
                                   text=True, check=True).stdout  # fmt: skip
             vals["stl"] = len(re.findall(r"\bSTL\b", dump))
             vals["ldl"] = len(re.findall(r"\bLDL\b", dump))
+            vals["loops"] = loop_profile(dump)
     return vals
+
+
+_SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T\d]\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+LOOP_CLASSES = ("MUFU", "SHFL", "BAR", "LDG", "STG", "LDS", "STS")
+
+
+def loop_profile(sass: str) -> list[dict]:
+    """The innermost loops of a SASS dump (a backward branch and the instructions from its target to it, with no
+    other backward branch inside): per loop its instruction count and the count of each class in LOOP_CLASSES, in
+    address order. What one iteration of a sweep issues per warp: benchmarks/NOTES.md divides it by the columns a
+    warp covers per iteration."""
+    ins = []
+    for line in sass.splitlines():
+        m = _SASS_LINE.match(line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    backs = []
+    for i, (addr, op, rest) in enumerate(ins):
+        t = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        if t and int(t.group(1), 16) <= addr:
+            backs.append((int(t.group(1), 16), addr))
+    out = []
+    for lo, hi in backs:
+        if any(lo <= a < b < hi or lo < a < b <= hi for a, b in backs if (a, b) != (lo, hi)):
+            continue  # contains an inner loop
+        body = [op for addr, op, _ in ins if lo <= addr <= hi]
+        row = {"instructions": len(body)}
+        row.update({c: sum(op.startswith(c) for op in body) for c in LOOP_CLASSES})
+        out.append(row)
+    return out
 
 
 def occupancy(regs: int, smem: int, num_warps: int, arch: int = 90) -> tuple[int, float]:
@@ -285,14 +317,16 @@ def bench_configs() -> list[tuple[str, Config]]:
 
 def report(rows: list[tuple[str, dict]]) -> str:
     lines = ["| shape | kernel configuration | arch | registers | spill bytes (stack) | STL / LDL | shared bytes "
-             "| programs / SM | warp occupancy |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "| programs / SM | warp occupancy | loop bodies: instructions (MUFU) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for what, r in rows:
         if not r["ok"]:
-            lines.append(f"| {what} | {r['config']} | sm_{r['arch']} | FAILED: {r['error'][:80]} ||||||")
+            lines.append(f"| {what} | {r['config']} | sm_{r['arch']} | FAILED: {r['error'][:80]} |||||||")
             continue
+        loops = ", ".join(f"{lp['instructions']} ({lp['MUFU']})" for lp in r.get("loops", []) if lp["instructions"] > 1)
         lines.append(f"| {what} | `{r['config']}` | sm_{r['arch']} | {r['reg']} | {r['spill']} | "
                      f"{r.get('stl', '')} / {r.get('ldl', '')} | {r['shared']} | {r['programs_per_sm']} | "
-                     f"{r['occupancy']:.0%} |")  # fmt: skip
+                     f"{r['occupancy']:.0%} | {loops} |")  # fmt: skip
     return "\n".join(lines)
 
 
