@@ -42,6 +42,7 @@ from .launch import (
     Launch,
     acc_dtype,
     check_row_dtype,
+    fast_math,
     int_tensor,
     is_aligned,
     jit_pair,
@@ -73,6 +74,7 @@ def _side_grad(x, q, gq, gq_sum, m_ce, log_l_ce, cols, label, kd_over_t, hard, C
 def _codistill_row(
     a_ptr, b_ptr, lab_ptr, sw_ptr, den_ptr, loss_a_ptr, loss_b_ptr, ga_ptr, gb_ptr, prm_ptr, int_ptr,
     BLOCK: tl.constexpr, DIV: tl.constexpr, CLOSED: tl.constexpr, ALIGNED: tl.constexpr, ACC: tl.constexpr,
+    FAST: tl.constexpr,
 ):  # fmt: skip
     """One program per row; the kernel pair ``_codistill_row_kernel`` (launch.py). DIV: the divergence's code;
     CLOSED: its student gradient has a closed form (both from ops/divergences.py)."""
@@ -177,12 +179,12 @@ def _codistill_row(
         gq_a = q_a  # (unused unless kd_a_on)
         gq_b = q_b
         if kd_a_on != 0:  # a learns from b: P = P_b, Q = Q_a
-            t_phi, gq_a, _ = divergence_terms(q_b, q_a, logq_b, logq_a, DIV, dw, log_dw, log_1m_dw)  # fmt: skip
+            t_phi, gq_a, _ = divergence_terms(q_b, q_a, logq_b, logq_a, DIV, dw, log_dw, log_1m_dw, FAST)  # fmt: skip
             phi_a += tl.where(cmask, t_phi, 0.0)
             if not CLOSED:
                 gq_sum_a += tl.where(cmask, gq_a, 0.0)
         if kd_b_on != 0:  # b learns from a: P = P_a, Q = Q_b
-            t_phi, gq_b, _ = divergence_terms(q_a, q_b, logq_a, logq_b, DIV, dw, log_dw, log_1m_dw)  # fmt: skip
+            t_phi, gq_b, _ = divergence_terms(q_a, q_b, logq_a, logq_b, DIV, dw, log_dw, log_1m_dw, FAST)  # fmt: skip
             phi_b += tl.where(cmask, t_phi, 0.0)
             if not CLOSED:
                 gq_sum_b += tl.where(cmask, gq_b, 0.0)
@@ -223,12 +225,14 @@ def _codistill_row(
                 a, logq_a, q_a = log_probs(a_row, cols, cmask, inv_t, m_a, ll_a, ACC)
                 b, logq_b, q_b = log_probs(b_row, cols, cmask, inv_t, m_b, ll_b, ACC)
                 if late_a:
-                    _, gq_a, _ = divergence_terms(q_b, q_a, logq_b, logq_a, DIV, dw, log_dw, log_1m_dw)  # fmt: skip
+                    _, gq_a, _ = divergence_terms(q_b, q_a, logq_b, logq_a, DIV, dw, log_dw, log_1m_dw,
+                                                  FAST)  # fmt: skip
                     g = _side_grad(a, q_a, gq_a, gq_sum_a, m_ca, ll_ca, cols, label, kd_a_over_t, hard_a, CLOSED,
                                    kd_a_on, ce_a, ce_at_t)  # fmt: skip
                     tl.store(ga_row + cols, f * g, mask=cmask)
                 if late_b:
-                    _, gq_b, _ = divergence_terms(q_a, q_b, logq_a, logq_b, DIV, dw, log_dw, log_1m_dw)  # fmt: skip
+                    _, gq_b, _ = divergence_terms(q_a, q_b, logq_a, logq_b, DIV, dw, log_dw, log_1m_dw,
+                                                  FAST)  # fmt: skip
                     g = _side_grad(b, q_b, gq_b, gq_sum_b, m_cb, ll_cb, cols, label, kd_b_over_t, hard_b, CLOSED,
                                    kd_b_on, ce_b, ce_at_t)  # fmt: skip
                     tl.store(gb_row + cols, f * g, mask=cmask)
@@ -250,7 +254,7 @@ _codistill_row_kernel = jit_pair(
 )
 # the compiled variants: every value each constexpr can take (aot.py checks the launcher reaches exactly these)
 CODISTILL_DOMAINS = {"BLOCK": (BLOCK,), "DIV": tuple(DIV_CODES.values()), "CLOSED": (False, True),
-                     "ALIGNED": (False, True), "ACC": ("fp32",)}  # fmt: skip
+                     "ALIGNED": (False, True), "ACC": ("fp32",), "FAST": (True,)}  # fmt: skip
 KERNELS = [_codistill_row_kernel]
 # The float parameters, in the order the kernel loads them from prm_ptr (kd_loss.pack_params).
 CODISTILL_PARAMS = ("inv_t", "kd_a", "kd_b", "kd_a_over_t", "kd_b_over_t", "hard_a", "hard_b", "div")
@@ -322,7 +326,8 @@ def codistill_launch(x: SimpleNamespace) -> tuple[Launch, Tensor, Tensor, Tensor
     launch = Launch(
         _codistill_row_kernel.pick(aligned), (0 if empty else n,),
         (a, b, lab, sw, den, rows_a, rows_b, ga, gb, prm, ints),
-        dict(BLOCK=BLOCK, DIV=div.code, CLOSED=div.closed_form, ALIGNED=aligned, ACC=tl_acc(a.dtype)),
+        dict(BLOCK=BLOCK, DIV=div.code, CLOSED=div.closed_form, ALIGNED=aligned, ACC=tl_acc(a.dtype),
+             FAST=fast_math(a.dtype)),
         {"num_warps": NUM_WARPS},
     )  # fmt: skip
     return launch, rows_a, rows_b, ga, gb

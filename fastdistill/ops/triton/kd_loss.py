@@ -33,6 +33,7 @@ from .launch import (
     Launch,
     acc_dtype,
     check_row_dtype,
+    fast_math,
     int_tensor,
     is_aligned,
     jit_pair,
@@ -44,6 +45,7 @@ from .row_math import (
     divergence_terms,
     fexp,
     finish_stats,
+    flog,
     group_stats,
     log_probs,
     log_softmax,
@@ -66,7 +68,7 @@ NUM_WARPS = 4
 def _kd_row(
     s_ptr, t_ptr, tw_ptr, lab_ptr, sw_ptr, den_ptr, loss_ptr, gs_ptr, gt_ptr, prm_ptr, int_ptr,
     KP: tl.constexpr, BLOCK: tl.constexpr, DIV: tl.constexpr, CLOSED: tl.constexpr, LOG_TARGET: tl.constexpr,
-    ENS: tl.constexpr,
+    ENS: tl.constexpr, FAST: tl.constexpr,
     ALIGNED: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """One program per row; the kernel pair ``_kd_row_kernel`` (launch.py). DIV: the divergence's code; CLOSED: its
@@ -167,7 +169,7 @@ def _kd_row(
     for b in range(0, n_blocks):
         cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
             b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS, DIV, LOG_TARGET,
-            BLOCK, ACC, dw, log_dw, log_1m_dw,
+            BLOCK, ACC, dw, log_dw, log_1m_dw, FAST,
         )  # fmt: skip
         phi_acc += phi  # 0 where masked: p = q = 0 there, and every divergence's terms vanish (xlogr(0, .) = 0)
         if CLOSED:  # KL: dD/da = Q - P (= q + gq) needs no aggregate
@@ -182,7 +184,7 @@ def _kd_row(
         if grad_t != 0:  # the tile again, from the cache (reload)
             cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
                 b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS, DIV,
-                LOG_TARGET, BLOCK, ACC, dw, log_dw, log_1m_dw, True,
+                LOG_TARGET, BLOCK, ACC, dw, log_dw, log_1m_dw, FAST, True,
             )  # fmt: skip
             if ENS == 3:  # sum_v hp_kv
                 agg += tl.sum(tl.where(cmask[None, :], hp, 0.0), 1)
@@ -211,7 +213,7 @@ def _kd_row(
         for b in range(0, n_blocks):
             cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
                 b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS, DIV,
-                LOG_TARGET, BLOCK, ACC, dw, log_dw, log_1m_dw,
+                LOG_TARGET, BLOCK, ACC, dw, log_dw, log_1m_dw, FAST,
             )  # fmt: skip
             if not CLOSED:
                 if grad_s != 0:
@@ -225,7 +227,7 @@ def _kd_row(
                     # rare ones that want teacher gradients
                     cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
                         b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS, DIV,
-                        LOG_TARGET, BLOCK, ACC, dw, log_dw, log_1m_dw, True,
+                        LOG_TARGET, BLOCK, ACC, dw, log_dw, log_1m_dw, FAST, True,
                     )  # fmt: skip
             if grad_t != 0:
                 if ENS == 3:
@@ -245,7 +247,7 @@ def _kd_row(
 @triton.jit
 def _tile(b, s_row, t_row, V, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS: tl.constexpr,
           DIV: tl.constexpr, LOG_TARGET: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, dw, log_dw, log_1m_dw,
-          RELOAD: tl.constexpr = False):  # fmt: skip
+          FAST: tl.constexpr, RELOAD: tl.constexpr = False):  # fmt: skip
     """Block b of the row, read again after sweep 1: the student's Q and the targets' terms (see _element)."""
     cols = b * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < V
@@ -253,20 +255,20 @@ def _tile(b, s_row, t_row, V, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, k
     t, logpk, pk = log_probs(t_row, cols[None, :], kuse[:, None] & cmask[None, :], inv_t, m_t[:, None],
                               ll_t[:, None], ACC, RELOAD)  # fmt: skip
     phi, gq, hp, p, logp, lwp = _element(t, logpk, pk, q, logq, inv_t, w, logw, m_c, ll_c, ks, kuse, cmask, ENS, DIV,
-                                         LOG_TARGET, dw, log_dw, log_1m_dw)  # fmt: skip
+                                         LOG_TARGET, dw, log_dw, log_1m_dw, FAST)  # fmt: skip
     return cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk
 
 
 @triton.jit
 def _element(t, logpk, pk, q, logq, inv_t, w, logw, m_c, ll_c, ks, kuse, cmask, ENS: tl.constexpr,
-             DIV: tl.constexpr, LOG_TARGET: tl.constexpr, dw, log_dw, log_1m_dw):  # fmt: skip
+             DIV: tl.constexpr, LOG_TARGET: tl.constexpr, dw, log_dw, log_1m_dw, FAST: tl.constexpr):  # fmt: skip
     """Targets and divergence terms of one tile, from the teachers' logits t, log P_k and P_k ([KP, BLOCK]; padded
     teachers -inf and 0). Returns phi, gq (ensemble-combined, [BLOCK]); hp ([K, BLOCK] for loss_mean, else
     [BLOCK]); the single target p, log p; log(w_k P_k) ([KP, BLOCK])."""
     lwp = logpk + logw[:, None]
     if ENS == 3:
         phi_k, gq_k, hp = divergence_terms(pk, q[None, :], logpk, logq[None, :], DIV, dw, log_dw,
-                                           log_1m_dw)  # fmt: skip
+                                           log_1m_dw, FAST)  # fmt: skip
         wk = w[:, None]
         use = kuse[:, None]  # a teacher with weight 0 is dropped (0 * inf would be nan)
         phi = tl.sum(tl.where(use, wk * phi_k, 0.0), 0)
@@ -283,15 +285,17 @@ def _element(t, logpk, pk, q, logq, inv_t, w, logw, m_c, ll_c, ks, kuse, cmask, 
         elif LOG_TARGET:  # log of the mixture, as a log-sum-exp over the teachers (exact where P underflows)
             mx = tl.max(lwp, 0)
             safe = tl.where(mx == float("-inf"), 0.0, mx)
-            logp = tl.where(mx == float("-inf"), float("-inf"), safe + tl.log(tl.sum(fexp(lwp - safe[None, :]), 0)))
+            logp = tl.where(mx == float("-inf"), float("-inf"),
+                            safe + flog(tl.sum(fexp(lwp - safe[None, :]), 0), FAST))  # (the sum is >= 1)
         else:  # the mixture sum_k w_k P_k and the log of it: one lg2 instead of K exps and a log (divergences.py)
             p = tl.sum(w[:, None] * pk, 0)
-            logp = tl.log(p)
+            p = tl.where(p < 1.1754943508222875e-38, 0.0, p)  # a subnormal P (< 1e-38) is 0: flog's domain
+            logp = flog(p, FAST)
         if ENS == 2:  # (the pool of masked columns is -inf already unless every weight is 0)
             logp = tl.where(cmask, logp, float("-inf"))
         if ENS == 2 or (ENS == 1 and LOG_TARGET):
             p = fexp(logp)
-        phi, gq, hp = divergence_terms(p, q, logp, logq, DIV, dw, log_dw, log_1m_dw)
+        phi, gq, hp = divergence_terms(p, q, logp, logq, DIV, dw, log_dw, log_1m_dw, FAST)
     return phi, gq, hp, p, logp, lwp
 
 
@@ -299,7 +303,7 @@ _kd_row_kernel = jit_pair(_kd_row, small=("tw_ptr", "lab_ptr", "sw_ptr", "den_pt
 # the compiled variants: every value each constexpr can take (aot.py checks the launcher reaches exactly these)
 KD_DOMAINS = {"KP": (1, 2, 4, 8, 16), "BLOCK": (256, 512, 1024), "DIV": tuple(DIV_CODES.values()),
               "CLOSED": (False, True), "LOG_TARGET": (False, True), "ENS": (0, *ENS_CODES.values()),
-              "ALIGNED": (False, True), "ACC": ("fp32",)}  # fmt: skip
+              "ALIGNED": (False, True), "ACC": ("fp32",), "FAST": (True,)}  # fmt: skip
 KERNELS = [_kd_row_kernel]
 # The float parameters, in the order the kernel loads them from prm_ptr ("div": the divergence's parameter vector,
 # divergences.kernel_params).
@@ -378,7 +382,7 @@ def kd_launch(a: SimpleNamespace) -> tuple[Launch, Tensor, Tensor, Tensor]:
         _kd_row_kernel.pick(aligned), (n if v > 0 else 0,),
         (student, teachers, tw, lab, sw, den, rows, gs, gt, prm, ints),
         dict(KP=kp, BLOCK=_block(kp), DIV=div.code, CLOSED=div.closed_form, LOG_TARGET=div.log_target, ENS=ens,
-             ALIGNED=aligned, ACC=tl_acc(student.dtype)),
+             ALIGNED=aligned, ACC=tl_acc(student.dtype), FAST=fast_math(student.dtype)),
         {"num_warps": NUM_WARPS},
     )  # fmt: skip
     return launch, rows, gs, gt

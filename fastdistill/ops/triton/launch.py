@@ -123,6 +123,12 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def fast_math(dtype: torch.dtype) -> bool:
+    """The FAST constexpr of the kernels (row_math.flog): PTX approximations, compiled kernels only (the interpreter
+    runs no PTX) and float32 accumulation only."""
+    return not INTERPRET and dtype != torch.float64
+
+
 def tl_acc(dtype: torch.dtype):
     import triton.language as tl
 

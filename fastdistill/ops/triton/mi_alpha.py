@@ -40,7 +40,8 @@ from torch import Tensor
 
 from ..inputs import MIBackwardArgs, MIInputs
 from ..registration import MI_STATS_ROWS, mi_alpha_backward_fake, mi_alpha_fake, register_mi_triton
-from .launch import Launch, acc_dtype, int_tensor, is_aligned, jit_pair, param_tensor
+from .launch import Launch, acc_dtype, fast_math, int_tensor, is_aligned, jit_pair, param_tensor
+from .row_math import fexp, flog
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -175,22 +176,22 @@ def _row_stats(stats_ptr, a_ptr, rows, N, lam, log_alpha, log_1m_alpha, ACC: tl.
     crest = tl.load(stats_ptr + 1 * N + rows, mask=rmask, other=0.0)
     phi = tl.load(stats_ptr + 2 * N + rows, mask=rmask, other=0.0)
     m = tl.load(stats_ptr + 3 * N + rows, mask=rmask, other=0.0)
-    star = tl.load(stats_ptr + 5 * N + rows, mask=rmask, other=0.0).to(tl.int64)
+    star = tl.load(stats_ptr + 5 * N + rows, mask=rmask, other=0.0).to(tl.int32)
     gdiag = tl.load(stats_ptr + 6 * N + rows, mask=rmask, other=0.0)
     z = tl.load(stats_ptr + 7 * N + rows, mask=rmask, other=0.0)
     a = tl.load(a_ptr + rows, mask=rmask, other=0.0).to(ACC)
     _, alpha_, beta_, _, _, _ = _row_consts(lse, a, lam, log_alpha, log_1m_alpha)
-    return lse, z, tl.exp(z - lse), crest, phi, m, star, gdiag, alpha_, beta_
+    return lse, z, fexp(z - lse), crest, phi, m, star, gdiag, alpha_, beta_
 
 
 @triton.jit
 def _grad_tile(s, rows, cols, N, lse, z, q, crest, phi, m, star, gdiag, alpha_, beta_, inv_d, nf):
     """N * dI/dS on a tile (per-row quantities [BM] along axis 0); 0 outside the N x N matrix. The generic formula,
     then the row's largest score, then the diagonal (from the forward pass; it wins when k*_i = i), as
-    backward_impl does."""
-    u = tl.exp(s - z[:, None])
+    backward_impl does. rows, cols, star, N: int32 (indices within the N x N matrix; compares in one instruction)."""
+    u = fexp(s - z[:, None])
     g = _grad_offdiag(alpha_[:, None], beta_[:, None], u, q[:, None], crest[:, None], phi[:, None], inv_d)
-    p = tl.exp(s - lse[:, None])
+    p = fexp(s - lse[:, None])  # (not u q: u = exp(S - z) overflows at the largest score, where p is used)
     g = tl.where(cols[None, :] == star[:, None], _grad_star(p, crest[:, None], m[:, None]), g)
     g = tl.where(cols[None, :] == rows[:, None], gdiag[:, None], g)
     return tl.where((rows < N)[:, None] & (cols < N)[None, :], g * nf, 0.0)
@@ -210,11 +211,13 @@ def _sizes(int_ptr, ALIGNED: tl.constexpr):
 
 
 def _mi_fwd(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, part_ptr, int_ptr, BM: tl.constexpr, BN: tl.constexpr,
-            BK: tl.constexpr, ALIGNED: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-            WIDEN: tl.constexpr):  # fmt: skip
+            BK: tl.constexpr, ALIGNED: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr,
+            FAST: tl.constexpr):  # fmt: skip
     N, D = _sizes(int_ptr, ALIGNED)
-    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-    rmask = rows < N
+    N32 = N.to(tl.int32)  # indices within the N x N matrix compare as int32 (one instruction); offsets stay int64
+    rows32 = tl.program_id(0) * BM + tl.arange(0, BM)
+    rows = rows32.to(tl.int64)
+    rmask = rows32 < N32
     inv_t, lam, log_alpha, log_1m_alpha, inv_n, inv_d, inv_nm1, nf = _load_params(prm_ptr)
 
     # pass 1 (mi_alpha_cpu.cpp: forward_row), online over the column tiles: the running max mx and its column k*
@@ -222,29 +225,30 @@ def _mi_fwd(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, part_ptr, int_ptr, BM: tl.c
     # the columns not in {i, k*} with its own running max m2 (relative to mx their exps may all underflow). When k*
     # moves, the old largest joins that rest, unless it was the diagonal.
     mx = tl.full((BM,), float("-inf"), ACC)
-    star = tl.full((BM,), -1, tl.int64)
+    star = tl.full((BM,), -1, tl.int32)
     m2 = tl.full((BM,), float("-inf"), ACC)
     r2 = tl.zeros((BM,), ACC)
     sdiag = tl.zeros((BM,), ACC)
     for j0 in range(0, N, BN):
-        cols = j0 + tl.arange(0, BN).to(tl.int64)
+        cols32 = (j0 + tl.arange(0, BN)).to(tl.int32)
+        cols = cols32.to(tl.int64)
         s = _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM, BN, BK, ACC, PREC, WIDEN)
-        s = tl.where((cols < N)[None, :], s, float("-inf"))
-        diag = rows[:, None] == cols[None, :]
+        s = tl.where((cols32 < N32)[None, :], s, float("-inf"))
+        diag = rows32[:, None] == cols32[None, :]
         tmax = tl.max(s, 1)
-        tstar = tl.min(tl.where(s == tmax[:, None], cols[None, :], N), 1)
+        tstar = tl.min(tl.where(s == tmax[:, None], cols32[None, :], N32), 1)
         moved = tmax > mx
-        displaced = tl.where(moved & (star >= 0) & (star != rows), mx, float("-inf"))
+        displaced = tl.where(moved & (star >= 0) & (star != rows32), mx, float("-inf"))
         star = tl.where(moved, tstar, star)
-        x = tl.where(diag | (cols[None, :] == star[:, None]), float("-inf"), s)
+        x = tl.where(diag | (cols32[None, :] == star[:, None]), float("-inf"), s)
         new2 = tl.maximum(tl.maximum(m2, tl.max(x, 1)), displaced)
         safe = tl.where(new2 == float("-inf"), 0.0, new2)
-        r2 = r2 * tl.exp(m2 - safe) + tl.sum(tl.exp(x - safe[:, None]), 1) + tl.exp(displaced - safe)
+        r2 = r2 * fexp(m2 - safe) + tl.sum(fexp(x - safe[:, None]), 1) + fexp(displaced - safe)
         m2 = new2
         mx = tl.maximum(mx, tmax)
         sdiag += tl.sum(tl.where(diag, s, 0.0), 1)
     # l = lse (all columns), w (without the diagonal), z (without the largest), each without cancellation
-    star_is_diag = star == rows
+    star_is_diag = star == rows32
     lse_rest = tl.where(m2 == float("-inf"), float("-inf"), m2 + tl.log(r2))
     z = tl.where(star_is_diag, lse_rest, _logaddexp(lse_rest, sdiag))
     w = tl.where(star_is_diag, lse_rest, _logaddexp(lse_rest, mx))
@@ -258,13 +262,14 @@ def _mi_fwd(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, part_ptr, int_ptr, BM: tl.c
     sum_inv = tl.zeros((BM,), ACC)
     sum_g = tl.zeros((BM,), ACC)
     for j0 in range(0, N, BN):
-        cols = j0 + tl.arange(0, BN).to(tl.int64)
+        cols32 = (j0 + tl.arange(0, BN)).to(tl.int32)
+        cols = cols32.to(tl.int64)
         s = _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM, BN, BK, ACC, PREC, WIDEN)
-        keep = (cols < N)[None, :] & (cols[None, :] != rows[:, None]) & (cols[None, :] != star[:, None])
-        p = tl.exp(s - lse[:, None])
-        t = _t_of(alpha_[:, None], beta_[:, None], p)
+        keep = (cols32 < N32)[None, :] & (cols32[None, :] != rows32[:, None]) & (cols32[None, :] != star[:, None])
+        p = fexp(s - lse[:, None])
+        t = _t_of(alpha_[:, None], beta_[:, None], p)  # >= 1/2 (p <= 1/2 off {i, k*}): flog's absolute error is fine
         inv = 1.0 / t
-        sum_log += tl.sum(tl.where(keep, tl.log(t), 0.0), 1)
+        sum_log += tl.sum(tl.where(keep, flog(t, FAST), 0.0), 1)
         sum_inv += tl.sum(tl.where(keep, inv, 0.0), 1)
         sum_g += tl.sum(tl.where(keep, _g_of(alpha_[:, None], beta_[:, None], p, inv), 0.0), 1)
     part, crest, phi, m, da, gdiag = _row_result(k, alpha_, log_alpha_, beta_, log_beta_, log_gamma, lse, w, z, sdiag,
@@ -285,10 +290,12 @@ def _mi_fwd(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, part_ptr, int_ptr, BM: tl.c
 
 def _mi_bwd_rows(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, grad_ptr, out_ptr, int_ptr, BM: tl.constexpr,
                  BN: tl.constexpr, BK: tl.constexpr, BDO: tl.constexpr, ALIGNED: tl.constexpr, ACC: tl.constexpr,
-                 PREC: tl.constexpr, WIDEN: tl.constexpr):  # fmt: skip
+                 PREC: tl.constexpr, WIDEN: tl.constexpr, FAST: tl.constexpr):  # fmt: skip
     """d(teacher)[rows, chunk] = grad / T * sum over column tiles of G[rows, cols] U[cols, chunk]."""
     N, D = _sizes(int_ptr, ALIGNED)
-    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    N32 = N.to(tl.int32)
+    rows32 = tl.program_id(0) * BM + tl.arange(0, BM)
+    rows = rows32.to(tl.int64)
     dcols = tl.program_id(1) * BDO + tl.arange(0, BDO)
     dmask = dcols < D
     inv_t, lam, log_alpha, log_1m_alpha, inv_n, inv_d, inv_nm1, nf = _load_params(prm_ptr)
@@ -296,9 +303,10 @@ def _mi_bwd_rows(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, grad_ptr, out_ptr, int
                                                                     log_1m_alpha, ACC)  # fmt: skip
     acc = tl.zeros((BM, BDO), ACC)
     for j0 in range(0, N, BN):
-        cols = j0 + tl.arange(0, BN).to(tl.int64)
+        cols32 = (j0 + tl.arange(0, BN)).to(tl.int32)
+        cols = cols32.to(tl.int64)
         s = _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM, BN, BK, ACC, PREC, WIDEN)
-        g = _grad_tile(s, rows, cols, N, lse, z, q, crest, phi, m, star, gdiag, alpha_, beta_, inv_d, nf)
+        g = _grad_tile(s, rows32, cols32, N32, lse, z, q, crest, phi, m, star, gdiag, alpha_, beta_, inv_d, nf)
         u = tl.load(u_ptr + cols[:, None] * D + dcols[None, :], mask=(cols < N)[:, None] & dmask[None, :], other=0.0)
         acc = tl.dot(_operand(g.to(u.dtype), WIDEN), _operand(u, WIDEN), acc, input_precision=PREC, out_dtype=ACC)
     f = tl.load(grad_ptr).to(ACC) * inv_t * inv_n  # inv_n: _grad_tile's factor N
@@ -308,22 +316,25 @@ def _mi_bwd_rows(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, grad_ptr, out_ptr, int
 
 def _mi_bwd_cols(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, grad_ptr, out_ptr, int_ptr, BM: tl.constexpr,
                  BN: tl.constexpr, BK: tl.constexpr, BDO: tl.constexpr, ALIGNED: tl.constexpr, ACC: tl.constexpr,
-                 PREC: tl.constexpr, WIDEN: tl.constexpr):  # fmt: skip
+                 PREC: tl.constexpr, WIDEN: tl.constexpr, FAST: tl.constexpr):  # fmt: skip
     """d(student)[cols, chunk] = grad / T * sum over row tiles of G[rows, cols]^T V[rows, chunk]. The per-row
     quantities vary along the row tiles, so they are loaded (and alpha', beta' recomputed) per tile; k*_i is
     compared with the tile's columns, so no list of the rows whose largest score is in this column is needed."""
     N, D = _sizes(int_ptr, ALIGNED)
-    cols = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)
+    N32 = N.to(tl.int32)
+    cols32 = tl.program_id(0) * BN + tl.arange(0, BN)
+    cols = cols32.to(tl.int64)
     dcols = tl.program_id(1) * BDO + tl.arange(0, BDO)
     dmask = dcols < D
     inv_t, lam, log_alpha, log_1m_alpha, inv_n, inv_d, inv_nm1, nf = _load_params(prm_ptr)
     acc = tl.zeros((BN, BDO), ACC)
     for i0 in range(0, N, BM):
-        rows = i0 + tl.arange(0, BM).to(tl.int64)
+        rows32 = (i0 + tl.arange(0, BM)).to(tl.int32)
+        rows = rows32.to(tl.int64)
         lse, z, q, crest, phi, m, star, gdiag, alpha_, beta_ = _row_stats(stats_ptr, a_ptr, rows, N, lam,
                                                                         log_alpha, log_1m_alpha, ACC)  # fmt: skip
         s = _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM, BN, BK, ACC, PREC, WIDEN)
-        g = _grad_tile(s, rows, cols, N, lse, z, q, crest, phi, m, star, gdiag, alpha_, beta_, inv_d, nf)
+        g = _grad_tile(s, rows32, cols32, N32, lse, z, q, crest, phi, m, star, gdiag, alpha_, beta_, inv_d, nf)
         v = tl.load(v_ptr + rows[:, None] * D + dcols[None, :], mask=(rows < N)[:, None] & dmask[None, :], other=0.0)
         acc = tl.dot(tl.trans(_operand(g.to(v.dtype), WIDEN)), _operand(v, WIDEN), acc, input_precision=PREC,
                      out_dtype=ACC)  # fmt: skip
@@ -357,8 +368,9 @@ def _tiles(d: int, dtype: torch.dtype) -> dict:
         # benchmark's bf16 configurations, make kernels-report); at 8, 213 registers and no spills
         fwd = {"BM": 64, "BN": 64, "BK": min(pow2_d, 128), "num_warps": 8, "num_stages": 3}
         bdo = min(pow2_d, 256)
-        bwd = {"BM": 64, "BN": 64, "BK": min(pow2_d, 64), "BDO": bdo, "num_warps": 4 if bdo <= 128 else 8,
-               "num_stages": 2}  # fmt: skip
+        bwd = {"BM": 64, "BN": 64, "BK": min(pow2_d, 64), "BDO": bdo, "num_warps": 8, "num_stages": 2}
+        # (8 warps at every D: at 4, v2's int32 index copies took bwd_cols at D = 128 to 255 registers and 8 bytes
+        # of spill; at 8, 195, and every D <= 128 at 127-195)
     return {"fwd": fwd, "bwd": bwd}
 
 
@@ -367,7 +379,7 @@ def _launch_args(dtype: torch.dtype) -> dict:
     # tensor-core default (the precision argument only concerns fp32 operands).
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-    return {"ACC": acc, "PREC": prec, "WIDEN": _INTERPRET and dtype == torch.bfloat16}
+    return {"ACC": acc, "PREC": prec, "WIDEN": _INTERPRET and dtype == torch.bfloat16, "FAST": fast_math(dtype)}
 
 
 def _params(n: int, alpha: float, temperature: float, acc: torch.dtype, device) -> Tensor:
@@ -385,7 +397,7 @@ _mi_bwd_cols_kernel = jit_pair(_mi_bwd_cols, small=_SMALL)
 KERNELS = [_mi_fwd_kernel, _mi_bwd_rows_kernel, _mi_bwd_cols_kernel]
 MI_DOMAINS = {"BM": (32, 64), "BN": (32, 64), "BK": (16, 32, 64, 128), "BDO": (16, 32, 64, 128, 256),
               "ALIGNED": (False, True), "ACC": ("fp32", "fp64"), "PREC": ("ieee", "tf32"),
-              "WIDEN": (False,)}  # fmt: skip
+              "WIDEN": (False,), "FAST": (False, True)}  # fmt: skip
 
 
 def _common(student: Tensor, teacher: Tensor, log_baseline: Tensor, alpha: float, temperature: float):

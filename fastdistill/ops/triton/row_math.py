@@ -22,17 +22,31 @@ def xlogr(x, log_x, log_y):
 
 
 @triton.jit
-def logaddexp(x, y):
+def flog(x, FAST: tl.constexpr):
+    """log(x). FAST (compiled for a GPU): one lg2.approx.ftz times ln 2, where tl.log is libdevice's logf, ~20
+    instructions. Its error is absolute, ~2^-22 in log2 x, not relative: fine where the log is added to O(1) terms
+    or multiplied by a probability, not for a log near 0 that must keep its relative precision (Goldberg's log1p in
+    mi_alpha.py keeps tl.log). A subnormal x gives -inf, so callers keep x normal or 0 (flushing first). Not FAST
+    (the interpreter, which runs no PTX, and float64): tl.log."""
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1) * 0.6931471805599453  # fmt: skip
+    else:
+        return tl.log(x)
+
+
+@triton.jit
+def logaddexp(x, y, FAST: tl.constexpr):
     m = tl.maximum(x, y)
-    r = m + tl.log(1.0 + fexp(-tl.abs(x - y)))
+    r = m + flog(1.0 + fexp(-tl.abs(x - y)), FAST)
     return tl.where(m == float("-inf"), m, r)
 
 
 @triton.jit
-def divergence_terms(p, q, logp, logq, DIV: tl.constexpr, dw, log_dw, log_1m_dw):
+def divergence_terms(p, q, logp, logq, DIV: tl.constexpr, dw, log_dw, log_1m_dw, FAST: tl.constexpr = False):
     """phi (loss term), gq = Q dphi/dQ, hp = P dphi/dP: csrc/common/kd_math.h's divergence_terms, element for
     element (tests/test_divergence_table.py). DIV: the divergence's code in ops/divergences.py; dw, log dw,
-    log(1 - dw): its mixture weight (jsd: beta; skew_*: skew), unused by the others."""
+    log(1 - dw): its mixture weight (jsd: beta; skew_*: skew), unused by the others. FAST: see flog."""
     if DIV == 0:  # kl
         phi = xlogr(p, logp, logq)
         gq = -p
@@ -42,7 +56,7 @@ def divergence_terms(p, q, logp, logq, DIV: tl.constexpr, dw, log_dw, log_1m_dw)
         gq = phi + q
         hp = -q
     elif DIV == 2:  # jsd
-        logm = logaddexp(logp + log_dw, logq + log_1m_dw)
+        logm = logaddexp(logp + log_dw, logq + log_1m_dw, FAST)
         hp = dw * xlogr(p, logp, logm)
         gq = (1.0 - dw) * xlogr(q, logq, logm)
         phi = hp + gq
@@ -53,13 +67,13 @@ def divergence_terms(p, q, logp, logq, DIV: tl.constexpr, dw, log_dw, log_1m_dw)
         gq = 0.5 * q * sg
         hp = -0.5 * p * sg
     elif DIV == 4:  # skew_kl
-        logm = logaddexp(logp + log_dw, logq + log_1m_dw)
+        logm = logaddexp(logp + log_dw, logq + log_1m_dw, FAST)
         phi = xlogr(p, logp, logm)
         r = tl.where(p == 0, 0.0, fexp(logp - logm))
         gq = -(1.0 - dw) * q * r
         hp = phi + p - dw * p * r
     else:  # skew_reverse_kl
-        logm = logaddexp(logp + log_1m_dw, logq + log_dw)
+        logm = logaddexp(logp + log_1m_dw, logq + log_dw, FAST)
         phi = xlogr(q, logq, logm)
         r = tl.where(q == 0, 0.0, fexp(logq - logm))
         gq = phi + q - dw * q * r
