@@ -24,11 +24,10 @@ size's learning rate (``LR``); the metric is held-out perplexity, mean ± std ov
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import functools
 import json
 import math
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,20 +35,14 @@ from pathlib import Path
 import torch
 
 import fastdistill
-from fastdistill.apps import single_thread
+from fastdistill.apps import load_script, map_seeds, single_thread
 from fastdistill.methods import SoftWeightSchedule, WeakTeacherKDLoss, init_student_from_teacher
 from fastdistill.training import DistillationLoop
 
 
 def _causal_lm():
     """examples/causal_lm.py as a module: its data, tokenizer and perplexity (one definition of each)."""
-    name = "causal_lm_example"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("causal_lm.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script(Path(__file__).with_name("causal_lm.py"), "causal_lm_example")
 
 
 # causal_lm.py's training modules and more: enough text that 300 steps of 16 sequences see each one at most once,
@@ -250,9 +243,8 @@ def _data(s: Settings):
 
 
 def _run_seed_process(s: Settings, seed: int) -> dict[str, float]:
-    with single_thread():
-        train, held, vocab = _data(s)
-        return run_seed(s, seed, train, held, vocab)
+    train, held, vocab = _data(s)
+    return run_seed(s, seed, train, held, vocab)
 
 
 def run(settings: Settings, log=print, plot_path: Path | None = None, jobs: int = 1) -> list[dict[str, float]]:
@@ -260,10 +252,7 @@ def run(settings: Settings, log=print, plot_path: Path | None = None, jobs: int 
     s, cl = settings, _causal_lm()
     train, held, vocab = _data(s)
     if jobs > 1 and len(s.seeds) > 1:  # one process per seed (each single-threaded): same numbers, less wall time
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(min(jobs, len(s.seeds))) as pool:
-            runs = pool.starmap(_run_seed_process, [(s, seed) for seed in s.seeds])
+        runs = map_seeds(functools.partial(_run_seed_process, s), s.seeds, jobs)
         log(f"{len(s.seeds)} seeds done in {jobs} processes ({time.perf_counter() - t0:.0f} s)")
     else:
         runs = []

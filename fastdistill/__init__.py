@@ -2,8 +2,9 @@
 
 Public API: :func:`kd_loss`, :class:`KDLoss`, :func:`ensemble_soft_targets` (logit distillation);
 :func:`codistill_loss`, :class:`CodistillLoss` (two models distilling into each other); :func:`mi_alpha`,
-:class:`MIAlphaLoss` (representation distillation). Backends and their dispatch live in
-:mod:`fastdistill.ops`; the math of every op, in plain PyTorch, in :mod:`fastdistill.ops.reference`.
+:class:`MIAlphaLoss` (representation distillation); :func:`mbr_consensus` (sequence-level ensembling). Backends and
+their dispatch live in :mod:`fastdistill.ops`; the math of every op, in plain PyTorch, in
+:mod:`fastdistill.ops.reference`.
 """
 
 from .functional import CodistillLosses, codistill_loss, ensemble_soft_targets, kd_loss, mi_alpha
@@ -11,6 +12,7 @@ from .fused_linear import FusedLinearKDLoss, TeacherHead, fused_linear_kd_loss
 from .modules import CodistillLoss, KDLoss, MIAlphaLoss
 from .ops import extension as _extension
 from .ops import registration as _registration  # noqa: F401  (fake kernels + autograd of the C++ ops)
+from .sequence import mbr_consensus, mbr_select, token_f1
 
 __all__ = [
     "kd_loss",
@@ -20,7 +22,8 @@ __all__ = [
     "CodistillLoss",
     "CodistillLosses",
     "mi_alpha", "MIAlphaLoss", "extension_available",
-    "fused_linear_kd_loss", "FusedLinearKDLoss", "TeacherHead"]
+    "fused_linear_kd_loss", "FusedLinearKDLoss", "TeacherHead",
+    "mbr_consensus", "mbr_select", "token_f1"]
 __version__ = "0.1.0"
 
 

@@ -1,15 +1,23 @@
 """Helpers shared by the applications (``fastdistill demo``) and the experiments in ``examples/``: one torch thread
-for reproducible CPU timings, and the paired confidence interval their tables report."""
+for reproducible CPU timings, the paired confidence interval their tables report, and loading one example script
+from another (they are scripts, not a package)."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 import statistics
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import TypeVar
 
 from ..training.loop import torch_threads
 
-__all__ = ["paired_ci", "single_thread"]
+__all__ = ["load_script", "map_seeds", "paired_ci", "single_thread"]
+R = TypeVar("R")
 
 # two-sided 95% Student-t quantiles by degrees of freedom (n seeds - 1)
 _T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
@@ -28,3 +36,31 @@ def paired_ci(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, flo
     m = statistics.fmean(d)
     half = _T95.get(len(d) - 1, 1.96) * statistics.stdev(d) / math.sqrt(len(d))
     return m, m - half, m + half
+
+
+def load_script(path: str | Path, name: str) -> ModuleType:
+    """The Python file ``path`` as module ``name`` (loaded once, then the same module): how one example script uses
+    another's data and models. Registered in ``sys.modules`` first, where dataclasses look their module up."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(path))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _single_threaded(fn: Callable[[int], R], seed: int) -> R:
+    with single_thread():
+        return fn(seed)
+
+
+def map_seeds(fn: Callable[[int], R], seeds: Sequence[int], jobs: int = 1) -> list[R]:
+    """``[fn(seed) for seed in seeds]``: here, one after another, or with ``jobs`` > 1 in that many spawned processes,
+    each on one torch thread (the same numbers, less wall time). ``fn`` must pickle: a module-level function, or a
+    ``functools.partial`` of one."""
+    if jobs > 1 and len(seeds) > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(min(jobs, len(seeds))) as pool:
+            return pool.map(functools.partial(_single_threaded, fn), seeds)
+    return [fn(seed) for seed in seeds]

@@ -180,7 +180,7 @@ STUDENTS: dict[str, Callable[..., Tensor] | None] = {
     "union: soft, loss_mean rKL": _soft("reverse_kl", "loss_mean"),
     "ensemble: prob_mean rKL": _soft("reverse_kl", "prob_mean"),
     "ensemble: logit_mean KL": _soft("kl", "logit_mean"),
-    "ensemble: prob_mean KL (Hinton)": _soft("kl", "prob_mean"),
+    "union = ensemble: prob_mean KL (Hinton)": _soft("kl", "prob_mean"),
     "ensemble: hard label": _ensemble_hard,
 }
 

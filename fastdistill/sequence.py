@@ -1,0 +1,125 @@
+"""Sequence-level ensembling: one consensus output per input from K teachers' candidates, by minimum Bayes risk.
+
+Token-level ensembles (``prob_mean``, ``logit_mean``) average the teachers' next-token distributions; decoded, they
+can produce an output none of the teachers would (the average of two modes is often neither). For structured
+outputs (generation, parsing) the alternative is to let each teacher produce its own output and keep, per input,
+the one the others agree with most: the minimum-Bayes-risk (MBR) candidate under a similarity ``sim``,
+
+    k*_i = argmax_k  sum_{l != k} w_l sim(c_ki, c_li) / sum_{l != k} w_l,
+
+and to distil that one output per input (``mbr_consensus``) rather than the union of all K (each teacher's output
+as its own training example), which makes the student hedge between the teachers' modes.
+
+Candidates are given teacher-major, ``candidates[k][i]`` = teacher k's output for input i (the order of the loop's
+``teachers``), as sequences of tokens (lists, tuples or 1-D tensors; any hashable tokens). Ties go to the lowest
+teacher index, so the choice is deterministic; with K = 2 the two candidates always tie (sim is symmetric), so MBR
+picks teacher 0: use K >= 3. Compare what the teachers produced, not the prompt they share (which would pull every
+similarity towards 1). Example, with the loop (``outputs[k]``: teacher k's prompts + greedy continuations [M, P + L])::
+
+    best = mbr_select([o[:, P:] for o in outputs], functools.partial(token_f1, ignore={pad_id}))
+    seqs = torch.stack([outputs[k][i] for i, k in enumerate(best)])            # one sequence per prompt
+    DistillationLoop(student, shift_labels=True, ...).fit(ArrayDataset(input_ids=seqs, labels=seqs), max_steps=...)
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Collection, Hashable, Sequence
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+T = TypeVar("T")
+Similarity = Callable[[Any, Any], float]
+
+
+def _tokens(seq: Any, ignore: Collection[Hashable]) -> list[Hashable]:
+    if isinstance(seq, Tensor):
+        if seq.dim() != 1:
+            raise ValueError(f"a candidate tensor must be 1-D (one sequence of tokens), got shape {tuple(seq.shape)}")
+        seq = seq.tolist()
+    elif isinstance(seq, str):
+        seq = seq.split()
+    return [t for t in seq if t not in ignore] if ignore else list(seq)
+
+
+def token_f1(a: Any, b: Any, ignore: Collection[Hashable] = ()) -> float:
+    """Bag-of-tokens F1 of two sequences (SQuAD's answer F1): 2 |a & b| / (|a| + |b|) with multiset intersection;
+    1.0 for two empty sequences, 0.0 when only one is empty. Sequences: lists / tuples of tokens, 1-D tensors, or
+    strings (split on whitespace); tokens in ``ignore`` (padding, end of sequence) are dropped first."""
+    ta, tb = _tokens(a, ignore), _tokens(b, ignore)
+    if not ta and not tb:
+        return 1.0
+    if not ta or not tb:
+        return 0.0
+    common = sum((Counter(ta) & Counter(tb)).values())
+    return 2.0 * common / (len(ta) + len(tb))
+
+
+def _check(candidates: Sequence[Sequence[Any]], weights: Sequence[float] | Tensor | None) -> tuple[int, int, list]:
+    if isinstance(candidates, Tensor):
+        if candidates.dim() != 3:
+            raise ValueError(f"candidates as a tensor must be [K, M, L] (teacher, input, token), got shape "
+                             f"{tuple(candidates.shape)}")  # fmt: skip
+        candidates = list(candidates.unbind(0))
+    k = len(candidates)
+    if k < 1:
+        raise ValueError("candidates must hold at least one teacher's outputs (candidates[k][i], teacher-major)")
+    m = len(candidates[0])
+    for j, c in enumerate(candidates):
+        if len(c) != m:
+            raise ValueError(f"candidates[{j}] has {len(c)} outputs, candidates[0] has {m}: every teacher needs one "
+                             "output per input (teacher-major: candidates[k][i])")  # fmt: skip
+    if weights is not None:
+        w = [float(x) for x in (weights.tolist() if isinstance(weights, Tensor) else weights)]
+        if len(w) != k:
+            raise ValueError(f"weights must have one entry per teacher (K = {k}), got {len(w)}")
+        if any(not (x >= 0) or x == float("inf") for x in w) or sum(w) <= 0:
+            raise ValueError(f"weights must be finite, >= 0 and not all 0, got {w}")
+    return k, m, list(candidates)
+
+
+def mbr_select(candidates: Sequence[Sequence[Any]] | Tensor, similarity: Similarity = token_f1,
+               weights: Sequence[float] | Tensor | None = None) -> list[int]:  # fmt: skip
+    """For each input i, the teacher k whose candidate ``candidates[k][i]`` has the highest (weighted) mean
+    similarity to the other teachers' candidates for i (see the module docstring); ties to the lowest k.
+
+    Args:
+        candidates: K sequences of M outputs each (teacher-major), or a [K, M, L] tensor.
+        similarity: ``sim(a, b) -> float``, symmetric, higher = more alike (default :func:`token_f1`).
+        weights: optional [K] non-negative teacher weights w_l in the mean over the other teachers.
+
+    Returns:
+        M teacher indices.
+    """
+    k, m, cands = _check(candidates, weights)
+    w = [1.0] * k if weights is None else [float(x) for x in (weights.tolist() if isinstance(weights, Tensor)
+                                                               else weights)]  # fmt: skip
+    if k == 1:
+        return [0] * m
+    chosen = []
+    for i in range(m):
+        sims = [[0.0] * k for _ in range(k)]
+        for a in range(k):
+            for b in range(a + 1, k):
+                sims[a][b] = sims[b][a] = float(similarity(cands[a][i], cands[b][i]))
+        best, best_score = 0, float("-inf")
+        for a in range(k):
+            others = sum(w[b] for b in range(k) if b != a)
+            score = sum(w[b] * sims[a][b] for b in range(k) if b != a) / others if others > 0 else 0.0
+            if score > best_score:
+                best, best_score = a, score
+        chosen.append(best)
+    return chosen
+
+
+def mbr_consensus(candidates: Sequence[Sequence[T]] | Tensor, similarity: Similarity = token_f1,
+                  weights: Sequence[float] | Tensor | None = None) -> list[T]:  # fmt: skip
+    """The MBR consensus output per input: ``candidates[mbr_select(...)[i]][i]`` for each i (M outputs, each as
+    given: a tensor row of a [K, M, L] tensor stays a tensor). Arguments as for :func:`mbr_select`."""
+    if isinstance(candidates, Tensor):
+        _check(candidates, weights)
+        idx = torch.tensor(mbr_select(candidates, similarity, weights), device=candidates.device)
+        return list(candidates[idx, torch.arange(candidates.shape[1], device=candidates.device)].unbind(0))
+    return [candidates[k][i] for i, k in enumerate(mbr_select(candidates, similarity, weights))]
