@@ -1,7 +1,7 @@
 """Ensemble-then-distill at the sequence level: does one consensus continuation per prompt (minimum Bayes risk over K
 teachers) teach a student better than the union of the teachers' continuations, token-level ensembling, or no KD?
 
-    python examples/sequence_ensemble.py --jobs 2   # ~10 minutes on 2 CPU cores (5 seeds); docs/sequence_ensemble.json
+    python examples/sequence_ensemble.py --jobs 2   # 25 min on 2 shared CPU cores (5 seeds); docs/sequence_ensemble.json
     python examples/sequence_ensemble.py --small    # seconds (what the tests run)
 
 The claim under test: a student trained on the *union* of K teachers' outputs averages over their modes (it hedges),
@@ -30,7 +30,7 @@ Measured on held-out sequences, every ``eval_every`` steps (curves): the student
 exactly the true next line), the mean entropy of its next-token distribution on held-out text (hedging), and
 perplexity. Also the quality of each training set itself: the token-F1 of its continuations against the true
 training text after the prompt. Paired differences over seeds (same seed: same teachers, prompts, initialisation
-and order) with 95% t intervals.
+and order) with 95% t intervals. Results and what they support: ``docs/sequence_ensemble.md``.
 """
 
 from __future__ import annotations
