@@ -227,9 +227,11 @@ def test_example_small_mode_end_to_end(tmp_path):
     r = mod.run(mod.Settings.small(), tmp_path, log=lambda *_: None)
     assert torch.get_num_threads() == threads  # restored
     assert (tmp_path / "noisy_teacher.png").stat().st_size > 1000
+    assert (tmp_path / "noisy_teacher.json").stat().st_size > 500
     for name in ("digits", "breast_cancer"):
-        rows = r.acc[name]
+        rows = r.acc[mod.column(name, 20)]
         for row in ("teacher", "student: labelled only", "student: KD soft (T = 1)", "student: weighted hard",
-                    "student: SLaM (unnormalised)", "active random, 20 queries", "active robust, 20 queries"):
+                    "student: SLaM (unnormalised)", "active random, 20 queries", "active margin, 20 queries",
+                    "active robust, 20 queries", "teacher mislabels among the queried: margin, 20"):
             assert len(rows[row]) == 1 and 0.0 <= rows[row][0] <= 1.0 and not math.isnan(rows[row][0])
-    assert "| teacher " in r.table and "wall time" in r.table
+    assert "| teacher " in r.table and "wall time" in r.table and "intervals" in r.table

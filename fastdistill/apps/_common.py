@@ -28,13 +28,20 @@ def single_thread():
     return torch_threads(1)
 
 
-def paired_ci(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float] | None:
-    """Mean of the per-seed differences a - b and its 95% confidence interval (t distribution); None for 1 seed."""
+def paired_ci(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> tuple[float, float, float] | None:
+    """Mean of the per-seed differences a - b and its two-sided ``level`` confidence interval (t distribution; a
+    level other than 0.95, e.g. a Bonferroni-corrected one, needs scipy); None for 1 seed."""
     d = [x - y for x, y in zip(a, b)]
     if len(d) < 2:
         return None
     m = statistics.fmean(d)
-    half = _T95.get(len(d) - 1, 1.96) * statistics.stdev(d) / math.sqrt(len(d))
+    if level == 0.95 and len(d) - 1 in _T95:
+        q = _T95[len(d) - 1]
+    else:
+        from scipy.stats import t
+
+        q = float(t.ppf(0.5 + level / 2, len(d) - 1))
+    half = q * statistics.stdev(d) / math.sqrt(len(d))
     return m, m - half, m + half
 
 
