@@ -11,7 +11,7 @@ size's learning rate (``LR``); the metric is held-out perplexity, mean ± std ov
 
 1. **Weak teacher** (Lee et al., Findings of ACL 2023): the trained ``small`` model teaches ``large``.
    ``no KD`` | ``KD, constant soft weight 1`` | ``KD, soft weight 4 -> 1 (linear)`` | the same, with the student
-   initialised by parameter remapping from the teacher (the paper's ablation: expected to hurt).
+   initialised by parameter remapping from the teacher (the paper's ablation).
    Loss: hard CE + soft weight x KL at T = 1 (:class:`~fastdistill.methods.WeakTeacherKDLoss`).
 2. **Co-training and co-distillation** (Lee et al., Findings of EMNLP 2023): ``large`` and ``small`` from scratch.
    ``independent`` (each on CE) | ``one-way KD`` (small learns from the independently trained large, as a
