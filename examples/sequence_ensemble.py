@@ -1,7 +1,7 @@
 """Ensemble-then-distill at the sequence level: does one consensus continuation per prompt (minimum Bayes risk over K
 teachers) teach a student better than the union of the teachers' continuations, token-level ensembling, or no KD?
 
-    python examples/sequence_ensemble.py --jobs 2   # 25 min on 2 shared CPU cores (5 seeds); docs/sequence_ensemble.json
+    python examples/sequence_ensemble.py --jobs 2   # 25 min on 2 shared cores (5 seeds); docs/sequence_ensemble.json
     python examples/sequence_ensemble.py --small    # seconds (what the tests run)
 
 The claim under test: a student trained on the *union* of K teachers' outputs averages over their modes (it hedges),

@@ -49,7 +49,7 @@ from .launch import (
     param_tensor,
     tl_acc,
 )
-from .row_math import ce_grad, ce_loss, divergence_terms, finish_stats, group_stats, log_probs, row_weight
+from .row_math import ce_grad, divergence_terms, finish_stats, group_stats, label_nll, log_probs, row_weight
 
 BLOCK = 1024  # two [BLOCK] rows per tile, 8 columns (one 16-byte bf16 vector) per thread of 4 warps: kd_loss's
 # tile (kd_loss.NUM_WARPS)
@@ -210,9 +210,9 @@ def _codistill_row(
         loss_b = kd_b * phi_b
     lab_ok = valid & (label >= 0) & (label < V)  # (never read outside the row, whatever the labels)
     if ce_a != 0:
-        loss_a += hard_a * ce_loss(tl.load(a_row + label, mask=lab_ok, other=0.0).to(ACC), m_ca, ll_ca)
+        loss_a += hard_a * label_nll(tl.load(a_row + label, mask=lab_ok, other=0.0).to(ACC), m_ca, ll_ca)
     if ce_b != 0:
-        loss_b += hard_b * ce_loss(tl.load(b_row + label, mask=lab_ok, other=0.0).to(ACC), m_cb, ll_cb)
+        loss_b += hard_b * label_nll(tl.load(b_row + label, mask=lab_ok, other=0.0).to(ACC), m_cb, ll_cb)
     tl.store(loss_a_ptr + row, tl.where(valid, sw * loss_a, 0.0))
     tl.store(loss_b_ptr + row, tl.where(valid, sw * loss_b, 0.0))
 

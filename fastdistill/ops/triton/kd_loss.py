@@ -47,12 +47,12 @@ from .row_math import (
     finish_stats,
     flog,
     group_stats,
+    label_nll,
     log_probs,
     log_softmax,
     reload,
     row_weight,
 )
-from .row_math import ce_loss as ce_nats
 
 DIV_CODES = {name: d.code for name, d in divergences.DIVERGENCES.items()}  # the codes divergence_terms branches on
 # ENS: 0 one teacher (K = 1, any ensemble), 1 mixture (prob_mean), 2 log-linear pool (logit_mean), 3 one target per
@@ -200,7 +200,7 @@ def _kd_row(
     if ce != 0:
         lab_ok = valid & (label >= 0) & (label < V)  # never read outside the row, whatever the labels
         s_lab = tl.load(s_row + label, mask=lab_ok, other=0.0).to(ACC)
-        ce_loss = ce_nats(s_lab, m_ce, ll_ce)
+        ce_loss = label_nll(s_lab, m_ce, ll_ce)
     loss = sw * (tl.where(kd_scale != 0, kd_scale * phi_sum, 0.0) + ce_w * ce_loss)  # kd_scale 0: pure CE
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
 

@@ -182,6 +182,6 @@ def ce_grad(s, q, m_ce, log_l_ce, cols, label, ce_at_t):
 
 
 @triton.jit
-def ce_loss(s_label, m_ce, log_l_ce):
+def label_nll(s_label, m_ce, log_l_ce):
     """-log softmax(s)[label] from the label's logit and s's split normaliser (see log_softmax)."""
     return (m_ce - s_label) + log_l_ce
