@@ -6,6 +6,8 @@ gradients by grad_output: one elementwise pass, registered here with plain torch
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -99,21 +101,16 @@ def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, reduce: bool) -> torch.T
         # on the GPU the kernel itself reads the factor and skips the pass where it is 1 (triton/scale.py): no sync
         from .triton.scale import scale_
 
-        return scale_(grad, factor.squeeze(-1) if factor.dim() else factor, grad_loss.numel())
+        return scale_(grad, grad_loss if reduce else grad_loss.to(grad.dtype), grad_loss.numel())
     return grad.mul_(factor)
 
 
 def _device_scale(grad: torch.Tensor) -> bool:
     """The Triton in-place scale applies: a contiguous CUDA gradient of a dtype the kernels are compiled for."""
-    if grad.device.type != "cuda" or not grad.is_contiguous():
-        return False
-    if grad.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from .triton.launch import ROW_KERNEL_GPU_DTYPES  # (torch only: no triton import)
+
+    return (grad.device.type == "cuda" and grad.is_contiguous() and grad.dtype in ROW_KERNEL_GPU_DTYPES
+            and importlib.util.find_spec("triton") is not None)  # fmt: skip
 
 
 def _first_order(op: str, grad: torch.Tensor | None) -> torch.Tensor | None:
