@@ -556,23 +556,31 @@ def mi_alpha(
     student_feats: Tensor,
     teacher_feats: Tensor,
     *,
-    alpha: float = 0.01,
+    alpha: float = 0.9,
     log_baseline: float | Tensor = 1.0,
-    critic: str = "dot",
-    temperature: float = 1.0,
+    critic: str = "cosine",
+    temperature: float = 0.1,
+    anchor: str = "student",
     backend: str = "auto",
 ) -> Tensor:
     """The MI-alpha estimate of I(student; teacher) on a batch (Distiller; Poole et al.'s interpolated bound).
+
+    The defaults are Distiller's released setup as far as it is known (alpha = 0.9, L2-normalised critic, each
+    student row scored against the batch's teachers); temperature 0.1 is this library's choice (SPEC §2).
 
     Args:
         student_feats: [N, D] student representations, already projected by the critic (g_s(x)).
         teacher_feats: [N, D] teacher representations g_t(y); row i of both is the same example (the positive pair),
             every other pairing an in-batch negative. N >= 2.
         alpha: in [0, 1]. 0 is NWJ/TUBA (low bias, high variance); 1 is InfoNCE-like and never exceeds log(N - 1).
-        log_baseline: the log-baseline a(y_i): a float, or a Tensor [N] (learned, one per teacher row; it receives
-            a gradient). 1.0 makes alpha = 0 exactly NWJ.
+            Poole et al. report alpha = 0.01; Distiller's runs mostly use 0.9.
+        log_baseline: the log-baseline a_i of row i (see ``anchor``): a float, or a Tensor [N] (learned; it
+            receives a gradient). 1.0 makes alpha = 0 exactly NWJ.
         critic: "dot" (<u, v> / temperature) or "cosine" (<u/|u|, v/|v|> / temperature).
         temperature: > 0, divides the scores.
+        anchor: which side the rows of the critic matrix are: "student" (each student example normalised over the
+            batch's teachers: Distiller's code) or "teacher" (each teacher example over the students: Poole et al.'s
+            baseline a(y) with y the teacher). Two different estimators, both lower bounds.
         backend: "auto", "cpu", "cuda", "triton" or "reference" (materialises the N x N matrix).
 
     Returns:
@@ -580,6 +588,7 @@ def mi_alpha(
         feature tensors and a Tensor ``log_baseline``. Maximise it (or minimise ``-mi_alpha(...)``).
     """
     check_choice("critic", critic, reference.CRITICS)
+    check_choice("anchor", anchor, reference.ANCHORS)
     check_choice("backend", backend, dispatch.BACKENDS_NAMES)
     alpha = check_real("alpha", alpha, low=0.0, high=1.0, low_open=False, high_open=False)
     temperature = check_temperature(temperature)
@@ -615,8 +624,10 @@ def mi_alpha(
                                    high_open=True)  # fmt: skip
     # one dtype for both feature tensors (float64 wins; otherwise their promotion)
     common = torch.promote_types(student_feats.dtype, teacher_feats.dtype)
+    # The ops anchor their rows on `teacher` (SPEC §6); the student anchor is the same op with the sides swapped.
+    rows, cols = (teacher_feats, student_feats) if anchor == "teacher" else (student_feats, teacher_feats)
     inp = MIInputs(
-        student=student_feats.to(common), teacher=teacher_feats.to(common), log_baseline=log_baseline,
+        student=cols.to(common), teacher=rows.to(common), log_baseline=log_baseline,
         alpha=alpha, critic=critic, temperature=temperature,
     )  # fmt: skip
     return dispatch.select(backend, inp)(inp)

@@ -182,9 +182,13 @@ class MIAlphaLoss(nn.Module):
     representations (SPEC §2, §6), with a learned separable critic f(x, y) = <g_s(x), g_t(y)> and log-baseline a(y).
 
     g_s, g_t are linear maps to ``proj_dim`` (2-layer MLPs with ``hidden_dim`` hidden units when it is set);
-    with ``baseline="learned"`` a(y) is a small MLP on the teacher's (pooled) features, initialised to the constant
-    1 (so alpha = 0 starts exactly at NWJ); ``baseline="constant"`` fixes a = 1. Train these parameters together
-    with the student: they tighten the bound, the student raises it.
+    with ``baseline="learned"`` a is a small MLP on the teacher's (pooled) features of each example, initialised to
+    the constant 1 (so alpha = 0 starts exactly at NWJ); ``baseline="constant"`` fixes a = 1. Train these
+    parameters together with the student: they tighten the bound, the student raises it.
+
+    The defaults follow Distiller's released setup (alpha = 0.9, L2-normalised projections, each student row
+    normalised over the batch's teachers: ``anchor="student"``, a baseline network on the teacher); temperature
+    0.1 is ours. ``alpha``, ``critic``, ``temperature`` and ``anchor`` are :func:`fastdistill.mi_alpha`'s.
 
     ``forward(student_hidden, teacher_hidden, attention_mask=None)`` takes [N, D_s] and [N, D_t] rows, or
     [B, L, D_s] and [B, L, D_t] hidden states pooled per ``pooling``: "cls" (position 0), "mean" (over unmasked
@@ -204,9 +208,10 @@ class MIAlphaLoss(nn.Module):
         *,
         proj_dim: int = 128,
         hidden_dim: int | None = None,
-        alpha: float = 0.01,
-        critic: str = "dot",
-        temperature: float = 1.0,
+        alpha: float = 0.9,
+        critic: str = "cosine",
+        temperature: float = 0.1,
+        anchor: str = "student",
         baseline: str = "learned",
         pooling: str = "cls",
         backend: str = "auto",
@@ -217,12 +222,13 @@ class MIAlphaLoss(nn.Module):
         _check_dim("proj_dim", proj_dim)
         _check_dim("hidden_dim", hidden_dim, allow_none=True)
         functional.check_choice("critic", critic, reference.CRITICS)
+        functional.check_choice("anchor", anchor, reference.ANCHORS)
         functional.check_choice("baseline", baseline, BASELINES)
         functional.check_choice("pooling", pooling, POOLINGS)
         functional.check_choice("backend", backend, BACKENDS_NAMES)
         self.alpha = functional.check_real("alpha", alpha, low=0.0, high=1.0, low_open=False, high_open=False)
         self.temperature = functional.check_temperature(temperature)  # mi_alpha's range, checked at construction
-        self.critic, self.pooling, self.backend = critic, pooling, backend
+        self.critic, self.anchor, self.pooling, self.backend = critic, anchor, pooling, backend
         self.student_dim, self.teacher_dim = student_dim, teacher_dim
         self.student_proj = _projection(student_dim, proj_dim, hidden_dim)
         self.teacher_proj = _projection(teacher_dim, proj_dim, hidden_dim)
@@ -272,7 +278,7 @@ class MIAlphaLoss(nn.Module):
         if isinstance(a, Tensor) and a.dtype != torch.float64:
             a = a.float()
         return functional.mi_alpha(u, v, alpha=self.alpha, log_baseline=a, critic=self.critic,
-                                   temperature=self.temperature, backend=self.backend)  # fmt: skip
+                                   temperature=self.temperature, anchor=self.anchor, backend=self.backend)  # fmt: skip
 
     def forward(self, student_hidden: Tensor, teacher_hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """The loss to minimise: ``-estimate`` (0-dim)."""
@@ -280,4 +286,4 @@ class MIAlphaLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, critic={self.critic!r}, temperature={self.temperature}, "
-                f"pooling={self.pooling!r}, backend={self.backend!r}")  # fmt: skip
+                f"anchor={self.anchor!r}, pooling={self.pooling!r}, backend={self.backend!r}")  # fmt: skip

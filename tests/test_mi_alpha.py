@@ -4,6 +4,7 @@ properties, registration (opcheck, compile, gradcheck), errors, and that the fus
 The Triton kernels have their own file (tests/test_mi_triton.py: interpreter shapes are kept small there); the
 numerically hard cases here run on them too."""
 
+import inspect
 import math
 import os
 import subprocess
@@ -20,6 +21,13 @@ from fastdistill.ops import reference
 ALPHAS = (0.0, 0.01, 0.5, 1.0)
 FUSED = [pytest.param("cpu", marks=requires_ext)]
 BACKENDS = FUSED + ["reference"]
+# SPEC §6 writes the estimator for the dot critic, T = 1, rows anchored on the teacher: these tests hold the backends
+# to it there (other critics, temperatures and the student anchor are passed where a test is about them).
+SPEC6 = dict(critic="dot", temperature=1.0, anchor="teacher")
+
+
+def mi_alpha(u, v, **kw):
+    return fastdistill.mi_alpha(u, v, **{**SPEC6, **kw})
 # the numerically hard cases run on the Triton kernels too (in the interpreter: small shapes only)
 HARD = FUSED + [pytest.param("triton", marks=requires_triton)]
 
@@ -41,7 +49,7 @@ def estimate_and_grads(u, v, a, grad_output=1.0, **kw):
     if isinstance(a, torch.Tensor):
         a = a.detach().clone().requires_grad_()
         leaves.append(a)
-    est = fastdistill.mi_alpha(u, v, log_baseline=a, **kw)
+    est = mi_alpha(u, v, log_baseline=a, **kw)
     grads = torch.autograd.grad(est, leaves, torch.tensor(grad_output, dtype=est.dtype), materialize_grads=True)
     return est, grads
 
@@ -139,9 +147,36 @@ def test_half_precision_inputs(backend, dtype):
         assert_close(g, r, dtype, "mi_grad", "gradient", scale_floor=1.0 / 40)
 
 
+@pytest.mark.parametrize("backend", FUSED)
+def test_half_precision_cosine_normalises_in_the_input_dtype(backend):
+    """For "cosine" the fused ops take unit rows in the input dtype (bf16 rows stay bf16 for the tensor cores):
+    the estimate is exact for those rounded unit rows, i.e. the dot critic on them."""
+    u, v, a = make_feats(40, 16, torch.bfloat16, scale=0.5, seed=2)
+    est, _ = estimate_and_grads(u, v, a, backend=backend, alpha=0.9, critic="cosine", temperature=0.1)
+    un, vn = (torch.nn.functional.normalize(x, dim=-1).double() for x in (u, v))
+    ref, _ = estimate_and_grads(un, vn, a.double(), backend="reference", alpha=0.9, temperature=0.1)
+    assert_close(est, ref, torch.float32, "loss", "estimate", scale_floor=1.0 + 10.0)
+
+
+@pytest.mark.parametrize("backend", HARD)
+@pytest.mark.parametrize("critic", ["dot", "cosine"])
+def test_student_anchor_is_the_teacher_anchor_with_sides_swapped(backend, critic):
+    """anchor="student" (Distiller's orientation) scores each student row against the teachers: the same op with
+    the sides exchanged, gradients included; and a different estimator from anchor="teacher" (not a transpose)."""
+    u, v, a = make_feats(24, 8, torch.float64, seed=4)
+    kw = dict(alpha=0.9, critic=critic, temperature=0.5, backend=backend)
+    est, (gu, gv, ga) = estimate_and_grads(u, v, a, anchor="student", **kw)
+    swapped, (gv2, gu2, ga2) = estimate_and_grads(v, u, a, anchor="teacher", **kw)
+    assert_close(est, swapped, torch.float64, "loss", "estimate")
+    for got, want, name in ((gu, gu2, "student"), (gv, gv2, "teacher"), (ga, ga2, "log_baseline")):
+        assert_close(got, want, torch.float64, "mi_grad", f"d/d{name}")
+    other = estimate_and_grads(u, v, a, anchor="teacher", **kw)[0]
+    assert abs(est.item() - other.item()) > 1e-3
+
+
 def test_mixed_dtypes_promote():
     u, v, a = make_feats(9, 3, torch.float64)
-    est = fastdistill.mi_alpha(u.float(), v, log_baseline=a)
+    est = mi_alpha(u.float(), v, log_baseline=a)
     assert est.dtype == torch.float64
 
 
@@ -159,7 +194,7 @@ def test_alpha0_baseline1_is_nwj(backend):
     s = scores(u, v)
     off = ~torch.eye(20, dtype=torch.bool)
     nwj = 1 + (s.diagonal() - 1).mean() - torch.exp(s - 1)[off].mean()
-    est = fastdistill.mi_alpha(u, v, alpha=0.0, log_baseline=1.0, backend=backend)
+    est = mi_alpha(u, v, alpha=0.0, log_baseline=1.0, backend=backend)
     assert_close(est, nwj, torch.float64, "loss", "NWJ")
 
 
@@ -170,7 +205,7 @@ def test_alpha0_is_tuba(backend):
     s = scores(u, v)
     off = ~torch.eye(20, dtype=torch.bool)
     tuba = 1 + (s.diagonal() - a).mean() - torch.exp(s - a[:, None])[off].mean()
-    est = fastdistill.mi_alpha(u, v, alpha=0.0, log_baseline=a, backend=backend)
+    est = mi_alpha(u, v, alpha=0.0, log_baseline=a, backend=backend)
     assert_close(est, tuba, torch.float64, "loss", "TUBA")
 
 
@@ -186,7 +221,7 @@ def test_alpha1_is_loo_infonce_and_bounded(backend):
     loo = torch.stack([torch.logsumexp(s[:, torch.arange(n) != j], dim=1) for j in range(n)], dim=1)
     loo = loo - math.log(n - 1)
     expected = (s.diagonal()[:, None] - loo)[off].mean()
-    est = fastdistill.mi_alpha(u, v, alpha=1.0, log_baseline=a, temperature=0.05, backend=backend)
+    est = mi_alpha(u, v, alpha=1.0, log_baseline=a, temperature=0.05, backend=backend)
     assert_close(est, expected, torch.float64, "loss", "InfoNCE")
     assert est.item() <= math.log(n - 1) + 1e-12
     assert est.item() > math.log(n - 1) - 0.5  # the bound is nearly reached: the test can tell a wrong baseline
@@ -200,11 +235,11 @@ def test_alpha1_is_loo_infonce_and_bounded(backend):
 def test_permutation_invariance(backend, alpha):
     u, v, a = make_feats(50, 5, seed=8)
     perm = torch.randperm(50, generator=torch.Generator().manual_seed(1))
-    e1 = fastdistill.mi_alpha(u, v, alpha=alpha, log_baseline=a, backend=backend)
-    e2 = fastdistill.mi_alpha(u[perm], v[perm], alpha=alpha, log_baseline=a[perm], backend=backend)
+    e1 = mi_alpha(u, v, alpha=alpha, log_baseline=a, backend=backend)
+    e2 = mi_alpha(u[perm], v[perm], alpha=alpha, log_baseline=a[perm], backend=backend)
     assert_close(e2, e1, torch.float64, "loss", "permuted")
     # and swapping only the student's rows breaks the pairing: the estimate drops
-    e3 = fastdistill.mi_alpha(u[perm], v, alpha=alpha, log_baseline=a, backend=backend)
+    e3 = mi_alpha(u[perm], v, alpha=alpha, log_baseline=a, backend=backend)
     assert e3.item() < e1.item() - 0.1
 
 
@@ -216,7 +251,7 @@ def test_gradients_match_finite_differences():
     for alpha in ALPHAS:
         for critic in ("dot", "cosine"):
             def f(u, v, a):
-                return fastdistill.mi_alpha(u, v, alpha=alpha, log_baseline=a, critic=critic, temperature=0.7,
+                return mi_alpha(u, v, alpha=alpha, log_baseline=a, critic=critic, temperature=0.7,
                                             backend="cpu")  # fmt: skip
 
             args = [x.clone().requires_grad_() for x in (u, v, a)]
@@ -237,11 +272,11 @@ def test_only_needed_gradients():
     """A frozen teacher (features without grad) and a float baseline: only the student gets a gradient."""
     u, v, _ = make_feats(10, 3)
     u = u.requires_grad_()
-    est = fastdistill.mi_alpha(u, v, backend="cpu")
+    est = mi_alpha(u, v, backend="cpu")
     (g,) = torch.autograd.grad(est, [u])
     assert g.shape == u.shape and torch.isfinite(g).all()
     with torch.no_grad():
-        assert fastdistill.mi_alpha(u, v, backend="cpu").requires_grad is False
+        assert mi_alpha(u, v, backend="cpu").requires_grad is False
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -265,7 +300,7 @@ def test_compile_fullgraph(compile_backend):
     u, v, a = make_feats(30, 4, torch.float32)
 
     def f(u, v, a):
-        return -fastdistill.mi_alpha(u, v, alpha=0.01, log_baseline=a, critic="cosine", temperature=0.5,
+        return -mi_alpha(u, v, alpha=0.01, log_baseline=a, critic="cosine", temperature=0.5,
                                      backend="cpu")  # fmt: skip
 
     compiled = torch.compile(f, fullgraph=True, backend=compile_backend)
@@ -331,6 +366,7 @@ def test_memory_is_linear_in_n():
         ({"temperature": 0.0}, "temperature must be finite and in \\[1e-19"),
         ({"temperature": float("inf")}, "temperature"),
         ({"critic": "bilinear"}, "critic must be one of 'dot', 'cosine'"),
+        ({"anchor": "both"}, "anchor must be one of 'student', 'teacher'"),
         ({"backend": "gpu"}, "backend must be one of"),
         ({"log_baseline": float("nan")}, "log_baseline must be finite"),
         ({"log_baseline": torch.zeros(4)}, "log_baseline must be a float or a Tensor of shape \\[N\\] = \\[5\\]"),
@@ -340,31 +376,31 @@ def test_memory_is_linear_in_n():
 def test_bad_arguments(kwargs, match):
     u, v, _ = make_feats(5, 3)
     with pytest.raises(ValueError, match=match):
-        fastdistill.mi_alpha(u, v, **kwargs)
+        mi_alpha(u, v, **kwargs)
 
 
 def test_bad_shapes_and_types():
     u, v, _ = make_feats(5, 3)
     with pytest.raises(ValueError, match="N >= 2"):
-        fastdistill.mi_alpha(u[:1], v[:1])
+        mi_alpha(u[:1], v[:1])
     with pytest.raises(ValueError, match="teacher_feats has shape \\(5, 4\\), expected \\(5, 3\\)"):
-        fastdistill.mi_alpha(u, torch.randn(5, 4, dtype=torch.float64))
+        mi_alpha(u, torch.randn(5, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="student_feats must have shape \\[N, D\\], got \\(5,\\)"):
-        fastdistill.mi_alpha(u[:, 0], v[:, 0])
+        mi_alpha(u[:, 0], v[:, 0])
     with pytest.raises(TypeError, match="student_feats must be float32"):
-        fastdistill.mi_alpha(u.long(), v)
+        mi_alpha(u.long(), v)
     with pytest.raises(TypeError, match="teacher_feats must be a Tensor"):
-        fastdistill.mi_alpha(u, v.tolist())
+        mi_alpha(u, v.tolist())
     with pytest.raises(TypeError, match="log_baseline must be a floating Tensor"):
-        fastdistill.mi_alpha(u, v, log_baseline=torch.zeros(5, dtype=torch.long))
+        mi_alpha(u, v, log_baseline=torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="D = 0"):
-        fastdistill.mi_alpha(u[:, :0], v[:, :0])
+        mi_alpha(u[:, :0], v[:, :0])
 
 
 def test_named_backend_that_cannot_run_says_why():
     u, v, _ = make_feats(5, 3)
     with pytest.raises(ValueError, match="backend='cuda' cannot run these inputs: .*needs all tensors on cuda"):
-        fastdistill.mi_alpha(u, v, backend="cuda")
+        mi_alpha(u, v, backend="cuda")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -377,17 +413,26 @@ def test_module_pooling_and_rows():
     hs, ht = torch.randn(3, 4, 6), torch.randn(3, 4, 10)
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
     rows_s, rows_t = hs[mask.bool()], ht[mask.bool()]  # 7 token rows
-    expected = -fastdistill.mi_alpha(mi.student_proj(rows_s), mi.teacher_proj(rows_t), alpha=0.01, log_baseline=1.0,
-                                     backend="reference")  # fmt: skip
+    expected = -fastdistill.mi_alpha(mi.student_proj(rows_s), mi.teacher_proj(rows_t), log_baseline=1.0,
+                                                 backend="reference")  # fmt: skip
     assert_close(mi(hs, ht, mask), expected, torch.float32, "loss", "pooling=none")
     mi.pooling = "mean"
     m = mask.float().unsqueeze(-1)
     ps, pt = (hs * m).sum(1) / m.sum(1), (ht * m).sum(1) / m.sum(1)
-    expected = -fastdistill.mi_alpha(mi.student_proj(ps), mi.teacher_proj(pt), alpha=0.01, backend="reference")
+    expected = -fastdistill.mi_alpha(mi.student_proj(ps), mi.teacher_proj(pt), backend="reference")
     assert_close(mi(hs, ht, mask), expected, torch.float32, "loss", "pooling=mean")
     mi.pooling = "cls"
     expected = -fastdistill.mi_alpha(mi.student_proj(hs[:, 0]), mi.teacher_proj(ht[:, 0]), backend="reference")
     assert_close(mi(hs, ht), expected, torch.float32, "loss", "pooling=cls")
+
+
+def test_module_defaults_are_the_functions():
+    """MIAlphaLoss passes its estimator options to mi_alpha: the same defaults (Distiller's setup, SPEC §2)."""
+    fn = inspect.signature(fastdistill.mi_alpha).parameters
+    mod = inspect.signature(fastdistill.MIAlphaLoss).parameters
+    for name in ("alpha", "critic", "temperature", "anchor", "backend"):
+        assert mod[name].default == fn[name].default, name
+    assert (fn["alpha"].default, fn["critic"].default, fn["anchor"].default) == (0.9, "cosine", "student")
 
 
 def test_module_learned_baseline_starts_at_one_and_trains():
@@ -411,6 +456,8 @@ def test_module_errors():
         fastdistill.MIAlphaLoss(4, 4, pooling="max")
     with pytest.raises(ValueError, match="baseline must be one of"):
         fastdistill.MIAlphaLoss(4, 4, baseline="zero")
+    with pytest.raises(ValueError, match="anchor must be one of"):
+        fastdistill.MIAlphaLoss(4, 4, anchor="rows")
     with pytest.raises(ValueError, match="proj_dim must be a positive int"):
         fastdistill.MIAlphaLoss(4, 4, proj_dim=0)
     mi = fastdistill.MIAlphaLoss(4, 6)

@@ -323,8 +323,8 @@ class MIInputs(OpInputs):
 
     OP: ClassVar[str] = "mi_alpha"
     ARGS: ClassVar[tuple[tuple[str, str], ...]] = (
-        ("student", "Tensor"),  # [N, D], critic applied
-        ("teacher", "Tensor"),  # [N, D]
+        ("student", "Tensor"),  # [N, D], critic applied: the columns of S
+        ("teacher", "Tensor"),  # [N, D]: the rows of S (the anchor; mi_alpha(anchor="student") swaps the sides)
         ("log_baseline", "Tensor"),  # [N], accumulation dtype
         ("alpha", "float"),
         ("temperature", "float"),

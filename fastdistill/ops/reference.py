@@ -224,6 +224,7 @@ def codistill_loss(
 # ---------------------------------------------------------------------------------------------------------------------
 
 CRITICS = ("dot", "cosine")
+ANCHORS = ("student", "teacher")  # the side the critic matrix's rows are (functional.mi_alpha's `anchor`)
 
 
 def mi_scores(student: Tensor, teacher: Tensor, critic: str, temperature: float) -> Tensor:
