@@ -154,6 +154,22 @@ def test_guide_first_block_is_the_hand_computed_map():
     assert all(torch.equal(p, teacher_before[n]) for n, p in teacher.named_parameters())
 
 
+def test_guide_blocks_none_maps_only_the_embeddings():
+    """blocks="none" (the embeddings-only ablation): the same table and positions as "first", no block touched."""
+    teacher = _perturb(_gpt2(2, 32, 4, seed=0, inner=64))
+    first, none = _gpt2(2, 16, 2, seed=1, inner=32), _gpt2(2, 16, 2, seed=1, inner=32)
+    before = _snapshot(none)
+    init_student_from_teacher(first, teacher)
+    report = init_student_from_teacher(none, teacher, blocks="none")
+    assert report["teacher_layers"] == [] and report["blocks"] == "none"
+    for name in ("transformer.wte.weight", "transformer.wpe.weight"):
+        assert torch.equal(dict(none.named_parameters())[name], dict(first.named_parameters())[name]), name
+        assert not torch.equal(dict(none.named_parameters())[name], before[name]), name
+    for name, p in none.named_parameters():
+        if not name.startswith(("transformer.wte", "transformer.wpe", "lm_head")):
+            assert torch.equal(p, before[name]), name
+
+
 def test_guide_smaller_head_dim_keeps_uniformly_selected_dimensions():
     teacher, student = _perturb(_gpt2(1, 32, 2, seed=0)), _gpt2(1, 16, 2, seed=1)  # head_dim 16 -> 8
     report = init_student_from_teacher(student, teacher)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 __all__ = ["init_student_from_teacher", "uniform_selection"]
 
 METHODS = ("guide", "remap", "random")
-BLOCKS = ("first", "all")
+BLOCKS = ("none", "first", "all")
 _GPT2, _LLAMA = "gpt2", "llama"
 _LLAMA_TYPES = ("llama", "mistral", "qwen2")  # same module layout: q/k/v/o_proj, gate/up/down_proj, RMSNorm
 SUPPORTED = "GPT-2 (GPT2LMHeadModel) and Llama-style (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)"
@@ -247,7 +247,7 @@ def _guide(student: nn.Module, teacher: nn.Module, family: str, ds: _Dims, dt: _
     q_heads, kv_heads = _head_selection(ds, dt)
     dims_kept = uniform_selection(dt.head_dim, ds.head_dim)
     neurons = uniform_selection(dt.inner, ds.inner)
-    layers = [0] if blocks == "first" else uniform_selection(dt.layers, ds.layers)
+    layers = uniform_selection(dt.layers, ds.layers) if blocks == "all" else [0] if blocks == "first" else []
 
     def ix(xs):
         return torch.tensor(xs, dtype=torch.long, device=dev)
@@ -367,8 +367,9 @@ def init_student_from_teacher(student: nn.Module, teacher: nn.Module, method: st
         seed: ``None``: the student's current values are kept wherever nothing is copied. An int: first every
             parameter of the student is redrawn by its own initialiser (``_init_weights``) under this seed (the global
             RNG state is restored), so the result depends only on the teacher, the student's config and ``seed``.
-        blocks: GUIDE only. ``"first"`` (the paper): embedding table, positions and block 0. ``"all"`` (ours): every
-            student block from a uniformly selected teacher block, and the final norm.
+        blocks: GUIDE only. ``"first"`` (the paper): embedding table, positions and block 0. ``"none"``: the
+            embedding table and positions only (the ablation). ``"all"`` (ours): every student block from a uniformly
+            selected teacher block, and the final norm.
 
     Returns:
         A report. Always ``method`` and ``seed``. GUIDE adds ``family``, ``blocks``, ``basis`` (M [d_T, d_S] float32,
