@@ -50,10 +50,12 @@ def _causal_lm():
 EXTRA_TRAIN_MODULES = ["typing", "inspect", "pathlib", "tarfile", "zipfile", "pprint", "ast", "tokenize",
                        "configparser", "statistics", "fractions", "datetime", "shutil", "tempfile", "traceback",
                        "threading", "subprocess", "ipaddress"]  # fmt: skip
-SIZES = {"large": (4, 128, 4), "small": (2, 32, 1)}  # layers, width, heads (head width 32)
+# layers, width, heads (head width 32); "medium" is the co-training experiment's closer partner of "large"
+SIZES = {"large": (4, 128, 4), "medium": (2, 64, 2), "small": (2, 32, 1)}
 # AdamW learning rate per size, the best of {1, 2, 3, 5} x 1e-3 for each size trained alone (seed 0): the large model
-# diverges towards 2e-3, the small one prefers 5e-3. Co-training uses one parameter group per model.
-LR = {"large": 1e-3, "small": 5e-3}
+# diverges towards 2e-3, the small one prefers 5e-3; medium: the best of {2, 3, 5} x 1e-3 after 300 steps (held-out
+# perplexity 82.4, 81.1, 97.6). Co-training uses one parameter group per model.
+LR = {"large": 1e-3, "medium": 3e-3, "small": 5e-3}
 
 
 @dataclass
