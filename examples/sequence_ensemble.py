@@ -1,7 +1,7 @@
 """Ensemble-then-distill at the sequence level: does one consensus continuation per prompt (minimum Bayes risk over K
 teachers) teach a student better than the union of the teachers' continuations, token-level ensembling, or no KD?
 
-    python examples/sequence_ensemble.py --jobs 2   # 25 min on 2 shared cores (5 seeds); docs/sequence_ensemble.json
+    python examples/sequence_ensemble.py --jobs 2   # 10 min on 2 cores (5 seeds); docs/sequence_ensemble.json
     python examples/sequence_ensemble.py --small    # seconds (what the tests run)
 
 The claim under test: a student trained on the *union* of K teachers' outputs averages over their modes (it hedges),
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import json
 import math
 import statistics
@@ -144,18 +145,31 @@ def _loop(model, teachers=(), seed=0, s: Settings | None = None, **kw) -> Distil
 @torch.no_grad()
 def greedy(models: list, prompts: Tensor, length: int, batch: int = 256) -> Tensor:
     """Greedy continuations [M, P + length] of ``prompts`` [M, P]: argmax of the one model's next-token
-    distribution, or of the models' ``prob_mean`` (token-level ensemble decoding). No KV cache: tiny models."""
+    distribution, or of the models' ``prob_mean`` (token-level ensemble decoding). Each model keeps its KV cache:
+    one new token per model call after the prompt (an order of magnitude less work than re-reading the sequence)."""
     for m in models:
         m.eval()
     out = []
     for chunk in prompts.split(batch):
-        seq = chunk.clone()
+        seq, step, caches = chunk.clone(), chunk, [None] * len(models)
         for _ in range(length):
-            last = [m(input_ids=seq).logits[:, -1].float() for m in models]
+            last = []
+            for j, m in enumerate(models):
+                res = m(input_ids=step, use_cache=True, **_cache_kwarg(m, caches[j]))
+                caches[j] = res["cache"] if "cache" in res else res["past_key_values"]
+                last.append(res.logits[:, -1].float())
             probs = last[0] if len(last) == 1 else fastdistill.ensemble_soft_targets(last, ensemble="prob_mean")
-            seq = torch.cat([seq, probs.argmax(-1, keepdim=True)], dim=1)
+            step = probs.argmax(-1, keepdim=True)
+            seq = torch.cat([seq, step], dim=1)
         out.append(seq)
     return torch.cat(out)
+
+
+def _cache_kwarg(model, cache) -> dict:
+    """The KV cache argument by the name this transformers takes (``cache`` in 5.x, ``past_key_values`` before)."""
+    if cache is None:
+        return {}
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
 
 
 def _until_eos(ids: list[int], eos: int, pad: int) -> list[int]:
