@@ -21,6 +21,8 @@ from fastdistill.ops import reference
 ALPHAS = (0.0, 0.01, 0.5, 1.0)
 FUSED = [pytest.param("cpu", marks=requires_ext)]
 BACKENDS = FUSED + ["reference"]
+# the numerically hard cases run on the Triton kernels too (in the interpreter: small shapes only)
+HARD = FUSED + [pytest.param("triton", marks=requires_triton)]
 # SPEC §6 writes the estimator for the dot critic, T = 1, rows anchored on the teacher: these tests hold the backends
 # to it there (other critics, temperatures and the student anchor are passed where a test is about them).
 SPEC6 = dict(critic="dot", temperature=1.0, anchor="teacher")
@@ -28,8 +30,6 @@ SPEC6 = dict(critic="dot", temperature=1.0, anchor="teacher")
 
 def mi_alpha(u, v, **kw):
     return fastdistill.mi_alpha(u, v, **{**SPEC6, **kw})
-# the numerically hard cases run on the Triton kernels too (in the interpreter: small shapes only)
-HARD = FUSED + [pytest.param("triton", marks=requires_triton)]
 
 
 def make_feats(n, d, dtype=torch.float64, corr=0.8, scale=1.0, seed=0):
@@ -155,7 +155,7 @@ def test_half_precision_cosine_normalises_in_the_input_dtype(backend):
     est, _ = estimate_and_grads(u, v, a, backend=backend, alpha=0.9, critic="cosine", temperature=0.1)
     un, vn = (torch.nn.functional.normalize(x, dim=-1).double() for x in (u, v))
     ref, _ = estimate_and_grads(un, vn, a.double(), backend="reference", alpha=0.9, temperature=0.1)
-    assert_close(est, ref, torch.float32, "loss", "estimate", scale_floor=1.0 + 10.0)
+    assert_close(est, ref, torch.float32, "loss", "estimate", scale_floor=1.0 + 1 / 0.1)  # scores up to 1/T
 
 
 @pytest.mark.parametrize("backend", HARD)
@@ -252,7 +252,7 @@ def test_gradients_match_finite_differences():
         for critic in ("dot", "cosine"):
             def f(u, v, a):
                 return mi_alpha(u, v, alpha=alpha, log_baseline=a, critic=critic, temperature=0.7,
-                                            backend="cpu")  # fmt: skip
+                                backend="cpu")  # fmt: skip
 
             args = [x.clone().requires_grad_() for x in (u, v, a)]
             assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-8)
@@ -301,7 +301,7 @@ def test_compile_fullgraph(compile_backend):
 
     def f(u, v, a):
         return -mi_alpha(u, v, alpha=0.01, log_baseline=a, critic="cosine", temperature=0.5,
-                                     backend="cpu")  # fmt: skip
+                         backend="cpu")  # fmt: skip
 
     compiled = torch.compile(f, fullgraph=True, backend=compile_backend)
     eager = estimate_and_grads(u, v, a.float(), backend="cpu", alpha=0.01, critic="cosine", temperature=0.5)

