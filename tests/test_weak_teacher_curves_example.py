@@ -1,5 +1,5 @@
-"""examples/weak_teacher_curves.py --small: one small teacher snapshotted at two qualities, the large student's
-curves for every soft weight, end to end (~20 s)."""
+"""examples/weak_teacher_curves.py --small: one small teacher snapshotted at two qualities, the student's curves for
+every soft weight, split over (seed, teacher, weight) tasks and put back together, end to end (~10 s)."""
 
 import math
 from pathlib import Path

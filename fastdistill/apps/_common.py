@@ -64,10 +64,11 @@ def _single_threaded(fn: Callable[[int], R], seed: int) -> R:
 def map_seeds(fn: Callable[[int], R], seeds: Sequence[int], jobs: int = 1) -> list[R]:
     """``[fn(seed) for seed in seeds]``: here, one after another, or with ``jobs`` > 1 in that many spawned processes,
     each on one torch thread (the same numbers, less wall time). ``fn`` must pickle: a module-level function, or a
-    ``functools.partial`` of one."""
+    ``functools.partial`` of one. Work is handed out one item at a time, in order, to whichever process is free (put
+    the longest items first), so unequal items balance."""
     if jobs > 1 and len(seeds) > 1:
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(min(jobs, len(seeds))) as pool:
-            return pool.map(functools.partial(_single_threaded, fn), seeds)
+            return pool.map(functools.partial(_single_threaded, fn), seeds, chunksize=1)
     return [fn(seed) for seed in seeds]
