@@ -60,42 +60,48 @@ bench: build
 	$(PY) -m benchmarks.run_codistill
 	$(PY) -m benchmarks.run_fused_linear
 
-# One GPU run in under 8 minutes, on a machine with torch, triton, pytest, transformers and liger-kernel preinstalled
+# One GPU run in about 9 minutes, on a machine with torch, triton, pytest, transformers and liger-kernel preinstalled
 # and no network: `make bench-gpu GPU_OUT=/some/dir` (default gpu-run-<date>). Stages, each with a time slot:
 #   install    pip install -e . offline (--no-index); on failure the source tree is used (PYTHONPATH). It builds the
-#              C++ CPU kernels, which no GPU stage uses: FASTDISTILL_SKIP_EXT=1 make bench-gpu saves that time
+#              C++ CPU kernels and the CUDA kernels (csrc/cuda: 11 translation units, compiled in parallel, for
+#              sm_80 and sm_90a); without a working install the cuda rows and tests report "no CUDA kernel"
 #   tests      the GPU test files, one pytest per file at once (they took > 3 min one after another on the H200),
-#              stopped by SIGINT at the end of the slot (pytest still prints its summary)
-#   kd divergences mi codistill fused   benchmarks.run (KL; then the other divergences, Triton only, at V = 128256,
+#              stopped by SIGINT at the end of the slot (pytest still prints its summary); test_cuda_kd_gpu.py names
+#              the shape class and residency of each check
+#   sanitize   tests/cuda_sanitize.py (a small run of every CUDA residency) under compute-sanitizer memcheck and
+#              racecheck at once, only kd_row_kernel checked
+#   kd divergences mi codistill fused   benchmarks.run (KL; then the other divergences, Triton and CUDA, at V = 128256,
 #              K = 4) / run_mi / run_codistill at the shapes of benchmarks/results/h200-2026-11-28,
 #              and run_fused_linear (N = 16384, H = 4096, V = 128256, K = 1, 2: fused vs unfused vs Liger), each
 #              row in its own child process (benchmarks/isolate.py): a crash or CUDA error is a failed row, a row
 #              that cannot start in time is "skipped: budget", the JSON is saved after every row. Providers run in
 #              order of importance (all shapes of each), so a short slot drops the last ones
-# Slots count from the start and what a stage leaves unused goes to the next, so the run ends by the slots' sum (460
+# Slots count from the start and what a stage leaves unused goes to the next, so the run ends by the slots' sum (550
 # s) plus a few seconds. Child processes cost ~3-5 s of start-up each (import torch, CUDA) plus ~10 s of compilation
-# for torch.compile: kd has 14 rows, mi 9, codistill 8 and the agreement check, fused 5 (each ~1 s of matmuls).
-# No stage stops the others. Output: $(GPU_OUT)/{kd,divergences,mi,codistill,fused}-cuda.json and one log, $(GPU_OUT)/bench-gpu.log. GPU_STAGES="kd mi" runs some
-# stages; GPU_DEVICE=cpu with small shapes (GPU_KD_SHAPES="--rows 64 --vocab 128 ...") rehearses it all on a CPU.
+# for torch.compile: kd has 24 rows, mi 9, codistill 8 and the agreement check, fused 5 (each ~1 s of matmuls).
+# No stage stops the others. Output: $(GPU_OUT)/{kd,divergences,mi,codistill,fused}-cuda.json and one log,
+# $(GPU_OUT)/bench-gpu.log. GPU_STAGES="kd mi" runs some stages; GPU_DEVICE=cpu with small shapes
+# (GPU_KD_SHAPES="--rows 64 --vocab 128 ...") rehearses it all on a CPU.
 GPU_PY ?= python
 ifndef GPU_OUT
 GPU_OUT := gpu-run-$(shell date +%F)
 endif
-GPU_STAGES ?= install tests kd divergences mi codistill fused
+GPU_STAGES ?= install tests sanitize kd divergences mi codistill fused
 GPU_DEVICE ?= cuda
-GPU_INSTALL_S ?= 45
-GPU_TESTS_S ?= 100
+GPU_INSTALL_S ?= 120
+GPU_TESTS_S ?= 90
+GPU_SANITIZE_S ?= 60
 GPU_KD_S ?= 100
-GPU_DIVERGENCES_S ?= 45
-GPU_MI_S ?= 65
-GPU_CODISTILL_S ?= 45
-GPU_FUSED_S ?= 60
+GPU_DIVERGENCES_S ?= 40
+GPU_MI_S ?= 55
+GPU_CODISTILL_S ?= 35
+GPU_FUSED_S ?= 50
 # the most one benchmark row (child process: start-up, compilation, timing) may take
 GPU_CHILD_S ?= 45
 GPU_KD_SHAPES ?= --dtype bfloat16 --rows 8192 --vocab 32768,128256 --teachers 1,4 \
-	--providers triton,compile,eager,liger --repeats 20
+	--providers triton,cuda,compile,eager,liger,cuda-global --repeats 20
 # every other divergence, Triton alone, at the largest kd shape (issue 17 reports them all at V = 128256, K = 4)
-GPU_DIVERGENCES_SHAPES ?= --dtype bfloat16 --rows 8192 --vocab 128256 --teachers 4 --providers triton \
+GPU_DIVERGENCES_SHAPES ?= --dtype bfloat16 --rows 8192 --vocab 128256 --teachers 4 --providers triton,cuda \
 	--divergences reverse_kl,jsd,tvd,skew_kl,skew_reverse_kl --repeats 10
 GPU_MI_SHAPES ?= --dtype bfloat16 --shapes 16384x768,16384x128,65536x768 --providers triton,compile,eager --repeats 5
 GPU_CODISTILL_SHAPES ?= --dtype bfloat16 --rows 8192 --vocab 32768,128256 --temperatures 2 \
@@ -121,11 +127,18 @@ GPU_TESTS_CMD = logs=$$(mktemp -d); for f in tests/test_*gpu*.py; do ( $(GPU_ENV
 	$(call gpu_left,$(GPU_END_TESTS)) $(GPU_PY) -m pytest -o addopts= -q -rfE -p no:cacheprovider \
 	--durations=10 $$f; echo "exit status $$?" ) > $$logs/$$(basename $$f).log 2>&1 & done; wait; \
 	for f in $$logs/*.log; do echo "--- $$(basename $$f .log)"; cat $$f; done; rm -rf $$logs
+# compute-sanitizer on a small run of the CUDA kernel, memcheck and racecheck side by side, only kd_row_kernel checked
+GPU_SANITIZE_CMD = san=$$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer); \
+	logs=$$(mktemp -d); for tool in memcheck racecheck; do ( $(GPU_ENV) timeout -k 5 \
+	$(call gpu_left,$(GPU_END_SANITIZE)) $$san --tool $$tool --error-exitcode 9 --kernel-regex kns=kd_row_kernel \
+	$(GPU_PY) tests/cuda_sanitize.py; echo "exit status $$?" ) > $$logs/$$tool.log 2>&1 & done; wait; \
+	for f in $$logs/*.log; do echo "--- $$(basename $$f .log)"; tail -n 40 $$f; done; rm -rf $$logs
 bench-gpu:
 	$(eval GPU_T0 := $(shell date +%s))
 	$(eval GPU_END_INSTALL := $(shell expr $(GPU_T0) + $(call gpu_slot,install,$(GPU_INSTALL_S))))
 	$(eval GPU_END_TESTS := $(shell expr $(GPU_END_INSTALL) + $(call gpu_slot,tests,$(GPU_TESTS_S))))
-	$(eval GPU_END_KD := $(shell expr $(GPU_END_TESTS) + $(call gpu_slot,kd,$(GPU_KD_S))))
+	$(eval GPU_END_SANITIZE := $(shell expr $(GPU_END_TESTS) + $(call gpu_slot,sanitize,$(GPU_SANITIZE_S))))
+	$(eval GPU_END_KD := $(shell expr $(GPU_END_SANITIZE) + $(call gpu_slot,kd,$(GPU_KD_S))))
 	$(eval GPU_END_DIVERGENCES := $(shell expr $(GPU_END_KD) + $(call gpu_slot,divergences,$(GPU_DIVERGENCES_S))))
 	$(eval GPU_END_MI := $(shell expr $(GPU_END_DIVERGENCES) + $(call gpu_slot,mi,$(GPU_MI_S))))
 	$(eval GPU_END_CODISTILL := $(shell expr $(GPU_END_MI) + $(call gpu_slot,codistill,$(GPU_CODISTILL_S))))
@@ -135,6 +148,7 @@ bench-gpu:
 		- $(GPU_T0) )) s"; nvidia-smi -L; } 2>&1 | tee -a $(GPU_LOG)
 	-$(call gpu_stage,install,$(GPU_INSTALL_CMD))
 	-$(call gpu_stage,tests,$(GPU_TESTS_CMD))
+	-$(call gpu_stage,sanitize,$(GPU_SANITIZE_CMD))
 	-$(call gpu_stage,kd,$(call gpu_bench,run,$(GPU_END_KD),$(GPU_KD_SHAPES),kd))
 	-$(call gpu_stage,divergences,$(call gpu_bench,run,$(GPU_END_DIVERGENCES),$(GPU_DIVERGENCES_SHAPES),divergences))
 	-$(call gpu_stage,mi,$(call gpu_bench,run_mi,$(GPU_END_MI),$(GPU_MI_SHAPES),mi))
@@ -147,6 +161,7 @@ bench-gpu:
 # occupancy they allow, from the cubins (fastdistill/ops/triton/aot.py; make test compiles every configuration).
 kernels-report: install
 	$(PY) -m fastdistill.ops.triton.aot --report bench --arch 90
+	$(PY) -m fastdistill.ops.cuda_build
 
 clean:
 	rm -rf build *.egg-info fastdistill/_C*.so fastdistill/_build_info.py $(VENV)/.built

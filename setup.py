@@ -15,6 +15,7 @@ at import.
 import glob
 import os
 import platform
+import sys
 
 from setuptools import setup
 
@@ -40,6 +41,19 @@ def _limited_api_tag(cpp_extension) -> tuple[str, str]:
     return f"0x{hexcode:08X}", f"cp{hexcode >> 24}{(hexcode >> 16) & 0xFF}"
 
 
+def _nvcc_flags() -> list[str]:
+    """nvcc's flags, -gencode for sm_80 and sm_90a among them, from fastdistill/ops/cuda_build.py (the compile test
+    uses the same list). Loaded by path: importing the package would import torch and the extension."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_fd_cuda_build", os.path.join(ROOT, "fastdistill", "ops",
+                                                                                  "cuda_build.py"))  # fmt: skip
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # where its dataclass looks its module up
+    spec.loader.exec_module(module)
+    return module.nvcc_flags()
+
+
 def _extensions():
     if os.environ.get("FASTDISTILL_SKIP_EXT", "0") == "1":
         return [], {}, {}
@@ -61,8 +75,9 @@ def _extensions():
     elif arch != "generic":
         raise ValueError(f"FASTDISTILL_CPU_ARCH must be 'avx2' or 'generic', got {arch!r}")
 
-    # CUDA (none yet: csrc/cuda does not exist): kernels csrc/cuda/*.cu, torch-free; bindings csrc/cuda/*.cpp.
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+    # CUDA: kernels csrc/cuda/**/*.cu, torch-free (one translation unit per dtype pair under inst/, so the build
+    # compiles them in parallel); the torch binding csrc/cuda/*.cpp.
+    cuda_sources = sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True)) + sorted(glob.glob("csrc/cuda/*.cpp"))
     force_cuda = os.environ.get("FASTDISTILL_FORCE_CUDA", "0") == "1"
     use_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
     use_cuda = use_cuda and (force_cuda or torch.cuda.is_available())
@@ -77,7 +92,7 @@ def _extensions():
     if use_cuda:
         ext = CUDAExtension(
             sources=sources + cuda_sources,
-            extra_compile_args={"cxx": cxx + ["-DFASTDISTILL_WITH_CUDA"], "nvcc": ["-O3"]},
+            extra_compile_args={"cxx": cxx + ["-DFASTDISTILL_WITH_CUDA"], "nvcc": _nvcc_flags()},
             **kwargs,
         )
     else:

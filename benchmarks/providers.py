@@ -9,18 +9,25 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 import fastdistill
+from fastdistill.ops import extension
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _kd(backend: str) -> Callable[..., LossFn]:
+def _kd(backend: str, env: dict[str, str] | None = None) -> Callable[..., LossFn]:
+    """fastdistill.kd_loss on ``backend``; ``env``: launch overrides of the CUDA kernel (csrc/cuda/kd_loss_binding.cpp
+    reads them at every call), set when the provider is made (each benchmark row runs in its own process)."""
+
     def make(K: int, temperature: float, divergence: str = "kl") -> LossFn:
+        os.environ.update(env or {})
+
         def fn(student: torch.Tensor, teachers: torch.Tensor) -> torch.Tensor:
             return fastdistill.kd_loss(student, teachers, temperature=temperature, divergence=divergence,
                                        backend=backend)  # fmt: skip
@@ -65,13 +72,15 @@ def make_compile(K: int, temperature: float) -> LossFn:
 PROVIDERS: dict[str, Callable[..., LossFn]] = {
     "cpu": _kd("cpu"),
     "triton": _kd("triton"),
+    "cuda": _kd("cuda"),  # the CUDA C++ kernel, its launcher's choice of residency
+    "cuda-global": _kd("cuda", {"FASTDISTILL_CUDA_RESIDENCY": "global"}),  # its fallback, rows read from HBM
     "liger": make_liger,
     "auto": _kd("auto"),
     "eager": make_eager,
     "compile": make_compile,
     "reference": _kd("reference"),
 }
-DIVERGENCE_PROVIDERS = ("cpu", "triton", "auto", "reference")  # the ones that take divergence=
+DIVERGENCE_PROVIDERS = ("cpu", "triton", "cuda", "cuda-global", "auto", "reference")  # the ones that take divergence=
 
 
 def unavailable_reason(name: str, device: str) -> str | None:
@@ -82,6 +91,10 @@ def unavailable_reason(name: str, device: str) -> str | None:
         return "the cpu backend runs on CPU tensors only"
     if name in ("triton", "liger") and device != "cuda":
         return f"{name} is benchmarked on CUDA only (on the CPU it would run in Triton's interpreter)"
+    if name.startswith("cuda") and device != "cuda":
+        return "the cuda backend runs on CUDA tensors only"
+    if name.startswith("cuda") and not extension.has_kernel("kd_loss", "CUDA"):
+        return "fastdistill._C has no CUDA kernel (built without csrc/cuda, or without a CUDA torch)"
     if name == "liger" and importlib.util.find_spec("liger_kernel") is None:
         return "liger_kernel is not importable"
     if name == "cpu" and not fastdistill.extension_available():

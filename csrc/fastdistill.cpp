@@ -1,5 +1,5 @@
 // Schemas of every fastdistill op, defined once. Backends register implementations with TORCH_LIBRARY_IMPL in
-// their own files (csrc/cpu; csrc/cuda once it exists); fake (meta) kernels and autograd are registered from
+// their own files (csrc/cpu; csrc/cuda); fake (meta) kernels and autograd are registered from
 // Python (fastdistill/ops/registration.py). The _C module is empty: importing it only runs these registrations.
 #include <Python.h>
 #include <torch/library.h>

@@ -2,6 +2,7 @@
 // .cu files compile with nvcc alone). The torch bindings fill it from the op's arguments.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -53,6 +54,29 @@ inline Ensemble parse_ensemble(const std::string& s) {
   if (s == "logit_mean") return Ensemble::LogitMean;
   if (s == "loss_mean") return Ensemble::LossMean;
   throw std::invalid_argument("ensemble must be one of prob_mean, logit_mean, loss_mean; got '" + s + "'");
+}
+
+// The problem of one kd_loss call from the op's arguments (the cpu and cuda bindings alike): names parsed, the
+// parameter vector checked against the divergence, the temperature checked. Throws std::invalid_argument with the
+// message the binding raises.
+template <class Vec>
+inline KDProblem make_kd_problem(int64_t rows, int64_t vocab, int32_t teachers, const std::string& divergence,
+                                 const std::string& ensemble, const Vec& div_params, double temperature,
+                                 double kd_scale, double ce_weight, int64_t ignore_index, bool reduce) {
+  KDProblem p;
+  p.divergence = parse_divergence(divergence);
+  p.ensemble = parse_ensemble(ensemble);
+  parse_div_params(p.divergence, div_params, p.div_params);
+  if (!(std::isfinite(temperature) && temperature > 0)) throw std::invalid_argument("temperature must be finite and > 0");
+  p.rows = rows;
+  p.vocab = vocab;
+  p.teachers = teachers;
+  p.temperature = temperature;
+  p.kd_scale = kd_scale;
+  p.ce_weight = ce_weight;
+  p.ignore_index = ignore_index;
+  p.reduce = reduce;
+  return p;
 }
 
 }  // namespace fastdistill

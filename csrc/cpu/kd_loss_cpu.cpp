@@ -469,21 +469,12 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> kd_loss_cpu(
                     "fastdistill::kd_loss: the cpu backend takes 1 to 16 teachers, got ", teachers.size());
   KDProblem p;
   try {
-    p.divergence = parse_divergence(std::string(divergence));
-    p.ensemble = parse_ensemble(std::string(ensemble));
-    parse_div_params(p.divergence, div_params, p.div_params);
+    p = make_kd_problem(student.size(0), student.size(1), static_cast<int32_t>(teachers.size()),
+                        std::string(divergence), std::string(ensemble), div_params, temperature, kd_scale, ce_weight,
+                        ignore_index, reduce);
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK_VALUE(false, e.what());
   }
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature must be finite and > 0");
-  p.rows = student.size(0);
-  p.vocab = student.size(1);
-  p.teachers = static_cast<int32_t>(teachers.size());
-  p.temperature = temperature;
-  p.kd_scale = kd_scale;
-  p.ce_weight = ce_weight;
-  p.ignore_index = ignore_index;
-  p.reduce = reduce;
 
   const at::Tensor s = row_major(student);
   const auto teacher_dtype = teachers[0].scalar_type();

@@ -33,7 +33,8 @@ class Backend:
 
 class ExtensionBackend(Backend):
     """``torch.ops.fastdistill.<op>`` with a kernel of the C++ extension for ``device_type`` ("cpu": csrc/cpu;
-    "cuda": none written yet, so its reasons say so); the backend's name is the device type."""
+    "cuda": csrc/cuda, ``kd_loss`` only, when the extension was built with a CUDA torch; its reasons say when there
+    is none); the backend's name is the device type."""
 
     def __init__(self, device_type: str) -> None:
         self.name = self.device_type = device_type

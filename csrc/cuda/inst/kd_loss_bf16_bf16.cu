@@ -1,0 +1,10 @@
+// The kd_loss kernels for bf16 students and bf16 teachers (one translation unit per pair: parallel builds).
+#include "../kd_loss_kernel.cuh"
+
+namespace fastdistill {
+namespace cuda {
+namespace detail {
+FD_KD_INSTANTIATE(__nv_bfloat16, __nv_bfloat16, float)
+}  // namespace detail
+}  // namespace cuda
+}  // namespace fastdistill

@@ -1,0 +1,162 @@
+// Torch binding of the CUDA kd_loss kernel (kd_loss_kernel.cu): checks, the current stream, outputs. The schema is
+// in csrc/fastdistill.cpp; autograd and the fake kernel are registered from Python (fastdistill/ops/registration.py).
+//
+// Launch overrides, for the benchmark's sweeps (read at every call; unset: the launcher chooses):
+//   FASTDISTILL_CUDA_RESIDENCY = global | smem | cluster
+//   FASTDISTILL_CUDA_THREADS   = threads per block
+//   FASTDISTILL_CUDA_CLUSTER   = blocks per row (cluster residency)
+//   FASTDISTILL_CUDA_SMEM_KIB  = row data per block the launcher aims for
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "kd_loss_cuda.h"
+
+namespace fastdistill {
+namespace {
+
+cuda::DType dtype_of(at::ScalarType t, const char* what) {
+  switch (t) {
+    case at::kFloat: return cuda::DType::Float32;
+    case at::kBFloat16: return cuda::DType::BFloat16;
+    case at::kHalf: return cuda::DType::Float16;
+    case at::kDouble: return cuda::DType::Float64;
+    default: TORCH_CHECK_TYPE(false, "fastdistill::kd_loss (cuda): ", what, " must be float32/bfloat16/float16/float64, got ", t);
+  }
+}
+
+// unit stride along V (what the kernel reads); other layouts are copied once
+at::Tensor unit_stride(const at::Tensor& x) { return x.stride(1) == 1 ? x : x.contiguous(); }
+
+int env_int(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? std::atoi(v) : 0;
+}
+
+void apply_overrides(cuda::KDCudaArgs& a) {
+  if (const char* r = std::getenv("FASTDISTILL_CUDA_RESIDENCY")) {
+    const std::string s(r);
+    TORCH_CHECK_VALUE(s == "global" || s == "smem" || s == "cluster" || s.empty(),
+                      "FASTDISTILL_CUDA_RESIDENCY must be global, smem or cluster; got '", s, "'");
+    a.residency = s == "global" ? cuda::Residency::Global
+                  : s == "smem" ? cuda::Residency::Smem
+                  : s == "cluster" ? cuda::Residency::Cluster
+                                   : cuda::Residency::Auto;
+  }
+  a.threads = env_int("FASTDISTILL_CUDA_THREADS");
+  a.cluster = env_int("FASTDISTILL_CUDA_CLUSTER");
+  a.smem_target = int64_t(env_int("FASTDISTILL_CUDA_SMEM_KIB")) * 1024;
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> kd_loss_cuda(
+    const at::Tensor& student, at::TensorList teachers, const std::optional<at::Tensor>& teacher_weights,
+    const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& sample_weight,
+    const std::optional<at::Tensor>& denominator, c10::string_view divergence, c10::string_view ensemble,
+    double temperature, double kd_scale, double ce_weight, at::ArrayRef<double> div_params, int64_t ignore_index,
+    bool reduce, bool grad_student, bool grad_teachers) {
+  TORCH_CHECK_VALUE(student.dim() == 2, "fastdistill::kd_loss: student must be [N, V], got ", student.sizes());
+  TORCH_CHECK_VALUE(!teachers.empty() && int(teachers.size()) <= cuda::kMaxTeachers,
+                    "fastdistill::kd_loss: the cuda backend takes 1 to ", cuda::kMaxTeachers, " teachers, got ",
+                    teachers.size());
+  cuda::KDCudaArgs a;
+  try {
+    a.problem = make_kd_problem(student.size(0), student.size(1), static_cast<int32_t>(teachers.size()),
+                                std::string(divergence), std::string(ensemble), div_params, temperature, kd_scale,
+                                ce_weight, ignore_index, reduce);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+  const KDProblem& p = a.problem;
+  TORCH_CHECK_VALUE(ce_weight == 0 || labels, "ce_weight > 0 needs labels");
+
+  const auto device = student.device();
+  TORCH_CHECK_VALUE(device.is_cuda(), "fastdistill::kd_loss (cuda): student must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(device);
+  const auto on_device = [&](const at::Tensor& x, const char* what) {
+    TORCH_CHECK_VALUE(x.device() == device, "fastdistill::kd_loss (cuda): ", what, " is on ", x.device(),
+                      ", the student on ", device);
+  };
+  a.student_dtype = dtype_of(student.scalar_type(), "student");
+  const bool f64 = a.student_dtype == cuda::DType::Float64;
+  const auto acc = f64 ? at::kDouble : at::kFloat;
+  const at::Tensor s = unit_stride(student);
+  a.student = s.data_ptr();
+  a.student_stride = s.stride(0);
+
+  const auto teacher_dtype = teachers[0].scalar_type();
+  a.teacher_dtype = dtype_of(teacher_dtype, "teachers");
+  TORCH_CHECK_TYPE(f64 == (a.teacher_dtype == cuda::DType::Float64),
+                   "fastdistill::kd_loss (cuda): float64 logits need float64 on both sides, got student ",
+                   student.scalar_type(), " and teachers ", teacher_dtype);
+  std::vector<at::Tensor> ts;
+  for (size_t k = 0; k < teachers.size(); ++k) {
+    TORCH_CHECK_VALUE(teachers[k].sizes() == student.sizes(), "teacher ", k, " has shape ", teachers[k].sizes(),
+                      ", expected ", student.sizes());
+    TORCH_CHECK_TYPE(teachers[k].scalar_type() == teacher_dtype, "all teachers must share one dtype");
+    on_device(teachers[k], "a teacher");
+    ts.push_back(unit_stride(teachers[k]));
+    a.teachers[k] = ts.back().data_ptr();
+    a.teacher_strides[k] = ts.back().stride(0);
+  }
+
+  at::Tensor tw, lab, sw, den;
+  if (teacher_weights) {
+    on_device(*teacher_weights, "teacher_weights");
+    tw = teacher_weights->to(acc).contiguous();
+    TORCH_CHECK_VALUE(tw.dim() == 2 && tw.size(0) == p.teachers && tw.size(1) == p.rows,
+                      "teacher_weights must be [K, N] = [", p.teachers, ", ", p.rows, "], got ", tw.sizes());
+    a.teacher_weights = tw.data_ptr();
+  }
+  if (labels) {
+    on_device(*labels, "labels");
+    lab = labels->contiguous();
+    TORCH_CHECK_TYPE(lab.scalar_type() == at::kLong, "labels must be int64");
+    TORCH_CHECK_VALUE(lab.numel() == p.rows, "labels must have N = ", p.rows, " elements");
+    a.labels = lab.data_ptr<int64_t>();
+  }
+  if (sample_weight) {
+    on_device(*sample_weight, "sample_weight");
+    sw = sample_weight->to(acc).contiguous();
+    TORCH_CHECK_VALUE(sw.numel() == p.rows, "sample_weight must have N = ", p.rows, " elements");
+    a.sample_weight = sw.data_ptr();
+  }
+  if (denominator && reduce) {  // read on the device: no host synchronisation
+    on_device(*denominator, "denominator");
+    TORCH_CHECK_VALUE(denominator->numel() == 1, "denominator must hold one value");
+    den = denominator->to(acc).reshape({1}).contiguous();
+    a.denominator = den.data_ptr();
+  }
+
+  const auto opts = student.options().dtype(acc);
+  at::Tensor row_loss = at::empty({p.rows}, opts);
+  at::Tensor gs = grad_student ? at::empty({p.rows, p.vocab}, student.options()) : at::empty({0}, student.options());
+  std::vector<at::Tensor> gt;
+  for (size_t k = 0; k < teachers.size(); ++k) {
+    gt.push_back(grad_teachers ? at::empty({p.rows, p.vocab}, teachers[k].options())
+                               : at::empty({0}, teachers[k].options()));
+    if (grad_teachers) a.grad_teachers[k] = gt.back().data_ptr();
+  }
+  a.row_loss = row_loss.data_ptr();
+  a.grad_student = grad_student ? gs.data_ptr() : nullptr;
+  apply_overrides(a);
+
+  const cudaError_t err = cuda::launch_kd_loss(a, device.index(), c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "fastdistill::kd_loss (cuda): launch failed: ", cudaGetErrorString(err));
+  if (p.vocab == 0) row_loss.zero_();  // no column: no loss (the launcher launches nothing)
+  if (!reduce) return {row_loss, gs, gt};
+  // the rows summed and divided in float64, rounded once, as the cpu kernel
+  at::Tensor total = row_loss.sum(at::kDouble);
+  if (den.defined()) total = total / denominator->to(at::kDouble).reshape({});
+  return {total.to(acc), gs, gt};
+}
+
+}  // namespace
+}  // namespace fastdistill
+
+TORCH_LIBRARY_IMPL(fastdistill, CUDA, m) { m.impl("kd_loss", &fastdistill::kd_loss_cuda); }

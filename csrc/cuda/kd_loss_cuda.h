@@ -1,0 +1,68 @@
+// The CUDA kernel of fastdistill::kd_loss, as the torch binding sees it: a params struct and a launcher that takes
+// a stream. Torch-free (nvcc compiles the kernels alone, on a machine without torch's CUDA build) and host-only
+// declarations: the binding (kd_loss_binding.cpp) fills the struct from the op's tensors.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "../common/kd_params.h"
+
+namespace fastdistill {
+namespace cuda {
+
+constexpr int kMaxTeachers = 16;  // as the other backends (the op records' MAX_TEACHERS)
+
+enum class DType : int32_t { Float32 = 0, BFloat16 = 1, Float16 = 2, Float64 = 3 };
+
+// Where a row's K + 1 inputs live between the sweeps.
+//   Global:  read from global memory at every sweep (L2 catches part): any V, any GPU; the fallback.
+//   Smem:    one block per row, the row copied into shared memory by the first sweep: each input read once.
+//   Cluster: a thread-block cluster per row (sm_90), each block holding a slice of the row in its shared memory;
+//            the row's normalisers and sums combined through distributed shared memory. Each input read once.
+enum class Residency : int32_t { Auto = 0, Global = 1, Smem = 2, Cluster = 3 };
+
+struct KDCudaArgs {
+  KDProblem problem;
+  DType student_dtype = DType::Float32;
+  DType teacher_dtype = DType::Float32;  // all teachers share one dtype; accumulation is float64 iff student is
+
+  const void* student = nullptr;  // [N, V], unit stride along V
+  int64_t student_stride = 0;     // elements between rows
+  const void* teachers[kMaxTeachers] = {};
+  int64_t teacher_strides[kMaxTeachers] = {};
+  const void* teacher_weights = nullptr;  // [K, N] of the accumulation dtype, or null (uniform 1/K)
+  const int64_t* labels = nullptr;        // [N], or null
+  const void* sample_weight = nullptr;    // [N] of the accumulation dtype, or null
+  const void* denominator = nullptr;      // one value of the accumulation dtype (read on the device), or null (1)
+
+  void* row_loss = nullptr;                   // [N] of the accumulation dtype: w_i l_i
+  void* grad_student = nullptr;               // [N, V] contiguous, student dtype, or null
+  void* grad_teachers[kMaxTeachers] = {};     // [N, V] contiguous each, teacher dtype, or all null
+
+  // Launch configuration (0 / Auto: chosen by the launcher from the device and the shape).
+  Residency residency = Residency::Auto;
+  int threads = 0;            // per block, a multiple of 32 in [64, 1024]
+  int cluster = 0;            // blocks per row in Cluster residency (1..16)
+  int64_t smem_target = 0;    // bytes of row data per block the launcher aims for (Auto: see kd_loss_cuda.cu)
+};
+
+// What the launcher chose for a call (also what the benchmark reports).
+struct KDCudaConfig {
+  Residency residency = Residency::Global;
+  int threads = 0;
+  int cluster = 1;
+  int64_t smem_bytes = 0;  // dynamic shared memory per block
+};
+
+// The configuration `launch_kd_loss` would use for these arguments on `device`, without launching.
+KDCudaConfig plan_kd_loss(const KDCudaArgs& args, int device);
+
+// Launches the row kernel on `stream`. Returns cudaSuccess or the first CUDA error (launch errors included); the
+// binding turns it into an exception. No synchronisation, no allocation.
+cudaError_t launch_kd_loss(const KDCudaArgs& args, int device, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastdistill

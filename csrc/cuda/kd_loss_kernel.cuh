@@ -1,0 +1,892 @@
+// The CUDA kernel of fastdistill::kd_loss, as templates: kd_loss_launch.cu plans and dispatches, and the files in
+// inst/ instantiate the kernels one (student dtype, teacher dtype) pair each, so that a build compiles them in
+// parallel.
+//
+// CUDA kernel of fastdistill::kd_loss (math: fastdistill/ops/reference.py kd_loss; per-element divergence terms:
+// csrc/common/kd_math.h, the same header the CPU kernel instantiates). Torch-free: CUDA headers only, a params
+// struct and a stream (kd_loss_cuda.h).
+//
+// One row (a block, or a cluster of blocks on sm_90) at a time; the row's K + 1 inputs are swept
+//   sweep 1  per input: its normaliser (max, log-sum-exp) — and, resident, the copy of the input into shared memory;
+//   sweep 2  the loss terms, and the student gradient itself where it has a closed form (KL: dD/da = Q - P);
+//   sweep 3  the student gradient of the other divergences, from the row sum of Q dphi/dQ that sweep 2 made;
+//   then, for co-distillation only, per teacher: its row aggregate, and its gradient.
+// Residency (kd_loss_cuda.h) decides where sweeps 2+ read: shared memory (each input read once from HBM: one block
+// when the row fits, a cluster whose blocks hold a slice each when it does not) or global memory (the fallback).
+// All sums are reduced in a fixed order (warp butterflies, then warps, then cluster ranks in order): results are
+// bitwise reproducible run to run.
+#pragma once
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_pipeline.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cassert>
+#include <cfloat>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "../common/kd_math.h"
+#include "kd_loss_cuda.h"
+#include "kd_loss_plan.h"
+
+#ifdef FASTDISTILL_CUDA_DEBUG
+#define FD_ASSERT(cond) assert(cond)
+#else
+#define FD_ASSERT(cond) ((void)0)
+#endif
+
+namespace fastdistill {
+namespace cuda {
+namespace detail {
+
+namespace cg = cooperative_groups;
+
+// Elements per thread and step: 8 bytes of bf16/fp16, 16 of float32. 8 would make 16-byte loads of bf16 but needs
+// ~205 registers against ~122 (sm_90a), which halves the threads a block can have; the resident kernels' global
+// reads are 16-byte cp.async copies whatever kVec is.
+constexpr int kVec = 4;
+
+// ---- element types ---------------------------------------------------------------------------------------------
+
+template <typename A>
+__device__ __forceinline__ A to_acc(float x) { return A(x); }
+template <typename A>
+__device__ __forceinline__ A to_acc(double x) { return A(x); }
+template <typename A>
+__device__ __forceinline__ A to_acc(__nv_bfloat16 x) { return A(__bfloat162float(x)); }
+template <typename A>
+__device__ __forceinline__ A to_acc(__half x) { return A(__half2float(x)); }
+
+template <typename X>
+__device__ __forceinline__ X from_acc(float x);
+template <>
+__device__ __forceinline__ float from_acc<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
+template <typename X>
+__device__ __forceinline__ X from_acc(double x) { return X(x); }  // float64 rows: float64 gradients
+
+// ---- fast transcendentals (float) ------------------------------------------------------------------------------
+// exp as one ex2.approx of x log2(e): ~2 ulp near 0, relative error ~|x| 2^-24 for large |x| (where the values are
+// below 1e-30); the float64 path uses exp. The row normalisers' logs are libm's (a few per row).
+
+__device__ __forceinline__ float fexp(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
+}
+__device__ __forceinline__ double fexp(double x) { return ::exp(x); }
+
+// log as one lg2.approx times ln 2 (relative error ~2^-22; logf is ~20 instructions): the mixture's log P, per column
+__device__ __forceinline__ float flog(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y * 0.6931471805599453f;
+}
+__device__ __forceinline__ double flog(double x) { return ::log(x); }
+
+template <typename A>
+__device__ __forceinline__ A neg_inf() { return -INFINITY; }
+
+// below this a mixture's sum is recomputed as a log-sum-exp (the CPU kernel's threshold: 1024 x the smallest normal)
+template <typename A>
+__device__ __forceinline__ A tiny() { return sizeof(A) == 8 ? A(DBL_MIN * 1024) : A(FLT_MIN * 1024); }
+
+// ---- 8-element loads and stores --------------------------------------------------------------------------------
+
+template <typename X>
+struct PackUnit {  // the widest load that moves kVec elements of X in one piece: 8 or 16 bytes (two for float64)
+  static constexpr int kBytes = kVec * int(sizeof(X));
+  using type = std::conditional_t<(kBytes >= 16), uint4, uint2>;
+  static constexpr int kCount = kBytes / int(sizeof(type));
+};
+
+template <typename X>
+struct alignas(sizeof(typename PackUnit<X>::type)) Pack {
+  X v[kVec];
+};
+
+// 8 elements of row `p` from column j (a multiple of 8), in their own type. `whole`: all 8 are in [0, end) and the
+// address is 16-byte aligned; otherwise only the columns before `end` are read (the others are left undefined).
+// `stream`: data not read again from global memory (evict first).
+template <typename X>
+__device__ __forceinline__ void load_pack(const X* p, int64_t j, int64_t end, bool whole, bool stream, Pack<X>& pk) {
+  if (whole) {
+    using U = typename PackUnit<X>::type;
+    const U* src = reinterpret_cast<const U*>(p + j);
+    U* dst = reinterpret_cast<U*>(&pk);
+#pragma unroll
+    for (int u = 0; u < PackUnit<X>::kCount; ++u) dst[u] = stream ? __ldcs(src + u) : src[u];
+  } else {
+#pragma unroll
+    for (int u = 0; u < kVec; ++u)
+      if (j + u < end) pk.v[u] = p[j + u];
+  }
+}
+
+// The pack in the accumulation type; columns at or past `end` read as -inf (no mass).
+template <typename A, typename X>
+__device__ __forceinline__ void unpack(const Pack<X>& pk, int64_t j, int64_t end, A (&out)[kVec]) {
+#pragma unroll
+  for (int u = 0; u < kVec; ++u) out[u] = j + u < end ? to_acc<A>(pk.v[u]) : neg_inf<A>();
+}
+
+template <typename A, typename X>
+__device__ __forceinline__ void load8(const X* p, int64_t j, int64_t end, bool whole, bool stream, A (&out)[kVec]) {
+  Pack<X> pk;
+  load_pack(p, j, end, whole, stream, pk);
+  unpack<A>(pk, j, end, out);
+}
+
+template <typename A, typename X>
+__device__ __forceinline__ void store8(X* p, int64_t j, int64_t end, bool whole, const A (&g)[kVec]) {
+  if (whole) {
+    Pack<X> pk;
+#pragma unroll
+    for (int u = 0; u < kVec; ++u) pk.v[u] = from_acc<X>(g[u]);
+    using U = typename PackUnit<X>::type;
+    const U* src = reinterpret_cast<const U*>(&pk);
+    U* dst = reinterpret_cast<U*>(p + j);
+#pragma unroll
+    for (int u = 0; u < PackUnit<X>::kCount; ++u) __stcs(dst + u, src[u]);  // written once, not re-read
+  } else {
+#pragma unroll
+    for (int u = 0; u < kVec; ++u)
+      if (j + u < end) p[j + u] = from_acc<X>(g[u]);
+  }
+}
+
+// ---- online log-sum-exp --------------------------------------------------------------------------------------------
+// (m, s): s = sum exp(x - m). Merging keeps NaN (a NaN logit makes s NaN); +inf and empty rows are mapped to NaN
+// when the row's normaliser is finalised (finish_lse).
+
+template <typename A>
+__device__ __forceinline__ void lse_merge(A& m, A& s, A m2, A s2) {
+  const A mn = m > m2 ? m : m2;
+  if (mn == neg_inf<A>()) return;  // both empty (also keeps NaN out of exp(-inf + inf))
+  s = (m == neg_inf<A>() ? A(0) : s * fexp(m - mn)) + (m2 == neg_inf<A>() ? A(0) : s2 * fexp(m2 - mn));
+  m = mn;
+}
+
+template <typename A>
+__device__ __forceinline__ void lse_add8(A& m, A& s, const A (&x)[kVec]) {
+  A mx = x[0];
+#pragma unroll
+  for (int u = 1; u < kVec; ++u) mx = (x[u] > mx || x[u] != x[u]) ? x[u] : mx;  // NaN wins (fmax would drop it)
+  const A mn = m > mx ? m : mx;
+  if (mn == neg_inf<A>()) return;
+  A acc = m == neg_inf<A>() ? A(0) : s * fexp(m - mn);
+#pragma unroll
+  for (int u = 0; u < kVec; ++u) acc += fexp(x[u] - mn);  // exp(-inf) = 0; NaN stays
+  s = acc;
+  m = mn;
+}
+
+// ---- block and cluster reductions ------------------------------------------------------------------------------
+
+template <typename A>
+struct SumOp {
+  static __device__ __forceinline__ void combine(A* a, const A* b, int nv) {
+    for (int u = 0; u < nv; ++u) a[u] += b[u];
+  }
+  static __device__ __forceinline__ A identity(int) { return A(0); }
+};
+
+// values are (m, s) pairs
+template <typename A>
+struct LseOp {
+  static __device__ __forceinline__ void combine(A* a, const A* b, int nv) {
+    for (int u = 0; u + 1 < nv; u += 2) lse_merge(a[u], a[u + 1], b[u], b[u + 1]);
+  }
+  static __device__ __forceinline__ A identity(int u) { return u % 2 == 0 ? neg_inf<A>() : A(0); }
+};
+
+template <typename A>
+__device__ __forceinline__ A shfl_xor(A x, int lane_mask) {
+  return __shfl_xor_sync(0xffffffffu, x, lane_mask);
+}
+
+// Reduces nv values of every thread of the block (then of the cluster) with Op; every thread gets the result.
+template <typename A, class Op, bool kCluster>
+__device__ void reduce(A* v, int nv, RowShared<A>& sh, int& parity) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+  A other[kMaxReduce];
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) {
+    for (int u = 0; u < nv; ++u) other[u] = shfl_xor(v[u], off);
+    Op::combine(v, other, nv);
+  }
+  if (lane == 0)
+    for (int u = 0; u < nv; ++u) sh.warp[u][warp] = v[u];
+  __syncthreads();
+  if (warp == 0) {
+    for (int u = 0; u < nv; ++u) v[u] = lane < nwarps ? sh.warp[u][lane] : Op::identity(u);
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) {
+      for (int u = 0; u < nv; ++u) other[u] = shfl_xor(v[u], off);
+      Op::combine(v, other, nv);
+    }
+    if (lane == 0)
+      for (int u = 0; u < nv; ++u) sh.bcast[u] = v[u];
+  }
+  __syncthreads();
+  for (int u = 0; u < nv; ++u) v[u] = sh.bcast[u];
+  if constexpr (kCluster) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    cg::cluster_group cluster = cg::this_cluster();
+    if (threadIdx.x == 0)
+      for (int u = 0; u < nv; ++u) sh.slot[parity][u] = v[u];
+    cluster.sync();  // every block's partial is written
+    const unsigned ranks = cluster.num_blocks();
+    // every thread combines the ranks' partials in rank order: the same result, bit for bit, in every block
+    for (int u = 0; u < nv; ++u) v[u] = Op::identity(u);
+    for (unsigned r = 0; r < ranks; ++r) {
+      const A* remote = cluster.map_shared_rank(&sh.slot[parity][0], r);
+      A part[kMaxReduce];
+      for (int u = 0; u < nv; ++u) part[u] = remote[u];
+      Op::combine(v, part, nv);
+    }
+    // the other buffer next time: a block writes this one again only after the next cluster.sync, which every block
+    // reaches after its reads here
+    parity ^= 1;
+#else
+    __trap();  // cluster residency is launched on sm_90 only
+#endif
+  }
+}
+
+// ---- the row kernel --------------------------------------------------------------------------------------------
+
+template <typename A>
+struct Scalars {
+  A inv_t, kd_scale, kd_over_t, ce;
+  DivParams<A> prm;
+  bool closed, kd_on, per_teacher, log_linear, mixture, ce_own;
+};
+
+template <typename A>
+Scalars<A> make_scalars(const KDProblem& p) {
+  Scalars<A> s;
+  s.inv_t = A(1.0 / p.temperature);
+  s.kd_scale = A(p.kd_scale);
+  s.kd_over_t = A(p.kd_scale / p.temperature);
+  s.ce = A(p.ce_weight);
+  s.prm = make_div_params<A>(p.divergence, p.div_params, divergence_param_count(p.divergence));
+  s.closed = student_aggregate_is_minus_one(p.divergence);
+  s.kd_on = p.kd_scale != 0;
+  s.per_teacher = p.ensemble == Ensemble::LossMean && p.teachers > 1;
+  s.log_linear = p.ensemble == Ensemble::LogitMean && p.teachers > 1;
+  s.mixture = !s.per_teacher && !s.log_linear && p.teachers > 1;
+  s.ce_own = p.ce_weight != 0 && p.temperature != 1.0;  // the cross-entropy (T = 1) needs its own normaliser
+  return s;
+}
+
+template <typename S, typename T, typename A, Residency kRes>
+struct RowKernel {
+  static constexpr bool kCluster = kRes == Residency::Cluster;
+  static constexpr bool kResident = kRes != Residency::Global;
+  using Ops = ScalarOps<A>;
+
+  const KDCudaArgs& a;
+  const Scalars<A>& c;
+  RowShared<A>& sh;
+  int64_t i;           // row
+  int64_t c0, c1;      // this block's columns [c0, c1)
+  const S* s_src;      // where sweeps read the student: global row, or shared memory (indexed by column - c0)
+  const T* t_base;     // resident: teacher k's slice at t_base + k * t_pitch (shared memory); null: global rows
+  int64_t t_pitch;     // elements between the teachers' slices in shared memory
+  int64_t off;         // column offset of the read pointers (0 global, c0 resident)
+  bool whole_ok;       // 16-byte loads allowed on the sources (always for shared memory)
+  bool whole_global;   // 16-byte loads allowed on the global rows
+  int parity = 0;
+
+  __device__ int64_t V() const { return a.problem.vocab; }
+  // teacher k's row in global memory, and where the sweeps read it (indexed by column - off)
+  __device__ const T* t_global(int k) const {
+    return static_cast<const T*>(a.teachers[k]) + i * a.teacher_strides[k];
+  }
+  __device__ const T* t_src(int k) const { return kResident ? t_base + k * t_pitch : t_global(k); }
+  __device__ int K() const { return a.problem.teachers; }
+
+  // ---- element loaders (8 columns from j) ----
+  __device__ bool whole(int64_t j) const { return whole_ok && j + kVec <= c1; }
+  __device__ void student8(int64_t j, A (&raw)[kVec]) const { load8<A>(s_src - off, j, c1, whole(j), false, raw); }
+  __device__ void teacher8(int k, int64_t j, A (&x)[kVec]) const {
+    load8<A>(t_src(k) - off, j, c1, whole(j), false, x);
+#pragma unroll
+    for (int u = 0; u < kVec; ++u) x[u] *= c.inv_t;
+  }
+
+  // log P and P of the single target (one teacher, the pooled target of logit_mean, or the mixture of prob_mean)
+  __device__ void target8(int64_t j, A (&logp)[kVec], A (&p)[kVec]) const {
+    if (c.log_linear) {
+      A x[kVec];
+      pooled8(j, x);
+#pragma unroll
+      for (int u = 0; u < kVec; ++u) {
+        logp[u] = (x[u] - sh.rowmax[1]) - sh.logsum[1];
+        p[u] = fexp(x[u] - sh.rowmax[1]) * sh.inv_sum[1];
+      }
+      return;
+    }
+    if (!c.mixture) {
+      if (sh.w[0] == A(0)) {  // a lone teacher of weight 0 (only a direct op call can pass one): no target mass
+#pragma unroll
+        for (int u = 0; u < kVec; ++u) p[u] = A(0), logp[u] = neg_inf<A>();
+        return;
+      }
+      A x[kVec];
+      teacher8(0, j, x);
+#pragma unroll
+      for (int u = 0; u < kVec; ++u) {
+        logp[u] = (x[u] - sh.rowmax[1]) - sh.logsum[1];
+        p[u] = fexp(x[u] - sh.rowmax[1]) * sh.inv_sum[1];
+      }
+      return;
+    }
+    // mixture P = sum_k w_k P_k; log P as the log of the sum unless it underflows: those lanes as a log-sum-exp
+    // over the teachers (never the log of an underflowed sum)
+#pragma unroll
+    for (int u = 0; u < kVec; ++u) p[u] = A(0);
+    for (int k = 0; k < K(); ++k) {
+      if (sh.w[k] == A(0)) continue;  // a dropped teacher: not read
+      A x[kVec];
+      teacher8(k, j, x);
+      const A scale = sh.inv_sum[k + 1] * sh.w[k];
+#pragma unroll
+      for (int u = 0; u < kVec; ++u) p[u] += fexp(x[u] - sh.rowmax[k + 1]) * scale;
+    }
+    bool small = false;
+#pragma unroll
+    for (int u = 0; u < kVec; ++u) {
+      logp[u] = flog(p[u]);  // the lanes where p is subnormal or 0 are recomputed below (ftz would give -inf)
+      small |= p[u] < tiny<A>();
+    }
+    if (small) {
+      A m[kVec], s[kVec];
+#pragma unroll
+      for (int u = 0; u < kVec; ++u) m[u] = neg_inf<A>(), s[u] = A(0);
+      for (int k = 0; k < K(); ++k) {
+        if (sh.w[k] == A(0)) continue;
+        A x[kVec];
+        lpk8(k, j, x);
+#pragma unroll
+        for (int u = 0; u < kVec; ++u) lse_merge(m[u], s[u], x[u], A(1));
+      }
+#pragma unroll
+      for (int u = 0; u < kVec; ++u)
+        if (p[u] < tiny<A>()) logp[u] = m[u] == neg_inf<A>() ? m[u] : m[u] + ::log(s[u]);
+    }
+  }
+
+  // log(w_k P_k) at 8 columns
+  __device__ void lpk8(int k, int64_t j, A (&x)[kVec]) const {
+    teacher8(k, j, x);
+#pragma unroll
+    for (int u = 0; u < kVec; ++u) x[u] = (x[u] - sh.rowmax[k + 1]) - (sh.logsum[k + 1] - sh.logw[k]);
+  }
+
+  // logit_mean's target logits / T: sum_k w_k t_k / T over the teachers the row keeps
+  __device__ void pooled8(int64_t j, A (&x)[kVec]) const {
+#pragma unroll
+    for (int u = 0; u < kVec; ++u) x[u] = A(0);
+    for (int k = 0; k < K(); ++k) {
+      if (sh.w[k] == A(0)) continue;  // dropped, whatever its logits (NaN included)
+      A t[kVec];
+      teacher8(k, j, t);
+#pragma unroll
+      for (int u = 0; u < kVec; ++u) x[u] += sh.w[k] * t[u];
+    }
+#pragma unroll
+    for (int u = 0; u < kVec; ++u)
+      if (j + u >= c1) x[u] = neg_inf<A>();
+  }
+
+  // The student's Q and log Q, and the raw logits (for the cross-entropy), at 8 columns.
+  __device__ void student_q8(int64_t j, A (&raw)[kVec], A (&q)[kVec], A (&logq)[kVec]) const {
+    student8(j, raw);
+#pragma unroll
+    for (int u = 0; u < kVec; ++u) {
+      const A x = raw[u] * c.inv_t;
+      logq[u] = (x - sh.rowmax[0]) - sh.logsum[0];
+      q[u] = fexp(x - sh.rowmax[0]) * sh.inv_sum[0];
+    }
+  }
+
+  // softmax of the raw logits (T = 1): the cross-entropy's gradient without its label term
+  __device__ A ce_softmax(A raw, A q) const {
+    return c.ce_own ? fexp((raw - sh.ce_max) - sh.ce_logsum) : q;
+  }
+
+  // Divergence terms of 8 columns, ensemble-combined: phi and gq (Q dphi/dQ).
+  __device__ void terms8(int64_t j, const A (&q)[kVec], const A (&logq)[kVec], A (&phi)[kVec],
+                         A (&gq)[kVec]) const {
+    if (c.per_teacher) {  // D = sum_k w_k D(P_k, Q)
+#pragma unroll
+      for (int u = 0; u < kVec; ++u) phi[u] = gq[u] = A(0);
+      for (int k = 0; k < K(); ++k) {
+        if (sh.w[k] == A(0)) continue;  // 0 * inf would be nan
+        A x[kVec];
+        teacher8(k, j, x);
+#pragma unroll
+        for (int u = 0; u < kVec; ++u) {
+          const A logp = (x[u] - sh.rowmax[k + 1]) - sh.logsum[k + 1];
+          const A p = fexp(x[u] - sh.rowmax[k + 1]) * sh.inv_sum[k + 1];
+          const auto tr = divergence_terms<Ops>(c.prm, p, q[u], logp, logq[u]);
+          phi[u] += sh.w[k] * tr.phi;
+          gq[u] += sh.w[k] * tr.gq;
+        }
+      }
+      return;
+    }
+    A logp[kVec], p[kVec];
+    target8(j, logp, p);
+#pragma unroll
+    for (int u = 0; u < kVec; ++u) {
+      const auto tr = divergence_terms<Ops>(c.prm, p[u], q[u], logp[u], logq[u]);
+      phi[u] = tr.phi;
+      gq[u] = tr.gq;
+    }
+  }
+
+  __device__ void mask_tail(int64_t j, A (&v)[kVec]) const {
+#pragma unroll
+    for (int u = 0; u < kVec; ++u)
+      if (j + u >= c1) v[u] = A(0);
+  }
+
+  template <class Op>
+  __device__ void reduce_n(A* v, int nv) { reduce<A, Op, kCluster>(v, nv, sh, parity); }
+
+  // ---- sweep 1: resident, the copy of the row slice into shared memory; the normalisers ----
+  // The copy is asynchronous (cp.async, 16 bytes a thread at a time, all issued before any is waited for): the bytes
+  // in flight per SM do not depend on registers or occupancy. The statistics are then read from the copy.
+  template <typename X>
+  __device__ void copy_slice(const X* src, X* dst) const {
+    const int64_t n = c1 - c0;
+    if (whole_global) {
+      constexpr int64_t per = 16 / sizeof(X);
+      const int64_t chunks = n / per;
+      const char* s8 = reinterpret_cast<const char*>(src + c0);
+      char* d8 = reinterpret_cast<char*>(dst);
+      for (int64_t b = threadIdx.x; b < chunks; b += blockDim.x) __pipeline_memcpy_async(d8 + 16 * b, s8 + 16 * b, 16);
+      for (int64_t e = chunks * per + threadIdx.x; e < n; e += blockDim.x) dst[e] = src[c0 + e];
+    } else {
+      for (int64_t e = threadIdx.x; e < n; e += blockDim.x) dst[e] = src[c0 + e];
+    }
+  }
+
+  __device__ void sweep1(const S* s_global) {
+    const int64_t step = int64_t(blockDim.x) * kVec;
+    const int64_t start = c0 + int64_t(threadIdx.x) * kVec;
+    if constexpr (kResident) {
+      copy_slice(s_global, const_cast<S*>(s_src));
+      for (int k = 0; k < K(); ++k)
+        if (sh.w[k] != A(0)) copy_slice(t_global(k), const_cast<T*>(t_src(k)));  // dropped: never read
+      __pipeline_commit();
+      __pipeline_wait_prior(0);
+      __syncthreads();
+    }
+    // student: its own normaliser at T, and the cross-entropy's at T = 1 when T != 1
+    {
+      A v[4] = {neg_inf<A>(), A(0), neg_inf<A>(), A(0)};
+      for (int64_t j = start; j < c1; j += step) {
+        A raw[kVec], x[kVec];
+        student8(j, raw);
+#pragma unroll
+        for (int u = 0; u < kVec; ++u) x[u] = raw[u] * c.inv_t;
+        lse_add8(v[0], v[1], x);
+        if (c.ce_own) lse_add8(v[2], v[3], raw);
+      }
+      reduce_n<LseOp<A>>(v, c.ce_own ? 4 : 2);
+      if (threadIdx.x == 0) {
+        finish_lse(0, v[0], v[1]);
+        if (c.ce_own) {
+          const bool bad = !(v[2] > neg_inf<A>() && v[2] < A(INFINITY));
+          sh.ce_max = bad ? A(NAN) : v[2];
+          sh.ce_logsum = bad ? A(NAN) : ::log(v[3]);
+        }
+      }
+    }
+    for (int k = 0; k < K(); ++k) {
+      if (sh.w[k] == A(0)) {  // dropped: P = 0, log P = -inf, its logits never read
+        if (threadIdx.x == 0) sh.rowmax[k + 1] = sh.logsum[k + 1] = sh.inv_sum[k + 1] = A(0);
+        continue;
+      }
+      if (c.log_linear) continue;  // the teachers are pooled first (below)
+      A v[2] = {neg_inf<A>(), A(0)};
+      for (int64_t j = start; j < c1; j += step) {
+        A x[kVec];
+        teacher8(k, j, x);
+        lse_add8(v[0], v[1], x);
+      }
+      reduce_n<LseOp<A>>(v, 2);
+      if (threadIdx.x == 0) finish_lse(k + 1, v[0], v[1]);
+    }
+    __syncthreads();  // the normalisers are visible to the block
+    if (c.log_linear) {  // the pooled target's normaliser
+      A v[2] = {neg_inf<A>(), A(0)};
+      for (int64_t j = start; j < c1; j += step) {
+        A x[kVec];
+        pooled8(j, x);
+        lse_add8(v[0], v[1], x);
+      }
+      reduce_n<LseOp<A>>(v, 2);
+      if (threadIdx.x == 0) finish_lse(1, v[0], v[1]);
+      __syncthreads();
+    }
+  }
+
+  // A row normaliser: NaN when the row has no finite logit or holds +inf/NaN (never an error: a kernel cannot raise).
+  __device__ void finish_lse(int d, A m, A s) {
+    const bool bad = !(m > neg_inf<A>() && m < A(INFINITY)) || !(s > A(0));
+    sh.rowmax[d] = bad ? A(NAN) : m;
+    sh.logsum[d] = bad ? A(NAN) : ::log(s);
+    sh.inv_sum[d] = bad ? A(NAN) : A(1) / s;
+  }
+
+  __device__ void run(const S* s_global) {
+    const KDProblem& p = a.problem;
+    const int64_t label = a.labels ? a.labels[i] : p.ignore_index - 1;
+    const bool ignored = a.labels && label == p.ignore_index;
+    const A sw = a.sample_weight ? static_cast<const A*>(a.sample_weight)[i] : A(1);
+    S* gs = a.grad_student ? static_cast<S*>(a.grad_student) + i * V() : nullptr;
+    const int64_t step = int64_t(blockDim.x) * kVec;
+    const int64_t start = c0 + int64_t(threadIdx.x) * kVec;
+    const bool out_whole = (V() % kVec) == 0;  // gradients are contiguous [N, V] from 16-byte aligned allocations
+
+    if (ignored || sw == A(0)) {  // a skipped row: no loss, zero gradients (0 * inf would be nan)
+      if (threadIdx.x == 0 && (!kCluster || rank() == 0)) static_cast<A*>(a.row_loss)[i] = A(0);
+      const A zero[kVec] = {};
+      for (int64_t j = start; j < c1; j += step) {
+        const bool w = out_whole && j + kVec <= c1;
+        if (gs) store8(gs, j, c1, w, zero);
+        for (int k = 0; k < K(); ++k)
+          if (a.grad_teachers[k]) store8(static_cast<T*>(a.grad_teachers[k]) + i * V(), j, c1, w, zero);
+      }
+      return;
+    }
+    const bool label_ok = label >= 0 && label < V();
+    // the gradient of this row's contribution to the returned loss is f * d(l_i)/d(logits)
+    const A den = p.reduce && a.denominator ? *static_cast<const A*>(a.denominator) : A(1);
+    // an out-of-range label with the CE on (only a direct op call passes one): NaN gradients, as the loss below
+    const A f = c.ce != A(0) && !label_ok ? A(NAN) : sw / den;
+    if (threadIdx.x == 0) {
+      for (int k = 0; k < K(); ++k) {
+        sh.w[k] = a.teacher_weights ? static_cast<const A*>(a.teacher_weights)[k * p.rows + i] : A(1) / A(K());
+        sh.logw[k] = ::log(sh.w[k]);
+      }
+    }
+    __syncthreads();
+
+    sweep1(s_global);
+
+    // ---- sweep 2: loss; the closed-form student gradient; the row sum of gq otherwise ----
+    const bool want_gs = gs != nullptr;
+    const bool write_now = want_gs && c.closed;
+    A v[2] = {A(0), A(0)};  // D, sum gq
+    for (int64_t j = start; j < c1; j += step) {
+      A raw[kVec], q[kVec], logq[kVec], phi[kVec], gq[kVec];
+      student_q8(j, raw, q, logq);
+      terms8(j, q, logq, phi, gq);
+      mask_tail(j, phi);
+      mask_tail(j, gq);
+#pragma unroll
+      for (int u = 0; u < kVec; ++u) v[0] += phi[u], v[1] += gq[u];
+      if (write_now) {  // dD/da = Q - P, here -gq = P
+        A g[kVec];
+#pragma unroll
+        for (int u = 0; u < kVec; ++u) {
+          A gu = c.kd_on ? c.kd_over_t * (q[u] + gq[u]) : A(0);
+          if (c.ce != A(0)) gu += c.ce * (ce_softmax(raw[u], q[u]) - (j + u == label ? A(1) : A(0)));
+          g[u] = f * gu;
+        }
+        store8(gs, j, c1, out_whole && j + kVec <= c1, g);
+      }
+    }
+    reduce_n<SumOp<A>>(v, 2);
+    const A D = v[0], agg_q = v[1];
+    if (threadIdx.x == 0 && (!kCluster || rank() == 0)) {
+      A ce_loss = A(0);
+      if (c.ce != A(0)) {
+        if (label_ok) {
+          const A s_lab = to_acc<A>(static_cast<const S*>(a.student)[i * a.student_stride + label]);
+          const A mx = c.ce_own ? sh.ce_max : sh.rowmax[0];  // not own: T = 1
+          const A ls = c.ce_own ? sh.ce_logsum : sh.logsum[0];
+          ce_loss = (mx - s_lab) + ls;
+        } else {
+          ce_loss = A(NAN);  // an out-of-range label (the functional API rejects it first): never a silent number
+        }
+      }
+      // kd_scale = 0 (ce_weight = 1) is pure cross-entropy, even where D = inf
+      static_cast<A*>(a.row_loss)[i] = sw * ((c.kd_on ? c.kd_scale * D : A(0)) + c.ce * ce_loss);
+    }
+
+    // ---- sweep 3: the student gradient of divergences without a closed form ----
+    if (want_gs && !c.closed) {
+      for (int64_t j = start; j < c1; j += step) {
+        A raw[kVec], q[kVec], logq[kVec], phi[kVec], gq[kVec], g[kVec];
+        student_q8(j, raw, q, logq);
+        if (c.kd_on) terms8(j, q, logq, phi, gq);
+#pragma unroll
+        for (int u = 0; u < kVec; ++u) {
+          A gu = c.kd_on ? c.kd_over_t * (gq[u] - q[u] * agg_q) : A(0);
+          if (c.ce != A(0)) gu += c.ce * (ce_softmax(raw[u], q[u]) - (j + u == label ? A(1) : A(0)));
+          g[u] = f * gu;
+        }
+        store8(gs, j, c1, out_whole && j + kVec <= c1, g);
+      }
+    }
+
+    // ---- teacher gradients (co-distillation): per teacher, its row aggregate, then its gradient ----
+    if (a.grad_teachers[0] != nullptr) teacher_grads(f, start, step, out_whole);
+  }
+
+  // dD/d(teacher k logits / T), as the CPU kernel:
+  //   single teacher or logit_mean:  w_k (hp_j - P_j sum_v hp_v)
+  //   prob_mean:                     r_kj hp_j - P_kj sum_v r_kv hp_v     (r_k = w_k P_k / P)
+  //   loss_mean:                     w_k (hp_kj - P_kj sum_v hp_kv)
+  __device__ void teacher_grads(A f, int64_t start, int64_t step, bool out_whole) {
+    const A scale = f * c.kd_over_t;
+    // the single-target aggregate is shared by every teacher: computed once
+    const bool shared_agg = !c.mixture && !c.per_teacher;
+    A agg_shared = A(0);
+    if (shared_agg && c.kd_on) agg_shared = teacher_aggregate(0, start, step);
+    for (int k = 0; k < K(); ++k) {
+      T* out = static_cast<T*>(a.grad_teachers[k]) + i * V();
+      if (sh.w[k] == A(0) || !c.kd_on) {  // not in this row's loss (kd_scale = 0: the teachers not at all)
+        const A zero[kVec] = {};
+        for (int64_t j = start; j < c1; j += step) store8(out, j, c1, out_whole && j + kVec <= c1, zero);
+        continue;
+      }
+      const A agg = shared_agg ? agg_shared : teacher_aggregate(k, start, step);
+      for (int64_t j = start; j < c1; j += step) {
+        A g[kVec];
+        teacher_grad8(k, j, agg, g);
+#pragma unroll
+        for (int u = 0; u < kVec; ++u) g[u] *= scale;
+        store8(out, j, c1, out_whole && j + kVec <= c1, g);
+      }
+    }
+  }
+
+  // hp of teacher k at 8 columns (weighted as its gradient formula needs), and P_k (or the target's P)
+  __device__ void teacher_hp8(int k, int64_t j, A (&hp)[kVec], A (&pk)[kVec]) const {
+    A raw[kVec], q[kVec], logq[kVec];
+    student_q8(j, raw, q, logq);
+    if (c.per_teacher) {
+      A x[kVec];
+      teacher8(k, j, x);
+#pragma unroll
+      for (int u = 0; u < kVec; ++u) {
+        const A logp = (x[u] - sh.rowmax[k + 1]) - sh.logsum[k + 1];
+        pk[u] = fexp(x[u] - sh.rowmax[k + 1]) * sh.inv_sum[k + 1];
+        hp[u] = divergence_terms<Ops>(c.prm, pk[u], q[u], logp, logq[u]).hp;
+      }
+      return;
+    }
+    A logp[kVec], p[kVec];
+    target8(j, logp, p);
+    if (!c.mixture) {
+#pragma unroll
+      for (int u = 0; u < kVec; ++u) {
+        hp[u] = divergence_terms<Ops>(c.prm, p[u], q[u], logp[u], logq[u]).hp;
+        pk[u] = p[u];
+      }
+      return;
+    }
+    A lp[kVec];
+    lpk8(k, j, lp);
+#pragma unroll
+    for (int u = 0; u < kVec; ++u) {
+      const A r = logp[u] == neg_inf<A>() ? A(0) : fexp(lp[u] - logp[u]);  // responsibility of teacher k
+      hp[u] = r * divergence_terms<Ops>(c.prm, p[u], q[u], logp[u], logq[u]).hp;
+      // unweighted P_k
+      pk[u] = sh.w[k] == A(0) ? A(0) : fexp(lp[u] - sh.logw[k]);
+    }
+  }
+
+  __device__ A teacher_aggregate(int k, int64_t start, int64_t step) {
+    A v[1] = {A(0)};
+    for (int64_t j = start; j < c1; j += step) {
+      A hp[kVec], pk[kVec];
+      teacher_hp8(k, j, hp, pk);
+      mask_tail(j, hp);
+#pragma unroll
+      for (int u = 0; u < kVec; ++u) v[0] += hp[u];
+    }
+    reduce_n<SumOp<A>>(v, 1);
+    return v[0];
+  }
+
+  __device__ void teacher_grad8(int k, int64_t j, A agg, A (&g)[kVec]) const {
+    A hp[kVec], pk[kVec];
+    teacher_hp8(k, j, hp, pk);
+    const A wk = c.mixture ? A(1) : sh.w[k];  // the mixture's hp already carries r_k
+#pragma unroll
+    for (int u = 0; u < kVec; ++u) g[u] = wk * (hp[u] - pk[u] * agg);
+  }
+
+  __device__ unsigned rank() const {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if constexpr (kCluster) return cg::this_cluster().block_rank();
+#endif
+    return 0;
+  }
+};
+
+template <typename S, typename T, typename A, Residency kRes>
+__global__ void kd_row_kernel(const __grid_constant__ KDCudaArgs args, const __grid_constant__ Scalars<A> c,
+                              int64_t slice, int whole_global) {
+  constexpr bool kResident = kRes != Residency::Global;
+  extern __shared__ __align__(16) unsigned char smem[];
+  RowShared<A>& sh = *reinterpret_cast<RowShared<A>*>(smem);
+  const KDProblem& p = args.problem;
+  int64_t row = 0, c0 = 0, c1 = 0;  // (set below; zero where the cluster path traps: sm_80)
+  if constexpr (kRes == Residency::Cluster) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    cg::cluster_group cluster = cg::this_cluster();
+    row = blockIdx.x / cluster.num_blocks();
+    c0 = int64_t(cluster.block_rank()) * slice;
+#else
+    __trap();
+#endif
+  } else {
+    row = blockIdx.x;
+    c0 = 0;
+  }
+  c1 = c0 + slice < p.vocab ? c0 + slice : p.vocab;
+  if (c0 > c1) c0 = c1;  // a rank past the end of a short row: no columns, still in every cluster barrier
+  FD_ASSERT(row < p.rows && blockDim.x % 32 == 0 && blockDim.x <= 32 * kMaxWarps);
+
+  const S* s_global = static_cast<const S*>(args.student) + row * args.student_stride;
+  RowKernel<S, T, A, kRes> kern{args, c, sh, row, c0, c1, s_global, nullptr, 0, 0, kResident || whole_global != 0,
+                                 whole_global != 0};
+  if constexpr (kResident) {
+    const int64_t padded = (slice + kAlign - 1) / kAlign * kAlign;
+    unsigned char* base = smem + shared_header<A>();
+    kern.s_src = reinterpret_cast<const S*>(base);
+    kern.t_base = reinterpret_cast<const T*>(base + padded * sizeof(S));
+    kern.t_pitch = padded;
+    kern.off = c0;
+  }
+  kern.run(s_global);
+  if constexpr (kRes == Residency::Cluster) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    cg::this_cluster().sync();  // no block leaves while another may still read its shared memory
+#endif
+  }
+}
+
+// ---- launcher --------------------------------------------------------------------------------------------------
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+constexpr int kMaxDevices = 64;
+
+// Returns err after clearing the runtime's sticky last error, so that no later, unrelated launch check reports it.
+inline cudaError_t clear(cudaError_t err) {
+  cudaGetLastError();
+  return err;
+}
+
+template <typename S, typename T, typename A, Residency kRes>
+cudaError_t launch_typed(const KDCudaArgs& a, const KDCudaConfig& cfg, cudaStream_t stream) {
+  auto kernel = kd_row_kernel<S, T, A, kRes>;
+  const Scalars<A> c = make_scalars<A>(a.problem);
+  const int64_t slice = kRes == Residency::Global ? a.problem.vocab : slice_of(a.problem.vocab, cfg.cluster);
+  // 16-byte loads: every row start aligned (base pointer and row stride)
+  bool whole = aligned16(a.student) && (a.student_stride * dtype_size(a.student_dtype)) % 16 == 0;
+  for (int k = 0; k < a.problem.teachers; ++k)
+    whole = whole && aligned16(a.teachers[k]) && (a.teacher_strides[k] * dtype_size(a.teacher_dtype)) % 16 == 0;
+  // the dynamic shared memory the kernel may use: raised (never lowered) once per size and device, so that two
+  // threads launching it do not interleave a smaller setting with a larger launch
+  static std::atomic<int> allowed[kMaxDevices];
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return clear(err);
+  std::atomic<int>& slot = allowed[device % kMaxDevices];
+  for (int cur = slot.load(); cur < int(cfg.smem_bytes);) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(cfg.smem_bytes));
+    if (err != cudaSuccess) return clear(err);
+    if (slot.compare_exchange_weak(cur, int(cfg.smem_bytes))) break;
+  }
+  // no more threads than the kernel's registers allow on one SM
+  cudaFuncAttributes fa;
+  err = cudaFuncGetAttributes(&fa, kernel);
+  if (err != cudaSuccess) return clear(err);
+  const int threads = std::min(cfg.threads, fa.maxThreadsPerBlock / 32 * 32);
+  cudaLaunchConfig_t lc = {};
+  lc.blockDim = dim3(threads);
+  lc.dynamicSmemBytes = size_t(cfg.smem_bytes);
+  lc.stream = stream;
+  cudaLaunchAttribute attr[1];
+  int64_t blocks = a.problem.rows;
+  if constexpr (kRes == Residency::Cluster) {
+    if (cfg.cluster > 8) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+      if (err != cudaSuccess) return err;
+    }
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = cfg.cluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    lc.attrs = attr;
+    lc.numAttrs = 1;
+    blocks *= cfg.cluster;
+  }
+  if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+  lc.gridDim = dim3(unsigned(blocks));
+  if constexpr (kRes == Residency::Cluster) {
+    // a cluster this large may not fit the device (16 blocks of one per SM need 16 free SMs in one GPC): the caller
+    // falls back to the global-memory kernel
+    int clusters = 0;
+    err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &lc);
+    if (err != cudaSuccess || clusters < 1) return clear(cudaErrorNotPermitted);
+  }
+  err = cudaLaunchKernelEx(&lc, kernel, a, c, slice, int(whole));
+  return err != cudaSuccess ? clear(err) : cudaGetLastError();
+}
+
+template <typename S, typename T, typename A>
+cudaError_t launch_res(const KDCudaArgs& a, const KDCudaConfig& cfg, cudaStream_t stream) {
+  // teachers in another dtype than the student (rare): the global-memory kernel only, which keeps the number of
+  // kernels, and the build time, down (17 kernels instead of 29)
+  if constexpr (!std::is_same_v<S, T>) {
+    return launch_typed<S, T, A, Residency::Global>(a, cfg, stream);
+  } else {
+    switch (cfg.residency) {
+      case Residency::Smem: return launch_typed<S, T, A, Residency::Smem>(a, cfg, stream);
+      case Residency::Cluster:
+        if constexpr (std::is_same_v<A, double>) {
+          return cudaErrorNotSupported;  // float64: Global or Smem only (the planner never picks it)
+        } else {
+          const cudaError_t err = launch_typed<S, T, A, Residency::Cluster>(a, cfg, stream);
+          if (err != cudaErrorNotPermitted) return err;
+          KDCudaConfig global = cfg;  // the cluster does not fit this device: the fallback
+          global.residency = Residency::Global;
+          global.cluster = 1;
+          global.smem_bytes = shared_header<A>();
+          return launch_typed<S, T, A, Residency::Global>(a, global, stream);
+        }
+      default: return launch_typed<S, T, A, Residency::Global>(a, cfg, stream);
+    }
+  }
+}
+
+// Instantiated in inst/ for every (S, T) pair the launcher dispatches to.
+#define FD_KD_INSTANTIATE(S, T, A) \
+  template cudaError_t launch_res<S, T, A>(const KDCudaArgs&, const KDCudaConfig&, cudaStream_t);
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace fastdistill
