@@ -57,9 +57,7 @@ def test_resources_allow_the_launch(kernels, arch):
 def test_binding_type_checks_against_torch_headers(tmp_path):
     """csrc/cuda/kd_loss_binding.cpp with g++ -fsyntax-only against this torch's headers and CUDA's (a CPU torch
     ships c10/cuda but not its generated cuda_cmake_macros.h, stubbed here)."""
-    cuda_include = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(cuda_build.find_nvcc()))), "include")
-    if not os.path.exists(os.path.join(cuda_include, "cuda_runtime_api.h")):
-        cuda_include = "/usr/local/cuda/include"
+    cuda_include = cuda_build.cuda_include()
     stub = tmp_path / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
@@ -102,7 +100,7 @@ def test_plan_at_the_benchmark_shapes(tmp_path):
     """The launch plan (csrc/cuda/kd_loss_plan.h, host code) at the shapes benchmarks/NOTES.md predicts for: the
     residency and cluster size it says, never more shared memory than the device allows, and float64 or sm_80 never
     on a cluster."""
-    cuda_include = "/usr/local/cuda/include"
+    cuda_include = cuda_build.cuda_include()
     src = tmp_path / "plan.cpp"
     src.write_text(PLAN_PROBE)
     exe = tmp_path / "plan"

@@ -101,7 +101,7 @@ __device__ __forceinline__ A neg_inf() { return -INFINITY; }
 template <typename A>
 __device__ __forceinline__ A tiny() { return sizeof(A) == 8 ? A(DBL_MIN * 1024) : A(FLT_MIN * 1024); }
 
-// ---- 8-element loads and stores --------------------------------------------------------------------------------
+// ---- kVec-element loads and stores ------------------------------------------------------------------------------
 
 template <typename X>
 struct PackUnit {  // the widest load that moves kVec elements of X in one piece: 8 or 16 bytes (two for float64)
@@ -115,17 +115,16 @@ struct alignas(sizeof(typename PackUnit<X>::type)) Pack {
   X v[kVec];
 };
 
-// 8 elements of row `p` from column j (a multiple of 8), in their own type. `whole`: all 8 are in [0, end) and the
+// kVec elements of row `p` from column j (a multiple of kVec), in their own type. `whole`: all are in [0, end) and the
 // address is 16-byte aligned; otherwise only the columns before `end` are read (the others are left undefined).
-// `stream`: data not read again from global memory (evict first).
 template <typename X>
-__device__ __forceinline__ void load_pack(const X* p, int64_t j, int64_t end, bool whole, bool stream, Pack<X>& pk) {
+__device__ __forceinline__ void load_pack(const X* p, int64_t j, int64_t end, bool whole, Pack<X>& pk) {
   if (whole) {
     using U = typename PackUnit<X>::type;
     const U* src = reinterpret_cast<const U*>(p + j);
     U* dst = reinterpret_cast<U*>(&pk);
 #pragma unroll
-    for (int u = 0; u < PackUnit<X>::kCount; ++u) dst[u] = stream ? __ldcs(src + u) : src[u];
+    for (int u = 0; u < PackUnit<X>::kCount; ++u) dst[u] = src[u];
   } else {
 #pragma unroll
     for (int u = 0; u < kVec; ++u)
@@ -141,14 +140,14 @@ __device__ __forceinline__ void unpack(const Pack<X>& pk, int64_t j, int64_t end
 }
 
 template <typename A, typename X>
-__device__ __forceinline__ void load8(const X* p, int64_t j, int64_t end, bool whole, bool stream, A (&out)[kVec]) {
+__device__ __forceinline__ void load_vec(const X* p, int64_t j, int64_t end, bool whole, A (&out)[kVec]) {
   Pack<X> pk;
-  load_pack(p, j, end, whole, stream, pk);
+  load_pack(p, j, end, whole, pk);
   unpack<A>(pk, j, end, out);
 }
 
 template <typename A, typename X>
-__device__ __forceinline__ void store8(X* p, int64_t j, int64_t end, bool whole, const A (&g)[kVec]) {
+__device__ __forceinline__ void store_vec(X* p, int64_t j, int64_t end, bool whole, const A (&g)[kVec]) {
   if (whole) {
     Pack<X> pk;
 #pragma unroll
@@ -178,7 +177,7 @@ __device__ __forceinline__ void lse_merge(A& m, A& s, A m2, A s2) {
 }
 
 template <typename A>
-__device__ __forceinline__ void lse_add8(A& m, A& s, const A (&x)[kVec]) {
+__device__ __forceinline__ void lse_add_vec(A& m, A& s, const A (&x)[kVec]) {
   A mx = x[0];
 #pragma unroll
   for (int u = 1; u < kVec; ++u) mx = (x[u] > mx || x[u] != x[u]) ? x[u] : mx;  // NaN wins (fmax would drop it)
@@ -317,20 +316,20 @@ struct RowKernel {
   __device__ const T* t_src(int k) const { return kResident ? t_base + k * t_pitch : t_global(k); }
   __device__ int K() const { return a.problem.teachers; }
 
-  // ---- element loaders (8 columns from j) ----
+  // ---- element loaders (kVec columns from j) ----
   __device__ bool whole(int64_t j) const { return whole_ok && j + kVec <= c1; }
-  __device__ void student8(int64_t j, A (&raw)[kVec]) const { load8<A>(s_src - off, j, c1, whole(j), false, raw); }
-  __device__ void teacher8(int k, int64_t j, A (&x)[kVec]) const {
-    load8<A>(t_src(k) - off, j, c1, whole(j), false, x);
+  __device__ void student_vec(int64_t j, A (&raw)[kVec]) const { load_vec<A>(s_src - off, j, c1, whole(j), raw); }
+  __device__ void teacher_vec(int k, int64_t j, A (&x)[kVec]) const {
+    load_vec<A>(t_src(k) - off, j, c1, whole(j), x);
 #pragma unroll
     for (int u = 0; u < kVec; ++u) x[u] *= c.inv_t;
   }
 
   // log P and P of the single target (one teacher, the pooled target of logit_mean, or the mixture of prob_mean)
-  __device__ void target8(int64_t j, A (&logp)[kVec], A (&p)[kVec]) const {
+  __device__ void target_vec(int64_t j, A (&logp)[kVec], A (&p)[kVec]) const {
     if (c.log_linear) {
       A x[kVec];
-      pooled8(j, x);
+      pooled_vec(j, x);
 #pragma unroll
       for (int u = 0; u < kVec; ++u) {
         logp[u] = (x[u] - sh.rowmax[1]) - sh.logsum[1];
@@ -345,7 +344,7 @@ struct RowKernel {
         return;
       }
       A x[kVec];
-      teacher8(0, j, x);
+      teacher_vec(0, j, x);
 #pragma unroll
       for (int u = 0; u < kVec; ++u) {
         logp[u] = (x[u] - sh.rowmax[1]) - sh.logsum[1];
@@ -360,7 +359,7 @@ struct RowKernel {
     for (int k = 0; k < K(); ++k) {
       if (sh.w[k] == A(0)) continue;  // a dropped teacher: not read
       A x[kVec];
-      teacher8(k, j, x);
+      teacher_vec(k, j, x);
       const A scale = sh.inv_sum[k + 1] * sh.w[k];
 #pragma unroll
       for (int u = 0; u < kVec; ++u) p[u] += fexp(x[u] - sh.rowmax[k + 1]) * scale;
@@ -378,7 +377,7 @@ struct RowKernel {
       for (int k = 0; k < K(); ++k) {
         if (sh.w[k] == A(0)) continue;
         A x[kVec];
-        lpk8(k, j, x);
+        lpk_vec(k, j, x);
 #pragma unroll
         for (int u = 0; u < kVec; ++u) lse_merge(m[u], s[u], x[u], A(1));
       }
@@ -388,21 +387,21 @@ struct RowKernel {
     }
   }
 
-  // log(w_k P_k) at 8 columns
-  __device__ void lpk8(int k, int64_t j, A (&x)[kVec]) const {
-    teacher8(k, j, x);
+  // log(w_k P_k) at kVec columns
+  __device__ void lpk_vec(int k, int64_t j, A (&x)[kVec]) const {
+    teacher_vec(k, j, x);
 #pragma unroll
     for (int u = 0; u < kVec; ++u) x[u] = (x[u] - sh.rowmax[k + 1]) - (sh.logsum[k + 1] - sh.logw[k]);
   }
 
   // logit_mean's target logits / T: sum_k w_k t_k / T over the teachers the row keeps
-  __device__ void pooled8(int64_t j, A (&x)[kVec]) const {
+  __device__ void pooled_vec(int64_t j, A (&x)[kVec]) const {
 #pragma unroll
     for (int u = 0; u < kVec; ++u) x[u] = A(0);
     for (int k = 0; k < K(); ++k) {
       if (sh.w[k] == A(0)) continue;  // dropped, whatever its logits (NaN included)
       A t[kVec];
-      teacher8(k, j, t);
+      teacher_vec(k, j, t);
 #pragma unroll
       for (int u = 0; u < kVec; ++u) x[u] += sh.w[k] * t[u];
     }
@@ -411,9 +410,9 @@ struct RowKernel {
       if (j + u >= c1) x[u] = neg_inf<A>();
   }
 
-  // The student's Q and log Q, and the raw logits (for the cross-entropy), at 8 columns.
-  __device__ void student_q8(int64_t j, A (&raw)[kVec], A (&q)[kVec], A (&logq)[kVec]) const {
-    student8(j, raw);
+  // The student's Q and log Q, and the raw logits (for the cross-entropy), at kVec columns.
+  __device__ void student_q_vec(int64_t j, A (&raw)[kVec], A (&q)[kVec], A (&logq)[kVec]) const {
+    student_vec(j, raw);
 #pragma unroll
     for (int u = 0; u < kVec; ++u) {
       const A x = raw[u] * c.inv_t;
@@ -427,8 +426,8 @@ struct RowKernel {
     return c.ce_own ? fexp((raw - sh.ce_max) - sh.ce_logsum) : q;
   }
 
-  // Divergence terms of 8 columns, ensemble-combined: phi and gq (Q dphi/dQ).
-  __device__ void terms8(int64_t j, const A (&q)[kVec], const A (&logq)[kVec], A (&phi)[kVec],
+  // Divergence terms of kVec columns, ensemble-combined: phi and gq (Q dphi/dQ).
+  __device__ void terms_vec(int64_t j, const A (&q)[kVec], const A (&logq)[kVec], A (&phi)[kVec],
                          A (&gq)[kVec]) const {
     if (c.per_teacher) {  // D = sum_k w_k D(P_k, Q)
 #pragma unroll
@@ -436,7 +435,7 @@ struct RowKernel {
       for (int k = 0; k < K(); ++k) {
         if (sh.w[k] == A(0)) continue;  // 0 * inf would be nan
         A x[kVec];
-        teacher8(k, j, x);
+        teacher_vec(k, j, x);
 #pragma unroll
         for (int u = 0; u < kVec; ++u) {
           const A logp = (x[u] - sh.rowmax[k + 1]) - sh.logsum[k + 1];
@@ -449,7 +448,7 @@ struct RowKernel {
       return;
     }
     A logp[kVec], p[kVec];
-    target8(j, logp, p);
+    target_vec(j, logp, p);
 #pragma unroll
     for (int u = 0; u < kVec; ++u) {
       const auto tr = divergence_terms<Ops>(c.prm, p[u], q[u], logp[u], logq[u]);
@@ -501,11 +500,11 @@ struct RowKernel {
       A v[4] = {neg_inf<A>(), A(0), neg_inf<A>(), A(0)};
       for (int64_t j = start; j < c1; j += step) {
         A raw[kVec], x[kVec];
-        student8(j, raw);
+        student_vec(j, raw);
 #pragma unroll
         for (int u = 0; u < kVec; ++u) x[u] = raw[u] * c.inv_t;
-        lse_add8(v[0], v[1], x);
-        if (c.ce_own) lse_add8(v[2], v[3], raw);
+        lse_add_vec(v[0], v[1], x);
+        if (c.ce_own) lse_add_vec(v[2], v[3], raw);
       }
       reduce_n<LseOp<A>>(v, c.ce_own ? 4 : 2);
       if (threadIdx.x == 0) {
@@ -526,8 +525,8 @@ struct RowKernel {
       A v[2] = {neg_inf<A>(), A(0)};
       for (int64_t j = start; j < c1; j += step) {
         A x[kVec];
-        teacher8(k, j, x);
-        lse_add8(v[0], v[1], x);
+        teacher_vec(k, j, x);
+        lse_add_vec(v[0], v[1], x);
       }
       reduce_n<LseOp<A>>(v, 2);
       if (threadIdx.x == 0) finish_lse(k + 1, v[0], v[1]);
@@ -537,8 +536,8 @@ struct RowKernel {
       A v[2] = {neg_inf<A>(), A(0)};
       for (int64_t j = start; j < c1; j += step) {
         A x[kVec];
-        pooled8(j, x);
-        lse_add8(v[0], v[1], x);
+        pooled_vec(j, x);
+        lse_add_vec(v[0], v[1], x);
       }
       reduce_n<LseOp<A>>(v, 2);
       if (threadIdx.x == 0) finish_lse(1, v[0], v[1]);
@@ -569,9 +568,9 @@ struct RowKernel {
       const A zero[kVec] = {};
       for (int64_t j = start; j < c1; j += step) {
         const bool w = out_whole && j + kVec <= c1;
-        if (gs) store8(gs, j, c1, w, zero);
+        if (gs) store_vec(gs, j, c1, w, zero);
         for (int k = 0; k < K(); ++k)
-          if (a.grad_teachers[k]) store8(static_cast<T*>(a.grad_teachers[k]) + i * V(), j, c1, w, zero);
+          if (a.grad_teachers[k]) store_vec(static_cast<T*>(a.grad_teachers[k]) + i * V(), j, c1, w, zero);
       }
       return;
     }
@@ -596,8 +595,8 @@ struct RowKernel {
     A v[2] = {A(0), A(0)};  // D, sum gq
     for (int64_t j = start; j < c1; j += step) {
       A raw[kVec], q[kVec], logq[kVec], phi[kVec], gq[kVec];
-      student_q8(j, raw, q, logq);
-      terms8(j, q, logq, phi, gq);
+      student_q_vec(j, raw, q, logq);
+      terms_vec(j, q, logq, phi, gq);
       mask_tail(j, phi);
       mask_tail(j, gq);
 #pragma unroll
@@ -610,7 +609,7 @@ struct RowKernel {
           if (c.ce != A(0)) gu += c.ce * (ce_softmax(raw[u], q[u]) - (j + u == label ? A(1) : A(0)));
           g[u] = f * gu;
         }
-        store8(gs, j, c1, out_whole && j + kVec <= c1, g);
+        store_vec(gs, j, c1, out_whole && j + kVec <= c1, g);
       }
     }
     reduce_n<SumOp<A>>(v, 2);
@@ -635,15 +634,15 @@ struct RowKernel {
     if (want_gs && !c.closed) {
       for (int64_t j = start; j < c1; j += step) {
         A raw[kVec], q[kVec], logq[kVec], phi[kVec], gq[kVec], g[kVec];
-        student_q8(j, raw, q, logq);
-        if (c.kd_on) terms8(j, q, logq, phi, gq);
+        student_q_vec(j, raw, q, logq);
+        if (c.kd_on) terms_vec(j, q, logq, phi, gq);
 #pragma unroll
         for (int u = 0; u < kVec; ++u) {
           A gu = c.kd_on ? c.kd_over_t * (gq[u] - q[u] * agg_q) : A(0);
           if (c.ce != A(0)) gu += c.ce * (ce_softmax(raw[u], q[u]) - (j + u == label ? A(1) : A(0)));
           g[u] = f * gu;
         }
-        store8(gs, j, c1, out_whole && j + kVec <= c1, g);
+        store_vec(gs, j, c1, out_whole && j + kVec <= c1, g);
       }
     }
 
@@ -665,27 +664,27 @@ struct RowKernel {
       T* out = static_cast<T*>(a.grad_teachers[k]) + i * V();
       if (sh.w[k] == A(0) || !c.kd_on) {  // not in this row's loss (kd_scale = 0: the teachers not at all)
         const A zero[kVec] = {};
-        for (int64_t j = start; j < c1; j += step) store8(out, j, c1, out_whole && j + kVec <= c1, zero);
+        for (int64_t j = start; j < c1; j += step) store_vec(out, j, c1, out_whole && j + kVec <= c1, zero);
         continue;
       }
       const A agg = shared_agg ? agg_shared : teacher_aggregate(k, start, step);
       for (int64_t j = start; j < c1; j += step) {
         A g[kVec];
-        teacher_grad8(k, j, agg, g);
+        teacher_grad_vec(k, j, agg, g);
 #pragma unroll
         for (int u = 0; u < kVec; ++u) g[u] *= scale;
-        store8(out, j, c1, out_whole && j + kVec <= c1, g);
+        store_vec(out, j, c1, out_whole && j + kVec <= c1, g);
       }
     }
   }
 
-  // hp of teacher k at 8 columns (weighted as its gradient formula needs), and P_k (or the target's P)
-  __device__ void teacher_hp8(int k, int64_t j, A (&hp)[kVec], A (&pk)[kVec]) const {
+  // hp of teacher k at kVec columns (weighted as its gradient formula needs), and P_k (or the target's P)
+  __device__ void teacher_hp_vec(int k, int64_t j, A (&hp)[kVec], A (&pk)[kVec]) const {
     A raw[kVec], q[kVec], logq[kVec];
-    student_q8(j, raw, q, logq);
+    student_q_vec(j, raw, q, logq);
     if (c.per_teacher) {
       A x[kVec];
-      teacher8(k, j, x);
+      teacher_vec(k, j, x);
 #pragma unroll
       for (int u = 0; u < kVec; ++u) {
         const A logp = (x[u] - sh.rowmax[k + 1]) - sh.logsum[k + 1];
@@ -695,7 +694,7 @@ struct RowKernel {
       return;
     }
     A logp[kVec], p[kVec];
-    target8(j, logp, p);
+    target_vec(j, logp, p);
     if (!c.mixture) {
 #pragma unroll
       for (int u = 0; u < kVec; ++u) {
@@ -705,7 +704,7 @@ struct RowKernel {
       return;
     }
     A lp[kVec];
-    lpk8(k, j, lp);
+    lpk_vec(k, j, lp);
 #pragma unroll
     for (int u = 0; u < kVec; ++u) {
       const A r = logp[u] == neg_inf<A>() ? A(0) : fexp(lp[u] - logp[u]);  // responsibility of teacher k
@@ -719,7 +718,7 @@ struct RowKernel {
     A v[1] = {A(0)};
     for (int64_t j = start; j < c1; j += step) {
       A hp[kVec], pk[kVec];
-      teacher_hp8(k, j, hp, pk);
+      teacher_hp_vec(k, j, hp, pk);
       mask_tail(j, hp);
 #pragma unroll
       for (int u = 0; u < kVec; ++u) v[0] += hp[u];
@@ -728,9 +727,9 @@ struct RowKernel {
     return v[0];
   }
 
-  __device__ void teacher_grad8(int k, int64_t j, A agg, A (&g)[kVec]) const {
+  __device__ void teacher_grad_vec(int k, int64_t j, A agg, A (&g)[kVec]) const {
     A hp[kVec], pk[kVec];
-    teacher_hp8(k, j, hp, pk);
+    teacher_hp_vec(k, j, hp, pk);
     const A wk = c.mixture ? A(1) : sh.w[k];  // the mixture's hp already carries r_k
 #pragma unroll
     for (int u = 0; u < kVec; ++u) g[u] = wk * (hp[u] - pk[u] * agg);

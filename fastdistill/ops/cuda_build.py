@@ -49,6 +49,16 @@ def find_nvcc() -> str | None:
     return None
 
 
+def cuda_include() -> str:
+    """CUDA's include directory, next to the nvcc found (else /usr/local/cuda/include)."""
+    nvcc = find_nvcc()
+    if nvcc:
+        inc = Path(os.path.realpath(nvcc)).parent.parent / "include"
+        if (inc / "cuda_runtime_api.h").exists():
+            return str(inc)
+    return "/usr/local/cuda/include"
+
+
 def find_cuobjdump() -> str | None:
     """CUDA's cuobjdump, or the one the triton wheel ships."""
     cand = shutil.which("cuobjdump")
