@@ -15,6 +15,7 @@ Each (provider, N, D) runs in its own child process, under ``--budget-s``: see :
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -53,9 +54,17 @@ def _eager(u, v, a):
     return reference.mi_alpha(u, v, alpha=ALPHA, log_baseline=a, critic="dot", temperature=1.0)
 
 
+def _triton_tiles() -> Callable:
+    """The Triton backend's tile kernels for half-precision features too (v1's structure, no cuBLAS strips): set
+    for this process only, as each benchmark cell runs in its own."""
+    os.environ["FASTDISTILL_MI_STRIPS"] = "0"
+    return _fused("triton")
+
+
 PROVIDERS: dict[str, Callable[[], Callable]] = {
     "cpu": lambda: _fused("cpu"),
     "triton": lambda: _fused("triton"),
+    "triton-tiles": _triton_tiles,
     "auto": lambda: _fused("auto"),
     "eager": lambda: _eager,
     "compile": lambda: torch.compile(_eager, dynamic=False),
@@ -67,7 +76,7 @@ def unavailable_reason(name: str, device: str) -> str | None:
         return f"unknown provider {name!r} (known: {', '.join(PROVIDERS)})"
     if name == "cpu" and (device != "cpu" or not fastdistill.extension_available()):
         return "the cpu backend needs CPU tensors and the built extension"
-    if name == "triton" and device != "cuda":
+    if name.startswith("triton") and device != "cuda":
         return "triton is benchmarked on CUDA only"
     return None
 

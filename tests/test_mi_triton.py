@@ -95,10 +95,30 @@ def test_float32_matches_reference(mi, n, d, temperature, correlated, alpha):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_matches_reference(mi, dtype):
-    """Half-precision features go to tl.dot as they are (G too, scaled by N); gradients come back in their dtype."""
+@pytest.mark.parametrize("how", ["one strip", "strips of 7 rows", "strips of 16 rows", "tiles"])
+def test_half_matches_reference(mi, dtype, how, monkeypatch):
+    """Half-precision features: by strips (S from a float32 matmul, G in the features' dtype, scaled by N, to the
+    matmuls of the gradients), one strip or several with a ragged last one, N = 33 with 4-row programs; or by the tile
+    kernels (FASTDISTILL_MI_STRIPS=0), where they go to tl.dot as they are. Gradients come back in their dtype."""
+    if how == "tiles":
+        monkeypatch.setenv("FASTDISTILL_MI_STRIPS", "0")
+    elif how != "one strip":
+        monkeypatch.setenv("FASTDISTILL_MI_STRIP_ROWS", how.split()[2])
+    assert mi.use_strips(dtype) == (how != "tiles")
     u, v, a = make_inputs(33, 24, dtype, True, seed=3)
     check_against_reference(mi, u, v, a, 0.01, 0.5, dtype)
+
+
+def test_strip_rows(mi, monkeypatch):
+    """S (float32) and G of a strip fit max(64 MiB, 2 N D bytes of features), in rows that are a multiple of 64."""
+    assert mi.strip_rows(16384, 768, torch.bfloat16) == 640  # 64 MiB / (6 B x 16384) = 682
+    assert mi.strip_rows(65536, 768, torch.bfloat16) == 512  # 2 N D x 2 B = 192 MiB / (6 B x 65536)
+    assert mi.strip_rows(33, 24, torch.float16) == 33
+    assert mi.strip_rows(100, 8, torch.bfloat16) == 100
+    monkeypatch.setenv("FASTDISTILL_MI_STRIP_ROWS", "0")
+    with pytest.raises(ValueError, match="FASTDISTILL_MI_STRIP_ROWS"):
+        mi.strip_rows(100, 8, torch.bfloat16)
+    assert not mi.use_strips(torch.float32) and not mi.use_strips(torch.float64)
 
 
 def test_saturated_rows(mi):
@@ -273,3 +293,19 @@ def test_no_n_by_n_temporaries(mi):
     with _RecordSizes() as rec_ref:
         reference.mi_alpha(u, v, alpha=0.01, log_baseline=1.0, critic="dot", temperature=0.5)
     assert max(rec_ref.sizes)[0] >= n * n * 4
+
+
+def test_strips_hold_one_strip(mi, monkeypatch):
+    """By strips (bfloat16), the largest temporaries are one strip's S (float32 [rows, N]) and the float32
+    d(student) accumulator [N, D]: never N x N. N = 40 in strips of 8 rows; the check can fail (N x N float32 is
+    bigger than both)."""
+    monkeypatch.setenv("FASTDISTILL_MI_STRIP_ROWS", "8")
+    n, d = 40, 5
+    u, v, a = make_inputs(n, d, torch.bfloat16, seed=9)
+    with _RecordSizes() as rec:
+        est, stats = mi._mi_alpha_triton(u, v, a, 0.01, 0.5)
+        mi._mi_alpha_backward_triton(torch.tensor(1.0), u, v, a, stats, 0.01, 0.5)
+    assert len(rec.sizes) > 5, "the recorder saw no ops"
+    biggest = max(rec.sizes)
+    assert biggest[0] <= max(8 * n * 4, n * d * 4, stats.nbytes), f"{biggest[1]} returned {biggest[0]} bytes"
+    assert n * n * 4 > 2 * max(8 * n * 4, n * d * 4, stats.nbytes)

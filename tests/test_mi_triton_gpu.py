@@ -95,8 +95,23 @@ def test_n16384_d768(mi, dtype):
     check(mi, u, v, a, 0.01, 0.1, dtype, expected=expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("how", ["strips of 128 rows", "tiles"])
+def test_strips_and_tiles_cuda(mi, dtype, how, monkeypatch):
+    """Half-precision features by strips (cuBLAS S and gradient matmuls), here 8 of them with a ragged last one, and
+    by the tile kernels (FASTDISTILL_MI_STRIPS=0), both against the float64 reference."""
+    if how == "tiles":
+        monkeypatch.setenv("FASTDISTILL_MI_STRIPS", "0")
+    else:
+        monkeypatch.setenv("FASTDISTILL_MI_STRIP_ROWS", "128")
+    assert mi.use_strips(dtype) == (how != "tiles")
+    u, v, a = make_inputs(1000, 768, dtype, seed=6, normalise=True)
+    check(mi, u, v, a, 0.01, 0.1, dtype, grad_output=0.4)
+
+
 def test_memory_is_o_of_n_d(mi):
-    """Forward + backward at N = 16384, D = 768 (bf16) allocate O(N D): far less than one N x N float32 (1 GiB)."""
+    """Forward + backward at N = 16384, D = 768 (bf16) allocate O(N D): far less than one N x N float32 (1 GiB).
+    By strips: the gradients, the float32 d(student) accumulator and one strip's S (float32) and G (bf16)."""
     n, d = 16384, 768
     u, v, a = make_inputs(n, d, torch.bfloat16, seed=3, normalise=True)
     u, v, a = (x.requires_grad_() for x in (u, v, a))
@@ -107,8 +122,10 @@ def test_memory_is_o_of_n_d(mi):
     est.backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
-    # the gradients (2 N D bf16 + N float32) plus stats and buffers; an N x N float32 matrix would be 1 GiB
-    assert extra < 2 * n * d * 2 + 64 * 2**20, f"{extra / 2**20:.1f} MiB"
+    # the gradients (2 N D bf16 + N float32), the accumulator (N D float32), one strip (6 R N bytes), stats and
+    # buffers: ~140 MiB; an N x N float32 matrix would be 1 GiB
+    strip = 6 * mi.strip_rows(n, d, torch.bfloat16) * n
+    assert extra < 2 * n * d * 2 + n * d * 4 + strip + 16 * 2**20, f"{extra / 2**20:.1f} MiB"
 
 
 def test_deterministic_cuda(mi):
@@ -122,7 +139,8 @@ def test_deterministic_cuda(mi):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compile_fullgraph_traces_into_kernels(mi, dtype):
     """torch.compile(fullgraph=True) with inductor: no graph break, the generated code launches the user kernels of
-    both triton_ops (forward and, in the compiled backward, both backward kernels), and the results match eager."""
+    both triton_ops (forward and, in the compiled backward, the backward's: both tile kernels, or for bf16 the
+    strips' gradient kernel between cuBLAS matmuls), and the results match eager."""
     from torch._inductor.utils import run_and_get_code
 
     u, v, a = make_inputs(300, 96, dtype, seed=5)
@@ -133,7 +151,9 @@ def test_compile_fullgraph_traces_into_kernels(mi, dtype):
     compiled = torch.compile(fn, fullgraph=True)
     got, codes = run_and_get_code(run, compiled, u, v, a, 1.0)
     code = "\n".join(codes)
-    for kernel in ("def _mi_fwd", "def _mi_bwd_rows", "def _mi_bwd_cols"):  # Inductor's copies of the kernels
+    kernels = ("def _mi_fwd", "def _mi_strip_grad") if mi.use_strips(dtype) else ("def _mi_fwd", "def _mi_bwd_rows",
+                                                                                   "def _mi_bwd_cols")  # fmt: skip
+    for kernel in kernels:  # Inductor's copies of the kernels
         assert kernel in code, f"{kernel} is not in the compiled code"
     want = run(fn, u, v, a, 1.0)
     for x, y in zip(got, want):

@@ -46,7 +46,7 @@ def test_every_launcher_configuration_compiles(arch, tmp_path):
 def test_inductor_reemitted_sources_import_and_compile():
     out = run_child(["-m", "fastdistill.ops.triton.aot", "--inductor"], timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count("ok ") == 6, out.stdout  # kd, codistill, 3 mi, the backward scale
+    assert out.stdout.count("ok ") == 7, out.stdout  # kd, codistill, 4 mi (3 tile kernels, strip gradient), scale
 
 
 def test_checks_catch_what_they_claim(tmp_path):
@@ -95,7 +95,7 @@ def test_resource_report_of_the_benchmark_shapes():
     out = run_child(["-m", "fastdistill.ops.triton.aot", "--report", "bench", "--arch", "90"], timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "`" in line]
-    assert len(rows) == 4 + 2 + 9, out.stdout  # kd (2 V x 2 K), codistill (2 V), mi (3 shapes x 3 kernels)
+    assert len(rows) == 4 + 2 + 6, out.stdout  # kd (2 V x 2 K), codistill (2 V), mi (3 shapes x a strip's 2 kernels)
 
 
 def test_launcher_alignment_decision():
@@ -134,3 +134,5 @@ def test_launchers_build_under_fake_tensors():
         assert not launch.constexprs["ALIGNED"]
         u = torch.empty(8, 32)
         assert [w for w, _ in mi_alpha.mi_launches(u, u, torch.empty(8))] == ["fwd", "bwd_rows", "bwd_cols"]
+        h = torch.empty(8, 32, dtype=torch.bfloat16)
+        assert [w for w, _ in mi_alpha.mi_launches(h, h, torch.empty(8))] == ["strip_fwd", "strip_grad"]

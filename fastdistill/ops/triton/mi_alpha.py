@@ -26,10 +26,16 @@ buffer, O(N); no N x N tile ever leaves the chip and the [N, D] features are not
 matmul in the features' dtype, scaled by N first so that fp16 does not flush its O(1 / N^2) off-diagonal
 entries; the factor is taken out after the sum.
 
+Half-precision features (bfloat16 / float16) go by strips instead (``use_strips``; the section "strips" below):
+cuBLAS computes S a strip of rows at a time, in float32, the forward's row kernel reads it (``_mi_fwd`` with
+STRIP), ``_mi_strip_grad`` turns it into G, and cuBLAS does the gradient matmuls: 1 + 3 x 2 N^2 D flops at the
+matmul library's rate, memory O(N D) plus one strip.
+
 The float parameters (1 / T, log(N - 1), log alpha, ...) reach the kernels in a tensor of the accumulation dtype:
 scalar kernel arguments would be rounded to float32.
 """
 
+import functools
 import math
 import os
 
@@ -161,6 +167,29 @@ def _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM: tl.constexpr, BN: tl.cons
 
 
 @triton.jit
+def _strip_scores(s_ptr, lrows, cols, N, SN, RS, inv_t):
+    """The S tile [BM, BN] read from a strip of V U^T (float32 [RS, N], row stride SN; lrows: rows of the strip,
+    int64), scaled by 1/T as ``_scores`` scales its sum. Rows past the strip and columns past N load as 0."""
+    m = (lrows < RS)[:, None] & (cols < N)[None, :]
+    return tl.load(s_ptr + lrows[:, None] * SN + cols[None, :], mask=m, other=0.0).to(inv_t.dtype) * inv_t
+
+
+@triton.jit
+def _strip_rows(int_ptr, BM: tl.constexpr, ALIGNED: tl.constexpr):
+    """A strip kernel's rows: (rows of the strip, int64; their rows of S, int32; rows in the strip; N; the strip's
+    row stride SN). int_ptr: (N, D, first row, rows in the strip); SN = N restated as a multiple of 16 when
+    ALIGNED (the launcher checked N % 16 == 0), so the strip's loads become 16-byte vectors."""
+    N = tl.load(int_ptr + 0)
+    r0 = tl.load(int_ptr + 2).to(tl.int32)
+    RS = tl.load(int_ptr + 3)
+    SN = N
+    if ALIGNED:
+        SN = N // 16 * 16
+    lrows32 = tl.program_id(0) * BM + tl.arange(0, BM)
+    return lrows32.to(tl.int64), r0 + lrows32, RS, N, SN
+
+
+@triton.jit
 def _load_params(prm_ptr):
     # 1/T, log(N-1), log alpha, log(1-alpha), 1/N, 1/(N(N-1)), 1/(N-1), N
     return (tl.load(prm_ptr + 0), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2), tl.load(prm_ptr + 3),
@@ -210,14 +239,21 @@ def _sizes(int_ptr, ALIGNED: tl.constexpr):
     return N, D
 
 
-def _mi_fwd(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, part_ptr, int_ptr, BM: tl.constexpr, BN: tl.constexpr,
+def _mi_fwd(u_ptr, v_ptr, s_ptr, a_ptr, prm_ptr, stats_ptr, part_ptr, int_ptr, BM: tl.constexpr, BN: tl.constexpr,
             BK: tl.constexpr, ALIGNED: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr,
-            FAST: tl.constexpr):  # fmt: skip
-    N, D = _sizes(int_ptr, ALIGNED)
+            FAST: tl.constexpr, STRIP: tl.constexpr):  # fmt: skip
+    """STRIP: the rows of one strip, S read from s_ptr (float32 [rows, N], the strip of V U^T that cuBLAS wrote);
+    else S tiles computed here from u_ptr, v_ptr."""
+    if STRIP:
+        lrows, rows32, RS, N, SN = _strip_rows(int_ptr, BM, ALIGNED)
+        D = N  # (unused)
+        rmask = lrows < RS
+    else:
+        N, D = _sizes(int_ptr, ALIGNED)
+        rows32 = tl.program_id(0) * BM + tl.arange(0, BM)
+        rmask = rows32 < N.to(tl.int32)
     N32 = N.to(tl.int32)  # indices within the N x N matrix compare as int32 (one instruction); offsets stay int64
-    rows32 = tl.program_id(0) * BM + tl.arange(0, BM)
     rows = rows32.to(tl.int64)
-    rmask = rows32 < N32
     inv_t, lam, log_alpha, log_1m_alpha, inv_n, inv_d, inv_nm1, nf = _load_params(prm_ptr)
 
     # pass 1 (mi_alpha_cpu.cpp: forward_row), online over the column tiles: the running max mx and its column k*
@@ -232,7 +268,10 @@ def _mi_fwd(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, part_ptr, int_ptr, BM: tl.c
     for j0 in range(0, N, BN):
         cols32 = (j0 + tl.arange(0, BN)).to(tl.int32)
         cols = cols32.to(tl.int64)
-        s = _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM, BN, BK, ACC, PREC, WIDEN)
+        if STRIP:
+            s = _strip_scores(s_ptr, lrows, cols, N, SN, RS, inv_t)
+        else:
+            s = _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM, BN, BK, ACC, PREC, WIDEN)
         s = tl.where((cols32 < N32)[None, :], s, float("-inf"))
         diag = rows32[:, None] == cols32[None, :]
         tmax = tl.max(s, 1)
@@ -264,7 +303,10 @@ def _mi_fwd(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, part_ptr, int_ptr, BM: tl.c
     for j0 in range(0, N, BN):
         cols32 = (j0 + tl.arange(0, BN)).to(tl.int32)
         cols = cols32.to(tl.int64)
-        s = _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM, BN, BK, ACC, PREC, WIDEN)
+        if STRIP:
+            s = _strip_scores(s_ptr, lrows, cols, N, SN, RS, inv_t)
+        else:
+            s = _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM, BN, BK, ACC, PREC, WIDEN)
         keep = (cols32 < N32)[None, :] & (cols32[None, :] != rows32[:, None]) & (cols32[None, :] != star[:, None])
         p = fexp(s - lse[:, None])
         t = _t_of(alpha_[:, None], beta_[:, None], p)  # >= 1/2 (p <= 1/2 off {i, k*}): flog's absolute error is fine
@@ -343,6 +385,25 @@ def _mi_bwd_cols(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, grad_ptr, out_ptr, int
              mask=(cols < N)[:, None] & dmask[None, :])  # fmt: skip
 
 
+def _mi_strip_grad(s_ptr, a_ptr, prm_ptr, stats_ptr, g_ptr, int_ptr, BM: tl.constexpr, BN: tl.constexpr,
+                   ALIGNED: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """N * dI/dS on one [BM, BN] tile of a strip, from the strip's S (float32 [rows, N]) and the forward's stats,
+    written to g_ptr ([rows, N], row stride SN) in the features' dtype: the operand the row kernels give tl.dot, here
+    given to cuBLAS for d(teacher) = G U and d(student) += G^T V."""
+    lrows, rows32, RS, N, SN = _strip_rows(int_ptr, BM, ALIGNED)
+    N32 = N.to(tl.int32)
+    rows = rows32.to(tl.int64)
+    cols32 = tl.program_id(1) * BN + tl.arange(0, BN)
+    cols = cols32.to(tl.int64)
+    inv_t, lam, log_alpha, log_1m_alpha, inv_n, inv_d, inv_nm1, nf = _load_params(prm_ptr)
+    lse, z, q, crest, phi, m, star, gdiag, alpha_, beta_ = _row_stats(stats_ptr, a_ptr, rows, N, lam, log_alpha,
+                                                                    log_1m_alpha, ACC)  # fmt: skip
+    s = _strip_scores(s_ptr, lrows, cols, N, SN, RS, inv_t)
+    g = _grad_tile(s, rows32, cols32, N32, lse, z, q, crest, phi, m, star, gdiag, alpha_, beta_, inv_d, nf)
+    tl.store(g_ptr + lrows[:, None] * SN + cols[None, :], g.to(g_ptr.dtype.element_ty),
+             mask=(lrows < RS)[:, None] & (cols < N)[None, :])  # fmt: skip
+
+
 # ---- host side ------------------------------------------------------------------------------------------------------
 
 
@@ -353,9 +414,12 @@ def _tiles(d: int, dtype: torch.dtype) -> dict:
     types. The interpreter gets the smallest tiles tl.dot accepts (16), which also makes the tests cross several
     row, column and feature tiles."""
     pow2_d = max(16, triton.next_power_of_2(d))
+    # the strips' kernels (half-precision features; no tl.dot): a few rows per program across 16-byte column
+    # vectors, so that a strip of a few hundred rows still fills the GPU (UNTUNED, as the rest)
+    strip = {"strip_fwd": {"BM": 2, "BN": 1024, "num_warps": 4}, "strip_grad": {"BM": 16, "BN": 256, "num_warps": 8}}
     if _INTERPRET:
         t = {"BM": 16, "BN": 16, "BK": 16}
-        return {"fwd": t, "bwd": {**t, "BDO": 16}}
+        return {"fwd": t, "bwd": {**t, "BDO": 16}, "strip_fwd": {"BM": 4, "BN": 16}, "strip_grad": {"BM": 4, "BN": 16}}
     if dtype == torch.float64:
         fwd = {"BM": 32, "BN": 32, "BK": min(pow2_d, 32), "num_warps": 4, "num_stages": 2}
         bwd = {"BM": 32, "BN": 32, "BK": min(pow2_d, 32), "BDO": min(pow2_d, 64), "num_warps": 4, "num_stages": 1}
@@ -371,7 +435,7 @@ def _tiles(d: int, dtype: torch.dtype) -> dict:
         bwd = {"BM": 64, "BN": 64, "BK": min(pow2_d, 64), "BDO": bdo, "num_warps": 8, "num_stages": 2}
         # (8 warps at every D: at 4, v2's int32 index copies took bwd_cols at D = 128 to 255 registers and 8 bytes
         # of spill; at 8, 195, and every D <= 128 at 127-195)
-    return {"fwd": fwd, "bwd": bwd}
+    return {"fwd": fwd, "bwd": bwd, **strip}
 
 
 def _launch_args(dtype: torch.dtype) -> dict:
@@ -393,11 +457,12 @@ _SMALL = ("a_ptr", "prm_ptr", "stats_ptr", "part_ptr", "grad_ptr", "int_ptr")
 _mi_fwd_kernel = jit_pair(_mi_fwd, small=_SMALL)
 _mi_bwd_rows_kernel = jit_pair(_mi_bwd_rows, small=_SMALL)
 _mi_bwd_cols_kernel = jit_pair(_mi_bwd_cols, small=_SMALL)
+_mi_strip_grad_kernel = jit_pair(_mi_strip_grad, small=_SMALL)
 # the compiled variants: every value each constexpr can take (aot.py checks the launchers reach exactly these)
-KERNELS = [_mi_fwd_kernel, _mi_bwd_rows_kernel, _mi_bwd_cols_kernel]
-MI_DOMAINS = {"BM": (32, 64), "BN": (32, 64), "BK": (16, 32, 64, 128), "BDO": (16, 32, 64, 128, 256),
+KERNELS = [_mi_fwd_kernel, _mi_bwd_rows_kernel, _mi_bwd_cols_kernel, _mi_strip_grad_kernel]
+MI_DOMAINS = {"BM": (2, 16, 32, 64), "BN": (32, 64, 256, 1024), "BK": (16, 32, 64, 128), "BDO": (16, 32, 64, 128, 256),
               "ALIGNED": (False, True), "ACC": ("fp32", "fp64"), "PREC": ("ieee", "tf32"),
-              "WIDEN": (False,), "FAST": (False, True)}  # fmt: skip
+              "WIDEN": (False,), "FAST": (False, True), "STRIP": (False, True)}  # fmt: skip
 
 
 def _common(student: Tensor, teacher: Tensor, log_baseline: Tensor, alpha: float, temperature: float):
@@ -418,9 +483,9 @@ def mi_fwd_launch(student, teacher, log_baseline, alpha, temperature) -> tuple[L
     cfg = dict(_tiles(d, student.dtype)["fwd"])
     options = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
     aligned = is_aligned([u, v], [d])
-    launch = Launch(_mi_fwd_kernel.pick(aligned), (triton.cdiv(n, cfg["BM"]),), (u, v, a, prm, stats, part, ints),
-                    {**cfg, "ALIGNED": aligned, **_launch_args(student.dtype)},
-                    options or {"num_warps": 4})  # fmt: skip
+    launch = Launch(_mi_fwd_kernel.pick(aligned), (triton.cdiv(n, cfg["BM"]),),
+                    (u, v, u, a, prm, stats, part, ints), {**cfg, "ALIGNED": aligned, **_launch_args(student.dtype),
+                    "STRIP": False}, options or {"num_warps": 4})  # fmt: skip
     return launch, stats, part
 
 
@@ -443,21 +508,156 @@ def mi_bwd_launches(grad, student, teacher, log_baseline, stats, alpha, temperat
     return rows, cols, d_student, d_teacher
 
 
+# ---- strips: half-precision features --------------------------------------------------------------------------------
+# The tile kernels above run the matmuls of S at ~17 % of the tensor cores' rate (NOTES.md, issue 18). For bfloat16 /
+# float16 features the matmuls go to cuBLAS instead, a strip of rows at a time: S = V[strip] U^T in float32 (the
+# products exact, the sums in float32, as tl.dot's), read by the forward's row kernel (_mi_fwd, STRIP) and by
+# _mi_strip_grad, which writes G = N dI/dS in the features' dtype (the tile kernels' tl.dot operand); then
+# d(teacher)[strip] = G U and d(student) += G^T V[strip] by cuBLAS, accumulated in float32. Extra memory: one strip's
+# S and G, (4 + 2) R N bytes, R chosen so that they fit max(64 MiB, 2 N D bytes of features), and the float32
+# d(student) accumulator: O(N D), never N x N. Matmuls of 2 N^2 D flops: 1 forward + 3 backward.
+
+_STRIP_FLOOR_BYTES = 64 << 20
+_HAS_MM_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype")
+
+
+def use_strips(dtype: torch.dtype) -> bool:
+    """Whether the op runs by strips for features of ``dtype``: half precision, unless FASTDISTILL_MI_STRIPS=0 (the
+    tile kernels then, as for float32 / float64) or this torch lacks cuBLAS's float32-output GEMM."""
+    return dtype in (torch.bfloat16, torch.float16) and _HAS_MM_DTYPE and os.environ.get("FASTDISTILL_MI_STRIPS") != "0"
+
+
+def strip_rows(n: int, d: int, dtype: torch.dtype) -> int:
+    """Rows per strip: S (float32) and G (``dtype``) of that many rows fit max(64 MiB, 2 N D bytes of features, i.e.
+    the two feature tensors); a multiple of 64 (at least 64, at most N). FASTDISTILL_MI_STRIP_ROWS overrides (the
+    tests' many small strips)."""
+    env = os.environ.get("FASTDISTILL_MI_STRIP_ROWS")
+    if env:
+        rows = int(env)
+        if rows < 1:
+            raise ValueError(f"FASTDISTILL_MI_STRIP_ROWS must be a positive integer, got {env!r}")
+    else:
+        item = torch.empty((), dtype=dtype).element_size()
+        budget = max(_STRIP_FLOOR_BYTES, 2 * n * d * item)
+        rows = max(64, budget // (n * (4 + item)) // 64 * 64)
+    return min(rows, n)
+
+
+def _mm32(a: Tensor, b: Tensor, c: Tensor | None = None) -> Tensor:
+    """a @ b in float32 from half-precision a, b, or c += a @ b in place (c float32): cuBLAS with float32 output on
+    a GPU; float32 here (the interpreter's CPU tensors; half products are exact in float32)."""
+    if a.is_cuda:
+        if c is None:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+    if c is None:
+        return a.float() @ b.float()
+    return c.add_(a.float() @ b.float())
+
+
+def _strip_ints(n: int, d: int, rows: int, device) -> Tensor:
+    """[strips, 4] int64: (N, D, first row, rows) of each strip, made on the device in one go."""
+    k = triton.cdiv(n, rows)
+    first = torch.arange(k, dtype=torch.int64, device=device) * rows
+    full = functools.partial(torch.full, (k,), dtype=torch.int64, device=device)
+    return torch.stack([full(n), full(d), first, (n - first).clamp(max=rows)], 1)
+
+
+def _strip_launches(u, v, s, g, a, prm, stats, part, ints: Tensor, rs: int, n: int, d: int) -> tuple[Launch, Launch]:
+    """One strip's forward launch (into stats / part) and gradient launch (s, stats -> g)."""
+    tiles = _tiles(d, u.dtype)
+    aligned = is_aligned([u, v, s, g], [n])
+    cx = _launch_args(u.dtype)
+    fwd = dict(tiles["strip_fwd"])
+    f_opts = {k: fwd.pop(k) for k in ("num_warps", "num_stages") if k in fwd}
+    forward = Launch(_mi_fwd_kernel.pick(aligned), (triton.cdiv(rs, fwd["BM"]),),
+                     (u, v, s, a, prm, stats, part, ints), {**fwd, "BK": 16, "ALIGNED": aligned, **cx, "STRIP": True},
+                     f_opts or {"num_warps": 4})  # fmt: skip
+    grd = dict(tiles["strip_grad"])
+    g_opts = {k: grd.pop(k) for k in ("num_warps", "num_stages") if k in grd}
+    grad = Launch(_mi_strip_grad_kernel.pick(aligned), (triton.cdiv(rs, grd["BM"]), triton.cdiv(n, grd["BN"])),
+                  (s, a, prm, stats, g, ints), {**grd, "ALIGNED": aligned, "ACC": cx["ACC"]},
+                  g_opts or {"num_warps": 4})  # fmt: skip
+    return forward, grad
+
+
+def mi_fwd_strips(student, teacher, log_baseline, alpha, temperature) -> tuple[Tensor, Tensor]:
+    """The forward by strips: (stats [8, N], the per-row estimate terms [N])."""
+    n, d, acc, u, v, a, prm, _ = _common(student, teacher, log_baseline, alpha, temperature)
+    stats = torch.empty((MI_STATS_ROWS, n), dtype=acc, device=student.device)
+    part = torch.empty((n,), dtype=acc, device=student.device)
+    rows = strip_rows(n, d, student.dtype)
+    ints = _strip_ints(n, d, rows, student.device)
+    for k, r0 in enumerate(range(0, n, rows)):
+        rs = min(rows, n - r0)
+        s = _mm32(v[r0 : r0 + rs], u.t())
+        forward, _ = _strip_launches(u, v, s, s, a, prm, stats, part, ints[k], rs, n, d)
+        forward.run()
+    return stats, part
+
+
+def mi_bwd_strips(grad, student, teacher, log_baseline, stats, alpha, temperature) -> tuple[Tensor, Tensor]:
+    """The backward by strips: (d student, d teacher), each in its input's dtype."""
+    n, d, acc, u, v, a, prm, _ = _common(student, teacher, log_baseline, alpha, temperature)
+    st = stats.to(acc).contiguous()
+    f = grad.to(acc) * (1.0 / (temperature * n))  # 1/T, and 1/N: G carries the factor N
+    d_teacher = torch.empty((n, d), dtype=teacher.dtype, device=teacher.device)
+    d_student = torch.zeros((n, d), dtype=torch.float32, device=student.device)
+    rows = strip_rows(n, d, student.dtype)
+    ints = _strip_ints(n, d, rows, student.device)
+    for k, r0 in enumerate(range(0, n, rows)):
+        rs = min(rows, n - r0)
+        vs = v[r0 : r0 + rs]
+        s = _mm32(vs, u.t())
+        g = torch.empty((rs, n), dtype=student.dtype, device=student.device)
+        _, grad_launch = _strip_launches(u, v, s, g, a, prm, st, st, ints[k], rs, n, d)
+        grad_launch.run()
+        d_teacher[r0 : r0 + rs] = (_mm32(g, u) * f).to(teacher.dtype)
+        _mm32(g.t(), vs, d_student)
+    return d_student.mul_(f).to(student.dtype), d_teacher
+
+
 def mi_launches(student: Tensor, teacher: Tensor, log_baseline: Tensor) -> list[tuple[str, Launch]]:
-    """The three launches of one forward + backward (for aot.py's reports)."""
+    """The launches of one forward + backward (for aot.py's reports): a strip's two for half-precision features
+    (``use_strips``), else the tile kernels' three."""
+    if use_strips(student.dtype):
+        return mi_strip_launches(student, teacher, log_baseline)
+    return mi_tile_launches(student, teacher, log_baseline)
+
+
+def mi_tile_launches(student: Tensor, teacher: Tensor, log_baseline: Tensor) -> list[tuple[str, Launch]]:
+    """The tile kernels' three launches of one forward + backward."""
     fwd, stats, _ = mi_fwd_launch(student, teacher, log_baseline, 0.01, 1.0)
     grad = torch.empty((), device=student.device, dtype=acc_dtype(student.dtype))
     rows, cols, _, _ = mi_bwd_launches(grad, student, teacher, log_baseline, stats, 0.01, 1.0)
     return [("fwd", fwd), ("bwd_rows", rows), ("bwd_cols", cols)]
 
 
+def mi_strip_launches(student: Tensor, teacher: Tensor, log_baseline: Tensor) -> list[tuple[str, Launch]]:
+    """A strip's two launches (for aot.py's reports), on meta tensors."""
+    n, d, acc, u, v, a, prm, _ = _common(student, teacher, log_baseline, 0.01, 1.0)
+    rows = strip_rows(n, d, student.dtype)
+    s = torch.empty((rows, n), dtype=torch.float32, device=student.device)
+    g = torch.empty((rows, n), dtype=student.dtype, device=student.device)
+    stats = torch.empty((MI_STATS_ROWS, n), dtype=acc, device=student.device)
+    ints = torch.empty((4,), dtype=torch.int64, device=student.device)
+    forward, grad = _strip_launches(u, v, s, g, a, prm, stats, stats[0], ints, rows, n, d)
+    return [("strip_fwd", forward), ("strip_grad", grad)]
+
+
 def mi_space():
     """Every launch over the problem space on meta tensors (aot.py compiles each distinct one): each dtype, D in
-    every tile bucket, aligned (D % 16 == 0) and not."""
+    every tile bucket, aligned (D % 16 == 0) and not; the strips' for half types, N a multiple of 16 and not (the
+    tile kernels stay the fallback for half types too: FASTDISTILL_MI_STRIPS=0, or a torch without mm.dtype)."""
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for d in (1, 16, 17, 32, 64, 128, 256, 768, 2048):
             x = torch.empty(64, d, device="meta", dtype=dtype)
-            for _, launch in mi_launches(x, x, torch.empty(64, device="meta")):
+            for _, launch in mi_tile_launches(x, x, torch.empty(64, device="meta")):
+                yield launch
+    for dtype in (torch.bfloat16, torch.float16):
+        for n in (64, 65):
+            x = torch.empty(n, 128, device="meta", dtype=dtype)
+            for _, launch in mi_strip_launches(x, x, torch.empty(n, device="meta")):
                 yield launch
 
 
@@ -466,8 +666,11 @@ def _mi_alpha_triton(*args) -> tuple[Tensor, Tensor]:
     dtype, N >= 2), log_baseline [N]. Returns (estimate 0-dim, stats [8, N] = (l, Crest, Phi, m, dI/da, k*,
     dI/dS_ii, z)), float32 (float64 for float64 inputs)."""
     x = MIInputs.named(args)
-    launch, stats, part = mi_fwd_launch(**vars(x))
-    launch.run()
+    if use_strips(x.student.dtype):
+        stats, part = mi_fwd_strips(**vars(x))
+    else:
+        launch, stats, part = mi_fwd_launch(**vars(x))
+        launch.run()
     n = x.student.shape[0]
     estimate = (1.0 + part.to(torch.float64).sum() / n).to(part.dtype)  # fixed-order reduction: deterministic
     return estimate, stats
@@ -477,7 +680,10 @@ def _mi_alpha_backward_triton(*args) -> tuple[Tensor, Tensor]:
     """The Triton twin of ``fastdistill::mi_alpha_backward`` (arguments: ``MIBackwardArgs.ARGS``): (grad * dI/d
     student, grad * dI/d teacher), each in its input's dtype, from the forward's stats (S recomputed tile by
     tile)."""
-    rows, cols, d_student, d_teacher = mi_bwd_launches(**vars(MIBackwardArgs.named(args)))
+    x = MIBackwardArgs.named(args)
+    if use_strips(x.student.dtype):
+        return mi_bwd_strips(**vars(x))
+    rows, cols, d_student, d_teacher = mi_bwd_launches(**vars(x))
     rows.run()
     cols.run()
     return d_student, d_teacher
