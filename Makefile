@@ -78,7 +78,7 @@ bench: build
 #              order of importance (all shapes of each), so a short slot drops the last ones
 # Slots count from the start and what a stage leaves unused goes to the next, so the run ends by the slots' sum (560
 # s) plus a few seconds. Child processes cost ~3-5 s of start-up each (import torch, CUDA) plus ~10 s of compilation
-# for torch.compile: kd has 24 rows, mi 12, codistill 8 and the agreement check, fused 5 (each ~1 s of matmuls).
+# for torch.compile: kd has 24 rows, mi 18, codistill 8 and the agreement check, fused 5 (each ~1 s of matmuls).
 # No stage stops the others. Output: $(GPU_OUT)/{kd,divergences,mi,codistill,fused}-cuda.json and one log,
 # $(GPU_OUT)/bench-gpu.log. GPU_STAGES="kd mi" runs some stages; GPU_DEVICE=cpu with small shapes
 # (GPU_KD_SHAPES="--rows 64 --vocab 128 ...") rehearses it all on a CPU.
@@ -103,8 +103,8 @@ GPU_KD_SHAPES ?= --dtype bfloat16 --rows 8192 --vocab 32768,128256 --teachers 1,
 # every other divergence, Triton alone, at the largest kd shape (issue 17 reports them all at V = 128256, K = 4)
 GPU_DIVERGENCES_SHAPES ?= --dtype bfloat16 --rows 8192 --vocab 128256 --teachers 4 --providers triton,cuda \
 	--divergences reverse_kl,jsd,tvd,skew_kl,skew_reverse_kl --repeats 10
-GPU_MI_SHAPES ?= --dtype bfloat16 --shapes 16384x768,16384x128,65536x768 --providers triton,triton-tiles,compile,eager \
-	--repeats 5
+GPU_MI_SHAPES ?= --dtype bfloat16 --shapes 16384x768,16384x128,65536x768 \
+	--providers triton,loss-triton,triton-tiles,compile,loss-compile,eager --repeats 5
 GPU_CODISTILL_SHAPES ?= --dtype bfloat16 --rows 8192 --vocab 32768,128256 --temperatures 2 \
 	--providers fused-triton,two-kd-triton,compile,eager --repeats 10
 GPU_FUSED_SHAPES ?= --dtype bfloat16 --rows 16384 --hidden 4096 --vocab 128256 --teachers 1,2 \

@@ -10,6 +10,10 @@ do; the fused kernels recompute S and do more), against the dense matmul rate of
 same run (``--dtype`` [N, D] x [D, N] products at the largest N). Peak memory: as in :mod:`benchmarks.run`. A
 provider that runs out of memory is recorded as such (a failed row marked ``oom``), not as a failure of the run.
 Each (provider, N, D) runs in its own child process, under ``--budget-s``: see :mod:`benchmarks.isolate`.
+
+The ``loss-*`` providers time ``fastdistill.MIAlphaLoss`` end to end at a distillation step's shapes instead (N
+rows of hidden width D, projected to 128; ``loss-compile`` is the module on the materialised reference estimator
+under torch.compile): their useful work is the estimator's at width 128 plus the projections' matmuls.
 """
 
 from __future__ import annotations
@@ -61,7 +65,30 @@ def _triton_tiles() -> Callable:
     return _fused("triton")
 
 
+PROJ_DIM = 128  # MIAlphaLoss's default projection width
+
+
+def _loss_module(backend: str, compiled: bool = False) -> Callable:
+    """``fastdistill.MIAlphaLoss`` end to end, as a distillation step uses it: [N, D] student and teacher rows
+    (D = the hidden width), the default projections to 128 dims, learned baseline network and cosine critic, in the
+    features' dtype; the estimator on ``backend`` (``compiled``: the whole module under torch.compile). The module
+    is built on the first call, for the features' shape; its parameters' gradients accumulate (not timed apart)."""
+    state: dict[str, Callable] = {}
+
+    def fn(u, v, a):
+        if "m" not in state:
+            m = fastdistill.MIAlphaLoss(u.shape[1], v.shape[1], proj_dim=PROJ_DIM, backend=backend)
+            m = m.to(device=u.device, dtype=u.dtype)
+            state["m"] = torch.compile(m, dynamic=False) if compiled else m
+        return state["m"](u, v)
+
+    return fn
+
+
 PROVIDERS: dict[str, Callable[[], Callable]] = {
+    "loss-triton": lambda: _loss_module("triton"),
+    "loss-cpu": lambda: _loss_module("cpu"),
+    "loss-compile": lambda: _loss_module("reference", compiled=True),
     "cpu": lambda: _fused("cpu"),
     "triton": lambda: _fused("triton"),
     "triton-tiles": _triton_tiles,
@@ -74,9 +101,9 @@ PROVIDERS: dict[str, Callable[[], Callable]] = {
 def unavailable_reason(name: str, device: str) -> str | None:
     if name not in PROVIDERS:
         return f"unknown provider {name!r} (known: {', '.join(PROVIDERS)})"
-    if name == "cpu" and (device != "cpu" or not fastdistill.extension_available()):
+    if name in ("cpu", "loss-cpu") and (device != "cpu" or not fastdistill.extension_available()):
         return "the cpu backend needs CPU tensors and the built extension"
-    if name.startswith("triton") and device != "cuda":
+    if "triton" in name and device != "cuda":
         return "triton is benchmarked on CUDA only"
     return None
 
@@ -111,8 +138,10 @@ def bench_one(provider: str, N: int, D: int, dtype: torch.dtype, device: str, re
 
     step()
     ms = _median_ms(step, repeats, device)
+    # the loss module: the estimator at the projection width, plus the two projections D -> 128 (fwd + bwd)
+    useful = 3 * 2 * N * N * PROJ_DIM + 2 * 6 * N * D * PROJ_DIM if provider.startswith("loss-") else 3 * 2 * N * N * D
     return {"provider": provider, "N": N, "D": D, "dtype": str(dtype).removeprefix("torch."), "ms": ms,
-            "peak_bytes": peak_extra_bytes(step, device), "useful_flops": 3 * 2 * N * N * D}  # fmt: skip
+            "peak_bytes": peak_extra_bytes(step, device), "useful_flops": useful}  # fmt: skip
 
 
 def cell(provider: str, N: int, D: int, dtype: str, device: str, repeats: int) -> dict:

@@ -1,0 +1,29 @@
+"""benchmarks.run_mi on the CPU at a tiny shape: the fused op and MIAlphaLoss end to end (fused and under
+torch.compile on the reference estimator) produce rows, each in its own child process (~30 s)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import fastdistill
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's benchmarks/ package
+
+from benchmarks import run_mi  # noqa: E402
+
+
+@pytest.mark.skipif(not fastdistill.extension_available(), reason="needs the built extension")
+def test_run_mi_loss_providers(tmp_path):
+    out = tmp_path / "mi.json"
+    rc = run_mi.main(["--device", "cpu", "--rows", "64", "--dims", "24", "--providers", "cpu,loss-cpu,loss-compile",
+                      "--repeats", "1", "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["provider"] for r in rows] == ["cpu", "loss-cpu", "loss-compile"]
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows), rows
+    op, loss = rows[0], rows[1]
+    assert op["useful_flops"] == 3 * 2 * 64 * 64 * 24
+    assert loss["useful_flops"] == 3 * 2 * 64 * 64 * run_mi.PROJ_DIM + 12 * 64 * 24 * run_mi.PROJ_DIM
+    assert run_mi.unavailable_reason("loss-triton", "cpu") and run_mi.unavailable_reason("triton-tiles", "cpu")
