@@ -44,9 +44,10 @@ struct KDCudaArgs {
 
   // Launch configuration (0 / Auto: chosen by the launcher from the device and the shape).
   Residency residency = Residency::Auto;
-  int threads = 0;            // per block, a multiple of 32 in [64, 1024]
+  int threads = 0;            // per block, a multiple of 32 in [64, 1024] (0: 512, fewer for resident rows where
+                              // the registers would not fit the blocks the shared memory allows on an SM)
   int cluster = 0;            // blocks per row in Cluster residency (1..16)
-  int64_t smem_target = 0;    // bytes of row data per block the launcher aims for (Auto: see kd_loss_cuda.cu)
+  int64_t smem_target = 0;    // bytes of row data per block the launcher aims for (Auto: see kd_loss_plan.h)
 };
 
 // What the launcher chose for a call (also what the benchmark reports).

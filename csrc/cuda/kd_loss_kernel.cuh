@@ -823,7 +823,27 @@ cudaError_t launch_typed(const KDCudaArgs& a, const KDCudaConfig& cfg, cudaStrea
   cudaFuncAttributes fa;
   err = cudaFuncGetAttributes(&fa, kernel);
   if (err != cudaSuccess) return clear(err);
-  const int threads = std::min(cfg.threads, fa.maxThreadsPerBlock / 32 * 32);
+  int threads = std::min(cfg.threads, fa.maxThreadsPerBlock / 32 * 32);
+  if constexpr (kRes != Residency::Global) {
+    // Resident rows: as many blocks per SM as the shared memory holds (the plan sizes them for two or three), so
+    // that one block's sweeps overlap another's copies. At ~120 registers 512 threads fill an SM's registers alone:
+    // unless the caller chose the threads, halve them until the blocks the shared memory allows also fit the
+    // registers (down to 128), and ask for the largest shared-memory carveout.
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                               int(cudaSharedmemCarveoutMaxShared));
+    if (err != cudaSuccess) return clear(err);
+    if (a.threads <= 0) {
+      int smem_sm = 0, regs_sm = 0, reserved = 0;
+      err = cudaDeviceGetAttribute(&smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+      if (err == cudaSuccess) err = cudaDeviceGetAttribute(&regs_sm, cudaDevAttrMaxRegistersPerMultiprocessor, device);
+      if (err == cudaSuccess) err = cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device);
+      if (err != cudaSuccess) return clear(err);
+      const int64_t per_block = cfg.smem_bytes + int64_t(fa.sharedSizeBytes) + reserved;
+      const int64_t blocks = std::max<int64_t>(1, smem_sm / std::max<int64_t>(per_block, 1));
+      const int64_t regs_warp = (int64_t(fa.numRegs) * 32 + 255) / 256 * 256;  // allocated per warp, 256 at a time
+      while (threads > 128 && blocks * (threads / 32) * regs_warp > regs_sm) threads /= 2;
+    }
+  }
   cudaLaunchConfig_t lc = {};
   lc.blockDim = dim3(threads);
   lc.dynamicSmemBytes = size_t(cfg.smem_bytes);
@@ -833,7 +853,7 @@ cudaError_t launch_typed(const KDCudaArgs& a, const KDCudaConfig& cfg, cudaStrea
   if constexpr (kRes == Residency::Cluster) {
     if (cfg.cluster > 8) {
       err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-      if (err != cudaSuccess) return err;
+      if (err != cudaSuccess) return clear(err);
     }
     attr[0].id = cudaLaunchAttributeClusterDimension;
     attr[0].val.clusterDim.x = cfg.cluster;
