@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import requires_triton
 from tolerances import assert_close
+from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdistill.ops import reference
@@ -277,17 +278,23 @@ class _RecordSizes(TorchDispatchMode):
         return out
 
 
+def _biggest_allocation(mi, u, v, a) -> tuple[tuple[int, str], Tensor]:
+    """(bytes, op) of the largest tensor an aten op returns in one forward + backward of the plain implementations,
+    and the forward's stats."""
+    with _RecordSizes() as rec:
+        _, stats = mi._mi_alpha_triton(u, v, a, 0.01, 0.5)
+        mi._mi_alpha_backward_triton(torch.tensor(1.0), u, v, a, stats, 0.01, 0.5)
+    assert len(rec.sizes) > 5, "the recorder saw no ops"
+    return max(rec.sizes), stats
+
+
 def test_no_n_by_n_temporaries(mi):
     """The plain implementations (the ops' bodies: allocations and kernel launches) allocate nothing of N x N size:
     no aten op returns more bytes than an [N, D] feature tensor or the [7, N] stats. The recorder does see the
     reference's N x N score matrix (N = 40 > 6 D), so the check can fail."""
     n, d = 40, 5
     u, v, a = make_inputs(n, d, torch.float32, seed=9)
-    with _RecordSizes() as rec:
-        est, stats = mi._mi_alpha_triton(u, v, a, 0.01, 0.5)
-        mi._mi_alpha_backward_triton(torch.tensor(1.0), u, v, a, stats, 0.01, 0.5)
-    assert len(rec.sizes) > 5, "the recorder saw no ops"
-    biggest = max(rec.sizes)
+    biggest, stats = _biggest_allocation(mi, u, v, a)
     assert biggest[0] <= max(u.nbytes, stats.nbytes), f"{biggest[1]} returned {biggest[0]} bytes"
     assert n * n * 4 > 2 * max(u.nbytes, stats.nbytes)
     with _RecordSizes() as rec_ref:
@@ -302,10 +309,6 @@ def test_strips_hold_one_strip(mi, monkeypatch):
     monkeypatch.setenv("FASTDISTILL_MI_STRIP_ROWS", "8")
     n, d = 40, 5
     u, v, a = make_inputs(n, d, torch.bfloat16, seed=9)
-    with _RecordSizes() as rec:
-        est, stats = mi._mi_alpha_triton(u, v, a, 0.01, 0.5)
-        mi._mi_alpha_backward_triton(torch.tensor(1.0), u, v, a, stats, 0.01, 0.5)
-    assert len(rec.sizes) > 5, "the recorder saw no ops"
-    biggest = max(rec.sizes)
+    biggest, stats = _biggest_allocation(mi, u, v, a)
     assert biggest[0] <= max(8 * n * 4, n * d * 4, stats.nbytes), f"{biggest[1]} returned {biggest[0]} bytes"
     assert n * n * 4 > 2 * max(8 * n * 4, n * d * 4, stats.nbytes)
