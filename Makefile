@@ -76,9 +76,9 @@ bench: build
 #              row in its own child process (benchmarks/isolate.py): a crash or CUDA error is a failed row, a row
 #              that cannot start in time is "skipped: budget", the JSON is saved after every row. Providers run in
 #              order of importance (all shapes of each), so a short slot drops the last ones
-# Slots count from the start and what a stage leaves unused goes to the next, so the run ends by the slots' sum (560
+# Slots count from the start and what a stage leaves unused goes to the next, so the run ends by the slots' sum (565
 # s) plus a few seconds. Child processes cost ~3-5 s of start-up each (import torch, CUDA) plus ~10 s of compilation
-# for torch.compile: kd has 24 rows, mi 18, codistill 8 and the agreement check, fused 5 (each ~1 s of matmuls).
+# for torch.compile: kd has 24 rows, mi 15, codistill 8 and the agreement check, fused 5 (each ~1 s of matmuls).
 # No stage stops the others. Output: $(GPU_OUT)/{kd,divergences,mi,codistill,fused}-cuda.json and one log,
 # $(GPU_OUT)/bench-gpu.log. GPU_STAGES="kd mi" runs some stages; GPU_DEVICE=cpu with small shapes
 # (GPU_KD_SHAPES="--rows 64 --vocab 128 ...") rehearses it all on a CPU.
@@ -93,9 +93,9 @@ GPU_TESTS_S ?= 90
 GPU_SANITIZE_S ?= 60
 GPU_KD_S ?= 100
 GPU_DIVERGENCES_S ?= 40
-GPU_MI_S ?= 65
+GPU_MI_S ?= 75
 GPU_CODISTILL_S ?= 35
-GPU_FUSED_S ?= 50
+GPU_FUSED_S ?= 45
 # the most one benchmark row (child process: start-up, compilation, timing) may take
 GPU_CHILD_S ?= 45
 GPU_KD_SHAPES ?= --dtype bfloat16 --rows 8192 --vocab 32768,128256 --teachers 1,4 \
@@ -104,7 +104,7 @@ GPU_KD_SHAPES ?= --dtype bfloat16 --rows 8192 --vocab 32768,128256 --teachers 1,
 GPU_DIVERGENCES_SHAPES ?= --dtype bfloat16 --rows 8192 --vocab 128256 --teachers 4 --providers triton,cuda \
 	--divergences reverse_kl,jsd,tvd,skew_kl,skew_reverse_kl --repeats 10
 GPU_MI_SHAPES ?= --dtype bfloat16 --shapes 16384x768,16384x128,65536x768 \
-	--providers triton,loss-triton,triton-tiles,compile,loss-compile,eager --repeats 5
+	--providers triton,loss-triton,triton-tiles,compile,loss-compile --repeats 5
 GPU_CODISTILL_SHAPES ?= --dtype bfloat16 --rows 8192 --vocab 32768,128256 --temperatures 2 \
 	--providers fused-triton,two-kd-triton,compile,eager --repeats 10
 GPU_FUSED_SHAPES ?= --dtype bfloat16 --rows 16384 --hidden 4096 --vocab 128256 --teachers 1,2 \

@@ -46,7 +46,15 @@ from .run import (
 ALPHA = 0.01
 
 
+def _strips(on: bool) -> None:
+    """The Triton backend's path for half-precision features, for this process: strips (cuBLAS) or the tile
+    kernels. Every Triton provider sets it, so that cells run in one process (--in-process) do not inherit it."""
+    os.environ["FASTDISTILL_MI_STRIPS"] = "1" if on else "0"
+
+
 def _fused(backend: str) -> Callable:
+    _strips(True)
+
     def fn(u, v, a):
         return fastdistill.mi_alpha(u, v, alpha=ALPHA, log_baseline=a, backend=backend)
 
@@ -59,10 +67,10 @@ def _eager(u, v, a):
 
 
 def _triton_tiles() -> Callable:
-    """The Triton backend's tile kernels for half-precision features too (v1's structure, no cuBLAS strips): set
-    for this process only, as each benchmark cell runs in its own."""
-    os.environ["FASTDISTILL_MI_STRIPS"] = "0"
-    return _fused("triton")
+    """The Triton backend's tile kernels for half-precision features too (v1's structure, no cuBLAS strips)."""
+    fn = _fused("triton")
+    _strips(False)
+    return fn
 
 
 PROJ_DIM = 128  # MIAlphaLoss's default projection width
@@ -74,6 +82,7 @@ def _loss_module(backend: str, compiled: bool = False) -> Callable:
     features' dtype; the estimator on ``backend`` (``compiled``: the whole module under torch.compile). The module
     is built on the first call, for the features' shape; its parameters' gradients accumulate (not timed apart)."""
     state: dict[str, Callable] = {}
+    _strips(True)
 
     def fn(u, v, a):
         if "m" not in state:

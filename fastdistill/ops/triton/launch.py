@@ -67,10 +67,15 @@ def jit_pair(fn, small: tuple[str, ...] = ()) -> KernelPair:
     return KernelPair(aligned, unaligned)
 
 
+def is_traced(t: Tensor) -> bool:
+    """A fake or functional tensor: torch.compile is tracing the op (no data, no pointer)."""
+    return type(t) is not torch.Tensor or torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def _pointer_aligned(t: Tensor) -> bool:
     if t.device.type == "meta":
         return True
-    if type(t) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(t):
+    if not is_traced(t):
         return t.data_ptr() % ALIGN_BYTES == 0
     # fake / functional tensors while torch.compile traces the op: no pointer yet. Storages come from the caching
     # allocator, aligned far past 16 bytes (and Inductor copies misaligned graph inputs), so the storage offset

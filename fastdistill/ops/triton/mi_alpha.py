@@ -38,6 +38,7 @@ scalar kernel arguments would be rounded to float32.
 import functools
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -46,7 +47,7 @@ from torch import Tensor
 
 from ..inputs import MIBackwardArgs, MIInputs
 from ..registration import MI_STATS_ROWS, mi_alpha_backward_fake, mi_alpha_fake, register_mi_triton
-from .launch import Launch, acc_dtype, fast_math, int_tensor, is_aligned, jit_pair, param_tensor
+from .launch import Launch, acc_dtype, fast_math, int_tensor, is_aligned, is_traced, jit_pair, param_tensor
 from .row_math import fexp, flog
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -543,16 +544,20 @@ def strip_rows(n: int, d: int, dtype: torch.dtype) -> int:
     return min(rows, n)
 
 
-def _mm32(a: Tensor, b: Tensor, c: Tensor | None = None) -> Tensor:
-    """a @ b in float32 from half-precision a, b, or c += a @ b in place (c float32): cuBLAS with float32 output on
-    a GPU; float32 here (the interpreter's CPU tensors; half products are exact in float32)."""
-    if a.is_cuda:
-        if c is None:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        return torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
-    if c is None:
-        return a.float() @ b.float()
-    return c.add_(a.float() @ b.float())
+def _mm32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b in float32 from half-precision a, b: cuBLAS with float32 output on a GPU; float32 here (the
+    interpreter's CPU tensors; half products are exact in float32)."""
+    return torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else a.float() @ b.float()
+
+
+def _add_mm32(c: Tensor, a: Tensor, b: Tensor) -> None:
+    """c += a @ b in place (c float32, a and b half precision): cuBLAS's beta = 1 on a GPU. While torch.compile
+    traces the op, a float32 product and an add instead (Inductor has no lowering of addmm with out_dtype:
+    pytorch/pytorch#163880)."""
+    if a.is_cuda and not is_traced(c):
+        torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+    else:
+        c.add_(_mm32(a, b))
 
 
 def _strip_ints(n: int, d: int, rows: int, device) -> Tensor:
@@ -563,22 +568,61 @@ def _strip_ints(n: int, d: int, rows: int, device) -> Tensor:
     return torch.stack([full(n), full(d), first, (n - first).clamp(max=rows)], 1)
 
 
-def _strip_launches(u, v, s, g, a, prm, stats, part, ints: Tensor, rs: int, n: int, d: int) -> tuple[Launch, Launch]:
-    """One strip's forward launch (into stats / part) and gradient launch (s, stats -> g)."""
+@dataclass
+class _Strips:
+    """What the strips of one call share: rows per strip, the per-strip ints, the two kernels' configurations."""
+
+    n: int
+    rows: int
+    ints: Tensor
+    fwd: dict
+    grad: dict
+
+    def launch_fwd(self, k: int, rs: int, u, v, s, a, prm, stats, part) -> Launch:
+        kernel, cx, options = self.fwd["kernel"], self.fwd["constexprs"], self.fwd["options"]
+        return Launch(kernel, (triton.cdiv(rs, cx["BM"]),), (u, v, s, a, prm, stats, part, self.ints[k]), cx, options)
+
+    def launch_grad(self, k: int, rs: int, s, a, prm, stats, g) -> Launch:
+        kernel, cx, options = self.grad["kernel"], self.grad["constexprs"], self.grad["options"]
+        grid = (triton.cdiv(rs, cx["BM"]), triton.cdiv(self.n, cx["BN"]))
+        return Launch(kernel, grid, (s, a, prm, stats, g, self.ints[k]), cx, options)
+
+
+def _strips(u: Tensor, v: Tensor, n: int, d: int, ints: bool = True) -> _Strips:
+    """The strips of a call on features u, v [N, D]. The strips' S and G are fresh allocations (aligned) with row
+    stride N, so ALIGNED needs N % 16 == 0 (and aligned u, v, which the forward kernel's signature also takes)."""
     tiles = _tiles(d, u.dtype)
-    aligned = is_aligned([u, v, s, g], [n])
+    aligned = is_aligned([u, v], [n])
     cx = _launch_args(u.dtype)
-    fwd = dict(tiles["strip_fwd"])
-    f_opts = {k: fwd.pop(k) for k in ("num_warps", "num_stages") if k in fwd}
-    forward = Launch(_mi_fwd_kernel.pick(aligned), (triton.cdiv(rs, fwd["BM"]),),
-                     (u, v, s, a, prm, stats, part, ints), {**fwd, "BK": 16, "ALIGNED": aligned, **cx, "STRIP": True},
-                     f_opts or {"num_warps": 4})  # fmt: skip
-    grd = dict(tiles["strip_grad"])
-    g_opts = {k: grd.pop(k) for k in ("num_warps", "num_stages") if k in grd}
-    grad = Launch(_mi_strip_grad_kernel.pick(aligned), (triton.cdiv(rs, grd["BM"]), triton.cdiv(n, grd["BN"])),
-                  (s, a, prm, stats, g, ints), {**grd, "ALIGNED": aligned, "ACC": cx["ACC"]},
-                  g_opts or {"num_warps": 4})  # fmt: skip
-    return forward, grad
+    config = {}
+    for name, kernel, extra in (("strip_fwd", _mi_fwd_kernel, {"BK": 16, **cx, "STRIP": True}),
+                                ("strip_grad", _mi_strip_grad_kernel, {"ACC": cx["ACC"]})):  # fmt: skip
+        c = dict(tiles[name])
+        options = {k: c.pop(k) for k in ("num_warps", "num_stages") if k in c} or {"num_warps": 4}
+        config[name] = {"kernel": kernel.pick(aligned), "constexprs": {**c, **extra, "ALIGNED": aligned},
+                        "options": options}  # fmt: skip
+    rows = strip_rows(n, d, u.dtype)
+    table = _strip_ints(n, d, rows, u.device) if ints else torch.empty((1, 4), dtype=torch.int64, device=u.device)
+    return _Strips(n, rows, table, config["strip_fwd"], config["strip_grad"])
+
+
+def _fwd_strip(p: _Strips, k: int, r0: int, u, v, a, prm, stats, part) -> None:
+    """One strip of the forward (its own function, so that the strip's S is freed before the next one's)."""
+    rs = min(p.rows, p.n - r0)
+    s = _mm32(v[r0 : r0 + rs], u.t())
+    p.launch_fwd(k, rs, u, v, s, a, prm, stats, part).run()
+
+
+def _bwd_strip(p: _Strips, k: int, r0: int, u, v, a, prm, stats, f, d_student, d_teacher) -> None:
+    """One strip of the backward: d(teacher)[strip] = f G U, d(student) += G^T V[strip] (scaled by f at the end)."""
+    rs = min(p.rows, p.n - r0)
+    vs = v[r0 : r0 + rs]
+    s = _mm32(vs, u.t())
+    g = torch.empty((rs, p.n), dtype=u.dtype, device=u.device)
+    p.launch_grad(k, rs, s, a, prm, stats, g).run()
+    del s
+    torch.mul(_mm32(g, u), f, out=d_teacher[r0 : r0 + rs])
+    _add_mm32(d_student, g.t(), vs)
 
 
 def mi_fwd_strips(student, teacher, log_baseline, alpha, temperature) -> tuple[Tensor, Tensor]:
@@ -586,13 +630,9 @@ def mi_fwd_strips(student, teacher, log_baseline, alpha, temperature) -> tuple[T
     n, d, acc, u, v, a, prm, _ = _common(student, teacher, log_baseline, alpha, temperature)
     stats = torch.empty((MI_STATS_ROWS, n), dtype=acc, device=student.device)
     part = torch.empty((n,), dtype=acc, device=student.device)
-    rows = strip_rows(n, d, student.dtype)
-    ints = _strip_ints(n, d, rows, student.device)
-    for k, r0 in enumerate(range(0, n, rows)):
-        rs = min(rows, n - r0)
-        s = _mm32(v[r0 : r0 + rs], u.t())
-        forward, _ = _strip_launches(u, v, s, s, a, prm, stats, part, ints[k], rs, n, d)
-        forward.run()
+    p = _strips(u, v, n, d)
+    for k, r0 in enumerate(range(0, n, p.rows)):
+        _fwd_strip(p, k, r0, u, v, a, prm, stats, part)
     return stats, part
 
 
@@ -603,17 +643,9 @@ def mi_bwd_strips(grad, student, teacher, log_baseline, stats, alpha, temperatur
     f = grad.to(acc) * (1.0 / (temperature * n))  # 1/T, and 1/N: G carries the factor N
     d_teacher = torch.empty((n, d), dtype=teacher.dtype, device=teacher.device)
     d_student = torch.zeros((n, d), dtype=torch.float32, device=student.device)
-    rows = strip_rows(n, d, student.dtype)
-    ints = _strip_ints(n, d, rows, student.device)
-    for k, r0 in enumerate(range(0, n, rows)):
-        rs = min(rows, n - r0)
-        vs = v[r0 : r0 + rs]
-        s = _mm32(vs, u.t())
-        g = torch.empty((rs, n), dtype=student.dtype, device=student.device)
-        _, grad_launch = _strip_launches(u, v, s, g, a, prm, st, st, ints[k], rs, n, d)
-        grad_launch.run()
-        d_teacher[r0 : r0 + rs] = (_mm32(g, u) * f).to(teacher.dtype)
-        _mm32(g.t(), vs, d_student)
+    p = _strips(u, v, n, d)
+    for k, r0 in enumerate(range(0, n, p.rows)):
+        _bwd_strip(p, k, r0, u, v, a, prm, st, f, d_student, d_teacher)
     return d_student.mul_(f).to(student.dtype), d_teacher
 
 
@@ -636,13 +668,12 @@ def mi_tile_launches(student: Tensor, teacher: Tensor, log_baseline: Tensor) -> 
 def mi_strip_launches(student: Tensor, teacher: Tensor, log_baseline: Tensor) -> list[tuple[str, Launch]]:
     """A strip's two launches (for aot.py's reports), on meta tensors."""
     n, d, acc, u, v, a, prm, _ = _common(student, teacher, log_baseline, 0.01, 1.0)
-    rows = strip_rows(n, d, student.dtype)
-    s = torch.empty((rows, n), dtype=torch.float32, device=student.device)
-    g = torch.empty((rows, n), dtype=student.dtype, device=student.device)
+    p = _strips(u, v, n, d, ints=False)
+    s = torch.empty((p.rows, n), dtype=torch.float32, device=student.device)
+    g = torch.empty((p.rows, n), dtype=student.dtype, device=student.device)
     stats = torch.empty((MI_STATS_ROWS, n), dtype=acc, device=student.device)
-    ints = torch.empty((4,), dtype=torch.int64, device=student.device)
-    forward, grad = _strip_launches(u, v, s, g, a, prm, stats, stats[0], ints, rows, n, d)
-    return [("strip_fwd", forward), ("strip_grad", grad)]
+    return [("strip_fwd", p.launch_fwd(0, p.rows, u, v, s, a, prm, stats, stats[0])),
+            ("strip_grad", p.launch_grad(0, p.rows, s, a, prm, stats, g))]  # fmt: skip
 
 
 def mi_space():
