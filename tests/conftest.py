@@ -61,3 +61,16 @@ def reference64(student, teachers, grad_output=None, teacher_grad=False, **kw):
     """The float64 reference on the same (already rounded) inputs."""
     kw = {**kw, "backend": "reference"}
     return loss_and_grads(student.double(), [t.double() for t in teachers], grad_output, teacher_grad, **kw)
+
+
+def every_option_case(divergence: str, ensemble: str, reduction: str):
+    """(student, teachers, kd_loss keywords, grad_output) exercising every option at once, on CPU: K = 3 over
+    [3, 7] rows, V = 1000 (not a multiple of 8: ragged tails), labels with ignored rows, CE, teacher and sample
+    weights, T = 2, grad_output != 1. The GPU test matrices run it against the float64 reference."""
+    student, teachers = make_inputs((3, 7), 1000, 3)
+    labels = torch.randint(0, 1000, (3, 7))
+    labels[0, :3] = -100
+    kw = dict(divergence=divergence, ensemble=ensemble, reduction=reduction, temperature=2.0, labels=labels,
+              ce_weight=0.2, teacher_weights=torch.rand(3, 3, 7) + 0.1, sample_weight=torch.rand(3, 7))  # fmt: skip
+    go = torch.rand(3, 7) + 0.5 if reduction == "none" else torch.tensor(0.7)
+    return student, teachers, kw, go

@@ -7,7 +7,7 @@ reads it at every call): ``global`` (the fallback), ``smem`` (the row in one blo
 
 import pytest
 import torch
-from conftest import DIVERGENCES, ENSEMBLES, loss_and_grads, make_inputs, reference64
+from conftest import DIVERGENCES, ENSEMBLES, every_option_case, loss_and_grads, make_inputs, reference64
 from tolerances import assert_close
 
 import fastdistill
@@ -49,12 +49,7 @@ def test_the_cuda_kernel_is_built():
 def test_matrix_against_float64(residency, divergence, ensemble, reduction):
     """Every divergence and ensemble, K = 3, labels with ignored rows, CE, teacher and sample weights, T = 2,
     gradients to the student and the teachers, grad_output != 1; V = 1000 (not a multiple of 8: ragged tails)."""
-    student, teachers = make_inputs((3, 7), 1000, 3)
-    labels = torch.randint(0, 1000, (3, 7))
-    labels[0, :3] = -100
-    kw = dict(divergence=divergence, ensemble=ensemble, reduction=reduction, temperature=2.0, labels=labels,
-              ce_weight=0.2, teacher_weights=torch.rand(3, 3, 7) + 0.1, sample_weight=torch.rand(3, 7))  # fmt: skip
-    go = torch.rand(3, 7) + 0.5 if reduction == "none" else torch.tensor(0.7)
+    student, teachers, kw, go = every_option_case(divergence, ensemble, reduction)
     ref_loss, ref_grads = reference64(student, teachers, go, True, **kw)
     loss, grads = loss_and_grads(student.cuda(), [t.cuda() for t in teachers], go.cuda(), True, backend="cuda",
                                  **{k: _cuda(v) for k, v in kw.items()})  # fmt: skip

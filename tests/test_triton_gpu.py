@@ -3,7 +3,7 @@ where bf16 results must stay within 2x the error of PyTorch's own bf16 computati
 
 import pytest
 import torch
-from conftest import DIVERGENCES, ENSEMBLES, loss_and_grads, make_inputs, reference64
+from conftest import DIVERGENCES, ENSEMBLES, every_option_case, loss_and_grads, make_inputs, reference64
 from tolerances import assert_close
 
 import fastdistill
@@ -19,12 +19,7 @@ def _cuda(student, teachers):
 @pytest.mark.parametrize("ensemble", ENSEMBLES)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_matrix_cuda(divergence, ensemble, reduction):
-    student, teachers = make_inputs((3, 7), 1000, 3)
-    labels = torch.randint(0, 1000, (3, 7))
-    labels[0, :3] = -100
-    kw = dict(divergence=divergence, ensemble=ensemble, reduction=reduction, temperature=2.0, labels=labels,
-              ce_weight=0.2, teacher_weights=torch.rand(3, 3, 7) + 0.1, sample_weight=torch.rand(3, 7))  # fmt: skip
-    go = torch.rand(3, 7) + 0.5 if reduction == "none" else torch.tensor(0.7)
+    student, teachers, kw, go = every_option_case(divergence, ensemble, reduction)
     ref_loss, ref_grads = reference64(student, teachers, go, True, **kw)
     s, ts = _cuda(student, teachers)
     kw_cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
