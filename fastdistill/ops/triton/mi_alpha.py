@@ -176,6 +176,18 @@ def _strip_scores(s_ptr, lrows, cols, N, SN, RS, inv_t):
 
 
 @triton.jit
+def _score_tile(u_ptr, v_ptr, s_ptr, rows, lrows, cols, N, D, SN, RS, inv_t, BM: tl.constexpr, BN: tl.constexpr,
+                BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr,
+                STRIP: tl.constexpr):  # fmt: skip
+    """The forward's S tile: read from the strip (STRIP) or computed from the features."""
+    if STRIP:
+        s = _strip_scores(s_ptr, lrows, cols, N, SN, RS, inv_t)
+    else:
+        s = _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM, BN, BK, ACC, PREC, WIDEN)
+    return s
+
+
+@triton.jit
 def _strip_rows(int_ptr, BM: tl.constexpr, ALIGNED: tl.constexpr):
     """A strip kernel's rows: (rows of the strip, int64; their rows of S, int32; rows in the strip; N; the strip's
     row stride SN). int_ptr: (N, D, first row, rows in the strip); SN = N restated as a multiple of 16 when
@@ -247,11 +259,12 @@ def _mi_fwd(u_ptr, v_ptr, s_ptr, a_ptr, prm_ptr, stats_ptr, part_ptr, int_ptr, B
     else S tiles computed here from u_ptr, v_ptr."""
     if STRIP:
         lrows, rows32, RS, N, SN = _strip_rows(int_ptr, BM, ALIGNED)
-        D = N  # (unused)
+        D = N  # (no feature loads)
         rmask = lrows < RS
     else:
         N, D = _sizes(int_ptr, ALIGNED)
         rows32 = tl.program_id(0) * BM + tl.arange(0, BM)
+        lrows, RS, SN = rows32.to(tl.int64), N, N  # (no strip)
         rmask = rows32 < N.to(tl.int32)
     N32 = N.to(tl.int32)  # indices within the N x N matrix compare as int32 (one instruction); offsets stay int64
     rows = rows32.to(tl.int64)
@@ -269,10 +282,8 @@ def _mi_fwd(u_ptr, v_ptr, s_ptr, a_ptr, prm_ptr, stats_ptr, part_ptr, int_ptr, B
     for j0 in range(0, N, BN):
         cols32 = (j0 + tl.arange(0, BN)).to(tl.int32)
         cols = cols32.to(tl.int64)
-        if STRIP:
-            s = _strip_scores(s_ptr, lrows, cols, N, SN, RS, inv_t)
-        else:
-            s = _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM, BN, BK, ACC, PREC, WIDEN)
+        s = _score_tile(u_ptr, v_ptr, s_ptr, rows, lrows, cols, N, D, SN, RS, inv_t, BM, BN, BK, ACC, PREC, WIDEN,
+                        STRIP)  # fmt: skip
         s = tl.where((cols32 < N32)[None, :], s, float("-inf"))
         diag = rows32[:, None] == cols32[None, :]
         tmax = tl.max(s, 1)
@@ -304,10 +315,8 @@ def _mi_fwd(u_ptr, v_ptr, s_ptr, a_ptr, prm_ptr, stats_ptr, part_ptr, int_ptr, B
     for j0 in range(0, N, BN):
         cols32 = (j0 + tl.arange(0, BN)).to(tl.int32)
         cols = cols32.to(tl.int64)
-        if STRIP:
-            s = _strip_scores(s_ptr, lrows, cols, N, SN, RS, inv_t)
-        else:
-            s = _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM, BN, BK, ACC, PREC, WIDEN)
+        s = _score_tile(u_ptr, v_ptr, s_ptr, rows, lrows, cols, N, D, SN, RS, inv_t, BM, BN, BK, ACC, PREC, WIDEN,
+                        STRIP)  # fmt: skip
         keep = (cols32 < N32)[None, :] & (cols32[None, :] != rows32[:, None]) & (cols32[None, :] != star[:, None])
         p = fexp(s - lse[:, None])
         t = _t_of(alpha_[:, None], beta_[:, None], p)  # >= 1/2 (p <= 1/2 off {i, k*}): flog's absolute error is fine
