@@ -55,8 +55,8 @@ def _strips(on: bool) -> None:
 def _fused(backend: str) -> Callable:
     _strips(True)
 
-    def fn(u, v, a):
-        return fastdistill.mi_alpha(u, v, alpha=ALPHA, log_baseline=a, backend=backend)
+    def fn(u, v, a):  # the estimator _eager writes out: dot critic at temperature 1 (mi_alpha's default is cosine)
+        return fastdistill.mi_alpha(u, v, alpha=ALPHA, log_baseline=a, critic="dot", temperature=1.0, backend=backend)
 
     return fn
 

@@ -27,3 +27,16 @@ def test_run_mi_loss_providers(tmp_path):
     assert op["useful_flops"] == 3 * 2 * 64 * 64 * 24
     assert loss["useful_flops"] == 3 * 2 * 64 * 64 * run_mi.PROJ_DIM + 12 * 64 * 24 * run_mi.PROJ_DIM
     assert run_mi.unavailable_reason("loss-triton", "cpu") and run_mi.unavailable_reason("triton-tiles", "cpu")
+
+
+def test_providers_compute_one_estimator():
+    """The fused providers and the materialised ones (eager, compile) estimate the same thing: the dot critic at
+    temperature 1 (mi_alpha's own default is the cosine critic at 0.1, a different number)."""
+    import torch
+
+    u, v, a = run_mi.make_inputs(96, 16, torch.float64, "cpu")
+    want = run_mi.PROVIDERS["eager"]()(u, v, a)
+    for name in ("cpu", "auto"):
+        if run_mi.unavailable_reason(name, "cpu"):
+            continue
+        torch.testing.assert_close(run_mi.PROVIDERS[name]()(u, v, a).double(), want.double(), rtol=1e-6, atol=1e-8)
