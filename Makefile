@@ -72,13 +72,14 @@ bench: build
 #              racecheck at once, only kd_row_kernel checked
 #   kd divergences mi codistill fused   benchmarks.run (KL; then the other divergences, Triton and CUDA, at V = 128256,
 #              K = 4) / run_mi / run_codistill at the shapes of benchmarks/results/h200-2026-11-28,
-#              and run_fused_linear (N = 16384, H = 4096, V = 128256, K = 1, 2: fused vs unfused vs Liger), each
+#              and run_fused_linear (N = 16384, H = 4096, V = 128256, K = 1, 2: fused vs unfused vs Liger;
+#              the weight gradient accumulated in float32 and, at K = 1, in bfloat16), each
 #              row in its own child process (benchmarks/isolate.py): a crash or CUDA error is a failed row, a row
 #              that cannot start in time is "skipped: budget", the JSON is saved after every row. Providers run in
 #              order of importance (all shapes of each), so a short slot drops the last ones
-# Slots count from the start and what a stage leaves unused goes to the next, so the run ends by the slots' sum (565
+# Slots count from the start and what a stage leaves unused goes to the next, so the run ends by the slots' sum (575
 # s) plus a few seconds. Child processes cost ~3-5 s of start-up each (import torch, CUDA) plus ~10 s of compilation
-# for torch.compile: kd has 24 rows, mi 15, codistill 8 and the agreement check, fused 5 (each ~1 s of matmuls).
+# for torch.compile: kd has 24 rows, mi 15, codistill 8 and the agreement check, fused 6 (each ~1 s of matmuls).
 # No stage stops the others. Output: $(GPU_OUT)/{kd,divergences,mi,codistill,fused}-cuda.json and one log,
 # $(GPU_OUT)/bench-gpu.log. GPU_STAGES="kd mi" runs some stages; GPU_DEVICE=cpu with small shapes
 # (GPU_KD_SHAPES="--rows 64 --vocab 128 ...") rehearses it all on a CPU.
@@ -95,7 +96,7 @@ GPU_KD_S ?= 100
 GPU_DIVERGENCES_S ?= 40
 GPU_MI_S ?= 75
 GPU_CODISTILL_S ?= 35
-GPU_FUSED_S ?= 45
+GPU_FUSED_S ?= 55
 # the most one benchmark row (child process: start-up, compilation, timing) may take
 GPU_CHILD_S ?= 45
 GPU_KD_SHAPES ?= --dtype bfloat16 --rows 8192 --vocab 32768,128256 --teachers 1,4 \
@@ -108,7 +109,7 @@ GPU_MI_SHAPES ?= --dtype bfloat16 --shapes 16384x768,16384x128,65536x768 \
 GPU_CODISTILL_SHAPES ?= --dtype bfloat16 --rows 8192 --vocab 32768,128256 --temperatures 2 \
 	--providers fused-triton,two-kd-triton,compile,eager --repeats 10
 GPU_FUSED_SHAPES ?= --dtype bfloat16 --rows 16384 --hidden 4096 --vocab 128256 --teachers 1,2 \
-	--providers fused-triton,unfused-triton,liger --repeats 3
+	--providers fused-triton,unfused-triton,liger,fused-triton-acc16 --repeats 3
 GPU_LOG = $(GPU_OUT)/bench-gpu.log
 GPU_ENV = PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}
 gpu_slot = $(if $(filter $(1),$(GPU_STAGES)),$(2),0)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import fastdistill
 from fastdistill import TeacherHead
+from fastdistill.ops import gemm
 
 from . import isolate
 from .run import MEMORY_NOTE, _median_ms, environment, peak_extra_bytes, report, run_info, save, start, versions_line
@@ -30,9 +31,13 @@ from .run import MEMORY_NOTE, _median_ms, environment, peak_extra_bytes, report,
 Loss = Callable[..., torch.Tensor]
 
 
-def _fused(backend: str) -> Loss:
+def _fused(backend: str, head_dtype_accum: bool = False) -> Loss:
+    """fused_linear_kd_loss; ``head_dtype_accum``: the weight gradient adds up in the head's dtype (accum_dtype),
+    not float32."""
+
     def fn(h, w, teachers, labels):
         return fastdistill.fused_linear_kd_loss(h, w, [TeacherHead(th, tw) for th, tw in teachers], labels,
+                                                accum_dtype=w.dtype if head_dtype_accum else None,
                                                 backend=backend)  # fmt: skip
 
     return fn
@@ -73,6 +78,7 @@ PROVIDERS: dict[str, Callable[[], Loss]] = {
     "fused-cpu": lambda: _fused("cpu"),
     "unfused-cpu": lambda: _unfused("cpu"),
     "fused-triton": lambda: _fused("triton"),
+    "fused-triton-acc16": lambda: _fused("triton", head_dtype_accum=True),
     "unfused-triton": lambda: _unfused("triton"),
     "liger": _liger,
     "eager": lambda: _eager,
@@ -84,7 +90,9 @@ def unavailable_reason(name: str, device: str, k: int) -> str | None:
         return f"unknown provider {name!r} (known: {', '.join(PROVIDERS)})"
     if name.endswith("-cpu") and (device != "cpu" or not fastdistill.extension_available()):
         return "the cpu backend needs CPU tensors and the built extension"
-    if name.endswith("-triton") and device != "cuda":
+    if name == "fused-triton-acc16" and k != 1:
+        return "measured at K = 1 only (the accumulator's dtype does not depend on K)"
+    if "-triton" in name and device != "cuda":
         return "triton is benchmarked on CUDA only (on the CPU it would run in Triton's interpreter)"
     if name == "liger":
         if k != 1:
@@ -128,7 +136,8 @@ def bench_one(provider: str, N: int, H: int, V: int, K: int, dtype: torch.dtype,
     flops = (3 + K) * 2 * N * H * V
     return {"provider": provider, "N": N, "H": H, "V": V, "K": K, "dtype": str(dtype).removeprefix("torch."),
             "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12, "peak_bytes": peak_extra_bytes(run, device),
-            "logits_bytes": N * V * h.element_size()}  # fmt: skip
+            "logits_bytes": N * V * h.element_size(),
+            "addmm_float32_c": gemm.addmm_takes_float32_c()}  # fmt: skip
 
 
 def cell(provider: str, K: int, N: int, H: int, V: int, dtype: str, device: str, repeats: int) -> dict:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import fastdistill
-from fastdistill.ops import reference
+from fastdistill.ops import gemm, reference
 
 from . import isolate
 from .run import (
@@ -150,7 +150,8 @@ def bench_one(provider: str, N: int, D: int, dtype: torch.dtype, device: str, re
     # the loss module: the estimator at the projection width, plus the two projections D -> 128 (fwd + bwd)
     useful = 3 * 2 * N * N * PROJ_DIM + 2 * 6 * N * D * PROJ_DIM if provider.startswith("loss-") else 3 * 2 * N * N * D
     return {"provider": provider, "N": N, "D": D, "dtype": str(dtype).removeprefix("torch."), "ms": ms,
-            "peak_bytes": peak_extra_bytes(step, device), "useful_flops": useful}  # fmt: skip
+            "peak_bytes": peak_extra_bytes(step, device), "useful_flops": useful,
+            "addmm_float32_c": gemm.addmm_takes_float32_c()}  # fmt: skip
 
 
 def cell(provider: str, N: int, D: int, dtype: str, device: str, repeats: int) -> dict:

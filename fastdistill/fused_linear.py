@@ -20,10 +20,12 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
+from .ops import gemm
 
-# Per chunk (its logits, the teachers', the logit gradient and float32 temporaries), per device type. On CUDA the
-# larger chunk matters for speed: every chunk reads and writes the float32 head-weight gradient once (2 x 4 V H
-# bytes), so fewer chunks means less of that traffic (benchmarks/NOTES.md, issue 19).
+# Per chunk (its logits, the teachers', the logit gradient and its scaled copy), per device type. On CUDA the larger
+# chunk matters for speed: every chunk's weight-gradient GEMM reads and writes the float32 accumulator (2 x 4 V H
+# bytes) in its epilogue, which stays hidden under the GEMM's compute only from ~650 rows a chunk on an H200
+# (benchmarks/NOTES.md, issue 19).
 DEFAULT_BUDGET_BYTES = {"cpu": 256 * 2**20, "cuda": 2**30}
 
 
@@ -102,6 +104,9 @@ def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: in
                 raise ValueError(f"teachers[{k}].hidden must have shape [{', '.join(map(str, lead))}, H_t] (the "
                                  f"student's rows), got {tuple(getattr(t.hidden, 'shape', ()))}")  # fmt: skip
             _check_head(f"teachers[{k}]", t.weight, t.bias, t.hidden.shape[-1], device)
+            if t.weight.dtype != t.hidden.dtype:
+                raise TypeError(f"teachers[{k}].weight is {t.weight.dtype} but its hidden states are "
+                                f"{t.hidden.dtype}; they must share a dtype (the head's matmul)")  # fmt: skip
             if t.weight.shape[0] != v:
                 raise ValueError(f"teachers[{k}].weight has V = {t.weight.shape[0]}, the student's head {v}")
             out.append(TeacherHead(t.hidden.detach().reshape(-1, t.hidden.shape[-1]), t.weight.detach(),
@@ -121,8 +126,8 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 def chunk_rows(n: int, v: int, k: int, itemsize: int, chunk_size: int | None, budget_bytes: int | None,
                device_type: str = "cpu") -> int:  # fmt: skip
     """Rows per chunk: ``chunk_size`` if given, else as many as the budget (default: ``DEFAULT_BUDGET_BYTES`` of
-    the device type) holds. A row costs its logits, its K teachers' logits and its logit gradient in the input
-    dtype, and ~3 float32 temporaries of the fused op."""
+    the device type) holds. A row costs, in the input dtype, its logits, its K teachers' logits, the logit gradient
+    the fused op computes with the loss, and that gradient times grad_output (autograd's copy)."""
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
@@ -130,7 +135,7 @@ def chunk_rows(n: int, v: int, k: int, itemsize: int, chunk_size: int | None, bu
     budget = budget_bytes if budget_bytes is not None else DEFAULT_BUDGET_BYTES.get(device_type, 256 * 2**20)
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"memory_budget_bytes must be an int >= 1, got {budget!r}")
-    per_row = v * ((k + 2) * itemsize + 12)
+    per_row = v * (k + 3) * itemsize
     return max(1, min(max(n, 1), budget // per_row))
 
 
@@ -142,6 +147,7 @@ class _Plan(NamedTuple):
     sample_weight: Tensor | None  # [N]
     teacher_weights: Tensor | None  # [K, N], normalised
     options: dict[str, Any]  # kd_loss keywords (divergence, temperature, ..., backend)
+    accum_dtype: torch.dtype  # of the head weight's and bias's gradients while they add up over the chunks
     chunk_reduction: str  # "mean" (with the global count as num_items), "sum" or "none"
     num_items: Tensor | None  # the global denominator of "mean" (0-dim)
     denominator: float  # "batchmean": the sum is divided by it at the end; else 1
@@ -149,9 +155,28 @@ class _Plan(NamedTuple):
     lead: torch.Size
 
 
+def _chunk_teachers(plan: _Plan, z: Tensor, rows: slice) -> Tensor | list[Tensor]:
+    """The chunk's teacher logits, as kd_loss takes them without a stacked copy: one teacher given as logits is a
+    view; K teachers of one dtype are written into one [K, c, V] tensor (heads: each matmul writes its slice); mixed
+    dtypes stay a list."""
+    if len(plan.teachers) == 1 and isinstance(plan.teachers[0], Tensor):
+        return plan.teachers[0][rows]
+    dtypes = {t.dtype if isinstance(t, Tensor) else t.hidden.dtype for t in plan.teachers}
+    if len(dtypes) > 1:
+        return [t[rows] if isinstance(t, Tensor) else _logits(t.hidden[rows], t.weight, t.bias) for t in plan.teachers]
+    out = z.new_empty((len(plan.teachers), *z.shape), dtype=dtypes.pop())
+    for k, t in enumerate(plan.teachers):
+        if isinstance(t, Tensor):
+            out[k].copy_(t[rows])
+        elif t.bias is None:
+            torch.mm(t.hidden[rows], t.weight.T, out=out[k])
+        else:
+            torch.addmm(t.bias, t.hidden[rows], t.weight.T, out=out[k])
+    return out
+
+
 def _chunk_loss(plan: _Plan, z: Tensor, rows: slice) -> Tensor:
-    teachers = [t[rows] if isinstance(t, Tensor) else _logits(t.hidden[rows], t.weight, t.bias)
-                for t in plan.teachers]  # fmt: skip
+    teachers = _chunk_teachers(plan, z, rows)
     tw = None if plan.teacher_weights is None else plan.teacher_weights[:, rows]
     return functional.kd_loss(
         z, teachers, None if plan.labels is None else plan.labels[rows], teacher_weights=tw,
@@ -172,8 +197,8 @@ def _sweep(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, need: tuple[bool
     total = torch.zeros((), dtype=acc, device=h.device)
     rows_out = [] if plan.chunk_reduction == "none" else None
     gh = torch.empty_like(h) if need[0] else None
-    gw = torch.zeros(w.shape, dtype=acc, device=w.device) if need[1] else None
-    gb = torch.zeros(w.shape[0], dtype=acc, device=w.device) if need[2] and b is not None else None
+    gw = torch.zeros(w.shape, dtype=plan.accum_dtype, device=w.device) if need[1] else None
+    gb = torch.zeros(w.shape[0], dtype=plan.accum_dtype, device=w.device) if need[2] and b is not None else None
     for start in range(0, n, plan.chunk):
         rows = slice(start, min(n, start + plan.chunk))
         hc = h[rows]
@@ -184,13 +209,11 @@ def _sweep(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, need: tuple[bool
                 go = None if grad_out is None else (grad_out[rows] if grad_out.dim() else grad_out)
                 (g,) = torch.autograd.grad(loss, z, grad_outputs=go)
         if gh is not None:
-            gh[rows] = (g @ w).to(h.dtype)
-        if gw is not None or gb is not None:
-            g_acc = g.to(acc)
-            if gw is not None:
-                gw.addmm_(g_acc.T, hc.to(acc))
-            if gb is not None:
-                gb.add_(g_acc.sum(0))
+            gh[rows] = g @ w
+        if gw is not None:  # bfloat16 operands even into a float32 accumulator: the tensor cores (ops/gemm.py)
+            gemm.add_mm(gw, g.T, hc)
+        if gb is not None:
+            gb.add_(g.sum(0, dtype=gb.dtype))
         loss = loss.detach()
         if rows_out is not None:
             rows_out.append(loss)
@@ -201,7 +224,13 @@ def _sweep(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, need: tuple[bool
 
 
 def _scaled(grad: Tensor | None, scale: Tensor, dtype: torch.dtype) -> Tensor | None:
-    return None if grad is None else (grad * scale).to(dtype)
+    """grad x scale in ``dtype``, without a temporary as large as grad: in place in grad's own buffer, or written
+    straight into the narrower dtype (a float32 weight-gradient accumulator is V H x 4 bytes)."""
+    if grad is None:
+        return None
+    if grad.dtype == dtype:
+        return grad.mul_(scale)
+    return torch.mul(grad, scale, out=torch.empty_like(grad, dtype=dtype))
 
 
 class _FusedLinearKD(torch.autograd.Function):
@@ -223,8 +252,13 @@ class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         plan, (h_dtype, w_dtype) = ctx.plan, ctx.dtypes
-        if ctx.early:  # the gradients of the loss itself: scaled by grad_output here
+        if ctx.early:  # the gradients of the loss itself, computed with it: scaled by grad_output here, in place
+            if ctx.grads is None:
+                raise RuntimeError("fused_linear_kd_loss: backward through the same loss twice (retain_graph=True) "
+                                   "is not supported: its gradients are computed with the loss and handed out once; "
+                                   "compute the loss again")  # fmt: skip
             (gh, gw, gb), scale = ctx.grads, grad_out / plan.denominator
+            ctx.grads = None
             return _scaled(gh, scale, h_dtype), _scaled(gw, scale, w_dtype), _scaled(gb, scale, w_dtype), None
         h, w, b = ctx.saved_tensors  # "none": the chunks again, each row's grad_output applied in them
         _, gh, gw, gb = _sweep(plan, h, w, b, tuple(ctx.needs_input_grad[:3]), grad_out.reshape(-1))
@@ -252,6 +286,7 @@ def fused_linear_kd_loss(
     sample_weight: Tensor | None = None,
     reduction: str = "mean",
     num_items: int | Tensor | None = None,
+    accum_dtype: torch.dtype | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """:func:`fastdistill.kd_loss` of the logits ``student_hidden @ student_head_weight.T + student_head_bias``,
@@ -267,11 +302,17 @@ def fused_linear_kd_loss(
         labels, and every keyword from ``divergence`` on: as in :func:`fastdistill.kd_loss` (``teacher_weights``
             [K] or [K, *]; ``sample_weight`` [*]; ``reduction`` "mean" divides by the labelled rows of the whole
             input, or ``num_items``).
+        accum_dtype: the dtype in which the head weight's and bias's gradients add up over the chunks. None (the
+            default): float32 (float64 for float64 inputs), which gives the unfused path's gradient up to the
+            order of the sums; the head's own dtype (e.g. ``torch.bfloat16``) saves V x H x 2 bytes at the cost of
+            one rounding to that dtype per chunk (Liger-Kernel's default). The matmuls run in the inputs' dtype
+            either way.
 
     Returns the loss: 0-dim, or [*] for ``reduction="none"``; float32 (float64 for float64 inputs). Gradients flow
-    to ``student_hidden``, ``student_head_weight`` and ``student_head_bias``. Extra memory: one chunk's logits,
-    teachers' logits and logit gradient, plus the gradients of the inputs (the weight's in float32 while it
-    accumulates).
+    to ``student_hidden``, ``student_head_weight`` and ``student_head_bias``; for a reduced loss they are computed
+    with it (one pass over the chunks) and handed out by its one backward. Extra memory: one chunk's logits,
+    teachers' logits and logit gradient, plus the gradients of the inputs (the weight's in ``accum_dtype`` while
+    it accumulates).
     """
     if not isinstance(student_hidden, Tensor) or not student_hidden.is_floating_point() or student_hidden.dim() < 1:
         raise TypeError("student_hidden must be a floating-point Tensor [*, H]")
@@ -287,6 +328,12 @@ def fused_linear_kd_loss(
     )  # fmt: skip
     v = student_head_weight.shape[0]
     n = math.prod(lead)
+    wide = torch.float64 if student_head_weight.dtype == torch.float64 else torch.float32
+    if accum_dtype is None:
+        accum_dtype = wide
+    elif accum_dtype not in (wide, student_head_weight.dtype):
+        raise ValueError(f"accum_dtype must be None, {wide} or the head weight's dtype "
+                         f"({student_head_weight.dtype}), got {accum_dtype}")  # fmt: skip
     teacher_list = _teacher_list(teachers, lead, v, student_hidden.device)
     # The per-row arguments checked once here, on the whole input (values included: a device sync each on CUDA), as
     # kd_loss checks them; the chunks then skip their data-dependent checks (functional.values_checked). The shape
@@ -310,7 +357,8 @@ def fused_linear_kd_loss(
     options = dict(divergence=divergence, temperature=temperature, scale_by_temperature_sq=scale_by_temperature_sq,
                    ensemble=ensemble, beta=beta, skew=skew, ignore_index=ignore_index, ce_weight=ce_weight,
                    backend=backend)  # fmt: skip
-    plan = _Plan(teacher_list, flat_labels, flat_sw, tw, options, chunk_reduction, count, denominator, chunk, lead)
+    plan = _Plan(teacher_list, flat_labels, flat_sw, tw, options, accum_dtype, chunk_reduction, count, denominator,
+                 chunk, lead)  # fmt: skip
     h = student_hidden.reshape(n, width)
     return _FusedLinearKD.apply(h, student_head_weight, student_head_bias, plan)
 
@@ -324,7 +372,7 @@ class FusedLinearKDLoss(nn.Module):
         super().__init__()
         allowed = {"chunk_size", "memory_budget_bytes", "divergence", "temperature", "scale_by_temperature_sq",
                    "ensemble", "teacher_weights", "beta", "skew", "ignore_index", "ce_weight", "reduction",
-                   "backend"}  # fmt: skip
+                   "accum_dtype", "backend"}  # fmt: skip
         unknown = set(options) - allowed
         if unknown:
             raise TypeError(f"FusedLinearKDLoss got unknown options {sorted(unknown)}; allowed: {sorted(allowed)}")

@@ -154,7 +154,7 @@ def test_extra_memory_is_one_chunk_whatever_n():
         def run():
             fused_linear_kd_loss(h, w, t, labels, chunk_size=chunk, ce_weight=0.1, backend="cpu").backward()
 
-        return extra_peak(run) - (h.numel() + 2 * w.numel()) * 4  # minus grad_h, grad_w and its float32 accumulator
+        return extra_peak(run) - (h.numel() + w.numel()) * 4  # minus grad_h and grad_w (its accumulator, scaled)
 
     small, large = step(64), step(512)
     one_chunk = chunk * vocab * 4
@@ -252,3 +252,52 @@ def test_values_are_checked_once_not_per_chunk(monkeypatch):
         fused_linear_kd_loss(h, w, teachers, bad, chunk_size=1, **kw)
     with pytest.raises(ValueError, match="sample_weight must be finite and >= 0"):
         fused_linear_kd_loss(h, w, teachers, labels, chunk_size=1, **{**kw, "sample_weight": -torch.ones(2, 5)})
+
+
+def test_accum_dtype():
+    """The head's gradients add up in float32 by default (the unfused path's digits), or in the head's dtype when
+    asked (one rounding per chunk); anything else is an error naming the argument."""
+    h, w, b, t_hidden, t_heads, labels = _inputs(lead=(256,), k=1)
+    teachers = [TeacherHead(t_hidden[0], t_heads[0])]
+    want = _grads(_materialised(h, w, b, [t_hidden[0] @ t_heads[0].T], labels, backend="reference"), (h, w, b))
+    half = [x.detach().to(torch.bfloat16).requires_grad_() for x in (h, w, b)]
+    t_half = [TeacherHead(t_hidden[0].to(torch.bfloat16), t_heads[0].to(torch.bfloat16))]
+    errors = {}
+    for accum in (None, torch.bfloat16):
+        loss = fused_linear_kd_loss(half[0], half[1], t_half, labels, student_head_bias=half[2], chunk_size=2,
+                                    accum_dtype=accum, backend="reference")  # fmt: skip
+        got = _grads(loss, half)
+        assert [x.dtype for x in got] == [torch.bfloat16] * 3
+        errors[accum] = [(g.double() - e).abs().max().item() / e.abs().max().item() for g, e in zip(got, want)]
+        assert max(errors[accum]) < 3e-2, errors  # bfloat16 inputs: ~2-3 digits either way
+    assert errors[None][1] < errors[torch.bfloat16][1] / 2, errors  # one rounding of the weight's sum, not 128
+    with pytest.raises(ValueError, match="accum_dtype must be None, torch.float64 or the head weight's dtype"):
+        fused_linear_kd_loss(h, w, teachers, labels, accum_dtype=torch.float32)
+    with pytest.raises(TypeError, match=r"teachers\[0\].weight is torch.float32 but its hidden states are"):
+        fused_linear_kd_loss(h, w, [TeacherHead(t_hidden[0], t_heads[0].float())], labels)
+
+
+def test_backward_twice_is_a_clear_error():
+    """A reduced loss hands out the gradients it computed with the loss, scaled in place, once."""
+    h, w, b, t_hidden, t_heads, labels = _inputs()
+    loss = fused_linear_kd_loss(h, w, [TeacherHead(t_hidden[0], t_heads[0])], labels, student_head_bias=b,
+                                backend="reference")  # fmt: skip
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward through the same loss twice"):
+        loss.backward()
+
+
+def test_add_mm():
+    """ops.gemm.add_mm, the weight-gradient accumulation: c += a @ b in c's dtype, or half operands into float32."""
+    from fastdistill.ops import gemm
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 7, generator=g), torch.randn(7, 3, generator=g)
+    for dtype, acc in ((torch.float64, torch.float64), (torch.bfloat16, torch.float32), (torch.float16, torch.float32)):
+        c0 = torch.randn(5, 3, generator=g, dtype=acc)
+        c = c0.clone()
+        gemm.add_mm(c, a.to(dtype), b.to(dtype))
+        want = c0.double() + a.to(dtype).double() @ b.to(dtype).double()
+        torch.testing.assert_close(c.double(), want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="a float32 accumulator for half-precision operands"):
+        gemm.add_mm(torch.zeros(5, 3, dtype=torch.float64), a.half(), b.half())

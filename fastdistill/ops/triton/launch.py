@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..gemm import is_traced
+
 TRITON_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
                 torch.int64: "i64", torch.int32: "i32"}  # fmt: skip
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -65,11 +67,6 @@ def jit_pair(fn, small: tuple[str, ...] = ()) -> KernelPair:
     aligned = triton.jit(do_not_specialize_on_alignment=list(small))(fn)
     unaligned = triton.jit(do_not_specialize_on_alignment=pointers)(fn)
     return KernelPair(aligned, unaligned)
-
-
-def is_traced(t: Tensor) -> bool:
-    """A fake or functional tensor: torch.compile is tracing the op (no data, no pointer)."""
-    return type(t) is not torch.Tensor or torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def _pointer_aligned(t: Tensor) -> bool:

@@ -45,9 +45,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import gemm
 from ..inputs import MIBackwardArgs, MIInputs
 from ..registration import MI_STATS_ROWS, mi_alpha_backward_fake, mi_alpha_fake, register_mi_triton
-from .launch import Launch, acc_dtype, fast_math, int_tensor, is_aligned, is_traced, jit_pair, param_tensor
+from .launch import Launch, acc_dtype, fast_math, int_tensor, is_aligned, jit_pair, param_tensor
 from .row_math import fexp, flog
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -528,13 +529,12 @@ def mi_bwd_launches(grad, student, teacher, log_baseline, stats, alpha, temperat
 # d(student) accumulator: O(N D), never N x N. Matmuls of 2 N^2 D flops: 1 forward + 3 backward.
 
 _STRIP_FLOOR_BYTES = 64 << 20
-_HAS_MM_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype")
 
 
 def use_strips(dtype: torch.dtype) -> bool:
     """Whether the op runs by strips for features of ``dtype``: half precision, unless FASTDISTILL_MI_STRIPS=0 (the
     tile kernels then, as for float32 / float64) or this torch lacks cuBLAS's float32-output GEMM."""
-    return dtype in (torch.bfloat16, torch.float16) and _HAS_MM_DTYPE and os.environ.get("FASTDISTILL_MI_STRIPS") != "0"
+    return dtype in gemm.HALF and gemm.HAS_MM_DTYPE and os.environ.get("FASTDISTILL_MI_STRIPS") != "0"
 
 
 def strip_rows(n: int, d: int, dtype: torch.dtype) -> int:
@@ -551,22 +551,6 @@ def strip_rows(n: int, d: int, dtype: torch.dtype) -> int:
         budget = max(_STRIP_FLOOR_BYTES, 2 * n * d * item)
         rows = max(64, budget // (n * (4 + item)) // 64 * 64)
     return min(rows, n)
-
-
-def _mm32(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b in float32 from half-precision a, b: cuBLAS with float32 output on a GPU; float32 here (the
-    interpreter's CPU tensors; half products are exact in float32)."""
-    return torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else a.float() @ b.float()
-
-
-def _add_mm32(c: Tensor, a: Tensor, b: Tensor) -> None:
-    """c += a @ b in place (c float32, a and b half precision): cuBLAS's beta = 1 on a GPU. While torch.compile
-    traces the op, a float32 product and an add instead (Inductor has no lowering of addmm with out_dtype:
-    pytorch/pytorch#163880)."""
-    if a.is_cuda and not is_traced(c):
-        torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
-    else:
-        c.add_(_mm32(a, b))
 
 
 def _strip_ints(n: int, d: int, rows: int, device) -> Tensor:
@@ -618,7 +602,7 @@ def _strips(u: Tensor, v: Tensor, n: int, d: int, ints: bool = True) -> _Strips:
 def _fwd_strip(p: _Strips, k: int, r0: int, u, v, a, prm, stats, part) -> None:
     """One strip of the forward (its own function, so that the strip's S is freed before the next one's)."""
     rs = min(p.rows, p.n - r0)
-    s = _mm32(v[r0 : r0 + rs], u.t())
+    s = gemm.mm32(v[r0 : r0 + rs], u.t())
     p.launch_fwd(k, rs, u, v, s, a, prm, stats, part).run()
 
 
@@ -626,12 +610,12 @@ def _bwd_strip(p: _Strips, k: int, r0: int, u, v, a, prm, stats, f, d_student, d
     """One strip of the backward: d(teacher)[strip] = f G U, d(student) += G^T V[strip] (scaled by f at the end)."""
     rs = min(p.rows, p.n - r0)
     vs = v[r0 : r0 + rs]
-    s = _mm32(vs, u.t())
+    s = gemm.mm32(vs, u.t())
     g = torch.empty((rs, p.n), dtype=u.dtype, device=u.device)
     p.launch_grad(k, rs, s, a, prm, stats, g).run()
     del s
-    torch.mul(_mm32(g, u), f, out=d_teacher[r0 : r0 + rs])
-    _add_mm32(d_student, g.t(), vs)
+    torch.mul(gemm.mm32(g, u), f, out=d_teacher[r0 : r0 + rs])
+    gemm.add_mm(d_student, g.t(), vs)
 
 
 def mi_fwd_strips(student, teacher, log_baseline, alpha, temperature) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,136 @@
+"""fused_linear_kd_loss on a GPU (skipped without CUDA; issue 19), bfloat16 through the Triton row op:
+  - against the float64 reference, and as accurate as the unfused path (head matmul + kd_loss);
+  - every matmul on half-precision operands, the weight gradient's float32 accumulation included (a float32 GEMM
+    runs at ~1/10 of the tensor cores' rate);
+  - peak memory: the gradients' buffers plus one chunk, whatever N;
+  - torch.compile of a step.
+The CPU twin is tests/test_fused_linear.py."""
+
+import pytest
+import torch
+from tolerances import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastdistill
+from fastdistill import TeacherHead, fused_linear_kd_loss
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+KW = dict(temperature=2.0, ce_weight=0.2)
+
+
+def make_inputs(n, width, v, dtype, seed=0):
+    """Student hidden [N, H], head [V, H] and bias [V]; one teacher as hidden + head, one as logits [N, V]; labels
+    [N] with every 7th ignored. Drawn in float64 on the GPU, then cast."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device="cuda", dtype=torch.float64) * scale).to(dtype)
+
+    hid, w, b = rnd(n, width), rnd(v, width, scale=2 * width**-0.5), rnd(v, scale=0.1)
+    th, tw, t_logits = rnd(n, width), rnd(v, width, scale=2 * width**-0.5), rnd(n, v, scale=2.0)
+    labels = torch.randint(0, v, (n,), generator=g, device="cuda")
+    labels[::7] = -100
+    return hid, w, b, th, tw, t_logits, labels
+
+
+def loss_and_grads(fn, hid, w, b):
+    """(loss, d hidden, d weight, d bias) of fn on fresh leaves, grad_output 0.7."""
+    leaves = [x.detach().clone().requires_grad_() for x in (hid, w, b)]
+    loss = fn(*leaves)
+    go = torch.tensor(0.7, device="cuda", dtype=loss.dtype)
+    return [loss.detach(), *torch.autograd.grad(loss, leaves, go)]
+
+
+def fused(th, tw, t_logits, labels, **kw):
+    return lambda h, w, b: fused_linear_kd_loss(h, w, [TeacherHead(th, tw), t_logits], labels, student_head_bias=b,
+                                                backend="triton", **KW, **kw)  # fmt: skip
+
+
+def unfused(th, tw, t_logits, labels, backend="triton"):
+    return lambda h, w, b: fastdistill.kd_loss(h @ w.T + b, [th @ tw.T, t_logits], labels, backend=backend, **KW)
+
+
+@pytest.mark.parametrize("accum", [None, torch.bfloat16])
+def test_bfloat16_against_float64(accum):
+    """Four chunks (the last ragged). Default accumulation: within 2x the unfused path's own error (one rounding of
+    each gradient); the head's dtype: within the bfloat16 tolerance."""
+    hid, w, b, th, tw, t_logits, labels = make_inputs(1000, 256, 8192, torch.bfloat16)
+    want = loss_and_grads(unfused(*(x.double() for x in (th, tw, t_logits)), labels, "reference"),
+                          hid.double(), w.double(), b.double())  # fmt: skip
+    base = loss_and_grads(unfused(th, tw, t_logits, labels), hid, w, b)
+    got = loss_and_grads(fused(th, tw, t_logits, labels, chunk_size=300, accum_dtype=accum), hid, w, b)
+    for name, g, u, e in zip(("loss", "d hidden", "d weight", "d bias"), got, base, want):
+        assert g.dtype == u.dtype, name
+        if name == "loss":  # both from bfloat16 logits (the float64 ones differ by their rounding): the same sum
+            torch.testing.assert_close(g, u, rtol=1e-3, atol=0)
+            continue
+        assert_close(g, e, torch.bfloat16, "grad", what=f"{name}, accum_dtype={accum}")
+        if accum is None:
+            err, err_unfused = ((x.double() - e).abs().max().item() for x in (g, u))
+            assert err <= 2 * err_unfused + 1e-6 * e.abs().max().item(), (name, err, err_unfused)
+
+
+class _MatmulOperands(TorchDispatchMode):
+    """Every matmul's operand dtypes, as aten sees them."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul"):
+            mats = args[:2] if name in ("mm", "bmm", "matmul") else args[1:3]
+            self.seen.append((str(func), tuple(m.dtype for m in mats)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("accum", [None, torch.bfloat16])
+def test_every_matmul_on_half_operands(accum):
+    hid, w, b, th, tw, t_logits, labels = make_inputs(600, 128, 4096, torch.bfloat16)
+    with _MatmulOperands() as spy:
+        loss_and_grads(fused(th, tw, t_logits, labels, chunk_size=256, accum_dtype=accum), hid, w, b)
+    assert len(spy.seen) >= 3 * 4, spy.seen  # per chunk: student and teacher logits, d hidden, d weight
+    wide = [s for s in spy.seen if any(d not in (torch.bfloat16, torch.float16) for d in s[1])]
+    assert not wide, f"matmuls on float32 operands: {wide}"
+
+
+@pytest.mark.parametrize("accum", [None, torch.bfloat16])
+def test_peak_memory(accum):
+    """Peak beyond the inputs: the weight-gradient accumulator (float32 4 V H, or the head's dtype 2 V H), the
+    bfloat16 gradient written from a float32 one (2 V H, never a float32 copy), d hidden (2 N H), one chunk (the
+    budget) and 16 MiB of slack (per-row buffers, allocator rounding)."""
+    n, width, v, budget = 8192, 1024, 32768, 64 << 20
+    hid, w, _, th, tw, _, labels = make_inputs(n, width, v, torch.bfloat16)
+    hid.requires_grad_()
+    w.requires_grad_()
+    teacher = TeacherHead(th, tw)
+
+    def step():
+        fused_linear_kd_loss(hid, w, teacher, labels, memory_budget_bytes=budget, accum_dtype=accum,
+                             backend="triton", **KW).backward()  # fmt: skip
+        hid.grad = w.grad = None
+
+    step()  # warm-up: Triton's compile, cuBLAS's workspace
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    acc = (4 if accum is None else 2) * v * width
+    out = 2 * v * width if accum is None else 0
+    bound = acc + max(budget, out) + 2 * n * width + (16 << 20)
+    assert peak <= bound, f"peak {peak / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB"
+
+
+def test_compile():
+    """torch.compile (Inductor) of a step: the same loss and gradients as eager (the float32 accumulation is traced
+    as a float32-output matmul and an add)."""
+    hid, w, b, th, tw, t_logits, labels = make_inputs(500, 128, 4096, torch.bfloat16)
+    fn = fused(th, tw, t_logits, labels, chunk_size=200)
+    want = loss_and_grads(fn, hid, w, b)
+    got = loss_and_grads(torch.compile(fn), hid, w, b)
+    for name, g, e in zip(("loss", "d hidden", "d weight", "d bias"), got, want):
+        torch.testing.assert_close(g, e, rtol=2e-2, atol=1e-3 * e.abs().max().item(), msg=name)
