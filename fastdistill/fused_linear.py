@@ -44,13 +44,16 @@ class TeacherHead(NamedTuple):
 
 
 def check_fusable(name: str, model: nn.Module) -> None:
-    """That ``model``'s logits are ``get_output_embeddings()(hidden_states[-1])`` as :func:`hidden_and_head` reads
-    them: a linear output head, a forward that takes ``logits_to_keep`` (else it computes the full logits anyway),
-    no logit scaling or soft-capping in its config. ValueError naming ``name`` otherwise."""
+    """That ``model``'s logits are ``get_output_embeddings()(base_model(...)[0])`` as :func:`hidden_and_head` reads
+    them: a linear output head on a distinct base model, a forward that takes ``logits_to_keep`` (else it computes
+    the full logits anyway), no logit scaling or soft-capping in its config. ValueError naming ``name`` otherwise."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear):
         raise ValueError(f"fused_linear: {name} has no linear output head (get_output_embeddings()); use "
                          "fused_linear=False")  # fmt: skip
+    if getattr(model, "base_model", model) is model:
+        raise ValueError(f"fused_linear: {name} has no base model under its head (base_model) whose output the head "
+                         "reads; use fused_linear=False")  # fmt: skip
     if "logits_to_keep" not in inspect.signature(model.forward).parameters:
         raise ValueError(f"fused_linear: {name}.forward does not take logits_to_keep, so it would compute the full "
                          "logits anyway; use fused_linear=False")  # fmt: skip
@@ -62,12 +65,23 @@ def check_fusable(name: str, model: nn.Module) -> None:
 
 
 def hidden_and_head(model: nn.Module, inputs: Any) -> tuple[TeacherHead, Any]:
-    """A Hugging Face model's last hidden states and output head (as a :class:`TeacherHead`, whatever the role),
-    from one forward that forms the logits of the last position only (``logits_to_keep=1``); and the output."""
-    kw = dict(output_hidden_states=True, logits_to_keep=1)
-    out = model(**inputs, **kw) if isinstance(inputs, dict) else model(inputs, **kw)
-    head = model.module.get_output_embeddings() if hasattr(model, "module") else model.get_output_embeddings()
-    return TeacherHead(out.hidden_states[-1], head.weight, head.bias), out
+    """A Hugging Face model's last hidden states (its base model's output, what the head reads) and output head (as
+    a :class:`TeacherHead`, whatever the role), from one forward that forms the logits of the last position only
+    (``logits_to_keep=1``); and the output. The hidden states are caught by a forward hook on ``base_model`` rather
+    than asked for with ``output_hidden_states=True``, which would keep every layer's [B, T, H] alive in the output
+    (under no_grad, (L + 1) B T H values: for a 32-layer teacher with H = 4096 about as much as the logits that
+    fusing avoids). ``model`` may be wrapped by DDP (``model.module``); the wrapper's forward is the one called."""
+    inner = model.module if hasattr(model, "module") else model
+    caught: list[Tensor] = []
+    handle = inner.base_model.register_forward_hook(lambda _module, _args, out: caught.append(out[0]))
+    try:
+        out = model(**inputs, logits_to_keep=1) if isinstance(inputs, dict) else model(inputs, logits_to_keep=1)
+    finally:
+        handle.remove()
+    if len(caught) != 1:
+        raise RuntimeError(f"fused_linear: the base model ran {len(caught)} times in one forward; expected once")
+    head = inner.get_output_embeddings()
+    return TeacherHead(caught[0], head.weight, head.bias), out
 
 
 Teacher = Tensor | TeacherHead

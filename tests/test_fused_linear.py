@@ -301,3 +301,41 @@ def test_add_mm():
         torch.testing.assert_close(c.double(), want, rtol=1e-6, atol=1e-6)
     with pytest.raises(TypeError, match="a float32 accumulator for half-precision operands"):
         gemm.add_mm(torch.zeros(5, 3, dtype=torch.float64), a.half(), b.half())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hidden_and_head_reads_what_the_head_reads(arch):
+    """hidden_and_head: the base model's output (the head's input) and the head, from a forward that keeps no tuple
+    of every layer's hidden states (a teacher under no_grad would hold (L + 1) B T H values); the head applied to
+    it gives the model's own logits."""
+    transformers = pytest.importorskip("transformers")
+    from fastdistill.fused_linear import check_fusable, hidden_and_head
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=40,
+                                                                             bos_token_id=0, eos_token_id=0))
+    else:
+        cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       num_key_value_heads=1, vocab_size=40)  # fmt: skip
+        model = transformers.LlamaForCausalLM(cfg)
+    model.eval()
+    check_fusable("model", model)
+    ids = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        head, out = hidden_and_head(model, {"input_ids": ids})
+        full = model(input_ids=ids, output_hidden_states=True)
+    assert getattr(out, "hidden_states", None) is None
+    torch.testing.assert_close(head.hidden, full.hidden_states[-1])
+    torch.testing.assert_close(head.hidden @ head.weight.T, full.logits)
+
+    class HeadOnly(torch.nn.Module):  # a head, but no base model distinct from the model
+        def __init__(self):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(4, 40)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    with pytest.raises(ValueError, match="bare has no base model under its head"):
+        check_fusable("bare", HeadOnly())

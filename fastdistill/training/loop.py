@@ -185,8 +185,8 @@ class DistillationLoop:
         tensorboard: also write TensorBoard events (needs the ``tensorboard`` package; skipped with a warning).
         progress: a tqdm progress bar on rank 0.
         fused_linear: train with :func:`fastdistill.fused_linear_kd_loss`: the student's and the teachers'
-            last hidden states and output heads (Hugging Face models: ``output_hidden_states=True,
-            logits_to_keep=1``) instead of their [B, T, V] logits, which are then never formed; the loss is
+            last hidden states and output heads (Hugging Face models: their base model's output, caught by a
+            hook, and ``logits_to_keep=1``) instead of their [B, T, V] logits, which are then never formed; the loss is
             ``loss``'s (a KDLoss), the teachers frozen, a ``teacher_cache``'s logits used as they are. Evaluation
             still runs the models' plain forward.
     """
