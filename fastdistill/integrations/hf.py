@@ -222,10 +222,11 @@ class DistillationTrainer(Trainer):
             LMs (:func:`is_causal_lm`), off otherwise. A batch that carries ``shift_labels`` (HF's padding-free
             collators) is used as given, unshifted.
         fused_linear: compute the loss from the last hidden states (the base model's output, caught by a hook:
-            no ``output_hidden_states`` tuple of every layer) and the output heads (``get_output_embeddings()``) with :func:`fastdistill.fused_linear_kd_loss`, the models asked for
-            the logits of the last position only (``logits_to_keep=1``): neither the student's nor the teachers'
-            [B, T, V] logits are materialised. For models whose logits are ``lm_head(base_model(...)[0])`` as is
-            (no logit scaling or soft-capping: those raise); heads sharded by FSDP / ZeRO-3 are not supported.
+            no ``output_hidden_states`` tuple of every layer) and the output heads (``get_output_embeddings()``)
+            with :func:`fastdistill.fused_linear_kd_loss`, the models asked for the logits of the last position
+            only (``logits_to_keep=1``): neither the student's nor the teachers' [B, T, V] logits are materialised.
+            For models whose logits are ``lm_head(base_model(...)[0])`` as is (no logit scaling or soft-capping:
+            those raise); heads sharded by FSDP / ZeRO-3 are not supported.
 
     KD settings come from one place: ``args=DistillationArguments(...)`` (saved with the run), or these keywords
     with plain ``TrainingArguments``. A keyword given alongside DistillationArguments must equal args' value
