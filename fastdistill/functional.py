@@ -211,6 +211,15 @@ def normalise_teacher_weights(
     return (w / total).contiguous()
 
 
+def _host_denominator(n: int, acc: torch.dtype, device: torch.device) -> Tensor:
+    """max(n, 1) for a count known on the host, as a 0-dim ``acc`` tensor on ``device``: one device fill, not
+    torch.tensor(n, device=...), whose host-to-device copy synchronises the stream on every call. ``n`` may be
+    symbolic (torch.compile with dynamic shapes): then the same value from an int64 fill."""
+    if isinstance(n, int):
+        return torch.full((), float(max(n, 1)), dtype=acc, device=device)
+    return torch.full((), n, dtype=torch.int64, device=device).to(acc).clamp_min(1)
+
+
 def row_arguments(
     logits: Tensor,
     *,
@@ -263,25 +272,28 @@ def row_arguments(
         raise ValueError(f"num_items overrides the 'mean' denominator; it has no meaning for reduction={reduction!r}")
     denominator = None
     if reduction == "mean":
+        # No valid row: the sum is 0, and 0 / 1 keeps the loss 0 (never 0 / 0).
         if num_items is None:
-            count = (labels != ignore_index).sum() if labels is not None else torch.tensor(n, device=device)
+            if labels is None:
+                denominator = _host_denominator(n, acc, device)
+            else:
+                denominator = (labels != ignore_index).sum().to(acc).clamp_min(1)
         elif isinstance(num_items, Tensor):
             if num_items.numel() != 1:
                 raise ValueError(f"num_items must be an int or a 0-dim Tensor, got shape {tuple(num_items.shape)}")
             count = num_items.detach().reshape(()).to(device)
             _check_values("num_items", count, "finite and >= 0",
                           (count < 0) | ~torch.isfinite(count) if count.is_floating_point() else count < 0)
+            denominator = count.to(acc).clamp_min(1)
         elif isinstance(num_items, numbers.Integral) and not isinstance(num_items, bool):
             if num_items < 0:
                 raise ValueError(f"num_items must be >= 0, got {num_items}")
-            count = torch.tensor(int(num_items), device=device)
+            denominator = _host_denominator(int(num_items), acc, device)
         else:
             raise TypeError(f"num_items must be an int or a 0-dim Tensor, got {type(num_items).__name__}")
-        # No valid row: the sum is 0, and 0 / 1 keeps the loss 0 (never 0 / 0).
-        denominator = count.to(acc).clamp_min(1)
     elif reduction == "batchmean":
         # torch's meaning: input.size(0), the batch (B of [B, T, V]; V itself for a single [V] row)
-        denominator = torch.tensor(float(max(logits.shape[0], 1)), dtype=acc, device=device)
+        denominator = _host_denominator(logits.shape[0], acc, device)
 
     return labels, sample_weight, denominator
 

@@ -318,10 +318,10 @@ def codistill_launch(x: SimpleNamespace) -> tuple[Launch, Tensor, Tensor, Tensor
     kd_a, kd_b = x.kd_scale * x.weight_ba, x.kd_scale * x.weight_ab  # b teaches a (in loss_a); a teaches b (in loss_b)
     prm = param_tensor(pack_params(CODISTILL_PARAMS, inv_t=1.0 / x.temperature, kd_a=kd_a, kd_b=kd_b,
                                    kd_a_over_t=kd_a / x.temperature, kd_b_over_t=kd_b / x.temperature,
-                                   hard_a=x.hard_a, hard_b=x.hard_b, div=x.div_params), acc, dev)  # fmt: skip
+                                   hard_a=x.hard_a, hard_b=x.hard_b, div=x.div_params), acc, a)  # fmt: skip
     ints = int_tensor([v, a.stride(0), b.stride(0), x.ignore_index, x.labels is not None, x.sample_weight is not None,
                        has_den, kd_a != 0, kd_b != 0, x.hard_a != 0, x.hard_b != 0, x.temperature == 1.0, x.grad_a,
-                       x.grad_b], dev)  # fmt: skip
+                       x.grad_b], a)  # fmt: skip
     aligned = is_aligned([a, b, ga, gb], [v, a.stride(0), b.stride(0)])
     launch = Launch(
         _codistill_row_kernel.pick(aligned), (0 if empty else n,),

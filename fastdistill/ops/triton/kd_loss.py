@@ -372,11 +372,11 @@ def kd_launch(a: SimpleNamespace) -> tuple[Launch, Tensor, Tensor, Tensor]:
     ens = ENS_CODES[a.ensemble] if k > 1 else 0
     prm = param_tensor(pack_params(KD_PARAMS, inv_t=1.0 / a.temperature, kd_scale=a.kd_scale,
                                    kd_over_t=a.kd_scale / a.temperature, ce_weight=a.ce_weight, uniform=1.0 / k,
-                                   div=a.div_params), acc, dev)  # fmt: skip
+                                   div=a.div_params), acc, student)  # fmt: skip
     strides = [student.stride(0), teachers.stride(0), teachers.stride(1)]
     ints = int_tensor([n, v, *strides, a.ignore_index, k, a.teacher_weights is not None, a.labels is not None,
                        a.sample_weight is not None, has_den, a.ce_weight > 0, a.temperature == 1.0, a.grad_student,
-                       a.grad_teachers], dev)  # fmt: skip
+                       a.grad_teachers], student)  # fmt: skip
     aligned = is_aligned([student, teachers, gs, gt], [v, *strides])
     launch = Launch(
         _kd_row_kernel.pick(aligned), (n if v > 0 else 0,),

@@ -85,17 +85,49 @@ def is_aligned(tensors: list[Tensor], sizes: list[int]) -> bool:
     return all(_pointer_aligned(t) for t in tensors) and all(s % ALIGN_ELEMS == 0 for s in sizes)
 
 
-def int_tensor(values: list[int], device: torch.device) -> Tensor:
-    """Integer kernel arguments in one int64 tensor (see the module docstring). Built from 0-dim fills:
-    torch.tensor(list) cannot run under the fake tensors of tracing."""
-    # a symbolic size (torch.compile with dynamic shapes) stays symbolic: int() would guard on its traced value
-    return torch.stack([torch.full((), x if isinstance(x, torch.SymInt) else int(x), dtype=torch.int64, device=device)
-                        for x in values])  # fmt: skip
+# Kernel-argument tensors of eager calls, by value: built once (one host-to-device copy), then reused, so that a call
+# costs no small fills or stacks (~25 tiny kernels and ~0.1 ms of host time before the row kernel's launch). They
+# are read-only for every kernel. Bounded: cleared when full.
+_CONSTANTS: dict[tuple, Tensor] = {}
+_CONSTANTS_MAX = 1024
 
 
-def param_tensor(values: list[float], acc: torch.dtype, device: torch.device) -> Tensor:
-    """Float kernel parameters in one tensor of the accumulation dtype (scalar arguments would be float32)."""
-    return torch.stack([torch.full((), float(x), dtype=acc, device=device) for x in values])
+def is_eager(like: Tensor) -> bool:
+    """Whether the call of ``like`` (one of its input tensors) runs eagerly on a real device: not on meta tensors, not
+    traced by torch.compile (fake / functional tensors, Dynamo), not recorded into a CUDA graph."""
+    if like.device.type == "meta" or is_traced(like) or torch.compiler.is_compiling():
+        return False
+    return not (like.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _constant(key: tuple, make) -> Tensor:
+    t = _CONSTANTS.get(key)
+    if t is None:
+        if len(_CONSTANTS) >= _CONSTANTS_MAX:
+            _CONSTANTS.clear()
+        t = _CONSTANTS[key] = make()
+    return t
+
+
+def int_tensor(values: list[int], like: Tensor) -> Tensor:
+    """Integer kernel arguments in one int64 tensor on ``like``'s device (see the module docstring): cached by value
+    in eager calls; while tracing, built from 0-dim fills (torch.tensor(list) cannot run under the fake tensors of
+    tracing), a symbolic size (torch.compile with dynamic shapes) staying symbolic (int() would guard on it)."""
+    if not any(isinstance(x, torch.SymInt) for x in values) and is_eager(like):
+        ints = tuple(int(x) for x in values)
+        return _constant(("int", ints, like.device), lambda: torch.tensor(ints, dtype=torch.int64, device=like.device))
+    return torch.stack([torch.full((), x if isinstance(x, torch.SymInt) else int(x), dtype=torch.int64,
+                                   device=like.device) for x in values])  # fmt: skip
+
+
+def param_tensor(values: list[float], acc: torch.dtype, like: Tensor) -> Tensor:
+    """Float kernel parameters in one tensor of the accumulation dtype (scalar arguments would be float32) on
+    ``like``'s device; cached by value (bits: 0.0 and -0.0 differ) in eager calls, as ``int_tensor``."""
+    floats = tuple(float(x) for x in values)
+    if is_eager(like):
+        key = ("float", tuple(x.hex() for x in floats), acc, like.device)
+        return _constant(key, lambda: torch.tensor(floats, dtype=acc, device=like.device))
+    return torch.stack([torch.full((), x, dtype=acc, device=like.device) for x in floats])
 
 
 @dataclass(frozen=True)
@@ -109,8 +141,17 @@ class Launch:
     options: dict[str, int] = field(default_factory=lambda: {"num_warps": 4})
 
     def run(self) -> None:
-        if all(g > 0 for g in self.grid):
-            torch.library.wrap_triton(self.kernel)[self.grid](*self.args, **self.constexprs, **self.options)
+        """Launch. While torch.compile traces it (or a dispatch mode watches), through ``torch.library.wrap_triton``,
+        which records it; eagerly, the kernel itself: outside a triton_op's body wrap_triton would send an eager
+        call through its higher-order op, ~0.2 ms of host time per launch, and register the kernel in a global
+        table that is never cleared (the backward's scale runs there)."""
+        if not all(g > 0 for g in self.grid):
+            return
+        watched = torch.utils._python_dispatch._get_current_dispatch_mode() is not None
+        kernel = self.kernel
+        if watched or not all(is_eager(a) for a in self.args):
+            kernel = torch.library.wrap_triton(kernel)
+        kernel[self.grid](*self.args, **self.constexprs, **self.options)
 
 
 def check_row_dtype(op: str, dtype: torch.dtype) -> None:

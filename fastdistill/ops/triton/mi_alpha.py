@@ -457,11 +457,11 @@ def _launch_args(dtype: torch.dtype) -> dict:
     return {"ACC": acc, "PREC": prec, "WIDEN": _INTERPRET and dtype == torch.bfloat16, "FAST": fast_math(dtype)}
 
 
-def _params(n: int, alpha: float, temperature: float, acc: torch.dtype, device) -> Tensor:
+def _params(n: int, alpha: float, temperature: float, acc: torch.dtype, like: Tensor) -> Tensor:
     values = [1.0 / temperature, math.log(n - 1), math.log(alpha) if alpha > 0 else -math.inf,
               math.log1p(-alpha) if alpha < 1 else -math.inf, 1.0 / n, 1.0 / (n * (n - 1)), 1.0 / (n - 1),
               float(n)]  # fmt: skip
-    return param_tensor(values, acc, device)
+    return param_tensor(values, acc, like)
 
 
 _SMALL = ("a_ptr", "prm_ptr", "stats_ptr", "part_ptr", "grad_ptr", "int_ptr")
@@ -481,8 +481,8 @@ def _common(student: Tensor, teacher: Tensor, log_baseline: Tensor, alpha: float
     acc = acc_dtype(student.dtype)
     u, v = student.contiguous(), teacher.contiguous()
     a = log_baseline.to(acc).contiguous()
-    prm = _params(n, alpha, temperature, acc, student.device)
-    ints = int_tensor([n, d], student.device)
+    prm = _params(n, alpha, temperature, acc, student)
+    ints = int_tensor([n, d], student)
     return n, d, acc, u, v, a, prm, ints
 
 
