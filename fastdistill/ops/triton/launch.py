@@ -149,7 +149,7 @@ class Launch:
             return
         watched = torch.utils._python_dispatch._get_current_dispatch_mode() is not None
         kernel = self.kernel
-        if watched or not all(is_eager(a) for a in self.args):
+        if watched or not is_eager(self.args[0]):  # (one call's tensors are all traced or none)
             kernel = torch.library.wrap_triton(kernel)
         kernel[self.grid](*self.args, **self.constexprs, **self.options)
 
