@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -277,8 +278,14 @@ class MIAlphaLoss(nn.Module):
         a = self.baseline(ys).squeeze(-1) if self.baseline is not None else 1.0
         if isinstance(a, Tensor) and a.dtype != torch.float64:
             a = a.float()
-        return functional.mi_alpha(u, v, alpha=self.alpha, log_baseline=a, critic=self.critic,
-                                   temperature=self.temperature, anchor=self.anchor, backend=self.backend)  # fmt: skip
+        # the baseline is this module's own output, finite when the features are (which mi_alpha does not check
+        # either): its value check would be a device sync in every training step (torch.compile skips the checks
+        # anyway, and cannot trace the context variable that switches them off)
+        unchecked = contextlib.nullcontext() if torch.compiler.is_compiling() else functional.values_checked()
+        with unchecked:
+            return functional.mi_alpha(u, v, alpha=self.alpha, log_baseline=a, critic=self.critic,
+                                       temperature=self.temperature, anchor=self.anchor,
+                                       backend=self.backend)  # fmt: skip
 
     def forward(self, student_hidden: Tensor, teacher_hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """The loss to minimise: ``-estimate`` (0-dim)."""

@@ -111,9 +111,12 @@ def test_half_matches_reference(mi, dtype, how, monkeypatch):
 
 
 def test_strip_rows(mi, monkeypatch):
-    """S (float32) and G of a strip fit max(64 MiB, 2 N D bytes of features), in rows that are a multiple of 64."""
+    """S (float32) and G of a strip fit max(64 MiB, 2 N D bytes of features), in rows that are a multiple of 64, at
+    least 512 (or N)."""
     assert mi.strip_rows(16384, 768, torch.bfloat16) == 640  # 64 MiB / (6 B x 16384) = 682
     assert mi.strip_rows(65536, 768, torch.bfloat16) == 512  # 2 N D x 2 B = 192 MiB / (6 B x 65536)
+    assert mi.strip_rows(65536, 128, torch.bfloat16) == 512  # (64 MiB alone: 128 rows, 512 strips)
+    assert mi.strip_rows(262144, 768, torch.bfloat16) == 512  # (256 rows: the same)
     assert mi.strip_rows(33, 24, torch.float16) == 33
     assert mi.strip_rows(100, 8, torch.bfloat16) == 100
     monkeypatch.setenv("FASTDISTILL_MI_STRIP_ROWS", "0")

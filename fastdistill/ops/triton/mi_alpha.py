@@ -48,7 +48,7 @@ from torch import Tensor
 from .. import gemm
 from ..inputs import MIBackwardArgs, MIInputs
 from ..registration import MI_STATS_ROWS, mi_alpha_backward_fake, mi_alpha_fake, register_mi_triton
-from .launch import Launch, acc_dtype, fast_math, int_tensor, is_aligned, jit_pair, param_tensor
+from .launch import Launch, acc_dtype, fast_math, int_tensor, is_aligned, is_eager, jit_pair, param_tensor
 from .row_math import fexp, flog
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -529,6 +529,7 @@ def mi_bwd_launches(grad, student, teacher, log_baseline, stats, alpha, temperat
 # d(student) accumulator: O(N D), never N x N. Matmuls of 2 N^2 D flops: 1 forward + 3 backward.
 
 _STRIP_FLOOR_BYTES = 64 << 20
+_STRIP_MIN_ROWS = 512
 
 
 def use_strips(dtype: torch.dtype) -> bool:
@@ -539,23 +540,28 @@ def use_strips(dtype: torch.dtype) -> bool:
 
 def strip_rows(n: int, d: int, dtype: torch.dtype) -> int:
     """Rows per strip: S (float32) and G (``dtype``) of that many rows fit max(64 MiB, 2 N D bytes of features, i.e.
-    the two feature tensors); a multiple of 64 (at least 64, at most N). FASTDISTILL_MI_STRIP_ROWS overrides (the
-    tests' many small strips)."""
+    the two feature tensors); a multiple of 64, at least 512 (at most N): below that a strip's row kernel leaves SMs
+    idle and its host work (~7 launches) outlasts its GPU work, as the 64 MiB alone would give at N = 65536,
+    D = 128 (128 rows, 512 strips). FASTDISTILL_MI_STRIP_ROWS overrides (the tests' many small strips)."""
     env = os.environ.get("FASTDISTILL_MI_STRIP_ROWS")
     if env:
         rows = int(env)
         if rows < 1:
             raise ValueError(f"FASTDISTILL_MI_STRIP_ROWS must be a positive integer, got {env!r}")
     else:
-        item = torch.empty((), dtype=dtype).element_size()
+        item = dtype.itemsize
         budget = max(_STRIP_FLOOR_BYTES, 2 * n * d * item)
-        rows = max(64, budget // (n * (4 + item)) // 64 * 64)
+        rows = max(_STRIP_MIN_ROWS, budget // (n * (4 + item)) // 64 * 64)
     return min(rows, n)
 
 
-def _strip_ints(n: int, d: int, rows: int, device) -> Tensor:
-    """[strips, 4] int64: (N, D, first row, rows) of each strip, made on the device in one go."""
+def _strip_ints(n: int, d: int, rows: int, like: Tensor) -> Tensor:
+    """[strips, 4] int64: (N, D, first row, rows) of each strip on ``like``'s device: the cached int tensor of an
+    eager call (launch.int_tensor), else made on the device in one go (no per-strip fills while tracing)."""
     k = triton.cdiv(n, rows)
+    if is_eager(like) and not isinstance(n, torch.SymInt):
+        return int_tensor([x for r0 in range(0, n, rows) for x in (n, d, r0, min(rows, n - r0))], like).view(k, 4)
+    device = like.device
     first = torch.arange(k, dtype=torch.int64, device=device) * rows
     full = functools.partial(torch.full, (k,), dtype=torch.int64, device=device)
     return torch.stack([full(n), full(d), first, (n - first).clamp(max=rows)], 1)
@@ -595,7 +601,7 @@ def _strips(u: Tensor, v: Tensor, n: int, d: int, ints: bool = True) -> _Strips:
         config[name] = {"kernel": kernel.pick(aligned), "constexprs": {**c, **extra, "ALIGNED": aligned},
                         "options": options}  # fmt: skip
     rows = strip_rows(n, d, u.dtype)
-    table = _strip_ints(n, d, rows, u.device) if ints else torch.empty((1, 4), dtype=torch.int64, device=u.device)
+    table = _strip_ints(n, d, rows, u) if ints else torch.empty((1, 4), dtype=torch.int64, device=u.device)
     return _Strips(n, rows, table, config["strip_fwd"], config["strip_grad"])
 
 
@@ -639,7 +645,7 @@ def mi_bwd_strips(grad, student, teacher, log_baseline, stats, alpha, temperatur
     p = _strips(u, v, n, d)
     for k, r0 in enumerate(range(0, n, p.rows)):
         _bwd_strip(p, k, r0, u, v, a, prm, st, f, d_student, d_teacher)
-    return d_student.mul_(f).to(student.dtype), d_teacher
+    return torch.mul(d_student, f, out=torch.empty_like(student)), d_teacher  # scaled and cast in one pass
 
 
 def mi_launches(student: Tensor, teacher: Tensor, log_baseline: Tensor) -> list[tuple[str, Launch]]:
