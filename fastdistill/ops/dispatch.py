@@ -9,9 +9,12 @@ here, a method to the records, and its kernels elsewhere.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Any
+
+import torch
 
 from . import extension
 from .inputs import OpInputs
@@ -94,10 +97,41 @@ BACKENDS: dict[str, Backend] = {
 PRIORITY = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 _warned: set[tuple[str, str]] = set()
 
+# "auto" on a GPU that a run measured: for kd_loss, the backend that was fastest at the nearest measured shape (V
+# and K on a log scale) of the same GPU, dtype and divergence (else forward KL's), where it can run the call; else
+# PRIORITY's order. (op, GPU name, dtype, divergence) -> [(V, K, backend)], written by `python -m
+# benchmarks.auto_table RUN_DIR --write` from the run's kd and divergences rows; empty until a run has timed both
+# GPU backends.
+# <auto-measured>
+AUTO_MEASURED: dict[tuple[str, str, str, str], list[tuple[int, int, str]]] = {}
+# </auto-measured>
+
+
+@torch.compiler.assume_constant_result
+def _gpu_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def measured_choice(op: str, gpu: str, dtype: str, divergence: str, v: int, k: int) -> str | None:
+    """The backend AUTO_MEASURED names for a call of ``op`` with V = ``v``, K = ``k`` on ``gpu``, or None."""
+    entries = AUTO_MEASURED.get((op, gpu, dtype, divergence)) or AUTO_MEASURED.get((op, gpu, dtype, "kl"))
+    if not entries:
+        return None
+    return min(entries, key=lambda e: abs(math.log(e[0] / max(v, 1))) + abs(math.log(e[1] / max(k, 1))))[2]
+
+
+def _measured(inp: OpInputs) -> str | None:
+    if inp.OP != "kd_loss":
+        return None
+    s = inp.student
+    index = s.device.index if s.device.index is not None else torch.cuda.current_device()
+    return measured_choice(inp.OP, _gpu_name(index), str(s.dtype).removeprefix("torch."), inp.divergence,
+                           s.shape[-1], len(inp.teachers))  # fmt: skip
+
 
 def select(name: str, inp: OpInputs) -> Backend:
-    """The backend that will run ``inp``: ``name`` itself, or for "auto" the first capable one in the priority
-    order of the inputs' device."""
+    """The backend that will run ``inp``: ``name`` itself, or for "auto" the measured choice (AUTO_MEASURED) if
+    any, else the first capable one in the priority order of the inputs' device."""
     backends, op = BACKENDS, inp.OP
     if name != "auto":
         backend = backends[name]
@@ -106,6 +140,10 @@ def select(name: str, inp: OpInputs) -> Backend:
             raise ValueError(f"backend={name!r} cannot run these inputs: " + "; ".join(reasons))
         return backend
     device = inp.tensors()[0].device.type
+    if device == "cuda" and AUTO_MEASURED:
+        choice = _measured(inp)
+        if choice is not None and not backends[choice].not_supported_reasons(inp):
+            return backends[choice]
     order = PRIORITY.get(device, ("reference",))
     skipped: list[str] = []
     for candidate in order:
