@@ -96,15 +96,20 @@ def test_float32_matches_reference(mi, n, d, temperature, correlated, alpha):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("how", ["one strip", "strips of 7 rows", "strips of 16 rows", "tiles"])
+@pytest.mark.parametrize("how", ["one strip", "strips of 7 rows", "strips of 16 rows", "strips of 7 rows in 2s",
+                                 "strips of 4 rows in 3s", "tiles"])  # fmt: skip
 def test_half_matches_reference(mi, dtype, how, monkeypatch):
     """Half-precision features: by strips (S from a float32 matmul, G in the features' dtype, scaled by N, to the
-    matmuls of the gradients), one strip or several with a ragged last one, N = 33 with 4-row programs; or by the tile
+    matmuls of the gradients), one strip or several with a ragged last one, N = 33 with 4-row programs, the backward's
+    gradient GEMMs over groups of strips (one group, or groups of 2 or 3 with ragged last ones); or by the tile
     kernels (FASTDISTILL_MI_STRIPS=0), where they go to tl.dot as they are. Gradients come back in their dtype."""
+    words = how.split()
     if how == "tiles":
         monkeypatch.setenv("FASTDISTILL_MI_STRIPS", "0")
     elif how != "one strip":
-        monkeypatch.setenv("FASTDISTILL_MI_STRIP_ROWS", how.split()[2])
+        monkeypatch.setenv("FASTDISTILL_MI_STRIP_ROWS", words[2])
+        monkeypatch.setenv("FASTDISTILL_MI_GROUP_STRIPS", words[-1][:-1] if words[-1].endswith("s") and
+                           words[-1][0].isdigit() else "1000")  # fmt: skip
     assert mi.use_strips(dtype) == (how != "tiles")
     u, v, a = make_inputs(33, 24, dtype, True, seed=3)
     check_against_reference(mi, u, v, a, 0.01, 0.5, dtype)
@@ -122,6 +127,14 @@ def test_strip_rows(mi, monkeypatch):
     monkeypatch.setenv("FASTDISTILL_MI_STRIP_ROWS", "0")
     with pytest.raises(ValueError, match="FASTDISTILL_MI_STRIP_ROWS"):
         mi.strip_rows(100, 8, torch.bfloat16)
+    # the backward's groups: G of a group fits the same budget alone
+    assert mi.group_strips(16384, 768, torch.bfloat16, 640) == 3  # 64 MiB / (2 B x 640 x 16384)
+    assert mi.group_strips(65536, 768, torch.bfloat16, 512) == 3  # 192 MiB / (2 B x 512 x 65536)
+    assert mi.group_strips(65536, 128, torch.bfloat16, 512) == 1
+    assert mi.group_strips(33, 24, torch.bfloat16, 7) == 5  # at most every strip
+    monkeypatch.setenv("FASTDISTILL_MI_GROUP_STRIPS", "0")
+    with pytest.raises(ValueError, match="FASTDISTILL_MI_GROUP_STRIPS"):
+        mi.group_strips(100, 8, torch.bfloat16, 8)
     assert not mi.use_strips(torch.float32) and not mi.use_strips(torch.float64)
 
 
@@ -306,12 +319,14 @@ def test_no_n_by_n_temporaries(mi):
 
 
 def test_strips_hold_one_strip(mi, monkeypatch):
-    """By strips (bfloat16), the largest temporaries are one strip's S (float32 [rows, N]) and the float32
-    d(student) accumulator [N, D]: never N x N. N = 40 in strips of 8 rows; the check can fail (N x N float32 is
-    bigger than both)."""
+    """By strips (bfloat16), the largest temporaries are one strip's S (float32 [rows, N]), a group's G (here 2
+    strips: bf16 [16, N], as large) and the float32 d(student) accumulator [N, D]: never N x N. N = 40 in strips of 8
+    rows; the check can fail (N x N float32 is bigger than both)."""
     monkeypatch.setenv("FASTDISTILL_MI_STRIP_ROWS", "8")
+    monkeypatch.setenv("FASTDISTILL_MI_GROUP_STRIPS", "2")
     n, d = 40, 5
     u, v, a = make_inputs(n, d, torch.bfloat16, seed=9)
     biggest, stats = _biggest_allocation(mi, u, v, a)
-    assert biggest[0] <= max(8 * n * 4, n * d * 4, stats.nbytes), f"{biggest[1]} returned {biggest[0]} bytes"
-    assert n * n * 4 > 2 * max(8 * n * 4, n * d * 4, stats.nbytes)
+    group32 = 16 * n * 4  # (a group's G in float32: the CPU's matmul operand here; cuBLAS takes bf16 on a GPU)
+    assert biggest[0] <= max(group32, n * d * 4, stats.nbytes), f"{biggest[1]} returned {biggest[0]} bytes"
+    assert n * n * 4 > 2 * max(group32, n * d * 4, stats.nbytes)

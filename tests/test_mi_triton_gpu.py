@@ -104,6 +104,7 @@ def test_strips_and_tiles_cuda(mi, dtype, how, monkeypatch):
         monkeypatch.setenv("FASTDISTILL_MI_STRIPS", "0")
     else:
         monkeypatch.setenv("FASTDISTILL_MI_STRIP_ROWS", "128")
+        monkeypatch.setenv("FASTDISTILL_MI_GROUP_STRIPS", "3")  # 8 strips: groups of 3, 3 and 2
     assert mi.use_strips(dtype) == (how != "tiles")
     u, v, a = make_inputs(1000, 768, dtype, seed=6, normalise=True)
     check(mi, u, v, a, 0.01, 0.1, dtype, grad_output=0.4)
@@ -122,9 +123,10 @@ def test_memory_is_o_of_n_d(mi):
     est.backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
-    # the gradients (2 N D bf16 + N float32), the accumulator (N D float32), one strip (6 R N bytes), stats and
-    # buffers: ~140 MiB; an N x N float32 matrix would be 1 GiB
-    strip = 6 * mi.strip_rows(n, d, torch.bfloat16) * n
+    # the gradients (2 N D bf16 + N float32), the accumulator (N D float32), one strip's S (4 R N bytes) and its
+    # group's G (2 k R N), stats and buffers: ~180 MiB; an N x N float32 matrix would be 1 GiB
+    rows = mi.strip_rows(n, d, torch.bfloat16)
+    strip = (4 + 2 * mi.group_strips(n, d, torch.bfloat16, rows)) * rows * n
     assert extra < 2 * n * d * 2 + n * d * 4 + strip + 16 * 2**20, f"{extra / 2**20:.1f} MiB"
 
 

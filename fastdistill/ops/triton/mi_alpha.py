@@ -555,6 +555,22 @@ def strip_rows(n: int, d: int, dtype: torch.dtype) -> int:
     return min(rows, n)
 
 
+def group_strips(n: int, d: int, dtype: torch.dtype, rows: int) -> int:
+    """Strips per group of the backward: a group's G (its strips' rows, ``dtype``) fits the strip budget (max(64 MiB,
+    2 N D bytes)) on its own, at least one strip. The group's two gradient GEMMs then read and write the float32
+    d(student) once per group, not per strip (that C traffic, 8 N D bytes, is the GEMM's whole cost below ~800 rows)
+    and d(teacher)'s GEMM gets as many more output rows. FASTDISTILL_MI_GROUP_STRIPS overrides (the tests)."""
+    env = os.environ.get("FASTDISTILL_MI_GROUP_STRIPS")
+    if env:
+        k = int(env)
+        if k < 1:
+            raise ValueError(f"FASTDISTILL_MI_GROUP_STRIPS must be a positive integer, got {env!r}")
+    else:
+        budget = max(_STRIP_FLOOR_BYTES, 2 * n * d * dtype.itemsize)
+        k = max(1, budget // (rows * n * dtype.itemsize))
+    return min(k, triton.cdiv(n, rows))
+
+
 def _strip_ints(n: int, d: int, rows: int, like: Tensor) -> Tensor:
     """[strips, 4] int64: (N, D, first row, rows) of each strip on ``like``'s device: the cached int tensor of an
     eager call (launch.int_tensor), else made on the device in one go (no per-strip fills while tracing)."""
@@ -612,16 +628,24 @@ def _fwd_strip(p: _Strips, k: int, r0: int, u, v, a, prm, stats, part) -> None:
     p.launch_fwd(k, rs, u, v, s, a, prm, stats, part).run()
 
 
-def _bwd_strip(p: _Strips, k: int, r0: int, u, v, a, prm, stats, f, d_student, d_teacher) -> None:
-    """One strip of the backward: d(teacher)[strip] = f G U, d(student) += G^T V[strip] (scaled by f at the end)."""
+def _grad_strip(p: _Strips, k: int, r0: int, u, v, a, prm, stats, g: Tensor) -> None:
+    """Strip k's G into ``g`` (its rows of the group's buffer); its own function, so that its S is freed before the
+    next strip's."""
     rs = min(p.rows, p.n - r0)
-    vs = v[r0 : r0 + rs]
-    s = gemm.mm32(vs, u.t())
-    g = torch.empty((rs, p.n), dtype=u.dtype, device=u.device)
+    s = gemm.mm32(v[r0 : r0 + rs], u.t())
     p.launch_grad(k, rs, s, a, prm, stats, g).run()
-    del s
-    torch.mul(gemm.mm32(g, u), f, out=d_teacher[r0 : r0 + rs])
-    gemm.add_mm(d_student, g.t(), vs)
+
+
+def _bwd_group(p: _Strips, k0: int, strips: int, u, v, a, prm, stats, f, d_student, d_teacher) -> None:
+    """A group of strips of the backward (strip k0 first): each strip's G, then over the whole group d(teacher) = f G
+    U and d(student) += G^T V (scaled by f at the end)."""
+    g0 = k0 * p.rows
+    rows = min(p.rows * strips, p.n - g0)
+    g = torch.empty((rows, p.n), dtype=u.dtype, device=u.device)
+    for j, r0 in enumerate(range(g0, g0 + rows, p.rows)):
+        _grad_strip(p, k0 + j, r0, u, v, a, prm, stats, g[r0 - g0 : r0 - g0 + p.rows])
+    torch.mul(gemm.mm32(g, u), f, out=d_teacher[g0 : g0 + rows])
+    gemm.add_mm(d_student, g.t(), v[g0 : g0 + rows])
 
 
 def mi_fwd_strips(student, teacher, log_baseline, alpha, temperature) -> tuple[Tensor, Tensor]:
@@ -643,8 +667,9 @@ def mi_bwd_strips(grad, student, teacher, log_baseline, stats, alpha, temperatur
     d_teacher = torch.empty((n, d), dtype=teacher.dtype, device=teacher.device)
     d_student = torch.zeros((n, d), dtype=torch.float32, device=student.device)
     p = _strips(u, v, n, d)
-    for k, r0 in enumerate(range(0, n, p.rows)):
-        _bwd_strip(p, k, r0, u, v, a, prm, st, f, d_student, d_teacher)
+    strips = group_strips(n, d, u.dtype, p.rows)
+    for k0 in range(0, triton.cdiv(n, p.rows), strips):
+        _bwd_group(p, k0, strips, u, v, a, prm, st, f, d_student, d_teacher)
     return torch.mul(d_student, f, out=torch.empty_like(student)), d_teacher  # scaled and cast in one pass
 
 
