@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from . import functional
 from .ops import gemm
 
-# Per chunk (its logits, the teachers', the logit gradient and its scaled copy), per device type. On CUDA the larger
+# Per chunk (its logits, the teachers' and the logit gradient), per device type. On CUDA the larger
 # chunk matters for speed: every chunk's weight-gradient GEMM reads and writes the float32 accumulator (2 x 4 V H
 # bytes) in its epilogue, which stays hidden under the GEMM's compute only from ~650 rows a chunk on an H200
 # (benchmarks/NOTES.md, issue 19).
@@ -140,8 +140,8 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 def chunk_rows(n: int, v: int, k: int, itemsize: int, chunk_size: int | None, budget_bytes: int | None,
                device_type: str = "cpu") -> int:  # fmt: skip
     """Rows per chunk: ``chunk_size`` if given, else as many as the budget (default: ``DEFAULT_BUDGET_BYTES`` of
-    the device type) holds. A row costs, in the input dtype, its logits, its K teachers' logits, the logit gradient
-    the fused op computes with the loss, and that gradient times grad_output (autograd's copy)."""
+    the device type) holds. A row costs, in the input dtype, its logits, its K teachers' logits and the logit
+    gradient the fused op computes with the loss (its backward scales that buffer in place: the graph is freed)."""
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
@@ -149,7 +149,7 @@ def chunk_rows(n: int, v: int, k: int, itemsize: int, chunk_size: int | None, bu
     budget = budget_bytes if budget_bytes is not None else DEFAULT_BUDGET_BYTES.get(device_type, 256 * 2**20)
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"memory_budget_bytes must be an int >= 1, got {budget!r}")
-    per_row = v * (k + 3) * itemsize
+    per_row = v * (k + 2) * itemsize
     return max(1, min(max(n, 1), budget // per_row))
 
 
