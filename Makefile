@@ -60,7 +60,7 @@ bench: build
 	$(PY) -m benchmarks.run_codistill
 	$(PY) -m benchmarks.run_fused_linear
 
-# One GPU run in about 9 minutes, on a machine with torch, triton, pytest, transformers and liger-kernel preinstalled
+# One GPU run in under 10 minutes (slots of 575 s), on a machine with torch, triton, pytest, transformers and liger-kernel preinstalled
 # and no network: `make bench-gpu GPU_OUT=/some/dir` (default gpu-run-<date>). Stages, each with a time slot:
 #   install    pip install -e . offline (--no-index); on failure the source tree is used (PYTHONPATH). It builds the
 #              C++ CPU kernels and the CUDA kernels (csrc/cuda: 11 translation units, compiled in parallel, for

@@ -538,36 +538,40 @@ def use_strips(dtype: torch.dtype) -> bool:
     return dtype in gemm.HALF and gemm.HAS_MM_DTYPE and os.environ.get("FASTDISTILL_MI_STRIPS") != "0"
 
 
+def _env_count(name: str) -> int | None:
+    """A positive integer override from the environment (the tests' small strips and groups), or None."""
+    env = os.environ.get(name)
+    if not env:
+        return None
+    if int(env) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {env!r}")
+    return int(env)
+
+
+def _strip_budget(n: int, d: int, dtype: torch.dtype) -> int:
+    """Bytes a strip's S and G may take: max(64 MiB, 2 N D bytes of features, i.e. the two feature tensors)."""
+    return max(_STRIP_FLOOR_BYTES, 2 * n * d * dtype.itemsize)
+
+
 def strip_rows(n: int, d: int, dtype: torch.dtype) -> int:
-    """Rows per strip: S (float32) and G (``dtype``) of that many rows fit max(64 MiB, 2 N D bytes of features, i.e.
-    the two feature tensors); a multiple of 64, at least 512 (at most N): below that a strip's row kernel leaves SMs
-    idle and its host work (~7 launches) outlasts its GPU work, as the 64 MiB alone would give at N = 65536,
-    D = 128 (128 rows, 512 strips). FASTDISTILL_MI_STRIP_ROWS overrides (the tests' many small strips)."""
-    env = os.environ.get("FASTDISTILL_MI_STRIP_ROWS")
-    if env:
-        rows = int(env)
-        if rows < 1:
-            raise ValueError(f"FASTDISTILL_MI_STRIP_ROWS must be a positive integer, got {env!r}")
-    else:
-        item = dtype.itemsize
-        budget = max(_STRIP_FLOOR_BYTES, 2 * n * d * item)
-        rows = max(_STRIP_MIN_ROWS, budget // (n * (4 + item)) // 64 * 64)
+    """Rows per strip: S (float32) and G (``dtype``) of that many rows fit the strip budget (_strip_budget); a
+    multiple of 64, at least 512 (at most N): below that a strip's row kernel leaves SMs idle and its host work
+    (~7 launches) outlasts its GPU work, as the 64 MiB alone would give at N = 65536, D = 128 (128 rows, 512
+    strips). FASTDISTILL_MI_STRIP_ROWS overrides (the tests' many small strips)."""
+    rows = _env_count("FASTDISTILL_MI_STRIP_ROWS")
+    if rows is None:
+        rows = max(_STRIP_MIN_ROWS, _strip_budget(n, d, dtype) // (n * (4 + dtype.itemsize)) // 64 * 64)
     return min(rows, n)
 
 
 def group_strips(n: int, d: int, dtype: torch.dtype, rows: int) -> int:
-    """Strips per group of the backward: a group's G (its strips' rows, ``dtype``) fits the strip budget (max(64 MiB,
-    2 N D bytes)) on its own, at least one strip. The group's two gradient GEMMs then read and write the float32
-    d(student) once per group, not per strip (that C traffic, 8 N D bytes, is the GEMM's whole cost below ~800 rows)
-    and d(teacher)'s GEMM gets as many more output rows. FASTDISTILL_MI_GROUP_STRIPS overrides (the tests)."""
-    env = os.environ.get("FASTDISTILL_MI_GROUP_STRIPS")
-    if env:
-        k = int(env)
-        if k < 1:
-            raise ValueError(f"FASTDISTILL_MI_GROUP_STRIPS must be a positive integer, got {env!r}")
-    else:
-        budget = max(_STRIP_FLOOR_BYTES, 2 * n * d * dtype.itemsize)
-        k = max(1, budget // (rows * n * dtype.itemsize))
+    """Strips per group of the backward: a group's G (its strips' rows, ``dtype``) fits the strip budget on its own,
+    at least one strip. The group's two gradient GEMMs then read and write the float32 d(student) once per group, not
+    per strip (that C traffic, 8 N D bytes, is the GEMM's whole cost below ~800 rows) and d(teacher)'s GEMM gets as
+    many more output rows. FASTDISTILL_MI_GROUP_STRIPS overrides (the tests)."""
+    k = _env_count("FASTDISTILL_MI_GROUP_STRIPS")
+    if k is None:
+        k = max(1, _strip_budget(n, d, dtype) // (rows * n * dtype.itemsize))
     return min(k, triton.cdiv(n, rows))
 
 
