@@ -22,8 +22,9 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _kd(backend: str, env: dict[str, str] | None = None) -> Callable[..., LossFn]:
-    """fastdistill.kd_loss on ``backend``; ``env``: launch overrides of the CUDA kernel (csrc/cuda/kd_loss_binding.cpp
-    reads them at every call), set when the provider is made (each benchmark row runs in its own process)."""
+    """fastdistill.kd_loss on ``backend``; ``env``: launch overrides (the CUDA kernel's, which
+    csrc/cuda/kd_loss_binding.cpp reads at every call; the Triton kernel's row layout, which kd_loss.py reads at every
+    call), set when the provider is made (each benchmark row runs in its own process)."""
 
     def make(K: int, temperature: float, divergence: str = "kl") -> LossFn:
         os.environ.update(env or {})
@@ -72,6 +73,8 @@ def make_compile(K: int, temperature: float) -> LossFn:
 PROVIDERS: dict[str, Callable[..., LossFn]] = {
     "cpu": _kd("cpu"),
     "triton": _kd("triton"),
+    # the same kernel with one program per row (v2: C = 1), to compare with v3's chunked rows in the same run
+    "triton-v2": _kd("triton", {"FASTDISTILL_TRITON_ROW": "v2"}),
     "cuda": _kd("cuda"),  # the CUDA C++ kernel, its launcher's choice of residency
     "cuda-global": _kd("cuda", {"FASTDISTILL_CUDA_RESIDENCY": "global"}),  # its fallback, rows read from HBM
     "liger": make_liger,
@@ -80,7 +83,8 @@ PROVIDERS: dict[str, Callable[..., LossFn]] = {
     "compile": make_compile,
     "reference": _kd("reference"),
 }
-DIVERGENCE_PROVIDERS = ("cpu", "triton", "cuda", "cuda-global", "auto", "reference")  # the ones that take divergence=
+# the ones that take divergence=
+DIVERGENCE_PROVIDERS = ("cpu", "triton", "triton-v2", "cuda", "cuda-global", "auto", "reference")
 
 
 def unavailable_reason(name: str, device: str) -> str | None:
@@ -89,7 +93,7 @@ def unavailable_reason(name: str, device: str) -> str | None:
         return f"unknown provider {name!r} (known: {', '.join(PROVIDERS)})"
     if name == "cpu" and device != "cpu":
         return "the cpu backend runs on CPU tensors only"
-    if name in ("triton", "liger") and device != "cuda":
+    if (name.startswith("triton") or name == "liger") and device != "cuda":
         return f"{name} is benchmarked on CUDA only (on the CPU it would run in Triton's interpreter)"
     if name.startswith("cuda") and device != "cuda":
         return "the cuda backend runs on CUDA tensors only"

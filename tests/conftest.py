@@ -26,6 +26,28 @@ requires_triton = pytest.mark.skipif(
 # Backends compared with the float64 reference on CPU tensors ("triton" in its interpreter when there is no GPU;
 # on a GPU machine tests/test_triton_gpu.py runs it on CUDA tensors). "reference" in float32 is checked this way too.
 CPU_BACKENDS = [pytest.param("cpu", marks=requires_ext), "reference", pytest.param("triton", marks=requires_triton)]
+# kd_loss's: the Triton kernel twice in the interpreter, with its rows cut into chunks of one 16-column tile (so the
+# tests' small V spans several chunks: the row-split path of v3) and with one program per row and 1024-column tiles
+# (FASTDISTILL_TRITON_ROW=v2: masked lanes, the path of C = 1), by the row_kernel marker (_triton_row_kernel below)
+KD_BACKENDS = [*CPU_BACKENDS, pytest.param("triton", marks=[requires_triton, pytest.mark.row_kernel("v2")],
+                                           id="triton-v2")]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _triton_row_kernel(request, monkeypatch):
+    """Triton's interpreter: chunked rows of narrow tiles by default, one program per row where a test is marked
+    row_kernel("v2") (see KD_BACKENDS)."""
+    if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
+        yield
+        return
+    from fastdistill.ops.triton import kd_loss
+
+    marker = request.node.get_closest_marker("row_kernel")
+    if marker is not None and marker.args[0] == "v2":
+        monkeypatch.setenv(kd_loss.ROW_KERNEL_ENV, "v2")
+    else:
+        monkeypatch.setattr(kd_loss, "INTERPRET_BLOCK", 16)
+    yield
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CPU_BACKENDS, DIVERGENCES, ENSEMBLES, REDUCTIONS, loss_and_grads, make_inputs, reference64
+from conftest import DIVERGENCES, ENSEMBLES, KD_BACKENDS, REDUCTIONS, loss_and_grads, make_inputs, reference64
 from tolerances import assert_close
 
 import fastdistill
@@ -34,7 +34,7 @@ def _full_options(lead, k, vocab):
     return labels, weights, sample_weight
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("ensemble", ENSEMBLES)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -51,7 +51,7 @@ def test_matrix(backend, divergence, ensemble, reduction, teacher_grad):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("k", [1, 2, 5])
 def test_float64_plain(backend, divergence, k):
@@ -60,7 +60,7 @@ def test_float64_plain(backend, divergence, k):
     _compare(backend, student, teachers, torch.float64, teacher_grad=True, divergence=divergence)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 @pytest.mark.parametrize("ensemble", ENSEMBLES)
 def test_teacher_forms_agree(backend, ensemble):
     """One stacked [K, *, V] tensor, a list and a tuple are the same K teachers; one tensor [*, V] is K = 1."""
@@ -74,7 +74,7 @@ def test_teacher_forms_agree(backend, ensemble):
     assert torch.equal(single, fastdistill.kd_loss(student, teachers[:1], **kw))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 def test_stacked_teacher_gradients(backend):
     student, teachers = make_inputs((5,), 13, 2)
     stacked = torch.stack(teachers).requires_grad_(True)
@@ -84,7 +84,7 @@ def test_stacked_teacher_gradients(backend):
     assert_close(stacked.grad, torch.stack(ref[1:]), torch.float32, "grad")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 def test_teacher_weight_forms(backend):
     """[K] weights, a list of K numbers and the same weights broadcast to [K, *] agree; weights are normalised."""
     student, teachers = make_inputs((3, 4), 17, 3)
@@ -100,7 +100,7 @@ def test_teacher_weight_forms(backend):
     torch.testing.assert_close(d, fastdistill.kd_loss(student, teachers[0], **kw))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_all_rows_ignored(backend, reduction):
     """No valid row: loss 0, zero gradients, never nan."""
@@ -113,7 +113,7 @@ def test_all_rows_ignored(backend, reduction):
         assert torch.all(g == 0)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 def test_ignored_rows_and_mean_denominator(backend):
     """mean divides by the rows not ignored; num_items (int or 0-dim tensor) replaces that count."""
     student, teachers = make_inputs((6,), 9, 1)
@@ -135,7 +135,7 @@ def test_ignored_rows_and_mean_denominator(backend):
     )
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 def test_batchmean_and_leading_shapes(backend):
     """[B, T, V]: batchmean divides by B (torch's meaning), mean by B*T, none keeps [B, T]."""
     student, teachers = make_inputs((3, 4), 10, 2)
@@ -149,7 +149,7 @@ def test_batchmean_and_leading_shapes(backend):
     torch.testing.assert_close(flat, rows.reshape(12))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 def test_matches_torch_kl_div_and_cross_entropy(backend):
     """Single teacher, KL at temperature T with T^2 = Hinton's loss; ce_weight = 1 is F.cross_entropy."""
     student, (teacher,) = make_inputs((8,), 21, 1)
@@ -168,7 +168,7 @@ def test_matches_torch_kl_div_and_cross_entropy(backend):
     torch.testing.assert_close(mix, 0.7 * kd_valid + 0.3 * F.cross_entropy(student, labels))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 def test_sample_weight(backend):
     student, teachers = make_inputs((5,), 12, 2)
     w = torch.tensor([0.0, 1.0, 2.0, 0.5, 3.0])
@@ -181,7 +181,7 @@ def test_sample_weight(backend):
     _compare(backend, student, teachers, sample_weight=w, teacher_grad=True, divergence="tvd")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 @pytest.mark.parametrize("vocab", [1, 3, 8, 9, 1025, 50257])
 def test_odd_vocab(backend, vocab):
     rows = 2 if vocab > 1000 else 5
@@ -192,7 +192,7 @@ def test_odd_vocab(backend, vocab):
             assert abs(loss.item()) < 1e-6
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("ensemble", ENSEMBLES)
 @pytest.mark.parametrize("student_padded", [False, True], ids=["teachers", "both"])
@@ -212,7 +212,7 @@ def test_padded_vocab(backend, divergence, ensemble, student_padded):
     assert torch.isfinite(loss)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 def test_student_neg_inf_where_target_has_mass(backend):
     """KL is +inf (its true value) when the student gives 0 to a class the teacher doesn't: never nan."""
     student, teachers = make_inputs((3,), 7, 1)
@@ -224,7 +224,7 @@ def test_student_neg_inf_where_target_has_mass(backend):
     assert torch.isfinite(rkl).all()
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_huge_logits(backend, divergence):
     """Logits of magnitude 1e4: probabilities underflow to exact zeros, the loss must not."""
@@ -238,7 +238,7 @@ def test_huge_logits(backend, divergence):
     assert torch.isfinite(loss)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "skew_kl", "skew_reverse_kl"])
 def test_dominant_class_far_from_zero(backend, divergence):
     """Pins how log Q and log P are formed: (x / T - max) - log(sum exp(x / T - max)), never x / T - lse. Rows
@@ -254,7 +254,7 @@ def test_dominant_class_far_from_zero(backend, divergence):
     _compare(backend, student.float(), [teacher.float()], teacher_grad=True, divergence=divergence)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_mixture_that_underflows_under_the_student(backend, divergence):
     """prob_mean of 2 teachers that both put ~e^-150 on some columns where the student does not: the mixture P
@@ -272,7 +272,7 @@ def test_mixture_that_underflows_under_the_student(backend, divergence):
     assert torch.isfinite(loss)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
 def test_half_precision(backend, dtype, divergence):
@@ -283,7 +283,7 @@ def test_half_precision(backend, dtype, divergence):
              labels=labels, ce_weight=0.1)  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 def test_mixed_dtypes(backend):
     """Student and teachers may differ in dtype; a float64 input makes the whole computation float64."""
     student, teachers = make_inputs((5,), 14, 2)
@@ -293,7 +293,7 @@ def test_mixed_dtypes(backend):
     assert loss.dtype == torch.float64
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 def test_non_contiguous_inputs(backend):
     student, teachers = make_inputs((6,), 40, 2)
     s_nc = student[:, ::2]  # unit stride broken along V
@@ -402,7 +402,7 @@ def test_module_matches_functional():
     assert "jsd" in repr(module)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 @pytest.mark.parametrize("ensemble", ENSEMBLES)
 def test_sixteen_teachers(backend, ensemble):
     student, teachers = make_inputs((3,), 21, 16)
@@ -420,7 +420,7 @@ def test_more_teachers_than_the_kernel_takes():
     torch.testing.assert_close(fastdistill.kd_loss(student, teachers), expected)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_empty_batch(backend, reduction):
     """N = 0 rows: loss 0 (or an empty [0]), an empty gradient, never nan."""
@@ -432,7 +432,7 @@ def test_empty_batch(backend, reduction):
     assert not torch.isnan(loss).any()
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 def test_skipped_rows_never_leak_nan(backend):
     """An ignored row (label = ignore_index) or a zero-weight row gives 0 and a zero gradient whatever its logits."""
     student, teachers = make_inputs((4,), 9, 2)
@@ -448,7 +448,7 @@ def test_skipped_rows_never_leak_nan(backend):
             assert torch.isfinite(g).all() and torch.all(g[1:3] == 0)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 @pytest.mark.parametrize("ensemble", ENSEMBLES)
 def test_zero_weight_teacher_is_dropped(backend, ensemble):
     """A teacher with weight 0 contributes nothing, even where it alone has mass and the student has none, and even
@@ -465,7 +465,7 @@ def test_zero_weight_teacher_is_dropped(backend, ensemble):
     assert torch.all(grads[2] == 0)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 def test_pure_cross_entropy_ignores_infinite_divergence(backend):
     """ce_weight = 1 is cross-entropy alone: an infinite divergence (student -inf where the teacher has mass) must not
     turn 0 * inf into nan."""
@@ -478,7 +478,7 @@ def test_pure_cross_entropy_ignores_infinite_divergence(backend):
     assert torch.isfinite(grads[0]).all() and torch.all(grads[1] == 0)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 def test_batchmean_of_one_row_follows_torch(backend):
     """batchmean divides by student_logits.shape[0], which for a single [V] row is V (torch's kl_div does too)."""
     student, (teacher,) = make_inputs((), 7, 1)

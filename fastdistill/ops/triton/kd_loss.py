@@ -1,20 +1,39 @@
-"""Triton backend of the fused KD loss: one program per row, three sweeps over the row in BLOCK-wide tiles.
+"""Triton backend of the fused KD loss (v3): a row cut into C chunks of TPC tiles (BLOCK columns), one program per
+chunk, three sweeps over the chunk's tiles with a barrier among the row's programs between them.
 
-Sweep 1 reads the student and the K teachers once ([KP, BLOCK] tiles of the stacked [K, N, V] teachers) and keeps
-online-softmax statistics per group of 8 columns, in each thread's registers (``row_math.group_stats``: no block-wide
-reduction inside the loop); sweep 2 evaluates the divergence terms (the math of ``csrc/common/kd_math.h``, in
-``row_math.divergence_terms``) and the row aggregates the gradients need, writing the student gradient directly when
-it has a closed form (KL); sweep 3, only when needed, writes the remaining gradients. Per-row losses go to an [N] buffer
-reduced with ``torch.sum`` (no float atomics: bitwise reproducible). float32 accumulation (float64 for float64
-inputs); no [K, N, V] temporaries; gradients are written in the forward launch and backward only scales them (on the
-GPU in place, skipped where grad_output is 1: ``scale.py``). Design, SASS counts and the prediction of this version
-(v2): benchmarks/NOTES.md, issue 17.
+Sweep 1 reads the chunk of the student and the K teachers ([KP, BLOCK] tiles of the stacked [K, N, V] teachers) and
+keeps online-softmax statistics per group of 8 columns, in each thread's registers (``row_math.group_stats``: no
+block-wide reduction inside the loop); the chunk's share of each normaliser goes to a small [N, C, 8 + 3 KP] buffer,
+and after the row's barrier each program combines the row's shares (``finish_stats``). Sweep 2 reads the chunk again,
+a few microseconds after sweep 1, so from L2 rather than HBM (a chunk is ~16 KB of input: ``row_split``), evaluates
+the divergence terms (the math of ``csrc/common/kd_math.h``, in ``row_math.divergence_terms``) and the aggregates the
+gradients need, writing the student gradient directly when it has a closed form (KL); sweep 3, only when needed,
+exchanges the aggregates' shares behind a second barrier and writes the remaining gradients. HBM then sees each input
+read about once and the gradient written once, for every divergence, where one program per row (v2, C = 1: a row
+longer than L2 can hold between its sweeps) reads the inputs two or three times. Design and prediction:
+benchmarks/NOTES.md, issue 17, "v3".
+
+A barrier never deadlocks: a program takes its (row, chunk) from a ticket counter when it starts, not from its program
+id, so every row before the newest ticket has all its programs running, reaches its barriers and finishes, whatever
+order the hardware starts programs in; the newest row's missing chunks start as slots free. That needs a row's C
+programs to fit on the GPU at once: C <= CMAX and <= the SM count (a program fits any SM). A wait that still gives up
+(a broken guarantee) makes the row NaN rather than hang (``_arrive_and_wait``).
+
+Each chunk's loss share goes to the buffer, summed over C with ``torch.sum`` (no float atomics: bitwise
+reproducible). float32 accumulation (float64 for float64 inputs); no [K, N, V] temporaries; gradients are written in
+the forward launch and backward only scales them (on the GPU in place, skipped where grad_output is 1: ``scale.py``).
+
+STAGES: 0 on a GPU (one launch, the barriers as above). Triton's interpreter runs a grid's programs one after another,
+so a barrier could never be passed there: with C > 1 the launcher runs the kernel once per stage (1: sweep 1; 2: up
+to the aggregates' shares, only when needed; 3: the rest), each launch skipping the waits. The math between the
+barriers is the same code either way; the barriers themselves are compiled for a GPU only (aot.py: sm_90 PTX has the
+acq_rel arrival, the acquire polls and the bar.syncs) and tested there (tests/test_triton_gpu.py).
 
 Compiled variants (``launch.py``'s rules; ``KD_DOMAINS`` lists them, ``aot.py`` compiles every one): the divergence
 (DIV), the ensemble mode (ENS: one teacher, mixture, log-linear pool, one target per teacher), the teacher bucket KP
 (K rounded up to a power of two, 1..16; K itself is a runtime value), BLOCK = min(1024, 4096 / KP), ALIGNED and the
-dtype; CLOSED and LOG_TARGET follow from the divergence (``ops/divergences.py``). The
-optional inputs, the cross-entropy and which gradients are wanted are runtime flags: uniform branches per program.
+dtype; CLOSED and LOG_TARGET follow from the divergence (``ops/divergences.py``). C, TPC, the optional inputs, the
+cross-entropy and which gradients are wanted are runtime values: uniform branches per program.
 """
 
 import os
@@ -29,6 +48,7 @@ from .. import divergences
 from ..inputs import KDInputs
 from ..registration import register_triton
 from .launch import (
+    INTERPRET,
     ROW_KERNEL_GPU_DTYPES,
     Launch,
     acc_dtype,
@@ -42,16 +62,16 @@ from .launch import (
 )
 from .row_math import (
     ce_grad,
-    divergence_terms,
-    fexp,
+    combine_stats,
     finish_stats,
-    flog,
     group_stats,
     label_nll,
     log_probs,
-    log_softmax,
     reload,
     row_weight,
+    target_terms,
+    teacher_aggregates,
+    teacher_grad,
 )
 
 DIV_CODES = {name: d.code for name, d in divergences.DIVERGENCES.items()}  # the codes divergence_terms branches on
@@ -60,21 +80,33 @@ DIV_CODES = {name: d.code for name, d in divergences.DIVERGENCES.items()}  # the
 ENS_CODES = {"prob_mean": 1, "logit_mean": 2, "loss_mean": 3}
 MAX_TEACHERS = KDInputs.MAX_TEACHERS  # KP buckets 1..16: each bucket is one more set of compiled kernels
 # 4 warps of 32 threads x 8 columns = BLOCK: one 16-byte bf16 vector per thread and input row, the group of
-# group_stats. v2's benchmark configurations take 79 (K = 1) / 109 (K = 4) registers without spills: 6 / 4 programs
-# per SM (v1: 8 warps, [KP, 8192 / KP] tiles, 2 programs): make kernels-report, benchmarks/NOTES.md.
+# group_stats (v1: 8 warps, [KP, 8192 / KP] tiles, 2 programs per SM): make kernels-report, benchmarks/NOTES.md.
 NUM_WARPS = 4
+# Register caps by teacher bucket (ptxas's .maxnreg): uncapped, ptxas took 93 (K = 1) and 137-227 (K = 4) registers
+# for v3's kernels, 5 and 2-3 programs per SM; capped, 6 and 4 programs, no spill for KL at the benchmark shapes and
+# at most 72 bytes of spill elsewhere (benchmarks/NOTES.md, "v3")
+MAXNREG = {1: 80, 2: 96, 4: 128}
+CMAX = 128  # the most chunks a row may have (the combine reads a row's chunk partials as one [CMAX] vector)
+CHUNK_BYTES = 16384  # a chunk's input bytes, all K + 1 rows (row_split)
+ROW_KERNEL_ENV = "FASTDISTILL_TRITON_ROW"  # "v2": one program per row (benchmarks compare the two in one run)
+CHUNK_TILES_ENV = "FASTDISTILL_TRITON_CHUNK_TILES"
+INTERPRET_BLOCK: int | None = None  # test hook, see _block
 
 
 def _kd_row(
-    s_ptr, t_ptr, tw_ptr, lab_ptr, sw_ptr, den_ptr, loss_ptr, gs_ptr, gt_ptr, prm_ptr, int_ptr,
-    KP: tl.constexpr, BLOCK: tl.constexpr, DIV: tl.constexpr, CLOSED: tl.constexpr, LOG_TARGET: tl.constexpr,
-    ENS: tl.constexpr, FAST: tl.constexpr,
-    ALIGNED: tl.constexpr, ACC: tl.constexpr,
+    s_ptr, t_ptr, tw_ptr, lab_ptr, sw_ptr, den_ptr, part_ptr, gs_ptr, gt_ptr, prm_ptr, int_ptr, sync_ptr,
+    KP: tl.constexpr, BLOCK: tl.constexpr, CMAX: tl.constexpr, DIV: tl.constexpr, CLOSED: tl.constexpr,
+    LOG_TARGET: tl.constexpr, ENS: tl.constexpr, FAST: tl.constexpr, ALIGNED: tl.constexpr, ACC: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
-    """One program per row; the kernel pair ``_kd_row_kernel`` (launch.py). DIV: the divergence's code; CLOSED: its
-    student gradient has a closed form (both from ops/divergences.py); ENS: see ENS_CODES."""
-    row = tl.program_id(0).to(tl.int64)
-    # integer arguments, int64 (the order of kd_launch's int_tensor): every offset below is 64-bit from the start
+    """One program per chunk of a row (C chunks of TPC tiles; C = 1: the whole row); the kernel pair
+    ``_kd_row_kernel`` (launch.py). DIV: the divergence's code; CLOSED: its student gradient has a closed form (both
+    from ops/divergences.py); ENS: see ENS_CODES; CMAX: the most chunks a row may have; STAGES: 0, or the stage of a
+    staged launch (the module docstring). part_ptr: [N, C, 8 + 3 KP] partials of the accumulation dtype, the last slot
+    the chunk's loss; sync_ptr: int32 [4 + 2 N], zero: the tickets of STAGES 0..3, then the two barriers' arrival
+    counters per row."""
+    # integer arguments, int64 (the order of kd_args' ints, then the chunks per row and tiles per chunk): every
+    # offset below is 64-bit from the start
     N = tl.load(int_ptr + 0)
     V = tl.load(int_ptr + 1)
     s_stride = tl.load(int_ptr + 2)
@@ -90,6 +122,8 @@ def _kd_row(
     ce_at_t = tl.load(int_ptr + 12)  # T == 1: the cross-entropy's softmax is Q itself
     grad_s = tl.load(int_ptr + 13)
     grad_t = tl.load(int_ptr + 14)
+    C = tl.load(int_ptr + 15)
+    TPC = tl.load(int_ptr + 16)
     if ALIGNED:  # the launcher checked these are multiples of 16: said so, the loads become 16-byte vectors
         V = V // 16 * 16
         s_stride = s_stride // 16 * 16
@@ -98,7 +132,6 @@ def _kd_row(
     V32 = V.to(tl.int32)  # column indices within a row stay 32-bit (V < 2**31); row offsets are 64-bit
     if ALIGNED:
         V32 = V32 // 16 * 16
-    n_blocks = tl.cdiv(V32, BLOCK)
     # float parameters come in a tensor of the accumulation dtype (scalar kernel arguments would be float32), in the
     # order of KD_PARAMS
     inv_t = tl.load(prm_ptr + 0)
@@ -109,6 +142,12 @@ def _kd_row(
     dw = tl.load(prm_ptr + 5)  # the divergence's parameter vector (ops/divergences.py: kernel_params)
     log_dw = tl.load(prm_ptr + 6)
     log_1m_dw = tl.load(prm_ptr + 7)
+    # (row, chunk) from a ticket taken at the start, not the program id: the module docstring's no-deadlock argument
+    ticket = tl.atomic_add(sync_ptr + STAGES, 1).to(tl.int64)
+    row = ticket // C
+    chunk = ticket - row * C
+    b0 = (chunk * TPC).to(tl.int32)  # the chunk's tiles [b0, b1)
+    b1 = tl.minimum(b0 + TPC.to(tl.int32), tl.cdiv(V32, BLOCK))
     ks = tl.arange(0, KP)
     ks64 = ks.to(tl.int64)
     kmask = ks < K
@@ -123,50 +162,80 @@ def _kd_row(
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride_n + ks64[:, None] * t_stride_k
     gs_row = gs_ptr + row * V
+    # partial slots: 0, 1 student (max, exp-sum); 2, 3 the cross-entropy's; 4, 5 the pooled logits'; 6 + k, 6 + KP + k
+    # teacher k's; 6 + 2 KP the aggregate sum_v gq; 7 + 2 KP + k teacher k's aggregate; 7 + 3 KP the chunk's loss
+    PS: tl.constexpr = 8 + 3 * KP
+    own = part_ptr + ticket * PS  # (ticket = row * C + chunk)
 
     # ---- sweep 1: normalisers, per group of 8 columns (group_stats), combined once after the loop ---------------
-    m_q = tl.full((BLOCK // 8,), float("-inf"), ACC)
-    l_q = tl.zeros((BLOCK // 8,), ACC)
-    m_ce = tl.full((BLOCK // 8,), float("-inf"), ACC)
-    l_ce = tl.zeros((BLOCK // 8,), ACC)
-    m_t = tl.full((KP, BLOCK // 8), float("-inf"), ACC)
-    l_t = tl.zeros((KP, BLOCK // 8), ACC)
-    m_c = tl.full((BLOCK // 8,), float("-inf"), ACC)
-    l_c = tl.zeros((BLOCK // 8,), ACC)
-    for b in range(0, n_blocks):
-        cols = b * BLOCK + tl.arange(0, BLOCK)
-        cmask = cols < V32
-        s = tl.load(s_row + cols, mask=cmask, other=float("-inf")).to(ACC)
-        m_q, l_q = group_stats(m_q, l_q, s * inv_t)
+    if STAGES <= 1:
+        m_q = tl.full((BLOCK // 8,), float("-inf"), ACC)
+        l_q = tl.zeros((BLOCK // 8,), ACC)
+        m_ce = tl.full((BLOCK // 8,), float("-inf"), ACC)
+        l_ce = tl.zeros((BLOCK // 8,), ACC)
+        m_t = tl.full((KP, BLOCK // 8), float("-inf"), ACC)
+        l_t = tl.zeros((KP, BLOCK // 8), ACC)
+        m_c = tl.full((BLOCK // 8,), float("-inf"), ACC)
+        l_c = tl.zeros((BLOCK // 8,), ACC)
+        # the next two tiles' loads in flight (cp.async into shared memory: 8 KB a program at K = 1, 20 KB at K = 4)
+        # while this one is reduced; sweeps 2 and 3 stay unpipelined (they read L2; pipelined, K = 4 spilled 744 bytes)
+        for b in tl.range(b0, b1, num_stages=3):
+            cols = b * BLOCK + tl.arange(0, BLOCK)
+            cmask = cols < V32
+            s = tl.load(s_row + cols, mask=cmask, other=float("-inf")).to(ACC)
+            m_q, l_q = group_stats(m_q, l_q, s * inv_t)
+            if ce_own:
+                m_ce, l_ce = group_stats(m_ce, l_ce, s)
+            x = tl.load(t_row + cols[None, :], mask=kuse[:, None] & cmask[None, :],
+                        other=float("-inf")).to(ACC) * inv_t  # fmt: skip
+            if ENS == 2:  # pooled logits sum_k w_k t_k / T (a zero weight drops the teacher, -inf included)
+                c = tl.sum(tl.where(w[:, None] > 0, w[:, None] * x, 0.0), 0)
+                c = tl.where(cmask, c, float("-inf"))
+                m_c, l_c = group_stats(m_c, l_c, c)
+            else:
+                m_t, l_t = group_stats(m_t, l_t, x)
+        _publish(own + 0, own + 1, m_q, l_q)
         if ce_own:
-            m_ce, l_ce = group_stats(m_ce, l_ce, s)
-        x = tl.load(t_row + cols[None, :], mask=kuse[:, None] & cmask[None, :], other=float("-inf")).to(ACC) * inv_t
-        if ENS == 2:  # pooled logits sum_k w_k t_k / T (a zero weight drops the teacher, -inf included)
-            c = tl.sum(tl.where(w[:, None] > 0, w[:, None] * x, 0.0), 0)
-            c = tl.where(cmask, c, float("-inf"))
-            m_c, l_c = group_stats(m_c, l_c, c)
+            _publish(own + 2, own + 3, m_ce, l_ce)
+        if ENS == 2:
+            _publish(own + 4, own + 5, m_c, l_c)
         else:
-            m_t, l_t = group_stats(m_t, l_t, x)
-    # normalisers kept split, as (max, log of the exp-sum below it): see log_softmax
-    m_q, ll_q = finish_stats(m_q, l_q)
-    m_ce, ll_ce = finish_stats(m_ce, l_ce)
-    if ce_at_t != 0:  # s * (1 / T) is s itself
-        m_ce = m_q
-        ll_ce = ll_q
+            _publish(own + 6 + ks, own + 6 + KP + ks, m_t, l_t)
+    if STAGES == 1:
+        return
+    if STAGES == 0:
+        ok = _arrive_and_wait(sync_ptr + 4 + row, C)
+        sw = tl.where(ok, sw, float("nan"))  # (a barrier that gave up: the row's loss and gradients are NaN)
+        f = tl.where(ok, f, float("nan"))
+    pmask = tl.arange(0, CMAX) < C
+    parts = part_ptr + (row * C + tl.arange(0, CMAX)) * PS  # the row's chunks' slots, [CMAX]
+    # the row's normalisers, kept split, as (max, log of the exp-sum below it): see log_softmax
+    m_q, ll_q = _combined(parts + 0, parts + 1, pmask)
+    m_ce = m_q
+    ll_ce = ll_q
+    if ce_own:
+        m_ce, ll_ce = _combined(parts + 2, parts + 3, pmask)
+    m_c = tl.full((), float("-inf"), ACC)
+    ll_c = tl.full((), float("-inf"), ACC)
+    m_t = tl.full((KP,), float("-inf"), ACC)
+    ll_t = tl.full((KP,), float("-inf"), ACC)
+    if ENS == 2:
+        m_c, ll_c = _combined(parts + 4, parts + 5, pmask)
+    else:
+        m_t, ll_t = _combined(parts[None, :] + 6 + ks[:, None], parts[None, :] + 6 + KP + ks[:, None],
+                              pmask[None, :])  # fmt: skip
     # Dropped teachers (padded, weight 0): (0, 0), so that (x - 0) - 0 stays -inf. A teacher that counts but has no
     # finite logit in the row has no distribution: NaN (as log_softmax gives); a NaN logit makes l_t NaN by itself.
-    m_t, ll_t = finish_stats(m_t, l_t)
     dead = m_t == float("-inf")
     m_t = tl.where(dead, tl.where(kuse, float("nan"), 0.0), m_t)
     ll_t = tl.where(dead, 0.0, ll_t)
-    m_c, ll_c = finish_stats(m_c, l_c)
 
-    # ---- sweep 2: loss terms and aggregates ---------------------------------------------------------------------
+    # ---- sweep 2: loss terms and aggregates (a chunk's tiles still in L2, one barrier after sweep 1) -------------
     # summed per column across the tiles and reduced once after the loop (no tile-wide reduction inside it)
     phi_acc = tl.zeros((BLOCK,), ACC)
     gq_acc = tl.zeros((BLOCK,), ACC)
     agg = tl.zeros((KP,), ACC)  # per-teacher aggregates for the teacher gradients (rare: reduced per tile)
-    for b in range(0, n_blocks):
+    for b in range(b0, b1):
         cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
             b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS, DIV, LOG_TARGET,
             BLOCK, ACC, dw, log_dw, log_1m_dw, FAST,
@@ -186,31 +255,32 @@ def _kd_row(
                 b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS, DIV,
                 LOG_TARGET, BLOCK, ACC, dw, log_dw, log_1m_dw, FAST, True,
             )  # fmt: skip
-            if ENS == 3:  # sum_v hp_kv
-                agg += tl.sum(tl.where(cmask[None, :], hp, 0.0), 1)
-            elif ENS == 2 or ENS == 0:  # sum_v hp_v, in lane 0
-                agg += tl.where(ks == 0, tl.sum(tl.where(cmask, hp, 0.0), 0), 0.0)
-            else:  # sum_v r_kv hp_v, responsibilities r_k = w_k P_k / P in log space
-                resp = tl.where(logp[None, :] == float("-inf"), 0.0, fexp(lwp - logp[None, :]))
-                agg += tl.sum(tl.where(cmask[None, :], resp * hp[None, :], 0.0), 1)
-    phi_sum = tl.sum(phi_acc, 0)
-    gq_sum = tl.sum(gq_acc, 0)
-
-    ce_loss = tl.zeros((), ACC)
-    if ce != 0:
+            agg += teacher_aggregates(hp, logp, lwp, cmask, ks, ENS)
+    loss = sw * tl.where(kd_scale != 0, kd_scale * tl.sum(phi_acc, 0), 0.0)  # kd_scale 0: pure CE
+    if (ce != 0) & (chunk == 0):  # the cross-entropy, once per row
         lab_ok = valid & (label >= 0) & (label < V)  # never read outside the row, whatever the labels
         s_lab = tl.load(s_row + label, mask=lab_ok, other=0.0).to(ACC)
-        ce_loss = label_nll(s_lab, m_ce, ll_ce)
-    loss = sw * (tl.where(kd_scale != 0, kd_scale * phi_sum, 0.0) + ce_w * ce_loss)  # kd_scale 0: pure CE
-    tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
+        loss += sw * ce_w * label_nll(s_lab, m_ce, ll_ce)
+    tl.store(own + 7 + 3 * KP, tl.where(valid, loss, 0.0))
 
-    # ---- sweep 3: gradients that needed the aggregates ----------------------------------------------------------
+    # ---- sweep 3: gradients that needed the row aggregates ------------------------------------------------------
     need_agg = grad_t != 0
     if not CLOSED:
         need_agg = need_agg | (grad_s != 0)
     if need_agg:
+        tl.store(own + 6 + 2 * KP, tl.sum(gq_acc, 0))
+        tl.store(own + 7 + 2 * KP + ks, agg)
+        if STAGES == 0:
+            f = tl.where(_arrive_and_wait(sync_ptr + 4 + N + row, C), f, float("nan"))
+    if STAGES == 2:
+        return
+    if need_agg:
+        cm = tl.arange(0, CMAX)
+        slots = part_ptr + (row * C + cm) * PS + 6 + 2 * KP  # (a second expression: not kept alive from the first)
+        gq_sum = tl.sum(_partials(slots, cm < C, 0.0), 0)
+        agg = tl.sum(_partials(slots[None, :] + 1 + ks[:, None], (cm < C)[None, :], 0.0), 1)
         gt_row = gt_ptr + ks64[:, None] * (N * V) + row * V
-        for b in range(0, n_blocks):
+        for b in range(b0, b1):
             cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
                 b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS, DIV,
                 LOG_TARGET, BLOCK, ACC, dw, log_dw, log_1m_dw, FAST,
@@ -230,78 +300,74 @@ def _kd_row(
                         LOG_TARGET, BLOCK, ACC, dw, log_dw, log_1m_dw, FAST, True,
                     )  # fmt: skip
             if grad_t != 0:
-                if ENS == 3:
-                    gt = w[:, None] * (hp - pk * agg[:, None])
-                elif ENS == 2 or ENS == 0:
-                    agg0 = tl.sum(tl.where(ks == 0, agg, 0.0), 0)
-                    gt = w[:, None] * (hp - p * agg0)[None, :]
-                else:
-                    resp = tl.where(logp[None, :] == float("-inf"), 0.0, fexp(lwp - logp[None, :]))
-                    gt = resp * hp[None, :] - pk * agg[:, None]
-                gt = tl.where(kd_over_t != 0, f * kd_over_t * gt, 0.0)
-                gt = tl.where(w[:, None] > 0, gt, 0.0)  # dropped teachers get exactly 0
+                gt = teacher_grad(hp, pk, p, logp, lwp, w, agg, ks, f, kd_over_t, ENS)
                 tl.store(gt_row + cols[None, :], tl.where(valid, gt, 0.0),
                          mask=kmask[:, None] & cmask[None, :])  # fmt: skip
+
+
+@triton.jit
+def _publish(m_ptr, sum_ptr, m, sums):
+    """A chunk's share of a normaliser: its groups' statistics (group_stats) combined, stored for the row's other
+    programs."""
+    mx, total = combine_stats(m, sums)
+    tl.store(m_ptr, mx)
+    tl.store(sum_ptr, total)
+
+
+@triton.jit
+def _partials(ptrs, mask, other):
+    """The row's chunks' partials, read past L1 (.cg): L1 is not coherent across SMs, and a line of the buffer may
+    have been cached on this SM before the row's other programs wrote it."""
+    return tl.load(ptrs, mask=mask, other=other, cache_modifier=".cg")
+
+
+@triton.jit
+def _combined(m_ptrs, sum_ptrs, mask):
+    """A normaliser of the row from its chunks' shares ([CMAX] or [KP, CMAX], along the last axis), split as
+    finish_stats gives it."""
+    return finish_stats(_partials(m_ptrs, mask, float("-inf")), _partials(sum_ptrs, mask, 0.0))
+
+
+@triton.jit
+def _arrive_and_wait(counter_ptr, count):
+    """Barrier of the ``count`` programs of one row. This program's stores happen before its arrival (bar.sync, then
+    the arrival's release by the thread that does the atomic); the others' are visible after the wait (acquire,
+    bar.sync). One program alone only needs the bar.sync (its threads read each other's stores). Returns False if
+    the wait gave up: after 2^22 polls (~1 us each: seconds, where a row's programs arrive within microseconds), so
+    that a broken guarantee (the module docstring's) shows as NaN rows, never as a hung GPU."""
+    tl.debug_barrier()
+    ok = count > 0
+    if count > 1:
+        seen = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") + 1
+        polls = 0
+        while (seen < count) & (polls < 4194304):
+            seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+            polls += 1
+        ok = seen >= count
+        tl.debug_barrier()
+    return ok
 
 
 @triton.jit
 def _tile(b, s_row, t_row, V, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS: tl.constexpr,
           DIV: tl.constexpr, LOG_TARGET: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, dw, log_dw, log_1m_dw,
           FAST: tl.constexpr, RELOAD: tl.constexpr = False):  # fmt: skip
-    """Block b of the row, read again after sweep 1: the student's Q and the targets' terms (see _element)."""
+    """Block b of the row, read again after sweep 1: the student's Q and the targets' terms (row_math.target_terms)."""
     cols = b * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < V
     s, logq, q = log_probs(s_row, cols, cmask, inv_t, m_q, ll_q, ACC, RELOAD)
     t, logpk, pk = log_probs(t_row, cols[None, :], kuse[:, None] & cmask[None, :], inv_t, m_t[:, None],
                               ll_t[:, None], ACC, RELOAD)  # fmt: skip
-    phi, gq, hp, p, logp, lwp = _element(t, logpk, pk, q, logq, inv_t, w, logw, m_c, ll_c, ks, kuse, cmask, ENS, DIV,
-                                         LOG_TARGET, dw, log_dw, log_1m_dw, FAST)  # fmt: skip
+    phi, gq, hp, p, logp, lwp = target_terms(t, logpk, pk, q, logq, inv_t, w, logw, m_c, ll_c, ks, kuse, cmask, ENS,
+                                             DIV, LOG_TARGET, dw, log_dw, log_1m_dw, FAST)  # fmt: skip
     return cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk
 
 
-@triton.jit
-def _element(t, logpk, pk, q, logq, inv_t, w, logw, m_c, ll_c, ks, kuse, cmask, ENS: tl.constexpr,
-             DIV: tl.constexpr, LOG_TARGET: tl.constexpr, dw, log_dw, log_1m_dw, FAST: tl.constexpr):  # fmt: skip
-    """Targets and divergence terms of one tile, from the teachers' logits t, log P_k and P_k ([KP, BLOCK]; padded
-    teachers -inf and 0). Returns phi, gq (ensemble-combined, [BLOCK]); hp ([K, BLOCK] for loss_mean, else
-    [BLOCK]); the single target p, log p; log(w_k P_k) ([KP, BLOCK])."""
-    lwp = logpk + logw[:, None]
-    if ENS == 3:
-        phi_k, gq_k, hp = divergence_terms(pk, q[None, :], logpk, logq[None, :], DIV, dw, log_dw,
-                                           log_1m_dw, FAST)  # fmt: skip
-        wk = w[:, None]
-        use = kuse[:, None]  # a teacher with weight 0 is dropped (0 * inf would be nan)
-        phi = tl.sum(tl.where(use, wk * phi_k, 0.0), 0)
-        gq = tl.sum(tl.where(use, wk * gq_k, 0.0), 0)
-        p = q  # unused
-        logp = logq
-    else:
-        if ENS == 2:
-            c = tl.sum(tl.where(w[:, None] > 0, w[:, None] * (t * inv_t), 0.0), 0)
-            logp = log_softmax(c, m_c, ll_c)
-        elif ENS == 0:  # the one teacher's own log P and P (KP = 1: no padded row, no second exp)
-            logp = tl.sum(tl.where((ks == 0)[:, None], logpk, 0.0), 0)
-            p = tl.sum(tl.where((ks == 0)[:, None], pk, 0.0), 0)
-        elif LOG_TARGET:  # log of the mixture, as a log-sum-exp over the teachers (exact where P underflows)
-            mx = tl.max(lwp, 0)
-            safe = tl.where(mx == float("-inf"), 0.0, mx)
-            logp = tl.where(mx == float("-inf"), float("-inf"),
-                            safe + flog(tl.sum(fexp(lwp - safe[None, :]), 0), FAST))  # (the sum is >= 1)
-        else:  # the mixture sum_k w_k P_k and the log of it: one lg2 instead of K exps and a log (divergences.py)
-            p = tl.sum(w[:, None] * pk, 0)
-            p = tl.where(p < 1.1754943508222875e-38, 0.0, p)  # a subnormal P (< 1e-38) is 0: flog's domain
-            logp = flog(p, FAST)
-        if ENS == 2:  # (the pool of masked columns is -inf already unless every weight is 0)
-            logp = tl.where(cmask, logp, float("-inf"))
-        if ENS == 2 or (ENS == 1 and LOG_TARGET):
-            p = fexp(logp)
-        phi, gq, hp = divergence_terms(p, q, logp, logq, DIV, dw, log_dw, log_1m_dw, FAST)
-    return phi, gq, hp, p, logp, lwp
-
-
-_kd_row_kernel = jit_pair(_kd_row, small=("tw_ptr", "lab_ptr", "sw_ptr", "den_ptr", "loss_ptr", "prm_ptr", "int_ptr"))
+_kd_row_kernel = jit_pair(_kd_row, small=("tw_ptr", "lab_ptr", "sw_ptr", "den_ptr", "part_ptr", "prm_ptr", "int_ptr",
+                                          "sync_ptr"))  # fmt: skip
 # the compiled variants: every value each constexpr can take (aot.py checks the launcher reaches exactly these)
-KD_DOMAINS = {"KP": (1, 2, 4, 8, 16), "BLOCK": (256, 512, 1024), "DIV": tuple(DIV_CODES.values()),
+KD_DOMAINS = {"KP": (1, 2, 4, 8, 16), "BLOCK": (256, 512, 1024), "CMAX": (CMAX,), "STAGES": (0,),
+              "DIV": tuple(DIV_CODES.values()),
               "CLOSED": (False, True), "LOG_TARGET": (False, True), "ENS": (0, *ENS_CODES.values()),
               "ALIGNED": (False, True), "ACC": ("fp32",), "FAST": (True,)}  # fmt: skip
 KERNELS = [_kd_row_kernel]
@@ -315,10 +381,13 @@ def _teacher_bucket(k: int) -> int:
     return triton.next_power_of_2(k)
 
 
-def _block(kp: int) -> int:
+def _block(kp: int, v: int = 0) -> int:
     # 1024 columns: 4 warps x 32 threads x 8 (one 16-byte vector of bf16 per thread and row, the group of
     # group_stats); teacher tiles kept at <= 4096 elements (32 per thread) for KP >= 8. Independent of V, so that V
-    # never forks the compile; a small V runs masked lanes.
+    # never forks the compile; a small V runs masked lanes. In the interpreter, INTERPRET_BLOCK where a test sets it
+    # and V is small (narrow tiles: many tiles and chunks per row, at an interpreted loop's cost)
+    if INTERPRET and INTERPRET_BLOCK and v <= 64 * INTERPRET_BLOCK:
+        return INTERPRET_BLOCK
     return min(1024, 4096 // kp)
 
 
@@ -334,17 +403,21 @@ def _kd_loss_triton(*args) -> tuple[Tensor, Tensor, Tensor]:
     """The Triton twin of ``fastdistill::kd_loss`` (arguments: ``KDInputs.ARGS``) with the teachers stacked:
     student [N, V], teachers [K, N, V] (unit stride along V). Returns (loss, grad_student, grad_teachers)."""
     a = KDInputs.named(args)
-    launch, rows, gs, gt = kd_launch(a)
-    launch.run()
+    launches, chunk_losses, gs, gt = kd_launch(a)
+    for launch in launches:
+        launch.run()
+    rows = chunk_losses.sum(1)  # in chunk order: bitwise reproducible
     if not a.reduce:
         return rows, gs, gt
     total = rows.sum()
     return (total / a.denominator.to(rows.dtype) if a.denominator is not None else total), gs, gt
 
 
-def kd_launch(a: SimpleNamespace) -> tuple[Launch, Tensor, Tensor, Tensor]:
-    """The launch of ``_kd_row_kernel`` for a call's arguments by name (``KDInputs.named``) and its outputs (per-row
-    losses [N], student gradient, teachers' gradient). Works on meta tensors: aot.py compiles what it returns."""
+def kd_args(a: SimpleNamespace) -> SimpleNamespace:
+    """What every kd_loss kernel takes from a call's arguments by name (``KDInputs.named``), checked: the outputs'
+    shapes and dtype, the small argument tensors (teacher and sample weights, denominator, labels, float parameters in
+    KD_PARAMS order), the int arguments (in the order the kernels load them; kd_split appends its own) and the
+    constexprs that follow from the call. Works on meta tensors."""
     student, teachers = a.student, a.teachers
     n, v = student.shape
     k = teachers.shape[0]
@@ -357,35 +430,80 @@ def kd_launch(a: SimpleNamespace) -> tuple[Launch, Tensor, Tensor, Tensor]:
         raise ValueError(f"div_params: {div.name} takes {len(div.params)} parameter(s), got {len(a.div_params)}")
     dev = student.device
     acc = acc_dtype(student.dtype)
-    kp = _teacher_bucket(k)
-    # V = 0 launches no program (only torch.ops reaches it: the functional API rejects V = 0): the rows are 0
-    rows = (torch.zeros if v == 0 else torch.empty)(n, device=dev, dtype=acc)
     gs = torch.empty((n, v) if a.grad_student else (0,), device=dev, dtype=student.dtype)
     gt = torch.empty((k, n, v) if a.grad_teachers else (0,), device=dev, dtype=teachers.dtype)
-    dummy = rows
+    prm = param_tensor(pack_params(KD_PARAMS, inv_t=1.0 / a.temperature, kd_scale=a.kd_scale,
+                                   kd_over_t=a.kd_scale / a.temperature, ce_weight=a.ce_weight, uniform=1.0 / k,
+                                   div=a.div_params), acc, student)  # fmt: skip
+    dummy = prm  # in place of an absent optional input (never read: its flag is off), of the accumulation dtype
     tw = a.teacher_weights.to(acc).contiguous() if a.teacher_weights is not None else dummy
     sw = a.sample_weight.to(acc).contiguous() if a.sample_weight is not None else dummy
     has_den = a.reduce and a.denominator is not None
     den = a.denominator.to(acc).reshape(1) if has_den else dummy
     lab = a.labels.to(torch.int64).contiguous() if a.labels is not None else torch.empty(1, device=dev,
                                                                                         dtype=torch.int64)  # fmt: skip
-    ens = ENS_CODES[a.ensemble] if k > 1 else 0
-    prm = param_tensor(pack_params(KD_PARAMS, inv_t=1.0 / a.temperature, kd_scale=a.kd_scale,
-                                   kd_over_t=a.kd_scale / a.temperature, ce_weight=a.ce_weight, uniform=1.0 / k,
-                                   div=a.div_params), acc, student)  # fmt: skip
     strides = [student.stride(0), teachers.stride(0), teachers.stride(1)]
-    ints = int_tensor([n, v, *strides, a.ignore_index, k, a.teacher_weights is not None, a.labels is not None,
-                       a.sample_weight is not None, has_den, a.ce_weight > 0, a.temperature == 1.0, a.grad_student,
-                       a.grad_teachers], student)  # fmt: skip
-    aligned = is_aligned([student, teachers, gs, gt], [v, *strides])
-    launch = Launch(
-        _kd_row_kernel.pick(aligned), (n if v > 0 else 0,),
-        (student, teachers, tw, lab, sw, den, rows, gs, gt, prm, ints),
-        dict(KP=kp, BLOCK=_block(kp), DIV=div.code, CLOSED=div.closed_form, LOG_TARGET=div.log_target, ENS=ens,
-             ALIGNED=aligned, ACC=tl_acc(student.dtype), FAST=fast_math(student.dtype)),
-        {"num_warps": NUM_WARPS},
-    )  # fmt: skip
-    return launch, rows, gs, gt
+    ints = [n, v, *strides, a.ignore_index, k, a.teacher_weights is not None, a.labels is not None,
+            a.sample_weight is not None, has_den, a.ce_weight > 0, a.temperature == 1.0, a.grad_student,
+            a.grad_teachers]  # fmt: skip
+    kp = _teacher_bucket(k)
+    constexprs = dict(KP=kp, DIV=div.code, CLOSED=div.closed_form, LOG_TARGET=div.log_target,
+                      ENS=ENS_CODES[a.ensemble] if k > 1 else 0, ALIGNED=is_aligned([student, teachers, gs, gt],
+                      [v, *strides]), ACC=tl_acc(student.dtype), FAST=fast_math(student.dtype))  # fmt: skip
+    return SimpleNamespace(n=n, v=v, k=k, kp=kp, acc=acc, dev=dev, gs=gs, gt=gt, closed=div.closed_form,
+                           tensors=(student, teachers, tw, lab, sw, den), prm=prm, ints=ints,
+                           constexprs=constexprs)  # fmt: skip
+
+
+def kd_launch(a: SimpleNamespace) -> tuple[list[Launch], Tensor, Tensor, Tensor]:
+    """The launches of ``_kd_row_kernel`` for a call's arguments by name (``KDInputs.named``; one launch, or one per
+    stage in Triton's interpreter) and its outputs: the chunks' losses [N, C] (their sum over C: the per-row losses),
+    the student's gradient, the teachers' gradient. Works on meta tensors: aot.py compiles what it returns."""
+    c = kd_args(a)
+    block = _block(c.kp, c.v)
+    n_tiles = triton.cdiv(c.v, block)
+    chunks, tiles = row_split(n_tiles, c.k, max(a.student.element_size(), a.teachers.element_size()), block, c.dev,
+                              c.n)  # fmt: skip
+    ps = 8 + 3 * c.kp
+    # V = 0 launches no program (only torch.ops reaches it: the functional API rejects V = 0): the losses are 0
+    part = (torch.zeros if c.v == 0 else torch.empty)(c.n, chunks, ps, device=c.dev, dtype=c.acc)
+    sync = torch.zeros(4 + 2 * c.n, device=c.dev, dtype=torch.int32)
+    args = (*c.tensors, part, c.gs, c.gt, c.prm, int_tensor([*c.ints, chunks, tiles], a.student), sync)
+    need_agg = a.grad_teachers or (a.grad_student and not c.closed)
+    stages = (0,) if not INTERPRET or chunks == 1 else ((1, 2, 3) if need_agg else (1, 3))
+    grid = (c.n * chunks if c.v > 0 else 0,)
+    cx = dict(c.constexprs, BLOCK=block, CMAX=CMAX)
+    options = {"num_warps": NUM_WARPS, **({"maxnreg": MAXNREG[c.kp]} if c.kp in MAXNREG else {})}
+    launches = [Launch(_kd_row_kernel.pick(cx["ALIGNED"]), grid, args, dict(cx, STAGES=st), options)
+                for st in stages]  # fmt: skip
+    return launches, part[:, :, ps - 1], c.gs, c.gt
+
+
+def row_split(n_tiles: int, k: int, itemsize: int, block: int, device: torch.device, n: int) -> tuple[int, int]:
+    """(C, TPC): the chunks a row of ``n_tiles`` tiles is cut into, and the tiles per chunk. A chunk holds about
+    CHUNK_BYTES of input (its K + 1 rows), so that its second read, one barrier after its first, still finds it in
+    L2; C <= CMAX and <= the GPU's SMs (a row's programs must fit on the GPU at once). C = 1 (the whole row in one
+    program, v2) with FASTDISTILL_TRITON_ROW=v2; FASTDISTILL_TRITON_CHUNK_TILES sets TPC (benchmarks, tests)."""
+    if n_tiles <= 1 or os.environ.get(ROW_KERNEL_ENV, "") == "v2":
+        return 1, max(n_tiles, 1)
+    env = os.environ.get(CHUNK_TILES_ENV, "")
+    if env:
+        tiles = int(env)
+    elif INTERPRET:
+        tiles = 1  # many chunks per row at the tests' small V
+    else:
+        tiles = max(1, round(CHUNK_BYTES / ((k + 1) * itemsize * block)))
+    tiles = max(tiles, triton.cdiv(n_tiles, min(CMAX, _sm_count(device))))
+    chunks = triton.cdiv(n_tiles, tiles)
+    if n * chunks >= 2**31:  # the int32 ticket
+        return 1, n_tiles
+    return chunks, tiles
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # meta tensors (aot.py) stand for the H200 of the benchmarks; the interpreter, any GPU
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def kl_call(student: Tensor, teachers: Tensor, **changes) -> SimpleNamespace:
@@ -397,10 +515,10 @@ def kl_call(student: Tensor, teachers: Tensor, **changes) -> SimpleNamespace:
     return KDInputs.named(KDInputs.bind(**{**args, **changes}))
 
 
-def kd_space():
-    """The launches of the whole problem space on meta tensors (aot.py compiles each distinct one): every pair of
-    student and teacher dtypes, divergence, ensemble and teacher bucket, aligned and not; the run-time flags both
-    ways (they must not fork the compile)."""
+def _space_calls():
+    """The calls of the whole problem space on meta tensors, by name: every pair of student and teacher dtypes,
+    divergence, ensemble and teacher bucket, aligned and not; the run-time flags both ways (they must not fork the
+    compile)."""
     for dtype, t_dtype in ((a, b) for a in ROW_KERNEL_GPU_DTYPES for b in ROW_KERNEL_GPU_DTYPES):
         for name, div in divergences.DIVERGENCES.items():
             for k in (1, 2, 3, 4, 5, 8, 9, 16):
@@ -408,7 +526,7 @@ def kd_space():
                     for v in (4096, 4097):  # aligned; odd V (unaligned rows)
                         for on in (False, True):
                             opt = (lambda x: x if on else None)  # noqa: E731
-                            yield kd_launch(KDInputs.named(KDInputs.bind(
+                            yield KDInputs.named(KDInputs.bind(
                                 student=torch.empty(8, v, device="meta", dtype=dtype),
                                 teachers=torch.empty(k, 8, v, device="meta", dtype=t_dtype),
                                 teacher_weights=opt(torch.empty(k, 8, device="meta")),
@@ -417,7 +535,13 @@ def kd_space():
                                 denominator=opt(torch.empty((), device="meta")), divergence=name, ensemble=ens,
                                 temperature=1.0 if on else 2.0, kd_scale=4.0, ce_weight=0.5 if on else 0.0,
                                 div_params=[p.default for p in div.params], ignore_index=-100, reduce=on,
-                                grad_student=True, grad_teachers=on)))[0]  # fmt: skip
+                                grad_student=True, grad_teachers=on))  # fmt: skip
+
+
+def kd_space():
+    """The launches of the whole problem space (aot.py compiles each distinct one)."""
+    for a in _space_calls():
+        yield from kd_launch(a)[0]
 
 
 def _kd_loss_triton_fake(*args) -> tuple[Tensor, Tensor, Tensor]:

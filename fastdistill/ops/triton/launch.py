@@ -149,9 +149,13 @@ class Launch:
             return
         watched = torch.utils._python_dispatch._get_current_dispatch_mode() is not None
         kernel = self.kernel
+        options = self.options
         if watched or not is_eager(self.args[0]):  # (one call's tensors are all traced or none)
             kernel = torch.library.wrap_triton(kernel)
-        kernel[self.grid](*self.args, **self.constexprs, **self.options)
+            # Dynamo's Triton wrapper takes num_warps / num_stages as options but would read maxnreg as a kernel
+            # argument: traced launches run with the registers ptxas picks (same results, perhaps lower occupancy)
+            options = {k: v for k, v in options.items() if k != "maxnreg"}
+        kernel[self.grid](*self.args, **self.constexprs, **options)
 
 
 def check_row_dtype(op: str, dtype: torch.dtype) -> None:

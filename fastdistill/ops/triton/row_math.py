@@ -103,10 +103,9 @@ def group_stats(m, sums, z):
 
 
 @triton.jit
-def finish_stats(m, sums):
-    """The row's normaliser from ``group_stats``' groups (m, sums [..., G], reduced along the last axis): its max M and
-    the log of the sum of exp(z - M) (the split form log_softmax reads). A row with no finite logit gives (-inf,
-    log 0 = -inf)."""
+def combine_stats(m, sums):
+    """Groups' (or chunks') online-softmax statistics combined along the last axis: (m, sums [..., G]) -> the max M
+    and the sum of exp(z - M) below it. A row with no finite logit gives (-inf, 0)."""
     if len(m.shape) == 1:
         mx = tl.max(m, 0)
         safe = tl.where(mx == float("-inf"), 0.0, mx)
@@ -115,6 +114,15 @@ def finish_stats(m, sums):
         mx = tl.max(m, 1)
         safe = tl.where(mx == float("-inf"), 0.0, mx)
         total = tl.sum(sums * fexp(m - safe[:, None]), 1)
+    return mx, total
+
+
+@triton.jit
+def finish_stats(m, sums):
+    """The row's normaliser from ``group_stats``' groups (m, sums [..., G], reduced along the last axis): its max M and
+    the log of the sum of exp(z - M) (the split form log_softmax reads). A row with no finite logit gives (-inf,
+    log 0 = -inf)."""
+    mx, total = combine_stats(m, sums)
     return mx, tl.log(total)
 
 
@@ -185,3 +193,74 @@ def ce_grad(s, q, m_ce, log_l_ce, cols, label, ce_at_t):
 def label_nll(s_label, m_ce, log_l_ce):
     """-log softmax(s)[label] from the label's logit and s's split normaliser (see log_softmax)."""
     return (m_ce - s_label) + log_l_ce
+
+
+@triton.jit
+def target_terms(t, logpk, pk, q, logq, inv_t, w, logw, m_c, ll_c, ks, kuse, cmask, ENS: tl.constexpr,
+                 DIV: tl.constexpr, LOG_TARGET: tl.constexpr, dw, log_dw, log_1m_dw, FAST: tl.constexpr):  # fmt: skip
+    """Targets and divergence terms of one tile (ENS: kd_loss.ENS_CODES, 0 for one teacher), from the teachers'
+    logits t, log P_k and P_k ([KP, BLOCK]; padded teachers -inf and 0). Returns phi, gq (ensemble-combined,
+    [BLOCK]); hp ([K, BLOCK] for loss_mean, else [BLOCK]); the single target p, log p; log(w_k P_k) ([KP, BLOCK])."""
+    lwp = logpk + logw[:, None]
+    if ENS == 3:
+        phi_k, gq_k, hp = divergence_terms(pk, q[None, :], logpk, logq[None, :], DIV, dw, log_dw,
+                                           log_1m_dw, FAST)  # fmt: skip
+        wk = w[:, None]
+        use = kuse[:, None]  # a teacher with weight 0 is dropped (0 * inf would be nan)
+        phi = tl.sum(tl.where(use, wk * phi_k, 0.0), 0)
+        gq = tl.sum(tl.where(use, wk * gq_k, 0.0), 0)
+        p = q  # unused
+        logp = logq
+    else:
+        if ENS == 2:
+            c = tl.sum(tl.where(w[:, None] > 0, w[:, None] * (t * inv_t), 0.0), 0)
+            logp = log_softmax(c, m_c, ll_c)
+        elif ENS == 0:  # the one teacher's own log P and P (KP = 1: no padded row, no second exp)
+            logp = tl.sum(tl.where((ks == 0)[:, None], logpk, 0.0), 0)
+            p = tl.sum(tl.where((ks == 0)[:, None], pk, 0.0), 0)
+        elif LOG_TARGET:  # log of the mixture, as a log-sum-exp over the teachers (exact where P underflows)
+            mx = tl.max(lwp, 0)
+            safe = tl.where(mx == float("-inf"), 0.0, mx)
+            logp = tl.where(mx == float("-inf"), float("-inf"),
+                            safe + flog(tl.sum(fexp(lwp - safe[None, :]), 0), FAST))  # (the sum is >= 1)
+        else:  # the mixture sum_k w_k P_k and the log of it: one lg2 instead of K exps and a log (divergences.py)
+            p = tl.sum(w[:, None] * pk, 0)
+            p = tl.where(p < 1.1754943508222875e-38, 0.0, p)  # a subnormal P (< 1e-38) is 0: flog's domain
+            logp = flog(p, FAST)
+        if ENS == 2:  # (the pool of masked columns is -inf already unless every weight is 0)
+            logp = tl.where(cmask, logp, float("-inf"))
+        if ENS == 2 or (ENS == 1 and LOG_TARGET):
+            p = fexp(logp)
+        phi, gq, hp = divergence_terms(p, q, logp, logq, DIV, dw, log_dw, log_1m_dw, FAST)
+    return phi, gq, hp, p, logp, lwp
+
+
+@triton.jit
+def teacher_aggregates(hp, logp, lwp, cmask, ks, ENS: tl.constexpr):
+    """One tile's share of the per-teacher row aggregates the teachers' gradients need ([KP]; target_terms' outputs):
+    sum_v hp_kv (one target per teacher), sum_v hp_v in lane 0 (one teacher, log-linear pool), sum_v r_kv hp_v with
+    the responsibilities r_k = w_k P_k / P in log space (mixture)."""
+    if ENS == 3:
+        agg = tl.sum(tl.where(cmask[None, :], hp, 0.0), 1)
+    elif ENS == 2 or ENS == 0:
+        agg = tl.where(ks == 0, tl.sum(tl.where(cmask, hp, 0.0), 0), 0.0)
+    else:
+        resp = tl.where(logp[None, :] == float("-inf"), 0.0, fexp(lwp - logp[None, :]))
+        agg = tl.sum(tl.where(cmask[None, :], resp * hp[None, :], 0.0), 1)
+    return agg
+
+
+@triton.jit
+def teacher_grad(hp, pk, p, logp, lwp, w, agg, ks, f, kd_over_t, ENS: tl.constexpr):
+    """The teachers' logit gradients of one tile ([KP, BLOCK]) from the row's aggregates (teacher_aggregates summed
+    over the row), the row factor f and the divergence's scale kd / T; a teacher of weight 0 gets exactly 0."""
+    if ENS == 3:
+        gt = w[:, None] * (hp - pk * agg[:, None])
+    elif ENS == 2 or ENS == 0:
+        agg0 = tl.sum(tl.where(ks == 0, agg, 0.0), 0)
+        gt = w[:, None] * (hp - p * agg0)[None, :]
+    else:
+        resp = tl.where(logp[None, :] == float("-inf"), 0.0, fexp(lwp - logp[None, :]))
+        gt = resp * hp[None, :] - pk * agg[:, None]
+    gt = tl.where(kd_over_t != 0, f * kd_over_t * gt, 0.0)
+    return tl.where(w[:, None] > 0, gt, 0.0)
