@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DIVERGENCES, ENSEMBLES, KD_BACKENDS, REDUCTIONS, loss_and_grads, make_inputs, reference64
+from conftest import (
+    DIVERGENCES,
+    ENSEMBLES,
+    KD_BACKENDS,
+    REDUCTIONS,
+    loss_and_grads,
+    make_inputs,
+    reference64,
+    requires_triton,
+)
 from tolerances import assert_close
 
 import fastdistill
@@ -525,3 +534,22 @@ def test_the_readme_table_of_other_libraries():
     entropy = -(t.softmax(-1) * t.log_softmax(-1)).sum(-1)[labels != -100].mean()
     torch.testing.assert_close(tune, ours + entropy)
     torch.testing.assert_close(torch.autograd.grad(tune, s)[0], torch.autograd.grad(ours, s)[0])
+
+
+@requires_triton
+@pytest.mark.parametrize("tiles,chunks", [("2", 4), ("3", 3)])
+@pytest.mark.parametrize("divergence", ["kl", "jsd"])
+def test_triton_chunks_of_several_tiles(monkeypatch, tiles, chunks, divergence):
+    """v3's rows in chunks of several 16-column tiles (Triton's interpreter): V = 100 is 7 tiles, so 4 chunks of 2 or
+    3 of 3, the last of one tile in both (its tile range clamped to the row's end); every option at once (labels with
+    ignored rows, teacher and sample weights, CE), teacher gradients, grad_output 0.7, against float64."""
+    from fastdistill.ops.triton import kd_loss
+
+    monkeypatch.setenv(kd_loss.CHUNK_TILES_ENV, tiles)
+    assert kd_loss.row_split(7, 3, 4, 16, torch.device("cpu"), 5)[0] == chunks
+    student, teachers = make_inputs((5,), 100, 3)
+    labels, weights, sample_weight = _full_options((5,), 3, 100)
+    _compare("triton", student, teachers, grad_output=torch.tensor(0.7), teacher_grad=True, divergence=divergence,
+             ensemble="loss_mean", temperature=2.0, ce_weight=0.3, labels=labels, teacher_weights=weights,
+             sample_weight=sample_weight)  # fmt: skip
+

@@ -16,8 +16,10 @@ benchmarks/NOTES.md, issue 17, "v3".
 A barrier never deadlocks: a program takes its (row, chunk) from a ticket counter when it starts, not from its program
 id, so every row before the newest ticket has all its programs running, reaches its barriers and finishes, whatever
 order the hardware starts programs in; the newest row's missing chunks start as slots free. That needs a row's C
-programs to fit on the GPU at once: C <= CMAX and <= the SM count (a program fits any SM). A wait that still gives up
-(a broken guarantee) makes the row NaN rather than hang (``_arrive_and_wait``).
+programs to fit on the GPU beside whatever else runs: C <= CMAX and <= half the SM count (a program fits any SM), so
+it would take ~8 such launches spinning at once on one GPU (streams, MPS clients) to fill every slot with waiting
+programs. A wait that still gives up makes the row's loss NaN (and its gradients, where they depend on what the wait
+could not see) rather than hang the GPU (``_arrive_and_wait``).
 
 Each chunk's loss share goes to the buffer, summed over C with ``torch.sum`` (no float atomics: bitwise
 reproducible). float32 accumulation (float64 for float64 inputs); no [K, N, V] temporaries; gradients are written in
@@ -203,10 +205,13 @@ def _kd_row(
             _publish(own + 6 + ks, own + 6 + KP + ks, m_t, l_t)
     if STAGES == 1:
         return
+    seen_all = row >= 0  # (True) whether this program saw the row's statistics: False only if its wait gave up
     if STAGES == 0:
-        ok = _arrive_and_wait(sync_ptr + 4 + row, C)
-        sw = tl.where(ok, sw, float("nan"))  # (a barrier that gave up: the row's loss and gradients are NaN)
-        f = tl.where(ok, f, float("nan"))
+        seen_all = _arrive_and_wait(sync_ptr + 4 + row, C)
+        # gave up: its loss share and gradient NaN (so the row's loss is), and below its aggregate shares, so that the
+        # row's other programs' aggregate-based gradients are NaN too
+        sw = tl.where(seen_all, sw, float("nan"))
+        f = tl.where(seen_all, f, float("nan"))
     pmask = tl.arange(0, CMAX) < C
     parts = part_ptr + (row * C + tl.arange(0, CMAX)) * PS  # the row's chunks' slots, [CMAX]
     # the row's normalisers, kept split, as (max, log of the exp-sum below it): see log_softmax
@@ -268,8 +273,8 @@ def _kd_row(
     if not CLOSED:
         need_agg = need_agg | (grad_s != 0)
     if need_agg:
-        tl.store(own + 6 + 2 * KP, tl.sum(gq_acc, 0))
-        tl.store(own + 7 + 2 * KP + ks, agg)
+        tl.store(own + 6 + 2 * KP, tl.where(seen_all, tl.sum(gq_acc, 0), float("nan")))
+        tl.store(own + 7 + 2 * KP + ks, tl.where(seen_all, agg, float("nan")))
         if STAGES == 0:
             f = tl.where(_arrive_and_wait(sync_ptr + 4 + N + row, C), f, float("nan"))
     if STAGES == 2:
@@ -482,8 +487,9 @@ def kd_launch(a: SimpleNamespace) -> tuple[list[Launch], Tensor, Tensor, Tensor]
 def row_split(n_tiles: int, k: int, itemsize: int, block: int, device: torch.device, n: int) -> tuple[int, int]:
     """(C, TPC): the chunks a row of ``n_tiles`` tiles is cut into, and the tiles per chunk. A chunk holds about
     CHUNK_BYTES of input (its K + 1 rows), so that its second read, one barrier after its first, still finds it in
-    L2; C <= CMAX and <= the GPU's SMs (a row's programs must fit on the GPU at once). C = 1 (the whole row in one
-    program, v2) with FASTDISTILL_TRITON_ROW=v2; FASTDISTILL_TRITON_CHUNK_TILES sets TPC (benchmarks, tests)."""
+    L2; C <= CMAX and <= half the GPU's SMs (a row's programs must fit on the GPU at once, beside other work). C = 1
+    (the whole row in one program, v2) with FASTDISTILL_TRITON_ROW=v2; FASTDISTILL_TRITON_CHUNK_TILES sets TPC
+    (benchmarks, tests)."""
     if n_tiles <= 1 or os.environ.get(ROW_KERNEL_ENV, "") == "v2":
         return 1, max(n_tiles, 1)
     env = os.environ.get(CHUNK_TILES_ENV, "")
@@ -493,7 +499,7 @@ def row_split(n_tiles: int, k: int, itemsize: int, block: int, device: torch.dev
         tiles = 1  # many chunks per row at the tests' small V
     else:
         tiles = max(1, round(CHUNK_BYTES / ((k + 1) * itemsize * block)))
-    tiles = max(tiles, triton.cdiv(n_tiles, min(CMAX, _sm_count(device))))
+    tiles = max(tiles, triton.cdiv(n_tiles, min(CMAX, max(1, _sm_count(device) // 2))))
     chunks = triton.cdiv(n_tiles, tiles)
     if n * chunks >= 2**31:  # the int32 ticket
         return 1, n_tiles
