@@ -11,6 +11,7 @@ import importlib.util
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -83,8 +84,27 @@ PROVIDERS: dict[str, Callable[..., LossFn]] = {
     "compile": make_compile,
     "reference": _kd("reference"),
 }
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A provider timed at each of ``settings`` of one launch override, in one child process (what a row costs is
+    its start-up; the settings only add their timed steps)."""
+
+    what: str  # the override, for the JSON
+    settings: tuple[str, ...]
+    make: Callable[[str], Callable[..., LossFn]]  # setting -> provider
+
+
+SWEEPS = {
+    # v3's tiles per chunk (of 1024 columns; the default holds ~16 KB of input: 4 tiles at K = 1, 2 at K = 4, at
+    # least cdiv(tiles of the row, SMs / 2)): if the re-reads miss L2, smaller chunks are the first thing to try
+    "triton-chunks": Sweep("FASTDISTILL_TRITON_CHUNK_TILES", ("1", "2", "4", "8"),
+                           lambda t: _kd("triton", {"FASTDISTILL_TRITON_CHUNK_TILES": t})),
+}
+PROVIDERS |= {name: sweep.make(sweep.settings[0]) for name, sweep in SWEEPS.items()}
 # the ones that take divergence=
-DIVERGENCE_PROVIDERS = ("cpu", "triton", "triton-v2", "cuda", "cuda-global", "auto", "reference")
+DIVERGENCE_PROVIDERS = ("cpu", "triton", "triton-v2", "triton-chunks", "cuda", "cuda-global", "auto", "reference")
 
 
 def unavailable_reason(name: str, device: str) -> str | None:

@@ -1,0 +1,72 @@
+"""benchmarks.run's timing of one row on the CPU, in process: a sweep provider (``benchmarks.providers.SWEEPS``)
+times every setting, keeps the best as the row and all of them in ``settings``; every row carries ``pipelined_ms``
+(steps issued back to back) beside ``ms``; the table names the sweep's pick."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's benchmarks/ package
+
+from benchmarks import providers, run  # noqa: E402
+
+
+def _slow_eager(delay_s: float):
+    """The eager provider, each step ``delay_s`` slower: a setting whose cost the sweep must see."""
+
+    def make(K: int, temperature: float, **kw):
+        fn = providers.PROVIDERS["eager"](K, temperature, **kw)
+
+        def slow(student: torch.Tensor, teachers: torch.Tensor) -> torch.Tensor:
+            end = run.time.perf_counter() + delay_s
+            while run.time.perf_counter() < end:
+                pass
+            return fn(student, teachers)
+
+        return slow
+
+    return make
+
+
+def test_sweep_row_times_every_setting_and_keeps_the_best(monkeypatch):
+    made = []
+
+    def make(setting: str):
+        made.append(setting)
+        return _slow_eager({"slow": 0.02, "fast": 0.0, "slower": 0.04}[setting])
+
+    sweep = providers.Sweep("DELAY", ("slow", "fast", "slower"), make)
+    monkeypatch.setitem(run.SWEEPS, "eager-sweep", sweep)
+    monkeypatch.setitem(run.PROVIDERS, "eager-sweep", make("slow"))
+    made.clear()
+    r = run.bench_one("eager-sweep", 8, 32, 2, torch.float32, "cpu", repeats=3)
+    assert [s["setting"] for s in r["settings"]] == ["slow", "fast", "slower"]
+    times = {s["setting"]: s["ms"] for s in r["settings"]}
+    assert times["fast"] < 10 < times["slow"] < times["slower"]  # each setting's own steps were timed
+    assert r["setting"] == "fast" and r["ms"] == times["fast"] and r["sweep"] == "DELAY"
+    assert made == ["slow", "fast", "slower", "fast"]  # the peak is measured on the best setting, made again
+    assert all(s["pipelined_ms"] > 0 for s in r["settings"]) and r["pipelined_ms"] == r["settings"][1]["pipelined_ms"]
+    r |= {"status": "ok", "floor_ms": 1.0, "floor_fraction": 1.0 / r["ms"], "achieved_GBps": 1.0}
+    assert "| eager-sweep [fast] | 32 | 2 |" in run.markdown_table([r])
+
+
+def test_plain_row_has_both_timings():
+    r = run.bench_one("eager", 8, 32, 1, torch.float32, "cpu", repeats=3)
+    assert "settings" not in r and "sweep" not in r
+    assert r["ms"] > 0 and r["pipelined_ms"] > 0
+    # back to back on a CPU is the same work: within a wide factor of the synchronised median
+    assert r["pipelined_ms"] < 10 * r["ms"] + 1
+
+
+def test_pipelined_ms_overlaps_only_what_is_asynchronous(monkeypatch):
+    """On the CPU nothing is asynchronous: the time per step of R steps in a row is the step's time."""
+    ms = run._pipelined_ms(lambda: run.time.sleep(0.01), 5, "cpu")
+    assert 9 < ms < 30
+
+
+def test_the_triton_chunk_sweep_is_registered_as_a_provider():
+    sweep = providers.SWEEPS["triton-chunks"]
+    assert sweep.what == "FASTDISTILL_TRITON_CHUNK_TILES" and sweep.settings == ("1", "2", "4", "8")
+    assert "triton-chunks" in providers.PROVIDERS and "triton-chunks" in providers.DIVERGENCE_PROVIDERS
+    assert "CUDA only" in providers.unavailable_reason("triton-chunks", "cpu")
