@@ -411,11 +411,11 @@ def _kd_loss_triton(*args) -> tuple[Tensor, Tensor, Tensor]:
     launches, chunk_losses, gs, gt = kd_launch(a)
     for launch in launches:
         launch.run()
-    rows = chunk_losses.sum(1)  # in chunk order: bitwise reproducible
+    # torch's sums of a fixed shape run in a fixed order: bitwise reproducible; one sum over [N, C] when reduced
     if not a.reduce:
-        return rows, gs, gt
-    total = rows.sum()
-    return (total / a.denominator.to(rows.dtype) if a.denominator is not None else total), gs, gt
+        return chunk_losses.sum(1), gs, gt
+    total = chunk_losses.sum()
+    return (total / a.denominator.to(total.dtype) if a.denominator is not None else total), gs, gt
 
 
 def kd_args(a: SimpleNamespace) -> SimpleNamespace:
