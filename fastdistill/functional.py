@@ -202,11 +202,12 @@ def normalise_teacher_weights(
     """[K] or [K, *] non-negative weights -> [K, N] with every column summing to 1 (None stays None)."""
     if teacher_weights is None:
         return None
-    if not isinstance(teacher_weights, Tensor):
+    on_host = not isinstance(teacher_weights, Tensor)
+    if on_host:
         if isinstance(teacher_weights, Sequence) and all(
             isinstance(w, numbers.Real) and not isinstance(w, bool) for w in teacher_weights
         ):
-            teacher_weights = torch.tensor([float(w) for w in teacher_weights], device=device)
+            teacher_weights = _host_weights([float(w) for w in teacher_weights], k, device)
         else:
             raise TypeError("teacher_weights must be None, a Tensor [K] or [K, *], or a sequence of K numbers")
     w = teacher_weights
@@ -223,13 +224,26 @@ def normalise_teacher_weights(
             f"got {tuple(w.shape)}"
         )
     w = w.detach().to(dtype)
-    _check_values("teacher_weights", w, "finite and >= 0", ~torch.isfinite(w) | (w < 0))
+    if not on_host:  # numbers were checked on the host (_host_weights): no device sync here
+        _check_values("teacher_weights", w, "finite and >= 0", ~torch.isfinite(w) | (w < 0))
     # scaled by the column's largest weight first: the sum of K weights near the dtype's max would overflow to inf
     # and every weight would become 0
     w = w / w.amax(0, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
     total = w.sum(0, keepdim=True)
-    _check_values("teacher_weights", total, "positive in every row (they are normalised to sum 1)", total <= 0)
+    if not on_host:
+        _check_values("teacher_weights", total, "positive in every row (they are normalised to sum 1)", total <= 0)
     return (w / total).contiguous()
+
+
+def _host_weights(values: list[float], k: int, device: torch.device) -> Tensor:
+    """K weights given as numbers: checked here, on the host, and copied to ``device`` without a device sync (a
+    [K] float64 tensor; torch.tensor(values, device=cuda) would synchronise the stream on every call)."""
+    if len(values) == k and not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ValueError("teacher_weights must be finite and >= 0")
+    if len(values) == k and not max(values) > 0:
+        raise ValueError("teacher_weights must be positive in every row (they are normalised to sum 1)")
+    host = torch.tensor(values, dtype=torch.float64)
+    return host if device.type == "cpu" else host.to(device, non_blocking=True)
 
 
 def _host_denominator(n: int, acc: torch.dtype, device: torch.device) -> Tensor:

@@ -17,12 +17,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 BF16 = torch.bfloat16
 
 
-def _kd(backend):
+def _kd(backend, **options):
     s = torch.randn(512, 4096, device="cuda").to(BF16).requires_grad_()
     t = torch.randn(2, 512, 4096, device="cuda").to(BF16)
 
     def step():
-        fastdistill.kd_loss(s, t, temperature=2.0, backend=backend).backward()
+        fastdistill.kd_loss(s, t, temperature=2.0, backend=backend, **options).backward()
         s.grad = None
 
     return step
@@ -66,7 +66,10 @@ def _fused_linear():
     return step
 
 
-STEPS = {"kd_loss triton": lambda: _kd("triton"), "kd_loss cuda": lambda: _kd("cuda"), "codistill_loss": _codistill,
+STEPS = {"kd_loss triton": lambda: _kd("triton"), "kd_loss cuda": lambda: _kd("cuda"),
+         # weights as numbers: checked on the host, copied without a sync
+         "kd_loss teacher_weights=[0.3, 0.7]": lambda: _kd("triton", teacher_weights=[0.3, 0.7]),
+         "codistill_loss": _codistill,
          "MIAlphaLoss": _mi_module, "fused_linear_kd_loss": _fused_linear}  # fmt: skip
 
 

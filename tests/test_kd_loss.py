@@ -109,6 +109,25 @@ def test_teacher_weight_forms(backend):
     torch.testing.assert_close(d, fastdistill.kd_loss(student, teachers[0], **kw))
 
 
+def test_teacher_weights_as_numbers_are_checked_on_the_host(monkeypatch):
+    """Weights given as numbers are checked in Python, so a call makes no data-dependent check on the device (each
+    would synchronise a GPU's stream on every call); a tensor of weights still is; the bad values raise the same."""
+    from fastdistill import functional
+
+    checked = []
+    original = functional._check_values
+    monkeypatch.setattr(functional, "_check_values", lambda name, *a: (checked.append(name), original(name, *a)))
+    student, teachers = make_inputs((3, 4), 17, 2)
+    fastdistill.kd_loss(student, teachers, teacher_weights=[1.0, 3.0], backend="reference")
+    assert "teacher_weights" not in checked
+    fastdistill.kd_loss(student, teachers, teacher_weights=torch.tensor([1.0, 3.0]), backend="reference")
+    assert checked.count("teacher_weights") == 2
+    for bad, msg in (([1.0, math.nan], "finite and >= 0"), ([2.0, -1.0], "finite and >= 0"),
+                     ([0.0, 0.0], "positive in every row"), ([1.0, 2.0, 3.0], r"\[K\] = \[2\]")):  # fmt: skip
+        with pytest.raises(ValueError, match=msg):
+            fastdistill.kd_loss(student, teachers, teacher_weights=bad)
+
+
 @pytest.mark.parametrize("backend", KD_BACKENDS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_all_rows_ignored(backend, reduction):
