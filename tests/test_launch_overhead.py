@@ -53,6 +53,7 @@ def test_eager_launches_skip_wrap_triton(monkeypatch):
         return kernel
 
     monkeypatch.setattr(torch.library, "wrap_triton", wrap_triton)
+    monkeypatch.setattr(launch, "INTERPRET", False)  # the decision on a GPU (the interpreter's is below)
     kernel = _Kernel()
     launch.Launch(kernel, (2,), (torch.zeros(2),), {}).run()
     assert kernel.calls == [(2,)] and wrapped == []  # eager: the kernel itself
@@ -68,6 +69,11 @@ def test_eager_launches_skip_wrap_triton(monkeypatch):
     assert wrapped == [kernel, kernel] and kernel.calls == [(2,), (3,), (4,)]  # watched or traced: wrap_triton
     launch.Launch(kernel, (0,), (torch.zeros(2),), {}).run()
     assert len(kernel.calls) == 3  # an empty grid launches nothing
+    # Triton's interpreter: its kernels are plain Python, never wrapped (torch 2.11's wrap_triton rejects them)
+    monkeypatch.setattr(launch, "INTERPRET", True)
+    with Watch():
+        launch.Launch(kernel, (5,), (torch.zeros(2),), {}).run()
+    assert wrapped == [kernel, kernel] and kernel.calls[-1] == (5,)
 
 
 class _Ops(TorchDispatchMode):

@@ -217,7 +217,7 @@ void score_strip(const at::Tensor& x, const at::Tensor& y, int64_t r0, int64_t r
 template <typename A>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& u, const at::Tensor& v, const at::Tensor& a,
                                                 double alpha, double temperature) {
-  const int64_t n = u.size(0), d = u.size(1);
+  const int64_t n = u.size(0);
   const Launch<A> P(n, alpha, temperature);
   at::Tensor stats = at::empty({kStatsRows, n}, u.options());
   std::vector<A> parts(n);

@@ -150,7 +150,9 @@ class Launch:
         watched = torch.utils._python_dispatch._get_current_dispatch_mode() is not None
         kernel = self.kernel
         options = self.options
-        if watched or not is_eager(self.args[0]):  # (one call's tensors are all traced or none)
+        # (one call's tensors are all traced or none); Triton's interpreter runs plain Python functions, which only
+        # torch >= 2.12's wrap_triton passes through (2.11 raises): nothing of them can be traced anyway
+        if (watched or not is_eager(self.args[0])) and not INTERPRET:
             kernel = torch.library.wrap_triton(kernel)
             # Dynamo's Triton wrapper takes num_warps / num_stages as options but would read maxnreg as a kernel
             # argument: traced launches run with the registers ptxas picks (same results, perhaps lower occupancy)
