@@ -174,6 +174,7 @@ def bench_one(provider: str, N: int, V: int, K: int, dtype: torch.dtype, device:
         sweep.append({"setting": setting, "ms": _median_ms(step, repeats, device),
                       "pipelined_ms": _pipelined_ms(step, repeats, device)})  # fmt: skip
     best = min(range(len(sweep)), key=lambda i: sweep[i]["ms"])
+    # the peak of the best setting (the last one made is still current: remaking it would recompile "compile")
     peak = peak_extra_bytes(step if best == len(sweep) - 1 else step_of(sweep[best]["setting"]), device)
     size = student.element_size()
     nbytes = (K + 1) * N * V * size + N * V * size  # inputs read + gradient written (grad dtype = student dtype)

@@ -196,6 +196,10 @@ def _check_values(name: str, x: Tensor, what: str, bad: Tensor) -> None:
         raise ValueError(f"{name} must be {what}")
 
 
+_WEIGHTS_RANGE = "finite and >= 0"
+_WEIGHTS_SUM = "positive in every row (they are normalised to sum 1)"
+
+
 def normalise_teacher_weights(
     teacher_weights, k: int, lead: torch.Size, n: int, device: torch.device, dtype: torch.dtype
 ) -> Tensor | None:
@@ -207,7 +211,16 @@ def normalise_teacher_weights(
         if isinstance(teacher_weights, Sequence) and all(
             isinstance(w, numbers.Real) and not isinstance(w, bool) for w in teacher_weights
         ):
-            teacher_weights = _host_weights([float(w) for w in teacher_weights], k, device)
+            values = [float(w) for w in teacher_weights]
+            # checked here, on the host, and copied without a sync (torch.tensor(values, device=cuda) synchronises
+            # the stream on every call): no data-dependent device check below
+            if not all(math.isfinite(v) and v >= 0 for v in values):
+                raise ValueError(f"teacher_weights must be {_WEIGHTS_RANGE}")
+            if values and not max(values) > 0:
+                raise ValueError(f"teacher_weights must be {_WEIGHTS_SUM}")
+            teacher_weights = torch.tensor(values, dtype=torch.float64)
+            if device.type != "cpu":
+                teacher_weights = teacher_weights.to(device, non_blocking=True)
         else:
             raise TypeError("teacher_weights must be None, a Tensor [K] or [K, *], or a sequence of K numbers")
     w = teacher_weights
@@ -224,26 +237,15 @@ def normalise_teacher_weights(
             f"got {tuple(w.shape)}"
         )
     w = w.detach().to(dtype)
-    if not on_host:  # numbers were checked on the host (_host_weights): no device sync here
-        _check_values("teacher_weights", w, "finite and >= 0", ~torch.isfinite(w) | (w < 0))
+    if not on_host:
+        _check_values("teacher_weights", w, _WEIGHTS_RANGE, ~torch.isfinite(w) | (w < 0))
     # scaled by the column's largest weight first: the sum of K weights near the dtype's max would overflow to inf
     # and every weight would become 0
     w = w / w.amax(0, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
     total = w.sum(0, keepdim=True)
     if not on_host:
-        _check_values("teacher_weights", total, "positive in every row (they are normalised to sum 1)", total <= 0)
+        _check_values("teacher_weights", total, _WEIGHTS_SUM, total <= 0)
     return (w / total).contiguous()
-
-
-def _host_weights(values: list[float], k: int, device: torch.device) -> Tensor:
-    """K weights given as numbers: checked here, on the host, and copied to ``device`` without a device sync (a
-    [K] float64 tensor; torch.tensor(values, device=cuda) would synchronise the stream on every call)."""
-    if len(values) == k and not all(math.isfinite(v) and v >= 0 for v in values):
-        raise ValueError("teacher_weights must be finite and >= 0")
-    if len(values) == k and not max(values) > 0:
-        raise ValueError("teacher_weights must be positive in every row (they are normalised to sum 1)")
-    host = torch.tensor(values, dtype=torch.float64)
-    return host if device.type == "cpu" else host.to(device, non_blocking=True)
 
 
 def _host_denominator(n: int, acc: torch.dtype, device: torch.device) -> Tensor:
