@@ -76,7 +76,11 @@ PROVIDERS: dict[str, Callable[..., LossFn]] = {
     "triton": _kd("triton"),
     # the same kernel with one program per row (v2: C = 1), to compare with v3's chunked rows in the same run
     "triton-v2": _kd("triton", {"FASTDISTILL_TRITON_ROW": "v2"}),
-    "cuda": _kd("cuda"),  # the CUDA C++ kernel, its launcher's choice of residency
+    # the CUDA C++ kernel, its launcher's choice of residency (pipelined where it fits); strict: a planned block or
+    # cluster the GPU cannot hold is a failed row, not a row that measured the fallback under this name
+    "cuda": _kd("cuda", {"FASTDISTILL_CUDA_STRICT": "1"}),
+    # v1: a block or cluster per row, never pipelined, to compare with the pipelined kernel in the same run
+    "cuda-v1": _kd("cuda", {"FASTDISTILL_CUDA_PIPELINE": "0", "FASTDISTILL_CUDA_STRICT": "1"}),
     "cuda-global": _kd("cuda", {"FASTDISTILL_CUDA_RESIDENCY": "global"}),  # its fallback, rows read from HBM
     "liger": make_liger,
     "auto": _kd("auto"),
@@ -104,7 +108,8 @@ SWEEPS = {
 }
 PROVIDERS |= {name: sweep.make(sweep.settings[0]) for name, sweep in SWEEPS.items()}
 # the ones that take divergence=
-DIVERGENCE_PROVIDERS = ("cpu", "triton", "triton-v2", "triton-chunks", "cuda", "cuda-global", "auto", "reference")
+DIVERGENCE_PROVIDERS = ("cpu", "triton", "triton-v2", "triton-chunks", "cuda", "cuda-v1", "cuda-global", "auto",
+                        "reference")
 
 
 def unavailable_reason(name: str, device: str) -> str | None:

@@ -1,8 +1,10 @@
 """A small run of the CUDA kd_loss kernel for compute-sanitizer (``make bench-gpu``'s sanitize stage runs it under
-memcheck and under racecheck; not a pytest file). Every residency (cluster on sm_90 only), a vocabulary that is and
-one that is not a multiple of 8, K = 3 with teacher weights, labels with ignored rows, CE, sample weights, gradients
-to the student and the teachers, each ensemble, a closed-form and a two-sweep divergence: what memcheck needs to see
-every access pattern and racecheck every barrier (cluster barriers and distributed shared memory included).
+memcheck and under racecheck; not a pytest file). Every residency (cluster on sm_90 only), v1 and pipelined (two row
+groups over six rows: every block walks three rows through both of its buffers), a vocabulary that is and one that
+is not a multiple of 8, K = 3 with teacher weights (one of them 0), labels with ignored rows, CE, sample weights (one
+row's 0), gradients to the student and the teachers, each ensemble, a closed-form and a two-sweep divergence: what
+memcheck needs to see every access pattern and racecheck every barrier (cluster barriers and distributed shared
+memory included). Strict launches: each residency runs as named, never a fallback.
 
     compute-sanitizer --tool racecheck --kernel-regex kns=kd_row_kernel python tests/cuda_sanitize.py
 """
@@ -20,17 +22,25 @@ def main() -> int:
         print("no CUDA device")
         return 1
     torch.manual_seed(0)
-    residencies = ["global", "smem"] + (["cluster"] if torch.cuda.get_device_capability()[0] >= 9 else [])
+    residencies = ["global", "smem", "smem+pipe"]
+    if torch.cuda.get_device_capability()[0] >= 9:
+        residencies += ["cluster", "cluster+pipe"]
+    os.environ["FASTDISTILL_CUDA_STRICT"] = "1"  # each residency as named, never a fallback
     n, k = 6, 3
     launches = 0
     for residency in residencies:
-        os.environ["FASTDISTILL_CUDA_RESIDENCY"] = residency
-        os.environ["FASTDISTILL_CUDA_CLUSTER"] = "4" if residency == "cluster" else ""
+        where, _, pipe = residency.partition("+")
+        os.environ["FASTDISTILL_CUDA_RESIDENCY"] = where
+        os.environ["FASTDISTILL_CUDA_CLUSTER"] = "4" if where == "cluster" else ""
+        os.environ["FASTDISTILL_CUDA_PIPELINE"] = "1" if pipe else "0"
+        os.environ["FASTDISTILL_CUDA_GROUPS"] = "2" if pipe else ""
         for v in (1000, 4099):
             labels = torch.randint(0, v, (n,), device="cuda")
             labels[1] = -100
             tw = torch.rand(k, n, device="cuda") + 0.1
+            tw[1, 2] = 0.0  # a dropped teacher (never copied, never read)
             sw = torch.rand(n, device="cuda")
+            sw[4] = 0.0  # a skipped row (no copy, no reduction)
             for divergence in ("kl", "jsd"):
                 for ensemble in ("prob_mean", "logit_mean", "loss_mean"):
                     s = torch.randn(n, v, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -43,6 +53,8 @@ def main() -> int:
                     if not torch.isfinite(loss):
                         print(f"non-finite loss: {residency} V={v} {divergence} {ensemble}")
                         return 2
+        torch.cuda.synchronize()
+        print(f"{residency}: done", flush=True)  # (a run cut by its time slot still says how far it got)
     torch.cuda.synchronize()
     print(f"ok: {launches} launches ({', '.join(residencies)})")
     return 0

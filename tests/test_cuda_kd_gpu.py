@@ -3,7 +3,9 @@
 Written before any GPU ran it (issue 20): each test names the shape class and residency it checks, so a first run
 says which part of the kernel is wrong. Residencies are forced through FASTDISTILL_CUDA_RESIDENCY (the binding
 reads it at every call): ``global`` (the fallback), ``smem`` (the row in one block's shared memory) and ``cluster``
-(the row spread over a thread-block cluster, sm_90 only)."""
+(the row spread over a thread-block cluster, sm_90 only), each resident one as v1 (a block or cluster per row) and
+pipelined (``+pipe``: a persistent grid whose blocks copy their next row while computing this one; limited here to
+two row groups, FASTDISTILL_CUDA_GROUPS, so that every block loops over many rows and both of its buffers)."""
 
 import pytest
 import torch
@@ -15,20 +17,30 @@ from fastdistill.ops import extension
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-RESIDENCIES = ["global", "smem", "cluster"]
+RESIDENCIES = ["global", "smem", "cluster", "smem+pipe", "cluster+pipe"]
 
 
 def _skip_unavailable(residency: str) -> None:
-    if residency == "cluster" and torch.cuda.get_device_capability()[0] < 9:
+    if residency.startswith("cluster") and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread-block clusters need sm_90")
+
+
+def force_residency(monkeypatch, residency: str, groups: int = 2) -> None:
+    """FASTDISTILL_CUDA_* for one of RESIDENCIES (the binding reads them at every call); strict: a configuration the
+    GPU cannot hold fails instead of falling back to another kernel, so each test checks the kernel it names."""
+    where, _, pipe = residency.partition("+")
+    monkeypatch.setenv("FASTDISTILL_CUDA_STRICT", "1")
+    monkeypatch.setenv("FASTDISTILL_CUDA_RESIDENCY", where)
+    monkeypatch.setenv("FASTDISTILL_CUDA_PIPELINE", "1" if pipe else "0")
+    monkeypatch.setenv("FASTDISTILL_CUDA_GROUPS", str(groups) if pipe else "")
+    if where == "cluster":
+        monkeypatch.setenv("FASTDISTILL_CUDA_CLUSTER", "4")  # small rows still spread over 4 blocks
 
 
 @pytest.fixture
 def residency(request, monkeypatch):
     _skip_unavailable(request.param)
-    monkeypatch.setenv("FASTDISTILL_CUDA_RESIDENCY", request.param)
-    if request.param == "cluster":
-        monkeypatch.setenv("FASTDISTILL_CUDA_CLUSTER", "4")  # small rows still spread over 4 blocks
+    force_residency(monkeypatch, request.param)
     return request.param
 
 
@@ -61,8 +73,8 @@ def test_matrix_against_float64(residency, divergence, ensemble, reduction):
 @pytest.mark.parametrize("residency", RESIDENCIES, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_dtypes(residency, dtype):
-    if dtype == torch.float64 and residency == "cluster":
-        pytest.skip("float64 runs in global or smem residency")
+    if dtype == torch.float64 and (residency.startswith("cluster") or "pipe" in residency):
+        pytest.skip("float64 runs in global or smem residency, v1")
     student, teachers = make_inputs((16,), 4099, 2, dtype=dtype)
     ref_loss, ref_grads = reference64(student, teachers, None, True, temperature=1.5)
     loss, grads = loss_and_grads(student.cuda(), [t.cuda() for t in teachers], None, True, backend="cuda",
@@ -104,6 +116,51 @@ def test_shape_classes_bf16_auto_residency(name, n, v, k):
     assert_close(grads[0], ref_grads[0], torch.bfloat16, "grad", f"grad [{name}]")
 
 
+@pytest.mark.parametrize("groups", [1, 3, 7])
+@pytest.mark.parametrize("where", ["smem", "cluster"])
+def test_pipelined_rows_skipped_and_dropped_between_kept_ones(monkeypatch, where, groups):
+    """The pipelined kernel copies row r + groups while it computes row r, deciding from global memory what to copy:
+    ignored rows, weight-0 rows and weight-0 teachers (never copied, never read) interleaved with kept rows, over
+    41 rows that 1, 3 or 7 groups walk (uneven shares), V ragged (4099), two-sweep and closed-form divergences. Each
+    row's loss and every gradient against float64."""
+    _skip_unavailable(where)
+    force_residency(monkeypatch, f"{where}+pipe", groups)
+    n, v, k = 41, 4099, 3
+    student, teachers = make_inputs((n,), v, k, dtype=torch.bfloat16)
+    labels = torch.randint(0, v, (n,))
+    labels[1::5] = -100
+    sw = torch.rand(n) + 0.5
+    sw[2::7] = 0.0
+    tw = torch.rand(k, n) + 0.1
+    tw[0, 3::4] = 0.0
+    tw[2, ::3] = 0.0
+    for divergence in ("kl", "jsd"):
+        kw = dict(divergence=divergence, temperature=2.0, labels=labels, ce_weight=0.3, sample_weight=sw,
+                  teacher_weights=tw / tw.sum(0), reduction="none")  # fmt: skip
+        ref_loss, ref_grads = reference64(student, teachers, None, True, **kw)
+        loss, grads = loss_and_grads(student.cuda(), [t.cuda() for t in teachers], None, True, backend="cuda",
+                                     **{a: _cuda(b) for a, b in kw.items()})  # fmt: skip
+        what = f"{where}+pipe, {groups} groups, {divergence}"
+        assert_close(loss, ref_loss, torch.bfloat16, "loss", f"loss ({what})")
+        for name, g, r in zip(["student", "teacher 0", "teacher 1", "teacher 2"], grads, ref_grads):
+            assert_close(g, r, torch.bfloat16, "grad", f"grad {name} ({what})")
+
+
+@pytest.mark.parametrize("where, v", [("smem", 150), ("cluster", 600), ("smem", 100), ("cluster", 333)])
+def test_pipelined_short_slices_use_whole_warps(monkeypatch, where, v):
+    """Slices of 129-192 columns (V = 150 in one block, V = 600 over a cluster of 4): the launcher shortens the block
+    of a pipelined launch to what the slice needs, and must stop at whole warps (96 threads, not 48, whose second,
+    partial warp's sums would be dropped); and shorter slices (100, 84 columns)."""
+    _skip_unavailable(where)
+    force_residency(monkeypatch, f"{where}+pipe", 3)
+    student, teachers = make_inputs((20,), v, 2)
+    ref_loss, ref_grads = reference64(student, teachers, None, False, divergence="jsd", reduction="none")
+    loss, grads = loss_and_grads(student.cuda(), [t.cuda() for t in teachers], None, False, backend="cuda",
+                                 divergence="jsd", reduction="none")  # fmt: skip
+    assert_close(loss, ref_loss, torch.float32, "loss", f"loss ({where}+pipe, V={v})")
+    assert_close(grads[0], ref_grads[0], torch.float32, "grad", f"grad ({where}+pipe, V={v})")
+
+
 def test_past_2_to_the_31_elements():
     """N V > 2^31 within one tensor (the student, each teacher, the gradient: int64 offsets; the teachers reach the
     kernel one pointer each, so N V K alone would not test it): rows far into the tensors agree with the reference
@@ -121,7 +178,8 @@ def test_past_2_to_the_31_elements():
 
 @pytest.mark.parametrize("residency", RESIDENCIES, indirect=True)
 def test_bitwise_reproducible(residency):
-    student, teachers = make_inputs((64,), 50000, 2, dtype=torch.bfloat16)
+    # V = 12000, K = 2: two copies of the row fit one block (smem+pipe runs as named)
+    student, teachers = make_inputs((64,), 12000, 2, dtype=torch.bfloat16)
     s, ts = student.cuda(), [t.cuda() for t in teachers]
     a = loss_and_grads(s, ts, None, True, backend="cuda")
     b = loss_and_grads(s, ts, None, True, backend="cuda")

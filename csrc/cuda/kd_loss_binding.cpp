@@ -6,6 +6,10 @@
 //   FASTDISTILL_CUDA_THREADS   = threads per block
 //   FASTDISTILL_CUDA_CLUSTER   = blocks per row (cluster residency)
 //   FASTDISTILL_CUDA_SMEM_KIB  = row data per block the launcher aims for
+//   FASTDISTILL_CUDA_PIPELINE  = 0 (v1: a block or cluster per row) | 1 (pipelined wherever two row slices fit)
+//   FASTDISTILL_CUDA_GROUPS    = pipelined: at most this many row groups (blocks or clusters) in the grid
+//   FASTDISTILL_CUDA_STRICT=1  = a planned block or cluster the device cannot hold is an error, not a fallback (the
+//                                tests and benchmarks: they then know which kernel ran)
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -52,6 +56,13 @@ void apply_overrides(cuda::KDCudaArgs& a) {
   a.threads = env_int("FASTDISTILL_CUDA_THREADS");
   a.cluster = env_int("FASTDISTILL_CUDA_CLUSTER");
   a.smem_target = int64_t(env_int("FASTDISTILL_CUDA_SMEM_KIB")) * 1024;
+  if (const char* v = std::getenv("FASTDISTILL_CUDA_PIPELINE")) {
+    const std::string s(v);
+    TORCH_CHECK_VALUE(s == "0" || s == "1" || s.empty(), "FASTDISTILL_CUDA_PIPELINE must be 0 or 1; got '", s, "'");
+    a.pipeline = s == "0" ? cuda::Pipeline::Off : s == "1" ? cuda::Pipeline::On : cuda::Pipeline::Auto;
+  }
+  a.max_groups = env_int("FASTDISTILL_CUDA_GROUPS");
+  a.strict = env_int("FASTDISTILL_CUDA_STRICT") != 0;
 }
 
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> kd_loss_cuda(

@@ -24,6 +24,14 @@ enum class DType : int32_t { Float32 = 0, BFloat16 = 1, Float16 = 2, Float64 = 3
 //            the row's normalisers and sums combined through distributed shared memory. Each input read once.
 enum class Residency : int32_t { Auto = 0, Global = 1, Smem = 2, Cluster = 3 };
 
+// Whether a resident launch is pipelined (v2): a persistent grid of row groups (a block, or a cluster), each looping
+// over its rows and copying row r + groups into a second buffer while it computes row r, so that the copy of the next
+// row overlaps the sweeps of this one inside the block. Without it (v1) a block (cluster) holds one row and the
+// overlap comes only from the other blocks an SM holds.
+//   Auto: pipelined where two slices of the row fit a block's shared memory (clusters of up to 8); On: also with
+//   clusters of 16; Off: v1.
+enum class Pipeline : int32_t { Auto = 0, Off = 1, On = 2 };
+
 struct KDCudaArgs {
   KDProblem problem;
   DType student_dtype = DType::Float32;
@@ -48,6 +56,11 @@ struct KDCudaArgs {
                               // the registers would not fit the blocks the shared memory allows on an SM)
   int cluster = 0;            // blocks per row in Cluster residency (1..16)
   int64_t smem_target = 0;    // bytes of row data per block the launcher aims for (Auto: see kd_loss_plan.h)
+  Pipeline pipeline = Pipeline::Auto;
+  int64_t max_groups = 0;     // pipelined: at most this many row groups in the grid (0: as many as the device holds
+                              // at once; the tests set a few so that every block loops over several rows)
+  bool strict = false;        // a planned block or cluster the device cannot hold is an error (cudaErrorNotPermitted),
+                              // not a fallback to v1 or global memory: tests and benchmarks know what they ran
 };
 
 // What the launcher chose for a call (also what the benchmark reports).
@@ -55,6 +68,7 @@ struct KDCudaConfig {
   Residency residency = Residency::Global;
   int threads = 0;
   int cluster = 1;
+  bool pipelined = false;  // (resident only) two row buffers a block, a persistent grid
   int64_t smem_bytes = 0;  // dynamic shared memory per block
 };
 
@@ -62,7 +76,8 @@ struct KDCudaConfig {
 KDCudaConfig plan_kd_loss(const KDCudaArgs& args, int device);
 
 // Launches the row kernel on `stream`. Returns cudaSuccess or the first CUDA error (launch errors included); the
-// binding turns it into an exception. No synchronisation, no allocation.
+// binding turns it into an exception. No synchronisation, no allocation. A planned block or cluster the device
+// cannot hold at once falls back to v1 (if pipelined), then to global memory, unless args.strict.
 cudaError_t launch_kd_loss(const KDCudaArgs& args, int device, cudaStream_t stream);
 
 }  // namespace cuda

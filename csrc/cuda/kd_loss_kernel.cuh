@@ -127,8 +127,7 @@ __device__ __forceinline__ void load_pack(const X* p, int64_t j, int64_t end, bo
     for (int u = 0; u < PackUnit<X>::kCount; ++u) dst[u] = src[u];
   } else {
 #pragma unroll
-    for (int u = 0; u < kVec; ++u)
-      if (j + u < end) pk.v[u] = p[j + u];
+    for (int u = 0; u < kVec; ++u) pk.v[u] = j + u < end ? p[j + u] : p[j];  // (j < end: a defined value)
   }
 }
 
@@ -484,15 +483,35 @@ struct RowKernel {
     }
   }
 
-  __device__ void sweep1(const S* s_global) {
+  // Teacher k's weight in this row and whether the row is skipped, read from global memory: the same predicates for
+  // the copy (which, pipelined, runs a row ahead, before the row's header exists) and for the sweeps.
+  __device__ A weight(int k) const {
+    return a.teacher_weights ? static_cast<const A*>(a.teacher_weights)[k * a.problem.rows + i] : A(1) / A(K());
+  }
+  __device__ bool skipped() const {
+    const bool ignored = a.labels && a.labels[i] == a.problem.ignore_index;
+    return ignored || (a.sample_weight && static_cast<const A*>(a.sample_weight)[i] == A(0));
+  }
+
+  // Issues the asynchronous copy of the row's slices that its sweeps read (nothing for a skipped row or a dropped
+  // teacher: never read). The caller commits and waits.
+  __device__ void copy_row(const S* s_global) const {
+    if (skipped()) return;
+    copy_slice(s_global, const_cast<S*>(s_src));
+    for (int k = 0; k < K(); ++k)
+      if (weight(k) != A(0)) copy_slice(t_global(k), const_cast<T*>(t_src(k)));
+  }
+
+  // copied: the row is already in shared memory (pipelined: copied a row ahead, waited for by the caller)
+  __device__ void sweep1(const S* s_global, bool copied) {
     const int64_t step = int64_t(blockDim.x) * kVec;
     const int64_t start = c0 + int64_t(threadIdx.x) * kVec;
     if constexpr (kResident) {
-      copy_slice(s_global, const_cast<S*>(s_src));
-      for (int k = 0; k < K(); ++k)
-        if (sh.w[k] != A(0)) copy_slice(t_global(k), const_cast<T*>(t_src(k)));  // dropped: never read
-      __pipeline_commit();
-      __pipeline_wait_prior(0);
+      if (!copied) {
+        copy_row(s_global);
+        __pipeline_commit();
+        __pipeline_wait_prior(0);
+      }
       __syncthreads();
     }
     // student: its own normaliser at T, and the cross-entropy's at T = 1 when T != 1
@@ -553,17 +572,16 @@ struct RowKernel {
     sh.inv_sum[d] = bad ? A(NAN) : A(1) / s;
   }
 
-  __device__ void run(const S* s_global) {
+  __device__ void run(const S* s_global, bool copied) {
     const KDProblem& p = a.problem;
     const int64_t label = a.labels ? a.labels[i] : p.ignore_index - 1;
-    const bool ignored = a.labels && label == p.ignore_index;
     const A sw = a.sample_weight ? static_cast<const A*>(a.sample_weight)[i] : A(1);
     S* gs = a.grad_student ? static_cast<S*>(a.grad_student) + i * V() : nullptr;
     const int64_t step = int64_t(blockDim.x) * kVec;
     const int64_t start = c0 + int64_t(threadIdx.x) * kVec;
     const bool out_whole = (V() % kVec) == 0;  // gradients are contiguous [N, V] from 16-byte aligned allocations
 
-    if (ignored || sw == A(0)) {  // a skipped row: no loss, zero gradients (0 * inf would be nan)
+    if (skipped()) {  // an ignored or weight-0 row: no loss, zero gradients (0 * inf would be nan)
       if (threadIdx.x == 0 && (!kCluster || rank() == 0)) static_cast<A*>(a.row_loss)[i] = A(0);
       const A zero[kVec] = {};
       for (int64_t j = start; j < c1; j += step) {
@@ -581,13 +599,13 @@ struct RowKernel {
     const A f = c.ce != A(0) && !label_ok ? A(NAN) : sw / den;
     if (threadIdx.x == 0) {
       for (int k = 0; k < K(); ++k) {
-        sh.w[k] = a.teacher_weights ? static_cast<const A*>(a.teacher_weights)[k * p.rows + i] : A(1) / A(K());
+        sh.w[k] = weight(k);
         sh.logw[k] = ::log(sh.w[k]);
       }
     }
     __syncthreads();
 
-    sweep1(s_global);
+    sweep1(s_global, copied);
 
     // ---- sweep 2: loss; the closed-form student gradient; the row sum of gq otherwise ----
     const bool want_gs = gs != nullptr;
@@ -633,7 +651,7 @@ struct RowKernel {
     // ---- sweep 3: the student gradient of divergences without a closed form ----
     if (want_gs && !c.closed) {
       for (int64_t j = start; j < c1; j += step) {
-        A raw[kVec], q[kVec], logq[kVec], phi[kVec], gq[kVec], g[kVec];
+        A raw[kVec], q[kVec], logq[kVec], phi[kVec] = {}, gq[kVec] = {}, g[kVec];
         student_q_vec(j, raw, q, logq);
         if (c.kd_on) terms_vec(j, q, logq, phi, gq);
 #pragma unroll
@@ -743,42 +761,74 @@ struct RowKernel {
   }
 };
 
-template <typename S, typename T, typename A, Residency kRes>
-__global__ void kd_row_kernel(const __grid_constant__ KDCudaArgs args, const __grid_constant__ Scalars<A> c,
-                              int64_t slice, int whole_global) {
+// v1 (kPipe false): a block (cluster) per row. Pipelined (kPipe, resident only): a persistent grid of row groups,
+// each looping over rows group, group + groups, ..., copying the next row into its second buffer before it computes
+// the current one; the cp.async groups then hold one row each, committed in row order and waited for with one left
+// in flight. A kernel of its own: around the row's code the loop costs ~40 registers (ptxas keeps values live across
+// its back edge), which v1 does not pay; its launch bounds (384 threads, ptxas's cap 168 registers) are where it
+// does not spill. v1's bounds are the launcher's 512 threads (float64: 256), which its ~115-127 registers meet.
+template <typename S, typename T, typename A, Residency kRes, bool kPipe>
+__global__ void __launch_bounds__(kPipe ? 384 : (sizeof(A) == 8 ? 256 : 512))
+    kd_row_kernel(const __grid_constant__ KDCudaArgs args, const __grid_constant__ Scalars<A> c, int64_t slice,
+                  int whole_global) {
   constexpr bool kResident = kRes != Residency::Global;
+  static_assert(kResident || !kPipe, "only a resident row is pipelined");
   extern __shared__ __align__(16) unsigned char smem[];
   RowShared<A>& sh = *reinterpret_cast<RowShared<A>*>(smem);
   const KDProblem& p = args.problem;
-  int64_t row = 0, c0 = 0, c1 = 0;  // (set below; zero where the cluster path traps: sm_80)
+  int64_t cs = 1, c0 = 0;  // blocks per group, this block's first column (zero where the cluster path traps: sm_80)
   if constexpr (kRes == Residency::Cluster) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     cg::cluster_group cluster = cg::this_cluster();
-    row = blockIdx.x / cluster.num_blocks();
+    cs = cluster.num_blocks();
     c0 = int64_t(cluster.block_rank()) * slice;
 #else
     __trap();
 #endif
-  } else {
-    row = blockIdx.x;
-    c0 = 0;
   }
-  c1 = c0 + slice < p.vocab ? c0 + slice : p.vocab;
+  const int64_t c1 = c0 + slice < p.vocab ? c0 + slice : p.vocab;
   if (c0 > c1) c0 = c1;  // a rank past the end of a short row: no columns, still in every cluster barrier
-  FD_ASSERT(row < p.rows && blockDim.x % 32 == 0 && blockDim.x <= 32 * kMaxWarps);
+  const int64_t groups = gridDim.x / cs, group = blockIdx.x / cs;
+  FD_ASSERT(blockDim.x % 32 == 0 && blockDim.x <= 32 * kMaxWarps && gridDim.x % cs == 0);
+  FD_ASSERT(kPipe || groups == p.rows);
+  // a row buffer: the student's slice, then each teacher's, each padded to kAlign elements (kd_loss_plan.h)
+  const int64_t padded = (slice + kAlign - 1) / kAlign * kAlign;
+  const int64_t buf_bytes = padded * int64_t(sizeof(S) + p.teachers * sizeof(T));
 
-  const S* s_global = static_cast<const S*>(args.student) + row * args.student_stride;
-  RowKernel<S, T, A, kRes> kern{args, c, sh, row, c0, c1, s_global, nullptr, 0, 0, kResident || whole_global != 0,
-                                 whole_global != 0};
-  if constexpr (kResident) {
-    const int64_t padded = (slice + kAlign - 1) / kAlign * kAlign;
-    unsigned char* base = smem + shared_header<A>();
-    kern.s_src = reinterpret_cast<const S*>(base);
-    kern.t_base = reinterpret_cast<const T*>(base + padded * sizeof(S));
-    kern.t_pitch = padded;
-    kern.off = c0;
+  const auto student_row = [&](int64_t row) { return static_cast<const S*>(args.student) + row * args.student_stride; };
+  const auto kernel_for = [&](int64_t row, int buf) {
+    RowKernel<S, T, A, kRes> kern{args, c, sh, row, c0, c1, student_row(row), nullptr, 0, 0,
+                                   kResident || whole_global != 0, whole_global != 0};
+    if constexpr (kResident) {
+      unsigned char* base = smem + shared_header<A>() + buf * buf_bytes;
+      kern.s_src = reinterpret_cast<const S*>(base);
+      kern.t_base = reinterpret_cast<const T*>(base + padded * sizeof(S));
+      kern.t_pitch = padded;
+      kern.off = c0;
+    }
+    return kern;
+  };
+
+  if constexpr (kPipe) {
+    if (group < p.rows) kernel_for(group, 0).copy_row(student_row(group));
+    __pipeline_commit();
+    int buf = 0, parity = 0;  // parity: the cluster reductions' slot, alternating across rows as within one
+    for (int64_t row = group; row < p.rows; row += groups) {
+      const int64_t next = row + groups;
+      // the other buffer was last read by the previous row, which every thread has left (the barrier below)
+      if (next < p.rows) kernel_for(next, buf ^ 1).copy_row(student_row(next));
+      __pipeline_commit();
+      __pipeline_wait_prior(1);  // this row's copy (all but the one just issued) has landed, for this thread's part
+      RowKernel<S, T, A, kRes> kern = kernel_for(row, buf);
+      kern.parity = parity;
+      kern.run(student_row(row), true);  // (its first barrier makes every thread's copy visible to the block)
+      parity = kern.parity;
+      buf ^= 1;
+      __syncthreads();  // the row header and this buffer are free for the next row
+    }
+  } else {
+    kernel_for(group, 0).run(student_row(group), false);
   }
-  kern.run(s_global);
   if constexpr (kRes == Residency::Cluster) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     cg::this_cluster().sync();  // no block leaves while another may still read its shared memory
@@ -798,9 +848,9 @@ inline cudaError_t clear(cudaError_t err) {
   return err;
 }
 
-template <typename S, typename T, typename A, Residency kRes>
+template <typename S, typename T, typename A, Residency kRes, bool kPipe = false>
 cudaError_t launch_typed(const KDCudaArgs& a, const KDCudaConfig& cfg, cudaStream_t stream) {
-  auto kernel = kd_row_kernel<S, T, A, kRes>;
+  auto kernel = kd_row_kernel<S, T, A, kRes, kPipe>;
   const Scalars<A> c = make_scalars<A>(a.problem);
   const int64_t slice = kRes == Residency::Global ? a.problem.vocab : slice_of(a.problem.vocab, cfg.cluster);
   // 16-byte loads: every row start aligned (base pointer and row stride)
@@ -824,14 +874,16 @@ cudaError_t launch_typed(const KDCudaArgs& a, const KDCudaConfig& cfg, cudaStrea
   err = cudaFuncGetAttributes(&fa, kernel);
   if (err != cudaSuccess) return clear(err);
   int threads = std::min(cfg.threads, fa.maxThreadsPerBlock / 32 * 32);
-  if constexpr (kRes != Residency::Global) {
+  if constexpr (kPipe) {
+    // one block per SM at these slices (two buffers), 384 threads; short slices do not need them all: halve while the
+    // half still covers the slice in one step and is whole warps (384 -> 192 -> 96)
+    if (a.threads <= 0)
+      while (threads % 64 == 0 && threads > 64 && int64_t(threads / 2) * kVec >= slice) threads /= 2;
+  } else if constexpr (kRes != Residency::Global) {
     // Resident rows: as many blocks per SM as the shared memory holds (the plan sizes them for two or three), so
     // that one block's sweeps overlap another's copies. At ~120 registers 512 threads fill an SM's registers alone:
     // unless the caller chose the threads, halve them until the blocks the shared memory allows also fit the
-    // registers (down to 128), and ask for the largest shared-memory carveout.
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                               int(cudaSharedmemCarveoutMaxShared));
-    if (err != cudaSuccess) return clear(err);
+    // registers (down to 128); the largest shared-memory carveout is asked for below.
     if (a.threads <= 0) {
       int smem_sm = 0, regs_sm = 0, reserved = 0;
       err = cudaDeviceGetAttribute(&smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
@@ -844,12 +896,27 @@ cudaError_t launch_typed(const KDCudaArgs& a, const KDCudaConfig& cfg, cudaStrea
       while (threads > 128 && blocks * (threads / 32) * regs_warp > regs_sm) threads /= 2;
     }
   }
+  if (kRes != Residency::Global) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                               int(cudaSharedmemCarveoutMaxShared));
+    if (err != cudaSuccess) return clear(err);
+  }
+  if (threads % 32 != 0 || threads < 32) return clear(cudaErrorInvalidConfiguration);  // the reductions need warps
   cudaLaunchConfig_t lc = {};
   lc.blockDim = dim3(threads);
   lc.dynamicSmemBytes = size_t(cfg.smem_bytes);
   lc.stream = stream;
   cudaLaunchAttribute attr[1];
-  int64_t blocks = a.problem.rows;
+  int64_t groups = a.problem.rows;  // v1: a block (cluster) per row
+  if constexpr (kPipe && kRes == Residency::Smem) {  // a persistent grid: the blocks the SMs hold at once
+    int per_sm = 0, sms = 0;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, size_t(cfg.smem_bytes));
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err != cudaSuccess) return clear(err);
+    if (per_sm < 1) return clear(cudaErrorNotPermitted);
+    groups = std::min<int64_t>(groups, int64_t(per_sm) * sms);
+  }
+  int64_t blocks = groups;
   if constexpr (kRes == Residency::Cluster) {
     if (cfg.cluster > 8) {
       err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
@@ -861,41 +928,48 @@ cudaError_t launch_typed(const KDCudaArgs& a, const KDCudaConfig& cfg, cudaStrea
     attr[0].val.clusterDim.z = 1;
     lc.attrs = attr;
     lc.numAttrs = 1;
-    blocks *= cfg.cluster;
-  }
-  if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
-  lc.gridDim = dim3(unsigned(blocks));
-  if constexpr (kRes == Residency::Cluster) {
     // a cluster this large may not fit the device (16 blocks of one per SM need 16 free SMs in one GPC): the caller
-    // falls back to the global-memory kernel
+    // falls back to the global-memory kernel. Pipelined, the grid is the clusters the device holds at once.
+    lc.gridDim = dim3(unsigned(cfg.cluster));
     int clusters = 0;
     err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &lc);
     if (err != cudaSuccess || clusters < 1) return clear(cudaErrorNotPermitted);
+    if constexpr (kPipe) groups = std::min<int64_t>(groups, clusters);
+    blocks = groups * cfg.cluster;
   }
+  if (kPipe && a.max_groups > 0) {
+    groups = std::min(groups, a.max_groups);
+    blocks = groups * cfg.cluster;
+  }
+  if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+  lc.gridDim = dim3(unsigned(blocks));
   err = cudaLaunchKernelEx(&lc, kernel, a, c, slice, int(whole));
   return err != cudaSuccess ? clear(err) : cudaGetLastError();
 }
 
+// The launch of one planned configuration. cudaErrorNotPermitted: the device cannot hold the planned block or cluster
+// at once (its shared memory, or free SMs in one GPC); launch_kd_loss then falls back (kd_loss_launch.cu).
 template <typename S, typename T, typename A>
 cudaError_t launch_res(const KDCudaArgs& a, const KDCudaConfig& cfg, cudaStream_t stream) {
   // teachers in another dtype than the student (rare): the global-memory kernel only, which keeps the number of
-  // kernels, and the build time, down (17 kernels instead of 29)
+  // kernels, and the build time, down
   if constexpr (!std::is_same_v<S, T>) {
     return launch_typed<S, T, A, Residency::Global>(a, cfg, stream);
   } else {
     switch (cfg.residency) {
-      case Residency::Smem: return launch_typed<S, T, A, Residency::Smem>(a, cfg, stream);
+      case Residency::Smem:
+        if constexpr (std::is_same_v<A, double>) {  // float64: v1 only (the planner never pipelines it)
+          return cfg.pipelined ? cudaErrorNotSupported : launch_typed<S, T, A, Residency::Smem>(a, cfg, stream);
+        } else {
+          return cfg.pipelined ? launch_typed<S, T, A, Residency::Smem, true>(a, cfg, stream)
+                               : launch_typed<S, T, A, Residency::Smem>(a, cfg, stream);
+        }
       case Residency::Cluster:
         if constexpr (std::is_same_v<A, double>) {
           return cudaErrorNotSupported;  // float64: Global or Smem only (the planner never picks it)
         } else {
-          const cudaError_t err = launch_typed<S, T, A, Residency::Cluster>(a, cfg, stream);
-          if (err != cudaErrorNotPermitted) return err;
-          KDCudaConfig global = cfg;  // the cluster does not fit this device: the fallback
-          global.residency = Residency::Global;
-          global.cluster = 1;
-          global.smem_bytes = shared_header<A>();
-          return launch_typed<S, T, A, Residency::Global>(a, global, stream);
+          return cfg.pipelined ? launch_typed<S, T, A, Residency::Cluster, true>(a, cfg, stream)
+                               : launch_typed<S, T, A, Residency::Cluster>(a, cfg, stream);
         }
       default: return launch_typed<S, T, A, Residency::Global>(a, cfg, stream);
     }

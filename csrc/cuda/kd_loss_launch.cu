@@ -44,10 +44,9 @@ detail::DeviceInfo device_info(int device) {
 
 KDCudaConfig plan_kd_loss(const KDCudaArgs& a, int device) { return detail::plan_for(a, device_info(device)); }
 
-cudaError_t launch_kd_loss(const KDCudaArgs& a, int device, cudaStream_t stream) {
-  if (a.problem.rows == 0 || a.problem.vocab == 0) return cudaSuccess;
-  if (a.problem.teachers < 1 || a.problem.teachers > kMaxTeachers) return cudaErrorInvalidValue;
-  const KDCudaConfig cfg = plan_kd_loss(a, device);
+namespace {
+
+cudaError_t launch_planned(const KDCudaArgs& a, const KDCudaConfig& cfg, cudaStream_t stream) {
   if (cfg.threads % 32 != 0 || cfg.threads < 64 || cfg.threads > 1024) return cudaErrorInvalidValue;
   switch (a.student_dtype) {
     case DType::Float32: return detail::launch_teacher<float>(a, cfg, stream);
@@ -58,6 +57,30 @@ cudaError_t launch_kd_loss(const KDCudaArgs& a, int device, cudaStream_t stream)
       return detail::launch_res<double, double, double>(a, cfg, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t launch_kd_loss(const KDCudaArgs& a, int device, cudaStream_t stream) {
+  if (a.problem.rows == 0 || a.problem.vocab == 0) return cudaSuccess;
+  if (a.problem.teachers < 1 || a.problem.teachers > kMaxTeachers) return cudaErrorInvalidValue;
+  const KDCudaConfig cfg = plan_kd_loss(a, device);
+  cudaError_t err = launch_planned(a, cfg, stream);
+  if (err != cudaErrorNotPermitted || a.strict) return err;
+  // The device cannot hold the planned block or cluster at once: v1 for a pipelined plan, then global memory.
+  if (cfg.pipelined) {
+    KDCudaArgs v1 = a;
+    v1.pipeline = Pipeline::Off;
+    err = launch_planned(v1, plan_kd_loss(v1, device), stream);
+    if (err != cudaErrorNotPermitted) return err;
+  }
+  KDCudaConfig global = cfg;
+  global.residency = Residency::Global;
+  global.cluster = 1;
+  global.pipelined = false;
+  global.smem_bytes =
+      a.student_dtype == DType::Float64 ? detail::shared_header<double>() : detail::shared_header<float>();
+  return launch_planned(a, global, stream);
 }
 
 }  // namespace cuda

@@ -98,6 +98,31 @@ inline KDCudaConfig plan_for(const KDCudaArgs& a, const DeviceInfo& dev) {
   }
   const int64_t slice = want == Residency::Global ? a.problem.vocab : slice_of(a.problem.vocab, cfg.cluster);
   cfg.smem_bytes = header + (want == Residency::Global ? 0 : resident_bytes(a, slice));
+  if (want != Residency::Global && a.pipeline != Pipeline::Off && !f64) {
+    // Pipelined (v2; not float64, a correctness path): two slices a block. Where v1 holds the row in one block, in
+    // one block if two copies fit; where v1 uses a cluster, the smallest cluster from v1's size upwards (up to 8
+    // blocks, 16 when asked for) whose two slices fit. None: v1 as planned above.
+    const auto fits = [&](int cs) { return 2 * resident_bytes(a, slice_of(a.problem.vocab, cs)) <= limit; };
+    // Auto pipelines only the rows v1 spreads over a cluster (the shapes the GPU benchmark measures both ways), with
+    // at least 32 KiB a block (~1 us of an SM's share of HBM bandwidth, about what a row's barriers cost). Rows that
+    // fit one block stay on v1's several blocks an SM unless asked for: no run has compared the two there.
+    const bool worth = a.pipeline == Pipeline::On ||
+                       (want == Residency::Cluster && cfg.smem_bytes - header >= 32 * 1024);
+    int cs = 0;
+    if (want == Residency::Smem) {
+      cs = fits(1) ? 1 : 0;
+    } else if (a.cluster > 0) {
+      cs = fits(a.cluster) ? a.cluster : 0;
+    } else {
+      const int most = a.pipeline == Pipeline::On ? 16 : 8;
+      for (int c = cfg.cluster; c <= most && !cs; c *= 2) cs = fits(c) ? c : 0;
+    }
+    if (cs > 0 && worth) {
+      cfg.pipelined = true;
+      cfg.cluster = cs;
+      cfg.smem_bytes = header + 2 * resident_bytes(a, slice_of(a.problem.vocab, cs));
+    }
+  }
   return cfg;
 }
 

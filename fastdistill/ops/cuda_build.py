@@ -156,17 +156,21 @@ def build_all(archs=ARCHS, jobs: int = 2) -> list[KernelResources]:
 
 
 def short_name(kernel: str) -> str:
-    """kd_row_kernel<bf16, bf16, float, Smem> from the demangled name."""
+    """kd_row_kernel<bf16, bf16, f32, Smem> (v1) or kd_row_kernel<bf16, bf16, f32, Smem, Pipelined> from the
+    demangled name."""
     m = re.search(r"kd_row_kernel<(.*)>\(", kernel)
     if not m:
         return kernel[:80]
     args = [a.strip() for a in m.group(1).split(",")]
     names = {"__nv_bfloat16": "bf16", "__half": "f16", "float": "f32", "double": "f64"}
     res = {"1": "Global", "2": "Smem", "3": "Cluster"}
+    pipelined = args[-1] == "true"
+    if args[-1] in ("true", "false"):
+        args.pop()
     args = [names.get(a, a) for a in args]
     if args and "Residency" in args[-1]:
         args[-1] = res.get(args[-1].rsplit(")", 1)[-1], args[-1])
-    return f"kd_row_kernel<{', '.join(args)}>"
+    return f"kd_row_kernel<{', '.join(args + ['Pipelined'] * pipelined)}>"
 
 
 def report(rows: list[KernelResources]) -> str:
