@@ -105,9 +105,13 @@ SHAPE_CLASSES = [
 ]
 
 
+@pytest.mark.parametrize("pipeline", ["", "0"], ids=["auto", "v1"])
 @pytest.mark.parametrize("name, n, v, k", SHAPE_CLASSES, ids=[c[0] for c in SHAPE_CLASSES])
-def test_shape_classes_bf16_auto_residency(name, n, v, k):
-    """bf16 at the launcher's own choice of residency: loss and student gradient against float64."""
+def test_shape_classes_bf16_auto_residency(monkeypatch, name, n, v, k, pipeline):
+    """bf16 at the launcher's own choice of residency (auto: pipelined where the row needs a cluster on sm_90), and
+    the same with pipelining off (v1): loss and student gradient against float64."""
+    monkeypatch.setenv("FASTDISTILL_CUDA_PIPELINE", pipeline)
+    name = f"{name}, {'v1' if pipeline else 'auto'}"
     student, teachers = make_inputs((n,), v, k, dtype=torch.bfloat16)
     ref_loss, ref_grads = reference64(student, teachers, None, False, temperature=2.0, reduction="none")
     loss, grads = loss_and_grads(student.cuda(), [t.cuda() for t in teachers], None, False, backend="cuda",
