@@ -79,7 +79,7 @@ bench: build
 #              order of importance (all shapes of each), so a short slot drops the last ones
 # Slots count from the start and what a stage leaves unused goes to the next, so the run ends by the slots' sum (575
 # s) plus a few seconds. Child processes cost ~3-5 s of start-up each (import torch, CUDA) plus ~10 s of compilation
-# for torch.compile: kd has 36 rows (triton-chunks times 4 chunk sizes in one child), divergences 15, mi 15,
+# for torch.compile: kd has 40 rows (triton-chunks times 4 chunk sizes in one child), divergences 15, mi 15,
 # codistill 8 and the agreement check, fused 6 (each ~1 s of matmuls).
 # No stage stops the others. Output: $(GPU_OUT)/{kd,divergences,mi,codistill,fused}-cuda.json and one log,
 # $(GPU_OUT)/bench-gpu.log. GPU_STAGES="kd mi" runs some stages; GPU_DEVICE=cpu with small shapes
@@ -101,7 +101,7 @@ GPU_FUSED_S ?= 55
 # the most one benchmark row (child process: start-up, compilation, timing) may take
 GPU_CHILD_S ?= 45
 GPU_KD_SHAPES ?= --dtype bfloat16 --rows 8192 --vocab 32768,128256 --teachers 1,4 \
-	--providers triton,cuda,compile,triton-v2,triton-chunks,cuda-v1,eager,liger,cuda-global --repeats 20
+	--providers triton,cuda,compile,triton-v2,triton-chunks,cuda-v1,liger,cuda-v2,eager,cuda-global --repeats 20
 # every other divergence, Triton (v3, then v2: C = 1) and CUDA, at the largest kd shape (issue 17 reports them all at
 # V = 128256, K = 4)
 GPU_DIVERGENCES_SHAPES ?= --dtype bfloat16 --rows 8192 --vocab 128256 --teachers 4 --providers triton,triton-v2,cuda \

@@ -1,7 +1,7 @@
 """The measured table behind ``backend="auto"`` on a GPU (``fastdistill.ops.dispatch.AUTO_MEASURED``), from a GPU
 run's benchmark rows: for each (GPU, dtype, divergence, V, K) the faster of the GPU backends ``triton`` and ``cuda``
-(the ``cuda`` provider is the kernel's own choice of residency; ``cuda-v1``, ``cuda-global`` and the baselines are not
-backends).
+(the ``cuda`` provider is the kernel's own choice of residency; ``cuda-v1``, ``cuda-v2``, ``cuda-global`` and the
+baselines are not backends).
 
 Usage: ``python -m benchmarks.auto_table RUN_DIR [--write]``: reads ``RUN_DIR/kd-cuda.json`` and
 ``RUN_DIR/divergences-cuda.json`` (what ``make bench-gpu`` writes), prints the table with each cell's times, and with

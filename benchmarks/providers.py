@@ -81,6 +81,9 @@ PROVIDERS: dict[str, Callable[..., LossFn]] = {
     "cuda": _kd("cuda", {"FASTDISTILL_CUDA_STRICT": "1"}),
     # v1: a block or cluster per row, never pipelined, to compare with the pipelined kernel in the same run
     "cuda-v1": _kd("cuda", {"FASTDISTILL_CUDA_PIPELINE": "0", "FASTDISTILL_CUDA_STRICT": "1"}),
+    # v2 forced: where auto pipelines, the same kernel as "cuda" (a second measurement of it: the run-to-run spread);
+    # at V = 128256, K = 4, where auto stays on v1, the pipelined kernel on clusters of 16
+    "cuda-v2": _kd("cuda", {"FASTDISTILL_CUDA_PIPELINE": "1", "FASTDISTILL_CUDA_STRICT": "1"}),
     "cuda-global": _kd("cuda", {"FASTDISTILL_CUDA_RESIDENCY": "global"}),  # its fallback, rows read from HBM
     "liger": make_liger,
     "auto": _kd("auto"),
@@ -108,8 +111,8 @@ SWEEPS = {
 }
 PROVIDERS |= {name: sweep.make(sweep.settings[0]) for name, sweep in SWEEPS.items()}
 # the ones that take divergence=
-DIVERGENCE_PROVIDERS = ("cpu", "triton", "triton-v2", "triton-chunks", "cuda", "cuda-v1", "cuda-global", "auto",
-                        "reference")
+DIVERGENCE_PROVIDERS = ("cpu", "triton", "triton-v2", "triton-chunks", "cuda", "cuda-v1", "cuda-v2", "cuda-global",
+                        "auto", "reference")
 
 
 def unavailable_reason(name: str, device: str) -> str | None:
