@@ -40,8 +40,8 @@ def test_every_dispatched_kernel_is_built(kernels, arch):
 def test_resources_allow_the_launch(kernels, arch):
     """No local memory; registers that leave the launcher's default of 512 threads a block to the bf16/fp16 v1
     kernels (the benchmarked ones; it clamps to what a kernel allows, but a register blow-up would halve the block)
-    and >= 384 to the float32 and mixed ones and to every pipelined kernel (capped at 168 by __maxnreg__: no more
-    stack than v1 means that the cap did not make it spill); float64 (a correctness path) within the register file;
+    and >= 384 to the float32 and mixed ones and to every pipelined kernel (capped at 168 by its launch bounds: no
+    more stack than v1 means that the cap did not make it spill); float64 (a correctness path) within the register file;
     static shared memory no more than the 1 KiB the driver reserves (the row and the per-row header are dynamic)."""
     for k in (k for k in kernels if k.arch == arch):
         name = cuda_build.short_name(k.kernel)
@@ -140,8 +140,8 @@ def test_plan_at_the_benchmark_shapes(tmp_path):
     assert auto[(9, 128256, 1, False)] == ("cluster", 8, True)
     assert auto[(9, 128256, 4, False)] == ("cluster", 8, False)  # two slices need 16 blocks: v1 unless asked
     assert plans[(9, 128256, 4, False, "on")][:3] == ("cluster", 16, True)
-    assert auto[(9, 1000, 1, False)] == ("smem", 1, False)  # 2 KiB rows: v1's blocks hide latency better
+    assert auto[(9, 1000, 1, False)] == ("smem", 1, False)  # a row one block holds: v1 unless asked
     assert plans[(9, 1000, 1, False, "on")][:3] == ("smem", 1, True)
-    # sm_80: the row in one block while it fits (pipelined where two copies do), else global memory
+    # sm_80 (no clusters): the row in one block while it fits, v1 unless asked; else global memory
     assert auto[(8, 32768, 1, False)] == ("smem", 1, False)
     assert auto[(8, 128256, 4, False)][0] == "global"

@@ -28,8 +28,8 @@ enum class Residency : int32_t { Auto = 0, Global = 1, Smem = 2, Cluster = 3 };
 // over its rows and copying row r + groups into a second buffer while it computes row r, so that the copy of the next
 // row overlaps the sweeps of this one inside the block. Without it (v1) a block (cluster) holds one row and the
 // overlap comes only from the other blocks an SM holds.
-//   Auto: pipelined where two slices of the row fit a block's shared memory (clusters of up to 8); On: also with
-//   clusters of 16; Off: v1.
+//   Auto: pipelined where v1 spreads the row over a cluster and two slices of it fit a block (clusters of up to 8,
+//   32 KiB a block at least; kd_loss_plan.h); On: wherever two slices fit, clusters of 16 included; Off: v1.
 enum class Pipeline : int32_t { Auto = 0, Off = 1, On = 2 };
 
 struct KDCudaArgs {

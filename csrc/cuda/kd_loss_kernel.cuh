@@ -928,8 +928,9 @@ cudaError_t launch_typed(const KDCudaArgs& a, const KDCudaConfig& cfg, cudaStrea
     attr[0].val.clusterDim.z = 1;
     lc.attrs = attr;
     lc.numAttrs = 1;
-    // a cluster this large may not fit the device (16 blocks of one per SM need 16 free SMs in one GPC): the caller
-    // falls back to the global-memory kernel. Pipelined, the grid is the clusters the device holds at once.
+    // a cluster this large may not fit the device (16 blocks of one per SM need 16 free SMs in one GPC):
+    // cudaErrorNotPermitted, and launch_kd_loss falls back. Pipelined, the grid is the clusters the device holds at
+    // once.
     lc.gridDim = dim3(unsigned(cfg.cluster));
     int clusters = 0;
     err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &lc);

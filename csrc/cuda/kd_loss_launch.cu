@@ -78,8 +78,7 @@ cudaError_t launch_kd_loss(const KDCudaArgs& a, int device, cudaStream_t stream)
   global.residency = Residency::Global;
   global.cluster = 1;
   global.pipelined = false;
-  global.smem_bytes =
-      a.student_dtype == DType::Float64 ? detail::shared_header<double>() : detail::shared_header<float>();
+  global.smem_bytes = detail::header_bytes(a);
   return launch_planned(a, global, stream);
 }
 

@@ -39,6 +39,11 @@ FD_HOST_DEVICE constexpr int64_t shared_header() {
 
 inline int64_t dtype_size(DType d) { return d == DType::Float64 ? 8 : d == DType::Float32 ? 4 : 2; }
 
+// The per-row header's bytes for a call (float64 rows accumulate in double).
+inline int64_t header_bytes(const KDCudaArgs& a) {
+  return a.student_dtype == DType::Float64 ? shared_header<double>() : shared_header<float>();
+}
+
 // What the plan needs to know of a device.
 struct DeviceInfo {
   int major = 0, sms = 0;
@@ -58,7 +63,7 @@ inline int64_t resident_bytes(const KDCudaArgs& a, int64_t slice) {
 
 inline KDCudaConfig plan_for(const KDCudaArgs& a, const DeviceInfo& dev) {
   const bool f64 = a.student_dtype == DType::Float64;
-  const int64_t header = f64 ? shared_header<double>() : shared_header<float>();
+  const int64_t header = header_bytes(a);
   KDCudaConfig cfg;
   cfg.threads = a.threads > 0 ? a.threads : 512;
   // Aim for ~100 KiB of row data per block (two blocks per SM on an H100/H200's 228 KiB): one block's sweeps
