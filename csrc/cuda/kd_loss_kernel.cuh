@@ -30,7 +30,9 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <mutex>
 #include <type_traits>
+#include <vector>
 
 #include "../common/kd_math.h"
 #include "kd_loss_cuda.h"
@@ -848,6 +850,94 @@ inline cudaError_t clear(cudaError_t err) {
   return err;
 }
 
+// What a launch asks the runtime, asked once per device (and kernel, and launch shape): attributes, shared-memory
+// carveout, occupancy. Each query costs microseconds of host time, and the host's time before the launch adds to
+// every synchronised step (benchmarks/NOTES.md, "Host time"). Results that depend only on the kernel, the device and
+// the launch shape are kept; errors are not.
+struct DeviceFacts {
+  int major = 0, sms = 0, smem_sm = 0, smem_block_optin = 0, regs_sm = 0, reserved = 0;
+};
+
+inline cudaError_t device_facts(int device, DeviceFacts* out) {
+  static std::mutex mutex;
+  static DeviceFacts facts[kMaxDevices];
+  static bool ready[kMaxDevices] = {};
+  if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
+  const std::lock_guard<std::mutex> lock(mutex);
+  DeviceFacts& d = facts[device];
+  if (!ready[device]) {
+    cudaError_t err = cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device);
+    if (err == cudaSuccess)
+      err = cudaDeviceGetAttribute(&d.smem_block_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&d.smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&d.regs_sm, cudaDevAttrMaxRegistersPerMultiprocessor, device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&d.reserved, cudaDevAttrReservedSharedMemoryPerBlock, device);
+    if (err != cudaSuccess) return err;
+    ready[device] = true;
+  }
+  *out = d;
+  return cudaSuccess;
+}
+
+// One per kernel (a function-local static of its launch_typed): its attributes per device, read once with the
+// one-time settings (carveout, non-portable cluster sizes), and the occupancy answers per launch shape.
+struct KernelFacts {
+  struct Occupancy {
+    int device, threads, cluster;
+    int64_t smem;
+    int value;
+  };
+  std::mutex mutex;
+  bool ready[kMaxDevices] = {};
+  bool big_clusters[kMaxDevices] = {};
+  cudaFuncAttributes attributes[kMaxDevices];
+  std::vector<Occupancy> occupancy;
+
+  // the kernel's attributes on `device`; the first call also asks for the largest shared-memory carveout (resident
+  // kernels: the blocks per SM that the plan counts on)
+  template <typename Kernel>
+  cudaError_t get(Kernel kernel, int device, bool carveout, cudaFuncAttributes* out) {
+    if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (!ready[device]) {
+      cudaError_t err = cudaFuncGetAttributes(&attributes[device], kernel);
+      if (err == cudaSuccess && carveout)
+        err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                   int(cudaSharedmemCarveoutMaxShared));
+      if (err != cudaSuccess) return err;
+      ready[device] = true;
+    }
+    *out = attributes[device];
+    return cudaSuccess;
+  }
+
+  // clusters of more than 8 blocks (sm_90: up to 16), allowed once per device
+  template <typename Kernel>
+  cudaError_t allow_big_clusters(Kernel kernel, int device) {
+    if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (big_clusters[device]) return cudaSuccess;
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    if (err == cudaSuccess) big_clusters[device] = true;
+    return err;
+  }
+
+  // query(&value) once per (device, threads, dynamic shared memory, cluster)
+  template <typename Query>
+  cudaError_t occupancy_of(int device, int threads, int64_t smem, int cluster, Query query, int* value) {
+    const std::lock_guard<std::mutex> lock(mutex);
+    for (const Occupancy& o : occupancy)
+      if (o.device == device && o.threads == threads && o.smem == smem && o.cluster == cluster) {
+        *value = o.value;
+        return cudaSuccess;
+      }
+    const cudaError_t err = query(value);
+    if (err == cudaSuccess) occupancy.push_back({device, threads, cluster, smem, *value});
+    return err;
+  }
+};
+
 template <typename S, typename T, typename A, Residency kRes, bool kPipe = false>
 cudaError_t launch_typed(const KDCudaArgs& a, const KDCudaConfig& cfg, cudaStream_t stream) {
   auto kernel = kd_row_kernel<S, T, A, kRes, kPipe>;
@@ -863,15 +953,17 @@ cudaError_t launch_typed(const KDCudaArgs& a, const KDCudaConfig& cfg, cudaStrea
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return clear(err);
-  std::atomic<int>& slot = allowed[device % kMaxDevices];
+  if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
+  std::atomic<int>& slot = allowed[device];
   for (int cur = slot.load(); cur < int(cfg.smem_bytes);) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(cfg.smem_bytes));
     if (err != cudaSuccess) return clear(err);
     if (slot.compare_exchange_weak(cur, int(cfg.smem_bytes))) break;
   }
   // no more threads than the kernel's registers allow on one SM
+  static KernelFacts facts;
   cudaFuncAttributes fa;
-  err = cudaFuncGetAttributes(&fa, kernel);
+  err = facts.get(kernel, device, kRes != Residency::Global, &fa);
   if (err != cudaSuccess) return clear(err);
   int threads = std::min(cfg.threads, fa.maxThreadsPerBlock / 32 * 32);
   if constexpr (kPipe) {
@@ -883,23 +975,16 @@ cudaError_t launch_typed(const KDCudaArgs& a, const KDCudaConfig& cfg, cudaStrea
     // Resident rows: as many blocks per SM as the shared memory holds (the plan sizes them for two or three), so
     // that one block's sweeps overlap another's copies. At ~120 registers 512 threads fill an SM's registers alone:
     // unless the caller chose the threads, halve them until the blocks the shared memory allows also fit the
-    // registers (down to 128); the largest shared-memory carveout is asked for below.
+    // registers (down to 128); KernelFacts::get has asked for the largest shared-memory carveout.
     if (a.threads <= 0) {
-      int smem_sm = 0, regs_sm = 0, reserved = 0;
-      err = cudaDeviceGetAttribute(&smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
-      if (err == cudaSuccess) err = cudaDeviceGetAttribute(&regs_sm, cudaDevAttrMaxRegistersPerMultiprocessor, device);
-      if (err == cudaSuccess) err = cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device);
+      DeviceFacts d;
+      err = device_facts(device, &d);
       if (err != cudaSuccess) return clear(err);
-      const int64_t per_block = cfg.smem_bytes + int64_t(fa.sharedSizeBytes) + reserved;
-      const int64_t blocks = std::max<int64_t>(1, smem_sm / std::max<int64_t>(per_block, 1));
+      const int64_t per_block = cfg.smem_bytes + int64_t(fa.sharedSizeBytes) + d.reserved;
+      const int64_t blocks = std::max<int64_t>(1, d.smem_sm / std::max<int64_t>(per_block, 1));
       const int64_t regs_warp = (int64_t(fa.numRegs) * 32 + 255) / 256 * 256;  // allocated per warp, 256 at a time
-      while (threads > 128 && blocks * (threads / 32) * regs_warp > regs_sm) threads /= 2;
+      while (threads > 128 && blocks * (threads / 32) * regs_warp > d.regs_sm) threads /= 2;
     }
-  }
-  if (kRes != Residency::Global) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                               int(cudaSharedmemCarveoutMaxShared));
-    if (err != cudaSuccess) return clear(err);
   }
   if (threads % 32 != 0 || threads < 32) return clear(cudaErrorInvalidConfiguration);  // the reductions need warps
   cudaLaunchConfig_t lc = {};
@@ -909,17 +994,20 @@ cudaError_t launch_typed(const KDCudaArgs& a, const KDCudaConfig& cfg, cudaStrea
   cudaLaunchAttribute attr[1];
   int64_t groups = a.problem.rows;  // v1: a block (cluster) per row
   if constexpr (kPipe && kRes == Residency::Smem) {  // a persistent grid: the blocks the SMs hold at once
-    int per_sm = 0, sms = 0;
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, size_t(cfg.smem_bytes));
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    int per_sm = 0;
+    DeviceFacts d;
+    err = facts.occupancy_of(device, threads, cfg.smem_bytes, 1, [&](int* v) {
+      return cudaOccupancyMaxActiveBlocksPerMultiprocessor(v, kernel, threads, size_t(cfg.smem_bytes));
+    }, &per_sm);
+    if (err == cudaSuccess) err = device_facts(device, &d);
     if (err != cudaSuccess) return clear(err);
     if (per_sm < 1) return clear(cudaErrorNotPermitted);
-    groups = std::min<int64_t>(groups, int64_t(per_sm) * sms);
+    groups = std::min<int64_t>(groups, int64_t(per_sm) * d.sms);
   }
   int64_t blocks = groups;
   if constexpr (kRes == Residency::Cluster) {
     if (cfg.cluster > 8) {
-      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+      err = facts.allow_big_clusters(kernel, device);
       if (err != cudaSuccess) return clear(err);
     }
     attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -933,7 +1021,8 @@ cudaError_t launch_typed(const KDCudaArgs& a, const KDCudaConfig& cfg, cudaStrea
     // once.
     lc.gridDim = dim3(unsigned(cfg.cluster));
     int clusters = 0;
-    err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &lc);
+    err = facts.occupancy_of(device, threads, cfg.smem_bytes, cfg.cluster,
+                             [&](int* v) { return cudaOccupancyMaxActiveClusters(v, kernel, &lc); }, &clusters);
     if (err != cudaSuccess || clusters < 1) return clear(cudaErrorNotPermitted);
     if constexpr (kPipe) groups = std::min<int64_t>(groups, clusters);
     blocks = groups * cfg.cluster;

@@ -31,12 +31,13 @@ cudaError_t launch_teacher(const KDCudaArgs& a, const KDCudaConfig& cfg, cudaStr
 namespace {
 
 detail::DeviceInfo device_info(int device) {
+  detail::DeviceFacts f;
   detail::DeviceInfo d;
-  int v = 0;
-  cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device);
-  cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device);
-  cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  d.max_smem = v;
+  // nothing known (the error cleared): the plan falls back to global memory, whose launch reports the device
+  if (detail::clear(detail::device_facts(device, &f)) != cudaSuccess) return d;
+  d.major = f.major;
+  d.sms = f.sms;
+  d.max_smem = f.smem_block_optin;
   return d;
 }
 
