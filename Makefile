@@ -59,6 +59,7 @@ bench: build
 	$(PY) -m benchmarks.run_mi
 	$(PY) -m benchmarks.run_codistill
 	$(PY) -m benchmarks.run_fused_linear
+	$(PY) -m benchmarks.run_host
 
 # One GPU run in under 10 minutes (slots of 575 s), on a machine with torch, triton, pytest, transformers and liger-kernel preinstalled
 # and no network: `make bench-gpu GPU_OUT=/some/dir` (default gpu-run-<date>). Stages, each with a time slot:

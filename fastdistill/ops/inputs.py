@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor
 
-from . import reference
+from . import eager, reference
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # schema type -> Python annotation (torch.library infers the schema back from these)
@@ -220,12 +220,12 @@ class KDInputs(OpInputs):
                           grad_teachers=grad_teachers)  # fmt: skip
 
     def extension(self) -> Tensor:
-        return torch.ops.fastdistill.kd_loss(*self.kernel_args())[0]
+        return eager.call(torch.ops.fastdistill.kd_loss, self.kernel_args())[0]
 
     def triton(self) -> Tensor:
         from .triton.kd_loss import kd_loss_triton
 
-        return kd_loss_triton(*self.kernel_args(stacked=True))[0]
+        return eager.call(kd_loss_triton, self.kernel_args(stacked=True))[0]
 
     def reference(self) -> Tensor:
         return reference.kd_loss(
@@ -298,13 +298,13 @@ class CodistillInputs(OpInputs):
         return self._args(a=a, b=b, grad_a=_grad_on(a), grad_b=_grad_on(b))
 
     def extension(self) -> tuple[Tensor, Tensor]:
-        loss_a, loss_b, _, _ = torch.ops.fastdistill.codistill_loss(*self.kernel_args())
+        loss_a, loss_b, _, _ = eager.call(torch.ops.fastdistill.codistill_loss, self.kernel_args())
         return loss_a, loss_b
 
     def triton(self) -> tuple[Tensor, Tensor]:
         from .triton.codistill_loss import codistill_loss_triton
 
-        loss_a, loss_b, _, _ = codistill_loss_triton(*self.kernel_args(unit_stride=True))
+        loss_a, loss_b, _, _ = eager.call(codistill_loss_triton, self.kernel_args(unit_stride=True))
         return loss_a, loss_b
 
     def reference(self) -> tuple[Tensor, Tensor]:
@@ -352,12 +352,12 @@ class MIInputs(OpInputs):
         return self._args(student=u.contiguous(), teacher=v.contiguous(), log_baseline=a.contiguous())
 
     def extension(self) -> Tensor:
-        return torch.ops.fastdistill.mi_alpha(*self.kernel_args())[0]
+        return eager.call(torch.ops.fastdistill.mi_alpha, self.kernel_args())[0]
 
     def triton(self) -> Tensor:
         from .triton.mi_alpha import mi_alpha_triton
 
-        return mi_alpha_triton(*self.kernel_args())[0]
+        return eager.call(mi_alpha_triton, self.kernel_args())[0]
 
     def reference(self) -> Tensor:
         return reference.mi_alpha(self.student, self.teacher, alpha=self.alpha, log_baseline=self.log_baseline,

@@ -11,7 +11,7 @@ import importlib.util
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import extension
+from . import eager, extension
 from .inputs import CodistillInputs, KDInputs, MIBackwardArgs, MIInputs, OpInputs
 
 _KD_S, _KD_T = KDInputs.index("student"), KDInputs.index("teachers")
@@ -166,9 +166,18 @@ def _kd_loss_triton_backward(ctx, grad_loss, _grad_grad_s, _grad_grad_t):
                   teachers=_first_order("kd_loss", d_teachers))  # fmt: skip
 
 
+def _register_autograd(op, backward, setup_context) -> None:
+    """The autograd of ``op`` (a name, or a custom op's ``CustomOpDef``), with torch and for eager.call."""
+    if isinstance(op, str):
+        torch.library.register_autograd(op, backward, setup_context=setup_context)
+    else:
+        op.register_autograd(backward, setup_context=setup_context)
+    eager.register(op if isinstance(op, str) else op._qualname, backward, setup_context)
+
+
 def register_triton(op) -> None:
     """Autograd of the Triton op (its fake kernel comes from triton_op itself)."""
-    op.register_autograd(_kd_loss_triton_backward, setup_context=_kd_loss_triton_setup_context)
+    _register_autograd(op, _kd_loss_triton_backward, _kd_loss_triton_setup_context)
 
 
 # --- codistill_loss: (loss_a, loss_b, grad_a, grad_b); each loss depends on its own model only (stop-gradient). ---
@@ -206,7 +215,7 @@ def _codistill_backward(ctx, grad_loss_a, grad_loss_b, _gga, _ggb):
 
 def register_codistill_triton(op) -> None:
     """Autograd of the Triton co-distillation op (its fake kernel comes from triton_op / register_fake)."""
-    op.register_autograd(_codistill_backward, setup_context=_codistill_setup_context)
+    _register_autograd(op, _codistill_backward, _codistill_setup_context)
 
 
 # --- MI-alpha: fastdistill::mi_alpha -> (estimate, stats [8, N]); backward recomputes score tiles from stats. ---
@@ -262,22 +271,15 @@ def _mi_alpha_autograd(backward_op):
 
 def register_mi_triton(forward_op, backward_op) -> None:
     """Autograd of the Triton MI-alpha ops (their fake kernels come from triton_op / register_fake)."""
-    forward_op.register_autograd(_mi_alpha_autograd(backward_op), setup_context=_mi_alpha_setup_context)
+    _register_autograd(forward_op, _mi_alpha_autograd(backward_op), _mi_alpha_setup_context)
 
 
 if extension.available():
     torch.library.register_fake("fastdistill::kd_loss")(_kd_loss_fake)
-    torch.library.register_autograd(
-        "fastdistill::kd_loss", _kd_loss_backward, setup_context=_kd_loss_setup_context
-    )
+    _register_autograd("fastdistill::kd_loss", _kd_loss_backward, _kd_loss_setup_context)
     torch.library.register_fake("fastdistill::codistill_loss")(codistill_fake)
-    torch.library.register_autograd(
-        "fastdistill::codistill_loss", _codistill_backward, setup_context=_codistill_setup_context
-    )
+    _register_autograd("fastdistill::codistill_loss", _codistill_backward, _codistill_setup_context)
     torch.library.register_fake("fastdistill::mi_alpha")(mi_alpha_fake)
     torch.library.register_fake("fastdistill::mi_alpha_backward")(mi_alpha_backward_fake)
-    torch.library.register_autograd(
-        "fastdistill::mi_alpha",
-        _mi_alpha_autograd(lambda *args: torch.ops.fastdistill.mi_alpha_backward(*args)),
-        setup_context=_mi_alpha_setup_context,
-    )
+    _mi_backward = _mi_alpha_autograd(lambda *a: torch.ops.fastdistill.mi_alpha_backward(*a))
+    _register_autograd("fastdistill::mi_alpha", _mi_backward, _mi_alpha_setup_context)
