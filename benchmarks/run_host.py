@@ -1,18 +1,23 @@
 """Host time of a fused-op call, by route: torch's custom-op autograd wrapper ("op") against the plain
 autograd.Function of :mod:`fastdistill.ops.eager` ("eager"), on inputs so small that the kernel costs nothing.
 
-Usage: ``python -m benchmarks.run_host [--device cpu|cuda] [--repeats N] [--json PATH]``.
+Usage: ``python -m benchmarks.run_host [--device cpu|cuda] [--repeats N] [--triton-stub] [--json PATH]``.
 
 Per (call, route), interleaved rounds, medians in µs: ``to_kernel`` (from the call to the moment the op is
 dispatched to its kernel: what a synchronised GPU step adds in series before the kernel starts), ``forward`` (the
 whole forward call) and ``step`` (forward, then ``backward()``; the gradient is written by the forward kernel, so
 backward is host work and one scale). The route is switched in the same process (``eager._plain_eager`` forced to
 the op route), so both see the same interpreter, caches and machine.
+
+``--triton-stub`` (no GPU needed) adds the Triton backend's kd_loss on CPU tensors with the launch itself replaced by
+a time stamp: the GPU code path up to the kernel launch (argument preparation, row split, constexprs), which on a GPU
+machine is in series with every synchronised step; ``to_kernel`` is then the time to the launch.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -58,7 +63,27 @@ def _route(name: str):
         eager._plain_eager = plain
 
 
-def calls(device: str) -> dict[str, Callable[[], tuple[torch.Tensor, list[torch.Tensor]]]]:
+@contextmanager
+def _triton_stub():
+    """The Triton kd_loss's GPU code path on CPU tensors, its launches replaced by a stamp (see the docstring)."""
+    env = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"  # the dispatch takes CPU tensors to Triton only under the interpreter
+    from fastdistill.ops.triton import kd_loss, launch
+
+    saved = (kd_loss.INTERPRET, launch.INTERPRET, launch.Launch.run)
+    kd_loss.INTERPRET = launch.INTERPRET = False  # the GPU's row split and launch path, not the interpreter's
+    launch.Launch.run = lambda self: _stamps.append(time.perf_counter())
+    try:
+        yield
+    finally:
+        kd_loss.INTERPRET, launch.INTERPRET, launch.Launch.run = saved
+        if env is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = env
+
+
+def calls(device: str, triton_stub: bool = False) -> dict[str, Callable[[], tuple[torch.Tensor, list[torch.Tensor]]]]:
     """name -> a function making (loss, leaves) for one call on small inputs."""
     backend = "cpu" if device == "cpu" else "auto"
     g = torch.Generator().manual_seed(0)
@@ -69,7 +94,13 @@ def calls(device: str) -> dict[str, Callable[[], tuple[torch.Tensor, list[torch.
     s, t, t4 = leaf(8, 64), torch.randn(8, 64, device=device), torch.randn(4, 8, 64, device=device)
     a, b = leaf(8, 64), leaf(8, 64)
     u, v = leaf(16, 8), leaf(16, 8)
-    return {
+    out = {}
+    if triton_stub:
+        sb = torch.randn(64, 4096, generator=g).bfloat16().requires_grad_()
+        tb = torch.randn(64, 4096, generator=g).bfloat16()
+        out["kd_loss triton K=1 (launch stubbed)"] = lambda: (fastdistill.kd_loss(sb, tb, temperature=2.0,
+                                                                                  backend="triton"), [sb])  # fmt: skip
+    return out | {
         "kd_loss K=1": lambda: (fastdistill.kd_loss(s, t, temperature=2.0, backend=backend), [s]),
         "kd_loss K=4": lambda: (fastdistill.kd_loss(s, t4, temperature=2.0, backend=backend), [s]),
         "codistill_loss": lambda: (sum(fastdistill.codistill_loss(a, b, temperature=2.0, backend=backend)), [a, b]),
@@ -85,7 +116,7 @@ def measure(make, device: str) -> tuple[float, float, float]:
     t0 = time.perf_counter()
     loss, leaves = make()
     t1 = time.perf_counter()
-    to_kernel = _stamps[0] - t0 if _stamps else float("nan")
+    to_kernel = _stamps[-1] - t0 if _stamps else float("nan")  # the last stamp of the forward: the kernel's start
     loss.backward()
     t2 = time.perf_counter()
     for x in leaves:
@@ -94,24 +125,35 @@ def measure(make, device: str) -> tuple[float, float, float]:
     return to_kernel * 1e6, (t1 - t0) * 1e6, (t2 - t0) * 1e6
 
 
-def run(device: str, repeats: int) -> list[dict]:
+def run(device: str, repeats: int, triton_stub: bool = False) -> list[dict]:
     rows = []
     torch._C._AutoDispatchBelowAutograd = _Stamp
     try:
-        for name, make in calls(device).items():
-            samples = {r: [] for r in ("op", "eager")}
-            for i in range(repeats + 20):
-                for r in samples:  # interleaved: both routes see the same drift of the machine
-                    with _route(r):
-                        m = measure(make, device)
-                    if i >= 20:  # warm-up
-                        samples[r].append(m)
-            for r, ms in samples.items():
-                med = [statistics.median(x[j] for x in ms) for j in range(3)]
-                rows.append({"call": name, "route": r, "to_kernel_us": med[0], "forward_us": med[1],
-                             "step_us": med[2]})  # fmt: skip
+        for name, make in calls(device, triton_stub).items():
+            if "stubbed" in name:
+                with _triton_stub():
+                    rows += _rows(name, make, device, repeats)
+            else:
+                rows += _rows(name, make, device, repeats)
     finally:
         torch._C._AutoDispatchBelowAutograd = _GUARD
+    return rows
+
+
+def _rows(name: str, make, device: str, repeats: int) -> list[dict]:
+    """The two rows (op, eager) of one call: medians over ``repeats`` interleaved rounds after 20 of warm-up."""
+    samples: dict[str, list[tuple[float, float, float]]] = {"op": [], "eager": []}
+    for i in range(repeats + 20):
+        # interleaved, in alternating order: both routes see the same drift of the machine, neither goes first
+        for r in ("op", "eager") if i % 2 else ("eager", "op"):
+            with _route(r):
+                m = measure(make, device)
+            if i >= 20:
+                samples[r].append(m)
+    rows = []
+    for r, ms in samples.items():
+        med = [statistics.median(x[j] for x in ms) for j in range(3)]
+        rows.append({"call": name, "route": r, "to_kernel_us": med[0], "forward_us": med[1], "step_us": med[2]})
     return rows
 
 
@@ -127,10 +169,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--repeats", type=int, default=500)
+    p.add_argument("--triton-stub", action="store_true", help="add the Triton kd_loss, its launch stubbed")
     p.add_argument("--json", default=None, help="save the rows here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # the host path, not the kernels' threads
-    rows = run(args.device, args.repeats)
+    rows = run(args.device, args.repeats, args.triton_stub)
     env = environment(args.device)
     print(f"{env['device']}, torch {env['torch']}, {env['date']}\n")
     print(table(rows))

@@ -132,6 +132,17 @@ def test_op_route_where_the_call_is_not_plain_eager():
     seen = []
     torch.func.grad(lambda x: seen.append(eager._plain_eager((x, *args[1:]))) or x.sum())(s.detach())
     assert seen == [None]
+    # a transform over closed-over plain tensors: autograd.Function without setup_context would refuse it
+    out = torch.func.vmap(lambda w: fastdistill.kd_loss(s, t, backend="cpu") * w)(torch.ones(2))
+    out.sum().backward()
+    assert torch.allclose(s.grad, 2 * torch.autograd.grad(fastdistill.kd_loss(s, t, backend="cpu"), s)[0])
+
+
+def _eager_node(fn) -> bool:
+    """Whether the graph from autograd node ``fn`` has a node of the eager route (codistill's sum: AddBackward)."""
+    if fn is None:
+        return False
+    return type(fn).__name__.startswith("Eager_") or any(_eager_node(f) for f, _ in fn.next_functions)
 
 
 @requires_ext
@@ -140,7 +151,23 @@ def test_host_benchmark_runs_both_routes():
     from benchmarks import run_host
 
     plain = eager._plain_eager
-    rows = run_host.run("cpu", repeats=2)
+    nodes = []
+    measure = run_host.measure
+
+    def spy(make, device):  # which route each timed call took
+        def recording():
+            loss, leaves = make()
+            nodes.append(_eager_node(loss.grad_fn))
+            return loss, leaves
+
+        return measure(recording, device)
+
+    run_host.measure = spy
+    try:
+        rows = run_host.run("cpu", repeats=2)
+    finally:
+        run_host.measure = measure
+    assert nodes.count(True) == nodes.count(False) == 4 * 22  # every call, 20 warm-up rounds + 2
     assert eager._plain_eager is plain and torch._C._AutoDispatchBelowAutograd is run_host._GUARD
     assert [(r["call"], r["route"]) for r in rows][:2] == [("kd_loss K=1", "op"), ("kd_loss K=1", "eager")]
     assert len(rows) == 8 and all(0 < r["to_kernel_us"] <= r["forward_us"] <= r["step_us"] for r in rows)

@@ -24,7 +24,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cassert>
 #include <cfloat>
 #include <climits>
@@ -853,7 +852,8 @@ inline cudaError_t clear(cudaError_t err) {
 // What a launch asks the runtime, asked once per device (and kernel, and launch shape): attributes, shared-memory
 // carveout, occupancy. Each query costs microseconds of host time, and the host's time before the launch adds to
 // every synchronised step (benchmarks/NOTES.md, "Host time"). Results that depend only on the kernel, the device and
-// the launch shape are kept; errors are not.
+// the launch shape are kept; errors are not. Devices 0 to kMaxDevices - 1: a higher ordinal is refused
+// (cudaErrorInvalidDevice), where no process has ever seen one.
 struct DeviceFacts {
   int major = 0, sms = 0, smem_sm = 0, smem_block_optin = 0, regs_sm = 0, reserved = 0;
 };
@@ -891,6 +891,7 @@ struct KernelFacts {
   std::mutex mutex;
   bool ready[kMaxDevices] = {};
   bool big_clusters[kMaxDevices] = {};
+  int smem_allowed[kMaxDevices] = {};
   cudaFuncAttributes attributes[kMaxDevices];
   std::vector<Occupancy> occupancy;
 
@@ -910,6 +911,18 @@ struct KernelFacts {
     }
     *out = attributes[device];
     return cudaSuccess;
+  }
+
+  // the dynamic shared memory the kernel may use on `device`: raised to `bytes` when below, never lowered, under the
+  // lock (two threads launching it cannot leave a smaller setting behind a larger launch)
+  template <typename Kernel>
+  cudaError_t raise_smem(Kernel kernel, int device, int bytes) {
+    if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (smem_allowed[device] >= bytes) return cudaSuccess;
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (err == cudaSuccess) smem_allowed[device] = bytes;
+    return err;
   }
 
   // clusters of more than 8 blocks (sm_90: up to 16), allowed once per device
@@ -933,6 +946,7 @@ struct KernelFacts {
         return cudaSuccess;
       }
     const cudaError_t err = query(value);
+    if (occupancy.size() >= 256) occupancy.clear();  // bounded: shapes without end (a V per call) start it over
     if (err == cudaSuccess) occupancy.push_back({device, threads, cluster, smem, *value});
     return err;
   }
@@ -947,21 +961,12 @@ cudaError_t launch_typed(const KDCudaArgs& a, const KDCudaConfig& cfg, cudaStrea
   bool whole = aligned16(a.student) && (a.student_stride * dtype_size(a.student_dtype)) % 16 == 0;
   for (int k = 0; k < a.problem.teachers; ++k)
     whole = whole && aligned16(a.teachers[k]) && (a.teacher_strides[k] * dtype_size(a.teacher_dtype)) % 16 == 0;
-  // the dynamic shared memory the kernel may use: raised (never lowered) once per size and device, so that two
-  // threads launching it do not interleave a smaller setting with a larger launch
-  static std::atomic<int> allowed[kMaxDevices];
+  static KernelFacts facts;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = facts.raise_smem(kernel, device, int(cfg.smem_bytes));
   if (err != cudaSuccess) return clear(err);
-  if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
-  std::atomic<int>& slot = allowed[device];
-  for (int cur = slot.load(); cur < int(cfg.smem_bytes);) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(cfg.smem_bytes));
-    if (err != cudaSuccess) return clear(err);
-    if (slot.compare_exchange_weak(cur, int(cfg.smem_bytes))) break;
-  }
   // no more threads than the kernel's registers allow on one SM
-  static KernelFacts facts;
   cudaFuncAttributes fa;
   err = facts.get(kernel, device, kRes != Residency::Global, &fa);
   if (err != cudaSuccess) return clear(err);

@@ -8,9 +8,12 @@ gradient of a fused op is written by its forward kernel, so a step whose GPU ker
 logits) is host-bound, and at large V the time before the launch adds to every synchronised step.
 
 :func:`call` runs an op through such a Function in plain eager mode, with the op's own ``setup_context`` and
-``backward`` (the ones registered with torch, kept in one table here by :mod:`fastdistill.ops.registration`), and
+``backward`` (the ones registered with torch, kept in one table here by :mod:`fastdistill.ops.registration`; for
+the Triton ops also their Python function, called without the dispatcher's round trip), and
 through the op itself everywhere else: under torch.compile, tracing, a dispatch mode (fake tensors, FlopCounter),
-functorch transforms or tensor subclasses. Both routes run the same kernel and the same autograd code.
+functorch transforms or tensor subclasses. Both routes run the same kernel and the same autograd code. A torch
+function mode (``with torch.device(...)`` is one) sees the op's call on both routes; on this one inside the
+Function's forward, where grad mode is off, as it is inside any custom op's kernel.
 """
 
 from __future__ import annotations
@@ -20,22 +23,30 @@ from typing import Any, Callable
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-# op name ("fastdistill::kd_loss") -> (setup_context, backward), as registered with torch
-AUTOGRAD: dict[str, tuple[Callable, Callable]] = {}
+# op name ("fastdistill::kd_loss") -> (setup_context, backward, Python implementation or None), as registered with
+# torch
+AUTOGRAD: dict[str, tuple[Callable, Callable, Callable | None]] = {}
 _FUNCTIONS: dict[str, type] = {}
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # other subclasses may override dispatch: they must see the op
 
 
-def register(name: str, backward: Callable, setup_context: Callable) -> None:
-    """Record the autograd of op ``name`` for :func:`call` (its registration with torch is the caller's)."""
-    AUTOGRAD[name] = (setup_context, backward)
+def register(name: str, backward: Callable, setup_context: Callable, impl: Callable | None = None) -> None:
+    """Record the autograd of op ``name`` for :func:`call` (its registration with torch is the caller's). ``impl``:
+    the op's Python implementation (the Triton ops), which the eager route calls itself: the dispatcher's boxing of
+    16 arguments, the custom op's aliasing check and its Dynamo guard cost ~10-15 µs before the launch."""
+    AUTOGRAD[name] = (setup_context, backward, impl)
     _FUNCTIONS.pop(name, None)
 
 
 def _plain_eager(args: tuple) -> bool | None:
     """None when the call must go through the op (see the module docstring); else whether autograd records it."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or torch._C._get_tracing_state():
+    if (
+        torch.compiler.is_compiling()
+        or _get_current_dispatch_mode() is not None
+        or torch._C._get_tracing_state()
+        or torch._C._are_functorch_transforms_active()
+    ):  # vmap / grad / functionalize, even over plain tensors
         return None
     grad = False
     for a in args:
@@ -51,13 +62,14 @@ def _function(op: torch._ops.OpOverload) -> type:
     """The autograd.Function of ``op``: arguments and outputs flattened by hand (a Tensor[] into its tensors, in
     place), ``needs_input_grad`` and the gradients given to the op's backward in the schema's structure."""
     name = op._schema.name
-    setup_context, backward_fn = AUTOGRAD[name]
+    setup_context, backward_fn, impl = AUTOGRAD[name]
+    run = impl if impl is not None else op
     list_returns = tuple(isinstance(r.type, torch._C.ListType) for r in op._schema.returns)
 
     def forward(ctx, lens: tuple[int, ...], *flat):
         args = _unflatten(flat, lens)
         with torch._C._AutoDispatchBelowAutograd():
-            out = op(*args)
+            out = run(*args)
         setup_context(ctx, args, out)
         ctx.fd_lens = lens
         ctx.fd_out_lens = tuple(len(o) if is_list else -1 for o, is_list in zip(out, list_returns))
@@ -70,7 +82,13 @@ def _function(op: torch._ops.OpOverload) -> type:
             result = backward_fn(ctx, *_unflatten(grads, ctx.fd_out_lens))
         finally:
             ctx.needs_input_grad = needs
-        return (None, *_flatten(result if type(result) is tuple else (result,), ctx.fd_lens))
+        result = result if type(result) is tuple else (result,)
+        # torch's wrapper checks this structure too: a gradient must not shift onto another input
+        if len(result) != len(ctx.fd_lens) or any(
+            n >= 0 and r is not None and len(r) != n for r, n in zip(result, ctx.fd_lens)
+        ):
+            raise RuntimeError(f"{name}: backward returned {len(result)} gradients of the wrong structure")
+        return (None, *_flatten(result, ctx.fd_lens))
 
     # named at creation: autograd names the graph node after the class (Eager_fastdistill_kd_lossBackward)
     return type(
@@ -125,6 +143,7 @@ def call(op, args: tuple) -> Any:
     # an empty list too (none spliced), as the ops' backward answers it with an empty list (registration._grads)
     lens = tuple(len(a) if type(a) in (list, tuple) and (not a or isinstance(a[0], torch.Tensor)) else -1
                  for a in args)  # fmt: skip
-    k = max(lens)  # the Tensor[] returns have one tensor per tensor of the Tensor[] argument (kd_loss: per teacher)
     out = fn.apply(lens, *_flatten(args, lens))
+    # the one Tensor[] return (kd_loss: a gradient per teacher) holds what the other returns leave of the flat output
+    k = len(out) - sum(not is_list for is_list in fn.list_returns)
     return tuple(_unflatten(out, tuple(k if is_list else -1 for is_list in fn.list_returns)))

@@ -172,7 +172,10 @@ def _register_autograd(op, backward, setup_context) -> None:
         torch.library.register_autograd(op, backward, setup_context=setup_context)
     else:
         op.register_autograd(backward, setup_context=setup_context)
-    eager.register(op if isinstance(op, str) else op._qualname, backward, setup_context)
+    if isinstance(op, str):
+        eager.register(op, backward, setup_context)
+    else:  # a custom op of ours (the Triton twins): its Python function, called as is by the eager route
+        eager.register(op._qualname, backward, setup_context, impl=getattr(op, "_init_fn", None))
 
 
 def register_triton(op) -> None:

@@ -54,11 +54,13 @@ from .launch import (
     ROW_KERNEL_GPU_DTYPES,
     Launch,
     acc_dtype,
+    cdiv,
     check_row_dtype,
     fast_math,
     int_tensor,
     is_aligned,
     jit_pair,
+    next_power_of_2,
     param_tensor,
     tl_acc,
 )
@@ -383,7 +385,7 @@ KD_PARAMS = ("inv_t", "kd_scale", "kd_over_t", "ce_weight", "uniform", "div")
 
 def _teacher_bucket(k: int) -> int:
     """KP: K rounded up to a power of two (a [KP, BLOCK] tile of teachers; K = 1 has no padded row)."""
-    return triton.next_power_of_2(k)
+    return next_power_of_2(k)
 
 
 def _block(kp: int, v: int = 0) -> int:
@@ -466,7 +468,7 @@ def kd_launch(a: SimpleNamespace) -> tuple[list[Launch], Tensor, Tensor, Tensor]
     the student's gradient, the teachers' gradient. Works on meta tensors: aot.py compiles what it returns."""
     c = kd_args(a)
     block = _block(c.kp, c.v)
-    n_tiles = triton.cdiv(c.v, block)
+    n_tiles = cdiv(c.v, block)
     chunks, tiles = row_split(n_tiles, c.k, max(a.student.element_size(), a.teachers.element_size()), block, c.dev,
                               c.n)  # fmt: skip
     ps = 8 + 3 * c.kp
@@ -499,8 +501,8 @@ def row_split(n_tiles: int, k: int, itemsize: int, block: int, device: torch.dev
         tiles = 1  # many chunks per row at the tests' small V
     else:
         tiles = max(1, round(CHUNK_BYTES / ((k + 1) * itemsize * block)))
-    tiles = max(tiles, triton.cdiv(n_tiles, min(CMAX, max(1, _sm_count(device) // 2))))
-    chunks = triton.cdiv(n_tiles, tiles)
+    tiles = max(tiles, cdiv(n_tiles, min(CMAX, max(1, _sm_count(device) // 2))))
+    chunks = cdiv(n_tiles, tiles)
     if n * chunks >= 2**31:  # the int32 ticket
         return 1, n_tiles
     return chunks, tiles

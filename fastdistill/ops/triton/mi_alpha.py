@@ -48,7 +48,18 @@ from torch import Tensor
 from .. import gemm
 from ..inputs import MIBackwardArgs, MIInputs
 from ..registration import MI_STATS_ROWS, mi_alpha_backward_fake, mi_alpha_fake, register_mi_triton
-from .launch import Launch, acc_dtype, fast_math, int_tensor, is_aligned, is_eager, jit_pair, param_tensor
+from .launch import (
+    Launch,
+    acc_dtype,
+    cdiv,
+    fast_math,
+    int_tensor,
+    is_aligned,
+    is_eager,
+    jit_pair,
+    next_power_of_2,
+    param_tensor,
+)
 from .row_math import fexp, flog
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -424,7 +435,7 @@ def _tiles(d: int, dtype: torch.dtype) -> dict:
     pipeline stages should stay within ~100 KB of shared memory (estimated, not measured), narrower for 4- and 8-byte
     types. The interpreter gets the smallest tiles tl.dot accepts (16), which also makes the tests cross several
     row, column and feature tiles."""
-    pow2_d = max(16, triton.next_power_of_2(d))
+    pow2_d = max(16, next_power_of_2(d))
     # the strips' kernels (half-precision features; no tl.dot): a few rows per program across 16-byte column
     # vectors, so that a strip of a few hundred rows still fills the GPU (UNTUNED, as the rest)
     strip = {"strip_fwd": {"BM": 2, "BN": 1024, "num_warps": 4}, "strip_grad": {"BM": 16, "BN": 256, "num_warps": 8}}
@@ -494,7 +505,7 @@ def mi_fwd_launch(student, teacher, log_baseline, alpha, temperature) -> tuple[L
     cfg = dict(_tiles(d, student.dtype)["fwd"])
     options = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
     aligned = is_aligned([u, v], [d])
-    launch = Launch(_mi_fwd_kernel.pick(aligned), (triton.cdiv(n, cfg["BM"]),),
+    launch = Launch(_mi_fwd_kernel.pick(aligned), (cdiv(n, cfg["BM"]),),
                     (u, v, u, a, prm, stats, part, ints), {**cfg, "ALIGNED": aligned, **_launch_args(student.dtype),
                     "STRIP": False}, options or {"num_warps": 4})  # fmt: skip
     return launch, stats, part
@@ -511,10 +522,10 @@ def mi_bwd_launches(grad, student, teacher, log_baseline, stats, alpha, temperat
     options = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
     aligned = is_aligned([u, v, d_student, d_teacher], [d])
     cx = {**cfg, "ALIGNED": aligned, **_launch_args(student.dtype)}
-    chunks = triton.cdiv(d, cfg["BDO"])
-    rows = Launch(_mi_bwd_rows_kernel.pick(aligned), (triton.cdiv(n, cfg["BM"]), chunks),
+    chunks = cdiv(d, cfg["BDO"])
+    rows = Launch(_mi_bwd_rows_kernel.pick(aligned), (cdiv(n, cfg["BM"]), chunks),
                   (u, v, a, prm, st, g, d_teacher, ints), cx, options or {"num_warps": 4})  # fmt: skip
-    cols = Launch(_mi_bwd_cols_kernel.pick(aligned), (triton.cdiv(n, cfg["BN"]), chunks),
+    cols = Launch(_mi_bwd_cols_kernel.pick(aligned), (cdiv(n, cfg["BN"]), chunks),
                   (u, v, a, prm, st, g, d_student, ints), cx, options or {"num_warps": 4})  # fmt: skip
     return rows, cols, d_student, d_teacher
 
@@ -572,13 +583,13 @@ def group_strips(n: int, d: int, dtype: torch.dtype, rows: int) -> int:
     k = _env_count("FASTDISTILL_MI_GROUP_STRIPS")
     if k is None:
         k = max(1, _strip_budget(n, d, dtype) // (rows * n * dtype.itemsize))
-    return min(k, triton.cdiv(n, rows))
+    return min(k, cdiv(n, rows))
 
 
 def _strip_ints(n: int, d: int, rows: int, like: Tensor) -> Tensor:
     """[strips, 4] int64: (N, D, first row, rows) of each strip on ``like``'s device: the cached int tensor of an
     eager call (launch.int_tensor), else made on the device in one go (no per-strip fills while tracing)."""
-    k = triton.cdiv(n, rows)
+    k = cdiv(n, rows)
     if is_eager(like) and not isinstance(n, torch.SymInt):
         return int_tensor([x for r0 in range(0, n, rows) for x in (n, d, r0, min(rows, n - r0))], like).view(k, 4)
     device = like.device
@@ -599,11 +610,11 @@ class _Strips:
 
     def launch_fwd(self, k: int, rs: int, u, v, s, a, prm, stats, part) -> Launch:
         kernel, cx, options = self.fwd["kernel"], self.fwd["constexprs"], self.fwd["options"]
-        return Launch(kernel, (triton.cdiv(rs, cx["BM"]),), (u, v, s, a, prm, stats, part, self.ints[k]), cx, options)
+        return Launch(kernel, (cdiv(rs, cx["BM"]),), (u, v, s, a, prm, stats, part, self.ints[k]), cx, options)
 
     def launch_grad(self, k: int, rs: int, s, a, prm, stats, g) -> Launch:
         kernel, cx, options = self.grad["kernel"], self.grad["constexprs"], self.grad["options"]
-        grid = (triton.cdiv(rs, cx["BM"]), triton.cdiv(self.n, cx["BN"]))
+        grid = (cdiv(rs, cx["BM"]), cdiv(self.n, cx["BN"]))
         return Launch(kernel, grid, (s, a, prm, stats, g, self.ints[k]), cx, options)
 
 
@@ -672,7 +683,7 @@ def mi_bwd_strips(grad, student, teacher, log_baseline, stats, alpha, temperatur
     d_student = torch.zeros((n, d), dtype=torch.float32, device=student.device)
     p = _strips(u, v, n, d)
     strips = group_strips(n, d, u.dtype, p.rows)
-    for k0 in range(0, triton.cdiv(n, p.rows), strips):
+    for k0 in range(0, cdiv(n, p.rows), strips):
         _bwd_group(p, k0, strips, u, v, a, prm, st, f, d_student, d_teacher)
     return torch.mul(d_student, f, out=torch.empty_like(student)), d_teacher  # scaled and cast in one pass
 

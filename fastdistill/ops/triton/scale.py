@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import ROW_KERNEL_GPU_DTYPES, Launch, int_tensor, is_aligned, jit_pair
+from .launch import ROW_KERNEL_GPU_DTYPES, Launch, cdiv, int_tensor, is_aligned, jit_pair
 
 BLOCK = 4096  # columns per tile: 16 per thread of 8 warps, two 16-byte vectors of bf16
 PROGRAMS_PER_SM = 8  # the persistent grid of a 0-dim factor: 8 resident programs of 8 warps fill an SM
@@ -83,8 +83,8 @@ def scale_launch(grad: Tensor, factor: Tensor, n: int) -> Launch:
     per_row = factor.dim() == 1
     ints = int_tensor([v, n, rows], grad)
     aligned = is_aligned([grad], [v])
-    tiles = rows * triton.cdiv(v, BLOCK)
-    grid = (rows, triton.cdiv(v, BLOCK)) if per_row else (min(tiles, _programs(grad.device)),)
+    tiles = rows * cdiv(v, BLOCK)
+    grid = (rows, cdiv(v, BLOCK)) if per_row else (min(tiles, _programs(grad.device)),)
     return Launch(_scale_rows_kernel.pick(aligned), grid, (grad, factor.contiguous(), ints),
                   dict(PER_ROW=per_row, BLOCK=BLOCK, ALIGNED=aligned), {"num_warps": 8})  # fmt: skip
 
