@@ -43,7 +43,9 @@ def test_sweep_row_times_every_setting_and_keeps_the_best(monkeypatch):
     r = run.bench_one("eager-sweep", 8, 32, 2, torch.float32, "cpu", repeats=3)
     assert [s["setting"] for s in r["settings"]] == ["slow", "fast", "slower"]
     times = {s["setting"]: s["ms"] for s in r["settings"]}
-    assert times["fast"] < 10 < times["slow"] < times["slower"]  # each setting's own steps were timed
+    # each setting's own steps were timed: at least its busy wait (a loaded machine may slow "fast" past 10 ms, as a
+    # clean-clone run beside an AOT compile once did; the order holds)
+    assert times["fast"] < times["slow"] < times["slower"] and times["slow"] >= 20 and times["slower"] >= 40
     assert r["setting"] == "fast" and r["ms"] == times["fast"] and r["sweep"] == "DELAY"
     assert made == ["slow", "fast", "slower", "fast"]  # the peak is measured on the best setting, made again
     assert all(s["pipelined_ms"] > 0 for s in r["settings"]) and r["pipelined_ms"] == r["settings"][1]["pipelined_ms"]

@@ -71,17 +71,8 @@ def jit_pair(fn, small: tuple[str, ...] = ()) -> KernelPair:
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for host-side sizes and grids. ``triton.cdiv`` is a ConstexprFunction in Triton 3.6: ~4 µs per
-    call from Python, several per launch (benchmarks/NOTES.md, "Host time")."""
+    call from Python, several per launch (benchmarks/NOTES.md, "Host time"; so is ``triton.next_power_of_2``)."""
     return -(-a // b)
-
-
-def next_power_of_2(n: int) -> int:
-    """The smallest power of two >= n (n >= 1), on the host (see :func:`cdiv`); a symbolic size goes to Triton's."""
-    if not isinstance(n, int):
-        import triton
-
-        return triton.next_power_of_2(n)
-    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 def _pointer_aligned(t: Tensor) -> bool:

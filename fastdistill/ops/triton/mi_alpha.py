@@ -48,18 +48,7 @@ from torch import Tensor
 from .. import gemm
 from ..inputs import MIBackwardArgs, MIInputs
 from ..registration import MI_STATS_ROWS, mi_alpha_backward_fake, mi_alpha_fake, register_mi_triton
-from .launch import (
-    Launch,
-    acc_dtype,
-    cdiv,
-    fast_math,
-    int_tensor,
-    is_aligned,
-    is_eager,
-    jit_pair,
-    next_power_of_2,
-    param_tensor,
-)
+from .launch import Launch, acc_dtype, cdiv, fast_math, int_tensor, is_aligned, is_eager, jit_pair, param_tensor
 from .row_math import fexp, flog
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -435,7 +424,7 @@ def _tiles(d: int, dtype: torch.dtype) -> dict:
     pipeline stages should stay within ~100 KB of shared memory (estimated, not measured), narrower for 4- and 8-byte
     types. The interpreter gets the smallest tiles tl.dot accepts (16), which also makes the tests cross several
     row, column and feature tiles."""
-    pow2_d = max(16, next_power_of_2(d))
+    pow2_d = max(16, triton.next_power_of_2(d))
     # the strips' kernels (half-precision features; no tl.dot): a few rows per program across 16-byte column
     # vectors, so that a strip of a few hundred rows still fills the GPU (UNTUNED, as the rest)
     strip = {"strip_fwd": {"BM": 2, "BN": 1024, "num_warps": 4}, "strip_grad": {"BM": 16, "BN": 256, "num_warps": 8}}
