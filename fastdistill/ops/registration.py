@@ -170,11 +170,9 @@ def _register_autograd(op, backward, setup_context) -> None:
     """The autograd of ``op`` (a name, or a custom op's ``CustomOpDef``), with torch and for eager.call."""
     if isinstance(op, str):
         torch.library.register_autograd(op, backward, setup_context=setup_context)
-    else:
-        op.register_autograd(backward, setup_context=setup_context)
-    if isinstance(op, str):
         eager.register(op, backward, setup_context)
     else:  # a custom op of ours (the Triton twins): its Python function, called as is by the eager route
+        op.register_autograd(backward, setup_context=setup_context)
         eager.register(op._qualname, backward, setup_context, impl=getattr(op, "_init_fn", None))
 
 

@@ -383,7 +383,7 @@ KD_PARAMS = ("inv_t", "kd_scale", "kd_over_t", "ce_weight", "uniform", "div")
 
 def _teacher_bucket(k: int) -> int:
     """KP: K rounded up to a power of two (a [KP, BLOCK] tile of teachers; K = 1 has no padded row)."""
-    return 1 << (k - 1).bit_length()  # k >= 1 (not triton.next_power_of_2: ~4 µs a call, launch.cdiv)
+    return 1 << (k - 1).bit_length()  # k >= 1; not triton.next_power_of_2, ~4 µs a call (see launch.cdiv)
 
 
 def _block(kp: int, v: int = 0) -> int:
