@@ -22,11 +22,13 @@ from torch import Tensor, nn
 from . import functional
 from .ops import gemm
 
-# Per chunk (its logits, the teachers' and the logit gradient), per device type. On CUDA the larger
-# chunk matters for speed: every chunk's weight-gradient GEMM reads and writes the float32 accumulator (2 x 4 V H
-# bytes) in its epilogue, which stays hidden under the GEMM's compute only from ~650 rows a chunk on an H200
-# (benchmarks/NOTES.md, issue 19).
-DEFAULT_BUDGET_BYTES = {"cpu": 256 * 2**20, "cuda": 2**30}
+# Per chunk (its logits, the teachers' and the logit gradient), per device type. On CUDA the larger chunk matters for
+# speed: every chunk's weight-gradient GEMM reads and writes the float32 accumulator (2 x 4 V H bytes) in its
+# epilogue, which stays hidden under the GEMM's compute only from ~650 rows a chunk on an H200; 768 MiB (~1000 rows
+# at V = 128256, K = 1) keeps a step's peak, the float32 accumulator and d hidden included, under a quarter of the
+# unfused path's [N, V] buffers (benchmarks/NOTES.md, issue 19).
+DEFAULT_BUDGET_BYTES = {"cpu": 256 * 2**20, "cuda": 768 * 2**20}
+TILE_ROWS = 128  # chunks from a budget: a multiple of a GEMM tile's rows once there are two tiles or more
 
 
 class TeacherHead(NamedTuple):
@@ -141,7 +143,9 @@ def chunk_rows(n: int, v: int, k: int, itemsize: int, chunk_size: int | None, bu
                device_type: str = "cpu") -> int:  # fmt: skip
     """Rows per chunk: ``chunk_size`` if given, else as many as the budget (default: ``DEFAULT_BUDGET_BYTES`` of
     the device type) holds. A row costs, in the input dtype, its logits, its K teachers' logits and the logit
-    gradient the fused op computes with the loss (its backward scales that buffer in place: the graph is freed)."""
+    gradient the fused op computes with the loss (its backward scales that buffer in place: the graph is freed).
+    From a budget, rows are rounded down to a multiple of TILE_ROWS when that leaves two tiles or more: the chunk's
+    matmuls with a chunk-sized output dimension (d hidden: [c, H]) then have no partly-filled tile."""
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
@@ -150,7 +154,10 @@ def chunk_rows(n: int, v: int, k: int, itemsize: int, chunk_size: int | None, bu
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"memory_budget_bytes must be an int >= 1, got {budget!r}")
     per_row = v * (k + 2) * itemsize
-    return max(1, min(max(n, 1), budget // per_row))
+    rows = budget // per_row
+    if rows >= 2 * TILE_ROWS:
+        rows -= rows % TILE_ROWS
+    return max(1, min(max(n, 1), rows))
 
 
 class _Plan(NamedTuple):
@@ -203,15 +210,16 @@ def _chunk_loss(plan: _Plan, z: Tensor, rows: slice) -> Tensor:
 def _sweep(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, need: tuple[bool, bool, bool],
            grad_out: Tensor | None):  # fmt: skip
     """One pass over the chunks: the loss (0-dim sum of the chunks', or [N] rows) and the gradients of (grad_out x)
-    the loss to those of h [N, H], w, b that ``need`` asks for (None for the others; w's and b's accumulated in the
-    accumulation dtype). A frozen head (LoRA, a tied frozen embedding) costs no [V, H] buffer and no matmul."""
+    the loss to those of h [N, H], w, b that ``need`` asks for (None for the others; w's as a :class:`_HeadGrad`,
+    w's and b's accumulated in the accumulation dtype). A frozen head (LoRA, a tied frozen embedding) costs no
+    [V, H] buffer and no matmul."""
     n = h.shape[0]
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     grads = any(need)
     total = torch.zeros((), dtype=acc, device=h.device)
     rows_out = [] if plan.chunk_reduction == "none" else None
-    gh = torch.empty_like(h) if need[0] else None
-    gw = torch.zeros(w.shape, dtype=plan.accum_dtype, device=w.device) if need[1] else None
+    gh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need[0] else None  # its row blocks contiguous
+    gw = _HeadGrad(w, plan.accum_dtype) if need[1] else None
     gb = torch.zeros(w.shape[0], dtype=plan.accum_dtype, device=w.device) if need[2] and b is not None else None
     for start in range(0, n, plan.chunk):
         rows = slice(start, min(n, start + plan.chunk))
@@ -219,32 +227,97 @@ def _sweep(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, need: tuple[bool
         with torch.enable_grad(), functional.values_checked():
             z = _logits(hc, w, b).detach().requires_grad_(grads)
             loss = _chunk_loss(plan, z, rows)
+            g = None
             if grads:
                 go = None if grad_out is None else (grad_out[rows] if grad_out.dim() else grad_out)
                 (g,) = torch.autograd.grad(loss, z, grad_outputs=go)
+        del z  # (its graph is freed): only the logit gradient is left of the chunk for the matmuls below
         if gh is not None:
-            gh[rows] = g @ w
+            torch.mm(g, w, out=gh[rows])
         if gw is not None:  # bfloat16 operands even into a float32 accumulator: the tensor cores (ops/gemm.py)
-            gemm.add_mm(gw, g.T, hc)
+            gw.add_mm(g, hc)
         if gb is not None:
             gb.add_(g.sum(0, dtype=gb.dtype))
+        # the chunk's buffers released before the next chunk's are allocated: else its logit gradient would live
+        # through the next chunk's kernel, one chunk unit more at the peak ((K + 3) units, not the budget's K + 2)
+        del g
         loss = loss.detach()
         if rows_out is not None:
             rows_out.append(loss)
         else:
             total = total + loss.to(acc)
+        del loss
     out = torch.cat(rows_out) if rows_out is not None else total
     return out, gh, gw, gb
 
 
-def _scaled(grad: Tensor | None, scale: Tensor, dtype: torch.dtype) -> Tensor | None:
-    """grad x scale in ``dtype``, without a temporary as large as grad: in place in grad's own buffer, or written
-    straight into the narrower dtype (a float32 weight-gradient accumulator is V H x 4 bytes)."""
+class _HeadGrad:
+    """The head weight's gradient [V, H] while it adds up over the chunks, in ``accum_dtype``; :meth:`result` hands
+    it out in the weight's dtype.
+
+    A float32 sum for a 16-bit head is held as two blocks of rows, and the 16-bit gradient is written into the first
+    block's own memory (4 R H bytes hold 2 V H when R >= V / 2), so the step's peak is the float32 sum, not the sum
+    plus a 16-bit copy: V H x 2 bytes less (1.05 GB at V = 128256, H = 4096; benchmarks/NOTES.md, issue 19). The
+    first block's rows are narrowed front to back in blocks [lo, hi <= 2 lo), each written below the float32 rows it
+    reads (the first rows through a small copy), then the second block is written behind them."""
+
+    FIRST = 64  # rows narrowed through a copy: their 16-bit rows overlap their own float32 rows
+
+    def __init__(self, w: Tensor, accum_dtype: torch.dtype) -> None:
+        v, width = w.shape
+        self.shape, self.dtype = (v, width), w.dtype
+        # the cut at a multiple of 8 rows >= V / 2: the second block's columns of the logit gradient stay 16-byte
+        # aligned for cuBLAS (V <= 8: one block, narrowed by a copy)
+        cut = min(v, -(-v // 16) * 8) if accum_dtype.itemsize == 2 * w.dtype.itemsize else v
+        self.parts = [torch.zeros(r, width, dtype=accum_dtype, device=w.device) for r in (cut, v - cut) if r > 0]
+        self.cuts = [0, cut, v][: len(self.parts) + 1]
+
+    def add_mm(self, g: Tensor, hc: Tensor) -> None:
+        """+= g.T @ hc for a chunk's logit gradient g [c, V] and hidden states hc [c, H]."""
+        for part, lo, hi in zip(self.parts, self.cuts, self.cuts[1:]):
+            gemm.add_mm(part, g[:, lo:hi].T, hc)
+
+    def result(self, scale: Tensor | None) -> Tensor:
+        """The gradient [V, H] in the weight's dtype, times ``scale`` (0-dim) if given. Hands the buffers out: call
+        once."""
+        parts, self.parts = self.parts, []
+        if len(parts) == 1:
+            return _scaled(parts[0], scale, self.dtype)
+        if gemm.is_traced(parts[0]):  # torch.compile: no aliasing tricks in a traced graph
+            return torch.cat([_scaled(p, scale, self.dtype) for p in parts])
+        first, second = parts
+        v, width = self.shape
+        rows = first.shape[0]
+        out = first.view(self.dtype).view(-1)[: v * width].view(v, width)  # over the first block's bytes
+        step = max(self.FIRST, rows // 8)  # bounded: on the CPU, torch narrows through a float32 temporary per call
+        lo = min(self.FIRST, rows)
+        out[:lo].copy_(_scaled(first[:lo], scale, self.dtype))
+        while lo < rows:  # rows [lo, hi <= 2 lo): 16-bit bytes [2 lo H, 2 hi H), below the float32 ones read
+            hi = min(2 * lo, lo + step, rows)
+            _narrow(first[lo:hi], scale, out[lo:hi])
+            lo = hi
+        for lo in range(0, second.shape[0], step):  # onto float32 rows [R / 2, V / 2), all read above
+            _narrow(second[lo : lo + step], scale, out[rows + lo : rows + lo + step])
+        return out
+
+
+def _narrow(src: Tensor, scale: Tensor | None, dst: Tensor) -> None:
+    if scale is None:
+        dst.copy_(src)
+    else:
+        torch.mul(src, scale, out=dst)
+
+
+def _scaled(grad: Tensor | None, scale: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """grad x scale (grad itself if scale is None) in ``dtype``, without a temporary as large as grad: in place in
+    grad's own buffer, or written straight into the narrower dtype."""
     if grad is None:
         return None
     if grad.dtype == dtype:
-        return grad.mul_(scale)
-    return torch.mul(grad, scale, out=torch.empty_like(grad, dtype=dtype))
+        return grad if scale is None else grad.mul_(scale)
+    out = torch.empty_like(grad, dtype=dtype)
+    _narrow(grad, scale, out)
+    return out
 
 
 class _FusedLinearKD(torch.autograd.Function):
@@ -273,10 +346,11 @@ class _FusedLinearKD(torch.autograd.Function):
                                    "compute the loss again")  # fmt: skip
             (gh, gw, gb), scale = ctx.grads, grad_out / plan.denominator
             ctx.grads = None
-            return _scaled(gh, scale, h_dtype), _scaled(gw, scale, w_dtype), _scaled(gb, scale, w_dtype), None
+            return (_scaled(gh, scale, h_dtype), None if gw is None else gw.result(scale), _scaled(gb, scale, w_dtype),
+                    None)  # fmt: skip
         h, w, b = ctx.saved_tensors  # "none": the chunks again, each row's grad_output applied in them
         _, gh, gw, gb = _sweep(plan, h, w, b, tuple(ctx.needs_input_grad[:3]), grad_out.reshape(-1))
-        return gh, *(None if g is None else g.to(w_dtype) for g in (gw, gb)), None
+        return gh, None if gw is None else gw.result(None), _scaled(gb, None, w_dtype), None
 
 
 def fused_linear_kd_loss(
@@ -305,7 +379,7 @@ def fused_linear_kd_loss(
 ) -> Tensor:
     """:func:`fastdistill.kd_loss` of the logits ``student_hidden @ student_head_weight.T + student_head_bias``,
     computed ``chunk_size`` rows at a time (default: as many as ``memory_budget_bytes`` holds: 256 MiB on the CPU,
-    1 GiB on CUDA), so that neither the [N, V] logits nor their gradient is ever materialised.
+    768 MiB on CUDA), so that neither the [N, V] logits nor their gradient is ever materialised.
 
     Args:
         student_hidden: [*, H] the student's last hidden states (the ``lm_head``'s input).
@@ -326,7 +400,7 @@ def fused_linear_kd_loss(
     to ``student_hidden``, ``student_head_weight`` and ``student_head_bias``; for a reduced loss they are computed
     with it (one pass over the chunks) and handed out by its one backward. Extra memory: one chunk's logits,
     teachers' logits and logit gradient, plus the gradients of the inputs (the weight's in ``accum_dtype`` while
-    it accumulates).
+    it accumulates; a float32 sum is narrowed to the head's dtype in its own memory, no second [V, H] buffer).
     """
     if not isinstance(student_hidden, Tensor) or not student_hidden.is_floating_point() or student_hidden.dim() < 1:
         raise TypeError("student_hidden must be a floating-point Tensor [*, H]")

@@ -137,9 +137,12 @@ def test_errors_name_the_argument():
         fused_linear_kd_loss(h, w.float(), t)
 
 
-def test_extra_memory_is_one_chunk_whatever_n():
-    """The step's peak beyond the inputs and their gradients is one chunk's worth, the same at N = 64 and N = 512
-    (the profiler's CPU allocation events, as tests/test_peak_memory.py reads them), and far below one [N, V]."""
+@pytest.mark.parametrize("k", [1, 2])
+def test_extra_memory_is_one_chunk_whatever_n(k):
+    """The step's peak beyond the inputs and their gradients is one chunk's worth, (K + 2) [c, V] buffers (the
+    chunk's logits, its teachers' and its logit gradient: what the budget counts), the same at N = 64 and N = 512
+    (the profiler's CPU allocation events, as tests/test_peak_memory.py reads them), and far below one [N, V]. A
+    chunk's logit gradient kept alive through the next chunk's kernel made it K + 3."""
     from test_peak_memory import extra_peak
 
     vocab, width, chunk = 2048, 32, 16
@@ -148,7 +151,7 @@ def test_extra_memory_is_one_chunk_whatever_n():
         g = torch.Generator().manual_seed(0)
         h = torch.randn(n, width, generator=g, requires_grad=True)
         w = torch.randn(vocab, width, generator=g, requires_grad=True)
-        t = TeacherHead(torch.randn(n, width, generator=g), torch.randn(vocab, width, generator=g))
+        t = [TeacherHead(torch.randn(n, width, generator=g), torch.randn(vocab, width, generator=g)) for _ in range(k)]
         labels = torch.randint(0, vocab, (n,), generator=g)
 
         def run():
@@ -159,7 +162,87 @@ def test_extra_memory_is_one_chunk_whatever_n():
     small, large = step(64), step(512)
     one_chunk = chunk * vocab * 4
     assert large - small < one_chunk, (small, large)  # 8x the rows, not one more chunk of memory
+    assert large < (k + 2.05) * one_chunk, large / one_chunk  # the budget's (K + 2) [c, V] buffers, + per-row ones
     assert large < 512 * vocab * 4 / 4, large  # a quarter of the [N, V] float32 logits, which never exist
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [None, 0.37])
+def test_head_gradient_narrowed_in_place(dtype, scale):
+    """_HeadGrad: a float32 sum for a 16-bit head, handed out as the 16-bit gradient written over the sum's own
+    first block. Bitwise what one rounding of the scaled float32 sum gives, for V below, at and past the first
+    copied rows and the block bounds, any H; V > 8 in the first block's memory, no other [V, H] buffer."""
+    from fastdistill.fused_linear import _HeadGrad
+
+    g = torch.Generator().manual_seed(0)
+    for v in (1, 2, 7, 8, 9, 16, 17, 100, 129, 1000, 1031, 4096):
+        for width in (1, 3, 32):
+            acc = _HeadGrad(torch.empty(v, width, dtype=dtype), torch.float32)
+            for part in acc.parts:
+                part.copy_(torch.randn(part.shape, generator=g) * 1e3)
+            factor = None if scale is None else torch.tensor(scale)
+            whole = torch.cat(acc.parts)
+            want = (whole if factor is None else whole * factor).to(dtype)
+            first = acc.parts[0]
+            got = acc.result(factor)
+            assert got.shape == (v, width) and got.dtype == dtype and got.is_contiguous()
+            assert torch.equal(got, want), (v, width)
+            if v > 8:
+                assert got.untyped_storage().data_ptr() == first.untyped_storage().data_ptr(), (v, width)
+                assert got.untyped_storage().nbytes() == first.untyped_storage().nbytes()
+
+
+def test_head_gradient_traced():
+    """While tracing (fake tensors: torch.compile, make_fx), _HeadGrad hands out a plain concatenation, no aliasing
+    of a float32 buffer by a bfloat16 one; the traced graph gives the eager bits."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fastdistill.fused_linear import _HeadGrad
+
+    def narrowed(first, second, scale):
+        acc = _HeadGrad(torch.empty(first.shape[0] + second.shape[0], first.shape[1], dtype=torch.bfloat16,
+                                    device=first.device), torch.float32)  # fmt: skip
+        acc.parts = [first, second]
+        return acc.result(scale)
+
+    g = torch.Generator().manual_seed(0)
+    first, second, scale = torch.randn(56, 5, generator=g), torch.randn(50, 5, generator=g), torch.tensor(0.3)
+    graph = make_fx(narrowed, tracing_mode="fake")(first, second, scale)
+    assert "aten.cat" in graph.code and "view" not in graph.code, graph.code
+    want = (torch.cat([first, second]) * scale).bfloat16()
+    assert torch.equal(graph(first, second, scale), want)
+    assert torch.equal(narrowed(first.clone(), second.clone(), scale), want)
+
+
+def test_backward_narrows_the_weight_gradient_in_place():
+    """A bfloat16 head with the default float32 sum: backward hands out the bfloat16 weight gradient without a
+    second [V, H] buffer (before: 2 V H bytes for the result; on the CPU another 4 V H for torch's float32
+    temporary), the gradient the same as from the plain conversion."""
+    from test_peak_memory import extra_peak
+
+    vocab, width, n = 2048, 32, 64
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(n, width, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(vocab, width, generator=g) / 4).bfloat16().requires_grad_()
+    t = TeacherHead(torch.randn(n, width, generator=g).bfloat16(), torch.randn(vocab, width, generator=g).bfloat16())
+    grads = {}
+    for chunk in (16, n):
+        loss = fused_linear_kd_loss(h, w, t, chunk_size=chunk, backend="cpu")
+        peak = extra_peak(lambda: (loss * 0.5).backward())
+        assert peak < vocab * width * 2 / 4, peak / (vocab * width * 2)  # 1/8 of it: the bounded CPU temporary
+        grads[chunk] = w.grad
+        h.grad = w.grad = None
+    # the same sums (one chunk: the plain conversion of a single block's product) up to float32 summation order
+    torch.testing.assert_close(grads[16].float(), grads[n].float(), rtol=1e-2, atol=1e-5)
+
+
+def test_chunks_from_a_budget_are_whole_tiles():
+    from fastdistill.fused_linear import TILE_ROWS, chunk_rows
+
+    rows = chunk_rows(10**6, 128256, 1, 2, None, 768 * 2**20)
+    assert rows == 1024 and rows % TILE_ROWS == 0  # 1046 from the budget, rounded down
+    assert chunk_rows(10**6, 128256, 1, 2, None, 150 * 2**20) == 204  # under two tiles: as the budget gives
+    assert chunk_rows(300, 128256, 1, 2, None, 768 * 2**20) == 300  # all the rows in one chunk
 
 
 def test_the_benchmark_runs_on_the_cpu(tmp_path):
@@ -180,15 +263,17 @@ def test_the_benchmark_runs_on_the_cpu(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_compile(backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compile(backend, dtype):
     """torch.compile of a step with fused_linear_kd_loss: the same loss and gradients as eager. Not fullgraph: the
-    chunks take each logit gradient with torch.autograd.grad inside the forward, where Dynamo breaks the graph."""
+    chunks take each logit gradient with torch.autograd.grad inside the forward, where Dynamo breaks the graph.
+    bfloat16: the weight gradient's float32 sum narrowed (in place where eager)."""
     if backend == "cpu" and not fastdistill.extension_available():
         pytest.skip("fastdistill._C is not built")
     g = torch.Generator().manual_seed(0)
-    h = torch.randn(6, 8, generator=g, requires_grad=True)
-    w = torch.randn(20, 8, generator=g, requires_grad=True)
-    teacher = TeacherHead(torch.randn(6, 5, generator=g), torch.randn(20, 5, generator=g))
+    h = torch.randn(6, 8, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(20, 8, generator=g).to(dtype).requires_grad_()
+    teacher = TeacherHead(torch.randn(6, 5, generator=g).to(dtype), torch.randn(20, 5, generator=g).to(dtype))
     labels = torch.randint(0, 20, (6,), generator=g)
 
     def step(h, w):
