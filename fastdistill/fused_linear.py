@@ -5,7 +5,7 @@ For LLM distillation the largest tensors of a step are the logits: at N = 16384 
 [N, V] tensor is 4.2 GB and its gradient another. Here rows are processed in chunks sized by a memory budget; each
 chunk's logits come from a torch matmul, its loss and logit gradient from the fused row op of the backend in use
 (:func:`fastdistill.kd_loss`, not a copy of its math), and the gradients to the hidden states, head weight and bias
-from two more matmuls. Teachers are given as logits, or as hidden states with their own (frozen) head
+from more matmuls. Teachers are given as logits, or as hidden states with their own (frozen) head
 (:class:`TeacherHead`), whose logits are then computed chunk by chunk too.
 """
 
@@ -144,8 +144,9 @@ def chunk_rows(n: int, v: int, k: int, itemsize: int, chunk_size: int | None, bu
     """Rows per chunk: ``chunk_size`` if given, else as many as the budget (default: ``DEFAULT_BUDGET_BYTES`` of
     the device type) holds. A row costs, in the input dtype, its logits, its K teachers' logits and the logit
     gradient the fused op computes with the loss (its backward scales that buffer in place: the graph is freed).
-    From a budget, rows are rounded down to a multiple of TILE_ROWS when that leaves two tiles or more: the chunk's
-    matmuls with a chunk-sized output dimension (d hidden: [c, H]) then have no partly-filled tile."""
+    From a budget, rows are rounded down to a multiple of TILE_ROWS when that leaves two tiles or more and the rows
+    do not fit one chunk: the chunk's matmuls with a chunk-sized output dimension (d hidden: [c, H]) then have no
+    partly-filled tile, but for the last chunk's."""
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
@@ -155,9 +156,11 @@ def chunk_rows(n: int, v: int, k: int, itemsize: int, chunk_size: int | None, bu
         raise ValueError(f"memory_budget_bytes must be an int >= 1, got {budget!r}")
     per_row = v * (k + 2) * itemsize
     rows = budget // per_row
+    if n <= rows:
+        return max(n, 1)  # one chunk: no rounding
     if rows >= 2 * TILE_ROWS:
         rows -= rows % TILE_ROWS
-    return max(1, min(max(n, 1), rows))
+    return max(1, rows)
 
 
 class _Plan(NamedTuple):
@@ -233,7 +236,10 @@ def _sweep(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, need: tuple[bool
                 (g,) = torch.autograd.grad(loss, z, grad_outputs=go)
         del z  # (its graph is freed): only the logit gradient is left of the chunk for the matmuls below
         if gh is not None:
-            torch.mm(g, w, out=gh[rows])
+            if g.dtype == gh.dtype and not torch.is_grad_enabled():
+                torch.mm(g, w, out=gh[rows])  # no [c, H] temporary
+            else:  # autocast (g in its dtype, gh in h's), or recorded: the product, then its copy
+                gh[rows] = g @ w
         if gw is not None:  # bfloat16 operands even into a float32 accumulator: the tensor cores (ops/gemm.py)
             gw.add_mm(g, hc)
         if gb is not None:
@@ -339,6 +345,11 @@ class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         plan, (h_dtype, w_dtype) = ctx.plan, ctx.dtypes
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError("fastdistill.fused_linear_kd_loss: create_graph=True (double backward) is not "
+                               "supported: the gradients are formed chunk by chunk without a graph of their own, so a "
+                               "second-order term would be 0; use kd_loss(backend='reference') on materialised "
+                               "logits for second derivatives, or backward without create_graph")  # fmt: skip
         if ctx.early:  # the gradients of the loss itself, computed with it: scaled by grad_output here, in place
             if ctx.grads is None:
                 raise RuntimeError("fused_linear_kd_loss: backward through the same loss twice (retain_graph=True) "

@@ -243,6 +243,26 @@ def test_chunks_from_a_budget_are_whole_tiles():
     assert rows == 1024 and rows % TILE_ROWS == 0  # 1046 from the budget, rounded down
     assert chunk_rows(10**6, 128256, 1, 2, None, 150 * 2**20) == 204  # under two tiles: as the budget gives
     assert chunk_rows(300, 128256, 1, 2, None, 768 * 2**20) == 300  # all the rows in one chunk
+    assert chunk_rows(1046, 128256, 1, 2, None, 768 * 2**20) == 1046  # they fit one chunk: not cut to 1024 + 22
+
+
+def test_autocast_and_create_graph():
+    """Under autocast (float32 weights, bfloat16 products) the step runs, its gradients those of float32 to
+    bfloat16's digits; a double backward is a clear error, not a second-order term of 0."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(40, 16, generator=g, requires_grad=True)
+    w = (torch.randn(300, 16, generator=g) / 4).requires_grad_()
+    t = torch.randn(40, 300, generator=g)
+    want = torch.autograd.grad(fused_linear_kd_loss(h, w, t, chunk_size=16, backend="cpu"), (h, w))
+    for reduction in ("mean", "none"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fused_linear_kd_loss(h, w, t, chunk_size=16, reduction=reduction, backend="cpu")
+        got = torch.autograd.grad(loss.mean() if reduction == "mean" else loss.sum() / 40, (h, w))
+        for a, b in zip(got, want):
+            assert a.dtype == torch.float32
+            torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-3)
+        with pytest.raises(RuntimeError, match="create_graph=True"):
+            torch.autograd.grad(fused_linear_kd_loss(h, w, t, reduction=reduction).sum(), (h, w), create_graph=True)
 
 
 def test_the_benchmark_runs_on_the_cpu(tmp_path):
@@ -384,6 +404,9 @@ def test_add_mm():
         gemm.add_mm(c, a.to(dtype), b.to(dtype))
         want = c0.double() + a.to(dtype).double() @ b.to(dtype).double()
         torch.testing.assert_close(c.double(), want, rtol=1e-6, atol=1e-6)
+    c = torch.zeros(5, 3)
+    gemm.add_mm(c, a.bfloat16(), b)  # autocast: a half-precision a, a float32 b (rounded to a's dtype)
+    torch.testing.assert_close(c.double(), a.bfloat16().double() @ b.bfloat16().double(), rtol=1e-6, atol=1e-6)
     with pytest.raises(TypeError, match="a float32 accumulator for half-precision operands"):
         gemm.add_mm(torch.zeros(5, 3, dtype=torch.float64), a.half(), b.half())
 

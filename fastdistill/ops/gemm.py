@@ -52,6 +52,7 @@ def add_mm(c: Tensor, a: Tensor, b: Tensor) -> None:
         return
     if c.dtype != torch.float32 or a.dtype not in HALF:
         raise TypeError(f"add_mm: a float32 accumulator for half-precision operands, got c {c.dtype}, a {a.dtype}")
+    b = b.to(a.dtype)  # under autocast, a half-precision product's gradient against float32 inputs
     if not a.is_cuda or not HAS_MM_DTYPE:
         c.addmm_(a.float(), b.float())
         return
