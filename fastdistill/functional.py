@@ -175,14 +175,17 @@ def _check_device(name: str, x: Tensor, device: torch.device, ref: str = "studen
         raise ValueError(f"{name} is on {x.device} but {ref} is on {device}; all inputs must share a device")
 
 
-_VALUES_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar("fastdistill_values_checked", default=False)
+# True (every argument's check skipped), or the names of the arguments whose checks are skipped
+_VALUES_CHECKED: contextvars.ContextVar[bool | frozenset[str]] = contextvars.ContextVar("fastdistill_values_checked",
+                                                                                       default=False)  # fmt: skip
 
 
 @contextlib.contextmanager
-def values_checked() -> Iterator[None]:
-    """Within it the data-dependent checks are skipped: for a caller that checked the whole input once and calls
-    the losses on its parts (each check is a device sync on CUDA)."""
-    token = _VALUES_CHECKED.set(True)
+def values_checked(*names: str) -> Iterator[None]:
+    """Within it the data-dependent checks of the arguments ``names`` (all of them when none is given) are skipped:
+    for a caller that checked those values already (on the whole input, or on the host before copying them to the
+    device) and calls the losses on them (each check is a device sync on CUDA)."""
+    token = _VALUES_CHECKED.set(frozenset(names) if names else True)
     try:
         yield
     finally:
@@ -190,9 +193,12 @@ def values_checked() -> Iterator[None]:
 
 
 def _check_values(name: str, x: Tensor, what: str, bad: Tensor) -> None:
-    """Data-dependent check (skipped under torch.compile, where it would break the graph, and within
-    :func:`values_checked`)."""
-    if not _is_compiling() and not _VALUES_CHECKED.get() and bool(bad.any()):
+    """Data-dependent check (skipped under torch.compile, where it would break the graph, and for the names
+    :func:`values_checked` gives)."""
+    checked = _VALUES_CHECKED.get()
+    if checked is True or (checked and name in checked) or _is_compiling():
+        return
+    if bool(bad.any()):
         raise ValueError(f"{name} must be {what}")
 
 

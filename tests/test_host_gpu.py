@@ -1,7 +1,8 @@
 """What a step costs the host on a GPU (skipped without CUDA), beyond the kernels' own time: the benchmarks time
 sync to sync, so host work before the main kernel adds in series, and in training a device sync stops the host
 running ahead. The CPU twin (the decisions, not the GPU) is tests/test_launch_overhead.py.
-  - a default call of each fused op, forward and backward, never synchronises (sync debug mode "error");
+  - a default call of each fused op, forward and backward, never synchronises (sync debug mode "error"); nor does
+    a step of the reference loop with labels and sample weights;
   - a kd_loss step launches a handful of CUDA kernels besides the row kernel (the argument tensors are cached);
   - repeated steps leave torch's global Triton kernel table as it was (eager launches bypass wrap_triton).
 Each check names the op and what it saw."""
@@ -66,11 +67,38 @@ def _fused_linear():
     return step
 
 
+def _loop_step():
+    """A DistillationLoop optimizer step (two micro-batches; cross-entropy, sample weights and ignored labels; the
+    data on the CPU, as a DataLoader gives it): the loop checks labels and weights on the host before the copy."""
+    import math
+
+    from torch import nn
+
+    from fastdistill.training import ArrayDataset, DistillationLoop
+
+    g = torch.Generator().manual_seed(0)
+    ds = ArrayDataset(input=torch.randn(64, 32, generator=g), labels=torch.randint(0, 512, (64,), generator=g),
+                      sample_weight=torch.rand(64, generator=g) + 0.5)  # fmt: skip
+    ds.tensors["labels"][::5] = -100
+    torch.manual_seed(0)
+    loop = DistillationLoop(nn.Linear(32, 512), [nn.Linear(32, 512)], device="cuda",
+                            loss=fastdistill.KDLoss(temperature=2.0, ce_weight=0.3, backend="triton"),
+                            optimizer=lambda p: torch.optim.SGD(p, lr=0.1), batch_size=16, grad_accum_steps=2,
+                            progress=False, log_every=1000)  # fmt: skip
+    loop._perm, loop._perm_epoch = None, -1  # as fit() starts (the steps below are fit()'s, without its logging)
+
+    def step():
+        loop._train_step(loop._micro_batches(ds, None, None, math.inf))
+
+    return step
+
+
 STEPS = {"kd_loss triton": lambda: _kd("triton"), "kd_loss cuda": lambda: _kd("cuda"),
          # weights as numbers: checked on the host, copied without a sync
          "kd_loss teacher_weights=[0.3, 0.7]": lambda: _kd("triton", teacher_weights=[0.3, 0.7]),
          "codistill_loss": _codistill,
-         "MIAlphaLoss": _mi_module, "fused_linear_kd_loss": _fused_linear}  # fmt: skip
+         "MIAlphaLoss": _mi_module, "fused_linear_kd_loss": _fused_linear,
+         "DistillationLoop step (labels, weights)": _loop_step}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(STEPS))

@@ -351,3 +351,72 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     # one RNG file per process in the checkpoint
     assert {p.name for p in (tmp_path / "checkpoints" / "step-00000004").glob("rng-rank*.json")} == {
         "rng-rank0.json", "rng-rank1.json"}
+
+
+def _checks_run(monkeypatch):
+    """The names of the data-dependent checks that read their values (a device sync each on CUDA)."""
+    from fastdistill import functional
+
+    ran, check = [], functional._check_values
+
+    def spy(name, x, what, bad):
+        checked = functional._VALUES_CHECKED.get()
+        if not (checked is True or (checked and name in checked)):
+            ran.append(name)
+        check(name, x, what, bad)
+
+    monkeypatch.setattr(functional, "_check_values", spy)
+    return ran
+
+
+def _weighted(ds, weights):
+    return ArrayDataset(input=ds.tensors["input"], labels=ds.tensors["labels"], sample_weight=weights)
+
+
+def test_labels_and_weights_are_checked_on_the_host(monkeypatch):
+    """CPU data: the loop checks labels and sample weights before copying them to the device, and its KDLoss does
+    not read them (nor the loop's own num_items) back from the device: on CUDA each would be a sync per micro-batch.
+    Bad values still raise the loss's own error, naming the argument; labels out of range without the
+    cross-entropy still train, as kd_loss allows."""
+    ran = _checks_run(monkeypatch)
+    ds = _data(n=32, ignore_every=5)
+    weights = torch.rand(32, generator=torch.Generator().manual_seed(1)) + 0.5
+
+    def loop(**kd):
+        return DistillationLoop(_mlp(seed=2), [_mlp(seed=1)], loss=fastdistill.KDLoss(temperature=2.0, **kd),
+                                optimizer=_sgd(0.1), batch_size=8, grad_accum_steps=2, progress=False,
+                                log_every=100)  # fmt: skip
+
+    loop(ce_weight=0.3).fit(_weighted(ds, weights), max_steps=2)
+    assert ran == [], ran
+
+    bad = ArrayDataset(input=ds.tensors["input"], labels=ds.tensors["labels"].clone())
+    bad.tensors["labels"][3] = 5  # V = 5
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 5\)"):
+        loop(ce_weight=0.3).fit(bad, max_steps=4)
+    loop(ce_weight=0.0).fit(bad, max_steps=4)  # kd_loss reads labels only for ignore_index without the CE term
+    negative = weights.clone()
+    negative[9] = -1.0
+    with pytest.raises(ValueError, match="sample_weight must be finite and >= 0"):
+        loop().fit(_weighted(ds, negative), max_steps=4)
+    assert set(ran) <= {"labels", "sample_weight"}, ran  # the bad batches: checked by the loss, on the device
+
+
+def test_values_checked_skips_only_the_named_checks(monkeypatch):
+    from fastdistill.functional import values_checked
+
+    ran = _checks_run(monkeypatch)
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    labels, weights = torch.tensor([0, 1, 4, 2]), torch.tensor([1.0, 2.0, 1.0, 1.0])
+    with values_checked("labels"):
+        fastdistill.kd_loss(s, t, labels, ce_weight=0.5, sample_weight=weights, backend="reference")
+        assert ran == ["sample_weight"], ran
+        with pytest.raises(ValueError, match="sample_weight must be finite and >= 0"):
+            fastdistill.kd_loss(s, t, sample_weight=-weights, backend="reference")
+    ran.clear()
+    fastdistill.kd_loss(s, t, labels, ce_weight=0.5, sample_weight=weights, backend="reference")
+    assert ran == ["labels", "sample_weight"], ran
+    ran.clear()
+    with values_checked():
+        fastdistill.kd_loss(s, t, labels, ce_weight=0.5, sample_weight=weights, backend="reference")
+    assert ran == [], ran

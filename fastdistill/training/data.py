@@ -32,11 +32,38 @@ ForwardFn = Callable[[nn.Module, Any], Tensor]
 
 @dataclass
 class Batch:
-    """One micro-batch, split into what the model reads and what the loss reads."""
+    """One micro-batch, split into what the model reads and what the loss reads. ``min_vocab``: the smallest V
+    whose [0, V) holds every label other than the ignore index, with the sample weights finite and >= 0, as
+    :func:`host_checked` found them on the host; None where that is not known (the losses then check on the
+    device)."""
 
     inputs: Any
     labels: Tensor | None = None
     sample_weight: Tensor | None = None
+    min_vocab: int | None = None
+
+
+def host_checked(batch: Batch, ignore_index: int) -> int | None:
+    """``Batch.min_vocab`` of a batch whose labels and sample weights are still on the CPU (before the copy to the
+    device, where reading them back would be a sync): the largest label other than ``ignore_index`` plus one (0
+    for none); None if either is on another device, a label other than ``ignore_index`` is negative, or a sample
+    weight is not finite and >= 0 (the loss's own check then names it)."""
+    labels, weights = batch.labels, batch.sample_weight
+    if any(isinstance(x, Tensor) and x.device.type != "cpu" for x in (labels, weights)):
+        return None
+    if weights is not None and not (isinstance(weights, Tensor) and weights.is_floating_point() and
+                                    bool((torch.isfinite(weights) & (weights >= 0)).all())):  # fmt: skip
+        return None
+    if labels is None:
+        return 0
+    if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
+        return None
+    kept = labels[labels != ignore_index]
+    if kept.numel() == 0:
+        return 0
+    if int(kept.min()) < 0:
+        return None
+    return int(kept.max()) + 1
 
 
 def split_batch(batch: Any) -> Batch:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .. import functional
 from ..fused_linear import check_fusable, fused_linear_kd_loss, hidden_and_head
 from ..modules import CodistillLoss, KDLoss
 from . import checkpoint as ckpt
@@ -50,6 +51,7 @@ from .data import (
     detect_causal_lm,
     epoch_batches,
     epoch_permutation,
+    host_checked,
     shift_for_causal_lm,
     shift_positions,
     split_batch,
@@ -428,23 +430,12 @@ class DistillationLoop:
 
         # sum / num_items (global) * world: DDP's gradient average then gives sum over everything / num_items
         scale = float(self.world_size) if num_items is not None else 1.0 / n_micro
-        if self.fused_linear:
-            s = student_logits
-            kd = fused_linear_kd_loss(s.hidden, s.weight, teacher_logits, labels, student_head_bias=s.bias,
-                                      sample_weight=sample_weight, num_items=num_items,
-                                      **_kd_options(self.loss_fn))  # fmt: skip
-        elif teacher_logits is None:
-            if labels is None:
-                raise ValueError("without teachers (or a cache) the loop trains on labels; the batch has none")
-            flat = student_logits.reshape(-1, student_logits.shape[-1]).float()
-            ce = F.cross_entropy(flat, labels.reshape(-1), ignore_index=self.ignore_index,
-                                 reduction="sum" if num_items is not None else "mean")  # fmt: skip
-            kd = ce / num_items.clamp_min(1) if num_items is not None else ce
-        else:
-            kw = {"num_items": num_items}
-            if sample_weight is not None:
-                kw["sample_weight"] = sample_weight
-            kd = self.loss_fn(student_logits, teacher_logits, labels, **kw)
+        # what the loss need not read back from the device: num_items, the loop's own count; the labels and sample
+        # weights where they were checked on the host against this V (_on_device)
+        vocab = student_logits.weight.shape[0] if self.fused_linear else student_logits.shape[-1]
+        trusted = ("labels", "sample_weight") if batch.min_vocab is not None and batch.min_vocab <= vocab else ()
+        with functional.values_checked("num_items", *trusted):
+            kd = self._loss_value(student_logits, teacher_logits, labels, sample_weight, num_items)
         parts = {}
         if isinstance(kd, tuple) and hasattr(kd, "_fields"):  # named parts, e.g. CodistillLosses: their sum trains
             parts = {name: v.detach() * scale for name, v in zip(kd._fields, kd)}
@@ -452,6 +443,25 @@ class DistillationLoop:
         # without teachers the value is the plain cross-entropy: logged as such
         parts["ce" if teacher_logits is None else "kd"] = kd.detach() * scale
         return kd * scale, parts
+
+    def _loss_value(self, student_logits, teacher_logits, labels, sample_weight, num_items: Tensor | None):
+        """The unscaled loss of :meth:`_logit_loss` (a tensor, or a named tuple of parts)."""
+        if self.fused_linear:
+            s = student_logits
+            return fused_linear_kd_loss(s.hidden, s.weight, teacher_logits, labels, student_head_bias=s.bias,
+                                        sample_weight=sample_weight, num_items=num_items,
+                                        **_kd_options(self.loss_fn))  # fmt: skip
+        if teacher_logits is None:
+            if labels is None:
+                raise ValueError("without teachers (or a cache) the loop trains on labels; the batch has none")
+            flat = student_logits.reshape(-1, student_logits.shape[-1]).float()
+            ce = F.cross_entropy(flat, labels.reshape(-1), ignore_index=self.ignore_index,
+                                 reduction="sum" if num_items is not None else "mean")  # fmt: skip
+            return ce / num_items.clamp_min(1) if num_items is not None else ce
+        kw = {"num_items": num_items}
+        if sample_weight is not None:
+            kw["sample_weight"] = sample_weight
+        return self.loss_fn(student_logits, teacher_logits, labels, **kw)
 
     def _train_step(self, micro: list[tuple[Tensor | None, Batch]]) -> dict[str, Tensor]:
         """One optimizer step over the given micro-batches (this process's share of each)."""
@@ -676,8 +686,16 @@ class DistillationLoop:
                 index, raw = None, self._next_batch(batches, per_epoch)
                 if raw is _END:
                     break
-            micro.append((index, split_batch(_to_device(raw, self.device))))
+            micro.append((index, self._on_device(split_batch(raw))))
         return micro
+
+    def _on_device(self, batch: Batch) -> Batch:
+        """``batch`` on the loop's device, its labels and sample weights checked first where they still are on the
+        host (``Batch.min_vocab``), for a loss of ours that checks them on the device otherwise (a sync per
+        micro-batch)."""
+        ours = isinstance(self.loss_fn, KDLoss | CodistillLoss)
+        vocab = host_checked(batch, self.loss_fn.ignore_index) if ours else None
+        return Batch(*(_to_device(x, self.device) for x in (batch.inputs, batch.labels, batch.sample_weight)), vocab)
 
     def _next_batch(self, batches: Iterable, per_epoch: int | None) -> Any:
         """The next batch of ``batches`` (``_END`` once it has run out: a new epoch without a batch); advances the
