@@ -195,8 +195,10 @@ def values_checked(*names: str) -> Iterator[None]:
 def _check_values(name: str, x: Tensor, what: str, bad: Tensor) -> None:
     """Data-dependent check (skipped under torch.compile, where it would break the graph, and for the names
     :func:`values_checked` gives)."""
+    if _is_compiling():  # first: Dynamo cannot trace the context variable's get
+        return
     checked = _VALUES_CHECKED.get()
-    if checked is True or (checked and name in checked) or _is_compiling():
+    if checked is True or (checked and name in checked):
         return
     if bool(bad.any()):
         raise ValueError(f"{name} must be {what}")

@@ -397,9 +397,19 @@ def test_labels_and_weights_are_checked_on_the_host(monkeypatch):
     loop(ce_weight=0.0).fit(bad, max_steps=4)  # kd_loss reads labels only for ignore_index without the CE term
     negative = weights.clone()
     negative[9] = -1.0
-    with pytest.raises(ValueError, match="sample_weight must be finite and >= 0"):
-        loop().fit(_weighted(ds, negative), max_steps=4)
+    huge = weights.double()
+    huge[2] = 1e39  # finite in float64, inf in the loss's float32
+    for bad_weights in (negative, huge):
+        with pytest.raises(ValueError, match="sample_weight must be finite and >= 0"):
+            loop().fit(_weighted(ds, bad_weights), max_steps=4)
     assert set(ran) <= {"labels", "sample_weight"}, ran  # the bad batches: checked by the loss, on the device
+
+    def own(student, teachers, labels, num_items=None):  # a loss of the user's: every check its own
+        return fastdistill.kd_loss(student, teachers, labels, num_items=torch.tensor(-5))
+
+    with pytest.raises(ValueError, match="num_items must be finite and >= 0"):
+        DistillationLoop(_mlp(seed=2), [_mlp(seed=1)], loss=own, optimizer=_sgd(0.1), batch_size=8,
+                         progress=False).fit(ds, max_steps=1)  # fmt: skip
 
 
 def test_values_checked_skips_only_the_named_checks(monkeypatch):

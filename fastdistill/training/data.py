@@ -47,12 +47,13 @@ def host_checked(batch: Batch, ignore_index: int) -> int | None:
     """``Batch.min_vocab`` of a batch whose labels and sample weights are still on the CPU (before the copy to the
     device, where reading them back would be a sync): the largest label other than ``ignore_index`` plus one (0
     for none); None if either is on another device, a label other than ``ignore_index`` is negative, or a sample
-    weight is not finite and >= 0 (the loss's own check then names it)."""
+    weight is not finite (in float32) and >= 0 (the loss's own check then names it)."""
     labels, weights = batch.labels, batch.sample_weight
     if any(isinstance(x, Tensor) and x.device.type != "cpu" for x in (labels, weights)):
         return None
+    # finite in float32, the narrowest dtype the losses accumulate in (a float64 1e39 would be inf there)
     if weights is not None and not (isinstance(weights, Tensor) and weights.is_floating_point() and
-                                    bool((torch.isfinite(weights) & (weights >= 0)).all())):  # fmt: skip
+                                    bool((torch.isfinite(weights.float()) & (weights >= 0)).all())):  # fmt: skip
         return None
     if labels is None:
         return 0

@@ -430,11 +430,14 @@ class DistillationLoop:
 
         # sum / num_items (global) * world: DDP's gradient average then gives sum over everything / num_items
         scale = float(self.world_size) if num_items is not None else 1.0 / n_micro
-        # what the loss need not read back from the device: num_items, the loop's own count; the labels and sample
-        # weights where they were checked on the host against this V (_on_device)
-        vocab = student_logits.weight.shape[0] if self.fused_linear else student_logits.shape[-1]
-        trusted = ("labels", "sample_weight") if batch.min_vocab is not None and batch.min_vocab <= vocab else ()
-        with functional.values_checked("num_items", *trusted):
+        # what our losses need not read back from the device: num_items, the loop's own count; the labels and sample
+        # weights where they were checked on the host against this V (_on_device). A loss of the user's checks all.
+        trusted: tuple[str, ...] = ()
+        if self.fused_linear or isinstance(self.loss_fn, KDLoss | CodistillLoss):
+            vocab = student_logits.weight.shape[0] if self.fused_linear else student_logits.shape[-1]
+            fits = batch.min_vocab is not None and batch.min_vocab <= vocab
+            trusted = ("num_items", "labels", "sample_weight") if fits else ("num_items",)
+        with functional.values_checked(*trusted) if trusted else contextlib.nullcontext():
             kd = self._loss_value(student_logits, teacher_logits, labels, sample_weight, num_items)
         parts = {}
         if isinstance(kd, tuple) and hasattr(kd, "_fields"):  # named parts, e.g. CodistillLosses: their sum trains
