@@ -10,6 +10,7 @@ import contextlib
 import contextvars
 import math
 import numbers
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -192,13 +193,16 @@ def values_checked(*names: str) -> Iterator[None]:
         _VALUES_CHECKED.reset(token)
 
 
+def _vouched_for(name: str) -> bool:
+    """A caller's :func:`values_checked` covers the argument ``name`` (not to be asked while compiling)."""
+    checked = _VALUES_CHECKED.get()
+    return checked is True or bool(checked and name in checked)
+
+
 def _check_values(name: str, x: Tensor, what: str, bad: Tensor) -> None:
     """Data-dependent check (skipped under torch.compile, where it would break the graph, and for the names
     :func:`values_checked` gives)."""
-    if _is_compiling():  # first: Dynamo cannot trace the context variable's get
-        return
-    checked = _VALUES_CHECKED.get()
-    if checked is True or (checked and name in checked):
+    if _is_compiling() or _vouched_for(name):  # compiling first: Dynamo cannot trace the context variable's get
         return
     if bool(bad.any()):
         raise ValueError(f"{name} must be {what}")
@@ -245,15 +249,48 @@ def normalise_teacher_weights(
             f"got {tuple(w.shape)}"
         )
     w = w.detach().to(dtype)
-    if not on_host:
+    check = not on_host and not _weights_checked_before(teacher_weights, dtype)
+    if check:
         _check_values("teacher_weights", w, _WEIGHTS_RANGE, ~torch.isfinite(w) | (w < 0))
     # scaled by the column's largest weight first: the sum of K weights near the dtype's max would overflow to inf
     # and every weight would become 0
     w = w / w.amax(0, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
     total = w.sum(0, keepdim=True)
-    if not on_host:
+    if check:
         _check_values("teacher_weights", total, _WEIGHTS_SUM, total <= 0)
+        _remember_checked_weights(teacher_weights, dtype)
     return (w / total).contiguous()
+
+
+# Weight tensors whose values passed both checks: (id, dtype) -> (weak reference, version counter). A constant given
+# once (KDLoss(teacher_weights=tensor), or the same tensor passed on every call) is checked on its first use, not on
+# every call (two syncs on CUDA); an in-place change bumps its version counter and it is checked again. Bounded, and
+# an entry whose tensor is gone is never matched: per-call [K, *] weights only pass through.
+_CHECKED_WEIGHTS: dict[tuple[int, torch.dtype], tuple[weakref.ref, int]] = {}
+_CHECKED_WEIGHTS_MAX = 32
+
+
+def _weights_version(w: Tensor) -> int | None:
+    """The version counter of ``w``; None where it has none (inference tensors) or while compiling (no check runs,
+    nothing is remembered)."""
+    if _is_compiling() or w.is_inference():
+        return None
+    return w._version
+
+
+def _weights_checked_before(w: Tensor, dtype: torch.dtype) -> bool:
+    version = _weights_version(w)
+    entry = None if version is None else _CHECKED_WEIGHTS.get((id(w), dtype))
+    return entry is not None and entry[0]() is w and entry[1] == version
+
+
+def _remember_checked_weights(w: Tensor, dtype: torch.dtype) -> None:
+    version = _weights_version(w)
+    if version is None or _vouched_for("teacher_weights"):  # a caller's word is not a check
+        return
+    if len(_CHECKED_WEIGHTS) >= _CHECKED_WEIGHTS_MAX:
+        _CHECKED_WEIGHTS.pop(next(iter(_CHECKED_WEIGHTS)))
+    _CHECKED_WEIGHTS[(id(w), dtype)] = (weakref.ref(w), version)
 
 
 def _host_denominator(n: int, acc: torch.dtype, device: torch.device) -> Tensor:

@@ -2,7 +2,8 @@
 sync to sync, so host work before the main kernel adds in series, and in training a device sync stops the host
 running ahead. The CPU twin (the decisions, not the GPU) is tests/test_launch_overhead.py.
   - a default call of each fused op, forward and backward, never synchronises (sync debug mode "error"); nor does
-    a step of the reference loop with labels and sample weights;
+    a step of the reference loop with labels and sample weights, nor a call with a tensor of teacher weights that
+    an earlier call checked, nor reading a batch of a teacher-logit cache onto the GPU;
   - a kd_loss step launches a handful of CUDA kernels besides the row kernel (the argument tensors are cached);
   - repeated steps leave torch's global Triton kernel table as it was (eager launches bypass wrap_triton).
 Each check names the op and what it saw."""
@@ -96,6 +97,9 @@ def _loop_step():
 STEPS = {"kd_loss triton": lambda: _kd("triton"), "kd_loss cuda": lambda: _kd("cuda"),
          # weights as numbers: checked on the host, copied without a sync
          "kd_loss teacher_weights=[0.3, 0.7]": lambda: _kd("triton", teacher_weights=[0.3, 0.7]),
+         # a constant tensor of weights: checked on the warm-up call only
+         "kd_loss teacher_weights=<the same tensor>": lambda: _kd(
+             "triton", teacher_weights=torch.tensor([0.3, 0.7], device="cuda")),
          "codistill_loss": _codistill,
          "MIAlphaLoss": _mi_module, "fused_linear_kd_loss": _fused_linear,
          "DistillationLoop step (labels, weights)": _loop_step}  # fmt: skip
@@ -145,3 +149,34 @@ def test_repeated_steps_leave_the_triton_kernel_table_alone():
         step()
     torch.cuda.synchronize()
     assert len(kernel_side_table.id_to_kernel) == before, "each step registered kernels in torch's global table"
+
+
+@pytest.mark.parametrize("kind", ["full", "topk"])
+def test_teacher_cache_rows_reach_the_gpu_without_a_sync(tmp_path, kind):
+    """A teacher-logit cache gathers rows into page-locked memory and copies them asynchronously: the same values as
+    on the CPU, and no device sync (sync debug mode "error"), so the host can run ahead to the next step."""
+    from torch import nn
+
+    from fastdistill.training import ArrayDataset, write_teacher_cache
+
+    torch.manual_seed(0)
+    data = ArrayDataset(input=torch.randn(13, 5, 8))
+    extra = {} if kind == "full" else {"topk": 4}
+    cache = write_teacher_cache(tmp_path / "c.safetensors", [nn.Linear(8, 17), nn.Linear(8, 17)], data, **extra)
+    rows = [3, 0, 12, 7]
+    cache.get(rows, device="cuda")  # warm-up: the host allocator's first page-locked block
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_gpu = [cache.get(rows, device="cuda", dtype=BF16) for _ in range(3)]
+        parts = cache.topk(rows, device="cuda") if kind == "topk" else None
+    except RuntimeError as e:
+        pytest.fail(f"reading {kind} cache rows onto the GPU synchronised with the device: {e}")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for x in on_gpu:
+        assert x.device.type == "cuda" and x.dtype == BF16 and x.shape == (2, 4, 5, 17)
+        torch.testing.assert_close(x.cpu(), cache.get(rows, dtype=BF16), rtol=0, atol=0)
+    if parts is not None:
+        for a, b in zip(parts, cache.topk(rows), strict=True):
+            assert a.device.type == "cuda" and torch.equal(a.cpu(), b)

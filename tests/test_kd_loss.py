@@ -128,6 +128,60 @@ def test_teacher_weights_as_numbers_are_checked_on_the_host(monkeypatch):
             fastdistill.kd_loss(student, teachers, teacher_weights=bad)
 
 
+def test_a_weights_tensor_is_checked_once_until_it_changes(monkeypatch):
+    """A tensor of weights used again (KDLoss(teacher_weights=tensor), or the same tensor on every call) is checked on
+    its first use only (the checks are two syncs per call on CUDA); an in-place change, another accumulation dtype,
+    an inference tensor or a caller's values_checked() make it checked again; bad values still raise."""
+    from fastdistill import functional
+
+    checked = []
+    original = functional._check_values
+    monkeypatch.setattr(functional, "_check_values", lambda name, *a: (checked.append(name), original(name, *a)))
+    student, teachers = make_inputs((3, 4), 17, 2)
+    w = torch.tensor([1.0, 3.0])
+    loss_fn = fastdistill.KDLoss(teacher_weights=w, backend="reference")
+    first = loss_fn(student, teachers)
+    assert checked.count("teacher_weights") == 2
+    torch.testing.assert_close(loss_fn(student, teachers), first)
+    fastdistill.kd_loss(student, teachers, teacher_weights=w, backend="reference")
+    assert checked.count("teacher_weights") == 2  # the same tensor, unchanged: not checked again
+    fastdistill.kd_loss(student.double(), [t.double() for t in teachers], teacher_weights=w, backend="reference")
+    assert checked.count("teacher_weights") == 4  # checked in float64 now
+    w[1] = 1.0  # an in-place change: checked again, and the loss follows the new weights
+    changed = loss_fn(student, teachers)
+    assert checked.count("teacher_weights") == 6
+    assert not torch.allclose(changed, first)
+    w[1] = -1.0
+    with pytest.raises(ValueError, match="teacher_weights must be finite and >= 0"):
+        loss_fn(student, teachers)
+    with torch.no_grad():
+        w.fill_(0.0)  # in-place under no_grad bumps the version counter too
+    with pytest.raises(ValueError, match="teacher_weights must be positive in every row"):
+        loss_fn(student, teachers)
+    # vouched for by a caller: skipped, and not remembered as checked
+    v = torch.tensor([2.0, 1.0])
+    with functional.values_checked("teacher_weights"):
+        fastdistill.kd_loss(student, teachers, teacher_weights=v, backend="reference")
+    before = checked.count("teacher_weights")
+    fastdistill.kd_loss(student, teachers, teacher_weights=v, backend="reference")
+    assert checked.count("teacher_weights") == before + 2
+    # inference tensors have no version counter: checked on every call
+    with torch.inference_mode():
+        u = torch.tensor([1.0, 1.0])
+    for _ in range(2):
+        fastdistill.kd_loss(student, teachers, teacher_weights=u, backend="reference")
+    assert checked.count("teacher_weights") == before + 6
+    # a new tensor at a checked, dead tensor's address (CPython reuses them) is not taken for it
+    for _ in range(3):
+        good = torch.tensor([1.0, 1.0])
+        fastdistill.kd_loss(student, teachers, teacher_weights=good, backend="reference")
+        del good
+        bad = torch.tensor([math.inf, 1.0])
+        with pytest.raises(ValueError, match="finite"):
+            fastdistill.kd_loss(student, teachers, teacher_weights=bad, backend="reference")
+        del bad
+
+
 @pytest.mark.parametrize("backend", KD_BACKENDS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_all_rows_ignored(backend, reduction):

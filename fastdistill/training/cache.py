@@ -113,9 +113,9 @@ class TeacherLogitCache:
             raise ValueError("topk() needs a top-k cache; this one stores full logits")
         idx = self._rows(index)
         return (
-            self.values[idx].transpose(0, 1).to(device).contiguous(),
-            self.indices[idx].transpose(0, 1).to(device, torch.long).contiguous(),
-            self.tail_mass[idx].transpose(0, 1).to(device, torch.float32).contiguous(),
+            _gather(self.values, idx, device).transpose(0, 1).contiguous(),
+            _gather(self.indices, idx, device).transpose(0, 1).to(torch.long).contiguous(),
+            _gather(self.tail_mass, idx, device).transpose(0, 1).to(torch.float32).contiguous(),
         )
 
     def get(
@@ -125,9 +125,22 @@ class TeacherLogitCache:
         takes as ``teacher_logits``. For a top-k cache, dense logits (see the module docstring)."""
         idx = self._rows(index)
         if self.kind == "full":
-            return self.logits[idx].transpose(0, 1).to(device, dtype).contiguous()
+            return _gather(self.logits, idx, device).transpose(0, 1).to(dtype).contiguous()
         values, indices, tail = self.topk(idx, device)
         return topk_to_logits(values, indices, tail, self.vocab_size).to(dtype or values.dtype)
+
+
+def _gather(t: Tensor, idx: Tensor, device: torch.device | str | None) -> Tensor:
+    """Rows ``idx`` of the mapped tensor ``t``, on ``device``. For a GPU they are gathered into page-locked memory
+    (torch's caching host allocator) and copied without blocking the host: from pageable memory the copy of a batch
+    of teacher logits (hundreds of MB for an LLM) would be staged by the driver, synchronously, after the gather's
+    own copy. The host memory is reused only once the copy is done (the allocator records the copy's stream)."""
+    device = torch.device(device) if device is not None else t.device
+    if device.type != "cuda" or idx.dim() != 1:
+        return t[idx].to(device)
+    rows = torch.empty((idx.numel(), *t.shape[1:]), dtype=t.dtype, pin_memory=True)
+    torch.index_select(t, 0, idx, out=rows)
+    return rows.to(device, non_blocking=True)
 
 
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:
