@@ -125,8 +125,55 @@ def test_slam_loss_matches_probability_space(normalize):
     alpha, k = torch.tensor([0.9, 0.5, 0.2, 0.7, 0.99], dtype=torch.float64), torch.tensor([1, 2, 3, 4, 2])
     mix = slam_mix(torch.softmax(s, -1), alpha, topk_mask(t, k), normalize=normalize)
     want = -(torch.softmax(t, -1) * mix.log()).sum(-1)
-    torch.testing.assert_close(slam_loss(s, t, alpha, k, normalize=normalize, reduction="none"), want.float())
-    torch.testing.assert_close(slam_loss(s, t, alpha, k, normalize=normalize), want.mean().float())
+    # float64 logits: computed and returned in float64 (SPEC §1), to float64 rounding
+    got = slam_loss(s, t, alpha, k, normalize=normalize, reduction="none")
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(slam_loss(s, t, alpha, k, normalize=normalize), want.mean(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(slam_loss(s.float(), t.float(), alpha, k, normalize=normalize), want.mean().float())
+
+
+def test_slam_loss_keeps_its_gradient_however_unlikely_a_class_becomes():
+    """log f is never floored: a class the teacher gives mass and the student puts e^-gap on costs gap (plus a
+    constant) and pulls back with the teacher's mass, at gap 50 as at gap 500 (a floor at -100 capped the loss
+    and zeroed the gradient)."""
+    t = torch.log(torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64))
+    for gap in (50.0, 120.0, 500.0):
+        s = torch.tensor([[0.0, 0.0, -gap]], dtype=torch.float64, requires_grad=True)
+        loss = slam_loss(s, t, torch.tensor([0.7], dtype=torch.float64), 2)
+        loss.backward()
+        mix = slam_mix(torch.softmax(s.detach(), -1), 0.7, topk_mask(t, 2))
+        want = -(torch.softmax(t, -1) * mix.log()).sum()  # log(0.7 e^-gap / Z) for class 2, outside the top 2
+        torch.testing.assert_close(loss, want, rtol=1e-12, atol=0)
+        assert float(s.grad[0, 2]) == pytest.approx(-0.2, rel=1e-9)
+
+
+def test_slam_loss_skips_ignored_rows_and_takes_num_items():
+    torch.manual_seed(3)
+    s, t = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    alpha, k = torch.rand(6, dtype=torch.float64), torch.tensor([1, 2, 3, 4, 5, 2])
+    labels = torch.tensor([0, -100, 3, 1, -100, 2])
+    rows = slam_loss(s, t, alpha, k, reduction="none")
+    kept = labels != -100
+    got = slam_loss(s, t, alpha, k, labels=labels, reduction="none")
+    torch.testing.assert_close(got, torch.where(kept, rows, 0.0))
+    torch.testing.assert_close(slam_loss(s, t, alpha, k, labels=labels), rows[kept].mean())
+    torch.testing.assert_close(slam_loss(s, t, alpha, k, labels=labels, num_items=10), rows[kept].sum() / 10)
+    torch.testing.assert_close(slam_loss(s, t, alpha, k, labels=labels, num_items=torch.tensor(10)),
+                               rows[kept].sum() / 10)  # fmt: skip
+    torch.testing.assert_close(slam_loss(s, t, alpha, k, labels=labels, ignore_index=1, reduction="sum"),
+                               torch.where(labels != 1, rows, 0.0).sum())  # fmt: skip
+    all_ignored = slam_loss(s, t, alpha, k, labels=torch.full((6,), -100))
+    assert float(all_ignored) == 0.0
+
+
+@pytest.mark.parametrize("alpha", [1.2, -0.1, math.nan])
+def test_slam_loss_alpha_out_of_range_is_an_error(alpha):
+    s, t = torch.randn(3, 4), torch.randn(3, 4)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        slam_loss(s, t, torch.full((3,), alpha), 2)
+    with pytest.raises(ValueError, match="reduction must be"):
+        slam_loss(s, t, 0.5, 2, reduction="batchmean")
 
 
 def test_slam_loss_alpha_one_is_soft_cross_entropy_and_gradients_stay_finite():
@@ -162,6 +209,14 @@ def test_sampling_distribution_by_hand():
     assert robust_sampling_distribution(torch.tensor([0.0, 0, 3]), 2).tolist() == [0.5, 0.5, 1.0]
     p = robust_sampling_distribution(torch.rand(50), 7)
     assert float(p.sum()) == pytest.approx(7) and (p <= 1).all() and (p >= 0).all()
+    # gains of very different sizes: the capped ones leave the small ones' sum intact (a running sum less 1e17
+    # left nothing of the ten 1s, and gave negative p)
+    p = robust_sampling_distribution(torch.tensor([1e17, 1e17] + [1.0] * 10), 3)
+    torch.testing.assert_close(p, torch.tensor([1.0, 1.0] + [0.1] * 10))
+    p = robust_sampling_distribution(torch.tensor([1e20] + [1.0] * 10), 3)
+    torch.testing.assert_close(p, torch.tensor([1.0] + [0.2] * 10))
+    with pytest.raises(ValueError, match="gains must be finite"):
+        robust_sampling_distribution(torch.tensor([0.5, math.nan, 0.2, 0.9, 0.1]), 2)
     with pytest.raises(ValueError):
         robust_sampling_distribution(torch.ones(3), 4)
 
@@ -235,3 +290,42 @@ def test_example_small_mode_end_to_end(tmp_path):
                     "active robust, 20 queries", "teacher mislabels among the queried: margin, 20"):
             assert len(rows[row]) == 1 and 0.0 <= rows[row][0] <= 1.0 and not math.isnan(rows[row][0])
     assert "| teacher " in r.table and "wall time" in r.table and "intervals" in r.table
+
+
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("which", ["weighted", "slam"])
+def test_losses_in_the_loop_accumulate_like_one_batch(which, hard):
+    """In DistillationLoop with labels (some of them ignore_index), two micro-batches of 8 take the step one batch of
+    16 takes: the losses divide by the loop's num_items and skip ignored rows (they returned per-micro-batch means
+    before, so accumulation multiplied the gradient by grad_accum_steps)."""
+    import copy
+
+    from torch import nn
+
+    from fastdistill.training import ArrayDataset, DistillationLoop
+
+    if which == "slam" and hard:
+        pytest.skip("SLaM has no hard mode")
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    y[[1, 2, 3, 9]] = -100  # uneven: 3 ignored in the first micro-batch, 1 in the second
+    teacher, student0 = nn.Linear(6, 4), nn.Linear(6, 4)
+    rel = TeacherReliability.fit(teacher(torch.randn(40, 6)).detach(), torch.randint(0, 4, (40,)))
+    loss = WeightedKDLoss(rel, hard=hard, temperature=2.0) if which == "weighted" else SLaMLoss(rel)
+
+    def step(accum):
+        st = copy.deepcopy(student0)
+        loop = DistillationLoop(st, [teacher], loss=loss, optimizer=torch.optim.SGD(st.parameters(), lr=1.0),
+                                batch_size=16 // accum, grad_accum_steps=accum, shuffle=False, progress=False,
+                                device="cpu")  # fmt: skip
+        loop.fit(ArrayDataset(input=x, labels=y), max_steps=1)
+        return student0.weight.detach() - st.weight.detach()
+
+    torch.testing.assert_close(step(2), step(1), rtol=1e-5, atol=1e-7)
+    # and the step is the loss over the 12 kept rows only
+    with torch.no_grad():
+        kept = y != -100
+        t = teacher(x)
+    st = copy.deepcopy(student0)
+    loss(st(x[kept]), t[kept]).backward()
+    torch.testing.assert_close(step(1), st.weight.grad, rtol=1e-5, atol=1e-7)

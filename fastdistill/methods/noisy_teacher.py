@@ -90,8 +90,9 @@ class IsotonicCalibrator:
         """[*] scores -> [*] fitted values (float32)."""
         if self.lo is None or self.value is None:
             raise RuntimeError("fit the calibrator first")
-        idx = torch.searchsorted(self.lo, score.detach().double().contiguous(), right=True) - 1
-        return self.value[idx.clamp(0, len(self.value) - 1)].float()
+        lo, value = self.lo.to(score.device), self.value.to(score.device)  # [B]: a few numbers, any device
+        idx = torch.searchsorted(lo, score.detach().double().contiguous(), right=True) - 1
+        return value[idx.clamp(0, len(value) - 1)].float()
 
 
 def _single_teacher(teacher_logits: Tensor | Sequence[Tensor]) -> Tensor:
@@ -140,7 +141,7 @@ class TeacherReliability:
         """[*, V] -> int64 [*]: per row, the smallest k whose estimated top-k accuracy at the row's confidence is
         at least ``target`` (``max_k`` if none is). SLaM's k(x); the threshold 0.9 is our choice."""
         conf = _confidence(teacher_logits)
-        k = torch.full(conf.shape, self.max_k, dtype=torch.long)
+        k = torch.full(conf.shape, self.max_k, dtype=torch.long, device=conf.device)
         for kk in range(self.max_k, 0, -1):  # descending, so the smallest k that qualifies is written last
             k = torch.where(self.calibrators[kk - 1](conf) >= target, torch.full_like(k, kk), k)
         return k
@@ -171,23 +172,33 @@ class WeightedKDLoss(nn.Module):
     The weights come from the teacher's logits on the batch (:func:`distillation_weights`) and go to
     :func:`fastdistill.kd_loss` as ``sample_weight`` (times any ``sample_weight`` the batch carries).
     ``hard=True``: cross-entropy on the teacher's label (``ce_weight=1``); else soft KD at ``temperature``.
+    ``labels`` (the batch's, where it has them) are not learnt from: rows whose label is ``ignore_index`` (padding)
+    are skipped, and ``reduction="mean"`` divides by the rows not skipped, or by ``num_items`` (the loop's count
+    over a step's micro-batches), as :func:`fastdistill.kd_loss` does.
     """
 
-    def __init__(self, reliability: TeacherReliability, *, hard: bool = False, temperature: float = 1.0) -> None:
+    def __init__(self, reliability: TeacherReliability, *, hard: bool = False, temperature: float = 1.0,
+                 ignore_index: int = -100, reduction: str = "mean") -> None:  # fmt: skip
         super().__init__()
         self.reliability, self.hard, self.temperature = reliability, hard, temperature
+        self.ignore_index, self.reduction = ignore_index, reduction
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor | Sequence[Tensor], labels: Tensor | None = None,
-                *, num_items=None, sample_weight: Tensor | None = None) -> Tensor:  # fmt: skip
+                *, num_items: int | Tensor | None = None, sample_weight: Tensor | None = None) -> Tensor:  # fmt: skip
+        """student_logits [*, V]; teacher_logits [*, V] (or [1, *, V] / a list of one); labels int64 [*] or None."""
         t = _single_teacher(teacher_logits)
         if t.dim() == student_logits.dim() + 1:
             t = t.squeeze(0)
         w = distillation_weights(self.reliability, t)
         if sample_weight is not None:
             w = w * sample_weight
+        kw = dict(sample_weight=w, ignore_index=self.ignore_index, reduction=self.reduction, num_items=num_items)
         if self.hard:
-            return fastdistill.kd_loss(student_logits, t, labels=t.argmax(-1), ce_weight=1.0, sample_weight=w)
-        return fastdistill.kd_loss(student_logits, t, temperature=self.temperature, sample_weight=w)
+            hard = t.argmax(-1)
+            if labels is not None:  # the teacher's label, except on the rows the batch marks as ignored
+                hard = torch.where(labels == self.ignore_index, labels, hard)
+            return fastdistill.kd_loss(student_logits, t, hard, ce_weight=1.0, **kw)
+        return fastdistill.kd_loss(student_logits, t, labels, temperature=self.temperature, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -233,64 +244,95 @@ def slam_loss(
     *,
     normalize: bool = False,
     sample_weight: Tensor | None = None,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
     reduction: str = "mean",
+    num_items: int | Tensor | None = None,
 ) -> Tensor:
     """SLaM: cross-entropy of the teacher's soft label against mix(student's probabilities), in log space.
 
     loss(x) = −Σ_v p_teacher(v|x) · log mix(f(x))_v with mix as in :func:`slam_mix`, computed as
     log mix_v = logaddexp(log α + log f_v, log(1 − α) + log(1 − f_v) + log top_v − log c), with log f from
-    ``log_softmax`` and log(1 − f) = log(−expm1(log f)); every log term is floored at −100 so that rows whose
-    terms vanish (α = 0 or 1, classes outside the top k) stay finite and their gradients are 0, never NaN.
+    ``log_softmax`` (never floored: the loss grows and keeps its gradient however unlikely a class becomes) and
+    log(1 − f) = log(−expm1(log f)). The terms that vanish by construction (log α at α = 0, log(1 − α) at α = 1,
+    log(1 − f) at f = 1) are floored at −100 so that such rows stay finite and their gradients are 0, never NaN;
+    classes outside the top k have no second term at all.
 
     Args:
         student_logits: [N, V] (or [*, V]).
         teacher_logits: [*, V]; its softmax (T = 1) is the soft label, its top ``k`` the mixing mask. Constant.
-        alpha: [*] α(x) in [0, 1]; k: int or int64 [*] in [1, V].
+        alpha: [*] α(x) in [0, 1] (or a float); k: int or int64 [*] in [1, V].
         sample_weight: optional [*] non-negative weights.
-        reduction: "mean" (over rows), "sum" or "none" ([*]).
+        labels: optional int64 [*]: not learnt from; rows whose label is ``ignore_index`` (padding) are skipped.
+        reduction: "mean" (over the rows not skipped, or ``num_items``), "sum" or "none" ([*]).
+        num_items: the "mean" denominator instead of the count of rows not skipped (as in
+            :func:`fastdistill.kd_loss`: a training loop's count over a step's micro-batches).
+    Returns:
+        float32 (float64 for float64 logits), 0-dim or [*].
     """
-    t = teacher_logits.detach().float()
-    log_f = torch.log_softmax(student_logits.float(), dim=-1)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    acc = fastdistill.ops.reference.compute_dtype(student_logits, teacher_logits)
+    t = teacher_logits.detach().to(acc)
+    log_f = torch.log_softmax(student_logits.to(acc), dim=-1)
     mask = topk_mask(t, k)
-    alpha = torch.as_tensor(alpha, dtype=log_f.dtype, device=log_f.device).expand(log_f.shape[:-1])[..., None]
-    floor = torch.tensor(_LOG_FLOOR, dtype=log_f.dtype, device=log_f.device)
+    alpha = torch.as_tensor(alpha, dtype=acc, device=log_f.device)
+    if not torch.compiler.is_compiling() and not bool(((alpha >= 0) & (alpha <= 1)).all()):
+        raise ValueError("alpha must be in [0, 1] (and not NaN)")
+    alpha = alpha.expand(log_f.shape[:-1])[..., None]
+    floor = torch.tensor(_LOG_FLOOR, dtype=acc, device=log_f.device)
     log_a, log_1ma = torch.log(alpha).clamp_min(floor), torch.log1p(-alpha).clamp_min(floor)
     # log(1 - f): -expm1(log f) is exact near f = 1; clamp the argument so f = 1 gives the floor, not log 0
-    log_1mf = torch.log((-torch.expm1(log_f)).clamp_min(1e-38)).clamp_min(floor)
-    second = log_1ma + log_1mf + torch.where(mask, torch.zeros_like(log_f), floor)
+    log_1mf = torch.log((-torch.expm1(log_f)).clamp_min(torch.finfo(acc).tiny)).clamp_min(floor)
+    second = log_1ma + log_1mf
     if normalize:
-        c = (mask.sum(-1, keepdim=True) - 1).clamp_min(1).to(log_f.dtype)
+        c = (mask.sum(-1, keepdim=True) - 1).clamp_min(1).to(acc)
         second = second - torch.log(c)
-    log_mix = torch.logaddexp(log_a + log_f.clamp_min(floor), second)
+    # outside the top k the mix is α f alone: logaddexp(x, -inf) = x, its gradient 1 and 0 (the first term is finite)
+    log_mix = torch.logaddexp(log_a + log_f, torch.where(mask, second, -torch.inf))
     per_row = -(torch.softmax(t, dim=-1) * log_mix).sum(-1)
     if sample_weight is not None:
         per_row = per_row * sample_weight.to(per_row.dtype)
+    kept = None
+    if labels is not None:
+        if labels.shape != per_row.shape:
+            raise ValueError(f"labels must be [*] = {list(per_row.shape)}, got {list(labels.shape)}")
+        kept = labels != ignore_index
+        per_row = torch.where(kept, per_row, torch.zeros_like(per_row))
     if reduction == "none":
         return per_row
+    total = per_row.sum()
     if reduction == "sum":
-        return per_row.sum()
-    if reduction == "mean":
-        return per_row.mean() if per_row.numel() else per_row.sum()
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        return total
+    if num_items is not None:
+        return total / torch.as_tensor(num_items, device=total.device).to(acc).clamp_min(1)
+    count = kept.sum() if kept is not None else per_row.numel()
+    return total / (count.to(acc).clamp_min(1) if kept is not None else max(count, 1))
 
 
 class SLaMLoss(nn.Module):
     """SLaM as a loss for :class:`~fastdistill.training.DistillationLoop`: α(x) and k(x) come from the teacher's
     logits on the batch through a fitted :class:`TeacherReliability` (α = estimated top-1 accuracy at the teacher's
-    confidence; k = the smallest k with estimated top-k accuracy ≥ ``topk_target``)."""
+    confidence; k = the smallest k with estimated top-k accuracy ≥ ``topk_target``). ``labels``, ``ignore_index``,
+    ``num_items`` and the reduction as in :func:`slam_loss` (the batch's labels only mark rows to skip)."""
 
-    def __init__(self, reliability: TeacherReliability, *, normalize: bool = False, topk_target: float = 0.9) -> None:
+    def __init__(self, reliability: TeacherReliability, *, normalize: bool = False, topk_target: float = 0.9,
+                 ignore_index: int = -100, reduction: str = "mean") -> None:  # fmt: skip
         super().__init__()
         self.reliability, self.normalize, self.topk_target = reliability, normalize, topk_target
+        self.ignore_index, self.reduction = ignore_index, reduction
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor | Sequence[Tensor], labels: Tensor | None = None,
-                *, num_items=None, sample_weight: Tensor | None = None) -> Tensor:  # fmt: skip
+                *, num_items: int | Tensor | None = None, sample_weight: Tensor | None = None) -> Tensor:  # fmt: skip
+        """student_logits [*, V]; teacher_logits [*, V] (or [1, *, V] / a list of one); labels int64 [*] or None."""
         t = _single_teacher(teacher_logits)
         if t.dim() == student_logits.dim() + 1:
             t = t.squeeze(0)
         alpha = self.reliability.accuracy(t)
         k = self.reliability.smallest_k(t, self.topk_target)
-        return slam_loss(student_logits, t, alpha, k, normalize=self.normalize, sample_weight=sample_weight)
+        return slam_loss(student_logits, t, alpha, k, normalize=self.normalize, sample_weight=sample_weight,
+                         labels=labels, ignore_index=self.ignore_index, reduction=self.reduction,
+                         num_items=num_items)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -315,7 +357,10 @@ def robust_sampling_distribution(gains: Tensor, budget: int) -> Tensor:
     has the two properties the abstract asks for: it is parameter-free, and it randomises instead of taking the
     top-``budget`` gains greedily, so no single score error (a point the teacher gets wrong) is picked for certain.
     """
-    g = gains.detach().double().clamp_min(0).flatten()
+    g = gains.detach().double().flatten()
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError("gains must be finite (a NaN gain comes from a student with non-finite logits)")
+    g = g.clamp_min(0)
     n = g.numel()
     if not 0 <= budget <= n:
         raise ValueError(f"budget must be in [0, {n}], got {budget}")
@@ -332,13 +377,14 @@ def robust_sampling_distribution(gains: Tensor, budget: int) -> Tensor:
     # capped proportional: the largest gains saturate at 1 one at a time until λ·g ≤ 1 for the rest
     order = torch.argsort(g, descending=True)
     gs = g[order]
+    # the sums of gs[i:], each its own sum (a running sum less the capped gains cancels: 1e20 - 1e20 leaves
+    # nothing of the small gains behind it)
+    tails = gs.flip(0).cumsum(0).flip(0).tolist()
     capped = 0
-    tail = gs.sum()
     while True:
-        lam = (budget - capped) / tail
+        lam = (budget - capped) / tails[capped]
         if lam * gs[capped] <= 1 + 1e-12:
             break
-        tail = tail - gs[capped]
         capped += 1
     out = torch.minimum(lam * gs, torch.ones_like(gs))
     out[:capped] = 1.0
