@@ -133,13 +133,14 @@ def test_guide_first_block_is_the_hand_computed_map():
     # fused q|k|v (Conv1D [in, out]); head h of part p sits at columns p*32 + h*8 .. + 8
     w, b = _d(tb.attn.c_attn.weight), _d(tb.attn.c_attn.bias)
     cols = [p * 32 + h * 8 + j for p in range(3) for h in heads for j in range(8)]
-    close(sb.attn.c_attn.weight, m.T @ (g1[:, None] * w)[:, cols])  # LayerNorm gain folded, input side M^T
+    r = 2**0.5  # sqrt(d_T / d_S): a norm over 16 coordinates, not 32 (see the d_S < d_T exactness test)
+    close(sb.attn.c_attn.weight, m.T @ (r * g1[:, None] * w)[:, cols])  # LayerNorm gain folded, input side M^T
     close(sb.attn.c_attn.bias, (b + b1 @ w)[cols])  # LayerNorm bias folded
     rows = [h * 8 + j for h in heads for j in range(8)]
     close(sb.attn.c_proj.weight, _d(tb.attn.c_proj.weight)[rows] @ m)  # writes into the residual: W M
     close(sb.attn.c_proj.bias, _d(tb.attn.c_proj.bias) @ m)
     w, b = _d(tb.mlp.c_fc.weight), _d(tb.mlp.c_fc.bias)
-    close(sb.mlp.c_fc.weight, m.T @ (g2[:, None] * w)[:, neurons])
+    close(sb.mlp.c_fc.weight, m.T @ (r * g2[:, None] * w)[:, neurons])
     close(sb.mlp.c_fc.bias, (b + b2 @ w)[neurons])
     close(sb.mlp.c_proj.weight, _d(tb.mlp.c_proj.weight)[neurons] @ m)
     close(sb.mlp.c_proj.bias, _d(tb.mlp.c_proj.bias) @ m)
@@ -176,7 +177,7 @@ def test_guide_smaller_head_dim_keeps_uniformly_selected_dimensions():
     dims = list(range(0, 16, 2))
     assert (report["heads"], report["head_dims"]) == ([0, 1], dims)
     tb, sb, m = teacher.transformer.h[0], student.transformer.h[0], _d(report["basis"])
-    w = _d(tb.ln_1.weight)[:, None] * _d(tb.attn.c_attn.weight)
+    w = 2**0.5 * _d(tb.ln_1.weight)[:, None] * _d(tb.attn.c_attn.weight)  # the gain times sqrt(d_T / d_S)
     cols = [p * 32 + h * 16 + j for p in range(3) for h in (0, 1) for j in dims]
     torch.testing.assert_close(_d(sb.attn.c_attn.weight), m.T @ w[:, cols], atol=1e-5, rtol=1e-5)
     rows = [h * 16 + j for h in (0, 1) for j in dims]
@@ -193,7 +194,7 @@ def test_guide_grouped_query_attention_keeps_each_query_head_with_its_kv_head():
     for proj, heads in (("q_proj", [0, 1, 4, 5]), ("k_proj", [0, 2]), ("v_proj", [0, 2])):
         rows = [h * 4 + j for h in heads for j in range(4)]
         w = _d(getattr(ta, proj).weight)[rows]  # nn.Linear [out, in]
-        torch.testing.assert_close(_d(getattr(sa, proj).weight), w * g @ m, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_d(getattr(sa, proj).weight), 2**0.5 * w * g @ m, atol=1e-5, rtol=1e-5)
     rows = [h * 4 + j for h in [0, 1, 4, 5] for j in range(4)]
     torch.testing.assert_close(_d(sa.o_proj.weight), m.T @ _d(ta.o_proj.weight)[:, rows], atol=1e-5, rtol=1e-5)
     # untied LM head: projected like the input table
@@ -212,6 +213,38 @@ def test_guide_untruncated_rmsnorm_student_reproduces_the_teacher(cls):
     with torch.no_grad():
         expected, actual = teacher(ids).logits, student(ids).logits
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("blocks", ["first", "all"])
+def test_guide_narrower_rmsnorm_student_is_exact_on_a_stream_in_the_subspace(blocks):
+    """d_S < d_T, the teacher's embedding table of rank d_S (the PCA then loses nothing): on the embedded tokens the
+    student's q, k, v and MLP inputs are the teacher's (selected heads and neurons), and with blocks="all" its
+    logits on the same stream too. A norm divides by the RMS over its own width, so the folded gains carry
+    sqrt(d_T / d_S) (without it everything read after a norm was 0.71 of the teacher's at 32 -> 16)."""
+    teacher, student = _perturb(_llama(1, 32, 4, 4, 64, seed=0)), _llama(1, 16, 2, 2, 64, seed=1)  # head_dim 8
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        basis, _ = torch.linalg.qr(torch.randn(32, 16, generator=g))
+        table = (torch.randn(VOCAB, 16, generator=g) * torch.logspace(0.5, -1, 16)) @ basis.T
+        teacher.model.embed_tokens.weight.copy_(table)
+        teacher.model.norm.weight.mul_(1 + 0.3 * torch.randn(32, generator=g))
+    report = init_student_from_teacher(student, teacher, blocks=blocks)
+    ids = torch.arange(VOCAB)
+    tl, sl = teacher.model.layers[0], student.model.layers[0]
+    with torch.no_grad():
+        xt, xs = teacher.model.embed_tokens(ids), student.model.embed_tokens(ids)
+        nt, ns = tl.input_layernorm(xt), sl.input_layernorm(xs)
+        rows = [h * 8 + j for h in report["heads"] for j in range(8)]
+        for name in ("q_proj", "k_proj", "v_proj"):
+            torch.testing.assert_close(getattr(sl.self_attn, name)(ns), getattr(tl.self_attn, name)(nt)[:, rows],
+                                       atol=1e-4, rtol=1e-4)  # fmt: skip
+        nt, ns = tl.post_attention_layernorm(xt), sl.post_attention_layernorm(xs)
+        torch.testing.assert_close(sl.mlp.up_proj(ns), tl.mlp.up_proj(nt)[:, report["neurons"]], atol=1e-4,
+                                   rtol=1e-4)  # fmt: skip
+        if blocks == "all":
+            assert report["final_norm"] == "folded into lm_head"
+            torch.testing.assert_close(student.lm_head(student.model.norm(xs)), teacher.lm_head(teacher.model.norm(xt)),
+                                       atol=1e-4, rtol=1e-4)  # fmt: skip
 
 
 def test_guide_untruncated_gpt2_is_the_teacher_rotated_in_its_linear_parts():
@@ -247,8 +280,8 @@ def test_guide_all_blocks_uses_uniformly_selected_teacher_layers_and_the_final_n
     # tied LM head: the final LayerNorm cannot be folded; its gain becomes the diagonal of M^T diag(g) M
     ln_t, ln_s = teacher.transformer.ln_f, student.transformer.ln_f
     assert report["final_norm"] == "diagonal of the projected gain"
-    torch.testing.assert_close(_d(ln_s.weight), torch.diagonal(m.T @ torch.diag(_d(ln_t.weight)) @ m), atol=1e-5,
-                               rtol=1e-5)  # fmt: skip
+    torch.testing.assert_close(_d(ln_s.weight), 2**0.5 * torch.diagonal(m.T @ torch.diag(_d(ln_t.weight)) @ m),
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
     torch.testing.assert_close(_d(ln_s.bias), _d(ln_t.bias) @ m, atol=1e-5, rtol=1e-5)
 
 

@@ -21,6 +21,7 @@ experiment: ``docs/lm_methods.md``.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -165,6 +166,13 @@ def _pca_basis(table: Tensor, k: int) -> tuple[Tensor, float]:
     return basis.contiguous(), float(var[:k].sum()) / total if total > 0 else float("nan")
 
 
+def _width_ratio(basis: Tensor) -> float:
+    """sqrt(d_T / d_S), folded into every norm gain: a norm divides by the RMS over its own width, so the student's
+    normed stream, x M over d_S coordinates, is sqrt(d_S / d_T) times the teacher's (x in the span of M, where
+    ||x M|| = ||x||) projected."""
+    return math.sqrt(basis.shape[0] / basis.shape[1])
+
+
 def _head_selection(ds: _Dims, dt: _Dims) -> tuple[list[int], list[int]]:
     """(query heads, key/value heads) of the teacher kept by the student: kv heads uniformly, then the same uniform
     choice of query heads inside each kept group, so student query head j still reads its own group's kv head."""
@@ -177,6 +185,7 @@ def _head_selection(ds: _Dims, dt: _Dims) -> tuple[list[int], list[int]]:
 def _guide_block(t: dict, s: dict, basis: Tensor, q_idx: Tensor, kv_idx: Tensor, dim_idx: Tensor,
                  neurons: Tensor) -> None:  # fmt: skip
     dev = basis.device
+    ratio = _width_ratio(basis)
 
     def reading(pair, norm, select):
         """A linear map reading the normed residual stream: fold the norm's affine into it, then W -> M^T W."""
@@ -184,6 +193,7 @@ def _guide_block(t: dict, s: dict, basis: Tensor, q_idx: Tensor, kv_idx: Tensor,
         gain, beta = _f64(norm[0], dev), _f64(norm[1], dev)
         if b is not None and beta is not None:
             b = b + torch.tensordot(beta, w, dims=1)  # beta W: computed before the gain is folded into W
+        gain = (torch.ones(w.shape[0], dtype=w.dtype, device=dev) if gain is None else gain) * ratio
         w = torch.tensordot(basis.T, gain.view(-1, *([1] * (w.dim() - 1))) * w, dims=1)
         return select(w), None if b is None else select(b)
 
@@ -265,12 +275,12 @@ def _guide(student: nn.Module, teacher: nn.Module, family: str, ds: _Dims, dt: _
     if not tied:
         w_lm = _f64(teacher.get_output_embeddings().weight, dev)  # [V, d_T]
         if blocks == "all" and bias_t is None:  # logits = (g * n) W_lm^T: fold g into W_lm, student norm gain 1
-            w_lm = w_lm * _f64(norm_t.weight, dev)
+            w_lm = w_lm * (_f64(norm_t.weight, dev) * _width_ratio(basis))
             _reset_norm((norm_s.weight, getattr(norm_s, "bias", None)))
             final = "folded into lm_head"
         _assign(out_s.weight, w_lm @ basis)
     if blocks == "all" and final == "untouched":  # no map to fold into: the diagonal of M^T diag(g) M
-        _assign(norm_s.weight, basis.square().T @ _f64(norm_t.weight, dev))
+        _assign(norm_s.weight, basis.square().T @ _f64(norm_t.weight, dev) * _width_ratio(basis))
         _assign(getattr(norm_s, "bias", None), None if bias_t is None else _f64(bias_t, dev) @ basis)
         final = "diagonal of the projected gain"
     return {
