@@ -3,17 +3,20 @@
 Token-level ensembles (``prob_mean``, ``logit_mean``) average the teachers' next-token distributions; decoded, they
 can produce an output none of the teachers would (the average of two modes is often neither). For structured
 outputs (generation, parsing) the alternative is to let each teacher produce its own output and keep, per input,
-the one the others agree with most: the minimum-Bayes-risk (MBR) candidate under a similarity ``sim``,
+the one the teachers agree with most: the minimum-Bayes-risk (MBR) candidate under a similarity ``sim``, the one of
+highest expected similarity to a teacher's output drawn with probabilities w (uniform by default),
 
-    k*_i = argmax_k  sum_{l != k} w_l sim(c_ki, c_li) / sum_{l != k} w_l,
+    k*_i = argmax_k  sum_l w_l sim(c_ki, c_li)     (l = k included: sim(c_ki, c_ki), computed, not taken as 1),
 
 and to distil that one output per input (``mbr_consensus``) rather than the union of all K (each teacher's output
 as its own training example), which makes the student hedge between the teachers' modes.
 
 Candidates are given teacher-major, ``candidates[k][i]`` = teacher k's output for input i (the order of the loop's
 ``teachers``), as sequences of tokens (lists, tuples or 1-D tensors; any hashable tokens). Ties go to the lowest
-teacher index, so the choice is deterministic; with K = 2 the two candidates always tie (sim is symmetric), so MBR
-picks teacher 0: use K >= 3. Compare what the teachers produced, not the prompt they share (which would pull every
+teacher index, so the choice is deterministic. With K = 2 and equal weights the two candidates tie (sim is symmetric,
+sim(c, c) = 1 for :func:`token_f1`), so MBR picks teacher 0: use K >= 3, or weights (the heavier teacher's candidate
+then wins unless the two agree). A teacher of weight 0 is no evidence, but its candidate can still be chosen when the
+others agree with it most. Compare what the teachers produced, not the prompt they share (which would pull every
 similarity towards 1). Example, with the loop (``outputs[k]``: teacher k's prompts + greedy continuations [M, P + L])::
 
     best = mbr_select([o[:, P:] for o in outputs], functools.partial(token_f1, ignore={pad_id}))
@@ -82,13 +85,14 @@ def _check(candidates: Sequence[Sequence[Any]], weights: Sequence[float] | Tenso
 
 def mbr_select(candidates: Sequence[Sequence[Any]] | Tensor, similarity: Similarity = token_f1,
                weights: Sequence[float] | Tensor | None = None) -> list[int]:  # fmt: skip
-    """For each input i, the teacher k whose candidate ``candidates[k][i]`` has the highest (weighted) mean
-    similarity to the other teachers' candidates for i (see the module docstring); ties to the lowest k.
+    """For each input i, the teacher k whose candidate ``candidates[k][i]`` has the highest weighted similarity to
+    all K candidates for i, its own included: sum_l w_l sim(c_ki, c_li) (see the module docstring); ties to the
+    lowest k.
 
     Args:
         candidates: K sequences of M outputs each (teacher-major), or a [K, M, L] tensor.
         similarity: ``sim(a, b) -> float``, symmetric, higher = more alike (default :func:`token_f1`).
-        weights: optional [K] non-negative teacher weights w_l in the mean over the other teachers.
+        weights: optional [K] non-negative teacher weights w_l (not all 0), uniform by default.
 
     Returns:
         M teacher indices.
@@ -102,12 +106,11 @@ def mbr_select(candidates: Sequence[Sequence[Any]] | Tensor, similarity: Similar
     for i in range(m):
         sims = [[0.0] * k for _ in range(k)]
         for a in range(k):
-            for b in range(a + 1, k):
+            for b in range(a, k):
                 sims[a][b] = sims[b][a] = float(similarity(cands[a][i], cands[b][i]))
         best, best_score = 0, float("-inf")
         for a in range(k):
-            others = sum(w[b] for b in range(k) if b != a)
-            score = sum(w[b] * sims[a][b] for b in range(k) if b != a) / others if others > 0 else 0.0
+            score = sum(w[b] * sims[a][b] for b in range(k))
             if score > best_score:
                 best, best_score = a, score
         chosen.append(best)

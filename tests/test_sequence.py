@@ -47,6 +47,26 @@ def test_mbr_weights_and_pluggable_similarity():
     assert mbr_select([[[1, 0, 0]], [[2, 0, 0]], [[1]]], similarity=ignore0) == [0]
 
 
+def test_mbr_weights_count_for_a_teachers_own_candidate():
+    """The score is sum_l w_l sim(c_k, c_l) with l = k included: trusting one teacher alone picks its candidate, and
+    K = 2 with unequal weights picks the heavier one's (a leave-one-out mean ignored w_k: [1, 0, 0] picked teacher
+    1, [1, 3] teacher 0)."""
+    a, b, c = [1, 2, 3, 4], [1, 2, 3, 5], [1, 9, 9, 9]
+    cands = [[a], [b], [c]]
+    assert mbr_select(cands) == [0]  # a and b agree most; a ties b, lowest index
+    assert mbr_select(cands, weights=[1, 0, 0]) == [0]
+    assert mbr_select(cands, weights=[0, 0, 1]) == [2]
+    assert mbr_select(cands, weights=[0, 1, 1]) == [1]  # b and c are the evidence: b (ties c, lower index)
+    assert mbr_select([[a], [c]], weights=[1, 3]) == [1]
+    assert mbr_select([[a], [c]], weights=[3, 1]) == [0]
+    # sim(c, c) is computed, not assumed to be 1: an unnormalised similarity (shared-token count) counts it
+    overlap = lambda x, y: float(len(set(x) & set(y)))  # noqa: E731
+    assert mbr_select([[[1]], [[1, 2, 3]], [[1, 2]]], similarity=overlap) == [1]
+    # a negative similarity: never a hard-coded 0 score that beats every real one
+    neg = lambda x, y: -float(len(set(x) ^ set(y)))  # noqa: E731
+    assert mbr_select(cands, similarity=neg, weights=[0, 1, 1]) == [1]
+
+
 def test_mbr_consensus_lists_and_tensors():
     lists = [[[1, 2], [3]], [[1, 2], [4]], [[5], [4]]]
     assert mbr_consensus(lists) == [[1, 2], [4]]
