@@ -141,6 +141,89 @@ def test_a_model_that_does_not_tell_refuses_to_guess_with_sequence_labels():
     DistillationLoop(TinyLM(0), [TinyLM(1)], batch_size=4, progress=False).fit(unlabelled, max_steps=1)
 
 
+class LastTokenForCausalLM(nn.Module):
+    """A causal LM by its class name whose forward returns one position per item: the last one's logits [B, V]."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        self.lm = TinyLM(seed)
+
+    def forward(self, input_ids):
+        return self.lm(input_ids)[:, -1]
+
+
+def _last_token_data(n=8):
+    ids = _tokens(n=n).tensors["input_ids"]
+    return ArrayDataset(input_ids=ids, labels=torch.randint(0, 50, (n,), generator=torch.Generator().manual_seed(1)))
+
+
+def test_a_causal_lm_scored_on_one_position_per_item_is_not_shifted_along_the_batch():
+    """A detected causal LM with logits [B, V] and labels [B]: item i is scored against label i, not i + 1; in
+    training (loss, items) and in evaluate()."""
+    ds, student = _last_token_data(), LastTokenForCausalLM(0)
+    ids, y = ds.tensors["input_ids"], ds.tensors["labels"]
+    loop = DistillationLoop(copy.deepcopy(student), optimizer=_sgd(0.0), batch_size=8, shuffle=False,
+                            progress=False, log_every=1)  # fmt: skip
+    assert loop.shift_labels is True
+    loop.fit(ds, max_steps=1)
+    with torch.no_grad():
+        logits = student(ids)
+    assert loop.history[0]["items"] == 8.0
+    assert loop.history[0]["ce"] == pytest.approx(float(nn.functional.cross_entropy(logits, y)), rel=1e-6)
+    accuracy = float((logits.argmax(-1) == y).float().mean())
+    assert loop.evaluate(ds)["accuracy"] == pytest.approx(accuracy)
+    # with a teacher too
+    kd = DistillationLoop(LastTokenForCausalLM(0), [LastTokenForCausalLM(1)], batch_size=8, progress=False,
+                          log_every=1)  # fmt: skip
+    kd.fit(ds, max_steps=1)
+    assert kd.history[0]["items"] == 8.0
+
+
+def test_explicit_shift_labels_with_one_position_per_item_is_an_error():
+    loop = DistillationLoop(LastTokenForCausalLM(0), [LastTokenForCausalLM(1)], shift_labels=True, batch_size=8,
+                            progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"shift_labels=True .*one position per item \(labels \[8\]"):
+        loop.fit(_last_token_data(), max_steps=1)
+    assert loop.step == 0
+    with pytest.raises(ValueError, match=r"shift_labels=True .*logits \[8, 50\]"):
+        loop.evaluate(_last_token_data())
+    unlabelled = ArrayDataset(input_ids=_tokens().tensors["input_ids"])  # no labels: the logits [B, V] tell
+    with pytest.raises(ValueError, match=r"shift_labels=True .*labels None and logits \[8, 50\]"):
+        loop.fit(unlabelled, max_steps=1)
+
+
+def test_per_sequence_weights_with_per_token_labels_name_sample_weight():
+    """sample_weight [B] with labels [B, T] (one weight per position, SPEC 1): the error names the shapes given, not
+    those after the causal shift."""
+    ds = _tokens(n=4)
+    weighted = ArrayDataset(**ds.tensors, sample_weight=torch.ones(4))
+    loop = DistillationLoop(TinyLM(0), [TinyLM(1)], shift_labels=True, batch_size=4, progress=False)
+    with pytest.raises(ValueError, match=r"sample_weight must have shape \[4, 6\] .*got \[4\]"):
+        loop.fit(weighted, max_steps=1)
+
+
+def test_detect_causal_lm_looks_through_peft_wrappers():
+    """A LoRA-wrapped causal LM (peft's PeftModel: get_base_model()), also inside DDP's .module, is detected."""
+
+    class PeftLike(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.base_model = m
+
+        def get_base_model(self):
+            return self.base_model
+
+    class Wrapped(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+    lm = LastTokenForCausalLM()
+    assert detect_causal_lm(PeftLike(lm)) is True and detect_causal_lm(Wrapped(PeftLike(lm))) is True
+    assert DistillationLoop(PeftLike(lm), progress=False).shift_labels is True
+    assert detect_causal_lm(PeftLike(TinyLM())) is None
+
+
 # --- 2. a DataLoader, or any iterable of batches, is data ---------------------------------------------------------
 
 

@@ -93,7 +93,7 @@ def test_causal_shift_and_ignore_index():
     loop.fit(ArrayDataset(input_ids=ids, labels=labels), max_steps=1)
     with torch.no_grad():
         expected = fastdistill.kd_loss(student(ids)[:, :-1], teacher(ids)[:, :-1], labels=labels[:, 1:], **kd)
-    assert loop.history[0]["loss"] == pytest.approx(float(expected), rel=1e-6)
+    assert loop.history[0]["loss"] == pytest.approx(float(expected.detach()), rel=1e-6)
     assert loop.history[0]["items"] == float((labels[:, 1:] != -100).sum())
 
 
@@ -296,7 +296,7 @@ def test_no_teachers_trains_on_labels():
     loop.fit(ds, max_steps=1)
     with torch.no_grad():
         expected = nn.functional.cross_entropy(student(x), y)
-    assert loop.history[0]["loss"] == pytest.approx(float(expected), rel=1e-6)
+    assert loop.history[0]["loss"] == pytest.approx(float(expected.detach()), rel=1e-6)
     # no teachers: the logit loss is plain cross-entropy, and its log key says so
     assert loop.history[0]["ce"] == loop.history[0]["loss"] and "kd" not in loop.history[0]
 
@@ -430,3 +430,185 @@ def test_values_checked_skips_only_the_named_checks(monkeypatch):
     with values_checked():
         fastdistill.kd_loss(s, t, labels, ce_weight=0.5, sample_weight=weights, backend="reference")
     assert ran == [], ran
+
+
+# --- review fixes: weights on the CE path, ignore_index, evaluation without labels, argument checks, checkpoints
+
+
+def test_no_teacher_cross_entropy_weights_each_row():
+    """Without teachers the loss is sum_i w_i CE_i / (non-ignored rows), as kd_loss(ce_weight=1, sample_weight=w):
+    the weights are not dropped."""
+    ds = _data(n=8)
+    x, y = ds.tensors["input"], ds.tensors["labels"].clone()
+    y[3] = -100
+    w = torch.tensor([1.0, 0.0, 0.5, 3.0, 0.0, 2.0, 0.0, 0.0])
+    student = _mlp(seed=2)
+    loop = DistillationLoop(copy.deepcopy(student), optimizer=_sgd(), batch_size=4, grad_accum_steps=2,
+                            shuffle=False, progress=False, log_every=1)  # fmt: skip
+    loop.fit(ArrayDataset(input=x, labels=y, sample_weight=w), max_steps=1)
+    ref = copy.deepcopy(student)
+    expected = fastdistill.kd_loss(ref(x), ref(x).detach(), labels=y, ce_weight=1.0, sample_weight=w)
+    rows = torch.nn.functional.cross_entropy(ref(x), y, reduction="none", ignore_index=-100)
+    torch.testing.assert_close(expected, (w * rows).sum() / 7)
+    expected.backward()
+    assert loop.history[0]["ce"] == pytest.approx(float(expected.detach()), rel=1e-6)
+    for p, q in zip(loop.student.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach() - q.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_loop_and_loss_share_one_ignore_index():
+    """ignore_index=-1 with the default loss builds KDLoss(ignore_index=-1): the -1 rows carry no loss and are not
+    counted; a loss of another ignore_index is an error naming both."""
+    ds = _data(n=8)
+    x, y = ds.tensors["input"], ds.tensors["labels"].clone()
+    y[:4] = -1
+    teacher, student = _mlp(seed=1), _mlp(seed=2)
+    loop = DistillationLoop(copy.deepcopy(student), [teacher], optimizer=_sgd(0.0), batch_size=8, shuffle=False,
+                            progress=False, log_every=1, ignore_index=-1)  # fmt: skip
+    loop.fit(ArrayDataset(input=x, labels=y), max_steps=1)
+    with torch.no_grad():
+        want = fastdistill.kd_loss(student(x), teacher(x), labels=y, ignore_index=-1)
+    assert loop.history[0]["items"] == 4.0
+    assert loop.history[0]["loss"] == pytest.approx(float(want), rel=1e-6)
+    with pytest.raises(ValueError, match="ignore_index=-1 differs from the loss's ignore_index=-100"):
+        DistillationLoop(_mlp(), [teacher], loss=fastdistill.KDLoss(), ignore_index=-1, progress=False)
+
+
+def test_evaluate_without_a_labelled_item_is_an_error():
+    """No labelled item (a spent generator, every label ignored) is an error, not a loss of 0.0."""
+    ds = _data(n=8)
+    loop = DistillationLoop(_mlp(), batch_size=4, progress=False)
+    batches = (ds[list(range(i, i + 4))] for i in (0, 4))
+    loop.evaluate(batches)
+    with pytest.raises(ValueError, match="eval_data yielded no labelled item"):
+        loop.evaluate(batches)
+    ignored = ArrayDataset(input=ds.tensors["input"], labels=torch.full((8,), -100))
+    with pytest.raises(ValueError, match="eval_data yielded no labelled item"):
+        loop.evaluate(ignored)
+
+
+@pytest.mark.parametrize("loop_kw, fit_kw, needle", [
+    ({"max_grad_norm": 0.0}, {}, "max_grad_norm must be None"),
+    ({"max_grad_norm": -1.0}, {}, "max_grad_norm must be None"),
+    ({}, {"max_steps": 0}, "max_steps must be >= 1"),
+    ({}, {"max_steps": -3}, "max_steps must be >= 1"),
+    ({}, {"max_steps": 4, "checkpoint_every": 2}, "checkpoint_every=2 .* no output_dir"),
+    ({}, {"max_steps": 4, "keep_checkpoints": 1}, "keep_checkpoints=1 .* no output_dir"),
+    ({}, {"epochs": 0}, "epochs must be > 0"),
+    ({}, {"epochs": 0.1}, "epochs=0.1 of 3 micro-batches rounds to 0"),
+])  # fmt: skip
+def test_arguments_that_would_train_wrongly_or_nothing_are_errors(loop_kw, fit_kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        loop = DistillationLoop(_mlp(), [_mlp(seed=1)], batch_size=8, progress=False, **loop_kw)
+        loop.fit(_data(n=24), **fit_kw)
+
+
+def test_config_checks_and_overrides_into_an_empty_section():
+    import yaml
+
+    from fastdistill.training import config as C
+
+    raw = yaml.safe_load("data:\n  factory: m:f\nstudent:\n  factory: m:g\nkd:\ntrain:\n  max_steps: 3\n")
+    assert C.parse_config(C.apply_overrides(raw, ["kd.temperature=4"])).kd.temperature == 4.0
+    for override, needle in [("train.epochs=0", "train.epochs must be > 0"),
+                             ("optim.max_grad_norm=0", "optim.max_grad_norm must be > 0")]:  # fmt: skip
+        with pytest.raises(C.ConfigError, match=needle):
+            C.parse_config(C.apply_overrides(yaml.safe_load("data:\n  factory: m:f\nstudent:\n  factory: m:g\n"
+                                                            "train:\n  max_steps: 3\n"), [override]))  # fmt: skip
+
+
+def _plain_loop(out_dir, **kw):
+    return DistillationLoop(_mlp(seed=2), [_mlp(seed=1)], optimizer=_sgd(0.1), batch_size=4, seed=3,
+                            output_dir=out_dir, progress=False, log_every=1, **kw)  # fmt: skip
+
+
+def test_keep_checkpoints_keeps_the_new_one_and_drops_an_abandoned_newer_one(tmp_path):
+    """step-8 damaged, so "latest" resumes from step 4; with keep_checkpoints=1 the step-6 just written stays and
+    the abandoned step-8 goes, so a crash at step 7 still resumes from step 6."""
+    ds = _data(n=40)
+    _plain_loop(tmp_path).fit(ds, max_steps=8, checkpoint_every=4)
+    _damage(tmp_path / "checkpoints" / "step-00000008" / "student.safetensors")
+    with pytest.warns(UserWarning, match="skipping damaged"), pytest.raises(_Crash):
+        _plain_loop(tmp_path).fit(ds, max_steps=12, checkpoint_every=2, keep_checkpoints=1, resume_from="latest",
+                                  eval_fn=_crash_at(7), eval_every=1)  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000006"]
+    loop = _plain_loop(tmp_path)
+    loop.fit(ds, max_steps=8, resume_from="latest")
+    assert [h["step"] for h in loop.history if h["split"] == "train"] == [7, 8]
+    # keep=2 over steps 2, 4, 6 (and none newer): 4 and 6 stay
+    _plain_loop(tmp_path / "b").fit(ds, max_steps=6, checkpoint_every=2, keep_checkpoints=2)
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
+
+
+def test_load_checkpoint_then_fit_restores_a_callable_schedulers_state(tmp_path):
+    """load_checkpoint() before fit() builds the scheduler (scheduler= a callable): fit() restores its state, so the
+    run continues as the one that never stopped (learning rates and weights)."""
+    ds = _data(n=40)
+
+    def loop(out):  # LambdaLR sets the lr from its step count (a chainable one would hide a fresh scheduler)
+        return _plain_loop(out, scheduler=lambda o, total: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 0.5**s))
+
+    whole = loop(tmp_path / "w")
+    whole.fit(ds, max_steps=6)
+    loop(tmp_path / "r").fit(ds, max_steps=3, checkpoint_every=3)
+    resumed = loop(tmp_path / "r")
+    resumed.load_checkpoint(tmp_path / "r" / "checkpoints" / "step-00000003")
+    resumed.fit(ds, max_steps=6)
+    assert [h["lr"] for h in resumed.history] == [h["lr"] for h in whole.history][3:]
+    for p, q in zip(whole.student.parameters(), resumed.student.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_resave_killed_between_its_renames_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    """Re-saving step 2 renames step-2 to step-2.old, then step-2.tmp to step-2: killed in between, "latest" and an
+    explicit resume put step-2.old back instead of starting from scratch."""
+    from pathlib import Path
+
+    from fastdistill.training import checkpoint as ckpt
+
+    ds = _data(n=16)
+    for explicit in (False, True):
+        out = tmp_path / str(explicit)
+        loop = _plain_loop(out)
+        loop.fit(ds, max_steps=2, checkpoint_every=2)
+        rename, calls = Path.rename, []
+
+        def killed_on_second(self, target, rename=rename, calls=calls):
+            calls.append(self.name)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return rename(self, target)
+
+        monkeypatch.setattr(Path, "rename", killed_on_second)
+        with pytest.raises(KeyboardInterrupt):
+            loop.save_checkpoint()
+        monkeypatch.setattr(Path, "rename", rename)
+        final = out / "checkpoints" / "step-00000002"
+        assert not final.exists() and final.with_name(final.name + ".old").exists()
+        resumed = _plain_loop(out)
+        resumed.fit(ds, max_steps=3, resume_from=final if explicit else "latest")
+        assert [h["step"] for h in resumed.history] == [3] and final.is_dir()
+    assert ckpt.find_latest(tmp_path / "False" / "checkpoints") == tmp_path / "False" / "checkpoints" / "step-00000002"
+
+
+def test_a_resumed_run_logs_the_training_loss_of_the_run_that_never_stopped(tmp_path):
+    """log_every=4, a checkpoint at step 2, a crash at step 3: the resumed run's log at step 4 averages steps 1-4 (the
+    logging window is checkpointed), the same numbers as the run that never stopped."""
+    ds = _data(n=40)
+
+    def loop(out):
+        return DistillationLoop(_mlp(seed=2), [_mlp(seed=1)], optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+                                batch_size=4, seed=3, output_dir=out, progress=False, log_every=4)  # fmt: skip
+
+    def train_log(loop):
+        return [(h["step"], h["loss"], h["kd"], h["items"]) for h in loop.history if h["split"] == "train"]
+
+    whole = loop(tmp_path / "whole")
+    whole.fit(ds, max_steps=8, eval_fn=_crash_at(None), eval_every=1)
+    with pytest.raises(_Crash):
+        loop(tmp_path / "run").fit(ds, max_steps=8, checkpoint_every=2, eval_fn=_crash_at(3), eval_every=1)
+    resumed = loop(tmp_path / "run")
+    resumed.fit(ds, max_steps=8, eval_fn=_crash_at(None), eval_every=1, resume_from="latest")
+    assert train_log(resumed) == train_log(whole) and [s for s, *_ in train_log(whole)] == [4, 8]
+    lines = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in lines if r["split"] == "train"] == [h[1] for h in train_log(whole)]

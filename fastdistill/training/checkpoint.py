@@ -209,11 +209,34 @@ def find_problem(directory: str | os.PathLike, files: Iterable[str] | None = Non
     return None
 
 
+def recover(directory: str | os.PathLike, files: Iterable[str] | None = None) -> bool:
+    """Put back the previous version of checkpoint ``directory`` when a re-save was killed between its two renames
+    (``directory`` missing, ``<directory>.old`` whole, see :meth:`Checkpointer.save`): rename the ``.old`` to the
+    final name. Returns whether ``directory`` exists now. Safe when several processes do it at once."""
+    directory = Path(directory)
+    previous = directory.with_name(directory.name + ".old")
+    if not directory.exists() and previous.is_dir() and find_problem(previous, files) is None:
+        try:
+            previous.rename(directory)
+        except OSError:  # another process renamed it first (the source is gone, or the target exists)
+            pass
+    return directory.exists()
+
+
+def _step_of(directory: Path) -> int | None:
+    """N of a ``step-N`` directory name (None for another name)."""
+    _, _, number = directory.name.partition("step-")
+    return int(number) if directory.name.startswith("step-") and number.isdigit() else None
+
+
 def find_latest(checkpoints: str | os.PathLike, files: Iterable[str] | None = None) -> Path | None:
     """The newest intact ``step-*`` checkpoint under ``checkpoints`` (None if there is none); damaged ones are
-    skipped with a warning naming them. Raises :class:`ValueError` if there are checkpoints but none is intact:
+    skipped with a warning naming them. A ``step-N`` whose re-save was killed between its renames is put back from
+    ``step-N.old`` first (:func:`recover`). Raises :class:`ValueError` if there are checkpoints but none is intact:
     starting over from scratch would silently drop the run's progress."""
     files = None if files is None else list(files)
+    for previous in Path(checkpoints).glob("step-*[0-9].old"):
+        recover(previous.with_name(previous.name[: -len(".old")]), files)
     found = sorted(Path(checkpoints).glob("step-*[0-9]"))
     problems = []
     for directory in reversed(found):
@@ -313,6 +336,7 @@ class Checkpointer:
         ``output_dir/checkpoints`` (damaged ones are skipped with a warning), None if there is none."""
         if str(resume_from) != "latest":
             path = Path(resume_from)
+            recover(path, self.files())
             if not (path / "state.json").exists():
                 raise FileNotFoundError(f"resume_from={str(path)!r} is not a checkpoint (no state.json)")
             return path
@@ -322,9 +346,11 @@ class Checkpointer:
 
     def save(self, directory: str | os.PathLike | None = None, keep: int | None = None) -> Path:
         """Write a checkpoint to ``directory`` (default ``output_dir/checkpoints/step-XXXXXXXX``) and return it;
-        ``keep`` > 0 then deletes all but the newest ``keep`` ``step-*`` checkpoints beside it. Every process must
-        call it (they meet at barriers). It is written to ``<directory>.tmp`` and renamed: a kill at any point
-        leaves the old or the new checkpoint, whole, under the final name."""
+        ``keep`` > 0 then deletes all but the newest ``keep`` ``step-*`` checkpoints beside it (:meth:`_prune`).
+        Every process must call it (they meet at barriers). It is written to ``<directory>.tmp`` and renamed: a
+        kill at any point leaves the old or the new checkpoint, whole, under the final name, or (killed between the
+        two renames of a re-save) the old one as ``<directory>.old``, which :func:`find_latest` and :meth:`find`
+        put back."""
         state = self._run_state()
         if directory is None:
             if self.output_dir is None:
@@ -352,10 +378,22 @@ class Checkpointer:
             tmp.rename(final)
             shutil.rmtree(previous, ignore_errors=True)
             if keep is not None and keep > 0:
-                for old in sorted(final.parent.glob("step-*[0-9]"))[:-keep]:
-                    shutil.rmtree(old, ignore_errors=True)
+                self._prune(final, state["step"], keep)
         _barrier()
         return final
+
+    @staticmethod
+    def _prune(final: Path, step: int, keep: int) -> None:
+        """Delete the ``step-*`` checkpoints beside ``final`` (just written, at ``step``) but the newest ``keep``
+        with a step <= ``step``; ``final`` is always kept. Those of a later step are from a run abandoned for this
+        one (resumed from an older checkpoint): they are deleted, or a stale one would outlive this run's."""
+        steps = {d: _step_of(d) for d in final.parent.glob("step-*[0-9]") if d != final}
+        steps = {d: n for d, n in steps.items() if n is not None}
+        older = sorted((d for d, n in steps.items() if n <= step), key=lambda d: (steps[d], d.name))
+        doomed = [d for d, n in steps.items() if n > step] + older[: max(len(older) - (keep - 1), 0)]
+        for d in doomed:
+            shutil.rmtree(d, ignore_errors=True)
+            shutil.rmtree(d.with_name(d.name + ".old"), ignore_errors=True)
 
     def check(self, directory: str | os.PathLike) -> dict[str, Any]:
         """A one-line :class:`ValueError` naming the file unless ``directory`` is a checkpoint this run can continue

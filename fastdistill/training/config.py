@@ -116,7 +116,8 @@ class OptimConfig:
     scheduler: Literal["constant", "linear", "cosine"] = opt(
         "constant", "Learning rate after warm-up: constant, linear decay to 0, or cosine decay to 0.")
     warmup_steps: int = opt(0, "Linear warm-up from 0 over this many optimizer steps.", low=0)
-    max_grad_norm: float | None = opt(None, "Clip the gradients' global norm to this (null: no clipping).", low=0.0)
+    max_grad_norm: float | None = opt(None, "Clip the gradients' global norm to this, > 0 (null: no clipping).",
+                                      low=0.0)
 
 
 @dataclass
@@ -126,7 +127,7 @@ class LoopConfig:
     batch_size: int = opt(32, "Items per micro-batch per process.", low=1)
     grad_accum_steps: int = opt(1, "Micro-batches per optimizer step.", low=1)
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (give this or epochs).", low=1)
-    epochs: float | None = opt(None, "Stop after this many passes over the training data.", low=0.0)
+    epochs: float | None = opt(None, "Stop after this many passes over the training data (> 0).", low=0.0)
     shift_labels: bool | None = opt(None, "Causal LM: logits at position t predict the label at t+1 (null: on for "
                                           "transformers causal LMs, off for its other models; a student of another "
                                           "class with per-position labels must say).")  # fmt: skip
@@ -282,6 +283,11 @@ def parse_config(raw: Any) -> TrainConfig:
                               f"{cfg.train.device!r}") from None  # fmt: skip
     if cfg.train.max_steps is None and cfg.train.epochs is None:
         raise ConfigError("train.max_steps or train.epochs must be set (how long to train)")
+    # > 0, not >= 0: 0 epochs trains nothing, a 0 clipping norm freezes the model
+    if cfg.train.epochs is not None and not cfg.train.epochs > 0:
+        raise ConfigError(f"train.epochs must be > 0, got {cfg.train.epochs!r}")
+    if cfg.optim.max_grad_norm is not None and not cfg.optim.max_grad_norm > 0:
+        raise ConfigError(f"optim.max_grad_norm must be > 0 (or null: no clipping), got {cfg.optim.max_grad_norm!r}")
     if not cfg.data.factory:
         raise ConfigError("data.factory must be set ('package.module:callable' returning the datasets)")
     if not cfg.student.factory:
@@ -328,7 +334,9 @@ def apply_overrides(raw: Any, overrides: Sequence[str]) -> Any:
             if depth == len(parts) - 1:
                 node[part] = value
             else:
-                node = node.setdefault(part, {}) if isinstance(node, dict) else node[part]
+                if isinstance(node, dict) and node.get(part) is None:  # missing, or a section left empty (`kd:`)
+                    node[part] = {}
+                node = node[part]
     return raw
 
 
@@ -561,6 +569,7 @@ def _resume(cfg: TrainConfig) -> str | None:
             return "latest"
     else:
         directory = Path(t.resume)
+        ckpt.recover(directory)  # a re-save killed between its renames left it as <directory>.old
         if not (directory / "state.json").is_file():
             raise ConfigError(f"train.resume: {t.resume!r} is not a checkpoint directory (no state.json); give one "
                               "written by checkpoint_every, or 'latest'")  # fmt: skip

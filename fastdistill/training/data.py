@@ -124,10 +124,11 @@ def detect_causal_lm(model: nn.Module) -> bool | None:
     True for decoder-only LMs: the class is one of ``transformers``' causal-LM classes, or its name ends in
     ``ForCausalLM``, and its config is not encoder-decoder. False for any other ``transformers`` model (a
     classifier, a masked LM, a seq2seq model: labels line up with the logits). None for anything else (a plain
-    ``nn.Module``): the class does not say. DDP / accelerate wrappers (``.module``) are looked through.
-    ``transformers`` is never imported here: a model of its classes means it is imported already.
+    ``nn.Module``): the class does not say. DDP / accelerate wrappers (``.module``) and PEFT wrappers (a LoRA
+    ``PeftModel``: ``get_base_model()``) are looked through. ``transformers`` is never imported here: a model of its
+    classes means it is imported already.
     """
-    model = getattr(model, "module", model)
+    model = unwrap_model(model)
     name = type(model).__name__
     is_encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
     if name.endswith("ForCausalLM"):
@@ -138,6 +139,17 @@ def detect_causal_lm(model: nn.Module) -> bool | None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() and not is_encoder_decoder
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / accelerate (``.module``) and PEFT (``get_base_model()``) wrappers, nested or not."""
+    for _ in range(8):  # a few levels (DDP around a PeftModel); never loops on a model that returns itself
+        get_base = getattr(model, "get_base_model", None)
+        inner = get_base() if callable(get_base) else getattr(model, "module", None)
+        if not isinstance(inner, nn.Module) or inner is model:
+            return model
+        model = inner
+    return model
 
 
 def is_causal_lm(model: nn.Module) -> bool:

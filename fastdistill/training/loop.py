@@ -13,7 +13,8 @@ What it guarantees:
   user's, as far as its order is a function of the epoch: see :meth:`DistillationLoop.fit`.)
 - **Data parallel.** Under ``torchrun`` (a process group initialised, see :func:`init_distributed`) the student is
   wrapped in ``DistributedDataParallel``; each global batch of ``batch_size * world_size`` items is split across
-  the processes, so N processes and one process with the same global batch take the same steps.
+  the processes, so N processes and one process with the same global batch take the same steps (without labels,
+  up to a ragged last batch: each process's mean then counts equally, not each row).
 """
 
 from __future__ import annotations
@@ -165,14 +166,17 @@ class DistillationLoop:
             like ``collate_fn``, ``shuffle`` and ``drop_last``, for map-style datasets only (a DataLoader brings its
             own).
         grad_accum_steps: micro-batches per optimizer step.
-        max_grad_norm: clip the gradients' global norm to this (None: no clipping).
+        max_grad_norm: clip the gradients' global norm to this, > 0 (None: no clipping).
         shift_labels: causal LM: position t of the logits predicts label t+1 (logits ``[B, T, V]``, labels
             ``[B, T]``); student and teacher logits and labels are shifted alike. None (the default): on for a
             causal LM of ``transformers`` (:func:`~fastdistill.training.data.detect_causal_lm`, as
             ``DistillationTrainer`` decides it), off for its other models; for a model whose class does not tell,
             off with per-item labels ``[B]`` and a :class:`ValueError` with per-position labels ``[B, T]``, rather
-            than a guess (next-token targets or token labels: give True or False).
-        ignore_index: label value of items that carry no loss (default: ``loss.ignore_index``, else -100).
+            than a guess (next-token targets or token labels: give True or False). A batch with one position per
+            item (labels ``[B]``, logits ``[B, V]``) is not shifted, and with an explicit True is a ValueError.
+            ``sample_weight`` has the labels' shape (``[B, T]``).
+        ignore_index: label value of items that carry no loss (default: ``loss.ignore_index``, else -100); the
+            default ``"kd"`` loss takes it, a loss with another ``ignore_index`` is a ValueError.
         forward: ``forward(model, inputs) -> logits``; default ``model(**inputs)`` for dict inputs, else
             ``model(inputs)``, taking ``.logits`` of a ModelOutput.
         collate_fn: turns a list of dataset items into a batch (default ``torch.utils.data.default_collate``).
@@ -224,6 +228,8 @@ class DistillationLoop:
     ) -> None:
         if batch_size < 1 or grad_accum_steps < 1 or log_every < 1:
             raise ValueError("batch_size, grad_accum_steps and log_every must be >= 1")
+        if max_grad_norm is not None and not max_grad_norm > 0:  # 0 freezes the model, < 0 ascends the gradient
+            raise ValueError(f"max_grad_norm must be None (no clipping) or > 0, got {max_grad_norm!r}")
         if teacher_cache is not None and teachers:
             raise ValueError("give teachers or teacher_cache, not both")
         if teacher_cache is not None and (feature_terms or train_teachers):
@@ -246,7 +252,13 @@ class DistillationLoop:
             if loss != "kd":
                 raise ValueError(f"loss must be a callable, 'kd' (KDLoss()) or None (feature terms only), got "
                                  f"{loss!r}")  # fmt: skip
-            loss = KDLoss()
+            loss = KDLoss() if ignore_index is None else KDLoss(ignore_index=ignore_index)
+        # one ignore_index for the loss's skipped rows and the loop's num_items: else the mean is off by n_rows/n_kept
+        loss_ignore = getattr(loss, "ignore_index", None)
+        if ignore_index is not None and loss_ignore is not None and loss_ignore != ignore_index:
+            raise ValueError(f"ignore_index={ignore_index} differs from the loss's ignore_index={loss_ignore} "
+                             f"({type(loss).__name__}): give the loss that ignore_index, or leave the loop's "
+                             "unset")  # fmt: skip
         if isinstance(loss, KDLoss | CodistillLoss) and loss.reduction != "mean":
             raise ValueError(f"the loop normalises by num_items: {type(loss).__name__} needs reduction='mean', got "
                              f"{loss.reduction!r}")  # fmt: skip
@@ -260,6 +272,7 @@ class DistillationLoop:
         self.max_grad_norm = max_grad_norm
         # None left here: the student's class does not tell, and each batch's labels decide (_shifts)
         self.shift_labels = detect_causal_lm(student) if shift_labels is None else shift_labels
+        self._shift_explicit = shift_labels is not None  # an explicit True with per-item labels is an error
         self.forward = forward or default_forward
         # without a loss on the logits (feature terms only) the outputs are not searched for logits
         self._train_forward = forward or (call_model if loss is None else default_forward)
@@ -309,12 +322,20 @@ class DistillationLoop:
         self.optimizer = optimizer
         self._scheduler_arg = scheduler
         self.scheduler = scheduler if _is_scheduler(scheduler) else None
+        # a checkpoint's scheduler state, loaded before fit() builds the scheduler from a callable (load_checkpoint)
+        self._pending_scheduler_state: dict[str, Any] | None = None
 
         # position: optimizer steps done; epoch and micro-batches consumed in it
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
         self.last_train_loss: float | None = None  # the last logged one (checkpointed: a resumed run reports it)
+        # the steps since the last training log (their summed parts): checkpointed, so a resumed run's first log
+        # averages the same steps as the run that never stopped
+        self._window: dict[str, Tensor | float] = {}
+        self._window_steps = 0
+        self._window_restored = False  # by a checkpoint: fit() continues it instead of starting a new one
+        self._window_saved: dict[str, Any] | None = None  # what save_checkpoint puts in state.json
         # stacklevel 3: a missing-tensorboard warning points at the code that built this loop
         self._metrics = MetricsLogger(self.output_dir, rank=self.rank, tensorboard=tensorboard, warn_stacklevel=3)
         # what a checkpoint saves: the trained modules; feature-term modules only when they hold state
@@ -376,10 +397,23 @@ class DistillationLoop:
         self.batch_in_epoch += 1
         return global_idx.tensor_split(self.world_size)[self.rank]
 
-    def _shifts(self, labels: Tensor | None) -> bool:
-        """Whether this batch's logits and labels are aligned for a causal LM (see ``shift_labels``)."""
+    def _shifts(self, labels: Tensor | None, logits: Any = None) -> bool:
+        """Whether this batch's logits (``[B, T, V]``, or a TeacherHead's hidden ``[B, T, H]``; None: not known yet)
+        and labels (``[B, T]``) are aligned for a causal LM (see ``shift_labels``). A batch with one position per
+        item (labels ``[B]`` or logits ``[B, V]``) has no sequence axis to shift: with an explicit
+        ``shift_labels=True`` that is a ValueError, with a detected causal LM the batch is not shifted."""
         if self.shift_labels is not None:
-            return self.shift_labels
+            if not self.shift_labels:
+                return False
+            per_item = (labels is not None and labels.dim() < 2) or (logits is not None and _positions_dim(logits) < 3)
+            if not per_item:
+                return True
+            if self._shift_explicit:  # else position t of item i would be scored against item i + 1
+                shapes = f"labels {_shape(labels)} and logits {_shape(logits)}"
+                raise ValueError(f"shift_labels=True aligns position t of logits [B, T, V] with label t+1 of labels "
+                                 f"[B, T], but this batch has one position per item ({shapes}): there is no "
+                                 "sequence axis to shift; give shift_labels=False")  # fmt: skip
+            return False  # a causal LM whose forward returns one position per item (e.g. the last one's logits)
         if labels is None or labels.dim() < 2:
             return False  # no labels, or one per item: no positions to align
         raise ValueError(f"shift_labels=None: the student's class ({type(self.student).__name__}) does not tell "
@@ -419,14 +453,19 @@ class DistillationLoop:
         if self.fused_linear and teacher_logits is None:
             raise ValueError("fused_linear=True distils from teachers or a teacher_cache; this loop has neither")
         labels, sample_weight = batch.labels, batch.sample_weight
-        if self._shifts(labels):  # position t against token t + 1 (shift_for_causal_lm), for every model
+        if self._shifts(labels, student_logits):  # position t against token t + 1 (shift_for_causal_lm), every model
+            if sample_weight is not None:  # checked before the cut, so the message names the shapes given
+                expected = labels.shape if labels is not None else _positions_shape(student_logits)
+                if sample_weight.shape != expected:
+                    raise ValueError(f"sample_weight must have shape {list(expected)} (one weight per position, as "
+                                     f"the labels), got {list(sample_weight.shape)}; a per-sequence weight [B] "
+                                     "must be repeated along the positions")  # fmt: skip
+                sample_weight = sample_weight[..., 1:]
             student_logits = shift_positions(student_logits)
             if teacher_logits is not None:
                 teacher_logits = (shift_positions(teacher_logits) if isinstance(teacher_logits, Tensor)
                                   else [shift_positions(t) for t in teacher_logits])  # fmt: skip
             labels = None if labels is None else labels[..., 1:]
-            if sample_weight is not None:
-                sample_weight = sample_weight[..., 1:]
 
         # sum / num_items (global) * world: DDP's gradient average then gives sum over everything / num_items
         scale = float(self.world_size) if num_items is not None else 1.0 / n_micro
@@ -457,20 +496,38 @@ class DistillationLoop:
         if teacher_logits is None:
             if labels is None:
                 raise ValueError("without teachers (or a cache) the loop trains on labels; the batch has none")
-            flat = student_logits.reshape(-1, student_logits.shape[-1]).float()
-            ce = F.cross_entropy(flat, labels.reshape(-1), ignore_index=self.ignore_index,
-                                 reduction="sum" if num_items is not None else "mean")  # fmt: skip
-            return ce / num_items.clamp_min(1) if num_items is not None else ce
+            return self._cross_entropy(student_logits, labels, sample_weight, num_items)
         kw = {"num_items": num_items}
         if sample_weight is not None:
             kw["sample_weight"] = sample_weight
         return self.loss_fn(student_logits, teacher_logits, labels, **kw)
 
+    def _cross_entropy(self, logits: Tensor, labels: Tensor, sample_weight: Tensor | None,
+                       num_items: Tensor | None) -> Tensor:  # fmt: skip
+        """The hard-label loss without teachers: logits ``[*, V]``, labels and sample_weight ``[*]``; what
+        ``kd_loss(ce_weight=1, sample_weight=...)`` computes: sum_i w_i CE_i over the non-ignored rows, divided by
+        ``num_items`` (else by the count of non-ignored rows). 0-dim."""
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        lab = labels.reshape(-1)
+        per_row = F.cross_entropy(flat, lab, ignore_index=self.ignore_index, reduction="none")  # 0 where ignored
+        if sample_weight is not None:
+            if sample_weight.shape != labels.shape:
+                raise ValueError(f"sample_weight must have the labels' shape {list(labels.shape)}, got "
+                                 f"{list(sample_weight.shape)}")  # fmt: skip
+            w = sample_weight.detach().reshape(-1).float()
+            # kd_loss's check (skipped where the loop checked the weights on the host: values_checked)
+            functional._check_values("sample_weight", w, "finite and >= 0", ~torch.isfinite(w) | (w < 0))
+            per_row = per_row * w
+        denominator = num_items if num_items is not None else (lab != self.ignore_index).sum()
+        return per_row.sum() / denominator.clamp_min(1)
+
     def _train_step(self, micro: list[tuple[Tensor | None, Batch]]) -> dict[str, Tensor]:
         """One optimizer step over the given micro-batches (this process's share of each)."""
         counted = []
         for _, b in micro:
-            labels = b.labels[..., 1:] if (self.loss_fn is not None and self._shifts(b.labels)) else b.labels
+            # the logits are not known yet: per-item labels [B] decide alone (as _logit_loss decides with them)
+            shifted = b.labels is not None and self.loss_fn is not None and self._shifts(b.labels)
+            labels = b.labels[..., 1:] if shifted else b.labels
             counted.append(None if labels is None else (labels != self.ignore_index).sum())
         num_items = None
         if self.loss_fn is not None and all(c is not None for c in counted):
@@ -551,7 +608,8 @@ class DistillationLoop:
             eval_data / eval_fn: evaluated every ``eval_every`` steps and at the end: ``eval_fn(loop) -> {name:
                 value}``, or by default :meth:`evaluate` on ``eval_data`` (loss and accuracy).
             checkpoint_every: save a checkpoint every this many steps, and at the end, under
-                ``output_dir/checkpoints/step-XXXXXXXX``; ``keep_checkpoints`` keeps the newest few.
+                ``output_dir/checkpoints/step-XXXXXXXX`` (needs ``output_dir``); ``keep_checkpoints`` keeps the
+                newest few with a step up to the current one (later ones, of an abandoned run, are deleted).
             resume_from: a checkpoint directory, or "latest" (the newest intact one under
                 ``output_dir/checkpoints``, damaged ones skipped with a warning; start fresh when there is none).
                 The same ``max_steps``/``epochs`` and data continue the run exactly, and the metrics files are cut
@@ -563,6 +621,16 @@ class DistillationLoop:
             ``{"step", "epoch", "train_loss", **last evaluation}``; ``train_loss`` is the last logged training loss
             (from the checkpoint when a resumed run had no step left to take), None if none was logged.
         """
+        if max_steps is not None and max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        if epochs is not None and not epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {epochs}")
+        for name, value in (("checkpoint_every", checkpoint_every), ("keep_checkpoints", keep_checkpoints)):
+            if value is not None and self.output_dir is None:  # else no checkpoint is written, silently
+                raise ValueError(f"{name}={value} saves under output_dir/checkpoints, and this loop has no "
+                                 "output_dir: give DistillationLoop(output_dir=...)")  # fmt: skip
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         batches = batch_iterable(train_data)  # None: a map-style dataset, batched here
         per_epoch = self._epoch_length(train_data, batches)
         if max_steps is None and epochs is None:
@@ -573,8 +641,11 @@ class DistillationLoop:
         budget = math.inf if epochs is None else int(round(epochs * per_epoch))  # micro-batches
         by_epochs = math.ceil(budget / self.grad_accum_steps) if epochs is not None else math.inf
         total_steps = int(min(max_steps if max_steps is not None else math.inf, by_epochs))
+        if total_steps == 0:
+            raise ValueError(f"epochs={epochs} of {per_epoch} micro-batches rounds to 0 micro-batches: nothing to "
+                             "train; give more epochs (or max_steps)")  # fmt: skip
         if self.scheduler is None and self._scheduler_arg is not None:
-            self.scheduler = self._scheduler_arg(self.optimizer, total_steps)
+            self._build_scheduler(total_steps)
         self._perm, self._perm_epoch = None, -1
         self._batches, self._batches_epoch = iter(()), -1
 
@@ -593,23 +664,25 @@ class DistillationLoop:
         bar = tqdm(total=total_steps, initial=self.step, disable=not self.progress or self.rank != 0,
                    desc="distill", dynamic_ncols=True)  # fmt: skip
         first_step = self.step
-        window: dict[str, Tensor] = {}
-        window_steps = 0
+        if not self._window_restored:  # a fresh run or a second fit(): a new logging window
+            self._window, self._window_steps = {}, 0
+        self._window_restored = False
         last_eval: dict[str, float] = {}
         evaluated_at = saved_at = None
         t0 = time.perf_counter()
 
         def end_of_step(final: bool) -> None:
             """Log, evaluate and checkpoint where due at this step; each of them at the last step."""
-            nonlocal window, window_steps, t0, last_eval, evaluated_at, saved_at
-            if window_steps and (self.step % self.log_every == 0 or final):
-                record = self._reduce_window(window, window_steps)
+            nonlocal t0, last_eval, evaluated_at, saved_at
+            if self._window_steps and (self.step % self.log_every == 0 or final):
+                record = self._reduce_window(self._window, self._window_steps)
                 record["lr"] = self.optimizer.param_groups[0]["lr"]
-                record["steps_per_s"] = window_steps / max(time.perf_counter() - t0, 1e-9)
+                ran = min(self._window_steps, self.step - first_step)  # a restored window's steps ran before
+                record["steps_per_s"] = ran / max(time.perf_counter() - t0, 1e-9)
                 self.last_train_loss = record["loss"]
                 self.log("train", record)
                 bar.set_postfix(loss=f"{self.last_train_loss:.4f}")
-                window, window_steps, t0 = {}, 0, time.perf_counter()
+                self._window, self._window_steps, t0 = {}, 0, time.perf_counter()
             evaluate = eval_fn is not None or eval_data is not None
             if evaluate and ((eval_every and self.step % eval_every == 0) or final) and evaluated_at != self.step:
                 last_eval = eval_fn(self) if eval_fn is not None else self._default_eval(eval_data)
@@ -637,12 +710,25 @@ class DistillationLoop:
             self.step += 1
             bar.update(1)
             for k, v in sums.items():
-                window[k] = window.get(k, 0) + v
-            window_steps += 1
+                self._window[k] = self._window.get(k, 0) + v
+            self._window_steps += 1
             end_of_step(final=self.step == total_steps)
         bar.close()
         return {"step": self.step, "epoch": self._epochs_done(per_epoch), "train_loss": self.last_train_loss,
                 **last_eval}  # fmt: skip
+
+    def _build_scheduler(self, total_steps: int) -> None:
+        """Build the scheduler from the callable ``scheduler``; with the state of a checkpoint loaded before (by
+        :meth:`load_checkpoint`, when there was no scheduler yet to load it into) restored."""
+        pending, self._pending_scheduler_state = self._pending_scheduler_state, None
+        # a scheduler's constructor sets the groups' lr (and momentum, ...) to its step-0 values: keep the
+        # checkpoint's, which the optimizer holds now
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.scheduler = self._scheduler_arg(self.optimizer, total_steps)
+        if pending is not None:
+            self.scheduler.load_state_dict(pending)
+            for g, saved in zip(self.optimizer.param_groups, groups):
+                g.update(saved)
 
     def _epoch_length(self, train_data: Data, batches: Iterable | None) -> int | None:
         """Micro-batches in an epoch of ``train_data`` (None: an iterable without len), checked to be > 0 and to
@@ -748,7 +834,7 @@ class DistillationLoop:
         """Cross-entropy (``loss``) and top-1 ``accuracy`` of ``model`` (default: the student) over the labelled
         items of ``data`` (a map-style dataset, batched by ``batch_size`` (default the loop's), or a DataLoader /
         iterable of batches, as in :meth:`fit`) after the causal shift when there is one, in eval mode; the training
-        mode is restored after."""
+        mode is restored after. Data with no labelled item (empty, a spent generator) is a ValueError."""
         model = self.student if model is None else model
         was_training = model.training
         model.eval()
@@ -760,7 +846,7 @@ class DistillationLoop:
             with self._autocast():
                 logits = self.forward(model, b.inputs)
             labels = b.labels
-            if self._shifts(labels):
+            if self._shifts(labels, logits):
                 logits, labels = shift_for_causal_lm(logits, labels)
             flat, lab = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
             keep = lab != self.ignore_index
@@ -768,7 +854,11 @@ class DistillationLoop:
             correct += int((flat[keep].argmax(-1) == lab[keep]).sum())
             count += int(keep.sum())
         model.train(was_training)
-        return {"loss": total_ce / max(count, 1), "accuracy": correct / max(count, 1)}
+        if count == 0:  # 0.0 would read as a perfect loss
+            raise ValueError("evaluate(): eval_data yielded no labelled item (an empty dataset, a generator already "
+                             "iterated, or every label equal to ignore_index); give a dataset or DataLoader that "
+                             "can be iterated again")  # fmt: skip
+        return {"loss": total_ce / count, "accuracy": correct / count}
 
     def _eval_batches(self, data: Data, batch_size: int) -> Iterable:
         """The batches of ``data``: a DataLoader / iterable of batches as it is, a map-style dataset in order."""
@@ -793,19 +883,41 @@ class DistillationLoop:
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "world_size": self.world_size, "batch_size": self.batch_size, "seed": self.seed,
             "shuffle": self.shuffle, "drop_last": self.drop_last, "grad_accum_steps": self.grad_accum_steps,
-            "train_loss": self.last_train_loss,
+            "train_loss": self.last_train_loss, "log_window": self._window_saved,
         }  # fmt: skip
 
     def _restore_position(self, state: dict[str, Any]) -> None:
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.last_train_loss = state.get("train_loss")  # absent from checkpoints of older versions
+        saved = state.get("log_window") or {"sums": {}, "steps": 0}
+        self._window, self._window_steps = dict(saved["sums"]), saved["steps"]
+        self._window_restored = True
 
     def save_checkpoint(self, directory: str | os.PathLike | None = None, keep: int | None = None) -> Path:
         """Save everything needed to continue exactly; default directory ``output_dir/checkpoints/step-XXXXXXXX``.
         Models: ``<name>.safetensors``; optimizer, scheduler, RNG (one file per process): safetensors + JSON;
         ``state.json``: step, position in the data and the settings that fix the data order. ``keep``: delete all
-        but the newest ``keep`` checkpoints beside it."""
-        return self._checkpointer.save(directory, keep)
+        but the newest ``keep`` checkpoints beside it with a step up to this one (it is always kept). Every process
+        must call it."""
+        self._window_saved = self._saved_window()
+        try:
+            return self._checkpointer.save(directory, keep)
+        finally:
+            self._window_saved = None
+
+    def _saved_window(self) -> dict[str, Any]:
+        """The logging window as ``state.json`` holds it: ``{"sums": {part: float}, "steps": n}``, the sums
+        averaged over processes (the mean of each process's window restored on every process keeps the next
+        log's average). A float32 sum is exact as a float, so the resumed log is the same number."""
+        keys = sorted(self._window)
+        if self.world_size > 1 and keys:  # every process saves: all of them join
+            vec = torch.stack([torch.as_tensor(self._window[k], dtype=torch.float64, device=self.device)
+                               for k in keys])  # fmt: skip
+            dist.all_reduce(vec)
+            sums = dict(zip(keys, (vec / self.world_size).tolist()))
+        else:
+            sums = {k: float(self._window[k]) for k in keys}
+        return {"sums": sums, "steps": self._window_steps}
 
     def check_checkpoint(self, directory: str | os.PathLike) -> dict[str, Any]:
         """A one-line :class:`ValueError` naming the file unless ``directory`` is a checkpoint this loop can continue
@@ -817,8 +929,13 @@ class DistillationLoop:
 
     def load_checkpoint(self, directory: str | os.PathLike) -> None:
         """Restore what :meth:`save_checkpoint` wrote (into this loop's existing modules/optimizer/scheduler),
-        after :meth:`check_checkpoint`: a checkpoint that does not fit fails without half-restoring this loop."""
+        after :meth:`check_checkpoint`: a checkpoint that does not fit fails without half-restoring this loop. With
+        ``scheduler=`` a callable not built yet, the scheduler's state is kept until :meth:`fit` builds it."""
+        pending = None
+        if self.scheduler is None and self._scheduler_arg is not None and (Path(directory) / "scheduler.json").exists():
+            pending = ckpt.load_state(directory, "scheduler")  # read first: a damaged file restores nothing
         self._checkpointer.load(directory)
+        self._pending_scheduler_state = pending
 
     def close(self) -> None:
         """Remove the feature hooks and close the TensorBoard writer."""
@@ -850,6 +967,22 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         raise ValueError(f"amp='bf16' autocasts on a CUDA device with bf16 support only ({where}); use 'auto' or "
                          "'off'")  # fmt: skip
     return torch.bfloat16 if supported and amp != "off" else None
+
+
+def _positions_shape(x: Tensor | Any) -> torch.Size:
+    """The leading ``[B, T]`` (or ``[B]``) of logits ``[..., V]`` or of a TeacherHead's hidden ``[..., H]``."""
+    return (x.hidden if hasattr(x, "hidden") else x).shape[:-1]
+
+
+def _positions_dim(x: Tensor | Any) -> int:
+    """Dimensions of logits ``[B, T, V]`` (3) or ``[B, V]`` (2), or of a TeacherHead's hidden states."""
+    return len(_positions_shape(x)) + 1
+
+
+def _shape(x: Any) -> str:
+    if x is None:
+        return "None"
+    return f"{list(x.hidden.shape)} (hidden states)" if hasattr(x, "hidden") else str(list(x.shape))
 
 
 def _is_scheduler(x: Any) -> bool:
