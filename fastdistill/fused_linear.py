@@ -45,10 +45,23 @@ class TeacherHead(NamedTuple):
         return TeacherHead(self.hidden[..., :-1, :], self.weight, self.bias)
 
 
+# Config attributes by which a Hugging Face model rescales or slices lm_head(hidden) into its logits (the value that
+# means "as is"): the fused loss takes lm_head(hidden) itself, so any other value would silently change the loss.
+_LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": None,  # Gemma 2/3: tanh soft-capping
+    "logit_scale": 1,  # Cohere
+    "logits_scaling": 1,  # Granite: logits divided by it
+    "lm_head_multiplier": 1,  # Falcon-H1: logits times it (also kept on the base model)
+    "logits_mup_width_multiplier": 1,  # Inkling: hidden states divided by it before the head
+}
+
+
 def check_fusable(name: str, model: nn.Module) -> None:
     """That ``model``'s logits are ``get_output_embeddings()(base_model(...)[0])`` as :func:`hidden_and_head` reads
     them: a linear output head on a distinct base model, a forward that takes ``logits_to_keep`` (else it computes
-    the full logits anyway), no logit scaling or soft-capping in its config. ValueError naming ``name`` otherwise."""
+    the full logits anyway), no logit scaling, soft-capping or vocabulary slicing in its config or modules
+    (:data:`_LOGIT_TRANSFORMS`, ``unpadded_vocab_size`` != ``vocab_size``). ValueError naming ``name`` and the
+    attribute otherwise; :func:`check_head_output` then checks the first batch's logits at run time."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear):
         raise ValueError(f"fused_linear: {name} has no linear output head (get_output_embeddings()); use "
@@ -60,10 +73,50 @@ def check_fusable(name: str, model: nn.Module) -> None:
         raise ValueError(f"fused_linear: {name}.forward does not take logits_to_keep, so it would compute the full "
                          "logits anyway; use fused_linear=False")  # fmt: skip
     config = getattr(model, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        if getattr(config, attr, None) not in (None, 1, 1.0):
-            raise ValueError(f"fused_linear: {name} transforms its logits ({attr}={getattr(config, attr)}); the "
-                             "fused loss takes lm_head(hidden) as is: use fused_linear=False")  # fmt: skip
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None  # multimodal: the LM's config
+    sources = [(f"{name}.config", config), (f"{name}.config (text config)", text), (name, model),
+               (f"{name}.base_model", model.base_model)]  # fmt: skip
+    seen: set[int] = set()
+    for where, obj in sources:
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        for attr, identity in _LOGIT_TRANSFORMS.items():
+            value = getattr(obj, attr, None)
+            if isinstance(value, Tensor):  # a module's buffer or parameter (a learned scale): as is only if it is 1
+                value = value.item() if value.numel() == 1 else value
+            if value is not None and (isinstance(value, Tensor) or value != identity):
+                raise ValueError(f"fused_linear: {name} transforms its logits ({where}.{attr}={value!r}); the fused "
+                                 "loss takes lm_head(hidden) as is: use fused_linear=False")  # fmt: skip
+        if isinstance(obj, nn.Module):
+            continue
+        unpadded, vocab = getattr(obj, "unpadded_vocab_size", None), getattr(obj, "vocab_size", None)
+        if unpadded is not None and unpadded != vocab:
+            raise ValueError(f"fused_linear: {name} slices its logits to {where}.unpadded_vocab_size={unpadded} "
+                             f"(vocab_size={vocab}); the fused loss takes lm_head(hidden) whole: use "
+                             "fused_linear=False")  # fmt: skip
+
+
+def check_head_output(name: str, head: TeacherHead, output: Any) -> None:
+    """That the model's own logits (of the last position: ``logits_to_keep=1``) in ``output`` are ``head`` applied
+    to its hidden states ``[B, T, H]`` at that position, up to 16-bit rounding (autocast): a cheap ([B, 1, V]) run
+    time check for a logit transform :func:`check_fusable` cannot see in a config. ValueError naming ``name``."""
+    from .training.data import logits_of  # lazy: training imports this module
+
+    logits = logits_of(output).detach()
+    with torch.no_grad():
+        want = _logits(head.hidden[..., -1:, :].detach(), head.weight.detach(),
+                       None if head.bias is None else head.bias.detach())  # fmt: skip
+    if logits.shape != want.shape:
+        raise ValueError(f"fused_linear: {name}'s logits of the last position have shape {tuple(logits.shape)}, its "
+                         f"head applied to its hidden states {tuple(want.shape)}: the model transforms its logits; "
+                         "use fused_linear=False")  # fmt: skip
+    logits, want = logits.float(), want.to(logits.device).float()
+    # 16-bit matmuls (autocast, a bf16 model) differ by ~1e-2 of the logits' scale; a rescale by far more
+    if (logits - want).abs().max() > 3e-2 * want.abs().max() + 1e-5:
+        raise ValueError(f"fused_linear: {name}'s logits are not lm_head(hidden) (largest difference "
+                         f"{(logits - want).abs().max().item():.3g} at logit scale {want.abs().max().item():.3g}): the "
+                         "model rescales or transforms its logits; use fused_linear=False")  # fmt: skip
 
 
 def hidden_and_head(model: nn.Module, inputs: Any) -> tuple[TeacherHead, Any]:
@@ -89,16 +142,26 @@ def hidden_and_head(model: nn.Module, inputs: Any) -> tuple[TeacherHead, Any]:
 Teacher = Tensor | TeacherHead
 
 
-def _check_head(name: str, weight: Tensor, bias: Tensor | None, width: int, device: torch.device) -> None:
+def _check_head(name: str, weight: Tensor, bias: Tensor | None, width: int, device: torch.device,
+                bias_name: str | None = None) -> None:  # fmt: skip
+    bias_name = bias_name or f"{name} bias"
     if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.dim() != 2:
         raise TypeError(f"{name} weight must be a floating-point Tensor [V, H]")
     if weight.shape[1] != width:
         raise ValueError(f"{name} weight has shape {tuple(weight.shape)}: expected [V, {width}] (H of its hidden)")
     if weight.device != device:
         raise ValueError(f"{name} weight is on {weight.device}, the hidden states on {device}")
-    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (weight.shape[0],)):
-        raise ValueError(f"{name} bias must be a Tensor [V] = [{weight.shape[0]}], got "
+    if bias is None:
+        return
+    if not isinstance(bias, Tensor) or bias.shape != (weight.shape[0],):
+        raise ValueError(f"{bias_name} must be a Tensor [V] = [{weight.shape[0]}], got "
                          f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")  # fmt: skip
+    # the head's matmul is one addmm: the bias must share the weight's dtype and device
+    if bias.dtype != weight.dtype:
+        raise TypeError(f"{bias_name} is {bias.dtype} but the head weight is {weight.dtype}; they must share a dtype "
+                        f"(cast the bias: bias.to({weight.dtype}))")  # fmt: skip
+    if bias.device != weight.device:
+        raise ValueError(f"{bias_name} is on {bias.device}, the head weight on {weight.device}")
 
 
 def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: int, device) -> list[Teacher]:
@@ -119,7 +182,7 @@ def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: in
             if not isinstance(t.hidden, Tensor) or t.hidden.shape[:-1] != lead:
                 raise ValueError(f"teachers[{k}].hidden must have shape [{', '.join(map(str, lead))}, H_t] (the "
                                  f"student's rows), got {tuple(getattr(t.hidden, 'shape', ()))}")  # fmt: skip
-            _check_head(f"teachers[{k}]", t.weight, t.bias, t.hidden.shape[-1], device)
+            _check_head(f"teachers[{k}]", t.weight, t.bias, t.hidden.shape[-1], device, f"teachers[{k}].bias")
             if t.weight.dtype != t.hidden.dtype:
                 raise TypeError(f"teachers[{k}].weight is {t.weight.dtype} but its hidden states are "
                                 f"{t.hidden.dtype}; they must share a dtype (the head's matmul)")  # fmt: skip
@@ -253,7 +316,10 @@ def _sweep(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, need: tuple[bool
         else:
             total = total + loss.to(acc)
         del loss
-    out = torch.cat(rows_out) if rows_out is not None else total
+    if rows_out is not None:  # no rows (N = 0): an empty [0], as kd_loss gives
+        out = torch.cat(rows_out) if rows_out else torch.zeros(0, dtype=acc, device=h.device)
+    else:
+        out = total
     return out, gh, gw, gb
 
 
@@ -334,7 +400,8 @@ class _FusedLinearKD(torch.autograd.Function):
         need = tuple(ctx.needs_input_grad[:3])
         early = any(need) and plan.chunk_reduction != "none"
         out, gh, gw, gb = _sweep(plan, h, w, b, need if early else (False, False, False), None)
-        ctx.plan, ctx.early, ctx.dtypes = plan, early, (h.dtype, w.dtype)
+        ctx.plan, ctx.early = plan, early
+        ctx.dtypes = (h.dtype, None if b is None else b.dtype)
         ctx.grads = (gh, gw, gb) if early else None  # not inputs or outputs: plain references, freed with ctx
         if not early:
             ctx.save_for_backward(h, w, b)
@@ -344,7 +411,7 @@ class _FusedLinearKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        plan, (h_dtype, w_dtype) = ctx.plan, ctx.dtypes
+        plan, (h_dtype, b_dtype) = ctx.plan, ctx.dtypes
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             raise RuntimeError("fastdistill.fused_linear_kd_loss: create_graph=True (double backward) is not "
                                "supported: the gradients are formed chunk by chunk without a graph of their own, so a "
@@ -357,11 +424,11 @@ class _FusedLinearKD(torch.autograd.Function):
                                    "compute the loss again")  # fmt: skip
             (gh, gw, gb), scale = ctx.grads, grad_out / plan.denominator
             ctx.grads = None
-            return (_scaled(gh, scale, h_dtype), None if gw is None else gw.result(scale), _scaled(gb, scale, w_dtype),
+            return (_scaled(gh, scale, h_dtype), None if gw is None else gw.result(scale), _scaled(gb, scale, b_dtype),
                     None)  # fmt: skip
         h, w, b = ctx.saved_tensors  # "none": the chunks again, each row's grad_output applied in them
         _, gh, gw, gb = _sweep(plan, h, w, b, tuple(ctx.needs_input_grad[:3]), grad_out.reshape(-1))
-        return gh, None if gw is None else gw.result(None), _scaled(gb, None, w_dtype), None
+        return gh, None if gw is None else gw.result(None), _scaled(gb, None, b_dtype), None
 
 
 def fused_linear_kd_loss(
@@ -394,7 +461,8 @@ def fused_linear_kd_loss(
 
     Args:
         student_hidden: [*, H] the student's last hidden states (the ``lm_head``'s input).
-        student_head_weight: [V, H] the student's output head (``lm_head.weight``); student_head_bias: [V] or None.
+        student_head_weight: [V, H] the student's output head (``lm_head.weight``); student_head_bias: [V] or None,
+            in the weight's dtype and on its device (a TeacherHead's bias likewise).
         teachers: logits ([*, V], a stacked [K, *, V], or a sequence of K [*, V]), :class:`TeacherHead` entries
             (hidden [*, H_t] and a frozen head [V, H_t]: their logits are computed per chunk too), or a sequence
             mixing both. Teachers get no gradient.
@@ -409,14 +477,16 @@ def fused_linear_kd_loss(
 
     Returns the loss: 0-dim, or [*] for ``reduction="none"``; float32 (float64 for float64 inputs). Gradients flow
     to ``student_hidden``, ``student_head_weight`` and ``student_head_bias``; for a reduced loss they are computed
-    with it (one pass over the chunks) and handed out by its one backward. Extra memory: one chunk's logits,
+    with it (one pass over the chunks) and handed out by its one backward; under ``no_grad`` / ``inference_mode``
+    (evaluation) only the loss is computed, whatever requires grad. Extra memory: one chunk's logits,
     teachers' logits and logit gradient, plus the gradients of the inputs (the weight's in ``accum_dtype`` while
     it accumulates; a float32 sum is narrowed to the head's dtype in its own memory, no second [V, H] buffer).
     """
     if not isinstance(student_hidden, Tensor) or not student_hidden.is_floating_point() or student_hidden.dim() < 1:
         raise TypeError("student_hidden must be a floating-point Tensor [*, H]")
     lead, width = student_hidden.shape[:-1], student_hidden.shape[-1]
-    _check_head("student_head", student_head_weight, student_head_bias, width, student_hidden.device)
+    _check_head("student_head", student_head_weight, student_head_bias, width, student_hidden.device,
+                "student_head_bias")
     if student_head_weight.dtype != student_hidden.dtype:
         raise TypeError(f"student_head_weight is {student_head_weight.dtype} but student_hidden is "
                         f"{student_hidden.dtype}; they must share a dtype (the head's matmul)")  # fmt: skip
@@ -459,6 +529,10 @@ def fused_linear_kd_loss(
     plan = _Plan(teacher_list, flat_labels, flat_sw, tw, options, accum_dtype, chunk_reduction, count, denominator,
                  chunk, lead)  # fmt: skip
     h = student_hidden.reshape(n, width)
+    if not torch.is_grad_enabled():  # no_grad / inference_mode (evaluation): the loss alone, no autograd Function,
+        # so no head-gradient buffer or gradient matmuls for a head that requires grad (and no inference-mode error)
+        out, *_ = _sweep(plan, h, student_head_weight, student_head_bias, (False, False, False), None)
+        return out.reshape(plan.lead) if chunk_reduction == "none" else out / denominator
     return _FusedLinearKD.apply(h, student_head_weight, student_head_bias, plan)
 
 

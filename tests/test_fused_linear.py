@@ -447,3 +447,86 @@ def test_hidden_and_head_reads_what_the_head_reads(arch):
 
     with pytest.raises(ValueError, match="bare has no base model under its head"):
         check_fusable("bare", HeadOnly())
+
+
+def test_no_grad_and_inference_mode_compute_the_loss_alone(monkeypatch):
+    """Under no_grad / inference_mode (evaluation) a head that requires grad gets no [V, H] gradient buffer, no
+    gradient matmuls and no autograd Function; the loss is the same, and inference_mode is no error."""
+    from fastdistill import fused_linear as fl
+
+    h, w, b, t_hidden, t_heads, labels = _inputs()
+    teachers = [TeacherHead(th, tw) for th, tw in zip(t_hidden, t_heads)]
+    kw = dict(student_head_bias=b, chunk_size=3, temperature=2.0, backend="reference")
+    for reduction in ("mean", "batchmean", "none"):
+        want = fused_linear_kd_loss(h, w, teachers, labels, reduction=reduction, **kw).detach()
+        built = []
+        monkeypatch.setattr(fl, "_HeadGrad", lambda *a: built.append(a) or pytest.fail("head gradient under no_grad"))
+        monkeypatch.setattr(fl._FusedLinearKD, "apply", lambda *a: pytest.fail("autograd Function under no_grad"))
+        for mode in (torch.no_grad, torch.inference_mode):
+            with mode():
+                got = fused_linear_kd_loss(h, w, teachers, labels, reduction=reduction, **kw)
+            assert not got.requires_grad and not built
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        monkeypatch.undo()
+
+
+def test_zero_rows_reduction_none_is_empty_like_kd_loss():
+    h, w, b, t_hidden, t_heads, labels = _inputs(lead=(0, 3))
+    t_logits = [th @ tw.T for th, tw in zip(t_hidden, t_heads)]
+    want = _materialised(h, w, b, t_logits, labels, reduction="none", backend="reference")
+    for teachers in (t_logits, [TeacherHead(th, tw) for th, tw in zip(t_hidden, t_heads)]):
+        got = fused_linear_kd_loss(h, w, teachers, labels, student_head_bias=b, reduction="none", backend="reference")
+        assert got.shape == want.shape == (0, 3) and got.dtype == want.dtype
+        got.sum().backward()
+        assert h.grad.shape == h.shape and not w.grad.any() and not b.grad.any()
+
+
+def test_a_bias_of_another_dtype_or_device_is_named():
+    h, w, b, t_hidden, t_heads, labels = _inputs()
+    with pytest.raises(TypeError, match="student_head_bias is torch.float32 but the head weight is torch.float64"):
+        fused_linear_kd_loss(h, w, t_hidden[0] @ t_heads[0].T, student_head_bias=b.float())
+    with pytest.raises(ValueError, match="student_head_bias is on meta, the head weight on cpu"):
+        fused_linear_kd_loss(h, w, t_hidden[0] @ t_heads[0].T, student_head_bias=b.to("meta"))
+    bias = torch.zeros(V, dtype=torch.float32)
+    with pytest.raises(TypeError, match=r"teachers\[1\].bias is torch.float32 but the head weight is torch.float64"):
+        fused_linear_kd_loss(h, w, [TeacherHead(t_hidden[0], t_heads[0]), TeacherHead(t_hidden[1], t_heads[1], bias)])
+    # the same dtype and device: the bias's gradient comes back in its dtype
+    loss = fused_linear_kd_loss(h, w, t_hidden[0] @ t_heads[0].T, student_head_bias=b, backend="reference")
+    assert torch.autograd.grad(loss, b)[0].dtype == b.dtype
+
+
+def test_logit_transforms_are_refused():
+    """Models that rescale or slice lm_head(hidden) (Falcon-H1's lm_head_multiplier, Inkling's
+    logits_mup_width_multiplier and unpadded_vocab_size): check_fusable names the attribute, and check_head_output
+    catches a transform no attribute shows, from the logits of the last position."""
+    transformers = pytest.importorskip("transformers")
+    from fastdistill.fused_linear import check_fusable, check_head_output, hidden_and_head
+
+    def gpt2(cls=transformers.GPT2LMHeadModel, **kw):
+        torch.manual_seed(0)
+        return cls(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=40, bos_token_id=0,
+                                           eos_token_id=0, **kw))  # fmt: skip
+
+    for kw, match in ((dict(lm_head_multiplier=4.0), r"model.config.lm_head_multiplier=4.0"),
+                      (dict(logits_mup_width_multiplier=24.0), r"model.config.logits_mup_width_multiplier=24.0"),
+                      (dict(unpadded_vocab_size=37), r"model.config.unpadded_vocab_size=37 \(vocab_size=40\)"),
+                      (dict(logits_scaling=2.0), "logits_scaling=2.0")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            check_fusable("model", gpt2(**kw))
+    check_fusable("model", gpt2(lm_head_multiplier=1.0, unpadded_vocab_size=40))  # "as is" values pass
+    model = gpt2()
+    model.base_model.lm_head_multiplier = 4.0  # Falcon-H1 reads it from the base model
+    with pytest.raises(ValueError, match=r"model.base_model.lm_head_multiplier=4.0"):
+        check_fusable("model", model)
+
+    class Scaled(transformers.GPT2LMHeadModel):  # a transform in code only
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 4
+            return out
+
+    ids = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        check_head_output("model", *hidden_and_head(gpt2(), {"input_ids": ids}))
+        with pytest.raises(ValueError, match="teachers\\[0\\]'s logits are not lm_head\\(hidden\\)"):
+            check_head_output("teachers[0]", *hidden_and_head(gpt2(Scaled), {"input_ids": ids}))

@@ -292,3 +292,143 @@ def test_fused_linear_equals_the_logits_path(tmp_path):
     with pytest.raises(ValueError, match="fused_linear: model has no linear output head"):
         DistillationTrainer(model=_bert(16, 0), args=_args(tmp_path / "b"), teachers=[_bert(16, 1)],
                             fused_linear=True)  # fmt: skip
+
+
+def test_fused_linear_refuses_what_it_would_ignore_or_get_wrong(tmp_path):
+    """A teacher_logits override (fused_linear never calls it) is refused at construction; a model whose logits are
+    not lm_head(hidden) although no config attribute says so is caught on the first batch."""
+
+    class OwnTeacherInputs(DistillationTrainer):
+        def teacher_logits(self, teacher, inputs):
+            return super().teacher_logits(teacher, inputs)
+
+    student, teacher = _gpt2(1, 16, 0), _gpt2(1, 16, 1)
+    with pytest.raises(ValueError, match="OwnTeacherInputs.teacher_logits would be ignored"):
+        OwnTeacherInputs(model=student, args=_args(tmp_path), teachers=[teacher], fused_linear=True)
+    OwnTeacherInputs(model=student, args=_args(tmp_path), teachers=[teacher])  # the logits path calls it
+
+    class Scaled(GPT2LMHeadModel):
+        def forward(self, input_ids=None, attention_mask=None, logits_to_keep=0, **kwargs):
+            out = super().forward(input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep, **kwargs)
+            out.logits = out.logits * 4
+            return out
+
+    torch.manual_seed(1)
+    scaled = Scaled(teacher.config)
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path), teachers=[scaled], fused_linear=True)
+    with pytest.raises(ValueError, match=r"teachers\[0\]'s logits are not lm_head\(hidden\)"):
+        trainer.compute_loss(student, _lm_batch())
+
+
+def test_shift_labels_on_non_sequence_logits_is_an_error(tmp_path):
+    student, teacher = _bert(16, 0), _bert(16, 1)
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path), teachers=[teacher], shift_labels=True)
+    batch = {"input_ids": torch.randint(1, VOCAB, (4, 7)), "labels": torch.tensor([0, 2, 1, 1])}
+    with pytest.raises(ValueError, match=r"shift_labels=True .* logits of shape \(4, 3\) and labels of shape \(4,\)"):
+        trainer.compute_loss(student, batch)
+
+
+def _unlabelled(pad, seed=6):
+    """Two sequences of 6 and 4 tokens, right-padded to 6 + pad positions, no labels."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cat([torch.randint(1, VOCAB, (2, 6), generator=g), torch.zeros(2, pad, dtype=torch.long)], 1)
+    mask = torch.ones(2, 6 + pad, dtype=torch.long)
+    mask[0, 6:], mask[1, 4:] = 0, 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_unlabelled_padding_is_not_distilled(tmp_path, fused):
+    """Pure KD without labels: positions where attention_mask is 0 are out of the loss and its count (shifted like
+    labels for a causal LM), so padding changes neither the loss nor the gradient."""
+    student, teachers = _gpt2(1, 16, 0), [_gpt2(2, 32, 1)]
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path), teachers=teachers, temperature=2.0,
+                                  fused_linear=fused)  # fmt: skip
+    student.train()
+    results = []
+    for pad in (0, 5):
+        batch = _unlabelled(pad)
+        _, n = trainer.get_batch_samples(iter([batch]), 1, torch.device("cpu"))
+        assert int(n) == 5 + 3  # positions 0..T-2 whose next token is not padding
+        student.zero_grad()
+        loss = trainer.compute_loss(student, dict(batch), num_items_in_batch=n)
+        loss.backward()
+        results.append((loss.detach(), student.transformer.wte.weight.grad.clone()))
+    (l0, g0), (l5, g5) = results
+    torch.testing.assert_close(l5, l0, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g5, g0, rtol=1e-4, atol=1e-7)
+    student.eval()
+    batch = _unlabelled(5)
+    s = student(**batch).logits[:, :-1]
+    with torch.no_grad():
+        t = teachers[0](**batch).logits[:, :-1]
+    keep = batch["attention_mask"][:, 1:].bool()
+    want = fastdistill.kd_loss(s[keep], [t[keep]], temperature=2.0)  # the unpadded positions only
+    torch.testing.assert_close(trainer.compute_loss(student, dict(batch)), want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_evaluate_without_labels_reports_eval_loss(tmp_path, fused):
+    """Unlabelled evaluation data (pure KD): Trainer alone computes no loss without label_names in the batch, so
+    eval_loss (the default metric_for_best_model) would be missing."""
+    student, teachers = _gpt2(1, 16, 0), [_gpt2(2, 32, 1)]
+    rows = [{k: v[i] for k, v in _unlabelled(2).items()} for i in range(2)]
+    args = _args(tmp_path, per_device_eval_batch_size=2)
+    trainer = DistillationTrainer(model=student, args=args, teachers=teachers, eval_dataset=rows, temperature=2.0,
+                                  fused_linear=fused)  # fmt: skip
+    metrics = trainer.evaluate()
+    student.eval()
+    with torch.no_grad():
+        want = trainer.compute_loss(student, _unlabelled(2))
+    assert metrics["eval_loss"] == pytest.approx(want.item(), rel=1e-5)
+    # predictions: the student's full logits, fused or not (fused_linear forms them for evaluation only)
+    out = trainer.predict(rows)
+    assert out.predictions.shape == (2, 8, VOCAB) and out.metrics["test_loss"] == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_teachers_placed_by_from_pretrained_are_left_there(tmp_path, monkeypatch):
+    """A teacher loaded with a device_map (here partly offloaded to disk: .to() raises) or quantised is not moved by
+    prepare_teacher, and still distils."""
+    _gpt2(2, 32, 1).save_pretrained(tmp_path / "teacher")
+    device_map = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.h.0": "cpu",
+                  "transformer.h.1": "disk", "transformer.ln_f": "cpu", "lm_head": "cpu"}  # fmt: skip
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "teacher", device_map=device_map,
+                                                                offload_folder=str(tmp_path / "offload"))
+    student = _gpt2(1, 16, 0)
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path), teachers=[teacher], **KD)
+    batch = _lm_batch()
+    student.eval()
+    torch.testing.assert_close(trainer.compute_loss(student, dict(batch)), _hand_lm(student, [teacher], batch),
+                               rtol=1e-5, atol=1e-7)  # fmt: skip
+    quantised = _gpt2(1, 16, 2)
+    quantised.is_loaded_in_8bit = True
+    monkeypatch.setattr(quantised, "to", lambda *a, **k: pytest.fail("a quantised teacher moved"))
+    assert DistillationTrainer(model=student, args=_args(tmp_path), teachers=[quantised]).teachers == [quantised]
+
+
+def test_encoder_decoder_student_gets_decoder_inputs_from_labels(tmp_path):
+    """The labels are kept from the student (the loss is the trainer's), so an encoder-decoder model's
+    decoder_input_ids are built from them as the model itself would; without either it is a clear error."""
+
+    def t5(seed, width):
+        torch.manual_seed(seed)
+        cfg = transformers.T5Config(vocab_size=VOCAB, d_model=width, d_kv=8, d_ff=2 * width, num_layers=1,
+                                    num_heads=2, decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0)
+        return transformers.T5ForConditionalGeneration(cfg)
+
+    student, teacher = t5(0, 16), t5(1, 32)
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path), teachers=[teacher], **KD)
+    assert not trainer.shift_labels
+    g = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(1, VOCAB, (2, 7), generator=g), torch.randint(1, VOCAB, (2, 5), generator=g)
+    labels[1, 3:] = -100
+    student.eval()
+    dec = student.prepare_decoder_input_ids_from_labels(labels=labels)
+    s = student(input_ids=ids, decoder_input_ids=dec).logits
+    with torch.no_grad():
+        t = teacher(input_ids=ids, decoder_input_ids=dec).logits
+    got = trainer.compute_loss(student, {"input_ids": ids, "labels": labels})
+    torch.testing.assert_close(got, fastdistill.kd_loss(s, [t], labels=labels, **KD), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="needs decoder_input_ids in the batch, or labels"):
+        DistillationTrainer(model=student, args=_args(tmp_path), teachers=[teacher]).compute_loss(
+            student, {"input_ids": ids})

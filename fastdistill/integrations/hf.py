@@ -1,14 +1,15 @@
 """Hugging Face ``transformers``: :class:`DistillationTrainer`, a ``Trainer`` whose loss is ``fastdistill.kd_loss``,
 and :class:`DistillationArguments`, ``TrainingArguments`` with the KD settings.
 
-The trainer subclasses :class:`transformers.Trainer` and overrides two public methods (no monkey-patching):
+The trainer subclasses :class:`transformers.Trainer` and overrides three public methods (no monkey-patching):
 
 - ``compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None)``: student forward, K teacher
   forwards under ``no_grad``, the causal shift for causal LMs, then ``kd_loss`` (``labels`` give the hard-label
   cross-entropy and the ``ignore_index`` mask) normalised by ``num_items_in_batch``;
 - ``get_batch_samples``: counts ``num_items_in_batch`` as the loss sees the labels (after the shift, with this
   trainer's ``ignore_index``), summed over the accumulated micro-batches and, with
-  ``average_tokens_across_devices``, over processes. HF's own count skips the shift for some causal LMs.
+  ``average_tokens_across_devices``, over processes. HF's own count skips the shift for some causal LMs;
+- ``prediction_step``: as Trainer's, but unlabelled evaluation data (pure KD) still reports ``eval_loss``.
 
 Example::
 
@@ -28,10 +29,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_pt_utils import nested_detach
 from transformers.utils import logging
 
 from .. import functional
-from ..fused_linear import check_fusable, fused_linear_kd_loss, hidden_and_head
+from ..fused_linear import TeacherHead, check_fusable, check_head_output, fused_linear_kd_loss, hidden_and_head
 from ..training.data import is_causal_lm, logits_of, shift_positions
 
 logger = logging.get_logger(__name__)
@@ -204,6 +206,22 @@ def _zero3_engine(teacher: nn.Module, ds_config: dict[str, Any]) -> nn.Module:
     return engine
 
 
+def _placed_by_loader(model: nn.Module) -> bool:
+    """Whether ``from_pretrained`` placed ``model`` itself: a ``device_map`` (dispatched over devices, or offloaded
+    to CPU / disk) or a quantised model (bitsandbytes and the like), which ``.to(device)`` would break or refuse."""
+    return bool(getattr(model, "hf_device_map", None) or getattr(model, "is_loaded_in_8bit", False)
+                or getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False)
+                or getattr(model, "quantization_method", None) is not None)  # fmt: skip
+
+
+def _on_device(x: Tensor | TeacherHead, device: torch.device) -> Tensor | TeacherHead:
+    """A teacher's logits (or hidden states and head) on the student's ``device``: a ``device_map`` teacher's last
+    layer may sit elsewhere. Non-blocking, except into host memory (the CPU would read the copy before it lands)."""
+    if isinstance(x, TeacherHead):
+        return TeacherHead(*(None if t is None else _on_device(t, device) for t in x))
+    return x if x.device == device else x.to(device, non_blocking=device.type != "cpu")
+
+
 class DistillationTrainer(Trainer):
     """A ``transformers.Trainer`` that distills K teachers into ``model`` with :func:`fastdistill.kd_loss`.
 
@@ -220,20 +238,29 @@ class DistillationTrainer(Trainer):
             :class:`DistillationArguments`, else ``kd_loss``'s default.
         shift_labels: align position t with label t+1 (student, teachers and labels alike); None: on for causal
             LMs (:func:`is_causal_lm`), off otherwise. A batch that carries ``shift_labels`` (HF's padding-free
-            collators) is used as given, unshifted.
+            collators) is used as given, unshifted. Needs sequence outputs (logits ``[B, T, V]``): on a
+            classifier's ``[B, C]`` it is a ValueError.
         fused_linear: compute the loss from the last hidden states (the base model's output, caught by a hook:
             no ``output_hidden_states`` tuple of every layer) and the output heads (``get_output_embeddings()``)
             with :func:`fastdistill.fused_linear_kd_loss`, the models asked for the logits of the last position
             only (``logits_to_keep=1``): neither the student's nor the teachers' [B, T, V] logits are materialised.
-            For models whose logits are ``lm_head(base_model(...)[0])`` as is (no logit scaling or soft-capping:
-            those raise); heads sharded by FSDP / ZeRO-3 are not supported.
+            For models whose logits are ``lm_head(base_model(...)[0])`` as is (a logit scaling, soft-capping or
+            vocabulary slicing in the config raises; the first batch checks the models' last-position logits
+            against their heads); heads sharded by FSDP / ZeRO-3 are not supported, nor an override of
+            :meth:`teacher_logits` (a ValueError). Predictions (``compute_metrics``, ``predict``) are the full
+            logits, formed for evaluation only.
 
     KD settings come from one place: ``args=DistillationArguments(...)`` (saved with the run), or these keywords
     with plain ``TrainingArguments``. A keyword given alongside DistillationArguments must equal args' value
     (else ValueError). Every setting is validated here, before any training step.
 
-    The teachers receive the same inputs as the student (minus labels); override :meth:`teacher_logits` when they
-    need other inputs (another tokenizer, say).
+    The teachers receive the same inputs as the student (minus labels; an encoder-decoder student's
+    ``decoder_input_ids`` built from the labels when the batch has none); override :meth:`teacher_logits` when they
+    need other inputs (another tokenizer, say). Their logits are moved to the student's device.
+
+    Without labels (pure KD, ``ce_weight=0``) positions whose ``attention_mask`` is 0 (padding) are left out of the
+    loss and of its normalisation, shifted as labels would be for causal LMs (for other models when the mask lines
+    up with the logits' positions); ``evaluate`` reports ``eval_loss`` on such data too.
     """
 
     def __init__(
@@ -270,8 +297,14 @@ class DistillationTrainer(Trainer):
         self.shift_labels = is_causal_lm(self.model) if shift_labels is None else shift_labels
         self.fused_linear: bool = settings.pop("fused_linear")
         if self.fused_linear:
+            if type(self).teacher_logits is not DistillationTrainer.teacher_logits:
+                raise ValueError(f"fused_linear=True reads the teachers' last hidden states and heads, never "
+                                 f"teacher_logits: {type(self).__name__}.teacher_logits would be ignored; use "
+                                 "fused_linear=False with it")  # fmt: skip
             for name, m in [("model", self.model), *((f"teachers[{k}]", t) for k, t in enumerate(teachers))]:
                 check_fusable(name, m)
+        self._heads_checked = not self.fused_linear  # check_head_output, on the first fused batch
+        self._predicting = False  # in prediction_step with predictions asked for: fused_linear forms full logits
         self.kd_options = settings  # kd_loss's keywords
         self.ignore_index: int = settings["ignore_index"]
         self.teachers = [self.prepare_teacher(t) for t in teachers]
@@ -293,7 +326,9 @@ class DistillationTrainer(Trainer):
         Not ``accelerator.prepare_model(teacher, evaluation_mode=True)`` (read in accelerate 1.15 and transformers
         5.24): it neither shards (FSDP, ZeRO-3) nor, under FSDP, moves the model, and it registers the teacher
         among the accelerator's models, after which ``Trainer.evaluate`` before ``train`` skips preparing the
-        student. Override this method to place teachers otherwise (``device_map``, quantised teachers...).
+        student. A teacher loaded with a ``device_map`` (over GPUs, offloaded) or quantised is left where it is, as
+        ``Trainer`` leaves such a student; its logits are moved to the student's device. Override this method to
+        place teachers otherwise.
         """
         teacher = teacher.eval().requires_grad_(False)
         if self.is_fsdp_enabled and self.accelerator.is_fsdp2:
@@ -302,21 +337,36 @@ class DistillationTrainer(Trainer):
             return _zero3_engine(teacher, self.accelerator.state.deepspeed_plugin.deepspeed_config).eval()
         if self.is_fsdp_enabled:
             logger.warning_once("FSDP1: each process holds a full copy of the teachers (FSDP2 shards them)")
+        if _placed_by_loader(teacher):  # .to() would collapse a device_map, fail on offloaded or quantised weights
+            return teacher
         return teacher.to(self.args.device)
 
-    def _loss_labels(self, batch: dict[str, Any]) -> Tensor | None:
-        """The labels as the loss sees them: ``shift_labels`` if given, else ``labels`` (shifted for causal LMs)."""
+    def _loss_labels(self, batch: dict[str, Any], positions: torch.Size | None = None) -> Tensor | None:
+        """The labels as the loss sees them: ``shift_labels`` if given, else ``labels`` (shifted for causal LMs).
+        Without either (and ``ce_weight == 0``), a 2-D ``attention_mask`` as labels that only mask: ``ignore_index``
+        where the mask is 0, shifted like labels for causal LMs; for other models only when it has the shape
+        ``positions`` of the logits without V (a classifier's ``[B, C]`` logits have no positions to mask), so that
+        ``get_batch_samples`` (no ``positions``) counts unlabelled batches of causal LMs only. None otherwise."""
         if batch.get("shift_labels") is not None:
             return batch["shift_labels"]
         labels = batch.get("labels")
-        if labels is not None and self.shift_labels:
-            labels = labels[..., 1:]
-        return labels
+        if labels is not None:
+            return labels[..., 1:] if self.shift_labels else labels
+        mask = batch.get("attention_mask")
+        if self.kd_options["ce_weight"] > 0 or not isinstance(mask, Tensor) or mask.dim() != 2:
+            return None  # ce_weight > 0 without labels: kd_loss's error
+        if self.shift_labels:
+            mask = mask[..., 1:]
+        elif positions is None or mask.shape != positions:
+            return None
+        # labels read for their mask only (ce_weight == 0: not checked against V); any value but ignore_index
+        return torch.where(mask.bool(), int(self.ignore_index == 0), self.ignore_index)
 
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
         """The next ``num_batches`` micro-batches of one optimizer step, and ``num_items_in_batch``: their labels
-        that are not ``ignore_index`` (after the shift), over all processes when ``average_tokens_across_devices``.
-        None when a batch has no labels (each micro-batch then counts by its own mean, as in ``Trainer``)."""
+        that are not ``ignore_index`` (after the shift), over all processes when ``average_tokens_across_devices``;
+        an unlabelled causal-LM batch counts its ``attention_mask``'s positions as the loss does (:meth:`_loss_labels`).
+        None when a batch has neither (each micro-batch then counts by its own mean, as in ``Trainer``)."""
         batches = []
         for _ in range(num_batches):
             try:
@@ -332,8 +382,25 @@ class DistillationTrainer(Trainer):
         return batches, count
 
     def teacher_logits(self, teacher: nn.Module, inputs: dict[str, Any]) -> Tensor:
-        """Logits ``[B, (T,) V]`` of one teacher on the student's inputs (labels removed), under ``no_grad``."""
+        """Logits ``[B, (T,) V]`` of one teacher on the student's inputs (labels removed), under ``no_grad``; on any
+        device (``compute_loss`` moves them to the student's)."""
         return logits_of(teacher(**inputs))
+
+    def _decoder_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> None:
+        """An encoder-decoder student builds its ``decoder_input_ids`` from ``labels`` when the batch has none; the
+        labels are not passed to it here (the loss is this trainer's), so build them as the model would, in place
+        (the teachers get them too)."""
+        inner = getattr(model, "module", model)
+        if not getattr(getattr(inner, "config", None), "is_encoder_decoder", False):
+            return
+        if inputs.get("decoder_input_ids") is not None or inputs.get("decoder_inputs_embeds") is not None:
+            return
+        labels, prepare = inputs.get("labels"), getattr(inner, "prepare_decoder_input_ids_from_labels", None)
+        if labels is None or prepare is None:
+            raise ValueError(f"{type(inner).__name__} is an encoder-decoder model: DistillationTrainer needs "
+                             "decoder_input_ids in the batch, or labels to build them from "
+                             "(prepare_decoder_input_ids_from_labels)")  # fmt: skip
+        inputs["decoder_input_ids"] = prepare(labels=labels)
 
     def compute_loss(
         self,
@@ -345,20 +412,47 @@ class DistillationTrainer(Trainer):
         """``kd_loss(student, teachers, labels=...)``: a sum over the items divided by ``num_items_in_batch`` when
         training with it (HF's gradient-accumulation contract), else the mean over this batch's labelled items."""
         inputs = dict(inputs)
-        labels = self._loss_labels(inputs)
+        batch = dict(inputs)  # labels and attention_mask, as given
+        self._decoder_inputs(model, inputs)
         given_shifted = inputs.pop("shift_labels", None) is not None
         inputs.pop("labels", None)  # the student must not compute its own loss
         if self.fused_linear:  # hidden states and heads (TeacherHead records), the logits never whole
             student, outputs = hidden_and_head(model, inputs)
             with torch.no_grad():
-                teachers = [hidden_and_head(t, inputs)[0] for t in self.teachers]
+                heads = [hidden_and_head(t, inputs) for t in self.teachers]
+            if not self._heads_checked:  # a logit transform no config attribute shows: once, [B, 1, V] each
+                for name, (head, out) in [("model", (student, outputs)),
+                                          *((f"teachers[{k}]", ho) for k, ho in enumerate(heads))]:  # fmt: skip
+                    check_head_output(name, head, out)
+                self._heads_checked = True
+            teachers = [head for head, _ in heads]
+            if return_outputs and self._predicting and isinstance(outputs, dict):  # compute_metrics / predict:
+                # the full logits, as the logits path hands them, in evaluation only (no gradient, no chunking)
+                with torch.no_grad():
+                    outputs["logits"] = nn.functional.linear(student.hidden, student.weight, student.bias)
+            device = student.hidden.device
         else:
             outputs = model(**inputs)
             student = logits_of(outputs)
             with torch.no_grad():
                 teachers = [self.teacher_logits(t, inputs) for t in self.teachers]
+            device = student.device
+        teachers = [_on_device(t, device) for t in teachers]  # a device_map teacher's head may be elsewhere
         if self.shift_labels and not given_shifted:
+            x = student.hidden if self.fused_linear else student
+            if x.dim() < 3:  # [B, C]: the shift would pair row i with the label of row i + 1
+                labels, what = batch.get("labels"), "hidden states" if self.fused_linear else "logits"
+                raise ValueError(f"shift_labels=True aligns position t with label t+1 and needs sequence outputs "
+                                 f"([B, T, V] logits, [B, T] labels); got {what} of shape {tuple(x.shape)} and labels "
+                                 f"of shape {None if labels is None else tuple(labels.shape)}: use "
+                                 "shift_labels=False for non-sequence models")  # fmt: skip
             student, *teachers = (shift_positions(x) for x in (student, *teachers))
+        positions = (student.hidden if self.fused_linear else student).shape[:-1]
+        labels = self._loss_labels(batch, positions)
+        from_mask = batch.get("labels") is None and batch.get("shift_labels") is None
+        if labels is not None and from_mask and labels.shape != positions:
+            raise ValueError(f"attention_mask (shifted: {tuple(labels.shape)}) does not line up with the positions "
+                             f"of the logits {tuple(positions)}: pass labels (ignore_index where no loss)")  # fmt: skip
         if not model.training:
             num_items_in_batch = None  # evaluation: each batch's own mean (Trainer averages the batches)
         if self.fused_linear:
@@ -372,3 +466,36 @@ class DistillationTrainer(Trainer):
             # num_items is the global count, and DDP averages the gradients over processes: undo that average
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[Tensor | None, Any, Any]:
+        """``Trainer.prediction_step``, but a batch without labels still gets its loss when the loss needs none
+        (``ce_weight == 0``: pure KD): Trainer computes a loss only when every ``label_names`` entry is in the
+        batch, and ``evaluate`` would report no ``eval_loss`` (``load_best_model_at_end`` then fails). Returns
+        (loss, predictions, labels); with ``fused_linear`` the predictions are the full ``[B, T, V]`` logits."""
+        self._predicting = not prediction_loss_only
+        try:
+            has_labels = bool(self.label_names) and all(inputs.get(k) is not None for k in self.label_names)
+            if has_labels or self.kd_options["ce_weight"] > 0 or inputs.get("return_loss") is False:
+                return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+            inputs = self._prepare_inputs(inputs)
+            if ignore_keys is None:  # as Trainer
+                config = getattr(self.model, "config", None)
+                ignore_keys = getattr(config, "keys_to_ignore_at_inference", ["cache"]) if config is not None else []
+            with torch.no_grad(), self.compute_loss_context_manager():
+                loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+            loss = loss.detach().mean()
+            if prediction_loss_only:
+                return loss, None, None
+            # the student's outputs (no loss among them: compute_loss keeps the labels from the student)
+            if isinstance(outputs, dict):
+                outputs = tuple(v for k, v in outputs.items() if k not in ignore_keys)
+            logits = nested_detach(outputs)
+            return loss, logits[0] if isinstance(logits, (tuple, list)) and len(logits) == 1 else logits, None
+        finally:
+            self._predicting = False
