@@ -308,6 +308,42 @@ def test_dataloader_resume_is_exact(tmp_path):
     assert orders[0] != orders[1] and sorted(orders[0]) == sorted(orders[1])
 
 
+class _Noisy(torch.utils.data.Dataset):
+    """Random augmentation drawn from torch's global RNG in ``__getitem__`` (a torchvision transform does this):
+    item i is ``{"input": x_i + 0.1 * noise [6], "labels": y_i}``."""
+
+    def __init__(self, n: int) -> None:
+        self.base = _data(n=n)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = self.base[i]
+        return {"input": item["input"] + 0.1 * torch.randn(6), "labels": item["labels"]}
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_dataloader_resume_is_exact_with_random_augmentation(tmp_path, shuffle):
+    """A DataLoader (no workers) over a dataset that draws torch.randn when it loads an item: a run resumed from step
+    k (inside an epoch, at its first batch, at an epoch boundary) draws the same noise for the same batches as the
+    run that never stopped, so the weights are bit-identical. (Batch k was loaded with the (seed, epoch) RNG.)"""
+    ds, total = _Noisy(n=16), 10  # 4 batches per epoch: steps 4 and 8 end an epoch
+
+    def loader():
+        return DataLoader(ds, batch_size=4, shuffle=shuffle)
+
+    whole = _loop(tmp_path / "whole")
+    whole.fit(loader(), max_steps=total, checkpoint_every=1)
+    for k in (1, 3, 4, 6):
+        torch.manual_seed(99), random.seed(99)
+        resumed = _loop(tmp_path / f"from{k}", model_seed=5)
+        resumed.fit(loader(), max_steps=total, resume_from=tmp_path / "whole" / "checkpoints" / f"step-{k:08d}")
+        for p, q in zip(whole.student.parameters(), resumed.student.parameters()):
+            assert torch.equal(p, q), f"resumed from step {k}"
+        assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history[k:]], k
+
+
 def test_data_that_is_not_data_is_a_clear_error(tmp_path):
     class Items(IterableDataset):
         def __iter__(self):

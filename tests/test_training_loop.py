@@ -353,6 +353,44 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         "rng-rank0.json", "rng-rank1.json"}
 
 
+def _ddp_eval_worker(rank, world, tmp):
+    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+
+    os.environ.update(MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    try:
+        loop = DistillationLoop(_mlp(seed=2), [_mlp(seed=1)], batch_size=4, progress=False)
+        ev = _data(n=16, seed=5, ignore_every=5)
+        out = {
+            "sampler": loop.evaluate(DataLoader(ev, batch_size=4, sampler=DistributedSampler(ev, shuffle=False))),
+            "batch_sampler": loop.evaluate(DataLoader(ev, batch_sampler=BatchSampler(
+                DistributedSampler(ev, shuffle=True, seed=1), batch_size=3, drop_last=False))),
+            "map_style": loop.evaluate(ev),  # every process evaluates all of it: nothing to reduce
+            "own_shard": loop.evaluate(ArrayDataset(**{k: v[rank::world] for k, v in ev.tensors.items()})),
+        }  # fmt: skip
+        with open(f"{tmp}/eval{rank}.json", "w") as f:
+            json.dump(out, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_evaluate_of_a_distributed_sampler_reports_every_shard(tmp_path):
+    """2 processes: evaluate() of a DataLoader whose (batch) sampler is a DistributedSampler all-reduces the sums, so
+    each process reports the metrics of the whole set, as one process does; a map-style dataset is evaluated whole
+    on each process, unchanged."""
+    mp.spawn(_ddp_eval_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    single = DistillationLoop(_mlp(seed=2), [_mlp(seed=1)], batch_size=4, progress=False)
+    ev = _data(n=16, seed=5, ignore_every=5)
+    expected = single.evaluate(ev)
+    shards = [json.loads((tmp_path / f"eval{r}.json").read_text()) for r in range(2)]
+    assert shards[0]["own_shard"] != shards[1]["own_shard"]  # the shards alone differ: the test can tell
+    for out in shards:
+        for key in ("sampler", "batch_sampler", "map_style"):
+            assert out[key]["accuracy"] == expected["accuracy"], key
+            assert out[key]["loss"] == pytest.approx(expected["loss"], rel=1e-6), key
+
+
 def _checks_run(monkeypatch):
     """The names of the data-dependent checks that read their values (a device sync each on CUDA)."""
     from fastdistill import functional

@@ -242,9 +242,12 @@ def epoch_batches(batches: Iterable, seed: int, epoch: int, skip: int = 0) -> It
 
     ``set_epoch(epoch)`` is called first on the iterable, its ``sampler``, ``batch_sampler`` and ``dataset`` where
     they have one (the convention of ``DistributedSampler`` and of streaming datasets). The iterator is started and
-    the skipped batches are drawn with torch's CPU RNG seeded from (seed, epoch) and restored after: a
-    ``DataLoader(shuffle=True)`` draws its order (and its workers' seeds) there, so an epoch's order is a function of
-    (seed, epoch) and a resumed run draws it again, while the training RNG is left as the checkpoint restored it.
+    batch 0 is drawn with torch's CPU RNG seeded from (seed, epoch) and restored after: a ``DataLoader(shuffle=True)``
+    draws its order (and its workers' seeds) there, so an epoch's order is a function of (seed, epoch) and a resumed
+    run draws it again. Batches 1, 2, ... are drawn with the training RNG, so what a dataset draws from torch's RNG
+    when it loads them (random augmentation in ``__getitem__`` without workers) follows the training RNG too. A
+    resumed run draws the ``skip`` batches it trained on (batch 0 included) in the seeded RNG, as the run that never
+    stopped drew batch 0, and batch ``skip`` onwards with the training RNG the checkpoint restored, as that run did.
     """
     parts = (batches, *(getattr(batches, a, None) for a in ("sampler", "batch_sampler", "dataset")))
     for part in {id(p): p for p in parts if hasattr(p, "set_epoch")}.values():
@@ -252,7 +255,8 @@ def epoch_batches(batches: Iterable, seed: int, epoch: int, skip: int = 0) -> It
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(epoch_seed(seed, epoch))  # not torch.manual_seed: it seeds CUDA too
         it = iter(batches)
-        # the first batch too: a DataLoader without workers draws its order when it is first asked for a batch
-        head = list(itertools.islice(it, skip + 1))
+        # batch 0 always: a DataLoader without workers draws its order when it is first asked for a batch. Not
+        # batch `skip` (> 0): the run that never stopped loaded it with the training RNG, not this one
+        head = list(itertools.islice(it, max(skip, 1)))
     yield from head[skip:]
     yield from it

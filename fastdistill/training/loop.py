@@ -745,7 +745,7 @@ class DistillationLoop:
         if self.teacher_cache is not None:
             raise ValueError(f"a teacher_cache is read by dataset index (row i = item i): give fit() the map-style "
                              f"dataset, not a {type(train_data).__name__} of batches")  # fmt: skip
-        unsharded = isinstance(batches, DataLoader) and not isinstance(batches.sampler, DistributedSampler)
+        unsharded = isinstance(batches, DataLoader) and not _sharded(batches)
         if self.world_size > 1 and unsharded:
             warnings.warn("every process iterates its own DataLoader: without a DistributedSampler, each trains on "
                           "the same batches", stacklevel=3)  # fmt: skip
@@ -834,7 +834,14 @@ class DistillationLoop:
         """Cross-entropy (``loss``) and top-1 ``accuracy`` of ``model`` (default: the student) over the labelled
         items of ``data`` (a map-style dataset, batched by ``batch_size`` (default the loop's), or a DataLoader /
         iterable of batches, as in :meth:`fit`) after the causal shift when there is one, in eval mode; the training
-        mode is restored after. Data with no labelled item (empty, a spent generator) is a ValueError."""
+        mode is restored after. Data with no labelled item (empty, a spent generator) is a ValueError.
+
+        Under torchrun each process evaluates what ``data`` yields to it: a map-style dataset or another iterable is
+        evaluated whole on every process (each reports the metrics of all of it); a DataLoader whose sampler (or
+        batch sampler's sampler) is a ``DistributedSampler`` yields this process's shard, and the sums (loss,
+        correct, count) are all-reduced, so every process reports the metrics of all the shards (with the few
+        items a ``DistributedSampler`` without ``drop_last`` repeats to even them out counted twice). Every process
+        must call it then (they meet at the all-reduce)."""
         model = self.student if model is None else model
         was_training = model.training
         model.eval()
@@ -854,6 +861,10 @@ class DistillationLoop:
             correct += int((flat[keep].argmax(-1) == lab[keep]).sum())
             count += int(keep.sum())
         model.train(was_training)
+        if self.world_size > 1 and _sharded(data):  # each process saw its shard: report the global metrics
+            sums = torch.tensor([total_ce, correct, count], dtype=torch.float64, device=self.device)
+            dist.all_reduce(sums)  # before the count check: a process with an empty shard must still join
+            total_ce, correct, count = sums[0].item(), int(sums[1].item()), int(sums[2].item())
         if count == 0:  # 0.0 would read as a perfect loss
             raise ValueError("evaluate(): eval_data yielded no labelled item (an empty dataset, a generator already "
                              "iterated, or every label equal to ignore_index); give a dataset or DataLoader that "
@@ -943,6 +954,15 @@ class DistillationLoop:
             h.remove()
         self._hooks.clear()
         self._metrics.close()
+
+
+def _sharded(data: Any) -> bool:
+    """Whether ``data`` is a DataLoader that yields one process's shard: its sampler, or its batch sampler's
+    sampler, is a ``DistributedSampler``."""
+    if not isinstance(data, DataLoader):
+        return False
+    samplers = (data.sampler, getattr(data.batch_sampler, "sampler", None))
+    return any(isinstance(s, DistributedSampler) for s in samplers)
 
 
 def _dist_on() -> bool:
