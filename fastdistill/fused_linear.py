@@ -56,26 +56,63 @@ _LOGIT_TRANSFORMS = {
 }
 
 
+def _unwrapped(name: str, model: nn.Module) -> tuple[nn.Module, str]:
+    """The Hugging Face model inside DDP / accelerate (``.module``) and PEFT (``get_base_model()``) wrappers, and
+    the name to give it in messages (``name`` itself when unwrapped)."""
+    from .training.data import unwrap_model  # lazy: training imports this module
+
+    inner = unwrap_model(model)
+    return inner, name if inner is model else f"{name} ({type(inner).__name__} inside {type(model).__name__})"
+
+
+def _linear_head(name: str, model: nn.Module) -> nn.Linear:
+    """``model.get_output_embeddings()`` (``model`` unwrapped), if it is a plain ``nn.Linear``: ValueError naming
+    ``name`` otherwise, for an adapter around the head (LoRA on ``lm_head``, ``modules_to_save``) with its own
+    message. Such a head's ``weight`` is its frozen base layer's: the fused loss would leave the adapter out."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Linear):
+        return head
+    if head is not None and any(hasattr(head, a) for a in ("base_layer", "original_module", "lora_A")):
+        kind = f"{type(head).__module__}.{type(head).__qualname__}"
+        raise ValueError(f"fused_linear: {name}'s output head is wrapped by an adapter ({kind}: LoRA or "
+                         "modules_to_save on lm_head); the fused loss takes a plain linear head: leave lm_head out "
+                         "of the adapter's target_modules / modules_to_save, or use fused_linear=False")  # fmt: skip
+    raise ValueError(f"fused_linear: {name} has no linear output head (get_output_embeddings()); use "
+                     "fused_linear=False")  # fmt: skip
+
+
+def _passes_keyword(fn: Any, keyword: str) -> bool:
+    """Whether ``fn`` takes ``keyword``, by name or through ``**kwargs`` (a wrapper's forward that passes it on)."""
+    params = inspect.signature(fn).parameters.values()
+    return any(p.name == keyword or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 def check_fusable(name: str, model: nn.Module) -> None:
     """That ``model``'s logits are ``get_output_embeddings()(base_model(...)[0])`` as :func:`hidden_and_head` reads
     them: a linear output head on a distinct base model, a forward that takes ``logits_to_keep`` (else it computes
     the full logits anyway), no logit scaling, soft-capping or vocabulary slicing in its config or modules
-    (:data:`_LOGIT_TRANSFORMS`, ``unpadded_vocab_size`` != ``vocab_size``). ValueError naming ``name`` and the
-    attribute otherwise; :func:`check_head_output` then checks the first batch's logits at run time."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, nn.Linear):
-        raise ValueError(f"fused_linear: {name} has no linear output head (get_output_embeddings()); use "
-                         "fused_linear=False")  # fmt: skip
-    if getattr(model, "base_model", model) is model:
-        raise ValueError(f"fused_linear: {name} has no base model under its head (base_model) whose output the head "
+    (:data:`_LOGIT_TRANSFORMS`, ``unpadded_vocab_size`` != ``vocab_size``). A wrapped model (PEFT / LoRA:
+    ``get_base_model()``; DDP: ``.module``) is checked inside, on its Hugging Face model; its own forward (the one
+    called) must pass ``logits_to_keep`` on (``**kwargs``), and an adapter on the head itself is refused.
+    ValueError naming ``name`` and the attribute otherwise; :func:`check_head_output` then checks the first batch's
+    logits at run time."""
+    inner, label = _unwrapped(name, model)
+    _linear_head(label, inner)
+    if getattr(inner, "base_model", inner) is inner:
+        raise ValueError(f"fused_linear: {label} has no base model under its head (base_model) whose output the head "
                          "reads; use fused_linear=False")  # fmt: skip
-    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
-        raise ValueError(f"fused_linear: {name}.forward does not take logits_to_keep, so it would compute the full "
+    if "logits_to_keep" not in inspect.signature(inner.forward).parameters:
+        raise ValueError(f"fused_linear: {label}.forward does not take logits_to_keep, so it would compute the full "
                          "logits anyway; use fused_linear=False")  # fmt: skip
-    config = getattr(model, "config", None)
+    if inner is not model and not _passes_keyword(model.forward, "logits_to_keep"):
+        raise ValueError(f"fused_linear: {name}.forward ({type(model).__name__}) does not pass logits_to_keep on to "
+                         f"{type(inner).__name__}; use fused_linear=False")  # fmt: skip
+    if inner is not model:  # the attributes' owners, named from the model given
+        name += ".get_base_model()" if callable(getattr(model, "get_base_model", None)) else ".module"
+    config = getattr(inner, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else None  # multimodal: the LM's config
-    sources = [(f"{name}.config", config), (f"{name}.config (text config)", text), (name, model),
-               (f"{name}.base_model", model.base_model)]  # fmt: skip
+    sources = [(f"{name}.config", config), (f"{name}.config (text config)", text), (name, inner),
+               (f"{name}.base_model", inner.base_model)]  # fmt: skip
     seen: set[int] = set()
     for where, obj in sources:
         if obj is None or id(obj) in seen:
@@ -125,8 +162,12 @@ def hidden_and_head(model: nn.Module, inputs: Any) -> tuple[TeacherHead, Any]:
     (``logits_to_keep=1``); and the output. The hidden states are caught by a forward hook on ``base_model`` rather
     than asked for with ``output_hidden_states=True``, which would keep every layer's [B, T, H] alive in the output
     (under no_grad, (L + 1) B T H values: for a 32-layer teacher with H = 4096 about as much as the logits that
-    fusing avoids). ``model`` may be wrapped by DDP (``model.module``); the wrapper's forward is the one called."""
-    inner = model.module if hasattr(model, "module") else model
+    fusing avoids). ``model`` may be wrapped by DDP (``model.module``) and PEFT (``get_base_model()``: a LoRA
+    model): the hook and the head are the inner Hugging Face model's (a PEFT wrapper's own ``base_model`` is the
+    adapter around the whole model, whose output is the logits), and the wrapper's forward is the one called
+    (``logits_to_keep`` passed on through its ``**kwargs``)."""
+    inner, label = _unwrapped("model", model)
+    head = _linear_head(label, inner)  # before the forward: an adapter head's weight would leave the adapter out
     caught: list[Tensor] = []
     handle = inner.base_model.register_forward_hook(lambda _module, _args, out: caught.append(out[0]))
     try:
@@ -135,7 +176,6 @@ def hidden_and_head(model: nn.Module, inputs: Any) -> tuple[TeacherHead, Any]:
         handle.remove()
     if len(caught) != 1:
         raise RuntimeError(f"fused_linear: the base model ran {len(caught)} times in one forward; expected once")
-    head = inner.get_output_embeddings()
     return TeacherHead(caught[0], head.weight, head.bias), out
 
 

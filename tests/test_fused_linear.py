@@ -530,3 +530,71 @@ def test_logit_transforms_are_refused():
         check_head_output("model", *hidden_and_head(gpt2(), {"input_ids": ids}))
         with pytest.raises(ValueError, match="teachers\\[0\\]'s logits are not lm_head\\(hidden\\)"):
             check_head_output("teachers[0]", *hidden_and_head(gpt2(Scaled), {"input_ids": ids}))
+
+
+def test_check_fusable_and_hidden_and_head_look_inside_a_peft_wrapper():
+    """A PEFT (LoRA) model: its forward(**kwargs) names no logits_to_keep and its own base_model is the adapter
+    around the whole causal LM (whose output[0] is the logits). check_fusable and hidden_and_head read the inner
+    Hugging Face model (get_base_model(): its forward's signature, its decoder, its head), the wrapper is called."""
+    transformers = pytest.importorskip("transformers")
+    from fastdistill.fused_linear import check_fusable, check_head_output, hidden_and_head
+
+    class LoraModelLike(torch.nn.Module):  # peft's LoraModel: .model is the causal LM
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args, **kwargs):
+            return self.model(*args, **kwargs)
+
+    class PeftLike(torch.nn.Module):  # peft's PeftModel, without peft
+        def __init__(self, model):
+            super().__init__()
+            self.base_model = LoraModelLike(model)
+
+        def get_base_model(self):
+            return self.base_model.model
+
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=40)  # fmt: skip
+    llama = transformers.LlamaForCausalLM(cfg).eval()
+    model = PeftLike(llama)
+    check_fusable("model", model)
+    ids = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        head, out = hidden_and_head(model, {"input_ids": ids})
+        full = llama(input_ids=ids, output_hidden_states=True)
+    assert out.logits.shape == (2, 1, 40)  # logits_to_keep=1 went through the wrapper
+    torch.testing.assert_close(head.hidden, full.hidden_states[-1])
+    assert head.weight is llama.lm_head.weight
+    check_head_output("model", head, out)
+
+    llama.config.logit_scale = 2.0  # the inner model's config is the one checked
+    with pytest.raises(ValueError, match=r"model.get_base_model\(\).config.logit_scale=2.0"):
+        check_fusable("model", model)
+    del llama.config.logit_scale
+
+    class NoKwargs(PeftLike):  # a wrapper that cannot pass logits_to_keep on
+        def forward(self, input_ids=None, attention_mask=None):
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask)
+
+    with pytest.raises(ValueError, match="model.forward \\(NoKwargs\\) does not pass logits_to_keep on"):
+        check_fusable("model", NoKwargs(llama))
+
+    class LoraLinear(torch.nn.Module):  # peft's lora.Linear: its .weight is the base layer's, the adapter aside
+        def __init__(self, base):
+            super().__init__()
+            self.base_layer = base
+            self.weight = base.weight
+
+        def forward(self, x):
+            return self.base_layer(x)
+
+    llama.lm_head = LoraLinear(llama.lm_head)
+    for check in (lambda: check_fusable("model", model), lambda: hidden_and_head(model, {"input_ids": ids})):
+        with pytest.raises(ValueError, match="output head is wrapped by an adapter .*LoraLinear"):
+            check()

@@ -432,3 +432,126 @@ def test_encoder_decoder_student_gets_decoder_inputs_from_labels(tmp_path):
     with pytest.raises(ValueError, match="needs decoder_input_ids in the batch, or labels"):
         DistillationTrainer(model=student, args=_args(tmp_path), teachers=[teacher]).compute_loss(
             student, {"input_ids": ids})
+
+
+class _LoraModelLike(torch.nn.Module):
+    """peft's LoraModel, as far as the trainer sees it: ``.model`` is the Hugging Face model, forward passes on."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+class PeftLike(torch.nn.Module):
+    """A stand-in for a peft PeftModel (peft is not a test dependency): ``base_model`` is the LoraModel-like wrapper
+    of the whole causal LM, ``get_base_model()`` the causal LM, ``forward(**kwargs)`` names no ``logits_to_keep`` or
+    ``use_cache`` and passes them on, and other attributes are looked up inside (peft's ``__getattr__``)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.base_model = _LoraModelLike(model)
+
+    def get_base_model(self):
+        return self.base_model.model
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model.model, name)
+
+
+def test_fused_linear_with_peft_wrapped_student_and_teacher(tmp_path):
+    """A LoRA (PEFT) student or teacher with fused_linear=True: checked and hooked inside, on the Hugging Face
+    model (its decoder's output, its lm_head), called through the wrapper; the loss and the student's gradients are
+    the logits path's. An adapter on lm_head itself is refused by name."""
+    student, teachers = PeftLike(_gpt2(1, 16, 0)), [PeftLike(_gpt2(2, 32, 1)), _gpt2(2, 32, 2)]
+    plain = DistillationTrainer(model=student, args=_args(tmp_path), teachers=teachers, **KD)
+    fused = DistillationTrainer(model=student, args=_args(tmp_path / "f"), teachers=teachers, fused_linear=True, **KD)
+    assert fused.shift_labels
+    kept = []
+    for m in (student, teachers[0]):
+        m.get_base_model().register_forward_hook(lambda _m, _a, out: kept.append(out.logits.shape[1]))
+    student.train()
+    losses, grads = [], []
+    for trainer in (plain, fused):
+        student.zero_grad()
+        loss = trainer.compute_loss(student, _lm_batch(), num_items_in_batch=torch.tensor(50))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in student.parameters()])
+    assert kept == [9, 9, 1, 1]  # the fused path: logits_to_keep=1 reached the wrapped models
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for g_fused, g_plain in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_fused, g_plain, rtol=1e-4, atol=1e-6)
+
+    class LoraHead(torch.nn.Module):  # peft's lora.Linear around lm_head: not an nn.Linear, a base_layer inside
+        def __init__(self, base):
+            super().__init__()
+            self.base_layer = base
+
+        def forward(self, x):
+            return self.base_layer(x)
+
+    adapted = _gpt2(1, 16, 3)
+    adapted.lm_head = LoraHead(adapted.lm_head)
+    with pytest.raises(ValueError, match=r"teachers\[0\] \(GPT2LMHeadModel inside PeftLike\)'s output head is "
+                                         r"wrapped by an adapter .*LoraHead"):  # fmt: skip
+        DistillationTrainer(model=student, args=_args(tmp_path), teachers=[PeftLike(adapted)], fused_linear=True)
+
+
+def _first_linear_dtypes(model, seen, name):
+    """Record the dtype of the output of ``model``'s first nn.Linear (under autocast: the compute dtype)."""
+    lin = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    lin.register_forward_hook(lambda _m, _a, out: seen.setdefault(name, set()).add(out.dtype))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_teachers_run_under_the_students_autocast(tmp_path, fused):
+    """bf16=True: the student's forward runs under accelerate's autocast (prepared), and so do the teachers' (not
+    prepared), float32-loaded as they are; without it both compute in float32."""
+    for bf16, want in ((True, torch.bfloat16), (False, torch.float32)):
+        student, teacher = _gpt2(1, 16, 0), _gpt2(2, 32, 1)
+        seen = {}
+        _first_linear_dtypes(student, seen, "student")
+        _first_linear_dtypes(teacher, seen, "teacher")
+        rows = [{k: v[i] for k, v in _lm_batch(b=3, seed=5).items()} for i in range(2)]
+        args = _args(tmp_path, bf16=bf16, per_device_train_batch_size=2, max_steps=1)
+        trainer = DistillationTrainer(model=student, args=args, teachers=[teacher], train_dataset=rows,
+                                      fused_linear=fused, **KD)  # fmt: skip
+        trainer.train()
+        assert seen == {"student": {want}, "teacher": {want}}, (bf16, seen)
+        assert next(teacher.parameters()).dtype == torch.float32  # autocast, not a cast of the weights
+
+
+def test_teachers_are_called_without_a_kv_cache(tmp_path):
+    """Teachers whose forward takes use_cache (GPT-2, Llama, a PEFT-like wrapper of one) get use_cache=False when
+    the inputs do not set it; a forward without use_cache gets no such keyword; the student is called as given."""
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=VOCAB))  # fmt: skip
+    teachers = [_gpt2(1, 16, 1), llama, PeftLike(_gpt2(1, 16, 2)), PlainLM(_gpt2(1, 16, 3))]
+    student = _gpt2(1, 16, 0)
+    calls = {}
+    for name, m in [("student", student), *((k, t) for k, t in enumerate(teachers))]:
+        m.register_forward_pre_hook(lambda _m, _a, kwargs, name=name: calls.setdefault(name, []).append(
+            kwargs.get("use_cache", "unset")), with_kwargs=True)  # fmt: skip
+    for fused in (False, True):
+        calls.clear()
+        used = teachers[:3] if fused else teachers  # PlainLM has no head for fused_linear
+        trainer = DistillationTrainer(model=student, args=_args(tmp_path), teachers=used, fused_linear=fused)
+        trainer.compute_loss(student, _lm_batch())
+        want = {"student": ["unset"], 0: [False], 1: [False], 2: [False]}
+        if not fused:
+            want[3] = ["unset"]
+        assert calls == want, (fused, calls)
+    calls.clear()
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path), teachers=teachers[:3])
+    trainer.compute_loss(student, {**_lm_batch(), "use_cache": True})  # set by the inputs: left alone
+    assert calls == {"student": [True], 0: [True], 1: [True], 2: [True]}, calls

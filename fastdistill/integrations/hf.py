@@ -4,8 +4,9 @@ and :class:`DistillationArguments`, ``TrainingArguments`` with the KD settings.
 The trainer subclasses :class:`transformers.Trainer` and overrides three public methods (no monkey-patching):
 
 - ``compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None)``: student forward, K teacher
-  forwards under ``no_grad``, the causal shift for causal LMs, then ``kd_loss`` (``labels`` give the hard-label
-  cross-entropy and the ``ignore_index`` mask) normalised by ``num_items_in_batch``;
+  forwards under ``no_grad`` and the student's autocast (``use_cache=False``), the causal shift for causal LMs,
+  then ``kd_loss`` (``labels`` give the hard-label cross-entropy and the ``ignore_index`` mask) normalised by
+  ``num_items_in_batch``;
 - ``get_batch_samples``: counts ``num_items_in_batch`` as the loss sees the labels (after the shift, with this
   trainer's ``ignore_index``), summed over the accumulated micro-batches and, with
   ``average_tokens_across_devices``, over processes. HF's own count skips the shift for some causal LMs;
@@ -34,7 +35,7 @@ from transformers.utils import logging
 
 from .. import functional
 from ..fused_linear import TeacherHead, check_fusable, check_head_output, fused_linear_kd_loss, hidden_and_head
-from ..training.data import is_causal_lm, logits_of, shift_positions
+from ..training.data import is_causal_lm, logits_of, shift_positions, unwrap_model
 
 logger = logging.get_logger(__name__)
 
@@ -222,6 +223,23 @@ def _on_device(x: Tensor | TeacherHead, device: torch.device) -> Tensor | Teache
     return x if x.device == device else x.to(device, non_blocking=device.type != "cpu")
 
 
+def _no_cache(teacher: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` for ``teacher``, with ``use_cache=False`` when its forward takes ``use_cache`` (the Hugging Face
+    model's, looked through DDP / DeepSpeed / PEFT wrappers whose forward passes keywords on) and ``inputs`` do not
+    set it: a teacher run once per batch has no use for a KV cache (with ``use_cache`` left to the config, causal LMs
+    build one, [L, B, T, H] keys and values more of transient memory)."""
+    if "use_cache" in inputs:
+        return inputs
+    inner = unwrap_model(teacher)
+    try:
+        named = "use_cache" in inspect.signature(inner.forward).parameters
+        passed = inner is teacher or any(p.name == "use_cache" or p.kind is inspect.Parameter.VAR_KEYWORD
+                                         for p in inspect.signature(teacher.forward).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (a builtin, a C extension)
+        return inputs
+    return {**inputs, "use_cache": False} if named and passed else inputs
+
+
 class DistillationTrainer(Trainer):
     """A ``transformers.Trainer`` that distills K teachers into ``model`` with :func:`fastdistill.kd_loss`.
 
@@ -382,7 +400,8 @@ class DistillationTrainer(Trainer):
         return batches, count
 
     def teacher_logits(self, teacher: nn.Module, inputs: dict[str, Any]) -> Tensor:
-        """Logits ``[B, (T,) V]`` of one teacher on the student's inputs (labels removed), under ``no_grad``; on any
+        """Logits ``[B, (T,) V]`` of one teacher on the student's inputs (labels removed; ``use_cache=False`` added
+        when the teacher's forward takes it), under ``no_grad`` and the student's mixed-precision autocast; on any
         device (``compute_loss`` moves them to the student's)."""
         return logits_of(teacher(**inputs))
 
@@ -418,8 +437,8 @@ class DistillationTrainer(Trainer):
         inputs.pop("labels", None)  # the student must not compute its own loss
         if self.fused_linear:  # hidden states and heads (TeacherHead records), the logits never whole
             student, outputs = hidden_and_head(model, inputs)
-            with torch.no_grad():
-                heads = [hidden_and_head(t, inputs) for t in self.teachers]
+            with torch.no_grad(), self.accelerator.autocast():  # the student's autocast (bf16 / fp16 args)
+                heads = [hidden_and_head(t, _no_cache(t, inputs)) for t in self.teachers]
             if not self._heads_checked:  # a logit transform no config attribute shows: once, [B, 1, V] each
                 for name, (head, out) in [("model", (student, outputs)),
                                           *((f"teachers[{k}]", ho) for k, ho in enumerate(heads))]:  # fmt: skip
@@ -434,8 +453,8 @@ class DistillationTrainer(Trainer):
         else:
             outputs = model(**inputs)
             student = logits_of(outputs)
-            with torch.no_grad():
-                teachers = [self.teacher_logits(t, inputs) for t in self.teachers]
+            with torch.no_grad(), self.accelerator.autocast():  # the student's autocast (bf16 / fp16 args)
+                teachers = [self.teacher_logits(t, _no_cache(t, inputs)) for t in self.teachers]
             device = student.device
         teachers = [_on_device(t, device) for t in teachers]  # a device_map teacher's head may be elsewhere
         if self.shift_labels and not given_shifted:
