@@ -409,7 +409,7 @@ class DistillationTrainer(Trainer):
         """An encoder-decoder student builds its ``decoder_input_ids`` from ``labels`` when the batch has none; the
         labels are not passed to it here (the loss is this trainer's), so build them as the model would, in place
         (the teachers get them too)."""
-        inner = getattr(model, "module", model)
+        inner = unwrap_model(model)  # DDP, PEFT
         if not getattr(getattr(inner, "config", None), "is_encoder_decoder", False):
             return
         if inputs.get("decoder_input_ids") is not None or inputs.get("decoder_inputs_embeds") is not None:
