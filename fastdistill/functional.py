@@ -264,7 +264,8 @@ def normalise_teacher_weights(
 
 # Weight tensors whose values passed both checks: (id, dtype) -> (weak reference, version counter). A constant given
 # once (KDLoss(teacher_weights=tensor), or the same tensor passed on every call) is checked on its first use, not on
-# every call (two syncs on CUDA); an in-place change bumps its version counter and it is checked again. Bounded, and
+# every call (two syncs on CUDA); an in-place change bumps its version counter and it is checked again (a change
+# through ``.data``, which bypasses the counter, is not seen: as for autograd's own checks). Bounded, and
 # an entry whose tensor is gone is never matched: per-call [K, *] weights only pass through.
 _CHECKED_WEIGHTS: dict[tuple[int, torch.dtype], tuple[weakref.ref, int]] = {}
 _CHECKED_WEIGHTS_MAX = 32

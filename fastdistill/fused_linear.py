@@ -142,8 +142,9 @@ def check_head_output(name: str, head: TeacherHead, output: Any) -> None:
 
     logits = logits_of(output).detach()
     with torch.no_grad():
-        want = _logits(head.hidden[..., -1:, :].detach(), head.weight.detach(),
-                       None if head.bias is None else head.bias.detach())  # fmt: skip
+        # F.linear: the hidden states are [B, 1, H] here (_logits' addmm takes 2-D rows only)
+        want = torch.nn.functional.linear(head.hidden[..., -1:, :].detach(), head.weight.detach(),
+                                          None if head.bias is None else head.bias.detach())  # fmt: skip
     if logits.shape != want.shape:
         raise ValueError(f"fused_linear: {name}'s logits of the last position have shape {tuple(logits.shape)}, its "
                          f"head applied to its hidden states {tuple(want.shape)}: the model transforms its logits; "

@@ -91,7 +91,9 @@ def mbr_select(candidates: Sequence[Sequence[Any]] | Tensor, similarity: Similar
 
     Args:
         candidates: K sequences of M outputs each (teacher-major), or a [K, M, L] tensor.
-        similarity: ``sim(a, b) -> float``, symmetric, higher = more alike (default :func:`token_f1`).
+        similarity: ``sim(a, b) -> float``, symmetric, higher = more alike (default :func:`token_f1`); best
+            normalised (sim(c, c) the same for every c, as token F1's 1): an unnormalised one (a shared-token count)
+            makes the own-candidate term favour candidates most like themselves, the long ones.
         weights: optional [K] non-negative teacher weights w_l (not all 0), uniform by default.
 
     Returns:

@@ -495,6 +495,28 @@ def test_a_bias_of_another_dtype_or_device_is_named():
     assert torch.autograd.grad(loss, b)[0].dtype == b.dtype
 
 
+def test_the_first_batch_check_takes_a_head_with_a_bias():
+    """check_head_output on a model whose lm_head has a bias (Phi): [B, 1, H] hidden states through the head with
+    its bias pass (an addmm of 3-D rows crashed on every such model's first fused batch), and a rescaled model's
+    logits still fail."""
+    transformers = pytest.importorskip("transformers")
+    from fastdistill.fused_linear import check_fusable, check_head_output, hidden_and_head
+
+    torch.manual_seed(0)
+    cfg = transformers.PhiConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 vocab_size=40)  # fmt: skip
+    model = transformers.PhiForCausalLM(cfg).eval()
+    assert model.lm_head.bias is not None
+    check_fusable("model", model)
+    ids = torch.randint(0, 40, (2, 5))
+    with torch.no_grad():
+        head, out = hidden_and_head(model, {"input_ids": ids})
+    check_head_output("model", head, out)
+    out.logits = out.logits * 4
+    with pytest.raises(ValueError, match="not lm_head"):
+        check_head_output("model", head, out)
+
+
 def test_logit_transforms_are_refused():
     """Models that rescale or slice lm_head(hidden) (Falcon-H1's lm_head_multiplier, Inkling's
     logits_mup_width_multiplier and unpadded_vocab_size): check_fusable names the attribute, and check_head_output

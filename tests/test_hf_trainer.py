@@ -432,6 +432,38 @@ def test_encoder_decoder_student_gets_decoder_inputs_from_labels(tmp_path):
     with pytest.raises(ValueError, match="needs decoder_input_ids in the batch, or labels"):
         DistillationTrainer(model=student, args=_args(tmp_path), teachers=[teacher]).compute_loss(
             student, {"input_ids": ids})
+    # pure KD: the decoder's padding (decoder_attention_mask) is left out, never the encoder's mask
+    dmask = torch.ones(2, 5, dtype=torch.long)
+    dmask[1, 3:] = 0
+    emask = torch.ones(2, 7, dtype=torch.long)
+    emask[0, 5:] = 0
+    pure = DistillationTrainer(model=student, args=_args(tmp_path), teachers=[teacher], **{**KD, "ce_weight": 0.0})
+    got = pure.compute_loss(student, {"input_ids": ids, "attention_mask": emask, "decoder_input_ids": dec,
+                                      "decoder_attention_mask": dmask})  # fmt: skip
+    s = student(input_ids=ids, attention_mask=emask, decoder_input_ids=dec, decoder_attention_mask=dmask).logits
+    with torch.no_grad():
+        t = teacher(input_ids=ids, attention_mask=emask, decoder_input_ids=dec, decoder_attention_mask=dmask).logits
+    kept = torch.where(dmask.bool(), 1, -100)
+    want = fastdistill.kd_loss(s, [t], labels=kept, **{**KD, "ce_weight": 0.0})
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_heads_reach_the_students_device_once_and_offloaded_heads_are_named():
+    """A device_map teacher's head on another device is copied to the student's once (the teachers are frozen), not
+    on every step; its hidden states every step. An offloaded head (meta weights) is a ValueError naming it."""
+    from fastdistill import TeacherHead
+    from fastdistill.integrations.hf import _on_device
+
+    w, b, h = torch.randn(40, 8), torch.randn(40), torch.randn(2, 3, 8)
+    cache: dict = {}
+    first = _on_device(TeacherHead(h, w, b), torch.device("meta"), cache, "teachers[0]")
+    again = _on_device(TeacherHead(h, w, b), torch.device("meta"), cache, "teachers[0]")
+    assert first.weight.device.type == "meta" and first.hidden.device.type == "meta"
+    assert again.weight is first.weight and again.bias is first.bias and len(cache) == 2
+    same = _on_device(TeacherHead(h, w, None), torch.device("cpu"), cache)
+    assert same.weight is w and same.hidden is h
+    with pytest.raises(ValueError, match=r"teachers\[1\]'s output head is offloaded"):
+        _on_device(TeacherHead(h, w.to("meta"), None), torch.device("cpu"), cache, "teachers[1]")
 
 
 class _LoraModelLike(torch.nn.Module):

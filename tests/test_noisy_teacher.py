@@ -148,6 +148,21 @@ def test_slam_loss_keeps_its_gradient_however_unlikely_a_class_becomes():
         assert float(s.grad[0, 2]) == pytest.approx(-0.2, rel=1e-9)
 
 
+def test_slam_loss_with_a_masked_vocabulary_entry_stays_finite():
+    """-inf logits at a class, in the student and the teacher (a masked or padded vocabulary, which SPEC allows): the
+    class carries no term, the loss and gradients stay finite and equal those without the class."""
+    torch.manual_seed(4)
+    s, t = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    s[:, -1] = t[:, -1] = -math.inf
+    for alpha in (0.0, 0.5, 1.0):
+        a, b = s.clone().requires_grad_(), s[:, :-1].clone().requires_grad_()
+        loss, want = slam_loss(a, t, alpha, 2), slam_loss(b, t[:, :-1], alpha, 2)
+        (loss + want).backward()
+        torch.testing.assert_close(loss, want)
+        assert torch.isfinite(a.grad).all()
+        torch.testing.assert_close(a.grad[:, :-1], b.grad)
+
+
 def test_slam_loss_skips_ignored_rows_and_takes_num_items():
     torch.manual_seed(3)
     s, t = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)

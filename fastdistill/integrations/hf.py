@@ -215,11 +215,27 @@ def _placed_by_loader(model: nn.Module) -> bool:
                 or getattr(model, "quantization_method", None) is not None)  # fmt: skip
 
 
-def _on_device(x: Tensor | TeacherHead, device: torch.device) -> Tensor | TeacherHead:
+def _on_device(x: Tensor | TeacherHead, device: torch.device, heads: dict[int, Tensor] | None = None,
+               name: str = "teacher") -> Tensor | TeacherHead:  # fmt: skip
     """A teacher's logits (or hidden states and head) on the student's ``device``: a ``device_map`` teacher's last
-    layer may sit elsewhere. Non-blocking, except into host memory (the CPU would read the copy before it lands)."""
+    layer may sit elsewhere. Non-blocking, except into host memory (the CPU would read the copy before it lands).
+    A head's weight and bias (frozen) are copied once and kept in ``heads`` (by the parameter's id), not on every
+    step; an offloaded head (meta weights, loaded by accelerate's hooks in the forward) is a ValueError."""
     if isinstance(x, TeacherHead):
-        return TeacherHead(*(None if t is None else _on_device(t, device) for t in x))
+        for p in (x.weight, x.bias):
+            if p is not None and p.device.type == "meta":
+                raise ValueError(f"fused_linear: {name}'s output head is offloaded (its weight is on the meta "
+                                 "device, loaded only inside the forward): fused_linear reads the head itself; "
+                                 "place the head on a GPU (device_map) or use fused_linear=False")  # fmt: skip
+
+        def param(p: Tensor | None) -> Tensor | None:
+            if p is None or p.device == device or heads is None:
+                return None if p is None else _on_device(p, device)
+            if id(p) not in heads:
+                heads[id(p)] = p.detach().to(device)
+            return heads[id(p)]
+
+        return TeacherHead(_on_device(x.hidden, device), param(x.weight), param(x.bias))
     return x if x.device == device else x.to(device, non_blocking=device.type != "cpu")
 
 
@@ -322,6 +338,7 @@ class DistillationTrainer(Trainer):
             for name, m in [("model", self.model), *((f"teachers[{k}]", t) for k, t in enumerate(teachers))]:
                 check_fusable(name, m)
         self._heads_checked = not self.fused_linear  # check_head_output, on the first fused batch
+        self._moved_heads: dict[int, Tensor] = {}  # teachers' heads copied to the student's device (_on_device)
         self._predicting = False  # in prediction_step with predictions asked for: fused_linear forms full logits
         self.kd_options = settings  # kd_loss's keywords
         self.ignore_index: int = settings["ignore_index"]
@@ -361,7 +378,8 @@ class DistillationTrainer(Trainer):
 
     def _loss_labels(self, batch: dict[str, Any], positions: torch.Size | None = None) -> Tensor | None:
         """The labels as the loss sees them: ``shift_labels`` if given, else ``labels`` (shifted for causal LMs).
-        Without either (and ``ce_weight == 0``), a 2-D ``attention_mask`` as labels that only mask: ``ignore_index``
+        Without either (and ``ce_weight == 0``), a 2-D ``attention_mask`` (an encoder-decoder model's
+        ``decoder_attention_mask``) as labels that only mask: ``ignore_index``
         where the mask is 0, shifted like labels for causal LMs; for other models only when it has the shape
         ``positions`` of the logits without V (a classifier's ``[B, C]`` logits have no positions to mask), so that
         ``get_batch_samples`` (no ``positions``) counts unlabelled batches of causal LMs only. None otherwise."""
@@ -370,7 +388,9 @@ class DistillationTrainer(Trainer):
         labels = batch.get("labels")
         if labels is not None:
             return labels[..., 1:] if self.shift_labels else labels
-        mask = batch.get("attention_mask")
+        # the positions of the logits are the decoder's for an encoder-decoder model: its mask, never the encoder's
+        seq2seq = getattr(getattr(unwrap_model(self.model), "config", None), "is_encoder_decoder", False)
+        mask = batch.get("decoder_attention_mask" if seq2seq else "attention_mask")
         if self.kd_options["ce_weight"] > 0 or not isinstance(mask, Tensor) or mask.dim() != 2:
             return None  # ce_weight > 0 without labels: kd_loss's error
         if self.shift_labels:
@@ -439,6 +459,9 @@ class DistillationTrainer(Trainer):
             student, outputs = hidden_and_head(model, inputs)
             with torch.no_grad(), self.accelerator.autocast():  # the student's autocast (bf16 / fp16 args)
                 heads = [hidden_and_head(t, _no_cache(t, inputs)) for t in self.teachers]
+            device = student.hidden.device  # a device_map teacher's last layers may be elsewhere: moved first
+            heads = [(_on_device(h, device, self._moved_heads, f"teachers[{k}]"), out)
+                     for k, (h, out) in enumerate(heads)]  # fmt: skip
             if not self._heads_checked:  # a logit transform no config attribute shows: once, [B, 1, V] each
                 for name, (head, out) in [("model", (student, outputs)),
                                           *((f"teachers[{k}]", ho) for k, ho in enumerate(heads))]:  # fmt: skip
@@ -449,14 +472,12 @@ class DistillationTrainer(Trainer):
                 # the full logits, as the logits path hands them, in evaluation only (no gradient, no chunking)
                 with torch.no_grad():
                     outputs["logits"] = nn.functional.linear(student.hidden, student.weight, student.bias)
-            device = student.hidden.device
         else:
             outputs = model(**inputs)
             student = logits_of(outputs)
             with torch.no_grad(), self.accelerator.autocast():  # the student's autocast (bf16 / fp16 args)
                 teachers = [self.teacher_logits(t, _no_cache(t, inputs)) for t in self.teachers]
-            device = student.device
-        teachers = [_on_device(t, device) for t in teachers]  # a device_map teacher's head may be elsewhere
+            teachers = [_on_device(t, student.device) for t in teachers]  # a device_map teacher's may be elsewhere
         if self.shift_labels and not given_shifted:
             x = student.hidden if self.fused_linear else student
             if x.dim() < 3:  # [B, C]: the shift would pair row i with the label of row i + 1

@@ -274,7 +274,10 @@ def slam_loss(
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     acc = fastdistill.ops.reference.compute_dtype(student_logits, teacher_logits)
     t = teacher_logits.detach().to(acc)
-    log_f = torch.log_softmax(student_logits.to(acc), dim=-1)
+    p_t = torch.softmax(t, dim=-1)
+    # classes the teacher gives no mass (-inf logits: a masked or padded vocabulary) carry no term: a finite stand-in
+    # there, so that 0 * log mix is 0 where the student is -inf too, never 0 * -inf = NaN (nor a NaN gradient)
+    log_f = torch.where(p_t > 0, torch.log_softmax(student_logits.to(acc), dim=-1), 0.0)
     mask = topk_mask(t, k)
     alpha = torch.as_tensor(alpha, dtype=acc, device=log_f.device)
     if not torch.compiler.is_compiling() and not bool(((alpha >= 0) & (alpha <= 1)).all()):
@@ -290,7 +293,7 @@ def slam_loss(
         second = second - torch.log(c)
     # outside the top k the mix is α f alone: logaddexp(x, -inf) = x, its gradient 1 and 0 (the first term is finite)
     log_mix = torch.logaddexp(log_a + log_f, torch.where(mask, second, -torch.inf))
-    per_row = -(torch.softmax(t, dim=-1) * log_mix).sum(-1)
+    per_row = -(p_t * log_mix).sum(-1)
     if sample_weight is not None:
         per_row = per_row * sample_weight.to(per_row.dtype)
     kept = None
