@@ -175,9 +175,14 @@ def hidden_and_head(model: nn.Module, inputs: Any) -> tuple[TeacherHead, Any]:
         out = model(**inputs, logits_to_keep=1) if isinstance(inputs, dict) else model(inputs, logits_to_keep=1)
     finally:
         handle.remove()
-    if len(caught) != 1:
-        raise RuntimeError(f"fused_linear: the base model ran {len(caught)} times in one forward; expected once")
-    return TeacherHead(caught[0], head.weight, head.bias), out
+    if len(caught) != 1:  # e.g. OPT, whose head reads model.decoder(...), not model(...)
+        raise RuntimeError(f"fused_linear: {label}'s base model ({type(inner.base_model).__name__}) ran "
+                           f"{len(caught)} times in one forward, expected once: its logits are not "
+                           "lm_head(base_model(...)[0]); use fused_linear=False")  # fmt: skip
+    hidden = caught[0]
+    if hidden.dtype != head.weight.dtype:  # a 16-bit last projection under autocast, a float32 head: the head's
+        hidden = hidden.to(head.weight.dtype)  # matmul in the weight's dtype (the loss requires one dtype)
+    return TeacherHead(hidden, head.weight, head.bias), out
 
 
 Teacher = Tensor | TeacherHead

@@ -517,6 +517,31 @@ def test_the_first_batch_check_takes_a_head_with_a_bias():
         check_head_output("model", head, out)
 
 
+def test_hidden_and_head_gives_one_dtype_and_names_a_base_model_the_head_does_not_read():
+    """A 16-bit last hidden state (a final projection under autocast) with a float32 head comes back in the head's
+    dtype (the loss takes one dtype); a model whose head reads another module than base_model (OPT: model.decoder)
+    is a RuntimeError saying to use fused_linear=False."""
+    transformers = pytest.importorskip("transformers")
+    from fastdistill.fused_linear import hidden_and_head
+
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2))
+
+    def to_bf16(_module, _args, out):
+        out["last_hidden_state"] = out["last_hidden_state"].to(torch.bfloat16)
+        return out
+
+    gpt2.transformer.register_forward_hook(to_bf16)
+    ids = torch.randint(0, 40, (2, 5))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        head, _ = hidden_and_head(gpt2, {"input_ids": ids})
+    assert head.hidden.dtype == head.weight.dtype == torch.float32
+    opt = transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=40, hidden_size=16, word_embed_proj_dim=16,
+                                                             ffn_dim=32, num_hidden_layers=1, num_attention_heads=2))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="ran 0 times.*use fused_linear=False"):
+        hidden_and_head(opt, {"input_ids": ids})
+
+
 def test_logit_transforms_are_refused():
     """Models that rescale or slice lm_head(hidden) (Falcon-H1's lm_head_multiplier, Inkling's
     logits_mup_width_multiplier and unpadded_vocab_size): check_fusable names the attribute, and check_head_output
