@@ -64,6 +64,7 @@ class IsotonicCalibrator:
     def __init__(self) -> None:
         self.lo: Tensor | None = None  # [B] smallest score of each block
         self.value: Tensor | None = None  # [B] fitted value of each block, non-decreasing
+        self._on: dict[torch.device, tuple[Tensor, Tensor]] = {}  # (lo, value) copied to a query's device, once
 
     def fit(self, score: Tensor, target: Tensor) -> IsotonicCalibrator:
         score = score.detach().double().flatten()
@@ -84,13 +85,16 @@ class IsotonicCalibrator:
                 blocks[-1][2] += last[2]
         self.lo = torch.tensor([b[0] for b in blocks], dtype=torch.float64)
         self.value = torch.tensor([b[1] / b[2] for b in blocks], dtype=torch.float64)
+        self._on = {}
         return self
 
     def __call__(self, score: Tensor) -> Tensor:
         """[*] scores -> [*] fitted values (float32)."""
         if self.lo is None or self.value is None:
             raise RuntimeError("fit the calibrator first")
-        lo, value = self.lo.to(score.device), self.value.to(score.device)  # [B]: a few numbers, any device
+        if score.device not in self._on:  # [B]: a few numbers, copied to the query's device once
+            self._on[score.device] = (self.lo.to(score.device), self.value.to(score.device))
+        lo, value = self._on[score.device]
         idx = torch.searchsorted(lo, score.detach().double().contiguous(), right=True) - 1
         return value[idx.clamp(0, len(value) - 1)].float()
 
@@ -280,8 +284,8 @@ def slam_loss(
     log_f = torch.where(p_t > 0, torch.log_softmax(student_logits.to(acc), dim=-1), 0.0)
     mask = topk_mask(t, k)
     alpha = torch.as_tensor(alpha, dtype=acc, device=log_f.device)
-    if not torch.compiler.is_compiling() and not bool(((alpha >= 0) & (alpha <= 1)).all()):
-        raise ValueError("alpha must be in [0, 1] (and not NaN)")
+    # a device sync on CUDA, skipped where the caller vouches for alpha (SLaMLoss: calibrated, in [0, 1])
+    fastdistill.functional._check_values("alpha", alpha, "in [0, 1] (and not NaN)", ~((alpha >= 0) & (alpha <= 1)))
     alpha = alpha.expand(log_f.shape[:-1])[..., None]
     floor = torch.tensor(_LOG_FLOOR, dtype=acc, device=log_f.device)
     log_a, log_1ma = torch.log(alpha).clamp_min(floor), torch.log1p(-alpha).clamp_min(floor)
@@ -331,11 +335,12 @@ class SLaMLoss(nn.Module):
         t = _single_teacher(teacher_logits)
         if t.dim() == student_logits.dim() + 1:
             t = t.squeeze(0)
-        alpha = self.reliability.accuracy(t)
+        alpha = self.reliability.accuracy(t)  # isotonic fit of 0/1 targets: in [0, 1] by construction
         k = self.reliability.smallest_k(t, self.topk_target)
-        return slam_loss(student_logits, t, alpha, k, normalize=self.normalize, sample_weight=sample_weight,
-                         labels=labels, ignore_index=self.ignore_index, reduction=self.reduction,
-                         num_items=num_items)  # fmt: skip
+        with fastdistill.functional.values_checked("alpha"):
+            return slam_loss(student_logits, t, alpha, k, normalize=self.normalize, sample_weight=sample_weight,
+                             labels=labels, ignore_index=self.ignore_index, reduction=self.reduction,
+                             num_items=num_items)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -215,11 +215,11 @@ def recover(directory: str | os.PathLike, files: Iterable[str] | None = None) ->
     final name. Returns whether ``directory`` exists now. Safe when several processes do it at once."""
     directory = Path(directory)
     previous = directory.with_name(directory.name + ".old")
-    if not directory.exists() and previous.is_dir() and find_problem(previous, files) is None:
-        try:
+    try:
+        if not directory.exists() and previous.is_dir() and find_problem(previous, files) is None:
             previous.rename(directory)
-        except OSError:  # another process renamed it first (the source is gone, or the target exists)
-            pass
+    except OSError:  # another process renamed it first (the source is gone mid-check, or the target exists)
+        pass
     return directory.exists()
 
 
