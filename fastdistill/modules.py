@@ -47,7 +47,10 @@ class KDLoss(nn.Module):
         self.temperature = temperature
         self.scale_by_temperature_sq = scale_by_temperature_sq
         self.ensemble = ensemble
-        self.teacher_weights = teacher_weights
+        if isinstance(teacher_weights, Tensor):  # a buffer: moves with loss_fn.to(device); not in the state dict
+            self.register_buffer("teacher_weights", teacher_weights, persistent=False)
+        else:
+            self.teacher_weights = teacher_weights
         self.beta = beta
         self.skew = skew
         self.ignore_index = ignore_index

@@ -128,6 +128,19 @@ def test_teacher_weights_as_numbers_are_checked_on_the_host(monkeypatch):
             fastdistill.kd_loss(student, teachers, teacher_weights=bad)
 
 
+def test_kdloss_weights_tensor_moves_with_the_module():
+    """KDLoss(teacher_weights=tensor) keeps the tensor as a non-persistent buffer: loss_fn.to(device) (as
+    DistillationLoop does) moves it with the module, and checkpoints of a model holding the loss do not change."""
+    w = torch.tensor([1.0, 3.0])
+    loss_fn = fastdistill.KDLoss(teacher_weights=w)
+    assert "teacher_weights" in dict(loss_fn.named_buffers()) and "teacher_weights" not in loss_fn.state_dict()
+    assert loss_fn.to("meta").teacher_weights.device.type == "meta"
+    assert fastdistill.KDLoss(teacher_weights=[1.0, 3.0]).teacher_weights == [1.0, 3.0]
+    student, teachers = make_inputs((3, 4), 17, 2)
+    moved = fastdistill.KDLoss(teacher_weights=w).to("cpu")
+    torch.testing.assert_close(moved(student, teachers), fastdistill.kd_loss(student, teachers, teacher_weights=w))
+
+
 def test_a_weights_tensor_is_checked_once_until_it_changes(monkeypatch):
     """A tensor of weights used again (KDLoss(teacher_weights=tensor), or the same tensor on every call) is checked on
     its first use only (the checks are two syncs per call on CUDA); an in-place change, another accumulation dtype,

@@ -263,6 +263,8 @@ class DistillationLoop:
             raise ValueError(f"the loop normalises by num_items: {type(loss).__name__} needs reduction='mean', got "
                              f"{loss.reduction!r}")  # fmt: skip
         self.loss_fn = loss
+        if isinstance(loss, nn.Module):  # its buffers (KDLoss's tensor of teacher weights) on the loop's device
+            loss.to(self.device)
         self.fused_linear = fused_linear
         if fused_linear:
             _check_fused_linear(student, teachers, loss, train_teachers, forward)
