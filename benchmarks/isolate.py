@@ -246,11 +246,39 @@ def run_script(cells: list[Cell], module: str, budget: Budget, on_row: Callable[
         return None
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1 (0 repeats or rows would fail every child, each with its own error)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a float > 0 (a timeout of 0 would kill every child at once, and blame the budget)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def apply_quick(p: argparse.ArgumentParser, args: argparse.Namespace, **shapes: object) -> None:
+    """``--quick``'s tiny shapes into ``args``; an option among ``shapes`` also given on the command line is an error
+    (``p.error``), not silently overridden."""
+    defaults = vars(p.parse_args(["--quick"]))  # the parsed defaults (types applied, as args has them)
+    given = [name for name in shapes if getattr(args, name) != defaults[name]]
+    if given:
+        p.error(f"--quick sets {', '.join('--' + n.replace('_', '-') for n in shapes)}; give --quick or "
+                f"{', '.join('--' + n.replace('_', '-') for n in given)}, not both")
+    for name, value in shapes.items():
+        setattr(args, name, value)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The isolation and budget options every benchmark script takes."""
     p.add_argument(
         "--budget-s",
-        type=float,
+        type=positive_float,
         default=None,
         help="stop after this many seconds: cells not started by then are recorded as skipped (budget)",
     )
@@ -262,7 +290,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--child-timeout-s",
-        type=float,
+        type=positive_float,
         default=None,
         help="kill a cell's child after this many seconds (recorded as failed: timeout)",
     )

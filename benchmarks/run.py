@@ -234,11 +234,11 @@ def _ints(s: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--rows", type=int, default=2048, help="N")
+    p.add_argument("--rows", type=isolate.positive_int, default=2048, help="N")
     p.add_argument("--vocab", type=_ints, default="8192,32000", help="comma-separated V values")
     p.add_argument("--teachers", type=_ints, default="1,4", help="comma-separated K values")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=isolate.positive_int, default=5)
     p.add_argument("--providers", default="cpu,eager,compile",
                    help=f"comma-separated, of: {','.join(PROVIDERS)}; run in this order (all shapes of the first "
                         "provider first), so that a budget cuts the last ones")  # fmt: skip
@@ -255,7 +255,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     isolate.add_arguments(p)
     args = p.parse_args(argv)
     if args.quick:
-        args.rows, args.vocab, args.teachers, args.repeats = 64, [1000, 4096], [1, 2], 3
+        isolate.apply_quick(p, args, rows=64, vocab=[1000, 4096], teachers=[1, 2], repeats=3)
     return args
 
 

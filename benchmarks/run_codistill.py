@@ -192,7 +192,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated T values (at T = 1 the cross-entropy shares the softmax: fewer exps)",
     )
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=isolate.positive_int, default=5)
     p.add_argument("--providers", default=None, help=f"comma-separated, of: {','.join(PROVIDERS)} "
                    "(default: the device's fused and two-call backends, eager, compile)")  # fmt: skip
     p.add_argument(
@@ -205,7 +205,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     isolate.add_arguments(p)
     args = p.parse_args(argv)
     if args.quick:
-        args.rows, args.vocab, args.repeats = 64, [1000, 4096], 3
+        isolate.apply_quick(p, args, rows=64, vocab=[1000, 4096], repeats=3)
     if args.providers is None:
         fused = "cpu" if args.device == "cpu" else "triton"
         args.providers = f"fused-{fused},two-kd-{fused},eager,compile"

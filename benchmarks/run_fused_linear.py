@@ -166,12 +166,12 @@ def markdown_table(rows: list[dict]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run_fused_linear", description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--rows", type=int, default=1024, help="N (tokens)")
+    p.add_argument("--rows", type=isolate.positive_int, default=1024, help="N (tokens)")
     p.add_argument("--hidden", type=int, default=256, help="H")
     p.add_argument("--vocab", type=int, default=32000, help="V")
     p.add_argument("--teachers", type=lambda s: [int(x) for x in s.split(",") if x], default="1,2")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=isolate.positive_int, default=3)
     p.add_argument("--providers", default=None, help=f"comma-separated, of: {','.join(PROVIDERS)} "
                    "(default: the device's fused and unfused backends, liger, eager)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None,
@@ -180,7 +180,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     isolate.add_arguments(p)
     args = p.parse_args(argv)
     if args.quick:
-        args.rows, args.hidden, args.vocab, args.repeats = 64, 32, 512, 1
+        isolate.apply_quick(p, args, rows=64, hidden=32, vocab=512, repeats=1)
     if args.providers is None:
         backend = "cpu" if args.device == "cpu" else "triton"
         args.providers = f"fused-{backend},unfused-{backend},liger,eager"
@@ -198,10 +198,11 @@ def main(argv: list[str] | None = None) -> int:
           f"H={args.hidden}, V={args.vocab}, dtype={args.dtype}", flush=True)  # fmt: skip
     providers = [p for p in args.providers.split(",") if p]
     shape = {"N": args.rows, "H": args.hidden, "V": args.vocab}
+    # provider-major (all shapes of a provider first), as the other scripts: a budget cuts the last providers
     cells = [isolate.Cell({"provider": prov, "K": k, **shape},
                           {"dtype": args.dtype, "device": device, "repeats": args.repeats},
                           unavailable_reason(prov, device, k))
-             for k in args.teachers for prov in providers]  # fmt: skip
+             for prov in providers for k in args.teachers]  # fmt: skip
 
     def result(rows: list[dict], complete: bool) -> dict:
         return {**env, "threads": torch.get_num_threads(), "loadavg_1min_at_start": load,

@@ -193,7 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated NxD pairs (e.g. 16384x768,16384x128), instead of --rows x --dims",
     )
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=isolate.positive_int, default=3)
     p.add_argument(
         "--providers",
         default="cpu,eager,compile",
@@ -209,7 +209,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     isolate.add_arguments(p)
     args = p.parse_args(argv)
     if args.quick:
-        args.rows, args.dims, args.repeats, args.shapes = [256], [32], 2, None
+        isolate.apply_quick(p, args, rows=[256], dims=[32], repeats=2, shapes=None)
     if args.shapes is None:
         args.shapes = [(N, D) for N in args.rows for D in args.dims]
     return args

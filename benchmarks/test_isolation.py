@@ -15,6 +15,8 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+
 from benchmarks import run, run_codistill, run_mi
 from benchmarks.isolate import FAULT_ENV
 
@@ -116,3 +118,19 @@ def test_sigterm_leaves_the_json_and_no_child_behind(tmp_path):
     assert not data["complete"]
     time.sleep(0.2)
     assert _processes_with(marker) == [], "a child outlived its parent"
+
+
+@pytest.mark.parametrize("script", ["run", "run_mi", "run_codistill", "run_fused_linear"])
+def test_arguments_that_would_fail_every_row_are_refused(script, capsys):
+    """--quick with an explicit shape option it would override, a 0 timeout (every child killed, the budget
+    blamed) and 0 repeats (every child failing): argparse errors naming the option, before any child runs."""
+    import importlib
+
+    parse = importlib.import_module(f"benchmarks.{script}").parse_args
+    assert parse(["--quick"]).quick
+    for argv, said in ((["--quick", "--repeats", "9"], "give --quick or --repeats, not both"),
+                       (["--child-timeout-s", "0"], "--child-timeout-s: must be > 0"),
+                       (["--repeats", "0"], "--repeats: must be >= 1")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            parse(argv)
+        assert said in capsys.readouterr().err

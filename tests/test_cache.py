@@ -85,6 +85,30 @@ def test_topk_cache_parts_and_dense_logits(tmp_path):
         assert f.metadata()["kind"] == "topk" and torch.equal(f.get_tensor("indices").long(), cache.indices.long())
 
 
+def test_topk_cache_of_a_confident_teacher_keeps_its_tail(tmp_path):
+    """A confident teacher's tail mass (1.4e-8 here) is stored as such, not as 1 - sum(kept) = 0 in float32: its
+    dense logits stay finite and reverse KL from the cache is the live one's (it was inf, with NaN gradients)."""
+
+    class Confident(nn.Module):
+        def forward(self, x):
+            out = torch.zeros(x.shape[0], 1000)
+            out[:, 0], out[:, 1] = 25.0, 5.0
+            return out + 0 * x.sum()
+
+    x = torch.randn(4, 3)
+    cache = write_teacher_cache(tmp_path / "k.safetensors", [Confident()], ArrayDataset(input=x), topk=2)
+    want = torch.logsumexp(torch.zeros(998), 0) + 0 - torch.logsumexp(torch.tensor([25.0, 5.0] + [0.0] * 998), 0)
+    torch.testing.assert_close(cache.tail_mass[:, 0], want.exp().expand(4), rtol=1e-5, atol=0)
+    dense = cache.get(range(4))[0]
+    assert torch.isfinite(dense).all()
+    student = torch.randn(4, 1000, requires_grad=True)
+    live = Confident()(x)
+    got = fastdistill.kd_loss(student, dense, divergence="reverse_kl")
+    got.backward()
+    torch.testing.assert_close(got, fastdistill.kd_loss(student, live, divergence="reverse_kl"), rtol=1e-4, atol=0)
+    assert torch.isfinite(student.grad).all()
+
+
 def test_topk_with_k_equal_v_is_exact():
     logits = torch.randn(3, 6, dtype=torch.float64).float()
     v, i = logits.topk(6)
@@ -149,7 +173,7 @@ def _header_edit(old, new):
     (lambda raw, n: raw[:5], "5 bytes, too short"),
     (lambda raw, n: raw[:8] + b"\xff" * n + raw[8 + n :], "its header is not JSON"),
     (lambda raw, n: raw[:8] + b"[" + b" " * (n - 2) + b"]" + raw[8 + n :], "its header is not a JSON object"),
-    (_header_edit(b'"F32"', b'"F64"'), "tensor 'logits' has dtype 'F64', expected one of F32, F16, BF16, I32"),
+    (_header_edit(b'"F32"', b'"F64"'), "tensor 'logits' has dtype 'F64', expected F32 or F16 or BF16"),
     (_header_edit(b'"kind":"full"', b'"kind":"fuzz"'), "metadata kind='fuzz'"),
     (_header_edit(b'"shape":[13,', b'"shape":[99,'), "tensor 'logits' ([99, 1, 5, 17] F32) does not fit"),
     (lambda raw, n: raw[:-4], "tensor 'logits' ([13, 1, 5, 17] F32) does not fit bytes 0 to 4420"),
@@ -161,6 +185,36 @@ def test_a_damaged_cache_is_a_value_error_naming_the_file(tmp_path, how, problem
     with pytest.raises(ValueError) as e:
         TeacherLogitCache(path)
     assert str(path) in str(e.value) and problem in str(e.value)
+
+
+def test_a_cache_of_wrong_dtypes_shapes_or_indices_is_named(tmp_path):
+    """Integer logits, float indices, top-k tensors whose shapes disagree, and stored indices outside [0, V): each a
+    ValueError naming the file, not wrong numbers or a raw scatter error (a device-side assert on CUDA)."""
+    from safetensors.torch import save_file
+
+    n, k, v, top = 4, 2, 10, 3
+    meta = {"format": "fastdistill.teacher_cache", "version": "1", "kind": "full", "num_teachers": str(k),
+            "vocab_size": str(v)}  # fmt: skip
+    topk = dict(meta, kind="topk", topk=str(top))
+    cases = [
+        ({"logits": torch.randint(0, 5, (n, k, v), dtype=torch.int32)}, meta, "dtype 'I32', expected F32"),
+        ({"tail_mass": torch.zeros(n, k), "indices": torch.zeros(n, k, top), "values": torch.randn(n, k, top)}, topk,
+         "'indices' has dtype 'F32', expected I32"),
+        ({"tail_mass": torch.zeros(n, k, 7), "indices": torch.zeros(n, k, 5, top, dtype=torch.int32),
+          "values": torch.randn(n, k, 5, top)}, topk, "expected indices = values"),
+    ]  # fmt: skip
+    for i, (tensors, metadata, problem) in enumerate(cases):
+        path = tmp_path / f"c{i}.safetensors"
+        save_file(tensors, str(path), metadata=metadata)
+        with pytest.raises(ValueError, match=problem):
+            TeacherLogitCache(path)
+    path = tmp_path / "oob.safetensors"
+    save_file({"tail_mass": torch.zeros(n, k), "indices": torch.full((n, k, top), 99, dtype=torch.int32),
+               "values": torch.randn(n, k, top)}, str(path), metadata=topk)  # fmt: skip
+    cache = TeacherLogitCache(path)
+    for read in (cache.get, cache.topk):
+        with pytest.raises(ValueError, match=r"damaged: rows \[0\] hold vocabulary indices outside \[0, 10\)"):
+            read([0])
 
 
 def test_cache_rows_are_integers_in_range(tmp_path):

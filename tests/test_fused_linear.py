@@ -278,8 +278,9 @@ def test_the_benchmark_runs_on_the_cpu(tmp_path):
     assert run_fused_linear.main(["--quick", "--in-process", "--providers", "fused-cpu,unfused-cpu,eager",
                                   "--out", str(out)]) == 0  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
-    assert {(r["provider"], r["K"]) for r in rows if r["status"] == "ok"} == {
-        (p, k) for p in ("fused-cpu", "unfused-cpu", "eager") for k in (1, 2)}
+    # provider-major, as the other benchmarks: a short budget cuts the last providers, not a shape of the first
+    assert [(r["provider"], r["K"]) for r in rows if r["status"] == "ok"] == [
+        (p, k) for p in ("fused-cpu", "unfused-cpu", "eager") for k in (1, 2)]
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])

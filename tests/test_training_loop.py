@@ -597,6 +597,15 @@ def test_load_checkpoint_then_fit_restores_a_callable_schedulers_state(tmp_path)
         assert torch.equal(p, q)
 
 
+def test_the_logged_learning_rate_is_the_one_the_step_took(tmp_path):
+    """"lr" in a training record is the rate of the step logged, read before the scheduler moves to the next one
+    (step 1 of a 0.5**s schedule trained at the base rate, not at half of it)."""
+    loop = _plain_loop(tmp_path, scheduler=lambda o, total: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 0.5**s))
+    base = loop.optimizer.param_groups[0]["lr"]
+    loop.fit(_data(n=40), max_steps=3)
+    assert [h["lr"] for h in loop.history if h["split"] == "train"] == [base, base / 2, base / 4]
+
+
 def test_a_resave_killed_between_its_renames_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     """Re-saving step 2 renames step-2 to step-2.old, then step-2.tmp to step-2: killed in between, "latest" and an
     explicit resume put step-2.old back instead of starting from scratch."""

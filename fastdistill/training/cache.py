@@ -112,6 +112,12 @@ class TeacherLogitCache:
         if self.kind != "topk":
             raise ValueError("topk() needs a top-k cache; this one stores full logits")
         idx = self._rows(index)
+        # checked on the host, per batch (k / V of the logits' bytes): a stored index outside [0, V) would be a raw
+        # scatter error, on CUDA a device-side assert that ends the process
+        ind = self.indices[idx]
+        if ind.numel() and (int(ind.min()) < 0 or int(ind.max()) >= self.vocab_size):
+            raise ValueError(f"teacher cache {self.path} is damaged: rows {idx.tolist()[:8]} hold vocabulary indices "
+                             f"outside [0, {self.vocab_size})")  # fmt: skip
         return (
             _gather(self.values, idx, device).transpose(0, 1).contiguous(),
             _gather(self.indices, idx, device).transpose(0, 1).to(torch.long).contiguous(),
@@ -178,12 +184,14 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
         raise bad(f"tensors {sorted(set(header) - {'__metadata__'})}, expected {sorted(names)} for kind={kind!r}")
     base = 8 + header_len
     rows = set()
+    shapes: dict[str, list[int]] = {}
     for name in names:
         info = header[name]
         dtype = _TORCH_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
-        if dtype is None:
+        allowed = ("I32",) if name == "indices" else ("F32", "F16", "BF16")  # indices int32, the rest floats
+        if dtype is None or info["dtype"] not in allowed:
             raise bad(f"tensor {name!r} has dtype {info.get('dtype') if isinstance(info, dict) else info!r}, "
-                      f"expected one of {', '.join(_TORCH_DTYPES)}")  # fmt: skip
+                      f"expected {' or '.join(allowed)}")  # fmt: skip
         shape, offsets = info.get("shape"), info.get("data_offsets")
         if not (isinstance(shape, list) and len(shape) >= 2 and all(_is_size(d) for d in shape)):
             raise bad(f"tensor {name!r} has shape {shape!r}, expected [N, K, ...]")
@@ -199,6 +207,10 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
         if shape[1] != int(meta["num_teachers"]) or (last is not None and shape[-1] != int(last)):
             raise bad(f"tensor {name!r} has shape {shape}, which does not match the metadata {meta}")
         rows.add(shape[0])
+        shapes[name] = shape
+    if kind == "topk" and not (shapes["indices"] == shapes["values"] and shapes["tail_mass"] == shapes["values"][:-1]):
+        raise bad(f"top-k tensors of shapes values {shapes['values']}, indices {shapes['indices']}, tail_mass "
+                  f"{shapes['tail_mass']}: expected indices = values = [N, K, *, k] and tail_mass = [N, K, *]")
     if len(rows) != 1 or 0 in rows:
         raise bad(f"its tensors have row counts {sorted(rows)}, expected one positive count")
     return header, base
@@ -253,7 +265,10 @@ def write_teacher_cache(
     if n == 0:
         raise ValueError("write_teacher_cache: the dataset is empty")
     forward = forward or default_forward
-    device = torch.device(device) if device is not None else next(teachers[0].parameters()).device
+    if device is None:  # the first teacher's: its first parameter's or buffer's device (a stateless one: the CPU)
+        first = next(iter([*teachers[0].parameters(), *teachers[0].buffers()]), None)
+        device = first.device if first is not None else "cpu"
+    device = torch.device(device)
     modes = [t.training for t in teachers]
     for t in teachers:
         t.eval()
@@ -329,8 +344,11 @@ class _Writer:
             self._put("logits", start, logits.to(self.dtype))
             return
         values, indices = logits.topk(self.topk, dim=-1)
-        probs_kept = torch.softmax(logits, dim=-1).gather(-1, indices).sum(-1)
-        self._put("tail_mass", start, (1.0 - probs_kept).clamp_min(0.0))
+        # the tail's own mass, exp(lse(tail) - lse(all)): not 1 - sum(kept), which is 0 in float32 once the tail is
+        # below ~6e-8 (a confident teacher), leaving its entries at -inf and reverse KL at inf
+        rest = logits.scatter(-1, indices, -torch.inf)
+        tail = torch.exp(torch.logsumexp(rest, dim=-1) - torch.logsumexp(logits, dim=-1))
+        self._put("tail_mass", start, tail)
         self._put("indices", start, indices.to(torch.int32))
         self._put("values", start, values.to(self.dtype))
 

@@ -326,6 +326,7 @@ class DistillationLoop:
         self.scheduler = scheduler if _is_scheduler(scheduler) else None
         # a checkpoint's scheduler state, loaded before fit() builds the scheduler from a callable (load_checkpoint)
         self._pending_scheduler_state: dict[str, Any] | None = None
+        self._step_lr: float | None = None  # the learning rate the last optimizer step took (logged as "lr")
 
         # position: optimizer steps done; epoch and micro-batches consumed in it
         self.step = 0
@@ -551,6 +552,7 @@ class DistillationLoop:
         if self.max_grad_norm is not None:
             sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.parameters(), self.max_grad_norm).detach()
         self.optimizer.step()
+        self._step_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step took, logged (not the next one's)
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -678,7 +680,7 @@ class DistillationLoop:
             nonlocal t0, last_eval, evaluated_at, saved_at
             if self._window_steps and (self.step % self.log_every == 0 or final):
                 record = self._reduce_window(self._window, self._window_steps)
-                record["lr"] = self.optimizer.param_groups[0]["lr"]
+                record["lr"] = self._step_lr  # the last step's rate: the scheduler has moved on to the next
                 ran = min(self._window_steps, self.step - first_step)  # a restored window's steps ran before
                 record["steps_per_s"] = ran / max(time.perf_counter() - t0, 1e-9)
                 self.last_train_loss = record["loss"]
