@@ -255,3 +255,57 @@ def test_fused_linear_of_a_model_without_a_head_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("fastdistill train: error: train.fused_linear: fused_linear: student has no linear output "
                           "head") and "\n" not in err, err
+
+
+import torch  # noqa: E402
+
+from fastdistill.training import ArrayDataset  # noqa: E402
+
+
+def unlabelled_data(n=16, marker=None):
+    g = torch.Generator().manual_seed(0)
+    return {"train": ArrayDataset(input=torch.randn(n, 4, generator=g))}
+
+
+def counted_model(marker, seed=0):
+    """tiny_model, leaving a marker: the tests check that a contradiction stops the run before teachers are built."""
+    Path(marker).write_text("a teacher factory ran")
+    return tiny_model(seed=seed)
+
+
+def test_an_override_into_an_aliased_section_changes_that_section_only(tmp_path, capsys):
+    """YAML aliases (*name) are one object after parsing: an override into one teacher's kwargs must not change the
+    other teacher's."""
+    text = (f"output_dir: {tmp_path / 'run'}\ndata: {{factory: 'test_cli:tiny_data'}}\n"
+            "student: {factory: 'test_cli:tiny_model'}\n"
+            "teachers:\n  - {factory: 'test_cli:tiny_model', kwargs: &tk {seed: 1}}\n"
+            "  - {factory: 'test_cli:tiny_model', kwargs: *tk}\n"
+            "train: {batch_size: 4, max_steps: 1, progress: false}\n")  # fmt: skip
+    assert cli.main(["train", "--config", _write(tmp_path, text), "teachers.0.kwargs.seed=7"]) == 0
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert [t["kwargs"]["seed"] for t in saved["teachers"]] == [7, 1]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.factory=test_cli:unlabelled_data", "kd.ce_weight=0.5"],
+     "data.factory: the training set's items have no labels, and kd.ce_weight=0.5 trains on labels"),
+    (["data.factory=test_cli:unlabelled_data", "teachers=[]"],
+     "data.factory: the training set's items have no labels, and without teachers or a teacher_cache"),
+])  # fmt: skip
+def test_a_run_that_needs_labels_on_unlabelled_data_is_one_line_before_the_teachers(tmp_path, capsys, overrides,
+                                                                                  message):  # fmt: skip
+    marker = tmp_path / "teacher_built"
+    extra = ["teachers.0.factory=test_cli:counted_model", f"teachers.0.kwargs.marker={marker}"]
+    overrides = overrides if "teachers=[]" in overrides else [*extra, *overrides]
+    assert cli.main(["train", "--config", _tiny(tmp_path), *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fastdistill train: error: {message}"), err
+    assert not marker.exists()
+
+
+def test_train_teachers_with_a_cache_is_a_config_error():
+    from fastdistill.training.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="train.train_teachers trains live teachers; a teacher_cache"):
+        parse_config({"data": {"factory": "m:f"}, "student": {"factory": "m:f"}, "teacher_cache": "c.safetensors",
+                      "train": {"max_steps": 1, "train_teachers": True}})  # fmt: skip

@@ -294,6 +294,8 @@ def parse_config(raw: Any) -> TrainConfig:
         raise ConfigError("student.factory must be set ('package.module:callable' returning the student)")
     if cfg.teacher_cache is not None and cfg.teachers:
         raise ConfigError("teachers and teacher_cache exclude each other: give one")
+    if cfg.teacher_cache is not None and cfg.train.train_teachers:
+        raise ConfigError("train.train_teachers trains live teachers; a teacher_cache holds only their logits")
     for i, t in enumerate(cfg.teachers):
         if not t.factory:
             raise ConfigError(f"teachers[{i}].factory must be set")
@@ -313,7 +315,7 @@ def apply_overrides(raw: Any, overrides: Sequence[str]) -> Any:
     the key is a dotted path (``kd.temperature``, ``student.kwargs.n_layer``, ``teachers.0.factory``), the value is
     read as YAML (``4``, ``null``, ``[1, 2]``, ``cosine``). Missing sections are created; an unknown key is reported
     by :func:`parse_config` as in a file. A malformed override is a :class:`ConfigError`."""
-    raw = {} if raw is None else raw
+    raw = {} if raw is None else _unshared(raw)
     for item in overrides:
         key, sep, text = item.partition("=")
         parts = key.split(".")
@@ -338,6 +340,17 @@ def apply_overrides(raw: Any, overrides: Sequence[str]) -> Any:
                     node[part] = {}
                 node = node[part]
     return raw
+
+
+def _unshared(node: Any) -> Any:
+    """A copy of a parsed YAML tree in which no dict or list is shared: an alias (``*name``) is the same Python
+    object as its anchor, so an override into one (``teachers.0.kwargs.seed=7``) would change the other too.
+    (``copy.deepcopy`` keeps shared objects shared.)"""
+    if isinstance(node, dict):
+        return {k: _unshared(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_unshared(v) for v in node]
+    return node
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:

@@ -79,6 +79,21 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
+def _check_labels(cfg: TrainConfig, plan: Any, train: Any) -> None:
+    """A ConfigError when the run needs labels (``kd.ce_weight > 0``, or neither teachers nor a cache: plain
+    cross-entropy) and the training set's first item has none: else the first batch fails, after the teachers'
+    factories ran. Datasets without ``__getitem__`` (iterable ones) are left to the loop."""
+    needs = cfg.kd.ce_weight > 0 or (not cfg.teachers and plan.cache is None)
+    if not needs or not (hasattr(train, "__getitem__") and hasattr(train, "__len__")) or len(train) == 0:
+        return
+    from .data import split_batch
+
+    if split_batch(train[0]).labels is None:
+        why = f"kd.ce_weight={cfg.kd.ce_weight} trains on labels" if cfg.kd.ce_weight > 0 else (
+            "without teachers or a teacher_cache the run trains on labels")  # fmt: skip
+        raise ConfigError(f"data.factory: the training set's items have no labels, and {why}")
+
+
 def _run(cfg: TrainConfig) -> dict[str, Any]:
     import torch.distributed as dist
 
@@ -96,6 +111,7 @@ def _run(cfg: TrainConfig) -> dict[str, Any]:
         raise ConfigError("data.factory must return a dict with 'train' (and optionally 'eval') datasets")
     if plan.cache is not None:
         as_config_error("teacher_cache", plan.cache.check_length, len(datasets["train"]))
+    _check_labels(cfg, plan, datasets["train"])  # before the teachers' factories (which may train them)
     student = _model(plan.student, cfg.student, "student")
     teachers = [_model(make, t, f"teachers[{i}]") for i, (make, t) in enumerate(zip(plan.teachers, cfg.teachers))]
     kd = {f.name: getattr(cfg.kd, f.name) for f in dataclasses.fields(cfg.kd)}
@@ -107,14 +123,14 @@ def _run(cfg: TrainConfig) -> dict[str, Any]:
             raise ConfigError("train.fused_linear: the teachers get no gradient; not with train.train_teachers")
         for name, model in [("student", student), *((f"teachers[{i}]", m) for i, m in enumerate(teachers))]:
             as_config_error("train.fused_linear", check_fusable, name, model)
-    loop = DistillationLoop(
+    loop = as_config_error("train", lambda: DistillationLoop(  # a contradiction the checks above missed: one line
         student, teachers, loss=KDLoss(**kd), optimizer=make_optimizer(cfg.optim),
         scheduler=make_scheduler(cfg.optim), teacher_cache=plan.cache, train_teachers=t.train_teachers,
         batch_size=t.batch_size, grad_accum_steps=t.grad_accum_steps, max_grad_norm=cfg.optim.max_grad_norm,
         shift_labels=t.shift_labels, shuffle=t.shuffle, drop_last=t.drop_last, amp=t.amp, seed=cfg.seed,
         device=plan.device, output_dir=cfg.output_dir, log_every=t.log_every, tensorboard=t.tensorboard,
         progress=t.progress, fused_linear=t.fused_linear,
-    )  # fmt: skip
+    ))  # fmt: skip
     if plan.resume not in (None, "latest"):  # its models must fit the ones the factories built (keys, shapes)
         as_config_error("train.resume", loop.check_checkpoint, plan.resume)
     return loop.fit(
