@@ -139,10 +139,40 @@ def test_op_route_where_the_call_is_not_plain_eager():
 
 
 def _eager_node(fn) -> bool:
-    """Whether the graph from autograd node ``fn`` has a node of the eager route (codistill's sum: AddBackward)."""
+    """Whether the graph from autograd node ``fn`` has a node of the eager route (codistill's sum: AddBackward; its
+    losses each on an _OwnLoss node)."""
     if fn is None:
         return False
-    return type(fn).__name__.startswith("Eager_") or any(_eager_node(f) for f, _ in fn.next_functions)
+    return type(fn).__name__.startswith(("Eager_", "_OwnLoss")) or any(_eager_node(f) for f, _ in fn.next_functions)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_codistill_losses_backpropagate_one_after_the_other(backend, monkeypatch):
+    """loss_a.backward(); loss_b.backward() (one optimizer per model) works on the fused backends as on the
+    reference: each loss has its own graph node on the eager route, so the first backward frees only its own
+    gradient; the gradients equal one backward of the sum, and a second backward of one loss is autograd's error."""
+    if backend == "cpu" and not fastdistill.extension_available():
+        pytest.skip("the C++ extension is not built")
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        pytest.importorskip("triton")
+    torch.manual_seed(0)
+    a0, b0 = torch.randn(3, 7, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)
+    labels = torch.tensor([1, -100, 4])
+    grads = {}
+    for how in ("apart", "sum"):
+        a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+        la, lb = fastdistill.codistill_loss(a, b, labels, temperature=2.0, hard_weight=0.3, backend=backend)
+        if how == "apart":
+            la.backward()
+            lb.backward()
+            with pytest.raises(RuntimeError, match="second time"):
+                la.backward()
+        else:
+            (la + lb).backward()
+        grads[how] = (a.grad, b.grad)
+    for x, y in zip(grads["apart"], grads["sum"]):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
 @requires_ext

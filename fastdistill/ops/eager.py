@@ -26,16 +26,24 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 # op name ("fastdistill::kd_loss") -> (setup_context, backward, Python implementation or None), as registered with
 # torch
 AUTOGRAD: dict[str, tuple[Callable, Callable, Callable | None]] = {}
+# op name -> split(args, outputs): the op's outputs with each differentiable one on its own graph node (an op whose
+# outputs depend on disjoint inputs: codistill_loss's loss_a on a, loss_b on b), so that backward through one frees
+# only its own saved gradient and the other's backward still runs, as with two separate losses
+SPLITS: dict[str, Callable] = {}
 _FUNCTIONS: dict[str, type] = {}
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # other subclasses may override dispatch: they must see the op
 
 
-def register(name: str, backward: Callable, setup_context: Callable, impl: Callable | None = None) -> None:
+def register(name: str, backward: Callable, setup_context: Callable, impl: Callable | None = None,
+             split: Callable | None = None) -> None:  # fmt: skip
     """Record the autograd of op ``name`` for :func:`call` (its registration with torch is the caller's). ``impl``:
     the op's Python implementation (the Triton ops), which the eager route calls itself: the dispatcher's boxing of
-    16 arguments, the custom op's aliasing check and its Dynamo guard cost ~10-15 µs before the launch."""
+    16 arguments, the custom op's aliasing check and its Dynamo guard cost ~10-15 µs before the launch. ``split``:
+    see :data:`SPLITS` (``backward`` and ``setup_context`` then serve the op route only)."""
     AUTOGRAD[name] = (setup_context, backward, impl)
+    if split is not None:
+        SPLITS[name] = split
     _FUNCTIONS.pop(name, None)
 
 
@@ -136,6 +144,11 @@ def call(op, args: tuple) -> Any:
         with torch._C._AutoDispatchBelowAutograd():
             return op(*args)
     name = op._schema.name
+    if name in SPLITS:  # the op below autograd, then one graph node per output
+        impl = AUTOGRAD[name][2]
+        with torch._C._AutoDispatchBelowAutograd():
+            out = (impl if impl is not None else op)(*args)
+        return SPLITS[name](args, out)
     fn = _FUNCTIONS.get(name)
     if fn is None:
         fn = _FUNCTIONS[name] = _function(op)

@@ -166,14 +166,15 @@ def _kd_loss_triton_backward(ctx, grad_loss, _grad_grad_s, _grad_grad_t):
                   teachers=_first_order("kd_loss", d_teachers))  # fmt: skip
 
 
-def _register_autograd(op, backward, setup_context) -> None:
-    """The autograd of ``op`` (a name, or a custom op's ``CustomOpDef``), with torch and for eager.call."""
+def _register_autograd(op, backward, setup_context, split=None) -> None:
+    """The autograd of ``op`` (a name, or a custom op's ``CustomOpDef``), with torch and for eager.call (``split``:
+    :data:`fastdistill.ops.eager.SPLITS`)."""
     if isinstance(op, str):
         torch.library.register_autograd(op, backward, setup_context=setup_context)
-        eager.register(op, backward, setup_context)
+        eager.register(op, backward, setup_context, split=split)
     else:  # a custom op of ours (the Triton twins): its Python function, called as is by the eager route
         op.register_autograd(backward, setup_context=setup_context)
-        eager.register(op._qualname, backward, setup_context, impl=getattr(op, "_init_fn", None))
+        eager.register(op._qualname, backward, setup_context, impl=getattr(op, "_init_fn", None), split=split)
 
 
 def register_triton(op) -> None:
@@ -214,9 +215,40 @@ def _codistill_backward(ctx, grad_loss_a, grad_loss_b, _gga, _ggb):
     return _grads(CodistillInputs, ctx, a=_first_order("codistill_loss", d_a), b=_first_order("codistill_loss", d_b))
 
 
+class _OwnLoss(torch.autograd.Function):
+    """One model's loss of a fused co-distillation call on a graph node of its own (the eager route): the gradient
+    the kernel wrote for that model alone is saved here, so ``loss_a.backward(); loss_b.backward()`` (two
+    optimizers) works as with two separate losses, each backward freeing only its own gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, loss: torch.Tensor, grad: torch.Tensor, reduce: bool) -> torch.Tensor:
+        ctx.save_for_backward(grad)
+        ctx.reduce = reduce
+        ctx.set_materialize_grads(False)
+        return loss.clone()  # a tensor of its own (0-dim or [N]): an input returned as is would alias it
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor | None):
+        (grad,) = ctx.saved_tensors
+        d = None if grad_loss is None else _first_order("codistill_loss", _scale(grad, grad_loss, ctx.reduce))
+        return d, None, None, None
+
+
+def _codistill_split(args: tuple, out: tuple) -> tuple:
+    """codistill_loss's outputs with loss_a and loss_b each on its own node (:data:`eager.SPLITS`)."""
+    loss_a, loss_b, grad_a, grad_b = out
+    a, b = (CodistillInputs.arg(args, name) for name in ("a", "b"))
+    reduce = CodistillInputs.arg(args, "reduce")
+    if a.requires_grad and torch.is_grad_enabled():
+        loss_a = _OwnLoss.apply(a, loss_a, grad_a, reduce)
+    if b.requires_grad and torch.is_grad_enabled():
+        loss_b = _OwnLoss.apply(b, loss_b, grad_b, reduce)
+    return loss_a, loss_b, grad_a, grad_b
+
+
 def register_codistill_triton(op) -> None:
     """Autograd of the Triton co-distillation op (its fake kernel comes from triton_op / register_fake)."""
-    _register_autograd(op, _codistill_backward, _codistill_setup_context)
+    _register_autograd(op, _codistill_backward, _codistill_setup_context, split=_codistill_split)
 
 
 # --- MI-alpha: fastdistill::mi_alpha -> (estimate, stats [8, N]); backward recomputes score tiles from stats. ---
@@ -279,7 +311,8 @@ if extension.available():
     torch.library.register_fake("fastdistill::kd_loss")(_kd_loss_fake)
     _register_autograd("fastdistill::kd_loss", _kd_loss_backward, _kd_loss_setup_context)
     torch.library.register_fake("fastdistill::codistill_loss")(codistill_fake)
-    _register_autograd("fastdistill::codistill_loss", _codistill_backward, _codistill_setup_context)
+    _register_autograd("fastdistill::codistill_loss", _codistill_backward, _codistill_setup_context,
+                       split=_codistill_split)
     torch.library.register_fake("fastdistill::mi_alpha")(mi_alpha_fake)
     torch.library.register_fake("fastdistill::mi_alpha_backward")(mi_alpha_backward_fake)
     _mi_backward = _mi_alpha_autograd(lambda *a: torch.ops.fastdistill.mi_alpha_backward(*a))
