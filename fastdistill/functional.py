@@ -208,6 +208,40 @@ def _check_values(name: str, x: Tensor, what: str, bad: Tensor) -> None:
         raise ValueError(f"{name} must be {what}")
 
 
+def check_codistill_weights(weight_ab, weight_ba, hard_weight) -> tuple[float, float, tuple[float, float] | None]:
+    """(weight_ab, weight_ba, (hard_a, hard_b)) of :func:`codistill_loss`, checked (>= 0, finite); the pair None
+    for ``hard_weight=None`` (its default depends on the labels). Errors name the argument."""
+    w_ab = check_real("weight_ab", weight_ab, low=0.0, high=math.inf, low_open=False, high_open=True)
+    w_ba = check_real("weight_ba", weight_ba, low=0.0, high=math.inf, low_open=False, high_open=True)
+    if hard_weight is None:
+        return w_ab, w_ba, None
+    if isinstance(hard_weight, tuple | list):
+        if len(hard_weight) != 2:
+            raise ValueError(f"hard_weight must be a float or a pair (hard_a, hard_b), got {hard_weight!r}")
+        hard = tuple(check_real(f"hard_weight[{k}]", w, low=0.0, high=math.inf, low_open=False, high_open=True)
+                     for k, w in enumerate(hard_weight))  # fmt: skip
+        return w_ab, w_ba, hard
+    h = check_real("hard_weight", hard_weight, low=0.0, high=math.inf, low_open=False, high_open=True)
+    return w_ab, w_ba, (h, h)
+
+
+def check_teacher_weights(teacher_weights) -> None:
+    """What :func:`normalise_teacher_weights` can tell before the call's K and shapes: numbers finite and >= 0,
+    not all 0; a tensor of floating point (its values are checked on first use); else a TypeError."""
+    if teacher_weights is None or isinstance(teacher_weights, Tensor):
+        if isinstance(teacher_weights, Tensor) and not teacher_weights.is_floating_point():
+            raise TypeError(f"teacher_weights must be a floating-point tensor, got {teacher_weights.dtype}")
+        return
+    if not (isinstance(teacher_weights, Sequence) and not isinstance(teacher_weights, str) and all(
+            isinstance(w, numbers.Real) and not isinstance(w, bool) for w in teacher_weights)):  # fmt: skip
+        raise TypeError("teacher_weights must be None, a Tensor [K] or [K, *], or a sequence of K numbers")
+    values = [float(w) for w in teacher_weights]
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ValueError(f"teacher_weights must be {_WEIGHTS_RANGE}")
+    if values and not max(values) > 0:
+        raise ValueError(f"teacher_weights must be {_WEIGHTS_SUM}")
+
+
 _WEIGHTS_RANGE = "finite and >= 0"
 _WEIGHTS_SUM = "positive in every row (they are normalised to sum 1)"
 
@@ -220,21 +254,12 @@ def normalise_teacher_weights(
         return None
     on_host = not isinstance(teacher_weights, Tensor)
     if on_host:
-        if isinstance(teacher_weights, Sequence) and all(
-            isinstance(w, numbers.Real) and not isinstance(w, bool) for w in teacher_weights
-        ):
-            values = [float(w) for w in teacher_weights]
-            # checked here, on the host, and copied without a sync (torch.tensor(values, device=cuda) synchronises
-            # the stream on every call): no data-dependent device check below
-            if not all(math.isfinite(v) and v >= 0 for v in values):
-                raise ValueError(f"teacher_weights must be {_WEIGHTS_RANGE}")
-            if values and not max(values) > 0:
-                raise ValueError(f"teacher_weights must be {_WEIGHTS_SUM}")
-            teacher_weights = torch.tensor(values, dtype=torch.float64)
-            if device.type != "cpu":
-                teacher_weights = teacher_weights.to(device, non_blocking=True)
-        else:
-            raise TypeError("teacher_weights must be None, a Tensor [K] or [K, *], or a sequence of K numbers")
+        # checked here, on the host, and copied without a sync (torch.tensor(values, device=cuda) synchronises the
+        # stream on every call): no data-dependent device check below
+        check_teacher_weights(teacher_weights)
+        teacher_weights = torch.tensor([float(w) for w in teacher_weights], dtype=torch.float64)
+        if device.type != "cpu":
+            teacher_weights = teacher_weights.to(device, non_blocking=True)
     w = teacher_weights
     if not w.is_floating_point():
         raise TypeError(f"teacher_weights must be a floating-point tensor, got {w.dtype}")
@@ -566,18 +591,9 @@ def codistill_loss(
         reduction=reduction, backend=backend, ignore_index=ignore_index,
         scale_by_temperature_sq=scale_by_temperature_sq,
     )  # fmt: skip
-    w_ab = check_real("weight_ab", weight_ab, low=0.0, high=math.inf, low_open=False, high_open=True)
-    w_ba = check_real("weight_ba", weight_ba, low=0.0, high=math.inf, low_open=False, high_open=True)
-    if hard_weight is None:
+    w_ab, w_ba, hard = check_codistill_weights(weight_ab, weight_ba, hard_weight)
+    if hard is None:
         hard = (1.0, 1.0) if labels is not None else (0.0, 0.0)
-    elif isinstance(hard_weight, tuple | list):
-        if len(hard_weight) != 2:
-            raise ValueError(f"hard_weight must be a float or a pair (hard_a, hard_b), got {hard_weight!r}")
-        hard = tuple(check_real(f"hard_weight[{k}]", w, low=0.0, high=math.inf, low_open=False, high_open=True)
-                     for k, w in enumerate(hard_weight))  # fmt: skip
-    else:
-        h = check_real("hard_weight", hard_weight, low=0.0, high=math.inf, low_open=False, high_open=True)
-        hard = (h, h)
     if labels is None and max(hard) > 0:
         raise ValueError("hard_weight > 0 needs labels (each model's cross-entropy term); pass labels or 0")
     _check_logits("logits_a", logits_a)
@@ -628,12 +644,14 @@ def ensemble_soft_targets(
         shape = teacher_logits.shape[1:]
     elif isinstance(teacher_logits, Sequence) and teacher_logits and isinstance(teacher_logits[0], Tensor):
         shape = teacher_logits[0].shape
+    elif isinstance(teacher_logits, Sequence) and not isinstance(teacher_logits, str) and not teacher_logits:
+        raise ValueError("teacher_logits is empty: ensemble_soft_targets needs K >= 1 teachers")
     else:
         raise TypeError("teacher_logits must be a stacked Tensor [K, *, V] or a non-empty sequence of K Tensors "
                         "[*, V]")  # fmt: skip
     teachers = split_teachers(teacher_logits, shape)
     for k, t in enumerate(teachers):
-        _check_device(f"teacher_logits[{k}]", t, teachers[0].device)
+        _check_device(f"teacher_logits[{k}]", t, teachers[0].device, ref="teacher_logits[0]")
     lead, v = shape[:-1], shape[-1]
     n = math.prod(lead)
     acc = reference.compute_dtype(*teachers)
@@ -700,7 +718,9 @@ def mi_alpha(
             f"student_feats (project both to one width with the critic: see fastdistill.MIAlphaLoss)"
         )
     n, d = student_feats.shape
-    if n < 2:
+    if _is_compiling():  # n may be data-dependent under torch.compile (rows a mask picks): asserted, not branched on
+        torch._check(n >= 2, lambda: "mi_alpha needs N >= 2 rows (one positive and at least one negative pair)")
+    elif n < 2:
         raise ValueError(f"mi_alpha needs N >= 2 rows (one positive and at least one negative pair), got N = {n}")
     if d < 1:
         raise ValueError("student_feats has D = 0 features; the critic needs D >= 1")

@@ -43,6 +43,7 @@ class KDLoss(nn.Module):
             ce_weight=ce_weight, reduction=reduction, backend=backend, ignore_index=ignore_index,
             scale_by_temperature_sq=scale_by_temperature_sq,
         )  # fmt: skip
+        functional.check_teacher_weights(teacher_weights)
         self.divergence = divergence
         self.temperature = temperature
         self.scale_by_temperature_sq = scale_by_temperature_sq
@@ -138,6 +139,7 @@ class CodistillLoss(nn.Module):
             ce_weight=0.0, reduction=reduction, backend=backend, ignore_index=ignore_index,
             scale_by_temperature_sq=scale_by_temperature_sq,
         )  # fmt: skip
+        functional.check_codistill_weights(weight_ab, weight_ba, hard_weight)
         self.temperature = temperature
         self.weight_ab = weight_ab
         self.weight_ba = weight_ba
@@ -243,8 +245,10 @@ class MIAlphaLoss(nn.Module):
             nn.init.zeros_(self.baseline[2].weight)
             nn.init.constant_(self.baseline[2].bias, 1.0)
 
-    def pool(self, hidden: Tensor, attention_mask: Tensor | None, name: str, width: int) -> Tensor:
-        """[N, D] rows from [N, D] (as is) or [B, L, D] hidden states per ``self.pooling``; D must be ``width``."""
+    def pool(self, hidden: Tensor, attention_mask: Tensor | None, name: str, width: int,
+             rows: Tensor | None = None) -> Tensor:  # fmt: skip
+        """[N, D] rows from [N, D] (as is) or [B, L, D] hidden states per ``self.pooling``; D must be ``width``.
+        ``rows``: for pooling "none" with a mask, the kept positions (flat indices into B * L) when given."""
         if not isinstance(hidden, Tensor):
             raise TypeError(f"{name} must be a Tensor [N, D] or [B, L, D], got {type(hidden).__name__}")
         if hidden.dim() in (2, 3) and hidden.shape[-1] != width:
@@ -268,12 +272,19 @@ class MIAlphaLoss(nn.Module):
             return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
         if attention_mask is None:
             return hidden.reshape(-1, hidden.shape[-1])
+        if rows is not None:
+            return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
         return hidden[attention_mask.bool()]
 
     def estimate(self, student_hidden: Tensor, teacher_hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """The MI-alpha estimate in nats (0-dim float32) for a batch; see the class docstring for shapes."""
-        xs = self.pool(student_hidden, attention_mask, "student_hidden", self.student_dim)
-        ys = self.pool(teacher_hidden, attention_mask, "teacher_hidden", self.teacher_dim)
+        rows = None
+        if self.pooling == "none" and attention_mask is not None and student_hidden.dim() == 3:
+            # one index set for both sides: one row count, also to torch.compile (two masks would give two sizes
+            # it cannot tell are equal, and the check below would break a fullgraph compile)
+            rows = attention_mask.reshape(-1).nonzero().squeeze(1)
+        xs = self.pool(student_hidden, attention_mask, "student_hidden", self.student_dim, rows)
+        ys = self.pool(teacher_hidden, attention_mask, "teacher_hidden", self.teacher_dim, rows)
         if xs.shape[0] != ys.shape[0]:
             raise ValueError(f"student_hidden gives {xs.shape[0]} rows but teacher_hidden gives {ys.shape[0]}; "
                              "row i of both must be the same example")  # fmt: skip

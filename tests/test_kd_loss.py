@@ -128,6 +128,26 @@ def test_teacher_weights_as_numbers_are_checked_on_the_host(monkeypatch):
             fastdistill.kd_loss(student, teachers, teacher_weights=bad)
 
 
+def test_constructors_check_what_they_can_and_ensemble_errors_name_their_arguments():
+    """KDLoss / CodistillLoss check their weights at construction (SPEC: hyper-parameters checked on construction),
+    not at the first forward; ensemble_soft_targets names its own arguments."""
+    for kw, err, said in ((dict(teacher_weights=[1.0, -1.0]), ValueError, "finite and >= 0"),
+                          (dict(teacher_weights=[0.0, 0.0]), ValueError, "positive in every row"),
+                          (dict(teacher_weights="uniform"), TypeError, "sequence of K numbers"),
+                          (dict(teacher_weights=torch.tensor([1, 2])), TypeError, "floating-point")):  # fmt: skip
+        with pytest.raises(err, match=said):
+            fastdistill.KDLoss(**kw)
+    for kw, err, said in ((dict(weight_ab=-1.0), ValueError, "weight_ab must be finite"),
+                          (dict(weight_ba="x"), TypeError, "weight_ba must be a real number"),
+                          (dict(hard_weight=(1.0, 2.0, 3.0)), ValueError, "a float or a pair")):  # fmt: skip
+        with pytest.raises(err, match=said):
+            fastdistill.CodistillLoss(**kw)
+    with pytest.raises(ValueError, match="teacher_logits is empty"):
+        fastdistill.ensemble_soft_targets([])
+    with pytest.raises(ValueError, match=r"teacher_logits\[1\] is on meta but teacher_logits\[0\] is on cpu"):
+        fastdistill.ensemble_soft_targets([torch.randn(2, 5), torch.randn(2, 5, device="meta")])
+
+
 def test_kdloss_weights_tensor_moves_with_the_module():
     """KDLoss(teacher_weights=tensor) keeps the tensor as a non-persistent buffer: loss_fn.to(device) (as
     DistillationLoop does) moves it with the module, and checkpoints of a model holding the loss do not change."""

@@ -489,3 +489,21 @@ def test_mialphaloss_checks_temperature_at_construction(temperature):
     """MIAlphaLoss takes mi_alpha's temperature range, checked when the module is built (not at the first call)."""
     with pytest.raises(ValueError, match=r"temperature must be finite and in \[1e-19, 1e\+19\]"):
         fastdistill.MIAlphaLoss(6, 10, proj_dim=8, temperature=temperature)
+
+
+def test_mi_alpha_loss_of_masked_tokens_compiles_fullgraph():
+    """pooling="none" with an attention mask: one index set picks both sides' rows, so torch.compile(fullgraph=True)
+    sees one data-dependent row count (two masks gave two it could not tell apart), and N >= 2 is asserted, not
+    branched on; the compiled loss and gradients are eager's."""
+    torch.manual_seed(0)
+    loss_fn = fastdistill.MIAlphaLoss(5, 3, proj_dim=4, pooling="none", baseline="constant")
+    hs, ht = torch.randn(3, 4, 5), torch.randn(3, 4, 3)
+    mask = torch.ones(3, 4, dtype=torch.long)
+    mask[0, 2:] = 0
+    torch._dynamo.reset()
+    a, b = hs.clone().requires_grad_(), hs.clone().requires_grad_()
+    got = torch.compile(lambda x: loss_fn(x, ht, mask), fullgraph=True, backend="aot_eager")(a)
+    want = loss_fn(b, ht, mask)
+    (got + want).backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(a.grad, b.grad)
