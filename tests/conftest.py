@@ -96,3 +96,39 @@ def every_option_case(divergence: str, ensemble: str, reduction: str):
               ce_weight=0.2, teacher_weights=torch.rand(3, 3, 7) + 0.1, sample_weight=torch.rand(3, 7))  # fmt: skip
     go = torch.rand(3, 7) + 0.5 if reduction == "none" else torch.tensor(0.7)
     return student, teachers, kw, go
+
+
+# --- a stand-in for peft (not a test dependency): test_hf_trainer.py and test_fused_linear.py ---
+
+
+class LoraModelLike(torch.nn.Module):
+    """peft's LoraModel, as far as the trainer sees it: ``.model`` is the Hugging Face model, forward passes on."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+class PeftLike(torch.nn.Module):
+    """A stand-in for a peft PeftModel (peft is not a test dependency): ``base_model`` is the LoraModel-like wrapper
+    of the whole causal LM, ``get_base_model()`` the causal LM, ``forward(**kwargs)`` names no ``logits_to_keep`` or
+    ``use_cache`` and passes them on, and other attributes are looked up inside (peft's ``__getattr__``)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.base_model = LoraModelLike(model)
+
+    def get_base_model(self):
+        return self.base_model.model
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model.model, name)

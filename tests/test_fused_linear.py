@@ -4,7 +4,7 @@ accumulation, teachers as logits or as hidden states with their own head."""
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, DIVERGENCES
+from conftest import CPU_BACKENDS, DIVERGENCES, PeftLike
 
 import fastdistill
 from fastdistill import TeacherHead, fused_linear_kd_loss
@@ -586,25 +586,6 @@ def test_check_fusable_and_hidden_and_head_look_inside_a_peft_wrapper():
     Hugging Face model (get_base_model(): its forward's signature, its decoder, its head), the wrapper is called."""
     transformers = pytest.importorskip("transformers")
     from fastdistill.fused_linear import check_fusable, check_head_output, hidden_and_head
-
-    class LoraModelLike(torch.nn.Module):  # peft's LoraModel: .model is the causal LM
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, *args, **kwargs):
-            return self.model(*args, **kwargs)
-
-    class PeftLike(torch.nn.Module):  # peft's PeftModel, without peft
-        def __init__(self, model):
-            super().__init__()
-            self.base_model = LoraModelLike(model)
-
-        def get_base_model(self):
-            return self.base_model.model
-
-        def forward(self, input_ids=None, attention_mask=None, **kwargs):
-            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import PeftLike
 
 import fastdistill
 
@@ -464,39 +465,6 @@ def test_teacher_heads_reach_the_students_device_once_and_offloaded_heads_are_na
     assert same.weight is w and same.hidden is h
     with pytest.raises(ValueError, match=r"teachers\[1\]'s output head is offloaded"):
         _on_device(TeacherHead(h, w.to("meta"), None), torch.device("cpu"), cache, "teachers[1]")
-
-
-class _LoraModelLike(torch.nn.Module):
-    """peft's LoraModel, as far as the trainer sees it: ``.model`` is the Hugging Face model, forward passes on."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-
-class PeftLike(torch.nn.Module):
-    """A stand-in for a peft PeftModel (peft is not a test dependency): ``base_model`` is the LoraModel-like wrapper
-    of the whole causal LM, ``get_base_model()`` the causal LM, ``forward(**kwargs)`` names no ``logits_to_keep`` or
-    ``use_cache`` and passes them on, and other attributes are looked up inside (peft's ``__getattr__``)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.base_model = _LoraModelLike(model)
-
-    def get_base_model(self):
-        return self.base_model.model
-
-    def forward(self, input_ids=None, attention_mask=None, **kwargs):
-        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.base_model.model, name)
 
 
 def test_fused_linear_with_peft_wrapped_student_and_teacher(tmp_path):
