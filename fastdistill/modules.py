@@ -248,7 +248,8 @@ class MIAlphaLoss(nn.Module):
     def pool(self, hidden: Tensor, attention_mask: Tensor | None, name: str, width: int,
              rows: Tensor | None = None) -> Tensor:  # fmt: skip
         """[N, D] rows from [N, D] (as is) or [B, L, D] hidden states per ``self.pooling``; D must be ``width``.
-        ``rows``: for pooling "none" with a mask, the kept positions (flat indices into B * L) when given."""
+        ``rows``: for pooling "none" with a mask, the kept positions (flat indices into B * L; default: the mask's
+        nonzero ones), so that two calls can share one index set."""
         if not isinstance(hidden, Tensor):
             raise TypeError(f"{name} must be a Tensor [N, D] or [B, L, D], got {type(hidden).__name__}")
         if hidden.dim() in (2, 3) and hidden.shape[-1] != width:
@@ -272,9 +273,9 @@ class MIAlphaLoss(nn.Module):
             return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
         if attention_mask is None:
             return hidden.reshape(-1, hidden.shape[-1])
-        if rows is not None:
-            return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
-        return hidden[attention_mask.bool()]
+        if rows is None:
+            rows = attention_mask.reshape(-1).nonzero().squeeze(1)
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
 
     def estimate(self, student_hidden: Tensor, teacher_hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """The MI-alpha estimate in nats (0-dim float32) for a batch; see the class docstring for shapes."""

@@ -112,15 +112,17 @@ class TeacherLogitCache:
         if self.kind != "topk":
             raise ValueError("topk() needs a top-k cache; this one stores full logits")
         idx = self._rows(index)
-        # checked on the host, per batch (k / V of the logits' bytes): a stored index outside [0, V) would be a raw
-        # scatter error, on CUDA a device-side assert that ends the process
-        ind = self.indices[idx]
-        if ind.numel() and (int(ind.min()) < 0 or int(ind.max()) >= self.vocab_size):
-            raise ValueError(f"teacher cache {self.path} is damaged: rows {idx.tolist()[:8]} hold vocabulary indices "
-                             f"outside [0, {self.vocab_size})")  # fmt: skip
+
+        def in_range(ind: Tensor) -> None:
+            # on the host, per batch, before the copy: a stored index outside [0, V) would be a raw scatter error, on
+            # CUDA a device-side assert that ends the process
+            if ind.numel() and (int(ind.min()) < 0 or int(ind.max()) >= self.vocab_size):
+                raise ValueError(f"teacher cache {self.path} is damaged: rows {idx.tolist()[:8]} hold vocabulary "
+                                 f"indices outside [0, {self.vocab_size})")  # fmt: skip
+
         return (
             _gather(self.values, idx, device).transpose(0, 1).contiguous(),
-            _gather(self.indices, idx, device).transpose(0, 1).to(torch.long).contiguous(),
+            _gather(self.indices, idx, device, in_range).transpose(0, 1).to(torch.long).contiguous(),
             _gather(self.tail_mass, idx, device).transpose(0, 1).to(torch.float32).contiguous(),
         )
 
@@ -136,17 +138,22 @@ class TeacherLogitCache:
         return topk_to_logits(values, indices, tail, self.vocab_size).to(dtype or values.dtype)
 
 
-def _gather(t: Tensor, idx: Tensor, device: torch.device | str | None) -> Tensor:
-    """Rows ``idx`` of the mapped tensor ``t``, on ``device``. For a GPU they are gathered into page-locked memory
-    (torch's caching host allocator) and copied without blocking the host: from pageable memory the copy of a batch
-    of teacher logits (hundreds of MB for an LLM) would be staged by the driver, synchronously, after the gather's
-    own copy. The host memory is reused only once the copy is done (the allocator records the copy's stream)."""
+def _gather(t: Tensor, idx: Tensor, device: torch.device | str | None,
+            check: Callable[[Tensor], None] | None = None) -> Tensor:  # fmt: skip
+    """Rows ``idx`` of the mapped tensor ``t``, on ``device`` (``check``: called on the host rows before the copy).
+    For a GPU they are gathered into page-locked memory (torch's caching host allocator) and copied without
+    blocking the host: from pageable memory the copy of a batch of teacher logits (hundreds of MB for an LLM) would
+    be staged by the driver, synchronously, after the gather's own copy. The host memory is reused only once the
+    copy is done (the allocator records the copy's stream)."""
     device = torch.device(device) if device is not None else t.device
     if device.type != "cuda" or idx.dim() != 1:
-        return t[idx].to(device)
-    rows = torch.empty((idx.numel(), *t.shape[1:]), dtype=t.dtype, pin_memory=True)
-    torch.index_select(t, 0, idx, out=rows)
-    return rows.to(device, non_blocking=True)
+        rows = t[idx]
+    else:
+        rows = torch.empty((idx.numel(), *t.shape[1:]), dtype=t.dtype, pin_memory=True)
+        torch.index_select(t, 0, idx, out=rows)
+    if check is not None:
+        check(rows)
+    return rows.to(device, non_blocking=device.type == "cuda")
 
 
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:
