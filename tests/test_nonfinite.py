@@ -113,6 +113,40 @@ def test_codistill_poisoned_row(backend, side, value):
     assert torch.isfinite(ga[ok]).all() and torch.isfinite(gb[ok]).all()
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.parametrize("case", ["pure-ce-at-t2", "row-wider-than-a-cpu-chunk", "codistill-kl"])
+def test_poison_reaches_the_whole_row_on_every_path(backend, value, case):
+    """Paths the matrices above miss: pure cross-entropy at T != 1 (its own normaliser), a row of two CPU chunks
+    (1024 columns each) poisoned in the first, and co-distillation's closed-form KL gradient. The float CPU exp
+    clamps its argument, which turned exp(NaN) finite: these rows came back with an inf loss or finite gradients."""
+    g = torch.Generator().manual_seed(0)
+    vocab = 1100 if case == "row-wider-than-a-cpu-chunk" else 19
+    a, b = torch.randn(3, vocab, generator=g), torch.randn(3, vocab, generator=g)
+    a[1, 3] = value
+    a.requires_grad_()
+    b.requires_grad_()
+    labels = torch.tensor([0, 5, 7])
+    if case == "codistill-kl":
+        la, lb = fastdistill.codistill_loss(a, b, labels, hard_weight=0.5, divergence="kl", reduction="none",
+                                            backend=backend)  # fmt: skip
+        losses = [la, lb]
+    else:
+        ce = 1.0 if case == "pure-ce-at-t2" else 0.0
+        losses = [fastdistill.kd_loss(a, [b], labels, ce_weight=ce, temperature=2.0, reduction="none",
+                                      backend=backend)]  # fmt: skip
+    grads = torch.autograd.grad(sum(loss.sum() for loss in losses), [a, b], allow_unused=True)
+    for loss in losses:
+        assert torch.isnan(loss[1]), f"{case}: the poisoned row's loss is {loss[1].item()}"
+        assert torch.isfinite(loss[[0, 2]]).all()
+    for name, grad in zip("ab", grads):
+        if grad is None or (case == "pure-ce-at-t2" and name == "b"):
+            continue
+        finite = int(torch.isfinite(grad[1]).sum())
+        assert torch.isnan(grad[1]).all(), f"{case}: {name}'s gradient row has {finite} finite entries"
+        assert torch.isfinite(grad[[0, 2]]).all()
+
+
 def test_reference_loss_mean_reverse_kl_with_a_dropped_teacher_has_a_finite_gradient():
     """0 * inf in backward: a teacher of weight 0 under reverse KL used to make the reference's gradient NaN."""
     s, ts = make_inputs((4,), 11, 2, dtype=torch.float64)

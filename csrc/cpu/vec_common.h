@@ -21,7 +21,9 @@ namespace cpu {
 template <typename A>
 at::vec::Vectorized<A> vexp(at::vec::Vectorized<A> x) {
   // float: ATen's polynomial exp (<= 20 ulp, what its softmax uses), about twice Sleef's throughput; float64: exact.
-  if constexpr (std::is_same_v<A, float>) return x.exp_u20();
+  // exp_u20 clamps its argument with min/max, which turn a NaN into a finite bound (exp(NaN) ~ 1e38): the NaN is
+  // put back, so a NaN or +inf logit (inf - inf) poisons its row's normaliser and softmax as the contract says.
+  if constexpr (std::is_same_v<A, float>) return at::vec::Vectorized<A>::blendv(x.exp_u20(), x, x.isnan());
   else return x.exp();
 }
 
