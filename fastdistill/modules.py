@@ -59,6 +59,16 @@ class KDLoss(nn.Module):
         self.reduction = reduction
         self.backend = backend
 
+    def _apply(self, fn, recurse=True):
+        # loss_fn.half() / .to(torch.bfloat16) (or a parent module's) moves the weights but keeps their dtype:
+        # weights rounded to 8 bits would skew the ensemble, and the kernels accumulate in float32 anyway
+        weights = self._buffers.get("teacher_weights")
+        out = super()._apply(fn, recurse)
+        moved = self._buffers.get("teacher_weights")
+        if weights is not None and moved is not None and moved.dtype != weights.dtype:
+            self._buffers["teacher_weights"] = weights.to(moved.device)
+        return out
+
     def forward(
         self,
         student_logits: Tensor,

@@ -159,6 +159,11 @@ def test_kdloss_weights_tensor_moves_with_the_module():
     student, teachers = make_inputs((3, 4), 17, 2)
     moved = fastdistill.KDLoss(teacher_weights=w).to("cpu")
     torch.testing.assert_close(moved(student, teachers), fastdistill.kd_loss(student, teachers, teacher_weights=w))
+    # .half() / .to(bfloat16) on the loss (or a module holding it) keeps the weights' dtype: 1/3 in bfloat16 is 0.334
+    w = torch.tensor([1 / 3, 2 / 3], dtype=torch.float64)
+    for cast in (lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: torch.nn.Sequential(m).bfloat16()[0]):
+        kept = cast(fastdistill.KDLoss(teacher_weights=w)).teacher_weights
+        assert kept.dtype == torch.float64 and torch.equal(kept, w)
 
 
 def test_a_weights_tensor_is_checked_once_until_it_changes(monkeypatch):
