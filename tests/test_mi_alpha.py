@@ -4,6 +4,7 @@ properties, registration (opcheck, compile, gradcheck), errors, and that the fus
 The Triton kernels have their own file (tests/test_mi_triton.py: interpreter shapes are kept small there); the
 numerically hard cases here run on them too."""
 
+import functools
 import inspect
 import math
 import os
@@ -323,6 +324,20 @@ def test_module_compiles():
     expected = mi(hs, ht, mask)
     got = torch.compile(mi, fullgraph=True, backend="aot_eager")(hs, ht, mask)
     assert_close(got, expected, torch.float32, "loss", "compiled module")
+
+
+def test_reference_estimator_compiles_to_one_graph():
+    """The benchmarks' eager and compile baselines are the reference estimator: one graph under torch.compile, no
+    data-dependent shape (a boolean index was a nonzero: three graphs, and a host sync per step on a GPU)."""
+    torch._dynamo.reset()
+    u, v, a = (x.requires_grad_() for x in make_feats(12, 4, torch.float32))  # as benchmarked: fwd + bwd
+    f = functools.partial(reference.mi_alpha, alpha=0.01, critic="dot", temperature=1.0)
+    explained = torch._dynamo.explain(f)(u, v, log_baseline=a)
+    assert explained.graph_count == 1, [str(b.reason)[:200] for b in explained.break_reasons]
+    torch._dynamo.reset()
+    expected = f(u, v, log_baseline=a)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(u, v, log_baseline=a)
+    assert_close(got, expected, torch.float32, "loss", "compiled reference estimate")
 
 
 # --------------------------------------------------------------------------------------------------------------------

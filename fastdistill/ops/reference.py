@@ -275,7 +275,10 @@ def mi_alpha(
     loo = torch.where(~off, loo_diag[:, None], torch.where(direct, loo_star[:, None], loo)) - math.log(n - 1)
     # Interpolated baseline B_ij = log(alpha exp(L_ij) + (1 - alpha) exp(a_i)).
     b = _log_mix(loo, a[:, None].expand(n, n), alpha)
-    joint = (s.diagonal()[:, None] - b)[off].mean()
+    # Means over the N(N-1) off-diagonal cells as masked sums: a boolean index would be a data-dependent shape
+    # (aten.nonzero: a host sync on a GPU, a graph break under torch.compile, which benchmarks this code).
+    pairs = n * (n - 1)
+    joint = torch.where(off, s.diagonal()[:, None] - b, 0.0).sum() / pairs
     # (the diagonal is masked before exp: exp(S_ii - B_ii) may overflow, and inf * 0 would be a nan gradient)
-    marginal = torch.exp((s - b.diagonal()[:, None]).masked_fill(~off, -math.inf))[off].mean()
+    marginal = torch.exp((s - b.diagonal()[:, None]).masked_fill(~off, -math.inf)).sum() / pairs
     return 1.0 + joint - marginal
