@@ -30,7 +30,10 @@ def single_thread():
 
 def paired_ci(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> tuple[float, float, float] | None:
     """Mean of the per-seed differences a - b and its two-sided ``level`` confidence interval (t distribution; a
-    level other than 0.95, e.g. a Bonferroni-corrected one, needs scipy); None for 1 seed."""
+    level other than 0.95, e.g. a Bonferroni-corrected one, needs scipy); None for 1 seed. ``a`` and ``b`` hold one
+    value per seed, in the same seed order: lists of different lengths are a ValueError (not silently cut)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_ci pairs seed by seed: a has {len(a)} values and b has {len(b)}")
     d = [x - y for x, y in zip(a, b)]
     if len(d) < 2:
         return None
@@ -62,8 +65,8 @@ def _single_threaded(fn: Callable[[int], R], seed: int) -> R:
 
 
 def map_seeds(fn: Callable[[int], R], seeds: Sequence[int], jobs: int = 1) -> list[R]:
-    """``[fn(seed) for seed in seeds]``: here, one after another, or with ``jobs`` > 1 in that many spawned processes,
-    each on one torch thread (the same numbers, less wall time). ``fn`` must pickle: a module-level function, or a
+    """``[fn(seed) for seed in seeds]`` on one torch thread: here, one after another, or with ``jobs`` > 1 in that many
+    spawned processes (the same numbers, less wall time). ``fn`` must pickle: a module-level function, or a
     ``functools.partial`` of one. Work is handed out one item at a time, in order, to whichever process is free (put
     the longest items first), so unequal items balance."""
     if jobs > 1 and len(seeds) > 1:
@@ -71,4 +74,4 @@ def map_seeds(fn: Callable[[int], R], seeds: Sequence[int], jobs: int = 1) -> li
 
         with mp.get_context("spawn").Pool(min(jobs, len(seeds))) as pool:
             return pool.map(functools.partial(_single_threaded, fn), seeds, chunksize=1)
-    return [fn(seed) for seed in seeds]
+    return [_single_threaded(fn, seed) for seed in seeds]  # as in the processes: a thread count changes the bits

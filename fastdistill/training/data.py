@@ -90,6 +90,8 @@ def to_device(x: Any, device: torch.device) -> Any:
         return x.to(device, non_blocking=True)
     if isinstance(x, Mapping):
         return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a NamedTuple (default_collate keeps them) takes fields
+        return type(x)(*(to_device(v, device) for v in x))
     if isinstance(x, (list, tuple)):
         return type(x)(to_device(v, device) for v in x)
     return x
@@ -206,8 +208,10 @@ class ArrayDataset(Dataset):
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of ``epoch``'s data order (< 2**64 for the seeds a config accepts, see ``config.SEED_MAX``)."""
-    return int(seed) * 1_000_003 + int(epoch)
+    """The seed of ``epoch``'s data order, in [0, 2**64) as ``torch.Generator.manual_seed`` takes it: ``seed *
+    1_000_003 + epoch`` (below 2**64 for the seeds a config accepts, see ``config.SEED_MAX``), modulo 2**64, which
+    is how a generator reads a negative seed already; a larger seed of the loop's wraps instead of failing."""
+    return (int(seed) * 1_000_003 + int(epoch)) % 2**64
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool) -> Tensor:
@@ -225,6 +229,9 @@ def batch_iterable(data: Any) -> Iterable | None:
     DataLoader yields items, not batches, and anything else is not data: both a :class:`TypeError`."""
     if isinstance(data, DataLoader):
         return data
+    if isinstance(data, Mapping):  # len and [key]: not items 0..N-1 (a KeyError(0) at the first batch)
+        raise TypeError(f"a {type(data).__name__} of tensors is one batch, not a dataset: give "
+                        f"ArrayDataset(**batch): items {{name: tensor[i]}}, batched by the loop")  # fmt: skip
     if isinstance(data, IterableDataset):
         raise TypeError(f"{type(data).__name__} is an IterableDataset: it yields items, not batches; wrap it in a "
                         "torch.utils.data.DataLoader(dataset, batch_size=...)")  # fmt: skip
@@ -240,8 +247,9 @@ def epoch_batches(batches: Iterable, seed: int, epoch: int, skip: int = 0) -> It
     """The batches of ``batches`` (a DataLoader or another iterable of batches) in ``epoch``, after the first
     ``skip`` (those a resumed run has trained on already).
 
-    ``set_epoch(epoch)`` is called first on the iterable, its ``sampler``, ``batch_sampler`` and ``dataset`` where
-    they have one (the convention of ``DistributedSampler`` and of streaming datasets). The iterator is started and
+    ``set_epoch(epoch)`` is called first on the iterable, its ``sampler``, ``batch_sampler`` (and the sampler that
+    one wraps, e.g. a ``BatchSampler(DistributedSampler(...))``) and ``dataset`` where they have one (the convention
+    of ``DistributedSampler`` and of streaming datasets). The iterator is started and
     batch 0 is drawn with torch's CPU RNG seeded from (seed, epoch) and restored after: a ``DataLoader(shuffle=True)``
     draws its order (and its workers' seeds) there, so an epoch's order is a function of (seed, epoch) and a resumed
     run draws it again. Batches 1, 2, ... are drawn with the training RNG, so what a dataset draws from torch's RNG
@@ -249,7 +257,8 @@ def epoch_batches(batches: Iterable, seed: int, epoch: int, skip: int = 0) -> It
     resumed run draws the ``skip`` batches it trained on (batch 0 included) in the seeded RNG, as the run that never
     stopped drew batch 0, and batch ``skip`` onwards with the training RNG the checkpoint restored, as that run did.
     """
-    parts = (batches, *(getattr(batches, a, None) for a in ("sampler", "batch_sampler", "dataset")))
+    parts = (batches, *(getattr(batches, a, None) for a in ("sampler", "batch_sampler", "dataset")),
+             getattr(getattr(batches, "batch_sampler", None), "sampler", None))  # fmt: skip
     for part in {id(p): p for p in parts if hasattr(p, "set_epoch")}.values():
         part.set_epoch(epoch)
     with torch.random.fork_rng(devices=[]):

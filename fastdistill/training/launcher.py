@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,19 +65,84 @@ def _model(make: Callable[[], Any], cfg: ModelConfig, name: str) -> torch.nn.Mod
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Check ``cfg`` (:func:`~fastdistill.training.config.check_run`), build its data, models and
     :class:`~fastdistill.training.DistillationLoop` and train; returns
-    :meth:`~fastdistill.training.DistillationLoop.fit`'s summary. Under torchrun, initialises the process group (and
-    destroys it after, when it started it)."""
+    :meth:`~fastdistill.training.DistillationLoop.fit`'s summary. Under torchrun (``WORLD_SIZE`` > 1), checks its
+    environment (a ConfigError naming a missing or bad variable), makes ``cuda:LOCAL_RANK`` (or ``train.device``'s
+    index) this process's current GPU, and initialises the process group with the backend of ``train.device``
+    (``nccl`` on CUDA, ``gloo`` on the CPU); it destroys the group after, when it started it."""
     import torch.distributed as dist
 
     from .loop import init_distributed
 
     started_here = not (dist.is_available() and dist.is_initialized())
     try:
-        init_distributed()
+        if started_here and _torchrun_world() > 1:
+            # this process's device first: NCCL and every "cuda" tensor use the current device (else cuda:0 on
+            # every rank), and the backend must fit the device (NCCL cannot reduce the CPU tensors of a cpu run)
+            device = _process_device(cfg.train.device)
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            as_config_error("torchrun environment", init_distributed, "nccl" if device.type == "cuda" else "gloo")
         return _run(cfg)
     finally:
         if started_here and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _torchrun_world() -> int:
+    """``WORLD_SIZE`` of torchrun's environment (1 outside it); when it is > 1, ``RANK``, ``MASTER_ADDR`` and
+    ``MASTER_PORT`` are checked too: a ConfigError naming the variable, not a traceback from the rendezvous."""
+    env = os.environ
+
+    def integer(name: str, raw: str | None, low: int, high: int | None = None) -> int:
+        if raw is None:
+            raise ConfigError(f"torchrun environment: WORLD_SIZE={env['WORLD_SIZE']} but {name} is not set; launch "
+                              "with torchrun (or unset WORLD_SIZE for one process)")  # fmt: skip
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"torchrun environment: {name} must be an integer, got {raw!r}") from None
+        if value < low or (high is not None and value > high):
+            raise ConfigError(f"torchrun environment: {name} must be in [{low}, {high if high is not None else 'inf'}"
+                              f"], got {value}")  # fmt: skip
+        return value
+
+    world = integer("WORLD_SIZE", env.get("WORLD_SIZE", "1"), 1)
+    if world > 1:
+        integer("RANK", env.get("RANK"), 0, world - 1)
+        if not env.get("MASTER_ADDR"):
+            integer("MASTER_ADDR", None, 0)  # the "not set" error
+        integer("MASTER_PORT", env.get("MASTER_PORT"), 1, 65535)
+    return world
+
+
+def _process_device(spec: str | torch.device | None) -> torch.device:
+    """The device of this process under torchrun: ``train.device`` as given when it names an index (or the CPU);
+    ``cuda`` without one, or null on a machine with CUDA, is ``cuda:LOCAL_RANK`` (one GPU per process, as
+    :func:`~fastdistill.training.loop.default_device`), checked to exist here. ``cuda:k`` or ``LOCAL_RANK`` beyond
+    the visible devices is a ConfigError (one GPU per process through ``CUDA_VISIBLE_DEVICES``: give cuda:0)."""
+    device = torch.device(spec) if spec is not None else None
+    if device is None and not torch.cuda.is_available():
+        return torch.device("cpu")
+    if device is not None and (device.type != "cuda" or device.index is not None):
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if device.index >= count:
+                raise ConfigError(f"train.device is {spec!r} but this machine has {count} CUDA device(s)")
+        return device
+    raw = os.environ.get("LOCAL_RANK")
+    if raw is None:
+        raise ConfigError(f"torchrun environment: LOCAL_RANK is not set, so train.device {spec or 'null'} names no "
+                          "GPU of this process; launch with torchrun, or give train.device: cuda:<index>")  # fmt: skip
+    try:
+        local_rank = int(raw)
+    except ValueError:
+        raise ConfigError(f"torchrun environment: LOCAL_RANK must be an integer, got {raw!r}") from None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not 0 <= local_rank < count:
+        raise ConfigError(f"train.device {spec or 'null'} is cuda:LOCAL_RANK = cuda:{local_rank} under torchrun, but "
+                          f"this process sees {count} CUDA device(s); with one GPU per process (CUDA_VISIBLE_DEVICES)"
+                          " give train.device: cuda:0")  # fmt: skip
+    return torch.device("cuda", local_rank)
 
 
 def _check_labels(cfg: TrainConfig, plan: Any, train: Any) -> None:
@@ -101,6 +167,9 @@ def _run(cfg: TrainConfig) -> dict[str, Any]:
     from .loop import DistillationLoop, seed_everything
 
     plan = check_run(cfg)  # before any factory runs
+    device = plan.device
+    if dist.is_available() and dist.is_initialized() and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (run() set it), not "cuda"
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -128,7 +197,7 @@ def _run(cfg: TrainConfig) -> dict[str, Any]:
         scheduler=make_scheduler(cfg.optim), teacher_cache=plan.cache, train_teachers=t.train_teachers,
         batch_size=t.batch_size, grad_accum_steps=t.grad_accum_steps, max_grad_norm=cfg.optim.max_grad_norm,
         shift_labels=t.shift_labels, shuffle=t.shuffle, drop_last=t.drop_last, amp=t.amp, seed=cfg.seed,
-        device=plan.device, output_dir=cfg.output_dir, log_every=t.log_every, tensorboard=t.tensorboard,
+        device=device, output_dir=cfg.output_dir, log_every=t.log_every, tensorboard=t.tensorboard,
         progress=t.progress, fused_linear=t.fused_linear,
     ))  # fmt: skip
     if plan.resume not in (None, "latest"):  # its models must fit the ones the factories built (keys, shapes)

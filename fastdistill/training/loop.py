@@ -195,6 +195,9 @@ class DistillationLoop:
             hook, and ``logits_to_keep=1``) instead of their [B, T, V] logits, which are then never formed; the loss is
             ``loss``'s (a KDLoss), the teachers frozen, a ``teacher_cache``'s logits used as they are. Evaluation
             still runs the models' plain forward.
+        distributed: False under torchrun trains this process's copy alone, as one process would (no DDP, no
+            sharding, no collective): e.g. a teacher that every process trains identically (same seed, same data).
+            Its run writes no files (``output_dir=None``): every process would write the same ones.
     """
 
     def __init__(
@@ -225,6 +228,7 @@ class DistillationLoop:
         tensorboard: bool = False,
         progress: bool = True,
         fused_linear: bool = False,
+        distributed: bool = True,
     ) -> None:
         if batch_size < 1 or grad_accum_steps < 1 or log_every < 1:
             raise ValueError("batch_size, grad_accum_steps and log_every must be >= 1")
@@ -237,8 +241,13 @@ class DistillationLoop:
         if loss is None and not feature_terms:
             raise ValueError("nothing to train: loss=None leaves no loss on the logits and there are no "
                              "feature_terms; give a loss (default 'kd': KDLoss()) or feature_terms")  # fmt: skip
-        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if _dist_on() else (0, 1)
+        if not distributed and output_dir is not None and _dist_on():
+            raise ValueError("distributed=False under torchrun: every process would write the same files to "
+                             "output_dir; give output_dir=None")  # fmt: skip
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if distributed and _dist_on() else (0, 1)
         self.device = torch.device(device) if device is not None else default_device()
+        if self.device.type == "cuda" and self.device.index is None and self.world_size > 1:
+            self.device = default_device()  # "cuda" under torchrun: this process's GPU, not cuda:0 on every rank
         self.amp_dtype = amp_dtype(amp, self.device)
 
         self.student = student.to(self.device)

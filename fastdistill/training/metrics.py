@@ -16,6 +16,23 @@ from typing import Any
 CSV_HEADER = ["step", "epoch", "split", "name", "value"]
 
 
+def _plain(split: str, name: str, value: Any) -> Any:
+    """A metric's value as JSON, CSV and TensorBoard take it: a one-element tensor or numpy scalar as its Python
+    number (``(pred == y).float().mean()`` is a tensor); a TypeError naming the metric for anything else."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            return item()
+        except (ValueError, RuntimeError):  # more than one element
+            pass
+    shape = getattr(value, "shape", None)
+    of_shape = f" of shape {list(shape)}" if shape is not None else ""
+    raise TypeError(f"metric {split}/{name}: expected a number (or a one-element tensor), got {type(value).__name__}"
+                    f"{of_shape}")  # fmt: skip
+
+
 class MetricsLogger:
     """Metrics at a step: in :attr:`history`, and on rank 0 in ``output_dir/metrics.jsonl`` (one record a line),
     ``output_dir/metrics.csv`` (long format: step, epoch, split, name, value) and TensorBoard events
@@ -57,6 +74,7 @@ class MetricsLogger:
     def log(self, split: str, metrics: dict[str, float], *, step: int, epoch: int) -> dict[str, Any]:
         """Record ``metrics`` of ``split`` ("train", "eval", ...) at ``step``; returns the record
         (``{"step", "epoch", "split", **metrics}``)."""
+        metrics = {k: _plain(split, k, v) for k, v in metrics.items()}
         record = {"step": step, "epoch": epoch, "split": split, **metrics}
         self.history.append(record)
         if not self._writes:
