@@ -8,7 +8,8 @@
 //   FASTDISTILL_CUDA_SMEM_KIB  = row data per block the launcher aims for
 //   FASTDISTILL_CUDA_PIPELINE  = 0 (v1: a block or cluster per row) | 1 (pipelined wherever two row slices fit)
 //   FASTDISTILL_CUDA_GROUPS    = pipelined: at most this many row groups (blocks or clusters) in the grid
-//   FASTDISTILL_CUDA_STRICT=1  = a planned block or cluster the device cannot hold is an error, not a fallback (the
+//   FASTDISTILL_CUDA_STRICT=1  = a planned block or cluster the device cannot hold, or a forced residency or
+//                                pipeline the plan does not keep for the shape, is an error, not a fallback (the
 //                                tests and benchmarks: they then know which kernel ran)
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
@@ -63,6 +64,50 @@ void apply_overrides(cuda::KDCudaArgs& a) {
   }
   a.max_groups = env_int("FASTDISTILL_CUDA_GROUPS");
   a.strict = env_int("FASTDISTILL_CUDA_STRICT") != 0;
+}
+
+const char* residency_name(cuda::Residency r) {
+  switch (r) {
+    case cuda::Residency::Global: return "global";
+    case cuda::Residency::Smem: return "smem";
+    case cuda::Residency::Cluster: return "cluster";
+    default: return "auto";
+  }
+}
+
+const char* dtype_name(cuda::DType d) {
+  switch (d) {
+    case cuda::DType::Float32: return "float32";
+    case cuda::DType::BFloat16: return "bfloat16";
+    case cuda::DType::Float16: return "float16";
+    default: return "float64";
+  }
+}
+
+// FASTDISTILL_CUDA_STRICT=1 and the launcher refused (cudaErrorNotPermitted): which forced setting the plan does not
+// keep for this shape (and what it plans instead), or that the device cannot hold the planned block or cluster.
+[[noreturn]] void strict_refusal(const cuda::KDCudaArgs& a, int device) {
+  const KDProblem& p = a.problem;
+  const cuda::KDCudaConfig cfg = cuda::plan_kd_loss(a, device);
+  std::string plan = residency_name(cfg.residency);
+  if (cfg.residency == cuda::Residency::Cluster) plan += " of " + std::to_string(cfg.cluster);
+  if (cfg.residency != cuda::Residency::Global) plan += cfg.pipelined ? ", pipelined" : ", v1";
+  const std::string shape = "N=" + std::to_string(p.rows) + ", V=" + std::to_string(p.vocab) + ", K=" +
+                            std::to_string(p.teachers) + ", " + dtype_name(a.student_dtype) + " student, " +
+                            dtype_name(a.teacher_dtype) + " teachers, device " + std::to_string(device);
+  if (const char* dropped = cuda::forced_setting_dropped(a, cfg)) {
+    std::string setting = "FASTDISTILL_CUDA_PIPELINE=1";
+    if (std::strcmp(dropped, "residency") == 0) {
+      setting = std::string("FASTDISTILL_CUDA_RESIDENCY=") + residency_name(a.residency);
+      if (a.cluster > 0) setting += " (FASTDISTILL_CUDA_CLUSTER=" + std::to_string(a.cluster) + ")";
+    }
+    TORCH_CHECK(false, "fastdistill::kd_loss (cuda): FASTDISTILL_CUDA_STRICT=1, and ", setting,
+                " cannot be honoured for ", shape, " (the row does not fit it, or there is no such kernel for this "
+                "device or these dtypes); the plan for this shape is ", plan, ". Unset the override, or "
+                "FASTDISTILL_CUDA_STRICT to run the plan");
+  }
+  TORCH_CHECK(false, "fastdistill::kd_loss (cuda): FASTDISTILL_CUDA_STRICT=1, and the device cannot hold the planned ",
+              plan, " launch's block or cluster at once, for ", shape);
 }
 
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> kd_loss_cuda(
@@ -158,6 +203,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> kd_loss_cuda(
   apply_overrides(a);
 
   const cudaError_t err = cuda::launch_kd_loss(a, device.index(), c10::cuda::getCurrentCUDAStream().stream());
+  if (err == cudaErrorNotPermitted && a.strict) strict_refusal(a, device.index());
   TORCH_CHECK(err == cudaSuccess, "fastdistill::kd_loss (cuda): launch failed: ", cudaGetErrorString(err));
   if (p.vocab == 0) row_loss.zero_();  // no column: no loss (the launcher launches nothing)
   if (!reduce) return {row_loss, gs, gt};

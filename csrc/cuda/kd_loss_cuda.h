@@ -59,8 +59,9 @@ struct KDCudaArgs {
   Pipeline pipeline = Pipeline::Auto;
   int64_t max_groups = 0;     // pipelined: at most this many row groups in the grid (0: as many as the device holds
                               // at once; the tests set a few so that every block loops over several rows)
-  bool strict = false;        // a planned block or cluster the device cannot hold is an error (cudaErrorNotPermitted),
-                              // not a fallback to v1 or global memory: tests and benchmarks know what they ran
+  bool strict = false;        // a planned block or cluster the device cannot hold, or a forced residency or pipeline
+                              // the plan does not keep, is an error (cudaErrorNotPermitted), not a fallback to v1 or
+                              // global memory: tests and benchmarks know what they ran
 };
 
 // What the launcher chose for a call (also what the benchmark reports).
@@ -75,9 +76,20 @@ struct KDCudaConfig {
 // The configuration `launch_kd_loss` would use for these arguments on `device`, without launching.
 KDCudaConfig plan_kd_loss(const KDCudaArgs& args, int device);
 
+// Which forced setting of `args` its plan `cfg` does not keep, or null: "residency" (a forced residency whose row does
+// not fit, or that the device or the dtypes have no kernel for) or "pipeline" (Pipeline::On where two slices of the
+// row do not fit a block, for float64, or in global memory). Under args.strict, launch_kd_loss refuses such a call
+// (cudaErrorNotPermitted): a test or benchmark that names a kernel then runs that kernel or fails, never another one.
+inline const char* forced_setting_dropped(const KDCudaArgs& args, const KDCudaConfig& cfg) {
+  if (args.residency != Residency::Auto && cfg.residency != args.residency) return "residency";
+  if (args.pipeline == Pipeline::On && !cfg.pipelined) return "pipeline";
+  return nullptr;
+}
+
 // Launches the row kernel on `stream`. Returns cudaSuccess or the first CUDA error (launch errors included); the
 // binding turns it into an exception. No synchronisation, no allocation. A planned block or cluster the device
-// cannot hold at once falls back to v1 (if pipelined), then to global memory, unless args.strict.
+// cannot hold at once falls back to v1 (if pipelined), then to global memory, unless args.strict; args.strict also
+// refuses a forced setting the plan does not keep (forced_setting_dropped). Both: cudaErrorNotPermitted.
 cudaError_t launch_kd_loss(const KDCudaArgs& args, int device, cudaStream_t stream);
 
 }  // namespace cuda

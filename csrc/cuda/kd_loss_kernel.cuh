@@ -43,6 +43,13 @@
 #define FD_ASSERT(cond) ((void)0)
 #endif
 
+// FASTDISTILL_CUDA_EMULATE: defined only by tests/cuda_emu, which compiles this file with g++ and runs the launcher and
+// kernels on the CPU against the CPU op (tests/test_cuda_emulated.py). It swaps the two PTX instructions (fexp, flog)
+// and the extern shared array (kd_row_kernel) for the emulator's, nothing else; an nvcc build never defines it.
+#if defined(FASTDISTILL_CUDA_EMULATE) && defined(__CUDACC__)
+#error "FASTDISTILL_CUDA_EMULATE is for the CPU emulator (tests/cuda_emu), not for nvcc"
+#endif
+
 namespace fastdistill {
 namespace cuda {
 namespace detail {
@@ -82,7 +89,11 @@ __device__ __forceinline__ X from_acc(double x) { return X(x); }  // float64 row
 
 __device__ __forceinline__ float fexp(float x) {
   float y;
+#ifdef FASTDISTILL_CUDA_EMULATE  // (tests/cuda_emu runs this file on the CPU with g++, which has no PTX)
+  y = fdemu::ex2_approx_ftz(x * 1.4426950408889634f);
+#else
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+#endif
   return y;
 }
 __device__ __forceinline__ double fexp(double x) { return ::exp(x); }
@@ -90,7 +101,11 @@ __device__ __forceinline__ double fexp(double x) { return ::exp(x); }
 // log as one lg2.approx times ln 2 (relative error ~2^-22; logf is ~20 instructions): the mixture's log P, per column
 __device__ __forceinline__ float flog(float x) {
   float y;
+#ifdef FASTDISTILL_CUDA_EMULATE  // (as in fexp)
+  y = fdemu::lg2_approx_ftz(x);
+#else
   asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+#endif
   return y * 0.6931471805599453f;
 }
 __device__ __forceinline__ double flog(double x) { return ::log(x); }
@@ -774,7 +789,11 @@ __global__ void __launch_bounds__(kPipe ? 384 : (sizeof(A) == 8 ? 256 : 512))
                   int whole_global) {
   constexpr bool kResident = kRes != Residency::Global;
   static_assert(kResident || !kPipe, "only a resident row is pipelined");
+#ifdef FASTDISTILL_CUDA_EMULATE  // (tests/cuda_emu: the emulated block's dynamic shared memory, its exact size)
+  unsigned char* smem = fdemu::dynamic_smem();
+#else
   extern __shared__ __align__(16) unsigned char smem[];
+#endif
   RowShared<A>& sh = *reinterpret_cast<RowShared<A>*>(smem);
   const KDProblem& p = args.problem;
   int64_t cs = 1, c0 = 0;  // blocks per group, this block's first column (zero where the cluster path traps: sm_80)
@@ -1039,7 +1058,8 @@ cudaError_t launch_typed(const KDCudaArgs& a, const KDCudaConfig& cfg, cudaStrea
   if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
   lc.gridDim = dim3(unsigned(blocks));
   err = cudaLaunchKernelEx(&lc, kernel, a, c, slice, int(whole));
-  return err != cudaSuccess ? clear(err) : cudaGetLastError();
+  // (it reports this launch's errors itself; cudaGetLastError here would return an earlier call's uncleared one)
+  return err != cudaSuccess ? clear(err) : cudaSuccess;
 }
 
 // The launch of one planned configuration. cudaErrorNotPermitted: the device cannot hold the planned block or cluster

@@ -66,6 +66,8 @@ cudaError_t launch_kd_loss(const KDCudaArgs& a, int device, cudaStream_t stream)
   if (a.problem.rows == 0 || a.problem.vocab == 0) return cudaSuccess;
   if (a.problem.teachers < 1 || a.problem.teachers > kMaxTeachers) return cudaErrorInvalidValue;
   const KDCudaConfig cfg = plan_kd_loss(a, device);
+  // strict: a forced residency or pipeline the row does not fit would run, and be measured as, another kernel
+  if (a.strict && forced_setting_dropped(a, cfg) != nullptr) return cudaErrorNotPermitted;
   cudaError_t err = launch_planned(a, cfg, stream);
   if (err != cudaErrorNotPermitted || a.strict) return err;
   // The device cannot hold the planned block or cluster at once: v1 for a pipelined plan, then global memory.

@@ -99,7 +99,10 @@ inline KDCudaConfig plan_for(const KDCudaArgs& a, const DeviceInfo& dev) {
       if (resident_bytes(a, slice_of(a.problem.vocab, cs)) > limit) cs = 16;
     }
     cfg.cluster = cs;
-    if (resident_bytes(a, slice_of(a.problem.vocab, cs)) > limit) cfg.residency = want = Residency::Global;
+    if (resident_bytes(a, slice_of(a.problem.vocab, cs)) > limit) {  // not even in 16 slices, or a forced cluster
+      cfg.residency = want = Residency::Global;
+      cfg.cluster = 1;  // (what a global launch is: a block per row; the config reports what runs)
+    }
   }
   const int64_t slice = want == Residency::Global ? a.problem.vocab : slice_of(a.problem.vocab, cfg.cluster);
   cfg.smem_bytes = header + (want == Residency::Global ? 0 : resident_bytes(a, slice));

@@ -1,0 +1,3 @@
+// Stands in for CUDA's <cuda_runtime_api.h> in the CPU emulation (emu_cuda.h).
+#pragma once
+#include "emu_cuda.h"
