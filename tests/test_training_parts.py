@@ -289,3 +289,15 @@ def test_a_loop_outside_the_process_group_writes_no_files(tmp_path):
             DistillationLoop(model, [], distributed=False, output_dir=tmp_path / "out", progress=False)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_key_beside_input_is_an_error_not_dropped():
+    """{"input", "attention_mask", "labels"}: the model gets batch["input"] alone, so the mask would vanish."""
+    from fastdistill.training.data import split_batch
+
+    x, mask, y = torch.ones(2, 3), torch.ones(2, 3), torch.zeros(2, dtype=torch.long)
+    assert split_batch({"input": x, "labels": y, "sample_weight": torch.ones(2)}).inputs is x
+    assert set(split_batch({"input_ids": x, "attention_mask": mask, "labels": y}).inputs) == {"input_ids",
+                                                                                             "attention_mask"}
+    with pytest.raises(ValueError, match=r"\['attention_mask'\] would be dropped"):
+        split_batch({"input": x, "attention_mask": mask, "labels": y})

@@ -3,8 +3,8 @@
 A dataset item (and, after collation, a batch) is one of:
 
 - a dict: ``"labels"`` (int64 ``[*]``, optional) and ``"sample_weight"`` (float ``[*]``, optional) are taken out;
-  the model input is ``"input"`` when present (``model(batch["input"])``), else the remaining keys as keyword
-  arguments (``model(**batch)``, the Hugging Face style);
+  the model input is ``"input"`` when present (``model(batch["input"])``; any other key beside it is a ValueError,
+  not dropped), else the remaining keys as keyword arguments (``model(**batch)``, the Hugging Face style);
 - a tuple/list ``(input, labels)`` or ``(input,)``;
 - a tensor (the input, no labels).
 
@@ -73,6 +73,11 @@ def split_batch(batch: Any) -> Batch:
         rest = dict(batch)
         labels = rest.pop("labels", None)
         sample_weight = rest.pop("sample_weight", None)
+        if "input" in rest and len(rest) > 1:  # e.g. an attention_mask beside "input" would never reach the model
+            extra = sorted(str(k) for k in rest if k != "input")
+            raise ValueError(f"a dict batch with 'input' gives the model batch['input'] alone, so its other keys "
+                             f"{extra} would be dropped: give every model argument as a key, without 'input' "
+                             "(the model, or forward=, then gets them all: model(**batch))")  # fmt: skip
         inputs = rest.pop("input") if "input" in rest else rest
         return Batch(inputs, labels, sample_weight)
     if isinstance(batch, (tuple, list)):
