@@ -301,3 +301,20 @@ def test_a_key_beside_input_is_an_error_not_dropped():
                                                                                              "attention_mask"}
     with pytest.raises(ValueError, match=r"\['attention_mask'\] would be dropped"):
         split_batch({"input": x, "attention_mask": mask, "labels": y})
+
+
+@pytest.mark.parametrize(
+    "device, expected",
+    [
+        ("cpu", [("init_process_group", "gloo")]),
+        (None, [("set_device", "cuda:1"), ("init_process_group", "nccl")]),
+        ("cuda", [("set_device", "cuda:1"), ("init_process_group", "nccl")]),
+    ],
+)
+def test_init_distributed_makes_the_process_gpu_current_and_fits_the_backend(torchrun_on_two_gpus, device, expected):
+    """The same rule for a script that calls init_distributed itself as for the launcher."""
+    from fastdistill.training.loop import init_distributed
+
+    with pytest.raises(_Stop):
+        init_distributed(device=device)
+    assert torchrun_on_two_gpus == expected

@@ -76,12 +76,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     started_here = not (dist.is_available() and dist.is_initialized())
     try:
         if started_here and _torchrun_world() > 1:
-            # this process's device first: NCCL and every "cuda" tensor use the current device (else cuda:0 on
-            # every rank), and the backend must fit the device (NCCL cannot reduce the CPU tensors of a cpu run)
-            device = _process_device(cfg.train.device)
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            as_config_error("torchrun environment", init_distributed, "nccl" if device.type == "cuda" else "gloo")
+            # this process's device (checked), made current, and the backend that fits it: init_distributed
+            as_config_error("torchrun environment", init_distributed, None, _process_device(cfg.train.device))
         return _run(cfg)
     finally:
         if started_here and dist.is_available() and dist.is_initialized():

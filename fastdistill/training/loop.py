@@ -86,13 +86,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def init_distributed(backend: str | None = None) -> tuple[int, int]:
-    """Initialise the default process group from torchrun's environment (``WORLD_SIZE`` > 1) if not done yet;
-    backend ``nccl`` on GPU, ``gloo`` on CPU. Returns (rank, world_size); (0, 1) outside torchrun."""
+def init_distributed(backend: str | None = None, device: torch.device | str | None = None) -> tuple[int, int]:
+    """Initialise the default process group from torchrun's environment (``WORLD_SIZE`` > 1) if not done yet.
+    ``device`` is this process's (default, and for ``"cuda"`` without an index: :func:`default_device`,
+    cuda:LOCAL_RANK where CUDA is available): a CUDA one becomes the current device first (NCCL's, and what
+    ``"cuda"`` means to torch; else every rank would use cuda:0), and picks the default backend, ``nccl`` for CUDA,
+    ``gloo`` for the CPU (NCCL cannot reduce CPU tensors). Returns (rank, world_size); (0, 1) outside torchrun."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+        dev = torch.device(device) if device is not None else default_device()
+        if dev.type == "cuda" and dev.index is None:
+            dev = default_device()
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend or ("nccl" if dev.type == "cuda" else "gloo"))
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
