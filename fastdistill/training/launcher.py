@@ -84,30 +84,32 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
+def _env_int(name: str, low: int, high: int | None = None, *, unset: str = "{} is not set") -> int:
+    """torchrun's integer variable ``name``, in [low, high]: a ConfigError naming it when it is unset (``unset``,
+    formatted with the name), not an integer or out of range, rather than a traceback from the rendezvous."""
+    raw = os.environ.get(name)
+    if raw is None:
+        raise ConfigError("torchrun environment: " + unset.format(name))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"torchrun environment: {name} must be an integer, got {raw!r}") from None
+    if value < low or (high is not None and value > high):
+        raise ConfigError(f"torchrun environment: {name} must be in [{low}, {high if high is not None else 'inf'}], "
+                          f"got {value}")  # fmt: skip
+    return value
+
+
 def _torchrun_world() -> int:
     """``WORLD_SIZE`` of torchrun's environment (1 outside it); when it is > 1, ``RANK``, ``MASTER_ADDR`` and
-    ``MASTER_PORT`` are checked too: a ConfigError naming the variable, not a traceback from the rendezvous."""
-    env = os.environ
-
-    def integer(name: str, raw: str | None, low: int, high: int | None = None) -> int:
-        if raw is None:
-            raise ConfigError(f"torchrun environment: WORLD_SIZE={env['WORLD_SIZE']} but {name} is not set; launch "
-                              "with torchrun (or unset WORLD_SIZE for one process)")  # fmt: skip
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ConfigError(f"torchrun environment: {name} must be an integer, got {raw!r}") from None
-        if value < low or (high is not None and value > high):
-            raise ConfigError(f"torchrun environment: {name} must be in [{low}, {high if high is not None else 'inf'}"
-                              f"], got {value}")  # fmt: skip
-        return value
-
-    world = integer("WORLD_SIZE", env.get("WORLD_SIZE", "1"), 1)
+    ``MASTER_PORT`` are checked too (:func:`_env_int`)."""
+    world = _env_int("WORLD_SIZE", 1) if "WORLD_SIZE" in os.environ else 1
     if world > 1:
-        integer("RANK", env.get("RANK"), 0, world - 1)
-        if not env.get("MASTER_ADDR"):
-            integer("MASTER_ADDR", None, 0)  # the "not set" error
-        integer("MASTER_PORT", env.get("MASTER_PORT"), 1, 65535)
+        unset = f"WORLD_SIZE={world} but {{}} is not set; launch with torchrun (or unset WORLD_SIZE for one process)"
+        _env_int("RANK", 0, world - 1, unset=unset)
+        if not os.environ.get("MASTER_ADDR"):
+            raise ConfigError("torchrun environment: " + unset.format("MASTER_ADDR"))
+        _env_int("MASTER_PORT", 1, 65535, unset=unset)
     return world
 
 
@@ -125,14 +127,8 @@ def _process_device(spec: str | torch.device | None) -> torch.device:
             if device.index >= count:
                 raise ConfigError(f"train.device is {spec!r} but this machine has {count} CUDA device(s)")
         return device
-    raw = os.environ.get("LOCAL_RANK")
-    if raw is None:
-        raise ConfigError(f"torchrun environment: LOCAL_RANK is not set, so train.device {spec or 'null'} names no "
-                          "GPU of this process; launch with torchrun, or give train.device: cuda:<index>")  # fmt: skip
-    try:
-        local_rank = int(raw)
-    except ValueError:
-        raise ConfigError(f"torchrun environment: LOCAL_RANK must be an integer, got {raw!r}") from None
+    local_rank = _env_int("LOCAL_RANK", 0, unset=f"{{}} is not set, so train.device {spec or 'null'} names no GPU "
+                          "of this process; launch with torchrun, or give train.device: cuda:<index>")  # fmt: skip
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if not 0 <= local_rank < count:
         raise ConfigError(f"train.device {spec or 'null'} is cuda:LOCAL_RANK = cuda:{local_rank} under torchrun, but "
