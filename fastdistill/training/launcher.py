@@ -159,9 +159,6 @@ def _run(cfg: TrainConfig) -> dict[str, Any]:
     from .loop import DistillationLoop, seed_everything
 
     plan = check_run(cfg)  # before any factory runs
-    device = plan.device
-    if dist.is_available() and dist.is_initialized() and device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (run() set it), not "cuda"
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -189,7 +186,7 @@ def _run(cfg: TrainConfig) -> dict[str, Any]:
         scheduler=make_scheduler(cfg.optim), teacher_cache=plan.cache, train_teachers=t.train_teachers,
         batch_size=t.batch_size, grad_accum_steps=t.grad_accum_steps, max_grad_norm=cfg.optim.max_grad_norm,
         shift_labels=t.shift_labels, shuffle=t.shuffle, drop_last=t.drop_last, amp=t.amp, seed=cfg.seed,
-        device=device, output_dir=cfg.output_dir, log_every=t.log_every, tensorboard=t.tensorboard,
+        device=plan.device, output_dir=cfg.output_dir, log_every=t.log_every, tensorboard=t.tensorboard,
         progress=t.progress, fused_linear=t.fused_linear,
     ))  # fmt: skip
     if plan.resume not in (None, "latest"):  # its models must fit the ones the factories built (keys, shapes)

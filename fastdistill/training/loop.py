@@ -95,9 +95,7 @@ def init_distributed(backend: str | None = None, device: torch.device | str | No
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dev = torch.device(device) if device is not None else default_device()
-        if dev.type == "cuda" and dev.index is None:
-            dev = default_device()
+        dev = process_device(device)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group(backend or ("nccl" if dev.type == "cuda" else "gloo"))
@@ -253,9 +251,8 @@ class DistillationLoop:
             raise ValueError("distributed=False under torchrun: every process would write the same files to "
                              "output_dir; give output_dir=None")  # fmt: skip
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if distributed and _dist_on() else (0, 1)
-        self.device = torch.device(device) if device is not None else default_device()
-        if self.device.type == "cuda" and self.device.index is None and self.world_size > 1:
-            self.device = default_device()  # "cuda" under torchrun: this process's GPU, not cuda:0 on every rank
+        # under torchrun "cuda" is this process's GPU, not cuda:0 on every rank
+        self.device = process_device(device) if self.world_size > 1 or device is None else torch.device(device)
         self.amp_dtype = amp_dtype(amp, self.device)
 
         self.student = student.to(self.device)
@@ -988,6 +985,13 @@ def _sharded(data: Any) -> bool:
 
 def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def process_device(device: torch.device | str | None) -> torch.device:
+    """This process's device under torchrun: ``device``, except None or ``"cuda"`` without an index, which are
+    :func:`default_device` (cuda:LOCAL_RANK where CUDA is available)."""
+    d = torch.device(device) if device is not None else None
+    return default_device() if d is None or (d.type == "cuda" and d.index is None) else d
 
 
 def default_device() -> torch.device:
