@@ -363,6 +363,17 @@ def _nonfinite_rows(s, ts):  # a NaN, a row of -inf, a teacher's +inf: NaN rows
     ts[0][3, 0] = float("inf")
 
 
+def _nonfinite_teacher_rows(s, ts):  # NaN, +inf and all -inf teacher rows: NaN rows (skew 0: logaddexp(NaN, -inf))
+    ts[0][0, 3] = float("nan")
+    ts[0][1, 4] = float("inf")
+    ts[0][2] = float("-inf")
+
+
+def _poisoned_teacher_alone(s, ts):  # K = 2: teacher 1 has weight 0 in rows 0 and 3 (_inputs), teacher 0 is poisoned
+    ts[0][0, 3] = float("nan")
+    ts[0][3, 4] = float("inf")
+
+
 def _nan_beside_padding(s, ts):  # V = 5: a thread's only real column beside three -inf padding lanes
     s[1, 4] = float("nan")
 
@@ -371,13 +382,17 @@ def _nan_beside_padding(s, ts):  # V = 5: a thread's only real column beside thr
 def test_nonfinite(asan, tmp_path, residency):
     """A padded vocabulary (-inf columns) for every divergence, in prob_mean over 3 teachers and loss_mean over 2
     (alternately); -inf in the student where the target has mass; NaN, all -inf and +inf rows; a NaN beside padding
-    lanes under pure CE: NaN and +-inf exactly where the CPU op has them."""
+    lanes under pure CE; non-finite teacher rows at skew 0, and beside a teacher of weight 0: NaN and +-inf exactly where the CPU op has them."""
     alternate = [("prob_mean", 3), ("loss_mean", 2)] * len(DIVERGENCES)
     cases = [forced(residency, v=300, k=k, divergence=div, ensemble=ens, specials=_padded_vocab,
                     reduce=ens != "loss_mean") for div, (ens, k) in zip(DIVERGENCES, alternate)]  # fmt: skip
     cases += [forced(residency, v=300, k=1, specials=_student_inf_where_target_has_mass),
               forced(residency, v=300, k=1, divergence="jsd", specials=_nonfinite_rows, labels=False, sw=False, ce=0.0),
               forced(residency, v=5, k=1, specials=_nan_beside_padding, ce=1.0, kd_scale=0.0)]  # fmt: skip
+    cases += [forced(residency, v=300, k=1, divergence=div, w=0.0, specials=_nonfinite_teacher_rows, labels=False,
+                     sw=False, ce=0.0) for div in ("skew_kl", "skew_reverse_kl")]  # fmt: skip
+    cases += [forced(residency, v=300, k=2, divergence=div, specials=_poisoned_teacher_alone, labels=False, ce=0.0,
+                     sw=False, reduce=False) for div in ("kl", "reverse_kl")]  # fmt: skip
     check_all(asan, tmp_path, cases)
 
 
@@ -402,12 +417,13 @@ def test_pipelined_threads_halved_to_whole_warps(asan, tmp_path, where, v, threa
     assert check_all(asan, tmp_path, [case])[0]["threads"] == str(threads)
 
 
-def test_resident_v1_threads_halved(asan, tmp_path):
-    """v1 resident, the launcher's threads (bound 512): halved while the blocks the shared memory allows per SM would
-    not fit the registers."""
+@pytest.mark.parametrize("max_threads", [512, 320])
+def test_resident_v1_threads_halved(asan, tmp_path, max_threads):
+    """v1 resident, the launcher's threads (bound 512, or 320: not 2^k warps): halved while the blocks the shared
+    memory allows per SM would not fit the registers, and only to whole warps (320 -> 160, never 80)."""
     info = check_case(asan, tmp_path, {"residency": "smem", "pipelined": 0}, n=3, v=2000, k=2, divergence="jsd",
-                      threads=0, max_threads=512)  # fmt: skip
-    assert int(info["threads"]) < 512, info
+                      threads=0, max_threads=max_threads)  # fmt: skip
+    assert int(info["threads"]) < max_threads and int(info["threads"]) % 32 == 0, info
 
 
 @pytest.mark.parametrize("size", [2, 3, 8, 16])

@@ -10,7 +10,17 @@ import math
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, DIVERGENCES, ENSEMBLES, make_inputs, reference64, requires_ext, requires_triton
+from conftest import (
+    CPU_BACKENDS,
+    DIVERGENCES,
+    ENSEMBLES,
+    KD_BACKENDS,
+    loss_and_grads,
+    make_inputs,
+    reference64,
+    requires_ext,
+    requires_triton,
+)
 
 import fastdistill
 
@@ -92,6 +102,23 @@ def test_dropped_rows_and_teachers_stay_exact(backend, where, skip):
     torch.testing.assert_close(loss.double(), clean_loss, rtol=1e-4, atol=1e-5)
     for g, c in zip(grads, clean_grads):
         torch.testing.assert_close(g.double(), c, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", KD_BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_poisoned_teacher_beside_teachers_of_weight_zero(backend, divergence, value):
+    """prob_mean, weights [1, 0, 0] in the poisoned row (teacher 0 counts alone): the row is NaN. The mixture's log,
+    a log-sum-exp over the teachers, took its max with tl.max, which drops a NaN: log(w_k P_k) = [NaN, -inf, -inf]
+    gave log P = -inf (a +inf or finite loss) on Triton."""
+    s, ts = make_inputs((5,), 19, 3)
+    weights = torch.ones(3, 5)
+    weights[1:, BAD_ROW] = 0.0
+    ts[0][BAD_ROW, 5] = value
+    loss, grads = _grads(s, ts, divergence=divergence, ensemble="prob_mean", teacher_weights=weights, backend=backend)
+    assert torch.isnan(loss[BAD_ROW]), f"{backend}: the poisoned row's loss is {loss[BAD_ROW].item()}, not NaN"
+    assert torch.isnan(grads[0][BAD_ROW]).all() and torch.isnan(grads[1][BAD_ROW]).all(), backend
+    assert torch.isfinite(loss[torch.arange(5) != BAD_ROW]).all()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -262,6 +289,52 @@ def test_large_logits_codistill_cross_entropy(backend):
         for x, y in zip(got, want):
             # T = 3: s / T itself carries the rounding of float32 at 3e3 (as F.log_softmax(s / 3) does)
             torch.testing.assert_close(x.double(), y, rtol=2e-5 if temperature == 1 else 1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", KD_BACKENDS)
+@pytest.mark.parametrize("divergence", ["skew_kl", "skew_reverse_kl"])
+@pytest.mark.parametrize("skew", [0.0, 1e-40, 1e-3])
+def test_skew_near_zero_gradients_stay_finite(backend, divergence, skew):
+    """skew = 0 is allowed (0 <= skew < 1) and is plain KL / reverse KL. With log-ratios past float32's exp range
+    (logits 60 apart at T = 0.5), the gradient used to form P/M alone (unbounded at skew 0; inf) and multiply it by
+    an underflowed probability: NaN. It now uses the mixture's shares, which lie in [0, 1]."""
+    g = torch.Generator().manual_seed(4)
+    s = (30 * torch.randn(6, 37, generator=g, dtype=torch.float64)).float()
+    ts = [(30 * torch.randn(6, 37, generator=g, dtype=torch.float64)).float()]
+    kw = dict(divergence=divergence, skew=skew, temperature=0.5, reduction="none")
+    loss, grads = loss_and_grads(s, ts, teacher_grad=True, backend=backend, **kw)
+    want_loss, want_grads = reference64(s, ts, teacher_grad=True, **kw)
+    assert all(torch.isfinite(x).all() for x in (loss, *grads)), f"{backend}: non-finite loss or gradient"
+    # logits / T up to ~400: float32 holds them to ~3e-5, so probabilities and gradients (<= 1) carry that much
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-4, atol=1e-4)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    if skew == 0:  # the same gradients as the divergence it reduces to, on the same backend
+        plain = {"skew_kl": "kl", "skew_reverse_kl": "reverse_kl"}[divergence]
+        _, plain_grads = loss_and_grads(s, ts, teacher_grad=True, backend=backend, divergence=plain,
+                                        temperature=0.5, reduction="none")  # fmt: skip
+        for got, want in zip(grads, plain_grads):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("divergence", ["skew_kl", "skew_reverse_kl"])
+def test_codistill_skew_zero_gradients_stay_finite(backend, divergence):
+    g = torch.Generator().manual_seed(5)
+    a = (30 * torch.randn(5, 29, generator=g, dtype=torch.float64)).float()
+    b = (30 * torch.randn(5, 29, generator=g, dtype=torch.float64)).float()
+    kw = dict(divergence=divergence, skew=0.0, temperature=0.5, reduction="sum")
+    got = _codistill_grads(a, b, backend=backend, **kw)
+    want = _codistill_grads(a.double(), b.double(), backend="reference", **kw)
+    for x, y in zip(got, want):
+        assert torch.isfinite(x).all(), f"{backend}: non-finite gradient"
+        torch.testing.assert_close(x.double(), y, rtol=1e-4, atol=1e-4)
+
+
+def _codistill_grads(a, b, **kw):
+    a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    loss_ab, loss_ba = fastdistill.codistill_loss(a, b, **kw)
+    return torch.autograd.grad(loss_ab + 0.7 * loss_ba, [a, b])
 
 
 # ---- extreme weights and arguments ----------------------------------------------------------------------------

@@ -97,7 +97,8 @@ struct ScalarOps {
   static FD_HOST_DEVICE V exp(V x) { return ::exp(x); }
   static FD_HOST_DEVICE V log1p(V x) { return ::log1p(x); }
   static FD_HOST_DEVICE V abs(V x) { return ::fabs(x); }
-  static FD_HOST_DEVICE V max(V a, V b) { return a > b ? a : b; }
+  // max that keeps a NaN in either argument (a > b ? a : b alone drops a NaN a: logaddexp(NaN, -inf) was -inf)
+  static FD_HOST_DEVICE V max(V a, V b) { return (a > b || a != a) ? a : b; }
   // where(x == 0, a, b): a NaN x selects b, so NaN inputs stay NaN (x > 0 would turn them into 0)
   static FD_HOST_DEVICE V where_zero(V x, V a, V b) { return x == T(0) ? a : b; }
   // where(x == -inf, a, b)
@@ -163,17 +164,19 @@ FD_HOST_DEVICE Terms<typename Ops::V> divergence_terms(const DivParams<T>& prm, 
     case Divergence::SkewKL: {  // KL(P || a P + (1-a) Q), a = skew = w
       V logm = logaddexp<Ops>(logp + Ops::splat(prm.log_w), logq + Ops::splat(prm.log_1m_w));
       t.phi = xlogr<Ops>(p, logp, logm);
-      V r = Ops::where_zero(p, zero, Ops::exp(logp - logm));  // P / M <= 1 / a
-      t.gq = zero - Ops::splat(T(1) - prm.w) * q * r;
-      t.hp = t.phi + p - Ops::splat(prm.w) * p * r;
+      // s = (1-a) Q / M, Q's share of M: in [0, 1] for every a, where P / M alone overflows at a = 0
+      V s = Ops::where_zero(p, zero, Ops::exp(Ops::splat(prm.log_1m_w) + logq - logm));
+      t.gq = zero - p * s;      // Q dphi/dQ = -(1-a) P Q / M
+      t.hp = t.phi + p * s;     // P dphi/dP = phi + P - a P^2 / M = phi + P s
       break;
     }
     case Divergence::SkewReverseKL: {  // KL(Q || (1-a) P + a Q), a = skew = w
       V logm = logaddexp<Ops>(logp + Ops::splat(prm.log_1m_w), logq + Ops::splat(prm.log_w));
       t.phi = xlogr<Ops>(q, logq, logm);
-      V r = Ops::where_zero(q, zero, Ops::exp(logq - logm));  // Q / M <= 1 / a
-      t.gq = t.phi + q - Ops::splat(prm.w) * q * r;
-      t.hp = zero - Ops::splat(T(1) - prm.w) * p * r;
+      // s = (1-a) P / M, P's share of M (as for skew_kl, bounded at a = 0)
+      V s = Ops::where_zero(q, zero, Ops::exp(Ops::splat(prm.log_1m_w) + logp - logm));
+      t.gq = t.phi + q * s;     // Q dphi/dQ = phi + Q - a Q^2 / M = phi + Q s
+      t.hp = zero - q * s;      // P dphi/dP = -(1-a) P Q / M
       break;
     }
   }

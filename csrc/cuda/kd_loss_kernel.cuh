@@ -999,7 +999,8 @@ cudaError_t launch_typed(const KDCudaArgs& a, const KDCudaConfig& cfg, cudaStrea
     // Resident rows: as many blocks per SM as the shared memory holds (the plan sizes them for two or three), so
     // that one block's sweeps overlap another's copies. At ~120 registers 512 threads fill an SM's registers alone:
     // unless the caller chose the threads, halve them until the blocks the shared memory allows also fit the
-    // registers (down to 128); KernelFacts::get has asked for the largest shared-memory carveout.
+    // registers (down to 128, and only while the half is whole warps: a bound of 320 stops at 160, not 80);
+    // KernelFacts::get has asked for the largest shared-memory carveout.
     if (a.threads <= 0) {
       DeviceFacts d;
       err = device_facts(device, &d);
@@ -1007,7 +1008,7 @@ cudaError_t launch_typed(const KDCudaArgs& a, const KDCudaConfig& cfg, cudaStrea
       const int64_t per_block = cfg.smem_bytes + int64_t(fa.sharedSizeBytes) + d.reserved;
       const int64_t blocks = std::max<int64_t>(1, d.smem_sm / std::max<int64_t>(per_block, 1));
       const int64_t regs_warp = (int64_t(fa.numRegs) * 32 + 255) / 256 * 256;  // allocated per warp, 256 at a time
-      while (threads > 128 && blocks * (threads / 32) * regs_warp > d.regs_sm) threads /= 2;
+      while (threads % 64 == 0 && threads > 128 && blocks * (threads / 32) * regs_warp > d.regs_sm) threads /= 2;
     }
   }
   if (threads % 32 != 0 || threads < 32) return clear(cudaErrorInvalidConfiguration);  // the reductions need warps

@@ -69,15 +69,15 @@ def divergence_terms(p, q, logp, logq, DIV: tl.constexpr, dw, log_dw, log_1m_dw,
     elif DIV == 4:  # skew_kl
         logm = logaddexp(logp + log_dw, logq + log_1m_dw, FAST)
         phi = xlogr(p, logp, logm)
-        r = tl.where(p == 0, 0.0, fexp(logp - logm))
-        gq = -(1.0 - dw) * q * r
-        hp = phi + p - dw * p * r
+        s = tl.where(p == 0, 0.0, fexp(log_1m_dw + logq - logm))  # Q's share of M, <= 1 even at skew 0
+        gq = -p * s
+        hp = phi + p * s
     else:  # skew_reverse_kl
         logm = logaddexp(logp + log_1m_dw, logq + log_dw, FAST)
         phi = xlogr(q, logq, logm)
-        r = tl.where(q == 0, 0.0, fexp(logq - logm))
-        gq = phi + q - dw * q * r
-        hp = -(1.0 - dw) * p * r
+        s = tl.where(q == 0, 0.0, fexp(log_1m_dw + logp - logm))  # P's share of M, <= 1 even at skew 0
+        gq = phi + q * s
+        hp = -q * s
     return phi, gq, hp
 
 
@@ -219,10 +219,10 @@ def target_terms(t, logpk, pk, q, logq, inv_t, w, logw, m_c, ll_c, ks, kuse, cma
             logp = tl.sum(tl.where((ks == 0)[:, None], logpk, 0.0), 0)
             p = tl.sum(tl.where((ks == 0)[:, None], pk, 0.0), 0)
         elif LOG_TARGET:  # log of the mixture, as a log-sum-exp over the teachers (exact where P underflows)
-            mx = tl.max(lwp, 0)
+            mx = tl.max(lwp, 0)  # (drops a NaN: [NaN, -inf] gives -inf; the sum below keeps it)
             safe = tl.where(mx == float("-inf"), 0.0, mx)
-            logp = tl.where(mx == float("-inf"), float("-inf"),
-                            safe + flog(tl.sum(fexp(lwp - safe[None, :]), 0), FAST))  # (the sum is >= 1)
+            # the sum is >= 1, or 0 (log -inf) where every term is -inf, or NaN where one is
+            logp = safe + flog(tl.sum(fexp(lwp - safe[None, :]), 0), FAST)
         else:  # the mixture sum_k w_k P_k and the log of it: one lg2 instead of K exps and a log (divergences.py)
             p = tl.sum(w[:, None] * pk, 0)
             p = tl.where(p < 1.1754943508222875e-38, 0.0, p)  # a subnormal P (< 1e-38) is 0: flog's domain
