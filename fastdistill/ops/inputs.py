@@ -344,9 +344,10 @@ class MIInputs(OpInputs):
 
     def kernel_args(self) -> tuple:
         u, v = self.student, self.teacher
-        if self.critic == "cosine":
-            u, v = torch.nn.functional.normalize(u, dim=-1), torch.nn.functional.normalize(v, dim=-1)
         acc = reference.compute_dtype(u)
+        if self.critic == "cosine":  # normalised in float32 (and its backward), rounded once to the kernels' dtype
+            u = torch.nn.functional.normalize(u.to(acc), dim=-1).to(u.dtype)
+            v = torch.nn.functional.normalize(v.to(acc), dim=-1).to(v.dtype)
         a = self.log_baseline
         a = a.to(acc) if isinstance(a, Tensor) else torch.full((u.shape[0],), float(a), dtype=acc, device=u.device)
         return self._args(student=u.contiguous(), teacher=v.contiguous(), log_baseline=a.contiguous())
