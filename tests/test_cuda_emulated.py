@@ -382,7 +382,8 @@ def _nan_beside_padding(s, ts):  # V = 5: a thread's only real column beside thr
 def test_nonfinite(asan, tmp_path, residency):
     """A padded vocabulary (-inf columns) for every divergence, in prob_mean over 3 teachers and loss_mean over 2
     (alternately); -inf in the student where the target has mass; NaN, all -inf and +inf rows; a NaN beside padding
-    lanes under pure CE; non-finite teacher rows at skew 0, and beside a teacher of weight 0: NaN and +-inf exactly where the CPU op has them."""
+    lanes under pure CE; non-finite teacher rows at skew 0, and beside a teacher of weight 0: NaN and +-inf exactly
+    where the CPU op has them."""
     alternate = [("prob_mean", 3), ("loss_mean", 2)] * len(DIVERGENCES)
     cases = [forced(residency, v=300, k=k, divergence=div, ensemble=ens, specials=_padded_vocab,
                     reduce=ens != "loss_mean") for div, (ens, k) in zip(DIVERGENCES, alternate)]  # fmt: skip
