@@ -317,6 +317,25 @@ def test_skew_near_zero_gradients_stay_finite(backend, divergence, skew):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", [p for p in KD_BACKENDS if p != "reference"])
+@pytest.mark.parametrize("divergence", ["skew_kl", "skew_reverse_kl"])
+def test_skew_zero_is_the_plain_divergence_on_infinite_rows(backend, divergence):
+    """At skew 0 the mixture is the other distribution itself: a row whose loss is +inf (the mixture 0 where the
+    outer distribution has mass: the teacher padded with -inf under skew_reverse_kl, the student under skew_kl) gets
+    the loss and gradients of reverse_kl / kl on the same backend, not 0/0 = NaN."""
+    s, ts = make_inputs((4,), 23, 2)
+    for t in ts:
+        t[1, -3:] = -math.inf  # teacher padding where the student has mass
+    s[2, :2] = -math.inf  # student -inf where the teachers have mass
+    plain = {"skew_kl": "kl", "skew_reverse_kl": "reverse_kl"}[divergence]
+    loss, grads = _grads(s, ts, divergence=divergence, skew=0.0, backend=backend)
+    want_loss, want_grads = _grads(s, ts, divergence=plain, backend=backend)
+    assert torch.isinf(loss).any()
+    torch.testing.assert_close(loss, want_loss, equal_nan=True)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got, want, equal_nan=True)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("divergence", ["skew_kl", "skew_reverse_kl"])
 def test_codistill_skew_zero_gradients_stay_finite(backend, divergence):

@@ -164,8 +164,10 @@ FD_HOST_DEVICE Terms<typename Ops::V> divergence_terms(const DivParams<T>& prm, 
     case Divergence::SkewKL: {  // KL(P || a P + (1-a) Q), a = skew = w
       V logm = logaddexp<Ops>(logp + Ops::splat(prm.log_w), logq + Ops::splat(prm.log_1m_w));
       t.phi = xlogr<Ops>(p, logp, logm);
-      // s = (1-a) Q / M, Q's share of M: in [0, 1] for every a, where P / M alone overflows at a = 0
-      V s = Ops::where_zero(p, zero, Ops::exp(Ops::splat(prm.log_1m_w) + logq - logm));
+      // s = (1-a) Q / M, Q's share of M: in [0, 1] for every a, where P / M alone overflows at a = 0. At a = 0, M = Q
+      // and s = 1, as in kl, also where Q = 0 < P (an infinite loss: s = 0/0, taken as 1, so the gradient is kl's)
+      V s = Ops::where_zero(p, zero, Ops::where_neginf(logm, Ops::splat(T(1)),
+                                                      Ops::exp(Ops::splat(prm.log_1m_w) + logq - logm)));
       t.gq = zero - p * s;      // Q dphi/dQ = -(1-a) P Q / M
       t.hp = t.phi + p * s;     // P dphi/dP = phi + P - a P^2 / M = phi + P s
       break;
@@ -173,8 +175,9 @@ FD_HOST_DEVICE Terms<typename Ops::V> divergence_terms(const DivParams<T>& prm, 
     case Divergence::SkewReverseKL: {  // KL(Q || (1-a) P + a Q), a = skew = w
       V logm = logaddexp<Ops>(logp + Ops::splat(prm.log_1m_w), logq + Ops::splat(prm.log_w));
       t.phi = xlogr<Ops>(q, logq, logm);
-      // s = (1-a) P / M, P's share of M (as for skew_kl, bounded at a = 0)
-      V s = Ops::where_zero(q, zero, Ops::exp(Ops::splat(prm.log_1m_w) + logp - logm));
+      // s = (1-a) P / M, P's share of M (as for skew_kl: bounded, and 1 at a = 0 as in reverse_kl)
+      V s = Ops::where_zero(q, zero, Ops::where_neginf(logm, Ops::splat(T(1)),
+                                                      Ops::exp(Ops::splat(prm.log_1m_w) + logp - logm)));
       t.gq = t.phi + q * s;     // Q dphi/dQ = phi + Q - a Q^2 / M = phi + Q s
       t.hp = zero - q * s;      // P dphi/dP = -(1-a) P Q / M
       break;

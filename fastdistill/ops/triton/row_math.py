@@ -69,13 +69,13 @@ def divergence_terms(p, q, logp, logq, DIV: tl.constexpr, dw, log_dw, log_1m_dw,
     elif DIV == 4:  # skew_kl
         logm = logaddexp(logp + log_dw, logq + log_1m_dw, FAST)
         phi = xlogr(p, logp, logm)
-        s = tl.where(p == 0, 0.0, fexp(log_1m_dw + logq - logm))  # Q's share of M, <= 1 even at skew 0
+        s = tl.where(p == 0, 0.0, tl.where(logm == float("-inf"), 1.0, fexp(log_1m_dw + logq - logm)))  # Q's share
         gq = -p * s
         hp = phi + p * s
     else:  # skew_reverse_kl
         logm = logaddexp(logp + log_1m_dw, logq + log_dw, FAST)
         phi = xlogr(q, logq, logm)
-        s = tl.where(q == 0, 0.0, fexp(log_1m_dw + logp - logm))  # P's share of M, <= 1 even at skew 0
+        s = tl.where(q == 0, 0.0, tl.where(logm == float("-inf"), 1.0, fexp(log_1m_dw + logp - logm)))  # P's share
         gq = phi + q * s
         hp = -q * s
     return phi, gq, hp
