@@ -15,7 +15,6 @@ from conftest import (
     DIVERGENCES,
     ENSEMBLES,
     KD_BACKENDS,
-    loss_and_grads,
     make_inputs,
     reference64,
     requires_ext,
@@ -301,9 +300,9 @@ def test_skew_near_zero_gradients_stay_finite(backend, divergence, skew):
     g = torch.Generator().manual_seed(4)
     s = (30 * torch.randn(6, 37, generator=g, dtype=torch.float64)).float()
     ts = [(30 * torch.randn(6, 37, generator=g, dtype=torch.float64)).float()]
-    kw = dict(divergence=divergence, skew=skew, temperature=0.5, reduction="none")
-    loss, grads = loss_and_grads(s, ts, teacher_grad=True, backend=backend, **kw)
-    want_loss, want_grads = reference64(s, ts, teacher_grad=True, **kw)
+    kw = dict(divergence=divergence, skew=skew, temperature=0.5)
+    loss, grads = _grads(s, ts, backend=backend, **kw)
+    want_loss, want_grads = reference64(s, ts, teacher_grad=True, reduction="none", **kw)
     assert all(torch.isfinite(x).all() for x in (loss, *grads)), f"{backend}: non-finite loss or gradient"
     # logits / T up to ~400: float32 holds them to ~3e-5, so probabilities and gradients (<= 1) carry that much
     torch.testing.assert_close(loss.double(), want_loss, rtol=1e-4, atol=1e-4)
@@ -311,8 +310,7 @@ def test_skew_near_zero_gradients_stay_finite(backend, divergence, skew):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
     if skew == 0:  # the same gradients as the divergence it reduces to, on the same backend
         plain = {"skew_kl": "kl", "skew_reverse_kl": "reverse_kl"}[divergence]
-        _, plain_grads = loss_and_grads(s, ts, teacher_grad=True, backend=backend, divergence=plain,
-                                        temperature=0.5, reduction="none")  # fmt: skip
+        _, plain_grads = _grads(s, ts, backend=backend, divergence=plain, temperature=0.5)
         for got, want in zip(grads, plain_grads):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
@@ -332,6 +330,8 @@ def test_skew_zero_is_the_plain_divergence_on_infinite_rows(backend, divergence)
     want_loss, want_grads = _grads(s, ts, divergence=plain, backend=backend)
     assert torch.isinf(loss).any()
     torch.testing.assert_close(loss, want_loss, equal_nan=True)
+    ref_loss, _ = reference64(s, ts, divergence=divergence, skew=0.0, reduction="none")  # the loss is specified
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5, equal_nan=True)
     for got, want in zip(grads, want_grads):
         torch.testing.assert_close(got, want, equal_nan=True)
 
