@@ -65,20 +65,75 @@ def _unwrapped(name: str, model: nn.Module) -> tuple[nn.Module, str]:
     return inner, name if inner is model else f"{name} ({type(inner).__name__} inside {type(model).__name__})"
 
 
-def _linear_head(name: str, model: nn.Module) -> nn.Linear:
-    """``model.get_output_embeddings()`` (``model`` unwrapped), if it is a plain ``nn.Linear``: ValueError naming
-    ``name`` otherwise, for an adapter around the head (LoRA on ``lm_head``, ``modules_to_save``) with its own
-    message. Such a head's ``weight`` is its frozen base layer's: the fused loss would leave the adapter out."""
+class _Adapter(NamedTuple):
+    """One LoRA adapter (peft) on an output head: it adds ``scaling * B(A(x))`` to the head's output."""
+
+    a: nn.Linear
+    b: nn.Linear
+    scaling: float
+
+
+def _head_layers(name: str, model: nn.Module) -> tuple[nn.Linear, list[_Adapter]]:
+    """The linear layer that ``model.get_output_embeddings()`` (``model`` unwrapped) computes with, and the LoRA
+    adapters active on it, as peft's forward chooses them: a ``modules_to_save`` head (``ModulesToSaveWrapper``)
+    is its active adapter's trainable copy (the original while adapters are disabled); a LoRA head
+    (``lora.Linear``) is its base layer plus each active, unmerged adapter, whose ``B @ A`` :func:`_head_params`
+    adds to the weight. Reads the head, computes nothing. ValueError naming ``name`` for a head that is no linear
+    map of the hidden states the fused loss could form: no linear head, a LoRA variant (DoRA, ...), LoRA dropout
+    on the head (a random mask per row, no one weight), another kind of adapter."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and hasattr(head, "original_module") and hasattr(head, "modules_to_save"):
+        active = list(getattr(head, "active_adapters", ()))  # peft's ModulesToSaveWrapper: its forward's choice
+        copy = not head.disable_adapters and active and all(a in head.modules_to_save for a in active)
+        head = head.modules_to_save[active[0]] if copy else head.original_module
+    adapters: list[_Adapter] = []
+    if head is not None and hasattr(head, "base_layer") and hasattr(head, "lora_A"):  # peft's LoRA layer
+        kind = f"{type(head).__module__}.{type(head).__qualname__}"
+        # disabled: the base layer alone (a merged adapter is unmerged by the forward); merged: in its weight
+        for a in [] if head.disable_adapters or head.merged else head.active_adapters:
+            if a not in head.lora_A:
+                continue
+            if getattr(head, "use_dora", {}).get(a) or a in getattr(head, "lora_variant", {}):
+                raise ValueError(f"fused_linear: {name}'s output head has a LoRA variant (DoRA or another, adapter "
+                                 f"{a!r}, {kind}), not a low-rank term the fused loss can add to its weight: leave "
+                                 "lm_head out of target_modules, or use fused_linear=False")  # fmt: skip
+            drop = head.lora_dropout[a]
+            if not (isinstance(drop, nn.Identity) or (isinstance(drop, nn.Dropout) and drop.p == 0)):
+                raise ValueError(f"fused_linear: {name}'s output head has LoRA dropout ({drop!r}, adapter {a!r}): "
+                                 "its output is no fixed linear map of the hidden states; use lora_dropout=0, leave "
+                                 "lm_head out of target_modules, or use fused_linear=False")  # fmt: skip
+            lora_a, lora_b = head.lora_A[a], head.lora_B[a]
+            if not (isinstance(lora_a, nn.Linear) and isinstance(lora_b, nn.Linear)):
+                raise ValueError(f"fused_linear: {name}'s output head has a LoRA adapter {a!r} of "
+                                 f"{type(lora_a).__name__} / {type(lora_b).__name__} layers, not nn.Linear; use "
+                                 "fused_linear=False")  # fmt: skip
+            adapters.append(_Adapter(lora_a, lora_b, float(head.scaling[a])))
+        head = head.base_layer
     if isinstance(head, nn.Linear):
-        return head
+        return head, adapters
     if head is not None and any(hasattr(head, a) for a in ("base_layer", "original_module", "lora_A")):
         kind = f"{type(head).__module__}.{type(head).__qualname__}"
-        raise ValueError(f"fused_linear: {name}'s output head is wrapped by an adapter ({kind}: LoRA or "
-                         "modules_to_save on lm_head); the fused loss takes a plain linear head: leave lm_head out "
-                         "of the adapter's target_modules / modules_to_save, or use fused_linear=False")  # fmt: skip
+        raise ValueError(f"fused_linear: {name}'s output head is wrapped by an adapter ({kind}) that is not LoRA or "
+                         "modules_to_save over a linear layer; the fused loss takes a linear head: leave lm_head out "
+                         "of the adapter, or use fused_linear=False")  # fmt: skip
     raise ValueError(f"fused_linear: {name} has no linear output head (get_output_embeddings()); use "
                      "fused_linear=False")  # fmt: skip
+
+
+def _head_params(layer: nn.Linear, adapters: list[_Adapter]) -> tuple[Tensor, Tensor | None]:
+    """The weight ``[V, H]`` and bias ``[V]`` of ``layer`` with ``adapters`` (:func:`_head_layers`) added:
+    ``W + sum scaling * B.weight @ A.weight`` (and ``scaling * (B.weight @ A.bias + B.bias)`` to the bias), in the
+    layer's dtype, with the autograd graph to the adapters' parameters (so their gradients come through the fused
+    loss's weight gradient). Without adapters, the layer's own parameters, as they are."""
+    weight, bias = layer.weight, layer.bias
+    for ad in adapters:
+        weight = weight + (ad.scaling * (ad.b.weight @ ad.a.weight)).to(weight.dtype)
+        extra = [ad.b.weight @ ad.a.bias] if ad.a.bias is not None else []
+        extra += [ad.b.bias] if ad.b.bias is not None else []
+        if extra:
+            term = (ad.scaling * sum(extra)).to(weight.dtype)
+            bias = term if bias is None else bias + term
+    return weight, bias
 
 
 def _passes_keyword(fn: Any, keyword: str) -> bool:
@@ -93,11 +148,12 @@ def check_fusable(name: str, model: nn.Module) -> None:
     the full logits anyway), no logit scaling, soft-capping or vocabulary slicing in its config or modules
     (:data:`_LOGIT_TRANSFORMS`, ``unpadded_vocab_size`` != ``vocab_size``). A wrapped model (PEFT / LoRA:
     ``get_base_model()``; DDP: ``.module``) is checked inside, on its Hugging Face model; its own forward (the one
-    called) must pass ``logits_to_keep`` on (``**kwargs``), and an adapter on the head itself is refused.
+    called) must pass ``logits_to_keep`` on (``**kwargs``); a LoRA or ``modules_to_save`` head is read as
+    :func:`_head_layers` says (other adapters on the head are refused).
     ValueError naming ``name`` and the attribute otherwise; :func:`check_head_output` then checks the first batch's
     logits at run time."""
     inner, label = _unwrapped(name, model)
-    _linear_head(label, inner)
+    _head_layers(label, inner)
     if getattr(inner, "base_model", inner) is inner:
         raise ValueError(f"fused_linear: {label} has no base model under its head (base_model) whose output the head "
                          "reads; use fused_linear=False")  # fmt: skip
@@ -166,9 +222,10 @@ def hidden_and_head(model: nn.Module, inputs: Any) -> tuple[TeacherHead, Any]:
     fusing avoids). ``model`` may be wrapped by DDP (``model.module``) and PEFT (``get_base_model()``: a LoRA
     model): the hook and the head are the inner Hugging Face model's (a PEFT wrapper's own ``base_model`` is the
     adapter around the whole model, whose output is the logits), and the wrapper's forward is the one called
-    (``logits_to_keep`` passed on through its ``**kwargs``)."""
+    (``logits_to_keep`` passed on through its ``**kwargs``). A LoRA head's weight is formed here, after the forward,
+    on every call (:func:`_head_params`: one more [V, H] tensor; the adapters' gradients come through it)."""
     inner, label = _unwrapped("model", model)
-    head = _linear_head(label, inner)  # before the forward: an adapter head's weight would leave the adapter out
+    layer, adapters = _head_layers(label, inner)  # checked before the forward, read after it (peft unmerges there)
     caught: list[Tensor] = []
     handle = inner.base_model.register_forward_hook(lambda _module, _args, out: caught.append(out[0]))
     try:
@@ -180,9 +237,10 @@ def hidden_and_head(model: nn.Module, inputs: Any) -> tuple[TeacherHead, Any]:
                            f"{len(caught)} times in one forward, expected once: its logits are not "
                            "lm_head(base_model(...)[0]); use fused_linear=False")  # fmt: skip
     hidden = caught[0]
-    if hidden.dtype != head.weight.dtype:  # a 16-bit last projection under autocast, a float32 head: the head's
-        hidden = hidden.to(head.weight.dtype)  # matmul in the weight's dtype (the loss requires one dtype)
-    return TeacherHead(hidden, head.weight, head.bias), out
+    weight, bias = _head_params(layer, adapters)
+    if hidden.dtype != weight.dtype:  # a 16-bit last projection under autocast, a float32 head: the head's
+        hidden = hidden.to(weight.dtype)  # matmul in the weight's dtype (the loss requires one dtype)
+    return TeacherHead(hidden, weight, bias), out
 
 
 Teacher = Tensor | TeacherHead

@@ -614,7 +614,7 @@ def test_check_fusable_and_hidden_and_head_look_inside_a_peft_wrapper():
     with pytest.raises(ValueError, match="model.forward \\(NoKwargs\\) does not pass logits_to_keep on"):
         check_fusable("model", NoKwargs(llama))
 
-    class LoraLinear(torch.nn.Module):  # peft's lora.Linear: its .weight is the base layer's, the adapter aside
+    class LoraLinear(torch.nn.Module):  # an adapter that is not peft's LoRA: its .weight is the base layer's
         def __init__(self, base):
             super().__init__()
             self.base_layer = base

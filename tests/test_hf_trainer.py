@@ -455,7 +455,8 @@ def test_teacher_heads_reach_the_students_device_once_and_offloaded_heads_are_na
     from fastdistill import TeacherHead
     from fastdistill.integrations.hf import _on_device
 
-    w, b, h = torch.randn(40, 8), torch.randn(40), torch.randn(2, 3, 8)
+    w, b = (torch.nn.Parameter(torch.randn(*shape), requires_grad=False) for shape in ((40, 8), (40,)))  # a head's
+    h = torch.randn(2, 3, 8)
     cache: dict = {}
     first = _on_device(TeacherHead(h, w, b), torch.device("meta"), cache, "teachers[0]")
     again = _on_device(TeacherHead(h, w, b), torch.device("meta"), cache, "teachers[0]")
@@ -470,7 +471,7 @@ def test_teacher_heads_reach_the_students_device_once_and_offloaded_heads_are_na
 def test_fused_linear_with_peft_wrapped_student_and_teacher(tmp_path):
     """A LoRA (PEFT) student or teacher with fused_linear=True: checked and hooked inside, on the Hugging Face
     model (its decoder's output, its lm_head), called through the wrapper; the loss and the student's gradients are
-    the logits path's. An adapter on lm_head itself is refused by name."""
+    the logits path's. An adapter on lm_head other than peft's LoRA or modules_to_save is refused by name."""
     student, teachers = PeftLike(_gpt2(1, 16, 0)), [PeftLike(_gpt2(2, 32, 1)), _gpt2(2, 32, 2)]
     plain = DistillationTrainer(model=student, args=_args(tmp_path), teachers=teachers, **KD)
     fused = DistillationTrainer(model=student, args=_args(tmp_path / "f"), teachers=teachers, fused_linear=True, **KD)
@@ -491,7 +492,7 @@ def test_fused_linear_with_peft_wrapped_student_and_teacher(tmp_path):
     for g_fused, g_plain in zip(grads[1], grads[0]):
         torch.testing.assert_close(g_fused, g_plain, rtol=1e-4, atol=1e-6)
 
-    class LoraHead(torch.nn.Module):  # peft's lora.Linear around lm_head: not an nn.Linear, a base_layer inside
+    class LoraHead(torch.nn.Module):  # an adapter around lm_head (a base_layer inside) that is not peft's LoRA
         def __init__(self, base):
             super().__init__()
             self.base_layer = base

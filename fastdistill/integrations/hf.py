@@ -219,8 +219,10 @@ def _on_device(x: Tensor | TeacherHead, device: torch.device, heads: dict[int, T
                name: str = "teacher") -> Tensor | TeacherHead:  # fmt: skip
     """A teacher's logits (or hidden states and head) on the student's ``device``: a ``device_map`` teacher's last
     layer may sit elsewhere. Non-blocking, except into host memory (the CPU would read the copy before it lands).
-    A head's weight and bias (frozen) are copied once and kept in ``heads`` (by the parameter's id), not on every
-    step; an offloaded head (meta weights, loaded by accelerate's hooks in the forward) is a ValueError."""
+    A head's weight and bias (frozen parameters) are copied once and kept in ``heads`` (by the parameter's id), not
+    on every step; a weight formed per call (a LoRA head's, :func:`fastdistill.fused_linear.hidden_and_head`) is
+    copied every time (its id may be a freed one's); an offloaded head (meta weights, loaded by accelerate's hooks in
+    the forward) is a ValueError."""
     if isinstance(x, TeacherHead):
         for p in (x.weight, x.bias):
             if p is not None and p.device.type == "meta":
@@ -229,7 +231,7 @@ def _on_device(x: Tensor | TeacherHead, device: torch.device, heads: dict[int, T
                                  "place the head on a GPU (device_map) or use fused_linear=False")  # fmt: skip
 
         def param(p: Tensor | None) -> Tensor | None:
-            if p is None or p.device == device or heads is None:
+            if p is None or p.device == device or heads is None or not isinstance(p, nn.Parameter):
                 return None if p is None else _on_device(p, device)
             if id(p) not in heads:
                 heads[id(p)] = p.detach().to(device)
