@@ -131,7 +131,8 @@ class LoopConfig:
     shift_labels: bool | None = opt(None, "Causal LM: logits at position t predict the label at t+1 (null: on for "
                                           "transformers causal LMs, off for its other models; a student of another "
                                           "class with per-position labels must say).")  # fmt: skip
-    train_teachers: bool = opt(False, "Co-distillation: the teachers train too (gradients from kd_loss).")
+    train_teachers: bool = opt(False, "The teachers train too, from kd_loss's gradient to their logits only (it pulls "
+                               "them toward the student; no loss of their own).")
     shuffle: bool = opt(True, "Shuffle the data each epoch (from seed and epoch).")
     drop_last: bool = opt(False, "Drop an epoch's last, smaller, micro-batch.")
     amp: Literal["auto", "bf16", "off"] = opt("auto", "bf16 autocast: auto (on CUDA when supported), bf16, off.")

@@ -163,10 +163,12 @@ class DistillationLoop:
         scheduler: an LR scheduler, or a callable ``(optimizer, total_steps) -> scheduler`` (built in :meth:`fit`);
             stepped once per optimizer step.
         teacher_cache: cached teacher logits instead of teacher forwards; row i is dataset item i.
-        train_teachers: co-distillation: teachers train too (their forward keeps gradients, ``kd_loss`` sends
-            gradients to their logits, their parameters join the optimizer, checkpoints and the default
-            evaluation). Co-training two models: one teacher, ``loss=CodistillLoss(...)`` (each model its own
-            hard loss plus a KL toward the other's output, stop-gradient on the target, in one fused op).
+        train_teachers: teachers train too (their forward keeps gradients, their parameters join the optimizer,
+            checkpoints and the default evaluation). Co-training two models: one teacher,
+            ``loss=CodistillLoss(...)`` (each model its own hard loss plus a KL toward the other's output,
+            stop-gradient on the target, in one fused op). With a ``KDLoss`` a teacher's only signal is
+            ``kd_loss``'s gradient to its logits: the divergence pulls it toward the student, with no loss of its
+            own (a warning says so).
         feature_terms: :class:`FeatureTerm` s (need live teachers).
         batch_size: items per micro-batch per process (the global micro-batch is ``batch_size * world_size``);
             like ``collate_fn``, ``shuffle`` and ``drop_last``, for map-style datasets only (a DataLoader brings its
@@ -276,6 +278,12 @@ class DistillationLoop:
         if isinstance(loss, KDLoss | CodistillLoss) and loss.reduction != "mean":
             raise ValueError(f"the loop normalises by num_items: {type(loss).__name__} needs reduction='mean', got "
                              f"{loss.reduction!r}")  # fmt: skip
+        if train_teachers and isinstance(loss, KDLoss):
+            warnings.warn("train_teachers=True with a KDLoss: the teachers learn only from kd_loss's gradient to their "
+                          "logits, which pulls each teacher toward the student, with no hard-label loss of its own; "
+                          "for co-distillation (each model its own loss plus a KL toward the other's output, as Anil "
+                          "et al. 2018 and CTCD) use loss=CodistillLoss(...) with one teacher",
+                          stacklevel=2)  # fmt: skip
         self.loss_fn = loss
         if isinstance(loss, nn.Module):  # its buffers (KDLoss's tensor of teacher weights) on the loop's device
             loss.to(self.device)
