@@ -344,3 +344,25 @@ def test_losses_in_the_loop_accumulate_like_one_batch(which, hard):
     st = copy.deepcopy(student0)
     loss(st(x[kept]), t[kept]).backward()
     torch.testing.assert_close(step(1), st.weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_slam_loss_skipped_rows_keep_nan_out_of_the_gradient():
+    """A padded row's logits may hold anything (NaN, inf): a row skipped by its label or by weight 0 gives 0 and a
+    zero gradient, and the other rows' loss and gradients are what they are without it (as kd_loss's contract)."""
+    torch.manual_seed(4)
+    s, t = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    alpha, k = torch.rand(4, dtype=torch.float64), torch.tensor([2, 3, 1, 2])
+    labels, weight = torch.tensor([0, -100, 3, 1]), torch.tensor([1.0, 1.0, 0.0, 0.5], dtype=torch.float64)
+    s_bad, t_bad = s.clone(), t.clone()
+    s_bad[1], t_bad[1, 2], s_bad[2, 0], t_bad[2] = math.nan, math.inf, math.nan, math.nan
+    grads = []
+    for a, b in ((s, t), (s_bad, t_bad)):
+        a = a.clone().requires_grad_()
+        loss = slam_loss(a, b, alpha, k, labels=labels, sample_weight=weight, reduction="none")
+        loss.sum().backward()
+        grads.append((loss.detach(), a.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    torch.testing.assert_close(grads[1][1], grads[0][1])
+    assert grads[1][0][1:3].eq(0).all() and grads[1][1][1:3].eq(0).all()
+    with pytest.raises(ValueError, match=r"sample_weight must be \[\*\] = \[4\]"):
+        slam_loss(s, t, alpha, k, sample_weight=weight[:3])

@@ -267,7 +267,8 @@ def slam_loss(
         teacher_logits: [*, V]; its softmax (T = 1) is the soft label, its top ``k`` the mixing mask. Constant.
         alpha: [*] α(x) in [0, 1] (or a float); k: int or int64 [*] in [1, V].
         sample_weight: optional [*] non-negative weights.
-        labels: optional int64 [*]: not learnt from; rows whose label is ``ignore_index`` (padding) are skipped.
+        labels: optional int64 [*]: not learnt from; rows whose label is ``ignore_index`` (padding) are skipped:
+            they (and rows of weight 0) give 0 and a zero gradient whatever their logits hold, NaN included.
         reduction: "mean" (over the rows not skipped, or ``num_items``), "sum" or "none" ([*]).
         num_items: the "mean" denominator instead of the count of rows not skipped (as in
             :func:`fastdistill.kd_loss`: a training loop's count over a step's micro-batches).
@@ -277,6 +278,16 @@ def slam_loss(
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     acc = fastdistill.ops.reference.compute_dtype(student_logits, teacher_logits)
+    rows = student_logits.shape[:-1]
+    for name, x in (("labels", labels), ("sample_weight", sample_weight)):
+        if x is not None and x.shape != rows:
+            raise ValueError(f"{name} must be [*] = {list(rows)} (the logits' rows), got {list(x.shape)}")
+    kept = None if labels is None else labels != ignore_index
+    live = kept if sample_weight is None else (sample_weight > 0) if kept is None else kept & (sample_weight > 0)
+    if live is not None:  # skipped rows give exactly 0 and a zero gradient whatever their logits (NaN padding
+        # included): neutralised before the math, as kd_loss does, so nothing in them reaches the gradient via 0 * NaN
+        student_logits = torch.where(live[..., None], student_logits, 0.0)
+        teacher_logits = torch.where(live[..., None], teacher_logits, 0.0)
     t = teacher_logits.detach().to(acc)
     p_t = torch.softmax(t, dim=-1)
     # classes the teacher gives no mass (-inf logits: a masked or padded vocabulary) carry no term: a finite stand-in
@@ -300,11 +311,7 @@ def slam_loss(
     per_row = -(p_t * log_mix).sum(-1)
     if sample_weight is not None:
         per_row = per_row * sample_weight.to(per_row.dtype)
-    kept = None
-    if labels is not None:
-        if labels.shape != per_row.shape:
-            raise ValueError(f"labels must be [*] = {list(per_row.shape)}, got {list(labels.shape)}")
-        kept = labels != ignore_index
+    if kept is not None:
         per_row = torch.where(kept, per_row, torch.zeros_like(per_row))
     if reduction == "none":
         return per_row
