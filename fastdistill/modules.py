@@ -121,6 +121,11 @@ class CodistillLoss(nn.Module):
     :class:`fastdistill.training.DistillationLoop` use it with one teacher and ``train_teachers=True``: the student
     is model a, the teacher model b, and the loop logs both losses.
 
+    ``burn_in_steps``: the first optimizer steps train each model on its hard loss alone (both distillation weights
+    0), as Anil et al. (2018) start codistillation only after a burn-in, when the models' predictions are worth
+    learning from. The loop reports its progress before every optimizer step (:meth:`set_progress`); used by hand,
+    call it yourself (before it is called the loss counts as step 0).
+
     Example::
 
         loss_fn = CodistillLoss(temperature=2.0, weight_ab=1.0, weight_ba=0.5)
@@ -142,6 +147,7 @@ class CodistillLoss(nn.Module):
         ignore_index: int = -100,
         reduction: str = "mean",
         backend: str = "auto",
+        burn_in_steps: int = 0,
     ) -> None:
         super().__init__()
         functional.check_hyperparameters(
@@ -149,7 +155,15 @@ class CodistillLoss(nn.Module):
             ce_weight=0.0, reduction=reduction, backend=backend, ignore_index=ignore_index,
             scale_by_temperature_sq=scale_by_temperature_sq,
         )  # fmt: skip
-        functional.check_codistill_weights(weight_ab, weight_ba, hard_weight)
+        if isinstance(burn_in_steps, bool) or not isinstance(burn_in_steps, int) or burn_in_steps < 0:
+            raise ValueError(f"burn_in_steps must be an int >= 0, got {burn_in_steps!r}")
+        hard = functional.check_codistill_weights(weight_ab, weight_ba, hard_weight)[2]
+        if burn_in_steps and hard is not None and max(hard) == 0:
+            raise ValueError("burn_in_steps > 0 trains on the hard losses alone at first: hard_weight must not be 0")
+        self.burn_in_steps = burn_in_steps
+        # progress as last reported (plain attributes, not state: the loop reports it before every step, so a
+        # resumed run needs nothing from a checkpoint)
+        self.step = 0
         self.temperature = temperature
         self.weight_ab = weight_ab
         self.weight_ba = weight_ba
@@ -178,18 +192,30 @@ class CodistillLoss(nn.Module):
                 raise ValueError(f"CodistillLoss trains two models: logits_b must be one model's logits, got "
                                  f"{len(logits_b)} (use one teacher)")  # fmt: skip
             logits_b = logits_b[0]
+        if self.burn_in_steps and labels is None:
+            raise ValueError("burn_in_steps > 0 trains on the hard losses alone at first: it needs labels")
+        distilling = self.step >= self.burn_in_steps
         return functional.codistill_loss(
-            logits_a, logits_b, labels, temperature=self.temperature, weight_ab=self.weight_ab,
-            weight_ba=self.weight_ba, hard_weight=self.hard_weight, divergence=self.divergence,
+            logits_a, logits_b, labels, temperature=self.temperature,
+            weight_ab=self.weight_ab if distilling else 0.0, weight_ba=self.weight_ba if distilling else 0.0,
+            hard_weight=self.hard_weight, divergence=self.divergence,
             scale_by_temperature_sq=self.scale_by_temperature_sq, beta=self.beta, skew=self.skew,
             ignore_index=self.ignore_index, sample_weight=sample_weight, reduction=self.reduction,
             num_items=num_items, backend=self.backend,
         )  # fmt: skip
 
+    def set_progress(self, step: int, total_steps: int | None = None) -> None:
+        """Where training is: ``step`` optimizer steps done (0-based); the distillation terms start at
+        ``step == burn_in_steps``. ``total_steps`` is not used (the loop's signature)."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        self.step = step
+
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, weight_ab={self.weight_ab}, weight_ba={self.weight_ba}, "
             f"hard_weight={self.hard_weight}, divergence={self.divergence!r}, backend={self.backend!r}"
+            + (f", burn_in_steps={self.burn_in_steps}" if self.burn_in_steps else "")
         )
 
 

@@ -277,6 +277,34 @@ def test_module_matches_functional():
     assert "weight_ab=0.5" in repr(module)
 
 
+
+def test_burn_in_trains_on_the_hard_losses_alone_until_its_step():
+    """CodistillLoss(burn_in_steps=2): steps 0 and 1 are codistill_loss with both distillation weights 0, from step
+    2 on the full loss; checked arguments; no labels or hard_weight 0 have nothing to burn in on."""
+    a, b = _inputs((3, 4), 15)
+    labels, _ = _options((3, 4), 15)
+    kw = dict(temperature=2.0, weight_ab=0.5, weight_ba=2.0, divergence="jsd")
+    module = fastdistill.CodistillLoss(burn_in_steps=2, **kw)
+    hard = fastdistill.codistill_loss(a, b, labels, **{**kw, "weight_ab": 0.0, "weight_ba": 0.0})
+    full = fastdistill.codistill_loss(a, b, labels, **kw)
+    for step, want in ((None, hard), (0, hard), (1, hard), (2, full), (7, full)):
+        if step is not None:
+            module.set_progress(step, 10)
+        got = module(a, b, labels)
+        assert torch.equal(got.loss_a, want.loss_a) and torch.equal(got.loss_b, want.loss_b), step
+    assert not torch.equal(hard.loss_a, full.loss_a)
+    assert "burn_in_steps=2" in repr(module)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="burn_in_steps must be an int >= 0"):
+            fastdistill.CodistillLoss(burn_in_steps=bad)
+    with pytest.raises(ValueError, match="hard_weight must not be 0"):
+        fastdistill.CodistillLoss(burn_in_steps=1, hard_weight=0.0)
+    with pytest.raises(ValueError, match="it needs labels"):
+        module(a, b)
+    with pytest.raises(ValueError, match="step must be an int >= 0"):
+        module.set_progress(-1, 10)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the op as torch sees it
 
@@ -428,6 +456,20 @@ def test_loop_co_trains_both_models(tmp_path):
     assert train["kd"] == pytest.approx(train["loss_a"] + train["loss_b"], rel=1e-5)
     assert {"loss", "accuracy", "teacher0/loss", "teacher0/accuracy"} <= set(out)
     assert out["teacher0/loss"] == pytest.approx(loop.evaluate(data, model=b)["loss"])
+
+    # burn-in: the loop reports its progress to the loss; with burn_in_steps=3 the first three steps are those of
+    # weights 0 (each model its cross-entropy alone), the rest those of the full loss
+    runs = {}
+    for name, loss in (("burn", fastdistill.CodistillLoss(temperature=2.0, weight_ab=0.5, burn_in_steps=3)),
+                       ("hard", fastdistill.CodistillLoss(temperature=2.0, weight_ab=0.0, weight_ba=0.0))):  # fmt: skip
+        run, _, ra, rb = _loop_setup(tmp_path / name)
+        run.loss_fn = loss
+        run.fit(data, max_steps=3)
+        after3 = [p.detach().clone() for p in [*ra.parameters(), *rb.parameters()]]
+        run.fit(data, max_steps=4)
+        runs[name] = after3, [p.detach().clone() for p in [*ra.parameters(), *rb.parameters()]]
+    assert all(torch.equal(p, q) for p, q in zip(runs["burn"][0], runs["hard"][0]))
+    assert not all(torch.equal(p, q) for p, q in zip(runs["burn"][1], runs["hard"][1]))
 
     # checkpoints hold both models: resuming continues exactly
     loop2, _, a2, b2 = _loop_setup(tmp_path / "resumed")
