@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
-from .ops import gemm
+from .ops import gemm, reference
 
 # Per chunk (its logits, the teachers' and the logit gradient), per device type. On CUDA the larger chunk matters for
 # speed: every chunk's weight-gradient GEMM reads and writes the float32 accumulator (2 x 4 V H bytes) in its
@@ -254,7 +254,7 @@ def _check_head(name: str, weight: Tensor, bias: Tensor | None, width: int, devi
     if weight.shape[1] != width:
         raise ValueError(f"{name} weight has shape {tuple(weight.shape)}: expected [V, {width}] (H of its hidden)")
     if weight.device != device:
-        raise ValueError(f"{name} weight is on {weight.device}, the hidden states on {device}")
+        raise ValueError(f"{name} weight is on {weight.device} but student_hidden is on {device}")
     if bias is None:
         return
     if not isinstance(bias, Tensor) or bias.shape != (weight.shape[0],):
@@ -268,15 +268,24 @@ def _check_head(name: str, weight: Tensor, bias: Tensor | None, width: int, devi
         raise ValueError(f"{bias_name} is on {bias.device}, the head weight on {weight.device}")
 
 
+def _check_device(name: str, x: Tensor, device: torch.device) -> None:
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but student_hidden is on {device}; move it there (.to(device))")
+
+
 def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: int, device) -> list[Teacher]:
-    """K teachers, each logits [N, V] or a TeacherHead with hidden [N, H_t]; shapes checked against the student."""
+    """K teachers, each logits [N, V] or a TeacherHead with hidden [N, H_t], detached (they get no gradient); shapes
+    and devices checked against the student's."""
     if isinstance(teachers, TeacherHead):
         teachers = [teachers]
     if isinstance(teachers, Tensor) or (isinstance(teachers, Sequence) and
                                         all(isinstance(t, Tensor) for t in teachers)):  # fmt: skip
         if isinstance(teachers, Sequence) and not teachers:
             raise ValueError("teachers is empty; need at least one teacher (K >= 1)")
-        return [t.reshape(-1, v) for t in functional.split_teachers(teachers, torch.Size((*lead, v)))]
+        split = functional.split_teachers(teachers, torch.Size((*lead, v)))
+        for k, t in enumerate(split):
+            _check_device(f"teachers[{k}]" if len(split) > 1 else "teachers", t, device)
+        return [t.detach().reshape(-1, v) for t in split]
     if not isinstance(teachers, Sequence) or isinstance(teachers, str) or not teachers:
         raise TypeError("teachers must be logits (a Tensor [*, V], [K, *, V] or a sequence of them), TeacherHead "
                         "(hidden, weight[, bias]) entries, or a sequence mixing both")  # fmt: skip
@@ -286,6 +295,7 @@ def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: in
             if not isinstance(t.hidden, Tensor) or t.hidden.shape[:-1] != lead:
                 raise ValueError(f"teachers[{k}].hidden must have shape [{', '.join(map(str, lead))}, H_t] (the "
                                  f"student's rows), got {tuple(getattr(t.hidden, 'shape', ()))}")  # fmt: skip
+            _check_device(f"teachers[{k}].hidden", t.hidden, device)
             _check_head(f"teachers[{k}]", t.weight, t.bias, t.hidden.shape[-1], device, f"teachers[{k}].bias")
             if t.weight.dtype != t.hidden.dtype:
                 raise TypeError(f"teachers[{k}].weight is {t.weight.dtype} but its hidden states are "
@@ -296,7 +306,8 @@ def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: in
                                    None if t.bias is None else t.bias.detach()))  # fmt: skip
         elif isinstance(t, Tensor):
             (logits,) = functional.split_teachers([t], torch.Size((*lead, v)))
-            out.append(logits.reshape(-1, v))
+            _check_device(f"teachers[{k}]", logits, device)
+            out.append(logits.detach().reshape(-1, v))
         else:
             raise TypeError(f"teachers[{k}] must be a Tensor of logits or a TeacherHead, got {type(t).__name__}")
     return out
@@ -344,6 +355,7 @@ class _Plan(NamedTuple):
     denominator: float  # "batchmean": the sum is divided by it at the end; else 1
     chunk: int
     lead: torch.Size
+    acc: torch.dtype  # of the loss: float64 if any input (student or teacher) is float64, else float32 (kd_loss's)
 
 
 def _chunk_teachers(plan: _Plan, z: Tensor, rows: slice) -> Tensor | list[Tensor]:
@@ -383,15 +395,14 @@ def _sweep(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, need: tuple[bool
     the loss to those of h [N, H], w, b that ``need`` asks for (None for the others; w's as a :class:`_HeadGrad`,
     w's and b's accumulated in the accumulation dtype). A frozen head (LoRA, a tied frozen embedding) costs no
     [V, H] buffer and no matmul."""
-    n = h.shape[0]
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    n, acc = h.shape[0], plan.acc
     grads = any(need)
     total = torch.zeros((), dtype=acc, device=h.device)
     rows_out = [] if plan.chunk_reduction == "none" else None
     gh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need[0] else None  # its row blocks contiguous
     gw = _HeadGrad(w, plan.accum_dtype) if need[1] else None
     gb = torch.zeros(w.shape[0], dtype=plan.accum_dtype, device=w.device) if need[2] and b is not None else None
-    for start in range(0, n, plan.chunk):
+    for start in range(0, max(n, 1), plan.chunk):  # N = 0: one empty chunk, so the backend checks its inputs
         rows = slice(start, min(n, start + plan.chunk))
         hc = h[rows]
         with torch.enable_grad(), functional.values_checked():
@@ -420,10 +431,7 @@ def _sweep(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, need: tuple[bool
         else:
             total = total + loss.to(acc)
         del loss
-    if rows_out is not None:  # no rows (N = 0): an empty [0], as kd_loss gives
-        out = torch.cat(rows_out) if rows_out else torch.zeros(0, dtype=acc, device=h.device)
-    else:
-        out = total
+    out = torch.cat(rows_out) if rows_out is not None else total
     return out, gh, gw, gb
 
 
@@ -612,7 +620,7 @@ def fused_linear_kd_loss(
     # kd_loss checks them; the chunks then skip their data-dependent checks (functional.values_checked). The shape
     # probe is an expanded scalar: the logits' shape and device, no memory.
     probe = student_hidden.new_empty(()).expand(*lead, v)
-    acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    acc = reference.compute_dtype(student_hidden, *(t if isinstance(t, Tensor) else t.hidden for t in teacher_list))
     flat_labels, flat_sw, count = functional.row_arguments(
         probe, labels=labels, ignore_index=ignore_index, check_label_range=ce_weight > 0,
         label_use="when ce_weight > 0", sample_weight=sample_weight, reduction=reduction, num_items=num_items,
@@ -631,7 +639,7 @@ def fused_linear_kd_loss(
                    ensemble=ensemble, beta=beta, skew=skew, ignore_index=ignore_index, ce_weight=ce_weight,
                    backend=backend)  # fmt: skip
     plan = _Plan(teacher_list, flat_labels, flat_sw, tw, options, accum_dtype, chunk_reduction, count, denominator,
-                 chunk, lead)  # fmt: skip
+                 chunk, lead, acc)  # fmt: skip
     h = student_hidden.reshape(n, width)
     if not torch.is_grad_enabled():  # no_grad / inference_mode (evaluation): the loss alone, no autograd Function,
         # so no head-gradient buffer or gradient matmuls for a head that requires grad (and no inference-mode error)

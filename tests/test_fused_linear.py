@@ -496,6 +496,41 @@ def test_a_bias_of_another_dtype_or_device_is_named():
     assert torch.autograd.grad(loss, b)[0].dtype == b.dtype
 
 
+
+def test_teachers_of_another_device_or_requiring_grad_and_a_float64_teacher():
+    """Teachers on another device than the student's hidden states (logits, or a TeacherHead's hidden states) are a
+    ValueError naming them, before any chunk; logits that require grad (a co-trained model's) are taken as constants,
+    also beside a TeacherHead whose matmul writes into the same stacked buffer, also under no_grad; a float64
+    teacher makes the loss float64 whatever the reduction, as kd_loss; an explicit backend that cannot run the inputs
+    is named for N = 0 rows too."""
+    h, w, b, t_hidden, t_heads, labels = _inputs()
+    logits = [th @ tw.T for th, tw in zip(t_hidden, t_heads)]
+    for teachers, name in (([logits[0], logits[1].to("meta")], r"teachers\[1\]"), (logits[0].to("meta"), "teachers"),
+                           ([TeacherHead(t_hidden[0].to("meta"), t_heads[0])], r"teachers\[0\].hidden"),
+                           ([logits[0], TeacherHead(t_hidden[1], t_heads[1].to("meta"))], r"teachers\[1\] weight")):
+        with pytest.raises(ValueError, match=rf"{name} is on meta but student_hidden is on cpu"):
+            fused_linear_kd_loss(h, w, teachers, labels, student_head_bias=b)
+    live = logits[0].detach().requires_grad_()
+    teachers = [live, TeacherHead(t_hidden[1], t_heads[1], torch.zeros(V, dtype=torch.float64))]
+    want = _materialised(h, w, b, [live.detach(), logits[1]], labels, backend="reference")
+    for mode in (torch.no_grad, torch.enable_grad):
+        with mode():
+            got = fused_linear_kd_loss(h, w, teachers, labels, student_head_bias=b, chunk_size=3, backend="reference")
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    got.backward()
+    assert live.grad is None and h.grad is not None  # the teacher is a constant
+    h32, w32 = h.detach().float(), w.detach().float()
+    for reduction in ("mean", "sum", "batchmean", "none"):
+        for lead in ((2, 5), (0,)):
+            hh = h32 if lead == (2, 5) else h32.reshape(-1, H)[:0]
+            t64 = torch.randn(*lead, V, dtype=torch.float64)
+            got = fused_linear_kd_loss(hh, w32, t64, reduction=reduction, backend="reference")
+            want = fastdistill.kd_loss(hh @ w32.T, t64, reduction=reduction, backend="reference")
+            assert got.dtype == want.dtype == torch.float64, (reduction, lead)
+            torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="backend='cuda' cannot run these inputs"):
+        fused_linear_kd_loss(h[:0], w, logits[0][:0], backend="cuda")
+
 def test_the_first_batch_check_takes_a_head_with_a_bias():
     """check_head_output on a model whose lm_head has a bias (Phi): [B, 1, H] hidden states through the head with
     its bias pass (an addmm of 3-D rows crashed on every such model's first fused batch), and a rescaled model's
