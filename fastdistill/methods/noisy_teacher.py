@@ -282,6 +282,9 @@ def slam_loss(
     for name, x in (("labels", labels), ("sample_weight", sample_weight)):
         if x is not None and x.shape != rows:
             raise ValueError(f"{name} must be [*] = {list(rows)} (the logits' rows), got {list(x.shape)}")
+    if sample_weight is not None:  # as kd_loss's check (a negative weight would select a neutralised row below)
+        w = sample_weight.detach()
+        fastdistill.functional._check_values("sample_weight", w, "finite and >= 0", ~torch.isfinite(w) | (w < 0))
     kept = None if labels is None else labels != ignore_index
     live = kept if sample_weight is None else (sample_weight > 0) if kept is None else kept & (sample_weight > 0)
     if live is not None:  # skipped rows give exactly 0 and a zero gradient whatever their logits (NaN padding
