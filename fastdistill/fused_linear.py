@@ -223,7 +223,8 @@ def hidden_and_head(model: nn.Module, inputs: Any) -> tuple[TeacherHead, Any]:
     model): the hook and the head are the inner Hugging Face model's (a PEFT wrapper's own ``base_model`` is the
     adapter around the whole model, whose output is the logits), and the wrapper's forward is the one called
     (``logits_to_keep`` passed on through its ``**kwargs``). A LoRA head's weight is formed here, after the forward,
-    on every call (:func:`_head_params`: one more [V, H] tensor; the adapters' gradients come through it)."""
+    on every call (:func:`_head_params`: one more [V, H] tensor, and a [V, H] gradient the fused loss accumulates;
+    the adapters' gradients come through it). Chunk-wise low-rank gradients that need neither are a follow-up."""
     inner, label = _unwrapped("model", model)
     layer, adapters = _head_layers(label, inner)  # checked before the forward, read after it (peft unmerges there)
     caught: list[Tensor] = []
