@@ -2,6 +2,7 @@
 trained from a cache takes the steps it takes with live teachers."""
 
 import copy
+import math
 
 import pytest
 import safetensors
@@ -74,6 +75,8 @@ def test_topk_cache_parts_and_dense_logits(tmp_path):
     torch.testing.assert_close(values, ref_v, rtol=0, atol=1e-6)
     assert torch.equal(indices, ref_i)
     probs = full.softmax(-1)
+    assert tail.dtype == torch.float64  # (a confident teacher's tail is below float32's range)
+    tail = tail.float()
     torch.testing.assert_close(tail, 1 - probs.gather(-1, ref_i).sum(-1), rtol=0, atol=1e-6)
     # dense: the stored entries keep their probabilities, the V - k others share the tail mass equally
     dense = cache.get(range(13)).softmax(-1)
@@ -98,7 +101,7 @@ def test_topk_cache_of_a_confident_teacher_keeps_its_tail(tmp_path):
     x = torch.randn(4, 3)
     cache = write_teacher_cache(tmp_path / "k.safetensors", [Confident()], ArrayDataset(input=x), topk=2)
     want = torch.logsumexp(torch.zeros(998), 0) + 0 - torch.logsumexp(torch.tensor([25.0, 5.0] + [0.0] * 998), 0)
-    torch.testing.assert_close(cache.tail_mass[:, 0], want.exp().expand(4), rtol=1e-5, atol=0)
+    torch.testing.assert_close(cache.tail_mass[:, 0].float(), want.exp().expand(4), rtol=1e-5, atol=0)
     dense = cache.get(range(4))[0]
     assert torch.isfinite(dense).all()
     student = torch.randn(4, 1000, requires_grad=True)
@@ -107,6 +110,38 @@ def test_topk_cache_of_a_confident_teacher_keeps_its_tail(tmp_path):
     got.backward()
     torch.testing.assert_close(got, fastdistill.kd_loss(student, live, divergence="reverse_kl"), rtol=1e-4, atol=0)
     assert torch.isfinite(student.grad).all()
+
+
+def test_topk_cache_keeps_a_tail_below_float32s_range_and_reads_float32_tails(tmp_path):
+    """A teacher sure of one token by a logit gap of 120 has a tail mass of ~4e-48, below float32's smallest
+    number: stored in float64, its dense logits stay finite and reverse KL from the cache is the live one's (in
+    float32 the tail was 0, its logits -inf, reverse KL inf). A cache whose tail was written in float32 (before
+    2026-11-30) still reads."""
+    vocab = 5000
+    logits = torch.zeros(2, vocab)
+    logits[0, 0], logits[1, 3] = 120.0, 90.0
+
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return logits[x]
+
+    path = tmp_path / "c.safetensors"
+    cache = write_teacher_cache(path, [Fixed()], ArrayDataset(input=torch.arange(2)), topk=1)
+    want = torch.tensor([-120.0, -90.0], dtype=torch.float64) + math.log(vocab - 1)
+    torch.testing.assert_close(cache.tail_mass[:, 0], want.exp(), rtol=1e-5, atol=0)
+    dense = cache.get(range(2))[0]
+    assert torch.isfinite(dense).all()
+    student = torch.randn(2, vocab, generator=torch.Generator().manual_seed(0))
+    for s in (student, torch.zeros(2, vocab)):
+        torch.testing.assert_close(fastdistill.kd_loss(s, dense, divergence="reverse_kl"),
+                                   fastdistill.kd_loss(s, logits, divergence="reverse_kl"), rtol=1e-5, atol=0)
+    with safetensors.safe_open(str(path), "pt") as f:
+        meta, parts = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    old = tmp_path / "old.safetensors"
+    safetensors.torch.save_file({**parts, "tail_mass": parts["tail_mass"].float()}, str(old), metadata=meta)
+    values, indices, tail = TeacherLogitCache(old).topk([1])
+    assert tail.dtype == torch.float32
+    torch.testing.assert_close(TeacherLogitCache(old).get([1]), cache.get([1]))
 
 
 def test_topk_with_k_equal_v_is_exact():

@@ -442,10 +442,16 @@ def test_unexpected_keys_are_counted(tmp_path):
 
 
 def test_resuming_a_finished_run_reports_its_last_loss(tmp_path):
+    """A run resumed from its last step's checkpoint runs nothing and returns what the finished run returned: its
+    last training loss and its final evaluation (computed again, not logged twice)."""
     ds = _data(n=16)
-    first = _loop(tmp_path).fit(ds, max_steps=4, checkpoint_every=2)
-    again = _loop(tmp_path).fit(ds, max_steps=4, resume_from="latest")  # nothing left to do
-    assert again["step"] == 4 and again["train_loss"] == first["train_loss"]
+    first = _loop(tmp_path).fit(ds, max_steps=4, checkpoint_every=2, eval_data=ds)
+    logged = (tmp_path / "metrics.jsonl").read_text()
+    again = _loop(tmp_path).fit(ds, max_steps=4, resume_from="latest", eval_data=ds)  # nothing left to do
+    assert again == first and "loss" in again and "accuracy" in again
+    assert (tmp_path / "metrics.jsonl").read_text() == logged
+    again = _loop(tmp_path).fit(ds, max_steps=4, resume_from="latest")  # no evaluation asked for
+    assert again["step"] == 4 and again["train_loss"] == first["train_loss"] and "accuracy" not in again
     assert not math.isnan(again["train_loss"])
     # a checkpoint of an older version has no train_loss: None, not NaN
     state = tmp_path / "checkpoints" / "step-00000004" / "state.json"

@@ -6,8 +6,8 @@ held whole in memory) and read back memory-mapped, so a student run only pages i
 - ``kind="full"``: ``logits`` ``[N, K, *, V]``, the K teachers' raw logits for each of the N dataset items
   (``*`` is the per-item shape, e.g. ``[T]`` for a sequence of T tokens; every item must have the same shape).
 - ``kind="topk"``: per row, the k largest logits ``values`` ``[N, K, *, k]``, their vocabulary ``indices``
-  ``[N, K, *, k]`` (int32) and ``tail_mass`` ``[N, K, *]``: the probability (at temperature 1) of the V - k
-  entries not stored. About V / (2k) times smaller than ``full``.
+  ``[N, K, *, k]`` (int32) and ``tail_mass`` ``[N, K, *]`` (float64): the probability (at temperature 1) of the
+  V - k entries not stored. About V / (2k) times smaller than ``full``.
 
 ``kd_loss`` consumes ``full`` caches exactly. A top-k cache is read back either as its parts
 (:meth:`TeacherLogitCache.topk`) or as dense logits (:meth:`TeacherLogitCache.get`) that keep the k stored
@@ -34,7 +34,8 @@ from .data import collate, default_forward, split_batch, to_device
 
 FORMAT = "fastdistill.teacher_cache"
 VERSION = "1"
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32"}
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int32: "I32"}
 _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 
 
@@ -108,7 +109,7 @@ class TeacherLogitCache:
 
     def topk(self, index: Tensor | Sequence[int], device: torch.device | str | None = None):
         """Top-k parts of rows ``index`` (B of them): values ``[K, B, *, k]``, indices int64 ``[K, B, *, k]``,
-        tail_mass float32 ``[K, B, *]``."""
+        tail_mass ``[K, B, *]`` as stored (float64; float32 in caches written before 2026-11-30)."""
         if self.kind != "topk":
             raise ValueError("topk() needs a top-k cache; this one stores full logits")
         idx = self._rows(index)
@@ -123,7 +124,7 @@ class TeacherLogitCache:
         return (
             _gather(self.values, idx, device).transpose(0, 1).contiguous(),
             _gather(self.indices, idx, device, in_range).transpose(0, 1).to(torch.long).contiguous(),
-            _gather(self.tail_mass, idx, device).transpose(0, 1).to(torch.float32).contiguous(),
+            _gather(self.tail_mass, idx, device).transpose(0, 1).contiguous(),
         )
 
     def get(
@@ -195,7 +196,8 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
     for name in names:
         info = header[name]
         dtype = _TORCH_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
-        allowed = ("I32",) if name == "indices" else ("F32", "F16", "BF16")  # indices int32, the rest floats
+        # indices int32; the tail mass float64 (float32 before 2026-11-30); logits and values a float of <= 32 bits
+        allowed = {"indices": ("I32",), "tail_mass": ("F64", "F32")}.get(name, ("F32", "F16", "BF16"))
         if dtype is None or info["dtype"] not in allowed:
             raise bad(f"tensor {name!r} has dtype {info.get('dtype') if isinstance(info, dict) else info!r}, "
                       f"expected {' or '.join(allowed)}")  # fmt: skip
@@ -230,15 +232,16 @@ def _is_size(x: Any) -> bool:
 def topk_to_logits(values: Tensor, indices: Tensor, tail_mass: Tensor, vocab_size: int) -> Tensor:
     """Dense logits ``[*, V]`` from top-k ``values``/``indices`` ``[*, k]`` and ``tail_mass`` ``[*]``: softmax of
     the result gives each stored entry its exact probability and each of the V - k others ``tail_mass / (V - k)``
-    (``-inf``, probability 0, when the tail mass is 0)."""
+    (``-inf``, probability 0, when the tail mass is 0). The tail's log in float64: a confident teacher's tail mass
+    (below float32's smallest number, 1.4e-45, past a logit gap of ~103) gives a finite tail logit."""
     v = values.float()
     k = v.shape[-1]
-    tail = tail_mass.float().clamp(0.0, 1.0)
+    tail = tail_mass.double().clamp(0.0, 1.0)
     # log of the full partition function, from the stored part: logsumexp(values) = log Z + log(1 - tail)
-    log_z = torch.logsumexp(v, dim=-1) - torch.log1p(-tail.clamp(max=1 - 1e-7))
+    log_z = torch.logsumexp(v, dim=-1).double() - torch.log1p(-tail.clamp(max=1 - 1e-7))
     out = torch.empty(*v.shape[:-1], vocab_size, dtype=torch.float32, device=v.device)
     if vocab_size > k:
-        tail_logit = torch.log(tail / (vocab_size - k)) + log_z  # -inf where tail == 0
+        tail_logit = (torch.log(tail / (vocab_size - k)) + log_z).float()  # -inf where tail == 0
         out.copy_(tail_logit[..., None].expand_as(out))
     return out.scatter_(-1, indices.long(), v)
 
@@ -314,8 +317,9 @@ class _Writer:
         if topk is None:
             specs = [("logits", dtype, [n, k_teachers, *item, vocab])]
         else:
-            # 4-byte dtypes first: every tensor then starts 4-byte aligned (safetensors allows no gaps)
-            specs = [("tail_mass", torch.float32, [n, k_teachers, *item]),
+            # widest dtypes first: every tensor then starts aligned to its dtype (safetensors allows no gaps); the
+            # tail mass in float64, where a confident teacher's (past a logit gap of ~103) is not float32's 0
+            specs = [("tail_mass", torch.float64, [n, k_teachers, *item]),
                      ("indices", torch.int32, [n, k_teachers, *item, topk]),
                      ("values", dtype, [n, k_teachers, *item, topk])]  # fmt: skip
         header: dict[str, Any] = {"__metadata__": {
@@ -354,7 +358,7 @@ class _Writer:
         # the tail's own mass, exp(lse(tail) - lse(all)): not 1 - sum(kept), which is 0 in float32 once the tail is
         # below ~6e-8 (a confident teacher), leaving its entries at -inf and reverse KL at inf
         rest = logits.scatter(-1, indices, -torch.inf)
-        tail = torch.exp(torch.logsumexp(rest, dim=-1) - torch.logsumexp(logits, dim=-1))
+        tail = torch.exp((torch.logsumexp(rest, dim=-1) - torch.logsumexp(logits, dim=-1)).double())
         self._put("tail_mass", start, tail)
         self._put("indices", start, indices.to(torch.int32))
         self._put("values", start, values.to(self.dtype))

@@ -645,7 +645,8 @@ class DistillationLoop:
 
         Returns:
             ``{"step", "epoch", "train_loss", **last evaluation}``; ``train_loss`` is the last logged training loss
-            (from the checkpoint when a resumed run had no step left to take), None if none was logged.
+            (from the checkpoint when a resumed run had no step left to take), None if none was logged. A resumed
+            run with no step left evaluates once more (not logged: the finished run logged it) and returns that.
         """
         if max_steps is not None and max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
@@ -740,6 +741,10 @@ class DistillationLoop:
             self._window_steps += 1
             end_of_step(final=self.step == total_steps)
         bar.close()
+        if self.step == first_step and (eval_fn is not None or eval_data is not None):
+            # resumed from the last step's checkpoint: nothing ran, and the final evaluation is the finished run's
+            # (its record is in the logs already, so it is returned, not logged twice)
+            last_eval = eval_fn(self) if eval_fn is not None else self._default_eval(eval_data)
         return {"step": self.step, "epoch": self._epochs_done(per_epoch), "train_loss": self.last_train_loss,
                 **last_eval}  # fmt: skip
 
