@@ -276,3 +276,19 @@ def test_cache_must_have_one_row_per_dataset_item(tmp_path, n):
     with pytest.raises(ValueError, match=f"c.safetensors has 13 rows but the dataset has {n} items"):
         loop.fit(ds, max_steps=5)
     assert loop.step == 0
+
+
+def test_loop_warns_about_a_topk_cache_at_another_temperature(tmp_path):
+    """A top-k cache's flat tail is the teacher's only at temperature 1: a loop whose loss tempers it warns, a full
+    cache or temperature 1 does not."""
+    import warnings
+
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(2))
+    topk = write_teacher_cache(tmp_path / "k.safetensors", [nn.Linear(6, 5)], ArrayDataset(input=x), topk=2)
+    full = write_teacher_cache(tmp_path / "f.safetensors", [nn.Linear(6, 5)], ArrayDataset(input=x))
+    with pytest.warns(UserWarning, match="top-k teacher cache .* at temperature 2.0"):
+        DistillationLoop(nn.Linear(6, 5), teacher_cache=topk, loss=fastdistill.KDLoss(temperature=2.0), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DistillationLoop(nn.Linear(6, 5), teacher_cache=topk, loss=fastdistill.KDLoss(), progress=False)
+        DistillationLoop(nn.Linear(6, 5), teacher_cache=full, loss=fastdistill.KDLoss(temperature=2.0), progress=False)

@@ -13,7 +13,11 @@ held whole in memory) and read back memory-mapped, so a student run only pages i
 (:meth:`TeacherLogitCache.topk`) or as dense logits (:meth:`TeacherLogitCache.get`) that keep the k stored
 probabilities exactly and spread the tail mass uniformly over the other V - k entries; at temperature 1 that
 target differs from the teacher's only inside the tail (a loss over top-k targets without densifying is a
-follow-up).
+follow-up). Two consequences of the flat tail: at a temperature T != 1 the target is the flat tail tempered, not
+the teacher's tail, and the error grows fast (V = 1000, teacher and student logits N(0, 9), k = 20: forward KL
+-5% at T = 1, -36% at T = 2, -44% at T = 4; k = 100: -1%, -20%, -34%; :class:`~fastdistill.training.DistillationLoop`
+warns); and padded vocabulary entries (-inf teacher logits) get a share of the tail, since which entries were
+padded is not stored: cache the logits without the padding (``logits[..., :V_real]``), or a full cache.
 """
 
 from __future__ import annotations

@@ -246,6 +246,12 @@ class DistillationLoop:
             raise ValueError("give teachers or teacher_cache, not both")
         if teacher_cache is not None and (feature_terms or train_teachers):
             raise ValueError("feature_terms and train_teachers need live teachers, not a teacher_cache")
+        temperature = getattr(loss, "temperature", 1.0)
+        if teacher_cache is not None and teacher_cache.kind == "topk" and temperature != 1.0:
+            warnings.warn(f"a top-k teacher cache keeps the teacher's tail as one mass, spread evenly, so at "
+                          f"temperature {temperature} the target's tail is that flat tail tempered, not the "
+                          "teacher's: the divergence can be off by tens of percent (fastdistill.training.cache); "
+                          "use a full cache, a larger k, or temperature 1", stacklevel=2)  # fmt: skip
         if loss is None and not feature_terms:
             raise ValueError("nothing to train: loss=None leaves no loss on the logits and there are no "
                              "feature_terms; give a loss (default 'kd': KDLoss()) or feature_terms")  # fmt: skip
