@@ -3,6 +3,7 @@
 import copy
 import inspect
 import json
+import math
 
 import pytest
 import torch
@@ -138,6 +139,28 @@ def test_train_steps_with_accumulation_equal_one_big_batch(tmp_path, kind):
         torch.testing.assert_close(p.detach(), q.detach() - q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_a_shift_labels_column_reaches_the_loss_through_train(tmp_path):
+    """A dataset column ``shift_labels`` (the targets already aligned) survives Trainer's remove_unused_columns and
+    is the one step's target: the student moves by minus the gradient of kd_loss against it, not labels[1:]."""
+    student, teachers = _gpt2(1, 16, 0), [_gpt2(1, 32, 1)]
+    ref = copy.deepcopy(student)
+    batch = {k: v[:2] for k, v in _lm_batch(b=3, seed=5).items()}
+    shifted = torch.full_like(batch["labels"], -100)
+    shifted[:, :3] = batch["labels"][:, 1:4]  # only the first three positions count
+    rows = [{**{k: v[i] for k, v in batch.items()}, "shift_labels": shifted[i]} for i in range(2)]
+    args = _args(tmp_path, per_device_train_batch_size=2, max_steps=1)
+    assert args.remove_unused_columns
+    trainer = DistillationTrainer(model=student, args=args, teachers=teachers, train_dataset=rows,
+                                  optimizers=(torch.optim.SGD(student.parameters(), lr=1.0), None), **KD)  # fmt: skip
+    trainer.train()
+    s = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    with torch.no_grad():
+        t = [teachers[0](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits]
+    fastdistill.kd_loss(s, t, labels=shifted, **KD).backward()
+    for (name, p), q in zip(student.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach() - q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_a_few_trainer_steps_lower_the_loss(tmp_path):
     student, teachers = _gpt2(1, 16, 0), [_gpt2(2, 32, 1)]
     rows = [{k: v[i] for k, v in _lm_batch(b=8, seed=4).items()} for i in range(8)]
@@ -154,6 +177,18 @@ def test_bad_options_fail_before_training(tmp_path):
         DistillationTrainer(model=_gpt2(1, 16, 0), args=_args(tmp_path), teachers=[_gpt2(1, 16, 1)], temperature=0)
     with pytest.raises(ValueError, match="teacher"):
         DistillationTrainer(model=_gpt2(1, 16, 0), args=_args(tmp_path), teachers=[])
+    # teacher weights' values, as keywords or arguments; Trainer settings that change a loss this trainer replaces
+    two = [_gpt2(1, 16, 1), _gpt2(1, 16, 2)]
+    for weights, match in (([-1, 2], "finite and >= 0"), ([math.nan, 1], "finite and >= 0"), ([0, 0], "positive")):
+        with pytest.raises(ValueError, match=f"teacher_weights must be {match}"):
+            DistillationTrainer(model=_gpt2(1, 16, 0), args=_args(tmp_path), teachers=two, teacher_weights=weights)
+        with pytest.raises(ValueError, match=f"teacher_weights must be {match}"):
+            _args(tmp_path, DistillationArguments, teacher_weights=weights)
+    with pytest.raises(ValueError, match="label_smoothing_factor=0.1 is not applied"):
+        DistillationTrainer(model=_gpt2(1, 16, 0), args=_args(tmp_path, label_smoothing_factor=0.1), teachers=two)
+    with pytest.raises(ValueError, match="compute_loss_func would be ignored"):
+        DistillationTrainer(model=_gpt2(1, 16, 0), args=_args(tmp_path), teachers=two,
+                            compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum())
 
 
 # --- TRL's keyword, and mistakes named ------------------------------------------------------------------------------

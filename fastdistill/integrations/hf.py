@@ -115,6 +115,7 @@ def _check_settings(settings: dict[str, Any]) -> None:
         raise TypeError(f"shift_labels must be None or a bool, got {type(settings['shift_labels']).__name__}")
     if not isinstance(settings["fused_linear"], bool):
         raise TypeError(f"fused_linear must be a bool, got {type(settings['fused_linear']).__name__}")
+    functional.check_teacher_weights(settings["teacher_weights"])  # finite, >= 0, not all 0 (the length: below)
 
 
 def _kd_settings(args: TrainingArguments, given: dict[str, Any], num_teachers: int) -> dict[str, Any]:
@@ -329,6 +330,15 @@ class DistillationTrainer(Trainer):
         teachers = _teacher_list(teachers, teacher_model)
         super().__init__(*args, **kwargs)
         settings = _kd_settings(self.args, given, len(teachers))
+        # Trainer settings that change its own loss, which compute_loss replaces: refused rather than ignored
+        if getattr(self, "compute_loss_func", None) is not None:
+            raise ValueError("DistillationTrainer computes its own loss (kd_loss): compute_loss_func would be "
+                             "ignored; override compute_loss, or use transformers.Trainer")  # fmt: skip
+        if getattr(self.args, "label_smoothing_factor", 0) != 0:
+            raise ValueError(f"label_smoothing_factor={self.args.label_smoothing_factor} is not applied: "
+                             "DistillationTrainer's hard-label term is kd_loss's cross-entropy (ce_weight), "
+                             "unsmoothed; set it to 0 (the teachers' soft targets already smooth the "
+                             "labels)")  # fmt: skip
         shift_labels = settings.pop("shift_labels")
         self.shift_labels = is_causal_lm(self.model) if shift_labels is None else shift_labels
         self.fused_linear: bool = settings.pop("fused_linear")
@@ -351,6 +361,13 @@ class DistillationTrainer(Trainer):
         # the loss reads "labels" even when the student's forward does not take them: keep that column
         if "labels" not in self.label_names:
             self.label_names = [*self.label_names, "labels"]
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """Trainer's columns to keep (the student's forward arguments and label names), plus ``shift_labels``: a
+        dataset column the loss reads (:meth:`compute_loss`), which ``remove_unused_columns`` would drop."""
+        super()._set_signature_columns_if_needed()
+        if self._signature_columns is not None and "shift_labels" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "shift_labels"]
 
     def prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         """``teacher`` in eval mode, frozen, and placed for this run's parallelism:
