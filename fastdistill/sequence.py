@@ -110,11 +110,14 @@ def mbr_select(candidates: Sequence[Sequence[Any]] | Tensor, similarity: Similar
         for a in range(k):
             for b in range(a, k):
                 sims[a][b] = sims[b][a] = float(similarity(cands[a][i], cands[b][i]))
-        best, best_score = 0, float("-inf")
-        for a in range(k):
-            score = sum(w[b] * sims[a][b] for b in range(k))
-            if score > best_score:
-                best, best_score = a, score
+        scores = [sum(w[b] * sims[a][b] for b in range(k)) for a in range(k)]
+        # exact ties go to the lowest index: sums of the same terms in another order differ in the last bits, so
+        # a score must beat the best by more than rounding (relative to the scores' scale) to take its place
+        tol = 1e-9 * max(1.0, *(abs(s) for s in scores))
+        best = 0
+        for a in range(1, k):
+            if scores[a] > scores[best] + tol:
+                best = a
         chosen.append(best)
     return chosen
 

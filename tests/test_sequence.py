@@ -35,6 +35,8 @@ def test_mbr_ties_and_small_k():
     assert mbr_select([[[1], [2]]]) == [0, 0]  # K = 1: the teacher itself
     assert mbr_select([[[1, 2]], [[3]]]) == [0]  # K = 2: a symmetric tie, to the lowest index
     assert mbr_select([[[7]], [[8]], [[9]]]) == [0]  # all equally far apart
+    # an exact tie (89/30 each) whose float sums differ in the last bit still goes to the lowest index
+    assert mbr_select([[[1, 2, 0]], [[2, 2, 0]], [[1, 1]], [[0]], [[2, 2]]]) == [0]
 
 
 def test_mbr_weights_and_pluggable_similarity():

@@ -47,6 +47,13 @@ def test_step_schedule_values():
     # decay over the first half: plateaus of one step each in 8 steps (decay window 4)
     s3 = SoftWeightSchedule(shape="step", num_drops=3, decay_fraction=0.5)
     assert [s3(k, 8) for k in range(8)] == [4.0, 3.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    # a decay_fraction with no exact float product: 0.14 * 100 is 14.000000000000002 in floats, and the plateaus
+    # (3 drops over 14 steps: 4 until 3.5, 3 until 7, 2 until 10.5) must switch at the exact boundaries
+    s4 = SoftWeightSchedule(shape="step", num_drops=3, decay_fraction=0.14)
+    assert [s4(k, 100) for k in range(6, 9)] == [3.0, 2.0, 2.0]
+    assert [s4(k, 200) for k in range(6, 9)] == [4.0, 3.0, 3.0]
+    # and "linear" reaches end exactly at step decay_fraction * total (0.07 * 100 = 7.000000000000001 in floats)
+    assert SoftWeightSchedule(shape="linear", decay_fraction=0.07)(7, 100) == 1.0
 
 
 def test_constant_schedule_needs_no_total():

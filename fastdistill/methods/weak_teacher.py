@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from fractions import Fraction
 
 from torch import Tensor, nn
 
@@ -105,18 +106,20 @@ class SoftWeightSchedule:
                 f"total_steps is needed for shape={self.shape!r}: give SoftWeightSchedule(total_steps=...) or "
                 "pass it at call time (WeakTeacherKDLoss.set_progress(step, total_steps))"
             )
-        decay = self.decay_fraction * total  # > 0
+        # the decay's length as an exact fraction (decay_fraction = 0.14 is 7/50, not 0.14000000000000001): its end
+        # and the step plateaus' boundaries then fall on the steps they should (0.14 * 100 is 14.000000000000002)
+        decay = Fraction(self.decay_fraction).limit_denominator(10**6) * total  # > 0
         # the endpoints are returned as given, not recomputed (end + (start - end) * 1 can round off start)
         if step == 0:
             return self.start
         if step >= decay:
             return self.end
-        p = step / decay
+        p = float(step / decay)
         if self.shape == "linear":
             return self.start + (self.end - self.start) * p
         if self.shape == "cosine":
             return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * p))
-        # "step": (step * levels) / decay is exact when decay is an integer multiple, so plateaus switch on time
+        # "step": (step * levels) / decay is exact (a Fraction), so plateaus switch on time
         levels = self.num_drops + 1
         i = min(math.floor(step * levels / decay), self.num_drops)
         if i == self.num_drops:
