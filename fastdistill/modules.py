@@ -315,6 +315,13 @@ class MIAlphaLoss(nn.Module):
 
     def estimate(self, student_hidden: Tensor, teacher_hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """The MI-alpha estimate in nats (0-dim float32) for a batch; see the class docstring for shapes."""
+        # hidden states of another float dtype than the projections (bf16 from an autocast forward, a float32 module
+        # called outside it): cast to the projections' dtype first, as their matmuls need (upcasting is exact, and
+        # the pooling then sums in that dtype too)
+        if student_hidden.is_floating_point():
+            student_hidden = student_hidden.to(next(self.student_proj.parameters()).dtype)
+        if teacher_hidden.is_floating_point():
+            teacher_hidden = teacher_hidden.to(next(self.teacher_proj.parameters()).dtype)
         rows = None
         if self.pooling == "none" and attention_mask is not None and student_hidden.dim() == 3:
             # one index set for both sides: one row count, also to torch.compile (two masks would give two sizes

@@ -333,6 +333,26 @@ def test_module_compiles():
     assert_close(got, expected, torch.float32, "loss", "compiled module")
 
 
+def test_module_takes_half_hidden_states_and_reference_keeps_float32_under_autocast():
+    """bf16 / fp16 hidden states (an autocast forward's) into a float32 MIAlphaLoss called outside autocast: cast to
+    the projections' dtype (a Linear refused them), the value that of the upcast features. The reference estimator
+    inside an autocast region stays float32 (its critic matmul was taken in bf16: 3e-3 off)."""
+    torch.manual_seed(0)
+    mi = fastdistill.MIAlphaLoss(6, 10, proj_dim=8, hidden_dim=16, pooling="mean", backend="reference")
+    hs, ht, mask = torch.randn(4, 5, 6), torch.randn(4, 5, 10), torch.ones(4, 5)
+    for dtype in (torch.bfloat16, torch.float16):
+        got = mi(hs.to(dtype), ht.to(dtype), mask)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, mi(hs.to(dtype).float(), ht.to(dtype).float(), mask))
+    u, v, a = make_feats(12, 4, torch.float32)
+    kw = dict(alpha=0.01, log_baseline=a, critic="dot", temperature=1.0, backend="reference")
+    exact = fastdistill.mi_alpha(u.double(), v.double(), **{**kw, "log_baseline": a.double()})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fastdistill.mi_alpha(u, v, **kw)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+
+
 def test_reference_estimator_compiles_to_one_graph():
     """The benchmarks' eager and compile baselines are the reference estimator: one graph under torch.compile, no
     data-dependent shape (a boolean index was a nonzero: three graphs, and a host sync per step on a GPU)."""

@@ -291,6 +291,42 @@ def test_teachers_frozen_by_default_trainable_for_co_distillation():
         assert torch.equal(teacher[0].weight, before) != train_teachers
 
 
+def test_feature_terms_names_masks_and_hooks_of_a_dropped_loop():
+    """Two terms with one log name (two on one student module) are an error naming them, not one silently logged;
+    a mask_key on inputs that are not a dict names itself; a loop dropped without close() takes its feature hooks
+    with it when collected (they held it, its student and its optimizer alive, and captured on every forward)."""
+    import gc
+    import weakref
+
+    teacher = _mlp(h=12, seed=1)
+
+    class Zero(nn.Module):
+        def forward(self, s, t, **kw):
+            return (s.sum() + t.sum()) * 0.0
+
+    with pytest.raises(ValueError, match=r"feature_terms \[0, 1\] share the log name 'feature/0'"):
+        DistillationLoop(_mlp(seed=2), [teacher], feature_terms=[FeatureTerm("0", "0", Zero()),
+                                                                 FeatureTerm("0", "0", Zero())])  # fmt: skip
+    loop = DistillationLoop(_mlp(seed=2), [teacher], batch_size=8, progress=False,
+                            feature_terms=[FeatureTerm("0", "0", Zero(), mask_key="attention_mask")])  # fmt: skip
+    with pytest.raises(ValueError, match=r"feature_terms\[0\].mask_key='attention_mask' reads a dict input .* Tensor"):
+        loop.fit(_data(n=16), max_steps=1)
+    del loop
+    gc.collect()
+    refs = []
+    for seed in range(3):
+        loop = DistillationLoop(_mlp(seed=seed), [teacher], batch_size=8, progress=False,
+                                feature_terms=[FeatureTerm("0", "0", Zero(), name="a"),
+                                               FeatureTerm("2", "2", Zero(), name="b")])  # fmt: skip
+        loop.fit(_data(n=16), max_steps=1)
+        refs.append(weakref.ref(loop))
+        assert len(teacher[0]._forward_hooks) == 1 and len(teacher[2]._forward_hooks) == 1
+        del loop
+        gc.collect()
+    assert all(r() is None for r in refs)
+    assert not teacher[0]._forward_hooks and not teacher[2]._forward_hooks
+
+
 def test_no_teachers_trains_on_labels():
     ds = _data(n=8)
     x, y = ds.tensors["input"], ds.tensors["labels"]

@@ -234,7 +234,8 @@ def mi_scores(student: Tensor, teacher: Tensor, critic: str, temperature: float)
     u, v = student.to(dtype), teacher.to(dtype)
     if critic == "cosine":
         u, v = torch.nn.functional.normalize(u, dim=-1), torch.nn.functional.normalize(v, dim=-1)
-    return (v @ u.T) / temperature
+    with torch.autocast(u.device.type, enabled=False):  # in that dtype even inside autocast (it would take bf16)
+        return (v @ u.T) / temperature
 
 
 def _log1mexp(x: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ import os
 import random
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,6 +321,12 @@ class DistillationLoop:
         self.feature_terms = list(feature_terms)
         self._features: dict[tuple[str, int], Tensor] = {}
         self._hooks = []
+        # removed with the loop when it is collected without close(); the hooks hold no reference to it
+        weakref.finalize(self, _remove_hooks, self._hooks)
+        names = [t.name or f"feature/{t.student_module}" for t in self.feature_terms]
+        for name in {n for n in names if names.count(n) > 1}:
+            raise ValueError(f"feature_terms {[i for i, n in enumerate(names) if n == name]} share the log name "
+                             f"{name!r} (two terms on one student module?): give each its own name=")  # fmt: skip
         for i, term in enumerate(self.feature_terms):
             if not 0 <= term.teacher < len(self.teachers):
                 raise ValueError(f"feature_terms[{i}].teacher = {term.teacher}, but there are {len(self.teachers)}")
@@ -397,8 +404,10 @@ class DistillationLoop:
         return [p for p in params if p.requires_grad]
 
     def _capture_hook(self, key: tuple[str, int], select: Callable[[Any], Tensor]):
+        features = self._features  # not self: a loop that is dropped is collected, and its hooks removed with it
+
         def hook(module, args, output):
-            self._features[key] = select(output)
+            features[key] = select(output)
 
         return hook
 
@@ -469,6 +478,10 @@ class DistillationLoop:
         teacher_out = self._teacher_outputs(index, batch) if (self.teachers or self.teacher_cache) else None
         total, parts = self._logit_loss(student_out, teacher_out, batch, num_items, n_micro)
         for i, term in enumerate(self.feature_terms):
+            if term.mask_key and not (isinstance(batch.inputs, dict) and term.mask_key in batch.inputs):
+                raise ValueError(f"feature_terms[{i}].mask_key={term.mask_key!r} reads a dict input of that name; "
+                                 f"the batch's inputs are {type(batch.inputs).__name__}"
+                                 + (f" with keys {sorted(batch.inputs)}" if isinstance(batch.inputs, dict) else ""))
             kw = {"attention_mask": batch.inputs[term.mask_key]} if term.mask_key else {}
             value = term.loss(self._features[("s", i)], self._features[("t", i)], **kw)
             total = total + (term.weight / n_micro) * value
@@ -986,11 +999,16 @@ class DistillationLoop:
         self._pending_scheduler_state = pending
 
     def close(self) -> None:
-        """Remove the feature hooks and close the TensorBoard writer."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        """Remove the feature hooks and close the TensorBoard writer. (A loop that is dropped without it removes its
+        hooks when collected.)"""
+        _remove_hooks(self._hooks)
         self._metrics.close()
+
+
+def _remove_hooks(hooks: list) -> None:
+    for h in hooks:
+        h.remove()
+    hooks.clear()
 
 
 def _sharded(data: Any) -> bool:
