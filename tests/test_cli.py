@@ -79,6 +79,26 @@ def test_bad_factory_and_file_errors(tmp_path, capsys):
     assert "is not valid YAML at line" in capsys.readouterr().err
     assert cli.main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "No such file" in capsys.readouterr().err
+    # a relative module, a file that is not UTF-8: one line each, not a traceback
+    raw["student"]["factory"] = ".models:make"
+    assert cli.main(["train", "--config", _write(tmp_path, yaml.safe_dump(raw))]) == 2
+    assert "student.factory: '.models' is a relative module name" in capsys.readouterr().err
+    (tmp_path / "latin1.yaml").write_bytes("kd: {temperature: 2}  # température\n".encode("latin-1"))
+    assert cli.main(["train", "--config", str(tmp_path / "latin1.yaml")]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_yaml_bare_off_is_the_choice_off(tmp_path):
+    """YAML 1.1 reads a bare off as false: train.amp: off (a documented choice) means "off", from a file or an
+    override; a bool for a choice without on / off is still an error."""
+    raw = _good(tmp_path)
+    raw["train"]["amp"] = False
+    assert config.parse_config(raw).train.amp == "off"
+    raw["train"]["amp"] = True  # no "on" among auto / bf16 / off
+    with pytest.raises(config.ConfigError, match="train.amp must be one of"):
+        config.parse_config(raw)
+    path = _write(tmp_path, GOOD.format(out=tmp_path / "run"))
+    assert config.load_config(path, ["train.amp=off"]).train.amp == "off"
 
 
 def test_bad_config_from_the_shell_exits_2_without_traceback(tmp_path):

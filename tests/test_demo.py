@@ -23,6 +23,16 @@ def test_smoke_run_prints_the_table_and_saves_the_png(tmp_path, capsys):
     assert (tmp_path / "teacher_logits_seed0.safetensors").exists()
 
 
+def test_bad_arguments_are_one_line(tmp_path, capsys):
+    """--seeds 0 and an --out that names a file: argparse's one-line error and exit status 2, not a traceback."""
+    (tmp_path / "afile").write_text("")
+    for argv, message in ((["--seeds", "0"], "--seeds must be >= 1"),
+                          (["--smoke", "--out", str(tmp_path / "afile")], "is a file, not a folder")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            demo.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_splits_are_disjoint_and_fixed():
     a, b = demo.load_digits_splits(), demo.load_digits_splits()
     assert a.sizes() == {"labelled": 100, "transfer": 1097, "test": 600}

@@ -402,5 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.seeds < 1:
             p.error("--seeds must be >= 1")
         settings.seeds = tuple(range(args.seeds))
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out!r} is a file, not a folder")
     run_demo(settings, args.out)
     return 0

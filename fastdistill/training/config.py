@@ -204,6 +204,9 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
                 pass
         raise ConfigError(f"{name} must be {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and ("off" if value is False else "on") in args:
+            # YAML 1.1 (PyYAML) reads a bare off / on (no / yes, false / true) as a bool: the choice meant
+            value = "off" if value is False else "on"
         if value not in args:
             raise ConfigError(f"{name} must be {_type_name(tp)}, got {value!r}")
         return value
@@ -358,10 +361,12 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Train
     """Read and check a YAML config file, with ``key=value`` ``overrides`` (:func:`apply_overrides`) applied; every
     problem is a one-line :class:`ConfigError`."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
     except OSError as e:
         raise ConfigError(f"cannot read config {str(path)!r}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -381,6 +386,9 @@ def resolve(spec: str, name: str) -> Any:
     module, sep, attr = spec.partition(":")
     if not sep or not module or not attr:
         raise ConfigError(f"{name} must look like 'package.module:callable', got {spec!r}")
+    if module.startswith("."):
+        raise ConfigError(f"{name}: {module!r} is a relative module name; give the absolute one "
+                          "('package.module:callable')")  # fmt: skip
     try:
         obj = importlib.import_module(module)
     except ImportError as e:
