@@ -68,7 +68,9 @@ bench: build
 #              sm_80 and sm_90a); without a working install the cuda rows and tests report "no CUDA kernel"
 #   tests      the GPU test files, one pytest per file at once (they took > 3 min one after another on the H200),
 #              stopped by SIGINT at the end of the slot (pytest still prints its summary); test_cuda_kd_gpu.py names
-#              the shape class and residency of each check
+#              the shape class and residency of each check; a test still running after 40 s has every thread's
+#              stack dumped to its log (faulthandler_timeout): a test hung in a CUDA sync ignores the SIGINT and
+#              is killed without a summary, and the dump names it
 #   sanitize   tests/cuda_sanitize.py (a small run of every CUDA residency) under compute-sanitizer memcheck and
 #              racecheck at once, only kd_row_kernel checked
 #   kd divergences mi codistill fused   benchmarks.run (KL; then the other divergences, Triton and CUDA, at V = 128256,
@@ -129,8 +131,8 @@ GPU_INSTALL_CMD = timeout -k 5 $(call gpu_left,$(GPU_END_INSTALL)) $(GPU_PY) -m 
 	--no-build-isolation --no-deps --no-index --disable-pip-version-check -e .; rc=$$?; [ $$rc -eq 0 ] \
 	|| echo "install failed: the stages below import the source tree (PYTHONPATH=$(CURDIR))"; (exit $$rc)
 GPU_TESTS_CMD = logs=$$(mktemp -d); for f in tests/test_*gpu*.py; do ( $(GPU_ENV) timeout -s INT -k 10 \
-	$(call gpu_left,$(GPU_END_TESTS)) $(GPU_PY) -m pytest -o addopts= -q -rfE -p no:cacheprovider \
-	--durations=10 $$f; echo "exit status $$?" ) > $$logs/$$(basename $$f).log 2>&1 & done; wait; \
+	$(call gpu_left,$(GPU_END_TESTS)) $(GPU_PY) -m pytest -o addopts= -o faulthandler_timeout=40 -q -rfE \
+	-p no:cacheprovider --durations=10 $$f; echo "exit status $$?" ) > $$logs/$$(basename $$f).log 2>&1 & done; wait; \
 	for f in $$logs/*.log; do echo "--- $$(basename $$f .log)"; cat $$f; done; rm -rf $$logs
 # compute-sanitizer on a small run of the CUDA kernel, memcheck and racecheck side by side, only kd_row_kernel checked
 GPU_SANITIZE_CMD = san=$$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer); \

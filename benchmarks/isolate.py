@@ -5,9 +5,9 @@ process (every later call fails), and a crash (abort, segfault) or a hang would 
 it. Here such a cell becomes a ``failed`` row with its error, and the next cell starts in a fresh process.
 
 Why a budget: the GPU runs this project gets are short. ``Budget`` is the time left to a script (``--budget-s``,
-and ``--deadline``, an absolute end shared by the stages of ``make bench-gpu``); a cell that cannot start in time is
-recorded as ``skipped`` (reason ``budget``) and a child still running when the budget ends is killed (``failed``,
-"timeout"). The scripts save their JSON after every row, so a run killed from outside still leaves its results.
+and ``--deadline``, an absolute end shared by the stages of ``make bench-gpu``); a cell that cannot start in time (less
+time left than its provider's last row took, or than ``MIN_START_S``) is recorded as ``skipped`` (reason ``budget``)
+and a child still running when the budget ends is killed (``failed``, "timeout"). The scripts save their JSON after every row, so a run killed from outside still leaves its results.
 
 A child is ``python -m benchmarks.isolate MODULE FUNC ARGS_JSON RESULT_PATH``: it calls ``MODULE.FUNC(**ARGS)`` and
 writes ``{"result": ...}`` or ``{"error": ...}`` to RESULT_PATH. For tests, ``FASTDISTILL_BENCH_FAULT`` (e.g.
@@ -200,6 +200,10 @@ def run_cells(cells: list[Cell], module: str, func: str, budget: Budget, on_row:
     record it as failed and the cells after it as skipped ("interrupted"), then raise ``Interrupted``."""
     rows: list[dict] = []
     running = False
+    # A cell starts only with the time left that its provider's last row took (MIN_START_S for a provider's first):
+    # one started with less would be killed by the budget, a false failure, holding time a cheaper provider after it
+    # (or the next stage of make bench-gpu) could use.
+    took: dict[object, float] = {}
     # In-process cells get no handler: the default action (exit, KeyboardInterrupt) is what stops them.
     with _noting_signals() if isolate else contextlib.nullcontext():
         try:
@@ -208,7 +212,7 @@ def run_cells(cells: list[Cell], module: str, func: str, budget: Budget, on_row:
                 left = budget.left()
                 if cell.skip is not None:
                     row = {**cell.key, "status": "skipped", "reason": cell.skip}
-                elif left < MIN_START_S:
+                elif left < max(MIN_START_S, took.get(cell.key.get("provider"), 0.0)):
                     row = {**cell.key, "status": "skipped", "reason": "budget"}
                 else:
                     running = True
@@ -221,6 +225,8 @@ def run_cells(cells: list[Cell], module: str, func: str, budget: Budget, on_row:
                         res = _run_here(module, func, {**cell.key, **cell.args})
                     running = False
                     row = {**cell.key, **res}
+                    if isinstance(row.get("wall_s"), int | float):
+                        took[cell.key.get("provider")] = row["wall_s"]
                 rows.append(row)
                 on_row(row, rows)
         except Interrupted as e:

@@ -134,3 +134,20 @@ def test_arguments_that_would_fail_every_row_are_refused(script, capsys):
         with pytest.raises(SystemExit):
             parse(argv)
         assert said in capsys.readouterr().err
+
+
+def test_a_cell_starts_only_with_the_time_its_provider_took(monkeypatch):
+    """With 8 s left, a provider whose last row took 10 s is not started again (it would be killed by the budget and
+    recorded as a false failure, holding the time); another provider, or one without a row yet, still starts."""
+    from benchmarks import isolate
+
+    walls = {"slow": 10.0, "fast": 1.0}
+    monkeypatch.setattr(isolate, "_run_here",
+                        lambda module, func, args: {"status": "ok", "wall_s": walls[args["provider"]]})
+    budget = isolate.Budget()
+    monkeypatch.setattr(budget, "left", lambda: 8.0)
+    cells = [isolate.Cell({"provider": p, "V": v}) for p, v in (("slow", 1), ("slow", 2), ("fast", 1), ("fast", 2))]
+    rows = isolate.run_cells(cells, "m", "f", budget, lambda row, rows: None, isolate=False)
+    assert [(r["provider"], r["V"], r["status"]) for r in rows] == [
+        ("slow", 1, "ok"), ("slow", 2, "skipped"), ("fast", 1, "ok"), ("fast", 2, "ok")]
+    assert rows[1]["reason"] == "budget"
