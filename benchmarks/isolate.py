@@ -7,7 +7,8 @@ it. Here such a cell becomes a ``failed`` row with its error, and the next cell 
 Why a budget: the GPU runs this project gets are short. ``Budget`` is the time left to a script (``--budget-s``,
 and ``--deadline``, an absolute end shared by the stages of ``make bench-gpu``); a cell that cannot start in time (less
 time left than its provider's last row took, or than ``MIN_START_S``) is recorded as ``skipped`` (reason ``budget``)
-and a child still running when the budget ends is killed (``failed``, "timeout"). The scripts save their JSON after every row, so a run killed from outside still leaves its results.
+and a child still running when the budget ends is killed (``failed``, "timeout"). The scripts save their JSON after
+every row, so a run killed from outside still leaves its results.
 
 A child is ``python -m benchmarks.isolate MODULE FUNC ARGS_JSON RESULT_PATH``: it calls ``MODULE.FUNC(**ARGS)`` and
 writes ``{"result": ...}`` or ``{"error": ...}`` to RESULT_PATH. For tests, ``FASTDISTILL_BENCH_FAULT`` (e.g.
