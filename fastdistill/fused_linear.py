@@ -269,11 +269,6 @@ def _check_head(name: str, weight: Tensor, bias: Tensor | None, width: int, devi
         raise ValueError(f"{bias_name} is on {bias.device}, the head weight on {weight.device}")
 
 
-def _check_device(name: str, x: Tensor, device: torch.device) -> None:
-    if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but student_hidden is on {device}; move it there (.to(device))")
-
-
 def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: int, device) -> list[Teacher]:
     """K teachers, each logits [N, V] or a TeacherHead with hidden [N, H_t], detached (they get no gradient); shapes
     and devices checked against the student's."""
@@ -285,7 +280,8 @@ def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: in
             raise ValueError("teachers is empty; need at least one teacher (K >= 1)")
         split = functional.split_teachers(teachers, torch.Size((*lead, v)))
         for k, t in enumerate(split):
-            _check_device(f"teachers[{k}]" if len(split) > 1 else "teachers", t, device)
+            name = f"teachers[{k}]" if len(split) > 1 else "teachers"
+            functional._check_device(name, t, device, ref="student_hidden")
         return [t.detach().reshape(-1, v) for t in split]
     if not isinstance(teachers, Sequence) or isinstance(teachers, str) or not teachers:
         raise TypeError("teachers must be logits (a Tensor [*, V], [K, *, V] or a sequence of them), TeacherHead "
@@ -296,7 +292,7 @@ def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: in
             if not isinstance(t.hidden, Tensor) or t.hidden.shape[:-1] != lead:
                 raise ValueError(f"teachers[{k}].hidden must have shape [{', '.join(map(str, lead))}, H_t] (the "
                                  f"student's rows), got {tuple(getattr(t.hidden, 'shape', ()))}")  # fmt: skip
-            _check_device(f"teachers[{k}].hidden", t.hidden, device)
+            functional._check_device(f"teachers[{k}].hidden", t.hidden, device, ref="student_hidden")
             _check_head(f"teachers[{k}]", t.weight, t.bias, t.hidden.shape[-1], device, f"teachers[{k}].bias")
             if t.weight.dtype != t.hidden.dtype:
                 raise TypeError(f"teachers[{k}].weight is {t.weight.dtype} but its hidden states are "
@@ -307,7 +303,7 @@ def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: in
                                    None if t.bias is None else t.bias.detach()))  # fmt: skip
         elif isinstance(t, Tensor):
             (logits,) = functional.split_teachers([t], torch.Size((*lead, v)))
-            _check_device(f"teachers[{k}]", logits, device)
+            functional._check_device(f"teachers[{k}]", logits, device, ref="student_hidden")
             out.append(logits.detach().reshape(-1, v))
         else:
             raise TypeError(f"teachers[{k}] must be a Tensor of logits or a TeacherHead, got {type(t).__name__}")

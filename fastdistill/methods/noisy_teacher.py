@@ -286,7 +286,9 @@ def slam_loss(
         w = sample_weight.detach()
         fastdistill.functional._check_values("sample_weight", w, "finite and >= 0", ~torch.isfinite(w) | (w < 0))
     kept = None if labels is None else labels != ignore_index
-    live = kept if sample_weight is None else (sample_weight > 0) if kept is None else kept & (sample_weight > 0)
+    live = kept
+    if sample_weight is not None:
+        live = sample_weight > 0 if live is None else live & (sample_weight > 0)
     if live is not None:  # skipped rows give exactly 0 and a zero gradient whatever their logits (NaN padding
         # included): neutralised before the math, as kd_loss does, so nothing in them reaches the gradient via 0 * NaN
         student_logits = torch.where(live[..., None], student_logits, 0.0)

@@ -716,6 +716,10 @@ class DistillationLoop:
         last_eval: dict[str, float] = {}
         evaluated_at = saved_at = None
         t0 = time.perf_counter()
+        evaluate = eval_fn is not None or eval_data is not None
+
+        def evaluation() -> dict[str, float]:
+            return eval_fn(self) if eval_fn is not None else self._default_eval(eval_data)
 
         def end_of_step(final: bool) -> None:
             """Log, evaluate and checkpoint where due at this step; each of them at the last step."""
@@ -729,9 +733,8 @@ class DistillationLoop:
                 self.log("train", record)
                 bar.set_postfix(loss=f"{self.last_train_loss:.4f}")
                 self._window, self._window_steps, t0 = {}, 0, time.perf_counter()
-            evaluate = eval_fn is not None or eval_data is not None
             if evaluate and ((eval_every and self.step % eval_every == 0) or final) and evaluated_at != self.step:
-                last_eval = eval_fn(self) if eval_fn is not None else self._default_eval(eval_data)
+                last_eval = evaluation()
                 self.log("eval", dict(last_eval))
                 evaluated_at = self.step
             save = self.output_dir is not None and checkpoint_every
@@ -760,10 +763,10 @@ class DistillationLoop:
             self._window_steps += 1
             end_of_step(final=self.step == total_steps)
         bar.close()
-        if self.step == first_step and (eval_fn is not None or eval_data is not None):
+        if self.step == first_step and evaluate:
             # resumed from the last step's checkpoint: nothing ran, and the final evaluation is the finished run's
             # (its record is in the logs already, so it is returned, not logged twice)
-            last_eval = eval_fn(self) if eval_fn is not None else self._default_eval(eval_data)
+            last_eval = evaluation()
         return {"step": self.step, "epoch": self._epochs_done(per_epoch), "train_loss": self.last_train_loss,
                 **last_eval}  # fmt: skip
 
