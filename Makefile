@@ -137,7 +137,7 @@ GPU_TESTS_CMD = logs=$$(mktemp -d); for f in tests/test_*gpu*.py; do ( $(GPU_ENV
 # compute-sanitizer on a small run of the CUDA kernel, memcheck and racecheck side by side, only kd_row_kernel checked
 GPU_SANITIZE_CMD = san=$$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer); \
 	logs=$$(mktemp -d); for tool in memcheck racecheck; do ( $(GPU_ENV) timeout -k 5 \
-	$(call gpu_left,$(GPU_END_SANITIZE)) $$san --tool $$tool --error-exitcode 9 --kernel-regex kns=kd_row_kernel \
+	$(call gpu_left,$(GPU_END_SANITIZE)) $$san --tool $$tool --error-exitcode 9 --kernel-name kns=kd_row_kernel \
 	$(GPU_PY) tests/cuda_sanitize.py; echo "exit status $$?" ) > $$logs/$$tool.log 2>&1 & done; wait; \
 	for f in $$logs/*.log; do echo "--- $$(basename $$f .log)"; tail -n 40 $$f; done; rm -rf $$logs
 bench-gpu:

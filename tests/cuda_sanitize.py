@@ -6,7 +6,7 @@ row's 0), gradients to the student and the teachers, each ensemble, a closed-for
 memcheck needs to see every access pattern and racecheck every barrier (cluster barriers and distributed shared
 memory included). Strict launches: each residency runs as named, never a fallback.
 
-    compute-sanitizer --tool racecheck --kernel-regex kns=kd_row_kernel python tests/cuda_sanitize.py
+    compute-sanitizer --tool racecheck --kernel-name kns=kd_row_kernel python tests/cuda_sanitize.py
 """
 
 import os
