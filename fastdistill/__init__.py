@@ -8,7 +8,7 @@ their dispatch live in :mod:`fastdistill.ops`; the math of every op, in plain Py
 """
 
 from .functional import CodistillLosses, codistill_loss, ensemble_soft_targets, kd_loss, mi_alpha
-from .fused_linear import FusedLinearKDLoss, TeacherHead, fused_linear_kd_loss
+from .fused_linear import FusedLinearKDLoss, LoRATerm, TeacherHead, fused_linear_kd_loss
 from .modules import CodistillLoss, KDLoss, MIAlphaLoss
 from .ops import extension as _extension
 from .ops import registration as _registration  # noqa: F401  (fake kernels + autograd of the C++ ops)
@@ -22,7 +22,7 @@ __all__ = [
     "CodistillLoss",
     "CodistillLosses",
     "mi_alpha", "MIAlphaLoss", "extension_available",
-    "fused_linear_kd_loss", "FusedLinearKDLoss", "TeacherHead",
+    "fused_linear_kd_loss", "FusedLinearKDLoss", "TeacherHead", "LoRATerm",
     "mbr_consensus", "mbr_select", "token_f1"]
 __version__ = "0.1.0"
 

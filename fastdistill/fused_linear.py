@@ -31,18 +31,32 @@ DEFAULT_BUDGET_BYTES = {"cpu": 256 * 2**20, "cuda": 768 * 2**20}
 TILE_ROWS = 128  # chunks from a budget: a multiple of a GEMM tile's rows once there are two tiles or more
 
 
+class LoRATerm(NamedTuple):
+    """A low-rank term ``scaling * (x @ a.T) @ b.T`` added to a linear head's output (a LoRA adapter on the head:
+    ``a`` = ``lora_A.weight`` [r, H], ``b`` = ``lora_B.weight`` [V, r]). The fused loss adds it to each chunk's
+    logits and forms the gradients of ``a`` and ``b`` chunk by chunk ([r, H] and [V, r]), so a LoRA head costs no
+    [V, H] weight or gradient. ``x @ a.T`` is computed in ``a``'s dtype (as peft computes an adapter in its weights'
+    dtype), its product with ``b`` in the logits' dtype."""
+
+    a: Tensor
+    b: Tensor
+    scaling: float = 1.0
+
+
 class TeacherHead(NamedTuple):
     """A frozen teacher given by its last hidden states ``[*, H_t]`` and output head ``weight [V, H_t]`` (and
-    ``bias [V]``): its logits are computed one chunk of rows at a time, never whole, and get no gradient."""
+    ``bias [V]``, and :class:`LoRATerm` s ``lora`` added to its output): its logits are computed one chunk of rows
+    at a time, never whole, and get no gradient."""
 
     hidden: Tensor
     weight: Tensor
     bias: Tensor | None = None
+    lora: tuple[LoRATerm, ...] = ()
 
     def shifted(self) -> TeacherHead:
         """The causal-LM alignment of :func:`fastdistill.training.data.shift_for_causal_lm`: positions 0..T-2 of
         hidden ``[B, T, H]`` (they predict tokens 1..T-1)."""
-        return TeacherHead(self.hidden[..., :-1, :], self.weight, self.bias)
+        return TeacherHead(self.hidden[..., :-1, :], self.weight, self.bias, self.lora)
 
 
 # Config attributes by which a Hugging Face model rescales or slices lm_head(hidden) into its logits (the value that
@@ -77,10 +91,11 @@ def _head_layers(name: str, model: nn.Module) -> tuple[nn.Linear, list[_Adapter]
     """The linear layer that ``model.get_output_embeddings()`` (``model`` unwrapped) computes with, and the LoRA
     adapters active on it, as peft's forward chooses them: a ``modules_to_save`` head (``ModulesToSaveWrapper``)
     is its active adapter's trainable copy (the original while adapters are disabled); a LoRA head
-    (``lora.Linear``) is its base layer plus each active, unmerged adapter, whose ``B @ A`` :func:`_head_params`
-    adds to the weight. Reads the head, computes nothing. ValueError naming ``name`` for a head that is no linear
-    map of the hidden states the fused loss could form: no linear head, a LoRA variant (DoRA, ...), LoRA dropout
-    on the head (a random mask per row, no one weight), another kind of adapter."""
+    (``lora.Linear``) is its base layer plus each active, unmerged adapter (a :class:`LoRATerm` of the head, its
+    biases folded into the head's bias by :func:`_head_bias`). Reads the head, computes nothing. ValueError naming
+    ``name`` for a head that is no linear map of the hidden states the fused loss could form: no linear head, a
+    LoRA variant (DoRA, ...), LoRA dropout on the head (a random mask per row, no one weight), another kind of
+    adapter."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and hasattr(head, "original_module") and hasattr(head, "modules_to_save"):
         active = list(getattr(head, "active_adapters", ()))  # peft's ModulesToSaveWrapper: its forward's choice
@@ -120,20 +135,18 @@ def _head_layers(name: str, model: nn.Module) -> tuple[nn.Linear, list[_Adapter]
                      "fused_linear=False")  # fmt: skip
 
 
-def _head_params(layer: nn.Linear, adapters: list[_Adapter]) -> tuple[Tensor, Tensor | None]:
-    """The weight ``[V, H]`` and bias ``[V]`` of ``layer`` with ``adapters`` (:func:`_head_layers`) added:
-    ``W + sum scaling * B.weight @ A.weight`` (and ``scaling * (B.weight @ A.bias + B.bias)`` to the bias), in the
-    layer's dtype, with the autograd graph to the adapters' parameters (so their gradients come through the fused
-    loss's weight gradient). Without adapters, the layer's own parameters, as they are."""
-    weight, bias = layer.weight, layer.bias
+def _head_bias(layer: nn.Linear, adapters: list[_Adapter]) -> Tensor | None:
+    """The bias [V] of ``layer`` with its adapters' (:func:`_head_layers`) biases added: ``scaling * (B.weight @
+    A.bias + B.bias)`` each, in the layer's dtype, with the autograd graph to the adapters' parameters. Without
+    adapter biases, the layer's own bias, as it is."""
+    bias = layer.bias
     for ad in adapters:
-        weight = weight + (ad.scaling * (ad.b.weight @ ad.a.weight)).to(weight.dtype)
         extra = [ad.b.weight @ ad.a.bias] if ad.a.bias is not None else []
         extra += [ad.b.bias] if ad.b.bias is not None else []
         if extra:
-            term = (ad.scaling * sum(extra)).to(weight.dtype)
+            term = (ad.scaling * sum(extra)).to(layer.weight.dtype)
             bias = term if bias is None else bias + term
-    return weight, bias
+    return bias
 
 
 def _passes_keyword(fn: Any, keyword: str) -> bool:
@@ -198,9 +211,7 @@ def check_head_output(name: str, head: TeacherHead, output: Any) -> None:
 
     logits = logits_of(output).detach()
     with torch.no_grad():
-        # F.linear: the hidden states are [B, 1, H] here (_logits' addmm takes 2-D rows only)
-        want = torch.nn.functional.linear(head.hidden[..., -1:, :].detach(), head.weight.detach(),
-                                          None if head.bias is None else head.bias.detach())  # fmt: skip
+        want = head_logits(head._replace(hidden=head.hidden[..., -1:, :]))
     if logits.shape != want.shape:
         raise ValueError(f"fused_linear: {name}'s logits of the last position have shape {tuple(logits.shape)}, its "
                          f"head applied to its hidden states {tuple(want.shape)}: the model transforms its logits; "
@@ -222,9 +233,11 @@ def hidden_and_head(model: nn.Module, inputs: Any) -> tuple[TeacherHead, Any]:
     fusing avoids). ``model`` may be wrapped by DDP (``model.module``) and PEFT (``get_base_model()``: a LoRA
     model): the hook and the head are the inner Hugging Face model's (a PEFT wrapper's own ``base_model`` is the
     adapter around the whole model, whose output is the logits), and the wrapper's forward is the one called
-    (``logits_to_keep`` passed on through its ``**kwargs``). A LoRA head's weight is formed here, after the forward,
-    on every call (:func:`_head_params`: one more [V, H] tensor, and a [V, H] gradient the fused loss accumulates;
-    the adapters' gradients come through it). Chunk-wise low-rank gradients that need neither are a follow-up."""
+    (``logits_to_keep`` passed on through its ``**kwargs``). A LoRA head is its base weight and bias plus a
+    :class:`LoRATerm` per active adapter (read after the forward, which unmerges a merged one): the fused loss adds
+    their low-rank products chunk by chunk and forms the adapters' gradients the same way, so neither W + s·B·A
+    nor its [V, H] gradient exists (the base weight's gradient only if it requires one). Adapter biases are folded
+    into the head's bias (:func:`_head_bias`, a [V] tensor formed per call)."""
     inner, label = _unwrapped("model", model)
     layer, adapters = _head_layers(label, inner)  # checked before the forward, read after it (peft unmerges there)
     caught: list[Tensor] = []
@@ -237,11 +250,11 @@ def hidden_and_head(model: nn.Module, inputs: Any) -> tuple[TeacherHead, Any]:
         raise RuntimeError(f"fused_linear: {label}'s base model ({type(inner.base_model).__name__}) ran "
                            f"{len(caught)} times in one forward, expected once: its logits are not "
                            "lm_head(base_model(...)[0]); use fused_linear=False")  # fmt: skip
-    hidden = caught[0]
-    weight, bias = _head_params(layer, adapters)
+    hidden, weight = caught[0], layer.weight
     if hidden.dtype != weight.dtype:  # a 16-bit last projection under autocast, a float32 head: the head's
         hidden = hidden.to(weight.dtype)  # matmul in the weight's dtype (the loss requires one dtype)
-    return TeacherHead(hidden, weight, bias), out
+    lora = tuple(LoRATerm(ad.a.weight, ad.b.weight, ad.scaling) for ad in adapters)
+    return TeacherHead(hidden, weight, _head_bias(layer, adapters), lora), out
 
 
 Teacher = Tensor | TeacherHead
@@ -267,6 +280,30 @@ def _check_head(name: str, weight: Tensor, bias: Tensor | None, width: int, devi
                         f"(cast the bias: bias.to({weight.dtype}))")  # fmt: skip
     if bias.device != weight.device:
         raise ValueError(f"{bias_name} is on {bias.device}, the head weight on {weight.device}")
+
+
+def _check_lora(name: str, lora: Any, width: int, v: int, device: torch.device) -> tuple[LoRATerm, ...]:
+    """``lora`` as a tuple of :class:`LoRATerm`, each ``a`` [r, H] and ``b`` [V, r] floating point on ``device``
+    with a finite float ``scaling``; ValueError / TypeError naming ``name[i]`` otherwise."""
+    if isinstance(lora, LoRATerm) or not isinstance(lora, Sequence) or isinstance(lora, str):
+        raise TypeError(f"{name} must be a sequence of LoRATerm(a [r, H], b [V, r], scaling), got "
+                        f"{type(lora).__name__}")  # fmt: skip
+    for i, t in enumerate(lora):
+        where = f"{name}[{i}]"
+        if not isinstance(t, LoRATerm):
+            raise TypeError(f"{where} must be a LoRATerm(a [r, H], b [V, r], scaling), got {type(t).__name__}")
+        for part, m in (("a", t.a), ("b", t.b)):
+            if not isinstance(m, Tensor) or not m.is_floating_point() or m.dim() != 2:
+                raise TypeError(f"{where}.{part} must be a floating-point Tensor, 2-D")
+            if m.device != device:
+                raise ValueError(f"{where}.{part} is on {m.device} but student_hidden is on {device}")
+        r = t.a.shape[0]
+        if t.a.shape[1] != width or tuple(t.b.shape) != (v, r):
+            raise ValueError(f"{where}: a has shape {tuple(t.a.shape)}, b {tuple(t.b.shape)}; expected a [r, {width}] "
+                             f"and b [{v}, r] (H of its hidden states, V of its head)")  # fmt: skip
+        if isinstance(t.scaling, bool) or not isinstance(t.scaling, (int, float)) or not math.isfinite(t.scaling):
+            raise ValueError(f"{where}.scaling must be a finite float, got {t.scaling!r}")
+    return tuple(lora)
 
 
 def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: int, device) -> list[Teacher]:
@@ -299,8 +336,10 @@ def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: in
                                 f"{t.hidden.dtype}; they must share a dtype (the head's matmul)")  # fmt: skip
             if t.weight.shape[0] != v:
                 raise ValueError(f"teachers[{k}].weight has V = {t.weight.shape[0]}, the student's head {v}")
+            lora = _check_lora(f"teachers[{k}].lora", t.lora, t.hidden.shape[-1], v, device)
             out.append(TeacherHead(t.hidden.detach().reshape(-1, t.hidden.shape[-1]), t.weight.detach(),
-                                   None if t.bias is None else t.bias.detach()))  # fmt: skip
+                                   None if t.bias is None else t.bias.detach(),
+                                   tuple(LoRATerm(m.a.detach(), m.b.detach(), float(m.scaling)) for m in lora)))
         elif isinstance(t, Tensor):
             (logits,) = functional.split_teachers([t], torch.Size((*lead, v)))
             functional._check_device(f"teachers[{k}]", logits, device, ref="student_hidden")
@@ -310,8 +349,28 @@ def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: in
     return out
 
 
-def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
+def _low_rank_inputs(hidden: Tensor, lora: Sequence[LoRATerm]) -> list[Tensor]:
+    """Each term's ``hidden @ a.T`` [c, r], in ``a``'s dtype."""
+    return [hidden.to(t.a.dtype) @ t.a.T for t in lora]
+
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, lora: Sequence[LoRATerm] = (),
+            us: list[Tensor] | None = None, out: Tensor | None = None) -> Tensor:  # fmt: skip
+    """A chunk's logits [c, V] from its rows ``hidden`` [c, H]: ``hidden @ weight.T + bias`` plus each low-rank term
+    (``us``: their :func:`_low_rank_inputs`, if computed already), written into ``out`` if given."""
+    if out is None:
+        z = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
+    else:
+        z = torch.mm(hidden, weight.T, out=out) if bias is None else torch.addmm(bias, hidden, weight.T, out=out)
+    for t, u in zip(lora, us if us is not None else _low_rank_inputs(hidden, lora)):
+        z.addmm_(u.to(z.dtype), t.b.T.to(z.dtype), alpha=t.scaling)
+    return z
+
+
+def head_logits(head: TeacherHead) -> Tensor:
+    """``head``'s logits [*, V] of its hidden states [*, H], whole (for checks and evaluation, not the loss)."""
+    x = head.hidden.reshape(-1, head.hidden.shape[-1])
+    return _logits(x, head.weight, head.bias, head.lora).reshape(*head.hidden.shape[:-1], head.weight.shape[0])
 
 
 def chunk_rows(n: int, v: int, k: int, itemsize: int, chunk_size: int | None, budget_bytes: int | None,
@@ -353,6 +412,7 @@ class _Plan(NamedTuple):
     chunk: int
     lead: torch.Size
     acc: torch.dtype  # of the loss: float64 if any input (student or teacher) is float64, else float32 (kd_loss's)
+    scalings: tuple[float, ...] = ()  # of the student head's LoRA terms (their a, b are the Function's inputs)
 
 
 def _chunk_teachers(plan: _Plan, z: Tensor, rows: slice) -> Tensor | list[Tensor]:
@@ -363,15 +423,14 @@ def _chunk_teachers(plan: _Plan, z: Tensor, rows: slice) -> Tensor | list[Tensor
         return plan.teachers[0][rows]
     dtypes = {t.dtype if isinstance(t, Tensor) else t.hidden.dtype for t in plan.teachers}
     if len(dtypes) > 1:
-        return [t[rows] if isinstance(t, Tensor) else _logits(t.hidden[rows], t.weight, t.bias) for t in plan.teachers]
+        return [t[rows] if isinstance(t, Tensor) else _logits(t.hidden[rows], t.weight, t.bias, t.lora)
+                for t in plan.teachers]  # fmt: skip
     out = z.new_empty((len(plan.teachers), *z.shape), dtype=dtypes.pop())
     for k, t in enumerate(plan.teachers):
         if isinstance(t, Tensor):
             out[k].copy_(t[rows])
-        elif t.bias is None:
-            torch.mm(t.hidden[rows], t.weight.T, out=out[k])
         else:
-            torch.addmm(t.bias, t.hidden[rows], t.weight.T, out=out[k])
+            _logits(t.hidden[rows], t.weight, t.bias, t.lora, out=out[k])
     return out
 
 
@@ -386,50 +445,82 @@ def _chunk_loss(plan: _Plan, z: Tensor, rows: slice) -> Tensor:
     )  # fmt: skip
 
 
-def _sweep(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, need: tuple[bool, bool, bool],
+def _sweep(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, ab: Sequence[Tensor], need: tuple[bool, ...],
            grad_out: Tensor | None):  # fmt: skip
     """One pass over the chunks: the loss (0-dim sum of the chunks', or [N] rows) and the gradients of (grad_out x)
-    the loss to those of h [N, H], w, b that ``need`` asks for (None for the others; w's as a :class:`_HeadGrad`,
-    w's and b's accumulated in the accumulation dtype). A frozen head (LoRA, a tied frozen embedding) costs no
-    [V, H] buffer and no matmul."""
+    the loss to those of h [N, H], w, b and the LoRA terms' a, b (``ab``: a_0, b_0, a_1, ...; scalings in ``plan``)
+    that ``need`` (one flag each, in that order) asks for; None for the others. w's as a :class:`_HeadGrad`, w's and
+    b's accumulated in the accumulation dtype, the LoRA terms' in float32 (float64 for float64 terms). A frozen
+    head (a LoRA model's base head, a tied frozen embedding) costs no [V, H] buffer and no matmul; a LoRA term
+    costs [c, r] per chunk and its gradients [r, H] and [V, r]."""
     n, acc = h.shape[0], plan.acc
     grads = any(need)
+    lora = [LoRATerm(ab[2 * i], ab[2 * i + 1], s) for i, s in enumerate(plan.scalings)]
     total = torch.zeros((), dtype=acc, device=h.device)
     rows_out = [] if plan.chunk_reduction == "none" else None
     gh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need[0] else None  # its row blocks contiguous
     gw = _HeadGrad(w, plan.accum_dtype) if need[1] else None
     gb = torch.zeros(w.shape[0], dtype=plan.accum_dtype, device=w.device) if need[2] and b is not None else None
+    gab = [torch.zeros(m.shape, dtype=torch.promote_types(m.dtype, torch.float32), device=m.device) if want else None
+           for m, want in zip(ab, need[3:])]  # fmt: skip
     for start in range(0, max(n, 1), plan.chunk):  # N = 0: one empty chunk, so the backend checks its inputs
         rows = slice(start, min(n, start + plan.chunk))
         hc = h[rows]
+        us = _low_rank_inputs(hc, lora)
         with torch.enable_grad(), functional.values_checked():
-            z = _logits(hc, w, b).detach().requires_grad_(grads)
+            z = _logits(hc, w, b, lora, us).detach().requires_grad_(grads)
             loss = _chunk_loss(plan, z, rows)
             g = None
             if grads:
                 go = None if grad_out is None else (grad_out[rows] if grad_out.dim() else grad_out)
                 (g,) = torch.autograd.grad(loss, z, grad_outputs=go)
         del z  # (its graph is freed): only the logit gradient is left of the chunk for the matmuls below
+        gus = []  # each term's d(hc @ a.T) = scaling * g @ b [c, r], in a's dtype (float32 sums of a 16-bit g)
+        for i, t in enumerate(lora):
+            if grads and (need[0] or need[3 + 2 * i]):
+                gu = gemm.mm32(g, t.b.to(g.dtype)) if g.dtype in gemm.HALF else g @ t.b.to(g.dtype)
+                gus.append(gu.to(t.a.dtype).mul_(t.scaling))
+            else:
+                gus.append(None)
         if gh is not None:
             if g.dtype == gh.dtype and not torch.is_grad_enabled():
                 torch.mm(g, w, out=gh[rows])  # no [c, H] temporary
             else:  # autocast (g in its dtype, gh in h's), or recorded: the product, then its copy
                 gh[rows] = g @ w
+            for gu, t in zip(gus, lora):
+                gh[rows] += (gu @ t.a).to(gh.dtype)
         if gw is not None:  # bfloat16 operands even into a float32 accumulator: the tensor cores (ops/gemm.py)
             gw.add_mm(g, hc)
         if gb is not None:
             gb.add_(g.sum(0, dtype=gb.dtype))
+        for i, (t, u, gu) in enumerate(zip(lora, us, gus)):
+            if gab[2 * i] is not None:  # d a += (scaling g b).T @ hc
+                gab[2 * i].addmm_(gu.T.to(gab[2 * i].dtype), hc.to(gab[2 * i].dtype))
+            if gab[2 * i + 1] is not None:  # d b += scaling g.T @ u, u as the logits used it (scaled at the end)
+                _add_mm_into(gab[2 * i + 1], g.T, u.to(g.dtype))
         # the chunk's buffers released before the next chunk's are allocated: else its logit gradient would live
         # through the next chunk's kernel, one chunk unit more at the peak ((K + 3) units, not the budget's K + 2)
-        del g
+        del g, gus, us
         loss = loss.detach()
         if rows_out is not None:
             rows_out.append(loss)
         else:
             total = total + loss.to(acc)
         del loss
+    for i, t in enumerate(lora):
+        if gab[2 * i + 1] is not None:
+            gab[2 * i + 1].mul_(t.scaling)
     out = torch.cat(rows_out) if rows_out is not None else total
-    return out, gh, gw, gb
+    return out, gh, gw, gb, gab
+
+
+def _add_mm_into(c: Tensor, a: Tensor, b: Tensor) -> None:
+    """``c += a @ b`` for a float32 (float64) ``c`` and operands of any floating dtype: half-precision ones through
+    :func:`gemm.add_mm` (float32 sums on the tensor cores), others cast to ``c``'s dtype."""
+    if a.dtype in gemm.HALF and c.dtype == torch.float32:
+        gemm.add_mm(c, a, b)
+    else:
+        c.addmm_(a.to(c.dtype), b.to(c.dtype))
 
 
 class _HeadGrad:
@@ -503,24 +594,24 @@ def _scaled(grad: Tensor | None, scale: Tensor | None, dtype: torch.dtype) -> Te
 
 class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: Tensor, w: Tensor, b: Tensor | None, plan: _Plan) -> Tensor:
+    def forward(ctx, plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, *ab: Tensor) -> Tensor:
         # Reductions to a scalar: the gradients are computed with the loss (one pass) and backward scales them.
         # "none": backward needs each row's grad_output, so it recomputes the chunks then.
-        need = tuple(ctx.needs_input_grad[:3])
+        need = tuple(ctx.needs_input_grad[1:])
         early = any(need) and plan.chunk_reduction != "none"
-        out, gh, gw, gb = _sweep(plan, h, w, b, need if early else (False, False, False), None)
+        out, *grads = _sweep(plan, h, w, b, ab, need if early else (False,) * len(need), None)
         ctx.plan, ctx.early = plan, early
-        ctx.dtypes = (h.dtype, None if b is None else b.dtype)
-        ctx.grads = (gh, gw, gb) if early else None  # not inputs or outputs: plain references, freed with ctx
+        ctx.dtypes = (h.dtype, None if b is None else b.dtype, *(m.dtype for m in ab))
+        ctx.grads = grads if early else None  # not inputs or outputs: plain references, freed with ctx
         if not early:
-            ctx.save_for_backward(h, w, b)
+            ctx.save_for_backward(h, w, b, *ab)
         if plan.chunk_reduction == "none":
             return out.reshape(plan.lead)
         return out / plan.denominator
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        plan, (h_dtype, b_dtype) = ctx.plan, ctx.dtypes
+        plan, (h_dtype, b_dtype, *ab_dtypes) = ctx.plan, ctx.dtypes
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             raise RuntimeError("fastdistill.fused_linear_kd_loss: create_graph=True (double backward) is not "
                                "supported: the gradients are formed chunk by chunk without a graph of their own, so a "
@@ -531,13 +622,14 @@ class _FusedLinearKD(torch.autograd.Function):
                 raise RuntimeError("fused_linear_kd_loss: backward through the same loss twice (retain_graph=True) "
                                    "is not supported: its gradients are computed with the loss and handed out once; "
                                    "compute the loss again")  # fmt: skip
-            (gh, gw, gb), scale = ctx.grads, grad_out / plan.denominator
+            (gh, gw, gb, gab), scale = ctx.grads, grad_out / plan.denominator
             ctx.grads = None
-            return (_scaled(gh, scale, h_dtype), None if gw is None else gw.result(scale), _scaled(gb, scale, b_dtype),
-                    None)  # fmt: skip
-        h, w, b = ctx.saved_tensors  # "none": the chunks again, each row's grad_output applied in them
-        _, gh, gw, gb = _sweep(plan, h, w, b, tuple(ctx.needs_input_grad[:3]), grad_out.reshape(-1))
-        return gh, None if gw is None else gw.result(None), _scaled(gb, None, b_dtype), None
+        else:  # "none": the chunks again, each row's grad_output applied in them
+            h, w, b, *ab = ctx.saved_tensors
+            _, gh, gw, gb, gab = _sweep(plan, h, w, b, ab, tuple(ctx.needs_input_grad[1:]), grad_out.reshape(-1))
+            scale = None
+        return (None, _scaled(gh, scale, h_dtype), None if gw is None else gw.result(scale),
+                _scaled(gb, scale, b_dtype), *(_scaled(g, scale, d) for g, d in zip(gab, ab_dtypes)))
 
 
 def fused_linear_kd_loss(
@@ -547,6 +639,7 @@ def fused_linear_kd_loss(
     labels: Tensor | None = None,
     *,
     student_head_bias: Tensor | None = None,
+    student_head_lora: Sequence[LoRATerm] = (),
     chunk_size: int | None = None,
     memory_budget_bytes: int | None = None,
     divergence: str = "kl",
@@ -564,14 +657,18 @@ def fused_linear_kd_loss(
     accum_dtype: torch.dtype | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    """:func:`fastdistill.kd_loss` of the logits ``student_hidden @ student_head_weight.T + student_head_bias``,
-    computed ``chunk_size`` rows at a time (default: as many as ``memory_budget_bytes`` holds: 256 MiB on the CPU,
-    768 MiB on CUDA), so that neither the [N, V] logits nor their gradient is ever materialised.
+    """:func:`fastdistill.kd_loss` of the logits ``student_hidden @ student_head_weight.T + student_head_bias``
+    (plus ``student_head_lora``'s low-rank terms), computed ``chunk_size`` rows at a time (default: as many as
+    ``memory_budget_bytes`` holds: 256 MiB on the CPU, 768 MiB on CUDA), so that neither the [N, V] logits nor
+    their gradient is ever materialised.
 
     Args:
         student_hidden: [*, H] the student's last hidden states (the ``lm_head``'s input).
         student_head_weight: [V, H] the student's output head (``lm_head.weight``); student_head_bias: [V] or None,
             in the weight's dtype and on its device (a TeacherHead's bias likewise).
+        student_head_lora: :class:`LoRATerm` s (a [r, H], b [V, r], scaling) added to the student's head: a LoRA
+            ``lm_head`` without its W + s·B·A or a [V, H] gradient (a frozen ``student_head_weight`` then costs no
+            [V, H] buffer at all); their a and b get gradients, formed chunk by chunk.
         teachers: logits ([*, V], a stacked [K, *, V], or a sequence of K [*, V]), :class:`TeacherHead` entries
             (hidden [*, H_t] and a frozen head [V, H_t]: their logits are computed per chunk too), or a sequence
             mixing both. Teachers get no gradient.
@@ -585,11 +682,12 @@ def fused_linear_kd_loss(
             either way.
 
     Returns the loss: 0-dim, or [*] for ``reduction="none"``; float32 (float64 for float64 inputs). Gradients flow
-    to ``student_hidden``, ``student_head_weight`` and ``student_head_bias``; for a reduced loss they are computed
-    with it (one pass over the chunks) and handed out by its one backward; under ``no_grad`` / ``inference_mode``
-    (evaluation) only the loss is computed, whatever requires grad. Extra memory: one chunk's logits,
-    teachers' logits and logit gradient, plus the gradients of the inputs (the weight's in ``accum_dtype`` while
-    it accumulates; a float32 sum is narrowed to the head's dtype in its own memory, no second [V, H] buffer).
+    to ``student_hidden``, ``student_head_weight``, ``student_head_bias`` and the LoRA terms' a and b; for a
+    reduced loss they are computed with it (one pass over the chunks) and handed out by its one backward; under
+    ``no_grad`` / ``inference_mode`` (evaluation) only the loss is computed, whatever requires grad. Extra memory:
+    one chunk's logits, teachers' logits and logit gradient, plus the gradients of the inputs (the weight's in
+    ``accum_dtype`` while it accumulates; a float32 sum is narrowed to the head's dtype in its own memory, no second
+    [V, H] buffer).
     """
     if not isinstance(student_hidden, Tensor) or not student_hidden.is_floating_point() or student_hidden.dim() < 1:
         raise TypeError("student_hidden must be a floating-point Tensor [*, H]")
@@ -605,6 +703,7 @@ def fused_linear_kd_loss(
         scale_by_temperature_sq=scale_by_temperature_sq,
     )  # fmt: skip
     v = student_head_weight.shape[0]
+    lora = _check_lora("student_head_lora", student_head_lora, width, v, student_hidden.device)
     n = math.prod(lead)
     wide = torch.float64 if student_head_weight.dtype == torch.float64 else torch.float32
     if accum_dtype is None:
@@ -636,19 +735,20 @@ def fused_linear_kd_loss(
                    ensemble=ensemble, beta=beta, skew=skew, ignore_index=ignore_index, ce_weight=ce_weight,
                    backend=backend)  # fmt: skip
     plan = _Plan(teacher_list, flat_labels, flat_sw, tw, options, accum_dtype, chunk_reduction, count, denominator,
-                 chunk, lead, acc)  # fmt: skip
+                 chunk, lead, acc, tuple(float(t.scaling) for t in lora))  # fmt: skip
     h = student_hidden.reshape(n, width)
+    ab = [m for t in lora for m in (t.a, t.b)]
     if not torch.is_grad_enabled():  # no_grad / inference_mode (evaluation): the loss alone, no autograd Function,
         # so no head-gradient buffer or gradient matmuls for a head that requires grad (and no inference-mode error)
-        out, *_ = _sweep(plan, h, student_head_weight, student_head_bias, (False, False, False), None)
+        out, *_ = _sweep(plan, h, student_head_weight, student_head_bias, ab, (False,) * (3 + len(ab)), None)
         return out.reshape(plan.lead) if chunk_reduction == "none" else out / denominator
-    return _FusedLinearKD.apply(h, student_head_weight, student_head_bias, plan)
+    return _FusedLinearKD.apply(plan, h, student_head_weight, student_head_bias, *ab)
 
 
 class FusedLinearKDLoss(nn.Module):
     """:func:`fused_linear_kd_loss` with its hyper-parameters fixed in ``__init__`` (every keyword from
     ``chunk_size`` on); ``forward(student_hidden, student_head_weight, teachers, labels=None, *,
-    student_head_bias=None, sample_weight=None, teacher_weights=None, num_items=None)``."""
+    student_head_bias=None, student_head_lora=(), sample_weight=None, teacher_weights=None, num_items=None)``."""
 
     def __init__(self, **options: Any) -> None:
         super().__init__()
@@ -666,11 +766,13 @@ class FusedLinearKDLoss(nn.Module):
 
     def forward(self, student_hidden: Tensor, student_head_weight: Tensor, teachers: Teacher | Sequence[Teacher],
                 labels: Tensor | None = None, *, student_head_bias: Tensor | None = None,
-                sample_weight: Tensor | None = None, teacher_weights: Tensor | Sequence[float] | None = None,
+                student_head_lora: Sequence[LoRATerm] = (), sample_weight: Tensor | None = None,
+                teacher_weights: Tensor | Sequence[float] | None = None,
                 num_items: int | Tensor | None = None) -> Tensor:  # fmt: skip
         options = dict(self.options)
         if teacher_weights is not None:
             options["teacher_weights"] = teacher_weights
         return fused_linear_kd_loss(student_hidden, student_head_weight, teachers, labels,
-                                    student_head_bias=student_head_bias, sample_weight=sample_weight,
+                                    student_head_bias=student_head_bias, student_head_lora=student_head_lora,
+                                    sample_weight=sample_weight,
                                     num_items=num_items, **options)  # fmt: skip

@@ -7,7 +7,7 @@ import torch
 from conftest import CPU_BACKENDS, DIVERGENCES, PeftLike
 
 import fastdistill
-from fastdistill import TeacherHead, fused_linear_kd_loss
+from fastdistill import LoRATerm, TeacherHead, fused_linear_kd_loss
 
 H, V = 7, 11
 
@@ -296,15 +296,16 @@ def test_compile(backend, dtype):
     w = torch.randn(20, 8, generator=g).to(dtype).requires_grad_()
     teacher = TeacherHead(torch.randn(6, 5, generator=g).to(dtype), torch.randn(20, 5, generator=g).to(dtype))
     labels = torch.randint(0, 20, (6,), generator=g)
+    a, b = torch.randn(2, 8, generator=g).requires_grad_(), torch.randn(20, 2, generator=g).requires_grad_()
 
-    def step(h, w):
-        return fused_linear_kd_loss(h, w, teacher, labels, chunk_size=4, temperature=2.0, ce_weight=0.2,
-                                    backend=backend)  # fmt: skip
+    def step(h, w, a, b):  # with a float32 LoRA term (peft's adapters of a 16-bit model)
+        return fused_linear_kd_loss(h, w, teacher, labels, student_head_lora=[LoRATerm(a, b, 0.5)], chunk_size=4,
+                                    temperature=2.0, ce_weight=0.2, backend=backend)  # fmt: skip
 
-    want = step(h, w)
-    want_grads = torch.autograd.grad(want, (h, w))
-    got = torch.compile(step, backend="aot_eager")(h, w)
-    got_grads = torch.autograd.grad(got, (h, w))
+    want = step(h, w, a, b)
+    want_grads = torch.autograd.grad(want, (h, w, a, b))
+    got = torch.compile(step, backend="aot_eager")(h, w, a, b)
+    got_grads = torch.autograd.grad(got, (h, w, a, b))
     torch.testing.assert_close(got, want)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b)
@@ -662,3 +663,99 @@ def test_check_fusable_and_hidden_and_head_look_inside_a_peft_wrapper():
     for check in (lambda: check_fusable("model", model), lambda: hidden_and_head(model, {"input_ids": ids})):
         with pytest.raises(ValueError, match="output head is wrapped by an adapter .*LoraLinear"):
             check()
+
+
+def _lora_terms(seed=1, ranks=(3, 2), dtype=torch.float64, width=H, scalings=(0.5, 2.0), requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    return [LoRATerm(torch.randn(r, width, generator=g, dtype=dtype).requires_grad_(requires_grad),
+                     (0.4 * torch.randn(V, r, generator=g, dtype=dtype)).requires_grad_(requires_grad), s)
+            for r, s in zip(ranks, scalings)]  # fmt: skip
+
+
+def _plus_lora(x, lora):
+    return sum((t.scaling * (x @ t.a.T) @ t.b.T for t in lora), torch.zeros(()))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 64])
+@pytest.mark.parametrize("reduction", ["mean", "batchmean", "none"])
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_lora_terms_are_the_formed_heads(chunk_size, reduction, frozen_head, monkeypatch):
+    """A student head with two LoRA terms (and a teacher head with one): the loss and the gradients of the hidden
+    states, the head, its bias and every a and b are the materialised path's on W + sum s B A; a frozen base
+    weight builds no [V, H] gradient buffer."""
+    from fastdistill import fused_linear as fl
+
+    h, w, b, t_hidden, t_heads, labels = _inputs()
+    w.requires_grad_(not frozen_head)
+    lora = _lora_terms()
+    t_lora = _lora_terms(seed=2, ranks=(2,), width=5, requires_grad=False)
+    teachers = [TeacherHead(t_hidden[0], t_heads[0], None, tuple(t_lora)), t_hidden[1] @ t_heads[1].T]
+    t_logits = [t_hidden[0] @ t_heads[0].T + _plus_lora(t_hidden[0], t_lora), teachers[1]]
+    kw = dict(temperature=2.0, ce_weight=0.3, reduction=reduction, divergence="jsd", backend="reference")
+    want = fastdistill.kd_loss(h @ w.T + b + _plus_lora(h, lora), t_logits, labels, **kw)
+    if frozen_head:
+        monkeypatch.setattr(fl, "_HeadGrad", None)  # would raise if called
+    got = fused_linear_kd_loss(h, w, teachers, labels, student_head_bias=b, student_head_lora=lora,
+                               chunk_size=chunk_size, **kw)  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    go = torch.linspace(-1, 2, want.numel(), dtype=want.dtype).view_as(want) if want.dim() else torch.tensor(0.7,
+                                                                                                       dtype=want.dtype)
+    params = [h, b, *(m for t in lora for m in (t.a, t.b))] + ([] if frozen_head else [w])
+    for name, gg, gw_ in zip(range(len(params)), _grads(got, params, go), _grads(want, params, go)):
+        torch.testing.assert_close(gg, gw_, rtol=1e-9, atol=1e-11, msg=f"parameter {name}")
+
+
+def test_lora_terms_gradcheck_and_module():
+    """gradcheck of the hidden states and one term's a and b through the chunks (reduction "none": its backward
+    runs the chunks again, so gradcheck's repeated backward calls work), and FusedLinearKDLoss passing
+    student_head_lora on."""
+    h, w, b, t_hidden, t_heads, labels = _inputs(lead=(5,), k=1)
+    (term,) = _lora_terms(ranks=(2,), scalings=(1.5,))
+    teacher = TeacherHead(t_hidden[0], t_heads[0])
+
+    def f(h, a, bb, reduction="none"):
+        return fused_linear_kd_loss(h, w.detach(), teacher, labels, student_head_lora=[LoRATerm(a, bb, 1.5)],
+                                    chunk_size=2, temperature=2.0, ce_weight=0.4, reduction=reduction,
+                                    backend="reference")  # fmt: skip
+
+    assert torch.autograd.gradcheck(f, (h, term.a, term.b))
+    module = fastdistill.FusedLinearKDLoss(chunk_size=2, temperature=2.0, ce_weight=0.4, reduction="none",
+                                           backend="reference")  # fmt: skip
+    torch.testing.assert_close(module(h, w.detach(), teacher, labels, student_head_lora=[term]), f(h, term.a, term.b))
+
+
+def test_lora_terms_in_their_own_dtype():
+    """peft keeps the adapters of a bfloat16 model in float32: x @ a.T in float32, its product with b in the
+    logits' dtype; every gradient comes back in its parameter's dtype, close to a float64 evaluation."""
+    h64, w64, b64, t_hidden, t_heads, labels = _inputs()
+    lora64 = _lora_terms(requires_grad=False)
+    h, w = h64.detach().bfloat16().requires_grad_(), w64.detach().bfloat16().requires_grad_()
+    lora = [LoRATerm(t.a.float().requires_grad_(), t.b.float().requires_grad_(), t.scaling) for t in lora64]
+    teacher = (t_hidden[0] @ t_heads[0].T).bfloat16()
+    got = fused_linear_kd_loss(h, w, teacher, labels, student_head_lora=lora, chunk_size=4, temperature=2.0)
+    params = [h, w, *(m for t in lora for m in (t.a, t.b))]
+    grads = torch.autograd.grad(got, params)
+    assert [g.dtype for g in grads] == [p.dtype for p in params]
+    ref = [x.detach().double().requires_grad_() for x in params]
+    logits = ref[0] @ ref[1].T + sum(t.scaling * (ref[0] @ ref[2 + 2 * i].T) @ ref[3 + 2 * i].T
+                                     for i, t in enumerate(lora))  # fmt: skip
+    want = fastdistill.kd_loss(logits, teacher.double(), labels, temperature=2.0, backend="reference")
+    torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=1e-3)
+    for gg, gw_ in zip(grads, torch.autograd.grad(want, ref)):
+        assert (gg.double() - gw_).norm() <= 3e-2 * gw_.norm()
+
+
+def test_lora_terms_errors_name_the_argument():
+    h, w, b, t_hidden, t_heads, labels = _inputs()
+    (term,) = _lora_terms(ranks=(2,), scalings=(1.0,))
+    cases = [(term, TypeError, r"student_head_lora must be a sequence of LoRATerm"),
+             ([(term.a, term.b)], TypeError, r"student_head_lora\[0\] must be a LoRATerm"),
+             ([LoRATerm(term.a, term.b[:, :1])], ValueError, r"lora\[0\]: a has shape \(2, 7\), b \(11, 1\)"),
+             ([LoRATerm(term.a.T, term.b)], ValueError, r"expected a \[r, 7\] and b \[11, r\]"),
+             ([LoRATerm(term.a.to("meta"), term.b)], ValueError, r"student_head_lora\[0\].a is on meta"),
+             ([LoRATerm(term.a, term.b, float("nan"))], ValueError, r"scaling must be a finite float")]  # fmt: skip
+    for lora, error, match in cases:
+        with pytest.raises(error, match=match):
+            fused_linear_kd_loss(h, w, t_hidden[0] @ t_heads[0].T, student_head_lora=lora)
+    with pytest.raises(ValueError, match=r"teachers\[0\].lora\[0\]: a has shape"):
+        fused_linear_kd_loss(h, w, [TeacherHead(t_hidden[0], t_heads[0], None, (term,))])

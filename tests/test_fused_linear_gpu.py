@@ -12,7 +12,7 @@ from tolerances import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastdistill
-from fastdistill import TeacherHead, fused_linear_kd_loss
+from fastdistill import LoRATerm, TeacherHead, fused_linear_kd_loss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -132,6 +132,43 @@ def test_peak_memory(accum):
     bound = acc + chunk + 2 * n * width + product + (8 << 20)
     assert peak <= bound, (f"peak {peak / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB (addmm_float32_c: "
                            f"{gemm.addmm_takes_float32_c()})")  # fmt: skip
+
+
+def test_lora_head_float32_adapters_on_a_bfloat16_head():
+    """A LoRA lm_head as peft keeps it for a bfloat16 model: frozen bfloat16 base weight, float32 adapters (r = 16).
+    Against float64: within the bfloat16 tolerance; peak memory beyond the inputs is one chunk, the hidden states'
+    clone and gradient and the adapters' gradients: no [V, H] weight W + s B A and no [V, H] gradient."""
+    from fastdistill.fused_linear import chunk_rows
+
+    n, width, v, r, budget = 4096, 1024, 32768, 16, 64 << 20
+    hid, w, b, th, tw, _, labels = make_inputs(n, width, v, torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    a32 = torch.randn(r, width, generator=g, device="cuda") * width**-0.5
+    b32 = torch.randn(v, r, generator=g, device="cuda") * 0.1
+
+    def run(h, w, a, bb, lora_dtype, backend):
+        leaves = [h.detach().clone().requires_grad_(), a.detach().to(lora_dtype).requires_grad_(),
+                  bb.detach().to(lora_dtype).requires_grad_()]  # fmt: skip
+        loss = fused_linear_kd_loss(leaves[0], w, TeacherHead(th.to(h.dtype), tw.to(h.dtype)), labels,
+                                    student_head_lora=[LoRATerm(leaves[1], leaves[2], 2.0)],
+                                    memory_budget_bytes=budget, backend=backend, **KW)  # fmt: skip
+        return [loss.detach(), *torch.autograd.grad(loss, leaves, torch.tensor(0.7, device="cuda", dtype=loss.dtype))]
+
+    want = run(hid.double(), w.double(), a32, b32, torch.float64, "reference")
+    got = run(hid, w, a32, b32, torch.float32, "triton")
+    torch.testing.assert_close(got[0].double(), want[0], rtol=5e-3, atol=0)  # from bfloat16-rounded logits
+    for name, x, e in zip(("d hidden", "d a", "d b"), got[1:], want[1:]):
+        assert x.dtype == (torch.bfloat16 if name == "d hidden" else torch.float32), name
+        assert_close(x, e, torch.bfloat16, "grad", what=name)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run(hid, w, a32, b32, torch.float32, "triton")
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    chunk = chunk_rows(n, v, 1, 2, None, budget) * v * 3 * 2
+    bound = chunk + 2 * (2 * n * width) + 2 * 4 * (r * width + v * r) + (8 << 20)  # h's clone and d hidden
+    assert peak <= bound < 2 * v * width + chunk, f"peak {peak / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB"
 
 
 def test_compile():

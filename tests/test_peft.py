@@ -133,9 +133,11 @@ def test_merged_and_disabled_lora_heads(tmp_path):
     torch.testing.assert_close(off_fused[0], off_plain[0], rtol=1e-5, atol=1e-6)
 
 
-def test_loop_fused_linear_trains_a_lora_head_as_the_logits_loop():
+def test_loop_fused_linear_trains_a_lora_head_as_the_logits_loop(monkeypatch):
     """DistillationLoop(fused_linear=True) with LoRA on the student's lm_head: the same losses and adapters after two
-    SGD steps as the plain loop."""
+    SGD steps as the plain loop, with the adapters' gradients formed chunk by chunk: no [V, H] weight W + s B A and
+    no [V, H] gradient buffer (the base head is frozen)."""
+    from fastdistill import fused_linear
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, VOCAB, (8, 9), generator=g)
     ds = ArrayDataset(input_ids=ids, labels=ids)
@@ -143,6 +145,10 @@ def test_loop_fused_linear_trains_a_lora_head_as_the_logits_loop():
     runs = {}
     for fused in (False, True):
         s = copy.deepcopy(student)
+        if fused:
+            monkeypatch.setattr(fused_linear, "_HeadGrad", None)  # raises if a [V, H] gradient were built
+            head, _ = fused_linear.hidden_and_head(s, {"input_ids": ids[:2]})
+            assert head.weight is s.get_base_model().lm_head.base_layer.weight and len(head.lora) == 1
         loop = DistillationLoop(s, [teacher], loss=fastdistill.KDLoss(**KD), batch_size=4, shuffle=False,
                                 optimizer=lambda p: torch.optim.SGD(p, 0.5), progress=False, log_every=1,
                                 fused_linear=fused)  # fmt: skip
@@ -173,15 +179,19 @@ def test_heads_no_weight_can_express_are_refused_by_name(tmp_path, what):
                         args=_args(tmp_path), teachers=[_llama(1)], fused_linear=True, **KD)  # fmt: skip
 
 
-def test_a_head_weight_formed_per_call_is_not_cached_by_id():
-    """A device_map teacher's LoRA head weight is a new tensor on every call: copied every time (a cached copy
-    found by a freed tensor's id could be a stale one); its frozen bias parameter is copied once."""
-    from fastdistill import TeacherHead
+def test_a_head_tensor_formed_per_call_is_not_cached_by_id():
+    """A device_map teacher's LoRA head: its bias with the adapters' biases folded in is a new tensor on every call,
+    copied every time (a cached copy found by a freed tensor's id could be a stale one); its frozen weight and the
+    adapters' a and b (parameters) are copied once."""
+    from fastdistill import LoRATerm, TeacherHead
 
     cache: dict = {}
-    bias = torch.nn.Parameter(torch.randn(VOCAB), requires_grad=False)
+    weight = torch.nn.Parameter(torch.randn(VOCAB, 8), requires_grad=False)
+    a, b = (torch.nn.Parameter(torch.randn(*shape), requires_grad=False) for shape in ((2, 8), (VOCAB, 2)))
     for step in range(3):
-        weight = torch.full((VOCAB, 8), float(step))  # formed per call, like _head_params' W + s B A
-        moved = _on_device(TeacherHead(torch.randn(2, 3, 8), weight, bias), torch.device("meta"), cache)
-        assert moved.weight.device.type == "meta" and moved.bias is cache[id(bias)]
-    assert list(cache) == [id(bias)]
+        bias = torch.full((VOCAB,), float(step))  # formed per call, like _head_bias' bias + s (B a_bias + b_bias)
+        moved = _on_device(TeacherHead(torch.randn(2, 3, 8), weight, bias, (LoRATerm(a, b, 2.0),)),
+                           torch.device("meta"), cache)  # fmt: skip
+        assert moved.bias.device.type == "meta" and moved.weight is cache[id(weight)]
+        assert moved.lora[0].a is cache[id(a)] and moved.lora[0].b is cache[id(b)] and moved.lora[0].scaling == 2.0
+    assert sorted(cache) == sorted(map(id, (weight, a, b)))

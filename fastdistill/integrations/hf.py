@@ -34,7 +34,15 @@ from transformers.trainer_pt_utils import nested_detach
 from transformers.utils import logging
 
 from .. import functional
-from ..fused_linear import TeacherHead, check_fusable, check_head_output, fused_linear_kd_loss, hidden_and_head
+from ..fused_linear import (
+    LoRATerm,
+    TeacherHead,
+    check_fusable,
+    check_head_output,
+    fused_linear_kd_loss,
+    head_logits,
+    hidden_and_head,
+)
 from ..training.data import is_causal_lm, logits_of, shift_positions, unwrap_model
 
 logger = logging.get_logger(__name__)
@@ -220,12 +228,12 @@ def _on_device(x: Tensor | TeacherHead, device: torch.device, heads: dict[int, T
                name: str = "teacher") -> Tensor | TeacherHead:  # fmt: skip
     """A teacher's logits (or hidden states and head) on the student's ``device``: a ``device_map`` teacher's last
     layer may sit elsewhere. Non-blocking, except into host memory (the CPU would read the copy before it lands).
-    A head's weight and bias (frozen parameters) are copied once and kept in ``heads`` (by the parameter's id), not
-    on every step; a weight formed per call (a LoRA head's, :func:`fastdistill.fused_linear.hidden_and_head`) is
-    copied every time (its id may be a freed one's); an offloaded head (meta weights, loaded by accelerate's hooks in
-    the forward) is a ValueError."""
+    A head's weight, bias and LoRA terms (frozen parameters) are copied once and kept in ``heads`` (by the
+    parameter's id), not on every step; a tensor formed per call (a LoRA head's bias with adapter biases,
+    :func:`fastdistill.fused_linear.hidden_and_head`) is copied every time (its id may be a freed one's); an
+    offloaded head (meta weights, loaded by accelerate's hooks in the forward) is a ValueError."""
     if isinstance(x, TeacherHead):
-        for p in (x.weight, x.bias):
+        for p in (x.weight, x.bias, *(m for t in x.lora for m in (t.a, t.b))):
             if p is not None and p.device.type == "meta":
                 raise ValueError(f"fused_linear: {name}'s output head is offloaded (its weight is on the meta "
                                  "device, loaded only inside the forward): fused_linear reads the head itself; "
@@ -238,7 +246,8 @@ def _on_device(x: Tensor | TeacherHead, device: torch.device, heads: dict[int, T
                 heads[id(p)] = p.detach().to(device)
             return heads[id(p)]
 
-        return TeacherHead(_on_device(x.hidden, device), param(x.weight), param(x.bias))
+        return TeacherHead(_on_device(x.hidden, device), param(x.weight), param(x.bias),
+                           tuple(LoRATerm(param(t.a), param(t.b), t.scaling) for t in x.lora))
     return x if x.device == device else x.to(device, non_blocking=device.type != "cpu")
 
 
@@ -490,7 +499,7 @@ class DistillationTrainer(Trainer):
             if return_outputs and self._predicting and isinstance(outputs, dict):  # compute_metrics / predict:
                 # the full logits, as the logits path hands them, in evaluation only (no gradient, no chunking)
                 with torch.no_grad():
-                    outputs["logits"] = nn.functional.linear(student.hidden, student.weight, student.bias)
+                    outputs["logits"] = head_logits(student)
         else:
             outputs = model(**inputs)
             student = logits_of(outputs)
@@ -516,7 +525,8 @@ class DistillationTrainer(Trainer):
             num_items_in_batch = None  # evaluation: each batch's own mean (Trainer averages the batches)
         if self.fused_linear:
             loss = fused_linear_kd_loss(student.hidden, student.weight, teachers, labels,
-                                        student_head_bias=student.bias, num_items=num_items_in_batch,
+                                        student_head_bias=student.bias, student_head_lora=student.lora,
+                                        num_items=num_items_in_batch,
                                         **self.kd_options)  # fmt: skip
         else:
             loss = functional.kd_loss(student, teachers, labels=labels, num_items=num_items_in_batch,

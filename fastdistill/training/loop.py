@@ -535,7 +535,7 @@ class DistillationLoop:
         if self.fused_linear:
             s = student_logits
             return fused_linear_kd_loss(s.hidden, s.weight, teacher_logits, labels, student_head_bias=s.bias,
-                                        sample_weight=sample_weight, num_items=num_items,
+                                        student_head_lora=s.lora, sample_weight=sample_weight, num_items=num_items,
                                         **_kd_options(self.loss_fn))  # fmt: skip
         if teacher_logits is None:
             if labels is None:
