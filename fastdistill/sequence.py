@@ -17,11 +17,16 @@ teacher index, so the choice is deterministic. With K = 2 and equal weights the 
 sim(c, c) = 1 for :func:`token_f1`), so MBR picks teacher 0: use K >= 3, or weights (the heavier teacher's candidate
 then wins unless the two agree). A teacher of weight 0 is no evidence, but its candidate can still be chosen when the
 others agree with it most. Compare what the teachers produced, not the prompt they share (which would pull every
-similarity towards 1). Example, with the loop (``outputs[k]``: teacher k's prompts + greedy continuations [M, P + L])::
+similarity towards 1). Example, with the loop (``outputs[k]``: teacher k's prompts + greedy continuations [M, P + L],
+padded with ``pad_id`` after the end of sequence)::
 
     best = mbr_select([o[:, P:] for o in outputs], functools.partial(token_f1, ignore={pad_id}))
     seqs = torch.stack([outputs[k][i] for i, k in enumerate(best)])            # one sequence per prompt
-    DistillationLoop(student, shift_labels=True, ...).fit(ArrayDataset(input_ids=seqs, labels=seqs), max_steps=...)
+    mask = (seqs != pad_id).long()
+    labels = seqs.masked_fill(mask == 0, -100)                                 # padding is no target,
+    labels[:, :P] = -100                                                       # nor is the prompt
+    DistillationLoop(student, shift_labels=True, ...).fit(
+        ArrayDataset(input_ids=seqs, attention_mask=mask, labels=labels), max_steps=...)
 """
 
 from __future__ import annotations
@@ -44,7 +49,9 @@ def _tokens(seq: Any, ignore: Collection[Hashable]) -> list[Hashable]:
         seq = seq.tolist()
     elif isinstance(seq, str):
         seq = seq.split()
-    return [t for t in seq if t not in ignore] if ignore else list(seq)
+    # 0-d tensor tokens (a row's unbind()) hash by identity: compared by their values instead
+    seq = [t.item() if isinstance(t, Tensor) and t.dim() == 0 else t for t in seq]
+    return [t for t in seq if t not in ignore] if ignore else seq
 
 
 def token_f1(a: Any, b: Any, ignore: Collection[Hashable] = ()) -> float:
@@ -128,6 +135,6 @@ def mbr_consensus(candidates: Sequence[Sequence[T]] | Tensor, similarity: Simila
     given: a tensor row of a [K, M, L] tensor stays a tensor). Arguments as for :func:`mbr_select`."""
     if isinstance(candidates, Tensor):
         _check(candidates, weights)
-        idx = torch.tensor(mbr_select(candidates, similarity, weights), device=candidates.device)
+        idx = torch.tensor(mbr_select(candidates, similarity, weights), dtype=torch.long, device=candidates.device)
         return list(candidates[idx, torch.arange(candidates.shape[1], device=candidates.device)].unbind(0))
     return [candidates[k][i] for i, k in enumerate(mbr_select(candidates, similarity, weights))]

@@ -90,6 +90,53 @@ def test_detect_causal_lm_as_the_trainer_does():
     assert [is_causal_lm(m) for m in (lm, token, TinyLM())] == [True, False, False]
 
 
+def _llava(vocab=50, width=16, seed=0):
+    """A tiny LlavaForConditionalGeneration (Llama text model, CLIP vision tower; no download): a decoder-only
+    next-token LM outside transformers' causal-LM classes."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=8, patch_size=4)  # fmt: skip
+    text = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
+    return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+                                                     image_token_index=vocab - 1))  # fmt: skip
+
+
+@requires_transformers
+def test_a_vision_language_lm_is_not_guessed():
+    """LlavaForConditionalGeneration (and Qwen2-VL, PaliGemma, ...) is a next-token LM outside transformers' causal-LM
+    mapping: it was taken for a classifier (False) and trained on unshifted labels. Its class does not tell now:
+    the loop and the trainer ask for shift_labels; with shift_labels=True the loop's cross-entropy is the model's
+    own (shifted) loss. An encoder-decoder model still says False."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from fastdistill.integrations.hf import DistillationTrainer
+
+    model = _llava()
+    assert detect_causal_lm(model) is None and not is_causal_lm(model)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
+    assert detect_causal_lm(t5) is False
+    ids = torch.randint(0, 49, (4, 8), generator=torch.Generator().manual_seed(0))
+    ds = ArrayDataset(input_ids=ids, labels=ids)
+    loop = DistillationLoop(copy.deepcopy(model), [], optimizer=_sgd(0.0), batch_size=4, shuffle=False,
+                            progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="shift_labels=None: the student's class"):
+        loop.fit(ds, max_steps=1)
+    loop = DistillationLoop(copy.deepcopy(model), [], optimizer=_sgd(0.0), batch_size=4, shuffle=False,
+                            progress=False, shift_labels=True)  # fmt: skip
+    with torch.no_grad():
+        own = model(input_ids=ids, labels=ids).loss
+    assert loop.fit(ds, max_steps=1)["train_loss"] == pytest.approx(own.item(), rel=1e-5)
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match="LlavaForConditionalGeneration's class does not tell"):
+        DistillationTrainer(model=model, args=args, teachers=[_llava(seed=1)])
+    assert DistillationTrainer(model=model, args=args, teachers=[_llava(seed=1)], shift_labels=True).shift_labels
+
+
 @requires_transformers
 def test_gpt2_loop_shifts_labels_without_being_told():
     """A GPT-2 loop with no shift_labels trains next-token prediction: position t against token t+1, as

@@ -79,6 +79,17 @@ def test_mbr_consensus_lists_and_tensors():
     assert mbr_select(t) == mbr_select([list(x.unbind(0)) for x in t.unbind(0)])
 
 
+def test_tokens_as_0d_tensors_and_no_inputs():
+    """A candidate given as a row's unbind() (0-d tensor tokens, which hash by identity) is compared by value, its
+    ignored tokens dropped; a [K, 0, L] tensor has no inputs and no consensus (it crashed on a float index)."""
+    row = torch.tensor([3, 4, 0])
+    assert token_f1(list(row), list(row.clone())) == 1.0
+    assert token_f1(list(row), [3, 4], ignore={0}) == 1.0
+    cands = [[torch.tensor([1, 2]).unbind()], [torch.tensor([5, 6]).unbind()], [torch.tensor([5, 6]).unbind()]]
+    assert mbr_select(cands) == [1]
+    assert mbr_consensus(torch.zeros(3, 0, 4, dtype=torch.long)) == []
+
+
 def test_mbr_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"candidates\[1\] has 1 outputs"):
         mbr_select([[[1], [2]], [[1]]])

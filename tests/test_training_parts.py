@@ -55,6 +55,15 @@ def test_a_dict_of_tensors_as_train_data_is_a_clear_type_error():
     loop.fit(ArrayDataset(**batch), max_steps=1)  # what the message says works
 
 
+def test_array_dataset_errors_name_the_tensor():
+    with pytest.raises(ValueError, match="ArrayDataset needs at least one tensor"):
+        ArrayDataset()
+    with pytest.raises(ValueError, match="ArrayDataset temperature is a 0-d tensor; each tensor needs a first"):
+        ArrayDataset(input=torch.randn(3, 2), temperature=torch.tensor(2.0))
+    with pytest.raises(ValueError, match=r"must share their first dimension, got \{'input': 3, 'labels': 2\}"):
+        ArrayDataset(input=torch.randn(3, 2), labels=torch.zeros(2))
+
+
 def test_epoch_seed_takes_any_integer_seed_as_the_generator_does():
     assert epoch_seed(3, 2) == 3 * 1_000_003 + 2  # unchanged where it fitted
     # a negative seed: the generator already read it modulo 2**64, so its orders stay the same

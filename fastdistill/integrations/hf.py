@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import Trainer, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_pt_utils import nested_detach
 from transformers.utils import logging
 
@@ -43,7 +43,7 @@ from ..fused_linear import (
     head_logits,
     hidden_and_head,
 )
-from ..training.data import is_causal_lm, logits_of, shift_positions, unwrap_model
+from ..training.data import detect_causal_lm, logits_of, shift_positions, unwrap_model
 
 logger = logging.get_logger(__name__)
 
@@ -283,9 +283,10 @@ class DistillationTrainer(Trainer):
             ``teacher_weights``: one number per teacher). None means: from ``args`` when it is a
             :class:`DistillationArguments`, else ``kd_loss``'s default.
         shift_labels: align position t with label t+1 (student, teachers and labels alike); None: on for causal
-            LMs (:func:`is_causal_lm`), off otherwise. A batch that carries ``shift_labels`` (HF's padding-free
-            collators) is used as given, unshifted. Needs sequence outputs (logits ``[B, T, V]``): on a
-            classifier's ``[B, C]`` it is a ValueError.
+            LMs, off for other models (:func:`~fastdistill.training.data.detect_causal_lm`); a ValueError for a
+            decoder-only model whose class does not tell (a vision-language ``...ForConditionalGeneration``). A
+            batch that carries ``shift_labels`` (HF's padding-free collators) is used as given, unshifted. Needs
+            sequence outputs (logits ``[B, T, V]``): on a classifier's ``[B, C]`` it is a ValueError.
         fused_linear: compute the loss from the last hidden states (the base model's output, caught by a hook:
             no ``output_hidden_states`` tuple of every layer) and the output heads (``get_output_embeddings()``)
             with :func:`fastdistill.fused_linear_kd_loss`, the models asked for the logits of the last position
@@ -349,7 +350,16 @@ class DistillationTrainer(Trainer):
                              "unsmoothed; set it to 0 (the teachers' soft targets already smooth the "
                              "labels)")  # fmt: skip
         shift_labels = settings.pop("shift_labels")
-        self.shift_labels = is_causal_lm(self.model) if shift_labels is None else shift_labels
+        if shift_labels is None:
+            detected = detect_causal_lm(self.model)
+            inner = unwrap_model(self.model)
+            if detected is None and isinstance(inner, PreTrainedModel):
+                raise ValueError(f"shift_labels=None: {type(inner).__name__}'s class does not tell whether its logits "
+                                 "at position t predict token t+1 (a decoder-only vision- or audio-language model "
+                                 "usually does: shift_labels=True) or label t (shift_labels=False); give "
+                                 "shift_labels (DistillationArguments or the keyword)")  # fmt: skip
+            shift_labels = detected is True
+        self.shift_labels = shift_labels
         self.fused_linear: bool = settings.pop("fused_linear")
         if self.fused_linear:
             if type(self).teacher_logits is not DistillationTrainer.teacher_logits:

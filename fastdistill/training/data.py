@@ -129,23 +129,32 @@ def detect_causal_lm(model: nn.Module) -> bool | None:
     """Whether ``model``'s logits at position t predict token t+1, as far as its class tells.
 
     True for decoder-only LMs: the class is one of ``transformers``' causal-LM classes, or its name ends in
-    ``ForCausalLM``, and its config is not encoder-decoder. False for any other ``transformers`` model (a
-    classifier, a masked LM, a seq2seq model: labels line up with the logits). None for anything else (a plain
-    ``nn.Module``): the class does not say. DDP / accelerate wrappers (``.module``) and PEFT wrappers (a LoRA
-    ``PeftModel``: ``get_base_model()``) are looked through. ``transformers`` is never imported here: a model of its
-    classes means it is imported already.
+    ``ForCausalLM``, and its config is not encoder-decoder. None where the class does not say: anything not a
+    ``transformers`` model (a plain ``nn.Module``), and a decoder-only ``transformers`` model outside the causal-LM
+    classes that generates text (a vision- or audio-language ``...ForConditionalGeneration``, an image-text-to-text
+    class: most are next-token LMs, some are not, e.g. block diffusion). False for any other ``transformers`` model
+    (a classifier, a masked LM, a seq2seq model: labels line up with the logits). DDP / accelerate wrappers
+    (``.module``) and PEFT wrappers (a LoRA ``PeftModel``: ``get_base_model()``) are looked through.
+    ``transformers`` is never imported here: a model of its classes means it is imported already.
     """
     model = unwrap_model(model)
     name = type(model).__name__
-    is_encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    is_encoder_decoder = any(getattr(c, "is_encoder_decoder", False) for c in (config, text))
     if name.endswith("ForCausalLM"):
         return not is_encoder_decoder
     transformers = sys.modules.get("transformers")
     if transformers is None or not isinstance(model, transformers.PreTrainedModel):
         return None
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto import modeling_auto
 
-    return name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() and not is_encoder_decoder
+    if is_encoder_decoder:
+        return False
+    if name in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        return True
+    generates = getattr(modeling_auto, "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", {}).values()
+    return None if name.endswith("ForConditionalGeneration") or name in generates else False
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -193,6 +202,9 @@ class ArrayDataset(Dataset):
     def __init__(self, **tensors: Tensor) -> None:
         if not tensors:
             raise ValueError("ArrayDataset needs at least one tensor")
+        for k, v in tensors.items():
+            if isinstance(v, Tensor) and v.dim() == 0:
+                raise ValueError(f"ArrayDataset {k} is a 0-d tensor; each tensor needs a first dimension N (items)")
         sizes = {k: len(v) for k, v in tensors.items()}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"ArrayDataset tensors must share their first dimension, got {sizes}")
