@@ -226,6 +226,46 @@ def test_resume_latest_with_every_checkpoint_damaged_refuses_to_start_over(tmp_p
         loop.fit(ds, max_steps=6, resume_from="latest")
 
 
+def test_every_process_picks_the_same_checkpoint_to_resume_from(tmp_path):
+    """Under 2 processes a checkpoint whose rank-1 RNG file is missing was intact to rank 0 and damaged to rank 1:
+    resume_from="latest" gave rank 0 step 4 and rank 1 step 2 (the run then hung or diverged). Every process now
+    judges a checkpoint by every process's files: both pick step 2; naming step 4 is the same error on both."""
+    import shutil
+
+    ds = _data(n=37)
+    loop = _resumable_loop(tmp_path, model_seed=0)
+    loop.fit(ds, max_steps=4, checkpoint_every=2)
+    for step in (2, 4):  # as a 2-process run writes them: one RNG file per rank
+        d = tmp_path / "checkpoints" / f"step-{step:08d}"
+        for ext in ("json", "safetensors"):
+            if (d / f"rng-rank0.{ext}").exists():
+                shutil.copy(d / f"rng-rank0.{ext}", d / f"rng-rank1.{ext}")
+    (tmp_path / "checkpoints" / "step-00000004" / "rng-rank1.json").unlink()
+    ckpt = loop._checkpointer
+    ckpt.world_size = 2
+    for rank in (0, 1):
+        ckpt.rank = rank
+        with pytest.warns(UserWarning, match="skipping damaged checkpoint .*step-00000004"):
+            assert ckpt.find("latest").name == "step-00000002"
+        with pytest.raises(ValueError, match="step-00000004' is damaged: .*rng-rank1.json"):
+            ckpt.find(tmp_path / "checkpoints" / "step-00000004")
+
+
+def test_a_last_batch_smaller_than_the_process_count_is_dropped_with_a_warning():
+    """13 items, 3 per process, 2 processes: the 13th item has no partner, so each epoch drops it although
+    drop_last=False (every process must take part); the loop says so rather than training 2 steps where one
+    process would train 3."""
+    import warnings
+
+    loop = DistillationLoop(_mlp(seed=0), [], batch_size=3, progress=False)
+    loop.world_size = 2  # (what a 2-process group sets)
+    with pytest.warns(UserWarning, match=r"the last 1 item\(s\) of each epoch \(13 items, 3 x 2 processes"):
+        assert loop._epoch_length(_data(n=13), None) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert loop._epoch_length(_data(n=14), None) == 3  # a last batch of 2: one item per process
+
+
 def test_feature_term_hooks_and_trainable_projection(tmp_path):
     """A feature term between student layer 0 (8 wide) and teacher layer 0 (12 wide) through a trainable projection:
     the first step's loss is kd + weight * mse(proj(h_s), h_t), and the projection trains and is checkpointed."""

@@ -299,6 +299,8 @@ class Checkpointer:
         run_state: returns what ``state.json`` holds now.
         restore: is given ``state.json`` after the rest of a checkpoint is loaded, to set the position.
         rank: this process's rank: every process writes its RNG state, rank 0 everything else.
+        world_size: the number of processes: a checkpoint to resume from must hold every one's RNG state, so that
+            every process judges it alike (one whose own file is missing would resume elsewhere, or fail alone).
         device: where the models' tensors are loaded.
     """
 
@@ -311,6 +313,7 @@ class Checkpointer:
         restore: Callable[[dict[str, Any]], None],
         *,
         rank: int = 0,
+        world_size: int = 1,
         device: torch.device | str = "cpu",
     ) -> None:
         self.output_dir = Path(output_dir) if output_dir is not None else None
@@ -318,31 +321,38 @@ class Checkpointer:
         self._states = states
         self._run_state = run_state
         self._restore = restore
-        self.rank = rank
+        self.rank, self.world_size = rank, world_size
         self.device = device
 
     def states(self) -> dict[str, Any]:
         """The optimizer, scheduler, ... to save now, by name."""
         return {name: s for name, s in self._states().items() if s is not None}
 
-    def files(self) -> list[str]:
-        """The files of a checkpoint this process reads (besides ``state.json``)."""
-        states = [*self.states(), f"rng-rank{self.rank}"]
+    def files(self, every_rank: bool = False) -> list[str]:
+        """The files of a checkpoint this process reads (besides ``state.json``); ``every_rank``: those every
+        process reads (each rank's RNG state)."""
+        ranks = range(self.world_size) if every_rank else [self.rank]
+        states = [*self.states(), *(f"rng-rank{r}" for r in ranks)]
         return [f"{name}.safetensors" for name in self.modules] + [
             f"{name}.{ext}" for name in states for ext in ("json", "safetensors")]  # fmt: skip
 
     def find(self, resume_from: str | os.PathLike) -> Path | None:
-        """The checkpoint directory ``resume_from`` names; for "latest" the newest intact one under
-        ``output_dir/checkpoints`` (damaged ones are skipped with a warning), None if there is none."""
+        """The checkpoint directory ``resume_from`` names, checked intact (ValueError otherwise); for "latest" the
+        newest intact one under ``output_dir/checkpoints`` (damaged ones are skipped with a warning), None if there
+        is none. Intact means every process's files: all processes reach the same answer."""
+        files = self.files(every_rank=True)
         if str(resume_from) != "latest":
             path = Path(resume_from)
-            recover(path, self.files())
+            recover(path, files)
             if not (path / "state.json").exists():
                 raise FileNotFoundError(f"resume_from={str(path)!r} is not a checkpoint (no state.json)")
+            problem = find_problem(path, files)
+            if problem is not None:
+                raise ValueError(f"resume_from={str(path)!r} is damaged: {problem}")
             return path
         if self.output_dir is None:
             raise ValueError("resume_from='latest' looks under output_dir/checkpoints; output_dir is None")
-        return find_latest(self.output_dir / "checkpoints", self.files())
+        return find_latest(self.output_dir / "checkpoints", files)
 
     def save(self, directory: str | os.PathLike | None = None, keep: int | None = None) -> Path:
         """Write a checkpoint to ``directory`` (default ``output_dir/checkpoints/step-XXXXXXXX``) and return it;
@@ -402,7 +412,7 @@ class Checkpointer:
         directory = Path(directory)
         state = read_run_state(directory)
         check_compatible(state, self._run_state(), directory)
-        problem = find_problem(directory, self.files())
+        problem = find_problem(directory, self.files(every_rank=True))
         if problem is not None:
             raise ValueError(problem)
         for name, module in self.modules.items():

@@ -190,7 +190,8 @@ class DistillationLoop:
             ``model(inputs)``, taking ``.logits`` of a ModelOutput.
         collate_fn: turns a list of dataset items into a batch (default ``torch.utils.data.default_collate``).
         shuffle: a fresh permutation of the data each epoch (from ``seed`` and the epoch); else in order.
-        drop_last: drop the last global micro-batch of an epoch when it is smaller than the others.
+        drop_last: drop the last global micro-batch of an epoch when it is smaller than the others. Under several
+            processes a last micro-batch of fewer items than processes is dropped either way (with a warning).
         amp: "auto" (bf16 autocast on CUDA when supported, else off), "bf16" (CUDA only) or "off".
         seed: seeds the data order and, when :meth:`fit` starts from scratch, the global RNGs (``seed + rank``).
         device: default: the CUDA device of this process's local rank when CUDA is available, else CPU.
@@ -385,7 +386,7 @@ class DistillationLoop:
                 modules[f"feature_term{i}"] = term.loss
         self._checkpointer = ckpt.Checkpointer(
             self.output_dir, modules, lambda: {"optimizer": self.optimizer, "scheduler": self.scheduler},
-            self._run_state, self._restore_position, rank=self.rank, device=self.device,
+            self._run_state, self._restore_position, rank=self.rank, world_size=self.world_size, device=self.device,
         )  # fmt: skip
 
     @property
@@ -794,6 +795,12 @@ class DistillationLoop:
             if per_epoch == 0:
                 raise ValueError(f"the dataset ({n} items) holds no full micro-batch of {self.batch_size} x "
                                  f"{self.world_size} processes with drop_last={self.drop_last}")  # fmt: skip
+            rest = n % (self.batch_size * self.world_size)
+            if rest and not self.drop_last and rest < self.world_size and self.rank == 0:
+                warnings.warn(f"the last {rest} item(s) of each epoch ({n} items, {self.batch_size} x "
+                              f"{self.world_size} processes per micro-batch) are dropped although drop_last=False: "
+                              "fewer than one per process (DDP needs every process to take part); one process "
+                              "with the same global batch trains on them", stacklevel=3)  # fmt: skip
             return per_epoch
         if self.teacher_cache is not None:
             raise ValueError(f"a teacher_cache is read by dataset index (row i = item i): give fit() the map-style "
