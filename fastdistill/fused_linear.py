@@ -6,13 +6,15 @@ For LLM distillation the largest tensors of a step are the logits: at N = 16384 
 chunk's logits come from a torch matmul, its loss and logit gradient from the fused row op of the backend in use
 (:func:`fastdistill.kd_loss`, not a copy of its math), and the gradients to the hidden states, head weight and bias
 from more matmuls. Teachers are given as logits, or as hidden states with their own (frozen) head
-(:class:`TeacherHead`), whose logits are then computed chunk by chunk too.
+(:class:`TeacherHead`), whose logits are then computed chunk by chunk too. A head may carry low-rank terms
+(:class:`LoRATerm`, a LoRA ``lm_head``), added per chunk, their gradients formed per chunk.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -32,15 +34,17 @@ TILE_ROWS = 128  # chunks from a budget: a multiple of a GEMM tile's rows once t
 
 
 class LoRATerm(NamedTuple):
-    """A low-rank term ``scaling * (x @ a.T) @ b.T`` added to a linear head's output (a LoRA adapter on the head:
-    ``a`` = ``lora_A.weight`` [r, H], ``b`` = ``lora_B.weight`` [V, r]). The fused loss adds it to each chunk's
+    """A low-rank term ``scaling * (x @ a.T) @ b.T`` added to a linear head's output: a LoRA adapter on the head,
+    ``LoRATerm(layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])`` for peft's layer
+    (``a`` [r, H], ``b`` [V, r]; ``scaling`` is lora_alpha / r, or / sqrt(r) with rslora: no default, so it is
+    not left out by accident; adapter biases belong in the head's bias). The fused loss adds it to each chunk's
     logits and forms the gradients of ``a`` and ``b`` chunk by chunk ([r, H] and [V, r]), so a LoRA head costs no
-    [V, H] weight or gradient. ``x @ a.T`` is computed in ``a``'s dtype (as peft computes an adapter in its weights'
-    dtype), its product with ``b`` in the logits' dtype."""
+    [V, H] weight or gradient. ``x @ a.T`` is computed in ``a``'s dtype, as peft does; its product with ``b`` in
+    the logits' dtype (peft forms it in ``b``'s dtype and rounds once: for 16-bit logits a rounding more)."""
 
     a: Tensor
     b: Tensor
-    scaling: float = 1.0
+    scaling: float
 
 
 class TeacherHead(NamedTuple):
@@ -301,9 +305,14 @@ def _check_lora(name: str, lora: Any, width: int, v: int, device: torch.device) 
         if t.a.shape[1] != width or tuple(t.b.shape) != (v, r):
             raise ValueError(f"{where}: a has shape {tuple(t.a.shape)}, b {tuple(t.b.shape)}; expected a [r, {width}] "
                              f"and b [{v}, r] (H of its hidden states, V of its head)")  # fmt: skip
-        if isinstance(t.scaling, bool) or not isinstance(t.scaling, (int, float)) or not math.isfinite(t.scaling):
-            raise ValueError(f"{where}.scaling must be a finite float, got {t.scaling!r}")
-    return tuple(lora)
+        scaling = t.scaling
+        if isinstance(scaling, Tensor) and scaling.numel() == 1 and not scaling.requires_grad:
+            scaling = scaling.item()
+        if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+            raise TypeError(f"{where}.scaling must be a real number, got {type(t.scaling).__name__}")
+        if not math.isfinite(scaling):
+            raise ValueError(f"{where}.scaling must be finite, got {scaling!r}")
+    return tuple(t._replace(scaling=float(t.scaling)) for t in lora)
 
 
 def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: int, device) -> list[Teacher]:
@@ -398,7 +407,8 @@ def chunk_rows(n: int, v: int, k: int, itemsize: int, chunk_size: int | None, bu
 
 
 class _Plan(NamedTuple):
-    """Everything a chunk needs besides the student's hidden states, head weight and bias."""
+    """Everything a chunk needs besides the student's hidden states, head weight and bias and its LoRA terms' a
+    and b (their scalings are here)."""
 
     teachers: list[Teacher]
     labels: Tensor | None  # [N]

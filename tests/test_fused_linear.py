@@ -750,12 +750,19 @@ def test_lora_terms_errors_name_the_argument():
     (term,) = _lora_terms(ranks=(2,), scalings=(1.0,))
     cases = [(term, TypeError, r"student_head_lora must be a sequence of LoRATerm"),
              ([(term.a, term.b)], TypeError, r"student_head_lora\[0\] must be a LoRATerm"),
-             ([LoRATerm(term.a, term.b[:, :1])], ValueError, r"lora\[0\]: a has shape \(2, 7\), b \(11, 1\)"),
-             ([LoRATerm(term.a.T, term.b)], ValueError, r"expected a \[r, 7\] and b \[11, r\]"),
-             ([LoRATerm(term.a.to("meta"), term.b)], ValueError, r"student_head_lora\[0\].a is on meta"),
-             ([LoRATerm(term.a, term.b, float("nan"))], ValueError, r"scaling must be a finite float")]  # fmt: skip
+             ([LoRATerm(term.a, term.b[:, :1], 1.0)], ValueError, r"lora\[0\]: a has shape \(2, 7\), b \(11, 1\)"),
+             ([LoRATerm(term.a.T, term.b, 1.0)], ValueError, r"expected a \[r, 7\] and b \[11, r\]"),
+             ([LoRATerm(term.a.to("meta"), term.b, 1.0)], ValueError, r"student_head_lora\[0\].a is on meta"),
+             ([LoRATerm(term.a, term.b, float("nan"))], ValueError, r"scaling must be finite, got nan"),
+             ([LoRATerm(term.a, term.b, "2")], TypeError, r"scaling must be a real number, got str")]  # fmt: skip
     for lora, error, match in cases:
         with pytest.raises(error, match=match):
             fused_linear_kd_loss(h, w, t_hidden[0] @ t_heads[0].T, student_head_lora=lora)
     with pytest.raises(ValueError, match=r"teachers\[0\].lora\[0\]: a has shape"):
         fused_linear_kd_loss(h, w, [TeacherHead(t_hidden[0], t_heads[0], None, (term,))])
+    with pytest.raises(TypeError, match="scaling"):
+        LoRATerm(term.a, term.b)  # no default: lora_alpha / r is not dropped by accident
+    teacher = t_hidden[0] @ t_heads[0].T  # a 0-d tensor or numpy scaling (peft's layer.scaling) is a number
+    as_tensor, as_float = (fused_linear_kd_loss(h, w, teacher, student_head_lora=[term._replace(scaling=s)])
+                           for s in (torch.tensor(2.0), 2.0))  # fmt: skip
+    torch.testing.assert_close(as_tensor, as_float)
