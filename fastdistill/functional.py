@@ -586,6 +586,41 @@ def codistill_loss(
         ``CodistillLosses(loss_a, loss_b)``: 0-dim each, or [*] for ``reduction="none"``; float32 (float64 for
         float64 inputs).
     """
+    inp = codistill_inputs(
+        logits_a, logits_b, labels=labels, temperature=temperature, weight_ab=weight_ab, weight_ba=weight_ba,
+        hard_weight=hard_weight, divergence=divergence, scale_by_temperature_sq=scale_by_temperature_sq, beta=beta,
+        skew=skew, ignore_index=ignore_index, sample_weight=sample_weight, reduction=reduction, num_items=num_items,
+        backend=backend,
+    )  # fmt: skip
+    loss_a, loss_b = dispatch.select(backend, inp)(inp)
+    if not inp.reduce:
+        lead = logits_a.shape[:-1]
+        loss_a, loss_b = loss_a.reshape(lead), loss_b.reshape(lead)
+    return CodistillLosses(loss_a, loss_b)
+
+
+def codistill_inputs(
+    logits_a: Tensor,
+    logits_b: Tensor,
+    *,
+    labels: Tensor | None,
+    temperature: float,
+    weight_ab: float,
+    weight_ba: float,
+    hard_weight: float | tuple[float, float] | None,
+    divergence: str,
+    scale_by_temperature_sq: bool,
+    beta: float,
+    skew: float,
+    ignore_index: int,
+    sample_weight: Tensor | None,
+    reduction: str,
+    num_items,
+    backend: str,
+) -> CodistillInputs:
+    """The op record of a :func:`codistill_loss` call (every argument as there, all by keyword): arguments checked,
+    ``[*, V]`` flattened to ``[N, V]``, the hard weights resolved, the reduction's denominator computed. Raises the
+    errors :func:`codistill_loss` raises."""
     check_hyperparameters(
         divergence=divergence, temperature=temperature, ensemble="prob_mean", beta=beta, skew=skew, ce_weight=0.0,
         reduction=reduction, backend=backend, ignore_index=ignore_index,
@@ -609,17 +644,13 @@ def codistill_loss(
     )  # fmt: skip
     v, lead = logits_a.shape[-1], logits_a.shape[:-1]
     n = math.prod(lead)
-    inp = CodistillInputs(
+    return CodistillInputs(
         a=logits_a.reshape(n, v), b=logits_b.reshape(n, v), labels=labels, sample_weight=sample_weight,
         denominator=denominator, divergence=divergence, temperature=float(temperature),
         kd_scale=float(temperature) ** 2 if scale_by_temperature_sq else 1.0, weight_ab=w_ab, weight_ba=w_ba,
         hard_a=hard[0], hard_b=hard[1], div_params=divergences.param_vector(divergence, {"beta": beta, "skew": skew}),
         ignore_index=int(ignore_index), reduce=reduction != "none",
     )  # fmt: skip
-    loss_a, loss_b = dispatch.select(backend, inp)(inp)
-    if not inp.reduce:
-        loss_a, loss_b = loss_a.reshape(lead), loss_b.reshape(lead)
-    return CodistillLosses(loss_a, loss_b)
 
 
 def ensemble_soft_targets(

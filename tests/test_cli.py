@@ -329,3 +329,59 @@ def test_train_teachers_with_a_cache_is_a_config_error():
     with pytest.raises(ConfigError, match="train.train_teachers trains live teachers; a teacher_cache"):
         parse_config({"data": {"factory": "m:f"}, "student": {"factory": "m:f"}, "teacher_cache": "c.safetensors",
                       "train": {"max_steps": 1, "train_teachers": True}})  # fmt: skip
+
+
+def test_codistill_from_the_config_is_the_loop_with_codistill_loss(tmp_path, capsys):
+    """codistill.enabled: the run is DistillationLoop(loss=CodistillLoss(...), train_teachers=True) with kd's
+    divergence options and codistill's weights: the same logged losses (both models' parts) and the same student
+    and teacher after 3 steps as that loop built by hand."""
+    import json
+
+    import safetensors.torch
+
+    from fastdistill import CodistillLoss
+    from fastdistill.training import DistillationLoop
+    from fastdistill.training.loop import seed_everything
+
+    overrides = ["codistill.enabled=true", "codistill.weight_ab=0.5", "codistill.hard_weight=0.7",
+                 "codistill.burn_in_steps=1", "kd.temperature=2.0", "kd.divergence=jsd", "train.max_steps=3",
+                 "train.log_every=1", "train.checkpoint_every=3", "optim.optimizer=sgd", "optim.lr=0.1"]  # fmt: skip
+    assert cli.main(["train", "--config", _tiny(tmp_path), *overrides]) == 0
+    assert capsys.readouterr().out.startswith("done: step=3,")
+    logged = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    seed_everything(0)
+    student, teacher = tiny_model(), tiny_model(seed=1)
+    loss = CodistillLoss(temperature=2.0, weight_ab=0.5, hard_weight=0.7, divergence="jsd", burn_in_steps=1)
+    loop = DistillationLoop(student, [teacher], loss=loss, train_teachers=True, batch_size=4, seed=0,
+                            optimizer=lambda p: torch.optim.SGD(p, lr=0.1), progress=False, log_every=1,
+                            output_dir=tmp_path / "hand")  # fmt: skip
+    loop.fit(tiny_data()["train"], max_steps=3)
+    assert {"loss_a", "loss_b"} <= set(logged[0])
+    for got, want in zip(logged, loop.history, strict=True):
+        for key in ("loss", "loss_a", "loss_b"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6), (got["step"], key)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000003"
+    for name, model in (("student", student), ("teacher0", teacher)):
+        saved = safetensors.torch.load_file(str(ckpt / f"{name}.safetensors"))
+        for key, p in model.state_dict().items():
+            torch.testing.assert_close(saved[key], p, msg=f"{name}.{key}")
+    assert not torch.equal(teacher[0].weight, tiny_model(seed=1)[0].weight)  # the teacher trained
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["teachers=[]"], "codistill.enabled co-trains the student with exactly one teacher; got 0 teachers"),
+    (["teachers=[{factory: 'test_cli:tiny_model'}, {factory: 'test_cli:tiny_model'}]"],
+     "codistill.enabled co-trains the student with exactly one teacher; got 2 teachers"),
+    (["kd.ce_weight=0.3"], "kd.ce_weight does not apply with codistill.enabled (each model's cross-entropy weight is "
+                           "codistill.hard_weight)"),
+    (["train.fused_linear=true"], "codistill.enabled: train.fused_linear computes kd_loss only"),
+    (["kd.backend=cuda"], "kd.backend 'cuda' cannot run codistill_loss on cpu"),
+    (["codistill.weight_ab=-1"], "codistill.weight_ab must be"),
+    (["data.factory=test_cli:unlabelled_data", "codistill.burn_in_steps=2"],
+     "data.factory: the training set's items have no labels, and codistill.burn_in_steps=2 trains on labels"),
+])  # fmt: skip
+def test_codistill_config_errors_are_one_line(tmp_path, capsys, overrides, message):
+    assert cli.main(["train", "--config", _tiny(tmp_path), "codistill.enabled=true", *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fastdistill train: error: {message}"), err

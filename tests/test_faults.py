@@ -91,7 +91,7 @@ BAD = [
     pytest.param(lambda p, c: (p / "taken").write_text("") or c.update(output_dir=str(p / "taken")),
                  "is a file; expected a directory", False, id="output_dir"),
     pytest.param(_not_a_cache, "teacher_cache: ", False, id="cache"),
-    pytest.param(lambda p, c: c.update(kd={"backend": "cuda"}), "kd.backend 'cuda' cannot run on cpu: ", False,
+    pytest.param(lambda p, c: c.update(kd={"backend": "cuda"}), "kd.backend 'cuda' cannot run kd_loss on cpu: ", False,
                  id="backend", marks=no_cuda),
     pytest.param(lambda p, c: c["student"].update(checkpoint=str(p / "no.safetensors")),
                  "student.checkpoint: file ", False, id="checkpoint_missing"),

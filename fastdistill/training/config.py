@@ -105,6 +105,21 @@ class KDConfig:
 
 
 @dataclass
+class CodistillConfig:
+    """Co-training by co-distillation (fastdistill.CodistillLoss, Anil et al. 2018): the student and its one teacher
+    both train, each from the labels and from the other; kd's divergence, temperature, scale_by_temperature_sq,
+    beta, skew, ignore_index and backend apply."""
+
+    enabled: bool = opt(False, "Co-train the student and its one teacher with CodistillLoss instead of kd_loss (the "
+                               "teacher trains: train.train_teachers is implied).")  # fmt: skip
+    weight_ab: float = opt(1.0, "Weight of the student -> teacher term (in the teacher's loss).", low=0.0)
+    weight_ba: float = opt(1.0, "Weight of the teacher -> student term (in the student's loss).", low=0.0)
+    hard_weight: float | None = opt(None, "Weight of each model's hard-label cross-entropy (null: 1 with labels, 0 "
+                                          "without).", low=0.0)  # fmt: skip
+    burn_in_steps: int = opt(0, "The first optimizer steps train each model on its labels alone.", low=0)
+
+
+@dataclass
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
@@ -132,7 +147,7 @@ class LoopConfig:
                                           "transformers causal LMs, off for its other models; a student of another "
                                           "class with per-position labels must say).")  # fmt: skip
     train_teachers: bool = opt(False, "The teachers train too, from kd_loss's gradient to their logits only (it pulls "
-                               "them toward the student; no loss of their own).")
+                               "them toward the student; no loss of their own): for co-distillation use codistill.")
     shuffle: bool = opt(True, "Shuffle the data each epoch (from seed and epoch).")
     drop_last: bool = opt(False, "Drop an epoch's last, smaller, micro-batch.")
     amp: Literal["auto", "bf16", "off"] = opt("auto", "bf16 autocast: auto (on CUDA when supported), bf16, off.")
@@ -162,6 +177,8 @@ class TrainConfig:
     teacher_cache: str | None = opt(None, "A teacher-logit cache file (fastdistill.training.write_teacher_cache) "
                                           "to read instead of running teachers; row i = dataset item i.")  # fmt: skip
     kd: KDConfig = opt(KDConfig, "The distillation loss.")
+    codistill: CodistillConfig = opt(CodistillConfig, "Co-distillation of the student and one teacher (instead of "
+                                                      "kd's loss; kd's divergence options apply).")  # fmt: skip
     optim: OptimConfig = opt(OptimConfig, "Optimizer and schedule.")
     train: LoopConfig = opt(LoopConfig, "The training loop.")
 
@@ -303,6 +320,8 @@ def parse_config(raw: Any) -> TrainConfig:
     for i, t in enumerate(cfg.teachers):
         if not t.factory:
             raise ConfigError(f"teachers[{i}].factory must be set")
+    if cfg.codistill.enabled:
+        _check_codistill(cfg)
     if cfg.kd.teacher_weights is not None:
         k = len(cfg.teachers) if cfg.teachers else None
         if k is not None and len(cfg.kd.teacher_weights) != k:
@@ -312,6 +331,31 @@ def parse_config(raw: Any) -> TrainConfig:
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas!r}")
     return cfg
+
+
+def _check_codistill(cfg: TrainConfig) -> None:
+    """codistill.enabled: one live teacher, trained by the loop's own optimizer; kd's options that have no meaning
+    for two models learning from each other left at their defaults (a ConfigError naming the one set)."""
+    if len(cfg.teachers) != 1:
+        raise ConfigError(f"codistill.enabled co-trains the student with exactly one teacher; got {len(cfg.teachers)} "
+                          "teachers" + (" (a teacher_cache holds no model to train)" if cfg.teacher_cache else ""))
+    if cfg.train.fused_linear:
+        raise ConfigError("codistill.enabled: train.fused_linear computes kd_loss only; not with co-distillation")
+    defaults = KDConfig()
+    for name, why in (("ce_weight", "each model's cross-entropy weight is codistill.hard_weight"),
+                      ("ensemble", "one teacher: no ensemble"), ("teacher_weights", "one teacher: no weights")):
+        if getattr(cfg.kd, name) != getattr(defaults, name):
+            raise ConfigError(f"kd.{name} does not apply with codistill.enabled ({why}); leave it at "
+                              f"{getattr(defaults, name)!r}")  # fmt: skip
+
+
+def codistill_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The keywords of fastdistill.CodistillLoss for ``cfg`` (codistill's weights, kd's divergence options)."""
+    kd, co = cfg.kd, cfg.codistill
+    return dict(temperature=kd.temperature, weight_ab=co.weight_ab, weight_ba=co.weight_ba,
+                hard_weight=co.hard_weight, divergence=kd.divergence,
+                scale_by_temperature_sq=kd.scale_by_temperature_sq, beta=kd.beta, skew=kd.skew,
+                ignore_index=kd.ignore_index, backend=kd.backend, burn_in_steps=co.burn_in_steps)  # fmt: skip
 
 
 def apply_overrides(raw: Any, overrides: Sequence[str]) -> Any:
@@ -472,7 +516,7 @@ def check_run(cfg: TrainConfig) -> RunPlan:
     must run none of it."""
     _check_output_dir(cfg.output_dir)
     device = _device(cfg.train)
-    _check_backend(cfg.kd, device, _amp_dtype(cfg.train.amp, device))
+    _check_backend(cfg, device, _amp_dtype(cfg.train.amp, device))
     cache = _open_cache(cfg)
     for name, m in (("student", cfg.student), *((f"teachers[{i}]", t) for i, t in enumerate(cfg.teachers))):
         if m.checkpoint is not None:
@@ -534,20 +578,28 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return as_config_error("train.amp", amp_dtype, amp, device)
 
 
-def _check_backend(kd: KDConfig, device: torch.device, dtype: torch.dtype | None) -> None:
-    """An explicit kd.backend must run on ``device``: asked of the dispatcher on a one-row probe (nothing runs)."""
+def _check_backend(cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None) -> None:
+    """An explicit kd.backend must run the run's op (kd_loss, or codistill_loss with codistill.enabled) on
+    ``device``: asked of the dispatcher on a one-row probe (nothing runs)."""
+    kd = cfg.kd
     if kd.backend == "auto":
         return
     from ..ops import dispatch
 
     probe = torch.zeros(1, 2, device=device, dtype=dtype or torch.float32)
-    options = {f.name: getattr(kd, f.name) for f in dataclasses.fields(kd)}
-    options.update(teacher_weights=None, ce_weight=0.0)  # the probe has one teacher and no labels
-    inp = functional.kd_inputs(probe, probe, labels=None, sample_weight=None, reduction="mean", num_items=None,
-                                **options)  # fmt: skip
+    if cfg.codistill.enabled:  # no labels: hard weights 0
+        options = {k: v for k, v in codistill_options(cfg).items() if k != "burn_in_steps"}
+        inp = functional.codistill_inputs(probe, probe, labels=None, sample_weight=None, reduction="mean",
+                                          num_items=None, **{**options, "hard_weight": 0.0})  # fmt: skip
+    else:
+        options = {f.name: getattr(kd, f.name) for f in dataclasses.fields(kd)}
+        options.update(teacher_weights=None, ce_weight=0.0)  # the probe has one teacher and no labels
+        inp = functional.kd_inputs(probe, probe, labels=None, sample_weight=None, reduction="mean", num_items=None,
+                                    **options)  # fmt: skip
     reasons = dispatch.BACKENDS[kd.backend].not_supported_reasons(inp)
     if reasons:
-        raise ConfigError(f"kd.backend {kd.backend!r} cannot run on {device}: {'; '.join(reasons)} (use 'auto')")
+        op = "codistill_loss" if cfg.codistill.enabled else "kd_loss"
+        raise ConfigError(f"kd.backend {kd.backend!r} cannot run {op} on {device}: {'; '.join(reasons)} (use 'auto')")
 
 
 def _check_output_dir(path: str) -> None:

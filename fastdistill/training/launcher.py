@@ -18,7 +18,16 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from .config import ConfigError, ModelConfig, OptimConfig, TrainConfig, as_config_error, check_run, config_yaml
+from .config import (
+    ConfigError,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    as_config_error,
+    check_run,
+    codistill_options,
+    config_yaml,
+)
 
 
 def make_scheduler(cfg: OptimConfig) -> Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LambdaLR]:
@@ -141,21 +150,29 @@ def _check_labels(cfg: TrainConfig, plan: Any, train: Any) -> None:
     """A ConfigError when the run needs labels (``kd.ce_weight > 0``, or neither teachers nor a cache: plain
     cross-entropy) and the training set's first item has none: else the first batch fails, after the teachers'
     factories ran. Datasets without ``__getitem__`` (iterable ones) are left to the loop."""
-    needs = cfg.kd.ce_weight > 0 or (not cfg.teachers and plan.cache is None)
-    if not needs or not (hasattr(train, "__getitem__") and hasattr(train, "__len__")) or len(train) == 0:
+    co = cfg.codistill
+    if co.enabled and (co.hard_weight or 0) > 0:
+        why = f"codistill.hard_weight={co.hard_weight} trains on labels"
+    elif co.enabled and co.burn_in_steps > 0:
+        why = f"codistill.burn_in_steps={co.burn_in_steps} trains on labels alone first"
+    elif cfg.kd.ce_weight > 0:
+        why = f"kd.ce_weight={cfg.kd.ce_weight} trains on labels"
+    elif not cfg.teachers and plan.cache is None:
+        why = "without teachers or a teacher_cache the run trains on labels"
+    else:
+        return
+    if not (hasattr(train, "__getitem__") and hasattr(train, "__len__")) or len(train) == 0:
         return
     from .data import split_batch
 
     if split_batch(train[0]).labels is None:
-        why = f"kd.ce_weight={cfg.kd.ce_weight} trains on labels" if cfg.kd.ce_weight > 0 else (
-            "without teachers or a teacher_cache the run trains on labels")  # fmt: skip
         raise ConfigError(f"data.factory: the training set's items have no labels, and {why}")
 
 
 def _run(cfg: TrainConfig) -> dict[str, Any]:
     import torch.distributed as dist
 
-    from ..modules import KDLoss
+    from ..modules import CodistillLoss, KDLoss
     from .loop import DistillationLoop, seed_everything
 
     plan = check_run(cfg)  # before any factory runs
@@ -172,7 +189,10 @@ def _run(cfg: TrainConfig) -> dict[str, Any]:
     _check_labels(cfg, plan, datasets["train"])  # before the teachers' factories (which may train them)
     student = _model(plan.student, cfg.student, "student")
     teachers = [_model(make, t, f"teachers[{i}]") for i, (make, t) in enumerate(zip(plan.teachers, cfg.teachers))]
-    kd = {f.name: getattr(cfg.kd, f.name) for f in dataclasses.fields(cfg.kd)}
+    if cfg.codistill.enabled:  # the student is model a, its one teacher model b; both train
+        loss = CodistillLoss(**codistill_options(cfg))
+    else:
+        loss = KDLoss(**{f.name: getattr(cfg.kd, f.name) for f in dataclasses.fields(cfg.kd)})
     t = cfg.train
     if t.fused_linear:  # the models the factories built must be fusable: a one-line error naming the option
         from ..fused_linear import check_fusable
@@ -182,8 +202,8 @@ def _run(cfg: TrainConfig) -> dict[str, Any]:
         for name, model in [("student", student), *((f"teachers[{i}]", m) for i, m in enumerate(teachers))]:
             as_config_error("train.fused_linear", check_fusable, name, model)
     loop = as_config_error("train", lambda: DistillationLoop(  # a contradiction the checks above missed: one line
-        student, teachers, loss=KDLoss(**kd), optimizer=make_optimizer(cfg.optim),
-        scheduler=make_scheduler(cfg.optim), teacher_cache=plan.cache, train_teachers=t.train_teachers,
+        student, teachers, loss=loss, optimizer=make_optimizer(cfg.optim), scheduler=make_scheduler(cfg.optim),
+        teacher_cache=plan.cache, train_teachers=t.train_teachers or cfg.codistill.enabled,
         batch_size=t.batch_size, grad_accum_steps=t.grad_accum_steps, max_grad_norm=cfg.optim.max_grad_norm,
         shift_labels=t.shift_labels, shuffle=t.shuffle, drop_last=t.drop_last, amp=t.amp, seed=cfg.seed,
         device=plan.device, output_dir=cfg.output_dir, log_every=t.log_every, tensorboard=t.tensorboard,
