@@ -136,6 +136,20 @@ def test_resume_is_bitwise_identical(tmp_path):
     assert [json.loads(r)["step"] for r in lines] == list(range(1, 2 * n + 1))
 
 
+def test_resume_past_max_steps_warns(tmp_path):
+    """A checkpoint of step 4 resumed by a fit of 2 steps trains nothing: said, not silent; a finished run resumed
+    at its own last step (to report it) is not warned about."""
+    import warnings
+
+    ds = _data(n=37)
+    _resumable_loop(tmp_path, model_seed=0).fit(ds, max_steps=4, checkpoint_every=4)
+    with pytest.warns(UserWarning, match=r"resumed at step 4 from .*step-00000004, past this fit's 2 steps"):
+        assert _resumable_loop(tmp_path, model_seed=0).fit(ds, max_steps=2, resume_from="latest")["step"] == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _resumable_loop(tmp_path, model_seed=0).fit(ds, max_steps=4, resume_from="latest")["step"] == 4
+
+
 @pytest.mark.parametrize("key, value", [("batch_size", 4), ("grad_accum_steps", 1), ("seed", 8), ("drop_last", True)])
 def test_resume_refuses_another_data_order(tmp_path, key, value):
     """Each setting that fixes the data order or what a step is must match the checkpoint's."""

@@ -699,6 +699,10 @@ class DistillationLoop:
         resume_dir = self._checkpointer.find(resume_from) if resume_from is not None else None
         if resume_dir is not None:
             self.load_checkpoint(resume_dir)
+            if self.step > total_steps:  # (== total: a finished run, resumed to report it)
+                warnings.warn(f"resumed at step {self.step} from {resume_dir}, past this fit's {total_steps} steps "
+                              f"(max_steps={max_steps}, epochs={epochs}): nothing is trained; the model is the "
+                              "checkpoint's", stacklevel=2)  # fmt: skip
         elif self.step == 0:  # a fresh run; a second fit() on this loop just continues
             seed_everything(self.seed + self.rank)
         if resume_from is not None:  # the steps after the checkpoint run again: drop what a crash left of them
