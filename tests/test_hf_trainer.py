@@ -27,8 +27,8 @@ from fastdistill.integrations.hf import (  # noqa: E402
     KD_DEFAULTS,
     DistillationArguments,
     DistillationTrainer,
-    is_causal_lm,
 )
+from fastdistill.training.data import is_causal_lm  # noqa: E402
 
 VOCAB = 40
 KD = dict(temperature=2.0, ce_weight=0.3, divergence="jsd", ensemble="logit_mean")

@@ -164,6 +164,48 @@ def test_gpt2_loop_shifts_labels_without_being_told():
 
 
 @requires_transformers
+def test_unlabelled_padding_is_left_out_as_the_trainer_does():
+    """Pure KD (no labels, ce_weight 0) on right-padded GPT-2 batches: the attention mask leaves the padding out of
+    the loss and of the item count, as DistillationTrainer does (before, every position counted, pads included);
+    the same loss as labels with -100 at the padding. With ce_weight > 0 or a loss of the user's, no labels are
+    made up; a mask that does not line up with the logits is an error naming attention_mask."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 50, (8, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 4:], mask[3, 2:] = 0, 0
+    ids = ids.masked_fill(mask == 0, 0)
+    kd = dict(temperature=2.0)
+    student, teacher = _gpt2(seed=0), _gpt2(seed=1)
+
+    def first_loss(ds, loss=None):
+        loop = DistillationLoop(copy.deepcopy(student), [teacher], loss=loss or fastdistill.KDLoss(**kd),
+                                optimizer=_sgd(0.0), batch_size=8, shuffle=False, progress=False, log_every=1)
+        loop.fit(ds, max_steps=1)
+        return loop.history[0]
+
+    got = first_loss(ArrayDataset(input_ids=ids, attention_mask=mask))
+    with torch.no_grad():
+        s = student(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        t = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        keep = mask[:, 1:].bool()
+        want = fastdistill.kd_loss(s[keep], t[keep], **kd)
+        everything = fastdistill.kd_loss(s, t, **kd)
+    assert got["loss"] == pytest.approx(float(want), rel=1e-5) and got["items"] == float(keep.sum())
+    assert float(want) != pytest.approx(float(everything), rel=1e-3)  # the padding made a difference
+    labelled = first_loss(ArrayDataset(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)))
+    assert labelled["loss"] == pytest.approx(got["loss"], rel=1e-6)
+
+    def custom(s, t, labels, num_items=None):
+        assert labels is None  # a loss of the user's gets no made-up labels
+        return fastdistill.kd_loss(s, t, **kd)
+
+    assert first_loss(ArrayDataset(input_ids=ids, attention_mask=mask), custom)["loss"] == pytest.approx(
+        float(everything), rel=1e-5)
+    with pytest.raises(ValueError, match=r"attention_mask \[8, 6\] does not line up with the positions"):
+        first_loss(ArrayDataset(input_ids=ids, attention_mask=mask[:, :6]))
+
+
+@requires_transformers
 def test_other_transformers_models_and_explicit_settings_are_not_shifted():
     token = DistillationLoop(_gpt2(head="token"), [_gpt2(seed=1, head="token")], progress=False)
     assert token.shift_labels is False

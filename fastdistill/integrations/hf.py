@@ -43,7 +43,7 @@ from ..fused_linear import (
     head_logits,
     hidden_and_head,
 )
-from ..training.data import detect_causal_lm, logits_of, shift_positions, unwrap_model
+from ..training.data import detect_causal_lm, logits_of, mask_labels, shift_positions, unwrap_model
 
 logger = logging.get_logger(__name__)
 
@@ -435,8 +435,7 @@ class DistillationTrainer(Trainer):
             mask = mask[..., 1:]
         elif positions is None or mask.shape != positions:
             return None
-        # labels read for their mask only (ce_weight == 0: not checked against V); any value but ignore_index
-        return torch.where(mask.bool(), int(self.ignore_index == 0), self.ignore_index)
+        return mask_labels(mask, self.ignore_index)  # (ce_weight == 0: read for their mask only)
 
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
         """The next ``num_batches`` micro-batches of one optimizer step, and ``num_items_in_batch``: their labels

@@ -41,6 +41,14 @@ class Batch:
     labels: Tensor | None = None
     sample_weight: Tensor | None = None
     min_vocab: int | None = None
+    labels_from_mask: bool = False  # labels that only mask: mask_labels of the attention mask
+
+
+def mask_labels(mask: Tensor, ignore_index: int) -> Tensor:
+    """Labels that only mask, from an attention mask ``[B, T]``: ``ignore_index`` where it is 0, another value
+    elsewhere; for a loss that reads labels for nothing but which positions count (no hard-label term), so that
+    padding carries no loss and is not counted in the normalisation."""
+    return torch.where(mask.bool(), int(ignore_index == 0), ignore_index)
 
 
 def host_checked(batch: Batch, ignore_index: int) -> int | None:

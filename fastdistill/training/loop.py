@@ -6,7 +6,9 @@ What it guarantees:
 - **Normalisation.** With labels, every micro-batch's loss is ``sum over its items / num_items``, where
   ``num_items`` counts the items whose label is not ``ignore_index`` across all the micro-batches accumulated into
   one optimizer step and across all processes (as Hugging Face's ``num_items_in_batch``), so gradient accumulation
-  and data parallelism give the gradient of one big batch. Without labels every micro-batch's mean counts equally.
+  and data parallelism give the gradient of one big batch. Without labels every micro-batch's mean counts equally
+  (but a causal LM distilled with a KDLoss of ce_weight 0 takes its ``attention_mask`` as labels that only mask:
+  padding carries no loss, and the count is of the positions kept).
 - **Exact resume.** The data order is a function of (seed, epoch); a checkpoint stores the student (and trainable
   teachers, feature-term modules), optimizer, scheduler, every RNG state and the position in the data, so a run
   resumed from step N continues bit for bit like the run that never stopped. (With a ``DataLoader`` of the
@@ -26,7 +28,7 @@ import random
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +56,7 @@ from .data import (
     epoch_batches,
     epoch_permutation,
     host_checked,
+    mask_labels,
     shift_for_causal_lm,
     shift_positions,
     split_batch,
@@ -498,6 +501,10 @@ class DistillationLoop:
         if self.fused_linear and teacher_logits is None:
             raise ValueError("fused_linear=True distils from teachers or a teacher_cache; this loop has neither")
         labels, sample_weight = batch.labels, batch.sample_weight
+        if batch.labels_from_mask and labels.shape != _positions_shape(student_logits):
+            raise ValueError(f"attention_mask {list(labels.shape)} does not line up with the positions of the logits "
+                             f"{list(_positions_shape(student_logits))}, so it cannot leave the padding out of the "
+                             "loss: pass labels (ignore_index where no loss)")  # fmt: skip
         if self._shifts(labels, student_logits):  # position t against token t + 1 (shift_for_causal_lm), every model
             if sample_weight is not None:  # checked before the cut, so the message names the shapes given
                 expected = labels.shape if labels is not None else _positions_shape(student_logits)
@@ -839,8 +846,20 @@ class DistillationLoop:
                 index, raw = None, self._next_batch(batches, per_epoch)
                 if raw is _END:
                     break
-            micro.append((index, self._on_device(split_batch(raw))))
+            micro.append((index, self._on_device(self._with_mask_labels(split_batch(raw)))))
         return micro
+
+    def _with_mask_labels(self, batch: Batch) -> Batch:
+        """``batch``, or, without labels, for a causal LM whose loss reads labels for nothing but which positions
+        count (a KDLoss with ce_weight 0, from teachers or a cache), with its ``attention_mask`` [B, T] as labels
+        that only mask (:func:`~fastdistill.training.data.mask_labels`, as ``DistillationTrainer`` does): padding
+        then carries no loss and is not counted."""
+        mask = batch.inputs.get("attention_mask") if isinstance(batch.inputs, Mapping) else None
+        if (batch.labels is not None or not isinstance(mask, Tensor) or mask.dim() != 2 or self.shift_labels is not True
+                or type(self.loss_fn) is not KDLoss or self.loss_fn.ce_weight > 0
+                or not (self.teachers or self.teacher_cache is not None)):  # fmt: skip
+            return batch
+        return Batch(batch.inputs, mask_labels(mask, self.ignore_index), batch.sample_weight, labels_from_mask=True)
 
     def _on_device(self, batch: Batch) -> Batch:
         """``batch`` on the loop's device, its labels and sample weights checked first where they still are on the
@@ -848,7 +867,8 @@ class DistillationLoop:
         micro-batch)."""
         ours = isinstance(self.loss_fn, KDLoss | CodistillLoss)
         vocab = host_checked(batch, self.loss_fn.ignore_index) if ours else None
-        return Batch(*(_to_device(x, self.device) for x in (batch.inputs, batch.labels, batch.sample_weight)), vocab)
+        moved = (_to_device(x, self.device) for x in (batch.inputs, batch.labels, batch.sample_weight))
+        return Batch(*moved, vocab, batch.labels_from_mask)
 
     def _next_batch(self, batches: Iterable, per_epoch: int | None) -> Any:
         """The next batch of ``batches`` (``_END`` once it has run out: a new epoch without a batch); advances the
