@@ -3,15 +3,15 @@ active distillation against plain KD, on scikit-learn's bundled digits and breas
 
 Per seed s, each data set is split (stratified, ``random_state=s``) into a tiny **teacher-train** set (the teacher's
 only data, so it makes real mistakes; its size, 20 / 50 / 100 labels, sweeps the teacher's accuracy), a small
-labelled **validation** set (the methods fit their teacher-accuracy curves on it; nobody trains on it except the
-labelled-only student), a large unlabelled **pool** and a held-out **test** set. Students (one small MLP) learn on
-the pool from the teacher's outputs; every KD loss is :func:`fastdistill.kd_loss`, SLaM is
+labelled **validation** set (the methods fit their teacher-accuracy curves on it; the only student trained on it is
+"labelled + validation labels"), a large unlabelled **pool** and a held-out **test** set. Students (one small MLP)
+learn on the pool from the teacher's outputs; every KD loss is :func:`fastdistill.kd_loss`, SLaM is
 :func:`fastdistill.methods.slam_loss`. Active distillation queries the teacher by three samplers at each budget:
 uniformly at random, by **margin** (the points the student is least sure of: the baseline robust sampling is meant to
 improve on) and by :class:`~fastdistill.methods.RobustActiveSampler`; for each, the share of the queried points the
 teacher mislabels (what the robust sampler is meant to avoid).
 
-    python examples/noisy_teacher.py --jobs 2 --out noisy_out   # full: 20 seeds x 2 data sets x 3 teachers, ~12 min
+    python examples/noisy_teacher.py --jobs 2 --out noisy_out   # full: 20 seeds x 2 data sets x 3 teachers, ~10 min
     python examples/noisy_teacher.py --small --out /tmp/nt      # seconds (the tests)
 
 Prints one table (test accuracy %, mean ± std over seeds), the paired differences with 95% intervals and the number of
@@ -345,7 +345,7 @@ def run(settings: Settings, out_dir: str | Path, log: Callable[[str], None] = pr
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="noisy_teacher_out", help="folder for the PNG")
+    p.add_argument("--out", default="noisy_teacher_out", help="folder for the JSON and the PNG")
     p.add_argument("--small", action="store_true", help="seconds: 1 seed, a few steps (for tests)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 20; 1 with --small)")
     p.add_argument("--jobs", type=int, default=1, help="processes (default 1)")

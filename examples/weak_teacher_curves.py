@@ -13,8 +13,8 @@ is that KD helps early and the student then outgrows its teacher. So: data, mode
 perplexity every 100 steps (4 points per curve). Paired differences against no KD (same seed: same initialisation
 and data order), 95% t intervals, and how many of them the table holds.
 
-Budget: 48 students x 400 steps + 3 teachers x 3000 steps, ~24 minutes of one core, split over the processes one
-(seed, teacher, weight) at a time. The student is ``medium``, not the 4 x 128 ``large``: 48 runs of the large model
+Budget: 39 student runs x 400 steps + 3 teachers x 3000 steps, ~24 minutes of one core, split over the processes one
+(seed, teacher, weight) at a time. The student is ``medium``, not the 4 x 128 ``large``: 39 runs of the large model
 would cost ~40 minutes of one core, twice the ~15 minutes on 2 cores asked for.
 """
 
