@@ -36,11 +36,14 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib.util
+import json
 import math
 import os
+import platform
 import re
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -69,6 +72,9 @@ HELD_OUT_MODULES = [
     "modulefinder", "pkgutil", "ast", "dis", "pickletools", "symtable", "operator", "gzip", "bz2", "lzma",
 ]  # fmt: skip
 STUDENT_DIM, TEACHER_DIM = 128, 384
+MI_ROW, COSINE_ROW = "MI-α (fastdistill.MIAlphaLoss)", "cosine regression (linear head)"
+UNTRAINED_ROW = "untrained student"
+METRICS = {"mi_fresh": "MI-α, fresh critic", "nn1": "NN@1", "nn10": "top 10", "spearman": "Spearman"}
 
 
 @dataclass
@@ -82,12 +88,13 @@ class Settings:
     n_critic: int | None = 768  # other held-out sentences, to fit the fresh critics on (None: all the rest)
     critic_steps: int = 300
     critic_batch: int = 128  # also the batch of the held-out MI-α estimates
+    curve_every: int = 50  # the geometry metrics (NN@1, top 10, Spearman) every this many steps: the curves
     seeds: tuple[int, ...] = (0,)
 
     @classmethod
     def small(cls) -> Settings:
         return cls(steps=30, batch_size=16, max_len=16, n_train=480, n_eval=96, n_critic=160, critic_steps=100,
-                   critic_batch=32)  # fmt: skip
+                   critic_batch=32, curve_every=10)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,9 +205,20 @@ def no_logit_loss(student_out: Tensor, teacher_outs, labels, *, num_items=None) 
 
 
 def distill(student: nn.Module, teacher: nn.Module, term_loss: nn.Module, train: ArrayDataset, s: Settings,
-            seed: int) -> float:  # fmt: skip
+            seed: int, curve: Callable[[nn.Module], dict[str, float]]) -> tuple[float, dict[int, dict[str, float]]]:
     """Train ``student`` (and ``term_loss``'s parameters) with the loop; the only signal is the feature term between
-    the two ``encoder`` outputs. Returns the wall time in seconds."""
+    the two ``encoder`` outputs. Returns the training wall time in seconds (the curve's evaluations not counted) and
+    ``curve(student)`` every ``s.curve_every`` steps and at the end, by step."""
+    points: dict[int, dict[str, float]] = {}
+    spent = [0.0]
+
+    def eval_fn(loop: DistillationLoop) -> dict[str, float]:
+        t = time.perf_counter()
+        points[loop.step] = curve(student)
+        student.train()
+        spent[0] += time.perf_counter() - t
+        return points[loop.step]
+
 
     def schedule(opt, total):  # linear warm-up over 10% of the steps, then linear decay to 0
         warm = max(1, total // 10)
@@ -214,11 +232,11 @@ def distill(student: nn.Module, teacher: nn.Module, term_loss: nn.Module, train:
         progress=False, log_every=10**9,
     )  # fmt: skip
     t0 = time.perf_counter()
-    loop.fit(train, max_steps=s.steps)
+    loop.fit(train, max_steps=s.steps, eval_fn=eval_fn, eval_every=s.curve_every)
     loop.close()
     student.eval()
     term_loss.eval()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0 - spent[0], points
 
 
 @torch.no_grad()
@@ -317,17 +335,22 @@ def fresh_critic_estimate(fit: tuple[Tensor, Tensor], held: tuple[Tensor, Tensor
 # the run
 
 
-def _one_seed(teacher, tok, train, fit, held, t_fit, t_held, s: Settings, seed: int) -> dict[str, dict[str, float]]:
-    """Every row's metrics for one seed: ``{method: {metric: value}}``."""
-    rows: dict[str, dict[str, float]] = {}
+def _one_seed(teacher, tok, train, fit, held, t_fit, t_held, s: Settings, seed: int) -> dict[str, dict]:
+    """Every row's metrics for one seed: ``{method: {metric: value, "curve": {step: {metric: value}}}}``."""
+    rows: dict[str, dict] = {}
 
-    def evaluate(name: str, student: nn.Module, seconds: float, own_critic=None) -> None:
-        x_fit, x_held = embed(student, fit), embed(student, held)
+    def geometry(student: nn.Module) -> dict[str, float]:
+        x_held = embed(student, held)
         top1, top10 = neighbour_agreement(x_held, t_held)
+        return {"nn1": top1, "nn10": top10, "spearman": pairwise_spearman(x_held, t_held)}
+
+    def evaluate(name: str, student: nn.Module, trained: tuple[float, dict], own_critic=None) -> None:
+        seconds, curve = trained
+        x_fit, x_held = embed(student, fit), embed(student, held)
         rows[name] = {
             "mi_fresh": fresh_critic_estimate((x_fit, t_fit), (x_held, t_held), s, seed),
             "mi_own": batched_estimate(own_critic, x_held, t_held, s.critic_batch) if own_critic else math.nan,
-            "nn1": top1, "nn10": top10, "spearman": pairwise_spearman(x_held, t_held), "seconds": seconds,
+            **geometry(student), "seconds": seconds, "curve": curve or {0: geometry(student)},
         }  # fmt: skip
 
     def student():
@@ -338,17 +361,41 @@ def _one_seed(teacher, tok, train, fit, held, t_fit, t_held, s: Settings, seed: 
     mi = fastdistill.MIAlphaLoss(student_dim=STUDENT_DIM, teacher_dim=TEACHER_DIM, pooling="mean", alpha=0.01,
                                  critic="dot", temperature=1.0, anchor="teacher")  # fmt: skip
     m = student()
-    evaluate("MI-α (fastdistill.MIAlphaLoss)", m, distill(m, teacher, mi, train, s, seed), own_critic=mi)
+    evaluate(MI_ROW, m, distill(m, teacher, mi, train, s, seed, geometry), own_critic=mi)
     torch.manual_seed(seed)
     m = student()
-    evaluate("cosine regression (linear head)", m,
-             distill(m, teacher, CosineRegression(STUDENT_DIM, TEACHER_DIM), train, s, seed))  # fmt: skip
-    evaluate("untrained student", student(), 0.0)
+    evaluate(COSINE_ROW, m, distill(m, teacher, CosineRegression(STUDENT_DIM, TEACHER_DIM), train, s, seed,
+                                    geometry))  # fmt: skip
+    evaluate(UNTRAINED_ROW, student(), (0.0, {}))
     return rows
 
 
-def run(settings: Settings, log=print) -> dict[str, dict[str, float]]:
-    """Train and evaluate every row for every seed; log a markdown table (mean ± std over seeds when several).
+def intervals(per_seed: list[dict], curve_steps: list[int]) -> list[dict]:
+    """The paired comparisons (same seed: same initial student, data order and held-out sentences), 95% t intervals
+    of the per-seed differences: MI-α − cosine regression and MI-α − untrained on every metric at the end, and
+    MI-α − cosine regression on the geometry metrics at the curve's earlier steps. Each record says whether the
+    interval excludes 0, also at the Bonferroni level over all of them."""
+    from fastdistill.apps import paired_ci
+
+    specs = [(other, key, None) for other in (COSINE_ROW, UNTRAINED_ROW) for key in METRICS]
+    specs += [(COSINE_ROW, key, step) for step in curve_steps[:-1] for key in METRICS if key != "mi_fresh"]
+    out = []
+    for other, key, step in specs:
+        def values(row: str) -> list[float]:
+            return [r[row][key] if step is None else r[row]["curve"][step][key] for r in per_seed]
+
+        ci = paired_ci(values(MI_ROW), values(other))
+        strict = paired_ci(values(MI_ROW), values(other), level=1 - 0.05 / len(specs))
+        if ci is None:
+            return []
+        out.append({"a": MI_ROW, "b": other, "metric": key, "step": step, "mean": ci[0], "low": ci[1], "high": ci[2],
+                    "excludes_0": ci[1] > 0 or ci[2] < 0, "bonferroni": strict[1] > 0 or strict[2] < 0})
+    return out
+
+
+def run(settings: Settings, log=print, out: Path | None = None) -> dict[str, dict[str, float]]:
+    """Train and evaluate every row for every seed; log a markdown table (mean ± std over seeds when several), the
+    geometry curves and (2 seeds or more) the paired intervals; write it all, per seed, to ``out`` (JSON) if given.
     Returns ``{method: {metric: mean over seeds}}``; metrics ``mi_fresh``, ``mi_own`` (nats), ``nn1``, ``nn10``,
     ``spearman``, ``seconds`` (training wall time); the teacher-against-itself row has ``mi_fresh`` only."""
     t0 = time.perf_counter()
@@ -365,7 +412,7 @@ def run(settings: Settings, log=print) -> dict[str, dict[str, float]]:
 
     per_seed = [_one_seed(teacher, tok, train, fit, held, t_fit, t_held, s, seed) for seed in s.seeds]
     names = list(per_seed[0])
-    keys = list(per_seed[0][names[0]])
+    keys = [k for k in per_seed[0][names[0]] if k != "curve"]
     mean = {n: {k: statistics.fmean(r[n][k] for r in per_seed) for k in keys} for n in names}
     ceiling = fresh_critic_estimate((t_fit, t_fit), (t_held, t_held), s, seed=0)  # the teacher against itself
     wall = time.perf_counter() - t0
@@ -394,7 +441,30 @@ def run(settings: Settings, log=print) -> dict[str, dict[str, float]]:
     log("")
     log(f"chance: NN@1 {1 / (n_held - 1):.3f}, top 10 {10 / (n_held - 1):.3f}; wall time {wall:.1f} s "
         f"({torch.get_num_threads()} torch thread(s))")  # fmt: skip
+    steps = sorted(per_seed[0][MI_ROW]["curve"])
+    log("")
+    log("geometry curves (mean over seeds), NN@1 / top 10 / Spearman at steps " + ", ".join(map(str, steps)) + ":")
+    for n in (MI_ROW, COSINE_ROW):
+        cells = [" / ".join(f"{statistics.fmean(r[n]['curve'][st][k] for r in per_seed):.3f}"
+                            for k in ("nn1", "nn10", "spearman")) for st in steps]  # fmt: skip
+        log(f"  {n}: " + "; ".join(cells))
+    ivs = intervals(per_seed, steps)
+    if ivs:
+        log("")
+        log(f"paired differences, 95% t intervals over {len(per_seed)} seeds ({len(ivs)} intervals; * also at the "
+            f"Bonferroni level 0.05/{len(ivs)}):")  # fmt: skip
+        for iv in ivs:
+            where = "end" if iv["step"] is None else f"step {iv['step']}"
+            mark = " *" if iv["bonferroni"] else ""
+            log(f"  MI-α − {iv['b'].split(' (')[0]}, {METRICS[iv['metric']]}, {where}: {iv['mean']:+.3f} "
+                f"[{iv['low']:+.3f}, {iv['high']:+.3f}]{mark}")  # fmt: skip
     mean["teacher against itself (ceiling)"] = {"mi_fresh": ceiling}
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        record = {"settings": {k: v for k, v in vars(s).items()}, "seeds": list(s.seeds), "per_seed": per_seed,
+                  "ceiling_mi_fresh": ceiling, "intervals": ivs, "wall_s": wall, "torch": torch.__version__,
+                  "python": platform.python_version(), "n_train": len(train_s), "n_held": n_held}  # fmt: skip
+        out.write_text(json.dumps(record, indent=1, default=str))
     return mean
 
 
@@ -406,10 +476,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1); the table shows mean ± std")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core VM a second "
                    "thread was slower; try 2+ on an idle machine)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=None, help="JSON file: every seed's metrics, curves and the intervals")
     args = p.parse_args(argv)
     s = Settings.small() if args.small else Settings()
     with torch_threads(args.threads):
-        run(replace(s, seeds=tuple(range(args.seeds))))
+        run(replace(s, seeds=tuple(range(args.seeds))), out=args.out)
     return 0
 
 

@@ -328,11 +328,10 @@ class Checkpointer:
         """The optimizer, scheduler, ... to save now, by name."""
         return {name: s for name, s in self._states().items() if s is not None}
 
-    def files(self, every_rank: bool = False) -> list[str]:
-        """The files of a checkpoint this process reads (besides ``state.json``); ``every_rank``: those every
-        process reads (each rank's RNG state)."""
-        ranks = range(self.world_size) if every_rank else [self.rank]
-        states = [*self.states(), *(f"rng-rank{r}" for r in ranks)]
+    def files(self) -> list[str]:
+        """The files of a checkpoint the processes read (besides ``state.json``), each rank's RNG state included:
+        every process judges a checkpoint by all of them, so all reach the same verdict."""
+        states = [*self.states(), *(f"rng-rank{r}" for r in range(self.world_size))]
         return [f"{name}.safetensors" for name in self.modules] + [
             f"{name}.{ext}" for name in states for ext in ("json", "safetensors")]  # fmt: skip
 
@@ -340,7 +339,7 @@ class Checkpointer:
         """The checkpoint directory ``resume_from`` names, checked intact (ValueError otherwise); for "latest" the
         newest intact one under ``output_dir/checkpoints`` (damaged ones are skipped with a warning), None if there
         is none. Intact means every process's files: all processes reach the same answer."""
-        files = self.files(every_rank=True)
+        files = self.files()
         if str(resume_from) != "latest":
             path = Path(resume_from)
             recover(path, files)
@@ -412,7 +411,7 @@ class Checkpointer:
         directory = Path(directory)
         state = read_run_state(directory)
         check_compatible(state, self._run_state(), directory)
-        problem = find_problem(directory, self.files(every_rank=True))
+        problem = find_problem(directory, self.files())
         if problem is not None:
             raise ValueError(problem)
         for name, module in self.modules.items():
