@@ -82,6 +82,9 @@ def check_hyperparameters(
     """Validate the keyword hyper-parameters of :func:`kd_loss` (also used by :class:`fastdistill.KDLoss`)."""
     values = (divergence, temperature, ensemble, beta, skew, ce_weight, reduction, backend, ignore_index,
               scale_by_temperature_sq)  # fmt: skip
+    if _is_compiling():  # the cache's contents would become Dynamo guards: a recompile whenever it grows
+        _check_hyperparameters(*values)
+        return
     try:
         key = tuple((type(x), x) for x in values)
         if key in _VALID_HYPERPARAMETERS:
@@ -357,7 +360,7 @@ def row_arguments(
                              f"{tuple(labels.shape)}")  # fmt: skip
         _check_device("labels", labels, device, ref=name)
         labels = labels.reshape(n)
-        if check_label_range:
+        if check_label_range and not _is_compiling():  # (the message's V would make V static in a compiled graph)
             _check_values(
                 "labels", labels, f"in [0, {v}) or ignore_index ({ignore_index}) {label_use}",
                 (labels != ignore_index) & ((labels < 0) | (labels >= v)),

@@ -774,6 +774,9 @@ class FusedLinearKDLoss(nn.Module):
         defaults = {k: p.default for k, p in inspect.signature(functional.kd_loss).parameters.items() if k in checked}
         functional.check_hyperparameters(**{**defaults, **{k: v for k, v in options.items() if k in checked}})
 
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
     def forward(self, student_hidden: Tensor, student_head_weight: Tensor, teachers: Teacher | Sequence[Teacher],
                 labels: Tensor | None = None, *, student_head_bias: Tensor | None = None,
                 student_head_lora: Sequence[LoRATerm] = (), sample_weight: Tensor | None = None,

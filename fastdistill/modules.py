@@ -92,8 +92,11 @@ class KDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"divergence={self.divergence!r}, temperature={self.temperature}, ensemble={self.ensemble!r}, "
-            f"ce_weight={self.ce_weight}, reduction={self.reduction!r}, backend={self.backend!r}"
+            f"divergence={self.divergence!r}, temperature={self.temperature}, "
+            f"scale_by_temperature_sq={self.scale_by_temperature_sq}, ensemble={self.ensemble!r}, "
+            f"teacher_weights={tw.tolist() if isinstance(tw := self.teacher_weights, Tensor) else tw}, "
+            f"beta={self.beta}, skew={self.skew}, ce_weight={self.ce_weight}, ignore_index={self.ignore_index}, "
+            f"reduction={self.reduction!r}, backend={self.backend!r}"
         )
 
 
@@ -162,8 +165,10 @@ class CodistillLoss(nn.Module):
             raise ValueError("burn_in_steps > 0 trains on the hard losses alone at first: hard_weight must not be 0")
         self.burn_in_steps = burn_in_steps
         # progress as last reported (plain attributes, not state: the loop reports it before every step, so a
-        # resumed run needs nothing from a checkpoint)
+        # resumed run needs nothing from a checkpoint); forward reads only whether distillation is on, so a compiled
+        # step sees two values (two graphs at most), not a new step number on every call
         self.step = 0
+        self._distilling = burn_in_steps == 0
         self.temperature = temperature
         self.weight_ab = weight_ab
         self.weight_ba = weight_ba
@@ -194,7 +199,7 @@ class CodistillLoss(nn.Module):
             logits_b = logits_b[0]
         if self.burn_in_steps and labels is None:
             raise ValueError("burn_in_steps > 0 trains on the hard losses alone at first: it needs labels")
-        distilling = self.step >= self.burn_in_steps
+        distilling = self._distilling
         return functional.codistill_loss(
             logits_a, logits_b, labels, temperature=self.temperature,
             weight_ab=self.weight_ab if distilling else 0.0, weight_ba=self.weight_ba if distilling else 0.0,
@@ -210,11 +215,14 @@ class CodistillLoss(nn.Module):
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         self.step = step
+        self._distilling = step >= self.burn_in_steps
 
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, weight_ab={self.weight_ab}, weight_ba={self.weight_ba}, "
-            f"hard_weight={self.hard_weight}, divergence={self.divergence!r}, backend={self.backend!r}"
+            f"hard_weight={self.hard_weight}, divergence={self.divergence!r}, "
+            f"scale_by_temperature_sq={self.scale_by_temperature_sq}, beta={self.beta}, skew={self.skew}, "
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, backend={self.backend!r}"
             + (f", burn_in_steps={self.burn_in_steps}" if self.burn_in_steps else "")
         )
 

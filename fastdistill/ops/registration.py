@@ -73,7 +73,7 @@ def _may_reuse(grad: torch.Tensor, grad_loss: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() or grad_loss.requires_grad:  # create_graph: backward is differentiated
         return False
-    if torch._C._functorch.is_functorch_wrapped_tensor(grad_loss):
+    if torch._C._functorch.is_functorch_wrapped_tensor(grad_loss) or _vmapped():
         return False
     return _keep_graph is not None and not _keep_graph()
 
@@ -113,6 +113,19 @@ def _device_scale(grad: torch.Tensor) -> bool:
             and importlib.util.find_spec("triton") is not None)  # fmt: skip
 
 
+def _computed(op: str, name: str, grad: torch.Tensor) -> torch.Tensor:
+    """``grad``, the saved gradient of an input autograd asks a gradient for. The [0] placeholder there means the
+    forward ran where the input did not look as if it required grad (inside a torch.func transform, whose wrapped
+    tensors hide it; a graph exported or traced under no_grad): an error naming the way out, never a silent None."""
+    if grad.dim() == 1:
+        raise RuntimeError(
+            f"fastdistill.{op}: autograd asks for the gradient of {name}, but the fused backend did not compute it "
+            f"in the forward pass: {name} did not require grad where the op ran (inside torch.func.vmap / grad / "
+            "jacrev, or a graph exported or traced under no_grad). Use backend='reference' there (plain autograd)"
+        )
+    return grad
+
+
 def _first_order(op: str, grad: torch.Tensor | None) -> torch.Tensor | None:
     """The gradient, unless it is being recorded for a second derivative (create_graph=True): then an error. The
     saved gradient is a constant to autograd, so a recorded one would have no path back to the inputs and every
@@ -130,8 +143,17 @@ def _first_order(op: str, grad: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _exactly_one(grad_loss: torch.Tensor) -> bool:
-    """grad_output == 1 everywhere, where checking costs no device sync: CPU tensors (see _scale)."""
-    return grad_loss.device.type == "cpu" and bool((grad_loss == 1).all())
+    """grad_output == 1 everywhere, where checking costs no device sync: CPU tensors (see _scale), outside functorch
+    transforms (a batched grad_output has no single truth value)."""
+    return grad_loss.device.type == "cpu" and not _vmapped() and bool((grad_loss == 1).all())
+
+
+def _vmapped() -> bool:
+    """Inside a functorch transform (torch.func.vmap, ...) or the legacy vmap of torch.autograd.functional's
+    ``vectorize=True``: grad_output is batched below the Python level, so it has no single truth value and the
+    saved gradient may be read again for the next batch entry."""
+    # (the legacy VmapMode key has no Python enum member: read from the key set's repr)
+    return torch._C._are_functorch_transforms_active() or "VmapMode" in repr(torch._C._dispatch_tls_local_include_set())
 
 
 def _kd_loss_backward(ctx, grad_loss, _grad_grad_s, _grad_grad_t):
@@ -140,7 +162,9 @@ def _kd_loss_backward(ctx, grad_loss, _grad_grad_s, _grad_grad_t):
     none_t = [None] * len(grad_t)
     if grad_loss is None:  # grads are not materialised: nothing flowed into the loss
         return _grads(KDInputs, ctx, student=None, teachers=none_t)
-    d_student = _scale(grad_s, grad_loss, ctx.reduce) if ctx.needs_input_grad[_KD_S] else None
+    d_student = (_scale(_computed("kd_loss", "student_logits", grad_s), grad_loss, ctx.reduce)
+                 if ctx.needs_input_grad[_KD_S] else None)  # fmt: skip
+    # (a teacher of the list that does not require grad, beside one that does, keeps its placeholder: None)
     d_teachers = [_scale(g, grad_loss, ctx.reduce) for g in grad_t] if ctx.needs_input_grad[_KD_T] else none_t
     return _grads(KDInputs, ctx, student=_first_order("kd_loss", d_student),
                   teachers=[_first_order("kd_loss", g) for g in d_teachers])  # fmt: skip
@@ -160,8 +184,10 @@ def _kd_loss_triton_backward(ctx, grad_loss, _grad_grad_s, _grad_grad_t):
     if grad_loss is None:
         return _grads(KDInputs, ctx)
     grad_s, grad_t = ctx.saved_tensors
-    d_student = _scale(grad_s, grad_loss, ctx.reduce) if ctx.needs_input_grad[_KD_S] else None
-    d_teachers = _scale(grad_t, grad_loss, ctx.reduce) if ctx.needs_input_grad[_KD_T] else None
+    d_student = (_scale(_computed("kd_loss", "student_logits", grad_s), grad_loss, ctx.reduce)
+                 if ctx.needs_input_grad[_KD_S] else None)  # fmt: skip
+    d_teachers = (_scale(_computed("kd_loss", "teacher_logits", grad_t), grad_loss, ctx.reduce)
+                  if ctx.needs_input_grad[_KD_T] else None)  # fmt: skip
     return _grads(KDInputs, ctx, student=_first_order("kd_loss", d_student),
                   teachers=_first_order("kd_loss", d_teachers))  # fmt: skip
 
@@ -209,9 +235,9 @@ def _codistill_backward(ctx, grad_loss_a, grad_loss_b, _gga, _ggb):
     grad_a, grad_b = ctx.saved_tensors
     d_a = d_b = None
     if ctx.needs_input_grad[CodistillInputs.index("a")] and grad_loss_a is not None:
-        d_a = _scale(grad_a, grad_loss_a, ctx.reduce)
+        d_a = _scale(_computed("codistill_loss", "logits_a", grad_a), grad_loss_a, ctx.reduce)
     if ctx.needs_input_grad[CodistillInputs.index("b")] and grad_loss_b is not None:
-        d_b = _scale(grad_b, grad_loss_b, ctx.reduce)
+        d_b = _scale(_computed("codistill_loss", "logits_b", grad_b), grad_loss_b, ctx.reduce)
     return _grads(CodistillInputs, ctx, a=_first_order("codistill_loss", d_a), b=_first_order("codistill_loss", d_b))
 
 
