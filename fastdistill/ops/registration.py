@@ -143,9 +143,9 @@ def _first_order(op: str, grad: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _exactly_one(grad_loss: torch.Tensor) -> bool:
-    """grad_output == 1 everywhere, where checking costs no device sync: CPU tensors (see _scale), outside functorch
-    transforms (a batched grad_output has no single truth value)."""
-    return grad_loss.device.type == "cpu" and not _vmapped() and bool((grad_loss == 1).all())
+    """grad_output == 1 everywhere, where checking costs no device sync: CPU tensors (see _scale; reached only where
+    _may_reuse holds, so never on a batched grad_output)."""
+    return grad_loss.device.type == "cpu" and bool((grad_loss == 1).all())
 
 
 def _vmapped() -> bool:

@@ -349,6 +349,11 @@ def _check_codistill(cfg: TrainConfig) -> None:
                               f"{getattr(defaults, name)!r}")  # fmt: skip
 
 
+def kd_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The keywords of fastdistill.KDLoss for ``cfg`` (every option of its kd section)."""
+    return {f.name: getattr(cfg.kd, f.name) for f in dataclasses.fields(cfg.kd)}
+
+
 def codistill_options(cfg: TrainConfig) -> dict[str, Any]:
     """The keywords of fastdistill.CodistillLoss for ``cfg`` (codistill's weights, kd's divergence options)."""
     kd, co = cfg.kd, cfg.codistill
@@ -592,8 +597,7 @@ def _check_backend(cfg: TrainConfig, device: torch.device, dtype: torch.dtype | 
         inp = functional.codistill_inputs(probe, probe, labels=None, sample_weight=None, reduction="mean",
                                           num_items=None, **{**options, "hard_weight": 0.0})  # fmt: skip
     else:
-        options = {f.name: getattr(kd, f.name) for f in dataclasses.fields(kd)}
-        options.update(teacher_weights=None, ce_weight=0.0)  # the probe has one teacher and no labels
+        options = {**kd_options(cfg), "teacher_weights": None, "ce_weight": 0.0}  # one teacher, no labels
         inp = functional.kd_inputs(probe, probe, labels=None, sample_weight=None, reduction="mean", num_items=None,
                                     **options)  # fmt: skip
     reasons = dispatch.BACKENDS[kd.backend].not_supported_reasons(inp)

@@ -8,7 +8,6 @@ resolved config as ``output_dir/config.yaml``, calls the factories, builds the o
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from .config import (
     check_run,
     codistill_options,
     config_yaml,
+    kd_options,
 )
 
 
@@ -192,7 +192,7 @@ def _run(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.codistill.enabled:  # the student is model a, its one teacher model b; both train
         loss = CodistillLoss(**codistill_options(cfg))
     else:
-        loss = KDLoss(**{f.name: getattr(cfg.kd, f.name) for f in dataclasses.fields(cfg.kd)})
+        loss = KDLoss(**kd_options(cfg))
     t = cfg.train
     if t.fused_linear:  # the models the factories built must be fusable: a one-line error naming the option
         from ..fused_linear import check_fusable
