@@ -116,7 +116,9 @@ def _check_hyperparameters(divergence, temperature, ensemble, beta, skew, ce_wei
     check_real("ce_weight", ce_weight, low=0.0, high=1.0, low_open=False, high_open=False)
     _check_int64("ignore_index", ignore_index)
     if not isinstance(scale_by_temperature_sq, bool):
-        raise TypeError(f"scale_by_temperature_sq must be a bool, got {type(scale_by_temperature_sq).__name__}")
+        got = type(scale_by_temperature_sq)
+        raise TypeError(f"scale_by_temperature_sq must be a Python bool (True or False), got "
+                        f"{got.__name__ if got.__module__ == 'builtins' else f'{got.__module__}.{got.__name__}'}")
 
 
 def _check_logits(name: str, x) -> None:
@@ -130,48 +132,54 @@ def _check_logits(name: str, x) -> None:
         raise ValueError(f"{name} has V = 0 classes; a distribution needs V >= 1")
 
 
-def _vocab_hint(name: str, got: torch.Size, expected: torch.Size) -> str:
+def _vocab_hint(name: str, got: torch.Size, expected: torch.Size, ref: str = "student_logits",
+                student_slice: str | None = "student_logits[..., :{}]") -> str:  # fmt: skip
+    """The error for teacher ``name`` of shape ``got`` where ``ref`` has ``expected``; for a vocabulary mismatch the
+    fix (``student_slice``: how to cut the student to V = {} columns; None: the teachers must share one)."""
     if got[:-1] == expected[:-1] and got[-1] != expected[-1]:
         v_t, v_s = got[-1], expected[-1]
-        fix = (
-            f"slice the teacher to the shared vocabulary: {name}[..., :{v_s}]"
-            if v_t > v_s
-            else f"slice the student to the shared vocabulary: student_logits[..., :{v_t}], or pad the teacher "
-            f"with -inf"
-        )
-        return f"{name} has vocabulary size {v_t} but student_logits has {v_s}; {fix}"
-    return f"{name} has shape {tuple(got)}, expected {tuple(expected)} like student_logits"
+        if student_slice is None:
+            fix = "the teachers must share one vocabulary"
+        elif v_t > v_s:
+            fix = f"slice the teacher to the shared vocabulary: {name}[..., :{v_s}]"
+        else:
+            fix = (f"slice the student to the shared vocabulary: {student_slice.format(v_t)}, or pad the teacher "
+                   "with -inf")  # fmt: skip
+        return f"{name} has vocabulary size {v_t} but {ref} has {v_s}; {fix}"
+    return f"{name} has shape {tuple(got)}, expected {tuple(expected)} like {ref}"
 
 
-def split_teachers(teacher_logits: TeacherLogits, student_shape: torch.Size) -> list[Tensor]:
+def split_teachers(teacher_logits: TeacherLogits, student_shape: torch.Size, name: str = "teacher_logits",
+                   **hint: str | None) -> list[Tensor]:  # fmt: skip
     """Teachers as a list of K tensors shaped like the student: one tensor [*, V], a stacked [K, *, V] tensor,
-    or a sequence of K tensors [*, V]. Stacked tensors are unbound (views, no copy)."""
+    or a sequence of K tensors [*, V]. Stacked tensors are unbound (views, no copy). ``name``: the argument's name in
+    the errors; ``hint``: ``ref`` and ``student_slice`` of :func:`_vocab_hint` (what the teachers must match)."""
     if isinstance(teacher_logits, Tensor):
-        _check_logits("teacher_logits", teacher_logits)
+        _check_logits(name, teacher_logits)
         if teacher_logits.shape == student_shape:
             return [teacher_logits]
         if teacher_logits.dim() == len(student_shape) + 1 and teacher_logits.shape[1:] == student_shape:
             if teacher_logits.shape[0] == 0:
-                raise ValueError("teacher_logits has K = 0 teachers; need at least one")
+                raise ValueError(f"{name} has K = 0 teachers; need at least one")
             return list(teacher_logits.unbind(0))
         if teacher_logits.dim() == len(student_shape) + 1 and teacher_logits.shape[1:-1] == student_shape[:-1]:
-            raise ValueError(_vocab_hint("teacher_logits", teacher_logits.shape[1:], student_shape))
+            raise ValueError(_vocab_hint(name, teacher_logits.shape[1:], student_shape, **hint))
         if teacher_logits.dim() == len(student_shape):
-            raise ValueError(_vocab_hint("teacher_logits", teacher_logits.shape, student_shape))
+            raise ValueError(_vocab_hint(name, teacher_logits.shape, student_shape, **hint))
         raise ValueError(
-            f"teacher_logits must be [*, V] = {tuple(student_shape)} (one teacher) or [K, *, V] = "
+            f"{name} must be [*, V] = {tuple(student_shape)} (one teacher) or [K, *, V] = "
             f"[K, {', '.join(map(str, student_shape))}] (K teachers); got {tuple(teacher_logits.shape)}"
         )
     if isinstance(teacher_logits, Sequence) and not isinstance(teacher_logits, str):
         teachers = list(teacher_logits)
         if not teachers:
-            raise ValueError("teacher_logits is an empty sequence; need at least one teacher (K >= 1)")
+            raise ValueError(f"{name} is an empty sequence; need at least one teacher (K >= 1)")
         for k, t in enumerate(teachers):
-            _check_logits(f"teacher_logits[{k}]", t)
+            _check_logits(f"{name}[{k}]", t)
             if t.shape != student_shape:
-                raise ValueError(_vocab_hint(f"teacher_logits[{k}]", t.shape, student_shape))
+                raise ValueError(_vocab_hint(f"{name}[{k}]", t.shape, student_shape, **hint))
         return teachers
-    raise TypeError(f"teacher_logits must be a Tensor or a sequence of Tensors, got {type(teacher_logits).__name__}")
+    raise TypeError(f"{name} must be a Tensor or a sequence of Tensors, got {type(teacher_logits).__name__}")
 
 
 def _check_device(name: str, x: Tensor, device: torch.device, ref: str = "student_logits") -> None:
@@ -276,13 +284,14 @@ def normalise_teacher_weights(
             f"teacher_weights must be [K] = [{k}] or [K, *] = [{k}, {', '.join(map(str, lead))}], "
             f"got {tuple(w.shape)}"
         )
-    w = w.detach().to(dtype)
+    w = w.detach()
     check = not on_host and not _weights_checked_before(teacher_weights, dtype)
     if check:
         _check_values("teacher_weights", w, _WEIGHTS_RANGE, ~torch.isfinite(w) | (w < 0))
-    # scaled by the column's largest weight first: the sum of K weights near the dtype's max would overflow to inf
-    # and every weight would become 0
-    w = w / w.amax(0, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    # scaled by the column's largest weight first, in the weights' own dtype (numbers: float64), then cast: the sum of
+    # K weights near the dtype's max would overflow to inf and every weight would become 0, and a float64 weight past
+    # float32's range (1e39, 1e-46) would be inf or 0 in float32 (NaN after normalising)
+    w = (w / w.amax(0, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)).to(dtype)
     total = w.sum(0, keepdim=True)
     if check:
         _check_values("teacher_weights", total, _WEIGHTS_SUM, total <= 0)
@@ -392,6 +401,8 @@ def row_arguments(
         elif isinstance(num_items, Tensor):
             if num_items.numel() != 1:
                 raise ValueError(f"num_items must be an int or a 0-dim Tensor, got shape {tuple(num_items.shape)}")
+            if num_items.dtype == torch.bool or num_items.is_complex():
+                raise TypeError(f"num_items must be an integer or floating-point count, got {num_items.dtype}")
             count = num_items.detach().reshape(()).to(device)
             _check_values("num_items", count, "finite and >= 0",
                           (count < 0) | ~torch.isfinite(count) if count.is_floating_point() else count < 0)
@@ -683,7 +694,7 @@ def ensemble_soft_targets(
     else:
         raise TypeError("teacher_logits must be a stacked Tensor [K, *, V] or a non-empty sequence of K Tensors "
                         "[*, V]")  # fmt: skip
-    teachers = split_teachers(teacher_logits, shape)
+    teachers = split_teachers(teacher_logits, shape, ref="teacher_logits[0]", student_slice=None)
     for k, t in enumerate(teachers):
         _check_device(f"teacher_logits[{k}]", t, teachers[0].device, ref="teacher_logits[0]")
     lead, v = shape[:-1], shape[-1]

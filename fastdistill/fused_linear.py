@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
-from .ops import gemm, reference
+from .ops import dispatch, gemm, reference
 
 # Per chunk (its logits, the teachers' and the logit gradient), per device type. On CUDA the larger chunk matters for
 # speed: every chunk's weight-gradient GEMM reads and writes the float32 accumulator (2 x 4 V H bytes) in its
@@ -315,6 +315,11 @@ def _check_lora(name: str, lora: Any, width: int, v: int, device: torch.device) 
     return tuple(t._replace(scaling=float(t.scaling)) for t in lora)
 
 
+# what teacher logits must match here: the student's logits, [*] of student_hidden by V of its head
+_HEAD_HINT = dict(ref="the student's logits (student_hidden's rows x student_head_weight's V)",
+                  student_slice="student_head_weight[:{}] (and its bias)")
+
+
 def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: int, device) -> list[Teacher]:
     """K teachers, each logits [N, V] or a TeacherHead with hidden [N, H_t], detached (they get no gradient); shapes
     and devices checked against the student's."""
@@ -324,7 +329,7 @@ def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: in
                                         all(isinstance(t, Tensor) for t in teachers)):  # fmt: skip
         if isinstance(teachers, Sequence) and not teachers:
             raise ValueError("teachers is empty; need at least one teacher (K >= 1)")
-        split = functional.split_teachers(teachers, torch.Size((*lead, v)))
+        split = functional.split_teachers(teachers, torch.Size((*lead, v)), "teachers", **_HEAD_HINT)
         for k, t in enumerate(split):
             name = f"teachers[{k}]" if len(split) > 1 else "teachers"
             functional._check_device(name, t, device, ref="student_hidden")
@@ -335,7 +340,10 @@ def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: in
     out: list[Teacher] = []
     for k, t in enumerate(teachers):
         if isinstance(t, TeacherHead):
-            if not isinstance(t.hidden, Tensor) or t.hidden.shape[:-1] != lead:
+            if not isinstance(t.hidden, Tensor) or not t.hidden.is_floating_point():
+                got = t.hidden.dtype if isinstance(t.hidden, Tensor) else type(t.hidden).__name__
+                raise TypeError(f"teachers[{k}].hidden must be a floating-point Tensor [*, H_t], got {got}")
+            if t.hidden.shape[:-1] != lead:
                 raise ValueError(f"teachers[{k}].hidden must have shape [{', '.join(map(str, lead))}, H_t] (the "
                                  f"student's rows), got {tuple(getattr(t.hidden, 'shape', ()))}")  # fmt: skip
             functional._check_device(f"teachers[{k}].hidden", t.hidden, device, ref="student_hidden")
@@ -350,9 +358,12 @@ def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: in
                                    None if t.bias is None else t.bias.detach(),
                                    tuple(LoRATerm(m.a.detach(), m.b.detach(), float(m.scaling)) for m in lora)))
         elif isinstance(t, Tensor):
-            (logits,) = functional.split_teachers([t], torch.Size((*lead, v)))
-            functional._check_device(f"teachers[{k}]", logits, device, ref="student_hidden")
-            out.append(logits.detach().reshape(-1, v))
+            functional._check_logits(f"teachers[{k}]", t)
+            if t.shape != (*lead, v):
+                raise ValueError(functional._vocab_hint(f"teachers[{k}]", t.shape, torch.Size((*lead, v)),
+                                                        **_HEAD_HINT))  # fmt: skip
+            functional._check_device(f"teachers[{k}]", t, device, ref="student_hidden")
+            out.append(t.detach().reshape(-1, v))
         else:
             raise TypeError(f"teachers[{k}] must be a Tensor of logits or a TeacherHead, got {type(t).__name__}")
     return out
@@ -382,6 +393,23 @@ def head_logits(head: TeacherHead) -> Tensor:
     return _logits(x, head.weight, head.bias, head.lora).reshape(*head.hidden.shape[:-1], head.weight.shape[0])
 
 
+def check_chunking(chunk_size: int | None, budget_bytes: int | None) -> None:
+    """``chunk_size`` and ``memory_budget_bytes``: None or an int >= 1 each (numpy integers included)."""
+    for name, value in (("chunk_size", chunk_size), ("memory_budget_bytes", budget_bytes)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be None or an int >= 1, got {value!r}")
+        if value < 1:
+            raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+
+
+def check_accum_dtype(accum_dtype: torch.dtype | None) -> None:
+    """None or a floating-point torch.dtype (which one the head allows is checked with the head)."""
+    if accum_dtype is not None and not (isinstance(accum_dtype, torch.dtype) and accum_dtype.is_floating_point):
+        raise TypeError(f"accum_dtype must be None or a floating-point torch.dtype, got {accum_dtype!r}")
+
+
 def chunk_rows(n: int, v: int, k: int, itemsize: int, chunk_size: int | None, budget_bytes: int | None,
                device_type: str = "cpu") -> int:  # fmt: skip
     """Rows per chunk: ``chunk_size`` if given, else as many as the budget (default: ``DEFAULT_BUDGET_BYTES`` of
@@ -390,13 +418,10 @@ def chunk_rows(n: int, v: int, k: int, itemsize: int, chunk_size: int | None, bu
     From a budget, rows are rounded down to a multiple of TILE_ROWS when that leaves two tiles or more and the rows
     do not fit one chunk: the chunk's matmuls with a chunk-sized output dimension (d hidden: [c, H]) then have no
     partly-filled tile, but for the last chunk's."""
+    check_chunking(chunk_size, budget_bytes)
     if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-        return min(chunk_size, max(n, 1))
-    budget = budget_bytes if budget_bytes is not None else DEFAULT_BUDGET_BYTES.get(device_type, 256 * 2**20)
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"memory_budget_bytes must be an int >= 1, got {budget!r}")
+        return min(int(chunk_size), max(n, 1))
+    budget = int(budget_bytes) if budget_bytes is not None else DEFAULT_BUDGET_BYTES.get(device_type, 256 * 2**20)
     per_row = v * (k + 2) * itemsize
     rows = budget // per_row
     if n <= rows:
@@ -447,12 +472,15 @@ def _chunk_teachers(plan: _Plan, z: Tensor, rows: slice) -> Tensor | list[Tensor
 def _chunk_loss(plan: _Plan, z: Tensor, rows: slice) -> Tensor:
     teachers = _chunk_teachers(plan, z, rows)
     tw = None if plan.teacher_weights is None else plan.teacher_weights[:, rows]
-    return functional.kd_loss(
-        z, teachers, None if plan.labels is None else plan.labels[rows], teacher_weights=tw,
+    inp = functional.kd_inputs(
+        z, teachers, labels=None if plan.labels is None else plan.labels[rows], teacher_weights=tw,
         sample_weight=None if plan.sample_weight is None else plan.sample_weight[rows],
         reduction=plan.chunk_reduction, num_items=plan.num_items if plan.chunk_reduction == "mean" else None,
         **plan.options,
     )  # fmt: skip
+    # the chunk's gradient is taken at grad_output 1 and used by the matmuls in this pass: no float16 prescale
+    inp.prescale = False
+    return dispatch.select(plan.options["backend"], inp)(inp)
 
 
 def _sweep(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, ab: Sequence[Tensor], need: tuple[bool, ...],
@@ -716,6 +744,7 @@ def fused_linear_kd_loss(
     lora = _check_lora("student_head_lora", student_head_lora, width, v, student_hidden.device)
     n = math.prod(lead)
     wide = torch.float64 if student_head_weight.dtype == torch.float64 else torch.float32
+    check_accum_dtype(accum_dtype)
     if accum_dtype is None:
         accum_dtype = wide
     elif accum_dtype not in (wide, student_head_weight.dtype):
@@ -773,6 +802,9 @@ class FusedLinearKDLoss(nn.Module):
         checked = inspect.signature(functional.check_hyperparameters).parameters
         defaults = {k: p.default for k, p in inspect.signature(functional.kd_loss).parameters.items() if k in checked}
         functional.check_hyperparameters(**{**defaults, **{k: v for k, v in options.items() if k in checked}})
+        check_chunking(options.get("chunk_size"), options.get("memory_budget_bytes"))
+        check_accum_dtype(options.get("accum_dtype"))
+        functional.check_teacher_weights(options.get("teacher_weights"))
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -110,11 +111,15 @@ def _projection(d_in: int, d_out: int, hidden: int | None) -> nn.Module:
     return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
 
 
-def _check_dim(name: str, value, *, allow_none: bool = False) -> None:
+def _check_dim(name: str, value, *, allow_none: bool = False) -> int | None:
+    """``value`` as an int (numpy integers included), or None where allowed."""
     if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+    if value < 1:
         raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+    return int(value)
 
 
 class CodistillLoss(nn.Module):
@@ -192,6 +197,7 @@ class CodistillLoss(nn.Module):
     ) -> functional.CodistillLosses:
         """logits_a, logits_b [*, V] (logits_b may also be a one-element list or a [1, *, V] tensor: the loop's
         teacher list); labels int64 [*]."""
+        functional._check_logits("logits_a", logits_a)
         if isinstance(logits_b, Sequence) or (isinstance(logits_b, Tensor) and logits_b.dim() == logits_a.dim() + 1):
             if len(logits_b) != 1:
                 raise ValueError(f"CodistillLoss trains two models: logits_b must be one model's logits, got "
@@ -227,6 +233,13 @@ class CodistillLoss(nn.Module):
         )
 
 
+def _check_hidden(name: str, hidden) -> None:
+    if not isinstance(hidden, Tensor):
+        raise TypeError(f"{name} must be a Tensor [N, D] or [B, L, D], got {type(hidden).__name__}")
+    if not hidden.is_floating_point():
+        raise TypeError(f"{name} must be floating point (hidden states), got {hidden.dtype}")
+
+
 class MIAlphaLoss(nn.Module):
     """Distiller's MI-alpha feature term: minus the MI-alpha estimate between projected student and teacher
     representations (SPEC §2, §6), with a learned separable critic f(x, y) = <g_s(x), g_t(y)> and log-baseline a(y).
@@ -243,7 +256,8 @@ class MIAlphaLoss(nn.Module):
     ``forward(student_hidden, teacher_hidden, attention_mask=None)`` takes [N, D_s] and [N, D_t] rows, or
     [B, L, D_s] and [B, L, D_t] hidden states pooled per ``pooling``: "cls" (position 0), "mean" (over unmasked
     positions) or "none" (every unmasked token is a row: the same [B, L] layout and mask for both). It returns
-    the loss ``-estimate`` (0-dim); :meth:`estimate` returns the estimate itself.
+    the loss ``-estimate`` (0-dim); :meth:`estimate` returns the estimate itself. ``attention_mask`` [B, L]: bool
+    or 0/1, nonzero positions kept (both poolings read it so).
 
     Example::
 
@@ -267,10 +281,8 @@ class MIAlphaLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        _check_dim("student_dim", student_dim)
-        _check_dim("teacher_dim", teacher_dim)
-        _check_dim("proj_dim", proj_dim)
-        _check_dim("hidden_dim", hidden_dim, allow_none=True)
+        student_dim, teacher_dim = _check_dim("student_dim", student_dim), _check_dim("teacher_dim", teacher_dim)
+        proj_dim, hidden_dim = _check_dim("proj_dim", proj_dim), _check_dim("hidden_dim", hidden_dim, allow_none=True)
         functional.check_choice("critic", critic, reference.CRITICS)
         functional.check_choice("anchor", anchor, reference.ANCHORS)
         functional.check_choice("baseline", baseline, BASELINES)
@@ -294,8 +306,7 @@ class MIAlphaLoss(nn.Module):
         """[N, D] rows from [N, D] (as is) or [B, L, D] hidden states per ``self.pooling``; D must be ``width``.
         ``rows``: for pooling "none" with a mask, the kept positions (flat indices into B * L; default: the mask's
         nonzero ones), so that two calls can share one index set."""
-        if not isinstance(hidden, Tensor):
-            raise TypeError(f"{name} must be a Tensor [N, D] or [B, L, D], got {type(hidden).__name__}")
+        _check_hidden(name, hidden)
         if hidden.dim() in (2, 3) and hidden.shape[-1] != width:
             raise ValueError(f"{name} has width D = {hidden.shape[-1]}, but this MIAlphaLoss was built for "
                              f"{name.split('_')[0]}_dim = {width}")  # fmt: skip
@@ -309,11 +320,14 @@ class MIAlphaLoss(nn.Module):
             raise ValueError(f"attention_mask must be [B, L] = {list(hidden.shape[:2])}, got "
                              f"{list(attention_mask.shape)}")  # fmt: skip
         if self.pooling == "cls":
+            if hidden.shape[1] == 0:
+                raise ValueError(f"pooling='cls' takes position 0 of {name} [B, L, D], which has L = 0")
             return hidden[:, 0]
         if self.pooling == "mean":
             if attention_mask is None:
                 return hidden.mean(1)
-            m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+            # kept positions (nonzero, as pooling "none" reads the mask), each counted once
+            m = (attention_mask != 0).to(hidden.dtype).unsqueeze(-1)
             return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
         if attention_mask is None:
             return hidden.reshape(-1, hidden.shape[-1])
@@ -322,14 +336,20 @@ class MIAlphaLoss(nn.Module):
         return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
 
     def estimate(self, student_hidden: Tensor, teacher_hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """The MI-alpha estimate in nats (0-dim float32) for a batch; see the class docstring for shapes."""
+        """The MI-alpha estimate in nats (0-dim; float32, float64 for a float64 module) for a batch; see the class
+        docstring for shapes."""
+        _check_hidden("student_hidden", student_hidden)
+        _check_hidden("teacher_hidden", teacher_hidden)
+        if attention_mask is not None:
+            if not isinstance(attention_mask, Tensor) or attention_mask.is_complex():
+                got = attention_mask.dtype if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+                raise TypeError(f"attention_mask must be a bool or 0/1 Tensor [B, L] (nonzero: kept), got {got}")
+            functional._check_device("attention_mask", attention_mask, student_hidden.device, ref="student_hidden")
         # hidden states of another float dtype than the projections (bf16 from an autocast forward, a float32 module
         # called outside it): cast to the projections' dtype first, as their matmuls need (upcasting is exact, and
         # the pooling then sums in that dtype too)
-        if student_hidden.is_floating_point():
-            student_hidden = student_hidden.to(next(self.student_proj.parameters()).dtype)
-        if teacher_hidden.is_floating_point():
-            teacher_hidden = teacher_hidden.to(next(self.teacher_proj.parameters()).dtype)
+        student_hidden = student_hidden.to(next(self.student_proj.parameters()).dtype)
+        teacher_hidden = teacher_hidden.to(next(self.teacher_proj.parameters()).dtype)
         rows = None
         if self.pooling == "none" and attention_mask is not None and student_hidden.dim() == 3:
             # one index set for both sides: one row count, also to torch.compile (two masks would give two sizes

@@ -29,9 +29,11 @@ def test_scale_matches_torch(dtype, shape):
     for value in (0.37, 1 / 3, -2.5, 1e-3):
         factor = torch.tensor(value, dtype=acc)
         _check(scale_(grad.clone(), factor, 5), grad * factor)
-    rows = torch.tensor([1.0, 0.5, 3.0, 1.0, -2.0]).to(dtype)  # as registration._scale passes them: grad's dtype
+    # per row as registration._scale passes them: in the loss's precision, 1/3 and 2^-30 not rounded to a 16-bit
+    # dtype first (2^-30 is 0 in float16)
+    rows = torch.tensor([1.0, 1 / 3, 2.0**-30 * 3, 1.0, -2.0], dtype=acc)
     out = scale_(grad.clone(), rows, 5)
-    _check(out, grad * rows.unsqueeze(-1))
+    _check(out, (grad.to(acc) * rows.unsqueeze(-1)).to(dtype))
     one = (rows == 1).nonzero().flatten()
     assert torch.equal(out[..., one, :], grad[..., one, :])  # factor 1: exactly the saved gradient
     assert torch.equal(scale_(grad.clone(), torch.tensor(1.0, dtype=acc), 5), grad)

@@ -10,7 +10,7 @@ one branch in :func:`fastdistill.ops.reference.divergence` and in the Triton ``_
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -27,6 +27,10 @@ class Param:
     doc: str
 
 
+def _unbounded(params: Sequence[float]) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Divergence:
     """One row of the table. ``code``: the kernels' number for it (its position, as in the C++ enum);
@@ -35,7 +39,12 @@ class Divergence:
     parameter vector the kernels take; ``log_target``: its terms weigh log P by Q (reverse KL), so they depend on
     log P where P underflows in float32 and Q does not, and a kernel must form log P in log space (the Triton
     mixture: a log-sum-exp over the teachers; without this flag the log of the float32 sum, whose underflow the
-    terms do not see, as every term of the others carries a factor P or is bounded as P -> 0)."""
+    terms do not see, as every term of the others carries a factor P or is bounded as P -> 0); ``grad_bound``:
+    from the parameter vector, a bound on |dD/dz_v| over all distributions (z the student's tempered logits,
+    Q = softmax(z)), or None where there is none (reverse KL: Q_v log(Q_v / P_v) grows without bound as P_v -> 0).
+    With a = dD/dQ, dD/dz_v = Q_v (a_v - sum_u Q_u a_u): kl gives Q - P; tvd, jsd and skew_kl keep Q_v |a_v| and
+    sum_u Q_u |a_u| under 1 (jsd: (1 - beta) log(Q / M) <= 1/e, and Q log Q >= -1/e; skew_kl: Q_u |a_u| <= P_u);
+    skew_reverse_kl: Q / M <= 1 / skew gives log(1 / skew) + 2 (tests/test_divergence_table.py probes them)."""
 
     name: str
     code: int
@@ -43,22 +52,34 @@ class Divergence:
     params: tuple[Param, ...] = ()
     closed_form: bool = False
     log_target: bool = False
+    grad_bound: Callable[[Sequence[float]], float | None] = _unbounded
 
 
 BETA = Param("beta", 0.5, 0.0, 1.0, True, True, "jsd: the teacher's weight in the mixture M = beta P + (1 - beta) Q")
 SKEW = Param("skew", 0.1, 0.0, 1.0, False, True, "skew_*: the mixing weight of the skewed target")
 
-_TABLE = (  # name, formula, params, closed_form, log_target
-    ("kl", "sum P log(P / Q)", (), True, False),
-    ("reverse_kl", "sum Q log(Q / P)", (), False, True),
-    ("jsd", "beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q", (BETA,), False, False),
-    ("tvd", "1/2 sum |P - Q|", (), False, False),
-    ("skew_kl", "KL(P || skew P + (1 - skew) Q)", (SKEW,), False, False),
-    ("skew_reverse_kl", "KL(Q || (1 - skew) P + skew Q)", (SKEW,), False, True),  # skew = 0 is reverse KL
+
+def _one(params: Sequence[float]) -> float:
+    return 1.0
+
+
+def _skew_reverse_bound(params: Sequence[float]) -> float | None:
+    (skew,) = params
+    return math.log(1.0 / skew) + 2.0 if skew > 0 else None
+
+
+_TABLE = (  # name, formula, params, closed_form, log_target, grad_bound
+    ("kl", "sum P log(P / Q)", (), True, False, _one),
+    ("reverse_kl", "sum Q log(Q / P)", (), False, True, _unbounded),
+    ("jsd", "beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q", (BETA,), False, False, _one),
+    ("tvd", "1/2 sum |P - Q|", (), False, False, _one),
+    ("skew_kl", "KL(P || skew P + (1 - skew) Q)", (SKEW,), False, False, _one),
+    # skew = 0 is reverse KL
+    ("skew_reverse_kl", "KL(Q || (1 - skew) P + skew Q)", (SKEW,), False, True, _skew_reverse_bound),
 )
 DIVERGENCES: dict[str, Divergence] = {
-    name: Divergence(name, code, formula, params, closed, log_target)
-    for code, (name, formula, params, closed, log_target) in enumerate(_TABLE)
+    name: Divergence(name, code, formula, params, closed, log_target, bound)
+    for code, (name, formula, params, closed, log_target, bound) in enumerate(_TABLE)
 }
 NAMES: tuple[str, ...] = tuple(DIVERGENCES)
 # The keyword hyper-parameters of every divergence (the API takes each as a keyword with its default).

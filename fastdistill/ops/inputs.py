@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor
 
-from . import eager, reference
+from . import divergences, eager, reference
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # schema type -> Python annotation (torch.library infers the schema back from these)
@@ -114,6 +114,62 @@ def _grad_on(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+# A fused backend writes the gradient in the forward pass, in the logits' dtype, and backward multiplies it by
+# grad_output. For float16 that comes too late for a loss scaler (torch.amp.GradScaler): entries under float16's range
+# (~6e-8, and a "mean" over N rows divides each by N) are 0 before the scale could lift them. Where the gradient has a
+# bound, the kernel is given sample weights times a power of two S that lifts the bound to FP16_GRAD_TOP, and the
+# loss is divided by S: backward's factor becomes grad_output / S, applied in float32 (registration._scale), one
+# rounding. At grad_output 1 an entry in float16's normal range comes back bit for bit (S is a power of two).
+FP16_GRAD_TOP = 2.0**14  # the bound's place: under float16's largest value (65504), with room
+FP16_PRESCALE_MAX = 2.0**40  # float16 spans 2^-24 .. 2^16: no gradient needs more
+FP16_WEIGHT_MAX = 2.0**64  # the largest sample weight x S: row losses and their sum far from float32's max
+
+
+def _fp16_prescale(logits: Tensor, coefficient: float | None, sample_weight: Tensor | None,
+                   denominator: Tensor | None, reduce: bool) -> Tensor | None:  # fmt: skip
+    """S (0-dim float32 on the logits' device, computed there: no host sync) for the gradient of ``logits`` [N, V]
+    whose entries are at most ``coefficient`` x the row weight (sample_weight [N] or 1) / denominator (when
+    ``reduce``), or None: not float16, no rows, or no bound (``coefficient`` None). A power of two in
+    [1, FP16_PRESCALE_MAX]: it only lifts."""
+    if logits.dtype != torch.float16 or coefficient is None or logits.shape[0] == 0:
+        return None
+    bound = torch.full((), coefficient, dtype=torch.float32, device=logits.device)
+    limit = None
+    if sample_weight is not None:
+        w_max = sample_weight.amax()
+        bound = bound * w_max
+        limit = FP16_WEIGHT_MAX / w_max  # the kernel's weights x S (and the loss x S) stay finite in float32
+    if reduce and denominator is not None:
+        bound = bound / denominator
+    target = FP16_GRAD_TOP / bound if limit is None else torch.minimum(FP16_GRAD_TOP / bound, limit)
+    _, exponent = torch.frexp(target)  # target = m 2^e, m in [0.5, 1)
+    # 2^(e - 1) <= target; a bound of 0 (inf) or NaN gives a meaningless e, clamped to S = 1
+    return torch.ldexp(torch.ones_like(bound), exponent - 1).clamp(1.0, FP16_PRESCALE_MAX)
+
+
+def _weighted_by(sample_weight: Tensor | None, s: Tensor | None, n: int) -> Tensor | None:
+    """The sample weights [N] the kernel takes under the prescale ``s``: s x sample_weight, or s for each of the
+    ``n`` rows; ``sample_weight`` itself without one."""
+    if s is None:
+        return sample_weight
+    return s.expand(n).contiguous() if sample_weight is None else sample_weight * s
+
+
+def _unscaled(loss: Tensor, s: Tensor | None) -> Tensor:
+    """The op's loss (0-dim or [N]) divided by its prescale ``s``: exact (a power of two)."""
+    return loss if s is None else loss / s
+
+
+def _student_coefficient(divergence: str, div_params: list[float], kd_scale: float, temperature: float,
+                         ce_weight: float) -> float | None:  # fmt: skip
+    """A bound on |d(row loss) / d(student logit)| per unit row weight: kd_scale / T x the divergence's bound
+    (divergences.py) + ce_weight (|softmax - one-hot| <= 1); None where the divergence has none."""
+    if kd_scale == 0:
+        return ce_weight
+    bound = divergences.get(divergence).grad_bound(div_params)
+    return None if bound is None else kd_scale / temperature * bound + ce_weight
+
+
 def _dtype_reasons(logits: list[Tensor]) -> list[str]:
     dtypes = {t.dtype for t in logits}
     if not dtypes <= set(SUPPORTED_DTYPES):
@@ -188,6 +244,10 @@ class KDInputs(OpInputs):
     div_params: list[float]
     ignore_index: int
     reduce: bool
+    # float16 prescale allowed (``_fp16_prescale``): off for a caller that takes the gradient at grad_output 1 and
+    # uses it in the forward pass (fused_linear's chunks), where S would be divided out at once: a pass and a
+    # rounding more, nothing kept
+    prescale: bool = True
 
     def tensors(self) -> list[Tensor]:
         optional = [self.teacher_weights, self.labels, self.sample_weight, self.denominator]
@@ -203,10 +263,11 @@ class KDInputs(OpInputs):
             reasons += _triton_row_dtype_reasons(logits)
         return reasons
 
-    def kernel_args(self, stacked: bool = False) -> tuple:
+    def kernel_args(self, stacked: bool = False) -> tuple[tuple, Tensor | None]:
         """The op's arguments for this call: kernel dtypes, the gradient flags of this call, and the teachers as a
         list (``fastdistill::kd_loss``) or one [K, N, V] tensor of unit stride along V (``stacked``: the Triton
-        twin; the caller's own tensor when it came stacked and needs no cast, else one copy)."""
+        twin; the caller's own tensor when it came stacked and needs no cast, else one copy); and the float16
+        prescale S the op's loss is to be divided by (None: none, see ``_fp16_prescale``)."""
         student, teachers = _kernel_dtypes(self.student, self.teachers)
         if stacked:
             t = self.teachers_stacked
@@ -216,16 +277,26 @@ class KDInputs(OpInputs):
             grad_teachers = _grad_on(teachers)
         else:
             grad_teachers = _grad_on(*teachers)
-        return self._args(student=student, teachers=teachers, grad_student=_grad_on(student),
+        grad_student = _grad_on(student)
+        s = None
+        if self.prescale and grad_student and not grad_teachers:  # (teachers' gradients have no bound: not prescaled)
+            coefficient = _student_coefficient(self.divergence, self.div_params, self.kd_scale, self.temperature,
+                                               self.ce_weight)  # fmt: skip
+            s = _fp16_prescale(student, coefficient, self.sample_weight, self.denominator, self.reduce)
+        weights = _weighted_by(self.sample_weight, s, student.shape[0])
+        args = self._args(student=student, teachers=teachers, sample_weight=weights, grad_student=grad_student,
                           grad_teachers=grad_teachers)  # fmt: skip
+        return args, s
 
     def extension(self) -> Tensor:
-        return eager.call(torch.ops.fastdistill.kd_loss, self.kernel_args())[0]
+        args, s = self.kernel_args()
+        return _unscaled(eager.call(torch.ops.fastdistill.kd_loss, args)[0], s)
 
     def triton(self) -> Tensor:
         from .triton.kd_loss import kd_loss_triton
 
-        return eager.call(kd_loss_triton, self.kernel_args(stacked=True))[0]
+        args, s = self.kernel_args(stacked=True)
+        return _unscaled(eager.call(kd_loss_triton, args)[0], s)
 
     def reference(self) -> Tensor:
         return reference.kd_loss(
@@ -286,26 +357,38 @@ class CodistillInputs(OpInputs):
     def reasons(self, kind: str) -> list[str]:
         return _triton_row_dtype_reasons([self.a, self.b]) if kind == "triton" else []
 
-    def kernel_args(self, unit_stride: bool = False) -> tuple:
+    def kernel_args(self, unit_stride: bool = False) -> tuple[tuple, Tensor | None]:
         """The op's arguments with the gradient flags of this call (a and b in one dtype: their promotion, a copy
-        only when they differ; rows of unit stride along V for the Triton twin)."""
+        only when they differ; rows of unit stride along V for the Triton twin), and the float16 prescale S both
+        losses are to be divided by (None: none; see ``_fp16_prescale``)."""
         a, b = self.a, self.b
         if a.dtype != b.dtype:
             common = torch.promote_types(a.dtype, b.dtype)
             a, b = a.to(common), b.to(common)
         if unit_stride:
             a, b = _unit_stride(a), _unit_stride(b)
-        return self._args(a=a, b=b, grad_a=_grad_on(a), grad_b=_grad_on(b))
+        grad_a, grad_b = _grad_on(a), _grad_on(b)
+        # each model's loss: kd_scale x its weight x D(other || own) + its hard weight x CE; S fits both gradients
+        bounds = [_student_coefficient(self.divergence, self.div_params, self.kd_scale * w, self.temperature, hard)
+                  for on, w, hard in ((grad_a, self.weight_ba, self.hard_a), (grad_b, self.weight_ab, self.hard_b))
+                  if on]  # fmt: skip
+        s = None
+        if bounds and None not in bounds:
+            s = _fp16_prescale(a, max(bounds), self.sample_weight, self.denominator, self.reduce)
+        weights = _weighted_by(self.sample_weight, s, a.shape[0])
+        return self._args(a=a, b=b, sample_weight=weights, grad_a=grad_a, grad_b=grad_b), s
 
     def extension(self) -> tuple[Tensor, Tensor]:
-        loss_a, loss_b, _, _ = eager.call(torch.ops.fastdistill.codistill_loss, self.kernel_args())
-        return loss_a, loss_b
+        args, s = self.kernel_args()
+        loss_a, loss_b, _, _ = eager.call(torch.ops.fastdistill.codistill_loss, args)
+        return _unscaled(loss_a, s), _unscaled(loss_b, s)
 
     def triton(self) -> tuple[Tensor, Tensor]:
         from .triton.codistill_loss import codistill_loss_triton
 
-        loss_a, loss_b, _, _ = eager.call(codistill_loss_triton, self.kernel_args(unit_stride=True))
-        return loss_a, loss_b
+        args, s = self.kernel_args(unit_stride=True)
+        loss_a, loss_b, _, _ = eager.call(codistill_loss_triton, args)
+        return _unscaled(loss_a, s), _unscaled(loss_b, s)
 
     def reference(self) -> tuple[Tensor, Tensor]:
         return reference.codistill_loss(

@@ -67,7 +67,7 @@ def _may_reuse(grad: torch.Tensor, grad_loss: torch.Tensor) -> bool:
     backward through a retained graph, as gradcheck does, must see the saved gradient unchanged) and this backward
     is not itself recorded (create_graph). Functional graphs keep out of place: torch.compile, tracing or any
     other dispatch mode (Inductor reuses buffers itself), functorch transforms and tensor subclasses."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    if _traced():
         return False
     if type(grad) is not torch.Tensor or type(grad_loss) is not torch.Tensor:
         return False
@@ -79,14 +79,19 @@ def _may_reuse(grad: torch.Tensor, grad_loss: torch.Tensor) -> bool:
 
 
 def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, reduce: bool) -> torch.Tensor | None:
-    """d(input) = grad_loss * the saved gradient: for ``reduce`` a 0-dim factor applied as is (one rounding of
-    grad * factor into grad's dtype), else [N] rows rounded to grad's dtype first, broadcast as [N, 1] over
-    [N, V] and [K, N, V]. The operands, hence the bits, are the same in place and out of place."""
+    """d(input) = grad_loss * the saved gradient: for ``reduce`` a 0-dim factor, else [N] rows broadcast as [N, 1]
+    over [N, V] and [K, N, V]. The product is taken in grad_loss's precision (float32; float64) and rounded once
+    into grad's dtype (:func:`_product`), the same bits in place and out of place, on the CPU and the GPU: a factor
+    rounded to a 16-bit gradient's dtype first would scale every entry by its rounding error, and would lose
+    grad_output / S of a float16 prescale (ops/inputs.py) to underflow."""
     if grad.dim() == 1:  # the [0] placeholder: not computed, the input did not require grad
         return None
-    factor = grad_loss if reduce else grad_loss.to(grad.dtype).unsqueeze(-1)
     if not _may_reuse(grad, grad_loss):
-        return grad * factor
+        # a functional graph (Inductor fuses it), a batched factor, or a recorded backward (create_graph: out= has
+        # no autograd, and _first_order names the way out)
+        if _traced() or _vmapped() or grad_loss.requires_grad:
+            return (grad * (grad_loss.reshape(1) if reduce else grad_loss.unsqueeze(-1))).to(grad.dtype)
+        return _product(grad, grad_loss, reduce, torch.empty_like(grad))
     # Peak memory = the gradient: the saved buffer is the answer, and autograd adopts it as .grad without a copy.
     # grad_output == 1 exactly (plain loss.backward(), or loss.sum() of reduction="none") skips the pass over it:
     # grad * 1 is grad bit for bit, so the check only saves work, and it is made on the CPU only. On CUDA it is
@@ -101,8 +106,42 @@ def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, reduce: bool) -> torch.T
         # on the GPU the kernel itself reads the factor and skips the pass where it is 1 (triton/scale.py): no sync
         from .triton.scale import scale_
 
-        return scale_(grad, grad_loss if reduce else grad_loss.to(grad.dtype), grad_loss.numel())
-    return grad.mul_(factor)
+        return scale_(grad, grad_loss, grad_loss.numel())
+    return _product(grad, grad_loss, reduce, grad)
+
+
+_BLOCK_ELEMENTS = 2**20  # a block's float32 copy in _product: at most 4 MiB (cache-sized: 2^22 took 3x as long)
+
+
+def _product(grad: torch.Tensor, grad_loss: torch.Tensor, reduce: bool, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (``grad`` itself, or a buffer like it) = grad x grad_loss, the product in grad_loss's dtype, rounded
+    once into grad's. On the CPU a factor given to torch as a scalar (0-dim, or a Python float) is applied in float32
+    by the kernel itself (fast, exact, no copy). Otherwise the factor is shaped [1] / [N, 1], not 0-dim (a 0-dim CUDA
+    operand is cast to the other's dtype), and on the CPU a 16-bit gradient with per-row factors is converted by
+    blocks of rows (torch's mixed-dtype loop there is ~25x slower and copies the whole gradient to float32 twice),
+    each block's copy at most 1/64 of the gradient's elements; fewer than 64 rows go one by one."""
+    cpu = grad.device.type == "cpu"
+    if reduce and cpu:
+        return grad.mul_(grad_loss) if out is grad else torch.mul(grad, grad_loss, out=out)
+    factor = grad_loss.reshape(1) if reduce else grad_loss.unsqueeze(-1)
+    if not cpu or grad.dtype == factor.dtype:
+        return grad.mul_(factor) if out is grad else torch.mul(grad, factor, out=out)
+    n = grad.shape[-2]
+    row = grad.numel() // max(n, 1)  # elements of one factor's rows: V, or K V over the teachers' [K, N, V]
+    step = min(_BLOCK_ELEMENTS, grad.numel() // 64) // max(row, 1)
+    if step < 1:
+        for i, f in enumerate(grad_loss.tolist()):
+            torch.mul(grad[..., i, :], f, out=out[..., i, :])
+        return out
+    for i in range(0, n, step):
+        rows = slice(i, min(n, i + step))
+        out[..., rows, :].copy_(grad[..., rows, :].to(factor.dtype).mul_(factor[rows]))
+    return out
+
+
+def _traced() -> bool:
+    """Inside torch.compile or another dispatch mode (tracing, fake tensors): functional graphs."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
 
 def _device_scale(grad: torch.Tensor) -> bool:

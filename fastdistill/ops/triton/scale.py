@@ -6,9 +6,9 @@ The row ops compute their gradients in the forward launch; backward multiplies t
 ``loss.backward()`` (benchmarks/NOTES.md, issue 17). Here every program reads its factor itself and returns at once
 when it is 1: ``grad * 1`` is ``grad`` bit for bit, so skipping it is exact, and nothing waits on the host.
 
-Factors as ``registration._scale`` forms them: a 0-dim factor, or per row (``reduce=False``) an [N] factor, row r of
-the [R, V] view using factor r mod N (R = K N for the teachers' [K, N, V] gradient). The bits are those of torch's
-``grad * factor`` on the CPU (tests/test_scale.py): the product in float32, rounded once to the gradient's dtype.
+Factors as ``registration._scale`` takes them: a 0-dim factor, or per row (``reduce=False``) an [N] float32 factor,
+row r of the [R, V] view using factor r mod N (R = K N for the teachers' [K, N, V] gradient). The bits are those of
+``registration._scale`` on the CPU (tests/test_scale.py): the product in float32, rounded once to the gradient's dtype.
 """
 
 import functools
@@ -33,7 +33,7 @@ def _scale_tile(g_ptr, r, c, V, f, BLOCK: tl.constexpr):
     x = tl.load(ptrs, mask=mask)
     if f.dtype == tl.float64:  # (float64 gradients: the interpreter only)
         y = x.to(tl.float64) * f
-    else:  # the product in float32 (a per-row factor is in grad's dtype already), rounded once
+    else:  # the product in float32, rounded once
         y = x.to(tl.float32) * f.to(tl.float32)
     tl.store(ptrs, y.to(x.dtype), mask=mask)
 
@@ -77,7 +77,7 @@ def _programs(device: torch.device) -> int:
 
 def scale_launch(grad: Tensor, factor: Tensor, n: int) -> Launch:
     """The launch that scales the contiguous gradient ``grad`` ([N, V] or [K, N, V]) in place by ``factor``: 0-dim,
-    or [N] (one factor per row, in grad's dtype). Works on meta tensors (aot.py)."""
+    or [N] (one factor per row; float32, float64 for a float64 gradient). Works on meta tensors (aot.py)."""
     v = grad.shape[-1]
     rows = grad.numel() // v if v else 0
     per_row = factor.dim() == 1
@@ -96,9 +96,9 @@ def scale_(grad: Tensor, factor: Tensor, n: int) -> Tensor:
 
 
 def scale_space():
-    """Every configuration: each gradient dtype with its factor's, per row or not, aligned or not."""
+    """Every configuration: each gradient dtype, per row or not, aligned or not (the factors float32)."""
     for dtype in ROW_KERNEL_GPU_DTYPES:
         for v in (4096, 4097):
             g = torch.empty(2, 8, v, device="meta", dtype=dtype)
             yield scale_launch(g, torch.empty((), device="meta", dtype=torch.float32), 8)
-            yield scale_launch(g, torch.empty(8, device="meta", dtype=dtype), 8)
+            yield scale_launch(g, torch.empty(8, device="meta", dtype=torch.float32), 8)
