@@ -22,12 +22,15 @@ estimates of α(x) and k(x) and the sampling distribution are ours), and the exp
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 import fastdistill
+
+from .. import functional
 
 __all__ = [
     "IsotonicCalibrator",
@@ -47,6 +50,66 @@ __all__ = [
 
 # log-probabilities are floored here before log-sum-exp: finite everywhere, so 0 * log 0 rows never give NaN
 _LOG_FLOOR = -100.0
+SLAM_REDUCTIONS = ("mean", "sum", "none")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# argument checks (kd_loss's, from fastdistill.functional, where one exists): each names the argument
+
+
+def _one_teacher(student_logits: Tensor, teacher_logits, who: str) -> Tensor:
+    """The one teacher of ``who``, a Tensor shaped like ``student_logits``: ``teacher_logits`` [*, V], [1, *, V] or a
+    list of one, checked as :func:`fastdistill.kd_loss` checks its logits (dtype, shape, device)."""
+    functional._check_logits("student_logits", student_logits)
+    teachers = functional.split_teachers(teacher_logits, student_logits.shape)
+    if len(teachers) != 1:
+        raise ValueError(f"{who} takes one teacher: teacher_logits [*, V] = {tuple(student_logits.shape)} (or "
+                         f"[1, *, V], or a list of one); got K = {len(teachers)} teachers")  # fmt: skip
+    functional._check_device("teacher_logits", teachers[0], student_logits.device)
+    return teachers[0]
+
+
+def _check_reliability(reliability) -> None:
+    if not isinstance(reliability, TeacherReliability):
+        raise TypeError(f"reliability must be a TeacherReliability (TeacherReliability.fit on a validation set), got "
+                        f"{type(reliability).__name__}")  # fmt: skip
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def _per_row(name: str, x, rows: torch.Size, device: torch.device, ref: str) -> Tensor | None:
+    """A per-row Tensor argument (``alpha``, ``k``): shape [] or [*] = ``rows``, on ``ref``'s device (a 0-dim one may
+    be anywhere, as a torch scalar). None when ``x`` is not a Tensor (the caller checks the number)."""
+    if not isinstance(x, Tensor):
+        return None
+    if x.dim() != 0 and x.shape != rows:
+        what = "an int" if name == "k" else "a number"
+        raise ValueError(f"{name} must be {what} or a Tensor of shape [] or [*] = {tuple(rows)} ({ref} without V), "
+                         f"got {tuple(x.shape)}")  # fmt: skip
+    if x.dim() != 0:
+        functional._check_device(name, x, device, ref=ref)
+    return x.to(device)
+
+
+def _check_alpha(alpha, rows: torch.Size, device: torch.device, dtype: torch.dtype, ref: str) -> Tensor:
+    """α(x) in [0, 1]: a real number, or a floating-point Tensor [] or [*] (its values checked unless a caller's
+    :func:`fastdistill.functional.values_checked` covers "alpha"); as a ``dtype`` Tensor on ``device``."""
+    a = _per_row("alpha", alpha, rows, device, ref)
+    if a is None:
+        if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool):
+            raise TypeError(f"alpha must be a number in [0, 1] or a floating-point Tensor [*], got "
+                            f"{type(alpha).__name__}")  # fmt: skip
+        value = functional.check_real("alpha", alpha, low=0.0, high=1.0, low_open=False, high_open=False)
+        return torch.tensor(value, dtype=dtype, device=device)
+    if not a.is_floating_point():
+        raise TypeError(f"alpha must be a floating-point Tensor (or a number in [0, 1]), got {a.dtype}")
+    a = a.to(dtype)
+    # a device sync on CUDA, skipped where the caller vouches for alpha (SLaMLoss: calibrated, in [0, 1])
+    functional._check_values("alpha", a, "in [0, 1] (and not NaN)", ~((a >= 0) & (a <= 1)))
+    return a
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -67,10 +130,18 @@ class IsotonicCalibrator:
         self._on: dict[torch.device, tuple[Tensor, Tensor]] = {}  # (lo, value) copied to a query's device, once
 
     def fit(self, score: Tensor, target: Tensor) -> IsotonicCalibrator:
+        for name, x in (("score", score), ("target", target)):
+            if not isinstance(x, Tensor) or x.is_complex():
+                got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+                raise TypeError(f"{name} must be a real Tensor [N], got {got}")
         score = score.detach().double().flatten()
         target = target.detach().double().flatten()
         if score.numel() == 0 or score.shape != target.shape:
-            raise ValueError("score and target must be non-empty and of the same length")
+            raise ValueError(f"score and target must be non-empty and of the same length, got {score.numel()} and "
+                             f"{target.numel()} values")  # fmt: skip
+        functional._check_values("score", score, "a number in every entry, not NaN", torch.isnan(score))
+        functional._check_values("target", target, "in [0, 1] (a probability: 1 where the teacher is right), not NaN",
+                                 ~((target >= 0) & (target <= 1)))  # fmt: skip
         # equal scores form one starting block (ties get one value); blocks as [lo, sum, count]
         uniq, inv = torch.unique(score, sorted=True, return_inverse=True)
         sums = torch.zeros_like(uniq).index_add_(0, inv, target)
@@ -99,16 +170,9 @@ class IsotonicCalibrator:
         return value[idx.clamp(0, len(value) - 1)].float()
 
 
-def _single_teacher(teacher_logits: Tensor | Sequence[Tensor]) -> Tensor:
-    if isinstance(teacher_logits, Tensor):
-        return teacher_logits
-    if len(teacher_logits) != 1:
-        raise ValueError(f"one teacher expected, got {len(teacher_logits)}")
-    return teacher_logits[0]
-
-
 def _confidence(teacher_logits: Tensor) -> Tensor:
     # the teacher's top-1 probability; [*, V] -> [*]
+    functional._check_logits("teacher_logits", teacher_logits)
     return torch.softmax(teacher_logits.detach().float(), dim=-1).amax(-1)
 
 
@@ -118,12 +182,28 @@ class TeacherReliability:
     teacher's confidence. ``accuracy`` is the top-1 curve (α(x) of SLaM, the weights of weighted distillation)."""
 
     def __init__(self, calibrators: list[IsotonicCalibrator]) -> None:
-        self.calibrators = calibrators  # index k - 1
+        if not (isinstance(calibrators, Sequence) and calibrators
+                and all(isinstance(c, IsotonicCalibrator) for c in calibrators)):  # fmt: skip
+            raise TypeError("calibrators must be a non-empty list of IsotonicCalibrator (index k - 1: top-k)")
+        self.calibrators = list(calibrators)  # index k - 1
 
     @classmethod
     def fit(cls, teacher_logits: Tensor, labels: Tensor, max_k: int | None = None) -> TeacherReliability:
         """``teacher_logits`` [N, V] and true ``labels`` [N] of the validation set."""
+        functional._check_logits("teacher_logits", teacher_logits)
         v = teacher_logits.shape[-1]
+        if labels is None:
+            raise TypeError("labels must be an int64 Tensor (the validation set's true classes), got NoneType")
+        flat, _, _ = functional.row_arguments(
+            teacher_logits, labels=labels, ignore_index=-100, check_label_range=False, label_use="",
+            sample_weight=None, reduction="none", num_items=None, acc=torch.float32, name="teacher_logits",
+        )  # fmt: skip
+        functional._check_values("labels", flat, f"in [0, {v}) (the true class of each validation row; no row is "
+                                 "skipped here)", (flat < 0) | (flat >= v))  # fmt: skip
+        if max_k is not None:
+            max_k = functional._check_int64("max_k", max_k)
+            if max_k < 1:
+                raise ValueError(f"max_k must be >= 1 (or None: V), got {max_k}")
         max_k = v if max_k is None else min(max_k, v)
         conf = _confidence(teacher_logits)
         rank_of_label = (teacher_logits > teacher_logits.gather(-1, labels[..., None])).sum(-1)  # 0 = top-1
@@ -139,11 +219,15 @@ class TeacherReliability:
 
     def topk_accuracy(self, teacher_logits: Tensor, k: int) -> Tensor:
         """[*, V] -> [*]: the estimated probability that the true label is among the teacher's top ``k``."""
+        k = functional._check_int64("k", k)
+        if not 1 <= k <= self.max_k:
+            raise ValueError(f"k must be in [1, max_k] = [1, {self.max_k}] (the fitted top-k curves), got {k}")
         return self.calibrators[k - 1](_confidence(teacher_logits))
 
     def smallest_k(self, teacher_logits: Tensor, target: float = 0.9) -> Tensor:
         """[*, V] -> int64 [*]: per row, the smallest k whose estimated top-k accuracy at the row's confidence is
         at least ``target`` (``max_k`` if none is). SLaM's k(x); the threshold 0.9 is our choice."""
+        functional.check_real("target", target, low=0.0, high=1.0, low_open=False, high_open=False)
         conf = _confidence(teacher_logits)
         k = torch.full(conf.shape, self.max_k, dtype=torch.long, device=conf.device)
         for kk in range(self.max_k, 0, -1):  # descending, so the smallest k that qualifies is written last
@@ -184,25 +268,38 @@ class WeightedKDLoss(nn.Module):
     def __init__(self, reliability: TeacherReliability, *, hard: bool = False, temperature: float = 1.0,
                  ignore_index: int = -100, reduction: str = "mean") -> None:  # fmt: skip
         super().__init__()
+        _check_reliability(reliability)
+        _check_bool("hard", hard)
+        functional.check_hyperparameters(
+            divergence="kl", temperature=temperature, ensemble="prob_mean", beta=0.5, skew=0.1, ce_weight=0.0,
+            reduction=reduction, backend="auto", ignore_index=ignore_index, scale_by_temperature_sq=True,
+        )  # fmt: skip
         self.reliability, self.hard, self.temperature = reliability, hard, temperature
         self.ignore_index, self.reduction = ignore_index, reduction
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor | Sequence[Tensor], labels: Tensor | None = None,
                 *, num_items: int | Tensor | None = None, sample_weight: Tensor | None = None) -> Tensor:  # fmt: skip
         """student_logits [*, V]; teacher_logits [*, V] (or [1, *, V] / a list of one); labels int64 [*] or None."""
-        t = _single_teacher(teacher_logits)
-        if t.dim() == student_logits.dim() + 1:
-            t = t.squeeze(0)
+        t = _one_teacher(student_logits, teacher_logits, "WeightedKDLoss")
+        # the caller's labels and sample_weight, checked before they are combined with the weights (errors then name
+        # what the caller passed, never the combined weight)
+        functional.row_arguments(
+            student_logits, labels=labels, ignore_index=self.ignore_index, check_label_range=False, label_use="",
+            sample_weight=sample_weight, reduction=self.reduction, num_items=num_items,
+            acc=fastdistill.ops.reference.compute_dtype(student_logits, t),
+        )  # fmt: skip
         w = distillation_weights(self.reliability, t)
         if sample_weight is not None:
             w = w * sample_weight
         kw = dict(sample_weight=w, ignore_index=self.ignore_index, reduction=self.reduction, num_items=num_items)
-        if self.hard:
-            hard = t.argmax(-1)
-            if labels is not None:  # the teacher's label, except on the rows the batch marks as ignored
-                hard = torch.where(labels == self.ignore_index, labels, hard)
-            return fastdistill.kd_loss(student_logits, t, hard, ce_weight=1.0, **kw)
-        return fastdistill.kd_loss(student_logits, t, labels, temperature=self.temperature, **kw)
+        # w is a calibrated accuracy in [0, 1] times a sample_weight checked above: finite and >= 0
+        with functional.values_checked("sample_weight"):
+            if self.hard:
+                hard = t.argmax(-1)
+                if labels is not None:  # the teacher's label, except on the rows the batch marks as ignored
+                    hard = torch.where(labels == self.ignore_index, labels, hard)
+                return fastdistill.kd_loss(student_logits, t, hard, ce_weight=1.0, **kw)
+            return fastdistill.kd_loss(student_logits, t, labels, temperature=self.temperature, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -211,12 +308,24 @@ class WeightedKDLoss(nn.Module):
 
 def topk_mask(teacher_logits: Tensor, k: Tensor | int) -> Tensor:
     """top(y_teacher(x); k(x)): bool [*, V], True on each row's ``k`` highest teacher classes (``k`` int or [*])."""
-    v = teacher_logits.shape[-1]
-    k = torch.as_tensor(k, device=teacher_logits.device).expand(teacher_logits.shape[:-1])
+    functional._check_logits("teacher_logits", teacher_logits)
+    v, rows = teacher_logits.shape[-1], teacher_logits.shape[:-1]
+    kt = _per_row("k", k, rows, teacher_logits.device, "teacher_logits")
+    if kt is None:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise TypeError(f"k must be an int or an integer Tensor [*] (the number of top classes), got "
+                            f"{type(k).__name__}")  # fmt: skip
+        if not 1 <= k <= v:
+            raise ValueError(f"k must be in [1, {v}] (V = {v} classes), got {k}")
+        kt = torch.tensor(int(k), device=teacher_logits.device)
+    else:
+        if kt.is_floating_point() or kt.is_complex() or kt.dtype == torch.bool:
+            raise TypeError(f"k must be an int or an integer Tensor [*] (the number of top classes), got {kt.dtype}")
+        if (kt < 1).any() or (kt > v).any():
+            raise ValueError(f"k must be in [1, {v}] (V = {v} classes) on every row")
+    kt = kt.expand(rows)
     rank = torch.argsort(torch.argsort(teacher_logits, dim=-1, descending=True, stable=True), dim=-1, stable=True)
-    if (k < 1).any() or (k > v).any():
-        raise ValueError(f"k must be in [1, {v}]")
-    return rank < k[..., None]
+    return rank < kt[..., None]
 
 
 def slam_mix(student_probs: Tensor, alpha: Tensor, mask: Tensor, *, normalize: bool = False) -> Tensor:
@@ -232,8 +341,18 @@ def slam_mix(student_probs: Tensor, alpha: Tensor, mask: Tensor, *, normalize: b
     Returns:
         [*, V].
     """
-    alpha = torch.as_tensor(alpha, dtype=student_probs.dtype, device=student_probs.device)
-    alpha = alpha.expand(student_probs.shape[:-1])[..., None]
+    functional._check_logits("student_probs", student_probs)
+    rows = student_probs.shape[:-1]
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a bool Tensor [*, V] (topk_mask), got {got}")
+    if mask.shape != student_probs.shape:
+        raise ValueError(f"mask must have shape {tuple(student_probs.shape)} like student_probs, got "
+                         f"{tuple(mask.shape)}")  # fmt: skip
+    functional._check_device("mask", mask, student_probs.device, ref="student_probs")
+    _check_bool("normalize", normalize)
+    alpha = _check_alpha(alpha, rows, student_probs.device, student_probs.dtype, "student_probs")
+    alpha = alpha.expand(rows)[..., None]
     second = (1 - student_probs) * mask.to(student_probs.dtype)
     if normalize:
         second = second / (mask.sum(-1, keepdim=True) - 1).clamp_min(1).to(student_probs.dtype)
@@ -275,16 +394,23 @@ def slam_loss(
     Returns:
         float32 (float64 for float64 logits), 0-dim or [*].
     """
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    # kd_loss's checks (fastdistill.functional), in its words: the reduction, ignore_index, the logits' dtypes and
+    # shapes (one teacher, shaped like the student), devices, labels / sample_weight / num_items
+    functional.check_choice("reduction", reduction, SLAM_REDUCTIONS)
+    functional._check_int64("ignore_index", ignore_index)
+    teacher_logits = _one_teacher(student_logits, teacher_logits, "slam_loss")
+    _check_bool("normalize", normalize)
     acc = fastdistill.ops.reference.compute_dtype(student_logits, teacher_logits)
-    rows = student_logits.shape[:-1]
+    rows, device = student_logits.shape[:-1], student_logits.device
     for name, x in (("labels", labels), ("sample_weight", sample_weight)):
-        if x is not None and x.shape != rows:
+        if isinstance(x, Tensor) and x.shape != rows:
             raise ValueError(f"{name} must be [*] = {list(rows)} (the logits' rows), got {list(x.shape)}")
-    if sample_weight is not None:  # as kd_loss's check (a negative weight would select a neutralised row below)
-        w = sample_weight.detach()
-        fastdistill.functional._check_values("sample_weight", w, "finite and >= 0", ~torch.isfinite(w) | (w < 0))
+    # (sample_weight's values: finite and >= 0, as kd_loss's check; a negative weight would select a neutralised row)
+    _, _, denominator = functional.row_arguments(
+        student_logits, labels=labels, ignore_index=ignore_index, check_label_range=False, label_use="",
+        sample_weight=sample_weight, reduction=reduction, num_items=num_items, acc=acc,
+    )  # fmt: skip
+    alpha = _check_alpha(alpha, rows, device, acc, "student_logits")
     kept = None if labels is None else labels != ignore_index
     live = kept
     if sample_weight is not None:
@@ -299,9 +425,6 @@ def slam_loss(
     # there, so that 0 * log mix is 0 where the student is -inf too, never 0 * -inf = NaN (nor a NaN gradient)
     log_f = torch.where(p_t > 0, torch.log_softmax(student_logits.to(acc), dim=-1), 0.0)
     mask = topk_mask(t, k)
-    alpha = torch.as_tensor(alpha, dtype=acc, device=log_f.device)
-    # a device sync on CUDA, skipped where the caller vouches for alpha (SLaMLoss: calibrated, in [0, 1])
-    fastdistill.functional._check_values("alpha", alpha, "in [0, 1] (and not NaN)", ~((alpha >= 0) & (alpha <= 1)))
     alpha = alpha.expand(log_f.shape[:-1])[..., None]
     floor = torch.tensor(_LOG_FLOOR, dtype=acc, device=log_f.device)
     log_a, log_1ma = torch.log(alpha).clamp_min(floor), torch.log1p(-alpha).clamp_min(floor)
@@ -323,10 +446,8 @@ def slam_loss(
     total = per_row.sum()
     if reduction == "sum":
         return total
-    if num_items is not None:
-        return total / torch.as_tensor(num_items, device=total.device).to(acc).clamp_min(1)
-    count = kept.sum() if kept is not None else per_row.numel()
-    return total / (count.to(acc).clamp_min(1) if kept is not None else max(count, 1))
+    # kd_loss's "mean" denominator (row_arguments): num_items, else the rows not ignored (N without labels), >= 1
+    return total / denominator
 
 
 class SLaMLoss(nn.Module):
@@ -338,15 +459,19 @@ class SLaMLoss(nn.Module):
     def __init__(self, reliability: TeacherReliability, *, normalize: bool = False, topk_target: float = 0.9,
                  ignore_index: int = -100, reduction: str = "mean") -> None:  # fmt: skip
         super().__init__()
+        _check_reliability(reliability)
+        _check_bool("normalize", normalize)
+        topk_target = functional.check_real("topk_target", topk_target, low=0.0, high=1.0, low_open=False,
+                                            high_open=False)  # fmt: skip
+        functional._check_int64("ignore_index", ignore_index)
+        functional.check_choice("reduction", reduction, SLAM_REDUCTIONS)
         self.reliability, self.normalize, self.topk_target = reliability, normalize, topk_target
         self.ignore_index, self.reduction = ignore_index, reduction
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor | Sequence[Tensor], labels: Tensor | None = None,
                 *, num_items: int | Tensor | None = None, sample_weight: Tensor | None = None) -> Tensor:  # fmt: skip
         """student_logits [*, V]; teacher_logits [*, V] (or [1, *, V] / a list of one); labels int64 [*] or None."""
-        t = _single_teacher(teacher_logits)
-        if t.dim() == student_logits.dim() + 1:
-            t = t.squeeze(0)
+        t = _one_teacher(student_logits, teacher_logits, "SLaMLoss")
         alpha = self.reliability.accuracy(t)  # isotonic fit of 0/1 targets: in [0, 1] by construction
         k = self.reliability.smallest_k(t, self.topk_target)
         with fastdistill.functional.values_checked("alpha"):
@@ -377,6 +502,12 @@ def robust_sampling_distribution(gains: Tensor, budget: int) -> Tensor:
     has the two properties the abstract asks for: it is parameter-free, and it randomises instead of taking the
     top-``budget`` gains greedily, so no single score error (a point the teacher gets wrong) is picked for certain.
     """
+    if not isinstance(gains, Tensor) or gains.is_complex() or gains.dtype == torch.bool:
+        got = gains.dtype if isinstance(gains, Tensor) else type(gains).__name__
+        raise TypeError(f"gains must be a real Tensor [N] (one gain per pool point), got {got}")
+    if gains.dim() != 1:
+        raise ValueError(f"gains must have shape [N] (one gain per pool point), got {tuple(gains.shape)}")
+    budget = functional._check_int64("budget", budget)
     g = gains.detach().double().flatten()
     if not bool(torch.isfinite(g).all()):
         raise ValueError("gains must be finite (a NaN gain comes from a student with non-finite logits)")

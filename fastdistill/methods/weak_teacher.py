@@ -34,6 +34,16 @@ def _check_weight(name: str, value) -> float:
     return functional.check_real(name, value, low=0.0, high=math.inf, low_open=False, high_open=True)
 
 
+def _check_weight_sum(hard_weight: float, soft_weight: float) -> float:
+    """hard_weight + soft_weight, the factor the fused loss is multiplied by: finite (two finite weights near the
+    float max sum to inf, which would make ce_weight 0 and the loss inf)."""
+    total = hard_weight + soft_weight
+    if not math.isfinite(total):
+        raise ValueError(f"hard_weight + soft_weight must be finite (the loss is kd_loss(...) times their sum); got "
+                         f"{hard_weight!r} + {soft_weight!r} = {total!r}")  # fmt: skip
+    return total
+
+
 def _check_int(name: str, value, *, low: int, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
@@ -169,7 +179,7 @@ def weak_teacher_kd_loss(
     if a_h > 0 and labels is None:
         raise ValueError("labels are needed when hard_weight > 0 (the cross-entropy term); pass labels or set "
                          "hard_weight=0")  # fmt: skip
-    total = a_h + a_s
+    total = _check_weight_sum(a_h, a_s)
     # α_h = α_s = 0: no term is on; still one kd_loss call (its argument checks, a graph to the logits), times 0
     ce_weight = min(1.0, a_h / total) if total > 0 else 0.0
     loss = fastdistill.kd_loss(
@@ -229,6 +239,10 @@ class WeakTeacherKDLoss(nn.Module):
             self.soft_weight = _check_weight("soft_weight", soft_weight)
         else:
             raise TypeError(f"soft_weight must be a float or a SoftWeightSchedule, got {type(soft_weight).__name__}")
+        # the schedule moves monotonically between start and end: its largest weight is one of them
+        largest = (max(soft_weight.start, soft_weight.end) if isinstance(soft_weight, SoftWeightSchedule)
+                   else self.soft_weight)  # fmt: skip
+        _check_weight_sum(self.hard_weight, largest)
         self.temperature = float(temperature)
         self.divergence = divergence
         self.scale_by_temperature_sq = scale_by_temperature_sq
