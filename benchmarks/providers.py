@@ -2,7 +2,8 @@
 
 ``make(K, temperature)`` returns ``fn(student [N, V], teachers [K, N, V]) -> 0-dim loss`` (T^2-scaled, mean over rows).
 fastdistill's own providers (``DIVERGENCE_PROVIDERS``) also take ``divergence=`` (any of the library's, with its
-default parameters); the others are the five-line forward KL only.
+default parameters); the others are the five-line forward KL only: "eager" / "compile" upcast 16-bit logits to float32
+inside (what fastdistill computes in; the loss float32), "eager-nocast" / "compile-nocast" run in the logits' dtype.
 """
 
 from __future__ import annotations
@@ -39,11 +40,21 @@ def _kd(backend: str, env: dict[str, str] | None = None) -> Callable[..., LossFn
     return make
 
 
-def make_eager(K: int, temperature: float) -> LossFn:
-    """The loss as a user would write it in eager PyTorch."""
+def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for 16-bit logits (float32 and float64 stay): the precision fastdistill's kernels compute in."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def make_eager(K: int, temperature: float, upcast: bool = True) -> LossFn:
+    """The loss as a competent user writes it in eager PyTorch: the logits upcast to float32 inside (16-bit inputs),
+    so log_softmax, exp and the product run in float32 and the loss is float32, as fastdistill computes it (and as
+    the codistill baselines do). ``upcast=False``: every op in the logits' dtype ("eager-nocast"; in bf16 its
+    gradient is ~10x further from the float64 truth: 2.5e-2 against 1.7e-3 relative at V = 32768, K = 1)."""
 
     def fn(student: torch.Tensor, teachers: torch.Tensor) -> torch.Tensor:
         T = temperature
+        if upcast:
+            student, teachers = student.to(_accumulation_dtype(student)), teachers.to(_accumulation_dtype(teachers))
         log_q = F.log_softmax(student / T, dim=-1)
         log_pk = F.log_softmax(teachers / T, dim=-1)
         log_p = log_pk[0] if K == 1 else torch.logsumexp(log_pk, dim=0) - math.log(K)
@@ -66,9 +77,17 @@ def make_liger(K: int, temperature: float) -> LossFn:
     return fn
 
 
-def make_compile(K: int, temperature: float) -> LossFn:
-    """``torch.compile`` of the eager loss (default mode, static shapes)."""
-    return torch.compile(make_eager(K, temperature), dynamic=False)
+def make_compile(K: int, temperature: float, upcast: bool = True) -> LossFn:
+    """``torch.compile`` of the eager loss (default mode, static shapes); ``upcast``: as ``make_eager``'s."""
+    return torch.compile(make_eager(K, temperature, upcast), dynamic=False)
+
+
+def make_eager_nocast(K: int, temperature: float) -> LossFn:
+    return make_eager(K, temperature, upcast=False)
+
+
+def make_compile_nocast(K: int, temperature: float) -> LossFn:
+    return make_compile(K, temperature, upcast=False)
 
 
 PROVIDERS: dict[str, Callable[..., LossFn]] = {
@@ -87,8 +106,14 @@ PROVIDERS: dict[str, Callable[..., LossFn]] = {
     "cuda-global": _kd("cuda", {"FASTDISTILL_CUDA_RESIDENCY": "global"}),  # its fallback, rows read from HBM
     "liger": make_liger,
     "auto": _kd("auto"),
+    # the baselines: the five-line loss upcast to float32 (as fastdistill computes); the gates compare with the
+    # faster of "compile" and "compile-nocast" where a run measured both (gates.py: COMPILE_VARIANTS)
     "eager": make_eager,
     "compile": make_compile,
+    # the same in the logits' dtype (bf16 throughout: less accurate); not in make bench-gpu's list (each row costs a
+    # child and a compilation in its slot): run them with --providers to see what the upcast costs
+    "eager-nocast": make_eager_nocast,
+    "compile-nocast": make_compile_nocast,
     "reference": _kd("reference"),
 }
 

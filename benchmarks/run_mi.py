@@ -52,18 +52,27 @@ def _strips(on: bool) -> None:
     os.environ["FASTDISTILL_MI_STRIPS"] = "1" if on else "0"
 
 
+# mi_alpha's default: the rows of S (and the log-baseline's index) are the student's features, u
+ANCHOR = "student"
+
+
 def _fused(backend: str) -> Callable:
     _strips(True)
 
     def fn(u, v, a):  # the estimator _eager writes out: dot critic at temperature 1 (mi_alpha's default is cosine)
-        return fastdistill.mi_alpha(u, v, alpha=ALPHA, log_baseline=a, critic="dot", temperature=1.0, backend=backend)
+        return fastdistill.mi_alpha(u, v, alpha=ALPHA, log_baseline=a, critic="dot", temperature=1.0, anchor=ANCHOR,
+                                    backend=backend)  # fmt: skip
 
     return fn
 
 
 def _eager(u, v, a):
-    """The estimator as written over the materialised N x N matrix (the reference backend's code)."""
-    return reference.mi_alpha(u, v, alpha=ALPHA, log_baseline=a, critic="dot", temperature=1.0)
+    """The estimator as written over the materialised N x N matrix (the reference backend's code), the same loss as
+    the fused providers': ``reference.mi_alpha(student, teacher)`` anchors its rows on ``teacher``, so
+    ``mi_alpha(u, v, anchor="student")`` is ``reference.mi_alpha(v, u)`` (``reference.mi_alpha(u, v)`` is another
+    estimator: the same number at a constant baseline, other gradients)."""
+    cols, rows = (v, u) if ANCHOR == "student" else (u, v)
+    return reference.mi_alpha(cols, rows, alpha=ALPHA, log_baseline=a, critic="dot", temperature=1.0)
 
 
 def _triton_tiles() -> Callable:

@@ -40,3 +40,26 @@ def test_providers_compute_one_estimator():
         if run_mi.unavailable_reason(name, "cpu"):
             continue
         torch.testing.assert_close(run_mi.PROVIDERS[name]()(u, v, a).double(), want.double(), rtol=1e-6, atol=1e-8)
+
+
+def test_baselines_are_the_fused_providers_loss_with_its_gradients():
+    """mi_alpha(u, v) anchors on the student (rows of S are u's; anchor="student", the default): the eager and
+    compile baselines compute that estimator, not reference.mi_alpha(u, v) (the sides swapped: the same number at a
+    constant baseline, other gradients). float64, a non-constant baseline: estimate and gradients to ~1e-12."""
+    import torch
+
+    u, v, _ = run_mi.make_inputs(40, 12, torch.float64, "cpu")
+    a = torch.linspace(-1.0, 1.0, 40, dtype=torch.float64)
+
+    def run(fn):
+        xs = [t.detach().clone().requires_grad_() for t in (u, v, a)]
+        est = fn(*xs)
+        est.backward()
+        return [est.detach()] + [x.grad for x in xs]
+
+    want = run(lambda x, y, z: fastdistill.mi_alpha(x, y, alpha=run_mi.ALPHA, log_baseline=z, critic="dot",
+                                                    temperature=1.0, backend="reference"))  # fmt: skip
+    names = ["eager", "compile"] + [n for n in ("cpu",) if not run_mi.unavailable_reason(n, "cpu")]
+    for name in names:
+        for got, ref in zip(run(run_mi.PROVIDERS[name]()), want, strict=True):
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12, msg=name)

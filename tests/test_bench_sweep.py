@@ -1,7 +1,9 @@
 """benchmarks.run's timing of one row on the CPU, in process: a sweep provider (``benchmarks.providers.SWEEPS``)
 times every setting, keeps the best as the row and all of them in ``settings``; every row carries ``pipelined_ms``
-(steps issued back to back) beside ``ms``; the table names the sweep's pick."""
+(steps issued back to back) beside ``ms``; the table names the sweep's pick. And the baselines' definition: eager and
+compile upcast 16-bit logits to float32, as fastdistill computes (the "-nocast" providers do not)."""
 
+import math
 import sys
 from pathlib import Path
 
@@ -79,3 +81,40 @@ def test_the_triton_chunk_sweep_is_registered_as_a_provider():
     assert sweep.what == "FASTDISTILL_TRITON_CHUNK_TILES" and sweep.settings == ("1", "2", "4", "8")
     assert "triton-chunks" in providers.PROVIDERS and "triton-chunks" in providers.DIVERGENCE_PROVIDERS
     assert "CUDA only" in providers.unavailable_reason("triton-chunks", "cpu")
+
+
+def _grad_error(make, student: torch.Tensor, teachers: torch.Tensor, K: int) -> tuple[torch.dtype, float]:
+    """The loss's dtype and the gradient's relative error against the float64 loss (the eager five lines on float64
+    inputs: an independent definition of the loss, T = 2)."""
+    s64 = student.detach().double().requires_grad_()
+    log_q = torch.log_softmax(s64 / 2.0, -1)
+    log_pk = torch.log_softmax(teachers.double() / 2.0, -1)
+    log_p = torch.logsumexp(log_pk, 0) - math.log(K)
+    ((log_p.exp() * (log_p - log_q)).sum(-1).mean() * 4.0).backward()
+    s = student.detach().clone().requires_grad_()
+    loss = make(K, 2.0)(s, teachers)
+    loss.backward()
+    return loss.dtype, float((s.grad.double() - s64.grad).norm() / s64.grad.norm())
+
+
+@pytest.mark.parametrize("K", [1, 4])
+def test_baselines_compute_in_float32_as_fastdistill_does(K):
+    """bf16 logits: eager and compile upcast inside (the loss float32), so their gradient is as close to the float64
+    truth as fastdistill's reference backend's; the "-nocast" providers run in bf16 and are ~10x further off (2.5e-2
+    against 1.7e-3 at V = 32768, K = 1): a baseline a user would not write."""
+    student, teachers = providers.make_inputs(8, 4096, K, torch.bfloat16)
+    dtype, ours = _grad_error(providers.PROVIDERS["reference"], student, teachers, K)
+    assert dtype == torch.float32
+    for name in ("eager", "compile"):
+        dtype, err = _grad_error(providers.PROVIDERS[name], student, teachers, K)
+        assert dtype == torch.float32 and err <= 1.5 * ours, (name, err, ours)
+    dtype, err = _grad_error(providers.PROVIDERS["eager-nocast"], student, teachers, K)
+    assert dtype == torch.bfloat16 and err > 3 * ours, (err, ours)
+    assert providers.unavailable_reason("compile-nocast", "cpu") is None
+
+
+def test_float32_and_float64_baselines_are_not_narrowed():
+    student, teachers = providers.make_inputs(4, 64, 2, torch.float64)
+    want = providers.PROVIDERS["eager-nocast"](2, 2.0)(student, teachers)
+    got = providers.PROVIDERS["eager"](2, 2.0)(student, teachers)
+    assert got.dtype == torch.float64 and torch.equal(got, want)
