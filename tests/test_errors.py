@@ -77,7 +77,7 @@ CASES = [
     ("num-items-shape", ValueError, "num_items must be an int or a 0-dim Tensor", dict(num_items=torch.ones(2))),
     ("backend", ValueError, "backend must be one of", dict(backend_override="fast")),
     ("ignore-index-type", TypeError, "ignore_index must be an int", dict(ignore_index=1.5)),
-    ("scale-t2-type", TypeError, "scale_by_temperature_sq must be a bool", dict(scale_by_temperature_sq=1)),
+    ("scale-t2-type", TypeError, "scale_by_temperature_sq must be a Python bool", dict(scale_by_temperature_sq=1)),
 ]
 
 
