@@ -293,7 +293,7 @@ class WeightedKDLoss(nn.Module):
             w = w * sample_weight
         kw = dict(sample_weight=w, ignore_index=self.ignore_index, reduction=self.reduction, num_items=num_items)
         # w is a calibrated accuracy in [0, 1] times a sample_weight checked above: finite and >= 0
-        with functional.values_checked("sample_weight"):
+        with functional.values_checked("sample_weight", "num_items"):
             if self.hard:
                 hard = t.argmax(-1)
                 if labels is not None:  # the teacher's label, except on the rows the batch marks as ignored
@@ -402,9 +402,6 @@ def slam_loss(
     _check_bool("normalize", normalize)
     acc = fastdistill.ops.reference.compute_dtype(student_logits, teacher_logits)
     rows, device = student_logits.shape[:-1], student_logits.device
-    for name, x in (("labels", labels), ("sample_weight", sample_weight)):
-        if isinstance(x, Tensor) and x.shape != rows:
-            raise ValueError(f"{name} must be [*] = {list(rows)} (the logits' rows), got {list(x.shape)}")
     # (sample_weight's values: finite and >= 0, as kd_loss's check; a negative weight would select a neutralised row)
     _, _, denominator = functional.row_arguments(
         student_logits, labels=labels, ignore_index=ignore_index, check_label_range=False, label_use="",
