@@ -65,12 +65,16 @@ trainer.teachers = [sharded]
 torch.testing.assert_close(trainer.compute_loss(student, dict(batch)), full, rtol=1e-5, atol=1e-6)
 trainer.args.max_steps = 4
 trainer.train()
-import pathlib
-pathlib.Path(sys.argv[1], f"rank{rank}.ok").write_text("ok")  # a file, not stdout: the ranks' output interleaves
-# an orderly end: with the gloo group still alive at interpreter exit, a rank can abort in its threads' teardown
-# ("terminate called without an active exception"), seen once in CI after both ranks had printed ok
+# An orderly end: both ranks done, the group destroyed, then os._exit, so no interpreter teardown runs. CI saw a
+# rank abort after both trainings ("terminate called without an active exception": a C++ thread object destroyed
+# while joinable, in the gloo / store threads' teardown) once with the group alive at exit, once after a barrier
+# and destroy_process_group; the library's work is over by then, and the teardown is torch's.
+import os, pathlib
 dist.barrier()
 dist.destroy_process_group()
+pathlib.Path(sys.argv[1], f"rank{rank}.ok").write_text("ok")  # a file, not stdout: the ranks' output interleaves
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)
 """
 
 
@@ -81,5 +85,6 @@ def test_two_processes_ddp_training_and_fsdp2_teacher(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
            str(tmp_path / "out")]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert sorted(p.name for p in (tmp_path / "out").glob("rank*.ok")) == ["rank0.ok", "rank1.ok"], proc.stderr[-3000:]
+    done = sorted(p.name for p in (tmp_path / "out").glob("rank*.ok"))
+    assert proc.returncode == 0, f"ranks done: {done}\n" + proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert done == ["rank0.ok", "rank1.ok"], proc.stderr[-3000:]
