@@ -125,6 +125,46 @@ def test_a_default_step_never_synchronises(name):
     torch.cuda.synchronize()
 
 
+@pytest.mark.parametrize("op", ["kd_loss", "mi_alpha"])
+def test_a_new_row_count_does_not_synchronise(op):
+    """Each call with a row count not seen before (dynamic padding; tokens kept by labels != -100) builds its argument
+    tensors anew: copied from page-locked memory, asynchronously, not by torch.tensor(values, device=cuda), which
+    waits for the GPU."""
+    t = torch.randn(2, 300, 4096, device="cuda").to(BF16)
+    s = torch.randn(300, 4096, device="cuda").to(BF16).requires_grad_()
+
+    def call(n):
+        if op == "kd_loss":
+            fastdistill.kd_loss(s[:n], t[:, :n], temperature=2.0, backend="triton").backward()
+        else:
+            fastdistill.mi_alpha(s[:n, :256], t[0, :n, :256], backend="triton").backward()
+
+    call(200)  # warm-up: compiles, the host allocator's first page-locked block
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for n in (201, 202, 203):
+            call(n)
+    except RuntimeError as e:
+        pytest.fail(f"{op} at a new row count synchronised with the device: {e}")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_triton_runs_on_the_tensors_device_not_the_current_one():
+    """Triton launches on the current device: the launcher switches to the tensors' device for the launch."""
+    s = torch.randn(64, 1000, device="cuda:1").requires_grad_()
+    t = torch.randn(64, 1000, device="cuda:1")
+    want = fastdistill.kd_loss(s.cpu(), t.cpu(), backend="reference")
+    with torch.cuda.device(0):
+        got = fastdistill.kd_loss(s, t, backend="triton")
+        got.backward()
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+    assert s.grad.device == torch.device("cuda:1") and torch.isfinite(s.grad).all()
+
+
 def test_kd_loss_step_launches_few_kernels():
     """Row kernel, the denominator's fill, the rows' sum and division, autograd's seed, the scale: about 6."""
     from torch.profiler import ProfilerActivity, profile

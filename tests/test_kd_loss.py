@@ -599,6 +599,18 @@ def test_pure_cross_entropy_ignores_infinite_divergence(backend):
 
 
 @pytest.mark.parametrize("backend", KD_BACKENDS)
+def test_pure_cross_entropy_reaches_a_teacher_alone_with_zeros(backend):
+    """With only the teacher requiring grad, ce_weight = 1 gives it a zero gradient on every backend (the reference
+    once had no graph to it there: torch's "does not require grad"), -inf entries included."""
+    student, (teacher,) = make_inputs((4,), 6, 1)
+    teacher[0, 2] = -math.inf
+    teacher.requires_grad_(True)
+    loss = fastdistill.kd_loss(student, teacher, labels=torch.tensor([0, 1, 2, 3]), ce_weight=1.0, backend=backend)
+    loss.backward()
+    assert torch.equal(teacher.grad, torch.zeros_like(teacher))
+
+
+@pytest.mark.parametrize("backend", KD_BACKENDS)
 def test_batchmean_of_one_row_follows_torch(backend):
     """batchmean divides by student_logits.shape[0], which for a single [V] row is V (torch's kl_div does too)."""
     student, (teacher,) = make_inputs((), 7, 1)

@@ -239,6 +239,16 @@ def test_alpha1_is_loo_infonce_and_bounded(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_alpha_one_gives_the_baseline_alone_a_zero_gradient(backend):
+    """At alpha = 1 the estimate does not depend on log_baseline: with only it requiring grad, backward gives zeros
+    on every backend (the reference once had no graph to it: torch's "does not require grad")."""
+    u, v, a = make_feats(6, 4, seed=3)
+    a.requires_grad_(True)
+    mi_alpha(u, v, alpha=1.0, log_baseline=a, backend=backend).backward()
+    assert torch.equal(a.grad, torch.zeros_like(a))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("alpha", [0.01, 0.5])
 def test_permutation_invariance(backend, alpha):
     u, v, a = make_feats(50, 5, seed=8)
@@ -549,3 +559,12 @@ def test_mi_alpha_loss_of_masked_tokens_compiles_fullgraph():
     (got + want).backward()
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("backend", FUSED + [pytest.param("triton", marks=requires_triton)])
+def test_more_rows_than_float32_statistics_index_are_refused(backend):
+    """The fused kernels keep each row's argmax column in float32 statistics: exact up to 2**24 rows. Past that the
+    backend says so (auto would take the reference) instead of pairing rows with the wrong columns."""
+    u = torch.zeros(2**24 + 1, 1)
+    with pytest.raises(ValueError, match=r"at most 2\*\*24 rows in float32"):
+        mi_alpha(u, u, backend=backend)

@@ -425,6 +425,15 @@ class MIInputs(OpInputs):
         extra = [self.log_baseline] if isinstance(self.log_baseline, Tensor) else []
         return [self.student, self.teacher, *extra]
 
+    MAX_ROWS_FLOAT32: ClassVar[int] = 2**24  # the stats hold each row's argmax column in the accumulation dtype
+
+    def reasons(self, kind: str) -> list[str]:
+        n = self.student.shape[0]
+        if reference.compute_dtype(self.student) == torch.float32 and n > self.MAX_ROWS_FLOAT32:
+            return [f"takes at most 2**24 rows in float32 (its statistics store column indices as float32), got "
+                    f"N = {n}"]  # fmt: skip
+        return []
+
     def kernel_args(self) -> tuple:
         u, v = self.student, self.teacher
         acc = reference.compute_dtype(u)

@@ -44,6 +44,16 @@ def _abs(d: Tensor) -> Tensor:
     return d * sign.detach()
 
 
+def _linked(x: Tensor, *others: Tensor) -> Tensor:
+    """x, with an edge to each of ``others`` that adds 0 and passes back a zero gradient: where x's value does not
+    depend on an input (pure CE, alpha = 1), backward still reaches it with zeros, as on the fused backends, not
+    torch's "does not require grad". A where, not 0 * other: 0 * inf would be a nan."""
+    for o in others:
+        if o.requires_grad:
+            x = x + torch.where(torch.zeros((), dtype=torch.bool, device=o.device), o, 0).sum().to(x.dtype)
+    return x
+
+
 def _log_mix(log_a: Tensor, log_b: Tensor, wa: float) -> Tensor:
     """log(wa * exp(log_a) + (1 - wa) * exp(log_b)), exact for wa in [0, 1] and -inf inputs."""
     parts = []
@@ -52,7 +62,7 @@ def _log_mix(log_a: Tensor, log_b: Tensor, wa: float) -> Tensor:
     if wa < 1:
         parts.append(log_b + math.log1p(-wa))
     if len(parts) == 1:
-        return parts[0]
+        return _linked(parts[0], log_b if wa == 1 else log_a)
     stacked = torch.stack(parts)
     dead = torch.isneginf(stacked).all(0)  # both -inf: keep the gradient finite, the value -inf
     return torch.where(dead, -math.inf, torch.logsumexp(torch.where(dead, 0.0, stacked), dim=0))
@@ -167,7 +177,8 @@ def kd_loss(
         log_p = ensemble_log_target(teachers, temperature, ensemble if len(teachers) > 1 else "prob_mean",
                                     teacher_weights, dtype)
         d = divergence(log_p, log_q, divergence_kind, div_params)
-    rows = kd_scale * d if kd_scale != 0 else torch.zeros_like(d)  # ce_weight = 1: pure CE, even where D = inf
+    # ce_weight = 1: pure CE, even where D = inf (the teachers linked: their gradient is 0, not absent)
+    rows = kd_scale * d if kd_scale != 0 else _linked(torch.zeros_like(d), *teachers)
 
     if ce_weight > 0:  # hard-label cross-entropy at T = 1, from log_softmax: (s - max) - log sum, never lse - s
         safe = torch.where(keep, labels, 0)

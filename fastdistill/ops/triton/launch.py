@@ -93,7 +93,9 @@ def is_aligned(tensors: list[Tensor], sizes: list[int]) -> bool:
 
 # Kernel-argument tensors of eager calls, by value: built once (one host-to-device copy), then reused, so that a call
 # costs no small fills or stacks (~25 tiny kernels and ~0.1 ms of host time before the row kernel's launch). They
-# are read-only for every kernel. Bounded: cleared when full.
+# are read-only for every kernel. Bounded: cleared when full, after the devices that hold them have finished (a kernel
+# queued on another stream than the one a constant was made on may still read it, and the freed block could be
+# rewritten on the first stream under it); at most once per 1024 new values.
 _CONSTANTS: dict[tuple, Tensor] = {}
 _CONSTANTS_MAX = 1024
 
@@ -106,13 +108,25 @@ def is_eager(like: Tensor) -> bool:
     return not (like.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def _constant(key: tuple, make) -> Tensor:
+def _constant(key: tuple, values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
     t = _CONSTANTS.get(key)
     if t is None:
         if len(_CONSTANTS) >= _CONSTANTS_MAX:
+            for index in {c.device.index for c in _CONSTANTS.values() if c.is_cuda}:
+                torch.cuda.synchronize(index)
             _CONSTANTS.clear()
-        t = _CONSTANTS[key] = make()
+        t = _CONSTANTS[key] = _on_device(values, dtype, device)
     return t
+
+
+def _on_device(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``values`` as a tensor on ``device``. To a GPU from pinned memory, asynchronously: torch.tensor(values,
+    device=cuda) copies from pageable memory and waits for the GPU, a sync in every call with a new row count (the
+    cache key holds N: dynamic padding, or tokens kept by ``labels != -100``). The caching host allocator keeps the
+    pinned block until the copy is done."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
 
 
 def int_tensor(values: list[int], like: Tensor) -> Tensor:
@@ -121,7 +135,7 @@ def int_tensor(values: list[int], like: Tensor) -> Tensor:
     tracing), a symbolic size (torch.compile with dynamic shapes) staying symbolic (int() would guard on it)."""
     if not any(isinstance(x, torch.SymInt) for x in values) and is_eager(like):
         ints = tuple(int(x) for x in values)
-        return _constant(("int", ints, like.device), lambda: torch.tensor(ints, dtype=torch.int64, device=like.device))
+        return _constant(("int", ints, like.device), ints, torch.int64, like.device)
     return torch.stack([torch.full((), x if isinstance(x, torch.SymInt) else int(x), dtype=torch.int64,
                                    device=like.device) for x in values])  # fmt: skip
 
@@ -132,7 +146,7 @@ def param_tensor(values: list[float], acc: torch.dtype, like: Tensor) -> Tensor:
     floats = tuple(float(x) for x in values)
     if is_eager(like):
         key = ("float", tuple(x.hex() for x in floats), acc, like.device)
-        return _constant(key, lambda: torch.tensor(floats, dtype=acc, device=like.device))
+        return _constant(key, floats, acc, like.device)
     return torch.stack([torch.full((), x, dtype=acc, device=like.device) for x in floats])
 
 
@@ -163,6 +177,15 @@ class Launch:
             # Dynamo's Triton wrapper takes num_warps / num_stages as options but would read maxnreg as a kernel
             # argument: traced launches run with the registers ptxas picks (same results, perhaps lower occupancy)
             options = {k: v for k, v in options.items() if k != "maxnreg"}
+            kernel[self.grid](*self.args, **self.constexprs, **options)  # (the compiled graph guards its device)
+            return
+        dev = self.args[0].device
+        if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+            # Triton launches on the current device's current stream: a kernel given cuda:1 tensors while cuda:0 is
+            # current would read them from the wrong context (the C++ backend guards the same way)
+            with torch.cuda.device(dev):
+                kernel[self.grid](*self.args, **self.constexprs, **options)
+            return
         kernel[self.grid](*self.args, **self.constexprs, **options)
 
 
