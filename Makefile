@@ -71,8 +71,8 @@ bench: build
 #              the shape class and residency of each check; a test still running after 40 s has every thread's
 #              stack dumped to its log (faulthandler_timeout): a test hung in a CUDA sync ignores the SIGINT and
 #              is killed without a summary, and the dump names it
-#   sanitize   tests/cuda_sanitize.py (a small run of every CUDA residency) under compute-sanitizer memcheck and
-#              racecheck at once, only kd_row_kernel checked
+#   sanitize   tests/cuda_sanitize.py (a small run of every CUDA residency) under compute-sanitizer memcheck,
+#              racecheck and synccheck (barriers some threads miss, shuffle masks) at once, only kd_row_kernel checked
 #   kd divergences mi codistill fused   benchmarks.run (KL; then the other divergences, Triton and CUDA, at V = 128256,
 #              K = 4) / run_mi / run_codistill at the shapes of benchmarks/results/h200-2026-11-28,
 #              and run_fused_linear (N = 16384, H = 4096, V = 128256, K = 1, 2: fused vs unfused vs Liger;
@@ -134,9 +134,10 @@ GPU_TESTS_CMD = logs=$$(mktemp -d); for f in tests/test_*gpu*.py; do ( $(GPU_ENV
 	$(call gpu_left,$(GPU_END_TESTS)) $(GPU_PY) -m pytest -o addopts= -o faulthandler_timeout=40 -q -rfE \
 	-p no:cacheprovider --durations=10 $$f; echo "exit status $$?" ) > $$logs/$$(basename $$f).log 2>&1 & done; wait; \
 	for f in $$logs/*.log; do echo "--- $$(basename $$f .log)"; cat $$f; done; rm -rf $$logs
-# compute-sanitizer on a small run of the CUDA kernel, memcheck and racecheck side by side, only kd_row_kernel checked
+# compute-sanitizer on a small run of the CUDA kernel, memcheck, racecheck and synccheck side by side, only
+# kd_row_kernel checked
 GPU_SANITIZE_CMD = san=$$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer); \
-	logs=$$(mktemp -d); for tool in memcheck racecheck; do ( $(GPU_ENV) timeout -k 5 \
+	logs=$$(mktemp -d); for tool in memcheck racecheck synccheck; do ( $(GPU_ENV) timeout -k 5 \
 	$(call gpu_left,$(GPU_END_SANITIZE)) $$san --tool $$tool --error-exitcode 9 --kernel-name kns=kd_row_kernel \
 	$(GPU_PY) tests/cuda_sanitize.py; echo "exit status $$?" ) > $$logs/$$tool.log 2>&1 & done; wait; \
 	for f in $$logs/*.log; do echo "--- $$(basename $$f .log)"; tail -n 40 $$f; done; rm -rf $$logs

@@ -3,8 +3,9 @@ launcher, plan and kernels without a GPU, so an edit to them or to csrc/common/k
 barrier or a memory access fails here, before any GPU run.
 
 tests/cuda_emu/emu_cuda.h emulates the CUDA the kernel uses (a std::thread per CUDA thread; std::barrier for
-__syncthreads, warp shuffles and cluster.sync; per-block shared memory of exactly the launched size, filled with NaN
-bytes; distributed shared memory; cp.async copies that land only at the wait; the launch checks), and g++ compiles the
+__syncthreads and cluster.sync; warp shuffles that order no other memory, as on a GPU; per-block shared memory of
+exactly the launched size, filled with NaN bytes, and again when the block exits; distributed shared memory; cp.async
+copies that make their destination NaN when issued and land only at the wait; the launch checks), and g++ compiles the
 real csrc/cuda/kd_loss_launch.cu, kd_loss_plan.h, kd_loss_kernel.cuh and inst/*.cu against it (the kernel's
 FASTDISTILL_CUDA_EMULATE hooks replace only its two PTX instructions and its extern shared array). Two builds:
 AddressSanitizer with UBSan's alignment check (memcheck: every case) and ThreadSanitizer (racecheck: the barrier-heavy
@@ -123,7 +124,7 @@ DEFAULTS = dict(n=4, v=1000, k=3, dtype=torch.float32, teacher_dtype=None, diver
                 T=2.0, ce=0.3, w=0.3, kd_scale=None, labels=True, sw=True, tw=True, reduce=True, grad_s=True,
                 grad_t=True, residency="auto", pipeline="off", cluster=0, groups=0, threads=64, max_threads=1024,
                 off=0, pad=0, specials=None, seed=0, strict=1, sm=9, occupancy_clusters=33, stale_error=0,
-                skip_sync=0, ex2_bias=0.0)  # fmt: skip
+                skip_sync=0, ex2_bias=0.0, static_smem=1024, skip_cluster_sync=0)  # fmt: skip
 LOW = (torch.bfloat16, torch.float16)
 
 
@@ -182,7 +183,8 @@ def emulate(exe: Path, workdir: Path, allow_failure: bool = False, **kw) -> tupl
     tdt = c["teacher_dtype"] or c["dtype"]
     params = {**{key: c[key] for key in ("T", "ce", "w", "kd_scale", "residency", "pipeline", "cluster", "groups",
                                           "threads", "max_threads", "off", "strict", "sm", "occupancy_clusters",
-                                          "stale_error", "skip_sync", "ex2_bias", "divergence", "ensemble")},
+                                          "stale_error", "skip_sync", "ex2_bias", "static_smem",
+                                          "skip_cluster_sync", "divergence", "ensemble")},
               "N": c["n"], "V": c["v"], "K": c["k"], "stride": c["v"] + c["pad"], "reduce": int(c["reduce"]),
               "student_dtype": str(c["dtype"]).removeprefix("torch."), "teacher_dtype": str(tdt).removeprefix("torch."),
               "has_tw": int(c["tw"]), "has_labels": int(c["labels"]), "has_sw": int(c["sw"]),
@@ -486,6 +488,16 @@ def test_global_fallback_of_a_forced_cluster_reports_one_block_per_row(asan, tmp
                residency="cluster", cluster=2, strict=0, n=2, v=120000, k=1)  # fmt: skip
 
 
+def test_static_shared_memory_past_the_plans_margin_falls_back(asan, tmp_path):
+    """The plan leaves 1 KiB of a block's shared memory for the kernel's static bytes; should ptxas give it more, the
+    resident block does not fit: strict, the fallback's error (800, before: cudaFuncSetAttribute's "invalid argument",
+    1); otherwise global memory, which agrees."""
+    big_static = 232448 - 8192  # sm_90's opt-in minus 8 KiB: the header fits beside it, the 16 KB row does not
+    info, _ = emulate(asan, tmp_path, v=1000, k=3, residency="smem", static_smem=big_static)
+    assert (info["err"], info["launches"]) == ("800", "0"), info
+    check_case(asan, tmp_path, {"launches": 1}, v=1000, k=3, strict=0, static_smem=big_static)
+
+
 def test_a_cluster_the_device_cannot_hold(asan, tmp_path):
     """cudaOccupancyMaxActiveClusters says 0: strict is an error; otherwise v1, then global memory, which agrees."""
     info, _ = emulate(asan, tmp_path, v=600, k=2, residency="cluster", cluster=4, occupancy_clusters=0)
@@ -538,6 +550,24 @@ def test_control_racecheck_reports_a_missing_barrier(tsan, tmp_path):
             return
         reports.append(f"skip {skip}: rc {c['rc']} {c['stderr'][-500:]}")
     pytest.fail("no race reported without a barrier:\n" + "\n".join(reports))
+
+
+@pytest.mark.parametrize("residency", ["cluster", "cluster+pipe"])
+def test_control_a_block_leaving_before_its_peers_read_is_reported(tsan, tmp_path, residency):
+    """Every thread skips its last cluster.sync() (the one that keeps a block's shared memory alive until its peers'
+    distributed reads are done): the emulator frees (poisons) a block's shared memory when its last thread exits, as
+    a GPU does, so ThreadSanitizer must report the race, or the peers read NaN."""
+    case = dict(n=3, k=2, divergence="jsd", **RESIDENCIES[residency])
+    info, _ = emulate(tsan, tmp_path, **case)
+    last = int(info["cluster_syncs"])
+    assert last > 0, info
+    reports = []
+    for _ in range(3):  # (TSan's shadow keeps a few accesses a word: on a busy machine a run can miss the race)
+        info, c = emulate(tsan, tmp_path, allow_failure=True, skip_cluster_sync=last, **case)
+        if (c["rc"] != 0 and "ThreadSanitizer: data race" in c["stderr"]) or (info and mismatches(c)):
+            return
+        reports.append(f"rc {c['rc']} {c['stderr'][-500:]}")
+    pytest.fail("a block left before its peers' reads, unreported:\n" + "\n".join(reports))
 
 
 def test_control_comparison_sees_a_small_exp_error(asan, tmp_path):

@@ -982,13 +982,19 @@ cudaError_t launch_typed(const KDCudaArgs& a, const KDCudaConfig& cfg, cudaStrea
     whole = whole && aligned16(a.teachers[k]) && (a.teacher_strides[k] * dtype_size(a.teacher_dtype)) % 16 == 0;
   static KernelFacts facts;
   int device = 0;
+  cudaFuncAttributes fa;
+  DeviceFacts dev;
   cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = facts.raise_smem(kernel, device, int(cfg.smem_bytes));
+  if (err == cudaSuccess) err = facts.get(kernel, device, kRes != Residency::Global, &fa);
+  if (err == cudaSuccess) err = device_facts(device, &dev);
+  if (err != cudaSuccess) return clear(err);
+  // The plan leaves 1 KiB beside the dynamic bytes for the kernel's static shared memory; should the compiled
+  // kernel's own be larger, the block does not fit: the fallback's error (launch_kd_loss tries the next kernel), not
+  // the "invalid argument" cudaFuncSetAttribute would give below.
+  if (cfg.smem_bytes + int64_t(fa.sharedSizeBytes) > dev.smem_block_optin) return clear(cudaErrorNotPermitted);
+  err = facts.raise_smem(kernel, device, int(cfg.smem_bytes));
   if (err != cudaSuccess) return clear(err);
   // no more threads than the kernel's registers allow on one SM
-  cudaFuncAttributes fa;
-  err = facts.get(kernel, device, kRes != Residency::Global, &fa);
-  if (err != cudaSuccess) return clear(err);
   int threads = std::min(cfg.threads, fa.maxThreadsPerBlock / 32 * 32);
   if constexpr (kPipe) {
     // one block per SM at these slices (two buffers), 384 threads; short slices do not need them all: halve while the
@@ -1002,13 +1008,10 @@ cudaError_t launch_typed(const KDCudaArgs& a, const KDCudaConfig& cfg, cudaStrea
     // registers (down to 128, and only while the half is whole warps: a bound of 320 stops at 160, not 80);
     // KernelFacts::get has asked for the largest shared-memory carveout.
     if (a.threads <= 0) {
-      DeviceFacts d;
-      err = device_facts(device, &d);
-      if (err != cudaSuccess) return clear(err);
-      const int64_t per_block = cfg.smem_bytes + int64_t(fa.sharedSizeBytes) + d.reserved;
-      const int64_t blocks = std::max<int64_t>(1, d.smem_sm / std::max<int64_t>(per_block, 1));
+      const int64_t per_block = cfg.smem_bytes + int64_t(fa.sharedSizeBytes) + dev.reserved;
+      const int64_t blocks = std::max<int64_t>(1, dev.smem_sm / std::max<int64_t>(per_block, 1));
       const int64_t regs_warp = (int64_t(fa.numRegs) * 32 + 255) / 256 * 256;  // allocated per warp, 256 at a time
-      while (threads % 64 == 0 && threads > 128 && blocks * (threads / 32) * regs_warp > d.regs_sm) threads /= 2;
+      while (threads % 64 == 0 && threads > 128 && blocks * (threads / 32) * regs_warp > dev.regs_sm) threads /= 2;
     }
   }
   if (threads % 32 != 0 || threads < 32) return clear(cudaErrorInvalidConfiguration);  // the reductions need warps
@@ -1020,14 +1023,12 @@ cudaError_t launch_typed(const KDCudaArgs& a, const KDCudaConfig& cfg, cudaStrea
   int64_t groups = a.problem.rows;  // v1: a block (cluster) per row
   if constexpr (kPipe && kRes == Residency::Smem) {  // a persistent grid: the blocks the SMs hold at once
     int per_sm = 0;
-    DeviceFacts d;
     err = facts.occupancy_of(device, threads, cfg.smem_bytes, 1, [&](int* v) {
       return cudaOccupancyMaxActiveBlocksPerMultiprocessor(v, kernel, threads, size_t(cfg.smem_bytes));
     }, &per_sm);
-    if (err == cudaSuccess) err = device_facts(device, &d);
     if (err != cudaSuccess) return clear(err);
     if (per_sm < 1) return clear(cudaErrorNotPermitted);
-    groups = std::min<int64_t>(groups, int64_t(per_sm) * d.sms);
+    groups = std::min<int64_t>(groups, int64_t(per_sm) * dev.sms);
   }
   int64_t blocks = groups;
   if constexpr (kRes == Residency::Cluster) {

@@ -9,14 +9,20 @@
 // What is emulated, and how:
 //   threads      each CUDA thread is a std::thread; a launch runs one cluster (a block without clusters) at a time,
 //                all of its threads at once.
-//   barriers     __syncthreads, the warp shuffle's exchange and cluster.sync() are std::barriers: a thread that
-//                skips one, or a block whose threads do not all reach it, deadlocks or races (TSan reports it).
+//   barriers     __syncthreads and cluster.sync() are std::barriers: a thread that skips one, or a block whose
+//                threads do not all reach it, deadlocks or races (TSan reports it).
+//   shuffles     the lanes exchange values through relaxed atomics and meet at a relaxed barrier: like a GPU
+//                shuffle, it orders no other memory, so data passed between lanes through memory without a barrier
+//                is a race TSan reports (a std::barrier here would hide it).
 //   shared mem   each block gets exactly the dynamic bytes it was launched with (ASan sees any access past them),
-//                filled with 0xFF, so a read of bytes nobody wrote gives NaN and fails the comparison.
+//                filled with 0xFF, so a read of bytes nobody wrote gives NaN and fails the comparison; refilled with
+//                0xFF when the block's last thread exits (a peer's distributed read after that is undefined on a
+//                GPU: it sees NaN here, and TSan the race).
 //   DSMEM        map_shared_rank maps to the peer block's buffer at the same offset.
-//   cp.async     a copy is recorded when issued and lands at __pipeline_wait_prior, done by the issuing thread (so a
-//                read before the wait, or by a thread the barrier did not order after it, sees 0xFF or races); a copy
-//                that is not 16-byte aligned, lands outside the block's shared memory, or is never waited for fails.
+//   cp.async     a copy fills its destination with 0xFF when issued and lands at __pipeline_wait_prior, done by the
+//                issuing thread (so a read of the old bytes after the issue, a read before the wait, or by a thread
+//                the barrier did not order after it, sees NaN or races); a copy that is not 16-byte aligned, lands
+//                outside the block's shared memory, or is never waited for fails.
 //   vector I/O   the 8/16-byte loads and stores are plain typed accesses: UBSan's alignment check fails a misaligned
 //                one (the launcher must fall back to scalar code for rows that are not 16-byte aligned).
 //   launch       cudaLaunchKernelEx fails on a grid that is not whole clusters, blocks that are not whole warps or
@@ -88,9 +94,25 @@ namespace fdemu {
 struct Warp {
   std::unique_ptr<std::barrier<>> bar;
   uint64_t lanes[32];
+  // the shuffle's exchange through relaxed atomics: no happens-before between lanes (a GPU shuffle orders no other
+  // memory), so TSan reports data passed between lanes through memory without __syncwarp/__syncthreads. (The C++
+  // model would let a relaxed load miss a store another lane made before the barrier; x86 and g++ do not reorder
+  // these, and a stale value would fail the comparison, never pass it silently.)
+  std::shared_ptr<std::atomic<uint64_t>[]> vals{new std::atomic<uint64_t>[32]};
+  std::shared_ptr<std::atomic<unsigned>[]> ctl{new std::atomic<unsigned>[2]{}};  // arrived, generation
 };
+inline void relaxed_warp_barrier(Warp& w) {
+  const unsigned g = w.ctl[1].load(std::memory_order_relaxed);
+  if (w.ctl[0].fetch_add(1, std::memory_order_relaxed) == 31) {
+    w.ctl[0].store(0, std::memory_order_relaxed);
+    w.ctl[1].store(g + 1, std::memory_order_relaxed);
+  } else {
+    while (w.ctl[1].load(std::memory_order_relaxed) == g) std::this_thread::yield();
+  }
+}
 struct Block {
   std::unique_ptr<std::barrier<>> bar;
+  std::atomic<unsigned> live{0};
   unsigned char* smem = nullptr;
   size_t smem_bytes = 0;
   std::vector<Warp> warps;
@@ -113,6 +135,7 @@ inline thread_local unsigned rank = 0;
 inline thread_local std::vector<std::vector<Copy>> committed;  // cp.async groups, oldest first
 inline thread_local std::vector<Copy> issued;                  // not committed yet
 inline thread_local long syncs = 0;                            // __syncthreads calls of this thread so far
+inline thread_local long cluster_syncs = 0;                    // cluster.sync() calls of this thread so far
 
 // what a case sets (emu_main.cpp) before its launch
 inline int major = 9;                  // compute capability: 9 (H100/H200) or 8 (A100)
@@ -120,6 +143,9 @@ inline int max_threads = 1024;         // cudaFuncAttributes::maxThreadsPerBlock
 inline int occupancy_clusters = 33;    // cudaOccupancyMaxActiveClusters
 inline long skip_sync = 0;             // > 0: every thread skips its skip_sync-th __syncthreads (the racecheck's control)
 inline float ex2_bias = 0;             // ex2's argument scaled by (1 + ex2_bias) (the comparison's control)
+inline int static_smem = 1024;         // the kernels' static shared memory (ptxas: 1 KiB, the plan's margin)
+inline long skip_cluster_sync = 0;     // > 0: every thread skips its skip_cluster_sync-th cluster.sync() (a control)
+inline std::atomic<long> most_cluster_syncs{0};  // reported: the most cluster.sync() calls one thread made
 inline cudaError_t last_error = cudaSuccess;  // what cudaGetLastError returns (and clears)
 
 // what the last launch was (reported with the results)
@@ -164,10 +190,10 @@ T __shfl_xor_sync(unsigned, T x, int lane_mask) {
   const unsigned lane = threadIdx.x % 32;
   uint64_t u = 0;
   std::memcpy(&u, &x, sizeof(T));
-  w.lanes[lane] = u;
-  w.bar->arrive_and_wait();  // every lane has published its value
-  const uint64_t r = w.lanes[lane ^ unsigned(lane_mask)];
-  w.bar->arrive_and_wait();  // every lane has read before any writes the next shuffle's
+  w.vals[lane].store(u, std::memory_order_relaxed);
+  fdemu::relaxed_warp_barrier(w);  // every lane has published its value
+  const uint64_t r = w.vals[lane ^ unsigned(lane_mask)].load(std::memory_order_relaxed);
+  fdemu::relaxed_warp_barrier(w);  // every lane has read before any writes the next shuffle's
   T out;
   std::memcpy(&out, &r, sizeof(T));
   return out;
@@ -183,6 +209,8 @@ inline void __pipeline_memcpy_async(void* dst, const void* src, size_t n, size_t
   const auto* d = static_cast<unsigned char*>(dst);
   if (d < b->smem || d + n > b->smem + b->smem_bytes) fdemu::fail("cp.async outside the block's shared memory");
   fdemu::issued.push_back({dst, src, n});
+  std::memset(dst, 0xFF, n);  // undefined from the issue on (a read of the old bytes after the issue, or of the new
+                              // ones before the wait, sees NaN; an unordered reader races with this write)
 }
 inline void __pipeline_commit() {
   fdemu::committed.push_back(std::move(fdemu::issued));
@@ -221,7 +249,10 @@ inline __half __float2half_rn(float f) { return {_Float16(f)}; }
 // ---- cooperative groups (clusters) -------------------------------------------------------------------------------
 namespace cooperative_groups {
 struct cluster_group {
-  void sync() const { fdemu::cluster->bar->arrive_and_wait(); }
+  void sync() const {
+    if (++fdemu::cluster_syncs == fdemu::skip_cluster_sync) return;
+    fdemu::cluster->bar->arrive_and_wait();
+  }
   unsigned num_blocks() const { return fdemu::cluster->size; }
   unsigned block_rank() const { return fdemu::rank; }
   template <class T>
@@ -291,7 +322,7 @@ struct cudaFuncAttributes {
 template <class K>
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, K) {
   a->maxThreadsPerBlock = fdemu::max_threads;
-  a->sharedSizeBytes = 1024;  // what ptxas reports for the kernels (the reductions' statics: at most the 1 KiB margin)
+  a->sharedSizeBytes = size_t(fdemu::static_smem);
   a->numRegs = 120;
   return cudaSuccess;
 }
@@ -304,7 +335,7 @@ enum { cudaSharedmemCarveoutMaxShared = 100 };
 template <class K>
 cudaError_t cudaFuncSetAttribute(K kernel, cudaFuncAttribute a, int v) {
   if (a == cudaFuncAttributeMaxDynamicSharedMemorySize) {
-    if (v > fdemu::optin() - 1024) return cudaErrorInvalidValue;  // opt-in minus the kernel's static shared memory
+    if (v > fdemu::optin() - fdemu::static_smem) return cudaErrorInvalidValue;  // opt-in minus the static bytes
     fdemu::smem_attr[reinterpret_cast<const void*>(kernel)] = v;
   }
   return cudaSuccess;
@@ -367,6 +398,7 @@ cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* c, void (*kernel)(P...)
     cl.size = cs;
     cl.bar = std::make_unique<std::barrier<>>(std::ptrdiff_t(cs * threads));
     std::vector<fdemu::Block> blocks(cs);
+    for (fdemu::Block& b : blocks) b.live.store(threads);
     std::vector<std::unique_ptr<unsigned char[]>> mem;
     for (fdemu::Block& b : blocks) {
       // exactly the launch's bytes (ASan: nothing past them), 16-byte aligned as the kernel declares them
@@ -389,8 +421,15 @@ cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* c, void (*kernel)(P...)
           fdemu::rank = r;
           fdemu::committed.clear();
           fdemu::issued.clear();
-          fdemu::syncs = 0;
+          fdemu::syncs = fdemu::cluster_syncs = 0;
           std::apply(kernel, params);
+          long seen = fdemu::most_cluster_syncs.load();
+          while (seen < fdemu::cluster_syncs && !fdemu::most_cluster_syncs.compare_exchange_weak(seen, fdemu::cluster_syncs)) {
+          }
+          // the block's shared memory is released when its last thread exits (DSMEM reads after that are undefined
+          // on a GPU): poisoned here, so a later remote read sees NaN and TSan sees the race
+          if (fdemu::block->live.fetch_sub(1, std::memory_order_acq_rel) == 1)
+            std::memset(fdemu::block->smem, 0xFF, fdemu::block->smem_bytes);
           if (!fdemu::issued.empty()) fdemu::fail("cp.async copies never committed at kernel exit");
           for (const auto& group : fdemu::committed)
             if (!group.empty()) fdemu::fail("cp.async copies never waited for at kernel exit");

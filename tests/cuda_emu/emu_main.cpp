@@ -128,6 +128,8 @@ int main(int argc, char** argv) {
   fdemu::occupancy_clusters = int(get("occupancy_clusters", 33));
   fdemu::skip_sync = long(get("skip_sync"));
   fdemu::ex2_bias = float(get("ex2_bias"));
+  fdemu::static_smem = int(get("static_smem", 1024));
+  fdemu::skip_cluster_sync = long(get("skip_cluster_sync"));
   fdemu::last_error = cudaError_t(int(get("stale_error")));  // an earlier call's error nobody cleared
 
   const KDCudaConfig cfg = plan_kd_loss(a, 0);
@@ -138,7 +140,7 @@ int main(int argc, char** argv) {
   o << "err " << int(err) << "\nresidency " << names[int(cfg.residency)] << "\ncluster " << cfg.cluster << "\npipelined "
     << int(cfg.pipelined) << "\nsmem " << cfg.smem_bytes << "\nlaunches " << fdemu::launches << "\nthreads "
     << fdemu::last_threads << "\ngrid " << fdemu::last_grid << "\nlaunched_cluster " << fdemu::last_cluster
-    << "\ndropped " << (dropped ? dropped : "-") << "\n";
+    << "\ndropped " << (dropped ? dropped : "-") << "\ncluster_syncs " << fdemu::most_cluster_syncs.load() << "\n";
   o.close();
   write_bytes(dir + "/row_loss.out", row_loss);
   if (get("grad_s")) write_bytes(dir + "/gs.out", gs);
