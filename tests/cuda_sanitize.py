@@ -1,10 +1,10 @@
 """A small run of the CUDA kd_loss kernel for compute-sanitizer (``make bench-gpu``'s sanitize stage runs it under
-memcheck, racecheck and synccheck; not a pytest file). Every residency (cluster on sm_90 only), v1 and pipelined
-(two row groups over six rows: every block walks three rows through both of its buffers), a vocabulary that is and one that
+memcheck, racecheck and synccheck; not a pytest file). Every residency (cluster on sm_90 only), v1 and pipelined (two
+row groups over six rows: every block walks three rows through both of its buffers), a vocabulary that is and one that
 is not a multiple of 8, K = 3 with teacher weights (one of them 0), labels with ignored rows, CE, sample weights (one
 row's 0), gradients to the student and the teachers, each ensemble, a closed-form and a two-sweep divergence: what
-memcheck needs to see every access pattern and racecheck every barrier (cluster barriers and distributed shared
-memory included). Strict launches: each residency runs as named, never a fallback.
+memcheck needs to see every access pattern and racecheck every barrier (cluster barriers and distributed shared memory
+included). Strict launches: each residency runs as named, never a fallback.
 
     compute-sanitizer --tool racecheck --kernel-name kns=kd_row_kernel python tests/cuda_sanitize.py
 """
