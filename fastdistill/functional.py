@@ -108,8 +108,10 @@ def _check_hyperparameters(divergence, temperature, ensemble, beta, skew, ce_wei
         # TRL's generalized_jsd_loss and Liger's JSD switch to a one-sided KL at beta = 0 and 1; the generalized JSD
         # itself tends to 0 at both ends (it is ~beta * KL(P || Q) near 0), so here the one-sided KLs have names.
         kl = "divergence='kl' (KL(P || Q), forward)" if beta == 0 else "divergence='reverse_kl' (KL(Q || P))"
-        raise ValueError(f"beta must be in (0, 1); got {beta}. TRL's and Liger's JSD mean a one-sided KL at "
-                         f"beta = {beta:g}: here that is {kl}")  # fmt: skip
+        unused = "" if divergence == "jsd" else (f" (jsd's parameter: divergence={divergence!r} does not use it; "
+                                                 "leave beta at its default)")  # fmt: skip
+        raise ValueError(f"beta must be in (0, 1){unused}; got {beta}. TRL's and Liger's JSD mean a one-sided KL "
+                         f"at beta = {beta:g}: here that is {kl}")  # fmt: skip
     values = {"beta": beta, "skew": skew}  # every divergence parameter (ops/divergences.py), checked whatever the
     for p in divergences.PARAMS.values():  # divergence, as always: a bad beta is an error with "kl" too
         check_real(p.name, values[p.name], low=p.low, high=p.high, low_open=p.low_open, high_open=p.high_open)
@@ -525,9 +527,13 @@ def kd_loss(
         teacher_weights: None (uniform), [K] or [K, *]; non-negative, normalised to sum 1 per row. Constant.
         ignore_index: rows whose label is this are skipped (no loss, zero gradient).
         ce_weight: in [0, 1]. Row loss = (1 - ce_weight) * c * D + ce_weight * CE(student at T = 1, labels).
-        sample_weight: [*] non-negative per-row weights (0 skips a row). Constant.
+        sample_weight: [*] non-negative per-row weights (0 skips a row). Constant. They scale rows, not the
+            "mean" denominator (unlike torch's ``weight=``, whose mean divides by the weights' sum): pass
+            ``num_items=w.sum()`` for that, or ``num_items=(w > 0).sum()`` to count only weighted rows.
         reduction: "mean" (over rows not ignored, or ``num_items``), "sum", "batchmean" (divide by
-            ``student_logits.shape[0]``, torch's meaning) or "none" (per-row losses, shape [*]).
+            ``student_logits.shape[0]``, torch's meaning) or "none" (per-row losses, shape [*]). Rows are the
+            positions [*] of [*, V]: "mean" is per token (TRL's), not ``F.kl_div``'s mean over N * V elements, and
+            "none" returns [*], not [*, V].
         num_items: int or 0-dim Tensor replacing the "mean" denominator (HF ``num_items_in_batch``).
         backend: "auto", "cpu", "cuda", "triton" or "reference".
 

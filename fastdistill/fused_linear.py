@@ -255,13 +255,17 @@ def hidden_and_head(model: nn.Module, inputs: Any) -> tuple[TeacherHead, Any]:
                            f"{len(caught)} times in one forward, expected once: its logits are not "
                            "lm_head(base_model(...)[0]); use fused_linear=False")  # fmt: skip
     hidden, weight = caught[0], layer.weight
-    if hidden.dtype != weight.dtype:  # a 16-bit last projection under autocast, a float32 head: the head's
-        hidden = hidden.to(weight.dtype)  # matmul in the weight's dtype (the loss requires one dtype)
+    if hidden.dtype != weight.dtype:  # a 16-bit last projection under autocast, a float32 head: one dtype, so the
+        hidden = hidden.to(weight.dtype)  # loss runs outside autocast too (under it, its matmuls follow autocast)
     lora = tuple(LoRATerm(ad.a.weight, ad.b.weight, ad.scaling) for ad in adapters)
     return TeacherHead(hidden, weight, _head_bias(layer, adapters), lora), out
 
 
 Teacher = Tensor | TeacherHead
+# Outside autocast a head's matmul takes one dtype; under it (float32 weights, 16-bit activations: the usual mixed
+# precision) the matmuls follow autocast, as lm_head(hidden) would there.
+_ONE_DTYPE = ("they must share a dtype outside autocast (the head's matmul): cast one, or call under torch.autocast, "
+              "where the head's matmuls run in its dtype as lm_head(hidden) would")
 
 
 def _check_head(name: str, weight: Tensor, bias: Tensor | None, width: int, device: torch.device,
@@ -348,9 +352,9 @@ def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: in
                                  f"student's rows), got {tuple(getattr(t.hidden, 'shape', ()))}")  # fmt: skip
             functional._check_device(f"teachers[{k}].hidden", t.hidden, device, ref="student_hidden")
             _check_head(f"teachers[{k}]", t.weight, t.bias, t.hidden.shape[-1], device, f"teachers[{k}].bias")
-            if t.weight.dtype != t.hidden.dtype:
+            if t.weight.dtype != t.hidden.dtype and not torch.is_autocast_enabled(device.type):
                 raise TypeError(f"teachers[{k}].weight is {t.weight.dtype} but its hidden states are "
-                                f"{t.hidden.dtype}; they must share a dtype (the head's matmul)")  # fmt: skip
+                                f"{t.hidden.dtype}; {_ONE_DTYPE}")  # fmt: skip
             if t.weight.shape[0] != v:
                 raise ValueError(f"teachers[{k}].weight has V = {t.weight.shape[0]}, the student's head {v}")
             lora = _check_lora(f"teachers[{k}].lora", t.lora, t.hidden.shape[-1], v, device)
@@ -378,8 +382,10 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, lora: Sequence[
             us: list[Tensor] | None = None, out: Tensor | None = None) -> Tensor:  # fmt: skip
     """A chunk's logits [c, V] from its rows ``hidden`` [c, H]: ``hidden @ weight.T + bias`` plus each low-rank term
     (``us``: their :func:`_low_rank_inputs`, if computed already), written into ``out`` if given."""
-    if out is None:
+    if out is None or hidden.dtype != weight.dtype:  # (autocast: out= variants take no mixed dtypes)
         z = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
+        if out is not None:
+            z = out.copy_(z)
     else:
         z = torch.mm(hidden, weight.T, out=out) if bias is None else torch.addmm(bias, hidden, weight.T, out=out)
     for t, u in zip(lora, us if us is not None else _low_rank_inputs(hidden, lora)):
@@ -521,7 +527,7 @@ def _sweep(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, ab: Sequence[Ten
             else:
                 gus.append(None)
         if gh is not None:
-            if g.dtype == gh.dtype and not torch.is_grad_enabled():
+            if g.dtype == gh.dtype == w.dtype and not torch.is_grad_enabled():
                 torch.mm(g, w, out=gh[rows])  # no [c, H] temporary
             else:  # autocast (g in its dtype, gh in h's), or recorded: the product, then its copy
                 gh[rows] = g @ w
@@ -639,6 +645,10 @@ class _FusedLinearKD(torch.autograd.Function):
         early = any(need) and plan.chunk_reduction != "none"
         out, *grads = _sweep(plan, h, w, b, ab, need if early else (False,) * len(need), None)
         ctx.plan, ctx.early = plan, early
+        # "none" recomputes the chunks in backward, which autograd runs outside the caller's autocast: its state is
+        # kept and restored there (as torch.amp.custom_fwd / custom_bwd do), so both passes form the same logits
+        device = h.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.dtypes = (h.dtype, None if b is None else b.dtype, *(m.dtype for m in ab))
         ctx.grads = grads if early else None  # not inputs or outputs: plain references, freed with ctx
         if not early:
@@ -664,7 +674,10 @@ class _FusedLinearKD(torch.autograd.Function):
             ctx.grads = None
         else:  # "none": the chunks again, each row's grad_output applied in them
             h, w, b, *ab = ctx.saved_tensors
-            _, gh, gw, gb, gab = _sweep(plan, h, w, b, ab, tuple(ctx.needs_input_grad[1:]), grad_out.reshape(-1))
+            device, enabled, dtype = ctx.autocast
+            with torch.autocast(device, dtype=dtype, enabled=enabled):
+                _, gh, gw, gb, gab = _sweep(plan, h, w, b, ab, tuple(ctx.needs_input_grad[1:]),
+                                            grad_out.reshape(-1))  # fmt: skip
             scale = None
         return (None, _scaled(gh, scale, h_dtype), None if gw is None else gw.result(scale),
                 _scaled(gb, scale, b_dtype), *(_scaled(g, scale, d) for g, d in zip(gab, ab_dtypes)))
@@ -732,9 +745,9 @@ def fused_linear_kd_loss(
     lead, width = student_hidden.shape[:-1], student_hidden.shape[-1]
     _check_head("student_head", student_head_weight, student_head_bias, width, student_hidden.device,
                 "student_head_bias")
-    if student_head_weight.dtype != student_hidden.dtype:
+    if student_head_weight.dtype != student_hidden.dtype and not torch.is_autocast_enabled(student_hidden.device.type):
         raise TypeError(f"student_head_weight is {student_head_weight.dtype} but student_hidden is "
-                        f"{student_hidden.dtype}; they must share a dtype (the head's matmul)")  # fmt: skip
+                        f"{student_hidden.dtype}; {_ONE_DTYPE}")  # fmt: skip
     functional.check_hyperparameters(
         divergence=divergence, temperature=temperature, ensemble=ensemble, beta=beta, skew=skew, ce_weight=ce_weight,
         reduction=reduction, backend=backend, ignore_index=ignore_index,

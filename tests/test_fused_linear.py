@@ -4,6 +4,7 @@ accumulation, teachers as logits or as hidden states with their own head."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import CPU_BACKENDS, DIVERGENCES, PeftLike
 
 import fastdistill
@@ -263,6 +264,33 @@ def test_autocast_and_create_graph():
             torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-3)
         with pytest.raises(RuntimeError, match="create_graph=True"):
             torch.autograd.grad(fused_linear_kd_loss(h, w, t, reduction=reduction).sum(), (h, w), create_graph=True)
+
+
+@pytest.mark.parametrize("teacher", ["logits", "head"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_autocast_takes_16bit_hidden_states_and_float32_heads(teacher, reduction):
+    """The usual mixed precision: float32 weights, bf16 hidden states from an autocast forward. Under autocast the
+    head's matmuls follow it as lm_head(hidden) does there (outside it the dtypes must agree): the loss of the unfused
+    path (F.linear under autocast, then kd_loss), gradients in the inputs' dtypes and as close to it as bf16 allows;
+    "none" recomputes the chunks in backward under the forward's autocast (autograd runs backward outside it)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(40, 16, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(300, 16, generator=g) / 4).requires_grad_()
+    b = torch.randn(300, generator=g).requires_grad_()
+    th, tw = torch.randn(40, 24, generator=g).bfloat16(), torch.randn(300, 24, generator=g) / 4
+    labels = torch.randint(0, 300, (40,), generator=g)
+    kw = dict(ce_weight=0.2, temperature=2.0, reduction=reduction, backend="cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = fastdistill.kd_loss(F.linear(h, w, b), F.linear(th, tw), labels, **kw)
+        t = F.linear(th, tw) if teacher == "logits" else TeacherHead(th, tw)
+        got = fused_linear_kd_loss(h, w, t, labels, student_head_bias=b, chunk_size=16, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    weights = torch.rand(got.shape, generator=g) if reduction == "none" else torch.tensor(1.5)  # grad_output != 1
+    for a, r in zip(torch.autograd.grad(got, (h, w, b), weights), torch.autograd.grad(want, (h, w, b), weights)):
+        assert a.dtype == r.dtype
+        assert (a.double() - r.double()).norm() <= 1e-2 * r.double().norm()
+    with pytest.raises(TypeError, match="call under torch.autocast"):  # outside it: one dtype, and how to get there
+        fused_linear_kd_loss(h, w, t, labels, student_head_bias=b, **kw)
 
 
 def test_the_benchmark_runs_on_the_cpu(tmp_path):

@@ -180,3 +180,26 @@ def test_compile():
     got = loss_and_grads(torch.compile(fn), hid, w, b)
     for name, g, e in zip(("loss", "d hidden", "d weight", "d bias"), got, want):
         torch.testing.assert_close(g, e, rtol=2e-2, atol=1e-3 * e.abs().max().item(), msg=name)
+
+
+def test_loop_runs_the_fused_loss_under_its_autocast(monkeypatch):
+    """DistillationLoop(fused_linear=True, amp="bf16"): the loss's head matmuls under the student's autocast, as its
+    lm_head in the logits path (they once ran in float32: several times slower on the tensor cores)."""
+    pytest.importorskip("transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fastdistill.training import ArrayDataset, DistillationLoop, loop
+
+    seen, real = [], loop.fused_linear_kd_loss
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.float32)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "fused_linear_kd_loss", spy)
+    cfg = GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, bos_token_id=0, eos_token_id=0)
+    ids = torch.randint(0, 64, (8, 6), generator=torch.Generator().manual_seed(0))
+    run = DistillationLoop(GPT2LMHeadModel(cfg), [GPT2LMHeadModel(cfg)], device="cuda", amp="bf16", batch_size=4,
+                           progress=False, fused_linear=True)  # fmt: skip
+    run.fit(ArrayDataset(input_ids=ids, labels=ids.clone()), max_steps=1)
+    assert seen and set(seen) == {torch.bfloat16}, seen

@@ -549,9 +549,20 @@ def _first_linear_dtypes(model, seen, name):
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_teachers_run_under_the_students_autocast(tmp_path, fused):
+def test_teachers_run_under_the_students_autocast(tmp_path, fused, monkeypatch):
     """bf16=True: the student's forward runs under accelerate's autocast (prepared), and so do the teachers' (not
-    prepared), float32-loaded as they are; without it both compute in float32."""
+    prepared), float32-loaded as they are, and with fused_linear the loss's head matmuls (as the student's lm_head in
+    the logits path; they once ran in float32); without it all compute in float32."""
+    from fastdistill.integrations import hf
+
+    real = hf.fused_linear_kd_loss
+
+    def spy(*args, **kwargs):
+        seen.setdefault("fused loss", set()).add(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
+                                                 else torch.float32)  # fmt: skip
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "fused_linear_kd_loss", spy)
     for bf16, want in ((True, torch.bfloat16), (False, torch.float32)):
         student, teacher = _gpt2(1, 16, 0), _gpt2(2, 32, 1)
         seen = {}
@@ -562,7 +573,7 @@ def test_teachers_run_under_the_students_autocast(tmp_path, fused):
         trainer = DistillationTrainer(model=student, args=args, teachers=[teacher], train_dataset=rows,
                                       fused_linear=fused, **KD)  # fmt: skip
         trainer.train()
-        assert seen == {"student": {want}, "teacher": {want}}, (bf16, seen)
+        assert seen == {"student": {want}, "teacher": {want}, **({"fused loss": {want}} if fused else {})}, (bf16, seen)
         assert next(teacher.parameters()).dtype == torch.float32  # autocast, not a cast of the weights
 
 

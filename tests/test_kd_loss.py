@@ -509,6 +509,14 @@ def test_jsd_endpoints_name_the_one_sided_kl(beta, other):
         fastdistill.kd_loss(s, teachers, divergence="jsd", beta=beta)
 
 
+def test_an_unused_beta_out_of_range_says_it_is_unused():
+    """A TRL config's beta = 0 carried over with divergence="kl" (what TRL's beta = 0 is): still refused (a bad
+    value is an error whatever the divergence), with a message that says kl does not use beta, not only "use kl"."""
+    s, teachers = make_inputs((3,), 8, 1)
+    with pytest.raises(ValueError, match="divergence='kl' does not use it; leave beta at its default"):
+        fastdistill.kd_loss(s, teachers, divergence="kl", beta=0.0)
+
+
 def test_module_matches_functional():
     student, teachers = make_inputs((4, 2), 15, 2)
     labels = torch.randint(0, 15, (4, 2))

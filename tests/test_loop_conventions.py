@@ -551,6 +551,26 @@ def test_resuming_a_finished_run_reports_its_last_loss(tmp_path):
 
 
 @requires_transformers
+def test_fused_linear_loss_runs_under_the_loops_autocast(monkeypatch):
+    """The fused loss's head matmuls run under the loop's autocast, as the student's lm_head does in the logits path
+    (they once ran outside it: float32 matmuls of a float32 head). The loop autocasts on CUDA only; here its
+    autocast is a CPU bf16 one (tests/test_fused_linear_gpu.py runs the CUDA case)."""
+    from fastdistill.training import loop as loop_module
+
+    seen, real = [], loop_module.fused_linear_kd_loss
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "fused_linear_kd_loss", spy)
+    loop = DistillationLoop(_gpt2(), [_gpt2(seed=1)], batch_size=4, progress=False, fused_linear=True)
+    monkeypatch.setattr(loop, "_autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    loop.fit(_tokens(), max_steps=1)
+    assert seen and set(seen) == {torch.bfloat16}, seen
+
+
+@requires_transformers
 def test_fused_linear_loop_takes_the_steps_of_the_logits_loop():
     """fused_linear=True trains on hidden states and heads (the logits never whole): the same losses and the same
     student after two SGD steps as the plain loop, from live teachers and from a teacher cache."""

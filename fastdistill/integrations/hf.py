@@ -70,8 +70,9 @@ class DistillationArguments(TrainingArguments):
     - ``beta``: the same generalized JSD for ``0 < beta < 1``: mixture ``M = beta * teacher + (1 - beta) * student``,
       loss ``beta * KL(teacher || M) + (1 - beta) * KL(student || M)``; use ``divergence="jsd"``. TRL's ``beta=0``
       and ``beta=1`` mean forward and reverse KL: here ``divergence="kl"`` and ``divergence="reverse_kl"``.
-    - ``temperature``: GKDConfig's (default 0.9) is the sampling temperature of on-policy generation; its loss
-      divides the logits by nothing (T = 1). Here ``temperature`` divides both logits in the loss, and the
+    - ``temperature``: GKDConfig's (default 0.9) is the sampling temperature of on-policy generation; its default
+      loss divides the logits by nothing (T = 1), its Liger loss (``use_liger_kernel=True``) by that temperature.
+      Here ``temperature`` divides both logits in the loss, and the
       divergence is multiplied by T**2 unless ``scale_by_temperature_sq=False``; TRL does not scale by T**2.
     - ``lmbda``, ``max_new_tokens``, ``seq_kd`` (on-policy / sequence-level KD) have no counterpart: this trainer
       distills on the dataset's sequences. ``teacher_model_name_or_path``: pass the loaded model as ``teachers=[m]``
@@ -533,10 +534,12 @@ class DistillationTrainer(Trainer):
         if not model.training:
             num_items_in_batch = None  # evaluation: each batch's own mean (Trainer averages the batches)
         if self.fused_linear:
-            loss = fused_linear_kd_loss(student.hidden, student.weight, teachers, labels,
-                                        student_head_bias=student.bias, student_head_lora=student.lora,
-                                        num_items=num_items_in_batch,
-                                        **self.kd_options)  # fmt: skip
+            # under the student's autocast, as its lm_head ran in the logits path: the head's matmuls in bf16 / fp16
+            # with bf16=True / fp16=True (outside it, float32 matmuls of a float32 head: several times slower on a GPU)
+            with self.accelerator.autocast():
+                loss = fused_linear_kd_loss(student.hidden, student.weight, teachers, labels,
+                                            student_head_bias=student.bias, student_head_lora=student.lora,
+                                            num_items=num_items_in_batch, **self.kd_options)  # fmt: skip
         else:
             loss = functional.kd_loss(student, teachers, labels=labels, num_items=num_items_in_batch,
                                       **self.kd_options)  # fmt: skip

@@ -542,9 +542,10 @@ class DistillationLoop:
         """The unscaled loss of :meth:`_logit_loss` (a tensor, or a named tuple of parts)."""
         if self.fused_linear:
             s = student_logits
-            return fused_linear_kd_loss(s.hidden, s.weight, teacher_logits, labels, student_head_bias=s.bias,
-                                        student_head_lora=s.lora, sample_weight=sample_weight, num_items=num_items,
-                                        **_kd_options(self.loss_fn))  # fmt: skip
+            with self._autocast():  # the head's matmuls in the student's autocast, as its lm_head in the logits path
+                return fused_linear_kd_loss(s.hidden, s.weight, teacher_logits, labels, student_head_bias=s.bias,
+                                            student_head_lora=s.lora, sample_weight=sample_weight,
+                                            num_items=num_items, **_kd_options(self.loss_fn))  # fmt: skip
         if teacher_logits is None:
             if labels is None:
                 raise ValueError("without teachers (or a cache) the loop trains on labels; the batch has none")
