@@ -12,6 +12,7 @@ from more matmuls. Teachers are given as logits, or as hidden states with their 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import numbers
@@ -262,10 +263,41 @@ def hidden_and_head(model: nn.Module, inputs: Any) -> tuple[TeacherHead, Any]:
 
 
 Teacher = Tensor | TeacherHead
-# Outside autocast a head's matmul takes one dtype; under it (float32 weights, 16-bit activations: the usual mixed
-# precision) the matmuls follow autocast, as lm_head(hidden) would there.
+# Outside autocast a head's matmul takes one dtype; under bfloat16 autocast (float32 weights, 16-bit activations:
+# the usual mixed precision) the matmuls follow it, as lm_head(hidden) would there. Under float16 autocast the op runs
+# outside it, the hidden states cast to their head's dtype: each chunk's logit gradient is taken in the forward pass
+# at grad_output 1, before a GradScaler's factor could lift it, and in float16 most of it would be 0 (no prescale
+# here: its S would be divided out at once by the chunk's own matmuls).
 _ONE_DTYPE = ("they must share a dtype outside autocast (the head's matmul): cast one, or call under torch.autocast, "
               "where the head's matmuls run in its dtype as lm_head(hidden) would")
+_AMP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on ``device`` now; None when it is off (or has no such device type)."""
+    kind = device.type
+    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
+def _autocast_as(device: torch.device, dtype: torch.dtype | None):
+    """A context with autocast on ``device`` as it was (``dtype``: its dtype, None: off)."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type,
+                                                                                              enabled=False)
+
+
+def _dtypes_fit(hidden: torch.dtype, weight: torch.dtype, amp: torch.dtype | None) -> bool:
+    return hidden == weight or (amp is not None and hidden in _AMP_DTYPES and weight in _AMP_DTYPES)
+
+
+def _head_logits_dtype(head: TeacherHead, amp: torch.dtype | None) -> torch.dtype:
+    """The dtype of ``head``'s logits: autocast's for the dtypes it casts (float64 it leaves alone), else its own."""
+    if amp is not None and head.hidden.dtype in _AMP_DTYPES and head.weight.dtype in _AMP_DTYPES:
+        return amp
+    return head.hidden.dtype
 
 
 def _check_head(name: str, weight: Tensor, bias: Tensor | None, width: int, device: torch.device,
@@ -324,9 +356,12 @@ _HEAD_HINT = dict(ref="the student's logits (student_hidden's rows x student_hea
                   student_slice="student_head_weight[:{}] (and its bias)")
 
 
-def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: int, device) -> list[Teacher]:
+def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: int, device,
+                  amp: torch.dtype | None = None, upcast: bool = False) -> list[Teacher]:  # fmt: skip
     """K teachers, each logits [N, V] or a TeacherHead with hidden [N, H_t], detached (they get no gradient); shapes
-    and devices checked against the student's."""
+    and devices checked against the student's. ``amp``: the autocast dtype the heads' matmuls follow (their hidden
+    states and weights may then differ in dtype); ``upcast``: hidden states cast to their head's dtype (float16
+    autocast, which the op runs outside)."""
     if isinstance(teachers, TeacherHead):
         teachers = [teachers]
     if isinstance(teachers, Tensor) or (isinstance(teachers, Sequence) and
@@ -352,7 +387,9 @@ def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: in
                                  f"student's rows), got {tuple(getattr(t.hidden, 'shape', ()))}")  # fmt: skip
             functional._check_device(f"teachers[{k}].hidden", t.hidden, device, ref="student_hidden")
             _check_head(f"teachers[{k}]", t.weight, t.bias, t.hidden.shape[-1], device, f"teachers[{k}].bias")
-            if t.weight.dtype != t.hidden.dtype and not torch.is_autocast_enabled(device.type):
+            if upcast and t.hidden.dtype != t.weight.dtype and {t.hidden.dtype, t.weight.dtype} <= set(_AMP_DTYPES):
+                t = t._replace(hidden=t.hidden.to(t.weight.dtype))
+            if not _dtypes_fit(t.hidden.dtype, t.weight.dtype, amp):
                 raise TypeError(f"teachers[{k}].weight is {t.weight.dtype} but its hidden states are "
                                 f"{t.hidden.dtype}; {_ONE_DTYPE}")  # fmt: skip
             if t.weight.shape[0] != v:
@@ -382,7 +419,8 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, lora: Sequence[
             us: list[Tensor] | None = None, out: Tensor | None = None) -> Tensor:  # fmt: skip
     """A chunk's logits [c, V] from its rows ``hidden`` [c, H]: ``hidden @ weight.T + bias`` plus each low-rank term
     (``us``: their :func:`_low_rank_inputs`, if computed already), written into ``out`` if given."""
-    if out is None or hidden.dtype != weight.dtype:  # (autocast: out= variants take no mixed dtypes)
+    if out is None or hidden.dtype != weight.dtype or _autocast_dtype(hidden.device) is not None:
+        # (out= variants ignore autocast, and take no mixed dtypes): the product, then its copy
         z = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
         if out is not None:
             z = out.copy_(z)
@@ -462,7 +500,8 @@ def _chunk_teachers(plan: _Plan, z: Tensor, rows: slice) -> Tensor | list[Tensor
     dtypes stay a list."""
     if len(plan.teachers) == 1 and isinstance(plan.teachers[0], Tensor):
         return plan.teachers[0][rows]
-    dtypes = {t.dtype if isinstance(t, Tensor) else t.hidden.dtype for t in plan.teachers}
+    amp = _autocast_dtype(z.device)  # a head's logits come out in autocast's dtype under it, as lm_head's would
+    dtypes = {t.dtype if isinstance(t, Tensor) else _head_logits_dtype(t, amp) for t in plan.teachers}
     if len(dtypes) > 1:
         return [t[rows] if isinstance(t, Tensor) else _logits(t.hidden[rows], t.weight, t.bias, t.lora)
                 for t in plan.teachers]  # fmt: skip
@@ -647,8 +686,7 @@ class _FusedLinearKD(torch.autograd.Function):
         ctx.plan, ctx.early = plan, early
         # "none" recomputes the chunks in backward, which autograd runs outside the caller's autocast: its state is
         # kept and restored there (as torch.amp.custom_fwd / custom_bwd do), so both passes form the same logits
-        device = h.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.autocast = _autocast_dtype(h.device)
         ctx.dtypes = (h.dtype, None if b is None else b.dtype, *(m.dtype for m in ab))
         ctx.grads = grads if early else None  # not inputs or outputs: plain references, freed with ctx
         if not early:
@@ -674,8 +712,7 @@ class _FusedLinearKD(torch.autograd.Function):
             ctx.grads = None
         else:  # "none": the chunks again, each row's grad_output applied in them
             h, w, b, *ab = ctx.saved_tensors
-            device, enabled, dtype = ctx.autocast
-            with torch.autocast(device, dtype=dtype, enabled=enabled):
+            with _autocast_as(h.device, ctx.autocast):
                 _, gh, gw, gb, gab = _sweep(plan, h, w, b, ab, tuple(ctx.needs_input_grad[1:]),
                                             grad_out.reshape(-1))  # fmt: skip
             scale = None
@@ -745,7 +782,13 @@ def fused_linear_kd_loss(
     lead, width = student_hidden.shape[:-1], student_hidden.shape[-1]
     _check_head("student_head", student_head_weight, student_head_bias, width, student_hidden.device,
                 "student_head_bias")
-    if student_head_weight.dtype != student_hidden.dtype and not torch.is_autocast_enabled(student_hidden.device.type):
+    amp = _autocast_dtype(student_hidden.device)
+    upcast = amp == torch.float16  # run outside float16 autocast, in the heads' dtypes (see _ONE_DTYPE's comment)
+    if upcast:
+        amp = None
+        if student_hidden.dtype != student_head_weight.dtype and student_head_weight.dtype in _AMP_DTYPES:
+            student_hidden = student_hidden.to(student_head_weight.dtype)
+    if not _dtypes_fit(student_hidden.dtype, student_head_weight.dtype, amp):
         raise TypeError(f"student_head_weight is {student_head_weight.dtype} but student_hidden is "
                         f"{student_hidden.dtype}; {_ONE_DTYPE}")  # fmt: skip
     functional.check_hyperparameters(
@@ -763,7 +806,7 @@ def fused_linear_kd_loss(
     elif accum_dtype not in (wide, student_head_weight.dtype):
         raise ValueError(f"accum_dtype must be None, {wide} or the head weight's dtype "
                          f"({student_head_weight.dtype}), got {accum_dtype}")  # fmt: skip
-    teacher_list = _teacher_list(teachers, lead, v, student_hidden.device)
+    teacher_list = _teacher_list(teachers, lead, v, student_hidden.device, amp, upcast)
     # The per-row arguments checked once here, on the whole input (values included: a device sync each on CUDA), as
     # kd_loss checks them; the chunks then skip their data-dependent checks (functional.values_checked). The shape
     # probe is an expanded scalar: the logits' shape and device, no memory.
@@ -790,11 +833,12 @@ def fused_linear_kd_loss(
                  chunk, lead, acc, tuple(float(t.scaling) for t in lora))  # fmt: skip
     h = student_hidden.reshape(n, width)
     ab = [m for t in lora for m in (t.a, t.b)]
-    if not torch.is_grad_enabled():  # no_grad / inference_mode (evaluation): the loss alone, no autograd Function,
-        # so no head-gradient buffer or gradient matmuls for a head that requires grad (and no inference-mode error)
-        out, *_ = _sweep(plan, h, student_head_weight, student_head_bias, ab, (False,) * (3 + len(ab)), None)
-        return out.reshape(plan.lead) if chunk_reduction == "none" else out / denominator
-    return _FusedLinearKD.apply(plan, h, student_head_weight, student_head_bias, *ab)
+    with _autocast_as(h.device, None) if upcast else contextlib.nullcontext():
+        if not torch.is_grad_enabled():  # no_grad / inference_mode (evaluation): the loss alone, no autograd
+            # Function, so no head-gradient buffer or gradient matmuls for a head that requires grad
+            out, *_ = _sweep(plan, h, student_head_weight, student_head_bias, ab, (False,) * (3 + len(ab)), None)
+            return out.reshape(plan.lead) if chunk_reduction == "none" else out / denominator
+        return _FusedLinearKD.apply(plan, h, student_head_weight, student_head_bias, *ab)
 
 
 class FusedLinearKDLoss(nn.Module):

@@ -266,18 +266,20 @@ def test_autocast_and_create_graph():
             torch.autograd.grad(fused_linear_kd_loss(h, w, t, reduction=reduction).sum(), (h, w), create_graph=True)
 
 
-@pytest.mark.parametrize("teacher", ["logits", "head"])
+@pytest.mark.parametrize("teacher", ["logits", "head", "float32 head"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_autocast_takes_16bit_hidden_states_and_float32_heads(teacher, reduction):
     """The usual mixed precision: float32 weights, bf16 hidden states from an autocast forward. Under autocast the
-    head's matmuls follow it as lm_head(hidden) does there (outside it the dtypes must agree): the loss of the unfused
-    path (F.linear under autocast, then kd_loss), gradients in the inputs' dtypes and as close to it as bf16 allows;
-    "none" recomputes the chunks in backward under the forward's autocast (autograd runs backward outside it)."""
+    heads' matmuls follow it as lm_head(hidden) does there (outside it the dtypes must agree), a float32 teacher head's
+    too: the loss of the unfused path (F.linear under autocast, then kd_loss), gradients in the inputs' dtypes and as
+    close to it as bf16 allows; "none" recomputes the chunks in backward under the forward's autocast (autograd runs
+    backward outside it)."""
     g = torch.Generator().manual_seed(0)
     h = torch.randn(40, 16, generator=g).bfloat16().requires_grad_()
     w = (torch.randn(300, 16, generator=g) / 4).requires_grad_()
     b = torch.randn(300, generator=g).requires_grad_()
-    th, tw = torch.randn(40, 24, generator=g).bfloat16(), torch.randn(300, 24, generator=g) / 4
+    th, tw = torch.randn(40, 24, generator=g), torch.randn(300, 24, generator=g) / 4
+    th = th if teacher == "float32 head" else th.bfloat16()
     labels = torch.randint(0, 300, (40,), generator=g)
     kw = dict(ce_weight=0.2, temperature=2.0, reduction=reduction, backend="cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -291,6 +293,37 @@ def test_autocast_takes_16bit_hidden_states_and_float32_heads(teacher, reduction
         assert (a.double() - r.double()).norm() <= 1e-2 * r.double().norm()
     with pytest.raises(TypeError, match="call under torch.autocast"):  # outside it: one dtype, and how to get there
         fused_linear_kd_loss(h, w, t, labels, student_head_bias=b, **kw)
+
+
+def test_float16_autocast_runs_outside_it_so_no_gradient_underflows():
+    """Under float16 autocast each chunk's logit gradient, taken in the forward pass at grad_output 1 (before a
+    GradScaler's factor), would be float16 and mostly 0 (76% of the head's gradient at N = 256, V = 32000 in the
+    review's case): the op runs outside float16 autocast, in the heads' dtypes. With a loss scaler's grad_output
+    the gradients match float32's."""
+    g = torch.Generator().manual_seed(0)
+    n, width, v = 64, 16, 4000
+    h = torch.randn(n, width, generator=g).half().requires_grad_()
+    w = (torch.randn(v, width, generator=g) / 4).requires_grad_()
+    th, tw = torch.randn(n, width, generator=g).half(), torch.randn(v, width, generator=g) / 4
+    kw = dict(temperature=2.0, num_items=2**20, chunk_size=16, backend="cpu")
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = fused_linear_kd_loss(h, w, TeacherHead(th, tw), **kw)
+    got = torch.autograd.grad(loss, (h, w), torch.tensor(2.0**16))  # a GradScaler's factor
+    h32 = h.detach().float().requires_grad_()
+    want = torch.autograd.grad(fused_linear_kd_loss(h32, w, TeacherHead(th.float(), tw), **kw), (h32, w),
+                               torch.tensor(2.0**16))  # fmt: skip
+    assert got[0].dtype == torch.float16 and got[1].dtype == torch.float32
+    for a, r in zip(got, want):
+        assert (a.double() - r.double()).norm() <= 1e-2 * r.double().norm()
+        assert (a == 0).float().mean() < 0.01
+
+
+def test_meta_tensors_under_no_autocast():
+    """Meta tensors (shape propagation, a model built on the meta device) have no autocast: the op runs on them."""
+    h = torch.empty(8, 4, device="meta", requires_grad=True)
+    w = torch.empty(50, 4, device="meta", requires_grad=True)
+    loss = fused_linear_kd_loss(h, w, torch.empty(8, 50, device="meta"), backend="reference")
+    assert loss.device.type == "meta" and loss.shape == ()
 
 
 def test_the_benchmark_runs_on_the_cpu(tmp_path):

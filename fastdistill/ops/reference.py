@@ -47,10 +47,10 @@ def _abs(d: Tensor) -> Tensor:
 def _linked(x: Tensor, *others: Tensor) -> Tensor:
     """x, with an edge to each of ``others`` that adds 0 and passes back a zero gradient: where x's value does not
     depend on an input (pure CE, alpha = 1), backward still reaches it with zeros, as on the fused backends, not
-    torch's "does not require grad". A where, not 0 * other: 0 * inf would be a nan."""
+    torch's "does not require grad". The sum of none of its elements, not 0 * other: 0 * inf would be a nan."""
     for o in others:
         if o.requires_grad:
-            x = x + torch.where(torch.zeros((), dtype=torch.bool, device=o.device), o, 0).sum().to(x.dtype)
+            x = x + o.flatten()[:0].sum().to(x.dtype)
     return x
 
 

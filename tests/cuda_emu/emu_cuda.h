@@ -92,8 +92,6 @@ typedef void* cudaStream_t;
 namespace fdemu {
 
 struct Warp {
-  std::unique_ptr<std::barrier<>> bar;
-  uint64_t lanes[32];
   // the shuffle's exchange through relaxed atomics: no happens-before between lanes (a GPU shuffle orders no other
   // memory), so TSan reports data passed between lanes through memory without __syncwarp/__syncthreads. (The C++
   // model would let a relaxed load miss a store another lane made before the barrier; x86 and g++ do not reorder
@@ -407,7 +405,6 @@ cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* c, void (*kernel)(P...)
       b.smem_bytes = bytes;
       b.bar = std::make_unique<std::barrier<>>(std::ptrdiff_t(threads));
       b.warps.resize(threads / 32);
-      for (fdemu::Warp& w : b.warps) w.bar = std::make_unique<std::barrier<>>(32);
       cl.smems.push_back(b.smem);
     }
     std::vector<std::thread> running;

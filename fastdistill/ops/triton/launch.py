@@ -93,9 +93,9 @@ def is_aligned(tensors: list[Tensor], sizes: list[int]) -> bool:
 
 # Kernel-argument tensors of eager calls, by value: built once (one host-to-device copy), then reused, so that a call
 # costs no small fills or stacks (~25 tiny kernels and ~0.1 ms of host time before the row kernel's launch). They
-# are read-only for every kernel. Bounded: cleared when full, after the devices that hold them have finished (a kernel
-# queued on another stream than the one a constant was made on may still read it, and the freed block could be
-# rewritten on the first stream under it); at most once per 1024 new values.
+# are read-only for every kernel. A GPU entry belongs to the stream it was made on (the key holds it): its copy is
+# asynchronous, ordered before that stream's kernels only, and when the cache, full, is cleared, its freed block
+# goes back to that stream's pool, reused only after that stream's queued kernels. Bounded: cleared when full.
 _CONSTANTS: dict[tuple, Tensor] = {}
 _CONSTANTS_MAX = 1024
 
@@ -109,11 +109,11 @@ def is_eager(like: Tensor) -> bool:
 
 
 def _constant(key: tuple, values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if device.type == "cuda":
+        key = (*key, torch.cuda.current_stream(device).cuda_stream)
     t = _CONSTANTS.get(key)
     if t is None:
         if len(_CONSTANTS) >= _CONSTANTS_MAX:
-            for index in {c.device.index for c in _CONSTANTS.values() if c.is_cuda}:
-                torch.cuda.synchronize(index)
             _CONSTANTS.clear()
         t = _CONSTANTS[key] = _on_device(values, dtype, device)
     return t
@@ -177,8 +177,6 @@ class Launch:
             # Dynamo's Triton wrapper takes num_warps / num_stages as options but would read maxnreg as a kernel
             # argument: traced launches run with the registers ptxas picks (same results, perhaps lower occupancy)
             options = {k: v for k, v in options.items() if k != "maxnreg"}
-            kernel[self.grid](*self.args, **self.constexprs, **options)  # (the compiled graph guards its device)
-            return
         dev = self.args[0].device
         if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
             # Triton launches on the current device's current stream: a kernel given cuda:1 tensors while cuda:0 is
