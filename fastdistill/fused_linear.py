@@ -786,7 +786,8 @@ def fused_linear_kd_loss(
     upcast = amp == torch.float16  # run outside float16 autocast, in the heads' dtypes (see _ONE_DTYPE's comment)
     if upcast:
         amp = None
-        if student_hidden.dtype != student_head_weight.dtype and student_head_weight.dtype in _AMP_DTYPES:
+        if student_hidden.dtype != student_head_weight.dtype and {student_hidden.dtype,
+                                                                    student_head_weight.dtype} <= set(_AMP_DTYPES):
             student_hidden = student_hidden.to(student_head_weight.dtype)
     if not _dtypes_fit(student_hidden.dtype, student_head_weight.dtype, amp):
         raise TypeError(f"student_head_weight is {student_head_weight.dtype} but student_hidden is "

@@ -534,8 +534,9 @@ class DistillationTrainer(Trainer):
         if not model.training:
             num_items_in_batch = None  # evaluation: each batch's own mean (Trainer averages the batches)
         if self.fused_linear:
-            # under the student's autocast, as its lm_head ran in the logits path: the head's matmuls in bf16 / fp16
-            # with bf16=True / fp16=True (outside it, float32 matmuls of a float32 head: several times slower on a GPU)
+            # under the student's autocast, as its lm_head ran in the logits path: with bf16=True the head's matmuls
+            # in bf16 (outside it, float32 matmuls of a float32 head: several times slower on a GPU); fp16=True's
+            # float16 autocast the op leaves for float32 itself (fused_linear: a float16 chunk gradient underflows)
             with self.accelerator.autocast():
                 loss = fused_linear_kd_loss(student.hidden, student.weight, teachers, labels,
                                             student_head_bias=student.bias, student_head_lora=student.lora,
