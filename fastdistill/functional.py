@@ -38,8 +38,10 @@ def check_choice(name: str, value, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-def check_real(name: str, value, *, low: float, high: float, low_open: bool, high_open: bool) -> float:
-    """``value`` as a float, finite and in the interval (open or closed at each end), or an error naming ``name``."""
+def check_real(name: str, value, *, low: float, high: float, low_open: bool, high_open: bool,
+               note: str = "") -> float:  # fmt: skip
+    """``value`` as a float, finite and in the interval (open or closed at each end), or an error naming ``name``
+    (``note`` appended to the range error)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
@@ -48,7 +50,7 @@ def check_real(name: str, value, *, low: float, high: float, low_open: bool, hig
     ok = finite and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
     if not ok:
         lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
-        raise ValueError(f"{name} must be finite and in {lo}{low}, {high}{hi}; got {value!r}")
+        raise ValueError(f"{name} must be finite and in {lo}{low}, {high}{hi}; got {value!r}{note}")
     return v
 
 
@@ -113,8 +115,12 @@ def _check_hyperparameters(divergence, temperature, ensemble, beta, skew, ce_wei
         raise ValueError(f"beta must be in (0, 1){unused}; got {beta}. TRL's and Liger's JSD mean a one-sided KL "
                          f"at beta = {beta:g}: here that is {kl}")  # fmt: skip
     values = {"beta": beta, "skew": skew}  # every divergence parameter (ops/divergences.py), checked whatever the
-    for p in divergences.PARAMS.values():  # divergence, as always: a bad beta is an error with "kl" too
-        check_real(p.name, values[p.name], low=p.low, high=p.high, low_open=p.low_open, high_open=p.high_open)
+    used = {q.name for q in divergences.get(divergence).params}  # divergence, as always: a bad beta is an error
+    for p in divergences.PARAMS.values():  # with "kl" too, whose message then says kl does not use it
+        note = "" if p.name in used else (f" (a parameter of another divergence: divergence={divergence!r} does not "
+                                          f"use {p.name}; leave it at its default)")  # fmt: skip
+        check_real(p.name, values[p.name], low=p.low, high=p.high, low_open=p.low_open, high_open=p.high_open,
+                   note=note)  # fmt: skip
     check_real("ce_weight", ce_weight, low=0.0, high=1.0, low_open=False, high_open=False)
     _check_int64("ignore_index", ignore_index)
     if not isinstance(scale_by_temperature_sq, bool):

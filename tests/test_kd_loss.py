@@ -515,6 +515,11 @@ def test_an_unused_beta_out_of_range_says_it_is_unused():
     s, teachers = make_inputs((3,), 8, 1)
     with pytest.raises(ValueError, match="divergence='kl' does not use it; leave beta at its default"):
         fastdistill.kd_loss(s, teachers, divergence="kl", beta=0.0)
+    for kw in (dict(beta=2.0), dict(skew=1.0)):  # any out-of-range value of a parameter the divergence does not use
+        with pytest.raises(ValueError, match=f"divergence='kl' does not use {next(iter(kw))}"):
+            fastdistill.kd_loss(s, teachers, divergence="kl", **kw)
+    with pytest.raises(ValueError, match=r"skew must be finite and in \[0.0, 1.0\); got 1.0$"):  # its own: no note
+        fastdistill.kd_loss(s, teachers, divergence="skew_kl", skew=1.0)
 
 
 def test_module_matches_functional():
