@@ -289,15 +289,23 @@ def _autocast_as(device: torch.device, dtype: torch.dtype | None):
                                                                                               enabled=False)
 
 
-def _dtypes_fit(hidden: torch.dtype, weight: torch.dtype, amp: torch.dtype | None) -> bool:
-    return hidden == weight or (amp is not None and hidden in _AMP_DTYPES and weight in _AMP_DTYPES)
+def _castable(hidden: Tensor, weight: Tensor) -> bool:
+    """Both of the dtypes autocast casts (float64 it leaves alone)."""
+    return hidden.dtype in _AMP_DTYPES and weight.dtype in _AMP_DTYPES
+
+
+def _dtypes_fit(hidden: Tensor, weight: Tensor, amp: torch.dtype | None) -> bool:
+    return hidden.dtype == weight.dtype or (amp is not None and _castable(hidden, weight))
+
+
+def _in_head_dtype(hidden: Tensor, weight: Tensor) -> Tensor:
+    """``hidden`` cast to its head's dtype (float16 autocast, which the op runs outside), where autocast would cast."""
+    return hidden.to(weight.dtype) if hidden.dtype != weight.dtype and _castable(hidden, weight) else hidden
 
 
 def _head_logits_dtype(head: TeacherHead, amp: torch.dtype | None) -> torch.dtype:
-    """The dtype of ``head``'s logits: autocast's for the dtypes it casts (float64 it leaves alone), else its own."""
-    if amp is not None and head.hidden.dtype in _AMP_DTYPES and head.weight.dtype in _AMP_DTYPES:
-        return amp
-    return head.hidden.dtype
+    """The dtype of ``head``'s logits: autocast's for the dtypes it casts, else its own."""
+    return amp if amp is not None and _castable(head.hidden, head.weight) else head.hidden.dtype
 
 
 def _check_head(name: str, weight: Tensor, bias: Tensor | None, width: int, device: torch.device,
@@ -387,9 +395,9 @@ def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: in
                                  f"student's rows), got {tuple(getattr(t.hidden, 'shape', ()))}")  # fmt: skip
             functional._check_device(f"teachers[{k}].hidden", t.hidden, device, ref="student_hidden")
             _check_head(f"teachers[{k}]", t.weight, t.bias, t.hidden.shape[-1], device, f"teachers[{k}].bias")
-            if upcast and t.hidden.dtype != t.weight.dtype and {t.hidden.dtype, t.weight.dtype} <= set(_AMP_DTYPES):
-                t = t._replace(hidden=t.hidden.to(t.weight.dtype))
-            if not _dtypes_fit(t.hidden.dtype, t.weight.dtype, amp):
+            if upcast:
+                t = t._replace(hidden=_in_head_dtype(t.hidden, t.weight))
+            if not _dtypes_fit(t.hidden, t.weight, amp):
                 raise TypeError(f"teachers[{k}].weight is {t.weight.dtype} but its hidden states are "
                                 f"{t.hidden.dtype}; {_ONE_DTYPE}")  # fmt: skip
             if t.weight.shape[0] != v:
@@ -786,10 +794,8 @@ def fused_linear_kd_loss(
     upcast = amp == torch.float16  # run outside float16 autocast, in the heads' dtypes (see _ONE_DTYPE's comment)
     if upcast:
         amp = None
-        if student_hidden.dtype != student_head_weight.dtype and {student_hidden.dtype,
-                                                                    student_head_weight.dtype} <= set(_AMP_DTYPES):
-            student_hidden = student_hidden.to(student_head_weight.dtype)
-    if not _dtypes_fit(student_hidden.dtype, student_head_weight.dtype, amp):
+        student_hidden = _in_head_dtype(student_hidden, student_head_weight)
+    if not _dtypes_fit(student_hidden, student_head_weight, amp):
         raise TypeError(f"student_head_weight is {student_head_weight.dtype} but student_hidden is "
                         f"{student_hidden.dtype}; {_ONE_DTYPE}")  # fmt: skip
     functional.check_hyperparameters(
