@@ -200,11 +200,16 @@ _VALUES_CHECKED: contextvars.ContextVar[bool | frozenset[str]] = contextvars.Con
                                                                                        default=False)  # fmt: skip
 
 
-@contextlib.contextmanager
-def values_checked(*names: str) -> Iterator[None]:
+def values_checked(*names: str) -> contextlib.AbstractContextManager[None]:
     """Within it the data-dependent checks of the arguments ``names`` (all of them when none is given) are skipped:
     for a caller that checked those values already (on the whole input, or on the host before copying them to the
-    device) and calls the losses on them (each check is a device sync on CUDA)."""
+    device) and calls the losses on them (each check is a device sync on CUDA). While torch.compile traces, a
+    no-op: the checks are skipped there anyway, and Dynamo cannot trace the context variable."""
+    return contextlib.nullcontext() if _is_compiling() else _values_checked(names)
+
+
+@contextlib.contextmanager
+def _values_checked(names: tuple[str, ...]) -> Iterator[None]:
     token = _VALUES_CHECKED.set(frozenset(names) if names else True)
     try:
         yield

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
+from .modules import _KDSettings
 from .ops import dispatch, gemm, reference
 
 # Per chunk (its logits, the teachers' and the logit gradient), per device type. On CUDA the larger chunk matters for
@@ -848,40 +849,58 @@ def fused_linear_kd_loss(
         return _FusedLinearKD.apply(plan, h, student_head_weight, student_head_bias, *ab)
 
 
-class FusedLinearKDLoss(nn.Module):
+class FusedLinearKDLoss(_KDSettings):
     """:func:`fused_linear_kd_loss` with its hyper-parameters fixed in ``__init__`` (every keyword from
-    ``chunk_size`` on); ``forward(student_hidden, student_head_weight, teachers, labels=None, *,
-    student_head_bias=None, student_head_lora=(), sample_weight=None, teacher_weights=None, num_items=None)``."""
+    ``chunk_size`` on, the same defaults). Settings are attributes read at every call, as :class:`fastdistill.KDLoss`'s
+    (a tensor ``teacher_weights`` is a buffer: it moves with ``.to(device)``). Under ``torch.compile`` the module
+    compiles with graph breaks (each chunk takes its own autograd pass), not with ``fullgraph=True``.
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__()
-        allowed = {"chunk_size", "memory_budget_bytes", "divergence", "temperature", "scale_by_temperature_sq",
-                   "ensemble", "teacher_weights", "beta", "skew", "ignore_index", "ce_weight", "reduction",
-                   "accum_dtype", "backend"}  # fmt: skip
-        unknown = set(options) - allowed
-        if unknown:
-            raise TypeError(f"FusedLinearKDLoss got unknown options {sorted(unknown)}; allowed: {sorted(allowed)}")
-        self.options = options
-        # checked now, as KDLoss does: the options given, kd_loss's defaults for the others
-        checked = inspect.signature(functional.check_hyperparameters).parameters
-        defaults = {k: p.default for k, p in inspect.signature(functional.kd_loss).parameters.items() if k in checked}
-        functional.check_hyperparameters(**{**defaults, **{k: v for k, v in options.items() if k in checked}})
-        check_chunking(options.get("chunk_size"), options.get("memory_budget_bytes"))
-        check_accum_dtype(options.get("accum_dtype"))
-        functional.check_teacher_weights(options.get("teacher_weights"))
+    Example::
+
+        loss_fn = FusedLinearKDLoss(temperature=2.0, ce_weight=0.1)
+        loss = loss_fn(hidden, model.lm_head.weight, teacher_logits, labels)
+    """
+
+    def __init__(
+        self,
+        *,
+        chunk_size: int | None = None,
+        memory_budget_bytes: int | None = None,
+        divergence: str = "kl",
+        temperature: float = 1.0,
+        scale_by_temperature_sq: bool = True,
+        ensemble: str = "prob_mean",
+        teacher_weights: Tensor | Sequence[float] | None = None,
+        beta: float = 0.5,
+        skew: float = 0.1,
+        ignore_index: int = -100,
+        ce_weight: float = 0.0,
+        reduction: str = "mean",
+        accum_dtype: torch.dtype | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            divergence=divergence, temperature=temperature, scale_by_temperature_sq=scale_by_temperature_sq,
+            ensemble=ensemble, teacher_weights=teacher_weights, beta=beta, skew=skew, ignore_index=ignore_index,
+            ce_weight=ce_weight, reduction=reduction, backend=backend,
+        )  # fmt: skip
+        check_chunking(chunk_size, memory_budget_bytes)
+        check_accum_dtype(accum_dtype)
+        self.chunk_size, self.memory_budget_bytes, self.accum_dtype = chunk_size, memory_budget_bytes, accum_dtype
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return (f"chunk_size={self.chunk_size}, memory_budget_bytes={self.memory_budget_bytes}, "
+                f"{super().extra_repr()}, accum_dtype={self.accum_dtype}")  # fmt: skip
 
     def forward(self, student_hidden: Tensor, student_head_weight: Tensor, teachers: Teacher | Sequence[Teacher],
                 labels: Tensor | None = None, *, student_head_bias: Tensor | None = None,
                 student_head_lora: Sequence[LoRATerm] = (), sample_weight: Tensor | None = None,
                 teacher_weights: Tensor | Sequence[float] | None = None,
                 num_items: int | Tensor | None = None) -> Tensor:  # fmt: skip
-        options = dict(self.options)
-        if teacher_weights is not None:
-            options["teacher_weights"] = teacher_weights
+        """student_hidden [*, H], student_head_weight [V, H]; teachers and the rest as in
+        :func:`fused_linear_kd_loss`. ``teacher_weights`` here overrides the one given at construction."""
         return fused_linear_kd_loss(student_hidden, student_head_weight, teachers, labels,
                                     student_head_bias=student_head_bias, student_head_lora=student_head_lora,
-                                    sample_weight=sample_weight,
-                                    num_items=num_items, **options)  # fmt: skip
+                                    sample_weight=sample_weight, num_items=num_items, chunk_size=self.chunk_size,
+                                    memory_budget_bytes=self.memory_budget_bytes, accum_dtype=self.accum_dtype,
+                                    **self.kd_settings(teacher_weights))  # fmt: skip

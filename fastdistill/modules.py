@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -14,8 +14,75 @@ from .ops import reference
 from .ops.dispatch import BACKENDS_NAMES
 
 
-class KDLoss(nn.Module):
+def _setting_repr(value) -> str:
+    """A setting as ``extra_repr`` shows it: a tensor by shape and dtype (its values could be many, on a device
+    (a sync to read) or on the meta device (none to read)), anything else as ``repr``."""
+    if isinstance(value, Tensor):
+        return f"Tensor(shape={list(value.shape)}, dtype={value.dtype}, device={value.device})"
+    return repr(value)
+
+
+class _KDSettings(nn.Module):
+    """:func:`fastdistill.kd_loss`'s hyper-parameters as attributes: checked at construction, read at every call
+    (a value changed afterwards is used, and checked, by the next call); a tensor ``teacher_weights`` is a buffer,
+    so it moves with ``.to(device)``, not in the state dict (a setting, like the others)."""
+
+    def __init__(self, *, divergence: str, temperature: float, scale_by_temperature_sq: bool, ensemble: str,
+                 teacher_weights: Tensor | Sequence[float] | None, beta: float, skew: float, ignore_index: int,
+                 ce_weight: float, reduction: str, backend: str) -> None:  # fmt: skip
+        super().__init__()
+        functional.check_hyperparameters(
+            divergence=divergence, temperature=temperature, ensemble=ensemble, beta=beta, skew=skew,
+            ce_weight=ce_weight, reduction=reduction, backend=backend, ignore_index=ignore_index,
+            scale_by_temperature_sq=scale_by_temperature_sq,
+        )  # fmt: skip
+        functional.check_teacher_weights(teacher_weights)
+        self.divergence = divergence
+        self.temperature = temperature
+        self.scale_by_temperature_sq = scale_by_temperature_sq
+        self.ensemble = ensemble
+        if isinstance(teacher_weights, Tensor):
+            self.register_buffer("teacher_weights", teacher_weights, persistent=False)
+        else:
+            self.teacher_weights = teacher_weights
+        self.beta = beta
+        self.skew = skew
+        self.ignore_index = ignore_index
+        self.ce_weight = ce_weight
+        self.reduction = reduction
+        self.backend = backend
+
+    def _apply(self, fn, recurse=True):
+        # loss_fn.half() / .to(torch.bfloat16) (or a parent module's) moves the weights but keeps their dtype:
+        # weights rounded to 8 bits would skew the ensemble, and the kernels accumulate in float32 anyway
+        weights = self._buffers.get("teacher_weights")
+        out = super()._apply(fn, recurse)
+        moved = self._buffers.get("teacher_weights")
+        if weights is not None and moved is not None and moved.dtype != weights.dtype:
+            self._buffers["teacher_weights"] = weights.to(moved.device)
+        return out
+
+    def kd_settings(self, teacher_weights: Tensor | Sequence[float] | None = None) -> dict[str, Any]:
+        """The keywords of :func:`fastdistill.kd_loss` this module holds (``teacher_weights`` given here, a call's
+        own, replaces the module's)."""
+        return dict(
+            divergence=self.divergence, temperature=self.temperature,
+            scale_by_temperature_sq=self.scale_by_temperature_sq, ensemble=self.ensemble,
+            teacher_weights=self.teacher_weights if teacher_weights is None else teacher_weights, beta=self.beta,
+            skew=self.skew, ignore_index=self.ignore_index, ce_weight=self.ce_weight, reduction=self.reduction,
+            backend=self.backend,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={_setting_repr(v)}" for k, v in self.kd_settings().items())
+
+
+class KDLoss(_KDSettings):
     """Fused distillation loss; see :func:`fastdistill.kd_loss` for every argument.
+
+    Settings are attributes, read at every call (``loss_fn.temperature = 2.0`` takes effect at the next call); a
+    tensor ``teacher_weights`` is a non-persistent buffer (it moves with ``.to(device)`` and keeps its dtype under
+    ``.half()``; like the other settings it is not in ``state_dict()``).
 
     Example::
 
@@ -38,37 +105,11 @@ class KDLoss(nn.Module):
         reduction: str = "mean",
         backend: str = "auto",
     ) -> None:
-        super().__init__()
-        functional.check_hyperparameters(
-            divergence=divergence, temperature=temperature, ensemble=ensemble, beta=beta, skew=skew,
-            ce_weight=ce_weight, reduction=reduction, backend=backend, ignore_index=ignore_index,
-            scale_by_temperature_sq=scale_by_temperature_sq,
+        super().__init__(
+            divergence=divergence, temperature=temperature, scale_by_temperature_sq=scale_by_temperature_sq,
+            ensemble=ensemble, teacher_weights=teacher_weights, beta=beta, skew=skew, ignore_index=ignore_index,
+            ce_weight=ce_weight, reduction=reduction, backend=backend,
         )  # fmt: skip
-        functional.check_teacher_weights(teacher_weights)
-        self.divergence = divergence
-        self.temperature = temperature
-        self.scale_by_temperature_sq = scale_by_temperature_sq
-        self.ensemble = ensemble
-        if isinstance(teacher_weights, Tensor):  # a buffer: moves with loss_fn.to(device); not in the state dict
-            self.register_buffer("teacher_weights", teacher_weights, persistent=False)
-        else:
-            self.teacher_weights = teacher_weights
-        self.beta = beta
-        self.skew = skew
-        self.ignore_index = ignore_index
-        self.ce_weight = ce_weight
-        self.reduction = reduction
-        self.backend = backend
-
-    def _apply(self, fn, recurse=True):
-        # loss_fn.half() / .to(torch.bfloat16) (or a parent module's) moves the weights but keeps their dtype:
-        # weights rounded to 8 bits would skew the ensemble, and the kernels accumulate in float32 anyway
-        weights = self._buffers.get("teacher_weights")
-        out = super()._apply(fn, recurse)
-        moved = self._buffers.get("teacher_weights")
-        if weights is not None and moved is not None and moved.dtype != weights.dtype:
-            self._buffers["teacher_weights"] = weights.to(moved.device)
-        return out
 
     def forward(
         self,
@@ -82,23 +123,8 @@ class KDLoss(nn.Module):
     ) -> Tensor:
         """student_logits [*, V]; teacher_logits [*, V], [K, *, V] or K x [*, V]; labels int64 [*].
         ``teacher_weights`` here overrides the one given at construction."""
-        return functional.kd_loss(
-            student_logits, teacher_logits, divergence=self.divergence, temperature=self.temperature,
-            scale_by_temperature_sq=self.scale_by_temperature_sq, ensemble=self.ensemble,
-            teacher_weights=self.teacher_weights if teacher_weights is None else teacher_weights,
-            beta=self.beta, skew=self.skew, labels=labels, ignore_index=self.ignore_index,
-            ce_weight=self.ce_weight, sample_weight=sample_weight, reduction=self.reduction, num_items=num_items,
-            backend=self.backend,
-        )  # fmt: skip
-
-    def extra_repr(self) -> str:
-        return (
-            f"divergence={self.divergence!r}, temperature={self.temperature}, "
-            f"scale_by_temperature_sq={self.scale_by_temperature_sq}, ensemble={self.ensemble!r}, "
-            f"teacher_weights={tw.tolist() if isinstance(tw := self.teacher_weights, Tensor) else tw}, "
-            f"beta={self.beta}, skew={self.skew}, ce_weight={self.ce_weight}, ignore_index={self.ignore_index}, "
-            f"reduction={self.reduction!r}, backend={self.backend!r}"
-        )
+        return functional.kd_loss(student_logits, teacher_logits, labels=labels, sample_weight=sample_weight,
+                                  num_items=num_items, **self.kd_settings(teacher_weights))  # fmt: skip
 
 
 POOLINGS = ("cls", "mean", "none")
@@ -163,21 +189,16 @@ class CodistillLoss(nn.Module):
             ce_weight=0.0, reduction=reduction, backend=backend, ignore_index=ignore_index,
             scale_by_temperature_sq=scale_by_temperature_sq,
         )  # fmt: skip
-        if isinstance(burn_in_steps, bool) or not isinstance(burn_in_steps, int) or burn_in_steps < 0:
-            raise ValueError(f"burn_in_steps must be an int >= 0, got {burn_in_steps!r}")
-        hard = functional.check_codistill_weights(weight_ab, weight_ba, hard_weight)[2]
-        if burn_in_steps and hard is not None and max(hard) == 0:
-            raise ValueError("burn_in_steps > 0 trains on the hard losses alone at first: hard_weight must not be 0")
-        self.burn_in_steps = burn_in_steps
+        functional.check_codistill_weights(weight_ab, weight_ba, hard_weight)
         # progress as last reported (plain attributes, not state: the loop reports it before every step, so a
         # resumed run needs nothing from a checkpoint); forward reads only whether distillation is on, so a compiled
         # step sees two values (two graphs at most), not a new step number on every call
         self.step = 0
-        self._distilling = burn_in_steps == 0
-        self.temperature = temperature
         self.weight_ab = weight_ab
         self.weight_ba = weight_ba
         self.hard_weight = hard_weight
+        self.burn_in_steps = burn_in_steps  # (checked against hard_weight by its setter)
+        self.temperature = temperature
         self.divergence = divergence
         self.scale_by_temperature_sq = scale_by_temperature_sq
         self.beta = beta
@@ -215,13 +236,28 @@ class CodistillLoss(nn.Module):
             num_items=num_items, backend=self.backend,
         )  # fmt: skip
 
+    @property
+    def burn_in_steps(self) -> int:
+        """Optimizer steps trained on the hard losses alone; settable (checked, and in effect at the next call)."""
+        return self._burn_in_steps
+
+    @burn_in_steps.setter
+    def burn_in_steps(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"burn_in_steps must be an int >= 0, got {value!r}")
+        hard = functional.check_codistill_weights(self.weight_ab, self.weight_ba, self.hard_weight)[2]
+        if value and hard is not None and max(hard) == 0:
+            raise ValueError("burn_in_steps > 0 trains on the hard losses alone at first: hard_weight must not be 0")
+        self._burn_in_steps = value
+        self._distilling = self.step >= value
+
     def set_progress(self, step: int, total_steps: int | None = None) -> None:
         """Where training is: ``step`` optimizer steps done (0-based); the distillation terms start at
         ``step == burn_in_steps``. ``total_steps`` is not used (the loop's signature)."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         self.step = step
-        self._distilling = step >= self.burn_in_steps
+        self._distilling = step >= self._burn_in_steps
 
     def extra_repr(self) -> str:
         return (
@@ -307,6 +343,7 @@ class MIAlphaLoss(nn.Module):
         ``rows``: for pooling "none" with a mask, the kept positions (flat indices into B * L; default: the mask's
         nonzero ones), so that two calls can share one index set."""
         _check_hidden(name, hidden)
+        functional.check_choice("pooling", self.pooling, POOLINGS)  # (a setting changed after construction)
         if hidden.dim() in (2, 3) and hidden.shape[-1] != width:
             raise ValueError(f"{name} has width D = {hidden.shape[-1]}, but this MIAlphaLoss was built for "
                              f"{name.split('_')[0]}_dim = {width}")  # fmt: skip
@@ -365,10 +402,8 @@ class MIAlphaLoss(nn.Module):
         if isinstance(a, Tensor) and a.dtype != torch.float64:
             a = a.float()
         # the baseline is this module's own output, finite when the features are (which mi_alpha does not check
-        # either): its value check would be a device sync in every training step (torch.compile skips the checks
-        # anyway, and cannot trace the context variable that switches them off)
-        unchecked = contextlib.nullcontext() if torch.compiler.is_compiling() else functional.values_checked()
-        with unchecked:
+        # either): its value check would be a device sync in every training step
+        with functional.values_checked():
             return functional.mi_alpha(u, v, alpha=self.alpha, log_baseline=a, critic=self.critic,
                                        temperature=self.temperature, anchor=self.anchor,
                                        backend=self.backend)  # fmt: skip
@@ -378,5 +413,7 @@ class MIAlphaLoss(nn.Module):
         return -self.estimate(student_hidden, teacher_hidden, attention_mask)
 
     def extra_repr(self) -> str:
-        return (f"alpha={self.alpha}, critic={self.critic!r}, temperature={self.temperature}, "
-                f"anchor={self.anchor!r}, pooling={self.pooling!r}, backend={self.backend!r}")  # fmt: skip
+        return (f"student_dim={self.student_dim}, teacher_dim={self.teacher_dim}, alpha={self.alpha}, "
+                f"critic={self.critic!r}, temperature={self.temperature}, anchor={self.anchor!r}, "
+                f"baseline={'learned' if self.baseline is not None else 'constant'!r}, pooling={self.pooling!r}, "
+                f"backend={self.backend!r}")  # fmt: skip

@@ -117,7 +117,7 @@ def test_module_and_chunk_from_budget():
                                 backend="reference")  # fmt: skip
     torch.testing.assert_close(got, want)
     assert fastdistill.fused_linear.chunk_rows(10, V, 2, 8, None, 2048) == 5  # 2048 B / (11 x 4 x 8 B a row)
-    with pytest.raises(TypeError, match="unknown options"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'temprature'"):
         fastdistill.FusedLinearKDLoss(temprature=2.0)
 
 

@@ -113,5 +113,85 @@ def test_module_reprs_show_every_setting():
     co = repr(fastdistill.CodistillLoss(divergence="jsd", beta=0.3, reduction="sum"))
     for part in ("beta=0.3", "reduction='sum'", "scale_by_temperature_sq=True", "ignore_index=-100"):
         assert part in co, (part, co)
-    assert repr(fastdistill.FusedLinearKDLoss(temperature=2.0, chunk_size=8)) == (
-        "FusedLinearKDLoss(temperature=2.0, chunk_size=8)")
+    fl = repr(fastdistill.FusedLinearKDLoss(temperature=2.0, chunk_size=8))
+    for part in ("chunk_size=8", "temperature=2.0", "scale_by_temperature_sq=True", "ignore_index=-100",
+                 "accum_dtype=None", "memory_budget_bytes=None"):  # fmt: skip
+        assert part in fl, (part, fl)
+    mi = repr(fastdistill.MIAlphaLoss(8, 16, baseline="constant"))
+    for part in ("student_dim=8", "teacher_dim=16", "baseline='constant'", "anchor='student'"):
+        assert part in mi, (part, mi)
+
+
+def test_module_reprs_of_tensor_settings_read_no_values():
+    """KDLoss's repr printed tensor teacher weights with .tolist(): an error for weights on the meta device (a model
+    built for deferred initialisation), a device sync on CUDA, and 10^5 characters for per-row weights."""
+    for tw in (torch.ones(3, 4, 512), torch.ones(2, device="meta")):
+        for module in (fastdistill.KDLoss(teacher_weights=tw), fastdistill.FusedLinearKDLoss(teacher_weights=tw)):
+            text = repr(module)
+            assert f"teacher_weights=Tensor(shape={list(tw.shape)}" in text and len(text) < 500, text
+
+
+def test_module_settings_changed_after_construction_are_used():
+    """FusedLinearKDLoss kept its settings in a dict read by forward: loss.temperature = 2.0 was silently ignored
+    (and reading it raised), so the training loop's getattr(loss, "temperature", 1.0) got 1.0; CodistillLoss cached
+    whether to distill from burn_in_steps at construction, so changing it did nothing until set_progress."""
+    torch.manual_seed(0)
+    h, w, t = torch.randn(6, 4, dtype=torch.float64), torch.randn(9, 4, dtype=torch.float64), torch.randn(6, 9)
+    module = fastdistill.FusedLinearKDLoss(chunk_size=4, backend="cpu")
+    assert module.temperature == 1.0 and module.chunk_size == 4
+    module.temperature, module.ce_weight = 2.0, 0.3
+    labels = torch.randint(0, 9, (6,))
+    want = fastdistill.fused_linear_kd_loss(h, w, t.double(), labels, chunk_size=4, temperature=2.0, ce_weight=0.3,
+                                            backend="cpu")  # fmt: skip
+    assert torch.equal(module(h, w, t.double(), labels), want)
+    module.temperature = -5.0
+    with pytest.raises(ValueError, match="temperature"):
+        module(h, w, t.double(), labels)
+
+    a, b = torch.randn(6, 9), torch.randn(6, 9)
+    codistill = fastdistill.CodistillLoss(backend="cpu")
+    hard_only = fastdistill.codistill_loss(a, b, labels, weight_ab=0.0, weight_ba=0.0, backend="cpu")
+    codistill.burn_in_steps = 3
+    assert torch.equal(codistill(a, b, labels).loss_a, hard_only.loss_a)
+    codistill.burn_in_steps = 0
+    assert not torch.equal(codistill(a, b, labels).loss_a, hard_only.loss_a)
+    with pytest.raises(ValueError, match="hard_weight must not be 0"):
+        fastdistill.CodistillLoss(hard_weight=0.0).burn_in_steps = 2
+
+    mi = fastdistill.MIAlphaLoss(4, 4, backend="reference")
+    mi.pooling = "max"
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        mi(torch.randn(2, 3, 4), torch.randn(2, 3, 4))
+
+
+def test_fused_linear_module_moves_its_tensor_teacher_weights():
+    """FusedLinearKDLoss kept a tensor teacher_weights in a plain dict: .to(device) left it behind, and the next call
+    failed with "teacher_weights is on cpu". Now a buffer, as KDLoss's: it moves, keeps its dtype under .half(),
+    and the module gives the functional's value."""
+    tw = torch.tensor([0.3, 0.7])
+    module = fastdistill.FusedLinearKDLoss(teacher_weights=tw, backend="reference")
+    assert module.half().teacher_weights.dtype == torch.float32
+    moved = module.to("meta")
+    assert moved.teacher_weights.device.type == "meta"
+    h, w, t = torch.randn(8, 4, device="meta"), torch.randn(5, 4, device="meta"), torch.randn(2, 8, 5, device="meta")
+    with fastdistill.functional.values_checked():  # meta tensors have no values to check
+        assert moved(h, w, t).device.type == "meta"
+    h, w, t = torch.randn(8, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64), torch.randn(2, 8, 5)
+    module = fastdistill.FusedLinearKDLoss(teacher_weights=tw, backend="cpu")
+    assert torch.equal(module(h, w, t.double()),
+                       fastdistill.fused_linear_kd_loss(h, w, t.double(), teacher_weights=tw, backend="cpu"))
+
+
+def test_method_losses_compile_with_fullgraph():
+    """WeightedKDLoss and SLaMLoss entered values_checked (a context variable Dynamo cannot trace) and SLaM's top-k
+    mask checked k with a data-dependent branch: torch.compile(fullgraph=True) failed on both."""
+    from fastdistill.methods import SLaMLoss, TeacherReliability, WeightedKDLoss
+
+    torch.manual_seed(0)
+    rel = TeacherReliability.fit(torch.randn(200, 5), torch.randint(0, 5, (200,)))
+    s, t, labels = torch.randn(8, 5), torch.randn(8, 5), torch.randint(0, 5, (8,))
+    for module in (WeightedKDLoss(rel, temperature=2.0), SLaMLoss(rel)):
+        dynamo.reset()
+        compiled = torch.compile(module, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(s, t, labels), module(s, t, labels))
+        assert "max_k=" in repr(module)

@@ -277,6 +277,10 @@ class WeightedKDLoss(nn.Module):
         self.reliability, self.hard, self.temperature = reliability, hard, temperature
         self.ignore_index, self.reduction = ignore_index, reduction
 
+    def extra_repr(self) -> str:
+        return (f"max_k={self.reliability.max_k}, hard={self.hard}, temperature={self.temperature}, "
+                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")  # fmt: skip
+
     def forward(self, student_logits: Tensor, teacher_logits: Tensor | Sequence[Tensor], labels: Tensor | None = None,
                 *, num_items: int | Tensor | None = None, sample_weight: Tensor | None = None) -> Tensor:  # fmt: skip
         """student_logits [*, V]; teacher_logits [*, V] (or [1, *, V] / a list of one); labels int64 [*] or None."""
@@ -321,8 +325,7 @@ def topk_mask(teacher_logits: Tensor, k: Tensor | int) -> Tensor:
     else:
         if kt.is_floating_point() or kt.is_complex() or kt.dtype == torch.bool:
             raise TypeError(f"k must be an int or an integer Tensor [*] (the number of top classes), got {kt.dtype}")
-        if (kt < 1).any() or (kt > v).any():
-            raise ValueError(f"k must be in [1, {v}] (V = {v} classes) on every row")
+        functional._check_values("k", kt, f"in [1, {v}] (V = {v} classes) on every row", (kt < 1) | (kt > v))
     kt = kt.expand(rows)
     rank = torch.argsort(torch.argsort(teacher_logits, dim=-1, descending=True, stable=True), dim=-1, stable=True)
     return rank < kt[..., None]
@@ -464,6 +467,10 @@ class SLaMLoss(nn.Module):
         functional.check_choice("reduction", reduction, SLAM_REDUCTIONS)
         self.reliability, self.normalize, self.topk_target = reliability, normalize, topk_target
         self.ignore_index, self.reduction = ignore_index, reduction
+
+    def extra_repr(self) -> str:
+        return (f"max_k={self.reliability.max_k}, normalize={self.normalize}, topk_target={self.topk_target}, "
+                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")  # fmt: skip
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor | Sequence[Tensor], labels: Tensor | None = None,
                 *, num_items: int | Tensor | None = None, sample_weight: Tensor | None = None) -> Tensor:  # fmt: skip
