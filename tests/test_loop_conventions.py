@@ -10,6 +10,7 @@ import os
 import random
 import tempfile
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -398,26 +399,32 @@ def test_dataloader_resume_is_exact(tmp_path):
 
 
 class _Noisy(torch.utils.data.Dataset):
-    """Random augmentation drawn from torch's global RNG in ``__getitem__`` (a torchvision transform does this):
-    item i is ``{"input": x_i + 0.1 * noise [6], "labels": y_i}``."""
+    """Random augmentation drawn in ``__getitem__`` from torch's global RNG (a torchvision transform does this),
+    numpy's or python's: item i is ``{"input": x_i + 0.1 * noise [6], "labels": y_i}``."""
 
-    def __init__(self, n: int) -> None:
-        self.base = _data(n=n)
+    def __init__(self, n: int, source: str = "torch") -> None:
+        self.base, self.source = _data(n=n), source
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item = self.base[i]
-        return {"input": item["input"] + 0.1 * torch.randn(6), "labels": item["labels"]}
+        if self.source == "torch":
+            noise = torch.randn(6)
+        else:
+            draws = np.random.standard_normal(6) if self.source == "numpy" else [random.gauss(0, 1) for _ in range(6)]
+            noise = torch.tensor(draws, dtype=torch.float32)
+        return {"input": item["input"] + 0.1 * noise, "labels": item["labels"]}
 
 
-@pytest.mark.parametrize("shuffle", [False, True])
-def test_dataloader_resume_is_exact_with_random_augmentation(tmp_path, shuffle):
-    """A DataLoader (no workers) over a dataset that draws torch.randn when it loads an item: a run resumed from step
-    k (inside an epoch, at its first batch, at an epoch boundary) draws the same noise for the same batches as the
-    run that never stopped, so the weights are bit-identical. (Batch k was loaded with the (seed, epoch) RNG.)"""
-    ds, total = _Noisy(n=16), 10  # 4 batches per epoch: steps 4 and 8 end an epoch
+@pytest.mark.parametrize("shuffle,source", [(False, "torch"), (True, "torch"), (True, "numpy"), (True, "python")])
+def test_dataloader_resume_is_exact_with_random_augmentation(tmp_path, shuffle, source):
+    """A DataLoader (no workers) over a dataset that draws random noise when it loads an item: a run resumed from
+    step k (inside an epoch, at its first batch, at an epoch boundary) draws the same noise for the same batches as
+    the run that never stopped, so the weights are bit-identical. (Batch k was loaded with the (seed, epoch) RNG.)
+    numpy's and python's RNGs advanced a second time while the resumed run skipped the batches it had trained on."""
+    ds, total = _Noisy(n=16, source=source), 10  # 4 batches per epoch: steps 4 and 8 end an epoch
 
     def loader():
         return DataLoader(ds, batch_size=4, shuffle=shuffle)
@@ -431,6 +438,31 @@ def test_dataloader_resume_is_exact_with_random_augmentation(tmp_path, shuffle):
         for p, q in zip(whole.student.parameters(), resumed.student.parameters()):
             assert torch.equal(p, q), f"resumed from step {k}"
         assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history[k:]], k
+
+
+def test_persistent_workers_resume_is_exact_and_fit_ends_its_workers(tmp_path):
+    """DataLoader(shuffle=True, num_workers=2, persistent_workers=True): a first iter() draws the workers' base seed
+    before the sampler's order, a later iter() of the same workers does not; so epoch 1 of the run that never
+    stopped had another order than epoch 1 of a resumed run. And fit() left its last epoch's workers running."""
+    import multiprocessing
+
+    ds, n = _data(n=16), 6  # 4 batches per epoch: the checkpoint falls inside epoch 1
+
+    def loader():
+        return DataLoader(ds, batch_size=4, shuffle=True, num_workers=2, persistent_workers=True)
+
+    whole = _loop(tmp_path / "whole")
+    whole.fit(loader(), max_steps=2 * n)
+    _loop(tmp_path / "run").fit(loader(), max_steps=n, checkpoint_every=n)
+    resumed = _loop(tmp_path / "run", model_seed=5)
+    resumed.fit(loader(), max_steps=2 * n, resume_from="latest")
+    assert [h["loss"] for h in whole.history[n:]] == [h["loss"] for h in resumed.history]
+    for p, q in zip(whole.student.parameters(), resumed.student.parameters()):
+        assert torch.equal(p, q)
+
+    del whole, resumed
+    _loop().fit(DataLoader(ds, batch_size=4, shuffle=True, num_workers=2), max_steps=5)  # stops inside epoch 1
+    assert not multiprocessing.active_children()
 
 
 def test_data_that_is_not_data_is_a_clear_error(tmp_path):

@@ -130,6 +130,35 @@ def test_bitwise_deterministic(ensemble):
 
 
 @requires_ext
+def test_deterministic_mode_changes_nothing_and_no_op_draws_random_numbers():
+    """The README's reproducibility claims: torch.use_deterministic_algorithms(True) neither refuses nor changes the
+    cpu ops (no nondeterministic op inside), and no op draws from the global RNG."""
+    torch.manual_seed(0)
+    s, ts = make_inputs((8,), 300, 2)
+    u, v = torch.randn(16, 8), torch.randn(16, 8)
+
+    def run():
+        a = s.clone().requires_grad_()
+        out = [fastdistill.kd_loss(a, ts, divergence="jsd", backend="cpu")]
+        out += list(fastdistill.codistill_loss(a, ts[0].clone().requires_grad_(), backend="cpu"))
+        x = u.clone().requires_grad_()
+        out.append(fastdistill.mi_alpha(x, v, backend="cpu"))
+        sum(o.sum() for o in out).backward()
+        return [o.detach() for o in out] + [a.grad, x.grad]
+
+    rng = torch.get_rng_state()
+    plain = run()
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        strict = run()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert all(torch.equal(p, q) for p, q in zip(plain, strict))
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+@requires_ext
 def test_gradients_computed_only_when_needed(monkeypatch):
     """kd_loss asks the kernel for gradients only for inputs that require grad, and none under no_grad."""
     calls = []

@@ -16,11 +16,13 @@ batches them in a seeded order), a ``torch.utils.data.DataLoader`` or any other 
 from __future__ import annotations
 
 import itertools
+import random
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
@@ -280,17 +282,38 @@ def epoch_batches(batches: Iterable, seed: int, epoch: int, skip: int = 0) -> It
     run draws it again. Batches 1, 2, ... are drawn with the training RNG, so what a dataset draws from torch's RNG
     when it loads them (random augmentation in ``__getitem__`` without workers) follows the training RNG too. A
     resumed run draws the ``skip`` batches it trained on (batch 0 included) in the seeded RNG, as the run that never
-    stopped drew batch 0, and batch ``skip`` onwards with the training RNG the checkpoint restored, as that run did.
+    stopped drew batch 0, and batch ``skip`` onwards with the training RNG the checkpoint restored, as that run did;
+    python's and numpy's RNGs are restored after those ``skip`` batches. Persistent workers (started by an earlier
+    epoch) get the same order as fresh ones; what they draw themselves continues their own streams across epochs,
+    which a resumed run (new workers) cannot reproduce.
     """
     parts = (batches, *(getattr(batches, a, None) for a in ("sampler", "batch_sampler", "dataset")),
              getattr(getattr(batches, "batch_sampler", None), "sampler", None))  # fmt: skip
     for part in {id(p): p for p in parts if hasattr(p, "set_epoch")}.values():
         part.set_epoch(epoch)
+    host_rngs = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(epoch_seed(seed, epoch))  # not torch.manual_seed: it seeds CUDA too
+        if _reuses_workers(batches):
+            # a DataLoader's first iter() draws its workers' base seed, then its sampler draws the order; a later
+            # iter() of persistent workers draws only the order: the base seed's draw, made here, gives the order
+            # the same draw either way (a resumed run's first iter() vs the run that never stopped, in epoch > 0)
+            torch.empty((), dtype=torch.int64).random_()
         it = iter(batches)
         # batch 0 always: a DataLoader without workers draws its order when it is first asked for a batch. Not
         # batch `skip` (> 0): the run that never stopped loaded it with the training RNG, not this one
         head = list(itertools.islice(it, max(skip, 1)))
+    if skip:
+        # what the batches trained on drew from python's and numpy's RNGs (augmentation in __getitem__ without
+        # workers) is in the states the checkpoint restored: drawn again here, it would shift every later draw
+        random.setstate(host_rngs[0])
+        np.random.set_state(host_rngs[1])
     yield from head[skip:]
     yield from it
+
+
+def _reuses_workers(batches: Iterable) -> bool:
+    """Whether ``iter(batches)`` resets a DataLoader's persistent workers (started by an earlier ``iter``) instead of
+    starting them, drawing their base seed from torch's RNG (a loader's own ``generator`` draws it otherwise)."""
+    return (isinstance(batches, DataLoader) and batches.persistent_workers and batches.num_workers > 0
+            and batches.generator is None and getattr(batches, "_iterator", None) is not None)  # fmt: skip

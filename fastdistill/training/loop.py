@@ -651,7 +651,9 @@ class DistillationLoop:
                   its shuffling order is drawn from (seed, epoch) (see
                   :func:`~fastdistill.training.data.epoch_batches`); a resumed run draws the epoch again and skips
                   the batches trained on, so resume is exact when the loader's order is a function of the epoch:
-                  no shuffle, ``shuffle=True`` without a ``generator`` of its own, a ``DistributedSampler``.
+                  no shuffle, ``shuffle=True`` without a ``generator`` of its own, a ``DistributedSampler``
+                  (random augmentation included, except what ``persistent_workers`` draw after epoch 0: their
+                  streams run on across epochs, a resumed run's new workers start theirs again).
                   ``batch_size``, ``shuffle``, ``drop_last`` and ``collate_fn`` of the loop do not apply;
                 - any other iterable of batches (a generator, an object with ``__iter__``): as a DataLoader. One
                   without ``len`` needs ``max_steps``; when one yields nothing more (a generator's second pass),
@@ -755,27 +757,34 @@ class DistillationLoop:
                 self.save_checkpoint(keep=keep_checkpoints)
                 saved_at = self.step
 
-        while self.step < total_steps:
-            micro = self._micro_batches(train_data, batches, per_epoch, budget)
-            if not micro:  # an iterable of batches without len has run out
-                if self.step == first_step:
-                    raise ValueError(f"train_data yields no batch (epoch {self.epoch}, after {self.batch_in_epoch} "
-                                     "batches)")  # fmt: skip
-                warnings.warn(f"train_data ran out at step {self.step} of {total_steps} (an iterable that yields "
-                              f"no more batches): training stops here", stacklevel=2)  # fmt: skip
-                end_of_step(final=True)
-                break
-            set_progress = getattr(self.loss_fn, "set_progress", None)
-            if set_progress is not None:  # scheduled losses (e.g. a decaying soft-label weight)
-                set_progress(self.step, total_steps)
-            sums = self._train_step(micro)
-            self.step += 1
-            bar.update(1)
-            for k, v in sums.items():
-                self._window[k] = self._window.get(k, 0) + v
-            self._window_steps += 1
-            end_of_step(final=self.step == total_steps)
-        bar.close()
+        try:
+            while self.step < total_steps:
+                micro = self._micro_batches(train_data, batches, per_epoch, budget)
+                if not micro:  # an iterable of batches without len has run out
+                    if self.step == first_step:
+                        raise ValueError(f"train_data yields no batch (epoch {self.epoch}, after {self.batch_in_epoch} "
+                                         "batches)")  # fmt: skip
+                    warnings.warn(f"train_data ran out at step {self.step} of {total_steps} (an iterable that yields "
+                                  f"no more batches): training stops here", stacklevel=2)  # fmt: skip
+                    end_of_step(final=True)
+                    break
+                set_progress = getattr(self.loss_fn, "set_progress", None)
+                if set_progress is not None:  # scheduled losses (e.g. a decaying soft-label weight)
+                    set_progress(self.step, total_steps)
+                sums = self._train_step(micro)
+                self.step += 1
+                bar.update(1)
+                for k, v in sums.items():
+                    self._window[k] = self._window.get(k, 0) + v
+                self._window_steps += 1
+                end_of_step(final=self.step == total_steps)
+        finally:
+            # the epoch's iterator (a DataLoader's workers) ends with fit(): a next fit() draws the epoch again, as a
+            # resumed run does
+            if hasattr(self._batches, "close"):
+                self._batches.close()
+            self._batches, self._batches_epoch = iter(()), -1
+            bar.close()
         if self.step == first_step and evaluate:
             # resumed from the last step's checkpoint: nothing ran, and the final evaluation is the finished run's
             # (its record is in the logs already, so it is returned, not logged twice)
