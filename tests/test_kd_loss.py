@@ -672,6 +672,36 @@ def test_the_readme_table_of_other_libraries():
     torch.testing.assert_close(torch.autograd.grad(tune, s)[0], torch.autograd.grad(ours, s)[0])
 
 
+def test_the_readme_migration_notes():
+    """README's notes under "The same loss elsewhere": TRL's reductions without labels and its "mean", Liger's
+    chunked w_h CE + w_s JSD through fused_linear_kd_loss, torch's label smoothing as a uniform teacher."""
+    s, (t,) = make_inputs((3, 4), 9, 1, dtype=torch.float64)
+    labels = torch.randint(0, 9, (3, 4))
+    labels[1, :3] = -100
+    n = int((labels != -100).sum())
+    for_trl = dict(divergence="jsd", beta=0.3, temperature=2.0, scale_by_temperature_sq=False)
+    per_token = fastdistill.kd_loss(s, t, **for_trl, reduction="none")
+    # TRL without labels divides the sum by the batch size B: our (torch's) "batchmean"
+    torch.testing.assert_close(fastdistill.kd_loss(s, t, **for_trl, reduction="batchmean"), per_token.sum() / 3)
+    # its "mean" divides by tokens x V
+    torch.testing.assert_close(fastdistill.kd_loss(s, t, labels, **for_trl, num_items=n * 9),
+                               _trl_generalized_jsd(s, t, labels, 0.3, 2.0) / 9)  # fmt: skip
+    # Liger's chunked base: w_h CE / n + w_s JSD_T / n, CE at T = 1
+    h, w = torch.randn(12, 5, dtype=torch.float64), torch.randn(9, 5, dtype=torch.float64)
+    w_h, w_s = 0.7, 0.6
+    logits = (h @ w.T).reshape(3, 4, 9)
+    liger = w_h * torch.nn.functional.cross_entropy(logits.reshape(12, 9), labels.reshape(12), reduction="sum") / n
+    liger = liger + w_s * _trl_generalized_jsd(logits, t, labels, 0.3, 2.0)
+    ours = (w_h + w_s) * fastdistill.fused_linear_kd_loss(h.reshape(3, 4, 5), w, t, labels, **for_trl,
+                                                          ce_weight=w_h / (w_h + w_s))  # fmt: skip
+    torch.testing.assert_close(ours, liger)
+    # label smoothing: a uniform teacher (zero logits), (1 - eps) CE, plus eps log V
+    flat, y = s.reshape(12, 9), labels.reshape(12)
+    smooth = torch.nn.functional.cross_entropy(flat, y, label_smoothing=0.2)
+    torch.testing.assert_close(fastdistill.kd_loss(flat, torch.zeros_like(flat), y, ce_weight=0.8)
+                               + 0.2 * math.log(9), smooth)  # fmt: skip
+
+
 @requires_triton
 @pytest.mark.parametrize("tiles,chunks", [("2", 4), ("3", 3)])
 @pytest.mark.parametrize("divergence", ["kl", "jsd"])
