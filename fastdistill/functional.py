@@ -482,10 +482,12 @@ def kd_inputs(
     c = temperature**2 if scale_by_temperature_sq else 1.0
     stacked = None
     if isinstance(teacher_logits, Tensor):  # one teacher [*, V] or a stacked [K, *, V]: keep a [K, N, V] view
+        # (a copy where no view exists, e.g. a [:, :-1] slice of [B, T, V] logits: then the one copy, and the
+        # teachers its views, not a second copy of each)
         stacked = teacher_logits.reshape(len(teachers), n, v)
     return KDInputs(
         student=student_logits.reshape(n, v),
-        teachers=[t.reshape(n, v) for t in teachers],
+        teachers=list(stacked.unbind(0)) if stacked is not None else [t.reshape(n, v) for t in teachers],
         teachers_stacked=stacked,
         teacher_weights=tw,
         labels=labels,

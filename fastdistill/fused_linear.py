@@ -381,7 +381,7 @@ def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: in
         for k, t in enumerate(split):
             name = f"teachers[{k}]" if len(split) > 1 else "teachers"
             functional._check_device(name, t, device, ref="student_hidden")
-        return [t.detach().reshape(-1, v) for t in split]
+        return [_flat_rows(t.detach(), v) for t in split]
     if not isinstance(teachers, Sequence) or isinstance(teachers, str) or not teachers:
         raise TypeError("teachers must be logits (a Tensor [*, V], [K, *, V] or a sequence of them), TeacherHead "
                         "(hidden, weight[, bias]) entries, or a sequence mixing both")  # fmt: skip
@@ -413,10 +413,28 @@ def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: in
                 raise ValueError(functional._vocab_hint(f"teachers[{k}]", t.shape, torch.Size((*lead, v)),
                                                         **_HEAD_HINT))  # fmt: skip
             functional._check_device(f"teachers[{k}]", t, device, ref="student_hidden")
-            out.append(t.detach().reshape(-1, v))
+            out.append(_flat_rows(t.detach(), v))
         else:
             raise TypeError(f"teachers[{k}] must be a Tensor of logits or a TeacherHead, got {type(t).__name__}")
     return out
+
+
+def _flat_rows(logits: Tensor, v: int) -> Tensor:
+    """Teacher logits [*, V] as [N, V] rows: a view where one exists, else the tensor itself ([*, V], e.g. a
+    [:, :-1] slice of [B, T, V] logits), whose chunks :func:`_rows` gathers (a whole [N, V] copy would be the buffer
+    this op exists to avoid)."""
+    try:
+        return logits.view(-1, v)
+    except RuntimeError:
+        return logits
+
+
+def _rows(logits: Tensor, rows: slice) -> Tensor:
+    """Rows ``rows`` of :func:`_flat_rows`'s result: a view of [N, V], or the chunk gathered from [*, V]."""
+    if logits.dim() == 2:
+        return logits[rows]
+    index = torch.arange(rows.start, rows.stop, device=logits.device)
+    return logits[torch.unravel_index(index, logits.shape[:-1])]
 
 
 def _low_rank_inputs(hidden: Tensor, lora: Sequence[LoRATerm]) -> list[Tensor]:
@@ -508,16 +526,16 @@ def _chunk_teachers(plan: _Plan, z: Tensor, rows: slice) -> Tensor | list[Tensor
     view; K teachers of one dtype are written into one [K, c, V] tensor (heads: each matmul writes its slice); mixed
     dtypes stay a list."""
     if len(plan.teachers) == 1 and isinstance(plan.teachers[0], Tensor):
-        return plan.teachers[0][rows]
+        return _rows(plan.teachers[0], rows)
     amp = _autocast_dtype(z.device)  # a head's logits come out in autocast's dtype under it, as lm_head's would
     dtypes = {t.dtype if isinstance(t, Tensor) else _head_logits_dtype(t, amp) for t in plan.teachers}
     if len(dtypes) > 1:
-        return [t[rows] if isinstance(t, Tensor) else _logits(t.hidden[rows], t.weight, t.bias, t.lora)
+        return [_rows(t, rows) if isinstance(t, Tensor) else _logits(t.hidden[rows], t.weight, t.bias, t.lora)
                 for t in plan.teachers]  # fmt: skip
     out = z.new_empty((len(plan.teachers), *z.shape), dtype=dtypes.pop())
     for k, t in enumerate(plan.teachers):
         if isinstance(t, Tensor):
-            out[k].copy_(t[rows])
+            out[k].copy_(_rows(t, rows))
         else:
             _logits(t.hidden[rows], t.weight, t.bias, t.lora, out=out[k])
     return out
@@ -692,7 +710,9 @@ class _FusedLinearKD(torch.autograd.Function):
         need = tuple(ctx.needs_input_grad[1:])
         early = any(need) and plan.chunk_reduction != "none"
         out, *grads = _sweep(plan, h, w, b, ab, need if early else (False,) * len(need), None)
-        ctx.plan, ctx.early = plan, early
+        # the plan holds the teachers, labels and weights: kept only for "none"'s recomputation, so that a step's
+        # teacher logits are not alive (through the graph) while the next step computes its own
+        ctx.plan, ctx.early, ctx.denominator = None if early else plan, early, plan.denominator
         # "none" recomputes the chunks in backward, which autograd runs outside the caller's autocast: its state is
         # kept and restored there (as torch.amp.custom_fwd / custom_bwd do), so both passes form the same logits
         ctx.autocast = _autocast_dtype(h.device)
@@ -717,7 +737,7 @@ class _FusedLinearKD(torch.autograd.Function):
                 raise RuntimeError("fused_linear_kd_loss: backward through the same loss twice (retain_graph=True) "
                                    "is not supported: its gradients are computed with the loss and handed out once; "
                                    "compute the loss again")  # fmt: skip
-            (gh, gw, gb, gab), scale = ctx.grads, grad_out / plan.denominator
+            (gh, gw, gb, gab), scale = ctx.grads, grad_out / ctx.denominator
             ctx.grads = None
         else:  # "none": the chunks again, each row's grad_output applied in them
             h, w, b, *ab = ctx.saved_tensors

@@ -827,3 +827,24 @@ def test_lora_terms_errors_name_the_argument():
     as_tensor, as_float = (fused_linear_kd_loss(h, w, teacher, student_head_lora=[term._replace(scaling=s)])
                            for s in (torch.tensor(2.0), 2.0))  # fmt: skip
     torch.testing.assert_close(as_tensor, as_float)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_sliced_teacher_logits_are_read_by_chunk_and_not_kept(k):
+    """A [:, :-1] slice of [B, T, V] teacher logits (a causal LM's shift) was reshaped to [N, V] up front: a whole
+    copy, the buffer this op exists to avoid. And the loss's graph kept the teachers (its plan) until the loss was
+    freed, so a step's teacher logits lived on through the next step's forward."""
+    from fastdistill import fused_linear
+
+    h, w, b, _, _, labels = _inputs(lead=(3, 5))
+    full = torch.randn(k, 3, 6, V, dtype=torch.float64)
+    sliced = [full[i, :, :-1] for i in range(k)]
+    assert fused_linear._flat_rows(sliced[0], V) is sliced[0]  # no view exists: kept as it is, not copied
+    assert torch.equal(fused_linear._rows(sliced[0], slice(4, 11)), sliced[0].reshape(-1, V)[4:11])
+    got = fused_linear_kd_loss(h, w, sliced, labels, student_head_bias=b, chunk_size=4, backend="cpu")
+    want = fused_linear_kd_loss(h, w, [t.contiguous() for t in sliced], labels, student_head_bias=b, chunk_size=4,
+                                backend="cpu")  # fmt: skip
+    assert torch.equal(got, want)
+    for x, y in zip(_grads(got, (h, w, b)), _grads(want, (h, w, b))):
+        assert torch.equal(x, y)
+    assert fused_linear_kd_loss(h, w, sliced, labels, backend="cpu").grad_fn.plan is None

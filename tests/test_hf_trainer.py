@@ -93,6 +93,27 @@ def test_causal_lm_compute_loss_shifts_and_ignores_padding(tmp_path):
     assert int(n) == int((batch["labels"][:, 1:] != -100).sum() + (b2["labels"][:, 1:] != -100).sum())
 
 
+def test_causal_lm_loss_reads_whole_logits(tmp_path, monkeypatch):
+    """The shift moved the logits ([:, :-1] slices of [B, T, V]), which kd_loss copied whole: a [B, T-1, V] buffer
+    per model and step. The labels move now (ignore_index at the last position); the logits reach kd_loss whole,
+    the loss unchanged (the test above)."""
+    seen = []
+    real = fastdistill.functional.kd_loss
+
+    def spy(student, teachers, **kw):
+        seen.append((student, teachers, kw["labels"]))
+        return real(student, teachers, **kw)
+
+    monkeypatch.setattr(fastdistill.functional, "kd_loss", spy)
+    student, teachers = _gpt2(1, 16, 0), [_gpt2(2, 32, 1)]
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path), teachers=teachers, **KD)
+    batch = _lm_batch()
+    trainer.compute_loss(student, dict(batch))
+    s, ts, labels = seen[0]
+    assert s.is_contiguous() and all(t.is_contiguous() for t in ts) and s.shape[:2] == (3, 9)
+    assert torch.equal(labels[:, :-1], batch["labels"][:, 1:]) and (labels[:, -1] == -100).all()
+
+
 def test_sequence_classification_no_shift(tmp_path):
     student, teachers = _bert(16, 0), [_bert(32, 1), _bert(32, 2), _bert(32, 3)]
     assert not is_causal_lm(student)

@@ -165,6 +165,35 @@ def test_gpt2_loop_shifts_labels_without_being_told():
 
 
 @requires_transformers
+def test_gpt2_loop_hands_the_loss_whole_logits(monkeypatch):
+    """The loop's shift cut the logits ([..., :-1, :] slices), which KDLoss copied whole: a [B, T-1, V] buffer per
+    model and step. The labels (and sample weights) move now, the last position ignored; the loss is the same (the
+    test above)."""
+    seen = []
+    real = fastdistill.KDLoss.forward
+
+    def spy(self, student, teachers, labels=None, **kw):
+        seen.append((student, teachers, labels, kw.get("sample_weight")))
+        return real(self, student, teachers, labels, **kw)
+
+    monkeypatch.setattr(fastdistill.KDLoss, "forward", spy)
+    tokens = _tokens().tensors
+    ds = ArrayDataset(**tokens, sample_weight=torch.rand(tokens["labels"].shape))
+    loop = DistillationLoop(_gpt2(seed=0), [_gpt2(seed=1)], loss=fastdistill.KDLoss(temperature=2.0),
+                            optimizer=_sgd(), batch_size=8, shuffle=False, progress=False)  # fmt: skip
+    loop.fit(ds, max_steps=1)
+    s, ts, labels, sw = seen[0]
+    assert s.is_contiguous() and all(t.is_contiguous() for t in ts)
+    assert torch.equal(labels[:, :-1], ds.tensors["labels"][:, 1:]) and (labels[:, -1] == -100).all()
+    assert torch.equal(sw[:, :-1], ds.tensors["sample_weight"][:, 1:]) and (sw[:, -1] == 0).all()
+    # evaluate(): float32 copies of a few rows at a time (here one), not of the whole [N, V] logits
+    whole = loop.evaluate(ds)
+    monkeypatch.setattr(fastdistill.training.loop, "_EVAL_CHUNK_ELEMENTS", 1)
+    by_row = loop.evaluate(ds)
+    assert by_row["accuracy"] == whole["accuracy"] and by_row["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+
+
+@requires_transformers
 def test_unlabelled_padding_is_left_out_as_the_trainer_does():
     """Pure KD (no labels, ce_weight 0) on right-padded GPT-2 batches: the attention mask leaves the padding out of
     the loss and of the item count, as DistillationTrainer does (before, every position counted, pads included);

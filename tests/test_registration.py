@@ -299,3 +299,25 @@ def test_records_are_the_schemas():
         assert record.names() == tuple(a.name for a in schema.arguments)
     with pytest.raises(TypeError, match="missing \\['reduce'\\]"):
         KDInputs.bind(**{n: None for n in KDInputs.names() if n != "reduce"})
+
+
+@requires_ext
+def test_sliced_teacher_logits_are_copied_once_and_one_listed_teacher_not_at_all():
+    """kd_inputs copied a teacher tensor with no [N, V] view (a [:, :-1] slice of [B, T, V] logits) twice: once
+    stacked for Triton, once per teacher; and the Triton path stacked a list of one teacher (the loop's and the
+    trainer's [t]) into a copy."""
+    from fastdistill.functional import kd_inputs
+    from fastdistill.ops.inputs import KDInputs
+
+    full = torch.randn(2, 4, 7, 9)
+    s = torch.randn(4, 6, 9)
+    kw = dict(divergence="kl", temperature=1.0, scale_by_temperature_sq=True, ensemble="prob_mean",
+              teacher_weights=None, beta=0.5, skew=0.1, labels=None, ignore_index=-100, ce_weight=0.0,
+              sample_weight=None, reduction="mean", num_items=None, backend="cpu")  # fmt: skip
+    inp = kd_inputs(s, full[:, :, :-1], **kw)
+    base = inp.teachers_stacked.untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == base for t in inp.teachers)
+    t = torch.randn(4, 6, 9)
+    args, _ = kd_inputs(s, [t], **kw).kernel_args(stacked=True)
+    teachers = args[[name for name, _ in KDInputs.ARGS].index("teachers")]
+    assert teachers.shape == (1, 24, 9) and teachers.data_ptr() == t.data_ptr()

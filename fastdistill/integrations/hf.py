@@ -43,7 +43,14 @@ from ..fused_linear import (
     head_logits,
     hidden_and_head,
 )
-from ..training.data import detect_causal_lm, logits_of, mask_labels, shift_positions, unwrap_model
+from ..training.data import (
+    detect_causal_lm,
+    logits_of,
+    mask_labels,
+    pad_last_position,
+    shift_positions,
+    unwrap_model,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -516,7 +523,8 @@ class DistillationTrainer(Trainer):
             with torch.no_grad(), self.accelerator.autocast():  # the student's autocast (bf16 / fp16 args)
                 teachers = [self.teacher_logits(t, _no_cache(t, inputs)) for t in self.teachers]
             teachers = [_on_device(t, student.device) for t in teachers]  # a device_map teacher's may be elsewhere
-        if self.shift_labels and not given_shifted:
+        shift = self.shift_labels and not given_shifted
+        if shift:
             x = student.hidden if self.fused_linear else student
             if x.dim() < 3:  # [B, C]: the shift would pair row i with the label of row i + 1
                 labels, what = batch.get("labels"), "hidden states" if self.fused_linear else "logits"
@@ -524,13 +532,23 @@ class DistillationTrainer(Trainer):
                                  f"([B, T, V] logits, [B, T] labels); got {what} of shape {tuple(x.shape)} and labels "
                                  f"of shape {None if labels is None else tuple(labels.shape)}: use "
                                  "shift_labels=False for non-sequence models")  # fmt: skip
+        if shift and self.fused_linear:  # hidden states: their [:, :-1] slices cost O(N H)
             student, *teachers = (shift_positions(x) for x in (student, *teachers))
         positions = (student.hidden if self.fused_linear else student).shape[:-1]
+        if shift and not self.fused_linear:  # the positions the labels are shifted to (the logits are not, below)
+            positions = torch.Size((*positions[:-1], positions[-1] - 1))
         labels = self._loss_labels(batch, positions)
         from_mask = batch.get("labels") is None and batch.get("shift_labels") is None
         if labels is not None and from_mask and labels.shape != positions:
             raise ValueError(f"attention_mask (shifted: {tuple(labels.shape)}) does not line up with the positions "
                              f"of the logits {tuple(positions)}: pass labels (ignore_index where no loss)")  # fmt: skip
+        if shift and not self.fused_linear:
+            if labels is not None:
+                # kd_loss skips ignored positions: the labels move, the logits stay whole ([:, :-1] slices of
+                # [B, T, V] logits would be copied whole by kd_loss, a [B, T-1, V] buffer per model and step)
+                labels = pad_last_position(labels, self.ignore_index)
+            else:  # nothing to mask the last position with: the slices
+                student, *teachers = (shift_positions(x) for x in (student, *teachers))
         if not model.training:
             num_items_in_batch = None  # evaluation: each batch's own mean (Trainer averages the batches)
         if self.fused_linear:

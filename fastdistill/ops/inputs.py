@@ -271,8 +271,8 @@ class KDInputs(OpInputs):
         student, teachers = _kernel_dtypes(self.student, self.teachers)
         if stacked:
             t = self.teachers_stacked
-            if t is None or teachers[0].dtype != t.dtype:
-                t = torch.stack(teachers)
+            if t is None or teachers[0].dtype != t.dtype:  # one teacher (the loop's and trainer's [t]): a view
+                t = teachers[0].unsqueeze(0) if len(teachers) == 1 else torch.stack(teachers)
             teachers, student = _unit_stride(t), _unit_stride(student)
             grad_teachers = _grad_on(teachers)
         else:

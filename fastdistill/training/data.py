@@ -189,6 +189,14 @@ def shift_for_causal_lm(logits: Tensor, labels: Tensor | None) -> tuple[Tensor, 
     return logits[..., :-1, :], (None if labels is None else labels[..., 1:])
 
 
+def pad_last_position(x: Tensor, fill: float) -> Tensor:
+    """Shifted labels (or per-position sample weights) ``[..., T-1]`` (tokens 1..T-1) -> ``[..., T]``, aligned with
+    whole logits ``[..., T, V]``: the last position ``fill`` (``ignore_index``, or weight 0). A loss that skips those
+    positions then computes what :func:`shift_for_causal_lm` does, without the ``[..., :-1, :]`` slice of the
+    logits, which a row loss must copy whole ([N, V] rows cannot view it)."""
+    return torch.cat([x, x.new_full((*x.shape[:-1], 1), fill)], -1)
+
+
 def shift_positions(x: Tensor | TeacherHead) -> Tensor | TeacherHead:
     """The causal-LM alignment of a model output: positions 0..T-2 of logits ``[..., T, V]`` (as
     :func:`shift_for_causal_lm`) or of a :class:`~fastdistill.TeacherHead`'s hidden states (``fused_linear``)."""

@@ -57,7 +57,7 @@ from .data import (
     epoch_permutation,
     host_checked,
     mask_labels,
-    shift_for_causal_lm,
+    pad_last_position,
     shift_positions,
     split_batch,
 )
@@ -65,6 +65,7 @@ from .data import to_device as _to_device
 from .metrics import MetricsLogger
 
 LossFn = Callable[..., Tensor]
+_EVAL_CHUNK_ELEMENTS = 2**24  # evaluate()'s rows at a time: a 64 MiB float32 copy of the logits, whatever N and V
 Data = Dataset | DataLoader | Iterable  # see DistillationLoop.fit
 OptimizerArg = torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None
 SchedulerArg = Any  # an LRScheduler, or a callable (optimizer, total_steps) -> LRScheduler, or None
@@ -512,12 +513,19 @@ class DistillationLoop:
                     raise ValueError(f"sample_weight must have shape {list(expected)} (one weight per position, as "
                                      f"the labels), got {list(sample_weight.shape)}; a per-sequence weight [B] "
                                      "must be repeated along the positions")  # fmt: skip
-                sample_weight = sample_weight[..., 1:]
-            student_logits = shift_positions(student_logits)
-            if teacher_logits is not None:
-                teacher_logits = (shift_positions(teacher_logits) if isinstance(teacher_logits, Tensor)
-                                  else [shift_positions(t) for t in teacher_logits])  # fmt: skip
-            labels = None if labels is None else labels[..., 1:]
+            if (labels is not None and teacher_logits is not None and not self.fused_linear
+                    and isinstance(self.loss_fn, KDLoss | CodistillLoss)):  # fmt: skip
+                # our losses skip ignored positions: the labels move, the logits stay whole (their [..., :-1, :]
+                # slices would be copied whole by the loss: a [B, T-1, V] buffer per model and step)
+                labels = pad_last_position(labels[..., 1:], self.loss_fn.ignore_index)
+                sample_weight = None if sample_weight is None else pad_last_position(sample_weight[..., 1:], 0)
+            else:
+                sample_weight = None if sample_weight is None else sample_weight[..., 1:]
+                student_logits = shift_positions(student_logits)
+                if teacher_logits is not None:
+                    teacher_logits = (shift_positions(teacher_logits) if isinstance(teacher_logits, Tensor)
+                                      else [shift_positions(t) for t in teacher_logits])  # fmt: skip
+                labels = None if labels is None else labels[..., 1:]
 
         # sum / num_items (global) * world: DDP's gradient average then gives sum over everything / num_items
         scale = float(self.world_size) if num_items is not None else 1.0 / n_micro
@@ -947,13 +955,15 @@ class DistillationLoop:
             with self._autocast():
                 logits = self.forward(model, b.inputs)
             labels = b.labels
-            if self._shifts(labels, logits):
-                logits, labels = shift_for_causal_lm(logits, labels)
-            flat, lab = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
-            keep = lab != self.ignore_index
-            total_ce += float(F.cross_entropy(flat[keep], lab[keep], reduction="sum")) if keep.any() else 0.0
-            correct += int((flat[keep].argmax(-1) == lab[keep]).sum())
-            count += int(keep.sum())
+            if self._shifts(labels, logits):  # the labels move: a [..., :-1, :] slice of the logits is no [N, V] view
+                labels = pad_last_position(labels[..., 1:], self.ignore_index)
+            flat, lab = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+            rows = (lab != self.ignore_index).nonzero().squeeze(1)
+            for part in rows.split(max(1, _EVAL_CHUNK_ELEMENTS // flat.shape[-1])):  # float32 copies of a few rows
+                x, y = flat[part].float(), lab[part]
+                total_ce += float(F.cross_entropy(x, y, reduction="sum"))
+                correct += int((x.argmax(-1) == y).sum())
+            count += rows.numel()
         model.train(was_training)
         if self.world_size > 1 and _sharded(data):  # each process saw its shard: report the global metrics
             sums = torch.tensor([total_ce, correct, count], dtype=torch.float64, device=self.device)
