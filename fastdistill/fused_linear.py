@@ -908,6 +908,18 @@ class FusedLinearKDLoss(_KDSettings):
         check_accum_dtype(accum_dtype)
         self.chunk_size, self.memory_budget_bytes, self.accum_dtype = chunk_size, memory_budget_bytes, accum_dtype
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        options = state.pop("options", None)
+        super().__setstate__(state)
+        if options is not None:  # pickled when the settings were one dict: the defaults, then the options given
+            defaults = {k: p.default for k, p in inspect.signature(FusedLinearKDLoss.__init__).parameters.items()
+                        if p.default is not inspect.Parameter.empty}  # fmt: skip
+            for key, value in {**defaults, **options}.items():
+                if key == "teacher_weights" and isinstance(value, Tensor):
+                    self.register_buffer(key, value, persistent=False)
+                else:
+                    setattr(self, key, value)
+
     def extra_repr(self) -> str:
         return (f"chunk_size={self.chunk_size}, memory_budget_bytes={self.memory_budget_bytes}, "
                 f"{super().extra_repr()}, accum_dtype={self.accum_dtype}")  # fmt: skip

@@ -90,6 +90,11 @@ class KDLoss(_KDSettings):
         loss = loss_fn(student_logits, teacher_logits, labels)
     """
 
+    # a position whose label is ignore_index adds 0 to every term (DistillationLoop's causal shift then moves the
+    # labels, not the logits). Read from the class's own namespace: a subclass, whose forward may add a term of its
+    # own, says so itself
+    skips_ignored_positions = True
+
     def __init__(
         self,
         *,
@@ -167,6 +172,11 @@ class CodistillLoss(nn.Module):
         (loss_a + loss_b).backward()
     """
 
+    # a position whose label is ignore_index adds 0 to every term (DistillationLoop's causal shift then moves the
+    # labels, not the logits). Read from the class's own namespace: a subclass, whose forward may add a term of its
+    # own, says so itself
+    skips_ignored_positions = True
+
     def __init__(
         self,
         *,
@@ -235,6 +245,11 @@ class CodistillLoss(nn.Module):
             ignore_index=self.ignore_index, sample_weight=sample_weight, reduction=self.reduction,
             num_items=num_items, backend=self.backend,
         )  # fmt: skip
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "_burn_in_steps" not in state:  # pickled before burn_in_steps was a property: a plain attribute then
+            state["_burn_in_steps"] = state.pop("burn_in_steps", 0)
+        super().__setstate__(state)
 
     @property
     def burn_in_steps(self) -> int:

@@ -194,6 +194,30 @@ def test_gpt2_loop_hands_the_loss_whole_logits(monkeypatch):
 
 
 @requires_transformers
+def test_the_label_shift_is_for_losses_that_skip_ignored_positions(monkeypatch):
+    """The shift moves the labels for every loss of ours that is 0 at ignored positions (the methods' losses, the
+    cross-entropy without teachers), not for a subclass of KDLoss, whose forward may add a term of its own: it gets
+    the [..., :-1, :] slices, as before."""
+    from fastdistill.methods import WeakTeacherKDLoss
+
+    class WithEntropy(fastdistill.KDLoss):
+        def forward(self, s, t, labels=None, **kw):
+            seen.append(s.shape)
+            return super().forward(s, t, labels, **kw) - 0.01 * (s.softmax(-1) * s.log_softmax(-1)).sum(-1).mean()
+
+    seen = []
+    ds = _tokens()
+    DistillationLoop(_gpt2(seed=0), [_gpt2(seed=1)], loss=WithEntropy(), optimizer=_sgd(), batch_size=8,
+                     shuffle=False, progress=False).fit(ds, max_steps=1)  # fmt: skip
+    real = fastdistill.methods.weak_teacher.weak_teacher_kd_loss
+    monkeypatch.setattr(fastdistill.methods.weak_teacher, "weak_teacher_kd_loss",
+                        lambda s, *a, **kw: seen.append(s.shape) or real(s, *a, **kw))  # fmt: skip
+    DistillationLoop(_gpt2(seed=0), [_gpt2(seed=1)], loss=WeakTeacherKDLoss(hard_weight=1.0, soft_weight=1.0),
+                     optimizer=_sgd(), batch_size=8, shuffle=False, progress=False).fit(ds, max_steps=1)  # fmt: skip
+    assert seen[0][1] == 5 and seen[1][1] == 6  # T = 6: the subclass's logits cut, the method's whole
+
+
+@requires_transformers
 def test_unlabelled_padding_is_left_out_as_the_trainer_does():
     """Pure KD (no labels, ce_weight 0) on right-padded GPT-2 batches: the attention mask leaves the padding out of
     the loss and of the item count, as DistillationTrainer does (before, every position counted, pads included);
@@ -399,6 +423,10 @@ def test_fit_takes_an_iterable_or_a_generator_of_batches():
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match="epochs needs the number of batches .* has no len"):
         _loop().fit((b for b in batches), epochs=1)
+    # fit() ends its own iterator when it returns, not the caller's generator: the rest is still there
+    rest = (b for b in batches)
+    _loop().fit(rest, max_steps=2)
+    assert torch.equal(next(rest)["input"], batches[2]["input"])
 
 
 def test_dataloader_resume_is_exact(tmp_path):

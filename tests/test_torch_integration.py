@@ -195,3 +195,28 @@ def test_method_losses_compile_with_fullgraph():
         compiled = torch.compile(module, fullgraph=True, backend="eager")
         torch.testing.assert_close(compiled(s, t, labels), module(s, t, labels))
         assert "max_k=" in repr(module)
+
+
+def test_modules_pickled_before_their_settings_were_attributes_still_load():
+    """CodistillLoss kept burn_in_steps as a plain attribute and FusedLinearKDLoss its settings in one dict: a module
+    saved whole (torch.save(loss_fn)) then loaded into an object without _burn_in_steps or chunk_size."""
+    import pickle
+
+    codistill = fastdistill.CodistillLoss(burn_in_steps=2)
+    state = codistill.__dict__.copy()
+    state["burn_in_steps"] = state.pop("_burn_in_steps")  # the old layout
+    old = fastdistill.CodistillLoss.__new__(fastdistill.CodistillLoss)
+    old.__setstate__(state)
+    assert pickle.loads(pickle.dumps(old)).burn_in_steps == 2 and "burn_in_steps=2" in repr(old)
+
+    fused = fastdistill.FusedLinearKDLoss()
+    state = {k: v for k, v in fused.__dict__.items() if k not in fused.kd_settings() and k not in (
+        "chunk_size", "memory_budget_bytes", "accum_dtype")}  # fmt: skip
+    state["options"] = {"temperature": 2.0, "chunk_size": 4, "teacher_weights": torch.tensor([1.0, 3.0])}
+    old = fastdistill.FusedLinearKDLoss.__new__(fastdistill.FusedLinearKDLoss)
+    old.__setstate__(state)
+    assert (old.temperature, old.chunk_size, old.ce_weight) == (2.0, 4, 0.0)
+    assert "teacher_weights" in dict(old.named_buffers())
+    h, w, t = torch.randn(6, 3), torch.randn(5, 3), torch.randn(2, 6, 5)
+    assert torch.equal(old(h, w, t), fastdistill.fused_linear_kd_loss(h, w, t, temperature=2.0, chunk_size=4,
+                                                                      teacher_weights=torch.tensor([1.0, 3.0])))

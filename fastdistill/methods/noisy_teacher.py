@@ -265,6 +265,11 @@ class WeightedKDLoss(nn.Module):
     over a step's micro-batches), as :func:`fastdistill.kd_loss` does.
     """
 
+    # a position whose label is ignore_index adds 0 to every term (DistillationLoop's causal shift then moves the
+    # labels, not the logits). Read from the class's own namespace: a subclass, whose forward may add a term of its
+    # own, says so itself
+    skips_ignored_positions = True
+
     def __init__(self, reliability: TeacherReliability, *, hard: bool = False, temperature: float = 1.0,
                  ignore_index: int = -100, reduction: str = "mean") -> None:  # fmt: skip
         super().__init__()
@@ -455,6 +460,11 @@ class SLaMLoss(nn.Module):
     logits on the batch through a fitted :class:`TeacherReliability` (α = estimated top-1 accuracy at the teacher's
     confidence; k = the smallest k with estimated top-k accuracy ≥ ``topk_target``). ``labels``, ``ignore_index``,
     ``num_items`` and the reduction as in :func:`slam_loss` (the batch's labels only mark rows to skip)."""
+
+    # a position whose label is ignore_index adds 0 to every term (DistillationLoop's causal shift then moves the
+    # labels, not the logits). Read from the class's own namespace: a subclass, whose forward may add a term of its
+    # own, says so itself
+    skips_ignored_positions = True
 
     def __init__(self, reliability: TeacherReliability, *, normalize: bool = False, topk_target: float = 0.9,
                  ignore_index: int = -100, reduction: str = "mean") -> None:  # fmt: skip

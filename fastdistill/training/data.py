@@ -317,7 +317,9 @@ def epoch_batches(batches: Iterable, seed: int, epoch: int, skip: int = 0) -> It
         random.setstate(host_rngs[0])
         np.random.set_state(host_rngs[1])
     yield from head[skip:]
-    yield from it
+    # not `yield from it`: closing this generator (fit() does, when it ends) would close the caller's own iterator
+    for batch in it:
+        yield batch
 
 
 def _reuses_workers(batches: Iterable) -> bool:

@@ -513,11 +513,11 @@ class DistillationLoop:
                     raise ValueError(f"sample_weight must have shape {list(expected)} (one weight per position, as "
                                      f"the labels), got {list(sample_weight.shape)}; a per-sequence weight [B] "
                                      "must be repeated along the positions")  # fmt: skip
-            if (labels is not None and teacher_logits is not None and not self.fused_linear
-                    and isinstance(self.loss_fn, KDLoss | CodistillLoss)):  # fmt: skip
-                # our losses skip ignored positions: the labels move, the logits stay whole (their [..., :-1, :]
+            if (labels is not None and not self.fused_linear
+                    and (teacher_logits is None or _skips_ignored_positions(self.loss_fn))):  # fmt: skip
+                # the loss is 0 at ignored positions: the labels move, the logits stay whole (their [..., :-1, :]
                 # slices would be copied whole by the loss: a [B, T-1, V] buffer per model and step)
-                labels = pad_last_position(labels[..., 1:], self.loss_fn.ignore_index)
+                labels = pad_last_position(labels[..., 1:], self.ignore_index)
                 sample_weight = None if sample_weight is None else pad_last_position(sample_weight[..., 1:], 0)
             else:
                 sample_weight = None if sample_weight is None else sample_weight[..., 1:]
@@ -789,7 +789,7 @@ class DistillationLoop:
         finally:
             # the epoch's iterator (a DataLoader's workers) ends with fit(): a next fit() draws the epoch again, as a
             # resumed run does
-            if hasattr(self._batches, "close"):
+            if hasattr(self._batches, "close"):  # (it leaves an iterator of the caller's open: epoch_batches)
                 self._batches.close()
             self._batches, self._batches_epoch = iter(()), -1
             bar.close()
@@ -959,11 +959,13 @@ class DistillationLoop:
                 labels = pad_last_position(labels[..., 1:], self.ignore_index)
             flat, lab = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
             rows = (lab != self.ignore_index).nonzero().squeeze(1)
+            sums = torch.zeros(2, dtype=torch.float64, device=flat.device)  # read once per batch (a sync)
             for part in rows.split(max(1, _EVAL_CHUNK_ELEMENTS // flat.shape[-1])):  # float32 copies of a few rows
                 x, y = flat[part].float(), lab[part]
-                total_ce += float(F.cross_entropy(x, y, reduction="sum"))
-                correct += int((x.argmax(-1) == y).sum())
-            count += rows.numel()
+                sums[0] += F.cross_entropy(x, y, reduction="sum")
+                sums[1] += (x.argmax(-1) == y).sum()
+            ce, right = sums.tolist()
+            total_ce, correct, count = total_ce + ce, correct + int(right), count + rows.numel()
         model.train(was_training)
         if self.world_size > 1 and _sharded(data):  # each process saw its shard: report the global metrics
             sums = torch.tensor([total_ce, correct, count], dtype=torch.float64, device=self.device)
@@ -1103,6 +1105,13 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         raise ValueError(f"amp='bf16' autocasts on a CUDA device with bf16 support only ({where}); use 'auto' or "
                          "'off'")  # fmt: skip
     return torch.bfloat16 if supported and amp != "off" else None
+
+
+def _skips_ignored_positions(loss: Any) -> bool:
+    """Whether every term of ``loss`` is 0 at a position whose label is ``ignore_index``, so that the causal shift
+    may move the labels instead of cutting the logits: our losses (their classes say so), not a subclass of one
+    (whose forward may add a term of its own)."""
+    return bool(type(loss).__dict__.get("skips_ignored_positions", False))
 
 
 def _positions_shape(x: Tensor | Any) -> torch.Size:
