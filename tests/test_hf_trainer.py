@@ -182,6 +182,30 @@ def test_a_shift_labels_column_reaches_the_loss_through_train(tmp_path):
         torch.testing.assert_close(p.detach(), q.detach() - q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_sample_weight_column_weighs_the_loss(tmp_path, fused):
+    """A per-position ``sample_weight`` column (DistillationLoop takes one) was dropped by remove_unused_columns, or
+    with it off handed to the student's and teachers' forwards, and the loss was unweighted. It is kept, shifted as
+    the labels, and weighs kd_loss as its sample_weight; one SGD step from train() equals the hand computation."""
+    student, teachers = _gpt2(1, 16, 0), [_gpt2(1, 32, 1)]
+    ref = copy.deepcopy(student)
+    batch = {k: v[:2] for k, v in _lm_batch(b=3, seed=5).items()}
+    weight = torch.rand(batch["labels"].shape, generator=torch.Generator().manual_seed(3))
+    rows = [{**{k: v[i] for k, v in batch.items()}, "sample_weight": weight[i]} for i in range(2)]
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path, per_device_train_batch_size=2, max_steps=1),
+                                  teachers=teachers, train_dataset=rows, fused_linear=fused,
+                                  optimizers=(torch.optim.SGD(student.parameters(), lr=1.0), None), **KD)  # fmt: skip
+    trainer.train()
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    s = ref(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    with torch.no_grad():
+        t = [teachers[0](input_ids=ids, attention_mask=mask).logits[:, :-1]]
+    n = int((labels[:, 1:] != -100).sum())
+    fastdistill.kd_loss(s, t, labels=labels[:, 1:], sample_weight=weight[:, 1:], num_items=n, **KD).backward()
+    for (name, p), q in zip(student.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach() - q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_a_few_trainer_steps_lower_the_loss(tmp_path):
     student, teachers = _gpt2(1, 16, 0), [_gpt2(2, 32, 1)]
     rows = [{k: v[i] for k, v in _lm_batch(b=8, seed=4).items()} for i in range(8)]
@@ -207,6 +231,8 @@ def test_bad_options_fail_before_training(tmp_path):
             _args(tmp_path, DistillationArguments, teacher_weights=weights)
     with pytest.raises(ValueError, match="label_smoothing_factor=0.1 is not applied"):
         DistillationTrainer(model=_gpt2(1, 16, 0), args=_args(tmp_path, label_smoothing_factor=0.1), teachers=two)
+    with pytest.raises(ValueError, match="use_liger_kernel=True patches the student's own loss"):
+        DistillationTrainer(model=_gpt2(1, 16, 0), args=_args(tmp_path, use_liger_kernel=True), teachers=two)
     with pytest.raises(ValueError, match="compute_loss_func would be ignored"):
         DistillationTrainer(model=_gpt2(1, 16, 0), args=_args(tmp_path), teachers=two,
                             compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum())

@@ -53,6 +53,8 @@ from ..training.data import (
 )
 
 logger = logging.get_logger(__name__)
+# dataset columns the loss reads, not the student's forward: kept through remove_unused_columns, taken out of its inputs
+LOSS_COLUMNS = ("shift_labels", "sample_weight")
 
 # The KD settings, in DistillationArguments and as DistillationTrainer keywords (same names, same defaults).
 KD_SETTINGS = ("divergence", "temperature", "scale_by_temperature_sq", "ensemble", "teacher_weights", "beta", "skew",
@@ -357,6 +359,10 @@ class DistillationTrainer(Trainer):
                              "DistillationTrainer's hard-label term is kd_loss's cross-entropy (ce_weight), "
                              "unsmoothed; set it to 0 (the teachers' soft targets already smooth the "
                              "labels)")  # fmt: skip
+        if getattr(self.args, "use_liger_kernel", False):
+            raise ValueError("use_liger_kernel=True patches the student's own loss, which DistillationTrainer does "
+                             "not use (kd_loss replaces it); for a loss that never forms the [N, V] logits use "
+                             "fused_linear=True")  # fmt: skip
         shift_labels = settings.pop("shift_labels")
         if shift_labels is None:
             detected = detect_causal_lm(self.model)
@@ -390,11 +396,13 @@ class DistillationTrainer(Trainer):
             self.label_names = [*self.label_names, "labels"]
 
     def _set_signature_columns_if_needed(self) -> None:
-        """Trainer's columns to keep (the student's forward arguments and label names), plus ``shift_labels``: a
-        dataset column the loss reads (:meth:`compute_loss`), which ``remove_unused_columns`` would drop."""
+        """Trainer's columns to keep (the student's forward arguments and label names), plus ``shift_labels`` and
+        ``sample_weight``: dataset columns the loss reads (:meth:`compute_loss`), which ``remove_unused_columns``
+        would drop."""
         super()._set_signature_columns_if_needed()
-        if self._signature_columns is not None and "shift_labels" not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, "shift_labels"]
+        if self._signature_columns is not None:
+            extra = [c for c in LOSS_COLUMNS if c not in self._signature_columns]
+            self._signature_columns = [*self._signature_columns, *extra]
 
     def prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         """``teacher`` in eval mode, frozen, and placed for this run's parallelism:
@@ -500,6 +508,7 @@ class DistillationTrainer(Trainer):
         self._decoder_inputs(model, inputs)
         given_shifted = inputs.pop("shift_labels", None) is not None
         inputs.pop("labels", None)  # the student must not compute its own loss
+        inputs.pop("sample_weight", None)  # (the loss's, not a forward argument)
         if self.fused_linear:  # hidden states and heads (TeacherHead records), the logits never whole
             student, outputs = hidden_and_head(model, inputs)
             with torch.no_grad(), self.accelerator.autocast():  # the student's autocast (bf16 / fp16 args)
@@ -542,13 +551,18 @@ class DistillationTrainer(Trainer):
         if labels is not None and from_mask and labels.shape != positions:
             raise ValueError(f"attention_mask (shifted: {tuple(labels.shape)}) does not line up with the positions "
                              f"of the logits {tuple(positions)}: pass labels (ignore_index where no loss)")  # fmt: skip
+        sample_weight = batch.get("sample_weight")
+        if sample_weight is not None and shift:  # per position, aligned as the labels (a shift_labels column: as is)
+            sample_weight = sample_weight[..., 1:]
         if shift and not self.fused_linear:
             if labels is not None:
                 # kd_loss skips ignored positions: the labels move, the logits stay whole ([:, :-1] slices of
                 # [B, T, V] logits would be copied whole by kd_loss, a [B, T-1, V] buffer per model and step)
                 labels = pad_last_position(labels, self.ignore_index)
+                sample_weight = None if sample_weight is None else pad_last_position(sample_weight, 0)
             else:  # nothing to mask the last position with: the slices
                 student, *teachers = (shift_positions(x) for x in (student, *teachers))
+        weighted = {} if sample_weight is None else {"sample_weight": sample_weight}
         if not model.training:
             num_items_in_batch = None  # evaluation: each batch's own mean (Trainer averages the batches)
         if self.fused_linear:
@@ -558,9 +572,9 @@ class DistillationTrainer(Trainer):
             with self.accelerator.autocast():
                 loss = fused_linear_kd_loss(student.hidden, student.weight, teachers, labels,
                                             student_head_bias=student.bias, student_head_lora=student.lora,
-                                            num_items=num_items_in_batch, **self.kd_options)  # fmt: skip
+                                            num_items=num_items_in_batch, **weighted, **self.kd_options)  # fmt: skip
         else:
-            loss = functional.kd_loss(student, teachers, labels=labels, num_items=num_items_in_batch,
+            loss = functional.kd_loss(student, teachers, labels=labels, num_items=num_items_in_batch, **weighted,
                                       **self.kd_options)  # fmt: skip
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # num_items is the global count, and DDP averages the gradients over processes: undo that average
