@@ -90,10 +90,7 @@ class KDLoss(_KDSettings):
         loss = loss_fn(student_logits, teacher_logits, labels)
     """
 
-    # a position whose label is ignore_index adds 0 to every term (DistillationLoop's causal shift then moves the
-    # labels, not the logits). Read from the class's own namespace: a subclass, whose forward may add a term of its
-    # own, says so itself
-    skips_ignored_positions = True
+    skips_ignored_positions = True  # every term 0 where the label is ignore_index: training.loop moves labels
 
     def __init__(
         self,
@@ -172,10 +169,7 @@ class CodistillLoss(nn.Module):
         (loss_a + loss_b).backward()
     """
 
-    # a position whose label is ignore_index adds 0 to every term (DistillationLoop's causal shift then moves the
-    # labels, not the logits). Read from the class's own namespace: a subclass, whose forward may add a term of its
-    # own, says so itself
-    skips_ignored_positions = True
+    skips_ignored_positions = True  # every term 0 where the label is ignore_index: training.loop moves labels
 
     def __init__(
         self,

@@ -265,10 +265,7 @@ class WeightedKDLoss(nn.Module):
     over a step's micro-batches), as :func:`fastdistill.kd_loss` does.
     """
 
-    # a position whose label is ignore_index adds 0 to every term (DistillationLoop's causal shift then moves the
-    # labels, not the logits). Read from the class's own namespace: a subclass, whose forward may add a term of its
-    # own, says so itself
-    skips_ignored_positions = True
+    skips_ignored_positions = True  # every term 0 where the label is ignore_index: training.loop moves labels
 
     def __init__(self, reliability: TeacherReliability, *, hard: bool = False, temperature: float = 1.0,
                  ignore_index: int = -100, reduction: str = "mean") -> None:  # fmt: skip
@@ -461,10 +458,7 @@ class SLaMLoss(nn.Module):
     confidence; k = the smallest k with estimated top-k accuracy ≥ ``topk_target``). ``labels``, ``ignore_index``,
     ``num_items`` and the reduction as in :func:`slam_loss` (the batch's labels only mark rows to skip)."""
 
-    # a position whose label is ignore_index adds 0 to every term (DistillationLoop's causal shift then moves the
-    # labels, not the logits). Read from the class's own namespace: a subclass, whose forward may add a term of its
-    # own, says so itself
-    skips_ignored_positions = True
+    skips_ignored_positions = True  # every term 0 where the label is ignore_index: training.loop moves labels
 
     def __init__(self, reliability: TeacherReliability, *, normalize: bool = False, topk_target: float = 0.9,
                  ignore_index: int = -100, reduction: str = "mean") -> None:  # fmt: skip

@@ -215,10 +215,7 @@ class WeakTeacherKDLoss(nn.Module):
         loop = DistillationLoop(big_student, [small_teacher], loss=loss_fn)
     """
 
-    # a position whose label is ignore_index adds 0 to every term (DistillationLoop's causal shift then moves the
-    # labels, not the logits). Read from the class's own namespace: a subclass, whose forward may add a term of its
-    # own, says so itself
-    skips_ignored_positions = True
+    skips_ignored_positions = True  # every term 0 where the label is ignore_index: training.loop moves labels
 
     def __init__(
         self,
