@@ -19,6 +19,8 @@ import sys
 import warnings
 from collections.abc import Sequence
 
+from ._warnings import PACKAGE
+
 COMMANDS = {
     "demo": "ensemble distillation on scikit-learn's digits: a table of test accuracies and a PNG (make demo)",
     "train": "train with the reference loop from a YAML config (--config FILE; --print-config lists every option)",
@@ -40,7 +42,18 @@ def _error(command: str, message: str) -> int:
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"fastdistill train: warning: {category.__name__}: {message}", file=sys.stderr)
+    """A warning fastdistill's code raised (whatever line it is attributed to) as one line; others (torch,
+    transformers, peft) as Python shows them, with their file and line."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__") in ("warnings", "_py_warnings"):  # its own frames
+        frame = frame.f_back
+    if frame is not None and frame.f_code.co_filename.startswith(PACKAGE):
+        print(f"fastdistill train: warning: {category.__name__}: {message}", file=sys.stderr)
+    else:
+        _SHOW_WARNING(message, category, filename, lineno, file, line)
+
+
+_SHOW_WARNING = warnings.showwarning  # Python's, for the warnings that are not ours
 
 
 def train_main(argv: Sequence[str]) -> int:

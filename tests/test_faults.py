@@ -210,3 +210,37 @@ def test_checkpoint_files_name_themselves(tmp_path):
         ckpt.load_state(tmp_path, "opt")
     with pytest.raises(ValueError, match=r"file .*nothing\.json is missing"):
         ckpt.read_json(tmp_path / "nothing.json")
+
+
+def test_warnings_name_the_callers_line_and_the_command_shows_others_as_python_does(monkeypatch, capsys):
+    """The reference-fallback warning had stacklevel=4 from a select() two frames under kd_loss: it named "sys:1"
+    (no file, nothing to filter on), and another line under KDLoss; `fastdistill train` printed every warning, a
+    torch or peft one too, as its own one-liner without file or line."""
+    import warnings
+
+    import torch
+
+    import fastdistill
+    from fastdistill import cli
+    from fastdistill.ops import dispatch
+
+    s, ts = torch.randn(3, 5), torch.randn(17, 3, 5)  # K = 17: more than the cpu kernel takes
+    for call in (lambda: fastdistill.kd_loss(s, ts), lambda: fastdistill.KDLoss()(s, ts)):
+        monkeypatch.setattr(dispatch, "_warned", set())
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            call()
+        assert [w.filename for w in seen] == [__file__], [(w.filename, w.lineno) for w in seen]
+
+    def theirs():
+        warnings.warn("from another library", DeprecationWarning, stacklevel=1)
+
+    shown = []
+    monkeypatch.setattr(cli, "_SHOW_WARNING", lambda msg, category, filename, *_: shown.append((filename, category)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = cli._warning_line
+        fastdistill._warnings.warn("ours")
+        theirs()
+    assert capsys.readouterr().err.splitlines() == ["fastdistill train: warning: UserWarning: ours"]
+    assert shown == [(__file__, DeprecationWarning)]  # Python's own format, its file and line

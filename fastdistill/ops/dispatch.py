@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from typing import Any
 
 import torch
 
+from .._warnings import warn
 from . import extension
 from .inputs import OpInputs
 
@@ -151,11 +151,8 @@ def select(name: str, inp: OpInputs) -> Backend:
         if not reasons:
             if candidate == "reference" and len(order) > 1 and (op, device) not in _warned:
                 _warned.add((op, device))
-                warnings.warn(
-                    f"fastdistill: no fused {op} backend for {device} tensors, using the slow reference "
-                    f"backend ({'; '.join(skipped)})",
-                    stacklevel=4,
-                )
+                warn(f"fastdistill: no fused {op} backend for {device} tensors, using the slow reference "
+                     f"backend ({'; '.join(skipped)})")
             return backends[candidate]
         skipped.append(f"{candidate}: {', '.join(reasons)}")
     raise AssertionError("the reference backend runs everything")  # pragma: no cover

@@ -47,12 +47,15 @@ def register(name: str, backward: Callable, setup_context: Callable, impl: Calla
     _FUNCTIONS.pop(name, None)
 
 
+_tracing_state = getattr(torch._C, "_get_tracing_state", None)  # TorchScript's (deprecated): may go in a release
+
+
 def _plain_eager(args: tuple) -> bool | None:
     """None when the call must go through the op (see the module docstring); else whether autograd records it."""
     if (
         torch.compiler.is_compiling()
         or _get_current_dispatch_mode() is not None
-        or torch._C._get_tracing_state()
+        or (_tracing_state is not None and _tracing_state())
         or torch._C._are_functorch_transforms_active()
     ):  # vmap / grad / functionalize, even over plain tensors
         return None

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,8 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 from torch import Tensor, nn
+
+from .._warnings import warn
 
 # state.json: the position in the data, and the settings that define a step and the data order (a resumed run must
 # use the same ones, or it would take other steps than the run that never stopped)
@@ -243,7 +244,7 @@ def find_latest(checkpoints: str | os.PathLike, files: Iterable[str] | None = No
         problem = find_problem(directory, files)
         if problem is None:
             return directory
-        warnings.warn(f"skipping damaged checkpoint {directory}: {problem}", stacklevel=2)
+        warn(f"skipping damaged checkpoint {directory}: {problem}")
         problems.append(problem)
     if found:
         raise ValueError(f"no intact checkpoint under {checkpoints}: {'; '.join(problems)}")
