@@ -553,7 +553,7 @@ class DistillationLoop:
             with self._autocast():  # the head's matmuls in the student's autocast, as its lm_head in the logits path
                 return fused_linear_kd_loss(s.hidden, s.weight, teacher_logits, labels, student_head_bias=s.bias,
                                             student_head_lora=s.lora, sample_weight=sample_weight,
-                                            num_items=num_items, **_kd_options(self.loss_fn))  # fmt: skip
+                                            num_items=num_items, **self.loss_fn.kd_settings())  # fmt: skip
         if teacher_logits is None:
             if labels is None:
                 raise ValueError("without teachers (or a cache) the loop trains on labels; the batch has none")
@@ -1132,13 +1132,6 @@ def _shape(x: Any) -> str:
 
 def _is_scheduler(x: Any) -> bool:
     return x is not None and hasattr(x, "step") and hasattr(x, "state_dict")
-
-
-def _kd_options(loss: KDLoss) -> dict[str, Any]:
-    """A KDLoss's hyper-parameters, as kd_loss keywords (reduction is the loop's: 'mean' with num_items)."""
-    names = ("divergence", "temperature", "scale_by_temperature_sq", "ensemble", "teacher_weights", "beta", "skew",
-             "ignore_index", "ce_weight", "backend")  # fmt: skip
-    return {name: getattr(loss, name) for name in names}
 
 
 def _check_fused_linear(student: nn.Module, teachers: Sequence[nn.Module], loss: Any, train_teachers: bool,
