@@ -513,19 +513,19 @@ class DistillationLoop:
                     raise ValueError(f"sample_weight must have shape {list(expected)} (one weight per position, as "
                                      f"the labels), got {list(sample_weight.shape)}; a per-sequence weight [B] "
                                      "must be repeated along the positions")  # fmt: skip
+            labels = None if labels is None else labels[..., 1:]
+            sample_weight = None if sample_weight is None else sample_weight[..., 1:]
             if (labels is not None and not self.fused_linear
                     and (teacher_logits is None or _skips_ignored_positions(self.loss_fn))):  # fmt: skip
                 # the loss is 0 at ignored positions: the labels move, the logits stay whole (their [..., :-1, :]
                 # slices would be copied whole by the loss: a [B, T-1, V] buffer per model and step)
-                labels = pad_last_position(labels[..., 1:], self.ignore_index)
-                sample_weight = None if sample_weight is None else pad_last_position(sample_weight[..., 1:], 0)
+                labels = pad_last_position(labels, self.ignore_index)
+                sample_weight = None if sample_weight is None else pad_last_position(sample_weight, 0)
             else:
-                sample_weight = None if sample_weight is None else sample_weight[..., 1:]
                 student_logits = shift_positions(student_logits)
                 if teacher_logits is not None:
                     teacher_logits = (shift_positions(teacher_logits) if isinstance(teacher_logits, Tensor)
                                       else [shift_positions(t) for t in teacher_logits])  # fmt: skip
-                labels = None if labels is None else labels[..., 1:]
 
         # sum / num_items (global) * world: DDP's gradient average then gives sum over everything / num_items
         scale = float(self.world_size) if num_items is not None else 1.0 / n_micro
