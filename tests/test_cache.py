@@ -44,6 +44,10 @@ def test_full_cache_holds_the_teachers_logits(tmp_path):
     torch.testing.assert_close(cache.logits, expected, rtol=0, atol=1e-6)
     rows = [3, 0, 12]
     torch.testing.assert_close(cache.get(rows), expected[rows].transpose(0, 1), rtol=0, atol=1e-6)  # [K, B, T, V]
+    for dtype in (None, torch.float32, torch.float64, torch.bfloat16):  # contiguous: kd_loss need not copy again
+        got = cache.get(rows, dtype=dtype)
+        assert got.is_contiguous() and got.dtype == (dtype or cache.logits.dtype)
+        torch.testing.assert_close(got, expected[rows].transpose(0, 1).to(got.dtype))
     # a standard safetensors file
     plain = safetensors.torch.load_file(str(tmp_path / "c.safetensors"))
     assert torch.equal(plain["logits"], cache.logits)

@@ -138,7 +138,12 @@ class TeacherLogitCache:
         takes as ``teacher_logits``. For a top-k cache, dense logits (see the module docstring)."""
         idx = self._rows(index)
         if self.kind == "full":
-            return _gather(self.logits, idx, device).transpose(0, 1).to(dtype).contiguous()
+            rows = _gather(self.logits, idx, device).transpose(0, 1)
+            # one copy: .to(dtype) of the transposed view keeps its strides, a .contiguous() after it copied again
+            # (and .to() with the tensor's own dtype returns the view itself, whatever the memory_format)
+            if dtype is None or dtype == rows.dtype:
+                return rows.contiguous()
+            return rows.to(dtype=dtype, memory_format=torch.contiguous_format)
         values, indices, tail = self.topk(idx, device)
         return topk_to_logits(values, indices, tail, self.vocab_size).to(dtype or values.dtype)
 
