@@ -164,7 +164,9 @@ def split_teachers(teacher_logits: TeacherLogits, student_shape: torch.Size, nam
     the errors; ``hint``: ``ref`` and ``student_slice`` of :func:`_vocab_hint` (what the teachers must match)."""
     if isinstance(teacher_logits, Tensor):
         _check_logits(name, teacher_logits)
-        if teacher_logits.shape == student_shape:
+        # (dims first: a tuple comparison compares [K, B, V] with [B, V] element by element, and K == B on symbolic
+        # sizes becomes a guard that torch.export refuses for a dynamic batch)
+        if teacher_logits.dim() == len(student_shape) and teacher_logits.shape == student_shape:
             return [teacher_logits]
         if teacher_logits.dim() == len(student_shape) + 1 and teacher_logits.shape[1:] == student_shape:
             if teacher_logits.shape[0] == 0:

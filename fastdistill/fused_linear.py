@@ -727,7 +727,7 @@ class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         plan, (h_dtype, b_dtype, *ab_dtypes) = ctx.plan, ctx.dtypes
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if torch.is_grad_enabled():
             raise RuntimeError("fastdistill.fused_linear_kd_loss: create_graph=True (double backward) is not "
                                "supported: the gradients are formed chunk by chunk without a graph of their own, so a "
                                "second-order term would be 0; use kd_loss(backend='reference') on materialised "

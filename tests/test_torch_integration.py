@@ -220,3 +220,115 @@ def test_modules_pickled_before_their_settings_were_attributes_still_load():
     h, w, t = torch.randn(6, 3), torch.randn(5, 3), torch.randn(2, 6, 5)
     assert torch.equal(old(h, w, t), fastdistill.fused_linear_kd_loss(h, w, t, temperature=2.0, chunk_size=4,
                                                                       teacher_weights=torch.tensor([1.0, 3.0])))
+
+
+def test_forward_mode_ad_is_refused_by_the_fused_backends_and_auto_takes_the_reference():
+    """The kernels have no forward derivative: jacfwd / jvp / forward_ad dual tensors ran them on the primal values
+    and dropped the tangent (a Jacobian of 0, no error). A fused backend named there now refuses, naming the way
+    out; "auto" under a torch.func transform or forward AD is the reference, so grad, jacfwd and hessian just work."""
+    import torch.autograd.forward_ad as fwAD
+
+    g = torch.Generator().manual_seed(0)
+    s, t, b, tangent = (torch.randn(4, 7, dtype=torch.float64, generator=g) for _ in range(4))
+    labels = torch.tensor([0, 3, 6, 2])
+    ops = {
+        "kd": lambda x, backend: fastdistill.kd_loss(x, t, labels, temperature=2.0, ce_weight=0.3, backend=backend),
+        "codistill": lambda x, backend: fastdistill.codistill_loss(x, b, labels, backend=backend).loss_a,
+        "mi": lambda x, backend: fastdistill.mi_alpha(x, b, alpha=0.5, backend=backend),
+    }
+    for name, op in ops.items():
+        want = torch.func.jacfwd(lambda x: op(x, "reference"))(s)
+        assert want.abs().max() > 1e-3, name
+        torch.testing.assert_close(torch.func.jacfwd(lambda x: op(x, "auto"))(s), want)
+        torch.testing.assert_close(torch.func.grad(lambda x: op(x, "auto"))(s),
+                                   torch.func.grad(lambda x: op(x, "reference"))(s))  # fmt: skip
+        with pytest.raises(ValueError, match=r"backend='cpu' cannot run.*forward-mode AD.*backend='reference'"):
+            torch.func.jvp(lambda x: op(x, "cpu"), (s,), (tangent,))
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(s, tangent)
+            torch.testing.assert_close(fwAD.unpack_dual(op(dual, "auto")).tangent, (want * tangent).sum((-2, -1)))
+            with pytest.raises(ValueError, match="forward-mode AD"):
+                op(dual, "cpu")
+            op(s, "cpu")  # no tangent reaches the op: the fused kernel runs
+
+
+def test_create_graph_under_dynamo_is_refused_like_in_eager():
+    """torch.compile(backend="eager") differentiates twice as eager code does, but the create_graph check was
+    skipped whenever compiling: a gradient penalty through the fused op dropped its second-order term silently
+    (0.26 off a 0.30 gradient). Now the eager error; the reference backend still gives the exact answer there."""
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(5, 4, dtype=torch.float64, generator=g), torch.randn(5, 7, dtype=torch.float64, generator=g)
+    h = torch.randn(9, 4, dtype=torch.float64, generator=g)
+    w0 = torch.randn(7, 4, dtype=torch.float64, generator=g)
+
+    def penalty(op):
+        def f(w):
+            (gw,) = torch.autograd.grad(op(w), w, create_graph=True)
+            return (gw * gw).sum()
+
+        return f
+
+    kd = {b: (lambda w, b=b: fastdistill.kd_loss(x @ w.T, t, temperature=2.0, backend=b)) for b in ("cpu", "reference")}
+    linear = lambda w: fastdistill.fused_linear_kd_loss(h, w, torch.randn(9, 7, dtype=torch.float64))  # noqa: E731
+    for op in (kd["cpu"], linear):
+        dynamo.reset()
+        with pytest.raises(RuntimeError, match="create_graph=True"):
+            penalty(op)(w0.clone().requires_grad_())
+        with pytest.raises(RuntimeError, match="create_graph=True"):
+            torch.compile(penalty(op), backend="eager")(w0.clone().requires_grad_())
+    dynamo.reset()
+    want = torch.autograd.grad(penalty(kd["reference"])(w := w0.clone().requires_grad_()), w)[0]
+    compiled = torch.compile(penalty(kd["reference"]), backend="eager")
+    got = torch.autograd.grad(compiled(w := w0.clone().requires_grad_()), w)[0]
+    torch.testing.assert_close(got, want)
+
+
+def test_non_strict_export_with_stacked_teachers_and_a_dynamic_batch():
+    """torch.export's default (non-strict) tracing compared the stacked teachers' [K, B, V] with the student's [B, V]
+    element by element: K == B became a guard "batch != K" that export refused for Dim("batch")."""
+    from torch.export import Dim
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.loss = fastdistill.KDLoss(temperature=2.0, backend="cpu")
+
+        def forward(self, s, t):
+            return self.loss(s, t)
+
+    batch = Dim("batch", min=2, max=1024)
+    for k in (2, 3):
+        s, t = torch.randn(4, 12), torch.randn(k, 4, 12)
+        program = torch.export.export(Step(), (s, t), dynamic_shapes=({0: batch}, {1: batch}), strict=False)
+        for b in (k, 9):
+            s, t = torch.randn(b, 12), torch.randn(k, b, 12)
+            torch.testing.assert_close(program.module()(s, t), Step()(s, t))
+
+
+def test_weak_teacher_schedule_does_not_recompile_the_callers_step():
+    """WeakTeacherKDLoss read the step set by set_progress inside the graph: a compiled training step recompiled at
+    every step, then (torch's recompile limit, 8) ran the whole frame, model included, in eager mode. A scheduled
+    weight now runs outside the graph: the model's graph compiles once and the losses equal eager's; a constant
+    weight is still traced (fullgraph=True)."""
+    from fastdistill.methods import SoftWeightSchedule, WeakTeacherKDLoss
+
+    lin = torch.nn.Linear(5, 10, dtype=torch.float64)
+    x, t = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 10, dtype=torch.float64)
+    labels = torch.randint(0, 10, (6,))
+    for shape in ("linear", "cosine", "step"):
+        dynamo.reset()
+        counters.clear()
+        loss = WeakTeacherKDLoss(soft_weight=SoftWeightSchedule(4.0, 1.0, shape=shape), backend="cpu")
+        compiled = torch.compile(lambda x, t, y: loss(torch.tanh(lin(x)), t, y), backend="eager")
+        for step in range(12):
+            loss.set_progress(step, 12)
+            torch.testing.assert_close(compiled(x, t, labels), loss(torch.tanh(lin(x)), t, labels))
+        assert _graphs() == 1 and counters["recompiles"] == {}, shape
+    dynamo.reset()
+    counters.clear()
+    loss = WeakTeacherKDLoss(soft_weight=SoftWeightSchedule(2.0, shape="constant"), backend="cpu")
+    compiled = torch.compile(lambda x, t, y: loss(lin(x), t, y), backend="eager", fullgraph=True)
+    for step in range(3):
+        loss.set_progress(step, 12)
+        torch.testing.assert_close(compiled(x, t, labels), loss(lin(x), t, labels))
+    assert _graphs() == 1

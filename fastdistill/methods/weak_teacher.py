@@ -18,6 +18,7 @@ import numbers
 from dataclasses import dataclass
 from fractions import Fraction
 
+import torch
 from torch import Tensor, nn
 
 import fastdistill
@@ -265,6 +266,9 @@ class WeakTeacherKDLoss(nn.Module):
     def current_soft_weight(self) -> float:
         """α_s at the current progress (the weight the next forward uses)."""
         if isinstance(self.soft_weight, SoftWeightSchedule):
+            # (a constant one reads no step: compiled, the step would be a constant of the graph)
+            if self.soft_weight.shape == "constant":
+                return self.soft_weight.start
             return self.soft_weight(self.step, self.total_steps)
         return self.soft_weight
 
@@ -278,7 +282,21 @@ class WeakTeacherKDLoss(nn.Module):
         sample_weight: Tensor | None = None,
     ) -> Tensor:
         """student_logits [*, V]; teacher_logits [*, V], [K, *, V] or K x [*, V]; labels int64 [*] (needed when
-        ``hard_weight > 0``). Returns the 0-dim mean over rows not ignored (or ``sum / num_items``)."""
+        ``hard_weight > 0``). Returns the 0-dim mean over rows not ignored (or ``sum / num_items``).
+
+        Under torch.compile a scheduled weight (any shape but "constant") runs outside the graph (a graph break;
+        the fused kernel is the same): traced, the step it is read from is a constant of the graph, and the caller
+        would recompile at every step until torch's recompile limit, then fall back to eager for the whole frame.
+        A float or "constant" weight is traced."""
+        if isinstance(self.soft_weight, SoftWeightSchedule) and self.soft_weight.shape != "constant":
+            return self._eager_forward(student_logits, teacher_logits, labels, num_items, sample_weight)
+        return self._forward(student_logits, teacher_logits, labels, num_items, sample_weight)
+
+    @torch.compiler.disable
+    def _eager_forward(self, *args) -> Tensor:
+        return self._forward(*args)
+
+    def _forward(self, student_logits, teacher_logits, labels, num_items, sample_weight) -> Tensor:
         return weak_teacher_kd_loss(
             student_logits, teacher_logits, labels, hard_weight=self.hard_weight,
             soft_weight=self.current_soft_weight, temperature=self.temperature, divergence=self.divergence,

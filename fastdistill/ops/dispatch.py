@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 import torch
+from torch.autograd import forward_ad
 
 from .._warnings import warn
 from . import extension
@@ -129,16 +130,36 @@ def _measured(inp: OpInputs) -> str | None:
                            s.shape[-1], len(inp.teachers))  # fmt: skip
 
 
+def _forward_mode_reason(inp: OpInputs) -> str | None:
+    """Why no fused backend can run ``inp`` under forward-mode AD: their kernels have no forward derivative, and
+    torch would run them on the primal values and drop the tangent (a derivative of 0, no error). None otherwise."""
+    # (torch.func.jvp / jacfwd's inputs are dual tensors of a forward_ad level too)
+    if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in inp.tensors()):
+        return ("forward-mode AD (torch.func.jvp / jacfwd / hessian, or a dual tensor of torch.autograd.forward_ad) "
+                "needs backend='reference'")  # fmt: skip
+    return None
+
+
 def select(name: str, inp: OpInputs) -> Backend:
     """The backend that will run ``inp``: ``name`` itself, or for "auto" the measured choice (AUTO_MEASURED) if
-    any, else the first capable one in the priority order of the inputs' device."""
+    any, else the first capable one in the priority order of the inputs' device. Inside a torch.func transform or
+    forward-mode AD "auto" is the reference (plain torch ops, which every transform differentiates); a fused backend
+    named there runs where it can (a transform over closed-over tensors) and is refused under forward-mode AD."""
     backends, op = BACKENDS, inp.OP
+    # (eager only: under torch.compile the transforms are traced by Dynamo and no dual tensor reaches here)
+    transformed = not torch.compiler.is_compiling() and (
+        forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+    )
     if name != "auto":
         backend = backends[name]
         reasons = backend.not_supported_reasons(inp)
+        if transformed and name != "reference":
+            reasons += [r for r in (_forward_mode_reason(inp),) if r is not None]
         if reasons:
             raise ValueError(f"backend={name!r} cannot run these inputs: " + "; ".join(reasons))
         return backend
+    if transformed:
+        return backends["reference"]
     device = inp.tensors()[0].device.type
     if device == "cuda" and AUTO_MEASURED:
         choice = _measured(inp)

@@ -171,8 +171,9 @@ def _first_order(op: str, grad: torch.Tensor | None) -> torch.Tensor | None:
     second-order term through this op (a gradient penalty, MAML, a Hessian-vector product) would silently be 0.
     The error is raised here, at the first backward, not when the gradient is differentiated (as torch's
     once_differentiable does): a second derivative taken towards upstream parameters would skip a delayed error
-    and drop this op's term without a word. Eager mode only (torch.compile has no double backward either)."""
-    if grad is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    and drop this op's term without a word. Also while compiling: Dynamo alone (backend="eager") differentiates
+    twice; AOTAutograd traces backward with grad mode off, so the check does not fire there."""
+    if grad is not None and torch.is_grad_enabled():
         raise RuntimeError(
             f"fastdistill.{op}: create_graph=True (double backward) is not supported by the fused backends: their "
             "gradient is computed in the forward pass and its own derivative is not, so a second-order term "
