@@ -10,6 +10,7 @@ import contextlib
 import contextvars
 import math
 import numbers
+import threading
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -321,6 +322,7 @@ def normalise_teacher_weights(
 # an entry whose tensor is gone is never matched: per-call [K, *] weights only pass through.
 _CHECKED_WEIGHTS: dict[tuple[int, torch.dtype], tuple[weakref.ref, int]] = {}
 _CHECKED_WEIGHTS_MAX = 32
+_CHECKED_WEIGHTS_LOCK = threading.Lock()
 
 
 def _weights_version(w: Tensor) -> int | None:
@@ -341,9 +343,10 @@ def _remember_checked_weights(w: Tensor, dtype: torch.dtype) -> None:
     version = _weights_version(w)
     if version is None or _vouched_for("teacher_weights"):  # a caller's word is not a check
         return
-    if len(_CHECKED_WEIGHTS) >= _CHECKED_WEIGHTS_MAX:
-        _CHECKED_WEIGHTS.pop(next(iter(_CHECKED_WEIGHTS)))
-    _CHECKED_WEIGHTS[(id(w), dtype)] = (weakref.ref(w), version)
+    with _CHECKED_WEIGHTS_LOCK:  # losses called from several threads: the eviction iterates the dict
+        if len(_CHECKED_WEIGHTS) >= _CHECKED_WEIGHTS_MAX:
+            _CHECKED_WEIGHTS.pop(next(iter(_CHECKED_WEIGHTS)))
+        _CHECKED_WEIGHTS[(id(w), dtype)] = (weakref.ref(w), version)
 
 
 def _host_denominator(n: int, acc: torch.dtype, device: torch.device) -> Tensor:

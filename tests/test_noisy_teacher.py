@@ -74,6 +74,34 @@ def test_reliability_accuracy_topk_and_smallest_k():
     assert rel.smallest_k(q, target=0.9).tolist() == [2, 1, 1]
 
 
+def test_smallest_k_matches_the_curve_by_curve_definition():
+    """smallest_k evaluates every top-k curve at once, a chunk of curves per pass (it was ~6 launches per class,
+    max_k = V by default): the smallest k whose curve reaches the target, else max_k, exactly as curve by curve,
+    over several chunks (100k rows: 41 curves per chunk), on [*] rows, for targets no curve reaches, and after a
+    curve is refit."""
+    g = torch.Generator().manual_seed(0)
+    v = 50
+    t_val = torch.randn(400, v, generator=g) * 3
+    y_val = torch.where(torch.rand(400, generator=g) < 0.6, t_val.argmax(-1), torch.randint(0, v, (400,), generator=g))
+    rel = TeacherReliability.fit(t_val, y_val)
+    q = torch.randn(5, 20_000, v, generator=g) * torch.rand(5, 1, 1, generator=g) * 4
+
+    def by_curve(rel, q, target):
+        conf = torch.softmax(q.float(), -1).amax(-1)
+        k = torch.full(conf.shape, rel.max_k)
+        for kk in range(rel.max_k, 0, -1):
+            k = torch.where(rel.calibrators[kk - 1](conf) >= target, kk, k)
+        return k
+
+    for target in (0.5, 0.9, 0.99, 1.0):
+        got = rel.smallest_k(q, target)
+        assert got.shape == (5, 20_000) and got.dtype == torch.long
+        assert torch.equal(got, by_curve(rel, q, target)), target
+    assert len(set(rel.smallest_k(q, 0.9).flatten().tolist())) >= 4  # different k: the test can tell
+    rel.calibrators[0] = IsotonicCalibrator().fit(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0]))
+    assert torch.equal(rel.smallest_k(q, 0.9), by_curve(rel, q, 0.9))
+
+
 def test_weighted_kd_loss_is_kd_loss_with_the_weights():
     torch.manual_seed(0)
     rel = TeacherReliability.fit(_logits_with_top_prob([0.4, 0.5, 0.7, 0.9]), torch.tensor([1, 0, 1, 0]))

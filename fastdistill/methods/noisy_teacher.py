@@ -103,7 +103,7 @@ def _check_alpha(alpha, rows: torch.Size, device: torch.device, dtype: torch.dty
             raise TypeError(f"alpha must be a number in [0, 1] or a floating-point Tensor [*], got "
                             f"{type(alpha).__name__}")  # fmt: skip
         value = functional.check_real("alpha", alpha, low=0.0, high=1.0, low_open=False, high_open=False)
-        return torch.tensor(value, dtype=dtype, device=device)
+        return torch.full((), value, dtype=dtype, device=device)  # (torch.tensor(value, device=cuda) syncs)
     if not a.is_floating_point():
         raise TypeError(f"alpha must be a floating-point Tensor (or a number in [0, 1]), got {a.dtype}")
     a = a.to(dtype)
@@ -229,10 +229,40 @@ class TeacherReliability:
         at least ``target`` (``max_k`` if none is). SLaM's k(x); the threshold 0.9 is our choice."""
         functional.check_real("target", target, low=0.0, high=1.0, low_open=False, high_open=False)
         conf = _confidence(teacher_logits)
-        k = torch.full(conf.shape, self.max_k, dtype=torch.long, device=conf.device)
-        for kk in range(self.max_k, 0, -1):  # descending, so the smallest k that qualifies is written last
-            k = torch.where(self.calibrators[kk - 1](conf) >= target, torch.full_like(k, kk), k)
-        return k
+        lo, value, last = self._table(conf.device)
+        score = conf.detach().double().reshape(1, -1)
+        k = torch.full(score.shape[1:], self.max_k, dtype=torch.long, device=conf.device)
+        # all k's curves at once, a chunk of them per pass (max_k is V by default: one pass per k was ~6 launches
+        # per class, ~1 s per step at V = 32k on a GPU); a chunk's [C, rows] lookups stay within ~4M entries
+        chunk = max(1, 2**22 // max(1, score.shape[1]))
+        for start in range(0, self.max_k, chunk):
+            rows = slice(start, start + chunk)
+            n = lo[rows].shape[0]
+            # each curve's block (as IsotonicCalibrator.__call__: right=True, minus 1, clamped to its own blocks)
+            idx = torch.searchsorted(lo[rows], score.expand(n, -1).contiguous(), right=True) - 1
+            idx = torch.minimum(idx.clamp_min(0), last[rows, None])
+            ok = value[rows].gather(1, idx).float() >= target  # [C, rows]
+            first = torch.where(ok.any(0), ok.int().argmax(0) + start + 1, self.max_k)  # argmax: the first True
+            k = torch.minimum(k, first)
+        return k.reshape(conf.shape)
+
+    def _table(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """The curves as padded tables on ``device``: block starts [max_k, B] (+inf past a curve's blocks), values
+        [max_k, B] and each curve's last block index [max_k]; built once per device (again if a curve is refit)."""
+        fitted = [c.lo for c in self.calibrators]
+        if any(lo is None for lo in fitted):
+            raise RuntimeError("fit the calibrators first")
+        tables = self.__dict__.setdefault("_tables", {})  # per device (and pickles made before it existed)
+        cached = tables.get(device)
+        if cached is None or len(cached[0]) != len(fitted) or any(a is not b for a, b in zip(cached[0], fitted)):
+            width = max(len(lo) for lo in fitted)
+            lo = torch.full((len(fitted), width), torch.inf, dtype=torch.float64)
+            value = torch.zeros((len(fitted), width), dtype=torch.float64)
+            for i, c in enumerate(self.calibrators):
+                lo[i, : len(c.lo)], value[i, : len(c.value)] = c.lo, c.value
+            last = torch.tensor([len(c) - 1 for c in fitted])
+            cached = tables[device] = (fitted, lo.to(device), value.to(device), last.to(device))
+        return cached[1:]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -323,7 +353,7 @@ def topk_mask(teacher_logits: Tensor, k: Tensor | int) -> Tensor:
                             f"{type(k).__name__}")  # fmt: skip
         if not 1 <= k <= v:
             raise ValueError(f"k must be in [1, {v}] (V = {v} classes), got {k}")
-        kt = torch.tensor(int(k), device=teacher_logits.device)
+        kt = torch.full((), int(k), device=teacher_logits.device)
     else:
         if kt.is_floating_point() or kt.is_complex() or kt.dtype == torch.bool:
             raise TypeError(f"k must be an int or an integer Tensor [*] (the number of top classes), got {kt.dtype}")
@@ -428,10 +458,10 @@ def slam_loss(
     log_f = torch.where(p_t > 0, torch.log_softmax(student_logits.to(acc), dim=-1), 0.0)
     mask = topk_mask(t, k)
     alpha = alpha.expand(log_f.shape[:-1])[..., None]
-    floor = torch.tensor(_LOG_FLOOR, dtype=acc, device=log_f.device)
-    log_a, log_1ma = torch.log(alpha).clamp_min(floor), torch.log1p(-alpha).clamp_min(floor)
+    # (floors as Python numbers: a tensor made on the GPU per call is a blocking host-to-device copy)
+    log_a, log_1ma = torch.log(alpha).clamp_min(_LOG_FLOOR), torch.log1p(-alpha).clamp_min(_LOG_FLOOR)
     # log(1 - f): -expm1(log f) is exact near f = 1; clamp the argument so f = 1 gives the floor, not log 0
-    log_1mf = torch.log((-torch.expm1(log_f)).clamp_min(torch.finfo(acc).tiny)).clamp_min(floor)
+    log_1mf = torch.log((-torch.expm1(log_f)).clamp_min(torch.finfo(acc).tiny)).clamp_min(_LOG_FLOOR)
     second = log_1ma + log_1mf
     if normalize:
         c = (mask.sum(-1, keepdim=True) - 1).clamp_min(1).to(acc)
