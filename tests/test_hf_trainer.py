@@ -160,6 +160,26 @@ def test_train_steps_with_accumulation_equal_one_big_batch(tmp_path, kind):
         torch.testing.assert_close(p.detach(), q.detach() - q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_the_trainers_own_token_count_is_not_checked_again(tmp_path, monkeypatch):
+    """get_batch_samples counts num_items_in_batch itself; compute_loss had kd_loss check that count on the device
+    (a sync per micro-batch on CUDA). Its own count is now vouched for; a count from elsewhere is still checked."""
+    from fastdistill import functional
+
+    checked = []
+    real = functional._check_values
+    monkeypatch.setattr(functional, "_check_values",
+                        lambda name, *a: functional._vouched_for(name) or checked.append(name) or real(name, *a))
+    student, teachers = _gpt2(1, 16, 0), [_gpt2(2, 32, 1)]
+    rows = [{k: v[i] for k, v in _lm_batch(b=4, seed=3).items()} for i in range(4)]
+    args = _args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2)
+    trainer = DistillationTrainer(model=student, args=args, teachers=teachers, train_dataset=rows, shift_labels=True,
+                                  temperature=2.0)  # fmt: skip
+    trainer.train()
+    assert "num_items" not in checked and trainer.state.global_step == 2
+    trainer.compute_loss(student.train(), _lm_batch(), num_items_in_batch=torch.tensor(20))
+    assert checked.count("num_items") == 1
+
+
 def test_a_shift_labels_column_reaches_the_loss_through_train(tmp_path):
     """A dataset column ``shift_labels`` (the targets already aligned) survives Trainer's remove_unused_columns and
     is the one step's target: the student moves by minus the gradient of kd_loss against it, not labels[1:]."""

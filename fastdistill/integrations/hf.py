@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from collections.abc import Iterator, Sequence
@@ -470,6 +471,7 @@ class DistillationTrainer(Trainer):
         count = sum(lab.ne(self.ignore_index).sum() for lab in labels).to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             count = self.accelerator.gather(count).sum()
+        self._own_count = count  # a count of ours: compute_loss does not check it again (a device sync per call)
         return batches, count
 
     def teacher_logits(self, teacher: nn.Module, inputs: dict[str, Any]) -> Tensor:
@@ -565,21 +567,27 @@ class DistillationTrainer(Trainer):
         weighted = {} if sample_weight is None else {"sample_weight": sample_weight}
         if not model.training:
             num_items_in_batch = None  # evaluation: each batch's own mean (Trainer averages the batches)
+        own = num_items_in_batch is not None and num_items_in_batch is getattr(self, "_own_count", None)
+        with functional.values_checked("num_items") if own else contextlib.nullcontext():
+            loss = self._loss(student, teachers, labels, num_items_in_batch, weighted)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # num_items is the global count, and DDP averages the gradients over processes: undo that average
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss(self, student: Any, teachers: list, labels: Tensor | None, num_items: Tensor | int | None,
+              weighted: dict[str, Tensor]) -> Tensor:  # fmt: skip
+        """The fused loss of one micro-batch: on the logits, or on the hidden states and heads (fused_linear)."""
         if self.fused_linear:
             # under the student's autocast, as its lm_head ran in the logits path: with bf16=True the head's matmuls
             # in bf16 (outside it, float32 matmuls of a float32 head: several times slower on a GPU); fp16=True's
             # float16 autocast the op leaves for float32 itself (fused_linear: a float16 chunk gradient underflows)
             with self.accelerator.autocast():
-                loss = fused_linear_kd_loss(student.hidden, student.weight, teachers, labels,
+                return fused_linear_kd_loss(student.hidden, student.weight, teachers, labels,
                                             student_head_bias=student.bias, student_head_lora=student.lora,
-                                            num_items=num_items_in_batch, **weighted, **self.kd_options)  # fmt: skip
-        else:
-            loss = functional.kd_loss(student, teachers, labels=labels, num_items=num_items_in_batch, **weighted,
-                                      **self.kd_options)  # fmt: skip
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            # num_items is the global count, and DDP averages the gradients over processes: undo that average
-            loss = loss * self.accelerator.num_processes
-        return (loss, outputs) if return_outputs else loss
+                                            num_items=num_items, **weighted, **self.kd_options)  # fmt: skip
+        return functional.kd_loss(student, teachers, labels=labels, num_items=num_items, **weighted,
+                                  **self.kd_options)  # fmt: skip
 
     def prediction_step(
         self,
