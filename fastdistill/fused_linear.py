@@ -337,6 +337,7 @@ def _check_lora(name: str, lora: Any, width: int, v: int, device: torch.device) 
     if isinstance(lora, LoRATerm) or not isinstance(lora, Sequence) or isinstance(lora, str):
         raise TypeError(f"{name} must be a sequence of LoRATerm(a [r, H], b [V, r], scaling), got "
                         f"{type(lora).__name__}")  # fmt: skip
+    checked = []
     for i, t in enumerate(lora):
         where = f"{name}[{i}]"
         if not isinstance(t, LoRATerm):
@@ -357,7 +358,8 @@ def _check_lora(name: str, lora: Any, width: int, v: int, device: torch.device) 
             raise TypeError(f"{where}.scaling must be a real number, got {type(t.scaling).__name__}")
         if not math.isfinite(scaling):
             raise ValueError(f"{where}.scaling must be finite, got {scaling!r}")
-    return tuple(t._replace(scaling=float(t.scaling)) for t in lora)
+        checked.append(t._replace(scaling=float(scaling)))  # (a tensor's value read once: one device sync)
+    return tuple(checked)
 
 
 # what teacher logits must match here: the student's logits, [*] of student_hidden by V of its head
