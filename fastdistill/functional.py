@@ -33,13 +33,13 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def check_choice(name: str, value, choices: Sequence[str]) -> None:
+def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
     """``value`` is one of ``choices``, or a ValueError naming the argument and the choices."""
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-def check_real(name: str, value, *, low: float, high: float, low_open: bool, high_open: bool,
+def check_real(name: str, value: object, *, low: float, high: float, low_open: bool, high_open: bool,
                note: str = "") -> float:  # fmt: skip
     """``value`` as a float, finite and in the interval (open or closed at each end), or an error naming ``name``
     (``note`` appended to the range error)."""
@@ -60,7 +60,7 @@ _T_MIN, _T_MAX = 1e-19, 1e19
 _INT64 = (-(2**63), 2**63 - 1)
 
 
-def check_temperature(temperature) -> float:
+def check_temperature(temperature: object) -> float:
     """T > 0 such that T**2 and 1 / T are finite and non-zero in float32: [1e-19, 1e19]."""
     return check_real("temperature", temperature, low=_T_MIN, high=_T_MAX, low_open=False, high_open=False)
 
@@ -235,7 +235,8 @@ def _check_values(name: str, x: Tensor, what: str, bad: Tensor) -> None:
         raise ValueError(f"{name} must be {what}")
 
 
-def check_codistill_weights(weight_ab, weight_ba, hard_weight) -> tuple[float, float, tuple[float, float] | None]:
+def check_codistill_weights(weight_ab: object, weight_ba: object,
+                            hard_weight: object) -> tuple[float, float, tuple[float, float] | None]:  # fmt: skip
     """(weight_ab, weight_ba, (hard_a, hard_b)) of :func:`codistill_loss`, checked (>= 0, finite); the pair None
     for ``hard_weight=None`` (its default depends on the labels). Errors name the argument."""
     w_ab = check_real("weight_ab", weight_ab, low=0.0, high=math.inf, low_open=False, high_open=True)
@@ -252,7 +253,7 @@ def check_codistill_weights(weight_ab, weight_ba, hard_weight) -> tuple[float, f
     return w_ab, w_ba, (h, h)
 
 
-def check_teacher_weights(teacher_weights) -> None:
+def check_teacher_weights(teacher_weights: object) -> None:
     """What :func:`normalise_teacher_weights` can tell before the call's K and shapes: numbers finite and >= 0,
     not all 0; a tensor of floating point (its values are checked on first use); else a TypeError."""
     if teacher_weights is None or isinstance(teacher_weights, Tensor):
@@ -274,7 +275,8 @@ _WEIGHTS_SUM = "positive in every row (they are normalised to sum 1)"
 
 
 def normalise_teacher_weights(
-    teacher_weights, k: int, lead: torch.Size, n: int, device: torch.device, dtype: torch.dtype
+    teacher_weights: Tensor | Sequence[float] | None, k: int, lead: torch.Size, n: int, device: torch.device,
+    dtype: torch.dtype,
 ) -> Tensor | None:
     """[K] or [K, *] non-negative weights -> [K, N] with every column summing to 1 (None stays None)."""
     if teacher_weights is None:
@@ -349,7 +351,7 @@ def _remember_checked_weights(w: Tensor, dtype: torch.dtype) -> None:
         _CHECKED_WEIGHTS[(id(w), dtype)] = (weakref.ref(w), version)
 
 
-def _host_denominator(n: int, acc: torch.dtype, device: torch.device) -> Tensor:
+def _host_denominator(n: int | torch.SymInt, acc: torch.dtype, device: torch.device) -> Tensor:
     """max(n, 1) for a count known on the host, as a 0-dim ``acc`` tensor on ``device``: one device fill, not
     torch.tensor(n, device=...), whose host-to-device copy synchronises the stream on every call. ``n`` may be
     symbolic (torch.compile with dynamic shapes): then the same value from an int64 fill."""
@@ -367,7 +369,7 @@ def row_arguments(
     label_use: str,
     sample_weight: Tensor | None,
     reduction: str,
-    num_items,
+    num_items: int | Tensor | None,
     acc: torch.dtype,
     name: str = "student_logits",
     last_dim: str = "V",
@@ -446,7 +448,7 @@ def kd_inputs(
     temperature: float,
     scale_by_temperature_sq: bool,
     ensemble: str,
-    teacher_weights,
+    teacher_weights: Tensor | Sequence[float] | None,
     beta: float,
     skew: float,
     labels: Tensor | None,
@@ -454,7 +456,7 @@ def kd_inputs(
     ce_weight: float,
     sample_weight: Tensor | None,
     reduction: str,
-    num_items,
+    num_items: int | Tensor | None,
     backend: str,
 ) -> KDInputs:
     """The op record of a :func:`kd_loss` call (every argument as in :func:`kd_loss`, all by keyword): arguments
@@ -584,7 +586,7 @@ def codistill_loss(
     temperature: float = 1.0,
     weight_ab: float = 1.0,
     weight_ba: float = 1.0,
-    hard_weight: float | tuple[float, float] | None = None,
+    hard_weight: float | tuple[float, float] | list[float] | None = None,
     divergence: str = "kl",
     scale_by_temperature_sq: bool = True,
     beta: float = 0.5,
@@ -645,7 +647,7 @@ def codistill_inputs(
     temperature: float,
     weight_ab: float,
     weight_ba: float,
-    hard_weight: float | tuple[float, float] | None,
+    hard_weight: float | tuple[float, float] | list[float] | None,
     divergence: str,
     scale_by_temperature_sq: bool,
     beta: float,
@@ -653,7 +655,7 @@ def codistill_inputs(
     ignore_index: int,
     sample_weight: Tensor | None,
     reduction: str,
-    num_items,
+    num_items: int | Tensor | None,
     backend: str,
 ) -> CodistillInputs:
     """The op record of a :func:`codistill_loss` call (every argument as there, all by keyword): arguments checked,

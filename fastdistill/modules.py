@@ -177,7 +177,7 @@ class CodistillLoss(nn.Module):
         temperature: float = 1.0,
         weight_ab: float = 1.0,
         weight_ba: float = 1.0,
-        hard_weight: float | tuple[float, float] | None = None,
+        hard_weight: float | tuple[float, float] | list[float] | None = None,
         divergence: str = "kl",
         scale_by_temperature_sq: bool = True,
         beta: float = 0.5,

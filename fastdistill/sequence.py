@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Collection, Hashable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import torch
 from torch import Tensor
@@ -67,7 +67,8 @@ def token_f1(a: Any, b: Any, ignore: Collection[Hashable] = ()) -> float:
     return 2.0 * common / (len(ta) + len(tb))
 
 
-def _check(candidates: Sequence[Sequence[Any]], weights: Sequence[float] | Tensor | None) -> tuple[int, int, list]:
+def _check(candidates: Sequence[Sequence[Any]] | Tensor,
+           weights: Sequence[float] | Tensor | None) -> tuple[int, int, list]:  # fmt: skip
     if isinstance(candidates, Tensor):
         if candidates.dim() != 3:
             raise ValueError(f"candidates as a tensor must be [K, M, L] (teacher, input, token), got shape "
@@ -129,8 +130,14 @@ def mbr_select(candidates: Sequence[Sequence[Any]] | Tensor, similarity: Similar
     return chosen
 
 
+@overload
+def mbr_consensus(candidates: Tensor, similarity: Similarity = ...,
+                  weights: Sequence[float] | Tensor | None = ...) -> list[Tensor]: ...  # fmt: skip
+@overload
+def mbr_consensus(candidates: Sequence[Sequence[T]], similarity: Similarity = ...,
+                  weights: Sequence[float] | Tensor | None = ...) -> list[T]: ...  # fmt: skip
 def mbr_consensus(candidates: Sequence[Sequence[T]] | Tensor, similarity: Similarity = token_f1,
-                  weights: Sequence[float] | Tensor | None = None) -> list[T]:  # fmt: skip
+                  weights: Sequence[float] | Tensor | None = None) -> list[T] | list[Tensor]:  # fmt: skip
     """The MBR consensus output per input: ``candidates[mbr_select(...)[i]][i]`` for each i (M outputs, each as
     given: a tensor row of a [K, M, L] tensor stays a tensor). Arguments as for :func:`mbr_select`."""
     if isinstance(candidates, Tensor):

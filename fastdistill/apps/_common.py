@@ -4,6 +4,7 @@ from another (they are scripts, not a package)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import math
@@ -23,7 +24,7 @@ R = TypeVar("R")
 _T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
 
 
-def single_thread():
+def single_thread() -> contextlib.AbstractContextManager[None]:
     """Run torch on one thread inside (see :func:`fastdistill.training.loop.torch_threads`)."""
     return torch_threads(1)
 
@@ -53,9 +54,15 @@ def load_script(path: str | Path, name: str) -> ModuleType:
     another's data and models. Registered in ``sys.modules`` first, where dataclasses look their module up."""
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, Path(path))
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {path} as a Python module (expected a .py file)")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]  # a script that failed is not "loaded": the next call runs it again
+            raise
     return sys.modules[name]
 
 

@@ -257,7 +257,8 @@ def _train_student(name: str, loss, cache, data: DigitsSplits, settings: DemoSet
     return accs[-1], steps, accs
 
 
-def run_demo(settings: DemoSettings | None = None, out_dir: str | Path = "demo_out", log=print) -> DemoResult:
+def run_demo(settings: DemoSettings | None = None, out_dir: str | Path = "demo_out",
+             log: Callable[[str], None] = print) -> DemoResult:  # fmt: skip
     """Train the teachers and every student variant for each seed; print the table; save the PNG in ``out_dir``."""
     settings = settings or DemoSettings()
     out_dir = Path(out_dir)

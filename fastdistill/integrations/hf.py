@@ -454,7 +454,8 @@ class DistillationTrainer(Trainer):
             return None
         return mask_labels(mask, self.ignore_index)  # (ce_weight == 0: read for their mask only)
 
-    def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
+    def get_batch_samples(self, epoch_iterator: Iterator[Any], num_batches: int,
+                          device: torch.device) -> tuple[list[Any], Tensor | None]:  # fmt: skip
         """The next ``num_batches`` micro-batches of one optimizer step, and ``num_items_in_batch``: their labels
         that are not ``ignore_index`` (after the shift), over all processes when ``average_tokens_across_devices``;
         an unlabelled causal-LM batch counts its ``attention_mask``'s positions as the loss does (:meth:`_loss_labels`).
@@ -502,7 +503,7 @@ class DistillationTrainer(Trainer):
         inputs: dict[str, Any],
         return_outputs: bool = False,
         num_items_in_batch: Tensor | int | None = None,
-    ):
+    ) -> Tensor | tuple[Tensor, Any]:
         """``kd_loss(student, teachers, labels=...)``: a sum over the items divided by ``num_items_in_batch`` when
         training with it (HF's gradient-accumulation contract), else the mean over this batch's labelled items."""
         inputs = dict(inputs)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 import fastdistill
 
 from .. import functional
+from ..ops import reference
 
 __all__ = [
     "IsotonicCalibrator",
@@ -322,7 +323,7 @@ class WeightedKDLoss(nn.Module):
         functional.row_arguments(
             student_logits, labels=labels, ignore_index=self.ignore_index, check_label_range=False, label_use="",
             sample_weight=sample_weight, reduction=self.reduction, num_items=num_items,
-            acc=fastdistill.ops.reference.compute_dtype(student_logits, t),
+            acc=reference.compute_dtype(student_logits, t),
         )  # fmt: skip
         w = distillation_weights(self.reliability, t)
         if sample_weight is not None:
@@ -363,7 +364,7 @@ def topk_mask(teacher_logits: Tensor, k: Tensor | int) -> Tensor:
     return rank < kt[..., None]
 
 
-def slam_mix(student_probs: Tensor, alpha: Tensor, mask: Tensor, *, normalize: bool = False) -> Tensor:
+def slam_mix(student_probs: Tensor, alpha: Tensor | float, mask: Tensor, *, normalize: bool = False) -> Tensor:
     """The SLaM mixing operator in probability space (the papers' formula; for reading and tests).
 
     mix(f) = α·f + (1 − α)·(1 − f) ⊙ top / c, with c = 1 (unnormalised, as in the authors' experiments) or
@@ -397,7 +398,7 @@ def slam_mix(student_probs: Tensor, alpha: Tensor, mask: Tensor, *, normalize: b
 def slam_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
-    alpha: Tensor,
+    alpha: Tensor | float,
     k: Tensor | int,
     *,
     normalize: bool = False,
@@ -435,7 +436,7 @@ def slam_loss(
     functional._check_int64("ignore_index", ignore_index)
     teacher_logits = _one_teacher(student_logits, teacher_logits, "slam_loss")
     _check_bool("normalize", normalize)
-    acc = fastdistill.ops.reference.compute_dtype(student_logits, teacher_logits)
+    acc = reference.compute_dtype(student_logits, teacher_logits)
     rows, device = student_logits.shape[:-1], student_logits.device
     # (sample_weight's values: finite and >= 0, as kd_loss's check; a negative weight would select a neutralised row)
     _, _, denominator = functional.row_arguments(

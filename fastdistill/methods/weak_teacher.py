@@ -256,7 +256,7 @@ class WeakTeacherKDLoss(nn.Module):
         self.step = 0
         self.total_steps: int | None = None
 
-    def set_progress(self, step: int, total_steps: int | None) -> None:
+    def set_progress(self, step: int, total_steps: int | None = None) -> None:
         """Where training is: ``step`` optimizer steps done (0-based) of ``total_steps`` planned (>= 1, or None
         when unknown: then the schedule needs its own ``total_steps``)."""
         self.step = _check_int("step", step, low=0)
