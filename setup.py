@@ -1,7 +1,8 @@
 """Build fastdistill._C: CPU kernels always, CUDA kernels when torch has CUDA and nvcc is found.
 
 Environment switches (SPEC §5):
-  FASTDISTILL_SKIP_EXT=1    build no extension (the package then runs on the reference backend, with a warning)
+  FASTDISTILL_SKIP_EXT=1    build no extension: a pure-Python package whose ops run on the reference backend (or
+                            Triton), with a warning; also the way to make an sdist without torch (CONTRIBUTING.md)
   FASTDISTILL_FORCE_CUDA=1  build the CUDA kernels even when no GPU is visible (needs a CUDA build of torch + nvcc)
   FASTDISTILL_CPU_ARCH=avx2|generic   SIMD level of the CPU kernels (default: avx2 when this machine has AVX2+FMA)
 
@@ -10,6 +11,12 @@ The extension is compiled against the torch importable here (the build environme
 with that torch's major.minor: build_ext writes fastdistill/_build_info.py (the torch and CUDA versions it built
 against; generated, not in git, not in the sdist) and fastdistill/ops/extension.py compares it with the running torch
 at import.
+
+The extension is not optional: a failed compile fails the build (and the pip install); FASTDISTILL_SKIP_EXT=1 is the
+way to install without it. build_ext recompiles _C on every build (`force`): _C depends on the build torch's headers
+and ABI, on csrc/'s headers and on the switches above, none of which distutils' timestamp check (.cpp newer than the
+.so) sees, and without ninja it would otherwise keep a stale _C under a _build_info.py describing the new build. With
+ninja (build-system.requires; install it yourself with --no-build-isolation) the rebuild stays incremental.
 """
 
 import glob
@@ -18,6 +25,7 @@ import platform
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -54,10 +62,30 @@ def _nvcc_flags() -> list[str]:
     return module.nvcc_flags()
 
 
+class BuildPyWithoutExt(build_py):
+    """FASTDISTILL_SKIP_EXT=1: also drops a _C and its _build_info.py left in the build folder by an earlier build
+    from this checkout (pip builds a local folder in place, ./build), which the wheel would otherwise still ship."""
+
+    def run(self):
+        super().run()
+        package = os.path.join(self.build_lib, "fastdistill")
+        for stale in glob.glob(os.path.join(package, "_C.*")) + glob.glob(os.path.join(package, "_build_info.py")):
+            os.remove(stale)
+
+
 def _extensions():
     if os.environ.get("FASTDISTILL_SKIP_EXT", "0") == "1":
-        return [], {}, {}
-    import torch
+        return [], {"build_py": BuildPyWithoutExt}, {}
+    try:
+        import torch
+    except ImportError as e:
+        raise SystemExit(
+            f"fastdistill: building the C++ extension fastdistill._C needs torch importable here ({e}). Install the "
+            "torch to build against first, e.g. `pip install torch==2.13.0` (a CPU-only machine: add --index-url "
+            "https://download.pytorch.org/whl/cpu), then `pip install ninja` and `pip install --no-build-isolation "
+            "...`; or set FASTDISTILL_SKIP_EXT=1 to build the pure-Python package without the extension (its ops "
+            "then run on the reference backend, or Triton)."
+        ) from None
     from torch.utils import cpp_extension
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
@@ -107,6 +135,13 @@ def _extensions():
     )
 
     class BuildExtensionWithInfo(BuildExtension):
+        def finalize_options(self):
+            super().finalize_options()
+            # Always recompile (see the module docstring): torch's BuildExtension forces it only when ninja is found,
+            # and then ninja itself skips what is up to date. So _build_info.py, written below after a compile that
+            # succeeded, always describes the _C next to it.
+            self.force = True
+
         def run(self):
             super().run()
             # next to _C: in the build folder (what the wheel holds) and, in place / editable, in the source tree

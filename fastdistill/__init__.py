@@ -24,7 +24,7 @@ __all__ = [
     "mi_alpha", "MIAlphaLoss", "extension_available",
     "fused_linear_kd_loss", "FusedLinearKDLoss", "TeacherHead", "LoRATerm",
     "mbr_consensus", "mbr_select", "token_f1"]
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
 
 
 def extension_available() -> bool:

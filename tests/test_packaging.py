@@ -75,6 +75,7 @@ def test_sdist_builds_a_wheel_with_the_extension(tmp_path):
     package.discard(os.path.join("fastdistill", "_build_info.py"))
     assert package <= files, sorted(package - files)
     assert "fastdistill/_build_info.py" in files
+    assert "fastdistill/py.typed" in files  # PEP 561: users' type checkers see the annotations
     assert any(f.endswith(".dist-info/licenses/LICENSE") for f in files), sorted(files)
     assert "License-Expression: Apache-2.0" in metadata
 
@@ -196,3 +197,191 @@ def test_declared_versions():
     with open(os.path.join(ROOT, "LICENSE")) as f:
         text = f.read()
     assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+
+
+def _setup_py(code: str, env=None, path_prefix=None) -> subprocess.CompletedProcess:
+    """Runs ``code`` in a fresh Python in the checkout, where ``run_setup()`` executes setup.py (its setup() call
+    captured, not run: nothing is built or written)."""
+    prelude = """
+        import runpy, sys
+        import setuptools
+        captured = {}
+        def run_setup(argv=("setup.py", "--version"), capture=True):
+            if capture:
+                setuptools.setup = lambda **kwargs: captured.update(kwargs)
+            sys.argv = list(argv)
+            runpy.run_path("setup.py", run_name="__main__")
+        """
+    env = {**os.environ, **(env or {})}
+    if path_prefix:
+        env["PATH"] = f"{path_prefix}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(prelude) + textwrap.dedent(code)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_setup_without_torch_says_what_to_install():
+    """`pip install --no-build-isolation` in an environment without torch: one message naming the torch to install
+    first and FASTDISTILL_SKIP_EXT=1, not a ModuleNotFoundError traceback."""
+    out = _setup_py(
+        """
+        sys.modules["torch"] = None  # as if torch were not installed
+        run_setup(capture=False)
+        """,
+        env={"FASTDISTILL_SKIP_EXT": "0"},
+    )  # fmt: skip
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    message = out.stderr.strip()
+    assert message.startswith("fastdistill: building the C++ extension fastdistill._C needs torch"), message
+    for part in ("pip install torch==2.13.0", "--no-build-isolation", "FASTDISTILL_SKIP_EXT=1", "ninja"):
+        assert part in message, (part, message)
+
+
+def test_version_is_written_once():
+    """pyproject.toml reads the version from fastdistill/__init__.py, statically: setup.py gives it without torch
+    (FASTDISTILL_SKIP_EXT=1, as for an sdist), and the installed metadata agrees."""
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        meta = tomllib.load(f)
+    assert "version" not in meta["project"] and "version" in meta["project"]["dynamic"], meta["project"]
+    assert meta["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "fastdistill.__version__"}
+    out = _setup_py(
+        """
+        sys.modules["torch"] = None  # reading the version must not import the package (which imports torch)
+        run_setup(capture=False)
+        """,
+        env={"FASTDISTILL_SKIP_EXT": "1"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip().splitlines()[-1] == fastdistill.__version__, out.stdout
+    import importlib.metadata
+
+    try:
+        installed = importlib.metadata.version("fastdistill")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("fastdistill is not installed")
+    assert installed == fastdistill.__version__
+
+
+def test_build_ext_recompiles_even_without_ninja(tmp_path):
+    """build_ext always compiles _C (force), also where ninja is missing and torch's BuildExtension falls back to
+    distutils' timestamp check, which sees neither the torch upgrade, the build switches nor the headers: else a
+    reinstall would keep a stale _C and write a _build_info.py that describes a build that did not happen."""
+    shim = tmp_path / "ninja"
+    shim.write_text("#!/bin/sh\nexit 127\n")  # is_ninja_available() -> False
+    shim.chmod(0o755)
+    out = _setup_py(
+        """
+        run_setup()
+        from setuptools import Distribution
+        dist = Distribution({"ext_modules": captured["ext_modules"], "cmdclass": captured["cmdclass"]})
+        cmd = captured["cmdclass"]["build_ext"](dist)
+        cmd.ensure_finalized()
+        print(cmd.use_ninja, bool(cmd.force))
+        """,
+        env={"FASTDISTILL_SKIP_EXT": "0"}, path_prefix=str(tmp_path),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False True", out.stdout
+
+
+class _AVX2Build:
+    TORCH_VERSION, CUDA_VERSION, WITH_CUDA, CPU_ARCH = torch.__version__, torch.version.cuda, False, "avx2"
+
+
+def test_arch_mismatch():
+    no_avx2 = {"fpu", "sse2", "sse4_2", "avx"}
+    reason = extension.arch_mismatch(_AVX2Build, no_avx2)
+    assert reason and "FASTDISTILL_CPU_ARCH=avx2" in reason and "lacks avx2, fma, f16c" in reason, reason
+    assert extension.arch_mismatch(_AVX2Build, no_avx2 | {"avx2", "fma", "f16c"}) is None
+    assert extension.arch_mismatch(_AVX2Build, None) is None  # flags unknown: load as before
+
+    class Generic(_AVX2Build):
+        CPU_ARCH = "generic"
+
+    class Older:  # a _build_info from before CPU_ARCH was recorded
+        TORCH_VERSION = torch.__version__
+
+    assert extension.arch_mismatch(Generic, no_avx2) is None
+    assert extension.arch_mismatch(Older, no_avx2) is None
+
+
+def test_an_avx2_build_is_not_loaded_on_a_cpu_without_avx2(monkeypatch):
+    """_load() with _build_info saying avx2 and the CPU probe saying no AVX2: _C is not imported (it would die with
+    SIGILL), the reason names the build arch, the CPU and the rebuild with FASTDISTILL_CPU_ARCH=generic."""
+    import importlib
+    import types
+
+    build = types.ModuleType("fastdistill._build_info")
+    for name in ("TORCH_VERSION", "CUDA_VERSION", "WITH_CUDA", "CPU_ARCH"):
+        setattr(build, name, getattr(_AVX2Build, name))
+    monkeypatch.setitem(sys.modules, "fastdistill._build_info", build)
+    monkeypatch.delenv("FASTDISTILL_DISABLE_EXT", raising=False)
+    imported = []
+    real_import = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: imported.append(name) or real_import(name, *a))
+
+    monkeypatch.setattr(extension, "cpu_features", lambda: {"fpu", "sse2", "sse4_2"})
+    error, warn = extension._load()
+    assert "fastdistill._C" not in imported, imported
+    assert warn and error, (error, warn)
+    for part in ("FASTDISTILL_CPU_ARCH=avx2", "lacks avx2, fma, f16c", "CPU capability",
+                 "FASTDISTILL_CPU_ARCH=generic", "-m pip install --no-build-isolation --no-deps"):  # fmt: skip
+        assert part in error, (part, error)
+
+    imported.clear()  # a CPU with the features: _C is loaded as before
+    monkeypatch.setattr(extension, "cpu_features", lambda: {"sse2", "avx2", "fma", "f16c"})
+    error, warn = extension._load()
+    assert "fastdistill._C" in imported, imported
+    assert (error is None) == extension.available(), error  # whatever this checkout's _C gives otherwise
+
+
+def test_the_ops_fall_back_on_a_cpu_without_avx2():
+    """The whole path, in a fresh process whose /proc/cpuinfo has no AVX2: one warning at import, _C never imported,
+    and the ops run (on the reference backend) instead of crashing."""
+    out = _python(
+        """
+        import builtins, io, sys, types, warnings
+        real_open = builtins.open
+        def fake_open(file, *args, **kwargs):
+            if file == "/proc/cpuinfo":
+                return io.StringIO("processor\\t: 0\\nflags\\t\\t: fpu sse sse2 sse4_2 avx\\n")
+            return real_open(file, *args, **kwargs)
+        builtins.open = fake_open
+        import torch
+        build = types.ModuleType("fastdistill._build_info")
+        build.TORCH_VERSION, build.CUDA_VERSION, build.WITH_CUDA = torch.__version__, torch.version.cuda, False
+        build.CPU_ARCH = "avx2"
+        sys.modules["fastdistill._build_info"] = build
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            import fastdistill
+            loss = fastdistill.kd_loss(torch.randn(3, 5), torch.randn(3, 5))
+        assert "fastdistill._C" not in sys.modules
+        assert not fastdistill.extension_available()
+        assert torch.isfinite(loss).all()
+        print(repr([str(x.message) for x in w if str(x.message).startswith("fastdistill")]))
+        """,
+        cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    messages = eval(out.stdout.strip().splitlines()[-1])
+    assert messages and "FASTDISTILL_CPU_ARCH=avx2" in messages[0] and "FASTDISTILL_CPU_ARCH=generic" in messages[0]
+
+
+def test_skip_ext_ships_no_stale_extension(tmp_path):
+    """FASTDISTILL_SKIP_EXT=1 from a checkout whose ./build still holds an earlier build's _C: the pure-Python
+    package's build folder (what its wheel holds) keeps neither that _C nor its _build_info.py."""
+    import shutil
+
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
+        shutil.copy(os.path.join(ROOT, name), tmp_path / name)
+    shutil.copytree(os.path.join(ROOT, "fastdistill"), tmp_path / "fastdistill",
+                    ignore=shutil.ignore_patterns("_C.*", "_build_info.py", "__pycache__"))  # fmt: skip
+    stale = tmp_path / "build" / "lib" / "fastdistill"
+    stale.mkdir(parents=True)
+    (stale / "_C.abi3.so").write_bytes(b"an earlier build")
+    (stale / "_build_info.py").write_text("CPU_ARCH = 'avx2'\n")
+    _run([sys.executable, "setup.py", "-q", "build_py"], cwd=str(tmp_path), env={"FASTDISTILL_SKIP_EXT": "1"})
+    assert (stale / "__init__.py").is_file()
+    assert not [p.name for p in stale.iterdir() if p.name.startswith(("_C.", "_build_info"))]

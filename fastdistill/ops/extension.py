@@ -5,7 +5,13 @@ every minor release, and wheel tags cannot express that. So setup.py's build_ext
 version in ``fastdistill/_build_info.py``, and this module compares it with the running torch before loading ``_C``:
 on a major.minor mismatch it does not load ``_C`` at all (a mismatched one fails with an undefined symbol at best),
 and ``IMPORT_ERROR`` (shown in the reference backend's fallback warning and in backend="cpu"'s error) names both
-versions and the command that rebuilds ``_C`` against the running torch.
+versions and the command that rebuilds ``_C`` against the running torch. Likewise a ``_C`` built with
+``FASTDISTILL_CPU_ARCH=avx2`` (AVX2, FMA and F16C instructions) is not loaded on a CPU without them, where its first
+op would die with SIGILL; the reason names the rebuild with ``FASTDISTILL_CPU_ARCH=generic``.
+
+A failed compile fails the install (the extension is not optional); the package without ``_C`` is what an install
+with ``FASTDISTILL_SKIP_EXT=1`` gives (or a checkout on ``sys.path`` that was never built): every op then runs on the
+reference backend (or Triton, when asked for).
 """
 
 from __future__ import annotations
@@ -56,6 +62,48 @@ def mismatch(build: object, torch_version: str, cuda_version: str | None) -> str
     return None
 
 
+# FASTDISTILL_CPU_ARCH (setup.py) -> the CPU features its code needs (/proc/cpuinfo's names: -mavx2 -mfma -mf16c)
+ARCH_FEATURES = {"avx2": ("avx2", "fma", "f16c"), "generic": ()}
+
+
+def cpu_features() -> set[str] | None:
+    """The running CPU's feature flags (lowercase, as /proc/cpuinfo names them), or None when unknown. Without
+    /proc/cpuinfo, torch's own probe: AVX2 or better implies AVX2, FMA and F16C."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # an old or unusual torch: unknown
+        return None
+    return set(ARCH_FEATURES["avx2"]) if capability in ("AVX2", "AVX512") else set()
+
+
+def arch_mismatch(build: object, features: set[str] | None) -> str | None:
+    """Why a ``_C`` built as ``build`` (fastdistill._build_info) cannot run on a CPU with ``features``, or None
+    (also when either is unknown: a _build_info without CPU_ARCH, or no CPU flags to read)."""
+    arch = getattr(build, "CPU_ARCH", None)
+    if features is None or arch not in ARCH_FEATURES:
+        return None
+    missing = [f for f in ARCH_FEATURES[arch] if f not in features]
+    if not missing:
+        return None
+    return (f"fastdistill._C was built with FASTDISTILL_CPU_ARCH={arch} ({', '.join(ARCH_FEATURES[arch]).upper()} "
+            f"instructions), but this CPU (torch's CPU capability: {_capability()}) lacks {', '.join(missing)}, so "
+            f"it is not loaded")  # fmt: skip
+
+
+def _capability() -> str:
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception:
+        return "unknown"
+
+
 def _load() -> tuple[str | None, bool]:
     """(IMPORT_ERROR, whether it deserves a warning now: _C was built but cannot be used)."""
     if os.environ.get("FASTDISTILL_DISABLE_EXT", "0") == "1":  # run as if unbuilt (tests of the fallback)
@@ -63,18 +111,22 @@ def _load() -> tuple[str | None, bool]:
     try:
         build = importlib.import_module("fastdistill._build_info")
     except ImportError:
-        build = None  # not built (FASTDISTILL_SKIP_EXT=1, a failed build), or built before _build_info existed
+        build = None  # not built (FASTDISTILL_SKIP_EXT=1, a never-compiled checkout), or built before _build_info
     running = f"torch {torch.__version__}" + (f" (CUDA {torch.version.cuda})" if torch.version.cuda else "")
     if build is not None:
         reason = mismatch(build, torch.__version__, torch.version.cuda)
         if reason is not None:
             return f"{reason}; {_rebuild()}", True
+        reason = arch_mismatch(build, cpu_features())
+        if reason is not None:
+            where = "" if _from_checkout() else ", in the fastdistill source folder"
+            return f"{reason}; rebuild it for this CPU{where}: FASTDISTILL_CPU_ARCH=generic {rebuild_command()}", True
     try:
         importlib.import_module("fastdistill._C")  # runs TORCH_LIBRARY / TORCH_LIBRARY_IMPL registrations
     except ImportError as e:
         if isinstance(e, ModuleNotFoundError) and e.name == "fastdistill._C":
-            return (f"fastdistill._C is not built (installed with FASTDISTILL_SKIP_EXT=1, or its build failed); "
-                    f"{_rebuild('build')}"), False  # fmt: skip
+            return (f"fastdistill._C is not built (installed with FASTDISTILL_SKIP_EXT=1, or a source tree that was "
+                    f"never compiled); {_rebuild('build')}"), False  # fmt: skip
         built = f"built against torch {build.TORCH_VERSION}" if build is not None else "built against an unknown torch"
         return f"fastdistill._C ({built}) failed to load with {running}: {type(e).__name__}: {e}; {_rebuild()}", True
     return None, False
