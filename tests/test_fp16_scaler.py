@@ -233,17 +233,21 @@ def test_fused_linear_chunks_are_not_prescaled(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(37, 50), (3, 37, 50)])
+@pytest.mark.parametrize("shape", [(37, 50), (3, 37, 50), (259, 50), (3, 259, 50)])
 def test_cpu_product_by_blocks_is_one_rounding(dtype, shape, monkeypatch):
     """registration._product on the CPU with per-row float32 factors converts a 16-bit gradient by blocks of rows
     (torch's mixed-dtype loop is ~25x slower and copies it to float32 twice): the bits of the float32 product rounded
-    once, in place and out of place, across block edges (blocks of 4 rows here), factors 16-bit dtypes cannot hold."""
+    once, in place and out of place, across block edges (blocks of 4 rows here, a ragged last one: 259 rows; fewer
+    than 64 rows go one by one), factors 16-bit dtypes cannot hold."""
     from fastdistill.ops import registration
 
-    monkeypatch.setattr(registration, "_BLOCK_ELEMENTS", 4 * 50 * (shape[0] if len(shape) == 3 else 1))
+    n, row = shape[-2], 50 * (shape[0] if len(shape) == 3 else 1)
+    monkeypatch.setattr(registration, "_BLOCK_ELEMENTS", 4 * row)
+    # the blocks really run where the test says (the first version's shapes all took the row-by-row fallback)
+    assert min(4 * row, n * row // 64) // row == (4 if n >= 64 else 0)
     gen = torch.Generator().manual_seed(0)
     grad = torch.randn(shape, generator=gen).to(dtype)
-    rows = torch.rand(37, generator=gen) / 3 + 2.0**-30
+    rows = torch.rand(n, generator=gen) / 3 + 2.0**-30
     want = (grad.float() * rows[:, None]).to(dtype)
     assert torch.equal(registration._product(grad, rows, False, torch.empty_like(grad)), want)
     assert torch.equal(registration._product(grad.clone(), rows, False, grad.clone()), want)

@@ -126,7 +126,7 @@ def test_topk_mask():
     t = torch.tensor([[0.1, 3.0, 2.0, -1.0], [5.0, 0.0, 1.0, 2.0]])
     m = topk_mask(t, torch.tensor([2, 1]))
     assert m.tolist() == [[False, True, True, False], [True, False, False, False]]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"k must be in \[1, 4\].*got 0"):
         topk_mask(t, 0)
 
 
@@ -260,7 +260,7 @@ def test_sampling_distribution_by_hand():
     torch.testing.assert_close(p, torch.tensor([1.0] + [0.2] * 10))
     with pytest.raises(ValueError, match="gains must be finite"):
         robust_sampling_distribution(torch.tensor([0.5, math.nan, 0.2, 0.9, 0.1]), 2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"budget must be in \[0, 3\], got 4"):
         robust_sampling_distribution(torch.ones(3), 4)
 
 

@@ -103,3 +103,15 @@ def test_mbr_errors_name_the_argument():
         mbr_select([[[1]], [[2]], [[3]]], weights=[1.0, -1.0, 1.0])
     with pytest.raises(ValueError, match="finite, >= 0"):
         mbr_select([[[1]], [[2]], [[3]]], weights=[0.0, 0.0, 0.0])
+
+
+def test_mbr_select_takes_a_small_real_margin_and_leaves_rounding_to_the_lowest_index():
+    """The tie tolerance absorbs rounding (sums of the same terms in another order), not real differences: a
+    candidate 1% better wins, one better by 1e-13 relative does not (ties go to the lowest index)."""
+
+    def sim(margin):
+        return lambda a, b: (1.0 + margin if a == "y" else 1.0) if a == b else 0.0
+
+    assert mbr_select([["x"], ["y"]], sim(0.01)) == [1]
+    assert mbr_select([["x"], ["y"]], sim(1e-13)) == [0]
+    assert mbr_select([["x"], ["y"]], sim(0.0), weights=[1.0, 1.01]) == [1]

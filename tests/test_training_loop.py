@@ -752,3 +752,26 @@ def test_a_resumed_run_logs_the_training_loss_of_the_run_that_never_stopped(tmp_
     assert train_log(resumed) == train_log(whole) and [s for s, *_ in train_log(whole)] == [4, 8]
     lines = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in lines if r["split"] == "train"] == [h[1] for h in train_log(whole)]
+
+
+def test_max_grad_norm_clips_the_step_and_logs_the_norm_before_clipping():
+    """Only the argument checks of max_grad_norm were tested: clipping at inf passed. One SGD(lr=1) step on 8 rows:
+    the logged grad_norm is the global norm of the unclipped gradient; with max_grad_norm=1e-3 the parameters move
+    by exactly 1e-3 (the gradient scaled to that norm), without it by the full norm."""
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    teacher, student = _mlp(seed=1), _mlp(seed=2)
+    ref = copy.deepcopy(student)
+    with torch.no_grad():
+        t = teacher(x)
+    fastdistill.kd_loss(ref(x), t, labels=y, temperature=2.0, ce_weight=0.3).backward()
+    norm = torch.cat([p.grad.flatten() for p in ref.parameters()]).norm()
+    assert norm > 1e-2
+    for max_norm, moved in ((1e-3, 1e-3), (1e3, float(norm))):
+        loop = DistillationLoop(copy.deepcopy(student), [teacher], loss=fastdistill.KDLoss(temperature=2.0,
+                                ce_weight=0.3), optimizer=_sgd(), batch_size=8, shuffle=False, progress=False,
+                                log_every=1, max_grad_norm=max_norm)  # fmt: skip
+        loop.fit(ArrayDataset(input=x, labels=y), max_steps=1)
+        assert loop.history[0]["grad_norm"] == pytest.approx(float(norm), rel=1e-5)
+        step = torch.cat([(p - q).detach().flatten() for p, q in zip(loop.student.parameters(), student.parameters())])
+        assert float(step.norm()) == pytest.approx(moved, rel=1e-4), max_norm
