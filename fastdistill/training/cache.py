@@ -26,6 +26,7 @@ import json
 import math
 import mmap
 import os
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,9 @@ class TeacherLogitCache:
         with open(self.path, "rb") as f:
             # ACCESS_COPY: a private mapping is writable (torch.frombuffer wants that) and never touches the file
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            st = os.fstat(f.fileno())
+        # the mapped file (a writer's os.replace puts a new inode at the path; this mapping keeps the old one)
+        self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         self._tensors: dict[str, Tensor] = {}
         for name, info in header.items():
             begin, end = info["data_offsets"]
@@ -69,6 +73,17 @@ class TeacherLogitCache:
         self.k = int(self.metadata["topk"]) if self.kind == "topk" else None
         first = self._tensors["logits" if self.kind == "full" else "values"]
         self.item_shape = tuple(first.shape[2:-1])
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The path and the file's identity (inode, size, mtime), not the mapping: a pickled cache (a Dataset that
+        holds one, sent to spawn / forkserver DataLoader workers) maps the file again where it is unpickled."""
+        return {"path": str(self.path), "identity": self._identity}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"])
+        if state.get("identity") is not None and self._identity != tuple(state["identity"]):
+            raise ValueError(f"teacher cache {self.path} was replaced since this TeacherLogitCache was pickled "
+                             "(another file is at its path now): reopen it")  # fmt: skip
 
     def __len__(self) -> int:
         return next(iter(self._tensors.values())).shape[0]
@@ -111,7 +126,8 @@ class TeacherLogitCache:
             raise IndexError(f"cache row {lo if lo < 0 else hi} out of range: {self.path} has rows 0 to {n - 1}")
         return idx.long()
 
-    def topk(self, index: Tensor | Sequence[int], device: torch.device | str | None = None):
+    def topk(self, index: Tensor | Sequence[int],
+             device: torch.device | str | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
         """Top-k parts of rows ``index`` (B of them): values ``[K, B, *, k]``, indices int64 ``[K, B, *, k]``,
         tail_mass ``[K, B, *]`` as stored (float64; float32 in caches written before 2026-11-30)."""
         if self.kind != "topk":
@@ -273,8 +289,12 @@ def write_teacher_cache(
 
     ``topk``: store the k largest logits + indices + tail mass instead of all V. ``dtype``: float32, float16 or
     bfloat16 for the stored logits. ``forward(model, inputs) -> logits [B, *, V]`` defaults to
-    ``model(**inputs)`` / ``model(inputs)`` and reading ``.logits``. The file is written to ``path + ".tmp"`` and
-    renamed at the end, so a crash never leaves a half-written cache under ``path``.
+    ``model(**inputs)`` / ``model(inputs)`` and reading ``.logits``. The file is written to a temporary file of
+    its own beside ``path`` (``.<name>.<pid>.<random>.tmp``), flushed to disk and renamed over ``path`` at the end,
+    so a crash never leaves a half-written cache under ``path`` (only, at worst, that temporary file, which is
+    never read as a cache), and two processes writing the same ``path`` at once (two jobs sharing a cache
+    directory) never write into each other's file: the last whole file wins, and each gets a cache of the file it
+    wrote. Under torchrun, write it on one rank and ``dist.barrier()`` before the others open it.
     """
     if not teachers:
         raise ValueError("write_teacher_cache needs at least one teacher")
@@ -292,7 +312,8 @@ def write_teacher_cache(
     for t in teachers:
         t.eval()
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    # this writer's own file ("xb": never another's truncated), in path's directory (os.replace is atomic there)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     writer = None
     try:
         for start in range(0, n, batch_size):
@@ -302,15 +323,34 @@ def write_teacher_cache(
             if writer is None:
                 writer = _Writer(tmp, n, logits.shape[1:], topk, dtype)
             writer.write(start, logits)
-        writer.close()
+        writer.close(sync=True)
+        # mapped before the rename: the cache returned is the file written here, even if another process replaces
+        # path right after
+        cache = TeacherLogitCache(tmp)
         os.replace(tmp, path)
+        cache.path = path
+        _sync_directory(path.parent)
     finally:
         if writer is not None:
             writer.close()
         tmp.unlink(missing_ok=True)
         for t, mode in zip(teachers, modes):
             t.train(mode)
-    return TeacherLogitCache(path)
+    return cache
+
+
+def _sync_directory(directory: Path) -> None:
+    """fsync ``directory`` (a rename in it then survives a power loss), where the platform allows it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class _Writer:
@@ -346,7 +386,7 @@ class _Writer:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
         self.base = 8 + len(raw)
-        self.f = open(path, "wb")
+        self.f = open(path, "xb")
         self.f.write(len(raw).to_bytes(8, "little") + raw)
         self.f.truncate(self.base + offset)
 
@@ -372,6 +412,10 @@ class _Writer:
         self._put("indices", start, indices.to(torch.int32))
         self._put("values", start, values.to(self.dtype))
 
-    def close(self) -> None:
+    def close(self, sync: bool = False) -> None:
+        """Close the file; ``sync``: flush it to disk first (before it is renamed into place)."""
         if not self.f.closed:
+            if sync:
+                self.f.flush()
+                os.fsync(self.f.fileno())
             self.f.close()

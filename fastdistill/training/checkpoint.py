@@ -12,9 +12,11 @@ run's checkpoint from these pieces (the loop's ``save_checkpoint`` / ``load_chec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -284,6 +286,42 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _agreed(value: str) -> str:
+    """Rank 0's ``value`` on every process of the default process group (``value`` itself outside torchrun)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+@contextlib.contextmanager
+def _locked(directory: Path):
+    """Hold an exclusive ``flock`` on ``directory`` itself (no lock file to leave behind) where the platform has
+    one: two runs that save into one directory then rename their checkpoints one at a time."""
+    try:
+        import fcntl
+
+        fd = os.open(directory, os.O_RDONLY)
+    except (ImportError, OSError):  # (Windows) the renames alone: each is atomic, one that collides fails
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
+
+
+def _tmp_step(directory: Path) -> int | None:
+    """N of a ``step-N.<...>.tmp`` directory left by a save (None for another name)."""
+    if not directory.name.endswith(".tmp"):
+        return None
+    return _step_of(directory.with_name(directory.name.split(".", 1)[0]))
+
+
 class Checkpointer:
     """Save, check and restore a training run's checkpoints (what :class:`~fastdistill.training.DistillationLoop`
     delegates to). A checkpoint directory holds ``<name>.safetensors`` for each of ``modules``; the optimizer's and
@@ -357,20 +395,24 @@ class Checkpointer:
     def save(self, directory: str | os.PathLike | None = None, keep: int | None = None) -> Path:
         """Write a checkpoint to ``directory`` (default ``output_dir/checkpoints/step-XXXXXXXX``) and return it;
         ``keep`` > 0 then deletes all but the newest ``keep`` ``step-*`` checkpoints beside it (:meth:`_prune`).
-        Every process must call it (they meet at barriers). It is written to ``<directory>.tmp`` and renamed: a
-        kill at any point leaves the old or the new checkpoint, whole, under the final name, or (killed between the
-        two renames of a re-save) the old one as ``<directory>.old``, which :func:`find_latest` and :meth:`find`
-        put back."""
+        Every process must call it (they meet at barriers). It is written to a directory of this save's own beside
+        it, ``<directory>.<pid>-<random>.tmp`` (rank 0 picks the name, every process of the group writes there),
+        and renamed: a kill at any point leaves the old or the new checkpoint, whole, under the final name, or
+        (killed between the two renames of a re-save) the old one as ``<directory>.old``, which
+        :func:`find_latest` and :meth:`find` put back; a killed save's ``.tmp`` directory is never read (``keep``
+        deletes those of earlier steps). Two runs saving to one directory at once (an ``output_dir`` belongs to
+        one run) never mix their files: each writes its own temporary directory and the renames happen one run at
+        a time (a lock on the checkpoints' directory), so the directory is one run's whole checkpoint."""
         state = self._run_state()
         if directory is None:
             if self.output_dir is None:
                 raise ValueError("save_checkpoint() without a directory needs output_dir")
             directory = self.output_dir / "checkpoints" / f"step-{state['step']:08d}"
         final = Path(directory)
-        tmp = final.with_name(final.name + ".tmp")
+        # ends in ".tmp", not a digit: find_latest's step-*[0-9] never takes it for a checkpoint
+        tmp = final.with_name(_agreed(f"{final.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp"))
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            tmp.mkdir(parents=True)  # a new name: never another save's directory, never one to clear first
         _barrier()
         save_state(rng_state(), tmp, f"rng-rank{self.rank}")
         if self.rank == 0:
@@ -382,13 +424,20 @@ class Checkpointer:
         _barrier()
         if self.rank == 0:  # renames only
             previous = final.with_name(final.name + ".old")
-            if final.exists():
+            with _locked(final.parent):
+                try:
+                    if final.exists():
+                        shutil.rmtree(previous, ignore_errors=True)
+                        final.rename(previous)
+                    tmp.rename(final)
+                except OSError as e:  # without the lock (no flock): another run renamed in between
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise RuntimeError(f"could not move checkpoint {tmp.name} into place as {final} ({e}): is another "
+                                       "run saving checkpoints to the same directory? An output_dir belongs to one "
+                                       "run") from e  # fmt: skip
                 shutil.rmtree(previous, ignore_errors=True)
-                final.rename(previous)
-            tmp.rename(final)
-            shutil.rmtree(previous, ignore_errors=True)
-            if keep is not None and keep > 0:
-                self._prune(final, state["step"], keep)
+                if keep is not None and keep > 0:
+                    self._prune(final, state["step"], keep)
         _barrier()
         return final
 
@@ -404,6 +453,10 @@ class Checkpointer:
         for d in doomed:
             shutil.rmtree(d, ignore_errors=True)
             shutil.rmtree(d.with_name(d.name + ".old"), ignore_errors=True)
+        for d in final.parent.glob("step-*.tmp"):  # what killed saves of earlier steps left
+            n = _tmp_step(d)
+            if n is not None and n < step:
+                shutil.rmtree(d, ignore_errors=True)
 
     def check(self, directory: str | os.PathLike) -> dict[str, Any]:
         """A one-line :class:`ValueError` naming the file unless ``directory`` is a checkpoint this run can continue
