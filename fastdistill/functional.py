@@ -204,7 +204,8 @@ _VALUES_CHECKED: contextvars.ContextVar[bool | frozenset[str]] = contextvars.Con
 
 
 def values_checked(*names: str) -> contextlib.AbstractContextManager[None]:
-    """Within it the data-dependent checks of the arguments ``names`` (all of them when none is given) are skipped:
+    """Within it the data-dependent checks of the arguments ``names`` (all of them when none is given; nested, the
+    names of the enclosing ones too) are skipped:
     for a caller that checked those values already (on the whole input, or on the host before copying them to the
     device) and calls the losses on them (each check is a device sync on CUDA). While torch.compile traces, a
     no-op: the checks are skipped there anyway, and Dynamo cannot trace the context variable."""
@@ -213,7 +214,8 @@ def values_checked(*names: str) -> contextlib.AbstractContextManager[None]:
 
 @contextlib.contextmanager
 def _values_checked(names: tuple[str, ...]) -> Iterator[None]:
-    token = _VALUES_CHECKED.set(frozenset(names) if names else True)
+    outer = _VALUES_CHECKED.get()  # nested: adds to what the enclosing caller vouched for, never replaces it
+    token = _VALUES_CHECKED.set(True if outer is True or not names else frozenset(names) | (outer or frozenset()))
     try:
         yield
     finally:

@@ -330,7 +330,8 @@ class WeightedKDLoss(nn.Module):
             w = w * sample_weight
         kw = dict(sample_weight=w, ignore_index=self.ignore_index, reduction=self.reduction, num_items=num_items)
         # w is a calibrated accuracy in [0, 1] times a sample_weight checked above: finite and >= 0
-        with functional.values_checked("sample_weight", "num_items"):
+        # (the hard labels below are the teacher's argmax or ignore_index: in range)
+        with functional.values_checked("sample_weight", "num_items", *(("labels",) if self.hard else ())):
             if self.hard:
                 hard = t.argmax(-1)
                 if labels is not None:  # the teacher's label, except on the rows the batch marks as ignored
@@ -513,7 +514,9 @@ class SLaMLoss(nn.Module):
         t = _one_teacher(student_logits, teacher_logits, "SLaMLoss")
         alpha = self.reliability.accuracy(t)  # isotonic fit of 0/1 targets: in [0, 1] by construction
         k = self.reliability.smallest_k(t, self.topk_target)
-        with fastdistill.functional.values_checked("alpha"):
+        # k: in [1, max_k], within this teacher's V when the curves were fitted on at most as many classes
+        vouched = ("alpha", "k") if self.reliability.max_k <= t.shape[-1] else ("alpha",)
+        with fastdistill.functional.values_checked(*vouched):
             return slam_loss(student_logits, t, alpha, k, normalize=self.normalize, sample_weight=sample_weight,
                              labels=labels, ignore_index=self.ignore_index, reduction=self.reduction,
                              num_items=num_items)  # fmt: skip

@@ -28,7 +28,7 @@ import random
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -64,7 +64,7 @@ from .data import (
 from .data import to_device as _to_device
 from .metrics import MetricsLogger
 
-LossFn = Callable[..., Tensor]
+LossFn = Callable[..., Tensor | tuple[Tensor, ...]]  # a NamedTuple of 0-dim parts: their sum trains
 _EVAL_CHUNK_ELEMENTS = 2**24  # evaluate()'s rows at a time: a 64 MiB float32 copy of the logits, whatever N and V
 Data = Dataset | DataLoader | Iterable  # see DistillationLoop.fit
 OptimizerArg = torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None
@@ -73,7 +73,7 @@ _END = object()  # an iterable of batches has run out
 
 
 @contextlib.contextmanager
-def torch_threads(n: int):
+def torch_threads(n: int) -> Iterator[None]:
     """Run torch on ``n`` threads inside, restoring the count after. For models this small a second thread only adds
     synchronisation (8x slower per step on a busy 2-core VM), so the demo and the examples run on one."""
     before = torch.get_num_threads()
@@ -211,7 +211,10 @@ class DistillationLoop:
             still runs the models' plain forward.
         distributed: False under torchrun trains this process's copy alone, as one process would (no DDP, no
             sharding, no collective): e.g. a teacher that every process trains identically (same seed, same data).
-            Its run writes no files (``output_dir=None``): every process would write the same ones.
+            Its run writes no files (``output_dir=None``): every process would write the same ones. True (the
+            default) under torchrun (``WORLD_SIZE`` > 1) needs the process group initialised first
+            (:func:`init_distributed`; ``fastdistill train`` does it): without one the loop raises a ValueError
+            rather than train every process alone as rank 0 of 1.
     """
 
     def __init__(
@@ -261,7 +264,14 @@ class DistillationLoop:
         if loss is None and not feature_terms:
             raise ValueError("nothing to train: loss=None leaves no loss on the logits and there are no "
                              "feature_terms; give a loss (default 'kd': KDLoss()) or feature_terms")  # fmt: skip
-        if not distributed and output_dir is not None and _dist_on():
+        torchrun_world = _env_world_size()
+        if distributed and not _dist_on() and torchrun_world > 1:
+            # else every process would train alone as rank 0 of 1, on all the data, writing the same output_dir
+            raise ValueError(f"WORLD_SIZE={torchrun_world} (torchrun) but no process group is initialised: call "
+                             "fastdistill.training.init_distributed() before building the DistillationLoop "
+                             "(fastdistill train does), or pass distributed=False (and output_dir=None) to train "
+                             "each process alone")  # fmt: skip
+        if not distributed and output_dir is not None and (_dist_on() or torchrun_world > 1):
             raise ValueError("distributed=False under torchrun: every process would write the same files to "
                              "output_dir; give output_dir=None")  # fmt: skip
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if distributed and _dist_on() else (0, 1)
@@ -297,6 +307,7 @@ class DistillationLoop:
                           "et al. 2018 and CTCD) use loss=CodistillLoss(...) with one teacher",
                           stacklevel=2)  # fmt: skip
         self.loss_fn = loss
+        self._own_loss = _own_loss(loss)  # vouched for: the loop's num_items, and host-checked labels / weights
         if isinstance(loss, nn.Module):  # its buffers (KDLoss's tensor of teacher weights) on the loop's device
             loss.to(self.device)
         self.fused_linear = fused_linear
@@ -532,7 +543,7 @@ class DistillationLoop:
         # what our losses need not read back from the device: num_items, the loop's own count; the labels and sample
         # weights where they were checked on the host against this V (_on_device). A loss of the user's checks all.
         trusted: tuple[str, ...] = ()
-        if self.fused_linear or isinstance(self.loss_fn, KDLoss | CodistillLoss):
+        if self.fused_linear or self._own_loss:
             vocab = student_logits.weight.shape[0] if self.fused_linear else student_logits.shape[-1]
             fits = batch.min_vocab is not None and batch.min_vocab <= vocab
             trusted = ("num_items", "labels", "sample_weight") if fits else ("num_items",)
@@ -883,8 +894,7 @@ class DistillationLoop:
         """``batch`` on the loop's device, its labels and sample weights checked first where they still are on the
         host (``Batch.min_vocab``), for a loss of ours that checks them on the device otherwise (a sync per
         micro-batch)."""
-        ours = isinstance(self.loss_fn, KDLoss | CodistillLoss)
-        vocab = host_checked(batch, self.loss_fn.ignore_index) if ours else None
+        vocab = host_checked(batch, self.loss_fn.ignore_index) if self._own_loss else None
         moved = (_to_device(x, self.device) for x in (batch.inputs, batch.labels, batch.sample_weight))
         return Batch(*moved, vocab, batch.labels_from_mask)
 
@@ -1078,6 +1088,24 @@ def _sharded(data: Any) -> bool:
 
 def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def _env_world_size() -> int:
+    """torchrun's ``WORLD_SIZE`` (1 when unset or not an integer: init_distributed / the launcher name that)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def _own_loss(loss: Any) -> bool:
+    """``loss`` is one of fastdistill's losses the loop calls with ``num_items`` (KDLoss, CodistillLoss and the
+    methods' WeightedKDLoss, SLaMLoss, WeakTeacherKDLoss, or a subclass of one): their checks of
+    ``num_items``, the labels and the sample weights are kd_loss's (labels in [0, V) or ignore_index; weights finite
+    and >= 0), which the loop's own count and its host-side check (``host_checked``) already guarantee."""
+    from ..methods import SLaMLoss, WeakTeacherKDLoss, WeightedKDLoss
+
+    return isinstance(loss, KDLoss | CodistillLoss | WeightedKDLoss | SLaMLoss | WeakTeacherKDLoss)
 
 
 def process_device(device: torch.device | str | None) -> torch.device:
