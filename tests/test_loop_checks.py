@@ -28,13 +28,10 @@ LOSSES = {
 }
 
 
-# (SLaMLoss.forward's own values_checked("alpha") replaced the loop's until a nested values_checked added to the
-# enclosing one; WeightedKDLoss(hard=True) had kd_loss check the hard labels it builds, the teacher's argmax)
-@pytest.mark.parametrize("name", sorted(LOSSES))
-@pytest.mark.parametrize("with_weights", [False, True])
-def test_the_loop_does_not_check_its_own_values_again(name, with_weights, monkeypatch):
-    loss = LOSSES[name]()  # (TeacherReliability.fit checks its validation labels: not the loop's business)
-    checked = []  # the arguments whose values a loss read back from the device (a sync per micro-batch on CUDA)
+def _unvouched_checks(monkeypatch) -> list[str]:
+    """The arguments whose values a loss reads back from the device from now on (a sync per micro-batch on CUDA):
+    the checks no caller vouched for."""
+    checked: list[str] = []
     original = functional._check_values
 
     def counting(arg, x, what, bad):
@@ -43,6 +40,16 @@ def test_the_loop_does_not_check_its_own_values_again(name, with_weights, monkey
         return original(arg, x, what, bad)
 
     monkeypatch.setattr(functional, "_check_values", counting)
+    return checked
+
+
+# (SLaMLoss.forward's own values_checked("alpha") replaced the loop's until a nested values_checked added to the
+# enclosing one; WeightedKDLoss(hard=True) had kd_loss check the hard labels it builds, the teacher's argmax)
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_the_loop_does_not_check_its_own_values_again(name, with_weights, monkeypatch):
+    loss = LOSSES[name]()  # (TeacherReliability.fit checks its validation labels: not the loop's business)
+    checked = _unvouched_checks(monkeypatch)
     torch.manual_seed(0)
     x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
     y[[1, 5]] = -100
@@ -57,15 +64,7 @@ def test_the_loop_does_not_check_its_own_values_again(name, with_weights, monkey
 
 def test_a_loss_of_the_users_still_has_its_values_checked(monkeypatch):
     """A loss the loop does not know is given no vouching: the kd_loss it calls checks what it is given."""
-    checked = []
-    original = functional._check_values
-
-    def counting(arg, x, what, bad):
-        if not functional._vouched_for(arg):
-            checked.append(arg)
-        return original(arg, x, what, bad)
-
-    monkeypatch.setattr(functional, "_check_values", counting)
+    checked = _unvouched_checks(monkeypatch)
 
     def mine(student, teacher, labels, *, num_items=None):
         import fastdistill
