@@ -91,6 +91,8 @@ class KDLoss(_KDSettings):
     """
 
     skips_ignored_positions = True  # every term 0 where the label is ignore_index: training.loop moves labels
+    # num_items, labels and sample_weight checked as kd_loss checks them: the loop vouches for its own (no syncs)
+    values_as_kd_loss = True
 
     def __init__(
         self,
@@ -170,6 +172,8 @@ class CodistillLoss(nn.Module):
     """
 
     skips_ignored_positions = True  # every term 0 where the label is ignore_index: training.loop moves labels
+    # num_items, labels and sample_weight checked as kd_loss checks them: the loop vouches for its own (no syncs)
+    values_as_kd_loss = True
 
     def __init__(
         self,

@@ -297,6 +297,8 @@ class WeightedKDLoss(nn.Module):
     """
 
     skips_ignored_positions = True  # every term 0 where the label is ignore_index: training.loop moves labels
+    # num_items, labels and sample_weight checked as kd_loss checks them: the loop vouches for its own (no syncs)
+    values_as_kd_loss = True
 
     def __init__(self, reliability: TeacherReliability, *, hard: bool = False, temperature: float = 1.0,
                  ignore_index: int = -100, reduction: str = "mean") -> None:  # fmt: skip
@@ -491,6 +493,8 @@ class SLaMLoss(nn.Module):
     ``num_items`` and the reduction as in :func:`slam_loss` (the batch's labels only mark rows to skip)."""
 
     skips_ignored_positions = True  # every term 0 where the label is ignore_index: training.loop moves labels
+    # num_items, labels and sample_weight checked as kd_loss checks them: the loop vouches for its own (no syncs)
+    values_as_kd_loss = True
 
     def __init__(self, reliability: TeacherReliability, *, normalize: bool = False, topk_target: float = 0.9,
                  ignore_index: int = -100, reduction: str = "mean") -> None:  # fmt: skip

@@ -217,6 +217,8 @@ class WeakTeacherKDLoss(nn.Module):
     """
 
     skips_ignored_positions = True  # every term 0 where the label is ignore_index: training.loop moves labels
+    # num_items, labels and sample_weight checked as kd_loss checks them: the loop vouches for its own (no syncs)
+    values_as_kd_loss = True
 
     def __init__(
         self,

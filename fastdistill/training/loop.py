@@ -1099,13 +1099,12 @@ def _env_world_size() -> int:
 
 
 def _own_loss(loss: Any) -> bool:
-    """``loss`` is one of fastdistill's losses the loop calls with ``num_items`` (KDLoss, CodistillLoss and the
-    methods' WeightedKDLoss, SLaMLoss, WeakTeacherKDLoss, or a subclass of one): their checks of
-    ``num_items``, the labels and the sample weights are kd_loss's (labels in [0, V) or ignore_index; weights finite
-    and >= 0), which the loop's own count and its host-side check (``host_checked``) already guarantee."""
-    from ..methods import SLaMLoss, WeakTeacherKDLoss, WeightedKDLoss
-
-    return isinstance(loss, KDLoss | CodistillLoss | WeightedKDLoss | SLaMLoss | WeakTeacherKDLoss)
+    """``loss`` is one of fastdistill's losses the loop calls with ``num_items`` (class attribute
+    ``values_as_kd_loss``: KDLoss, CodistillLoss and the methods' WeightedKDLoss, SLaMLoss, WeakTeacherKDLoss, or a
+    subclass of one): their checks of ``num_items``, the labels and the sample weights are kd_loss's (labels in
+    [0, V) or ignore_index; weights finite and >= 0), which the loop's own count and its host-side check
+    (``host_checked``) already guarantee. (An attribute, not an isinstance check: training does not import methods.)"""
+    return bool(getattr(type(loss), "values_as_kd_loss", False))
 
 
 def process_device(device: torch.device | str | None) -> torch.device:
