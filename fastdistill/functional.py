@@ -428,7 +428,10 @@ def row_arguments(
             count = num_items.detach().reshape(()).to(device)
             _check_values("num_items", count, "finite and >= 0",
                           (count < 0) | ~torch.isfinite(count) if count.is_floating_point() else count < 0)
-            denominator = count.to(acc).clamp_min(1)
+            # n itself, 1 only where n = 0 (0 / 1 keeps a loss without valid rows 0): a count n > 0 is >= 1 anyway,
+            # and a weight sum below 1 (num_items=w.sum(), a weighted mean) must not be rounded up to 1
+            count = count.to(acc)
+            denominator = torch.where(count > 0, count, torch.ones_like(count))
         elif isinstance(num_items, numbers.Integral) and not isinstance(num_items, bool):
             if num_items < 0:
                 raise ValueError(f"num_items must be >= 0, got {num_items}")
@@ -551,7 +554,8 @@ def kd_loss(
         ce_weight: in [0, 1]. Row loss = (1 - ce_weight) * c * D + ce_weight * CE(student at T = 1, labels).
         sample_weight: [*] non-negative per-row weights (0 skips a row). Constant. They scale rows, not the
             "mean" denominator (unlike torch's ``weight=``, whose mean divides by the weights' sum): pass
-            ``num_items=w.sum()`` for that, or ``num_items=(w > 0).sum()`` to count only weighted rows.
+            ``num_items=w.sum()`` for that (any sum > 0, below 1 too), or ``num_items=(w > 0).sum()`` to count
+            only weighted rows.
         reduction: "mean" (over rows not ignored, or ``num_items``), "sum", "batchmean" (divide by
             ``student_logits.shape[0]``, torch's meaning) or "none" (per-row losses, shape [*]). Rows are the
             positions [*] of [*, V]: "mean" is per token (TRL's), not ``F.kl_div``'s mean over N * V elements, and

@@ -248,6 +248,13 @@ def test_ignored_rows_and_mean_denominator(backend):
                                                        backend=backend), total / 10)  # fmt: skip
     torch.testing.assert_close(fastdistill.kd_loss(student, teachers, labels=labels, reduction="sum",
                                                    backend=backend), total)  # fmt: skip
+    # a floating num_items is used as it is, below 1 too: num_items=w.sum() is the weighted mean at any scale of w
+    w = torch.tensor([0.01, 0.02, 0.0, 0.005, 0.03, 0.015])
+    rows_w = fastdistill.kd_loss(student, teachers, labels=labels, sample_weight=w, reduction="none", backend=backend)
+    for scale in (1.0, 100.0):
+        torch.testing.assert_close(fastdistill.kd_loss(student, teachers, labels=labels, sample_weight=w * scale,
+                                                       num_items=(w * scale).sum(), backend=backend),
+                                   rows_w.sum() / w.sum())  # fmt: skip
     # a different ignore_index
     labels7 = torch.where(labels == -100, 7, labels)
     torch.testing.assert_close(

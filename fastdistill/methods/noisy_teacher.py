@@ -292,13 +292,19 @@ class WeightedKDLoss(nn.Module):
     :func:`fastdistill.kd_loss` as ``sample_weight`` (times any ``sample_weight`` the batch carries).
     ``hard=True``: cross-entropy on the teacher's label (``ce_weight=1``); else soft KD at ``temperature``.
     ``labels`` (the batch's, where it has them) are not learnt from: rows whose label is ``ignore_index`` (padding)
-    are skipped, and ``reduction="mean"`` divides by the rows not skipped, or by ``num_items`` (the loop's count
-    over a step's micro-batches), as :func:`fastdistill.kd_loss` does.
+    are skipped, and ``reduction="mean"`` divides by the rows not ignored (rows of weight 0 count), or by
+    ``num_items`` (the loop's count over a step's micro-batches), as :func:`fastdistill.kd_loss` does.
     """
 
     skips_ignored_positions = True  # every term 0 where the label is ignore_index: training.loop moves labels
     # num_items, labels and sample_weight checked as kd_loss checks them: the loop vouches for its own (no syncs)
     values_as_kd_loss = True
+
+    def labels_only_skip(self) -> bool:
+        """Whether the labels are read for nothing but which rows to skip (no hard-label term): then
+        :class:`~fastdistill.training.DistillationLoop` gives an unlabelled batch its ``attention_mask`` as labels
+        that only mask, so that padding carries no loss."""
+        return True  # the batch's labels are never learnt from
 
     def __init__(self, reliability: TeacherReliability, *, hard: bool = False, temperature: float = 1.0,
                  ignore_index: int = -100, reduction: str = "mean") -> None:  # fmt: skip
@@ -427,8 +433,9 @@ def slam_loss(
         sample_weight: optional [*] non-negative weights.
         labels: optional int64 [*]: not learnt from; rows whose label is ``ignore_index`` (padding) are skipped:
             they (and rows of weight 0) give 0 and a zero gradient whatever their logits hold, NaN included.
-        reduction: "mean" (over the rows not skipped, or ``num_items``), "sum" or "none" ([*]).
-        num_items: the "mean" denominator instead of the count of rows not skipped (as in
+        reduction: "mean" (over the rows not ignored, weight-0 rows included, or ``num_items``), "sum" or "none"
+            ([*]).
+        num_items: the "mean" denominator instead of the count of rows not ignored (as in
             :func:`fastdistill.kd_loss`: a training loop's count over a step's micro-batches).
     Returns:
         float32 (float64 for float64 logits), 0-dim or [*].
@@ -482,7 +489,7 @@ def slam_loss(
     total = per_row.sum()
     if reduction == "sum":
         return total
-    # kd_loss's "mean" denominator (row_arguments): num_items, else the rows not ignored (N without labels), >= 1
+    # kd_loss's "mean" denominator (row_arguments): num_items, else the rows not ignored (N without labels); 0 -> 1
     return total / denominator
 
 
@@ -495,6 +502,12 @@ class SLaMLoss(nn.Module):
     skips_ignored_positions = True  # every term 0 where the label is ignore_index: training.loop moves labels
     # num_items, labels and sample_weight checked as kd_loss checks them: the loop vouches for its own (no syncs)
     values_as_kd_loss = True
+
+    def labels_only_skip(self) -> bool:
+        """Whether the labels are read for nothing but which rows to skip (no hard-label term): then
+        :class:`~fastdistill.training.DistillationLoop` gives an unlabelled batch its ``attention_mask`` as labels
+        that only mask, so that padding carries no loss."""
+        return True  # the batch's labels are never learnt from
 
     def __init__(self, reliability: TeacherReliability, *, normalize: bool = False, topk_target: float = 0.9,
                  ignore_index: int = -100, reduction: str = "mean") -> None:  # fmt: skip
