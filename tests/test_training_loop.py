@@ -587,6 +587,26 @@ def test_no_teacher_cross_entropy_weights_each_row():
         torch.testing.assert_close(p.detach(), q.detach() - q.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_no_teacher_cross_entropy_skipped_rows_are_zero_whatever_their_logits():
+    """A skipped row (ignored label, or weight 0) gives 0 and a zero gradient even when its logits hold NaN (a padding
+    position of a model that produces NaN there) or make its CE +inf, as kd_loss(ce_weight=1) does."""
+    loop = DistillationLoop(torch.nn.Linear(1, 1), [], progress=False, device="cpu", amp="off")
+    labels = torch.tensor([1, -100, 0, 3])
+    w = torch.tensor([1.0, 1.0, 0.0, 0.5])
+    logits = torch.randn(4, 5, dtype=torch.float64)
+    logits[1] = float("nan")  # ignored
+    logits[2, 0] = -float("inf")  # weight 0, label 0: CE +inf
+    x, y = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    got = loop._cross_entropy(x, labels, w, None)
+    expected = fastdistill.kd_loss(y, y.detach(), labels, ce_weight=1.0, sample_weight=w)
+    got.backward()
+    expected.backward()
+    assert got.dtype == torch.float64  # as kd_loss: float32, float64 for float64 logits
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(x.grad, y.grad)
+    assert torch.all(x.grad[1:3] == 0)
+
+
 def test_loop_and_loss_share_one_ignore_index():
     """ignore_index=-1 with the default loss builds KDLoss(ignore_index=-1): the -1 rows carry no loss and are not
     counted; a loss of another ignore_index is an error naming both."""

@@ -7,8 +7,9 @@ What it guarantees:
   ``num_items`` counts the items whose label is not ``ignore_index`` across all the micro-batches accumulated into
   one optimizer step and across all processes (as Hugging Face's ``num_items_in_batch``), so gradient accumulation
   and data parallelism give the gradient of one big batch. Without labels every micro-batch's mean counts equally
-  (but a causal LM distilled with a KDLoss of ce_weight 0 takes its ``attention_mask`` as labels that only mask:
-  padding carries no loss, and the count is of the positions kept).
+  (but a causal LM distilled with a loss of ours that reads labels only to skip rows, such as a KDLoss of ce_weight
+  0, takes its ``attention_mask`` as labels that only mask: padding carries no loss, and the count is of the
+  positions kept).
 - **Exact resume.** The data order is a function of (seed, epoch); a checkpoint stores the student (and trainable
   teachers, feature-term modules), optimizer, scheduler, every RNG state and the position in the data, so a run
   resumed from step N continues bit for bit like the run that never stopped. (With a ``DataLoader`` of the
@@ -579,9 +580,10 @@ class DistillationLoop:
         """The hard-label loss without teachers: logits ``[*, V]``, labels and sample_weight ``[*]``; what
         ``kd_loss(ce_weight=1, sample_weight=...)`` computes: sum_i w_i CE_i over the non-ignored rows, divided by
         ``num_items`` (else by the count of non-ignored rows). 0-dim."""
-        flat = logits.reshape(-1, logits.shape[-1]).float()
+        flat = logits.reshape(-1, logits.shape[-1])
         lab = labels.reshape(-1)
-        per_row = F.cross_entropy(flat, lab, ignore_index=self.ignore_index, reduction="none")  # 0 where ignored
+        kept = lab != self.ignore_index
+        w = None
         if sample_weight is not None:
             if sample_weight.shape != labels.shape:
                 raise ValueError(f"sample_weight must have the labels' shape {list(labels.shape)}, got "
@@ -589,8 +591,16 @@ class DistillationLoop:
             w = sample_weight.detach().reshape(-1).float()
             # kd_loss's check (skipped where the loop checked the weights on the host: values_checked)
             functional._check_values("sample_weight", w, "finite and >= 0", ~torch.isfinite(w) | (w < 0))
+        # a skipped row (ignored, or of weight 0) gives 0 and a zero gradient whatever its logits hold, as in kd_loss:
+        # its logits are replaced by 0 before log_softmax (a NaN at a padding position would make its gradient row
+        # NaN through log_softmax's backward; an inf loss times weight 0 is NaN)
+        skipped = ~kept if w is None else ~kept | (w == 0)
+        flat = flat.masked_fill(skipped[:, None], 0)
+        flat = flat if flat.dtype == torch.float64 else flat.float()  # kd_loss's precision: float32, or float64
+        per_row = F.cross_entropy(flat, lab, ignore_index=self.ignore_index, reduction="none")  # 0 where ignored
+        if w is not None:
             per_row = per_row * w
-        denominator = num_items if num_items is not None else (lab != self.ignore_index).sum()
+        denominator = num_items if num_items is not None else kept.sum()
         return per_row.sum() / denominator.clamp_min(1)
 
     def _train_step(self, micro: list[tuple[Tensor | None, Batch]]) -> dict[str, Tensor]:
@@ -880,12 +890,12 @@ class DistillationLoop:
 
     def _with_mask_labels(self, batch: Batch) -> Batch:
         """``batch``, or, without labels, for a causal LM whose loss reads labels for nothing but which positions
-        count (a KDLoss with ce_weight 0, from teachers or a cache), with its ``attention_mask`` [B, T] as labels
+        count (:func:`_labels_only_skip`; from teachers or a cache), with its ``attention_mask`` [B, T] as labels
         that only mask (:func:`~fastdistill.training.data.mask_labels`, as ``DistillationTrainer`` does): padding
         then carries no loss and is not counted."""
         mask = batch.inputs.get("attention_mask") if isinstance(batch.inputs, Mapping) else None
         if (batch.labels is not None or not isinstance(mask, Tensor) or mask.dim() != 2 or self.shift_labels is not True
-                or type(self.loss_fn) is not KDLoss or self.loss_fn.ce_weight > 0
+                or not _labels_only_skip(self.loss_fn)
                 or not (self.teachers or self.teacher_cache is not None)):  # fmt: skip
             return batch
         return Batch(batch.inputs, mask_labels(mask, self.ignore_index), batch.sample_weight, labels_from_mask=True)
@@ -1139,6 +1149,14 @@ def _skips_ignored_positions(loss: Any) -> bool:
     may move the labels instead of cutting the logits: our losses (their classes say so), not a subclass of one
     (whose forward may add a term of its own)."""
     return bool(type(loss).__dict__.get("skips_ignored_positions", False))
+
+
+def _labels_only_skip(loss: Any) -> bool:
+    """Whether ``loss`` reads its labels only for which positions to skip (its class's ``labels_only_skip``: KDLoss
+    with ce_weight 0, CodistillLoss and WeakTeacherKDLoss with hard_weight 0, WeightedKDLoss, SLaMLoss); not a
+    subclass of one (whose forward may read the labels otherwise), as :func:`_skips_ignored_positions`."""
+    method = type(loss).__dict__.get("labels_only_skip")
+    return method is not None and bool(method(loss))
 
 
 def _positions_shape(x: Tensor | Any) -> torch.Size:
