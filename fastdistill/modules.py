@@ -94,6 +94,12 @@ class KDLoss(_KDSettings):
     # num_items, labels and sample_weight checked as kd_loss checks them: the loop vouches for its own (no syncs)
     values_as_kd_loss = True
 
+    def labels_only_skip(self) -> bool:
+        """Whether the labels are read for nothing but which rows to skip (no hard-label term): then
+        :class:`~fastdistill.training.DistillationLoop` gives an unlabelled batch its ``attention_mask`` as labels
+        that only mask, so that padding carries no loss."""
+        return self.ce_weight == 0
+
     def __init__(
         self,
         *,
@@ -174,6 +180,13 @@ class CodistillLoss(nn.Module):
     skips_ignored_positions = True  # every term 0 where the label is ignore_index: training.loop moves labels
     # num_items, labels and sample_weight checked as kd_loss checks them: the loop vouches for its own (no syncs)
     values_as_kd_loss = True
+
+    def labels_only_skip(self) -> bool:
+        """Whether the labels are read for nothing but which rows to skip (no hard-label term): then
+        :class:`~fastdistill.training.DistillationLoop` gives an unlabelled batch its ``attention_mask`` as labels
+        that only mask, so that padding carries no loss."""
+        h = self.hard_weight  # None: 1 with labels (mask labels would be learnt from)
+        return h is not None and all(x == 0 for x in (h if isinstance(h, tuple | list) else (h,)))
 
     def __init__(
         self,

@@ -248,6 +248,14 @@ def test_unlabelled_padding_is_left_out_as_the_trainer_does():
     assert float(want) != pytest.approx(float(everything), rel=1e-3)  # the padding made a difference
     labelled = first_loss(ArrayDataset(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)))
     assert labelled["loss"] == pytest.approx(got["loss"], rel=1e-6)
+    # every loss of ours whose labels only mark rows to skip (its hard-label weight 0) masks the padding too
+    from fastdistill.methods import WeakTeacherKDLoss
+    for loss in (WeakTeacherKDLoss(hard_weight=0.0, soft_weight=1.0, **kd),
+                 fastdistill.CodistillLoss(hard_weight=0.0, **kd)):  # fmt: skip
+        assert first_loss(ArrayDataset(input_ids=ids, attention_mask=mask), loss)["items"] == float(keep.sum())
+    assert first_loss(ArrayDataset(input_ids=ids, attention_mask=mask),
+                      WeakTeacherKDLoss(hard_weight=0.0, soft_weight=1.0, **kd))["loss"] == pytest.approx(
+        float(want), rel=1e-5)  # fmt: skip
 
     def custom(s, t, labels, num_items=None):
         assert labels is None  # a loss of the user's gets no made-up labels

@@ -220,6 +220,12 @@ class WeakTeacherKDLoss(nn.Module):
     # num_items, labels and sample_weight checked as kd_loss checks them: the loop vouches for its own (no syncs)
     values_as_kd_loss = True
 
+    def labels_only_skip(self) -> bool:
+        """Whether the labels are read for nothing but which rows to skip (no hard-label term): then
+        :class:`~fastdistill.training.DistillationLoop` gives an unlabelled batch its ``attention_mask`` as labels
+        that only mask, so that padding carries no loss."""
+        return self.hard_weight == 0
+
     def __init__(
         self,
         *,
