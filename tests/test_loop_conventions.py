@@ -616,6 +616,28 @@ def test_resume_with_another_model_names_the_mismatch_in_one_line(tmp_path, chan
     assert loop.step == 0 and all(torch.equal(v, loop.student.state_dict()[k]) for k, v in before.items())
 
 
+def test_resume_from_a_run_set_up_otherwise_says_so_not_damaged(tmp_path):
+    """A checkpoint lists the files it was written with (state.json): one of a run without a scheduler is intact,
+    not "damaged" because this run's scheduler files are absent; resuming from it names what differs, in one line.
+    A file it lists that is missing is still damage."""
+    ds = _data(n=16)
+    _loop(tmp_path).fit(ds, max_steps=2, checkpoint_every=2)
+    step = tmp_path / "checkpoints" / "step-00000002"
+    expected = [*_loop(tmp_path)._checkpointer.files(), "scheduler.json"]  # a run with a scheduler
+    assert ckpt.find_latest(tmp_path / "checkpoints", expected) == step  # intact: no warning, found
+    with_scheduler = _loop(tmp_path, scheduler=lambda opt, total: torch.optim.lr_scheduler.LinearLR(opt))
+    with pytest.raises(ValueError) as e:
+        with_scheduler.fit(ds, max_steps=4, resume_from="latest")
+    msg = str(e.value)
+    assert msg.startswith(f"checkpoint {step} is of a run set up otherwise (it has no [scheduler.json, "
+                          "scheduler.safetensors]"), msg  # fmt: skip
+    assert "\n" not in msg and with_scheduler.step == 0
+    (step / "optimizer.json").unlink()
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint"), pytest.raises(
+            ValueError, match=r"no intact checkpoint .*optimizer.json is missing"):  # fmt: skip
+        _loop(tmp_path).fit(ds, max_steps=4, resume_from="latest")
+
+
 def test_unexpected_keys_are_counted(tmp_path):
     small, big = _mlp(), nn.Sequential(*_mlp(), nn.Linear(5, 5), nn.Linear(5, 5))
     safetensors.torch.save_model(big, str(tmp_path / "m.safetensors"))

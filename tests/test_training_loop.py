@@ -249,11 +249,14 @@ def test_every_process_picks_the_same_checkpoint_to_resume_from(tmp_path):
     ds = _data(n=37)
     loop = _resumable_loop(tmp_path, model_seed=0)
     loop.fit(ds, max_steps=4, checkpoint_every=2)
-    for step in (2, 4):  # as a 2-process run writes them: one RNG file per rank
+    for step in (2, 4):  # as a 2-process run writes them: one RNG file per rank, each listed in state.json
         d = tmp_path / "checkpoints" / f"step-{step:08d}"
         for ext in ("json", "safetensors"):
             if (d / f"rng-rank0.{ext}").exists():
                 shutil.copy(d / f"rng-rank0.{ext}", d / f"rng-rank1.{ext}")
+        state = json.loads((d / "state.json").read_text())
+        state["files"] += ["rng-rank1.json", "rng-rank1.safetensors"]
+        (d / "state.json").write_text(json.dumps(state))
     (tmp_path / "checkpoints" / "step-00000004" / "rng-rank1.json").unlink()
     ckpt = loop._checkpointer
     ckpt.world_size = 2

@@ -191,17 +191,28 @@ def check_compatible(state: Mapping[str, Any], settings: Mapping[str, Any], dire
                              f"{settings[key]!r}: a step and the data order would differ")  # fmt: skip
 
 
+def written_files(state: Mapping[str, Any]) -> list[str] | None:
+    """The files a checkpoint was written with (``state.json``'s ``"files"``, besides itself); None for a
+    checkpoint of an older version, which does not list them."""
+    files = state.get("files")
+    return files if isinstance(files, list) and all(isinstance(f, str) for f in files) else None
+
+
 def find_problem(directory: str | os.PathLike, files: Iterable[str] | None = None) -> str | None:
-    """Why ``directory`` is not an intact checkpoint (None if it is): ``state.json`` and each of ``files`` (default:
-    every ``*.json`` and ``*.safetensors`` in it) must be present and parse. Tensors are not read; a truncated
-    safetensors file shows in its header."""
+    """Why ``directory`` is not an intact checkpoint (None if it is): ``state.json`` and every file it lists
+    (:func:`written_files`) must be present and parse; for a checkpoint that lists none, each of ``files``
+    (default: every ``*.json`` and ``*.safetensors`` in it). Tensors are not read; a truncated safetensors file
+    shows in its header. (Intact is not fitting: a checkpoint of a run with a scheduler is intact without one; the
+    run's own check, :meth:`Checkpointer.check`, names what differs.)"""
     directory = Path(directory)
     if not directory.is_dir():
         return f"{directory} is not a directory"
-    if files is None:
-        files = sorted(p.name for p in directory.iterdir() if p.suffix in (".json", ".safetensors"))
     try:
-        read_run_state(directory)
+        own = written_files(read_run_state(directory))
+        if own is not None:
+            files = own
+        elif files is None:
+            files = sorted(p.name for p in directory.iterdir() if p.suffix in (".json", ".safetensors"))
         for name in files:
             if name.endswith(".safetensors"):
                 check_safetensors(directory / name)
@@ -335,6 +346,8 @@ class Checkpointer:
         modules: the modules to save, by file name (``{"student": ..., "teacher0": ..., "feature_term0": ...}``).
         states: returns the objects with ``state_dict`` / ``load_state_dict`` to save by name (the optimizer; the
             scheduler, which a loop may build only when training starts); a None value is left out.
+        pending: returns the names of states not built yet that a checkpoint to resume from must hold (a
+            scheduler built when training starts): :meth:`check` expects their files.
         run_state: returns what ``state.json`` holds now.
         restore: is given ``state.json`` after the rest of a checkpoint is loaded, to set the position.
         rank: this process's rank: every process writes its RNG state, rank 0 everything else.
@@ -351,6 +364,7 @@ class Checkpointer:
         run_state: Callable[[], dict[str, Any]],
         restore: Callable[[dict[str, Any]], None],
         *,
+        pending: Callable[[], Iterable[str]] = tuple,
         rank: int = 0,
         world_size: int = 1,
         device: torch.device | str = "cpu",
@@ -358,6 +372,7 @@ class Checkpointer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.modules = dict(modules)
         self._states = states
+        self._pending = pending
         self._run_state = run_state
         self._restore = restore
         self.rank, self.world_size = rank, world_size
@@ -420,7 +435,9 @@ class Checkpointer:
                 safetensors.torch.save_model(module, str(tmp / f"{name}.safetensors"))
             for name, stateful in self.states().items():
                 save_state(stateful.state_dict(), tmp, name)
-            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+            # with the list of its files: intact is judged by what it was written with (find_problem), so a
+            # checkpoint of another configuration (a scheduler, a trained teacher more or less) is named as such
+            (tmp / "state.json").write_text(json.dumps({**state, "files": self.files()}, indent=1))
         _barrier()
         if self.rank == 0:  # renames only
             previous = final.with_name(final.name + ".old")
@@ -468,6 +485,14 @@ class Checkpointer:
         problem = find_problem(directory, self.files())
         if problem is not None:
             raise ValueError(problem)
+        written = written_files(state)
+        expected = {*self.files(), *(f"{name}.{ext}" for name in self._pending() for ext in ("json", "safetensors"))}
+        if written is not None and set(written) != expected:
+            missing, extra = sorted(expected - set(written)), sorted(set(written) - expected)
+            differs = "; ".join([*([f"it has no {_few(missing)}"] if missing else []),
+                                 *([f"this run has no {_few(extra)}"] if extra else [])])  # fmt: skip
+            raise ValueError(f"checkpoint {directory} is of a run set up otherwise ({differs}: a scheduler, optimizer, "
+                             "trained teacher or feature term more or less): an output_dir belongs to one run")
         for name, module in self.modules.items():
             check_model(module, directory / f"{name}.safetensors", name)
         return state

@@ -403,6 +403,7 @@ class DistillationLoop:
         self._checkpointer = ckpt.Checkpointer(
             self.output_dir, modules, lambda: {"optimizer": self.optimizer, "scheduler": self.scheduler},
             self._run_state, self._restore_position, rank=self.rank, world_size=self.world_size, device=self.device,
+            pending=lambda: ("scheduler",) if self.scheduler is None and self._scheduler_arg is not None else (),
         )  # fmt: skip
 
     @property
