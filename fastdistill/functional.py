@@ -193,6 +193,15 @@ def split_teachers(teacher_logits: TeacherLogits, student_shape: torch.Size, nam
     raise TypeError(f"{name} must be a Tensor or a sequence of Tensors, got {type(teacher_logits).__name__}")
 
 
+def _check_constant(name: str, x: Tensor, hint: str = "") -> None:
+    """A constant of the losses (SPEC §1: sample_weight, teacher_weights, num_items) given as a tensor that requires
+    grad, under grad mode: a ValueError naming it, as torch refuses F.cross_entropy's ``weight=`` that requires grad;
+    never a gradient the caller asked for dropped without a word."""
+    if x.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad, but the loss takes it as a constant (no gradient flows to it): "
+                         f"pass {name}.detach(){hint}")
+
+
 def _check_device(name: str, x: Tensor, device: torch.device, ref: str = "student_logits") -> None:
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but {ref} is on {device}; all inputs must share a device")
@@ -295,6 +304,7 @@ def normalise_teacher_weights(
     if not w.is_floating_point():
         raise TypeError(f"teacher_weights must be a floating-point tensor, got {w.dtype}")
     _check_device("teacher_weights", w, device)
+    _check_constant("teacher_weights", w)
     if w.shape == (k,):
         w = w[:, None].expand(k, n)
     elif w.shape == (k, *lead):
@@ -406,6 +416,8 @@ def row_arguments(
                 f"{tuple(sample_weight.shape)}"
             )
         _check_device("sample_weight", sample_weight, device, ref=name)
+        _check_constant("sample_weight", sample_weight, "; for a gradient to per-row weights, weight the "
+                        "reduction='none' losses yourself")  # fmt: skip
         sample_weight = sample_weight.detach().reshape(n).to(acc)
         _check_values("sample_weight", sample_weight, "finite and >= 0",
                       ~torch.isfinite(sample_weight) | (sample_weight < 0))  # fmt: skip
@@ -425,6 +437,7 @@ def row_arguments(
                 raise ValueError(f"num_items must be an int or a 0-dim Tensor, got shape {tuple(num_items.shape)}")
             if num_items.dtype == torch.bool or num_items.is_complex():
                 raise TypeError(f"num_items must be an integer or floating-point count, got {num_items.dtype}")
+            _check_constant("num_items", num_items)
             count = num_items.detach().reshape(()).to(device)
             _check_values("num_items", count, "finite and >= 0",
                           (count < 0) | ~torch.isfinite(count) if count.is_floating_point() else count < 0)

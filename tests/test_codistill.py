@@ -194,6 +194,17 @@ def test_zero_weight_direction_ignores_infinite_divergence(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_side_that_learns_nothing_still_backwards_with_zeros(backend):
+    """weight_ab = 0 and hard_b = 0: loss_b is 0 and b's gradient 0 on every backend (the reference's loss_b was cut
+    from b: "does not require grad" there, a zero gradient on the fused backends)."""
+    a, b = (x.requires_grad_() for x in _inputs((3,), 10))
+    la, lb = fastdistill.codistill_loss(a, b, torch.tensor([1, 2, 3]), weight_ab=0.0, hard_weight=(1.0, 0.0),
+                                        backend=backend)  # fmt: skip
+    lb.backward()
+    assert lb.item() == 0 and torch.equal(b.grad, torch.zeros_like(b)) and a.grad is None
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_all_rows_ignored_and_empty(backend, reduction):
     a, b = _inputs((4,), 9)

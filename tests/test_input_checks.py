@@ -96,3 +96,32 @@ def test_fused_linear_module_checks_at_construction():
     with pytest.raises(ValueError, match="teacher_weights must be finite and >= 0"):
         FusedLinearKDLoss(teacher_weights=[-1.0, 1.0])
     FusedLinearKDLoss(chunk_size=np.int64(2), memory_budget_bytes=2**20)  # numpy integers are integers
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_constants_that_require_grad_are_refused_not_silently_dropped(backend):
+    """sample_weight, teacher_weights and num_items are constants (SPEC §1): a tensor of them that requires grad got
+    no gradient and no word (a loss of only such a weight could not even backward). Now a ValueError naming it,
+    in every entry point; under no_grad, or detached, they are fine."""
+    s, t = _st()
+    s.requires_grad_()
+    w = torch.rand(4, requires_grad=True)
+    tw = torch.rand(2, requires_grad=True)
+    n = torch.tensor(3.0, requires_grad=True)
+    cases = [
+        ("sample_weight", lambda: fastdistill.kd_loss(s, t, sample_weight=w, backend=backend)),
+        ("teacher_weights", lambda: fastdistill.kd_loss(s, [t, t + 1], teacher_weights=tw, backend=backend)),
+        ("num_items", lambda: fastdistill.kd_loss(s, t, num_items=n, backend=backend)),
+        ("teacher_weights", lambda: fastdistill.KDLoss(teacher_weights=tw, backend=backend)(s, [t, t + 1])),
+        ("sample_weight", lambda: fastdistill.codistill_loss(s, t.requires_grad_(), sample_weight=w,
+                                                              backend=backend)),  # fmt: skip
+        ("teacher_weights", lambda: fastdistill.ensemble_soft_targets([t, t + 1], teacher_weights=tw)),
+        ("sample_weight", lambda: fused_linear_kd_loss(s, torch.randn(6, 5, requires_grad=True), [torch.randn(4, 6)],
+                                                       sample_weight=w, backend=backend)),  # fmt: skip
+    ]
+    for name, call in cases:
+        with pytest.raises(ValueError, match=f"^{name} requires grad, but the loss takes it as a constant"):
+            call()
+        with torch.no_grad():
+            call()
+    fastdistill.kd_loss(s, t, sample_weight=w.detach(), num_items=n.detach(), backend=backend).backward()

@@ -250,6 +250,11 @@ def test_forward_mode_ad_is_refused_by_the_fused_backends_and_auto_takes_the_ref
             with pytest.raises(ValueError, match="forward-mode AD"):
                 op(dual, "cpu")
             op(s, "cpu")  # no tangent reaches the op: the fused kernel runs
+        # reverse-mode transforms: torch's message about autograd.Function's setup_context said nothing useful
+        for transform in (torch.func.grad, torch.func.jacrev):
+            with pytest.raises(ValueError, match=r"backend='cpu' cannot run.*torch.func gradient transform.*"
+                                                 r"backend='reference'"):  # fmt: skip
+                transform(lambda x: op(x, "cpu"))(s)
 
 
 def test_create_graph_under_dynamo_is_refused_like_in_eager():

@@ -130,13 +130,18 @@ def _measured(inp: OpInputs) -> str | None:
                            s.shape[-1], len(inp.teachers))  # fmt: skip
 
 
-def _forward_mode_reason(inp: OpInputs) -> str | None:
-    """Why no fused backend can run ``inp`` under forward-mode AD: their kernels have no forward derivative, and
-    torch would run them on the primal values and drop the tangent (a derivative of 0, no error). None otherwise."""
+def _transform_reason(inp: OpInputs) -> str | None:
+    """Why no fused backend can run ``inp`` under a transform: forward-mode AD (their kernels have no forward
+    derivative: torch would run them on the primal values and drop the tangent, a derivative of 0 without an error),
+    or inputs that a torch.func gradient transform tracks (grad / vjp / jacrev: torch's own error would not say
+    what to do). None otherwise: a transform over tensors the op only closes over, or vmap (the forward runs;
+    a backward through it is the RuntimeError of registration._computed)."""
     # (torch.func.jvp / jacfwd's inputs are dual tensors of a forward_ad level too)
     if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in inp.tensors()):
         return ("forward-mode AD (torch.func.jvp / jacfwd / hessian, or a dual tensor of torch.autograd.forward_ad) "
                 "needs backend='reference'")  # fmt: skip
+    if any(torch._C._functorch.is_gradtrackingtensor(t) for t in inp.tensors()):
+        return "inputs of a torch.func gradient transform (grad / vjp / jacrev / hessian) need backend='reference'"
     return None
 
 
@@ -144,7 +149,7 @@ def select(name: str, inp: OpInputs) -> Backend:
     """The backend that will run ``inp``: ``name`` itself, or for "auto" the measured choice (AUTO_MEASURED) if
     any, else the first capable one in the priority order of the inputs' device. Inside a torch.func transform or
     forward-mode AD "auto" is the reference (plain torch ops, which every transform differentiates); a fused backend
-    named there runs where it can (a transform over closed-over tensors) and is refused under forward-mode AD."""
+    named there runs where it can (a transform over closed-over tensors) and is refused otherwise."""
     backends, op = BACKENDS, inp.OP
     # (eager only: under torch.compile the transforms are traced by Dynamo and no dual tensor reaches here)
     transformed = not torch.compiler.is_compiling() and (
@@ -154,7 +159,7 @@ def select(name: str, inp: OpInputs) -> Backend:
         backend = backends[name]
         reasons = backend.not_supported_reasons(inp)
         if transformed and name != "reference":
-            reasons += [r for r in (_forward_mode_reason(inp),) if r is not None]
+            reasons += [r for r in (_transform_reason(inp),) if r is not None]
         if reasons:
             raise ValueError(f"backend={name!r} cannot run these inputs: " + "; ".join(reasons))
         return backend

@@ -177,8 +177,9 @@ def kd_loss(
         log_p = ensemble_log_target(teachers, temperature, ensemble if len(teachers) > 1 else "prob_mean",
                                     teacher_weights, dtype)
         d = divergence(log_p, log_q, divergence_kind, div_params)
-    # ce_weight = 1: pure CE, even where D = inf (the teachers linked: their gradient is 0, not absent)
-    rows = kd_scale * d if kd_scale != 0 else _linked(torch.zeros_like(d), *teachers)
+    # ce_weight = 1: pure CE, even where D = inf (the teachers linked: their gradient is 0, not absent; the student
+    # too, for a codistill direction of weight 0 without CE: a zero gradient, as on the fused backends)
+    rows = kd_scale * d if kd_scale != 0 else _linked(torch.zeros_like(d), student, *teachers)
 
     if ce_weight > 0:  # hard-label cross-entropy at T = 1, from log_softmax: (s - max) - log sum, never lse - s
         safe = torch.where(keep, labels, 0)
