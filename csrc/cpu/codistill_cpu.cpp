@@ -119,7 +119,7 @@ class CoRowKernel {
     }
 
     // ---- pass 2: both divergences, their aggregates; KL gradients ---------------------------------------
-    Vec v_phi[2] = {Vec(A(0)), Vec(A(0))}, v_agg[2] = {Vec(A(0)), Vec(A(0))};
+    cpu::RowSum<A> v_phi[2], v_agg[2];
     const Vec v_f(f);
     for (int64_t j = 0; j < Vp_; j += W) {
       Vec pr[2], logpr[2];
@@ -132,12 +132,12 @@ class CoRowKernel {
         Vec gq(A(0));
         if (kd_[m] != A(0)) {
           const auto tr = divergence_terms<Ops>(prm_, pr[o], pr[m], logpr[o], logpr[m]);
-          v_phi[m] += tr.phi;
+          v_phi[m].add(tr.phi);
           gq = tr.gq;
         }
         if (!s[m].out) continue;
         if (!closed_form_) {  // park Q * dphi/dQ for pass 3
-          v_agg[m] += gq;
+          v_agg[m].add(gq);
           gq.store(s[m].g + j);
           continue;
         }
@@ -150,11 +150,11 @@ class CoRowKernel {
 
     // ---- pass 3 (divergences without a closed form) and the outputs ------------------------------------
     for (int m = 0; m < 2; ++m) {
-      const A D = hsum_or_zero(v_phi[m], kd_[m]);
+      const A D = sum_or_zero(v_phi[m], kd_[m]);
       static_cast<A*>(t_.row_loss[m])[i] = sw * (kd_[m] * D + hard_[m] * s[m].ce);
       if (!s[m].out) continue;
       if (!closed_form_) {
-        const Vec agg(cpu::hsum(v_agg[m])), scale(kd_[m] * inv_t_);
+        const Vec agg(v_agg[m].sum()), scale(kd_[m] * inv_t_);
         for (int64_t j = 0; j < Vp_; j += W) {
           const Vec q = Vec::loadu(s[m].e + j) * Vec(s[m].inv_sum);
           Vec g = kd_[m] != A(0) ? scale * (Vec::loadu(s[m].g + j) - q * agg) : Vec(A(0));
@@ -194,13 +194,13 @@ class CoRowKernel {
       return;
     }
     const Vec vmx(mx);
-    Vec vs(A(0));
+    cpu::RowSum<A> vs;
     for (int64_t j = 0; j < Vp_; j += W) {
       const Vec ej = Ops::exp(Vec::loadu(s.x + j) - vmx);
       ej.store(s.e + j);
-      vs += ej;
+      vs.add(ej);
     }
-    const A sum = cpu::hsum(vs);
+    const A sum = vs.sum();
     s.norm = {mx, std::log(sum)};
     s.inv_sum = A(1) / sum;  // dividing by the sum keeps the distribution normalised to the last bit
   }
@@ -212,7 +212,7 @@ class CoRowKernel {
   }
 
   // A direction with weight 0 does not enter the loss, even where its divergence is inf.
-  static A hsum_or_zero(const Vec& v, A weight) { return weight == A(0) ? A(0) : cpu::hsum(v); }
+  static A sum_or_zero(cpu::RowSum<A>& v, A weight) { return weight == A(0) ? A(0) : v.sum(); }
 
   const CoProblem& p_;
   const CoTensors& t_;

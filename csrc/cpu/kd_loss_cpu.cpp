@@ -37,6 +37,7 @@ using cpu::load_scaled;
 using cpu::LogNorm;
 using cpu::row_log_norm;
 using cpu::row_major;
+using cpu::RowSum;
 using cpu::VecOps;
 
 
@@ -158,15 +159,15 @@ class KDRowKernel {
     const bool want_gt = !t_.grad_teachers.empty() && kd_on_;
     A* gdst = nullptr;  // where pass 2 writes the student gradient (closed form) or its terms
     if (want_gs) gdst = (closed_form_ && std::is_same_v<S, A>) ? reinterpret_cast<A*>(gs_out) : gbuf;
-    std::vector<Vec> agg_t(want_gt ? K_ : 0, Vec(A(0)));  // per-teacher aggregates for their gradients
-    Vec v_phi(A(0)), v_gq(A(0));
+    std::vector<RowSum<A>> agg_t(want_gt ? K_ : 0);  // per-teacher aggregates for their gradients
+    RowSum<A> v_phi, v_gq;
     const Vec v_ce_max(ce_norm.max), v_ce_log_sum(ce_norm.log_sum), v_ce_scale(ce_scale), v_ce(ce_), v_f(f),
         v_kd_over_t(kd_over_t_);
     for_each_vector(r, [&](int64_t j, const A* fac) {
       Elem el = element(r, j, fac);
       Vec phi, gq;
       evaluate(r, el, phi, gq, want_gt ? agg_t.data() : nullptr);
-      v_phi += phi;
+      v_phi.add(phi);
       if (!want_gs) return;
       if (closed_form_) {  // dD/da = Q - P, here -gq = P
         Vec g = kd_on_ ? v_kd_over_t * (el.q + gq) : Vec(A(0));
@@ -174,11 +175,11 @@ class KDRowKernel {
         // the output row is not padded: store only its V - j remaining lanes
         (v_f * g).store(gdst + j, static_cast<int>(std::min<int64_t>(W, V_ - j)));
       } else {
-        v_gq += gq;
+        v_gq.add(gq);
         gq.store(gdst + j);
       }
     });
-    const A D = hsum(v_phi);
+    const A D = v_phi.sum();
     A ce_loss = 0;
     if (ce_ != A(0)) ce_loss = (ce_norm.max - static_cast<A>(s_row[label])) + ce_norm.log_sum;
     // kd_scale = 0 (ce_weight = 1) is pure cross-entropy, even where D = inf
@@ -187,7 +188,7 @@ class KDRowKernel {
     // ---- pass 3: gradients not written yet (no transcendentals but for CE at T != 1) -------------------
     if (want_gs) {
       if (!closed_form_) {
-        const Vec v_agg(hsum(v_gq));
+        const Vec v_agg(v_gq.sum());
         for_each_vector(r, [&](int64_t j, const A* fac) {
           const Vec q = Vec::loadu(r.e + j) * Vec(fac[0]);
           Vec g = kd_on_ ? v_kd_over_t * (Vec::loadu(gbuf + j) - q * v_agg) : Vec(A(0));
@@ -343,7 +344,7 @@ class KDRowKernel {
 
   // Loss terms at the element. phi and gq are the ensemble-combined values. When `agg` is given, adds the
   // per-teacher aggregates the teacher gradients need (see teacher_grads).
-  void evaluate(const Row& r, const Elem& el, Vec& phi, Vec& gq, Vec* agg) const {
+  void evaluate(const Row& r, const Elem& el, Vec& phi, Vec& gq, RowSum<A>* agg) const {
     if (per_teacher_) {  // D = sum_k w_k D(P_k, Q)
       phi = Vec(A(0));
       gq = Vec(A(0));
@@ -355,7 +356,7 @@ class KDRowKernel {
         const Vec wk(r.w[k]);
         phi += wk * tr.phi;
         gq += wk * tr.gq;
-        if (agg) agg[k] += tr.hp;
+        if (agg) agg[k].add(tr.hp);
       }
       return;
     }
@@ -366,9 +367,9 @@ class KDRowKernel {
     gq = tr.gq;
     if (!agg) return;
     if (!mixture_) {
-      agg[0] += tr.hp;
+      agg[0].add(tr.hp);
     } else {
-      for (int k = 0; k < K_; ++k) agg[k] += responsibility(r, el, k, logp) * tr.hp;
+      for (int k = 0; k < K_; ++k) agg[k].add(responsibility(r, el, k, logp) * tr.hp);
     }
   }
 
@@ -381,9 +382,9 @@ class KDRowKernel {
   //   single teacher or logit_mean:  w_k (hp_j - P_j sum_v hp_v)
   //   prob_mean:                     r_kj hp_j - P_kj sum_v r_kv hp_v     (r_k = w_k P_k / P)
   //   loss_mean:                     w_k (hp_kj - P_kj sum_v hp_kv)
-  void teacher_grads(int64_t i, const Row& r, const std::vector<Vec>& agg_v, A f, A* buf) const {
+  void teacher_grads(int64_t i, const Row& r, std::vector<RowSum<A>>& agg_v, A f, A* buf) const {
     std::vector<A> agg(K_);
-    for (int k = 0; k < K_; ++k) agg[k] = hsum(agg_v[k]);
+    for (int k = 0; k < K_; ++k) agg[k] = agg_v[k].sum();
     const Vec scale(f * kd_over_t_);
     for (int k = 0; k < K_; ++k) {
       T* out = static_cast<T*>(t_.grad_teachers[k]) + i * V_;

@@ -31,7 +31,7 @@ namespace fastdistill {
 namespace {
 
 using at::vec::Vectorized;
-using cpu::hsum;
+using cpu::RowSum;
 using cpu::vexp;
 
 // Rows per strip: tall enough for an efficient BLAS product (thin [B, D] x [D, N] products run far below the
@@ -120,10 +120,10 @@ void forward_row(const Launch<A>& P, A* s, int64_t i, A a, A* stats, A& part) {
   for (int l2 = 0; l2 < V::size(); ++l2) mx2 = std::max(mx2, buf[l2]);
   A lse_rest = neg_inf;  // N = 2 with the largest score off the diagonal: no other column
   if (mx2 != neg_inf) {
-    V vsum(A(0));
+    RowSum<A> vsum;  // (in blocks: N / W terms per lane would drift at large N)
     const V vmx2(mx2);
-    sweep_excluding<A>(s, n, i, star, neg_inf, [&](V x, int64_t) { vsum = vsum + vexp(x - vmx2); });
-    lse_rest = mx2 + std::log(hsum(vsum));
+    sweep_excluding<A>(s, n, i, star, neg_inf, [&](V x, int64_t) { vsum.add(vexp(x - vmx2)); });
+    lse_rest = mx2 + std::log(vsum.sum());
   }
   using Ops = ScalarOps<A>;
   A l, w, z;
@@ -138,7 +138,7 @@ void forward_row(const Launch<A>& P, A* s, int64_t i, A a, A* stats, A& part) {
   const auto c = mi::row_consts<A>(l, a, P.lam, P.log_alpha, P.log_1m_alpha);
 
   // pass 2 over j not in {i, k*}: sum log t_ij, sum 1 / t_ij (C_i and dI/da_i are multiples of it) and sum g_ij.
-  V vlog(A(0)), vinv(A(0)), vg(A(0));
+  RowSum<A> vlog, vinv, vg;
   const V vl(l), va(c.alpha_), vb(c.beta_), zero(A(0));
   sweep_excluding<A>(s, n, i, star, A(0), [&](V x, int64_t lanes) {
     const V p = vexp(x - vl);
@@ -149,11 +149,11 @@ void forward_row(const Launch<A>& P, A* s, int64_t i, A a, A* stats, A& part) {
       it = V::set(zero, it, lanes);
       g = V::set(zero, g, lanes);
     }
-    vlog = vlog + lt;
-    vinv = vinv + it;
-    vg = vg + g;
+    vlog.add(lt);
+    vinv.add(it);
+    vg.add(g);
   });
-  const mi::Pass2<A> p2{hsum(vlog), hsum(vinv), hsum(vg)};
+  const mi::Pass2<A> p2{vlog.sum(), vinv.sum(), vg.sum()};
   const auto res = mi::row_result<A>(c, l, w, z, s[i], star == i, p2, A(n), P.inv_n, P.inv_d);
   stats[kL * n + i] = l;
   stats[kCrest * n + i] = res.Crest;
