@@ -204,7 +204,8 @@ def _kd_loss_backward(ctx, grad_loss, _grad_grad_s, _grad_grad_t):
         return _grads(KDInputs, ctx, student=None, teachers=none_t)
     d_student = (_scale(_computed("kd_loss", "student_logits", grad_s), grad_loss, ctx.reduce)
                  if ctx.needs_input_grad[_KD_S] else None)  # fmt: skip
-    # (a teacher of the list that does not require grad, beside one that does, keeps its placeholder: None)
+    # (the op's flag is one for all teachers: beside one that requires grad, every teacher's gradient was computed,
+    # and autograd drops those of teachers that do not require it; SPEC §4's "for no other" is not kept there yet)
     d_teachers = [_scale(g, grad_loss, ctx.reduce) for g in grad_t] if ctx.needs_input_grad[_KD_T] else none_t
     return _grads(KDInputs, ctx, student=_first_order("kd_loss", d_student),
                   teachers=[_first_order("kd_loss", g) for g in d_teachers])  # fmt: skip
