@@ -6,9 +6,9 @@ what float32 terms summed well give, far below what the lane sums gave."""
 
 import pytest
 import torch
+from conftest import requires_ext
 
 import fastdistill
-from conftest import requires_ext
 
 pytestmark = requires_ext
 
