@@ -65,6 +65,25 @@ def check_temperature(temperature: object) -> float:
     return check_real("temperature", temperature, low=_T_MIN, high=_T_MAX, low_open=False, high_open=False)
 
 
+def check_int(name: str, value: object, *, low: int, allow_none: bool = False) -> int | None:
+    """``value`` as an int >= ``low`` (numpy integers too; a bool or a float is a TypeError naming ``name``)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        kind = "an int" + (" or None" if allow_none else "")
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def check_bool(name: str, value: object, *, allow_none: bool = False) -> None:
+    """A bool (or None where allowed): not a string such as "False", which is true."""
+    if not (isinstance(value, bool) or (allow_none and value is None)):
+        raise TypeError(f"{name} must be a bool{' or None' if allow_none else ''}, got {type(value).__name__} "
+                        f"{value!r}")
+
+
 def _check_int64(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

@@ -77,6 +77,11 @@ def _check(candidates: Sequence[Sequence[Any]] | Tensor,
     k = len(candidates)
     if k < 1:
         raise ValueError("candidates must hold at least one teacher's outputs (candidates[k][i], teacher-major)")
+    for j, c in enumerate(candidates):
+        if isinstance(c, str | bytes) or not isinstance(c, Sequence | Tensor):
+            # (a flat list of K strings would read each character as an input)
+            raise TypeError(f"candidates[{j}] must be teacher {j}'s M outputs (a sequence, one per input; "
+                            f"candidates[k][i], teacher-major), got {type(c).__name__} {c!r:.60}")  # fmt: skip
     m = len(candidates[0])
     for j, c in enumerate(candidates):
         if len(c) != m:

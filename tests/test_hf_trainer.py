@@ -281,7 +281,7 @@ def test_teacher_keyword_mistakes_are_named(tmp_path):
         make(teachers=[teacher], temprature=2.0)
     with pytest.raises(TypeError, match=r"teachers=\[model\]"):
         make(teachers=teacher)
-    with pytest.raises(TypeError, match="loaded models"):
+    with pytest.raises(TypeError, match=r"teachers\[0\] must be a model \(torch.nn.Module\)"):
         make(teacher_model="gpt2")
 
 

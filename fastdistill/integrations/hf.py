@@ -48,6 +48,7 @@ from ..training.data import (
     detect_causal_lm,
     logits_of,
     mask_labels,
+    model_list,
     pad_last_position,
     shift_positions,
     unwrap_model,
@@ -167,14 +168,12 @@ def _teacher_list(teachers: Sequence[nn.Module] | None, teacher_model: nn.Module
         raise ValueError("pass teachers=[...] or teacher_model=..., not both")
     if teacher_model is not None:
         teachers = [teacher_model]
-    if isinstance(teachers, nn.Module) and not isinstance(teachers, nn.ModuleList):
-        raise TypeError("teachers takes a list of models: teachers=[model] (or teacher_model=model)")
+    if teachers is None:
+        raise ValueError("DistillationTrainer needs at least one teacher (teachers=[...] or teacher_model=...)")
+    teachers = model_list(teachers)  # (a generator read once: not consumed by a check first)
     if not teachers:
         raise ValueError("DistillationTrainer needs at least one teacher (teachers=[...] or teacher_model=...)")
-    for t in teachers:
-        if not isinstance(t, nn.Module):
-            raise TypeError(f"teachers must be loaded models (torch.nn.Module), got {type(t).__name__}")
-    return list(teachers)
+    return teachers
 
 
 # Trainer.__init__'s keywords: anything else given to DistillationTrainer is a mistake to name (Trainer's own

@@ -76,9 +76,7 @@ def _check_reliability(reliability) -> None:
                         f"{type(reliability).__name__}")  # fmt: skip
 
 
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+_check_bool = functional.check_bool
 
 
 def _per_row(name: str, x, rows: torch.Size, device: torch.device, ref: str) -> Tensor | None:

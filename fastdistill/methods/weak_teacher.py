@@ -45,15 +45,7 @@ def _check_weight_sum(hard_weight: float, soft_weight: float) -> float:
     return total
 
 
-def _check_int(name: str, value, *, low: int, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        kind = "an int" + (" or None" if allow_none else "")
-        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return int(value)
+_check_int = functional.check_int
 
 
 @dataclass(frozen=True)

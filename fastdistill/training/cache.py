@@ -35,7 +35,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from .data import collate, default_forward, split_batch, to_device
+from .. import functional
+from .data import checked_device, collate, default_forward, model_list, split_batch, to_device
 
 FORMAT = "fastdistill.teacher_cache"
 VERSION = "1"
@@ -296,8 +297,10 @@ def write_teacher_cache(
     directory) never write into each other's file: the last whole file wins, and each gets a cache of the file it
     wrote. Under torchrun, write it on one rank and ``dist.barrier()`` before the others open it.
     """
+    teachers = model_list(teachers)
     if not teachers:
         raise ValueError("write_teacher_cache needs at least one teacher")
+    functional.check_int("batch_size", batch_size, low=1)
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     n = len(dataset)
@@ -307,7 +310,7 @@ def write_teacher_cache(
     if device is None:  # the first teacher's: its first parameter's or buffer's device (a stateless one: the CPU)
         first = next(iter([*teachers[0].parameters(), *teachers[0].buffers()]), None)
         device = first.device if first is not None else "cpu"
-    device = torch.device(device)
+    device = checked_device(device)
     modes = [t.training for t in teachers]
     for t in teachers:
         t.eval()

@@ -33,6 +33,8 @@ from .._warnings import warn
 # use the same ones, or it would take other steps than the run that never stopped)
 POSITION_KEYS = ("step", "epoch", "batch_in_epoch")
 RUN_KEYS = ("world_size", "batch_size", "grad_accum_steps", "seed", "shuffle", "drop_last")
+# compared too where the checkpoint and the run both have them (None: not known; absent from older checkpoints)
+OPTIONAL_RUN_KEYS = ("data_size",)
 
 _TENSOR, _TUPLE, _ITEMS, _NDARRAY = "__tensor__", "__tuple__", "__items__", "__ndarray__"
 
@@ -184,9 +186,11 @@ def read_run_state(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def check_compatible(state: Mapping[str, Any], settings: Mapping[str, Any], directory: str | os.PathLike) -> None:
-    """A :class:`ValueError` unless every one of :data:`RUN_KEYS` in ``settings`` equals the checkpoint's."""
-    for key in RUN_KEYS:
-        if key in settings and state[key] != settings[key]:
+    """A :class:`ValueError` unless every one of :data:`RUN_KEYS` in ``settings`` equals the checkpoint's, and each
+    of :data:`OPTIONAL_RUN_KEYS` that both know."""
+    for key in (*RUN_KEYS, *OPTIONAL_RUN_KEYS):
+        known = key in RUN_KEYS or (state.get(key) is not None and settings.get(key) is not None)
+        if known and key in settings and state[key] != settings[key]:
             raise ValueError(f"checkpoint {directory} was written with {key}={state[key]!r}, this run has "
                              f"{settings[key]!r}: a step and the data order would differ")  # fmt: skip
 

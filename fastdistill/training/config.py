@@ -559,22 +559,15 @@ def _factory(section: DataConfig | ModelConfig, name: str) -> Callable[[], Any]:
 
 def _device(t: LoopConfig) -> torch.device:
     """train.device (parse_config checked its spelling), or the default one, checked to exist on this machine."""
+    from .data import checked_device
     from .loop import default_device
 
     if t.device is None:
         return default_device()
-    device = torch.device(t.device)
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count < (device.index or 0) + 1:
-            raise ConfigError(f"train.device is {t.device!r} but this machine has {count} CUDA device(s)")
-    elif device.type != "cpu":
-        try:
-            torch.empty(0, device=device)
-        except (RuntimeError, AssertionError) as e:
-            raise ConfigError(f"train.device {t.device!r} is not available here ({str(e).splitlines()[0][:200]})"
-                              ) from e  # fmt: skip
-    return device
+    try:
+        return checked_device(t.device, "train.device")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

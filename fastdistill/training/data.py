@@ -46,6 +46,40 @@ class Batch:
     labels_from_mask: bool = False  # labels that only mask: mask_labels of the attention mask
 
 
+def model_list(models: Iterable[nn.Module], name: str = "teachers") -> list[nn.Module]:
+    """``models`` (a list, a tuple, an ``nn.ModuleList`` or any iterable, read once) as a list of modules; a lone
+    module is a TypeError naming ``name`` (iterated, an ``nn.Sequential`` teacher would become its layers)."""
+    if isinstance(models, nn.Module) and not isinstance(models, nn.ModuleList):
+        raise TypeError(f"{name} takes a list of models: {name}=[model], got a {type(models).__name__}")
+    if isinstance(models, str | bytes) or not isinstance(models, Iterable):
+        raise TypeError(f"{name} takes a list of models, got {type(models).__name__}")
+    models = list(models)
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"{name}[{i}] must be a model (torch.nn.Module), got {type(m).__name__}")
+    return models
+
+
+def checked_device(device: torch.device | str | int, name: str = "device") -> torch.device:
+    """``device`` as a torch.device that exists on this machine, or a ValueError naming ``name`` (torch's own
+    errors come later, from deep inside: "Torch not compiled with CUDA enabled")."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{name} {device!r} is not a device ({e})") from None
+    if d.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count < (d.index or 0) + 1:
+            raise ValueError(f"{name} is {str(device)!r} but this machine has {count} CUDA device(s)")
+    elif d.type != "cpu":
+        try:
+            torch.empty(0, device=d)
+        except (RuntimeError, AssertionError) as e:
+            raise ValueError(f"{name} {str(device)!r} is not available here ({str(e).splitlines()[0][:200]})"
+                             ) from None  # fmt: skip
+    return d
+
+
 def mask_labels(mask: Tensor, ignore_index: int) -> Tensor:
     """Labels that only mask, from an attention mask ``[B, T]``: ``ignore_index`` where it is 0, another value
     elsewhere; for a loss that reads labels for nothing but which positions count (no hard-label term), so that

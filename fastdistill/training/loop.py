@@ -51,6 +51,7 @@ from .data import (
     ForwardFn,
     batch_iterable,
     call_model,
+    checked_device,
     collate,
     default_forward,
     detect_causal_lm,
@@ -58,6 +59,7 @@ from .data import (
     epoch_permutation,
     host_checked,
     mask_labels,
+    model_list,
     pad_last_position,
     shift_positions,
     split_batch,
@@ -66,6 +68,8 @@ from .data import to_device as _to_device
 from .metrics import MetricsLogger
 
 LossFn = Callable[..., Tensor | tuple[Tensor, ...]]  # a NamedTuple of 0-dim parts: their sum trains
+# the names of the loop's own log entries (a feature term of one of these names would add into it)
+_LOGGED = frozenset({"loss", "kd", "ce", "items", "grad_norm", "lr", "steps_per_s", "step", "epoch", "split"})
 _EVAL_CHUNK_ELEMENTS = 2**24  # evaluate()'s rows at a time: a 64 MiB float32 copy of the logits, whatever N and V
 Data = Dataset | DataLoader | Iterable  # see DistillationLoop.fit
 OptimizerArg = torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None
@@ -248,8 +252,26 @@ class DistillationLoop:
         fused_linear: bool = False,
         distributed: bool = True,
     ) -> None:
-        if batch_size < 1 or grad_accum_steps < 1 or log_every < 1:
-            raise ValueError("batch_size, grad_accum_steps and log_every must be >= 1")
+        for name, value in (("batch_size", batch_size), ("grad_accum_steps", grad_accum_steps),
+                            ("log_every", log_every)):  # fmt: skip
+            functional.check_int(name, value, low=1)
+        functional.check_int("seed", seed, low=0)
+        for name, value in (("train_teachers", train_teachers), ("shuffle", shuffle), ("drop_last", drop_last),
+                            ("tensorboard", tensorboard), ("progress", progress), ("fused_linear", fused_linear),
+                            ("distributed", distributed)):  # fmt: skip
+            functional.check_bool(name, value)
+        functional.check_bool("shift_labels", shift_labels, allow_none=True)  # (the string "False" is true)
+        teachers = model_list(teachers)
+        for name, fn in (("forward", forward), ("collate_fn", collate_fn)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
+        if loss is not None and not isinstance(loss, str) and not callable(loss):
+            raise TypeError(f"loss must be a callable, 'kd' (KDLoss()) or None, got {type(loss).__name__}")
+        if teacher_cache is not None and not hasattr(teacher_cache, "kind"):
+            raise TypeError(f"teacher_cache must be a TeacherLogitCache (fastdistill.training.TeacherLogitCache("
+                            f"path)), got {type(teacher_cache).__name__}")  # fmt: skip
+        if device is not None:
+            device = checked_device(device)  # (under torchrun "cuda" without CUDA fell back to the CPU silently)
         if max_grad_norm is not None and not max_grad_norm > 0:  # 0 freezes the model, < 0 ascends the gradient
             raise ValueError(f"max_grad_norm must be None (no clipping) or > 0, got {max_grad_norm!r}")
         if teacher_cache is not None and teachers:
@@ -340,7 +362,16 @@ class DistillationLoop:
         self._hooks = []
         # removed with the loop when it is collected without close(); the hooks hold no reference to it
         weakref.finalize(self, _remove_hooks, self._hooks)
+        for i, term in enumerate(self.feature_terms):
+            if not isinstance(term, FeatureTerm):
+                raise TypeError(f"feature_terms[{i}] must be a FeatureTerm, got {type(term).__name__}")
         names = [t.name or f"feature/{t.student_module}" for t in self.feature_terms]
+        for i, (term, name) in enumerate(zip(self.feature_terms, names)):
+            if name in _LOGGED:  # its value would be added to (or replace) the loop's own entry of that name
+                raise ValueError(f"feature_terms[{i}] has the log name {name!r}, one of the loop's own "
+                                 f"({', '.join(sorted(_LOGGED))}): give it another name=")  # fmt: skip
+            functional.check_real(f"feature_terms[{i}].weight", term.weight, low=-math.inf, high=math.inf,
+                                  low_open=True, high_open=True)  # fmt: skip
         for name in {n for n in names if names.count(n) > 1}:
             raise ValueError(f"feature_terms {[i for i, n in enumerate(names) if n == name]} share the log name "
                              f"{name!r} (two terms on one student module?): give each its own name=")  # fmt: skip
@@ -385,6 +416,7 @@ class DistillationLoop:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.last_train_loss: float | None = None  # the last logged one (checkpointed: a resumed run reports it)
+        self._data_size: int | None = None  # len() of the map-style dataset fit() trains on (None: another kind)
         # the steps since the last training log (their summed parts): checkpointed, so a resumed run's first log
         # averages the same steps as the run that never stopped
         self._window: dict[str, Tensor | float] = {}
@@ -582,16 +614,14 @@ class DistillationLoop:
         ``kd_loss(ce_weight=1, sample_weight=...)`` computes: sum_i w_i CE_i over the non-ignored rows, divided by
         ``num_items`` (else by the count of non-ignored rows). 0-dim."""
         flat = logits.reshape(-1, logits.shape[-1])
-        lab = labels.reshape(-1)
+        # kd_loss's checks of the labels (int64, in [0, V) or ignore_index) and weights (finite, >= 0), skipped where
+        # the loop checked them on the host (values_checked): torch's IndexError from deep inside otherwise
+        lab, w, _ = functional.row_arguments(
+            logits, labels=labels, ignore_index=self.ignore_index, check_label_range=True,
+            label_use="(the loop's cross-entropy)", sample_weight=sample_weight, reduction="sum", num_items=None,
+            acc=torch.float32, name="the student's logits",
+        )  # fmt: skip
         kept = lab != self.ignore_index
-        w = None
-        if sample_weight is not None:
-            if sample_weight.shape != labels.shape:
-                raise ValueError(f"sample_weight must have the labels' shape {list(labels.shape)}, got "
-                                 f"{list(sample_weight.shape)}")  # fmt: skip
-            w = sample_weight.detach().reshape(-1).float()
-            # kd_loss's check (skipped where the loop checked the weights on the host: values_checked)
-            functional._check_values("sample_weight", w, "finite and >= 0", ~torch.isfinite(w) | (w < 0))
         # a skipped row (ignored, or of weight 0) gives 0 and a zero gradient whatever its logits hold, as in kd_loss:
         # its logits are replaced by 0 before log_softmax (a NaN at a padding position would make its gradient row
         # NaN through log_softmax's backward; an inf loss times weight 0 is NaN)
@@ -708,18 +738,20 @@ class DistillationLoop:
             (from the checkpoint when a resumed run had no step left to take), None if none was logged. A resumed
             run with no step left evaluates once more (not logged: the finished run logged it) and returns that.
         """
-        if max_steps is not None and max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-        if epochs is not None and not epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {epochs}")
+        counts = {"max_steps": max_steps, "eval_every": eval_every, "checkpoint_every": checkpoint_every,
+                  "keep_checkpoints": keep_checkpoints}  # fmt: skip
+        for name, value in counts.items():
+            functional.check_int(name, value, low=1, allow_none=True)  # (2.5 steps, True, 0: never meant)
+        if epochs is not None:
+            functional.check_real("epochs", epochs, low=0.0, high=math.inf, low_open=True, high_open=True)
         for name, value in (("checkpoint_every", checkpoint_every), ("keep_checkpoints", keep_checkpoints)):
             if value is not None and self.output_dir is None:  # else no checkpoint is written, silently
                 raise ValueError(f"{name}={value} saves under output_dir/checkpoints, and this loop has no "
                                  "output_dir: give DistillationLoop(output_dir=...)")  # fmt: skip
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
         batches = batch_iterable(train_data)  # None: a map-style dataset, batched here
         per_epoch = self._epoch_length(train_data, batches)
+        # in state.json: a resumed run on a dataset of another size would take another data order
+        self._data_size = len(train_data) if batches is None else None
         if max_steps is None and epochs is None:
             raise ValueError("give max_steps or epochs")
         if epochs is not None and per_epoch is None:
@@ -978,7 +1010,12 @@ class DistillationLoop:
             labels = b.labels
             if self._shifts(labels, logits):  # the labels move: a [..., :-1, :] slice of the logits is no [N, V] view
                 labels = pad_last_position(labels[..., 1:], self.ignore_index)
-            flat, lab = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+            flat = logits.reshape(-1, logits.shape[-1])
+            lab, _, _ = functional.row_arguments(
+                logits, labels=labels, ignore_index=self.ignore_index, check_label_range=True,
+                label_use="(evaluate's cross-entropy)", sample_weight=None, reduction="sum", num_items=None,
+                acc=torch.float32, name="the student's logits",
+            )  # fmt: skip
             rows = (lab != self.ignore_index).nonzero().squeeze(1)
             sums = torch.zeros(2, dtype=torch.float64, device=flat.device)  # read once per batch (a sync)
             for part in rows.split(max(1, _EVAL_CHUNK_ELEMENTS // flat.shape[-1])):  # float32 copies of a few rows
@@ -1021,7 +1058,7 @@ class DistillationLoop:
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "world_size": self.world_size, "batch_size": self.batch_size, "seed": self.seed,
             "shuffle": self.shuffle, "drop_last": self.drop_last, "grad_accum_steps": self.grad_accum_steps,
-            "train_loss": self.last_train_loss, "log_window": self._window_saved,
+            "train_loss": self.last_train_loss, "log_window": self._window_saved, "data_size": self._data_size,
         }  # fmt: skip
 
     def _restore_position(self, state: dict[str, Any]) -> None:
@@ -1037,6 +1074,7 @@ class DistillationLoop:
         ``state.json``: step, position in the data and the settings that fix the data order. ``keep``: delete all
         but the newest ``keep`` checkpoints beside it with a step up to this one (it is always kept). Every process
         must call it."""
+        functional.check_int("keep", keep, low=1, allow_none=True)  # (as fit's keep_checkpoints: 0 is not "all")
         self._window_saved = self._saved_window()
         try:
             return self._checkpointer.save(directory, keep)
