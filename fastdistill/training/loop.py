@@ -608,19 +608,24 @@ class DistillationLoop:
             kw["sample_weight"] = sample_weight
         return self.loss_fn(student_logits, teacher_logits, labels, **kw)
 
+    def _hard_rows(self, logits: Tensor, labels: Tensor, sample_weight: Tensor | None,
+                   use: str) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
+        """Logits [N, V], labels [N] and weights [N] (float32, or None) of the loop's own cross-entropy ``use``,
+        checked as kd_loss checks them (labels int64 in [0, V) or ignore_index, weights finite and >= 0; skipped
+        where the loop checked them on the host: values_checked), not torch's IndexError from deep inside."""
+        lab, w, _ = functional.row_arguments(
+            logits, labels=labels, ignore_index=self.ignore_index, check_label_range=True, label_use=f"({use})",
+            sample_weight=sample_weight, reduction="sum", num_items=None, acc=torch.float32,
+            name="the student's logits",
+        )  # fmt: skip
+        return logits.reshape(-1, logits.shape[-1]), lab, w
+
     def _cross_entropy(self, logits: Tensor, labels: Tensor, sample_weight: Tensor | None,
                        num_items: Tensor | None) -> Tensor:  # fmt: skip
         """The hard-label loss without teachers: logits ``[*, V]``, labels and sample_weight ``[*]``; what
         ``kd_loss(ce_weight=1, sample_weight=...)`` computes: sum_i w_i CE_i over the non-ignored rows, divided by
         ``num_items`` (else by the count of non-ignored rows). 0-dim."""
-        flat = logits.reshape(-1, logits.shape[-1])
-        # kd_loss's checks of the labels (int64, in [0, V) or ignore_index) and weights (finite, >= 0), skipped where
-        # the loop checked them on the host (values_checked): torch's IndexError from deep inside otherwise
-        lab, w, _ = functional.row_arguments(
-            logits, labels=labels, ignore_index=self.ignore_index, check_label_range=True,
-            label_use="(the loop's cross-entropy)", sample_weight=sample_weight, reduction="sum", num_items=None,
-            acc=torch.float32, name="the student's logits",
-        )  # fmt: skip
+        flat, lab, w = self._hard_rows(logits, labels, sample_weight, "the loop's cross-entropy")
         kept = lab != self.ignore_index
         # a skipped row (ignored, or of weight 0) gives 0 and a zero gradient whatever its logits hold, as in kd_loss:
         # its logits are replaced by 0 before log_softmax (a NaN at a padding position would make its gradient row
@@ -1010,12 +1015,7 @@ class DistillationLoop:
             labels = b.labels
             if self._shifts(labels, logits):  # the labels move: a [..., :-1, :] slice of the logits is no [N, V] view
                 labels = pad_last_position(labels[..., 1:], self.ignore_index)
-            flat = logits.reshape(-1, logits.shape[-1])
-            lab, _, _ = functional.row_arguments(
-                logits, labels=labels, ignore_index=self.ignore_index, check_label_range=True,
-                label_use="(evaluate's cross-entropy)", sample_weight=None, reduction="sum", num_items=None,
-                acc=torch.float32, name="the student's logits",
-            )  # fmt: skip
+            flat, lab, _ = self._hard_rows(logits, labels, None, "evaluate's cross-entropy")
             rows = (lab != self.ignore_index).nonzero().squeeze(1)
             sums = torch.zeros(2, dtype=torch.float64, device=flat.device)  # read once per batch (a sync)
             for part in rows.split(max(1, _EVAL_CHUNK_ELEMENTS // flat.shape[-1])):  # float32 copies of a few rows
