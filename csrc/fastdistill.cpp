@@ -17,13 +17,14 @@ TORCH_LIBRARY(fastdistill, m) {
   //                   float32, or float64 for float64 inputs;
   //   grad_student:   d(loss)/d(student) [N, V] in the student's dtype, or an empty tensor when not requested
   //                   (for reduce=false, row i holds d(w_i l_i)/d(student row i));
-  //   grad_teachers:  K tensors like grad_student, for co-distillation.
+  //   grad_teachers:  K tensors like grad_student, for co-distillation: teacher k's where bit k of the argument
+  //                   grad_teachers is set, an empty tensor for the others (one of K teachers trained: one buffer).
   // teacher_weights: [K, N] float, rows already normalised to sum 1 (None = uniform). sample_weight: [N] float.
   // denominator: 0-dim (None = 1). The backward pass only scales these gradients by grad_output.
   m.def(
       "kd_loss(Tensor student, Tensor[] teachers, Tensor? teacher_weights, Tensor? labels, Tensor? sample_weight, "
       "Tensor? denominator, str divergence, str ensemble, float temperature, float kd_scale, float ce_weight, "
-      "float[] div_params, int ignore_index, bool reduce, bool grad_student, bool grad_teachers) "
+      "float[] div_params, int ignore_index, bool reduce, bool grad_student, int grad_teachers) "
       "-> (Tensor, Tensor, Tensor[])");
 
   // Co-distillation of two models (a, b) from their [N, V] logits, read once (math: fastdistill/ops/reference.py,

@@ -220,7 +220,7 @@ def test_out_of_range_label_through_the_op_is_nan_loss_and_gradient():
     student, teachers = make_inputs((3,), 50, 1)
     labels = torch.tensor([1, 99, 2], device="cuda")
     loss, gs, _ = torch.ops.fastdistill.kd_loss(student.cuda(), [teachers[0].cuda()], None, labels, None, None, "kl",
-                                                "prob_mean", 1.0, 0.5, 0.5, [], -100, False, True, False)  # fmt: skip
+                                                "prob_mean", 1.0, 0.5, 0.5, [], -100, False, True, 0)  # fmt: skip
     assert loss[1].isnan() and gs[1].isnan().all() and torch.isfinite(gs[[0, 2]]).all()
 
 
@@ -250,5 +250,5 @@ def test_compile_traces_into_the_cuda_kernel():
 def test_opcheck_cuda():
     student, teachers = make_inputs((5,), 130, 2)
     args = (student.cuda(), [t.cuda() for t in teachers], None, None, None, None, "kl", "prob_mean", 2.0, 4.0, 0.0,
-            [], -100, True, True, False)  # fmt: skip
+            [], -100, True, True, 0)  # fmt: skip
     torch.library.opcheck(torch.ops.fastdistill.kd_loss.default, args)

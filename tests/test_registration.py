@@ -14,7 +14,7 @@ from fastdistill.ops import divergences
 from fastdistill.ops.inputs import KDInputs
 
 
-def _op_args(student, teachers, *, reduce=True, grad_student=True, grad_teachers=False, labels=None,
+def _op_args(student, teachers, *, reduce=True, grad_student=True, grad_teachers=0, labels=None,
              sample_weight=None, teacher_weights=None, denominator=None, divergence="kl", ensemble="prob_mean",
              temperature=2.0, ce_weight=0.0):  # fmt: skip
     kd_scale = (1 - ce_weight) * temperature**2
@@ -35,7 +35,7 @@ def sample_inputs():
     w = w / w.sum(0)
     yield _op_args(s.requires_grad_(), ts)
     yield _op_args(s.detach().requires_grad_(), [t.requires_grad_() for t in make_inputs((6,), 11, 3)[1]],
-                   grad_teachers=True, reduce=False, divergence="jsd", ensemble="loss_mean")  # fmt: skip
+                   grad_teachers=0b111, reduce=False, divergence="jsd", ensemble="loss_mean")  # fmt: skip
     yield _op_args(s.detach().requires_grad_(), ts, labels=labels, ce_weight=0.3, teacher_weights=w,
                    sample_weight=torch.rand(6), denominator=torch.tensor(5.0), ensemble="logit_mean")  # fmt: skip
     yield _op_args(s.detach().bfloat16().requires_grad_(), [t.bfloat16() for t in ts], divergence="tvd")
@@ -175,7 +175,14 @@ def test_gradients_computed_only_when_needed(monkeypatch):
         fastdistill.kd_loss(s, ts, backend="cpu")
     fastdistill.kd_loss(s, ts, backend="cpu")
     fastdistill.kd_loss(s.detach(), [ts[0].requires_grad_()], backend="cpu")
-    assert calls == [(False, False), (True, False), (False, True)]
+    # K = 3, the middle teacher alone trained: its gradient only (bit 1), no buffer for the others (SPEC §4)
+    _, three = make_inputs((4,), 9, 3)
+    loss = fastdistill.kd_loss(s, [three[0], three[1].requires_grad_(), three[2]], backend="cpu")
+    buffers = [tuple(t.shape) for t in loss.grad_fn.saved_tensors]
+    assert calls == [(False, 0), (True, 0), (False, 1), (True, 0b010)]
+    assert buffers == [(4, 9), (0,), (4, 9), (0,)], buffers
+    loss.backward()
+    assert three[1].grad is not None and three[0].grad is None and s.grad is not None
 
 
 def test_fallback_without_extension():
@@ -242,7 +249,7 @@ def _triton_samples():
     w = torch.rand(2, 5) + 0.1
     w = w / w.sum(0)
     yield _op_args(s.clone().requires_grad_(), stacked)
-    yield _op_args(s.clone().requires_grad_(), stacked.clone().requires_grad_(), grad_teachers=True, reduce=False,
+    yield _op_args(s.clone().requires_grad_(), stacked.clone().requires_grad_(), grad_teachers=0b11, reduce=False,
                    divergence="jsd", ensemble="loss_mean")  # fmt: skip
     yield _op_args(s.clone().requires_grad_(), stacked, labels=labels, ce_weight=0.3, teacher_weights=w,
                    sample_weight=torch.rand(5), denominator=torch.tensor(4.0), ensemble="logit_mean")  # fmt: skip

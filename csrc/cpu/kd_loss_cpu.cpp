@@ -52,7 +52,7 @@ struct Tensors {
   double denominator;
   void* row_loss;               // [N] of A
   void* grad_student;           // [N, V] contiguous, or null
-  std::vector<void*> grad_teachers;
+  std::vector<void*> grad_teachers;  // empty (no teacher's gradient), or K entries, null where not asked for
 };
 
 template <typename S, typename T, typename A>
@@ -202,7 +202,8 @@ class KDRowKernel {
     if (want_gt) {
       teacher_grads(i, r, agg_t, f, gbuf);
     } else if (!t_.grad_teachers.empty()) {  // kd_scale = 0: the teachers do not enter the loss
-      for (void* g : t_.grad_teachers) std::fill_n(static_cast<T*>(g) + i * V_, V_, T(0));
+      for (void* g : t_.grad_teachers)
+        if (g) std::fill_n(static_cast<T*>(g) + i * V_, V_, T(0));
     }
   }
 
@@ -387,6 +388,7 @@ class KDRowKernel {
     for (int k = 0; k < K_; ++k) agg[k] = agg_v[k].sum();
     const Vec scale(f * kd_over_t_);
     for (int k = 0; k < K_; ++k) {
+      if (!t_.grad_teachers[k]) continue;  // not asked for
       T* out = static_cast<T*>(t_.grad_teachers[k]) + i * V_;
       if (r.w[k] == A(0)) {  // a teacher with weight 0 does not enter this row's loss
         std::fill_n(out, V_, T(0));
@@ -422,7 +424,8 @@ class KDRowKernel {
 
   void zero_grads(int64_t i) const {
     if (t_.grad_student) std::fill_n(static_cast<S*>(t_.grad_student) + i * V_, V_, S(0));
-    for (void* g : t_.grad_teachers) std::fill_n(static_cast<T*>(g) + i * V_, V_, T(0));
+    for (void* g : t_.grad_teachers)
+      if (g) std::fill_n(static_cast<T*>(g) + i * V_, V_, T(0));
   }
 
   const KDProblem& p_;
@@ -464,7 +467,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> kd_loss_cpu(
     const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& sample_weight,
     const std::optional<at::Tensor>& denominator, c10::string_view divergence, c10::string_view ensemble,
     double temperature, double kd_scale, double ce_weight, at::ArrayRef<double> div_params, int64_t ignore_index,
-    bool reduce, bool grad_student, bool grad_teachers) {
+    bool reduce, bool grad_student, int64_t grad_teachers) {
   TORCH_CHECK_VALUE(student.dim() == 2, "fastdistill::kd_loss: student must be [N, V], got ", student.sizes());
   TORCH_CHECK_VALUE(!teachers.empty() && teachers.size() <= 16,
                     "fastdistill::kd_loss: the cpu backend takes 1 to 16 teachers, got ", teachers.size());
@@ -522,13 +525,18 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> kd_loss_cpu(
   at::Tensor gs =
       grad_student ? empty_for_writing({p.rows, p.vocab}, student.options()) : at::empty({0}, student.options());
   std::vector<at::Tensor> gt;
-  for (const auto& x : teachers) {
-    gt.push_back(grad_teachers ? empty_for_writing({p.rows, p.vocab}, x.options()) : at::empty({0}, x.options()));
+  bool any_teacher = false;
+  for (size_t k = 0; k < teachers.size(); ++k) {
+    const bool want = (grad_teachers >> k) & 1;  // bit k: teacher k's gradient (only those: no buffer for others)
+    const auto& x = teachers[k];
+    gt.push_back(want ? empty_for_writing({p.rows, p.vocab}, x.options()) : at::empty({0}, x.options()));
+    any_teacher = any_teacher || want;
   }
   t.row_loss = row_loss.data_ptr();
   t.grad_student = grad_student ? gs.data_ptr() : nullptr;
-  if (grad_teachers) {
-    for (auto& g : gt) t.grad_teachers.push_back(g.data_ptr());
+  if (any_teacher) {  // K entries, null for a teacher whose gradient is not asked for
+    for (size_t k = 0; k < gt.size(); ++k) t.grad_teachers.push_back((grad_teachers >> k) & 1 ? gt[k].data_ptr()
+                                                                                                 : nullptr);
   }
 
   if (p.rows > 0 && p.vocab > 0) {

@@ -115,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> kd_loss_cuda(
     const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& sample_weight,
     const std::optional<at::Tensor>& denominator, c10::string_view divergence, c10::string_view ensemble,
     double temperature, double kd_scale, double ce_weight, at::ArrayRef<double> div_params, int64_t ignore_index,
-    bool reduce, bool grad_student, bool grad_teachers) {
+    bool reduce, bool grad_student, int64_t grad_teachers) {
   TORCH_CHECK_VALUE(student.dim() == 2, "fastdistill::kd_loss: student must be [N, V], got ", student.sizes());
   TORCH_CHECK_VALUE(!teachers.empty() && int(teachers.size()) <= cuda::kMaxTeachers,
                     "fastdistill::kd_loss: the cuda backend takes 1 to ", cuda::kMaxTeachers, " teachers, got ",
@@ -194,9 +194,9 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> kd_loss_cuda(
   at::Tensor gs = grad_student ? at::empty({p.rows, p.vocab}, student.options()) : at::empty({0}, student.options());
   std::vector<at::Tensor> gt;
   for (size_t k = 0; k < teachers.size(); ++k) {
-    gt.push_back(grad_teachers ? at::empty({p.rows, p.vocab}, teachers[k].options())
-                               : at::empty({0}, teachers[k].options()));
-    if (grad_teachers) a.grad_teachers[k] = gt.back().data_ptr();
+    const bool want = (grad_teachers >> k) & 1;  // bit k: teacher k's gradient (no buffer for the others)
+    gt.push_back(want ? at::empty({p.rows, p.vocab}, teachers[k].options()) : at::empty({0}, teachers[k].options()));
+    if (want) a.grad_teachers[k] = gt.back().data_ptr();
   }
   a.row_loss = row_loss.data_ptr();
   a.grad_student = grad_student ? gs.data_ptr() : nullptr;

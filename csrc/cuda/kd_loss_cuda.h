@@ -48,7 +48,7 @@ struct KDCudaArgs {
 
   void* row_loss = nullptr;                   // [N] of the accumulation dtype: w_i l_i
   void* grad_student = nullptr;               // [N, V] contiguous, student dtype, or null
-  void* grad_teachers[kMaxTeachers] = {};     // [N, V] contiguous each, teacher dtype, or all null
+  void* grad_teachers[kMaxTeachers] = {};     // [N, V] contiguous each, teacher dtype; null where not asked for
 
   // Launch configuration (0 / Auto: chosen by the launcher from the device and the shape).
   Residency residency = Residency::Auto;

@@ -681,7 +681,13 @@ struct RowKernel {
     }
 
     // ---- teacher gradients (co-distillation): per teacher, its row aggregate, then its gradient ----
-    if (a.grad_teachers[0] != nullptr) teacher_grads(f, start, step, out_whole);
+    if (any_teacher_grad()) teacher_grads(f, start, step, out_whole);
+  }
+
+  __device__ bool any_teacher_grad() const {
+    for (int k = 0; k < K(); ++k)
+      if (a.grad_teachers[k]) return true;
+    return false;
   }
 
   // dD/d(teacher k logits / T), as the CPU kernel:
@@ -695,6 +701,7 @@ struct RowKernel {
     A agg_shared = A(0);
     if (shared_agg && c.kd_on) agg_shared = teacher_aggregate(0, start, step);
     for (int k = 0; k < K(); ++k) {
+      if (!a.grad_teachers[k]) continue;  // not asked for
       T* out = static_cast<T*>(a.grad_teachers[k]) + i * V();
       if (sh.w[k] == A(0) || !c.kd_on) {  // not in this row's loss (kd_scale = 0: the teachers not at all)
         const A zero[kVec] = {};

@@ -224,7 +224,7 @@ class KDInputs(OpInputs):
         ("ignore_index", "int"),
         ("reduce", "bool"),
         ("grad_student", "bool"),
-        ("grad_teachers", "bool"),
+        ("grad_teachers", "int"),  # bit k: teacher k's gradient (the Triton twin: all of them, or none)
     )
     RETURNS: ClassVar[str] = "(Tensor, Tensor, Tensor[])"
     MAX_TEACHERS: ClassVar[int] = 16  # per-row state lives in fixed-size arrays in the kernels (cpu, Triton)
@@ -274,9 +274,9 @@ class KDInputs(OpInputs):
             if t is None or teachers[0].dtype != t.dtype:  # one teacher (the loop's and trainer's [t]): a view
                 t = teachers[0].unsqueeze(0) if len(teachers) == 1 else torch.stack(teachers)
             teachers, student = _unit_stride(t), _unit_stride(student)
-            grad_teachers = _grad_on(teachers)
-        else:
-            grad_teachers = _grad_on(*teachers)
+            grad_teachers = (1 << len(teachers)) - 1 if _grad_on(teachers) else 0
+        else:  # only the teachers that need one get a gradient buffer
+            grad_teachers = sum(1 << k for k, t in enumerate(teachers) if _grad_on(t))
         grad_student = _grad_on(student)
         s = None
         if self.prescale and grad_student and not grad_teachers:  # (teachers' gradients have no bound: not prescaled)

@@ -43,7 +43,7 @@ def _kd_loss_fake(*args):
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
     loss = student.new_empty(() if a.reduce else (student.shape[0],), dtype=acc)
     grad_s = student.new_empty(student.shape) if a.grad_student else student.new_empty((0,))
-    grad_t = [t.new_empty(t.shape) if a.grad_teachers else t.new_empty((0,)) for t in a.teachers]
+    grad_t = [t.new_empty(t.shape if (a.grad_teachers >> k) & 1 else (0,)) for k, t in enumerate(a.teachers)]
     return loss, grad_s, grad_t
 
 
@@ -204,9 +204,10 @@ def _kd_loss_backward(ctx, grad_loss, _grad_grad_s, _grad_grad_t):
         return _grads(KDInputs, ctx, student=None, teachers=none_t)
     d_student = (_scale(_computed("kd_loss", "student_logits", grad_s), grad_loss, ctx.reduce)
                  if ctx.needs_input_grad[_KD_S] else None)  # fmt: skip
-    # (the op's flag is one for all teachers: beside one that requires grad, every teacher's gradient was computed,
-    # and autograd drops those of teachers that do not require it; SPEC §4's "for no other" is not kept there yet)
-    d_teachers = [_scale(g, grad_loss, ctx.reduce) for g in grad_t] if ctx.needs_input_grad[_KD_T] else none_t
+    # a teacher that needs no gradient (its bit of grad_teachers clear) has an empty placeholder ([0]; a real one is
+    # [N, V]): None
+    d_teachers = ([None if g.dim() == 1 else _scale(g, grad_loss, ctx.reduce) for g in grad_t]
+                  if ctx.needs_input_grad[_KD_T] else none_t)  # fmt: skip
     return _grads(KDInputs, ctx, student=_first_order("kd_loss", d_student),
                   teachers=[_first_order("kd_loss", g) for g in d_teachers])  # fmt: skip
 

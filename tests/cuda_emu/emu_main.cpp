@@ -107,8 +107,9 @@ int main(int argc, char** argv) {
   std::vector<std::vector<char>> gt(static_cast<size_t>(k));
   a.row_loss = row_loss.data();
   if (get("grad_s")) a.grad_student = gs.data();
-  if (get("grad_t"))
-    for (int t = 0; t < k; ++t) {
+  const auto grad_t = static_cast<int64_t>(get("grad_t"));  // bit t: teacher t's gradient
+  for (int t = 0; t < k; ++t)
+    if ((grad_t >> t) & 1) {
       gt[size_t(t)].assign(size_t(n * v * dtype_bytes(tdt)), 0x7F);
       a.grad_teachers[t] = gt[size_t(t)].data();
     }
@@ -144,6 +145,7 @@ int main(int argc, char** argv) {
   o.close();
   write_bytes(dir + "/row_loss.out", row_loss);
   if (get("grad_s")) write_bytes(dir + "/gs.out", gs);
-  for (int t = 0; t < k && get("grad_t"); ++t) write_bytes(dir + "/gt" + std::to_string(t) + ".out", gt[size_t(t)]);
+  for (int t = 0; t < k; ++t)
+    if ((grad_t >> t) & 1) write_bytes(dir + "/gt" + std::to_string(t) + ".out", gt[size_t(t)]);
   return err == cudaSuccess ? 0 : 3;
 }

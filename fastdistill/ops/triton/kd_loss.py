@@ -450,7 +450,7 @@ def kd_args(a: SimpleNamespace) -> SimpleNamespace:
     strides = [student.stride(0), teachers.stride(0), teachers.stride(1)]
     ints = [n, v, *strides, a.ignore_index, k, a.teacher_weights is not None, a.labels is not None,
             a.sample_weight is not None, has_den, a.ce_weight > 0, a.temperature == 1.0, a.grad_student,
-            a.grad_teachers]  # fmt: skip
+            bool(a.grad_teachers)]  # fmt: skip
     kp = _teacher_bucket(k)
     constexprs = dict(KP=kp, DIV=div.code, CLOSED=div.closed_form, LOG_TARGET=div.log_target,
                       ENS=ENS_CODES[a.ensemble] if k > 1 else 0, ALIGNED=is_aligned([student, teachers, gs, gt],
@@ -517,7 +517,7 @@ def kl_call(student: Tensor, teachers: Tensor, **changes) -> SimpleNamespace:
     only, per-row losses), ``changes`` replacing any of them: for launchers built outside a call (aot.py, tests)."""
     args = dict(student=student, teachers=teachers, teacher_weights=None, labels=None, sample_weight=None,
                 denominator=None, divergence="kl", ensemble="prob_mean", temperature=2.0, kd_scale=4.0, ce_weight=0.0,
-                div_params=[], ignore_index=-100, reduce=False, grad_student=True, grad_teachers=False)  # fmt: skip
+                div_params=[], ignore_index=-100, reduce=False, grad_student=True, grad_teachers=0)  # fmt: skip
     return KDInputs.named(KDInputs.bind(**{**args, **changes}))
 
 
@@ -541,7 +541,7 @@ def _space_calls():
                                 denominator=opt(torch.empty((), device="meta")), divergence=name, ensemble=ens,
                                 temperature=1.0 if on else 2.0, kd_scale=4.0, ce_weight=0.5 if on else 0.0,
                                 div_params=[p.default for p in div.params], ignore_index=-100, reduce=on,
-                                grad_student=True, grad_teachers=on))  # fmt: skip
+                                grad_student=True, grad_teachers=(1 << k) - 1 if on else 0))  # fmt: skip
 
 
 def kd_space():
