@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.13.0
 CPU_TEST_PINS ?= triton==3.6.0 numpy<2.4
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: install build test lint bench bench-gpu kernels-report clean demo
+.PHONY: install build test test-full lint bench bench-gpu kernels-report aot-all clean demo
 
 # Each step leaves a stamp in the venv and runs again only when its inputs change:
 #   .torch      the venv, the pinned CPU torch (first, so no requirement can pull a CUDA build; an importable torch
@@ -44,6 +44,11 @@ build: install
 test: $(VENV)/.deps-test $(VENV)/.built
 	$(PY) -c "import fastdistill; assert fastdistill.extension_available(), 'fastdistill._C did not build'"
 	$(PY) -m pytest -q tests
+
+# The same with the whole matrices where `make test` runs a covering part on the slow paths (tests/conftest.py FULL):
+# every Triton configuration compiled for sm_90 and sm_80, every kd_loss matrix case in Triton's interpreter.
+test-full: $(VENV)/.deps-test $(VENV)/.built
+	FASTDISTILL_TEST_FULL=1 $(PY) -m pytest -q tests
 
 # The embedded demo (fastdistill demo): K = 4 teachers and 7 student variants on scikit-learn's bundled digits, 5
 # seeds, 37 s on 2 cores; the table on stdout, learning curves in demo_out/learning_curves.png. Installs only the
@@ -166,10 +171,15 @@ bench-gpu:
 
 # What a GPU would compile, read on this machine (no GPU): the Triton kernel configurations the launchers pick at the
 # GPU benchmark shapes, compiled for sm_90 with the triton wheel's ptxas; registers, spills, shared memory and the
-# occupancy they allow, from the cubins (fastdistill/ops/triton/aot.py; make test compiles every configuration).
+# occupancy they allow, from the cubins (fastdistill/ops/triton/aot.py; make test compiles a subset holding every pair
+# of switch values; make aot-all compiles every configuration, ~35 minutes on 2 cores with Triton's cache cold, as
+# make test-full does).
 kernels-report: install
 	$(PY) -m fastdistill.ops.triton.aot --report bench --arch 90
 	$(PY) -m fastdistill.ops.cuda_build
+
+aot-all: install
+	$(PY) -m fastdistill.ops.triton.aot
 
 clean:
 	rm -rf build *.egg-info fastdistill/_C*.so fastdistill/_build_info.py $(VENV)/.built

@@ -32,6 +32,36 @@ CPU_BACKENDS = [pytest.param("cpu", marks=requires_ext), "reference", pytest.par
 KD_BACKENDS = [*CPU_BACKENDS, pytest.param("triton", marks=[requires_triton, pytest.mark.row_kernel("v2")],
                                            id="triton-v2")]  # fmt: skip
 
+# FASTDISTILL_TEST_FULL=1 (make test-full): the whole matrices where `make test` runs a covering part of them on the
+# slow paths (Triton's interpreter, the sm_90/sm_80 compile of every Triton configuration): CI's 2 cores, cold caches.
+FULL = os.environ.get("FASTDISTILL_TEST_FULL") == "1"
+
+
+def covered(backend: str, *switches: tuple[int, int]) -> bool:
+    """Whether a test matrix runs this case for ``backend``: every case on the cpu and reference backends (and under
+    FULL), and on Triton's interpreter a Latin-square slice of it, ``switches`` given as (index, count) with the last
+    one the slowest to vary: the last switch's index is the sum of the others' modulo its count. Every value of each
+    switch, and every pair of values of the last switch with any other, still occurs."""
+    if FULL or backend != "triton":
+        return True
+    *rest, (last, count) = switches
+    return last == sum(i for i, _ in rest) % count
+
+
+def matrix_params(backends, *axes: tuple[str, tuple]) -> list:
+    """pytest params over ``axes`` (name, values) x ``backends`` (KD_BACKENDS-like), thinned by ``covered`` with the
+    last axis as the varying one; ids and marks as @pytest.mark.parametrize would give."""
+    import itertools
+
+    out = []
+    for combo in itertools.product(*(range(len(vals)) for _, vals in axes)):
+        values = [vals[i] for (_, vals), i in zip(axes, combo)]
+        for b in backends:
+            name, marks, bid = (b.values[0], b.marks, b.id) if hasattr(b, "values") else (b, (), None)
+            if covered(name, *((i, len(vals)) for (_, vals), i in zip(axes, combo))):
+                out.append(pytest.param(*values, name, marks=marks, id="-".join([*map(str, values), bid or name])))
+    return out
+
 
 @pytest.fixture(autouse=True)
 def _triton_row_kernel(request, monkeypatch):
