@@ -4,6 +4,7 @@ and the demo's helpers (apps): regression tests of the review of those files."""
 import json
 import math
 import os
+import re
 import socket
 import textwrap
 from collections import namedtuple
@@ -191,6 +192,28 @@ def test_a_broken_torchrun_environment_is_one_line(tmp_path, capsys, monkeypatch
     assert cli.main(["train", "--config", _config(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("fastdistill train: error: ") and message in err
+    assert not dist.is_initialized()
+
+
+BROKEN_ENVIRONMENTS = [
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE must be an integer, got 'two'"),
+    ({"WORLD_SIZE": "2", "MASTER_PORT": "29555"}, "WORLD_SIZE=2 but RANK is not set"),
+    ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "RANK must be in [0, 1], got 2"),
+]
+
+
+@pytest.mark.parametrize("env, message", BROKEN_ENVIRONMENTS)
+def test_init_distributed_names_a_broken_torchrun_environment(monkeypatch, env, message):
+    """A script's own init_distributed() checks the environment as the launcher does: a rank beyond WORLD_SIZE
+    waited in the rendezvous forever, WORLD_SIZE=two was a bare int() traceback."""
+    from fastdistill.training.loop import init_distributed
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=re.escape("torchrun environment: ") + ".*" + re.escape(message)):
+        init_distributed()
     assert not dist.is_initialized()
 
 

@@ -16,6 +16,7 @@ batches them in a seeded order), a ``torch.utils.data.DataLoader`` or any other 
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -78,6 +79,36 @@ def checked_device(device: torch.device | str | int, name: str = "device") -> to
             raise ValueError(f"{name} {str(device)!r} is not available here ({str(e).splitlines()[0][:200]})"
                              ) from None  # fmt: skip
     return d
+
+
+def env_int(name: str, low: int, high: int | None = None, *, unset: str = "{} is not set",
+            error: type[Exception] = ValueError) -> int:  # fmt: skip
+    """torchrun's integer variable ``name``, in [low, high]: ``error`` naming it when it is unset (``unset``,
+    formatted with the name), not an integer or out of range, rather than a traceback (or a hang) in the rendezvous."""
+    raw = os.environ.get(name)
+    if raw is None:
+        raise error("torchrun environment: " + unset.format(name))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise error(f"torchrun environment: {name} must be an integer, got {raw!r}") from None
+    if value < low or (high is not None and value > high):
+        raise error(f"torchrun environment: {name} must be in [{low}, {high if high is not None else 'inf'}], "
+                    f"got {value}")  # fmt: skip
+    return value
+
+
+def torchrun_world(error: type[Exception] = ValueError) -> int:
+    """``WORLD_SIZE`` of torchrun's environment (1 outside it); when it is > 1, ``RANK`` (in [0, WORLD_SIZE): a rank
+    beyond it waits for peers forever), ``MASTER_ADDR`` and ``MASTER_PORT`` are checked too (:func:`env_int`)."""
+    world = env_int("WORLD_SIZE", 1, error=error) if "WORLD_SIZE" in os.environ else 1
+    if world > 1:
+        unset = f"WORLD_SIZE={world} but {{}} is not set; launch with torchrun (or unset WORLD_SIZE for one process)"
+        env_int("RANK", 0, world - 1, unset=unset, error=error)
+        if not os.environ.get("MASTER_ADDR"):
+            raise error("torchrun environment: " + unset.format("MASTER_ADDR"))
+        env_int("MASTER_PORT", 1, 65535, unset=unset, error=error)
+    return world
 
 
 def mask_labels(mask: Tensor, ignore_index: int) -> Tensor:

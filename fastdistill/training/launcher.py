@@ -9,7 +9,6 @@ resolved config as ``output_dir/config.yaml``, calls the factories, builds the o
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from .config import (
     config_yaml,
     kd_options,
 )
+from .data import env_int, torchrun_world
 
 
 def make_scheduler(cfg: OptimConfig) -> Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LambdaLR]:
@@ -84,42 +84,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     started_here = not (dist.is_available() and dist.is_initialized())
     try:
-        if started_here and _torchrun_world() > 1:
+        if started_here and torchrun_world(ConfigError) > 1:
             # this process's device (checked), made current, and the backend that fits it: init_distributed
             as_config_error("torchrun environment", init_distributed, None, _process_device(cfg.train.device))
         return _run(cfg)
     finally:
         if started_here and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _env_int(name: str, low: int, high: int | None = None, *, unset: str = "{} is not set") -> int:
-    """torchrun's integer variable ``name``, in [low, high]: a ConfigError naming it when it is unset (``unset``,
-    formatted with the name), not an integer or out of range, rather than a traceback from the rendezvous."""
-    raw = os.environ.get(name)
-    if raw is None:
-        raise ConfigError("torchrun environment: " + unset.format(name))
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"torchrun environment: {name} must be an integer, got {raw!r}") from None
-    if value < low or (high is not None and value > high):
-        raise ConfigError(f"torchrun environment: {name} must be in [{low}, {high if high is not None else 'inf'}], "
-                          f"got {value}")  # fmt: skip
-    return value
-
-
-def _torchrun_world() -> int:
-    """``WORLD_SIZE`` of torchrun's environment (1 outside it); when it is > 1, ``RANK``, ``MASTER_ADDR`` and
-    ``MASTER_PORT`` are checked too (:func:`_env_int`)."""
-    world = _env_int("WORLD_SIZE", 1) if "WORLD_SIZE" in os.environ else 1
-    if world > 1:
-        unset = f"WORLD_SIZE={world} but {{}} is not set; launch with torchrun (or unset WORLD_SIZE for one process)"
-        _env_int("RANK", 0, world - 1, unset=unset)
-        if not os.environ.get("MASTER_ADDR"):
-            raise ConfigError("torchrun environment: " + unset.format("MASTER_ADDR"))
-        _env_int("MASTER_PORT", 1, 65535, unset=unset)
-    return world
 
 
 def _process_device(spec: str | torch.device | None) -> torch.device:
@@ -136,8 +107,9 @@ def _process_device(spec: str | torch.device | None) -> torch.device:
             if device.index >= count:
                 raise ConfigError(f"train.device is {spec!r} but this machine has {count} CUDA device(s)")
         return device
-    local_rank = _env_int("LOCAL_RANK", 0, unset=f"{{}} is not set, so train.device {spec or 'null'} names no GPU "
-                          "of this process; launch with torchrun, or give train.device: cuda:<index>")  # fmt: skip
+    local_rank = env_int("LOCAL_RANK", 0, error=ConfigError,
+                         unset=f"{{}} is not set, so train.device {spec or 'null'} names no GPU of this process; "
+                               "launch with torchrun, or give train.device: cuda:<index>")  # fmt: skip
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if not 0 <= local_rank < count:
         raise ConfigError(f"train.device {spec or 'null'} is cuda:LOCAL_RANK = cuda:{local_rank} under torchrun, but "

@@ -63,6 +63,7 @@ from .data import (
     pad_last_position,
     shift_positions,
     split_batch,
+    torchrun_world,
 )
 from .data import to_device as _to_device
 from .metrics import MetricsLogger
@@ -104,7 +105,7 @@ def init_distributed(backend: str | None = None, device: torch.device | str | No
     ``gloo`` for the CPU (NCCL cannot reduce CPU tensors). Returns (rank, world_size); (0, 1) outside torchrun."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if torchrun_world() > 1:  # (a ValueError naming a bad or missing variable of torchrun's environment)
         dev = process_device(device)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
