@@ -412,6 +412,19 @@ class Batches:
         return iter(self.batches)
 
 
+def test_a_second_fit_counts_max_steps_from_the_run_start():
+    """max_steps is the run's step count: a second fit(max_steps=n) with n <= the loop's step trains nothing, and
+    says so; a larger n trains on to it."""
+    ds = _data(n=16)
+    loop = _loop()
+    loop.fit(ds, max_steps=3)
+    before = [p.detach().clone() for p in loop.student.parameters()]
+    with pytest.warns(UserWarning, match=r"at step 3 .* steps end at 3 .*nothing is trained; give max_steps > 3"):
+        assert loop.fit(ds, max_steps=3)["step"] == 3
+    assert all(torch.equal(p, q) for p, q in zip(before, loop.student.parameters()))
+    assert loop.fit(ds, max_steps=5)["step"] == 5
+
+
 def test_fit_takes_an_iterable_or_a_generator_of_batches():
     ds = _data(n=16)
     batches = [torch.utils.data.default_collate(ds.__getitems__(list(range(i, i + 4)))) for i in range(0, 16, 4)]

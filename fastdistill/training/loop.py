@@ -783,6 +783,10 @@ class DistillationLoop:
                               "checkpoint's", stacklevel=2)  # fmt: skip
         elif self.step == 0:  # a fresh run; a second fit() on this loop just continues
             seed_everything(self.seed + self.rank)
+        elif self.step >= total_steps:  # a second fit(max_steps=n): n counts from the run's start, not from here
+            warnings.warn(f"this loop is at step {self.step} and this fit's steps end at {total_steps} (max_steps="
+                          f"{max_steps}, epochs={epochs}: counted from the run's start): nothing is trained; give "
+                          f"max_steps > {self.step} to train on", stacklevel=2)  # fmt: skip
         if resume_from is not None:  # the steps after the checkpoint run again: drop what a crash left of them
             self._metrics.truncate(self.step)
         for m in (self.student, *self._extra_modules):
