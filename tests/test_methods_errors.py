@@ -187,6 +187,9 @@ def test_isotonic_calibrator_targets_in_unit_interval():
             IsotonicCalibrator().fit(torch.rand(5), torch.full((5,), bad))
     with pytest.raises(ValueError, match="score must be"):
         IsotonicCalibrator().fit(torch.tensor([0.1, math.nan]), torch.ones(2))
+    fitted = IsotonicCalibrator().fit(torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="score must be a number in every entry, not NaN"):  # (was: 1.0, the top)
+        fitted(torch.tensor([0.2, math.nan]))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -165,6 +165,8 @@ class IsotonicCalibrator:
         if score.device not in self._on:  # [B]: a few numbers, copied to the query's device once
             self._on[score.device] = (self.lo.to(score.device), self.value.to(score.device))
         lo, value = self._on[score.device]
+        # a NaN score would sort past the last block and get the highest value: the most trusted teacher
+        functional._check_values("score", score, "a number in every entry, not NaN", torch.isnan(score))
         idx = torch.searchsorted(lo, score.detach().double().contiguous(), right=True) - 1
         return value[idx.clamp(0, len(value) - 1)].float()
 
