@@ -319,7 +319,9 @@ class MIAlphaLoss(nn.Module):
     [B, L, D_s] and [B, L, D_t] hidden states pooled per ``pooling``: "cls" (position 0), "mean" (over unmasked
     positions) or "none" (every unmasked token is a row: the same [B, L] layout and mask for both). It returns
     the loss ``-estimate`` (0-dim); :meth:`estimate` returns the estimate itself. ``attention_mask`` [B, L]: bool
-    or 0/1, nonzero positions kept (both poolings read it so). Pooling "none" with a mask selects the kept rows
+    or 0/1, nonzero positions kept (both poolings read it so; with "mean" an item with no kept position pools to a
+    zero row, as sentence-transformers' mean pooling does, and still counts as a sample: dropping it would need a
+    data-dependent row count). Pooling "none" with a mask selects the kept rows
     with ``nonzero`` (a row count known only from the data): ``torch.compile(fullgraph=True)`` captures it, a
     default compile breaks the graph there unless ``torch._dynamo.config.capture_dynamic_output_shape_ops``.
 
