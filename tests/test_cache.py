@@ -266,6 +266,10 @@ def test_cache_rows_are_integers_in_range(tmp_path):
         for bad in (-1, 13):  # -1 was the last row
             with pytest.raises(IndexError, match=f"cache row {bad} out of range: .*c.safetensors has rows 0 to 12"):
                 get([0, bad])
+        with pytest.raises(ValueError, match=r"1-D sequence of row numbers \[B\] \(one row: \[i\]\), got shape \[\]"):
+            get(3)  # was [*, V] rows transposed
+    with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
+        cache.get([0], dtype=torch.long)  # was the logits truncated
     assert cache.get(torch.tensor([12, 0], dtype=torch.int32)).shape == (1, 2, 5, 17)
     assert cache.get([]).shape[1] == 0
 

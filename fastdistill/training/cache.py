@@ -118,6 +118,9 @@ class TeacherLogitCache:
     def _rows(self, index: Tensor | Sequence[int]) -> Tensor:
         """``index`` as int64 row numbers, each in [0, len): never a float truncated, a mask or a wrapped negative."""
         idx = torch.as_tensor(index)
+        if idx.dim() != 1:  # one int gave [*, V] rows transposed as if they were [B, K, ...]
+            raise ValueError(f"cache rows must be a 1-D sequence of row numbers [B] (one row: [i]), got shape "
+                             f"{list(idx.shape)}")  # fmt: skip
         if idx.numel() == 0:
             return idx.long()
         if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
@@ -153,6 +156,8 @@ class TeacherLogitCache:
     ) -> Tensor:
         """Teacher logits of dataset rows ``index`` (B of them), stacked as ``[K, B, *, V]``: what ``kd_loss``
         takes as ``teacher_logits``. For a top-k cache, dense logits (see the module docstring)."""
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating-point torch.dtype (logits), got {dtype}")  # int: truncated
         idx = self._rows(index)
         if self.kind == "full":
             rows = _gather(self.logits, idx, device).transpose(0, 1)
