@@ -67,6 +67,7 @@ def test_teachers_must_be_a_list_of_models():
     (dict(max_steps=2, eval_every=0), ValueError, "eval_every must be >= 1"),
     (dict(epochs=float("inf")), ValueError, "epochs must be finite"),
     (dict(epochs=float("nan")), ValueError, "epochs must be finite"),
+    (dict(max_steps=2, resume_from=""), ValueError, "resume_from='' is empty: give a checkpoint directory"),
 ])  # fmt: skip
 def test_fit_counts_are_whole_numbers(kw, error, message):
     student, teacher = _models()

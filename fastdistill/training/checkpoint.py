@@ -397,6 +397,9 @@ class Checkpointer:
         """The checkpoint directory ``resume_from`` names, checked intact (ValueError otherwise); for "latest" the
         newest intact one under ``output_dir/checkpoints`` (damaged ones are skipped with a warning), None if there
         is none. Intact means every process's files: all processes reach the same answer."""
+        if not str(resume_from).strip():  # Path("") is ".": the message would name the working directory
+            raise ValueError(f"resume_from={str(resume_from)!r} is empty: give a checkpoint directory, 'latest', or "
+                             "None (a fresh run)")  # fmt: skip
         files = self.files()
         if str(resume_from) != "latest":
             path = Path(resume_from)
