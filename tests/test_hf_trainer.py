@@ -249,6 +249,9 @@ def test_bad_options_fail_before_training(tmp_path):
             DistillationTrainer(model=_gpt2(1, 16, 0), args=_args(tmp_path), teachers=two, teacher_weights=weights)
         with pytest.raises(ValueError, match=f"teacher_weights must be {match}"):
             _args(tmp_path, DistillationArguments, teacher_weights=weights)
+    for weights in ("ab", ["a", 1]):  # was torch's "new(): invalid data type 'str'"
+        with pytest.raises(TypeError, match=r"teacher_weights must be a list of numbers, one per teacher"):
+            _args(tmp_path, DistillationArguments, teacher_weights=weights)
     with pytest.raises(ValueError, match="label_smoothing_factor=0.1 is not applied"):
         DistillationTrainer(model=_gpt2(1, 16, 0), args=_args(tmp_path, label_smoothing_factor=0.1), teachers=two)
     with pytest.raises(ValueError, match="use_liger_kernel=True patches the student's own loss"):

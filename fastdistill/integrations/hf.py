@@ -121,7 +121,13 @@ KD_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(DistillationArg
 
 def _weight_list(weights: Tensor | Sequence[float]) -> list[float]:
     """Teacher weights as a list of floats (the trainer's are per teacher, constant over rows: 1-D)."""
-    weights = torch.as_tensor(weights, dtype=torch.float64)
+    try:
+        if isinstance(weights, (str, bytes)):  # "0.7 0.3" or "ab": torch's message would name neither
+            raise TypeError
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"teacher_weights must be a list of numbers, one per teacher (--teacher_weights 0.7 0.3), "
+                        f"got {weights!r}") from None
     if weights.dim() != 1:
         raise ValueError(f"teacher_weights must hold one number per teacher, got shape {tuple(weights.shape)}")
     return weights.tolist()
