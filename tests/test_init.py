@@ -79,6 +79,8 @@ def test_uniform_selection(n_teacher, n_student, expected):
 def test_uniform_selection_rejects_bad_sizes(n_teacher, n_student):
     with pytest.raises(ValueError, match="n_student"):
         uniform_selection(n_teacher, n_student)
+    with pytest.raises(TypeError, match="n_student must be an int, got float"):  # was [0.0, 2.5]-style indices
+        uniform_selection(n_teacher, 2.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

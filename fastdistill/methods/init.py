@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import functional
+
 __all__ = ["init_student_from_teacher", "uniform_selection"]
 
 METHODS = ("guide", "remap", "random")
@@ -45,6 +47,8 @@ def uniform_selection(n_teacher: int, n_student: int) -> list[int]:
     8 -> 4: [0, 2, 4, 6]; 5 -> 2: [0, 2]; 10 -> 4: [0, 2, 5, 7]; n -> n: all of them. Distinct and increasing
     because n_teacher / n_student >= 1.
     """
+    n_teacher = functional.check_int("n_teacher", n_teacher, low=1)  # (2.5 layers: float indices further on)
+    n_student = functional.check_int("n_student", n_student, low=1)
     if not 1 <= n_student <= n_teacher:
         raise ValueError(f"uniform_selection needs 1 <= n_student <= n_teacher, got n_student={n_student}, "
                          f"n_teacher={n_teacher}")  # fmt: skip
