@@ -115,6 +115,8 @@ def mbr_select(candidates: Sequence[Sequence[Any]] | Tensor, similarity: Similar
     k, m, cands = _check(candidates, weights)
     w = [1.0] * k if weights is None else [float(x) for x in (weights.tolist() if isinstance(weights, Tensor)
                                                                else weights)]  # fmt: skip
+    top = max(w)
+    w = [x / top for x in w]  # the argmax is scale-free; weights near 1e308 overflowed the scores to inf (ties)
     if k == 1:
         return [0] * m
     chosen = []

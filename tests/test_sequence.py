@@ -43,6 +43,8 @@ def test_mbr_weights_and_pluggable_similarity():
     cands = [[[1, 2, 3]], [[1, 2, 4]], [[7, 8, 9]], [[7, 8, 6]]]  # two pairs
     assert mbr_select(cands) == [0]  # tie between the pairs: lowest index
     assert mbr_select(cands, weights=[1.0, 1.0, 3.0, 3.0]) == [2]  # the heavier pair's view wins
+    # scale-free: both pairs' scores overflowed to inf, a tie that went to the lower index (was [0])
+    assert mbr_select(cands, weights=[1.2e308, 1.2e308, 1.5e308, 1.5e308]) == [2]
     exact = lambda a, b: float(list(a) == list(b))  # noqa: E731
     assert mbr_select([[[1]], [[2]], [[2]]], similarity=exact) == [1]
     ignore0 = functools.partial(token_f1, ignore={0})
