@@ -43,12 +43,12 @@ build: install
 
 test: $(VENV)/.deps-test $(VENV)/.built
 	$(PY) -c "import fastdistill; assert fastdistill.extension_available(), 'fastdistill._C did not build'"
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --durations=25
 
 # The same with the whole matrices where `make test` runs a covering part on the slow paths (tests/conftest.py FULL):
 # every Triton configuration compiled for sm_90 and sm_80, every kd_loss matrix case in Triton's interpreter.
 test-full: $(VENV)/.deps-test $(VENV)/.built
-	FASTDISTILL_TEST_FULL=1 $(PY) -m pytest -q tests
+	FASTDISTILL_TEST_FULL=1 $(PY) -m pytest -q tests --durations=25
 
 # The embedded demo (fastdistill demo): K = 4 teachers and 7 student variants on scikit-learn's bundled digits, 5
 # seeds, 37 s on 2 cores; the table on stdout, learning curves in demo_out/learning_curves.png. Installs only the
