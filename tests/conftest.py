@@ -1,4 +1,5 @@
 import importlib.util
+import itertools
 import os
 import sys
 
@@ -39,9 +40,9 @@ FULL = os.environ.get("FASTDISTILL_TEST_FULL") == "1"
 
 def covered(backend: str, *switches: tuple[int, int]) -> bool:
     """Whether a test matrix runs this case for ``backend``: every case on the cpu and reference backends (and under
-    FULL), and on Triton's interpreter a Latin-square slice of it, ``switches`` given as (index, count) with the last
-    one the slowest to vary: the last switch's index is the sum of the others' modulo its count. Every value of each
-    switch, and every pair of values of the last switch with any other, still occurs."""
+    FULL), and on Triton's interpreter a Latin-square slice of it, ``switches`` given as (index, count): the last
+    switch's index must be the sum of the others' modulo its count. Every value of each switch, and every pair of
+    values of the last switch with any other, still occurs."""
     if FULL or backend != "triton":
         return True
     *rest, (last, count) = switches
@@ -50,9 +51,7 @@ def covered(backend: str, *switches: tuple[int, int]) -> bool:
 
 def matrix_params(backends, *axes: tuple[str, tuple]) -> list:
     """pytest params over ``axes`` (name, values) x ``backends`` (KD_BACKENDS-like), thinned by ``covered`` with the
-    last axis as the varying one; ids and marks as @pytest.mark.parametrize would give."""
-    import itertools
-
+    last axis as the one thinned; ids and marks as @pytest.mark.parametrize would give."""
     out = []
     for combo in itertools.product(*(range(len(vals)) for _, vals in axes)):
         values = [vals[i] for (_, vals), i in zip(axes, combo)]

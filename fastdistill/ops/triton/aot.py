@@ -364,8 +364,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
     ap.add_argument("--family", nargs="+", default=None, help="kd_loss, codistill_loss, mi_alpha, scale (default: all)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--sample", type=int, default=1,
-                    help="compile every n-th configuration (in label order) rather than all (the tests' sm_80 pass)")
     ap.add_argument("--cover", choices=["values", "pairs"],
                     help="compile a subset in which every value (or every pair of values) of a family's switches "
                          "occurs: kernel, alignment, pointer types, constexprs, options (the tests' pass: the whole "
@@ -393,8 +391,6 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     configs, problems = collect(args.family)
-    if args.sample > 1:
-        configs = sorted(configs, key=lambda c: (c.family, c.label()))[:: args.sample]
     if args.cover:
         configs = covering(configs, pairs=args.cover == "pairs")
     for p in problems:
