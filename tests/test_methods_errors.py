@@ -173,6 +173,18 @@ def test_reliability_fit_labels_checked():
         TeacherReliability.fit(t, torch.zeros(9, dtype=torch.long))
 
 
+def test_reliability_other_vocabulary_refused(rel):
+    # a confidence over another V is on another scale (1/V at chance): the fitted curves do not apply to it
+    for call in (rel.accuracy, lambda t: rel.topk_accuracy(t, 1), rel.smallest_k):
+        with pytest.raises(ValueError, match=rf"teacher_logits must be \[\*, V\] with V = {V} .*got \(6, {V + 1}\)"):
+            call(torch.randn(6, V + 1))
+    assert rel.num_classes == V and rel.accuracy(torch.randn(6, V)).shape == (6,)
+    unknown = TeacherReliability(rel.calibrators)  # built from curves alone: V not known, not checked
+    assert unknown.accuracy(torch.randn(6, V + 1)).shape == (6,)
+    with pytest.raises(ValueError, match=rf"num_classes must be >= the number of top-k curves \({V}\)"):
+        TeacherReliability(rel.calibrators, num_classes=V - 1)
+
+
 def test_slam_module_topk_target_checked_on_construction(rel):
     for bad in (math.nan, 2.0, -0.1):
         with pytest.raises(ValueError, match=r"topk_target must be finite and in \[0.0, 1.0\]"):

@@ -182,11 +182,19 @@ class TeacherReliability:
     validation set: for k = 1..max_k an :class:`IsotonicCalibrator` of 1[label in the teacher's top k] against the
     teacher's confidence. ``accuracy`` is the top-1 curve (α(x) of SLaM, the weights of weighted distillation)."""
 
-    def __init__(self, calibrators: list[IsotonicCalibrator]) -> None:
+    def __init__(self, calibrators: list[IsotonicCalibrator], num_classes: int | None = None) -> None:
         if not (isinstance(calibrators, Sequence) and calibrators
                 and all(isinstance(c, IsotonicCalibrator) for c in calibrators)):  # fmt: skip
             raise TypeError("calibrators must be a non-empty list of IsotonicCalibrator (index k - 1: top-k)")
+        if num_classes is not None:
+            num_classes = functional._check_int64("num_classes", num_classes)
+            if num_classes < len(calibrators):
+                raise ValueError(f"num_classes must be >= the number of top-k curves ({len(calibrators)}), "
+                                 f"got {num_classes}")  # fmt: skip
         self.calibrators = list(calibrators)  # index k - 1
+        # V of the teacher it was fitted on (None: not known): a confidence over another vocabulary is another
+        # scale (1/V at chance), so the curves do not apply to it
+        self.num_classes = num_classes
 
     @classmethod
     def fit(cls, teacher_logits: Tensor, labels: Tensor, max_k: int | None = None) -> TeacherReliability:
@@ -208,7 +216,14 @@ class TeacherReliability:
         max_k = v if max_k is None else min(max_k, v)
         conf = _confidence(teacher_logits)
         rank_of_label = (teacher_logits > teacher_logits.gather(-1, labels[..., None])).sum(-1)  # 0 = top-1
-        return cls([IsotonicCalibrator().fit(conf, (rank_of_label < k).double()) for k in range(1, max_k + 1)])
+        return cls([IsotonicCalibrator().fit(conf, (rank_of_label < k).double()) for k in range(1, max_k + 1)], v)
+
+    def _confidence(self, teacher_logits: Tensor) -> Tensor:
+        v = getattr(self, "num_classes", None)  # (pickles made before it was stored: unknown)
+        if v is not None and teacher_logits.dim() > 0 and teacher_logits.shape[-1] != v:
+            raise ValueError(f"teacher_logits must be [*, V] with V = {v} (the classes the curves were fitted on), "
+                             f"got {tuple(teacher_logits.shape)}")  # fmt: skip
+        return _confidence(teacher_logits)
 
     @property
     def max_k(self) -> int:
@@ -216,20 +231,20 @@ class TeacherReliability:
 
     def accuracy(self, teacher_logits: Tensor) -> Tensor:
         """[*, V] -> [*]: the estimated top-1 accuracy of the teacher at its confidence on each row."""
-        return self.calibrators[0](_confidence(teacher_logits))
+        return self.calibrators[0](self._confidence(teacher_logits))
 
     def topk_accuracy(self, teacher_logits: Tensor, k: int) -> Tensor:
         """[*, V] -> [*]: the estimated probability that the true label is among the teacher's top ``k``."""
         k = functional._check_int64("k", k)
         if not 1 <= k <= self.max_k:
             raise ValueError(f"k must be in [1, max_k] = [1, {self.max_k}] (the fitted top-k curves), got {k}")
-        return self.calibrators[k - 1](_confidence(teacher_logits))
+        return self.calibrators[k - 1](self._confidence(teacher_logits))
 
     def smallest_k(self, teacher_logits: Tensor, target: float = 0.9) -> Tensor:
         """[*, V] -> int64 [*]: per row, the smallest k whose estimated top-k accuracy at the row's confidence is
         at least ``target`` (``max_k`` if none is). SLaM's k(x); the threshold 0.9 is our choice."""
         functional.check_real("target", target, low=0.0, high=1.0, low_open=False, high_open=False)
-        conf = _confidence(teacher_logits)
+        conf = self._confidence(teacher_logits)
         lo, value, last = self._table(conf.device)
         score = conf.detach().double().reshape(1, -1)
         k = torch.full(score.shape[1:], self.max_k, dtype=torch.long, device=conf.device)
