@@ -52,6 +52,7 @@ def test_every_launcher_configuration_compiles(arch, cover, tmp_path):
     print(out.stdout[-4000:])
     assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-4000:]
     assert "DOMAIN" not in out.stdout and "FAILED" not in out.stdout and "INT32" not in out.stdout
+    assert "ROUNDING" not in out.stdout  # every float narrowing rounds to nearest (the interpreter cannot tell)
     families = {r["family"] for r in json.loads((tmp_path / "rows.json").read_text())}
     assert families == {"kd_loss", "codistill_loss", "mi_alpha", "scale"}, families
 
@@ -84,6 +85,18 @@ def test_checks_catch_what_they_claim(tmp_path):
                 k = k.to(tl.int64)
             tl.store(x_ptr + k * stride, tl.zeros((BLOCK,), tl.float32))
 
+        @triton.jit
+        def narrow(x_ptr, y_ptr, RTZ: tl.constexpr, BLOCK: tl.constexpr):
+            k = tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + k)
+            y = x.to(tl.bfloat16, fp_downcast_rounding="rtz") if RTZ else x.to(tl.bfloat16)
+            tl.store(y_ptr + k, y)
+
+        for rtz in (False, True):
+            sig = {"x_ptr": "*fp32", "y_ptr": "*bf16", "RTZ": "constexpr", "BLOCK": "constexpr"}
+            k = triton.compile(triton.compiler.ASTSource(narrow, sig, {"RTZ": rtz, "BLOCK": 16}),
+                               target=triton.backends.compiler.GPUTarget("cuda", 90, 32))
+            print("rtz" if rtz else "rn", aot.narrowing_not_to_nearest(k.asm["ptx"]))
         try:
             aot.inductor_check(bad_global, {"x_ptr": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 16}, {})
             print("inductor: no error")
@@ -100,6 +113,7 @@ def test_checks_catch_what_they_claim(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "inductor: NameError" in out.stdout and "'inf'" in out.stdout, out.stdout
     assert "narrow 1" in out.stdout and "wide 0" in out.stdout, out.stdout
+    assert "rn []" in out.stdout and "rtz ['cvt.rz.bf16.f32']" in out.stdout, out.stdout
 
 
 def test_resource_report_of_the_benchmark_shapes():
