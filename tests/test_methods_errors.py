@@ -185,6 +185,26 @@ def test_reliability_other_vocabulary_refused(rel):
         TeacherReliability(rel.calibrators, num_classes=V - 1)
 
 
+@pytest.mark.parametrize("make", [lambda r: WeightedKDLoss(r), lambda r: WeightedKDLoss(r, hard=True),
+                                  lambda r: SLaMLoss(r)], ids=["weighted", "weighted-hard", "slam"])
+def test_ignored_rows_may_hold_anything(rel, st, make):
+    # padding rows (label ignore_index) may hold NaN / -inf teacher logits, as kd_loss allows: the teacher's
+    # statistics (alpha, w, k) are not computed from them (the calibrator's NaN check raised on them)
+    s, t = st
+    s = s.clone().requires_grad_()
+    labels = torch.tensor([0, -100, 2, -100, 4, 1])
+    loss_fn = make(rel)
+    clean = loss_fn(s, t, labels)
+    (g_clean,) = torch.autograd.grad(clean, s)
+    bad = t.clone()
+    bad[1] = math.nan
+    bad[3] = -math.inf
+    dirty = loss_fn(s, bad, labels)
+    (g_dirty,) = torch.autograd.grad(dirty, s)
+    assert torch.isfinite(clean) and torch.equal(clean, dirty)
+    assert torch.equal(g_clean, g_dirty) and not g_dirty[[1, 3]].any()
+
+
 def test_slam_module_topk_target_checked_on_construction(rel):
     for bad in (math.nan, 2.0, -0.1):
         with pytest.raises(ValueError, match=r"topk_target must be finite and in \[0.0, 1.0\]"):

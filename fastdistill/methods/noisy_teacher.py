@@ -70,6 +70,15 @@ def _one_teacher(student_logits: Tensor, teacher_logits, who: str) -> Tensor:
     return teachers[0]
 
 
+def _kept_rows(teacher: Tensor, labels: Tensor | None, ignore_index: int) -> Tensor:
+    """``teacher`` [*, V] for the teacher's statistics (confidence, α, w, k): rows whose label is ``ignore_index``
+    (padding; any values, NaN included, as kd_loss allows) as zeros, so they neither fail the calibrators' NaN check
+    nor matter (their loss is skipped). Labels of another shape or dtype are left for the loss's own check."""
+    if not isinstance(labels, Tensor) or labels.shape != teacher.shape[:-1] or labels.is_floating_point():
+        return teacher
+    return teacher.detach().masked_fill((labels == ignore_index)[..., None], 0)
+
+
 def _check_reliability(reliability) -> None:
     if not isinstance(reliability, TeacherReliability):
         raise TypeError(f"reliability must be a TeacherReliability (TeacherReliability.fit on a validation set), got "
@@ -348,7 +357,7 @@ class WeightedKDLoss(nn.Module):
             sample_weight=sample_weight, reduction=self.reduction, num_items=num_items,
             acc=reference.compute_dtype(student_logits, t),
         )  # fmt: skip
-        w = distillation_weights(self.reliability, t)
+        w = distillation_weights(self.reliability, _kept_rows(t, labels, self.ignore_index))
         if sample_weight is not None:
             w = w * sample_weight
         kw = dict(sample_weight=w, ignore_index=self.ignore_index, reduction=self.reduction, num_items=num_items)
@@ -544,8 +553,9 @@ class SLaMLoss(nn.Module):
                 *, num_items: int | Tensor | None = None, sample_weight: Tensor | None = None) -> Tensor:  # fmt: skip
         """student_logits [*, V]; teacher_logits [*, V] (or [1, *, V] / a list of one); labels int64 [*] or None."""
         t = _one_teacher(student_logits, teacher_logits, "SLaMLoss")
-        alpha = self.reliability.accuracy(t)  # isotonic fit of 0/1 targets: in [0, 1] by construction
-        k = self.reliability.smallest_k(t, self.topk_target)
+        kept = _kept_rows(t, labels, self.ignore_index)
+        alpha = self.reliability.accuracy(kept)  # isotonic fit of 0/1 targets: in [0, 1] by construction
+        k = self.reliability.smallest_k(kept, self.topk_target)
         # k: in [1, max_k], within this teacher's V when the curves were fitted on at most as many classes
         vouched = ("alpha", "k") if self.reliability.max_k <= t.shape[-1] else ("alpha",)
         with fastdistill.functional.values_checked(*vouched):
