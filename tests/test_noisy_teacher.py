@@ -102,6 +102,38 @@ def test_smallest_k_matches_the_curve_by_curve_definition():
     assert torch.equal(rel.smallest_k(q, 0.9), by_curve(rel, q, 0.9))
 
 
+def test_reliability_fit_shares_unchanged_curves():
+    """Curve k's targets, 1[rank < k], change only at ranks some label has: fit shares one calibrator between
+    consecutive k with the same targets (at most N + 1 fits, not V), each equal to its own fit, and smallest_k reads
+    the runs as the curves they stand for, also after one k of a run is refit alone."""
+    g = torch.Generator().manual_seed(1)
+    n, v = 60, 400
+    t_val = torch.randn(n, v, generator=g) * 2
+    y_val = torch.randint(0, v, (n,), generator=g)
+    rel = TeacherReliability.fit(t_val, y_val)
+    conf = torch.softmax(t_val, -1).amax(-1)
+    rank = (t_val > t_val.gather(-1, y_val[:, None])).sum(-1)
+    assert rel.max_k == v and len({id(c) for c in rel.calibrators}) == len(set((rank + 1).tolist()) | {1})
+    for k in range(1, v + 1):
+        own = IsotonicCalibrator().fit(conf, (rank < k).double())
+        assert torch.equal(own.lo, rel.calibrators[k - 1].lo) and torch.equal(own.value, rel.calibrators[k - 1].value)
+    q = torch.randn(300, v, generator=g) * 3
+    qc = torch.softmax(q, -1).amax(-1)
+
+    def by_curve(target):
+        k = torch.full((300,), v)
+        for kk in range(v, 0, -1):
+            k = torch.where(rel.calibrators[kk - 1](qc) >= target, kk, k)
+        return k
+
+    for target in (0.01, 0.05, 0.2, 0.9):
+        assert torch.equal(rel.smallest_k(q, target), by_curve(target)), target
+    assert len(set(rel.smallest_k(q, 0.05).tolist())) >= 3  # several k: the test can tell
+    shared = next(k for k in range(2, v) if rel.calibrators[k] is rel.calibrators[k - 1])
+    rel.calibrators[shared] = IsotonicCalibrator().fit(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0]))
+    assert torch.equal(rel.smallest_k(q, 0.9), by_curve(0.9)) and rel.smallest_k(q, 0.9).min() <= shared + 1
+
+
 def test_weighted_kd_loss_is_kd_loss_with_the_weights():
     torch.manual_seed(0)
     rel = TeacherReliability.fit(_logits_with_top_prob([0.4, 0.5, 0.7, 0.9]), torch.tensor([1, 0, 1, 0]))

@@ -189,7 +189,8 @@ def _confidence(teacher_logits: Tensor) -> Tensor:
 class TeacherReliability:
     """How often the teacher is right, as a function of its confidence (top-1 probability), fitted on a labelled
     validation set: for k = 1..max_k an :class:`IsotonicCalibrator` of 1[label in the teacher's top k] against the
-    teacher's confidence. ``accuracy`` is the top-1 curve (α(x) of SLaM, the weights of weighted distillation)."""
+    teacher's confidence (consecutive k with the same targets share one object). ``accuracy`` is the top-1 curve
+    (α(x) of SLaM, the weights of weighted distillation)."""
 
     def __init__(self, calibrators: list[IsotonicCalibrator], num_classes: int | None = None) -> None:
         if not (isinstance(calibrators, Sequence) and calibrators
@@ -225,7 +226,17 @@ class TeacherReliability:
         max_k = v if max_k is None else min(max_k, v)
         conf = _confidence(teacher_logits)
         rank_of_label = (teacher_logits > teacher_logits.gather(-1, labels[..., None])).sum(-1)  # 0 = top-1
-        return cls([IsotonicCalibrator().fit(conf, (rank_of_label < k).double()) for k in range(1, max_k + 1)], v)
+        # curve k's targets are 1[rank < k]: they change from curve k - 1 only where some row's label has rank k - 1,
+        # so consecutive curves with the same targets share one fitted calibrator (at most N + 1 fits, not V: an LM
+        # vocabulary of 128k took minutes of pool-adjacent-violators in Python)
+        changes = torch.zeros(max_k, dtype=torch.bool)
+        changes[rank_of_label[rank_of_label < max_k].cpu()] = True
+        curves: list[IsotonicCalibrator] = []
+        for k in range(1, max_k + 1):
+            if k == 1 or changes[k - 1]:
+                fitted = IsotonicCalibrator().fit(conf, (rank_of_label < k).double())
+            curves.append(fitted)
+        return cls(curves, v)
 
     def _confidence(self, teacher_logits: Tensor) -> Tensor:
         v = getattr(self, "num_classes", None)  # (pickles made before it was stored: unknown)
@@ -254,39 +265,45 @@ class TeacherReliability:
         at least ``target`` (``max_k`` if none is). SLaM's k(x); the threshold 0.9 is our choice."""
         functional.check_real("target", target, low=0.0, high=1.0, low_open=False, high_open=False)
         conf = self._confidence(teacher_logits)
-        lo, value, last = self._table(conf.device)
+        first_k, lo, value, last = self._table(conf.device)
         score = conf.detach().double().reshape(1, -1)
         k = torch.full(score.shape[1:], self.max_k, dtype=torch.long, device=conf.device)
-        # all k's curves at once, a chunk of them per pass (max_k is V by default: one pass per k was ~6 launches
-        # per class, ~1 s per step at V = 32k on a GPU); a chunk's [C, rows] lookups stay within ~4M entries
+        # all curves at once, a chunk of them per pass (max_k is V by default: one pass per k was ~6 launches per
+        # class, ~1 s per step at V = 32k on a GPU); a chunk's [C, rows] lookups stay within ~4M entries
+        runs = lo.shape[0]
         chunk = max(1, 2**22 // max(1, score.shape[1]))
-        for start in range(0, self.max_k, chunk):
+        for start in range(0, runs, chunk):
             rows = slice(start, start + chunk)
             n = lo[rows].shape[0]
             # each curve's block (as IsotonicCalibrator.__call__: right=True, minus 1, clamped to its own blocks)
             idx = torch.searchsorted(lo[rows], score.expand(n, -1).contiguous(), right=True) - 1
             idx = torch.minimum(idx.clamp_min(0), last[rows, None])
             ok = value[rows].gather(1, idx).float() >= target  # [C, rows]
-            first = torch.where(ok.any(0), ok.int().argmax(0) + start + 1, self.max_k)  # argmax: the first True
+            first = torch.where(ok.any(0), first_k[rows][ok.int().argmax(0)], self.max_k)  # argmax: the first True
             k = torch.minimum(k, first)
         return k.reshape(conf.shape)
 
-    def _table(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        """The curves as padded tables on ``device``: block starts [max_k, B] (+inf past a curve's blocks), values
-        [max_k, B] and each curve's last block index [max_k]; built once per device (again if a curve is refit)."""
+    def _table(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The distinct curves as padded tables on ``device``, one row per run of consecutive k sharing a calibrator
+        (``fit`` shares one where the targets do not change): the run's first k [R], block starts [R, B] (+inf past a
+        curve's blocks), values [R, B] and each curve's last block index [R]; built once per device (again if a
+        curve is refit)."""
         fitted = [c.lo for c in self.calibrators]
         if any(lo is None for lo in fitted):
             raise RuntimeError("fit the calibrators first")
         tables = self.__dict__.setdefault("_tables", {})  # per device (and pickles made before it existed)
         cached = tables.get(device)
         if cached is None or len(cached[0]) != len(fitted) or any(a is not b for a, b in zip(cached[0], fitted)):
-            width = max(len(lo) for lo in fitted)
-            lo = torch.full((len(fitted), width), torch.inf, dtype=torch.float64)
-            value = torch.zeros((len(fitted), width), dtype=torch.float64)
-            for i, c in enumerate(self.calibrators):
+            starts = [i for i, c in enumerate(self.calibrators) if i == 0 or c is not self.calibrators[i - 1]]
+            curves = [self.calibrators[i] for i in starts]
+            width = max(len(c.lo) for c in curves)
+            lo = torch.full((len(curves), width), torch.inf, dtype=torch.float64)
+            value = torch.zeros((len(curves), width), dtype=torch.float64)
+            for i, c in enumerate(curves):
                 lo[i, : len(c.lo)], value[i, : len(c.value)] = c.lo, c.value
-            last = torch.tensor([len(c) - 1 for c in fitted])
-            cached = tables[device] = (fitted, lo.to(device), value.to(device), last.to(device))
+            last = torch.tensor([len(c.lo) - 1 for c in curves])
+            first_k = torch.tensor(starts) + 1
+            cached = tables[device] = (fitted, first_k.to(device), lo.to(device), value.to(device), last.to(device))
         return cached[1:]
 
 
