@@ -135,6 +135,24 @@ def test_extreme_scores(backend, dtype, alpha, corr):
         assert_close(g, r, tol, "mi_grad", f"d/d{name}", scale_floor=1.0 / u.shape[0])
 
 
+@pytest.mark.parametrize("backend", HARD)
+@pytest.mark.parametrize("alpha", [0.01, 1.0])
+@pytest.mark.parametrize("gap", [1e3, 1e4])
+def test_off_diagonal_score_far_ahead_of_its_row_float32(backend, alpha, gap):
+    """One off-diagonal score per row ahead of the rest by ``gap`` (student = I, so the scores are the teacher's
+    features and dI/dv = dI/dS): log q* - log t* cancelled two terms of the gap's size, so Phi, and every gradient of
+    the row, had a relative error of ~gap * 2^-24 in float32 (8e-5 at 1e4); taken whole, float32 accuracy."""
+    s = torch.tensor([[0.3, gap, -0.2, 0.1], [0.5, -0.4, 0.2, gap], [gap, 0.1, 0.0, -0.3], [-0.1, 0.2, gap, 0.4]],
+                     dtype=torch.float64)  # fmt: skip
+    u = torch.eye(4, dtype=torch.float64)
+    a = torch.zeros(4, dtype=torch.float64)
+    est, grads = estimate_and_grads(u.float(), s.float(), a.float(), 0.7, backend=backend, alpha=alpha)
+    ref, ref_grads = estimate_and_grads(u, s, a, 0.7, backend="reference", alpha=alpha)
+    g, r = grads[1].double(), ref_grads[1]
+    assert (r.abs() > 1e-3).sum() >= 8  # the entries that carried the error are not negligible here
+    assert (g - r).abs().max() <= 2e-6 * r.abs().max(), (g - r).abs().max() / r.abs().max()
+
+
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs(backend, dtype):
@@ -447,6 +465,17 @@ def test_bad_shapes_and_types():
         mi_alpha(u, v, log_baseline=torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="D = 0"):
         mi_alpha(u[:, :0], v[:, :0])
+
+
+@requires_ext
+def test_raw_op_checks_its_own_arguments():
+    """torch.ops.fastdistill.mi_alpha (what torch.compile and opcheck call) names a wrong log_baseline shape and
+    refuses integer features itself, not only through the functional API."""
+    u, v, a = make_feats(4, 3)
+    with pytest.raises(ValueError, match=r"log_baseline must be \[N\] = \[4\], got \[2, 2\]"):
+        torch.ops.fastdistill.mi_alpha(u, v, a.reshape(2, 2), 0.5, 1.0)
+    with pytest.raises(TypeError, match="student and teacher must be floating point, got Int"):
+        torch.ops.fastdistill.mi_alpha(u.int(), v.int(), a, 0.5, 1.0)
 
 
 def test_named_backend_that_cannot_run_says_why():

@@ -72,7 +72,7 @@ struct Launch {
         inv_n(A(1.0 / double(n_))), inv_d(A(1.0 / (double(n_) * double(n_ - 1)))) {}
 };
 
-// Rows of the [6, N] stats tensor (the schema in csrc/fastdistill.cpp lists them).
+// Rows of the [8, N] stats tensor (the schema in csrc/fastdistill.cpp lists them).
 constexpr int64_t kL = 0, kCrest = 1, kPhi = 2, kM = 3, kDa = 4, kStar = 5, kGdiag = 6, kZ = 7, kStatsRows = 8;
 
 // Per-row forward result: N (I_i - 1), this row's share of the estimate, I = 1 + (1/N) sum_i part_i with
@@ -192,9 +192,10 @@ RowArrays<A> row_arrays(const Launch<A>& P, const A* stats, const A* a) {
     R.Phi[i] = stats[kPhi * n + i];
     R.m[i] = stats[kM * n + i];
     R.gdiag[i] = stats[kGdiag * n + i];
-    const int64_t k = static_cast<int64_t>(stats[kStar * n + i]);
-    TORCH_CHECK_VALUE(k >= 0 && k < n, "fastdistill::mi_alpha_backward: stats row ", kStar, " holds column ", k,
-                      ", not in [0, ", n, "): pass the stats mi_alpha returned");
+    const A star = stats[kStar * n + i];  // checked before the cast: a NaN (or huge) one cast to int64 is undefined
+    TORCH_CHECK_VALUE(star >= 0 && star < A(n), "fastdistill::mi_alpha_backward: stats row ", kStar, " holds column ",
+                      star, ", not in [0, ", n, "): pass the stats mi_alpha returned");
+    const int64_t k = static_cast<int64_t>(star);
     R.star[i] = k;
     if (k != i) ++R.by_star_start[k + 1];
   }
@@ -326,7 +327,10 @@ void check_features(const at::Tensor& student, const at::Tensor& teacher, const 
   TORCH_CHECK_VALUE(student.size(1) >= 1, "fastdistill::mi_alpha: needs D >= 1 features");
   TORCH_CHECK_TYPE(teacher.scalar_type() == student.scalar_type(), "fastdistill::mi_alpha: student and teacher "
                    "must share one dtype, got ", student.scalar_type(), " and ", teacher.scalar_type());
-  TORCH_CHECK_VALUE(log_baseline.numel() == student.size(0), "fastdistill::mi_alpha: log_baseline must be [N]");
+  TORCH_CHECK_TYPE(at::isFloatingType(student.scalar_type()), "fastdistill::mi_alpha: student and teacher must be "
+                   "floating point, got ", student.scalar_type());
+  TORCH_CHECK_VALUE(log_baseline.dim() == 1 && log_baseline.size(0) == student.size(0), "fastdistill::mi_alpha: "
+                    "log_baseline must be [N] = [", student.size(0), "], got ", log_baseline.sizes());
   TORCH_CHECK_VALUE(alpha >= 0 && alpha <= 1, "fastdistill::mi_alpha: alpha must be in [0, 1], got ", alpha);
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
                     "fastdistill::mi_alpha: temperature must be finite and > 0, got ", temperature);

@@ -112,13 +112,13 @@ def _row_result(k, alpha_, log_alpha_, beta_, log_beta_, log_gamma, lse, w, z, s
     # the row's largest score off the diagonal (evaluated for every row, used where k*_i != i)
     log_qs = z - lse
     log_ts = _log_t_of(log_alpha_, log_beta_, log_qs)
-    log_cs = log_alpha_ - log_ts - log_d
+    log_qc = log_alpha_ - _logaddexp(log_alpha_, log_beta_ - log_qs) - log_d  # log(q* c*), no gap-sized cancellation
     log_t = sum_log + tl.where(diag_is_largest, 0.0, log_ts)
     beta_over_t = beta_ * sum_inv + tl.where(diag_is_largest, 0.0, tl.exp(log_beta_ - log_ts))
-    phi = tl.where(diag_is_largest, tl.exp(log_qd + log_m), tl.exp(log_qs + log_cs) + tl.exp(log_qs + log_m))
+    phi = tl.where(diag_is_largest, tl.exp(log_qd + log_m), tl.exp(log_qc) + tl.exp(log_qs + log_m))
     m = tl.where(diag_is_largest, 0.0, tl.exp(log_m))
     gdiag = tl.where(diag_is_largest, tl.exp(log_qd) * crest + sum_g * inv_d,
-                     inv_n - tl.exp(sdiag - lse) * crest - tl.exp(sdiag - lse + log_cs))  # fmt: skip
+                     inv_n - tl.exp(sdiag - lse) * crest - tl.exp(sdiag - z + log_qc))  # fmt: skip
     da = -beta_over_t * inv_d + r * tl.exp(log_beta_ - log_td) * inv_n
     part = sdiag - k - log_t / (nf - 1.0) - r
     return part, crest, phi, m, da, gdiag
