@@ -98,7 +98,7 @@ __device__ __forceinline__ float fexp(float x) {
 }
 __device__ __forceinline__ double fexp(double x) { return ::exp(x); }
 
-// log as one lg2.approx times ln 2 (relative error ~2^-22; logf is ~20 instructions): the mixture's log P, per column
+// log as one lg2.approx times ln 2 (absolute error ~2^-22; logf is ~20 instructions): the mixture's log P, per column
 __device__ __forceinline__ float flog(float x) {
   float y;
 #ifdef FASTDISTILL_CUDA_EMULATE  // (as in fexp)
