@@ -169,9 +169,9 @@ def i32_products(ttir: str) -> list[str]:
     return bad
 
 
-# a float narrowed by a PTX cvt: its rounding modifier (rn, rz, rm, rp, with optional sat/relu/satfinite), the
-# destination and source types
-_NARROW = re.compile(r"\bcvt((?:\.\w+)*?)\.(bf16x2|bf16|f16x2|f16|f32)\.(f32|f64)\b")
+# a float narrowed by a PTX cvt (f32/f64 -> bf16/f16, f64 -> f32) and its modifiers (rn, rz, rm, rp, sat, relu,
+# satfinite); f32 -> f32 with rmi / rzi (floor, trunc) rounds to an integer on purpose and is not matched
+_NARROW = re.compile(r"\bcvt((?:\.\w+)*?)\.(?:(?:bf16x2|bf16|f16x2|f16)\.(?:f32|f64)|f32\.f64)\b")
 
 
 def narrowing_not_to_nearest(ptx: str) -> list[str]:
