@@ -116,6 +116,16 @@ def test_checks_catch_what_they_claim(tmp_path):
     assert "rn []" in out.stdout and "rtz ['cvt.rz.bf16.f32']" in out.stdout, out.stdout
 
 
+def test_rounding_check_reads_float_narrowings_only():
+    from fastdistill.ops.triton import aot
+
+    ptx = """cvt.rn.bf16.f32 %rs1, %f1;  cvt.rz.bf16.f32 %rs2, %f2;  cvt.rn.f16x2.f32 %r1, %f5, %f6;
+             cvt.rm.f16.f32 %rs4, %f10;  cvt.rz.f32.f64 %f7, %fd1;  cvt.rn.f32.f64 %f11, %fd2;
+             cvt.rmi.f32.f32 %f3, %f4;  cvt.f32.bf16 %f8, %rs3;  cvt.rzi.s32.f32 %r2, %f9;"""
+    # floor (rmi), a widening and a float-to-int conversion round as they must: not reported
+    assert aot.narrowing_not_to_nearest(ptx) == ["cvt.rm.f16.f32", "cvt.rz.bf16.f32", "cvt.rz.f32.f64"]
+
+
 def test_resource_report_of_the_benchmark_shapes():
     """make kernels-report: registers, spills, shared memory and occupancy of what the launchers pick at the GPU
     benchmark shapes, from the cubins; exit status 0 means none of them spills more than aot.SPILL_SLACK bytes."""
