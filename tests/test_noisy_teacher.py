@@ -134,6 +134,18 @@ def test_reliability_fit_shares_unchanged_curves():
     assert torch.equal(rel.smallest_k(q, 0.9), by_curve(0.9)) and rel.smallest_k(q, 0.9).min() <= shared + 1
 
 
+def test_reliability_breaks_ties_as_topk_mask_does():
+    """Tied teacher logits (common in bfloat16): the label's rank counts the tied classes before it, as
+    topk_mask's order does, so "label in the top k" is what the mask of k classes holds."""
+    t = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0]] * 4)
+    labels = torch.tensor([1, 2, 3, 0])
+    rel = TeacherReliability.fit(t, labels)
+    for k in range(1, 6):
+        in_mask = topk_mask(t, k).gather(-1, labels[:, None]).squeeze(-1).double()
+        assert rel.topk_accuracy(t[:1], k).item() == pytest.approx(in_mask.mean().item()), k
+    assert [rel.topk_accuracy(t[:1], k).item() for k in (1, 2, 3, 4)] == [0.25, 0.5, 0.75, 1.0]
+
+
 def test_weighted_kd_loss_is_kd_loss_with_the_weights():
     torch.manual_seed(0)
     rel = TeacherReliability.fit(_logits_with_top_prob([0.4, 0.5, 0.7, 0.9]), torch.tensor([1, 0, 1, 0]))

@@ -225,7 +225,11 @@ class TeacherReliability:
                 raise ValueError(f"max_k must be >= 1 (or None: V), got {max_k}")
         max_k = v if max_k is None else min(max_k, v)
         conf = _confidence(teacher_logits)
-        rank_of_label = (teacher_logits > teacher_logits.gather(-1, labels[..., None])).sum(-1)  # 0 = top-1
+        # the label's place in the teacher's order (0 = top-1), ties broken by index as topk_mask breaks them: in
+        # bfloat16 logits many classes tie, and "strictly greater" alone put the label first among them
+        at_label = teacher_logits.gather(-1, labels[..., None])
+        before = torch.arange(v, device=teacher_logits.device) < labels[..., None]
+        rank_of_label = ((teacher_logits > at_label) | ((teacher_logits == at_label) & before)).sum(-1)
         # curve k's targets are 1[rank < k]: they change from curve k - 1 only where some row's label has rank k - 1,
         # so consecutive curves with the same targets share one fitted calibrator (at most N + 1 fits, not V: an LM
         # vocabulary of 128k took minutes of pool-adjacent-violators in Python)
