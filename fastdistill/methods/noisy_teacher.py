@@ -297,7 +297,8 @@ class TeacherReliability:
             raise RuntimeError("fit the calibrators first")
         tables = self.__dict__.setdefault("_tables", {})  # per device (and pickles made before it existed)
         cached = tables.get(device)
-        if cached is None or len(cached[0]) != len(fitted) or any(a is not b for a, b in zip(cached[0], fitted)):
+        if (cached is None or len(cached) != 5  # (a pickle's table of the per-k layout: rebuilt)
+                or len(cached[0]) != len(fitted) or any(a is not b for a, b in zip(cached[0], fitted))):  # fmt: skip
             starts = [i for i, c in enumerate(self.calibrators) if i == 0 or c is not self.calibrators[i - 1]]
             curves = [self.calibrators[i] for i in starts]
             width = max(len(c.lo) for c in curves)
