@@ -70,13 +70,16 @@ def _one_teacher(student_logits: Tensor, teacher_logits, who: str) -> Tensor:
     return teachers[0]
 
 
-def _kept_rows(teacher: Tensor, labels: Tensor | None, ignore_index: int) -> Tensor:
-    """``teacher`` [*, V] for the teacher's statistics (confidence, α, w, k): rows whose label is ``ignore_index``
-    (padding; any values, NaN included, as kd_loss allows) as zeros, so they neither fail the calibrators' NaN check
-    nor matter (their loss is skipped). Labels of another shape or dtype are left for the loss's own check."""
-    if not isinstance(labels, Tensor) or labels.shape != teacher.shape[:-1] or labels.is_floating_point():
-        return teacher
-    return teacher.detach().masked_fill((labels == ignore_index)[..., None], 0)
+def _kept_confidence(reliability: TeacherReliability, teacher: Tensor, labels: Tensor | None,
+                     ignore_index: int) -> Tensor:  # fmt: skip
+    """The teacher's confidence [*] from ``teacher`` [*, V], computed once for α, w and k, with the rows whose label
+    is ``ignore_index`` (padding: any logits, NaN included, as kd_loss allows) set to 1, so they neither fail the
+    calibrators' NaN check nor matter (their loss is skipped). Labels of another shape or dtype are left for the
+    loss's own check."""
+    conf = reliability._confidence(teacher)
+    if not isinstance(labels, Tensor) or labels.shape != conf.shape or labels.is_floating_point():
+        return conf
+    return conf.masked_fill(labels == ignore_index, 1.0)
 
 
 def _check_reliability(reliability) -> None:
@@ -267,8 +270,11 @@ class TeacherReliability:
     def smallest_k(self, teacher_logits: Tensor, target: float = 0.9) -> Tensor:
         """[*, V] -> int64 [*]: per row, the smallest k whose estimated top-k accuracy at the row's confidence is
         at least ``target`` (``max_k`` if none is). SLaM's k(x); the threshold 0.9 is our choice."""
+        return self._smallest_k_at(self._confidence(teacher_logits), target)
+
+    def _smallest_k_at(self, conf: Tensor, target: float) -> Tensor:
+        """:meth:`smallest_k` of the teacher's confidences ``conf`` [*]."""
         functional.check_real("target", target, low=0.0, high=1.0, low_open=False, high_open=False)
-        conf = self._confidence(teacher_logits)
         first_k, lo, value, last = self._table(conf.device)
         score = conf.detach().double().reshape(1, -1)
         k = torch.full(score.shape[1:], self.max_k, dtype=torch.long, device=conf.device)
@@ -379,7 +385,7 @@ class WeightedKDLoss(nn.Module):
             sample_weight=sample_weight, reduction=self.reduction, num_items=num_items,
             acc=reference.compute_dtype(student_logits, t),
         )  # fmt: skip
-        w = distillation_weights(self.reliability, _kept_rows(t, labels, self.ignore_index))
+        w = self.reliability.calibrators[0](_kept_confidence(self.reliability, t, labels, self.ignore_index))
         if sample_weight is not None:
             w = w * sample_weight
         kw = dict(sample_weight=w, ignore_index=self.ignore_index, reduction=self.reduction, num_items=num_items)
@@ -575,9 +581,9 @@ class SLaMLoss(nn.Module):
                 *, num_items: int | Tensor | None = None, sample_weight: Tensor | None = None) -> Tensor:  # fmt: skip
         """student_logits [*, V]; teacher_logits [*, V] (or [1, *, V] / a list of one); labels int64 [*] or None."""
         t = _one_teacher(student_logits, teacher_logits, "SLaMLoss")
-        kept = _kept_rows(t, labels, self.ignore_index)
-        alpha = self.reliability.accuracy(kept)  # isotonic fit of 0/1 targets: in [0, 1] by construction
-        k = self.reliability.smallest_k(kept, self.topk_target)
+        conf = _kept_confidence(self.reliability, t, labels, self.ignore_index)  # one softmax for α and k
+        alpha = self.reliability.calibrators[0](conf)  # (accuracy) isotonic fit of 0/1 targets: in [0, 1]
+        k = self.reliability._smallest_k_at(conf, self.topk_target)
         # k: in [1, max_k], within this teacher's V when the curves were fitted on at most as many classes
         vouched = ("alpha", "k") if self.reliability.max_k <= t.shape[-1] else ("alpha",)
         with fastdistill.functional.values_checked(*vouched):
