@@ -68,7 +68,8 @@ def token_f1(a: Any, b: Any, ignore: Collection[Hashable] = ()) -> float:
 
 
 def _check(candidates: Sequence[Sequence[Any]] | Tensor,
-           weights: Sequence[float] | Tensor | None) -> tuple[int, int, list]:  # fmt: skip
+           weights: Sequence[float] | Tensor | None) -> tuple[int, int, list, list[float]]:  # fmt: skip
+    """(K, M, the K candidate sequences, the K weights as floats, uniform by default), or a clear error."""
     if isinstance(candidates, Tensor):
         if candidates.dim() != 3:
             raise ValueError(f"candidates as a tensor must be [K, M, L] (teacher, input, token), got shape "
@@ -87,13 +88,14 @@ def _check(candidates: Sequence[Sequence[Any]] | Tensor,
         if len(c) != m:
             raise ValueError(f"candidates[{j}] has {len(c)} outputs, candidates[0] has {m}: every teacher needs one "
                              "output per input (teacher-major: candidates[k][i])")  # fmt: skip
-    if weights is not None:
-        w = [float(x) for x in (weights.tolist() if isinstance(weights, Tensor) else weights)]
-        if len(w) != k:
-            raise ValueError(f"weights must have one entry per teacher (K = {k}), got {len(w)}")
-        if any(not (x >= 0) or x == float("inf") for x in w) or sum(w) <= 0:
-            raise ValueError(f"weights must be finite, >= 0 and not all 0, got {w}")
-    return k, m, list(candidates)
+    if weights is None:
+        return k, m, list(candidates), [1.0] * k
+    w = [float(x) for x in (weights.tolist() if isinstance(weights, Tensor) else weights)]
+    if len(w) != k:
+        raise ValueError(f"weights must have one entry per teacher (K = {k}), got {len(w)}")
+    if any(not (x >= 0) or x == float("inf") for x in w) or sum(w) <= 0:
+        raise ValueError(f"weights must be finite, >= 0 and not all 0, got {w}")
+    return k, m, list(candidates), w
 
 
 def mbr_select(candidates: Sequence[Sequence[Any]] | Tensor, similarity: Similarity = token_f1,
@@ -112,9 +114,7 @@ def mbr_select(candidates: Sequence[Sequence[Any]] | Tensor, similarity: Similar
     Returns:
         M teacher indices.
     """
-    k, m, cands = _check(candidates, weights)
-    w = [1.0] * k if weights is None else [float(x) for x in (weights.tolist() if isinstance(weights, Tensor)
-                                                               else weights)]  # fmt: skip
+    k, m, cands, w = _check(candidates, weights)
     top = max(w)
     w = [x / top for x in w]  # the argmax is scale-free; weights near 1e308 overflowed the scores to inf (ties)
     if k == 1:
@@ -148,7 +148,6 @@ def mbr_consensus(candidates: Sequence[Sequence[T]] | Tensor, similarity: Simila
     """The MBR consensus output per input: ``candidates[mbr_select(...)[i]][i]`` for each i (M outputs, each as
     given: a tensor row of a [K, M, L] tensor stays a tensor). Arguments as for :func:`mbr_select`."""
     if isinstance(candidates, Tensor):
-        _check(candidates, weights)
         idx = torch.tensor(mbr_select(candidates, similarity, weights), dtype=torch.long, device=candidates.device)
         return list(candidates[idx, torch.arange(candidates.shape[1], device=candidates.device)].unbind(0))
     return [candidates[k][i] for i, k in enumerate(mbr_select(candidates, similarity, weights))]
