@@ -74,6 +74,28 @@ def test_reliability_accuracy_topk_and_smallest_k():
     assert rel.smallest_k(q, target=0.9).tolist() == [2, 1, 1]
 
 
+def test_a_reliability_pickled_without_tables_or_with_old_ones_still_answers():
+    """TeacherReliability caches its curves as per-device tables; a pickle made before the cache existed (no
+    _tables) or with tables of the older per-k layout (4-tuples) loads and gives the same smallest_k."""
+    import pickle
+
+    g = torch.Generator().manual_seed(3)
+    t_val = torch.randn(300, 20, generator=g) * 3
+    y_val = torch.where(torch.rand(300, generator=g) < 0.7, t_val.argmax(-1), torch.randint(0, 20, (300,), generator=g))
+    rel = TeacherReliability.fit(t_val, y_val)
+    q = torch.randn(64, 20, generator=g) * 3
+    want = rel.smallest_k(q, 0.8)
+    for tables in (None, {torch.device("cpu"): (None, None, None, None)}):
+        state = dict(rel.__dict__)
+        if tables is None:
+            del state["_tables"]
+        else:
+            state["_tables"] = tables
+        old = TeacherReliability.__new__(TeacherReliability)
+        old.__setstate__(pickle.loads(pickle.dumps(state)))
+        assert torch.equal(pickle.loads(pickle.dumps(old)).smallest_k(q, 0.8), want)
+
+
 def test_smallest_k_matches_the_curve_by_curve_definition():
     """smallest_k evaluates every top-k curve at once, a chunk of curves per pass (it was ~6 launches per class,
     max_k = V by default): the smallest k whose curve reaches the target, else max_k, exactly as curve by curve,

@@ -208,6 +208,13 @@ class TeacherReliability:
         # V of the teacher it was fitted on (None: not known): a confidence over another vocabulary is another
         # scale (1/V at chance), so the curves do not apply to it
         self.num_classes = num_classes
+        self._tables: dict = {}  # per device (_table)
+
+    def __setstate__(self, state: dict) -> None:
+        # a pickle made before the tables existed, or with tables of the per-k layout (rebuilt by _table)
+        self.__dict__.update(state)
+        if not isinstance(self.__dict__.get("_tables"), dict):
+            self._tables = {}
 
     @classmethod
     def fit(cls, teacher_logits: Tensor, labels: Tensor, max_k: int | None = None) -> TeacherReliability:
@@ -301,7 +308,8 @@ class TeacherReliability:
         fitted = [c.lo for c in self.calibrators]
         if any(lo is None for lo in fitted):
             raise RuntimeError("fit the calibrators first")
-        tables = self.__dict__.setdefault("_tables", {})  # per device (and pickles made before it existed)
+        # (not self.__dict__.setdefault: torch 2.11's Dynamo cannot trace it, and the method losses compile)
+        tables = self._tables
         cached = tables.get(device)
         if (cached is None or len(cached) != 5  # (a pickle's table of the per-k layout: rebuilt)
                 or len(cached[0]) != len(fitted) or any(a is not b for a, b in zip(cached[0], fitted))):  # fmt: skip
