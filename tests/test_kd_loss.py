@@ -745,3 +745,44 @@ def test_triton_chunks_of_several_tiles(monkeypatch, tiles, chunks, divergence):
              ensemble="loss_mean", temperature=2.0, ce_weight=0.3, labels=labels, teacher_weights=weights,
              sample_weight=sample_weight)  # fmt: skip
 
+
+
+@requires_triton
+def test_triton_reads_listed_teachers_in_place(monkeypatch):
+    """K teachers given as a list reach the Triton kernel as pointer offsets from the first one, not as a stacked
+    [K, N, V] copy (K x the logits' bytes, read and written once more a step), in every layout the offsets can take:
+    separate tensors; views of one buffer in reverse order (a negative offset), their gradients flowing back to it;
+    rows of another stride (stacked instead). One teacher of two requiring grad gets its gradient."""
+    from fastdistill.ops.triton import kd_loss
+
+    student, teachers = make_inputs((6,), 40, 2)
+    buf = torch.stack(teachers[::-1]).requires_grad_()  # buf[1] is teacher 0, buf[0] teacher 1
+    wide = torch.cat([teachers[1], torch.zeros(6, 8)], 1)[:, :40]  # row stride 48, not 40
+    kw = dict(divergence="jsd", ensemble="logit_mean", temperature=2.0, backend="triton")
+    ref_loss, ref = reference64(student, teachers, torch.tensor(0.7), teacher_grad=True, **kw)
+    stacks = []
+    real_stack = torch.stack
+    monkeypatch.setattr(torch, "stack", lambda ts, *a, **k: stacks.append(len(ts)) or real_stack(ts, *a, **k))
+    for listed, copies in (([teachers[0], teachers[1]], 0), ([buf[1], buf[0]], 0), ([teachers[0], wide], 1)):
+        stacks.clear()
+        base, _, offsets = kd_loss.teacher_layout(listed)
+        assert len(stacks) == copies and (copies or base is listed[0])
+        assert copies or offsets[1] == (listed[1].data_ptr() - listed[0].data_ptr()) // 4
+        stacks.clear()
+        s = student.clone().requires_grad_()
+        loss = fastdistill.kd_loss(s, listed, **kw)
+        assert len(stacks) == copies, "the op stacked listed teachers it could read in place"
+        (loss * 0.7).backward()
+        assert_close(loss, ref_loss, torch.float32, "loss")
+        assert_close(s.grad, ref[0], torch.float32, "grad")
+    monkeypatch.setattr(torch, "stack", real_stack)
+    assert kd_loss.teacher_layout([buf[1], buf[0]])[2] == [0, -240]
+    assert_close(buf.grad[1], ref[1], torch.float32, "grad")
+    assert_close(buf.grad[0], ref[2], torch.float32, "grad")
+    # one of two teachers trained: its gradient, and none for the other
+    s, t0, t1 = student.clone().requires_grad_(), teachers[0].clone().requires_grad_(), teachers[1].clone()
+    fastdistill.kd_loss(s, [t0, t1], divergence="reverse_kl", backend="triton").backward()
+    _, ref = reference64(student, teachers, teacher_grad=True, divergence="reverse_kl")
+    assert t1.grad is None
+    assert_close(s.grad, ref[0], torch.float32, "grad")
+    assert_close(t0.grad, ref[1], torch.float32, "grad")

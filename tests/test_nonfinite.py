@@ -229,7 +229,7 @@ def test_triton_out_of_range_label_gives_nan_row():
 
     s, ts = make_inputs((4,), 13, 1)
     labels = torch.tensor([1, 13, -7, 2])
-    loss, gs, _ = kd_loss_triton(s, torch.stack(ts), None, labels, None, None, "kl", "prob_mean", 2.0, 2.0, 0.5,
+    loss, gs, _ = kd_loss_triton(s, [torch.stack(ts)], None, labels, None, None, "kl", "prob_mean", 2.0, 2.0, 0.5,
                                  [], -100, False, True, False)  # fmt: skip
     assert torch.isnan(loss[1:3]).all() and torch.isfinite(loss[[0, 3]]).all()
     assert torch.isnan(gs[1:3]).all() and torch.isfinite(gs[[0, 3]]).all()
@@ -427,6 +427,6 @@ def test_triton_op_with_no_classes_sums_zeros_not_garbage():
     t = torch.empty(1, 3, 0)
     for _ in range(3):  # reuse of freed memory is what would expose garbage
         torch.full((64,), 7.0).sum()
-        loss, _, _ = kd_loss_triton(s, t, None, None, None, None, "kl", "prob_mean", 1.0, 1.0, 0.0, [], -100, False,
+        loss, _, _ = kd_loss_triton(s, [t], None, None, None, None, "kl", "prob_mean", 1.0, 1.0, 0.0, [], -100, False,
                                     False, False)  # fmt: skip
         assert torch.equal(loss, torch.zeros(3))

@@ -248,15 +248,19 @@ def _triton_samples():
     labels = torch.tensor([0, -100, 3, 4, 18])
     w = torch.rand(2, 5) + 0.1
     w = w / w.sum(0)
-    yield _op_args(s.clone().requires_grad_(), stacked)
-    yield _op_args(s.clone().requires_grad_(), stacked.clone().requires_grad_(), grad_teachers=0b11, reduce=False,
+    # the teachers: one stacked [K, N, V] tensor, or K tensors [N, V] (read in place)
+    yield _op_args(s.clone().requires_grad_(), [stacked])
+    yield _op_args(s.clone().requires_grad_(), [stacked.clone().requires_grad_()], grad_teachers=0b11, reduce=False,
                    divergence="jsd", ensemble="loss_mean")  # fmt: skip
-    yield _op_args(s.clone().requires_grad_(), stacked, labels=labels, ce_weight=0.3, teacher_weights=w,
+    yield _op_args(s.clone().requires_grad_(), [stacked], labels=labels, ce_weight=0.3, teacher_weights=w,
                    sample_weight=torch.rand(5), denominator=torch.tensor(4.0), ensemble="logit_mean")  # fmt: skip
+    yield _op_args(s.clone().requires_grad_(), [t.clone().requires_grad_() for t in ts], grad_teachers=0b11,
+                   divergence="skew_kl", ensemble="logit_mean")  # fmt: skip
+    yield _op_args(s.clone().requires_grad_(), [ts[1], ts[0]], labels=labels, ce_weight=0.3)
 
 
 @requires_triton
-@pytest.mark.parametrize("i", range(3))
+@pytest.mark.parametrize("i", range(5))
 def test_triton_opcheck(i):
     import fastdistill.ops.triton.kd_loss  # noqa: F401  (defines fastdistill::kd_loss_triton)
 
@@ -326,8 +330,8 @@ def test_sliced_teacher_logits_are_copied_once_and_one_listed_teacher_not_at_all
     assert all(t.untyped_storage().data_ptr() == base for t in inp.teachers)
     t = torch.randn(4, 6, 9)
     args, _ = kd_inputs(s, [t], **kw).kernel_args(stacked=True)
-    teachers = args[[name for name, _ in KDInputs.ARGS].index("teachers")]
-    assert teachers.shape == (1, 24, 9) and teachers.data_ptr() == t.data_ptr()
+    (teacher,) = args[[name for name, _ in KDInputs.ARGS].index("teachers")]
+    assert teacher.shape == (24, 9) and teacher.data_ptr() == t.data_ptr()
 
 
 def test_the_private_torch_hooks_the_backward_relies_on_exist():

@@ -264,17 +264,19 @@ class KDInputs(OpInputs):
         return reasons
 
     def kernel_args(self, stacked: bool = False) -> tuple[tuple, Tensor | None]:
-        """The op's arguments for this call: kernel dtypes, the gradient flags of this call, and the teachers as a
-        list (``fastdistill::kd_loss``) or one [K, N, V] tensor of unit stride along V (``stacked``: the Triton
-        twin; the caller's own tensor when it came stacked and needs no cast, else one copy); and the float16
-        prescale S the op's loss is to be divided by (None: none, see ``_fp16_prescale``)."""
+        """The op's arguments for this call: kernel dtypes, the gradient flags of this call, and the teachers (K
+        tensors [N, V]); for the Triton twin (``stacked``) of unit stride along V, as the caller's one stacked
+        [K, N, V] tensor where it came so and needs no cast; and the float16 prescale S the op's loss is to be
+        divided by (None: none, see ``_fp16_prescale``)."""
         student, teachers = _kernel_dtypes(self.student, self.teachers)
         if stacked:
             t = self.teachers_stacked
-            if t is None or teachers[0].dtype != t.dtype:  # one teacher (the loop's and trainer's [t]): a view
-                t = teachers[0].unsqueeze(0) if len(teachers) == 1 else torch.stack(teachers)
-            teachers, student = _unit_stride(t), _unit_stride(student)
-            grad_teachers = (1 << len(teachers)) - 1 if _grad_on(teachers) else 0
+            if t is not None and teachers[0].dtype == t.dtype:
+                teachers = [_unit_stride(t)]
+            else:  # read in place by the kernel in an eager call (kd_loss.teacher_layout)
+                teachers = [_unit_stride(x) for x in teachers]
+            student = _unit_stride(student)
+            grad_teachers = (1 << len(self.teachers)) - 1 if _grad_on(*teachers) else 0
         else:  # only the teachers that need one get a gradient buffer
             grad_teachers = sum(1 << k for k, t in enumerate(teachers) if _grad_on(t))
         grad_student = _grad_on(student)

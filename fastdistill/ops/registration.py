@@ -218,20 +218,24 @@ def _kd_loss_triton_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.reduce = KDInputs.arg(inputs, "reduce")
     _remember_lists(ctx, KDInputs, inputs)
+    ctx.stacked = KDInputs.arg(inputs, "teachers")[0].dim() == 3  # one [K, N, V] tensor, not K [N, V]
     ctx.save_for_backward(grad_s, grad_t)
 
 
 def _kd_loss_triton_backward(ctx, grad_loss, _grad_grad_s, _grad_grad_t):
-    """Backward of fastdistill::kd_loss_triton: as for kd_loss, with the teachers' gradient one [K, N, V] tensor."""
+    """Backward of fastdistill::kd_loss_triton: as for kd_loss, with the teachers' gradient one [K, N, V] tensor
+    (given back whole for a stacked input, as K views for K teachers)."""
     if grad_loss is None:
         return _grads(KDInputs, ctx)
     grad_s, grad_t = ctx.saved_tensors
     d_student = (_scale(_computed("kd_loss", "student_logits", grad_s), grad_loss, ctx.reduce)
                  if ctx.needs_input_grad[_KD_S] else None)  # fmt: skip
-    d_teachers = (_scale(_computed("kd_loss", "teacher_logits", grad_t), grad_loss, ctx.reduce)
-                  if ctx.needs_input_grad[_KD_T] else None)  # fmt: skip
+    # (the [0] placeholder: the teachers did not require grad where the op ran, as in kd_loss's backward)
+    d_teachers = _first_order("kd_loss", _scale(grad_t, grad_loss, ctx.reduce)) if ctx.needs_input_grad[_KD_T] else None
+    if d_teachers is None:
+        return _grads(KDInputs, ctx, student=_first_order("kd_loss", d_student))
     return _grads(KDInputs, ctx, student=_first_order("kd_loss", d_student),
-                  teachers=_first_order("kd_loss", d_teachers))  # fmt: skip
+                  teachers=[d_teachers] if ctx.stacked else list(d_teachers.unbind(0)))  # fmt: skip
 
 
 def _register_autograd(op, backward, setup_context, split=None) -> None:

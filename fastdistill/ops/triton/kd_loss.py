@@ -1,9 +1,10 @@
 """Triton backend of the fused KD loss (v3): a row cut into C chunks of TPC tiles (BLOCK columns), one program per
 chunk, three sweeps over the chunk's tiles with a barrier among the row's programs between them.
 
-Sweep 1 reads the chunk of the student and the K teachers ([KP, BLOCK] tiles of the stacked [K, N, V] teachers) and
-keeps online-softmax statistics per group of 8 columns, in each thread's registers (``row_math.group_stats``: no
-block-wide reduction inside the loop); the chunk's share of each normaliser goes to a small [N, C, 8 + 3 KP] buffer,
+Sweep 1 reads the chunk of the student and the K teachers ([KP, BLOCK] tiles, teacher k at an offset from the base
+pointer: a stacked [K, N, V] tensor or K separate [N, V] tensors, ``teacher_layout``) and keeps online-softmax
+statistics per group of 8 columns, in each thread's registers (``row_math.group_stats``: no block-wide reduction
+inside the loop); the chunk's share of each normaliser goes to a small [N, C, 8 + 3 KP] buffer,
 and after the row's barrier each program combines the row's shares (``finish_stats``). Sweep 2 reads the chunk again,
 a few microseconds after sweep 1, so from L2 rather than HBM (a chunk is ~16 KB of input: ``row_split``), evaluates
 the divergence terms (the math of ``csrc/common/kd_math.h``, in ``row_math.divergence_terms``) and the aggregates the
@@ -59,6 +60,7 @@ from .launch import (
     fast_math,
     int_tensor,
     is_aligned,
+    is_eager,
     jit_pair,
     param_tensor,
     tl_acc,
@@ -107,30 +109,35 @@ def _kd_row(
     staged launch (the module docstring). part_ptr: [N, C, 8 + 3 KP] partials of the accumulation dtype, the last slot
     the chunk's loss; sync_ptr: int32 [4 + 2 N], zero: the tickets of STAGES 0..3, then the two barriers' arrival
     counters per row."""
-    # integer arguments, int64 (the order of kd_args' ints, then the chunks per row and tiles per chunk): every
-    # offset below is 64-bit from the start
+    # integer arguments, int64 (the order of kd_args' ints: the chunks per row and tiles per chunk, then the K
+    # teachers' offsets, last): every offset below is 64-bit from the start
     N = tl.load(int_ptr + 0)
     V = tl.load(int_ptr + 1)
     s_stride = tl.load(int_ptr + 2)
-    t_stride_k = tl.load(int_ptr + 3)
-    t_stride_n = tl.load(int_ptr + 4)
-    ignore_index = tl.load(int_ptr + 5)
-    K = tl.load(int_ptr + 6)
-    has_tw = tl.load(int_ptr + 7)
-    has_labels = tl.load(int_ptr + 8)
-    has_sw = tl.load(int_ptr + 9)
-    has_den = tl.load(int_ptr + 10)
-    ce = tl.load(int_ptr + 11)  # cross-entropy term on (ce_weight > 0)
-    ce_at_t = tl.load(int_ptr + 12)  # T == 1: the cross-entropy's softmax is Q itself
-    grad_s = tl.load(int_ptr + 13)
-    grad_t = tl.load(int_ptr + 14)
-    C = tl.load(int_ptr + 15)
-    TPC = tl.load(int_ptr + 16)
+    t_stride_n = tl.load(int_ptr + 3)
+    ignore_index = tl.load(int_ptr + 4)
+    K = tl.load(int_ptr + 5)
+    has_tw = tl.load(int_ptr + 6)
+    has_labels = tl.load(int_ptr + 7)
+    has_sw = tl.load(int_ptr + 8)
+    has_den = tl.load(int_ptr + 9)
+    ce = tl.load(int_ptr + 10)  # cross-entropy term on (ce_weight > 0)
+    ce_at_t = tl.load(int_ptr + 11)  # T == 1: the cross-entropy's softmax is Q itself
+    grad_s = tl.load(int_ptr + 12)
+    grad_t = tl.load(int_ptr + 13)
+    C = tl.load(int_ptr + 14)
+    TPC = tl.load(int_ptr + 15)
+    ks = tl.arange(0, KP)
+    ks64 = ks.to(tl.int64)
+    kmask = ks < K
+    # teacher k's first element, in elements from t_ptr (k x the K stride of a stacked [K, N, V] tensor, or the
+    # distance between the pointers of K separate [N, V] tensors: no stacked copy of them is made)
+    t_off = tl.load(int_ptr + 16 + ks64, mask=kmask, other=0)
     if ALIGNED:  # the launcher checked these are multiples of 16: said so, the loads become 16-byte vectors
         V = V // 16 * 16
         s_stride = s_stride // 16 * 16
-        t_stride_k = t_stride_k // 16 * 16
         t_stride_n = t_stride_n // 16 * 16
+        t_off = t_off // 16 * 16
     V32 = V.to(tl.int32)  # column indices within a row stay 32-bit (V < 2**31); row offsets are 64-bit
     if ALIGNED:
         V32 = V32 // 16 * 16
@@ -150,9 +157,6 @@ def _kd_row(
     chunk = ticket - row * C
     b0 = (chunk * TPC).to(tl.int32)  # the chunk's tiles [b0, b1)
     b1 = tl.minimum(b0 + TPC.to(tl.int32), tl.cdiv(V32, BLOCK))
-    ks = tl.arange(0, KP)
-    ks64 = ks.to(tl.int64)
-    kmask = ks < K
     w = tl.where(kmask, uniform, 0.0)
     if has_tw != 0:
         w = tl.load(tw_ptr + ks64 * N + row, mask=kmask, other=0.0).to(ACC)
@@ -162,7 +166,7 @@ def _kd_row(
                                       ACC)  # fmt: skip
     ce_own = (ce != 0) & (ce_at_t == 0)  # the cross-entropy needs its own normaliser (at T = 1)
     s_row = s_ptr + row * s_stride
-    t_row = t_ptr + row * t_stride_n + ks64[:, None] * t_stride_k
+    t_row = t_ptr + row * t_stride_n + t_off[:, None]
     gs_row = gs_ptr + row * V
     # partial slots: 0, 1 student (max, exp-sum); 2, 3 the cross-entropy's; 4, 5 the pooled logits'; 6 + k, 6 + KP + k
     # teacher k's; 6 + 2 KP the aggregate sum_v gq; 7 + 2 KP + k teacher k's aggregate; 7 + 3 KP the chunk's loss
@@ -405,8 +409,9 @@ def pack_params(layout: tuple[str, ...], **values) -> list[float]:
 
 
 def _kd_loss_triton(*args) -> tuple[Tensor, Tensor, Tensor]:
-    """The Triton twin of ``fastdistill::kd_loss`` (arguments: ``KDInputs.ARGS``) with the teachers stacked:
-    student [N, V], teachers [K, N, V] (unit stride along V). Returns (loss, grad_student, grad_teachers)."""
+    """The Triton twin of ``fastdistill::kd_loss`` (arguments: ``KDInputs.ARGS``): student [N, V], ``teachers`` K
+    tensors [N, V] or one stacked [K, N, V] (unit stride along V). Returns (loss, grad_student, grad_teachers), the
+    teachers' gradient one [K, N, V] tensor (all K or none)."""
     a = KDInputs.named(args)
     launches, chunk_losses, gs, gt = kd_launch(a)
     for launch in launches:
@@ -423,20 +428,21 @@ def kd_args(a: SimpleNamespace) -> SimpleNamespace:
     shapes and dtype, the small argument tensors (teacher and sample weights, denominator, labels, float parameters in
     KD_PARAMS order), the int arguments (in the order the kernels load them; kd_split appends its own) and the
     constexprs that follow from the call. Works on meta tensors."""
-    student, teachers = a.student, a.teachers
+    student = a.student
     n, v = student.shape
-    k = teachers.shape[0]
+    base, t_stride_n, offsets = teacher_layout(a.teachers)
+    k = len(offsets)
     if not 1 <= k <= MAX_TEACHERS:
         raise ValueError(f"teachers: the Triton kd_loss takes 1..{MAX_TEACHERS} teachers, got K = {k}")
     check_row_dtype("kd_loss", student.dtype)
-    check_row_dtype("kd_loss", teachers.dtype)
+    check_row_dtype("kd_loss", base.dtype)
     div = divergences.get(a.divergence)
     if len(a.div_params) != len(div.params):
         raise ValueError(f"div_params: {div.name} takes {len(div.params)} parameter(s), got {len(a.div_params)}")
     dev = student.device
     acc = acc_dtype(student.dtype)
     gs = torch.empty((n, v) if a.grad_student else (0,), device=dev, dtype=student.dtype)
-    gt = torch.empty((k, n, v) if a.grad_teachers else (0,), device=dev, dtype=teachers.dtype)
+    gt = torch.empty((k, n, v) if a.grad_teachers else (0,), device=dev, dtype=base.dtype)
     prm = param_tensor(pack_params(KD_PARAMS, inv_t=1.0 / a.temperature, kd_scale=a.kd_scale,
                                    kd_over_t=a.kd_scale / a.temperature, ce_weight=a.ce_weight, uniform=1.0 / k,
                                    div=a.div_params), acc, student)  # fmt: skip
@@ -447,17 +453,44 @@ def kd_args(a: SimpleNamespace) -> SimpleNamespace:
     den = a.denominator.to(acc).reshape(1) if has_den else dummy
     lab = a.labels.to(torch.int64).contiguous() if a.labels is not None else torch.empty(1, device=dev,
                                                                                         dtype=torch.int64)  # fmt: skip
-    strides = [student.stride(0), teachers.stride(0), teachers.stride(1)]
-    ints = [n, v, *strides, a.ignore_index, k, a.teacher_weights is not None, a.labels is not None,
-            a.sample_weight is not None, has_den, a.ce_weight > 0, a.temperature == 1.0, a.grad_student,
-            bool(a.grad_teachers)]  # fmt: skip
+    ints = [n, v, student.stride(0), t_stride_n, a.ignore_index, k, a.teacher_weights is not None,
+            a.labels is not None, a.sample_weight is not None, has_den, a.ce_weight > 0, a.temperature == 1.0,
+            a.grad_student, bool(a.grad_teachers)]  # fmt: skip
     kp = _teacher_bucket(k)
+    # (teacher k's pointer: the base's plus offsets[k] elements, aligned when both are)
+    aligned = is_aligned([student, base, gs, gt], [v, student.stride(0), t_stride_n, *offsets])
     constexprs = dict(KP=kp, DIV=div.code, CLOSED=div.closed_form, LOG_TARGET=div.log_target,
-                      ENS=ENS_CODES[a.ensemble] if k > 1 else 0, ALIGNED=is_aligned([student, teachers, gs, gt],
-                      [v, *strides]), ACC=tl_acc(student.dtype), FAST=fast_math(student.dtype))  # fmt: skip
+                      ENS=ENS_CODES[a.ensemble] if k > 1 else 0, ALIGNED=aligned, ACC=tl_acc(student.dtype),
+                      FAST=fast_math(student.dtype))  # fmt: skip
     return SimpleNamespace(n=n, v=v, k=k, kp=kp, acc=acc, dev=dev, gs=gs, gt=gt, closed=div.closed_form,
-                           tensors=(student, teachers, tw, lab, sw, den), prm=prm, ints=ints,
+                           tensors=(student, base, tw, lab, sw, den), prm=prm, ints=ints, offsets=offsets,
                            constexprs=constexprs)  # fmt: skip
+
+
+def teacher_layout(teachers: list[Tensor] | Tensor) -> tuple[Tensor, int, list[int]]:
+    """(base, row stride, offsets): the tensor whose pointer the kernel takes, the teachers' common row stride, and
+    teacher k's first element as an element offset from the base's. ``teachers``: one stacked [K, N, V] tensor (a
+    list holding it, or the tensor itself), offsets k x its K stride; or K tensors [N, V] of one dtype, device and row
+    stride, read in place in an eager call (offsets: the distances between their pointers), stacked into one copy
+    otherwise (while torch.compile traces the op there is no pointer yet)."""
+    if isinstance(teachers, Tensor):
+        teachers = [teachers]
+    if len(teachers) == 1 and teachers[0].dim() == 3:
+        t = teachers[0]
+        return t, t.stride(1), [k * t.stride(0) for k in range(t.shape[0])]
+    if not teachers or any(t.dim() != 2 for t in teachers):
+        raise ValueError("teachers: one stacked [K, N, V] tensor or K tensors [N, V], got shapes "
+                         f"{[tuple(t.shape) for t in teachers]}")  # fmt: skip
+    t0 = teachers[0]
+    if any(t.dtype != t0.dtype or t.device != t0.device for t in teachers):
+        raise ValueError(f"teachers: one dtype and device, got {[(t.dtype, str(t.device)) for t in teachers]}")
+    size = t0.element_size()
+    if is_eager(t0) and all(t.stride(0) == t0.stride(0) for t in teachers):
+        gaps = [t.data_ptr() - t0.data_ptr() for t in teachers]
+        if all(g % size == 0 for g in gaps):
+            return t0, t0.stride(0), [g // size for g in gaps]
+    t = torch.stack(teachers)
+    return t, t.stride(1), [k * t.stride(0) for k in range(t.shape[0])]
 
 
 def kd_launch(a: SimpleNamespace) -> tuple[list[Launch], Tensor, Tensor, Tensor]:
@@ -467,13 +500,13 @@ def kd_launch(a: SimpleNamespace) -> tuple[list[Launch], Tensor, Tensor, Tensor]
     c = kd_args(a)
     block = _block(c.kp, c.v)
     n_tiles = cdiv(c.v, block)
-    chunks, tiles = row_split(n_tiles, c.k, max(a.student.element_size(), a.teachers.element_size()), block, c.dev,
-                              c.n)  # fmt: skip
+    chunks, tiles = row_split(n_tiles, c.k, max(a.student.element_size(), c.tensors[1].element_size()), block,
+                              c.dev, c.n)  # fmt: skip
     ps = 8 + 3 * c.kp
     # V = 0 launches no program (only torch.ops reaches it: the functional API rejects V = 0): the losses are 0
     part = (torch.zeros if c.v == 0 else torch.empty)(c.n, chunks, ps, device=c.dev, dtype=c.acc)
     sync = torch.zeros(4 + 2 * c.n, device=c.dev, dtype=torch.int32)
-    args = (*c.tensors, part, c.gs, c.gt, c.prm, int_tensor([*c.ints, chunks, tiles], a.student), sync)
+    args = (*c.tensors, part, c.gs, c.gt, c.prm, int_tensor([*c.ints, chunks, tiles, *c.offsets], a.student), sync)
     need_agg = a.grad_teachers or (a.grad_student and not c.closed)
     stages = (0,) if not INTERPRET or chunks == 1 else ((1, 2, 3) if need_agg else (1, 3))
     grid = (c.n * chunks if c.v > 0 else 0,)
@@ -556,12 +589,15 @@ def _kd_loss_triton_fake(*args) -> tuple[Tensor, Tensor, Tensor]:
     acc = torch.float64 if a.student.dtype == torch.float64 else torch.float32
     loss = a.student.new_empty(() if a.reduce else (n,), dtype=acc)
     gs = a.student.new_empty((n, v) if a.grad_student else (0,))
-    gt = a.teachers.new_empty(tuple(a.teachers.shape) if a.grad_teachers else (0,))
+    t = a.teachers[0]
+    k = t.shape[0] if len(a.teachers) == 1 and t.dim() == 3 else len(a.teachers)
+    gt = t.new_empty((k, n, v) if a.grad_teachers else (0,))
     return loss, gs, gt
 
 
-# fastdistill::kd_loss's arguments with the teachers as one [K, N, V] tensor
-KDInputs.typed(_kd_loss_triton, teachers="Tensor", returns="(Tensor, Tensor, Tensor)")
+# fastdistill::kd_loss's arguments (the teachers: K [N, V] tensors or one stacked [K, N, V]), the teachers' gradient
+# one [K, N, V] tensor
+KDInputs.typed(_kd_loss_triton, returns="(Tensor, Tensor, Tensor)")
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     # Triton's interpreter cannot be traced (wrap_triton needs a compiled JITFunction), so here the op is opaque to
     # torch.compile, with a fake kernel; on a GPU it is a triton_op and torch.compile traces into the kernel.
