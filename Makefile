@@ -132,9 +132,18 @@ gpu_stage = { echo "=== $(1) at +$(gpu_now) s"; $(if $(filter $(1),$(GPU_STAGES)
 # $(call gpu_bench,MODULE,END,ARGS,NAME): a benchmark script that stops by END (Unix time), killed 30 s after it
 gpu_bench = $(GPU_ENV) timeout -k 5 $(call gpu_left,$(2) + 30) $(GPU_PY) -m benchmarks.$(1) --device \
 	$(GPU_DEVICE) $(3) --deadline $(2) --child-timeout-s $(GPU_CHILD_S) --out $(GPU_OUT)/$(4)-$(GPU_DEVICE).json
-GPU_INSTALL_CMD = timeout -k 5 $(call gpu_left,$(GPU_END_INSTALL)) $(GPU_PY) -m pip install \
-	--no-build-isolation --no-deps --no-index --disable-pip-version-check -e .; rc=$$?; [ $$rc -eq 0 ] \
-	|| echo "install failed: the stages below import the source tree (PYTHONPATH=$(CURDIR))"; (exit $$rc)
+# The build's tools are printed first: pip's build needs setuptools >= 77 (pyproject.toml's license fields), and
+# without ninja setup.py runs one compiler per source in forked children. If pip fails, _C is built in place from a
+# copy of setup.py, csrc/ and cuda_build.py without pyproject.toml (an older setuptools rejects its metadata, not the
+# build), and the .so is copied next to the sources that the stages import.
+GPU_INSTALL_CMD = $(GPU_PY) -c "import setuptools, shutil; print('setuptools', setuptools.__version__, '| ninja', \
+	shutil.which('ninja'))"; timeout -k 5 $(call gpu_left,$(GPU_END_INSTALL)) $(GPU_PY) -m pip install \
+	--no-build-isolation --no-deps --no-index --disable-pip-version-check -e .; rc=$$?; [ $$rc -eq 0 ] || { \
+	echo "pip install failed (exit status $$rc): building _C in place"; d=$$(mktemp -d); mkdir -p $$d/fastdistill/ops \
+	&& cp -r setup.py csrc $$d/ && cp fastdistill/ops/cuda_build.py $$d/fastdistill/ops/ && (cd $$d && timeout -k 5 \
+	$(call gpu_left,$(GPU_END_INSTALL)) $(GPU_PY) setup.py -q build_ext --inplace) && cp $$d/fastdistill/_C*.so \
+	$$d/fastdistill/_build_info.py fastdistill/; rc=$$?; rm -rf $$d; [ $$rc -eq 0 ] || echo "no _C: the stages \
+	below import the source tree (PYTHONPATH=$(CURDIR))"; }; (exit $$rc)
 GPU_TESTS_CMD = logs=$$(mktemp -d); for f in tests/test_*gpu*.py; do ( $(GPU_ENV) timeout -s INT -k 10 \
 	$(call gpu_left,$(GPU_END_TESTS)) $(GPU_PY) -m pytest -o addopts= -o faulthandler_timeout=40 -q -rfE \
 	-p no:cacheprovider --durations=10 $$f; echo "exit status $$?" ) > $$logs/$$(basename $$f).log 2>&1 & done; wait; \

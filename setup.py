@@ -73,6 +73,50 @@ class BuildPyWithoutExt(build_py):
             os.remove(stale)
 
 
+def _compile_in_parallel(compiler, jobs: int) -> None:
+    """Without ninja, torch's BuildExtension compiles one source at a time (~10 min for the CUDA kernels, against
+    ~1 min with ninja on a 16-core machine): ``compiler.compile`` replaced by one that runs up to ``jobs`` sources at
+    once, each in a forked child. Not threads: torch's per-source wrapper swaps the compiler executable (nvcc / c++)
+    on the shared compiler object, which threads would race on. The children's output goes where the build's does."""
+    from setuptools.errors import CompileError
+
+    def compile(sources, output_dir=None, macros=None, include_dirs=None, debug=0, extra_preargs=None,
+                extra_postargs=None, depends=None):  # fmt: skip
+        macros, objects, extra_postargs, pp_opts, build = compiler._setup_compile(
+            output_dir, macros, include_dirs, sources, depends, extra_postargs)  # fmt: skip
+        cc_args = compiler._get_cc_args(pp_opts, debug, extra_preargs)
+        todo = [obj for obj in objects if obj in build]
+        running, failed = {}, []
+        while todo or running:
+            while todo and len(running) < jobs:
+                obj = todo.pop(0)
+                src, ext = build[obj]
+                sys.stdout.flush()
+                sys.stderr.flush()
+                pid = os.fork()
+                if pid == 0:  # the child: one source, then out without running the parent's exit handlers
+                    code = 1
+                    try:
+                        compiler._compile(obj, src, ext, cc_args, extra_postargs, pp_opts)
+                        code = 0
+                    except BaseException as e:  # noqa: BLE001  (reported by the parent)
+                        print(f"fastdistill: compiling {src} failed: {e}", file=sys.stderr)
+                    finally:
+                        sys.stdout.flush()
+                        sys.stderr.flush()
+                        os._exit(code)
+                running[pid] = src
+            pid, status = os.wait()
+            if pid in running and status != 0:
+                failed.append(running[pid])
+            running.pop(pid, None)
+        if failed:
+            raise CompileError(f"fastdistill: compiling {', '.join(failed)} failed (the errors are above)")
+        return objects
+
+    compiler.compile = compile
+
+
 def _extensions():
     if os.environ.get("FASTDISTILL_SKIP_EXT", "0") == "1":
         return [], {"build_py": BuildPyWithoutExt}, {}
@@ -141,6 +185,13 @@ def _extensions():
             # and then ninja itself skips what is up to date. So _build_info.py, written below after a compile that
             # succeeded, always describes the _C next to it.
             self.force = True
+
+        def build_extensions(self):
+            if not self.use_ninja and hasattr(os, "fork"):  # (BuildExtension's __init__ found no ninja)
+                cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+                jobs = int(os.environ.get("MAX_JOBS") or cpus or 1)
+                _compile_in_parallel(self.compiler, max(1, jobs))
+            super().build_extensions()
 
         def run(self):
             super().run()

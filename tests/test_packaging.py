@@ -285,6 +285,38 @@ def test_build_ext_recompiles_even_without_ninja(tmp_path):
     assert out.stdout.strip().splitlines()[-1] == "False True", out.stdout
 
 
+def test_without_ninja_sources_compile_in_parallel_and_a_failure_fails_the_build(tmp_path):
+    """Without ninja, torch's BuildExtension compiles one source at a time (the CUDA kernels: ~10 minutes, past the GPU
+    run's install slot); setup.py's replacement for compiler.compile runs up to MAX_JOBS at once in forked children.
+    Every object is built, and one source that does not compile fails the build, naming it."""
+    for name, body in (("a.c", "int a(void) { return 1; }"), ("b.c", "int b(void) { return 2; }"),
+                       ("bad.c", "int c(void) { return }")):  # fmt: skip
+        (tmp_path / name).write_text(body + "\n")
+    out = _setup_py(
+        f"""
+        setuptools.setup = lambda **kwargs: None
+        g = runpy.run_path("setup.py", run_name="__main__")
+        from setuptools._distutils.ccompiler import new_compiler
+        from setuptools.errors import CompileError
+        cc = new_compiler()
+        cc.compiler_so = ["cc", "-c"]  # (distutils' bare default, without sysconfig's flags)
+        g["_compile_in_parallel"](cc, 2)
+        objs = cc.compile([r"{tmp_path}/a.c", r"{tmp_path}/b.c"], output_dir=r"{tmp_path}/out")
+        import os
+        print(all(os.path.getsize(o) > 0 for o in objs), len(objs))
+        try:
+            cc.compile([r"{tmp_path}/a.c", r"{tmp_path}/bad.c"], output_dir=r"{tmp_path}/out")
+        except CompileError as e:
+            print("failed:", e)
+        """,
+        env={"FASTDISTILL_SKIP_EXT": "1"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[-2] == "True 2", out.stdout + out.stderr
+    assert lines[-1].startswith("failed: fastdistill: compiling") and "bad.c" in lines[-1] and "a.c," not in lines[-1]
+
+
 class _AVX2Build:
     TORCH_VERSION, CUDA_VERSION, WITH_CUDA, CPU_ARCH = torch.__version__, torch.version.cuda, False, "avx2"
 
