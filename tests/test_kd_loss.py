@@ -777,6 +777,13 @@ def test_triton_reads_listed_teachers_in_place(monkeypatch):
         assert_close(s.grad, ref[0], torch.float32, "grad")
     monkeypatch.setattr(torch, "stack", real_stack)
     assert kd_loss.teacher_layout([buf[1], buf[0]])[2] == [0, -240]
+    # while torch.compile traces the op there are no pointers: a list is stacked (one copy, inside the graph)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fakes = [mode.from_tensor(t) for t in teachers]
+        base, _, offsets = kd_loss.teacher_layout(fakes)
+        assert base.shape == (2, 6, 40) and offsets == [0, 240]
     assert_close(buf.grad[1], ref[1], torch.float32, "grad")
     assert_close(buf.grad[0], ref[2], torch.float32, "grad")
     # one of two teachers trained: its gradient, and none for the other

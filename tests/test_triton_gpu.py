@@ -65,14 +65,17 @@ def test_auto_picks_triton_on_cuda():
     assert fastdistill.ops.dispatch.select("auto", inp).name == "triton"
 
 
-def test_compile_traces_into_triton():
+@pytest.mark.parametrize("form", ["stacked", "list"])
+def test_compile_traces_into_triton(form):
+    """Traced, a stacked tensor is read in place and a list is stacked inside the graph (no pointers while tracing:
+    kd_loss.teacher_layout); eagerly a list is read in place. The same gradients either way."""
     student, teachers = _cuda(*make_inputs((8,), 300, 2))
-    stacked = torch.stack(teachers)
+    t = torch.stack(teachers) if form == "stacked" else teachers
     fn = torch.compile(lambda s, t: fastdistill.kd_loss(s, t, divergence="jsd", backend="triton"), fullgraph=True)
     a = student.clone().requires_grad_()
-    fn(a, stacked).backward()
+    fn(a, t).backward()
     b = student.clone().requires_grad_()
-    fastdistill.kd_loss(b, stacked, divergence="jsd", backend="triton").backward()
+    fastdistill.kd_loss(b, t, divergence="jsd", backend="triton").backward()
     torch.testing.assert_close(a.grad, b.grad)
 
 
