@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.13.0
 CPU_TEST_PINS ?= triton==3.6.0 numpy<2.4
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: install build test test-full lint bench bench-gpu kernels-report aot-all clean demo
+.PHONY: install build test test-full lint bench bench-gpu kernels-report aot-all clean demo compat-2.11
 
 # Each step leaves a stamp in the venv and runs again only when its inputs change:
 #   .torch      the venv, the pinned CPU torch (first, so no requirement can pull a CUDA build; an importable torch
@@ -49,6 +49,22 @@ test: $(VENV)/.deps-test $(VENV)/.built
 # every Triton configuration compiled for sm_90 and sm_80, every kd_loss matrix case in Triton's interpreter.
 test-full: $(VENV)/.deps-test $(VENV)/.built
 	FASTDISTILL_TEST_FULL=1 $(PY) -m pytest -q tests --durations=25
+
+# torch 2.11, the GPU runs' release (CI tests 2.13): a second venv (PyPI's torch 2.11 is a CUDA build, ~4 GB, that
+# runs on the CPU), _C built against it in a copy of the checkout (a build here would replace the 2.13 _C), and the
+# tests outside Triton's interpreter, the packaging and the examples (~40 min on 2 cores; not part of `make test`).
+# It found a Dynamo difference (2026-12-02) that 2.13 hides.
+VENV_211 ?= $(CURDIR)/.venv-2.11
+COMPAT_DIR ?= /tmp/fastdistill-torch-2.11
+compat-2.11:
+	test -x $(VENV_211)/bin/python || $(PYTHON_SYSTEM) -m venv $(VENV_211)
+	pins='$(CPU_TEST_PINS)'; $(VENV_211)/bin/python -m pip install -q torch==2.11.0 $$pins "setuptools>=77,<82" \
+		ninja pyyaml tqdm safetensors pytest pytest-benchmark expecttest scikit-learn transformers
+	rm -rf $(COMPAT_DIR) && mkdir -p $(COMPAT_DIR) && git ls-files -co --exclude-standard | grep -v '^\.venv' \
+		| tar -cf - -T - | tar -xf - -C $(COMPAT_DIR)
+	cd $(COMPAT_DIR) && $(VENV_211)/bin/python -m pip install -q --no-build-isolation --no-deps -e . \
+		&& $(VENV_211)/bin/python -m pytest -q -p no:cacheprovider -k "not triton" \
+		$$(ls tests/test_*.py | grep -v -e gpu -e aot -e packaging -e example -e cuda_build)
 
 # The embedded demo (fastdistill demo): K = 4 teachers and 7 student variants on scikit-learn's bundled digits, 5
 # seeds, 37 s on 2 cores; the table on stdout, learning curves in demo_out/learning_curves.png. Installs only the
