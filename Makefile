@@ -58,11 +58,12 @@ VENV_211 ?= $(CURDIR)/.venv-2.11
 COMPAT_DIR ?= /tmp/fastdistill-torch-2.11
 compat-2.11:
 	test -x $(VENV_211)/bin/python || $(PYTHON_SYSTEM) -m venv $(VENV_211)
-	pins='$(CPU_TEST_PINS)'; $(VENV_211)/bin/python -m pip install -q torch==2.11.0 $$pins "setuptools>=77,<82" \
-		ninja pyyaml tqdm safetensors pytest pytest-benchmark expecttest scikit-learn transformers
+	pins='$(CPU_TEST_PINS)'; $(VENV_211)/bin/python -m pip install -q torch==2.11.0 $$pins "setuptools>=77,<82" ninja
 	rm -rf $(COMPAT_DIR) && mkdir -p $(COMPAT_DIR) && git ls-files -co --exclude-standard | grep -v '^\.venv' \
 		| tar -cf - -T - | tar -xf - -C $(COMPAT_DIR)
-	cd $(COMPAT_DIR) && $(VENV_211)/bin/python -m pip install -q --no-build-isolation --no-deps -e . \
+	cd $(COMPAT_DIR) && pins='$(CPU_TEST_PINS)' && FASTDISTILL_SKIP_EXT=1 $(VENV_211)/bin/python -m pip install -q \
+		--no-build-isolation -e ".[test]" $$pins && $(VENV_211)/bin/python -m pip install -q --no-build-isolation \
+		--no-deps -e . \
 		&& $(VENV_211)/bin/python -m pytest -q -p no:cacheprovider -k "not triton" \
 		$$(ls tests/test_*.py | grep -v -e gpu -e aot -e packaging -e example -e cuda_build)
 
