@@ -426,8 +426,8 @@ def _kd_loss_triton(*args) -> tuple[Tensor, Tensor, Tensor]:
 def kd_args(a: SimpleNamespace) -> SimpleNamespace:
     """What every kd_loss kernel takes from a call's arguments by name (``KDInputs.named``), checked: the outputs'
     shapes and dtype, the small argument tensors (teacher and sample weights, denominator, labels, float parameters in
-    KD_PARAMS order), the int arguments (in the order the kernels load them; kd_split appends its own) and the
-    constexprs that follow from the call. Works on meta tensors."""
+    KD_PARAMS order), the int arguments (in the order the kernel loads them; kd_launch appends the chunking and
+    the teachers' offsets) and the constexprs that follow from the call. Works on meta tensors."""
     student = a.student
     n, v = student.shape
     base, t_stride_n, offsets = teacher_layout(a.teachers)
@@ -467,14 +467,12 @@ def kd_args(a: SimpleNamespace) -> SimpleNamespace:
                            constexprs=constexprs)  # fmt: skip
 
 
-def teacher_layout(teachers: list[Tensor] | Tensor) -> tuple[Tensor, int, list[int]]:
+def teacher_layout(teachers: list[Tensor]) -> tuple[Tensor, int, list[int]]:
     """(base, row stride, offsets): the tensor whose pointer the kernel takes, the teachers' common row stride, and
-    teacher k's first element as an element offset from the base's. ``teachers``: one stacked [K, N, V] tensor (a
-    list holding it, or the tensor itself), offsets k x its K stride; or K tensors [N, V] of one dtype, device and row
-    stride, read in place in an eager call (offsets: the distances between their pointers), stacked into one copy
-    otherwise (while torch.compile traces the op there is no pointer yet)."""
-    if isinstance(teachers, Tensor):
-        teachers = [teachers]
+    teacher k's first element as an element offset from the base's. ``teachers``: a list of one stacked [K, N, V]
+    tensor, offsets k x its K stride; or K tensors [N, V] of one dtype, device and row stride, read in place in an
+    eager call (offsets: the distances between their pointers), stacked into one copy otherwise (while
+    torch.compile traces the op there is no pointer yet)."""
     if len(teachers) == 1 and teachers[0].dim() == 3:
         t = teachers[0]
         return t, t.stride(1), [k * t.stride(0) for k in range(t.shape[0])]
@@ -547,8 +545,9 @@ def _sm_count(device: torch.device) -> int:
 
 def kl_call(student: Tensor, teachers: Tensor, **changes) -> SimpleNamespace:
     """The arguments by name of a plain KL call (T = 2, T^2 scaling, no optional inputs, the student's gradient
-    only, per-row losses), ``changes`` replacing any of them: for launchers built outside a call (aot.py, tests)."""
-    args = dict(student=student, teachers=teachers, teacher_weights=None, labels=None, sample_weight=None,
+    only, per-row losses) with the teachers stacked [K, N, V], ``changes`` replacing any of them: for launchers built
+    outside a call (aot.py, tests)."""
+    args = dict(student=student, teachers=[teachers], teacher_weights=None, labels=None, sample_weight=None,
                 denominator=None, divergence="kl", ensemble="prob_mean", temperature=2.0, kd_scale=4.0, ce_weight=0.0,
                 div_params=[], ignore_index=-100, reduce=False, grad_student=True, grad_teachers=0)  # fmt: skip
     return KDInputs.named(KDInputs.bind(**{**args, **changes}))
@@ -567,7 +566,7 @@ def _space_calls():
                             opt = (lambda x: x if on else None)  # noqa: E731
                             yield KDInputs.named(KDInputs.bind(
                                 student=torch.empty(8, v, device="meta", dtype=dtype),
-                                teachers=torch.empty(k, 8, v, device="meta", dtype=t_dtype),
+                                teachers=[torch.empty(k, 8, v, device="meta", dtype=t_dtype)],
                                 teacher_weights=opt(torch.empty(k, 8, device="meta")),
                                 labels=opt(torch.empty(8, device="meta", dtype=torch.int64)),
                                 sample_weight=opt(torch.empty(8, device="meta")),
