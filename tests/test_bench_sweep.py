@@ -46,14 +46,16 @@ def test_sweep_row_times_every_setting_and_keeps_the_best(monkeypatch):
     r = run.bench_one("eager-sweep", 8, 32, 2, torch.float32, "cpu", repeats=3)
     assert [s["setting"] for s in r["settings"]] == ["slow", "fast", "slower"]
     times = {s["setting"]: s["ms"] for s in r["settings"]}
-    # each setting's own steps were timed: at least its busy wait (a loaded machine may slow "fast" past 10 ms, as a
-    # clean-clone run beside an AOT compile once did; the order holds)
-    assert times["fast"] < times["slow"] < times["slower"] and times["slow"] >= 20 and times["slower"] >= 40
-    assert r["setting"] == "fast" and r["ms"] == times["fast"] and r["sweep"] == "DELAY"
-    assert made == ["slow", "fast", "slower", "fast"]  # the peak is measured on the best setting, made again
-    assert all(s["pipelined_ms"] > 0 for s in r["settings"]) and r["pipelined_ms"] == r["settings"][1]["pipelined_ms"]
+    # each setting's own steps were timed: at least its busy wait (a wall-clock bound, whatever the load; the order
+    # of the three is not: on a loaded machine "slow" once measured 78 ms against 43 for "slower")
+    assert times["slow"] >= 20 and times["slower"] >= 40
+    best = min(times, key=times.get)
+    assert r["setting"] == best and r["ms"] == times[best] and r["sweep"] == "DELAY"
+    assert made == ["slow", "fast", "slower", best]  # the peak is measured on the best setting, made again
+    at = [s["setting"] for s in r["settings"]].index(best)
+    assert all(s["pipelined_ms"] > 0 for s in r["settings"]) and r["pipelined_ms"] == r["settings"][at]["pipelined_ms"]
     r |= {"status": "ok", "floor_ms": 1.0, "floor_fraction": 1.0 / r["ms"], "achieved_GBps": 1.0}
-    assert "| eager-sweep [fast] | 32 | 2 |" in run.markdown_table([r])
+    assert f"| eager-sweep [{best}] | 32 | 2 |" in run.markdown_table([r])
 
 
 def test_plain_row_has_both_timings():
