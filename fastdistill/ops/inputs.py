@@ -199,6 +199,12 @@ def _kernel_dtypes(student: Tensor, teachers: list[Tensor]) -> tuple[Tensor, lis
     return student, teachers
 
 
+def stacked_teachers(teachers: list[Tensor]) -> bool:
+    """Whether the Triton twin's ``teachers`` argument is one stacked [K, N, V] tensor (a list holding it) rather
+    than K tensors [N, V]."""
+    return len(teachers) == 1 and teachers[0].dim() == 3
+
+
 def _unit_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 

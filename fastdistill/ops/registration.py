@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import eager, extension
-from .inputs import CodistillInputs, KDInputs, MIBackwardArgs, MIInputs, OpInputs
+from .inputs import CodistillInputs, KDInputs, MIBackwardArgs, MIInputs, OpInputs, stacked_teachers
 
 _KD_S, _KD_T = KDInputs.index("student"), KDInputs.index("teachers")
 
@@ -218,7 +218,7 @@ def _kd_loss_triton_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.reduce = KDInputs.arg(inputs, "reduce")
     _remember_lists(ctx, KDInputs, inputs)
-    ctx.stacked = KDInputs.arg(inputs, "teachers")[0].dim() == 3  # one [K, N, V] tensor, not K [N, V]
+    ctx.stacked = stacked_teachers(KDInputs.arg(inputs, "teachers"))
     ctx.save_for_backward(grad_s, grad_t)
 
 

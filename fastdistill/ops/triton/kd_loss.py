@@ -48,7 +48,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import divergences
-from ..inputs import KDInputs
+from ..inputs import KDInputs, stacked_teachers
 from ..registration import register_triton
 from .launch import (
     INTERPRET,
@@ -462,7 +462,7 @@ def kd_args(a: SimpleNamespace) -> SimpleNamespace:
     constexprs = dict(KP=kp, DIV=div.code, CLOSED=div.closed_form, LOG_TARGET=div.log_target,
                       ENS=ENS_CODES[a.ensemble] if k > 1 else 0, ALIGNED=aligned, ACC=tl_acc(student.dtype),
                       FAST=fast_math(student.dtype))  # fmt: skip
-    return SimpleNamespace(n=n, v=v, k=k, kp=kp, acc=acc, dev=dev, gs=gs, gt=gt, closed=div.closed_form,
+    return SimpleNamespace(n=n, v=v, k=k, kp=kp, acc=acc, dev=dev, gs=gs, gt=gt, base=base, closed=div.closed_form,
                            tensors=(student, base, tw, lab, sw, den), prm=prm, ints=ints, offsets=offsets,
                            constexprs=constexprs)  # fmt: skip
 
@@ -473,7 +473,7 @@ def teacher_layout(teachers: list[Tensor]) -> tuple[Tensor, int, list[int]]:
     tensor, offsets k x its K stride; or K tensors [N, V] of one dtype, device and row stride, read in place in an
     eager call (offsets: the distances between their pointers), stacked into one copy otherwise (while
     torch.compile traces the op there is no pointer yet)."""
-    if len(teachers) == 1 and teachers[0].dim() == 3:
+    if stacked_teachers(teachers):
         t = teachers[0]
         return t, t.stride(1), [k * t.stride(0) for k in range(t.shape[0])]
     if not teachers or any(t.dim() != 2 for t in teachers):
@@ -498,8 +498,8 @@ def kd_launch(a: SimpleNamespace) -> tuple[list[Launch], Tensor, Tensor, Tensor]
     c = kd_args(a)
     block = _block(c.kp, c.v)
     n_tiles = cdiv(c.v, block)
-    chunks, tiles = row_split(n_tiles, c.k, max(a.student.element_size(), c.tensors[1].element_size()), block,
-                              c.dev, c.n)  # fmt: skip
+    chunks, tiles = row_split(n_tiles, c.k, max(a.student.element_size(), c.base.element_size()), block, c.dev,
+                              c.n)  # fmt: skip
     ps = 8 + 3 * c.kp
     # V = 0 launches no program (only torch.ops reaches it: the functional API rejects V = 0): the losses are 0
     part = (torch.zeros if c.v == 0 else torch.empty)(c.n, chunks, ps, device=c.dev, dtype=c.acc)
@@ -589,7 +589,7 @@ def _kd_loss_triton_fake(*args) -> tuple[Tensor, Tensor, Tensor]:
     loss = a.student.new_empty(() if a.reduce else (n,), dtype=acc)
     gs = a.student.new_empty((n, v) if a.grad_student else (0,))
     t = a.teachers[0]
-    k = t.shape[0] if len(a.teachers) == 1 and t.dim() == 3 else len(a.teachers)
+    k = t.shape[0] if stacked_teachers(a.teachers) else len(a.teachers)
     gt = t.new_empty((k, n, v) if a.grad_teachers else (0,))
     return loss, gs, gt
 
