@@ -793,3 +793,42 @@ def test_triton_reads_listed_teachers_in_place(monkeypatch):
     assert t1.grad is None
     assert_close(s.grad, ref[0], torch.float32, "grad")
     assert_close(t0.grad, ref[1], torch.float32, "grad")
+
+
+@requires_triton
+def test_triton_writes_only_the_trained_teachers_gradients():
+    """The Triton op's grad_teachers is a mask, as the C++ op's: of K teachers the M whose bit is set get one
+    [M, N, V] gradient, in teacher order, each what the full mask gives it (the others' are not written, so a
+    co-distilled peer beside frozen teachers costs one [N, V] buffer, not K). A stacked [K, N, V] tensor is one
+    input: all bits or none."""
+    from test_registration import _op_args
+
+    from fastdistill.ops.triton import kd_loss
+
+    student, teachers = make_inputs((7,), 37, 4)
+    op = torch.ops.fastdistill.kd_loss_triton.default
+    kw = dict(divergence="jsd", ensemble="logit_mean", reduce=False)
+    loss, gs, full = op(*_op_args(student, teachers, grad_teachers=0b1111, **kw))
+    assert full.shape == (4, 7, 37)
+    for mask, slots in ((0b0100, [-1, -1, 0, -1]), (0b1010, [-1, 0, -1, 1]), (0, [-1] * 4)):
+        assert kd_loss.gradient_slots(mask, 4, stacked=False) == slots
+        loss_m, gs_m, gt = op(*_op_args(student, teachers, grad_teachers=mask, **kw))
+        trained = [k for k in range(4) if mask >> k & 1]
+        assert gt.shape == ((len(trained), 7, 37) if trained else (0,))
+        torch.testing.assert_close(loss_m, loss, rtol=0, atol=0)
+        torch.testing.assert_close(gs_m, gs, rtol=0, atol=0)
+        for slot, k in enumerate(trained):
+            torch.testing.assert_close(gt[slot], full[k], rtol=0, atol=0)
+    # through autograd: the trained teachers get their gradient, the frozen ones none
+    s = student.clone().requires_grad_()
+    ts = [t.clone().requires_grad_(k in (1, 3)) for k, t in enumerate(teachers)]
+    fastdistill.kd_loss(s, ts, divergence="jsd", ensemble="logit_mean", reduction="sum", backend="triton").backward()
+    assert [t.grad is None for t in ts] == [True, False, True, False]
+    _, ref = reference64(student, teachers, teacher_grad=True, divergence="jsd", ensemble="logit_mean",
+                         reduction="sum")  # fmt: skip
+    assert_close(ts[1].grad, ref[2], torch.float32, "grad")
+    assert_close(ts[3].grad, ref[4], torch.float32, "grad")
+    with pytest.raises(ValueError, match="all 4 bits or none"):
+        op(*_op_args(student, [torch.stack(teachers)], grad_teachers=0b0010, **kw))
+    with pytest.raises(ValueError, match="a mask of K = 4"):
+        kd_loss.gradient_slots(0b10000, 4, stacked=False)

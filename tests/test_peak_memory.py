@@ -111,7 +111,7 @@ def test_backward_peak_is_the_gradient(backend, op, mode, dtype, check_one, monk
     with GradBuffers() as buffers:
         leaves, losses = _forward(op, backend, mode, dtype)
     grad_bytes = sum(x.numel() * x.element_size() for x in leaves)
-    # one buffer per input; the Triton op returns the teachers' gradient as one [K, N, V] tensor
+    # one buffer per input; the Triton op returns the trained teachers' gradient as one [M, N, V] tensor
     assert len(buffers.ptrs) == {"kd1": 1, "kd2": 2 if backend == "triton" else 3, "codistill": 2}[op]
     outputs, grad_outputs = _roots(mode, losses)
 

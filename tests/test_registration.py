@@ -257,10 +257,14 @@ def _triton_samples():
     yield _op_args(s.clone().requires_grad_(), [t.clone().requires_grad_() for t in ts], grad_teachers=0b11,
                    divergence="skew_kl", ensemble="logit_mean")  # fmt: skip
     yield _op_args(s.clone().requires_grad_(), [ts[1], ts[0]], labels=labels, ce_weight=0.3)
+    # one of three teachers trained: a [1, N, V] gradient, given back for that teacher only
+    ts3 = make_inputs((5,), 19, 3)[1]
+    yield _op_args(s.clone().requires_grad_(), [ts3[0], ts3[1].clone().requires_grad_(), ts3[2]], grad_teachers=0b010,
+                   divergence="tvd", ensemble="loss_mean", reduce=False)  # fmt: skip
 
 
 @requires_triton
-@pytest.mark.parametrize("i", range(5))
+@pytest.mark.parametrize("i", range(6))
 def test_triton_opcheck(i):
     import fastdistill.ops.triton.kd_loss  # noqa: F401  (defines fastdistill::kd_loss_triton)
 

@@ -79,6 +79,27 @@ def test_compile_traces_into_triton(form):
     torch.testing.assert_close(a.grad, b.grad)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_one_trained_teacher_of_three(compiled):
+    """A co-distilled peer beside two frozen teachers: the kernel writes one teacher's gradient (its slot of an
+    [M, N, V] buffer, M = 1), eagerly and traced by torch.compile, against the float64 reference."""
+    student, teachers = make_inputs((8,), 300, 3)
+    ref_loss, ref = reference64(student, teachers, teacher_grad=True, divergence="jsd", ensemble="logit_mean")
+    s, ts = _cuda(student, teachers)
+    s.requires_grad_()
+    ts[1].requires_grad_()
+
+    def fn(s, ts):
+        return fastdistill.kd_loss(s, ts, divergence="jsd", ensemble="logit_mean", backend="triton")
+
+    loss = (torch.compile(fn, fullgraph=True) if compiled else fn)(s, ts)
+    loss.backward()
+    assert ts[0].grad is None and ts[2].grad is None
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    assert_close(s.grad, ref[0], torch.float32, "grad")
+    assert_close(ts[1].grad, ref[2], torch.float32, "grad")
+
+
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
 @pytest.mark.parametrize("who", ["student", "teacher"])
 @pytest.mark.parametrize("divergence", DIVERGENCES)

@@ -230,7 +230,7 @@ class KDInputs(OpInputs):
         ("ignore_index", "int"),
         ("reduce", "bool"),
         ("grad_student", "bool"),
-        ("grad_teachers", "int"),  # bit k: teacher k's gradient (the Triton twin: all of them, or none)
+        ("grad_teachers", "int"),  # bit k: teacher k's gradient
     )
     RETURNS: ClassVar[str] = "(Tensor, Tensor, Tensor[])"
     MAX_TEACHERS: ClassVar[int] = 16  # per-row state lives in fixed-size arrays in the kernels (cpu, Triton)
@@ -282,9 +282,8 @@ class KDInputs(OpInputs):
             else:  # read in place by the kernel in an eager call (kd_loss.teacher_layout)
                 teachers = [_unit_stride(x) for x in teachers]
             student = _unit_stride(student)
-            grad_teachers = (1 << len(self.teachers)) - 1 if _grad_on(*teachers) else 0
-        else:  # only the teachers that need one get a gradient buffer
-            grad_teachers = sum(1 << k for k, t in enumerate(teachers) if _grad_on(t))
+        # only the teachers that need one get a gradient buffer (a stacked tensor: all of them or none)
+        grad_teachers = sum(1 << k for k, t in enumerate(self.teachers) if _grad_on(t))
         grad_student = _grad_on(student)
         s = None
         if self.prescale and grad_student and not grad_teachers:  # (teachers' gradients have no bound: not prescaled)

@@ -218,24 +218,31 @@ def _kd_loss_triton_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.reduce = KDInputs.arg(inputs, "reduce")
     _remember_lists(ctx, KDInputs, inputs)
-    ctx.stacked = stacked_teachers(KDInputs.arg(inputs, "teachers"))
+    teachers = KDInputs.arg(inputs, "teachers")
+    ctx.stacked = stacked_teachers(teachers)
+    mask = KDInputs.arg(inputs, "grad_teachers")
+    ctx.trained = [ctx.stacked or bool((mask >> k) & 1) for k in range(len(teachers))]
     ctx.save_for_backward(grad_s, grad_t)
 
 
 def _kd_loss_triton_backward(ctx, grad_loss, _grad_grad_s, _grad_grad_t):
-    """Backward of fastdistill::kd_loss_triton: as for kd_loss, with the teachers' gradient one [K, N, V] tensor
-    (given back whole for a stacked input, as K views for K teachers)."""
+    """Backward of fastdistill::kd_loss_triton: as for kd_loss, with the teachers' gradient one [M, N, V] tensor,
+    the M trained teachers' (given back whole for a stacked input, as views for the trained ones of K teachers)."""
     if grad_loss is None:
         return _grads(KDInputs, ctx)
     grad_s, grad_t = ctx.saved_tensors
     d_student = (_scale(_computed("kd_loss", "student_logits", grad_s), grad_loss, ctx.reduce)
                  if ctx.needs_input_grad[_KD_S] else None)  # fmt: skip
-    # (the [0] placeholder: the teachers did not require grad where the op ran, as in kd_loss's backward)
-    d_teachers = _first_order("kd_loss", _scale(grad_t, grad_loss, ctx.reduce)) if ctx.needs_input_grad[_KD_T] else None
+    # (the [0] placeholder: the teachers did not require grad where the op ran; None, as in kd_loss's backward)
+    on = ctx.needs_input_grad[_KD_T] and grad_t.dim() == 3
+    d_teachers = _first_order("kd_loss", _scale(grad_t, grad_loss, ctx.reduce)) if on else None
     if d_teachers is None:
         return _grads(KDInputs, ctx, student=_first_order("kd_loss", d_student))
+    if ctx.stacked:
+        return _grads(KDInputs, ctx, student=_first_order("kd_loss", d_student), teachers=[d_teachers])
+    slots = iter(d_teachers.unbind(0))
     return _grads(KDInputs, ctx, student=_first_order("kd_loss", d_student),
-                  teachers=[d_teachers] if ctx.stacked else list(d_teachers.unbind(0)))  # fmt: skip
+                  teachers=[next(slots) if on else None for on in ctx.trained])  # fmt: skip
 
 
 def _register_autograd(op, backward, setup_context, split=None) -> None:

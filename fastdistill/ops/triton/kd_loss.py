@@ -110,7 +110,7 @@ def _kd_row(
     the chunk's loss; sync_ptr: int32 [4 + 2 N], zero: the tickets of STAGES 0..3, then the two barriers' arrival
     counters per row."""
     # integer arguments, int64 (the order of kd_args' ints: the chunks per row and tiles per chunk, then the K
-    # teachers' offsets, last): every offset below is 64-bit from the start
+    # teachers' offsets and their gradients' slots, last): every offset below is 64-bit from the start
     N = tl.load(int_ptr + 0)
     V = tl.load(int_ptr + 1)
     s_stride = tl.load(int_ptr + 2)
@@ -288,7 +288,10 @@ def _kd_row(
         slots = part_ptr + (row * C + cm) * PS + 6 + 2 * KP  # (a second expression: not kept alive from the first)
         gq_sum = tl.sum(_partials(slots, cm < C, 0.0), 0)
         agg = tl.sum(_partials(slots[None, :] + 1 + ks[:, None], (cm < C)[None, :], 0.0), 1)
-        gt_row = gt_ptr + ks64[:, None] * (N * V) + row * V
+        # teacher k's gradient goes to slot g_slot[k] of gt ([M, N, V], the M trained teachers'), or nowhere (-1)
+        g_slot = tl.load(int_ptr + 16 + K + ks64, mask=kmask, other=-1)
+        g_on = kmask & (g_slot >= 0)
+        gt_row = gt_ptr + g_slot[:, None] * (N * V) + row * V
         for b in range(b0, b1):
             cols, cmask, s, q, logq, phi, gq, hp, p, logp, lwp, pk = _tile(
                 b, s_row, t_row, V32, inv_t, m_q, ll_q, w, logw, m_t, ll_t, m_c, ll_c, ks, kuse, ENS, DIV,
@@ -311,7 +314,7 @@ def _kd_row(
             if grad_t != 0:
                 gt = teacher_grad(hp, pk, p, logp, lwp, w, agg, ks, f, kd_over_t, ENS)
                 tl.store(gt_row + cols[None, :], tl.where(valid, gt, 0.0),
-                         mask=kmask[:, None] & cmask[None, :])  # fmt: skip
+                         mask=g_on[:, None] & cmask[None, :])  # fmt: skip
 
 
 @triton.jit
@@ -411,7 +414,8 @@ def pack_params(layout: tuple[str, ...], **values) -> list[float]:
 def _kd_loss_triton(*args) -> tuple[Tensor, Tensor, Tensor]:
     """The Triton twin of ``fastdistill::kd_loss`` (arguments: ``KDInputs.ARGS``): student [N, V], ``teachers`` K
     tensors [N, V] or one stacked [K, N, V] (unit stride along V). Returns (loss, grad_student, grad_teachers), the
-    teachers' gradient one [K, N, V] tensor (all K or none)."""
+    teachers' gradient one [M, N, V] tensor: the M teachers of ``grad_teachers``'s bits, in teacher order (M = 0: a
+    [0] placeholder)."""
     a = KDInputs.named(args)
     launches, chunk_losses, gs, gt = kd_launch(a)
     for launch in launches:
@@ -426,8 +430,9 @@ def _kd_loss_triton(*args) -> tuple[Tensor, Tensor, Tensor]:
 def kd_args(a: SimpleNamespace) -> SimpleNamespace:
     """What every kd_loss kernel takes from a call's arguments by name (``KDInputs.named``), checked: the outputs'
     shapes and dtype, the small argument tensors (teacher and sample weights, denominator, labels, float parameters in
-    KD_PARAMS order), the int arguments (in the order the kernel loads them; kd_launch appends the chunking and
-    the teachers' offsets) and the constexprs that follow from the call. Works on meta tensors."""
+    KD_PARAMS order), the int arguments (in the order the kernel loads them; kd_launch appends the chunking, the
+    teachers' offsets and their gradients' slots) and the constexprs that follow from the call. Works on meta
+    tensors."""
     student = a.student
     n, v = student.shape
     base, t_stride_n, offsets = teacher_layout(a.teachers)
@@ -442,7 +447,9 @@ def kd_args(a: SimpleNamespace) -> SimpleNamespace:
     dev = student.device
     acc = acc_dtype(student.dtype)
     gs = torch.empty((n, v) if a.grad_student else (0,), device=dev, dtype=student.dtype)
-    gt = torch.empty((k, n, v) if a.grad_teachers else (0,), device=dev, dtype=base.dtype)
+    slots = gradient_slots(a.grad_teachers, k, stacked_teachers(a.teachers))
+    m = k - slots.count(-1)
+    gt = torch.empty((m, n, v) if m else (0,), device=dev, dtype=base.dtype)
     prm = param_tensor(pack_params(KD_PARAMS, inv_t=1.0 / a.temperature, kd_scale=a.kd_scale,
                                    kd_over_t=a.kd_scale / a.temperature, ce_weight=a.ce_weight, uniform=1.0 / k,
                                    div=a.div_params), acc, student)  # fmt: skip
@@ -455,7 +462,7 @@ def kd_args(a: SimpleNamespace) -> SimpleNamespace:
                                                                                         dtype=torch.int64)  # fmt: skip
     ints = [n, v, student.stride(0), t_stride_n, a.ignore_index, k, a.teacher_weights is not None,
             a.labels is not None, a.sample_weight is not None, has_den, a.ce_weight > 0, a.temperature == 1.0,
-            a.grad_student, bool(a.grad_teachers)]  # fmt: skip
+            a.grad_student, m > 0]  # fmt: skip
     kp = _teacher_bucket(k)
     # (teacher k's pointer: the base's plus offsets[k] elements, aligned when both are)
     aligned = is_aligned([student, base, gs, gt], [v, student.stride(0), t_stride_n, *offsets])
@@ -464,7 +471,7 @@ def kd_args(a: SimpleNamespace) -> SimpleNamespace:
                       FAST=fast_math(student.dtype))  # fmt: skip
     return SimpleNamespace(n=n, v=v, k=k, kp=kp, acc=acc, dev=dev, gs=gs, gt=gt, base=base, closed=div.closed_form,
                            tensors=(student, base, tw, lab, sw, den), prm=prm, ints=ints, offsets=offsets,
-                           constexprs=constexprs)  # fmt: skip
+                           slots=slots, constexprs=constexprs)  # fmt: skip
 
 
 def teacher_layout(teachers: list[Tensor]) -> tuple[Tensor, int, list[int]]:
@@ -491,6 +498,18 @@ def teacher_layout(teachers: list[Tensor]) -> tuple[Tensor, int, list[int]]:
     return t, t.stride(1), [k * t.stride(0) for k in range(t.shape[0])]
 
 
+def gradient_slots(grad_teachers: int, k: int, stacked: bool) -> list[int]:
+    """Teacher k's slot in the teachers' gradient [M, N, V] (the M teachers whose bit of ``grad_teachers`` is set,
+    in order), -1 for one that gets none. A stacked [K, N, V] input is one tensor: all K bits or none."""
+    on = [bool((grad_teachers >> i) & 1) for i in range(k)]
+    if grad_teachers >> k:
+        raise ValueError(f"grad_teachers: a mask of K = {k} teachers' bits, got {grad_teachers:#b}")
+    if stacked and any(on) and not all(on):
+        raise ValueError(f"grad_teachers: one stacked [K, N, V] tensor has one gradient: all {k} bits or none, "
+                         f"got {grad_teachers:#b}")  # fmt: skip
+    return [sum(on[:i]) if on[i] else -1 for i in range(k)]
+
+
 def kd_launch(a: SimpleNamespace) -> tuple[list[Launch], Tensor, Tensor, Tensor]:
     """The launches of ``_kd_row_kernel`` for a call's arguments by name (``KDInputs.named``; one launch, or one per
     stage in Triton's interpreter) and its outputs: the chunks' losses [N, C] (their sum over C: the per-row losses),
@@ -504,8 +523,9 @@ def kd_launch(a: SimpleNamespace) -> tuple[list[Launch], Tensor, Tensor, Tensor]
     # V = 0 launches no program (only torch.ops reaches it: the functional API rejects V = 0): the losses are 0
     part = (torch.zeros if c.v == 0 else torch.empty)(c.n, chunks, ps, device=c.dev, dtype=c.acc)
     sync = torch.zeros(4 + 2 * c.n, device=c.dev, dtype=torch.int32)
-    args = (*c.tensors, part, c.gs, c.gt, c.prm, int_tensor([*c.ints, chunks, tiles, *c.offsets], a.student), sync)
-    need_agg = a.grad_teachers or (a.grad_student and not c.closed)
+    ints = int_tensor([*c.ints, chunks, tiles, *c.offsets, *c.slots], a.student)
+    args = (*c.tensors, part, c.gs, c.gt, c.prm, ints, sync)
+    need_agg = c.gt.dim() == 3 or (a.grad_student and not c.closed)
     stages = (0,) if not INTERPRET or chunks == 1 else ((1, 2, 3) if need_agg else (1, 3))
     grid = (c.n * chunks if c.v > 0 else 0,)
     cx = dict(c.constexprs, BLOCK=block, CMAX=CMAX)
@@ -589,13 +609,14 @@ def _kd_loss_triton_fake(*args) -> tuple[Tensor, Tensor, Tensor]:
     loss = a.student.new_empty(() if a.reduce else (n,), dtype=acc)
     gs = a.student.new_empty((n, v) if a.grad_student else (0,))
     t = a.teachers[0]
-    k = t.shape[0] if stacked_teachers(a.teachers) else len(a.teachers)
-    gt = t.new_empty((k, n, v) if a.grad_teachers else (0,))
+    stacked = stacked_teachers(a.teachers)
+    m = sum(i >= 0 for i in gradient_slots(a.grad_teachers, t.shape[0] if stacked else len(a.teachers), stacked))
+    gt = t.new_empty((m, n, v) if m else (0,))
     return loss, gs, gt
 
 
 # fastdistill::kd_loss's arguments (the teachers: K [N, V] tensors or one stacked [K, N, V]), the teachers' gradient
-# one [K, N, V] tensor
+# one [M, N, V] tensor (the M trained teachers')
 KDInputs.typed(_kd_loss_triton, returns="(Tensor, Tensor, Tensor)")
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     # Triton's interpreter cannot be traced (wrap_triton needs a compiled JITFunction), so here the op is opaque to
