@@ -126,6 +126,21 @@ def test_rounding_check_reads_float_narrowings_only():
     assert aot.narrowing_not_to_nearest(ptx) == ["cvt.rm.f16.f32", "cvt.rz.bf16.f32", "cvt.rz.f32.f64"]
 
 
+def test_loop_profile_finds_spills_inside_loops_only():
+    """A spill store / load inside an innermost loop (paid per tile) is counted against the loop; one before or
+    after the loops (paid once per program) is not: --report bench fails on the first kind only."""
+    from fastdistill.ops.triton import aot
+
+    sass = "\n".join(f"        /*{addr:04x}*/                   {ins} ;" for addr, ins in [
+        (0x00, "STL.64 [R1], R40"), (0x10, "LDG.E R2, desc[UR4][R4.64]"), (0x20, "MUFU.EX2 R3, R2"),
+        (0x30, "LDL.LU.64 R6, [R1]"), (0x40, "BRA `(.L_x_1) 0x10"), (0x50, "LDL.64 R8, [R1+0x8]"),
+        (0x60, "FADD R2, R2, R3"), (0x70, "BRA `(.L_x_2) 0x60"), (0x80, "EXIT")])  # fmt: skip
+    loops = aot.loop_profile(sass)
+    assert [(lp["instructions"], lp["LDG"], lp["MUFU"], lp["STL"], lp["LDL"]) for lp in loops] == [
+        (4, 1, 1, 0, 1), (2, 0, 0, 0, 0)]  # fmt: skip
+    assert aot.loop_spills({"loops": loops}) == 1 and aot.loop_spills({"loops": loops[1:]}) == 0
+
+
 def test_resource_report_of_the_benchmark_shapes():
     """make kernels-report: registers, spills, shared memory and occupancy of what the launchers pick at the GPU
     benchmark shapes, from the cubins; exit status 0 means none of them spills more than aot.SPILL_SLACK bytes."""

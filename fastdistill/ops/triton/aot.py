@@ -43,7 +43,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from .launch import TRITON_TYPES, Launch  # noqa: E402
 
 ARCHS = (90, 80)
-SPILL_SLACK = 16  # bytes of spill --report bench tolerates per configuration
+SPILL_SLACK = 32  # bytes of spill --report bench tolerates per configuration, none of it inside a loop
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # sm_90 / sm_80 per-SM limits (CUDA occupancy rules): registers, warps, blocks, shared memory per SM and per block
 SM_LIMITS = {90: dict(regs=65536, warps=64, blocks=32, smem=228 * 1024, smem_block=227 * 1024),
@@ -208,7 +208,7 @@ def resources(cubin: bytes, sass: bool = False) -> dict[str, int]:
 
 
 _SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T\d]\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
-LOOP_CLASSES = ("MUFU", "SHFL", "BAR", "LDG", "STG", "LDS", "STS")
+LOOP_CLASSES = ("MUFU", "SHFL", "BAR", "LDG", "STG", "LDS", "STS", "STL", "LDL")
 
 
 def loop_profile(sass: str) -> list[dict]:
@@ -235,6 +235,11 @@ def loop_profile(sass: str) -> list[dict]:
         row.update({c: sum(op.startswith(c) for op in body) for c in LOOP_CLASSES})
         out.append(row)
     return out
+
+
+def loop_spills(row: dict) -> int:
+    """Spill stores and loads (STL / LDL) inside the innermost loops of a compiled row (``sass=True``)."""
+    return sum(loop["STL"] + loop["LDL"] for loop in row.get("loops", []))
 
 
 def occupancy(regs: int, smem: int, num_warps: int, arch: int = 90) -> tuple[int, float]:
@@ -364,8 +369,8 @@ def covering(configs: list[Config], pairs: bool) -> list[Config]:
 
 
 def report(rows: list[tuple[str, dict]]) -> str:
-    lines = ["| shape | kernel configuration | arch | registers | spill bytes (stack) | STL / LDL | shared bytes "
-             "| programs / SM | warp occupancy | loop bodies: instructions (MUFU) |",
+    lines = ["| shape | kernel configuration | arch | registers | spill bytes (stack) | STL / LDL (in loops) "
+             "| shared bytes | programs / SM | warp occupancy | loop bodies: instructions (MUFU) |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for what, r in rows:
         if not r["ok"]:
@@ -373,8 +378,8 @@ def report(rows: list[tuple[str, dict]]) -> str:
             continue
         loops = ", ".join(f"{lp['instructions']} ({lp['MUFU']})" for lp in r.get("loops", []) if lp["instructions"] > 1)
         lines.append(f"| {what} | `{r['config']}` | sm_{r['arch']} | {r['reg']} | {r['spill']} | "
-                     f"{r.get('stl', '')} / {r.get('ldl', '')} | {r['shared']} | {r['programs_per_sm']} | "
-                     f"{r['occupancy']:.0%} | {loops} |")  # fmt: skip
+                     f"{r.get('stl', '')} / {r.get('ldl', '')} ({loop_spills(r)}) | {r['shared']} | "
+                     f"{r['programs_per_sm']} | {r['occupancy']:.0%} | {loops} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -403,9 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         with ProcessPoolExecutor(max_workers=args.jobs) as ex:
             results = list(ex.map(_work, [(cfg, arch, True) for _, cfg, arch in items]))
         print(report([(what, r) for (what, _, _), r in zip(items, results)]))
-        # a spill of up to SPILL_SLACK bytes is reported, not failed: the register cap (kd_loss.MAXNREG) trades it
-        # for a program more per SM (v3 JSD K = 4: 8 bytes)
-        bad = [r for r in results if not r["ok"] or r["spill"] > SPILL_SLACK]
+        # a spill of up to SPILL_SLACK bytes outside every loop is reported, not failed (a few STL / LDL per
+        # program): the register cap (kd_loss.MAXNREG) trades it for a program more per SM (JSD K = 4: 24 bytes,
+        # values parked across the sweeps); a spill inside a sweep's loop, paid per tile, fails
+        bad = [r for r in results if not r["ok"] or r["spill"] > SPILL_SLACK or loop_spills(r)]
         return 1 if bad else 0
 
     t0 = time.perf_counter()
