@@ -117,28 +117,28 @@ def test_checks_catch_what_they_claim(tmp_path):
 
 
 def test_rounding_check_reads_float_narrowings_only():
-    from fastdistill.ops.triton import aot
+    from fastdistill.ops.triton import asm_checks
 
     ptx = """cvt.rn.bf16.f32 %rs1, %f1;  cvt.rz.bf16.f32 %rs2, %f2;  cvt.rn.f16x2.f32 %r1, %f5, %f6;
              cvt.rm.f16.f32 %rs4, %f10;  cvt.rz.f32.f64 %f7, %fd1;  cvt.rn.f32.f64 %f11, %fd2;
              cvt.rmi.f32.f32 %f3, %f4;  cvt.f32.bf16 %f8, %rs3;  cvt.rzi.s32.f32 %r2, %f9;"""
     # floor (rmi), a widening and a float-to-int conversion round as they must: not reported
-    assert aot.narrowing_not_to_nearest(ptx) == ["cvt.rm.f16.f32", "cvt.rz.bf16.f32", "cvt.rz.f32.f64"]
+    assert asm_checks.narrowing_not_to_nearest(ptx) == ["cvt.rm.f16.f32", "cvt.rz.bf16.f32", "cvt.rz.f32.f64"]
 
 
 def test_loop_profile_finds_spills_inside_loops_only():
     """A spill store / load inside an innermost loop (paid per tile) is counted against the loop; one before or
     after the loops (paid once per program) is not: --report bench fails on the first kind only."""
-    from fastdistill.ops.triton import aot
+    from fastdistill.ops.triton import asm_checks
 
     sass = "\n".join(f"        /*{addr:04x}*/                   {ins} ;" for addr, ins in [
         (0x00, "STL.64 [R1], R40"), (0x10, "LDG.E R2, desc[UR4][R4.64]"), (0x20, "MUFU.EX2 R3, R2"),
         (0x30, "LDL.LU.64 R6, [R1]"), (0x40, "BRA `(.L_x_1) 0x10"), (0x50, "LDL.64 R8, [R1+0x8]"),
         (0x60, "FADD R2, R2, R3"), (0x70, "BRA `(.L_x_2) 0x60"), (0x80, "EXIT")])  # fmt: skip
-    loops = aot.loop_profile(sass)
+    loops = asm_checks.loop_profile(sass)
     assert [(lp["instructions"], lp["LDG"], lp["MUFU"], lp["STL"], lp["LDL"]) for lp in loops] == [
         (4, 1, 1, 0, 1), (2, 0, 0, 0, 0)]  # fmt: skip
-    assert aot.loop_spills({"loops": loops}) == 1 and aot.loop_spills({"loops": loops[1:]}) == 0
+    assert asm_checks.loop_spills({"loops": loops}) == 1 and asm_checks.loop_spills({"loops": loops[1:]}) == 0
 
 
 def test_resource_report_of_the_benchmark_shapes():
