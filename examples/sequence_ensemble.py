@@ -332,16 +332,19 @@ def report(runs: list[dict], s: Settings, log=print) -> None:
                                             for i in range(len(steps))) + " |")  # fmt: skip
         log("")
     if n > 1:
+        total = len(CONTRASTS) * len(METRICS)
         log(f"paired differences (same seed), mean and 95% t interval over {n} seeds; {len(CONTRASTS)} contrasts x "
-            f"{len(METRICS)} metrics = {len(CONTRASTS) * len(METRICS)} intervals, so about one may exclude 0 by "
-            "chance (no multiplicity correction):")  # fmt: skip
+            f"{len(METRICS)} metrics = {total} intervals, so about {0.05 * total:.1f} may exclude 0 by chance; * : "
+            f"the Bonferroni-corrected interval (level 1 - 0.05/{total}) excludes 0 too:")  # fmt: skip
         log("| contrast | " + " | ".join(METRICS.values()) + " |")
         log("|---|" + "---:|" * len(METRICS))
         for a, b in CONTRASTS:
             cells = []
             for m in METRICS:
-                mean, lo, hi = paired_ci([r["final"][a][m] for r in runs], [r["final"][b][m] for r in runs])
-                cells.append(f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+                pair = ([r["final"][a][m] for r in runs], [r["final"][b][m] for r in runs])
+                mean, lo, hi = paired_ci(*pair)
+                _, blo, bhi = paired_ci(*pair, level=1 - 0.05 / total)
+                cells.append(f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]" + (" *" if blo > 0 or bhi < 0 else ""))
             log(f"| {a} - {b} | " + " | ".join(cells) + " |")
 
 

@@ -183,16 +183,19 @@ def report(runs: list[dict], s: Settings, log=print) -> None:
         total = len(kd) * len(s.teacher_steps) * len(steps)
         log("")
         log(f"KD - no KD, perplexity (negative = KD better), mean [95% CI] over {n} paired seeds; {total} intervals, "
-            f"so about {0.05 * total:.1f} may exclude 0 by chance")  # fmt: skip
+            f"so about {0.05 * total:.1f} may exclude 0 by chance; * : the Bonferroni-corrected interval (level "
+            f"1 - 0.05/{total}) excludes 0 too")  # fmt: skip
         log("| teacher steps, soft weight | " + " | ".join(f"step {x}" for x in steps) + " |")
         log("|---|" + "---:|" * len(steps))
         for t_steps in s.teacher_steps:
             for name in kd:
                 cells = []
                 for i in range(len(steps)):
-                    m, lo, hi = paired_ci([r["curves"][f"{t_steps}: {name}"][i] for r in runs],
-                                          [r["curves"]["no KD"][i] for r in runs])  # fmt: skip
-                    cells.append(f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]")
+                    pair = ([r["curves"][f"{t_steps}: {name}"][i] for r in runs],
+                            [r["curves"]["no KD"][i] for r in runs])  # fmt: skip
+                    m, lo, hi = paired_ci(*pair)
+                    _, blo, bhi = paired_ci(*pair, level=1 - 0.05 / total)
+                    cells.append(f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]" + (" *" if blo > 0 or bhi < 0 else ""))
                 log(f"| {t_steps}, {name} | " + " | ".join(cells) + " |")
 
 
