@@ -805,20 +805,26 @@ def test_triton_writes_only_the_trained_teachers_gradients():
 
     from fastdistill.ops.triton import kd_loss
 
-    student, teachers = make_inputs((7,), 37, 4)
+    assert kd_loss.gradient_slots(0b0100, 4, stacked=False) == [-1, -1, 0, -1]
+    assert kd_loss.gradient_slots(0b1010, 4, stacked=False) == [-1, 0, -1, 1]
     op = torch.ops.fastdistill.kd_loss_triton.default
+    # none, one (first, middle, last), two apart, three of four teachers; V = 37 (unaligned rows) with JSD, V = 32
+    # (aligned) with KL (Triton's interpreter: ~1 s a call)
+    for v, div, masks in ((37, "jsd", (0, 0b0001, 0b0100, 0b1000, 0b1010, 0b0111)), (32, "kl", (0b0101,))):
+        student, teachers = make_inputs((3,), v, 4)
+        kw = dict(divergence=div, ensemble="logit_mean", reduce=False)
+        loss, gs, full = op(*_op_args(student, teachers, grad_teachers=0b1111, **kw))
+        assert full.shape == (4, 3, v)
+        for mask in masks:
+            loss_m, gs_m, gt = op(*_op_args(student, teachers, grad_teachers=mask, **kw))
+            trained = [k for k in range(4) if mask >> k & 1]
+            assert gt.shape == ((len(trained), 3, v) if trained else (0,))
+            torch.testing.assert_close(loss_m, loss, rtol=0, atol=0)
+            torch.testing.assert_close(gs_m, gs, rtol=0, atol=0)
+            for slot, k in enumerate(trained):
+                torch.testing.assert_close(gt[slot], full[k], rtol=0, atol=0)
+    student, teachers = make_inputs((7,), 37, 4)
     kw = dict(divergence="jsd", ensemble="logit_mean", reduce=False)
-    loss, gs, full = op(*_op_args(student, teachers, grad_teachers=0b1111, **kw))
-    assert full.shape == (4, 7, 37)
-    for mask, slots in ((0b0100, [-1, -1, 0, -1]), (0b1010, [-1, 0, -1, 1]), (0, [-1] * 4)):
-        assert kd_loss.gradient_slots(mask, 4, stacked=False) == slots
-        loss_m, gs_m, gt = op(*_op_args(student, teachers, grad_teachers=mask, **kw))
-        trained = [k for k in range(4) if mask >> k & 1]
-        assert gt.shape == ((len(trained), 7, 37) if trained else (0,))
-        torch.testing.assert_close(loss_m, loss, rtol=0, atol=0)
-        torch.testing.assert_close(gs_m, gs, rtol=0, atol=0)
-        for slot, k in enumerate(trained):
-            torch.testing.assert_close(gt[slot], full[k], rtol=0, atol=0)
     # through autograd: the trained teachers get their gradient, the frozen ones none
     s = student.clone().requires_grad_()
     ts = [t.clone().requires_grad_(k in (1, 3)) for k, t in enumerate(teachers)]
@@ -832,3 +838,31 @@ def test_triton_writes_only_the_trained_teachers_gradients():
         op(*_op_args(student, [torch.stack(teachers)], grad_teachers=0b0010, **kw))
     with pytest.raises(ValueError, match="a mask of K = 4"):
         kd_loss.gradient_slots(0b10000, 4, stacked=False)
+
+
+@requires_triton
+def test_triton_untrained_teachers_write_nowhere(monkeypatch):
+    """An untrained teacher's gradient (slot -1) is not stored anywhere: the gradient buffer, placed between two
+    NaN guard bands, keeps them whole (a store mask without the slot test would write one [N, V] band below it)."""
+    from test_registration import _op_args
+
+    from fastdistill.ops.triton import kd_loss
+
+    student, teachers = make_inputs((5,), 37, 4)
+    bands = []
+    real_args = kd_loss.kd_args
+
+    def banded(a):
+        c = real_args(a)
+        m, n, v = c.gt.shape
+        buf = torch.full((m + 2, n, v), float("nan"), dtype=c.gt.dtype)
+        bands.append(buf)
+        c.gt = buf[1 : m + 1]
+        return c
+
+    monkeypatch.setattr(kd_loss, "kd_args", banded)
+    op = torch.ops.fastdistill.kd_loss_triton.default
+    _, _, gt = op(*_op_args(student, teachers, grad_teachers=0b0100, divergence="jsd", reduce=False))
+    (buf,) = bands
+    assert gt.shape == (1, 5, 37) and gt.data_ptr() == buf[1].data_ptr() and torch.isfinite(gt).all()
+    assert buf[0].isnan().all() and buf[2].isnan().all(), "an untrained teacher's gradient was stored"

@@ -98,6 +98,12 @@ def test_one_trained_teacher_of_three(compiled):
     assert_close(loss, ref_loss, torch.float32, "loss")
     assert_close(s.grad, ref[0], torch.float32, "grad")
     assert_close(ts[1].grad, ref[2], torch.float32, "grad")
+    if not compiled:  # the op itself: one [N, V] gradient buffer for the one trained teacher, not three
+        from test_registration import _op_args
+
+        _, _, gt = torch.ops.fastdistill.kd_loss_triton(*_op_args(s.detach(), [t.detach() for t in ts],
+                                                                  grad_teachers=0b010, divergence="jsd"))  # fmt: skip
+        assert gt.shape == (1, 8, 300)
 
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])

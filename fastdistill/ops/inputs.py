@@ -216,7 +216,7 @@ class KDInputs(OpInputs):
     OP: ClassVar[str] = "kd_loss"
     ARGS: ClassVar[tuple[tuple[str, str], ...]] = (
         ("student", "Tensor"),  # [N, V]
-        ("teachers", "Tensor[]"),  # K x [N, V] (the Triton twin: one [K, N, V] tensor)
+        ("teachers", "Tensor[]"),  # K x [N, V] (the Triton twin: or one stacked [K, N, V] tensor)
         ("teacher_weights", "Tensor?"),  # [K, N], columns sum to 1
         ("labels", "Tensor?"),  # int64 [N]
         ("sample_weight", "Tensor?"),  # [N]

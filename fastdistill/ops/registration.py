@@ -234,15 +234,16 @@ def _kd_loss_triton_backward(ctx, grad_loss, _grad_grad_s, _grad_grad_t):
     d_student = (_scale(_computed("kd_loss", "student_logits", grad_s), grad_loss, ctx.reduce)
                  if ctx.needs_input_grad[_KD_S] else None)  # fmt: skip
     # (the [0] placeholder: the teachers did not require grad where the op ran; None, as in kd_loss's backward)
-    on = ctx.needs_input_grad[_KD_T] and grad_t.dim() == 3
-    d_teachers = _first_order("kd_loss", _scale(grad_t, grad_loss, ctx.reduce)) if on else None
+    # (needs_input_grad of the Tensor[] argument: one flag per tensor in it)
+    wanted = any(ctx.needs_input_grad[_KD_T]) and grad_t.dim() == 3
+    d_teachers = _first_order("kd_loss", _scale(grad_t, grad_loss, ctx.reduce)) if wanted else None
     if d_teachers is None:
         return _grads(KDInputs, ctx, student=_first_order("kd_loss", d_student))
     if ctx.stacked:
         return _grads(KDInputs, ctx, student=_first_order("kd_loss", d_student), teachers=[d_teachers])
     slots = iter(d_teachers.unbind(0))
     return _grads(KDInputs, ctx, student=_first_order("kd_loss", d_student),
-                  teachers=[next(slots) if on else None for on in ctx.trained])  # fmt: skip
+                  teachers=[next(slots) if trained else None for trained in ctx.trained])  # fmt: skip
 
 
 def _register_autograd(op, backward, setup_context, split=None) -> None:

@@ -330,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         print(report([(what, r) for (what, _, _), r in zip(items, results)]))
         # a spill of up to SPILL_SLACK bytes outside every loop is reported, not failed (a few STL / LDL per
         # program): the register cap (kd_loss.MAXNREG) trades it for a program more per SM (JSD K = 4: 24 bytes,
-        # values parked across the sweeps); a spill inside a sweep's loop, paid per tile, fails
+        # values parked across the sweeps); a spill inside an innermost loop (each sweep's tile loop), paid per
+        # tile, fails
         bad = [r for r in results if not r["ok"] or r["spill"] > SPILL_SLACK or loop_spills(r)]
         return 1 if bad else 0
 
