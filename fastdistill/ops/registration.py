@@ -221,7 +221,7 @@ def _kd_loss_triton_setup_context(ctx, inputs, output):
     teachers = KDInputs.arg(inputs, "teachers")
     ctx.stacked = stacked_teachers(teachers)
     mask = KDInputs.arg(inputs, "grad_teachers")
-    ctx.trained = [ctx.stacked or bool((mask >> k) & 1) for k in range(len(teachers))]
+    ctx.trained = [bool((mask >> k) & 1) for k in range(len(teachers))]  # (a stacked input: all or none)
     ctx.save_for_backward(grad_s, grad_t)
 
 

@@ -40,7 +40,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from .asm_checks import i32_products, loop_profile, loop_spills, narrowing_not_to_nearest  # noqa: E402, F401
+from .asm_checks import i32_products, loop_profile, loop_spills, narrowing_not_to_nearest  # noqa: E402
 from .launch import TRITON_TYPES, Launch  # noqa: E402
 
 ARCHS = (90, 80)
