@@ -333,7 +333,7 @@ def test_sliced_teacher_logits_are_copied_once_and_one_listed_teacher_not_at_all
     base = inp.teachers_stacked.untyped_storage().data_ptr()
     assert all(t.untyped_storage().data_ptr() == base for t in inp.teachers)
     t = torch.randn(4, 6, 9)
-    args, _ = kd_inputs(s, [t], **kw).kernel_args(stacked=True)
+    args, _ = kd_inputs(s, [t], **kw).kernel_args()
     (teacher,) = args[[name for name, _ in KDInputs.ARGS].index("teachers")]
     assert teacher.shape == (24, 9) and teacher.data_ptr() == t.data_ptr()
 

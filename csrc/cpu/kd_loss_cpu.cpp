@@ -25,6 +25,7 @@
 
 #include "../common/kd_math.h"
 #include "../common/kd_params.h"
+#include "../kd_teachers.h"
 #include "vec_common.h"
 
 namespace fastdistill {
@@ -469,11 +470,10 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> kd_loss_cpu(
     double temperature, double kd_scale, double ce_weight, at::ArrayRef<double> div_params, int64_t ignore_index,
     bool reduce, bool grad_student, int64_t grad_teachers) {
   TORCH_CHECK_VALUE(student.dim() == 2, "fastdistill::kd_loss: student must be [N, V], got ", student.sizes());
-  TORCH_CHECK_VALUE(!teachers.empty() && teachers.size() <= 16,
-                    "fastdistill::kd_loss: the cpu backend takes 1 to 16 teachers, got ", teachers.size());
+  const KDTeachers teacher_rows = kd_teachers(teachers, student, 16, "cpu");
   KDProblem p;
   try {
-    p = make_kd_problem(student.size(0), student.size(1), static_cast<int32_t>(teachers.size()),
+    p = make_kd_problem(student.size(0), student.size(1), static_cast<int32_t>(teacher_rows.rows.size()),
                         std::string(divergence), std::string(ensemble), div_params, temperature, kd_scale, ce_weight,
                         ignore_index, reduce);
   } catch (const std::invalid_argument& e) {
@@ -481,14 +481,9 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> kd_loss_cpu(
   }
 
   const at::Tensor s = row_major(student);
-  const auto teacher_dtype = teachers[0].scalar_type();
+  const auto teacher_dtype = teacher_rows.rows[0].scalar_type();
   std::vector<at::Tensor> ts;
-  for (size_t k = 0; k < teachers.size(); ++k) {
-    TORCH_CHECK_VALUE(teachers[k].sizes() == student.sizes(), "teacher ", k, " has shape ", teachers[k].sizes(),
-                      ", expected ", student.sizes());
-    TORCH_CHECK_TYPE(teachers[k].scalar_type() == teacher_dtype, "all teachers must share one dtype");
-    ts.push_back(row_major(teachers[k]));
-  }
+  for (const auto& x : teacher_rows.rows) ts.push_back(row_major(x));
   const bool f64 = s.scalar_type() == at::kDouble;
   const auto acc = f64 ? at::kDouble : at::kFloat;
   const auto opts = student.options().dtype(acc);
@@ -524,20 +519,13 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> kd_loss_cpu(
   at::Tensor row_loss = at::empty({p.rows}, opts);
   at::Tensor gs =
       grad_student ? empty_for_writing({p.rows, p.vocab}, student.options()) : at::empty({0}, student.options());
-  std::vector<at::Tensor> gt;
-  bool any_teacher = false;
-  for (size_t k = 0; k < teachers.size(); ++k) {
-    const bool want = (grad_teachers >> k) & 1;  // bit k: teacher k's gradient (only those: no buffer for others)
-    const auto& x = teachers[k];
-    gt.push_back(want ? empty_for_writing({p.rows, p.vocab}, x.options()) : at::empty({0}, x.options()));
-    any_teacher = any_teacher || want;
-  }
+  std::vector<void*> gt_ptrs;
+  const std::vector<at::Tensor> gt = kd_teacher_gradients(
+      teacher_rows, grad_teachers,
+      [](at::IntArrayRef sizes, const at::TensorOptions& o) { return empty_for_writing(sizes, o); }, gt_ptrs);
   t.row_loss = row_loss.data_ptr();
   t.grad_student = grad_student ? gs.data_ptr() : nullptr;
-  if (any_teacher) {  // K entries, null for a teacher whose gradient is not asked for
-    for (size_t k = 0; k < gt.size(); ++k) t.grad_teachers.push_back((grad_teachers >> k) & 1 ? gt[k].data_ptr()
-                                                                                                 : nullptr);
-  }
+  if (grad_teachers != 0) t.grad_teachers = gt_ptrs;  // K entries, null for a teacher whose gradient is not asked for
 
   if (p.rows > 0 && p.vocab > 0) {
     switch (s.scalar_type()) {

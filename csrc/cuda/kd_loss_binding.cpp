@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "../kd_teachers.h"
 #include "kd_loss_cuda.h"
 
 namespace fastdistill {
@@ -117,12 +118,10 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> kd_loss_cuda(
     double temperature, double kd_scale, double ce_weight, at::ArrayRef<double> div_params, int64_t ignore_index,
     bool reduce, bool grad_student, int64_t grad_teachers) {
   TORCH_CHECK_VALUE(student.dim() == 2, "fastdistill::kd_loss: student must be [N, V], got ", student.sizes());
-  TORCH_CHECK_VALUE(!teachers.empty() && int(teachers.size()) <= cuda::kMaxTeachers,
-                    "fastdistill::kd_loss: the cuda backend takes 1 to ", cuda::kMaxTeachers, " teachers, got ",
-                    teachers.size());
+  const KDTeachers teacher_rows = kd_teachers(teachers, student, cuda::kMaxTeachers, "cuda");
   cuda::KDCudaArgs a;
   try {
-    a.problem = make_kd_problem(student.size(0), student.size(1), static_cast<int32_t>(teachers.size()),
+    a.problem = make_kd_problem(student.size(0), student.size(1), static_cast<int32_t>(teacher_rows.rows.size()),
                                 std::string(divergence), std::string(ensemble), div_params, temperature, kd_scale,
                                 ce_weight, ignore_index, reduce);
   } catch (const std::invalid_argument& e) {
@@ -145,18 +144,15 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> kd_loss_cuda(
   a.student = s.data_ptr();
   a.student_stride = s.stride(0);
 
-  const auto teacher_dtype = teachers[0].scalar_type();
+  const auto teacher_dtype = teacher_rows.rows[0].scalar_type();
   a.teacher_dtype = dtype_of(teacher_dtype, "teachers");
   TORCH_CHECK_TYPE(f64 == (a.teacher_dtype == cuda::DType::Float64),
                    "fastdistill::kd_loss (cuda): float64 logits need float64 on both sides, got student ",
                    student.scalar_type(), " and teachers ", teacher_dtype);
   std::vector<at::Tensor> ts;
-  for (size_t k = 0; k < teachers.size(); ++k) {
-    TORCH_CHECK_VALUE(teachers[k].sizes() == student.sizes(), "teacher ", k, " has shape ", teachers[k].sizes(),
-                      ", expected ", student.sizes());
-    TORCH_CHECK_TYPE(teachers[k].scalar_type() == teacher_dtype, "all teachers must share one dtype");
-    on_device(teachers[k], "a teacher");
-    ts.push_back(unit_stride(teachers[k]));
+  for (size_t k = 0; k < teacher_rows.rows.size(); ++k) {
+    on_device(teacher_rows.rows[k], "a teacher");
+    ts.push_back(unit_stride(teacher_rows.rows[k]));
     a.teachers[k] = ts.back().data_ptr();
     a.teacher_strides[k] = ts.back().stride(0);
   }
@@ -192,12 +188,10 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> kd_loss_cuda(
   const auto opts = student.options().dtype(acc);
   at::Tensor row_loss = at::empty({p.rows}, opts);
   at::Tensor gs = grad_student ? at::empty({p.rows, p.vocab}, student.options()) : at::empty({0}, student.options());
-  std::vector<at::Tensor> gt;
-  for (size_t k = 0; k < teachers.size(); ++k) {
-    const bool want = (grad_teachers >> k) & 1;  // bit k: teacher k's gradient (no buffer for the others)
-    gt.push_back(want ? at::empty({p.rows, p.vocab}, teachers[k].options()) : at::empty({0}, teachers[k].options()));
-    if (want) a.grad_teachers[k] = gt.back().data_ptr();
-  }
+  std::vector<void*> gt_ptrs;  // (no buffer for a teacher whose bit is clear: nullptr)
+  const auto alloc = [](at::IntArrayRef sizes, const at::TensorOptions& o) { return at::empty(sizes, o); };
+  const std::vector<at::Tensor> gt = kd_teacher_gradients(teacher_rows, grad_teachers, alloc, gt_ptrs);
+  for (size_t k = 0; k < gt_ptrs.size(); ++k) a.grad_teachers[k] = gt_ptrs[k];
   a.row_loss = row_loss.data_ptr();
   a.grad_student = grad_student ? gs.data_ptr() : nullptr;
   apply_overrides(a);

@@ -200,9 +200,22 @@ def _kernel_dtypes(student: Tensor, teachers: list[Tensor]) -> tuple[Tensor, lis
 
 
 def stacked_teachers(teachers: list[Tensor]) -> bool:
-    """Whether the Triton twin's ``teachers`` argument is one stacked [K, N, V] tensor (a list holding it) rather
-    than K tensors [N, V]."""
+    """Whether an op's ``teachers`` argument is one stacked [K, N, V] tensor (a list holding it) rather than K
+    tensors [N, V]."""
     return len(teachers) == 1 and teachers[0].dim() == 3
+
+
+def gradient_slots(grad_teachers: int, k: int, stacked: bool) -> list[int]:
+    """Teacher k's slot in the teachers' gradient (the M teachers whose bit of ``grad_teachers`` is set, in order;
+    the Triton twin's [M, N, V] tensor), -1 for one that gets none. A stacked [K, N, V] input is one tensor: all K
+    bits or none (the C++ op's bindings check the same, csrc/kd_teachers.h)."""
+    on = [bool((grad_teachers >> i) & 1) for i in range(k)]
+    if grad_teachers >> k:
+        raise ValueError(f"grad_teachers: a mask of K = {k} teachers' bits, got {grad_teachers:#b}")
+    if stacked and any(on) and not all(on):
+        raise ValueError(f"grad_teachers: one stacked [K, N, V] tensor has one gradient: all {k} bits or none, "
+                         f"got {grad_teachers:#b}")  # fmt: skip
+    return [sum(on[:i]) if on[i] else -1 for i in range(k)]
 
 
 def _unit_stride(x: Tensor) -> Tensor:
@@ -216,7 +229,7 @@ class KDInputs(OpInputs):
     OP: ClassVar[str] = "kd_loss"
     ARGS: ClassVar[tuple[tuple[str, str], ...]] = (
         ("student", "Tensor"),  # [N, V]
-        ("teachers", "Tensor[]"),  # K x [N, V] (the Triton twin: or one stacked [K, N, V] tensor)
+        ("teachers", "Tensor[]"),  # K x [N, V], or one stacked [K, N, V] tensor
         ("teacher_weights", "Tensor?"),  # [K, N], columns sum to 1
         ("labels", "Tensor?"),  # int64 [N]
         ("sample_weight", "Tensor?"),  # [N]
@@ -269,19 +282,19 @@ class KDInputs(OpInputs):
             reasons += _triton_row_dtype_reasons(logits)
         return reasons
 
-    def kernel_args(self, stacked: bool = False) -> tuple[tuple, Tensor | None]:
-        """The op's arguments for this call: kernel dtypes, the gradient flags of this call, and the teachers (K
-        tensors [N, V]); for the Triton twin (``stacked``) of unit stride along V, as the caller's one stacked
-        [K, N, V] tensor where it came so and needs no cast; and the float16 prescale S the op's loss is to be
-        divided by (None: none, see ``_fp16_prescale``)."""
+    def kernel_args(self) -> tuple[tuple, Tensor | None]:
+        """The op's arguments for this call (the C++ op's and the Triton twin's alike): kernel dtypes, the gradient
+        flags of this call, the student and the teachers of unit stride along V, the teachers as the caller's one
+        stacked [K, N, V] tensor where it came so and needs no cast (one autograd input: its gradient is written in
+        place, never re-stacked from K [N, V] ones), else K tensors [N, V]; and the float16 prescale S the op's
+        loss is to be divided by (None: none, see ``_fp16_prescale``)."""
         student, teachers = _kernel_dtypes(self.student, self.teachers)
-        if stacked:
-            t = self.teachers_stacked
-            if t is not None and teachers[0].dtype == t.dtype:
-                teachers = [_unit_stride(t)]
-            else:  # read in place by the kernel in an eager call (kd_loss.teacher_layout)
-                teachers = [_unit_stride(x) for x in teachers]
-            student = _unit_stride(student)
+        t = self.teachers_stacked
+        if t is not None and teachers[0].dtype == t.dtype:
+            teachers = [_unit_stride(t)]
+        else:  # the Triton twin reads them in place in an eager call (kd_loss.teacher_layout)
+            teachers = [_unit_stride(x) for x in teachers]
+        student = _unit_stride(student)
         # only the teachers that need one get a gradient buffer (a stacked tensor: all of them or none)
         grad_teachers = sum(1 << k for k, t in enumerate(self.teachers) if _grad_on(t))
         grad_student = _grad_on(student)
@@ -302,7 +315,7 @@ class KDInputs(OpInputs):
     def triton(self) -> Tensor:
         from .triton.kd_loss import kd_loss_triton
 
-        args, s = self.kernel_args(stacked=True)
+        args, s = self.kernel_args()
         return _unscaled(eager.call(kd_loss_triton, args)[0], s)
 
     def reference(self) -> Tensor:

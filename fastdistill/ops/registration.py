@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import eager, extension
-from .inputs import CodistillInputs, KDInputs, MIBackwardArgs, MIInputs, OpInputs, stacked_teachers
+from .inputs import CodistillInputs, KDInputs, MIBackwardArgs, MIInputs, OpInputs, gradient_slots, stacked_teachers
 
 _KD_S, _KD_T = KDInputs.index("student"), KDInputs.index("teachers")
 
@@ -38,12 +38,15 @@ def _kd_loss_fake(*args):
     a = KDInputs.named(args)
     student = a.student
     torch._check(student.dim() == 2, lambda: "student must be [N, V]")
+    stacked = stacked_teachers(a.teachers)  # one [K, N, V] tensor: one gradient, [K, N, V] or none
     for t in a.teachers:
-        torch._check(t.shape == student.shape, lambda: "teachers must match the student's [N, V]")
+        torch._check(t.shape[-2:] == student.shape, lambda: "teachers must match the student's [N, V]")
+    slots = gradient_slots(a.grad_teachers, a.teachers[0].shape[0] if stacked else len(a.teachers), stacked)
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
     loss = student.new_empty(() if a.reduce else (student.shape[0],), dtype=acc)
     grad_s = student.new_empty(student.shape) if a.grad_student else student.new_empty((0,))
-    grad_t = [t.new_empty(t.shape if (a.grad_teachers >> k) & 1 else (0,)) for k, t in enumerate(a.teachers)]
+    on = [slot >= 0 for slot in slots]
+    grad_t = [t.new_empty(t.shape if (any(on) if stacked else on[k]) else (0,)) for k, t in enumerate(a.teachers)]
     return loss, grad_s, grad_t
 
 

@@ -48,7 +48,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import divergences
-from ..inputs import KDInputs, stacked_teachers
+from ..inputs import KDInputs, gradient_slots, stacked_teachers
 from ..registration import register_triton
 from .launch import (
     INTERPRET,
@@ -496,18 +496,6 @@ def teacher_layout(teachers: list[Tensor]) -> tuple[Tensor, int, list[int]]:
             return t0, t0.stride(0), [g // size for g in gaps]
     t = torch.stack(teachers)
     return t, t.stride(1), [k * t.stride(0) for k in range(t.shape[0])]
-
-
-def gradient_slots(grad_teachers: int, k: int, stacked: bool) -> list[int]:
-    """Teacher k's slot in the teachers' gradient [M, N, V] (the M teachers whose bit of ``grad_teachers`` is set,
-    in order), -1 for one that gets none. A stacked [K, N, V] input is one tensor: all K bits or none."""
-    on = [bool((grad_teachers >> i) & 1) for i in range(k)]
-    if grad_teachers >> k:
-        raise ValueError(f"grad_teachers: a mask of K = {k} teachers' bits, got {grad_teachers:#b}")
-    if stacked and any(on) and not all(on):
-        raise ValueError(f"grad_teachers: one stacked [K, N, V] tensor has one gradient: all {k} bits or none, "
-                         f"got {grad_teachers:#b}")  # fmt: skip
-    return [sum(on[:i]) if on[i] else -1 for i in range(k)]
 
 
 def kd_launch(a: SimpleNamespace) -> tuple[list[Launch], Tensor, Tensor, Tensor]:
