@@ -19,6 +19,8 @@ TORCH_LIBRARY(fastdistill, m) {
   //                   (for reduce=false, row i holds d(w_i l_i)/d(student row i));
   //   grad_teachers:  K tensors like grad_student, for co-distillation: teacher k's where bit k of the argument
   //                   grad_teachers is set, an empty tensor for the others (one of K teachers trained: one buffer).
+  // teachers: K tensors [N, V], or one stacked [K, N, V] tensor (a list holding it), one input whose one gradient
+  //   is [K, N, V] (grad_teachers all K bits) or empty (none); other masks are refused (csrc/kd_teachers.h).
   // teacher_weights: [K, N] float, rows already normalised to sum 1 (None = uniform). sample_weight: [N] float.
   // denominator: 0-dim (None = 1). The backward pass only scales these gradients by grad_output.
   m.def(

@@ -247,6 +247,31 @@ def test_compile_traces_into_the_cuda_kernel():
     assert_close(a.grad, b.grad, torch.float32, "grad", "compiled grad")
 
 
+@pytest.mark.parametrize("v", [300, 301])  # 301: rows and teachers' slices of the one buffer off 16-byte alignment
+def test_stacked_trained_teachers_get_one_gradient_from_the_kernel(v):
+    """A stacked [K, N, V] teacher tensor is one input of the cuda op: trained, its one [K, N, V] gradient is the
+    kernel's (teacher k's rows a slice of it), equal to the float64 reference, eagerly and compiled; opcheck on the
+    op with all bits and with none."""
+    student, teachers = make_inputs((7,), v, 3)
+    g = torch.rand(7) + 0.5
+    kw = dict(divergence="jsd", ensemble="logit_mean", temperature=2.0, reduction="none", backend="cuda")
+    ref_loss, ref = reference64(student, teachers, g.double(), True, **kw)
+    for compiled in (False, True):
+        s = student.cuda().requires_grad_()
+        t = torch.stack(teachers).cuda().requires_grad_()
+        fn = lambda a, b: fastdistill.kd_loss(a, b, **kw)  # noqa: E731
+        loss = (torch.compile(fn, fullgraph=True) if compiled else fn)(s, t)
+        loss.backward(g.cuda())
+        assert_close(loss, ref_loss, torch.float32, "loss", f"compiled={compiled}")
+        assert_close(t.grad, torch.stack(ref[1:]), torch.float32, "grad", f"compiled={compiled}")
+        assert_close(s.grad, ref[0], torch.float32, "grad", f"compiled={compiled}")
+    flat = torch.stack(teachers).reshape(3, 7, v).cuda()
+    for mask in (0b111, 0):
+        args = (student.cuda().requires_grad_(), [flat.clone().requires_grad_(mask != 0)], None, None, None, None,
+                "jsd", "logit_mean", 2.0, 4.0, 0.0, [0.5], -100, False, True, mask)  # fmt: skip
+        torch.library.opcheck(torch.ops.fastdistill.kd_loss.default, args)
+
+
 def test_opcheck_cuda():
     student, teachers = make_inputs((5,), 130, 2)
     args = (student.cuda(), [t.cuda() for t in teachers], None, None, None, None, "kl", "prob_mean", 2.0, 4.0, 0.0,

@@ -79,6 +79,10 @@ def _forward(op, backend, mode, dtype):
         return [a, b], list(losses)
     k = 1 if op == "kd1" else 2
     s = _leaf(1, dtype)
+    if op == "kd2s":  # one stacked [2, N, V] teacher tensor: one input, its one gradient written by the kernel
+        t = torch.stack([_leaf(2 + i, dtype, requires_grad=False) for i in range(k)]).requires_grad_()
+        loss = fastdistill.kd_loss(s, t, divergence="jsd", temperature=2.0, reduction=reduction, backend=backend)
+        return [s, t], [loss]
     ts = [_leaf(2 + i, dtype, requires_grad=k > 1) for i in range(k)]
     loss = fastdistill.kd_loss(s, ts, labels=labels, ce_weight=0.2, temperature=2.0, reduction=reduction,
                                backend=backend)  # fmt: skip
@@ -101,6 +105,7 @@ def _roots(mode, losses):
 CASES = [(op, mode, torch.float32, True) for mode in MODES for op in ("kd1", "kd2", "codistill")]
 CASES += [("kd1", mode, torch.bfloat16, True) for mode in MODES[1:]]
 CASES += [(op, mode, torch.float32, False) for mode in ("one", "rows_ones") for op in ("kd1", "codistill")]
+CASES += [("kd2s", mode, torch.float32, True) for mode in ("one", "rows")]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -112,7 +117,8 @@ def test_backward_peak_is_the_gradient(backend, op, mode, dtype, check_one, monk
         leaves, losses = _forward(op, backend, mode, dtype)
     grad_bytes = sum(x.numel() * x.element_size() for x in leaves)
     # one buffer per input; the Triton op returns the trained teachers' gradient as one [M, N, V] tensor
-    assert len(buffers.ptrs) == {"kd1": 1, "kd2": 2 if backend == "triton" else 3, "codistill": 2}[op]
+    # (a stacked one: one [K, N, V] on every backend, never K [N, V] re-stacked by autograd)
+    assert len(buffers.ptrs) == {"kd1": 1, "kd2": 2 if backend == "triton" else 3, "kd2s": 2, "codistill": 2}[op]
     outputs, grad_outputs = _roots(mode, losses)
 
     # Graph retained: out of place (a second backward must read the saved gradient unchanged). The measure sees

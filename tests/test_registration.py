@@ -7,7 +7,8 @@ import textwrap
 
 import pytest
 import torch
-from conftest import DIVERGENCES, ENSEMBLES, make_inputs, requires_ext, requires_triton
+from conftest import DIVERGENCES, ENSEMBLES, make_inputs, reference64, requires_ext, requires_triton
+from tolerances import assert_close
 
 import fastdistill
 from fastdistill.ops import divergences
@@ -40,10 +41,16 @@ def sample_inputs():
                    sample_weight=torch.rand(6), denominator=torch.tensor(5.0), ensemble="logit_mean")  # fmt: skip
     yield _op_args(s.detach().bfloat16().requires_grad_(), [t.bfloat16() for t in ts], divergence="tvd")
     yield _op_args(s.detach(), ts, grad_student=False, divergence="reverse_kl")
+    # one stacked [K, N, V] tensor: one input, one gradient [K, N, V] (all bits) or none
+    stacked = torch.stack(make_inputs((6,), 11, 3)[1])
+    yield _op_args(s.detach().requires_grad_(), [stacked.clone().requires_grad_()], grad_teachers=0b111,
+                   reduce=False, labels=labels, ce_weight=0.3, divergence="jsd", ensemble="logit_mean")  # fmt: skip
+    yield _op_args(s.detach().requires_grad_(), [stacked], teacher_weights=torch.full((3, 6), 1 / 3),
+                   divergence="skew_kl")  # fmt: skip
 
 
 @requires_ext
-@pytest.mark.parametrize("i", range(5))
+@pytest.mark.parametrize("i", range(7))
 def test_opcheck(i):
     args = list(sample_inputs())[i]
     torch.library.opcheck(torch.ops.fastdistill.kd_loss.default, args)
@@ -336,6 +343,45 @@ def test_sliced_teacher_logits_are_copied_once_and_one_listed_teacher_not_at_all
     args, _ = kd_inputs(s, [t], **kw).kernel_args()
     (teacher,) = args[[name for name, _ in KDInputs.ARGS].index("teachers")]
     assert teacher.shape == (24, 9) and teacher.data_ptr() == t.data_ptr()
+
+
+@requires_ext
+def test_cpu_op_takes_stacked_teachers_and_writes_their_one_gradient():
+    """The C++ op, as its Triton twin, takes one stacked [K, N, V] teacher tensor: trained, it gets one [K, N, V]
+    gradient written by the kernel (no K [N, V] buffers re-stacked by autograd's UnbindBackward, one [K, N, V]
+    more at the backward's peak), equal to the float64 reference with grad_output != 1. A stacked tensor is one
+    input: a mask of some of its bits, or a bit past K, is refused by name, as by the Triton twin."""
+    student, teachers = make_inputs((2, 5), 13, 3)
+    stacked = torch.stack(teachers).requires_grad_()
+    s = student.clone().requires_grad_()
+    kw = dict(divergence="jsd", ensemble="logit_mean", temperature=2.0, reduction="none")
+    loss = fastdistill.kd_loss(s, stacked, backend="cpu", **kw)
+    names, todo = set(), [loss.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None:
+            names.add(type(fn).__name__)
+            todo += [f for f, _ in fn.next_functions]
+    assert not any("Unbind" in n or "Stack" in n for n in names), names
+    g = torch.rand(2, 5) + 0.5
+    loss.backward(g)
+    ref_loss, ref = reference64(student, teachers, grad_output=g.double(), teacher_grad=True, **kw)
+    assert_close(loss.detach(), ref_loss, torch.float32, "loss")
+    assert_close(s.grad, ref[0], torch.float32, "grad")
+    assert_close(stacked.grad, torch.stack(ref[1:]), torch.float32, "grad")
+    # the op itself: one [K, N, V] gradient for all bits, [0] for none; partial masks and bits past K refused
+    flat = torch.stack([t.reshape(10, 13) for t in teachers])
+    op = torch.ops.fastdistill.kd_loss.default
+    _, _, (gt,) = op(*_op_args(student.reshape(10, 13), [flat], grad_teachers=0b111))
+    assert gt.shape == (3, 10, 13)
+    _, _, (gt,) = op(*_op_args(student.reshape(10, 13), [flat], grad_teachers=0))
+    assert gt.shape == (0,)
+    with pytest.raises(ValueError, match="all 3 bits or none"):
+        op(*_op_args(student.reshape(10, 13), [flat], grad_teachers=0b010))
+    with pytest.raises(ValueError, match="a mask of K = 3"):
+        op(*_op_args(student.reshape(10, 13), [flat], grad_teachers=0b1000))
+    with pytest.raises(ValueError, match="a mask of K = 2"):
+        op(*_op_args(student.reshape(10, 13), [t.reshape(10, 13) for t in teachers[:2]], grad_teachers=0b100))
 
 
 def test_the_private_torch_hooks_the_backward_relies_on_exist():
