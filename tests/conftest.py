@@ -114,6 +114,25 @@ def reference64(student, teachers, grad_output=None, teacher_grad=False, **kw):
     return loss_and_grads(student.double(), [t.double() for t in teachers], grad_output, teacher_grad, **kw)
 
 
+def stacked_trained_peak(backend: str) -> tuple[int, int]:
+    """(bytes: the extra peak of kd_loss forward + backward on CUDA, bytes of the gradients) for bf16, N = 2048,
+    V = 32768 and K = 4 stacked teachers trained (the gradients: the student's [N, V] and the teachers' one
+    [K, N, V], 640 MiB). Measured on a second call, the first having compiled and warmed up the kernels."""
+    n, v, k = 2048, 32768, 4
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    s = (3 * torch.randn(n, v, device="cuda", generator=gen)).bfloat16().requires_grad_()
+    t = (3 * torch.randn(k, n, v, device="cuda", generator=gen)).bfloat16().requires_grad_()
+    for _ in range(2):  # the second call is measured
+        s.grad = t.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fastdistill.kd_loss(s, t, divergence="jsd", temperature=2.0, backend=backend).backward()
+        torch.cuda.synchronize()
+    assert t.grad.shape == t.shape and s.grad.shape == s.shape
+    return torch.cuda.max_memory_allocated() - before, (k + 1) * n * v * s.element_size()
+
+
 def every_option_case(divergence: str, ensemble: str, reduction: str):
     """(student, teachers, kd_loss keywords, grad_output) exercising every option at once, on CPU: K = 3 over
     [3, 7] rows, V = 1000 (not a multiple of 8: ragged tails), labels with ignored rows, CE, teacher and sample

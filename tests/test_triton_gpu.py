@@ -3,7 +3,15 @@ where bf16 results must stay within 2x the error of PyTorch's own bf16 computati
 
 import pytest
 import torch
-from conftest import DIVERGENCES, ENSEMBLES, every_option_case, loss_and_grads, make_inputs, reference64
+from conftest import (
+    DIVERGENCES,
+    ENSEMBLES,
+    every_option_case,
+    loss_and_grads,
+    make_inputs,
+    reference64,
+    stacked_trained_peak,
+)
 from tolerances import assert_close
 
 import fastdistill
@@ -155,3 +163,10 @@ def test_backward_scale_on_device(dtype, reduction):
         fastdistill.kd_loss(x, t, temperature=2.0, reduction="none", backend="triton").backward(
             torch.ones_like(go), retain_graph=True)
         assert torch.equal(in_place[::3], x.grad[::3])
+
+
+def test_stacked_trained_teachers_peak_is_the_gradients():
+    """Forward + backward with K = 4 stacked trained teachers allocate the gradients only (conftest's
+    stacked_trained_peak): the student's and the teachers' one [K, N, V], read and written in place."""
+    extra, grads = stacked_trained_peak("triton")
+    assert extra <= 1.1 * grads + 16 * 2**20, f"{extra / 2**20:.1f} MiB, gradients {grads / 2**20:.0f} MiB"
