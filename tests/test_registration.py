@@ -1,5 +1,6 @@
 """The custom op as torch sees it: opcheck, torch.compile(fullgraph=True), gradcheck, determinism, fallback."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pytest
 import torch
 from conftest import DIVERGENCES, ENSEMBLES, make_inputs, reference64, requires_ext, requires_triton
 from tolerances import assert_close
+from torch.utils._pytree import tree_leaves
 
 import fastdistill
 from fastdistill.ops import divergences
@@ -382,6 +384,42 @@ def test_cpu_op_takes_stacked_teachers_and_writes_their_one_gradient():
         op(*_op_args(student.reshape(10, 13), [flat], grad_teachers=0b1000))
     with pytest.raises(ValueError, match="a mask of K = 2"):
         op(*_op_args(student.reshape(10, 13), [t.reshape(10, 13) for t in teachers[:2]], grad_teachers=0b100))
+
+
+# (teachers' shapes, grad_teachers, whether the kernels take them) for the op's student [4, 7]
+TEACHER_SHAPES = {
+    "stacked": ([(3, 4, 7)], 0b111, True), "listed": ([(4, 7)] * 2, 0b10, True),
+    "two stacked": ([(2, 4, 7)] * 2, 0, False), "4-d": ([(1, 2, 4, 7)], 1, False), "K = 0": ([(0, 4, 7)], 0, False),
+    "K = 17": ([(17, 4, 7)], 0, False), "wrong V": ([(2, 4, 8)], 0, False), "17 listed": ([(4, 7)] * 17, 0, False),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("op_name", [pytest.param("kd_loss", marks=requires_ext),
+                                     pytest.param("kd_loss_triton", marks=requires_triton)])  # fmt: skip
+@pytest.mark.parametrize("case", TEACHER_SHAPES)
+def test_fake_kernel_takes_the_teacher_shapes_the_kernels_take(op_name, case):
+    """torch.compile traces the op through its fake kernel: a teachers argument the kernels refuse (csrc/kd_teachers.h,
+    inputs.op_teachers) is refused there too, not traced into a graph that fails at run time with output shapes no
+    kernel makes; one they take gets the real kernel's output shapes. The C++ op and its Triton twin."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if op_name == "kd_loss_triton":
+        import fastdistill.ops.triton.kd_loss  # noqa: F401  (registers the op)
+    shapes, mask, valid = TEACHER_SHAPES[case]
+    op = getattr(torch.ops.fastdistill, op_name).default
+    student, teachers = torch.randn(4, 7), [torch.randn(shape) for shape in shapes]
+    with FakeTensorMode() as mode:
+        fake_args = _op_args(mode.from_tensor(student), [mode.from_tensor(t) for t in teachers], grad_teachers=mask)
+    outputs = []
+    for args, mode in ((_op_args(student, teachers, grad_teachers=mask), contextlib.nullcontext()),
+                       (fake_args, mode)):  # fmt: skip
+        with mode:
+            if not valid:
+                with pytest.raises((ValueError, RuntimeError)):
+                    op(*args)
+                continue
+            outputs.append([tuple(t.shape) for t in tree_leaves(op(*args))])
+    assert valid == bool(outputs) and (not valid or outputs[0] == outputs[1]), outputs
 
 
 def test_the_private_torch_hooks_the_backward_relies_on_exist():

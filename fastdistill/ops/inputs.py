@@ -205,6 +205,21 @@ def stacked_teachers(teachers: list[Tensor]) -> bool:
     return len(teachers) == 1 and teachers[0].dim() == 3
 
 
+def op_teachers(student: Tensor, teachers: list[Tensor]) -> tuple[bool, int]:
+    """(stacked, K) of an op's ``teachers`` argument for its student [N, V], checked as the kernels check it
+    (csrc/kd_teachers.h): K tensors [N, V] or one [K, N, V], 1 <= K <= MAX_TEACHERS. The fake kernels call it, so
+    that torch.compile refuses at trace time what the kernels would refuse at run time."""
+    stacked = stacked_teachers(teachers)
+    k = teachers[0].shape[0] if stacked else len(teachers)
+    most = KDInputs.MAX_TEACHERS
+    torch._check_value(1 <= k and k <= most, lambda: f"teachers: kd_loss takes 1 to {most}, got K = {k}")
+    for t in teachers:
+        row = t.shape[1:] if stacked else t.shape
+        torch._check_value(row == student.shape, lambda: f"teachers: K [N, V] or one [K, N, V] for the student's "
+                                                         f"[N, V] = {list(student.shape)}, got {list(t.shape)}")
+    return stacked, k
+
+
 def gradient_slots(grad_teachers: int, k: int, stacked: bool) -> list[int]:
     """Teacher k's slot in the teachers' gradient (the M teachers whose bit of ``grad_teachers`` is set, in order;
     the Triton twin's [M, N, V] tensor), -1 for one that gets none. A stacked [K, N, V] input is one tensor: all K

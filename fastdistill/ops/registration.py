@@ -12,7 +12,16 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import eager, extension
-from .inputs import CodistillInputs, KDInputs, MIBackwardArgs, MIInputs, OpInputs, gradient_slots, stacked_teachers
+from .inputs import (
+    CodistillInputs,
+    KDInputs,
+    MIBackwardArgs,
+    MIInputs,
+    OpInputs,
+    gradient_slots,
+    op_teachers,
+    stacked_teachers,
+)
 
 _KD_S, _KD_T = KDInputs.index("student"), KDInputs.index("teachers")
 
@@ -38,15 +47,13 @@ def _kd_loss_fake(*args):
     a = KDInputs.named(args)
     student = a.student
     torch._check(student.dim() == 2, lambda: "student must be [N, V]")
-    stacked = stacked_teachers(a.teachers)  # one [K, N, V] tensor: one gradient, [K, N, V] or none
-    for t in a.teachers:
-        torch._check(t.shape[-2:] == student.shape, lambda: "teachers must match the student's [N, V]")
-    slots = gradient_slots(a.grad_teachers, a.teachers[0].shape[0] if stacked else len(a.teachers), stacked)
+    stacked, k = op_teachers(student, a.teachers)  # one [K, N, V] tensor: one gradient, [K, N, V] or none
+    slots = gradient_slots(a.grad_teachers, k, stacked)
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
     loss = student.new_empty(() if a.reduce else (student.shape[0],), dtype=acc)
     grad_s = student.new_empty(student.shape) if a.grad_student else student.new_empty((0,))
     on = [slot >= 0 for slot in slots]
-    grad_t = [t.new_empty(t.shape if (any(on) if stacked else on[k]) else (0,)) for k, t in enumerate(a.teachers)]
+    grad_t = [t.new_empty(t.shape if (any(on) if stacked else on[i]) else (0,)) for i, t in enumerate(a.teachers)]
     return loss, grad_s, grad_t
 
 
@@ -208,7 +215,7 @@ def _kd_loss_backward(ctx, grad_loss, _grad_grad_s, _grad_grad_t):
     d_student = (_scale(_computed("kd_loss", "student_logits", grad_s), grad_loss, ctx.reduce)
                  if ctx.needs_input_grad[_KD_S] else None)  # fmt: skip
     # a teacher that needs no gradient (its bit of grad_teachers clear) has an empty placeholder ([0]; a real one is
-    # [N, V]): None
+    # [N, V], or [K, N, V] for a stacked input): None
     d_teachers = ([None if g.dim() == 1 else _scale(g, grad_loss, ctx.reduce) for g in grad_t]
                   if ctx.needs_input_grad[_KD_T] else none_t)  # fmt: skip
     return _grads(KDInputs, ctx, student=_first_order("kd_loss", d_student),

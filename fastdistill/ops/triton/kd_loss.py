@@ -48,7 +48,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import divergences
-from ..inputs import KDInputs, gradient_slots, stacked_teachers
+from ..inputs import KDInputs, gradient_slots, op_teachers, stacked_teachers
 from ..registration import register_triton
 from .launch import (
     INTERPRET,
@@ -435,10 +435,8 @@ def kd_args(a: SimpleNamespace) -> SimpleNamespace:
     tensors."""
     student = a.student
     n, v = student.shape
+    stacked, k = op_teachers(student, a.teachers)  # the shapes the C++ kernels take, checked the same
     base, t_stride_n, offsets = teacher_layout(a.teachers)
-    k = len(offsets)
-    if not 1 <= k <= MAX_TEACHERS:
-        raise ValueError(f"teachers: the Triton kd_loss takes 1..{MAX_TEACHERS} teachers, got K = {k}")
     check_row_dtype("kd_loss", student.dtype)
     check_row_dtype("kd_loss", base.dtype)
     div = divergences.get(a.divergence)
@@ -447,7 +445,7 @@ def kd_args(a: SimpleNamespace) -> SimpleNamespace:
     dev = student.device
     acc = acc_dtype(student.dtype)
     gs = torch.empty((n, v) if a.grad_student else (0,), device=dev, dtype=student.dtype)
-    slots = gradient_slots(a.grad_teachers, k, stacked_teachers(a.teachers))
+    slots = gradient_slots(a.grad_teachers, k, stacked)
     m = k - slots.count(-1)
     gt = torch.empty((m, n, v) if m else (0,), device=dev, dtype=base.dtype)
     prm = param_tensor(pack_params(KD_PARAMS, inv_t=1.0 / a.temperature, kd_scale=a.kd_scale,
@@ -596,10 +594,9 @@ def _kd_loss_triton_fake(*args) -> tuple[Tensor, Tensor, Tensor]:
     acc = torch.float64 if a.student.dtype == torch.float64 else torch.float32
     loss = a.student.new_empty(() if a.reduce else (n,), dtype=acc)
     gs = a.student.new_empty((n, v) if a.grad_student else (0,))
-    t = a.teachers[0]
-    stacked = stacked_teachers(a.teachers)
-    m = sum(i >= 0 for i in gradient_slots(a.grad_teachers, t.shape[0] if stacked else len(a.teachers), stacked))
-    gt = t.new_empty((m, n, v) if m else (0,))
+    stacked, k = op_teachers(a.student, a.teachers)
+    m = sum(i >= 0 for i in gradient_slots(a.grad_teachers, k, stacked))
+    gt = a.teachers[0].new_empty((m, n, v) if m else (0,))
     return loss, gs, gt
 
 
