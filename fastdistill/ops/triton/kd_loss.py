@@ -82,7 +82,6 @@ from .row_math import (
 DIV_CODES = {name: d.code for name, d in divergences.DIVERGENCES.items()}  # the codes divergence_terms branches on
 # ENS: 0 one teacher (K = 1), 1 mixture (prob_mean), 2 log-linear pool (logit_mean), 3 a target per teacher (loss_mean)
 ENS_CODES = {"prob_mean": 1, "logit_mean": 2, "loss_mean": 3}
-MAX_TEACHERS = KDInputs.MAX_TEACHERS  # KP buckets 1..16: each bucket is one more set of compiled kernels
 # 4 warps of 32 threads x 8 columns = BLOCK: one 16-byte bf16 vector per thread and input row, the group of
 # group_stats (v1: 8 warps, [KP, 8192 / KP] tiles, 2 programs per SM): make kernels-report, benchmarks/NOTES.md.
 NUM_WARPS = 4
