@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from . import functional
 from .modules import _KDSettings
 from .ops import dispatch, gemm, reference
+from .ops.inputs import KDInputs
 
 # Per chunk (its logits, the teachers' and the logit gradient), per device type. On CUDA the larger chunk matters for
 # speed: every chunk's weight-gradient GEMM reads and writes the float32 accumulator (2 x 4 V H bytes) in its
@@ -266,9 +267,9 @@ def hidden_and_head(model: nn.Module, inputs: Any) -> tuple[TeacherHead, Any]:
 Teacher = Tensor | TeacherHead
 # Outside autocast a head's matmul takes one dtype; under bfloat16 autocast (float32 weights, 16-bit activations:
 # the usual mixed precision) the matmuls follow it, as lm_head(hidden) would there. Under float16 autocast the op runs
-# outside it, the hidden states cast to their head's dtype: each chunk's logit gradient is taken in the forward pass
-# at grad_output 1, before a GradScaler's factor could lift it, and in float16 most of it would be 0 (no prescale
-# here: its S would be divided out at once by the chunk's own matmuls).
+# outside it, the hidden states cast to their head's dtype. Float16 logits' gradients are taken in the forward pass,
+# before a GradScaler's factor could lift them out of float16's underflow: each chunk's is taken at a power of two S
+# instead (_sweep's "lift"), the products with it summed in float32 and divided by S in backward (exact).
 _ONE_DTYPE = ("they must share a dtype outside autocast (the head's matmul): cast one, or call under torch.autocast, "
               "where the head's matmuls run in its dtype as lm_head(hidden) would")
 _AMP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -304,9 +305,9 @@ def _in_head_dtype(hidden: Tensor, weight: Tensor) -> Tensor:
     return hidden.to(weight.dtype) if hidden.dtype != weight.dtype and _castable(hidden, weight) else hidden
 
 
-def _head_logits_dtype(head: TeacherHead, amp: torch.dtype | None) -> torch.dtype:
-    """The dtype of ``head``'s logits: autocast's for the dtypes it casts, else its own."""
-    return amp if amp is not None and _castable(head.hidden, head.weight) else head.hidden.dtype
+def _logits_dtype(hidden: Tensor, weight: Tensor, amp: torch.dtype | None) -> torch.dtype:
+    """The dtype of the logits ``hidden @ weight.T``: autocast's for the dtypes it casts, else the hidden states'."""
+    return amp if amp is not None and _castable(hidden, weight) else hidden.dtype
 
 
 def _check_head(name: str, weight: Tensor, bias: Tensor | None, width: int, device: torch.device,
@@ -369,7 +370,8 @@ _HEAD_HINT = dict(ref="the student's logits (student_hidden's rows x student_hea
 
 def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: int, device,
                   amp: torch.dtype | None = None, upcast: bool = False) -> list[Teacher]:  # fmt: skip
-    """K teachers, each logits [N, V] or a TeacherHead with hidden [N, H_t], detached (they get no gradient); shapes
+    """K teachers, each logits or a TeacherHead's hidden states as rows (:func:`_flat_rows`: [N, V] / [N, H_t], or
+    the caller's [*, V] / [*, H_t] where no such view exists), detached (they get no gradient); shapes
     and devices checked against the student's. ``amp``: the autocast dtype the heads' matmuls follow (their hidden
     states and weights may then differ in dtype); ``upcast``: hidden states cast to their head's dtype (float16
     autocast, which the op runs outside)."""
@@ -406,7 +408,7 @@ def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: in
             if t.weight.shape[0] != v:
                 raise ValueError(f"teachers[{k}].weight has V = {t.weight.shape[0]}, the student's head {v}")
             lora = _check_lora(f"teachers[{k}].lora", t.lora, t.hidden.shape[-1], v, device)
-            out.append(TeacherHead(t.hidden.detach().reshape(-1, t.hidden.shape[-1]), t.weight.detach(),
+            out.append(TeacherHead(_flat_rows(t.hidden.detach(), t.hidden.shape[-1]), t.weight.detach(),
                                    None if t.bias is None else t.bias.detach(),
                                    tuple(LoRATerm(m.a.detach(), m.b.detach(), float(m.scaling)) for m in lora)))
         elif isinstance(t, Tensor):
@@ -422,9 +424,10 @@ def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: in
 
 
 def _flat_rows(logits: Tensor, v: int) -> Tensor:
-    """Teacher logits [*, V] as [N, V] rows: a view where one exists, else the tensor itself ([*, V], e.g. a
-    [:, :-1] slice of [B, T, V] logits), whose chunks :func:`_rows` gathers (a whole [N, V] copy would be the buffer
-    this op exists to avoid)."""
+    """Teacher logits [*, V] (or a teacher's hidden states [*, H_t], v = H_t) as [N, V] rows: a view where one
+    exists, else the tensor itself ([*, V], e.g. a [:, :-1] slice of [B, T, V] logits, or TeacherHead.shifted()'s
+    hidden states), whose chunks :func:`_rows` gathers (a whole [N, V] copy would be the buffer this op exists to
+    avoid; a whole [N, H_t] one, memory that grows with N)."""
     try:
         return logits.view(-1, v)
     except RuntimeError:
@@ -484,10 +487,11 @@ def check_accum_dtype(accum_dtype: torch.dtype | None) -> None:
 
 
 def chunk_rows(n: int, v: int, k: int, itemsize: int, chunk_size: int | None, budget_bytes: int | None,
-               device_type: str = "cpu") -> int:  # fmt: skip
+               device_type: str = "cpu", teacher_itemsize: int | None = None) -> int:  # fmt: skip
     """Rows per chunk: ``chunk_size`` if given, else as many as the budget (default: ``DEFAULT_BUDGET_BYTES`` of
-    the device type) holds. A row costs, in the input dtype, its logits, its K teachers' logits and the logit
-    gradient the fused op computes with the loss (its backward scales that buffer in place: the graph is freed).
+    the device type) holds. A row costs its logits and the logit gradient the fused op computes with the loss (its
+    backward scales that buffer in place: the graph is freed) in the input dtype (``itemsize`` bytes), and its K
+    teachers' logits in theirs (``teacher_itemsize``, the widest; default ``itemsize``).
     From a budget, rows are rounded down to a multiple of TILE_ROWS when that leaves two tiles or more and the rows
     do not fit one chunk: the chunk's matmuls with a chunk-sized output dimension (d hidden: [c, H]) then have no
     partly-filled tile, but for the last chunk's."""
@@ -495,7 +499,7 @@ def chunk_rows(n: int, v: int, k: int, itemsize: int, chunk_size: int | None, bu
     if chunk_size is not None:
         return min(int(chunk_size), max(n, 1))
     budget = int(budget_bytes) if budget_bytes is not None else DEFAULT_BUDGET_BYTES.get(device_type, 256 * 2**20)
-    per_row = v * (k + 2) * itemsize
+    per_row = v * (2 * itemsize + k * (itemsize if teacher_itemsize is None else teacher_itemsize))
     rows = budget // per_row
     if n <= rows:
         return max(n, 1)  # one chunk: no rounding
@@ -530,20 +534,21 @@ def _chunk_teachers(plan: _Plan, z: Tensor, rows: slice) -> Tensor | list[Tensor
     if len(plan.teachers) == 1 and isinstance(plan.teachers[0], Tensor):
         return _rows(plan.teachers[0], rows)
     amp = _autocast_dtype(z.device)  # a head's logits come out in autocast's dtype under it, as lm_head's would
-    dtypes = {t.dtype if isinstance(t, Tensor) else _head_logits_dtype(t, amp) for t in plan.teachers}
+    dtypes = {t.dtype if isinstance(t, Tensor) else _logits_dtype(t.hidden, t.weight, amp) for t in plan.teachers}
     if len(dtypes) > 1:
-        return [_rows(t, rows) if isinstance(t, Tensor) else _logits(t.hidden[rows], t.weight, t.bias, t.lora)
+        return [_rows(t, rows) if isinstance(t, Tensor) else _logits(_rows(t.hidden, rows), t.weight, t.bias, t.lora)
                 for t in plan.teachers]  # fmt: skip
     out = z.new_empty((len(plan.teachers), *z.shape), dtype=dtypes.pop())
     for k, t in enumerate(plan.teachers):
         if isinstance(t, Tensor):
             out[k].copy_(_rows(t, rows))
         else:
-            _logits(t.hidden[rows], t.weight, t.bias, t.lora, out=out[k])
+            _logits(_rows(t.hidden, rows), t.weight, t.bias, t.lora, out=out[k])
     return out
 
 
-def _chunk_loss(plan: _Plan, z: Tensor, rows: slice) -> Tensor:
+def _chunk_loss(plan: _Plan, z: Tensor, rows: slice) -> tuple[Tensor, KDInputs]:
+    """The chunk's loss from the fused row op of the backend in use, and the op's checked inputs."""
     teachers = _chunk_teachers(plan, z, rows)
     tw = None if plan.teacher_weights is None else plan.teacher_weights[:, rows]
     inp = functional.kd_inputs(
@@ -552,9 +557,7 @@ def _chunk_loss(plan: _Plan, z: Tensor, rows: slice) -> Tensor:
         reduction=plan.chunk_reduction, num_items=plan.num_items if plan.chunk_reduction == "mean" else None,
         **plan.options,
     )  # fmt: skip
-    # the chunk's gradient is taken at grad_output 1 and used by the matmuls in this pass: no float16 prescale
-    inp.prescale = False
-    return dispatch.select(plan.options["backend"], inp)(inp)
+    return dispatch.select(plan.options["backend"], inp)(inp), inp
 
 
 def _sweep(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, ab: Sequence[Tensor], need: tuple[bool, ...],
@@ -564,13 +567,23 @@ def _sweep(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, ab: Sequence[Ten
     that ``need`` (one flag each, in that order) asks for; None for the others. w's as a :class:`_HeadGrad`, w's and
     b's accumulated in the accumulation dtype, the LoRA terms' in float32 (float64 for float64 terms). A frozen
     head (a LoRA model's base head, a tied frozen embedding) costs no [V, H] buffer and no matmul; a LoRA term
-    costs [c, r] per chunk and its gradients [r, H] and [V, r]."""
+    costs [c, r] per chunk and its gradients [r, H] and [V, r].
+
+    Float16 logits without ``grad_out`` (the reduced losses, whose gradients are formed here, before backward's
+    factor): each chunk's logit gradient is taken at grad_output S, the float16 prescale of all N rows (a power of
+    two, ops/inputs.py), so that it is not lost to float16's underflow ((q - p) / N is under 6e-8 for most entries
+    at realistic N and V); h's gradient is then a float32 :class:`_HeadGrad` too, and every gradient is S times
+    the loss's. The last value returned is S (0-dim float32), or None where nothing was lifted."""
     n, acc = h.shape[0], plan.acc
     grads = any(need)
     lora = [LoRATerm(ab[2 * i], ab[2 * i + 1], s) for i, s in enumerate(plan.scalings)]
+    lifted = grads and grad_out is None and _logits_dtype(h, w, _autocast_dtype(h.device)) == torch.float16
+    lift: Tensor | None = None
     total = torch.zeros((), dtype=acc, device=h.device)
     rows_out = [] if plan.chunk_reduction == "none" else None
-    gh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need[0] else None  # its row blocks contiguous
+    gh: Tensor | _HeadGrad | None = None
+    if need[0]:  # its row blocks contiguous
+        gh = _HeadGrad(h, torch.float32) if lifted else torch.empty(h.shape, dtype=h.dtype, device=h.device)
     gw = _HeadGrad(w, plan.accum_dtype) if need[1] else None
     gb = torch.zeros(w.shape[0], dtype=plan.accum_dtype, device=w.device) if need[2] and b is not None else None
     gab = [torch.zeros(m.shape, dtype=torch.promote_types(m.dtype, torch.float32), device=m.device) if want else None
@@ -581,20 +594,31 @@ def _sweep(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, ab: Sequence[Ten
         us = _low_rank_inputs(hc, lora)
         with torch.enable_grad(), functional.values_checked():
             z = _logits(hc, w, b, lora, us).detach().requires_grad_(grads)
-            loss = _chunk_loss(plan, z, rows)
+            loss, inp = _chunk_loss(plan, z, rows)
             g = None
             if grads:
                 go = None if grad_out is None else (grad_out[rows] if grad_out.dim() else grad_out)
+                if lifted and z.shape[0] > 0:
+                    if lift is None:  # one S for every chunk (the op's own prescale of a chunk is >= S: exact)
+                        lift = inp.fp16_lift(z, plan.sample_weight)
+                        lift = torch.ones((), device=z.device) if lift is None else lift
+                    go = lift.to(loss.dtype)
                 (g,) = torch.autograd.grad(loss, z, grad_outputs=go)
         del z  # (its graph is freed): only the logit gradient is left of the chunk for the matmuls below
         gus = []  # each term's d(hc @ a.T) = scaling * g @ b [c, r], in a's dtype (float32 sums of a 16-bit g)
         for i, t in enumerate(lora):
             if grads and (need[0] or need[3 + 2 * i]):
                 gu = gemm.mm32(g, t.b.to(g.dtype)) if g.dtype in gemm.HALF else g @ t.b.to(g.dtype)
-                gus.append(gu.to(t.a.dtype).mul_(t.scaling))
+                gus.append((gu if lifted else gu.to(t.a.dtype)).mul_(t.scaling))  # lifted: float32's range
             else:
                 gus.append(None)
-        if gh is not None:
+        if lifted and gh is not None:  # S x the rows' gradient, formed and kept in float32 (a _HeadGrad)
+            block = gemm.mm32(g, w)
+            for gu, t in zip(gus, lora):
+                block.addmm_(gu, t.a.to(block.dtype))
+            gh.write_rows(start, block)
+            del block
+        elif gh is not None:
             if g.dtype == gh.dtype == w.dtype and not torch.is_grad_enabled():
                 torch.mm(g, w, out=gh[rows])  # no [c, H] temporary
             else:  # autocast (g in its dtype, gh in h's), or recorded: the product, then its copy
@@ -612,7 +636,7 @@ def _sweep(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, ab: Sequence[Ten
                 _add_mm_into(gab[2 * i + 1], g.T, u.to(g.dtype))
         # the chunk's buffers released before the next chunk's are allocated: else its logit gradient would live
         # through the next chunk's kernel, one chunk unit more at the peak ((K + 3) units, not the budget's K + 2)
-        del g, gus, us
+        del g, gus, us, inp
         loss = loss.detach()
         if rows_out is not None:
             rows_out.append(loss)
@@ -623,7 +647,7 @@ def _sweep(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, ab: Sequence[Ten
         if gab[2 * i + 1] is not None:
             gab[2 * i + 1].mul_(t.scaling)
     out = torch.cat(rows_out) if rows_out is not None else total
-    return out, gh, gw, gb, gab
+    return out, gh, gw, gb, gab, lift
 
 
 def _add_mm_into(c: Tensor, a: Tensor, b: Tensor) -> None:
@@ -636,8 +660,9 @@ def _add_mm_into(c: Tensor, a: Tensor, b: Tensor) -> None:
 
 
 class _HeadGrad:
-    """The head weight's gradient [V, H] while it adds up over the chunks, in ``accum_dtype``; :meth:`result` hands
-    it out in the weight's dtype.
+    """The head weight's gradient [V, H] while it adds up over the chunks, in ``accum_dtype`` (or a float16 student's
+    hidden-state gradient [N, H] in float32, written a chunk of rows at a time); :meth:`result` hands it out in the
+    weight's (hidden states') dtype.
 
     A float32 sum for a 16-bit head is held as two blocks of rows, and the 16-bit gradient is written into the first
     block's own memory (4 R H bytes hold 2 V H when R >= V / 2), so the step's peak is the float32 sum, not the sum
@@ -660,6 +685,13 @@ class _HeadGrad:
         """+= g.T @ hc for a chunk's logit gradient g [c, V] and hidden states hc [c, H]."""
         for part, lo, hi in zip(self.parts, self.cuts, self.cuts[1:]):
             gemm.add_mm(part, g[:, lo:hi].T, hc)
+
+    def write_rows(self, start: int, block: Tensor) -> None:
+        """Rows [start, start + c) set to ``block`` [c, H]."""
+        for part, lo, hi in zip(self.parts, self.cuts, self.cuts[1:]):
+            a, b = max(lo, start), min(hi, start + block.shape[0])
+            if a < b:
+                part[a - lo : b - lo].copy_(block[a - start : b - start])
 
     def result(self, scale: Tensor | None) -> Tensor:
         """The gradient [V, H] in the weight's dtype, times ``scale`` (0-dim) if given. Hands the buffers out: call
@@ -704,6 +736,22 @@ def _scaled(grad: Tensor | None, scale: Tensor | None, dtype: torch.dtype) -> Te
     return out
 
 
+def _result(grad: Tensor | _HeadGrad | None, scale: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    """A gradient handed out by backward: a :class:`_HeadGrad`'s result, or :func:`_scaled`'s."""
+    return _scaled(grad, scale, dtype) if grad is None or isinstance(grad, Tensor) else grad.result(scale)
+
+
+def _plan_tensors(plan: _Plan) -> list[Tensor]:
+    """The tensors a recomputation of the chunks reads besides the Function's inputs: teachers, labels, weights."""
+    out = [plan.labels, plan.sample_weight, plan.teacher_weights, plan.num_items]
+    for t in plan.teachers:
+        if isinstance(t, Tensor):
+            out.append(t)
+        else:
+            out += [t.hidden, t.weight, t.bias, *(m for term in t.lora for m in (term.a, term.b))]
+    return [x for x in out if x is not None]
+
+
 class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, *ab: Tensor) -> Tensor:
@@ -711,7 +759,7 @@ class _FusedLinearKD(torch.autograd.Function):
         # "none": backward needs each row's grad_output, so it recomputes the chunks then.
         need = tuple(ctx.needs_input_grad[1:])
         early = any(need) and plan.chunk_reduction != "none"
-        out, *grads = _sweep(plan, h, w, b, ab, need if early else (False,) * len(need), None)
+        out, *grads, lift = _sweep(plan, h, w, b, ab, need if early else (False,) * len(need), None)
         # the plan holds the teachers, labels and weights: kept only for "none"'s recomputation, so that a step's
         # teacher logits are not alive (through the graph) while the next step computes its own
         ctx.plan, ctx.early, ctx.denominator = None if early else plan, early, plan.denominator
@@ -720,8 +768,12 @@ class _FusedLinearKD(torch.autograd.Function):
         ctx.autocast = _autocast_dtype(h.device)
         ctx.dtypes = (h.dtype, None if b is None else b.dtype, *(m.dtype for m in ab))
         ctx.grads = grads if early else None  # not inputs or outputs: plain references, freed with ctx
+        ctx.lift = lift  # float16: the gradients are S times the loss's (see _sweep)
         if not early:
-            ctx.save_for_backward(h, w, b, *ab)
+            # the teachers, labels and weights the recomputation reads are saved too: one changed in place before
+            # backward is autograd's error then, not a silently different gradient
+            ctx.inputs = 3 + len(ab)
+            ctx.save_for_backward(h, w, b, *ab, *_plan_tensors(plan))
         if plan.chunk_reduction == "none":
             return out.reshape(plan.lead)
         return out / plan.denominator
@@ -740,15 +792,17 @@ class _FusedLinearKD(torch.autograd.Function):
                                    "is not supported: its gradients are computed with the loss and handed out once; "
                                    "compute the loss again")  # fmt: skip
             (gh, gw, gb, gab), scale = ctx.grads, grad_out / ctx.denominator
+            if ctx.lift is not None:
+                scale = scale / ctx.lift  # a power of two: exact
             ctx.grads = None
         else:  # "none": the chunks again, each row's grad_output applied in them
-            h, w, b, *ab = ctx.saved_tensors
+            h, w, b, *ab = ctx.saved_tensors[: ctx.inputs]
             with _autocast_as(h.device, ctx.autocast):
-                _, gh, gw, gb, gab = _sweep(plan, h, w, b, ab, tuple(ctx.needs_input_grad[1:]),
+                _, gh, gw, gb, gab, _ = _sweep(plan, h, w, b, ab, tuple(ctx.needs_input_grad[1:]),
                                             grad_out.reshape(-1))  # fmt: skip
             scale = None
-        return (None, _scaled(gh, scale, h_dtype), None if gw is None else gw.result(scale),
-                _scaled(gb, scale, b_dtype), *(_scaled(g, scale, d) for g, d in zip(gab, ab_dtypes)))
+        return (None, _result(gh, scale, h_dtype), _result(gw, scale, None), _scaled(gb, scale, b_dtype),
+                *(_scaled(g, scale, d) for g, d in zip(gab, ab_dtypes)))
 
 
 def fused_linear_kd_loss(
@@ -798,7 +852,9 @@ def fused_linear_kd_loss(
             default): float32 (float64 for float64 inputs), which gives the unfused path's gradient up to the
             order of the sums; the head's own dtype (e.g. ``torch.bfloat16``) saves V x H x 2 bytes at the cost of
             one rounding to that dtype per chunk (Liger-Kernel's default). The matmuls run in the inputs' dtype
-            either way.
+            either way. Not float16: a float16 head's gradients are formed at a power-of-two scale that keeps them
+            above float16's underflow (a loss scaler's factor comes only in backward), and their sums need float32's
+            range.
 
     Returns the loss: 0-dim, or [*] for ``reduction="none"``; float32 (float64 for float64 inputs). Gradients flow
     to ``student_hidden``, ``student_head_weight``, ``student_head_bias`` and the LoRA terms' a and b; for a
@@ -836,6 +892,10 @@ def fused_linear_kd_loss(
     elif accum_dtype not in (wide, student_head_weight.dtype):
         raise ValueError(f"accum_dtype must be None, {wide} or the head weight's dtype "
                          f"({student_head_weight.dtype}), got {accum_dtype}")  # fmt: skip
+    elif accum_dtype == torch.float16:
+        raise ValueError("accum_dtype=torch.float16 is not supported: a float16 head's gradients are summed at a "
+                         "power-of-two scale that keeps them above float16's underflow, which needs float32's "
+                         "range; leave accum_dtype=None (float32)")  # fmt: skip
     teacher_list = _teacher_list(teachers, lead, v, student_hidden.device, amp, upcast)
     # The per-row arguments checked once here, on the whole input (values included: a device sync each on CUDA), as
     # kd_loss checks them; the chunks then skip their data-dependent checks (functional.values_checked). The shape
@@ -855,7 +915,10 @@ def fused_linear_kd_loss(
     if reduction == "batchmean":  # torch's meaning, as kd_loss: the logits' first dimension
         chunk_reduction, denominator = "sum", float(max(lead[0] if lead else v, 1))
     itemsize = student_hidden.element_size()
-    chunk = chunk_rows(n, v, len(teacher_list), itemsize, chunk_size, memory_budget_bytes, student_hidden.device.type)
+    teacher_itemsize = max((t.dtype if isinstance(t, Tensor) else _logits_dtype(t.hidden, t.weight, amp)).itemsize
+                           for t in teacher_list)  # fmt: skip
+    chunk = chunk_rows(n, v, len(teacher_list), itemsize, chunk_size, memory_budget_bytes, student_hidden.device.type,
+                       teacher_itemsize)  # fmt: skip
     options = dict(divergence=divergence, temperature=temperature, scale_by_temperature_sq=scale_by_temperature_sq,
                    ensemble=ensemble, beta=beta, skew=skew, ignore_index=ignore_index, ce_weight=ce_weight,
                    backend=backend)  # fmt: skip

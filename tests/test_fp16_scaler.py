@@ -218,19 +218,26 @@ def test_prescale_keeps_huge_sample_weights_finite():
 
 
 @requires_ext
-def test_fused_linear_chunks_are_not_prescaled(monkeypatch):
-    """fused_linear takes each chunk's gradient at grad_output 1 and uses it in the forward pass: a prescale would be
-    divided out at once (a pass and a rounding more, nothing kept), so its chunks ask for none; kd_loss does."""
+def test_fused_linear_chunks_are_lifted_by_one_prescale(monkeypatch):
+    """fused_linear forms a float16 chunk's gradient in the forward pass, before a loss scaler's factor: it takes it
+    at grad_output S, the prescale of all the rows (one for every chunk, so their sums share it), and each chunk's
+    op prescales as kd_loss's does (its S >= the whole input's: backward's factor <= 1, exact). Chunks of "none"
+    take their rows' grad_output in backward, as kd_loss does: no lift. (The accuracy: test_fused_linear.py.)"""
     calls = []
     original = inputs._fp16_prescale
-    monkeypatch.setattr(inputs, "_fp16_prescale", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(inputs, "_fp16_prescale", lambda *a, **k: calls.append(a[0].shape[0]) or original(*a, **k))
     h = torch.randn(32, 8).half().requires_grad_()
     w = torch.randn(17, 8).half().requires_grad_()
     t = torch.randn(32, 17).half()
     fastdistill.fused_linear_kd_loss(h, w, t, temperature=2.0, chunk_size=8, backend="cpu").backward()
-    assert calls == []
+    assert sorted(calls) == [8] * 5  # the first chunk's rows stand for the whole input's (the weights are all N's)
+    calls.clear()
+    fastdistill.fused_linear_kd_loss(h, w, t, temperature=2.0, chunk_size=8, reduction="none",
+                                     backend="cpu").sum().backward()  # fmt: skip
+    assert calls == [8] * 4  # each chunk's op, in backward
+    calls.clear()
     fastdistill.kd_loss((h @ w.T).detach().requires_grad_(), t, temperature=2.0, backend="cpu")
-    assert calls == [1]
+    assert calls == [32]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -278,10 +278,6 @@ class KDInputs(OpInputs):
     div_params: list[float]
     ignore_index: int
     reduce: bool
-    # float16 prescale allowed (``_fp16_prescale``): off for a caller that takes the gradient at grad_output 1 and
-    # uses it in the forward pass (fused_linear's chunks), where S would be divided out at once: a pass and a
-    # rounding more, nothing kept
-    prescale: bool = True
 
     def tensors(self) -> list[Tensor]:
         optional = [self.teacher_weights, self.labels, self.sample_weight, self.denominator]
@@ -314,14 +310,20 @@ class KDInputs(OpInputs):
         grad_teachers = sum(1 << k for k, t in enumerate(self.teachers) if _grad_on(t))
         grad_student = _grad_on(student)
         s = None
-        if self.prescale and grad_student and not grad_teachers:  # (teachers' gradients have no bound: not prescaled)
-            coefficient = _student_coefficient(self.divergence, self.div_params, self.kd_scale, self.temperature,
-                                               self.ce_weight)  # fmt: skip
-            s = _fp16_prescale(student, coefficient, self.sample_weight, self.denominator, self.reduce)
+        if grad_student and not grad_teachers:  # (teachers' gradients have no bound: not prescaled)
+            s = self.fp16_lift(student, self.sample_weight)
         weights = _weighted_by(self.sample_weight, s, student.shape[0])
         args = self._args(student=student, teachers=teachers, sample_weight=weights, grad_student=grad_student,
                           grad_teachers=grad_teachers)  # fmt: skip
         return args, s
+
+    def fp16_lift(self, student: Tensor, sample_weight: Tensor | None) -> Tensor | None:
+        """The float16 prescale S (``_fp16_prescale``) of the gradient of ``student`` [N, V] (these inputs' student
+        as the kernels take it) for rows weighted by ``sample_weight``: the call's own [N], or the weights of every
+        row a caller's chunks come from (fused_linear: one S for all its chunks, at least as small as each chunk's)."""
+        coefficient = _student_coefficient(self.divergence, self.div_params, self.kd_scale, self.temperature,
+                                           self.ce_weight)  # fmt: skip
+        return _fp16_prescale(student, coefficient, sample_weight, self.denominator, self.reduce)
 
     def extension(self) -> Tensor:
         args, s = self.kernel_args()
