@@ -87,7 +87,7 @@ bench: build
 	$(PY) -m benchmarks.run_host
 
 # One GPU run in under 10 minutes (slots of 575 s), on a machine with torch, triton, pytest, transformers and liger-kernel preinstalled
-# and no network: `make bench-gpu GPU_OUT=/some/dir` (default gpu-run-<date>). Stages, each with a time slot:
+# and no network: `make bench-gpu GPU_OUT=/some/dir` (default $OUT, else gpu-run-<date>). Stages, each with a time slot:
 #   install    pip install -e . offline (--no-index); on failure the source tree is used (PYTHONPATH). It builds the
 #              C++ CPU kernels and the CUDA kernels (csrc/cuda: 11 translation units, compiled in parallel, for
 #              sm_80 and sm_90a); without a working install the cuda rows and tests report "no CUDA kernel"
@@ -112,9 +112,11 @@ bench: build
 # No stage stops the others. Output: $(GPU_OUT)/{kd,divergences,mi,codistill,fused}-cuda.json and one log,
 # $(GPU_OUT)/bench-gpu.log. GPU_STAGES="kd mi" runs some stages; GPU_DEVICE=cpu with small shapes
 # (GPU_KD_SHAPES="--rows 64 --vocab 128 ...") rehearses it all on a CPU.
-GPU_PY ?= python
+# python3: the interpreter that holds torch on the GPU image (a plain "python" may not be on its PATH)
+GPU_PY ?= python3
+# $OUT, where the machine's runner collects what comes back, else gpu-run-<date>
 ifndef GPU_OUT
-GPU_OUT := gpu-run-$(shell date +%F)
+GPU_OUT := $(if $(OUT),$(OUT),gpu-run-$(shell date +%F))
 endif
 GPU_STAGES ?= install tests sanitize kd divergences mi codistill fused
 GPU_DEVICE ?= cuda
@@ -137,7 +139,7 @@ GPU_DIVERGENCES_SHAPES ?= --dtype bfloat16 --rows 8192 --vocab 128256 --teachers
 GPU_MI_SHAPES ?= --dtype bfloat16 --shapes 16384x768,16384x128,65536x768 \
 	--providers triton,loss-triton,triton-tiles,compile,loss-compile --repeats 5
 GPU_CODISTILL_SHAPES ?= --dtype bfloat16 --rows 8192 --vocab 32768,128256 --temperatures 2 \
-	--providers fused-triton,two-kd-triton,compile,eager --repeats 10
+	--providers fused-triton,compile,two-kd-triton,eager --repeats 10
 GPU_FUSED_SHAPES ?= --dtype bfloat16 --rows 16384 --hidden 4096 --vocab 128256 --teachers 1,2 \
 	--providers fused-triton,unfused-triton,liger,fused-triton-acc16 --repeats 3
 GPU_LOG = $(GPU_OUT)/bench-gpu.log
@@ -164,17 +166,20 @@ GPU_INSTALL_CMD = $(GPU_PY) -c "import setuptools, shutil; print('setuptools', s
 	$(call gpu_left,$(GPU_END_INSTALL)) $(GPU_PY) setup.py -q build_ext --inplace) && cp $$d/fastdistill/_C*.so \
 	$$d/fastdistill/_build_info.py fastdistill/; rc=$$?; rm -rf $$d; [ $$rc -eq 0 ] || echo "no _C: the stages \
 	below import the source tree (PYTHONPATH=$(CURDIR))"; }; (exit $$rc)
-GPU_TESTS_CMD = logs=$$(mktemp -d); for f in tests/test_*gpu*.py; do ( $(GPU_ENV) timeout -s INT -k 10 \
+GPU_TESTS_CMD = logs=$$(mktemp -d); for f in tests/test_*gpu*.py; do ( $(GPU_ENV) TORCHINDUCTOR_COMPILE_THREADS=1 \
+	OMP_NUM_THREADS=2 timeout -s INT -k 10 \
 	$(call gpu_left,$(GPU_END_TESTS)) $(GPU_PY) -m pytest -o addopts= -o faulthandler_timeout=40 -q -rfE \
 	-p no:cacheprovider --durations=10 $$f; echo "exit status $$?" ) > $$logs/$$(basename $$f).log 2>&1 & done; wait; \
 	for f in $$logs/*.log; do echo "--- $$(basename $$f .log)"; cat $$f; done; rm -rf $$logs
 # compute-sanitizer on a small run of the CUDA kernel, memcheck, racecheck and synccheck side by side, only
-# kd_row_kernel checked
+# kd_row_kernel checked; without PyTorch's caching allocator, so that an access past a small tensor's end is outside
+# any allocation (inside a cached 2 MB block memcheck would not see it); a long log keeps its first errors too
 GPU_SANITIZE_CMD = san=$$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer); \
-	logs=$$(mktemp -d); for tool in memcheck racecheck synccheck; do ( $(GPU_ENV) timeout -k 5 \
-	$(call gpu_left,$(GPU_END_SANITIZE)) $$san --tool $$tool --error-exitcode 9 --kernel-name kns=kd_row_kernel \
+	logs=$$(mktemp -d); for tool in memcheck racecheck synccheck; do ( $(GPU_ENV) PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+	timeout -k 5 $(call gpu_left,$(GPU_END_SANITIZE)) $$san --tool $$tool --error-exitcode 9 --kernel-name kns=kd_row_kernel \
 	$(GPU_PY) tests/cuda_sanitize.py; echo "exit status $$?" ) > $$logs/$$tool.log 2>&1 & done; wait; \
-	for f in $$logs/*.log; do echo "--- $$(basename $$f .log)"; tail -n 40 $$f; done; rm -rf $$logs
+	for f in $$logs/*.log; do echo "--- $$(basename $$f .log)"; if [ $$(wc -l < $$f) -gt 80 ]; then head -n 40 $$f; \
+	echo "[...]"; tail -n 40 $$f; else cat $$f; fi; done; rm -rf $$logs
 bench-gpu:
 	$(eval GPU_T0 := $(shell date +%s))
 	$(eval GPU_END_INSTALL := $(shell expr $(GPU_T0) + $(call gpu_slot,install,$(GPU_INSTALL_S))))

@@ -215,10 +215,15 @@ def split_teachers(teacher_logits: TeacherLogits, student_shape: torch.Size, nam
 def _check_constant(name: str, x: Tensor, hint: str = "") -> None:
     """A constant of the losses (SPEC §1: sample_weight, teacher_weights, num_items) given as a tensor that requires
     grad, under grad mode: a ValueError naming it, as torch refuses F.cross_entropy's ``weight=`` that requires grad;
-    never a gradient the caller asked for dropped without a word."""
+    never a gradient the caller asked for dropped without a word. Forward-mode AD likewise: a tangent on it
+    (torch.func.jvp / jacfwd, a forward_ad dual tensor) would give a derivative of 0."""
     if x.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{name} requires grad, but the loss takes it as a constant (no gradient flows to it): "
                          f"pass {name}.detach(){hint}")
+    if torch.autograd.forward_ad._current_level >= 0 and torch.autograd.forward_ad.unpack_dual(x).tangent is not None:
+        raise ValueError(f"{name} carries a forward-mode tangent (torch.func.jvp / jacfwd, or a dual tensor), but "
+                         f"the loss takes it as a constant (its derivative would be 0): pass its primal value "
+                         f"(torch.autograd.forward_ad.unpack_dual({name}).primal){hint}")
 
 
 def _check_device(name: str, x: Tensor, device: torch.device, ref: str = "student_logits") -> None:

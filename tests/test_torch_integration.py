@@ -257,6 +257,50 @@ def test_forward_mode_ad_is_refused_by_the_fused_backends_and_auto_takes_the_ref
                 transform(lambda x: op(x, "cpu"))(s)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "auto"])
+def test_a_tangent_on_a_constant_is_refused(backend):
+    """sample_weight / teacher_weights / num_items are constants (SPEC §1): one that requires grad is a ValueError,
+    but one given a forward-mode tangent (jvp / jacfwd, a dual tensor) came back with a derivative of 0 on every
+    backend (0.0 for a true 0.46 in the review's case). Now the same kind of error, naming it; a constant closed over
+    by a transform over the logits still runs."""
+    import torch.autograd.forward_ad as fwAD
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 5, generator=g), torch.randn(2, 4, 5, generator=g)
+    b, labels = torch.randn(4, 5, generator=g), torch.tensor([0, 3, 1, 2])
+    cases = {
+        "sample_weight": (torch.rand(4, generator=g) + 0.5, lambda x: fastdistill.kd_loss(s, t, sample_weight=x,
+                                                                                          backend=backend)),
+        "teacher_weights": (torch.tensor([1.0, 3.0]), lambda x: fastdistill.kd_loss(s, t, teacher_weights=x,
+                                                                                    backend=backend)),
+        "num_items": (torch.tensor(3.0), lambda x: fastdistill.kd_loss(s, t, num_items=x, backend=backend)),
+        "codistill sample_weight": (torch.rand(4, generator=g) + 0.5, lambda x: fastdistill.codistill_loss(
+            s, b, labels, sample_weight=x, backend=backend).loss_a),
+    }  # fmt: skip
+    for name, (x, op) in cases.items():
+        arg = name.split()[-1]
+        with pytest.raises(ValueError, match=f"{arg} carries a forward-mode tangent"):
+            torch.func.jvp(op, (x,), (torch.ones_like(x),))
+        with fwAD.dual_level(), pytest.raises(ValueError, match=f"{arg} carries a forward-mode tangent"):
+            op(fwAD.make_dual(x, torch.ones_like(x)))
+    w = cases["sample_weight"][0]
+    if backend != "cpu":  # (a fused backend refuses the logits' tangent itself: the test above)
+        torch.func.jacfwd(lambda x: fastdistill.kd_loss(x, t, sample_weight=w, backend=backend))(s)
+
+
+def test_vmap_of_kd_loss_with_a_fused_backend_names_the_way_out():
+    """kd_loss takes its teachers as a list of tensors, for which torch's batching fallback does not exist: a fused
+    backend named under vmap gave torch's "Batching rule not implemented" RuntimeError; now the package's ValueError
+    naming backend='reference', which "auto" picks there (the other ops run through the fallback)."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 5, generator=g)
+    with pytest.raises(ValueError, match=r"backend='cpu' cannot run.*vmap.*backend='reference'"):
+        torch.func.vmap(lambda x, y: fastdistill.kd_loss(x, y, backend="cpu"))(s, t)
+    got = torch.func.vmap(lambda x, y: fastdistill.kd_loss(x, y, temperature=2.0))(s, t)
+    want = torch.stack([fastdistill.kd_loss(x, y, temperature=2.0, backend="reference") for x, y in zip(s, t)])
+    torch.testing.assert_close(got, want)
+
+
 def test_create_graph_under_dynamo_is_refused_like_in_eager():
     """torch.compile(backend="eager") differentiates twice as eager code does, but the create_graph check was
     skipped whenever compiling: a gradient penalty through the fused op dropped its second-order term silently

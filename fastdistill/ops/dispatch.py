@@ -134,14 +134,20 @@ def _transform_reason(inp: OpInputs) -> str | None:
     """Why no fused backend can run ``inp`` under a transform: forward-mode AD (their kernels have no forward
     derivative: torch would run them on the primal values and drop the tangent, a derivative of 0 without an error),
     or inputs that a torch.func gradient transform tracks (grad / vjp / jacrev: torch's own error would not say
-    what to do). None otherwise: a transform over tensors the op only closes over, or vmap (the forward runs;
-    a backward through it is the RuntimeError of registration._computed)."""
+    what to do), or vmapped inputs of an op that takes a list of tensors (kd_loss's teachers: torch has no fallback
+    for it). None otherwise: a transform over tensors the op only closes over, or vmap of the other ops (the forward
+    runs, torch's fallback loops over the batch; a backward through it is the RuntimeError of
+    registration._computed)."""
     # (torch.func.jvp / jacfwd's inputs are dual tensors of a forward_ad level too)
     if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in inp.tensors()):
         return ("forward-mode AD (torch.func.jvp / jacfwd / hessian, or a dual tensor of torch.autograd.forward_ad) "
                 "needs backend='reference'")  # fmt: skip
     if any(torch._C._functorch.is_gradtrackingtensor(t) for t in inp.tensors()):
         return "inputs of a torch.func gradient transform (grad / vjp / jacrev / hessian) need backend='reference'"
+    if any(kind == "Tensor[]" for _, kind in inp.ARGS) and any(
+        torch._C._functorch.is_batchedtensor(t) for t in inp.tensors()
+    ):  # torch's fallback batches an op by looping over it, but not one that takes a list of tensors
+        return f"inputs batched by torch.func.vmap (the {inp.OP} op has no batching rule) need backend='reference'"
     return None
 
 
