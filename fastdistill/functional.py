@@ -262,10 +262,10 @@ def _vouched_for(name: str) -> bool:
 
 
 def _check_values(name: str, x: Tensor, what: str, bad: Tensor) -> None:
-    """Data-dependent check (skipped under torch.compile, where it would break the graph, and for the names
-    :func:`values_checked` gives)."""
-    if _is_compiling() or _vouched_for(name):  # compiling first: Dynamo cannot trace the context variable's get
-        return
+    """Data-dependent check (skipped under torch.compile, where it would break the graph, for the names
+    :func:`values_checked` gives, and on meta tensors, which have no values: shape propagation)."""
+    if _is_compiling() or _vouched_for(name) or x.device.type == "meta":  # compiling first: Dynamo cannot trace
+        return  # the context variable's get
     if bool(bad.any()):
         raise ValueError(f"{name} must be {what}")
 
@@ -462,6 +462,9 @@ def row_arguments(
             if num_items.dtype == torch.bool or num_items.is_complex():
                 raise TypeError(f"num_items must be an integer or floating-point count, got {num_items.dtype}")
             _check_constant("num_items", num_items)
+            if num_items.device.type == "meta" and device.type != "meta":
+                raise ValueError(f"num_items is a meta tensor (no value) but {name} is on {device}; pass the count "
+                                 f"on {device} or the CPU")  # fmt: skip
             count = num_items.detach().reshape(()).to(device)
             _check_values("num_items", count, "finite and >= 0",
                           (count < 0) | ~torch.isfinite(count) if count.is_floating_point() else count < 0)

@@ -674,7 +674,7 @@ class _HeadGrad:
 
     def __init__(self, w: Tensor, accum_dtype: torch.dtype) -> None:
         v, width = w.shape
-        self.shape, self.dtype = (v, width), w.dtype
+        self.shape, self.dtype, self.device = (v, width), w.dtype, w.device
         # the cut at a multiple of 8 rows >= V / 2: the second block's columns of the logit gradient stay 16-byte
         # aligned for cuBLAS (V <= 8: one block, narrowed by a copy)
         cut = min(v, -(-v // 16) * 8) if accum_dtype.itemsize == 2 * w.dtype.itemsize else v
@@ -697,6 +697,8 @@ class _HeadGrad:
         """The gradient [V, H] in the weight's dtype, times ``scale`` (0-dim) if given. Hands the buffers out: call
         once."""
         parts, self.parts = self.parts, []
+        if not parts:  # no rows (the hidden states' gradient of N = 0)
+            return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         if len(parts) == 1:
             return _scaled(parts[0], scale, self.dtype)
         if gemm.is_traced(parts[0]):  # torch.compile: no aliasing tricks in a traced graph

@@ -892,6 +892,9 @@ def test_float16_gradients_are_lifted_above_underflow(case):
         err_u, err_f = ((u - e).norm() / e.norm()).item(), ((f - e).norm() / e.norm()).item()
         assert err_f < max(2 * err_u, 2e-3), (case, err_u, err_f)  # was 0.25 (hidden), 0.26 (weight)
         assert (f == 0).double().mean() < 0.01
+    h = torch.randn(0, width).half().requires_grad_()  # no rows: the float32 buffer of the hidden states' gradient
+    fused_linear_kd_loss(h, w64.half(), t[:0], backend="cpu").backward()
+    assert h.grad.shape == (0, width) and h.grad.dtype == torch.float16
 
 
 @pytest.mark.parametrize("changed", ["teacher logits", "teacher hidden states", "labels", "sample_weight"])

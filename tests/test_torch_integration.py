@@ -381,3 +381,25 @@ def test_weak_teacher_schedule_does_not_recompile_the_callers_step():
         loss.set_progress(step, 12)
         torch.testing.assert_close(compiled(x, t, labels), loss(lin(x), t, labels))
     assert _graphs() == 1
+
+
+def test_meta_tensors_propagate_shapes_with_every_argument():
+    """Meta tensors (shape propagation, a model built on the meta device) have no values: kd_loss ran on them, but
+    labels with ce_weight > 0, a tensor sample_weight / teacher_weights / num_items, codistill's labels and mi_alpha
+    raised torch errors naming no argument (.item() of a value check; autocast on the meta device). The value checks
+    skip meta tensors; a meta num_items with real logits is an error naming it."""
+    m = dict(device="meta")
+    s, t, b = torch.empty(4, 7, **m), torch.empty(2, 4, 7, **m), torch.empty(4, 7, **m)
+    labels, w = torch.zeros(4, dtype=torch.long, **m), torch.empty(4, **m)
+    results = [
+        fastdistill.kd_loss(s, t, labels, ce_weight=0.5, backend="reference"),
+        fastdistill.kd_loss(s, t, sample_weight=w, backend="reference"),
+        fastdistill.kd_loss(s, t, teacher_weights=torch.empty(2, **m), backend="reference"),
+        fastdistill.kd_loss(s, t, num_items=torch.empty((), **m), backend="reference"),
+        fastdistill.codistill_loss(s, b, labels, backend="reference").loss_a,
+        fastdistill.mi_alpha(torch.empty(4, 3, **m), torch.empty(4, 3, **m), backend="reference"),
+        fastdistill.mi_alpha(torch.empty(4, 3, **m), torch.empty(4, 3, **m), log_baseline=w, backend="reference"),
+    ]
+    assert all(r.device.type == "meta" and r.shape == () for r in results)
+    with pytest.raises(ValueError, match="num_items is a meta tensor"):
+        fastdistill.kd_loss(torch.randn(4, 7), torch.randn(4, 7), num_items=torch.empty((), **m))

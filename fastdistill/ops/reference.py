@@ -11,6 +11,7 @@ Inputs here are already validated and flattened by :mod:`fastdistill.functional`
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -246,7 +247,8 @@ def mi_scores(student: Tensor, teacher: Tensor, critic: str, temperature: float)
     u, v = student.to(dtype), teacher.to(dtype)
     if critic == "cosine":
         u, v = torch.nn.functional.normalize(u, dim=-1), torch.nn.functional.normalize(v, dim=-1)
-    with torch.autocast(u.device.type, enabled=False):  # in that dtype even inside autocast (it would take bf16)
+    off = torch.autocast(u.device.type, enabled=False) if u.device.type != "meta" else contextlib.nullcontext()
+    with off:  # in that dtype even inside autocast (it would take bf16)
         return (v @ u.T) / temperature
 
 
