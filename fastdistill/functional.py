@@ -220,7 +220,7 @@ def _check_constant(name: str, x: Tensor, hint: str = "") -> None:
     if x.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{name} requires grad, but the loss takes it as a constant (no gradient flows to it): "
                          f"pass {name}.detach(){hint}")
-    if torch.autograd.forward_ad._current_level >= 0 and torch.autograd.forward_ad.unpack_dual(x).tangent is not None:
+    if dispatch.has_tangent(x):
         raise ValueError(f"{name} carries a forward-mode tangent (torch.func.jvp / jacfwd, or a dual tensor), but "
                          f"the loss takes it as a constant (its derivative would be 0): pass its primal value "
                          f"(torch.autograd.forward_ad.unpack_dual({name}).primal){hint}")

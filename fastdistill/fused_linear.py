@@ -595,13 +595,14 @@ def _sweep(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, ab: Sequence[Ten
         with torch.enable_grad(), functional.values_checked():
             z = _logits(hc, w, b, lora, us).detach().requires_grad_(grads)
             loss, inp = _chunk_loss(plan, z, rows)
+            if lifted and lift is None and z.shape[0] > 0:  # one S for every chunk (each chunk's op prescales by
+                lift = inp.fp16_lift(z, plan.sample_weight)  # its own S' >= S: backward's factor S / S' is exact)
+                lift = torch.ones((), device=z.device) if lift is None else lift
+            del inp  # (it holds the chunk's teachers: freed before the matmuls below)
             g = None
             if grads:
                 go = None if grad_out is None else (grad_out[rows] if grad_out.dim() else grad_out)
-                if lifted and z.shape[0] > 0:
-                    if lift is None:  # one S for every chunk (the op's own prescale of a chunk is >= S: exact)
-                        lift = inp.fp16_lift(z, plan.sample_weight)
-                        lift = torch.ones((), device=z.device) if lift is None else lift
+                if lift is not None:
                     go = lift.to(loss.dtype)
                 (g,) = torch.autograd.grad(loss, z, grad_outputs=go)
         del z  # (its graph is freed): only the logit gradient is left of the chunk for the matmuls below
@@ -636,7 +637,7 @@ def _sweep(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, ab: Sequence[Ten
                 _add_mm_into(gab[2 * i + 1], g.T, u.to(g.dtype))
         # the chunk's buffers released before the next chunk's are allocated: else its logit gradient would live
         # through the next chunk's kernel, one chunk unit more at the peak ((K + 3) units, not the budget's K + 2)
-        del g, gus, us, inp
+        del g, gus, us
         loss = loss.detach()
         if rows_out is not None:
             rows_out.append(loss)
@@ -801,7 +802,7 @@ class _FusedLinearKD(torch.autograd.Function):
             h, w, b, *ab = ctx.saved_tensors[: ctx.inputs]
             with _autocast_as(h.device, ctx.autocast):
                 _, gh, gw, gb, gab, _ = _sweep(plan, h, w, b, ab, tuple(ctx.needs_input_grad[1:]),
-                                            grad_out.reshape(-1))  # fmt: skip
+                                               grad_out.reshape(-1))  # fmt: skip
             scale = None
         return (None, _result(gh, scale, h_dtype), _result(gw, scale, None), _scaled(gb, scale, b_dtype),
                 *(_scaled(g, scale, d) for g, d in zip(gab, ab_dtypes)))

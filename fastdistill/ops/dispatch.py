@@ -130,6 +130,12 @@ def _measured(inp: OpInputs) -> str | None:
                            s.shape[-1], len(inp.teachers))  # fmt: skip
 
 
+def has_tangent(t: torch.Tensor) -> bool:
+    """A forward-mode tangent rides on ``t`` (a dual tensor of a forward_ad level: torch.func.jvp / jacfwd's inputs
+    are too)."""
+    return forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None
+
+
 def _transform_reason(inp: OpInputs) -> str | None:
     """Why no fused backend can run ``inp`` under a transform: forward-mode AD (their kernels have no forward
     derivative: torch would run them on the primal values and drop the tangent, a derivative of 0 without an error),
@@ -139,7 +145,7 @@ def _transform_reason(inp: OpInputs) -> str | None:
     runs, torch's fallback loops over the batch; a backward through it is the RuntimeError of
     registration._computed)."""
     # (torch.func.jvp / jacfwd's inputs are dual tensors of a forward_ad level too)
-    if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in inp.tensors()):
+    if any(has_tangent(t) for t in inp.tensors()):
         return ("forward-mode AD (torch.func.jvp / jacfwd / hessian, or a dual tensor of torch.autograd.forward_ad) "
                 "needs backend='reference'")  # fmt: skip
     if any(torch._C._functorch.is_gradtrackingtensor(t) for t in inp.tensors()):
