@@ -116,6 +116,47 @@ def test_checks_catch_what_they_claim(tmp_path):
     assert "rn []" in out.stdout and "rtz ['cvt.rz.bf16.f32']" in out.stdout, out.stdout
 
 
+def test_rmul_keeps_the_product_rounded_once(tmp_path):
+    """Compiled for a GPU, a product used as itself (a max) and in a difference (exp(S - l)) is two numbers: the
+    compiler contracts x * y - c into one fma.rn.f32 with the product unrounded. row_math.rmul's explicitly rounded
+    multiply is never fused, so the MI kernels, whose backward recomputes S = acc * (1/T) and takes exp(S - l) against
+    the forward's l (formed from the rounded S), see one S: each MI kernel a bf16 or float32 call launches has it."""
+    out = run_snippet(
+        """
+        import triton
+        import triton.language as tl
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        import torch
+        from fastdistill.ops.triton import aot, mi_alpha
+        from fastdistill.ops.triton.row_math import rmul
+
+        @triton.jit
+        def k(x_ptr, o_ptr, y, z, FAST: tl.constexpr):
+            i = tl.arange(0, 128)
+            s = rmul(tl.load(x_ptr + i), y, FAST)
+            tl.store(o_ptr + i, s - z + tl.max(s, 0))
+
+        for fast in (False, True):
+            sig = {"x_ptr": "*fp32", "o_ptr": "*fp32", "y": "fp32", "z": "fp32", "FAST": "constexpr"}
+            ptx = triton.compile(ASTSource(k, sig, {"FAST": fast}), target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+            print("fast" if fast else "plain", "fma" if "fma.rn.f32" in ptx else "no-fma")
+        for dtype in (torch.bfloat16, torch.float32):  # the strips' kernels, the tile kernels
+            u = torch.empty(4096, 128, device="meta", dtype=dtype)
+            for what, launch in mi_alpha.mi_launches(u, u, torch.empty(4096, device="meta")):
+                cfg = aot.config_of("mi_alpha", launch)
+                src = ASTSource(aot._kernel_object(cfg), dict(cfg.signature), dict(cfg.constexprs))
+                ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(cfg.options)).asm["ptx"]
+                print(what, dtype, "rn" if "mul.rn.f32" in ptx else "MISSING")
+        """,
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    print(out.stdout)
+    assert "plain fma" in out.stdout and "fast no-fma" in out.stdout, out.stdout
+    assert out.stdout.count(" rn\n") >= 4 and "MISSING" not in out.stdout, out.stdout
+
+
 def test_rounding_check_reads_float_narrowings_only():
     from fastdistill.ops.triton import asm_checks
 

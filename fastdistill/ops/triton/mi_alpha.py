@@ -49,7 +49,7 @@ from .. import gemm
 from ..inputs import MIBackwardArgs, MIInputs
 from ..registration import MI_STATS_ROWS, mi_alpha_backward_fake, mi_alpha_fake, register_mi_triton
 from .launch import Launch, acc_dtype, cdiv, fast_math, int_tensor, is_aligned, is_eager, jit_pair, param_tensor
-from .row_math import fexp, flog
+from .row_math import fexp, flog, rmul
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -153,9 +153,10 @@ def _operand(x, WIDEN: tl.constexpr):
 
 @triton.jit
 def _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-            ACC: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr):  # fmt: skip
+            ACC: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr, FAST: tl.constexpr):  # fmt: skip
     """S tile [BM, BN] = V[rows] U[cols]^T / T (rows, cols int64), summed over the features in BK chunks. Rows and
-    columns past N, and features past D, load as 0."""
+    columns past N, and features past D, load as 0. The 1/T product is rounded on its own (rmul): every kernel and
+    every use in one (the row max, exp(S - l)) sees the same S, bitwise, as the statistics were formed from."""
     rmask = rows < N
     cmask = cols < N
     s = tl.zeros((BM, BN), ACC)
@@ -165,26 +166,26 @@ def _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM: tl.constexpr, BN: tl.cons
         v = tl.load(v_ptr + rows[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         u = tl.load(u_ptr + cols[:, None] * D + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
         s = tl.dot(_operand(v, WIDEN), tl.trans(_operand(u, WIDEN)), s, input_precision=PREC, out_dtype=ACC)
-    return s * inv_t
+    return rmul(s, inv_t, FAST)
 
 
 @triton.jit
-def _strip_scores(s_ptr, lrows, cols, N, SN, RS, inv_t):
+def _strip_scores(s_ptr, lrows, cols, N, SN, RS, inv_t, FAST: tl.constexpr):
     """The S tile [BM, BN] read from a strip of V U^T (float32 [RS, N], row stride SN; lrows: rows of the strip,
     int64), scaled by 1/T as ``_scores`` scales its sum. Rows past the strip and columns past N load as 0."""
     m = (lrows < RS)[:, None] & (cols < N)[None, :]
-    return tl.load(s_ptr + lrows[:, None] * SN + cols[None, :], mask=m, other=0.0).to(inv_t.dtype) * inv_t
+    return rmul(tl.load(s_ptr + lrows[:, None] * SN + cols[None, :], mask=m, other=0.0).to(inv_t.dtype), inv_t, FAST)
 
 
 @triton.jit
 def _score_tile(u_ptr, v_ptr, s_ptr, rows, lrows, cols, N, D, SN, RS, inv_t, BM: tl.constexpr, BN: tl.constexpr,
-                BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr,
+                BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr, FAST: tl.constexpr,
                 STRIP: tl.constexpr):  # fmt: skip
     """The forward's S tile: read from the strip (STRIP) or computed from the features."""
     if STRIP:
-        s = _strip_scores(s_ptr, lrows, cols, N, SN, RS, inv_t)
+        s = _strip_scores(s_ptr, lrows, cols, N, SN, RS, inv_t, FAST)
     else:
-        s = _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM, BN, BK, ACC, PREC, WIDEN)
+        s = _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM, BN, BK, ACC, PREC, WIDEN, FAST)
     return s
 
 
@@ -284,7 +285,7 @@ def _mi_fwd(u_ptr, v_ptr, s_ptr, a_ptr, prm_ptr, stats_ptr, part_ptr, int_ptr, B
         cols32 = (j0 + tl.arange(0, BN)).to(tl.int32)
         cols = cols32.to(tl.int64)
         s = _score_tile(u_ptr, v_ptr, s_ptr, rows, lrows, cols, N, D, SN, RS, inv_t, BM, BN, BK, ACC, PREC, WIDEN,
-                        STRIP)  # fmt: skip
+                        FAST, STRIP)  # fmt: skip
         s = tl.where((cols32 < N32)[None, :], s, float("-inf"))
         diag = rows32[:, None] == cols32[None, :]
         tmax = tl.max(s, 1)
@@ -317,7 +318,7 @@ def _mi_fwd(u_ptr, v_ptr, s_ptr, a_ptr, prm_ptr, stats_ptr, part_ptr, int_ptr, B
         cols32 = (j0 + tl.arange(0, BN)).to(tl.int32)
         cols = cols32.to(tl.int64)
         s = _score_tile(u_ptr, v_ptr, s_ptr, rows, lrows, cols, N, D, SN, RS, inv_t, BM, BN, BK, ACC, PREC, WIDEN,
-                        STRIP)  # fmt: skip
+                        FAST, STRIP)  # fmt: skip
         keep = (cols32 < N32)[None, :] & (cols32[None, :] != rows32[:, None]) & (cols32[None, :] != star[:, None])
         p = fexp(s - lse[:, None])
         t = _t_of(alpha_[:, None], beta_[:, None], p)  # >= 1/2 (p <= 1/2 off {i, k*}): flog's absolute error is fine
@@ -358,7 +359,7 @@ def _mi_bwd_rows(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, grad_ptr, out_ptr, int
     for j0 in range(0, N, BN):
         cols32 = (j0 + tl.arange(0, BN)).to(tl.int32)
         cols = cols32.to(tl.int64)
-        s = _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM, BN, BK, ACC, PREC, WIDEN)
+        s = _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM, BN, BK, ACC, PREC, WIDEN, FAST)
         g = _grad_tile(s, rows32, cols32, N32, lse, z, q, crest, phi, m, star, gdiag, alpha_, beta_, inv_d, nf)
         u = tl.load(u_ptr + cols[:, None] * D + dcols[None, :], mask=(cols < N)[:, None] & dmask[None, :], other=0.0)
         acc = tl.dot(_operand(g.to(u.dtype), WIDEN), _operand(u, WIDEN), acc, input_precision=PREC, out_dtype=ACC)
@@ -386,7 +387,7 @@ def _mi_bwd_cols(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, grad_ptr, out_ptr, int
         rows = rows32.to(tl.int64)
         lse, z, q, crest, phi, m, star, gdiag, alpha_, beta_ = _row_stats(stats_ptr, a_ptr, rows, N, lam,
                                                                         log_alpha, log_1m_alpha, ACC)  # fmt: skip
-        s = _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM, BN, BK, ACC, PREC, WIDEN)
+        s = _scores(v_ptr, u_ptr, rows, cols, N, D, inv_t, BM, BN, BK, ACC, PREC, WIDEN, FAST)
         g = _grad_tile(s, rows32, cols32, N32, lse, z, q, crest, phi, m, star, gdiag, alpha_, beta_, inv_d, nf)
         v = tl.load(v_ptr + rows[:, None] * D + dcols[None, :], mask=(rows < N)[:, None] & dmask[None, :], other=0.0)
         acc = tl.dot(tl.trans(_operand(g.to(v.dtype), WIDEN)), _operand(v, WIDEN), acc, input_precision=PREC,
@@ -397,7 +398,7 @@ def _mi_bwd_cols(u_ptr, v_ptr, a_ptr, prm_ptr, stats_ptr, grad_ptr, out_ptr, int
 
 
 def _mi_strip_grad(s_ptr, a_ptr, prm_ptr, stats_ptr, g_ptr, int_ptr, BM: tl.constexpr, BN: tl.constexpr,
-                   ALIGNED: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+                   ALIGNED: tl.constexpr, ACC: tl.constexpr, FAST: tl.constexpr):  # fmt: skip
     """N * dI/dS on one [BM, BN] tile of a strip, from the strip's S (float32 [rows, N]) and the forward's stats,
     written to g_ptr ([rows, N], row stride SN) in the features' dtype: the operand the row kernels give tl.dot, here
     given to cuBLAS for d(teacher) = G U and d(student) += G^T V."""
@@ -409,7 +410,7 @@ def _mi_strip_grad(s_ptr, a_ptr, prm_ptr, stats_ptr, g_ptr, int_ptr, BM: tl.cons
     inv_t, lam, log_alpha, log_1m_alpha, inv_n, inv_d, inv_nm1, nf = _load_params(prm_ptr)
     lse, z, q, crest, phi, m, star, gdiag, alpha_, beta_ = _row_stats(stats_ptr, a_ptr, rows, N, lam, log_alpha,
                                                                     log_1m_alpha, ACC)  # fmt: skip
-    s = _strip_scores(s_ptr, lrows, cols, N, SN, RS, inv_t)
+    s = _strip_scores(s_ptr, lrows, cols, N, SN, RS, inv_t, FAST)
     g = _grad_tile(s, rows32, cols32, N32, lse, z, q, crest, phi, m, star, gdiag, alpha_, beta_, inv_d, nf)
     tl.store(g_ptr + lrows[:, None] * SN + cols[None, :], g.to(g_ptr.dtype.element_ty),
              mask=(lrows < RS)[:, None] & (cols < N)[None, :])  # fmt: skip
@@ -614,8 +615,9 @@ def _strips(u: Tensor, v: Tensor, n: int, d: int, ints: bool = True) -> _Strips:
     aligned = is_aligned([u, v], [n])
     cx = _launch_args(u.dtype)
     config = {}
+    grad_cx = {"ACC": cx["ACC"], "FAST": cx["FAST"]}
     for name, kernel, extra in (("strip_fwd", _mi_fwd_kernel, {"BK": 16, **cx, "STRIP": True}),
-                                ("strip_grad", _mi_strip_grad_kernel, {"ACC": cx["ACC"]})):  # fmt: skip
+                                ("strip_grad", _mi_strip_grad_kernel, grad_cx)):  # fmt: skip
         c = dict(tiles[name])
         options = {k: c.pop(k) for k in ("num_warps", "num_stages") if k in c} or {"num_warps": 4}
         config[name] = {"kernel": kernel.pick(aligned), "constexprs": {**c, **extra, "ALIGNED": aligned},

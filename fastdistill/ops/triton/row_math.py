@@ -36,6 +36,20 @@ def flog(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def rmul(x, y, FAST: tl.constexpr):
+    """x * y (float32) rounded on its own. A plain product is contracted by the compiler into an FMA with a later
+    addition (x * y - c as one fma.rn.f32, the product unrounded) wherever the compiler sees fit, so a value used
+    both as itself (a max) and inside a difference (exp(x * y - c)) would be two different numbers, ~ulp(x * y) / 2
+    apart; PTX never fuses a multiply with an explicit rounding mode. FAST: compiled, float32 (see flog); else the
+    plain product (the interpreter runs numpy, which never contracts)."""
+    if FAST:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [x, y], dtype=tl.float32, is_pure=True,
+                                         pack=1)  # fmt: skip
+    else:
+        return x * y
+
+
+@triton.jit
 def logaddexp(x, y, FAST: tl.constexpr):
     m = tl.maximum(x, y)
     r = m + flog(1.0 + fexp(-tl.abs(x - y)), FAST)
