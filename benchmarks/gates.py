@@ -136,9 +136,17 @@ def gates() -> list[Gate]:
                  peak_beyond_gradient_MiB("kd", provider="cuda", **shape), 1.0, at_least=False),
         ]
     for div in OTHER_DIVERGENCES:
-        out.append(Gate("17", f"divergences triton {div} V=128256 K=4: floor fraction",
-                        field("divergences", "floor_fraction", provider="triton", V=128256, K=4, divergence=div),
-                        0.45))  # fmt: skip
+        shape = dict(V=128256, K=4, divergence=div)
+        out += [
+            Gate("17", f"divergences triton {div} V=128256 K=4: floor fraction",
+                 field("divergences", "floor_fraction", provider="triton", **shape), 0.45),
+            # issue 17's memory bound holds "for every divergence, not just forward KL"
+            Gate("17", f"divergences triton {div} V=128256 K=4: peak / gradient",
+                 peak_over_gradient("divergences", provider="triton", **shape), 1.1, at_least=False),
+            # issue 20 gates the CUDA kernel on KL; its other divergences' memory is reported beside it
+            Gate("20", f"divergences cuda {div} V=128256 K=4: peak extra memory - gradient, MiB",
+                 peak_beyond_gradient_MiB("divergences", provider="cuda", **shape), 1.0, at_least=False, info=True),
+        ]  # fmt: skip
     for v in (32768, 128256):
         out += [
             Gate("17", f"codistill fused-triton V={v}: floor fraction",

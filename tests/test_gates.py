@@ -134,3 +134,24 @@ def test_liger_gates_are_like_for_like(tmp_path, capsys):
     assert got[f"fused K=1: peak / Liger's, {unlike}"] == (3.3e9 / 3.0e9, "INFO")
     gates.main([str(tmp_path)])
     assert f"INFO    fused K=1: time / Liger, {unlike}: 1.059 (<= 1)" in capsys.readouterr().out
+
+
+def test_every_divergence_has_issue_17_s_memory_gate(tmp_path):
+    """Issue 17: peak extra memory <= 1.1 x the gradient "for every divergence, not just forward KL" at V = 128256,
+    K = 4; the CUDA kernel's other divergences are reported beside issue 20's KL gate (INFO)."""
+    n, v = 8192, 128256
+    grad = n * v * 2
+    _write(tmp_path, "divergences", [
+        {"provider": "triton", "V": v, "K": 4, "N": n, "divergence": "jsd", "floor_fraction": 0.5,
+         "peak_bytes": grad + 1024},
+        {"provider": "triton", "V": v, "K": 4, "N": n, "divergence": "tvd", "floor_fraction": 0.5,
+         "peak_bytes": 2 * grad},
+        {"provider": "cuda", "V": v, "K": 4, "N": n, "divergence": "jsd", "peak_bytes": grad + 2**20},
+    ])  # fmt: skip
+    got = _results(tmp_path)
+    what = "divergences triton {} V=128256 K=4: peak / gradient"
+    assert got[what.format("jsd")][1] == "PASS"
+    assert got[what.format("tvd")] == (2.0, "FAIL")
+    assert got[what.format("skew_kl")] == (None, "MISSING")
+    assert got["divergences cuda jsd V=128256 K=4: peak extra memory - gradient, MiB"] == (1.0, "INFO")
+    assert {d for d in gates.OTHER_DIVERGENCES if got.get(what.format(d))} == set(gates.OTHER_DIVERGENCES)
