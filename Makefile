@@ -149,6 +149,7 @@ gpu_now = $$(( $$(date +%s) - $(GPU_T0) ))
 # $(call gpu_left,END): seconds from now to END, at least 1 (timeout reads 0 as "no limit")
 gpu_left = $$(( ($(1) - $$(date +%s)) > 1 ? ($(1) - $$(date +%s)) : 1 ))
 # $(call gpu_stage,NAME,COMMAND): COMMAND if NAME is in GPU_STAGES, its output and exit status appended to the log
+# (tests and sanitize: 1 if any of their processes' own exit status, printed with its log, is not 0)
 gpu_stage = { echo "=== $(1) at +$(gpu_now) s"; $(if $(filter $(1),$(GPU_STAGES)),$(2); echo "=== $(1): exit \
 	status $$? at +$(gpu_now) s",echo "(not in GPU_STAGES)"); } 2>&1 | tee -a $(GPU_LOG)
 # $(call gpu_bench,MODULE,END,ARGS,NAME): a benchmark script that stops by END (Unix time), killed 30 s after it
@@ -170,7 +171,8 @@ GPU_TESTS_CMD = logs=$$(mktemp -d); for f in tests/test_*gpu*.py; do ( $(GPU_ENV
 	OMP_NUM_THREADS=2 timeout -s INT -k 10 \
 	$(call gpu_left,$(GPU_END_TESTS)) $(GPU_PY) -m pytest -o addopts= -o faulthandler_timeout=40 -q -rfE \
 	-p no:cacheprovider --durations=10 $$f; echo "exit status $$?" ) > $$logs/$$(basename $$f).log 2>&1 & done; wait; \
-	for f in $$logs/*.log; do echo "--- $$(basename $$f .log)"; cat $$f; done; rm -rf $$logs
+	st=0; for f in $$logs/*.log; do echo "--- $$(basename $$f .log)"; cat $$f; tail -n 1 $$f | grep -qx "exit status 0" \
+	|| st=1; done; rm -rf $$logs; (exit $$st)
 # compute-sanitizer on a small run of the CUDA kernel, memcheck, racecheck and synccheck side by side, only
 # kd_row_kernel checked; without PyTorch's caching allocator, so that an access past a small tensor's end is outside
 # any allocation (inside a cached 2 MB block memcheck would not see it); a long log keeps its first errors too
@@ -178,8 +180,9 @@ GPU_SANITIZE_CMD = san=$$(command -v compute-sanitizer || echo /usr/local/cuda/b
 	logs=$$(mktemp -d); for tool in memcheck racecheck synccheck; do ( $(GPU_ENV) PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
 	timeout -k 5 $(call gpu_left,$(GPU_END_SANITIZE)) $$san --tool $$tool --error-exitcode 9 --kernel-name kns=kd_row_kernel \
 	$(GPU_PY) tests/cuda_sanitize.py; echo "exit status $$?" ) > $$logs/$$tool.log 2>&1 & done; wait; \
-	for f in $$logs/*.log; do echo "--- $$(basename $$f .log)"; if [ $$(wc -l < $$f) -gt 80 ]; then head -n 40 $$f; \
-	echo "[...]"; tail -n 40 $$f; else cat $$f; fi; done; rm -rf $$logs
+	st=0; for f in $$logs/*.log; do echo "--- $$(basename $$f .log)"; if [ $$(wc -l < $$f) -gt 80 ]; then \
+	head -n 40 $$f; echo "[...]"; tail -n 40 $$f; else cat $$f; fi; tail -n 1 $$f | grep -qx "exit status 0" || st=1; \
+	done; rm -rf $$logs; (exit $$st)
 bench-gpu:
 	$(eval GPU_T0 := $(shell date +%s))
 	$(eval GPU_END_INSTALL := $(shell expr $(GPU_T0) + $(call gpu_slot,install,$(GPU_INSTALL_S))))
