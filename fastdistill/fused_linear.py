@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from . import functional
+from . import _warnings, functional
 from .modules import _KDSettings
 from .ops import dispatch, gemm, reference
 from .ops.inputs import KDInputs
@@ -366,6 +366,22 @@ def _check_lora(name: str, lora: Any, width: int, v: int, device: torch.device) 
 # what teacher logits must match here: the student's logits, [*] of student_hidden by V of its head
 _HEAD_HINT = dict(ref="the student's logits (student_hidden's rows x student_head_weight's V)",
                   student_slice="student_head_weight[:{}] (and its bias)")
+
+
+def _warn_teacher_graph(teachers: Teacher | Sequence[Teacher]) -> None:
+    """Teachers get no gradient here (frozen, as documented): say so when a teacher's logits or hidden states carry
+    an autograd graph, which is either a teacher run outside no_grad (its activations kept alive for nothing) or a
+    co-distillation that expects a teacher gradient (kd_loss on materialised logits gives one). A head weight that
+    requires grad says neither (a frozen model's parameters often do), so it is not warned about."""
+    items = [teachers] if isinstance(teachers, (Tensor, TeacherHead)) else teachers
+    for t in items if isinstance(items, Sequence) and not isinstance(items, str) else ():  # (bad types: raised later)
+        x = t.hidden if isinstance(t, TeacherHead) else t
+        if isinstance(x, Tensor) and x.requires_grad:
+            what = "TeacherHead's hidden states" if isinstance(t, TeacherHead) else "logits"
+            _warnings.warn(f"fused_linear_kd_loss: a teacher's {what} require grad, but teachers get no gradient "
+                           "here (frozen): compute the teacher under torch.no_grad(), or use kd_loss on materialised "
+                           "logits for teacher gradients (co-distillation)")  # fmt: skip
+            return
 
 
 def _teacher_list(teachers: Teacher | Sequence[Teacher], lead: torch.Size, v: int, device,
@@ -847,7 +863,8 @@ def fused_linear_kd_loss(
             [V, H] buffer at all); their a and b get gradients, formed chunk by chunk.
         teachers: logits ([*, V], a stacked [K, *, V], or a sequence of K [*, V]), :class:`TeacherHead` entries
             (hidden [*, H_t] and a frozen head [V, H_t]: their logits are computed per chunk too), or a sequence
-            mixing both. Teachers get no gradient.
+            mixing both. Teachers get no gradient (logits or hidden states that require grad are used as constants,
+            with a UserWarning while autograd records).
         labels, and every keyword from ``divergence`` on: as in :func:`fastdistill.kd_loss` (``teacher_weights``
             [K] or [K, *]; ``sample_weight`` [*]; ``reduction`` "mean" divides by the labelled rows of the whole
             input, or ``num_items``).
@@ -899,6 +916,8 @@ def fused_linear_kd_loss(
         raise ValueError("accum_dtype=torch.float16 is not supported: a float16 head's gradients are summed at a "
                          "power-of-two scale that keeps them above float16's underflow, which needs float32's "
                          "range; leave accum_dtype=None (float32)")  # fmt: skip
+    if torch.is_grad_enabled():
+        _warn_teacher_graph(teachers)
     teacher_list = _teacher_list(teachers, lead, v, student_hidden.device, amp, upcast)
     # The per-row arguments checked once here, on the whole input (values included: a device sync each on CUDA), as
     # kd_loss checks them; the chunks then skip their data-dependent checks (functional.values_checked). The shape

@@ -2,6 +2,8 @@
 logits in float64: every option, ragged last chunk, chunk size 1 and >= N, grad_output != 1, gradient
 accumulation, teachers as logits or as hidden states with their own head."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -566,9 +568,9 @@ def test_a_bias_of_another_dtype_or_device_is_named():
 def test_teachers_of_another_device_or_requiring_grad_and_a_float64_teacher():
     """Teachers on another device than the student's hidden states (logits, or a TeacherHead's hidden states) are a
     ValueError naming them, before any chunk; logits that require grad (a co-trained model's) are taken as constants,
-    also beside a TeacherHead whose matmul writes into the same stacked buffer, also under no_grad; a float64
-    teacher makes the loss float64 whatever the reduction, as kd_loss; an explicit backend that cannot run the inputs
-    is named for N = 0 rows too."""
+    with a warning while a graph is built, also beside a TeacherHead whose matmul writes into the same stacked
+    buffer, also under no_grad; a float64 teacher makes the loss float64 whatever the reduction, as kd_loss; an
+    explicit backend that cannot run the inputs is named for N = 0 rows too."""
     h, w, b, t_hidden, t_heads, labels = _inputs()
     logits = [th @ tw.T for th, tw in zip(t_hidden, t_heads)]
     for teachers, name in (([logits[0], logits[1].to("meta")], r"teachers\[1\]"), (logits[0].to("meta"), "teachers"),
@@ -580,11 +582,26 @@ def test_teachers_of_another_device_or_requiring_grad_and_a_float64_teacher():
     teachers = [live, TeacherHead(t_hidden[1], t_heads[1], torch.zeros(V, dtype=torch.float64))]
     want = _materialised(h, w, b, [live.detach(), logits[1]], labels, backend="reference")
     for mode in (torch.no_grad, torch.enable_grad):
-        with mode():
+        # with a graph being built, the dropped teacher gradient is said (at the caller's line); not under no_grad
+        with mode(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             got = fused_linear_kd_loss(h, w, teachers, labels, student_head_bias=b, chunk_size=3, backend="reference")
+        said = [str(c.message) for c in caught if "teachers get no gradient" in str(c.message)]
+        assert len(said) == (mode is torch.enable_grad), said
+        assert all("logits require grad" in m and "torch.no_grad()" in m for m in said), said
+        assert all(c.filename == __file__ for c in caught if "teachers get no gradient" in str(c.message))
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     got.backward()
     assert live.grad is None and h.grad is not None  # the teacher is a constant
+    # a TeacherHead: its hidden states carrying a graph are said; a head weight that requires grad (a frozen model's
+    # parameter, as they usually are) is not
+    frozen_w = t_heads[1].detach().clone().requires_grad_()
+    for hidden, warned in ((t_hidden[1], False), (t_hidden[1].detach().requires_grad_(), True)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fused_linear_kd_loss(h, w, TeacherHead(hidden, frozen_w), labels, backend="reference")
+        said = [str(c.message) for c in caught if "teachers get no gradient" in str(c.message)]
+        assert len(said) == warned and all("TeacherHead's hidden states" in m for m in said), said
     h32, w32 = h.detach().float(), w.detach().float()
     for reduction in ("mean", "sum", "batchmean", "none"):
         for lead in ((2, 5), (0,)):
