@@ -248,6 +248,8 @@ class CodistillLoss(nn.Module):
         if self.burn_in_steps and labels is None:
             raise ValueError("burn_in_steps > 0 trains on the hard losses alone at first: it needs labels")
         distilling = self._distilling
+        if not distilling:  # the weights are passed as 0 during burn-in: check the set ones now, not steps later
+            functional.check_codistill_weights(self.weight_ab, self.weight_ba, self.hard_weight)
         return functional.codistill_loss(
             logits_a, logits_b, labels, temperature=self.temperature,
             weight_ab=self.weight_ab if distilling else 0.0, weight_ba=self.weight_ba if distilling else 0.0,

@@ -314,6 +314,11 @@ def test_burn_in_trains_on_the_hard_losses_alone_until_its_step():
         module(a, b)
     with pytest.raises(ValueError, match="step must be an int >= 0"):
         module.set_progress(-1, 10)
+    # a weight set after construction is checked at the next call, also during burn-in (where it is passed as 0)
+    module.set_progress(0, 10)
+    module.weight_ba = float("nan")
+    with pytest.raises(ValueError, match="weight_ba"):
+        module(a, b, labels)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
