@@ -102,13 +102,15 @@ bench: build
 #              K = 4) / run_mi / run_codistill at the shapes of benchmarks/results/h200-2026-11-28,
 #              and run_fused_linear (N = 16384, H = 4096, V = 128256, K = 1, 2: fused vs unfused vs Liger;
 #              the weight gradient accumulated in float32 and, at K = 1, in bfloat16), each
-#              row in its own child process (benchmarks/isolate.py): a crash or CUDA error is a failed row, a row
-#              that cannot start in time is "skipped: budget", the JSON is saved after every row. Providers run in
-#              order of importance (all shapes of each), so a short slot drops the last ones
+#              provider's shapes in one child process (benchmarks/isolate.py), a fresh one after any failure: a
+#              crash, CUDA error or hang is a failed row, a row that cannot start in time is "skipped: budget", the
+#              JSON is saved after every row. Providers run in order of importance (all shapes of each), so a short
+#              slot drops the last ones
 # Slots count from the start and what a stage leaves unused goes to the next, so the run ends by the slots' sum (575
-# s) plus a few seconds. Child processes cost ~3-5 s of start-up each (import torch, CUDA) plus ~10 s of compilation
-# for torch.compile: kd has 40 rows (triton-chunks times 4 chunk sizes in one child), divergences 15, mi 15,
-# codistill 8 and the agreement check, fused 6 (each ~1 s of matmuls).
+# s) plus a few seconds. A child costs ~3-5 s of start-up (import torch, CUDA) once per provider, not per row (since
+# 2026-12-03), plus ~10 s of compilation per shape for torch.compile: kd has 40 rows in 10 providers' children
+# (triton-chunks times 4 chunk sizes in one cell), divergences 15 in 3, mi 15 in 5, codistill 8 in 4 and the
+# agreement check, fused 6 in 4 (each ~1 s of matmuls). benchmarks.* --child-per-cell restores a child per row.
 # No stage stops the others. Output: $(GPU_OUT)/{kd,divergences,mi,codistill,fused}-cuda.json and one log,
 # $(GPU_OUT)/bench-gpu.log. GPU_STAGES="kd mi" runs some stages; GPU_DEVICE=cpu with small shapes
 # (GPU_KD_SHAPES="--rows 64 --vocab 128 ...") rehearses it all on a CPU.

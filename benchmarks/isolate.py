@@ -11,8 +11,19 @@ and a child still running when the budget ends is killed (``failed``, "timeout")
 every row, so a run killed from outside still leaves its results.
 
 A child is ``python -m benchmarks.isolate MODULE FUNC ARGS_JSON RESULT_PATH``: it calls ``MODULE.FUNC(**ARGS)`` and
-writes ``{"result": ...}`` or ``{"error": ...}`` to RESULT_PATH. For tests, ``FASTDISTILL_BENCH_FAULT`` (e.g.
-``"eager:abort,compile:hang"``) makes the child of a given provider abort, hang, raise or exit before it starts.
+writes ``{"result": ...}`` or ``{"error": ...}`` to RESULT_PATH.
+
+Why one child for a provider's consecutive cells (``run_cells(group=True)``, the scripts' default): a fresh process
+costs ~3-5 s before it measures (Python, torch, the CUDA context), which at make bench-gpu's 40 kd rows was most of
+the stage's slot. The child (``ARGS_JSON`` ``{"cells": [...], "deadline": ...}``) runs the cells in order and appends a
+line per event to RESULT_PATH (``start``, ``done`` with ``result`` or ``error``, ``skip``); the parent reads them as
+they come, so each row is saved as soon as it is measured. Isolation is kept where it matters: a cell that raises
+ends its child (a CUDA error poisons the context), a crash or a hang (killed after ``--child-timeout-s`` of that one
+cell) ends it too, and the cells after it start in a fresh child; a cell never runs in a process where another
+failed. Between cells the child collects garbage and empties PyTorch's CUDA cache.
+
+For tests, ``FASTDISTILL_BENCH_FAULT`` (e.g. ``"eager:abort,compile:hang"``) makes the child of a given provider
+abort, hang, raise or exit before it starts.
 """
 
 from __future__ import annotations
@@ -193,12 +204,124 @@ def _run_here(module: str, func: str, args: dict) -> dict:
         return {"status": "failed", "error": _error_text(e), "wall_s": round(time.time() - t0, 2)}
 
 
+def _line_events(path: Path, seen: int) -> tuple[list[dict], int]:
+    """The complete JSON lines of ``path`` past the first ``seen`` (a line still being written is left for later)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return [], seen
+    lines = text.split("\n")[:-1]  # the last piece has no newline yet (or is empty)
+    events = []
+    for ln in lines[seen:]:
+        try:
+            events.append(json.loads(ln))
+        except ValueError:
+            events.append({})
+    return events, len(lines)
+
+
+def _echo(text: str) -> None:
+    print(text.rstrip(), file=sys.stderr, flush=True)
+
+
+def run_batch(module: str, func: str, cells: list[Cell], budget: Budget, child_timeout_s: float | None,
+              echo: Callable[[str], None] | None = None) -> Iterator[dict]:  # fmt: skip
+    """Run ``cells`` (none with ``skip``) in one child, in order; yield a row for each cell it got to, as soon as it is
+    known: ``ok``, ``failed`` (the child then ended: the cells after it get no row here, the caller starts them
+    afresh) or ``skipped`` (``budget``: the child saw too little time left for the next cell; no rows after it).
+    A cell is killed after ``child_timeout_s`` of its own (the first cell's time includes the child's start-up) and
+    at the budget's end. Raises ``Interrupted`` (the child killed) on SIGTERM / SIGINT."""
+    env = {**CHILD_ENV_DEFAULTS, **os.environ}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), os.environ.get("PYTHONPATH")) if p)
+    deadline = None if math.isinf(budget.end) else budget.end
+    spec = {"cells": [{**c.key, **c.args} for c in cells], "deadline": deadline}
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="fastdistill-bench-") as tmp:
+        result_path, log_path = Path(tmp) / "events.jsonl", Path(tmp) / "output.txt"
+        cmd = [sys.executable, "-m", "benchmarks.isolate", module, func, json.dumps(spec), str(result_path)]
+        done = 0  # cells with a row
+        seen = 0  # event lines read
+        cell_start = t0
+        stopped = None  # why the child was killed: "timeout" / "budget"
+        held = None  # a failed cell's row (the child then exits by itself)
+        with _noting_signals(), open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True)  # fmt: skip
+            pending: list[dict] = []
+            try:
+                while True:
+                    alive = proc.poll() is None
+                    events, seen = _line_events(result_path, seen)
+                    for ev in events:
+                        if "start" in ev:
+                            cell_start = ev.get("t", time.time())
+                        elif "done" in ev and ev["done"] == done:
+                            wall = round(ev.get("t", time.time()) - (t0 if done == 0 else cell_start), 2)
+                            if "result" in ev:
+                                pending.append({**cells[done].key, "status": "ok", **ev["result"], "wall_s": wall})
+                            else:  # the child ends after it (see the module docstring): its row, with the output's
+                                # tail, once it has
+                                held = {**cells[done].key, "status": "failed",
+                                        "error": ev.get("error", "no error text"), "wall_s": wall}  # fmt: skip
+                            done += 1
+                        elif "skip" in ev and ev["skip"] == done:
+                            pending += [{**c.key, "status": "skipped", "reason": "budget"} for c in cells[done:]]
+                            done = len(cells)
+                    while pending:
+                        yield pending.pop(0)
+                    if not alive or (done == len(cells) and held is None):
+                        break
+                    _check_stop()
+                    now = time.time()
+                    if child_timeout_s is not None and now - cell_start > child_timeout_s:
+                        stopped = "timeout"
+                        break
+                    if now > budget.end:
+                        stopped = "budget"
+                        break
+                    time.sleep(POLL_S)
+            except Interrupted:
+                _kill_group(proc.pid)
+                proc.wait()
+                if echo is not None:
+                    echo(log_path.read_text(errors="replace"))
+                raise
+            finally:
+                _kill_group(proc.pid)
+                proc.wait()
+        output = log_path.read_text(errors="replace")
+    if echo is not None and output.strip():
+        echo(output)
+    if held is not None:  # the child ended after a failed cell: the cells after it start afresh
+        yield {**held, "output_tail": output[-TAIL_CHARS:]}
+        return
+    if done == len(cells):
+        return
+    # the cell that was running (or starting: the child's start-up) when the child died or was killed
+    ran = time.time() - (t0 if done == 0 else cell_start)
+    row: dict = {"wall_s": round(ran, 2)}
+    if stopped == "timeout":
+        row |= {"status": "failed", "error": f"timeout: killed after {child_timeout_s:.0f} s"}
+    elif stopped == "budget":
+        row |= {"status": "failed", "error": f"timeout: killed after {ran:.0f} s (the budget ran out)"}
+    elif proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name
+        row |= {"status": "failed", "error": f"child died of {name}; last output: {_last_lines(output)}"}
+    else:
+        row |= {"status": "failed", "error": f"child exited with status {proc.returncode} and no result; "
+                                             f"last output: {_last_lines(output)}"}  # fmt: skip
+    row["output_tail"] = output[-TAIL_CHARS:]
+    yield {**cells[done].key, **row}
+
+
 def run_cells(cells: list[Cell], module: str, func: str, budget: Budget, on_row: Callable[[dict, list[dict]], None],
-              child_timeout_s: float | None = None, isolate: bool = True) -> list[dict]:  # fmt: skip
+              child_timeout_s: float | None = None, isolate: bool = True,
+              group: bool = False) -> list[dict]:  # fmt: skip
     """Measure ``cells`` in order, each in its own child (see the module docstring); ``on_row(row, rows)`` is called
     after every row (the scripts print it and save their JSON there). Every cell gets a row: ``status`` ``ok`` (with
     the child's result), ``failed`` (``error``) or ``skipped`` (``reason``). SIGTERM / SIGINT kill the running child,
-    record it as failed and the cells after it as skipped ("interrupted"), then raise ``Interrupted``."""
+    record it as failed and the cells after it as skipped ("interrupted"), then raise ``Interrupted``. ``group``: a
+    provider's consecutive cells share a child (``run_batch``; see the module docstring)."""
     rows: list[dict] = []
     running = False
     # A cell starts only with the time left that its provider's last row took (MIN_START_S for a provider's first):
@@ -208,20 +331,38 @@ def run_cells(cells: list[Cell], module: str, func: str, budget: Budget, on_row:
     # In-process cells get no handler: the default action (exit, KeyboardInterrupt) is what stops them.
     with _noting_signals() if isolate else contextlib.nullcontext():
         try:
-            for cell in cells:
+            i = 0
+            while i < len(cells):
+                cell = cells[i]
                 _check_stop()
                 left = budget.left()
                 if cell.skip is not None:
                     row = {**cell.key, "status": "skipped", "reason": cell.skip}
                 elif left < max(MIN_START_S, took.get(cell.key.get("provider"), 0.0)):
                     row = {**cell.key, "status": "skipped", "reason": "budget"}
+                elif isolate and group:
+                    provider = cell.key.get("provider")
+                    end = i
+                    while end < len(cells) and cells[end].skip is None and cells[end].key.get("provider") == provider:
+                        end += 1
+                    running = True
+                    for row in run_batch(module, func, cells[i:end], budget, child_timeout_s, echo=_echo):
+                        running = False
+                        rows.append(row)
+                        on_row(row, rows)
+                        if isinstance(row.get("wall_s"), int | float):
+                            took[provider] = row["wall_s"]
+                        running = len(rows) < end  # the child goes on with the next cell
+                    running = False
+                    i = len(rows)
+                    continue
                 else:
                     running = True
                     if isolate:
                         timeout = left if child_timeout_s is None else min(left, child_timeout_s)
                         res = run_child(module, func, {**cell.key, **cell.args}, timeout_s=timeout,
                                         budget_limited=timeout < (child_timeout_s or math.inf),
-                                        echo=lambda s: print(s.rstrip(), file=sys.stderr, flush=True))  # fmt: skip
+                                        echo=_echo)  # fmt: skip
                     else:
                         res = _run_here(module, func, {**cell.key, **cell.args})
                     running = False
@@ -230,6 +371,7 @@ def run_cells(cells: list[Cell], module: str, func: str, budget: Budget, on_row:
                         took[cell.key.get("provider")] = row["wall_s"]
                 rows.append(row)
                 on_row(row, rows)
+                i += 1
         except Interrupted as e:
             for j, cell in enumerate(cells[len(rows) :]):
                 if j == 0 and running:
@@ -247,7 +389,8 @@ def run_script(cells: list[Cell], module: str, budget: Budget, on_row: Callable[
     """``run_cells`` for a benchmark script's ``cell`` function with the options of ``add_arguments``; None when
     the run was interrupted (the rows so far are saved by ``on_row``: the script then exits 130)."""
     try:
-        return run_cells(cells, module, "cell", budget, on_row, args.child_timeout_s, not args.in_process)
+        return run_cells(cells, module, "cell", budget, on_row, args.child_timeout_s, not args.in_process,
+                         group=not args.child_per_cell)  # fmt: skip
     except Interrupted as e:
         print(f"interrupted ({e}); the rows so far are saved", file=sys.stderr)
         return None
@@ -302,6 +445,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="kill a cell's child after this many seconds (recorded as failed: timeout)",
     )
     p.add_argument(
+        "--child-per-cell",
+        action="store_true",
+        help="a fresh child for every cell (default: one per provider's run of cells, a fresh one after a failure)",
+    )
+    p.add_argument(
         "--in-process",
         action="store_true",
         help="run every cell in this process (debugging, profilers): a crash then ends the run",
@@ -337,9 +485,68 @@ def _inject_fault(provider: str | None) -> None:
         raise RuntimeError(f"injected fault for provider {provider!r}")
 
 
+# A grouped child starts its next cell only with at least this much time before the deadline (and at least what its
+# last cell took): no import or CUDA start-up to pay, unlike a fresh child (MIN_START_S).
+MIN_NEXT_S = 1.0
+
+
+def _between_cells() -> None:
+    """Free what the last cell left (its tensors, PyTorch's cached CUDA blocks) before the next one measures."""
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def _child_cells(module: str, func: str, spec: dict, result_path: str) -> None:
+    """A grouped child: the cells of ``spec`` in order, one JSON line per event appended to ``result_path``; ends at
+    the first cell that raises (its context may be poisoned) and when the deadline leaves too little time."""
+    cells, deadline = spec["cells"], spec.get("deadline")
+    with open(result_path, "a") as events:
+
+        def event(**e: object) -> None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            events.write(json.dumps({**e, "t": time.time()}) + "\n")
+            events.flush()
+
+        code, last = 0, 0.0
+        try:
+            _inject_fault(cells[0].get("provider") if cells else None)  # before the imports, as _child_main
+            fn = getattr(importlib.import_module(module), func)
+            for k, args in enumerate(cells):
+                if k > 0:
+                    if deadline is not None and deadline - time.time() < max(MIN_NEXT_S, last):
+                        event(skip=k, reason="budget")
+                        break
+                    _between_cells()
+                event(start=k)
+                t = time.time()
+                try:
+                    result = fn(**args)
+                except Exception as e:  # e.g. torch.AcceleratorError after an illegal memory access
+                    traceback.print_exc()
+                    event(done=k, error=_error_text(e))
+                    code = 1
+                    break
+                last = time.time() - t
+                event(done=k, result=result)
+        except Exception as e:  # the module failed to import, or an injected fault: the first cell's error
+            traceback.print_exc()
+            event(done=0, error=_error_text(e))
+            code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _child_main(argv: list[str]) -> None:
     module, func, args_json, result_path = argv
     args = json.loads(args_json)
+    if "cells" in args:
+        _child_cells(module, func, args, result_path)
     try:
         _inject_fault(args.get("provider"))  # before the imports: the tests need not wait for torch
         payload, code = {"result": getattr(importlib.import_module(module), func)(**args)}, 0

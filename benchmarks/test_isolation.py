@@ -151,3 +151,67 @@ def test_a_cell_starts_only_with_the_time_its_provider_took(monkeypatch):
     assert [(r["provider"], r["V"], r["status"]) for r in rows] == [
         ("slow", 1, "ok"), ("slow", 2, "skipped"), ("fast", 1, "ok"), ("fast", 2, "ok")]
     assert rows[1]["reason"] == "budget"
+
+
+_CELLS_MODULE = '''
+import os, time
+
+def f(provider, V, do="ok", sleep_s=0.0):
+    """A cell: its process id, after ``sleep_s``; or it raises, aborts or hangs."""
+    time.sleep(sleep_s)
+    if do == "raise":
+        raise ValueError(f"cell {provider} {V} raised")
+    if do == "abort":
+        os.abort()
+    if do == "hang":
+        time.sleep(3600)
+    return {"pid": os.getpid()}
+'''
+
+
+def _cells_module(tmp_path, monkeypatch) -> str:
+    name = f"cells_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(_CELLS_MODULE)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    return name
+
+
+def test_a_provider_s_cells_share_a_child_and_a_failure_starts_a_fresh_one(tmp_path, monkeypatch):
+    """group=True (the scripts' default): a provider's consecutive cells run in one child (one start-up, not one per
+    shape); a cell that raises, aborts or hangs is a failed row (its error, output, or the cell's own timeout) and
+    the next cell runs in a fresh child, never in the process where one failed; the next provider gets its own."""
+    from benchmarks import isolate
+
+    module = _cells_module(tmp_path, monkeypatch)
+    plan = [("a", 1, "ok"), ("a", 2, "ok"), ("a", 3, "raise"), ("a", 4, "ok"), ("a", 5, "abort"), ("a", 6, "ok"),
+            ("a", 7, "hang"), ("a", 8, "ok"), ("b", 1, "ok"), ("b", 2, "ok")]  # fmt: skip
+    cells = [isolate.Cell({"provider": p, "V": v}, {"do": do}) for p, v, do in plan]
+    saved = []
+    rows = isolate.run_cells(cells, module, "f", isolate.Budget(120), lambda row, rows: saved.append(len(rows)),
+                             child_timeout_s=4, group=True)  # fmt: skip
+    assert saved == list(range(1, len(plan) + 1))  # every row handed out (saved) as it comes
+    got = [(r["provider"], r["V"], r["status"]) for r in rows]
+    assert got == [(p, v, "ok" if do == "ok" else "failed") for p, v, do in plan], got
+    pid = [r.get("pid") for r in rows]
+    assert pid[0] == pid[1] != pid[3] != pid[5] != pid[7] != pid[8] == pid[9]
+    assert "ValueError: cell a 3 raised" in rows[2]["error"] and "Traceback" in rows[2]["output_tail"]
+    assert "SIGABRT" in rows[4]["error"]
+    assert rows[6]["error"] == "timeout: killed after 4 s" and 4 <= rows[6]["wall_s"] < 8
+    assert all(r["wall_s"] >= 0 for r in rows)
+    # --child-per-cell: a fresh child for every cell
+    rows = isolate.run_cells(cells[:2], module, "f", isolate.Budget(60), lambda row, rows: None, group=False)
+    assert rows[0]["pid"] != rows[1]["pid"]
+
+
+def test_a_grouped_child_starts_a_cell_only_with_the_time_its_last_took(tmp_path, monkeypatch):
+    """Within a shared child the budget rule holds as between children: with the deadline 5 s away and 2 s cells,
+    the second starts (~2.8 s left), the third does not (~0.7 s left: it would be killed, a false failure); the
+    rest are skipped (budget), not failed."""
+    from benchmarks import isolate
+
+    module = _cells_module(tmp_path, monkeypatch)
+    cells = [isolate.Cell({"provider": "a", "V": v}, {"sleep_s": 2.0}) for v in range(4)]
+    rows = isolate.run_cells(cells, module, "f", isolate.Budget(5), lambda row, rows: None, group=True)
+    assert [(r["status"], r.get("reason")) for r in rows] == [("ok", None), ("ok", None), ("skipped", "budget"),
+                                                              ("skipped", "budget")]  # fmt: skip
+    assert rows[0]["pid"] == rows[1]["pid"]

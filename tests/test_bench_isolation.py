@@ -8,6 +8,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's b
 
 from benchmarks.test_isolation import (  # noqa: E402, F401
     test_a_cell_starts_only_with_the_time_its_provider_took,
+    test_a_grouped_child_starts_a_cell_only_with_the_time_its_last_took,
+    test_a_provider_s_cells_share_a_child_and_a_failure_starts_a_fresh_one,
     test_arguments_that_would_fail_every_row_are_refused,
     test_budget_kills_the_running_child_and_skips_the_rest,
     test_crash_becomes_a_failed_row_and_the_rest_still_runs,
