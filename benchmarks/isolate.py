@@ -244,6 +244,7 @@ def run_batch(module: str, func: str, cells: list[Cell], budget: Budget, child_t
         cell_start = t0
         stopped = None  # why the child was killed: "timeout" / "budget"
         held = None  # a failed cell's row (the child then exits by itself)
+        started = -1  # the last cell the child said it started
         with _noting_signals(), open(log_path, "w") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     start_new_session=True)  # fmt: skip
@@ -254,9 +255,12 @@ def run_batch(module: str, func: str, cells: list[Cell], budget: Budget, child_t
                     events, seen = _line_events(result_path, seen)
                     for ev in events:
                         if "start" in ev:
-                            cell_start = ev.get("t", time.time())
+                            started = ev["start"]
                         elif "done" in ev and ev["done"] == done:
-                            wall = round(ev.get("t", time.time()) - (t0 if done == 0 else cell_start), 2)
+                            wall = round(ev.get("t", time.time()) - cell_start, 2)
+                            # the next cell's clock runs from here: the child's clean-up between cells counts
+                            # toward it (a hang there is killed too), as the start-up counts toward the first's
+                            cell_start = ev.get("t", time.time())
                             if "result" in ev:
                                 pending.append({**cells[done].key, "status": "ok", **ev["result"], "wall_s": wall})
                             else:  # the child ends after it (see the module docstring): its row, with the output's
@@ -283,8 +287,11 @@ def run_batch(module: str, func: str, cells: list[Cell], budget: Budget, child_t
             except Interrupted:
                 _kill_group(proc.pid)
                 proc.wait()
+                text = log_path.read_text(errors="replace")
                 if echo is not None:
-                    echo(log_path.read_text(errors="replace"))
+                    echo(text)
+                if held is not None:  # a failed cell's own error, not the signal's, is its row
+                    yield {**held, "output_tail": text[-TAIL_CHARS:]}
                 raise
             finally:
                 _kill_group(proc.pid)
@@ -295,10 +302,12 @@ def run_batch(module: str, func: str, cells: list[Cell], budget: Budget, child_t
     if held is not None:  # the child ended after a failed cell: the cells after it start afresh
         yield {**held, "output_tail": output[-TAIL_CHARS:]}
         return
-    if done == len(cells):
+    if done == len(cells) or (done > 0 and started < done):
+        # every cell has its row; or the child died (or was killed) between cells, in its clean-up: the next cell
+        # never started, so it is not blamed; the caller starts it in a fresh child (or skips it for the budget)
         return
     # the cell that was running (or starting: the child's start-up) when the child died or was killed
-    ran = time.time() - (t0 if done == 0 else cell_start)
+    ran = time.time() - cell_start
     row: dict = {"wall_s": round(ran, 2)}
     if stopped == "timeout":
         row |= {"status": "failed", "error": f"timeout: killed after {child_timeout_s:.0f} s"}
@@ -345,14 +354,17 @@ def run_cells(cells: list[Cell], module: str, func: str, budget: Budget, on_row:
                     end = i
                     while end < len(cells) and cells[end].skip is None and cells[end].key.get("provider") == provider:
                         end += 1
-                    running = True
+                    running, first = True, None
                     for row in run_batch(module, func, cells[i:end], budget, child_timeout_s, echo=_echo):
                         running = False
                         rows.append(row)
                         on_row(row, rows)
                         if isinstance(row.get("wall_s"), int | float):
-                            took[provider] = row["wall_s"]
-                        running = len(rows) < end  # the child goes on with the next cell
+                            # what a fresh child for this provider's next cell would need: the batch's first row
+                            # (start-up and a cell) and, past it, the latest row's cell again
+                            first = row["wall_s"] if first is None else first
+                            took[provider] = first + (row["wall_s"] if len(rows) > i + 1 else 0.0)
+                        running = len(rows) < end and row.get("status") == "ok"  # the child goes on with the next
                     running = False
                     i = len(rows)
                     continue
@@ -512,7 +524,7 @@ def _child_cells(module: str, func: str, spec: dict, result_path: str) -> None:
             events.write(json.dumps({**e, "t": time.time()}) + "\n")
             events.flush()
 
-        code, last = 0, 0.0
+        code, last, k = 0, 0.0, 0
         try:
             _inject_fault(cells[0].get("provider") if cells else None)  # before the imports, as _child_main
             fn = getattr(importlib.import_module(module), func)
@@ -533,9 +545,9 @@ def _child_cells(module: str, func: str, spec: dict, result_path: str) -> None:
                     break
                 last = time.time() - t
                 event(done=k, result=result)
-        except Exception as e:  # the module failed to import, or an injected fault: the first cell's error
+        except Exception as e:  # the import, an injected fault, or a result that is not JSON: cell k's error
             traceback.print_exc()
-            event(done=0, error=_error_text(e))
+            event(done=k, error=_error_text(e))
             code = 1
     sys.stdout.flush()
     sys.stderr.flush()

@@ -277,7 +277,9 @@ def start(args: argparse.Namespace, prefix: str = "") -> tuple[str, torch.dtype,
 def run_info(args: argparse.Namespace) -> dict:
     """How the rows were run, for the JSON: isolation, budget, the children's environment defaults."""
     return {
-        "isolation": "in-process" if args.in_process else "one child process per row (benchmarks/isolate.py)",
+        "isolation": "in-process" if args.in_process else (
+            "one child process per row (benchmarks/isolate.py)" if args.child_per_cell else
+            "one child process per provider's run of rows, a fresh one after a failure (benchmarks/isolate.py)"),
         "child_env_defaults": {} if args.in_process else isolate.CHILD_ENV_DEFAULTS,
         "budget_s": args.budget_s,
         "deadline_unix": args.deadline,

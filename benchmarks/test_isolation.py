@@ -156,8 +156,19 @@ def test_a_cell_starts_only_with_the_time_its_provider_took(monkeypatch):
 _CELLS_MODULE = '''
 import os, time
 
+time.sleep(float(os.environ.get("CELLS_IMPORT_S", "0")))  # a slow start-up (torch, CUDA)
+
+
+class _Bomb:  # garbage in a reference cycle whose collection (between cells) kills the process
+    def __init__(self):
+        self.me = self
+
+    def __del__(self):
+        os.abort()
+
+
 def f(provider, V, do="ok", sleep_s=0.0):
-    """A cell: its process id, after ``sleep_s``; or it raises, aborts or hangs."""
+    """A cell: its process id, after ``sleep_s``; or it raises, aborts, hangs or leaves a bomb for the clean-up."""
     time.sleep(sleep_s)
     if do == "raise":
         raise ValueError(f"cell {provider} {V} raised")
@@ -165,6 +176,10 @@ def f(provider, V, do="ok", sleep_s=0.0):
         os.abort()
     if do == "hang":
         time.sleep(3600)
+    if do == "bomb":
+        _Bomb()
+    if do == "nojson":
+        return {"pid": object()}
     return {"pid": os.getpid()}
 '''
 
@@ -215,3 +230,23 @@ def test_a_grouped_child_starts_a_cell_only_with_the_time_its_last_took(tmp_path
     assert [(r["status"], r.get("reason")) for r in rows] == [("ok", None), ("ok", None), ("skipped", "budget"),
                                                               ("skipped", "budget")]  # fmt: skip
     assert rows[0]["pid"] == rows[1]["pid"]
+
+
+def test_a_grouped_child_s_clocks_and_deaths_between_cells(tmp_path, monkeypatch):
+    """A child that dies in its clean-up between cells does not blame the next cell (it never started): that cell runs
+    in a fresh child. The first cell's timeout counts the child's start-up (as a child per cell does): a 1.5 s
+    import and a 1 s cell under a 2 s timeout is a timeout. A result that is not JSON is that cell's error."""
+    from benchmarks import isolate
+
+    module = _cells_module(tmp_path, monkeypatch)
+    plan = [("a", 1, "bomb"), ("a", 2, "ok"), ("a", 3, "nojson"), ("a", 4, "ok")]
+    cells = [isolate.Cell({"provider": p, "V": v}, {"do": do}) for p, v, do in plan]
+    rows = isolate.run_cells(cells, module, "f", isolate.Budget(60), lambda row, rows: None, group=True)
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed", "ok"], rows
+    assert rows[0]["pid"] != rows[1]["pid"] and "TypeError" in rows[2]["error"] and "JSON" in rows[2]["error"]
+    monkeypatch.setenv("CELLS_IMPORT_S", "1.5")
+    cells = [isolate.Cell({"provider": "a", "V": 1}, {"sleep_s": 1.0})]
+    for group in (True, False):
+        rows = isolate.run_cells(cells, module, "f", isolate.Budget(60), lambda row, rows: None, child_timeout_s=2,
+                                 group=group)  # fmt: skip
+        assert rows[0]["status"] == "failed" and rows[0]["error"] == "timeout: killed after 2 s", (group, rows)

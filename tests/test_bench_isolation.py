@@ -8,6 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's b
 
 from benchmarks.test_isolation import (  # noqa: E402, F401
     test_a_cell_starts_only_with_the_time_its_provider_took,
+    test_a_grouped_child_s_clocks_and_deaths_between_cells,
     test_a_grouped_child_starts_a_cell_only_with_the_time_its_last_took,
     test_a_provider_s_cells_share_a_child_and_a_failure_starts_a_fresh_one,
     test_arguments_that_would_fail_every_row_are_refused,
