@@ -183,14 +183,17 @@ def run_child(module: str, func: str, args: dict, timeout_s: float | None = None
         return {"status": "ok", **payload["result"], **row}
     elif payload is not None and "error" in payload:
         row |= {"status": "failed", "error": payload["error"]}
-    elif proc.returncode < 0:
-        name = signal.Signals(-proc.returncode).name
-        row |= {"status": "failed", "error": f"child died of {name}; last output: {_last_lines(output)}"}
     else:
-        row |= {"status": "failed", "error": f"child exited with status {proc.returncode} and no result; "
-                                             f"last output: {_last_lines(output)}"}  # fmt: skip
+        row |= {"status": "failed", "error": _death(proc.returncode, output)}
     row["output_tail"] = output[-TAIL_CHARS:]
     return row
+
+
+def _death(returncode: int, output: str) -> str:
+    """The error of a child that ended without a result: the signal that killed it, or its exit status."""
+    if returncode < 0:
+        return f"child died of {signal.Signals(-returncode).name}; last output: {_last_lines(output)}"
+    return f"child exited with status {returncode} and no result; last output: {_last_lines(output)}"
 
 
 def _run_here(module: str, func: str, args: dict) -> dict:
@@ -313,12 +316,8 @@ def run_batch(module: str, func: str, cells: list[Cell], budget: Budget, child_t
         row |= {"status": "failed", "error": f"timeout: killed after {child_timeout_s:.0f} s"}
     elif stopped == "budget":
         row |= {"status": "failed", "error": f"timeout: killed after {ran:.0f} s (the budget ran out)"}
-    elif proc.returncode < 0:
-        name = signal.Signals(-proc.returncode).name
-        row |= {"status": "failed", "error": f"child died of {name}; last output: {_last_lines(output)}"}
     else:
-        row |= {"status": "failed", "error": f"child exited with status {proc.returncode} and no result; "
-                                             f"last output: {_last_lines(output)}"}  # fmt: skip
+        row |= {"status": "failed", "error": _death(proc.returncode, output)}
     row["output_tail"] = output[-TAIL_CHARS:]
     yield {**cells[done].key, **row}
 
