@@ -523,7 +523,7 @@ def _child_cells(module: str, func: str, spec: dict, result_path: str) -> None:
             events.write(json.dumps({**e, "t": time.time()}) + "\n")
             events.flush()
 
-        code, last, k = 0, 0.0, 0
+        code, last, k, started = 0, 0.0, 0, False
         try:
             _inject_fault(cells[0].get("provider") if cells else None)  # before the imports, as _child_main
             fn = getattr(importlib.import_module(module), func)
@@ -532,8 +532,10 @@ def _child_cells(module: str, func: str, spec: dict, result_path: str) -> None:
                     if deadline is not None and deadline - time.time() < max(MIN_NEXT_S, last):
                         event(skip=k, reason="budget")
                         break
+                    started = False
                     _between_cells()
                 event(start=k)
+                started = True
                 t = time.time()
                 try:
                     result = fn(**args)
@@ -544,9 +546,11 @@ def _child_cells(module: str, func: str, spec: dict, result_path: str) -> None:
                     break
                 last = time.time() - t
                 event(done=k, result=result)
-        except Exception as e:  # the import, an injected fault, or a result that is not JSON: cell k's error
+        except Exception as e:  # the import or an injected fault (the first cell's start-up), a result that is not
+            # JSON: cell k's error; in the clean-up between cells (cell k not started): no row, k starts afresh
             traceback.print_exc()
-            event(done=k, error=_error_text(e))
+            if k == 0 or started:
+                event(done=k, error=_error_text(e))
             code = 1
     sys.stdout.flush()
     sys.stderr.flush()

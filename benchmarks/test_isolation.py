@@ -167,6 +167,21 @@ class _Bomb:  # garbage in a reference cycle whose collection (between cells) ki
         os.abort()
 
 
+def _raise_in_cleanup():  # an error between cells (as a sticky CUDA error surfacing in empty_cache)
+    import gc
+    import sys
+
+    def boom():
+        raise RuntimeError("between cells")
+
+    class Torch:
+        class cuda:
+            is_initialized = staticmethod(lambda: True)
+            empty_cache = staticmethod(boom)
+
+    sys.modules["torch"] = Torch
+
+
 def f(provider, V, do="ok", sleep_s=0.0):
     """A cell: its process id, after ``sleep_s``; or it raises, aborts, hangs or leaves a bomb for the clean-up."""
     time.sleep(sleep_s)
@@ -178,6 +193,8 @@ def f(provider, V, do="ok", sleep_s=0.0):
         time.sleep(3600)
     if do == "bomb":
         _Bomb()
+    if do == "cleanup_raises":
+        _raise_in_cleanup()
     if do == "nojson":
         return {"pid": object()}
     return {"pid": os.getpid()}
@@ -233,17 +250,18 @@ def test_a_grouped_child_starts_a_cell_only_with_the_time_its_last_took(tmp_path
 
 
 def test_a_grouped_child_s_clocks_and_deaths_between_cells(tmp_path, monkeypatch):
-    """A child that dies in its clean-up between cells does not blame the next cell (it never started): that cell runs
-    in a fresh child. The first cell's timeout counts the child's start-up (as a child per cell does): a 1.5 s
+    """A child that dies (or raises) in its clean-up between cells does not blame the next cell (it never started): that
+    cell runs in a fresh child. The first cell's timeout counts the child's start-up (as a child per cell does): a 1.5 s
     import and a 1 s cell under a 2 s timeout is a timeout. A result that is not JSON is that cell's error."""
     from benchmarks import isolate
 
     module = _cells_module(tmp_path, monkeypatch)
-    plan = [("a", 1, "bomb"), ("a", 2, "ok"), ("a", 3, "nojson"), ("a", 4, "ok")]
+    plan = [("a", 1, "bomb"), ("a", 2, "ok"), ("a", 3, "nojson"), ("a", 4, "cleanup_raises"), ("a", 5, "ok")]
     cells = [isolate.Cell({"provider": p, "V": v}, {"do": do}) for p, v, do in plan]
     rows = isolate.run_cells(cells, module, "f", isolate.Budget(60), lambda row, rows: None, group=True)
-    assert [r["status"] for r in rows] == ["ok", "ok", "failed", "ok"], rows
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed", "ok", "ok"], rows
     assert rows[0]["pid"] != rows[1]["pid"] and "TypeError" in rows[2]["error"] and "JSON" in rows[2]["error"]
+    assert rows[3]["pid"] != rows[4]["pid"]  # an error in the clean-up: the next cell in a fresh child, not blamed
     monkeypatch.setenv("CELLS_IMPORT_S", "1.5")
     cells = [isolate.Cell({"provider": "a", "V": 1}, {"sleep_s": 1.0})]
     for group in (True, False):
