@@ -107,7 +107,7 @@ bench: build
 #              JSON is saved after every row. Providers run in order of importance (all shapes of each), so a short
 #              slot drops the last ones
 # Slots count from the start and what a stage leaves unused goes to the next, so the run ends by the slots' sum (575
-# s) plus a few seconds. A child costs ~3-5 s of start-up (import torch, CUDA) once per provider, not per row (since
+# s) plus a few seconds; a benchmark script that overruns is killed at GPU_HARD_S (590 s) at the latest. A child costs ~3-5 s of start-up (import torch, CUDA) once per provider, not per row (since
 # 2026-12-03), plus ~10 s of compilation per shape for torch.compile: kd has 40 rows in 10 providers' children
 # (triton-chunks times 4 chunk sizes in one cell), divergences 15 in 3, mi 15 in 5, codistill 8 in 4 and the
 # agreement check, fused 6 in 4 (each ~1 s of matmuls). benchmarks.* --child-per-cell restores a child per row.
@@ -132,6 +132,9 @@ GPU_CODISTILL_S ?= 35
 GPU_FUSED_S ?= 55
 # the most one benchmark row (child process: start-up, compilation, timing) may take
 GPU_CHILD_S ?= 45
+# no stage runs past it (from the start; the runner stops everything at 600 s): a benchmark script that overruns its
+# slot is killed at the latest here (SIGTERM, SIGKILL 5 s later), its rows measured until then already saved
+GPU_HARD_S ?= 590
 GPU_KD_SHAPES ?= --dtype bfloat16 --rows 8192 --vocab 32768,128256 --teachers 1,4 \
 	--providers triton,cuda,compile,triton-v2,triton-chunks,cuda-v1,liger,cuda-v2,eager,cuda-global --repeats 20
 # every other divergence, Triton (v3, then v2: C = 1) and CUDA, at the largest kd shape (issue 17 reports them all at
@@ -154,8 +157,10 @@ gpu_left = $$(( ($(1) - $$(date +%s)) > 1 ? ($(1) - $$(date +%s)) : 1 ))
 # (tests and sanitize: 1 if any of their processes' own exit status, printed with its log, is not 0)
 gpu_stage = { echo "=== $(1) at +$(gpu_now) s"; $(if $(filter $(1),$(GPU_STAGES)),$(2); echo "=== $(1): exit \
 	status $$? at +$(gpu_now) s",echo "(not in GPU_STAGES)"); } 2>&1 | tee -a $(GPU_LOG)
-# $(call gpu_bench,MODULE,END,ARGS,NAME): a benchmark script that stops by END (Unix time), killed 30 s after it
-gpu_bench = $(GPU_ENV) timeout -k 5 $(call gpu_left,$(2) + 30) $(GPU_PY) -m benchmarks.$(1) --device \
+# $(call gpu_bench,MODULE,END,ARGS,NAME): a benchmark script that stops by END (Unix time), killed 30 s after it or
+# at the run's hard end, whichever comes first
+gpu_bench = $(GPU_ENV) timeout -k 5 $(call gpu_left,(($(2) + 30) < $(GPU_HARD_END) ? ($(2) + 30) : $(GPU_HARD_END))) \
+	$(GPU_PY) -m benchmarks.$(1) --device \
 	$(GPU_DEVICE) $(3) --deadline $(2) --child-timeout-s $(GPU_CHILD_S) --out $(GPU_OUT)/$(4)-$(GPU_DEVICE).json
 # The build's tools are printed first: pip's build needs setuptools >= 77 (pyproject.toml's license fields), and
 # without ninja setup.py runs one compiler per source in forked children. If pip fails, _C is built in place from a
@@ -195,6 +200,7 @@ bench-gpu:
 	$(eval GPU_END_MI := $(shell expr $(GPU_END_DIVERGENCES) + $(call gpu_slot,mi,$(GPU_MI_S))))
 	$(eval GPU_END_CODISTILL := $(shell expr $(GPU_END_MI) + $(call gpu_slot,codistill,$(GPU_CODISTILL_S))))
 	$(eval GPU_END_FUSED := $(shell expr $(GPU_END_CODISTILL) + $(call gpu_slot,fused,$(GPU_FUSED_S))))
+	$(eval GPU_HARD_END := $(shell expr $(GPU_T0) + $(GPU_HARD_S)))
 	mkdir -p $(GPU_OUT)
 	-{ echo "=== make bench-gpu $$(date -Is): stages $(GPU_STAGES), to end by +$$(( $(GPU_END_FUSED) \
 		- $(GPU_T0) )) s"; nvidia-smi -L; } 2>&1 | tee -a $(GPU_LOG)
