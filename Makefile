@@ -113,7 +113,9 @@ bench: build
 # agreement check, fused 6 in 4 (each ~1 s of matmuls). benchmarks.* --child-per-cell restores a child per row.
 # No stage stops the others. Output: $(GPU_OUT)/{kd,divergences,mi,codistill,fused}-cuda.json and one log,
 # $(GPU_OUT)/bench-gpu.log. GPU_STAGES="kd mi" runs some stages; GPU_DEVICE=cpu with small shapes
-# (GPU_KD_SHAPES="--rows 64 --vocab 128 ...") rehearses it all on a CPU.
+# (GPU_KD_SHAPES="--rows 64 --vocab 128 ...") rehearses it all on a CPU, as make test does (tests/test_make_bench.py:
+# the stages' arguments against their scripts and the gates, a tiny run of every stage but install and sanitize, the
+# hard end).
 # python3: the interpreter that holds torch on the GPU image (a plain "python" may not be on its PATH)
 GPU_PY ?= python3
 # $OUT, where the machine's runner collects what comes back, else gpu-run-<date>
