@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from . import _warnings, functional
 from .modules import _KDSettings
 from .ops import dispatch, gemm, reference
-from .ops.inputs import KDInputs
+from .ops.inputs import KDInputs, student_gradient_bounded
 
 # Per chunk (its logits, the teachers' and the logit gradient), per device type. On CUDA the larger chunk matters for
 # speed: every chunk's weight-gradient GEMM reads and writes the float32 accumulator (2 x 4 V H bytes) in its
@@ -776,8 +776,13 @@ class _FusedLinearKD(torch.autograd.Function):
     def forward(ctx, plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, *ab: Tensor) -> Tensor:
         # Reductions to a scalar: the gradients are computed with the loss (one pass) and backward scales them.
         # "none": backward needs each row's grad_output, so it recomputes the chunks then.
+        # Float16 logits whose gradient has no bound (reverse KL) cannot be lifted above float16's underflow before
+        # backward's factor (a loss scaler's) is known: their chunks are recomputed in backward too, at it.
         need = tuple(ctx.needs_input_grad[1:])
-        early = any(need) and plan.chunk_reduction != "none"
+        o = plan.options
+        deferred = _logits_dtype(h, w, _autocast_dtype(h.device)) == torch.float16 and not student_gradient_bounded(
+            o["divergence"], o["beta"], o["skew"], o["ce_weight"])  # fmt: skip
+        early = any(need) and plan.chunk_reduction != "none" and not deferred
         out, *grads, lift = _sweep(plan, h, w, b, ab, need if early else (False,) * len(need), None)
         # the plan holds the teachers, labels and weights: kept only for "none"'s recomputation, so that a step's
         # teacher logits are not alive (through the graph) while the next step computes its own
@@ -814,11 +819,11 @@ class _FusedLinearKD(torch.autograd.Function):
             if ctx.lift is not None:
                 scale = scale / ctx.lift  # a power of two: exact
             ctx.grads = None
-        else:  # "none": the chunks again, each row's grad_output applied in them
+        else:  # "none" (or float16 without a bound): the chunks again, each row's grad_output applied in them
             h, w, b, *ab = ctx.saved_tensors[: ctx.inputs]
+            go = grad_out.reshape(-1) if plan.chunk_reduction == "none" else grad_out / ctx.denominator
             with _autocast_as(h.device, ctx.autocast):
-                _, gh, gw, gb, gab, _ = _sweep(plan, h, w, b, ab, tuple(ctx.needs_input_grad[1:]),
-                                               grad_out.reshape(-1))  # fmt: skip
+                _, gh, gw, gb, gab, _ = _sweep(plan, h, w, b, ab, tuple(ctx.needs_input_grad[1:]), go)
             scale = None
         return (None, _result(gh, scale, h_dtype), _result(gw, scale, None), _scaled(gb, scale, b_dtype),
                 *(_scaled(g, scale, d) for g, d in zip(gab, ab_dtypes)))

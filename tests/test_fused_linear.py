@@ -871,20 +871,22 @@ def test_sliced_teacher_logits_are_read_by_chunk_and_not_kept(k):
     assert fused_linear_kd_loss(h, w, sliced, labels, backend="cpu").grad_fn.plan is None
 
 
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
 @pytest.mark.parametrize("case", ["float16 head", "float16 head + float32 LoRA terms under float16 autocast"])
-def test_float16_gradients_are_lifted_above_underflow(case):
+def test_float16_gradients_are_lifted_above_underflow(case, divergence):
     """A float16 head's chunk gradients are formed in the forward pass, before a loss scaler's factor: at
     grad_output 1 most entries, (q - p) / N, lie under float16's range (6e-8), and a review measured the gradients
     5-25% off at N = 2048, V = 16384 (here num_items plays the large N). Taken at the float16 prescale S of all the
     rows (one for every chunk) and summed in float32, they are as close to float64's as kd_loss's on the
-    materialised float16 logits (which has the op's own prescale)."""
+    materialised float16 logits (which has the op's own prescale). Reverse KL's gradient has no bound, so no
+    prescale: its chunks are recomputed in backward at the scaler's grad_output (they were ~100 % off: all 0)."""
     g = torch.Generator().manual_seed(0)
     n, width, v, lora = 48, 16, 512, case != "float16 head"
     h64, w64 = torch.randn(n, width, generator=g, dtype=torch.float64), torch.randn(v, width, generator=g) / 4
     a64, b64 = torch.randn(3, width, generator=g) / 4, torch.randn(v, 3, generator=g) / 4
     t = (torch.randn(n, v, generator=g) * 2).half()
     labels = torch.randint(0, v, (n,), generator=g)
-    kw = dict(temperature=2.0, ce_weight=0.1, num_items=2**20,
+    kw = dict(temperature=2.0, ce_weight=0.1, num_items=2**20, divergence=divergence,
               sample_weight=torch.rand(n, generator=g, dtype=torch.float64) + 0.5)
     scaler = torch.tensor(2.0**16)  # a GradScaler's factor, applied in backward
 

@@ -160,6 +160,14 @@ def _unscaled(loss: Tensor, s: Tensor | None) -> Tensor:
     return loss if s is None else loss / s
 
 
+def student_gradient_bounded(divergence: str, beta: float, skew: float, ce_weight: float) -> bool:
+    """Whether kd_loss's student gradient has a bound with these settings (``_student_coefficient`` not None), so
+    that float16 logits can take a prescale: every divergence but reverse_kl and skew_reverse_kl at skew 0, or
+    ce_weight = 1 (the hard-label term alone)."""
+    params = divergences.param_vector(divergence, {"beta": beta, "skew": skew})
+    return _student_coefficient(divergence, params, 1.0 - ce_weight, 1.0, ce_weight) is not None
+
+
 def _student_coefficient(divergence: str, div_params: list[float], kd_scale: float, temperature: float,
                          ce_weight: float) -> float | None:  # fmt: skip
     """A bound on |d(row loss) / d(student logit)| per unit row weight: kd_scale / T x the divergence's bound
@@ -237,6 +245,15 @@ def _unit_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _widened(x: Tensor, on: bool) -> Tensor:
+    """``x`` cast to float32 when it is float16 and ``on``. For a float16 gradient that no prescale lifts (a
+    divergence without a bound, a teacher's gradient): the fused kernel forms it in float32 on the copy, and the
+    cast's backward narrows it to float16 after grad_output (a loss scaler's factor), as eager autograd does, at the
+    cost of the copies; written in float16 in the forward pass, entries under ~6e-8 would be 0 (a "mean" over N rows
+    divides each by N: at N = 4096, V = 2000, reverse KL lost 8 % of the student's entries)."""
+    return x.float() if on and x.dtype == torch.float16 else x
+
+
 @dataclass
 class KDInputs(OpInputs):
     """Arguments of :func:`fastdistill.kd_loss`, validated and flattened (math: :func:`reference.kd_loss`)."""
@@ -300,18 +317,20 @@ class KDInputs(OpInputs):
         place, never re-stacked from K [N, V] ones), else K tensors [N, V]; and the float16 prescale S the op's
         loss is to be divided by (None: none, see ``_fp16_prescale``)."""
         student, teachers = _kernel_dtypes(self.student, self.teachers)
-        t = self.teachers_stacked
-        if t is not None and teachers[0].dtype == t.dtype:
-            teachers = [_unit_stride(t)]
-        else:  # the Triton twin reads them in place in an eager call (kd_loss.teacher_layout)
-            teachers = [_unit_stride(x) for x in teachers]
-        student = _unit_stride(student)
         # only the teachers that need one get a gradient buffer (a stacked tensor: all of them or none)
         grad_teachers = sum(1 << k for k, t in enumerate(self.teachers) if _grad_on(t))
         grad_student = _grad_on(student)
         s = None
         if grad_student and not grad_teachers:  # (teachers' gradients have no bound: not prescaled)
             s = self.fp16_lift(student, self.sample_weight)
+        wide_student = s is None and grad_student  # float16 gradients no prescale lifts: formed in float32
+        wide_teachers = s is None and bool(grad_teachers)
+        t = self.teachers_stacked
+        if t is not None and teachers[0].dtype == t.dtype:
+            teachers = [_unit_stride(_widened(t, wide_teachers))]
+        else:  # the Triton twin reads them in place in an eager call (kd_loss.teacher_layout)
+            teachers = [_unit_stride(_widened(x, wide_teachers)) for x in teachers]
+        student = _unit_stride(_widened(student, wide_student))
         weights = _weighted_by(self.sample_weight, s, student.shape[0])
         args = self._args(student=student, teachers=teachers, sample_weight=weights, grad_student=grad_student,
                           grad_teachers=grad_teachers)  # fmt: skip
@@ -402,8 +421,6 @@ class CodistillInputs(OpInputs):
         if a.dtype != b.dtype:
             common = torch.promote_types(a.dtype, b.dtype)
             a, b = a.to(common), b.to(common)
-        if unit_stride:
-            a, b = _unit_stride(a), _unit_stride(b)
         grad_a, grad_b = _grad_on(a), _grad_on(b)
         # each model's loss: kd_scale x its weight x D(other || own) + its hard weight x CE; S fits both gradients
         bounds = [_student_coefficient(self.divergence, self.div_params, self.kd_scale * w, self.temperature, hard)
@@ -412,6 +429,10 @@ class CodistillInputs(OpInputs):
         s = None
         if bounds and None not in bounds:
             s = _fp16_prescale(a, max(bounds), self.sample_weight, self.denominator, self.reduce)
+        # float16 gradients no prescale lifts (a divergence without a bound): formed in float32 (one dtype for both)
+        a, b = _widened(a, s is None and bool(bounds)), _widened(b, s is None and bool(bounds))
+        if unit_stride:
+            a, b = _unit_stride(a), _unit_stride(b)
         weights = _weighted_by(self.sample_weight, s, a.shape[0])
         return self._args(a=a, b=b, sample_weight=weights, grad_a=grad_a, grad_b=grad_b), s
 
