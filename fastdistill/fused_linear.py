@@ -883,7 +883,9 @@ def fused_linear_kd_loss(
 
     Returns the loss: 0-dim, or [*] for ``reduction="none"``; float32 (float64 for float64 inputs). Gradients flow
     to ``student_hidden``, ``student_head_weight``, ``student_head_bias`` and the LoRA terms' a and b; for a
-    reduced loss they are computed with it (one pass over the chunks) and handed out by its one backward; under
+    reduced loss they are computed with it (one pass over the chunks) and handed out by its one backward (float16
+    logits with a divergence whose gradient has no bound, reverse_kl or skew_reverse_kl at skew 0: recomputed in
+    backward at grad_output, as for ``reduction="none"``, the teachers, labels and weights kept until then); under
     ``no_grad`` / ``inference_mode`` (evaluation) only the loss is computed, whatever requires grad. Extra memory:
     one chunk's logits, teachers' logits and logit gradient, plus the gradients of the inputs (the weight's in
     ``accum_dtype`` while it accumulates; a float32 sum is narrowed to the head's dtype in its own memory, no second

@@ -326,11 +326,12 @@ class KDInputs(OpInputs):
         wide_student = s is None and grad_student  # float16 gradients no prescale lifts: formed in float32
         wide_teachers = s is None and bool(grad_teachers)
         t = self.teachers_stacked
+        # (unit stride first: a cast keeps a dense tensor's strides, so the other order copies a transposed one twice)
         if t is not None and teachers[0].dtype == t.dtype:
-            teachers = [_unit_stride(_widened(t, wide_teachers))]
+            teachers = [_widened(_unit_stride(t), wide_teachers)]
         else:  # the Triton twin reads them in place in an eager call (kd_loss.teacher_layout)
-            teachers = [_unit_stride(_widened(x, wide_teachers)) for x in teachers]
-        student = _unit_stride(_widened(student, wide_student))
+            teachers = [_widened(_unit_stride(x), wide_teachers) for x in teachers]
+        student = _widened(_unit_stride(student), wide_student)
         weights = _weighted_by(self.sample_weight, s, student.shape[0])
         args = self._args(student=student, teachers=teachers, sample_weight=weights, grad_student=grad_student,
                           grad_teachers=grad_teachers)  # fmt: skip
@@ -421,6 +422,8 @@ class CodistillInputs(OpInputs):
         if a.dtype != b.dtype:
             common = torch.promote_types(a.dtype, b.dtype)
             a, b = a.to(common), b.to(common)
+        if unit_stride:
+            a, b = _unit_stride(a), _unit_stride(b)
         grad_a, grad_b = _grad_on(a), _grad_on(b)
         # each model's loss: kd_scale x its weight x D(other || own) + its hard weight x CE; S fits both gradients
         bounds = [_student_coefficient(self.divergence, self.div_params, self.kd_scale * w, self.temperature, hard)
@@ -431,8 +434,6 @@ class CodistillInputs(OpInputs):
             s = _fp16_prescale(a, max(bounds), self.sample_weight, self.denominator, self.reduce)
         # float16 gradients no prescale lifts (a divergence without a bound): formed in float32 (one dtype for both)
         a, b = _widened(a, s is None and bool(bounds)), _widened(b, s is None and bool(bounds))
-        if unit_stride:
-            a, b = _unit_stride(a), _unit_stride(b)
         weights = _weighted_by(self.sample_weight, s, a.shape[0])
         return self._args(a=a, b=b, sample_weight=weights, grad_a=grad_a, grad_b=grad_b), s
 
